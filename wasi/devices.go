@@ -1,0 +1,361 @@
+// Package wasi is ftvm's device layer: a complete wasi_snapshot_preview1
+// implemented on the host, one file per device area. Every host call is a
+// safe point, every nondeterministic input flows through the InputTap, and
+// every external effect through the OutputGate (hooks.go). Guest memory is
+// touched only through Mem (mem.go).
+package wasi
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"sync/atomic"
+
+	"github.com/tetratelabs/wazero"
+	"github.com/tetratelabs/wazero/api"
+	"github.com/tetratelabs/wazero/sys"
+	"golang.org/x/sys/unix"
+)
+
+// Preopen is a host directory made visible to the guest under GuestPath.
+type Preopen struct {
+	HostPath  string
+	GuestPath string
+}
+
+// Listener is a TCP listener preopened for the guest. Fd is the guest
+// descriptor number it appears at (0 means the next free one after the
+// preopened directories). Either Addr (host:port to bind) or File (an
+// already listening socket, taken over) is set.
+type Listener struct {
+	Fd   uint32
+	Addr string
+	File *os.File
+}
+
+// Config configures a device layer.
+type Config struct {
+	Args     []string
+	Env      []string // KEY=VALUE
+	Preopens []Preopen
+	Listen   []Listener
+	// Stdin, Stdout and Stderr default to the process's own. A *os.File is
+	// used directly (and waited on by poll_oneoff); other readers and writers
+	// are always ready.
+	Stdin  io.Reader
+	Stdout io.Writer
+	Stderr io.Writer
+	// Tap observes every nondeterministic input; nil for none.
+	Tap InputTap
+	// Gate decides when effects happen; nil performs them at once.
+	Gate OutputGate
+	// SafePoint, when set, is called at the entry of every host call, before
+	// the call has any effect: the point where the machine may pause.
+	SafePoint func(ctx context.Context, c Call)
+	// Rand is the source of random_get; crypto/rand when nil.
+	Rand io.Reader
+	// Clock supplies host time; the real clocks when nil.
+	Clock HostClock
+}
+
+// Counters are running totals, safe to read from any goroutine.
+type Counters struct {
+	Calls     [NumCalls]atomic.Uint64
+	BytesIn   atomic.Uint64 // bytes the guest read from files, sockets and stdin
+	BytesOut  atomic.Uint64 // bytes the guest wrote to files, sockets and stdio
+	Accepted  atomic.Uint64 // connections accepted
+	Effects   atomic.Uint64 // effects passed to the output gate
+	PollWaits atomic.Uint64 // times poll_oneoff or a blocking call actually slept
+}
+
+// Devices is the device layer of one VM.
+type Devices struct {
+	args, env []string
+	preopens  []Preopen
+	fds       Table
+	stdin     io.Reader
+	stdout    io.Writer
+	stderr    io.Writer
+	tap       InputTap
+	gate      OutputGate
+	safePoint func(ctx context.Context, c Call)
+	rand      io.Reader
+	clock     *Clock
+	counters  Counters
+
+	// wake is an eventfd that interrupts any blocking wait of the guest, so
+	// that a pause or shutdown never waits for guest I/O.
+	wake   int
+	closed atomic.Bool
+
+	iovs [][]byte // scratch for iovec resolution
+}
+
+// New opens the preopened directories and listeners and sets up stdio.
+func New(cfg Config) (*Devices, error) {
+	d := &Devices{
+		args: cfg.Args, env: cfg.Env, preopens: cfg.Preopens,
+		stdin: cfg.Stdin, stdout: cfg.Stdout, stderr: cfg.Stderr,
+		tap: cfg.Tap, gate: cfg.Gate, safePoint: cfg.SafePoint, rand: cfg.Rand,
+		wake: -1,
+	}
+	if d.stdin == nil {
+		d.stdin = os.Stdin
+	}
+	if d.stdout == nil {
+		d.stdout = os.Stdout
+	}
+	if d.stderr == nil {
+		d.stderr = os.Stderr
+	}
+	d.clock = newClock(cfg.Clock)
+	for _, e := range d.env {
+		if !validEnv(e) {
+			return nil, fmt.Errorf("environment entry %q: want KEY=VALUE", e)
+		}
+	}
+	var err error
+	if d.wake, err = unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK); err != nil {
+		return nil, fmt.Errorf("eventfd: %w", err)
+	}
+	for i, std := range []any{d.stdin, d.stdout, d.stderr} {
+		host := -1
+		if f, ok := std.(*os.File); ok {
+			host = int(f.Fd())
+		}
+		f := &FD{Kind: KindStdio, Stdio: i, Host: host, Root: -1, Filetype: stdioFiletype(host),
+			Readable: i == 0, Writable: i != 0}
+		f.RightsBase = RightsTTY
+		if f.Filetype == FiletypeRegularFile {
+			f.RightsBase = RightsRegularFile &^ (RightFdSeek | RightFdTell)
+		}
+		d.fds.Set(uint32(i), f)
+	}
+	for i, p := range cfg.Preopens {
+		if err := d.openPreopen(i, p); err != nil {
+			d.Close()
+			return nil, err
+		}
+	}
+	for _, l := range cfg.Listen {
+		if err := d.openListener(l); err != nil {
+			d.Close()
+			return nil, err
+		}
+	}
+	return d, nil
+}
+
+func validEnv(e string) bool {
+	for i := 0; i < len(e); i++ {
+		if e[i] == '=' {
+			return i > 0
+		}
+		if e[i] == 0 {
+			return false
+		}
+	}
+	return false
+}
+
+func stdioFiletype(host int) Filetype {
+	if host < 0 {
+		return FiletypeCharacterDevice
+	}
+	var st unix.Stat_t
+	if unix.Fstat(host, &st) != nil {
+		return FiletypeUnknown
+	}
+	return filetypeOfMode(st.Mode)
+}
+
+func filetypeOfMode(mode uint32) Filetype {
+	switch mode & unix.S_IFMT {
+	case unix.S_IFREG:
+		return FiletypeRegularFile
+	case unix.S_IFDIR:
+		return FiletypeDirectory
+	case unix.S_IFLNK:
+		return FiletypeSymbolicLink
+	case unix.S_IFCHR:
+		return FiletypeCharacterDevice
+	case unix.S_IFBLK:
+		return FiletypeBlockDevice
+	case unix.S_IFSOCK:
+		return FiletypeSocketStream
+	}
+	// Pipes have no WASI file type; Unknown is what wasmtime reports too.
+	return FiletypeUnknown
+}
+
+func (d *Devices) openPreopen(idx int, p Preopen) error {
+	abs, err := filepath.Abs(p.HostPath)
+	if err != nil {
+		return fmt.Errorf("preopen %s: %w", p.HostPath, err)
+	}
+	host, err := unix.Open(abs, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("preopen %s: %w", p.HostPath, err)
+	}
+	d.preopens[idx].HostPath = abs
+	_, errno := d.fds.Add(&FD{Kind: KindDir, Filetype: FiletypeDirectory, Host: host, Preopen: p.GuestPath,
+		Root: idx, Path: ".", Readable: true,
+		RightsBase: RightsDirectory, RightsInheriting: RightsDirectoryInheriting})
+	if errno != ESUCCESS {
+		unix.Close(host)
+		return fmt.Errorf("preopen %s: %w", p.HostPath, errno)
+	}
+	return nil
+}
+
+func (d *Devices) openListener(l Listener) error {
+	var file *os.File
+	if l.File != nil {
+		file = l.File
+	} else {
+		ln, err := net.Listen("tcp", l.Addr)
+		if err != nil {
+			return fmt.Errorf("listen %s: %w", l.Addr, err)
+		}
+		file, err = ln.(*net.TCPListener).File()
+		ln.Close()
+		if err != nil {
+			return fmt.Errorf("listen %s: %w", l.Addr, err)
+		}
+	}
+	// Take our own descriptor: the guest owns it from now on.
+	host, err := unix.FcntlInt(file.Fd(), unix.F_DUPFD_CLOEXEC, 3)
+	file.Close()
+	if err != nil {
+		return fmt.Errorf("listen %s: %w", l.Addr, err)
+	}
+	if err := unix.SetNonblock(host, true); err != nil {
+		unix.Close(host)
+		return fmt.Errorf("listen %s: %w", l.Addr, err)
+	}
+	addr := l.Addr
+	if sa, err := unix.Getsockname(host); err == nil {
+		addr = sockaddrString(sa)
+	}
+	f := &FD{Kind: KindListener, Filetype: FiletypeSocketStream, Host: host, Root: -1, Addr: addr,
+		Readable: true, RightsBase: RightsListener}
+	if l.Fd == 0 {
+		if _, errno := d.fds.Add(f); errno != ESUCCESS {
+			unix.Close(host)
+			return fmt.Errorf("listen %s: %w", addr, errno)
+		}
+		return nil
+	}
+	if l.Fd > maxFds {
+		unix.Close(host)
+		return fmt.Errorf("listen %s: descriptor %d out of range", addr, l.Fd)
+	}
+	if old, errno := d.fds.Get(l.Fd); errno == ESUCCESS {
+		unix.Close(host)
+		return fmt.Errorf("listen %s: guest descriptor %d is already in use by %v", addr, l.Fd, old.Kind)
+	}
+	d.fds.Set(l.Fd, f)
+	return nil
+}
+
+func sockaddrString(sa unix.Sockaddr) string {
+	switch a := sa.(type) {
+	case *unix.SockaddrInet4:
+		return (&net.TCPAddr{IP: net.IP(a.Addr[:]), Port: a.Port}).String()
+	case *unix.SockaddrInet6:
+		return (&net.TCPAddr{IP: net.IP(a.Addr[:]), Port: a.Port}).String()
+	}
+	return ""
+}
+
+// ListenerAddrs reports the bound address of each listener by guest fd.
+func (d *Devices) ListenerAddrs() map[uint32]string {
+	out := map[uint32]string{}
+	d.fds.Each(func(fd uint32, f *FD) {
+		if f.Kind == KindListener {
+			out[fd] = f.Addr
+		}
+	})
+	return out
+}
+
+// Counters exposes the running totals.
+func (d *Devices) Counters() *Counters { return &d.counters }
+
+// OpenFds is the number of open guest descriptors. Not safe to call while
+// the guest runs; for tests and snapshots.
+func (d *Devices) OpenFds() int { return d.fds.Len() }
+
+// Interrupt wakes any blocking wait inside a host call. Safe from any goroutine.
+func (d *Devices) Interrupt() {
+	var one [8]byte
+	one[0] = 1
+	unix.Write(d.wake, one[:])
+}
+
+// Close releases every host resource. Safe to call once the guest has stopped.
+func (d *Devices) Close() error {
+	if d.closed.Swap(true) {
+		return nil
+	}
+	d.fds.Each(func(fd uint32, f *FD) { closeHost(f) })
+	d.fds = Table{}
+	if d.wake >= 0 {
+		unix.Close(d.wake)
+	}
+	return nil
+}
+
+// Register instantiates the wasi_snapshot_preview1 host module in r.
+func (d *Devices) Register(ctx context.Context, r wazero.Runtime) error {
+	b := r.NewHostModuleBuilder(ModuleName)
+	for c := Call(0); c < NumCalls; c++ {
+		sig := signatures[c]
+		var fn api.GoModuleFunc
+		var results []api.ValueType
+		if c == CallProcExit {
+			fn = d.procExit
+		} else {
+			fn = d.bind(c, handlers[c])
+			results = []api.ValueType{i32}
+		}
+		b.NewFunctionBuilder().WithGoModuleFunction(fn, sig.params, results).WithName(sig.name).Export(sig.name)
+	}
+	_, err := b.Instantiate(ctx)
+	return err
+}
+
+// bind turns a handler into a host function: it counts the call, gives the
+// machine its safe point, resolves guest memory and stores the errno.
+func (d *Devices) bind(c Call, h handler) api.GoModuleFunc {
+	return func(ctx context.Context, mod api.Module, stack []uint64) {
+		d.counters.Calls[c].Add(1)
+		if d.safePoint != nil {
+			d.safePoint(ctx, c)
+		}
+		stack[0] = uint64(h(d, guestMem(mod), stack))
+	}
+}
+
+func guestMem(mod api.Module) Mem {
+	mem := mod.Memory()
+	if mem == nil {
+		return Mem{}
+	}
+	b, _ := mem.Read(0, mem.Size())
+	return Mem{b: b}
+}
+
+// procExit ends the guest with an exit code; it does not return.
+func (d *Devices) procExit(ctx context.Context, mod api.Module, stack []uint64) {
+	d.counters.Calls[CallProcExit].Add(1)
+	if d.safePoint != nil {
+		d.safePoint(ctx, CallProcExit)
+	}
+	code := uint32(stack[0])
+	_ = mod.CloseWithExitCode(ctx, code)
+	panic(sys.NewExitError(code))
+}
