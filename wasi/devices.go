@@ -88,10 +88,15 @@ type Devices struct {
 
 	// wake is an eventfd that interrupts any blocking wait of the guest, so
 	// that a pause or shutdown never waits for guest I/O.
-	wake   int
-	closed atomic.Bool
+	wake int
+	// closed is set by Stop: blocking waits return EINTR from then on.
+	closed   atomic.Bool
+	released atomic.Bool
 
 	iovs [][]byte // scratch for iovec resolution
+
+	// pollScratch is poll.go's and sock.go's reusable state (owned there).
+	pollScratch pollScratch
 }
 
 // New opens the preopened directories and listeners and sets up stdio.
@@ -296,9 +301,17 @@ func (d *Devices) Interrupt() {
 	unix.Write(d.wake, one[:])
 }
 
+// Stop makes every blocking wait return at once and forever after (EINTR),
+// so that a VM being shut down never waits on guest I/O.
+func (d *Devices) Stop() {
+	d.closed.Store(true)
+	d.Interrupt()
+}
+
 // Close releases every host resource. Safe to call once the guest has stopped.
 func (d *Devices) Close() error {
-	if d.closed.Swap(true) {
+	d.closed.Store(true)
+	if d.released.Swap(true) {
 		return nil
 	}
 	d.fds.Each(func(fd uint32, f *FD) { closeHost(f) })

@@ -1,0 +1,41 @@
+# ftvm — see README.md. `make demo` and `make test` take a fresh Debian machine
+# to a working system: both install what they need first (scripts/deps.sh).
+export PATH := $(PATH):/usr/local/go/bin
+export GOTOOLCHAIN ?= auto
+GO ?= go
+BIN := bin/ftvm
+
+.PHONY: all deps build test test-short demo bench fuzz vet clean
+
+all: build
+
+deps:
+	@scripts/deps.sh
+
+build: deps
+	$(GO) build -o $(BIN) ./cmd/ftvm
+
+vet: deps
+	$(GO) vet ./...
+
+# Every test: unit, device-level, WASI testsuite, end-to-end with real guests,
+# sockets and processes, fuzz seeds.
+test: deps
+	$(GO) vet ./...
+	$(GO) test -count=1 -timeout 30m ./...
+
+demo: build
+	@scripts/demo.sh
+
+# Benchmarks: ftvm vs wazero's own WASI vs native, one run, written to BENCHMARKS.md.
+bench: build
+	$(GO) run ./bench -out BENCHMARKS.md
+
+# Short fuzzing runs of every fuzz target (FUZZTIME=30s by default).
+FUZZTIME ?= 30s
+fuzz: deps
+	$(GO) test ./machine -run '^$$' -fuzz FuzzScanModule -fuzztime $(FUZZTIME)
+	$(GO) test ./wasi -run '^$$' -fuzz FuzzDevices -fuzztime $(FUZZTIME)
+
+clean:
+	rm -rf bin

@@ -1,0 +1,213 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"syscall"
+
+	"github.com/spf13/cobra"
+
+	"github.com/ftvm/ftvm/api"
+	"github.com/ftvm/ftvm/machine"
+	"github.com/ftvm/ftvm/wasi"
+)
+
+type runFlags struct {
+	dirs        []string
+	env         []string
+	listen      []string
+	memoryLimit string
+	apiSock     string
+	cacheDir    string
+}
+
+func newRunCmd() *cobra.Command {
+	var f runFlags
+	cmd := &cobra.Command{
+		Use:   "run [flags] app.wasm [args...]",
+		Short: "Run a WASI preview1 command module",
+		Long: `Run a WASI preview1 command module on ftvm's own device layer.
+
+The guest's exit code becomes ftvm's. ftvm's own failures use 125 (bad
+flags or setup), 126 (the module cannot run) and 134 (the guest trapped).`,
+		Args: cobra.MinimumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error { return run(cmd.Context(), f, args) },
+	}
+	cmd.Flags().SetInterspersed(false)
+	cmd.Flags().StringArrayVar(&f.dirs, "dir", nil, "preopen host directory HOST as GUEST (HOST[:GUEST]; GUEST defaults to HOST)")
+	cmd.Flags().StringArrayVar(&f.env, "env", nil, "set guest environment variable (K=V)")
+	cmd.Flags().StringArrayVar(&f.listen, "listen", nil, "preopen a TCP listener ([FD=]HOST:PORT)")
+	cmd.Flags().StringVar(&f.memoryLimit, "memory-limit", "", "cap guest linear memory (e.g. 64MiB)")
+	cmd.Flags().StringVar(&f.apiSock, "api-sock", "", "serve the VM's HTTP API on this unix socket")
+	cmd.Flags().StringVar(&f.cacheDir, "cache-dir", "", "compiled-code cache (default $FTVM_CACHE_DIR or ~/.cache/ftvm/compiled; - for none)")
+	return cmd
+}
+
+func usage(format string, a ...any) error {
+	return &exitError{code: exitUsage, err: fmt.Errorf(format, a...)}
+}
+
+func parseDirs(specs []string) ([]wasi.Preopen, error) {
+	var out []wasi.Preopen
+	for _, s := range specs {
+		host, guest, ok := strings.Cut(s, ":")
+		if !ok {
+			guest = host
+		}
+		if host == "" || guest == "" {
+			return nil, usage("--dir %q: want HOST[:GUEST]", s)
+		}
+		fi, err := os.Stat(host)
+		if err != nil {
+			return nil, usage("--dir %q: %w", s, err)
+		}
+		if !fi.IsDir() {
+			return nil, usage("--dir %q: not a directory", s)
+		}
+		out = append(out, wasi.Preopen{HostPath: host, GuestPath: guest})
+	}
+	return out, nil
+}
+
+func parseListen(specs []string) ([]wasi.Listener, error) {
+	var out []wasi.Listener
+	for _, s := range specs {
+		var l wasi.Listener
+		addr := s
+		if fd, rest, ok := strings.Cut(s, "="); ok {
+			n, err := strconv.ParseUint(fd, 10, 16)
+			if err != nil || n < 3 {
+				return nil, usage("--listen %q: FD must be a number >= 3", s)
+			}
+			l.Fd, addr = uint32(n), rest
+		}
+		if _, _, err := splitHostPort(addr); err != nil {
+			return nil, usage("--listen %q: %v", s, err)
+		}
+		l.Addr = addr
+		out = append(out, l)
+	}
+	return out, nil
+}
+
+func splitHostPort(addr string) (string, string, error) {
+	i := strings.LastIndex(addr, ":")
+	if i < 0 {
+		return "", "", errors.New("want HOST:PORT")
+	}
+	if _, err := strconv.ParseUint(addr[i+1:], 10, 16); err != nil {
+		return "", "", errors.New("invalid port")
+	}
+	return addr[:i], addr[i+1:], nil
+}
+
+func run(ctx context.Context, f runFlags, args []string) error {
+	path, guestArgs := args[0], args[1:]
+	for _, e := range f.env {
+		if k, _, ok := strings.Cut(e, "="); !ok || k == "" {
+			return usage("--env %q: want K=V", e)
+		}
+	}
+	dirs, err := parseDirs(f.dirs)
+	if err != nil {
+		return err
+	}
+	listen, err := parseListen(f.listen)
+	if err != nil {
+		return err
+	}
+	var limit uint64
+	if f.memoryLimit != "" {
+		if limit, err = machine.ParseSize(f.memoryLimit); err != nil {
+			return usage("--memory-limit: %v", err)
+		}
+	}
+	module, err := os.ReadFile(path)
+	if err != nil {
+		return &exitError{code: exitModule, err: err}
+	}
+	ctx, sig := withSignals(ctx)
+	m, err := machine.New(ctx, machine.Config{Module: module, Name: path, Args: guestArgs, Env: f.env,
+		Dirs: dirs, Listen: listen, MemoryLimit: limit, CacheDir: f.cacheDir})
+	if err != nil {
+		var me *machine.ModuleError
+		if errors.As(err, &me) {
+			return &exitError{code: exitModule, err: err}
+		}
+		return &exitError{code: exitUsage, err: err}
+	}
+	defer m.Close(context.Background())
+	for fd, addr := range m.Info().Listeners {
+		slog.Info("listening", "fd", fd, "addr", addr)
+	}
+	if f.apiSock != "" {
+		srv, err := api.Listen(f.apiSock, m)
+		if err != nil {
+			return &exitError{code: exitUsage, err: err}
+		}
+		defer srv.Close()
+	}
+	code, err := m.Run(ctx)
+	if err != nil {
+		var te *machine.TrapError
+		switch {
+		case errors.As(err, &te):
+			return &exitError{code: exitTrap, err: err}
+		case errors.Is(err, context.Canceled):
+			return &exitError{code: sig.exitCode()}
+		}
+		return &exitError{code: exitUsage, err: err}
+	}
+	if refused := m.MemoryRefused(); refused > 0 && code != 0 {
+		fmt.Fprintf(os.Stderr, "ftvm: the guest was refused memory growth to %s by --memory-limit %s\n",
+			machine.FormatSize(refused), machine.FormatSize(limit))
+	}
+	if code > 255 {
+		code = 255
+	}
+	return exitOrNil(int(code))
+}
+
+func exitOrNil(code int) error {
+	if code == 0 {
+		return nil
+	}
+	return &exitError{code: code}
+}
+
+// caught remembers which signal stopped the VM, for the exit code.
+type caught struct{ sig atomic.Value }
+
+func (c *caught) exitCode() int {
+	if s, ok := c.sig.Load().(os.Signal); ok && s == syscall.SIGTERM {
+		return exitSigterm
+	}
+	return exitSigint
+}
+
+// withSignals cancels ctx on SIGINT or SIGTERM: the VM stops, its devices
+// wake from any wait, and ftvm exits 130 or 143 as a shell would report.
+func withSignals(ctx context.Context) (context.Context, *caught) {
+	ctx, cancel := context.WithCancel(ctx)
+	c := &caught{}
+	ch := make(chan os.Signal, 1)
+	signal.Notify(ch, os.Interrupt, syscall.SIGTERM)
+	go func() {
+		select {
+		case s := <-ch:
+			c.sig.Store(s)
+			slog.Info("stopping the VM", "signal", s)
+			cancel()
+		case <-ctx.Done():
+		}
+		signal.Stop(ch)
+	}()
+	return ctx, c
+}

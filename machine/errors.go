@@ -1,0 +1,92 @@
+package machine
+
+import (
+	"fmt"
+	"strings"
+)
+
+// ModuleError says why a module cannot be run at all.
+type ModuleError struct {
+	Module string
+	Reason string
+}
+
+func (e *ModuleError) Error() string {
+	if e.Module == "" {
+		return "module " + e.Reason
+	}
+	return fmt.Sprintf("module %s %s", e.Module, e.Reason)
+}
+
+// TrapError is a guest that trapped (unreachable, out-of-bounds access,
+// division by zero, stack overflow, ...). Stack is the wasm call stack.
+type TrapError struct {
+	Message string
+	Stack   string
+	// MemoryRefused is non-zero when the guest had been refused memory growth
+	// beyond the memory limit before it trapped: the likely cause.
+	MemoryRefused uint64
+}
+
+func (e *TrapError) Error() string {
+	var b strings.Builder
+	b.WriteString("guest trapped: ")
+	b.WriteString(e.Message)
+	if e.MemoryRefused > 0 {
+		fmt.Fprintf(&b, " (after memory growth to %s was refused by the memory limit)", FormatSize(e.MemoryRefused))
+	}
+	if e.Stack != "" {
+		b.WriteString("\nwasm stack trace:\n")
+		b.WriteString(e.Stack)
+	}
+	return b.String()
+}
+
+// newTrapError splits wazero's error text into message and stack.
+func newTrapError(err error) *TrapError {
+	msg := err.Error()
+	te := &TrapError{Message: msg}
+	if i := strings.Index(msg, "\nwasm stack trace:\n"); i >= 0 {
+		te.Message = msg[:i]
+		te.Stack = strings.TrimRight(msg[i+len("\nwasm stack trace:\n"):], "\n")
+	}
+	te.Message = strings.TrimPrefix(te.Message, "wasm error: ")
+	return te
+}
+
+// FormatSize prints a byte count in binary units.
+func FormatSize(n uint64) string {
+	switch {
+	case n >= 1<<30 && n%(1<<30) == 0:
+		return fmt.Sprintf("%dGiB", n>>30)
+	case n >= 1<<20 && n%(1<<20) == 0:
+		return fmt.Sprintf("%dMiB", n>>20)
+	case n >= 1<<10 && n%(1<<10) == 0:
+		return fmt.Sprintf("%dKiB", n>>10)
+	}
+	return fmt.Sprintf("%dB", n)
+}
+
+// ParseSize parses sizes such as 64MiB, 64M, 1G, 4096 (bytes).
+func ParseSize(s string) (uint64, error) {
+	t := strings.TrimSpace(strings.ToUpper(s))
+	mult := uint64(1)
+	for _, u := range []struct {
+		suffix string
+		mult   uint64
+	}{{"KIB", 1 << 10}, {"MIB", 1 << 20}, {"GIB", 1 << 30}, {"KB", 1 << 10}, {"MB", 1 << 20}, {"GB", 1 << 30},
+		{"K", 1 << 10}, {"M", 1 << 20}, {"G", 1 << 30}, {"B", 1}} {
+		if strings.HasSuffix(t, u.suffix) {
+			t, mult = strings.TrimSuffix(t, u.suffix), u.mult
+			break
+		}
+	}
+	var n uint64
+	if _, err := fmt.Sscanf(t, "%d", &n); err != nil || fmt.Sprint(n) != t {
+		return 0, fmt.Errorf("invalid size %q (want e.g. 64MiB, 1G or a byte count)", s)
+	}
+	if n > (1<<63)/mult {
+		return 0, fmt.Errorf("size %q too large", s)
+	}
+	return n * mult, nil
+}

@@ -1,0 +1,310 @@
+// Package machine is the ftvm virtual machine: a WASI preview1 command module
+// run by wazero's compiler over ftvm's own device layer (package wasi), with
+// linear memory in a mapping the machine owns. It is the library behind
+// `ftvm run`.
+package machine
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/tetratelabs/wazero"
+	"github.com/tetratelabs/wazero/experimental"
+	"github.com/tetratelabs/wazero/sys"
+
+	"github.com/ftvm/ftvm/wasi"
+)
+
+// Config describes one VM.
+type Config struct {
+	// Module is the wasm binary; Name is argv[0] (usually its path).
+	Module []byte
+	Name   string
+	Args   []string // after argv[0]
+	Env    []string // KEY=VALUE
+	Dirs   []wasi.Preopen
+	Listen []wasi.Listener
+	// MemoryLimit caps the guest's linear memory in bytes (0: the wasm limit, 4 GiB).
+	MemoryLimit uint64
+	Stdin       io.Reader
+	Stdout      io.Writer
+	Stderr      io.Writer
+	// CacheDir keeps compiled code across processes ("" = DefaultCacheDir(),
+	// "-" = no cache).
+	CacheDir string
+	Tap      wasi.InputTap
+	Gate     wasi.OutputGate
+}
+
+// State is where a VM is in its life.
+type State string
+
+const (
+	StateCreated State = "created"
+	StateRunning State = "running"
+	StateExited  State = "exited"
+	StateTrapped State = "trapped"
+	StateFailed  State = "failed"
+)
+
+// Machine is one VM.
+type Machine struct {
+	cfg      Config
+	info     *ModuleInfo
+	hash     string
+	rt       wazero.Runtime
+	cache    wazero.CompilationCache
+	compiled wazero.CompiledModule
+	dev      *wasi.Devices
+	alloc    *allocator
+
+	compileTime time.Duration
+	listeners   map[uint32]string
+
+	mu       sync.Mutex
+	state    State
+	started  time.Time
+	ended    time.Time
+	exitCode uint32
+}
+
+// DefaultCacheDir is where compiled modules are kept between runs.
+func DefaultCacheDir() string {
+	if d := os.Getenv("FTVM_CACHE_DIR"); d != "" {
+		return d
+	}
+	base, err := os.UserCacheDir()
+	if err != nil {
+		base = os.TempDir()
+	}
+	return filepath.Join(base, "ftvm", "compiled")
+}
+
+// New validates and compiles the module and sets up its devices. Nothing of
+// the guest runs yet.
+func New(ctx context.Context, cfg Config) (*Machine, error) {
+	info, err := ScanModule(cfg.Module)
+	if err != nil {
+		return nil, &ModuleError{Module: cfg.Name, Reason: "is invalid: " + err.Error()}
+	}
+	if err := info.checkRunnable(wasi.Names(), wasi.ModuleName); err != nil {
+		err.(*ModuleError).Module = cfg.Name
+		return nil, err
+	}
+	if cfg.MemoryLimit > 0 {
+		if cfg.MemoryLimit%65536 != 0 {
+			return nil, fmt.Errorf("memory limit %s is not a multiple of the 64KiB wasm page", FormatSize(cfg.MemoryLimit))
+		}
+		if info.MinPages*65536 > cfg.MemoryLimit {
+			return nil, &ModuleError{Module: cfg.Name, Reason: fmt.Sprintf(
+				"needs %s of memory at start, more than the memory limit %s",
+				FormatSize(info.MinPages*65536), FormatSize(cfg.MemoryLimit))}
+		}
+	}
+	sum := sha256.Sum256(cfg.Module)
+	m := &Machine{cfg: cfg, info: info, hash: hex.EncodeToString(sum[:]), state: StateCreated,
+		alloc: &allocator{limit: cfg.MemoryLimit}}
+
+	rc := wazero.NewRuntimeConfigCompiler().WithCloseOnContextDone(true)
+	if cfg.CacheDir != "-" {
+		dir := cfg.CacheDir
+		if dir == "" {
+			dir = DefaultCacheDir()
+		}
+		if cache, err := wazero.NewCompilationCacheWithDir(dir); err == nil {
+			m.cache = cache
+			rc = rc.WithCompilationCache(cache)
+		}
+	}
+	m.rt = wazero.NewRuntimeWithConfig(ctx, rc)
+	t0 := time.Now()
+	m.compiled, err = m.rt.CompileModule(ctx, cfg.Module)
+	m.compileTime = time.Since(t0)
+	if err != nil {
+		m.Close(ctx)
+		return nil, &ModuleError{Module: cfg.Name, Reason: "does not compile: " + err.Error()}
+	}
+	args := append([]string{cfg.Name}, cfg.Args...)
+	m.dev, err = wasi.New(wasi.Config{Args: args, Env: cfg.Env, Preopens: cfg.Dirs, Listen: cfg.Listen,
+		Stdin: cfg.Stdin, Stdout: cfg.Stdout, Stderr: cfg.Stderr, Tap: cfg.Tap, Gate: cfg.Gate})
+	if err != nil {
+		m.Close(ctx)
+		return nil, err
+	}
+	m.listeners = m.dev.ListenerAddrs()
+	if err := m.dev.Register(ctx, m.rt); err != nil {
+		m.Close(ctx)
+		return nil, fmt.Errorf("registering devices: %w", err)
+	}
+	return m, nil
+}
+
+// Run runs the guest to its end. It returns the guest's exit code, or an
+// error: *TrapError when the guest trapped, a context error when ctx ended
+// first.
+func (m *Machine) Run(ctx context.Context) (code uint32, err error) {
+	m.setState(StateRunning)
+	stop := context.AfterFunc(ctx, m.dev.Stop)
+	defer stop()
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("internal error running guest: %v", r)
+			m.finish(StateFailed, 0)
+		}
+	}()
+	actx := experimental.WithMemoryAllocator(ctx, m.alloc)
+	mod, err := m.rt.InstantiateModule(actx, m.compiled,
+		wazero.NewModuleConfig().WithName("").WithStartFunctions())
+	if err != nil {
+		m.finish(StateFailed, 0)
+		return 0, m.runError(fmt.Errorf("instantiating: %w", err))
+	}
+	defer mod.Close(ctx)
+	_, err = mod.ExportedFunction("_start").Call(ctx)
+	return m.exit(ctx, err)
+}
+
+func (m *Machine) exit(ctx context.Context, err error) (uint32, error) {
+	if err == nil {
+		m.finish(StateExited, 0)
+		return 0, nil
+	}
+	var ee *sys.ExitError
+	if errors.As(err, &ee) {
+		switch ee.ExitCode() {
+		case sys.ExitCodeContextCanceled, sys.ExitCodeDeadlineExceeded:
+			m.finish(StateFailed, 0)
+			if ctx.Err() != nil {
+				return 0, ctx.Err()
+			}
+		}
+		m.finish(StateExited, ee.ExitCode())
+		return ee.ExitCode(), nil
+	}
+	m.finish(StateTrapped, 0)
+	return 0, m.runError(err)
+}
+
+func (m *Machine) runError(err error) error {
+	te := newTrapError(err)
+	if m.alloc.mem != nil {
+		te.MemoryRefused = m.alloc.mem.refused.Load()
+	}
+	return te
+}
+
+func (m *Machine) setState(s State) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.state = s
+	if s == StateRunning {
+		m.started = time.Now()
+	}
+}
+
+func (m *Machine) finish(s State, code uint32) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.state, m.exitCode, m.ended = s, code, time.Now()
+}
+
+// MemoryRefused is the largest memory size (bytes) the limit refused, or 0.
+func (m *Machine) MemoryRefused() uint64 {
+	if m.alloc.mem == nil {
+		return 0
+	}
+	return m.alloc.mem.refused.Load()
+}
+
+// Devices is the VM's device layer.
+func (m *Machine) Devices() *wasi.Devices { return m.dev }
+
+// Close releases the VM's resources.
+func (m *Machine) Close(ctx context.Context) error {
+	if m.dev != nil {
+		m.dev.Close()
+	}
+	var err error
+	if m.rt != nil {
+		err = m.rt.Close(ctx)
+	}
+	if m.cache != nil {
+		m.cache.Close(ctx)
+	}
+	return err
+}
+
+// Run is New, Run and Close in one call.
+func Run(ctx context.Context, cfg Config) (uint32, error) {
+	m, err := New(ctx, cfg)
+	if err != nil {
+		return 0, err
+	}
+	defer m.Close(ctx)
+	return m.Run(ctx)
+}
+
+// Info is a point-in-time description of a VM, served by the API.
+type Info struct {
+	State         State             `json:"state"`
+	Module        string            `json:"module"`
+	ModuleSHA256  string            `json:"module_sha256"`
+	UptimeSeconds float64           `json:"uptime_seconds"`
+	ExitCode      *uint32           `json:"exit_code,omitempty"`
+	MemoryBytes   uint64            `json:"memory_bytes"`
+	MemoryLimit   uint64            `json:"memory_limit,omitempty"`
+	CompileMillis float64           `json:"compile_ms"`
+	Listeners     map[uint32]string `json:"listeners,omitempty"`
+	Counters      Counters          `json:"counters"`
+}
+
+// Counters are the device layer's totals.
+type Counters struct {
+	HostCalls uint64            `json:"host_calls"`
+	Calls     map[string]uint64 `json:"calls"`
+	BytesIn   uint64            `json:"bytes_in"`
+	BytesOut  uint64            `json:"bytes_out"`
+	Accepted  uint64            `json:"connections_accepted"`
+	Effects   uint64            `json:"effects"`
+	PollWaits uint64            `json:"poll_waits"`
+}
+
+// Info describes the VM now. Safe to call while the guest runs.
+func (m *Machine) Info() Info {
+	m.mu.Lock()
+	info := Info{State: m.state, Module: m.cfg.Name, ModuleSHA256: m.hash, MemoryLimit: m.cfg.MemoryLimit,
+		CompileMillis: float64(m.compileTime.Microseconds()) / 1000}
+	switch {
+	case m.state == StateRunning:
+		info.UptimeSeconds = time.Since(m.started).Seconds()
+	case !m.started.IsZero():
+		info.UptimeSeconds = m.ended.Sub(m.started).Seconds()
+	}
+	if m.state == StateExited {
+		code := m.exitCode
+		info.ExitCode = &code
+	}
+	m.mu.Unlock()
+	if m.alloc.mem != nil {
+		info.MemoryBytes = m.alloc.mem.size.Load()
+	}
+	c := m.dev.Counters()
+	info.Counters = Counters{Calls: map[string]uint64{}, BytesIn: c.BytesIn.Load(), BytesOut: c.BytesOut.Load(),
+		Accepted: c.Accepted.Load(), Effects: c.Effects.Load(), PollWaits: c.PollWaits.Load()}
+	for i := range c.Calls {
+		if n := c.Calls[i].Load(); n > 0 {
+			info.Counters.Calls[wasi.Call(i).String()] = n
+			info.Counters.HostCalls += n
+		}
+	}
+	info.Listeners = m.listeners
+	return info
+}
