@@ -38,6 +38,10 @@ type FD struct {
 	Path string
 	// Readable/Writable record the access mode the file was opened with.
 	Readable, Writable bool
+	// Pos is the file offset of a regular file. The device layer keeps it
+	// (reads and writes are positional) so that it is plain data a snapshot
+	// can carry, and so that fd_seek and fd_tell need no system call.
+	Pos int64
 	// Addr is the bound address of a listener, or the peer of a connection.
 	Addr string
 	// Stdio is 0, 1 or 2 for KindStdio.
@@ -45,14 +49,30 @@ type FD struct {
 
 	// dir caches a directory listing for fd_readdir (rebuilt on demand).
 	dir *dirCache
+	// perform is this descriptor's write effect, made once so that a write
+	// does not allocate a closure (fs.go, stdio.go).
+	perform Perform
+	// pending is the argument of perform for the write in progress.
+	pending writeArgs
+	// scratch is reused to gather a write's buffers for the output gate
+	// (which copies what it keeps), so that writes do not allocate.
+	scratch []byte
 	// conn holds the state of a connection (sock.go).
 	conn *connState
 }
 
 // dirCache holds a snapshot of a directory's entries so that fd_readdir
-// cookies stay stable across calls.
+// cookies stay stable across calls: the cookie of an entry is its index
+// plus one, and a listing is re-read only when the guest starts over at
+// cookie 0.
 type dirCache struct {
 	entries []dirEntry
+}
+
+// writeArgs carries a write's parameters to the descriptor's perform closure.
+type writeArgs struct {
+	off    int64 // -1: append at the end
+	result int64 // the offset after the write, set by perform
 }
 
 type dirEntry struct {

@@ -126,6 +126,37 @@ func gather(iovs [][]byte) []byte {
 	return out
 }
 
+// maxScratch bounds the gather buffer a descriptor keeps between writes.
+const maxScratch = 64 << 10
+
+// gatherScratch is gather into the descriptor's reusable buffer. The result
+// is valid until the next write on f; gates copy what they keep.
+func gatherScratch(f *FD, iovs [][]byte) []byte {
+	count, total := 0, 0
+	var one []byte
+	for _, b := range iovs {
+		if len(b) > 0 {
+			one = b
+			count++
+			total += len(b)
+		}
+	}
+	if count <= 1 {
+		return one
+	}
+	out := f.scratch[:0]
+	if total > cap(out) {
+		out = make([]byte, 0, total)
+		if total <= maxScratch {
+			f.scratch = out
+		}
+	}
+	for _, b := range iovs {
+		out = append(out, b...)
+	}
+	return out
+}
+
 func fdClose(d *Devices, m Mem, p []uint64) Errno {
 	fd := uint32(p[0])
 	f, errno := d.fds.Get(fd)

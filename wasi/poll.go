@@ -1,9 +1,373 @@
 package wasi
 
-// poll_oneoff and the interruptible waits behind blocking calls. (Stubs.)
+import (
+	"encoding/binary"
+	"math"
 
-// waitFd blocks until the host descriptor has one of events ready, or the
-// device layer is interrupted (EINTR).
-func (d *Devices) waitFd(host int, events int16) Errno { return ENOSYS }
+	"golang.org/x/sys/unix"
+)
 
-func pollOneoff(d *Devices, m Mem, p []uint64) Errno { return ENOSYS }
+// poll_oneoff and the interruptible waits behind blocking calls.
+//
+// Unlike hosts that report sockets as always ready (which makes an idle Go
+// net server spin), poll_oneoff here sleeps in the kernel (ppoll) until a
+// host descriptor is ready, the earliest clock deadline passes, or the wake
+// eventfd is written by Interrupt or Stop. An idle guest costs no CPU.
+
+// pollScratch is poll_oneoff's and the socket calls' reusable working memory,
+// kept in Devices so that the hot path allocates nothing. Only the guest's
+// goroutine touches it, inside host calls.
+type pollScratch struct {
+	subs []pollSub
+	pfds []unix.PollFd
+	out  []byte
+	iov  []unix.Iovec // recvmsg(2) vectors (sock.go)
+}
+
+// pollSub is one parsed subscription and, once it fires, its event.
+type pollSub struct {
+	userdata uint64
+	deadline uint64 // clock: absolute deadline on clock
+	nbytes   uint64
+	clock    uint32
+	pfd      int32 // index into pollScratch.pfds, or -1
+	kind     Kind  // fd subscriptions: the kind of the descriptor
+	host     int32
+	errno    Errno
+	flags    uint16 // eventrwflags
+	typ      uint8
+	ready    bool
+}
+
+// waitFd blocks until the host descriptor has one of events ready (or an
+// error or hangup, which the caller's next syscall reports), or the device
+// layer is stopped (EINTR). A plain Interrupt only re-checks: a blocking
+// call must not fail because the machine looked at the VM.
+func (d *Devices) waitFd(host int, events int16) Errno {
+	fds := [2]unix.PollFd{{Fd: int32(host), Events: events}, {Fd: int32(d.wake), Events: unix.POLLIN}}
+	var zero unix.Timespec
+	if n, err := unix.Ppoll(fds[:1], &zero, nil); err == nil && n > 0 {
+		return readyErrno(fds[0].Revents)
+	}
+	d.counters.PollWaits.Add(1)
+	for {
+		if d.closed.Load() {
+			return EINTR
+		}
+		fds[0].Revents, fds[1].Revents = 0, 0
+		_, err := unix.Ppoll(fds[:], nil, nil)
+		if err == unix.EINTR {
+			continue // a signal to the host thread (Go preemption), not to the guest
+		}
+		if err != nil {
+			return errnoOf(err)
+		}
+		if fds[1].Revents != 0 {
+			d.drainWake()
+		}
+		if fds[0].Revents != 0 {
+			return readyErrno(fds[0].Revents)
+		}
+	}
+}
+
+// readyErrno turns a ready descriptor's revents into the wait's result: only
+// a descriptor the kernel does not know is an error of the wait itself.
+func readyErrno(revents int16) Errno {
+	if revents&unix.POLLNVAL != 0 {
+		return EBADF
+	}
+	return ESUCCESS
+}
+
+// drainWake consumes pending Interrupt()s so the next wait sleeps again.
+func (d *Devices) drainWake() {
+	var buf [8]byte
+	unix.Read(d.wake, buf[:])
+}
+
+// clockNow reads a guest clock for poll_oneoff deadlines. The CPU-time clocks
+// are the monotonic clock, as in clock_time_get.
+func (d *Devices) clockNow(id uint32) (uint64, bool) {
+	switch id {
+	case ClockRealtime:
+		return d.clock.Realtime(), true
+	case ClockMonotonic, ClockProcessCputimeID, ClockThreadCputimeID:
+		return d.clock.Monotonic(), true
+	}
+	return 0, false
+}
+
+func pollOneoff(d *Devices, m Mem, p []uint64) Errno {
+	inPtr, outPtr, n, neventsPtr := uint32(p[0]), uint32(p[1]), uint32(p[2]), uint32(p[3])
+	if n == 0 {
+		return EINVAL
+	}
+	// Check every buffer before waiting, so a bad pointer never costs a wait
+	// or loses an event.
+	if uint64(n)*sizeSubscription > uint64(m.Len()) {
+		return EFAULT
+	}
+	in, ok := m.Slice(inPtr, n*sizeSubscription)
+	if !ok {
+		return EFAULT
+	}
+	if _, ok := m.Slice(outPtr, n*sizeEvent); !ok {
+		return EFAULT
+	}
+	if _, ok := m.Slice(neventsPtr, 4); !ok {
+		return EFAULT
+	}
+
+	s := &d.pollScratch
+	s.subs = s.subs[:0]
+	s.pfds = append(s.pfds[:0], unix.PollFd{Fd: int32(d.wake), Events: unix.POLLIN})
+	for i := uint32(0); i < n; i++ {
+		b := in[i*sizeSubscription : (i+1)*sizeSubscription]
+		sub := pollSub{userdata: binary.LittleEndian.Uint64(b), typ: b[8], pfd: -1, host: -1}
+		switch sub.typ {
+		case EventtypeClock:
+			d.parseClockSub(&sub, b)
+		case EventtypeFdRead, EventtypeFdWrite:
+			d.parseFdSub(&sub, binary.LittleEndian.Uint32(b[16:]))
+		default:
+			return EINVAL
+		}
+		s.subs = append(s.subs, sub)
+	}
+
+	slept := false
+	for {
+		timeout, infinite := d.pollTimeout()
+		// A stopping VM only looks at what is ready now, never sleeps.
+		stopping := d.closed.Load()
+		if stopping {
+			timeout, infinite = 0, false
+		}
+		if (timeout > 0 || infinite) && !slept {
+			slept = true
+			d.counters.PollWaits.Add(1)
+		}
+		clearRevents(s.pfds)
+		var err error
+		if infinite {
+			_, err = unix.Ppoll(s.pfds, nil, nil)
+		} else {
+			ts := unix.NsecToTimespec(timeout)
+			_, err = unix.Ppoll(s.pfds, &ts, nil)
+		}
+		if err == unix.EINTR {
+			continue // a signal to the host thread; deadlines are recomputed
+		}
+		if err != nil {
+			return errnoOf(err)
+		}
+		if s.pfds[0].Revents != 0 {
+			d.drainWake()
+		}
+		if d.collect() > 0 {
+			break
+		}
+		// Nothing fired: a wake-up, or the kernel woke us a hair before a
+		// deadline. A stopping VM returns; otherwise wait again.
+		if stopping || d.closed.Load() {
+			return EINTR
+		}
+	}
+
+	out := d.writeEvents()
+	m.Write(outPtr, out)
+	nevents := uint32(len(out) / sizeEvent)
+	m.PutU32(neventsPtr, nevents)
+	d.input(Input{Kind: InputPoll, Call: CallPollOneoff, Fd: -1, Value: uint64(nevents), Data: out})
+	return ESUCCESS
+}
+
+// parseClockSub turns a clock subscription into an absolute deadline on its
+// clock. A bad clock or flags give an event with EINVAL.
+func (d *Devices) parseClockSub(sub *pollSub, b []byte) {
+	sub.clock = binary.LittleEndian.Uint32(b[16:])
+	timeout := binary.LittleEndian.Uint64(b[24:])
+	flags := binary.LittleEndian.Uint16(b[40:])
+	now, ok := d.clockNow(sub.clock)
+	if !ok || flags&^SubclockAbstime != 0 {
+		sub.errno, sub.ready = EINVAL, true
+		return
+	}
+	if flags&SubclockAbstime != 0 {
+		sub.deadline = timeout
+	} else if timeout > math.MaxUint64-now {
+		sub.deadline = math.MaxUint64
+	} else {
+		sub.deadline = now + timeout
+	}
+	sub.ready = sub.deadline <= now
+}
+
+// parseFdSub resolves an FD_READ/FD_WRITE subscription: sockets and stdio on
+// host descriptors are polled for real; regular files, directories and
+// stdio backed by Go readers/writers are always ready; a bad descriptor is an
+// event carrying the error, not a failure of the call.
+func (d *Devices) parseFdSub(sub *pollSub, fd uint32) {
+	f, errno := d.fds.Get(fd)
+	if errno != ESUCCESS {
+		sub.errno, sub.ready = errno, true
+		return
+	}
+	sub.kind = f.Kind
+	sub.host = int32(f.Host)
+	if f.Kind == KindDir {
+		sub.ready = true
+		return
+	}
+	if !f.can(RightPollFdReadwrite) {
+		sub.errno, sub.ready = ENOTCAPABLE, true
+		return
+	}
+	if f.Host < 0 {
+		sub.ready = true // stdio backed by a Go reader or writer
+		return
+	}
+	if f.Filetype == FiletypeRegularFile {
+		if sub.typ == EventtypeFdRead {
+			sub.nbytes = fileRemaining(f)
+		}
+		sub.ready = true
+		return
+	}
+	events := int16(unix.POLLOUT)
+	if sub.typ == EventtypeFdRead {
+		events = unix.POLLIN | unix.POLLRDHUP
+	}
+	sub.pfd = int32(len(d.pollScratch.pfds))
+	d.pollScratch.pfds = append(d.pollScratch.pfds, unix.PollFd{Fd: int32(f.Host), Events: events})
+}
+
+// fileRemaining is how many bytes a read at the current offset could return.
+// Files opened by path keep their offset in Pos; stdio redirected from a
+// file uses the host offset.
+func fileRemaining(f *FD) uint64 {
+	var st unix.Stat_t
+	if unix.Fstat(f.Host, &st) != nil {
+		return 0
+	}
+	off := f.Pos
+	if f.Kind != KindFile {
+		var err error
+		if off, err = unix.Seek(f.Host, 0, unix.SEEK_CUR); err != nil {
+			return 0
+		}
+	}
+	if off >= st.Size {
+		return 0
+	}
+	return uint64(st.Size - off)
+}
+
+// pollTimeout is how long the next ppoll may sleep: zero if an event is
+// already there, until the earliest clock deadline, or forever.
+func (d *Devices) pollTimeout() (ns int64, infinite bool) {
+	infinite = true
+	for i := range d.pollScratch.subs {
+		sub := &d.pollScratch.subs[i]
+		if sub.ready {
+			return 0, false
+		}
+		if sub.typ != EventtypeClock {
+			continue
+		}
+		now, _ := d.clockNow(sub.clock)
+		if sub.deadline <= now {
+			return 0, false
+		}
+		left := sub.deadline - now
+		if left > math.MaxInt64 {
+			left = math.MaxInt64
+		}
+		if infinite || int64(left) < ns {
+			ns, infinite = int64(left), false
+		}
+	}
+	return ns, infinite
+}
+
+func clearRevents(pfds []unix.PollFd) {
+	for i := range pfds {
+		pfds[i].Revents = 0
+	}
+}
+
+// collect marks the subscriptions that fired after a ppoll and fills in
+// their event details; it returns how many fired.
+func (d *Devices) collect() int {
+	count := 0
+	for i := range d.pollScratch.subs {
+		sub := &d.pollScratch.subs[i]
+		switch {
+		case sub.typ == EventtypeClock && !sub.ready:
+			now, _ := d.clockNow(sub.clock)
+			sub.ready = sub.deadline <= now
+		case sub.pfd >= 0:
+			rev := d.pollScratch.pfds[sub.pfd].Revents
+			if rev == 0 {
+				break
+			}
+			sub.ready = true
+			if rev&unix.POLLNVAL != 0 {
+				sub.errno = EBADF
+				break
+			}
+			if rev&unix.POLLHUP != 0 || (sub.typ == EventtypeFdRead && rev&unix.POLLRDHUP != 0) {
+				sub.flags |= EventFdReadwriteHangup
+			}
+			if sub.typ == EventtypeFdRead {
+				sub.nbytes = readable(sub.kind, int(sub.host))
+			}
+		}
+		if sub.ready {
+			count++
+		}
+	}
+	return count
+}
+
+// readable is the FIONREAD count of a ready descriptor. A listener has no
+// byte count; it reports 1 for "a connection is waiting".
+func readable(kind Kind, host int) uint64 {
+	if kind == KindListener {
+		return 1
+	}
+	n, err := unix.IoctlGetInt(host, unix.TIOCINQ) // FIONREAD
+	if err != nil || n < 0 {
+		return 0
+	}
+	return uint64(n)
+}
+
+// writeEvents encodes the fired subscriptions, in subscription order, into
+// the reused output buffer.
+func (d *Devices) writeEvents() []byte {
+	s := &d.pollScratch
+	need := len(s.subs) * sizeEvent
+	if cap(s.out) < need {
+		s.out = make([]byte, need)
+	}
+	out := s.out[:0]
+	for i := range s.subs {
+		sub := &s.subs[i]
+		if !sub.ready {
+			continue
+		}
+		ev := out[len(out) : len(out)+sizeEvent]
+		clear(ev)
+		le64(ev, 0, sub.userdata)
+		le16(ev, 8, uint16(sub.errno))
+		ev[10] = sub.typ
+		if sub.typ != EventtypeClock {
+			le64(ev, 16, sub.nbytes)
+			le16(ev, 24, sub.flags)
+		}
+		out = out[:len(out)+sizeEvent]
+	}
+	return out
+}

@@ -13,14 +13,14 @@ import (
 func (d *Devices) stdinRead(f *FD, iovs [][]byte) (uint32, Errno) {
 	if f.Host >= 0 {
 		if f.Flags&FdflagNonblock != 0 {
-			fds := []unix.PollFd{{Fd: int32(f.Host), Events: unix.POLLIN}}
-			if n, _ := unix.Poll(fds, 0); n == 0 {
+			fds := [1]unix.PollFd{{Fd: int32(f.Host), Events: unix.POLLIN}}
+			if n, _ := unix.Poll(fds[:], 0); n == 0 {
 				return 0, EAGAIN
 			}
 		} else if errno := d.waitFd(f.Host, unix.POLLIN); errno != ESUCCESS {
 			return 0, errno
 		}
-		n, err := unix.Readv(f.Host, iovs)
+		n, err := rwv(unix.SYS_READV, f.Host, iovs, 0)
 		if err != nil {
 			return 0, errnoOf(err)
 		}
@@ -46,25 +46,31 @@ func (d *Devices) stdinRead(f *FD, iovs [][]byte) (uint32, Errno) {
 	return total, ESUCCESS
 }
 
-// stdioWrite sends bytes to stdout or stderr through the output gate.
+// stdioWrite sends bytes to stdout or stderr through the output gate. The
+// perform closure is made once per descriptor so that a write allocates
+// nothing.
 func (d *Devices) stdioWrite(fd uint32, f *FD, iovs [][]byte) (uint32, Errno) {
-	w := d.stdout
-	if f.Stdio == 2 {
-		w = d.stderr
-	}
-	data := gather(iovs)
+	data := gatherScratch(f, iovs)
 	if len(data) == 0 {
 		return 0, ESUCCESS
 	}
-	return d.output(Effect{Kind: EffectWrite, Call: CallFdWrite, Fd: int32(fd), Data: data},
-		func(data []byte) (uint32, Errno) {
-			n, err := w.Write(data)
-			if err != nil && n == 0 {
-				if errors.Is(err, syscall.EPIPE) {
-					return 0, EPIPE
-				}
-				return 0, EIO
-			}
-			return uint32(n), ESUCCESS
-		})
+	if f.perform == nil {
+		f.perform = func(data []byte) (uint32, Errno) { return d.writeStdio(f.Stdio, data) }
+	}
+	return d.output(Effect{Kind: EffectWrite, Call: CallFdWrite, Fd: int32(fd), Data: data}, f.perform)
+}
+
+func (d *Devices) writeStdio(stdio int, data []byte) (uint32, Errno) {
+	w := d.stdout
+	if stdio == 2 {
+		w = d.stderr
+	}
+	n, err := w.Write(data)
+	if err != nil && n == 0 {
+		if errors.Is(err, syscall.EPIPE) {
+			return 0, EPIPE
+		}
+		return 0, EIO
+	}
+	return uint32(n), ESUCCESS
 }
