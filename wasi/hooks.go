@@ -116,8 +116,14 @@ type Perform func(data []byte) (uint32, Errno)
 // OutputGate decides when each effect happens. The plain gate performs it at
 // once. A gate that holds outputs (Remus's output commit) copies e.Data,
 // returns the result the guest should see now, and calls perform with the
-// copy when the effect may leave; a gate that mirrors disk writes performs
-// them and records them.
+// copy, later and possibly from another goroutine, when the effect may leave.
+//
+// Filesystem effects (EffectFs) are different: the guest must see its own
+// writes, and perform uses descriptors that live only for the call, so a gate
+// must perform them before it returns. A mode that defers disk mutations
+// (Remus applies them on the backup only at checkpoint commit) records the
+// effect's description (Op, Root, Path, Offset, Size, Data) and replays it on
+// the replica.
 type OutputGate interface {
 	Output(e Effect, perform Perform) (uint32, Errno)
 }
