@@ -101,8 +101,29 @@ type Devices struct {
 
 // New opens the preopened directories and listeners and sets up stdio.
 func New(cfg Config) (*Devices, error) {
+	d, err := newBase(cfg)
+	if err != nil {
+		return nil, err
+	}
+	for i, p := range cfg.Preopens {
+		if err := d.openPreopen(i, p); err != nil {
+			d.Close()
+			return nil, err
+		}
+	}
+	for _, l := range cfg.Listen {
+		if err := d.openListener(l); err != nil {
+			d.Close()
+			return nil, err
+		}
+	}
+	return d, nil
+}
+
+// newBase sets up everything but the preopened directories and listeners.
+func newBase(cfg Config) (*Devices, error) {
 	d := &Devices{
-		args: cfg.Args, env: cfg.Env, preopens: cfg.Preopens,
+		args: cfg.Args, env: cfg.Env, preopens: append([]Preopen(nil), cfg.Preopens...),
 		stdin: cfg.Stdin, stdout: cfg.Stdout, stderr: cfg.Stderr,
 		tap: cfg.Tap, gate: cfg.Gate, safePoint: cfg.SafePoint, rand: cfg.Rand,
 		wake: -1,
@@ -138,18 +159,6 @@ func New(cfg Config) (*Devices, error) {
 			f.RightsBase = RightsRegularFile &^ (RightFdSeek | RightFdTell)
 		}
 		d.fds.Set(uint32(i), f)
-	}
-	for i, p := range cfg.Preopens {
-		if err := d.openPreopen(i, p); err != nil {
-			d.Close()
-			return nil, err
-		}
-	}
-	for _, l := range cfg.Listen {
-		if err := d.openListener(l); err != nil {
-			d.Close()
-			return nil, err
-		}
 	}
 	return d, nil
 }
@@ -217,33 +226,9 @@ func (d *Devices) openPreopen(idx int, p Preopen) error {
 }
 
 func (d *Devices) openListener(l Listener) error {
-	var file *os.File
-	if l.File != nil {
-		file = l.File
-	} else {
-		ln, err := net.Listen("tcp", l.Addr)
-		if err != nil {
-			return fmt.Errorf("listen %s: %w", l.Addr, err)
-		}
-		file, err = ln.(*net.TCPListener).File()
-		ln.Close()
-		if err != nil {
-			return fmt.Errorf("listen %s: %w", l.Addr, err)
-		}
-	}
-	// Take our own descriptor: the guest owns it from now on.
-	host, err := unix.FcntlInt(file.Fd(), unix.F_DUPFD_CLOEXEC, 3)
-	file.Close()
+	host, addr, err := listenHost(l)
 	if err != nil {
-		return fmt.Errorf("listen %s: %w", l.Addr, err)
-	}
-	if err := unix.SetNonblock(host, true); err != nil {
-		unix.Close(host)
-		return fmt.Errorf("listen %s: %w", l.Addr, err)
-	}
-	addr := l.Addr
-	if sa, err := unix.Getsockname(host); err == nil {
-		addr = sockaddrString(sa)
+		return err
 	}
 	f := &FD{Kind: KindListener, Filetype: FiletypeSocketStream, Host: host, Root: -1, Addr: addr,
 		Readable: true, RightsBase: RightsListener}

@@ -16,6 +16,9 @@ import (
 type connState struct {
 	// shut records the sdflags the guest has shut down, for capture.
 	shut uint8
+	// reset marks a connection that did not survive a restore: the guest
+	// keeps its descriptor, and every read or write fails ECONNRESET.
+	reset bool
 }
 
 // connRead is fd_read on a connection (fd_read reports it to the tap).
@@ -209,6 +212,9 @@ func connOnly(f *FD) Errno {
 // for data (interruptibly); WAITALL keeps reading until iovs are full, EOF or
 // an error. WAITALL is ignored with PEEK, which cannot make progress.
 func (d *Devices) recv(f *FD, iovs [][]byte, riflags uint16) (uint32, Errno) {
+	if f.conn != nil && f.conn.reset {
+		return 0, ECONNRESET
+	}
 	blocking := f.Flags&FdflagNonblock == 0
 	flags := 0
 	if riflags&RiflagRecvPeek != 0 {
@@ -322,6 +328,9 @@ func (d *Devices) send(c Call, fd uint32, f *FD, data []byte) (uint32, Errno) {
 	}
 	if f.conn == nil {
 		f.conn = &connState{}
+	}
+	if f.conn.reset {
+		return 0, ECONNRESET
 	}
 	host := f.Host
 	blocking := f.Flags&FdflagNonblock == 0

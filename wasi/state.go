@@ -1,0 +1,249 @@
+package wasi
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+
+	"golang.org/x/sys/unix"
+)
+
+// State is the device layer's state as plain data: what a snapshot carries so
+// that a VM can continue in another process, on another host.
+type State struct {
+	Args     []string `json:"args"`
+	Env      []string `json:"env"`
+	Preopens []Preopen `json:"preopens"`
+	// Monotonic is the guest's monotonic clock at capture; a restored clock
+	// continues from it, so it never goes backwards.
+	Monotonic uint64    `json:"monotonic_ns"`
+	FDs       []FDState `json:"fds"`
+}
+
+// FDState is one open descriptor.
+type FDState struct {
+	Num              uint32   `json:"num"`
+	Kind             Kind     `json:"kind"`
+	Filetype         Filetype `json:"filetype"`
+	Flags            uint16   `json:"flags,omitempty"`
+	RightsBase       uint64   `json:"rights_base"`
+	RightsInheriting uint64   `json:"rights_inheriting,omitempty"`
+	Preopen          string   `json:"preopen,omitempty"`
+	Root             int      `json:"root"`
+	Path             string   `json:"path,omitempty"`
+	Readable         bool     `json:"readable,omitempty"`
+	Writable         bool     `json:"writable,omitempty"`
+	Pos              int64    `json:"pos,omitempty"`
+	Addr             string   `json:"addr,omitempty"`
+	Stdio            int      `json:"stdio,omitempty"`
+	Shut             uint8    `json:"shut,omitempty"`
+}
+
+// Capture returns the device state. The guest must be stopped (not inside a
+// host call) while it runs.
+func (d *Devices) Capture() *State {
+	st := &State{Args: d.args, Env: d.env, Preopens: d.preopens, Monotonic: d.clock.Monotonic()}
+	d.fds.Each(func(fd uint32, f *FD) {
+		fs := FDState{Num: fd, Kind: f.Kind, Filetype: f.Filetype, Flags: f.Flags, RightsBase: f.RightsBase,
+			RightsInheriting: f.RightsInheriting, Preopen: f.Preopen, Root: f.Root, Path: f.Path,
+			Readable: f.Readable, Writable: f.Writable, Pos: f.Pos, Addr: f.Addr, Stdio: f.Stdio}
+		if f.conn != nil {
+			fs.Shut = f.conn.shut
+		}
+		st.FDs = append(st.FDs, fs)
+	})
+	return st
+}
+
+// Restore re-creates devices from a captured state. cfg supplies what belongs
+// to the new host: stdio, hooks, and optionally the host directories behind
+// the preopens (matched by guest path; by default the snapshot's own host
+// paths) and listener addresses by guest descriptor (by default the
+// snapshot's own addresses). Files are re-opened by path with their offsets
+// and flags; a missing file is an error, never a half-restored table.
+// Connections cannot move between processes yet: the guest keeps their
+// descriptors, and sees a reset on its next use.
+func Restore(cfg Config, st *State) (*Devices, error) {
+	preopens, err := matchPreopens(cfg.Preopens, st.Preopens)
+	if err != nil {
+		return nil, err
+	}
+	cfg.Args, cfg.Env, cfg.Preopens = st.Args, st.Env, preopens
+	d, err := newBase(cfg)
+	if err != nil {
+		return nil, err
+	}
+	d.clock.SetMonotonic(st.Monotonic)
+	roots := make([]int, len(preopens))
+	for i, p := range preopens {
+		abs, err := filepath.Abs(p.HostPath)
+		if err != nil {
+			d.Close()
+			return nil, err
+		}
+		d.preopens[i].HostPath = abs
+		if roots[i], err = unix.Open(abs, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0); err != nil {
+			for _, r := range roots[:i] {
+				unix.Close(r)
+			}
+			d.Close()
+			return nil, fmt.Errorf("restore: preopen %s: %w", abs, err)
+		}
+	}
+	defer func() {
+		for _, r := range roots {
+			unix.Close(r)
+		}
+	}()
+	listen := map[uint32]Listener{}
+	for _, l := range cfg.Listen {
+		listen[l.Fd] = l
+	}
+	var stdio [3]*FD
+	for i := range stdio {
+		stdio[i], _ = d.fds.Get(uint32(i))
+	}
+	d.fds = Table{}
+	for _, fs := range st.FDs {
+		f, err := d.restoreFD(fs, roots, listen, stdio)
+		if err != nil {
+			d.Close()
+			return nil, fmt.Errorf("restore: guest fd %d (%s): %w", fs.Num, describeFD(fs), err)
+		}
+		d.fds.Set(fs.Num, f)
+	}
+	return d, nil
+}
+
+func describeFD(fs FDState) string {
+	switch fs.Kind {
+	case KindFile, KindDir:
+		return "path " + fs.Path
+	case KindListener, KindConn:
+		return "socket " + fs.Addr
+	}
+	return "stdio"
+}
+
+func matchPreopens(given, saved []Preopen) ([]Preopen, error) {
+	if len(given) == 0 {
+		return saved, nil
+	}
+	if len(given) != len(saved) {
+		return nil, fmt.Errorf("restore: the snapshot has %d preopened directories, %d were given", len(saved), len(given))
+	}
+	out := make([]Preopen, len(saved))
+	for i, s := range saved {
+		found := false
+		for _, g := range given {
+			if g.GuestPath == s.GuestPath {
+				out[i], found = Preopen{HostPath: g.HostPath, GuestPath: s.GuestPath}, true
+				break
+			}
+		}
+		if !found {
+			return nil, fmt.Errorf("restore: no directory given for the snapshot's preopen %q", s.GuestPath)
+		}
+	}
+	return out, nil
+}
+
+func (d *Devices) restoreFD(fs FDState, roots []int, listen map[uint32]Listener, stdio [3]*FD) (*FD, error) {
+	f := &FD{Kind: fs.Kind, Filetype: fs.Filetype, Host: -1, Flags: fs.Flags, RightsBase: fs.RightsBase,
+		RightsInheriting: fs.RightsInheriting, Preopen: fs.Preopen, Root: fs.Root, Path: fs.Path,
+		Readable: fs.Readable, Writable: fs.Writable, Pos: fs.Pos, Addr: fs.Addr, Stdio: fs.Stdio}
+	switch fs.Kind {
+	case KindStdio:
+		if fs.Stdio < 0 || fs.Stdio > 2 {
+			return nil, errors.New("bad stdio number")
+		}
+		f.Host = stdio[fs.Stdio].Host
+		return f, nil
+	case KindDir, KindFile:
+		if fs.Root < 0 || fs.Root >= len(roots) {
+			return nil, fmt.Errorf("preopen index %d out of range", fs.Root)
+		}
+		flags := unix.O_CLOEXEC | unix.O_NOFOLLOW
+		switch {
+		case fs.Kind == KindDir:
+			flags |= unix.O_RDONLY | unix.O_DIRECTORY
+		case fs.Readable && fs.Writable:
+			flags |= unix.O_RDWR
+		case fs.Writable:
+			flags |= unix.O_WRONLY
+		default:
+			flags |= unix.O_RDONLY
+		}
+		if fs.Flags&FdflagAppend != 0 {
+			flags |= unix.O_APPEND
+		}
+		path := fs.Path
+		if path == "" {
+			path = "."
+		}
+		host, errno := openBeneath(roots[fs.Root], path, flags, 0)
+		if errno != ESUCCESS {
+			return nil, errno
+		}
+		f.Host = host
+		return f, nil
+	case KindListener:
+		l, ok := listen[fs.Num]
+		if !ok {
+			l = Listener{Addr: fs.Addr}
+		}
+		host, addr, err := listenHost(l)
+		if err != nil {
+			return nil, err
+		}
+		f.Host, f.Addr = host, addr
+		return f, nil
+	case KindConn:
+		// A connection is reset: a socket whose peer is gone gives the
+		// guest's poll a hangup, and reads and writes fail ECONNRESET.
+		pair, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, 0)
+		if err != nil {
+			return nil, err
+		}
+		unix.Close(pair[1])
+		f.Host = pair[0]
+		f.conn = &connState{shut: fs.Shut, reset: true}
+		return f, nil
+	}
+	return nil, fmt.Errorf("unknown descriptor kind %d", fs.Kind)
+}
+
+// listenHost opens a non-blocking listening socket for l and returns its
+// host descriptor and bound address.
+func listenHost(l Listener) (int, string, error) {
+	var file *os.File
+	if l.File != nil {
+		file = l.File
+	} else {
+		ln, err := net.Listen("tcp", l.Addr)
+		if err != nil {
+			return -1, "", fmt.Errorf("listen %s: %w", l.Addr, err)
+		}
+		file, err = ln.(*net.TCPListener).File()
+		ln.Close()
+		if err != nil {
+			return -1, "", fmt.Errorf("listen %s: %w", l.Addr, err)
+		}
+	}
+	host, err := unix.FcntlInt(file.Fd(), unix.F_DUPFD_CLOEXEC, 3)
+	file.Close()
+	if err != nil {
+		return -1, "", fmt.Errorf("listen %s: %w", l.Addr, err)
+	}
+	if err := unix.SetNonblock(host, true); err != nil {
+		unix.Close(host)
+		return -1, "", fmt.Errorf("listen %s: %w", l.Addr, err)
+	}
+	addr := l.Addr
+	if sa, err := unix.Getsockname(host); err == nil {
+		addr = sockaddrString(sa)
+	}
+	return host, addr, nil
+}

@@ -1,0 +1,124 @@
+package wasi
+
+import (
+	"bytes"
+	"encoding/json"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// TestCaptureRestore captures a device table with open files (at offsets, in
+// append mode, in a subdirectory), a listener and a live connection, moves
+// the state through JSON as a snapshot would, and restores it in new devices
+// on a copy of the directory: files continue at their offsets, the listener
+// accepts again, the connection reads as reset, the clock does not go back.
+func TestCaptureRestore(t *testing.T) {
+	dir := t.TempDir()
+	os.Mkdir(filepath.Join(dir, "sub"), 0o755)
+	os.WriteFile(filepath.Join(dir, "sub", "r.txt"), []byte("0123456789"), 0o644)
+
+	g := newGuest(t, dir, nil)
+	// Replace the devices with ones that also have a listener.
+	g.d.Close()
+	d, err := New(Config{Preopens: []Preopen{{HostPath: dir, GuestPath: "/"}},
+		Listen: []Listener{{Addr: "127.0.0.1:0"}}, Stdin: strings.NewReader(""), Stdout: &bytes.Buffer{}, Stderr: &bytes.Buffer{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	g.d = d
+	t.Cleanup(func() { d.Close() })
+	const listenerFd = 4
+
+	r, errno := g.open(preopenFd, 0, "sub/r.txt", 0, RightFdRead|RightFdSeek|RightFdTell, 0)
+	if errno != ESUCCESS {
+		t.Fatal(errno)
+	}
+	if s, _ := g.read(r, 4); s != "0123" {
+		t.Fatalf("read %q", s)
+	}
+	w, errno := g.open(preopenFd, 0, "log.txt", OflagCreat, RightFdWrite, FdflagAppend)
+	if errno != ESUCCESS {
+		t.Fatal(errno)
+	}
+	g.write(w, "first\n")
+
+	// A live connection on the listener.
+	addr := d.ListenerAddrs()[listenerFd]
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	res := g.alloc(4)
+	if errno := g.call(sockAccept, listenerFd, 0, uint64(res)); errno != ESUCCESS {
+		t.Fatal(errno)
+	}
+	conn := g.u32(res)
+
+	st := d.Capture()
+	blob, err := json.Marshal(st)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var st2 State
+	if err := json.Unmarshal(blob, &st2); err != nil {
+		t.Fatal(err)
+	}
+	// Restore on a copy of the directory, on a fresh port.
+	copyDir := t.TempDir()
+	os.Mkdir(filepath.Join(copyDir, "sub"), 0o755)
+	for _, p := range []string{"sub/r.txt", "log.txt"} {
+		b, _ := os.ReadFile(filepath.Join(dir, p))
+		os.WriteFile(filepath.Join(copyDir, p), b, 0o644)
+	}
+	d2, err := Restore(Config{Preopens: []Preopen{{HostPath: copyDir, GuestPath: "/"}},
+		Listen: []Listener{{Fd: listenerFd, Addr: "127.0.0.1:0"}},
+		Stdin: strings.NewReader(""), Stdout: &bytes.Buffer{}, Stderr: &bytes.Buffer{}}, &st2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d2.Close()
+	if d2.clock.Monotonic() < st.Monotonic {
+		t.Error("monotonic clock went backwards across restore")
+	}
+	g2 := &guest{t: t, d: d2, mem: make([]byte, 1<<20), top: 64}
+	if s, errno := g2.read(r, 4); s != "4567" || errno != ESUCCESS {
+		t.Errorf("restored read = %q %v, want 4567 at the saved offset", s, errno)
+	}
+	g2.write(w, "second\n")
+	if b, _ := os.ReadFile(filepath.Join(copyDir, "log.txt")); string(b) != "first\nsecond\n" {
+		t.Errorf("appended file = %q", b)
+	}
+	if _, errno := g2.read(conn, 4); errno != ECONNRESET {
+		t.Errorf("read on a connection that did not survive = %v, want ECONNRESET", errno)
+	}
+	if errno := g2.call(fdClose, uint64(conn)); errno != ESUCCESS {
+		t.Errorf("close of the reset connection: %v", errno)
+	}
+	// The listener is bound again and accepts.
+	addr2 := d2.ListenerAddrs()[listenerFd]
+	c2, err := net.Dial("tcp", addr2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c2.Close()
+	if errno := g2.call(sockAccept, listenerFd, 0, uint64(res)); errno != ESUCCESS {
+		t.Errorf("accept on the restored listener: %v", errno)
+	}
+
+	// A file that vanished is a clear error, not a half-restored table.
+	os.Remove(filepath.Join(copyDir, "sub", "r.txt"))
+	if _, err := Restore(Config{Preopens: []Preopen{{HostPath: copyDir, GuestPath: "/"}},
+		Listen: []Listener{{Fd: listenerFd, Addr: "127.0.0.1:0"}},
+		Stdin: strings.NewReader(""), Stdout: &bytes.Buffer{}, Stderr: &bytes.Buffer{}}, &st2); err == nil ||
+		!strings.Contains(err.Error(), "sub/r.txt") {
+		t.Errorf("restore with a missing file: %v", err)
+	}
+	// Preopens must match by guest path.
+	if _, err := Restore(Config{Preopens: []Preopen{{HostPath: copyDir, GuestPath: "/data"}}}, &st2); err == nil {
+		t.Error("restore with a different preopen succeeded")
+	}
+}
