@@ -96,6 +96,11 @@ var errnoNames = [...]string{"SUCCESS", "2BIG", "ACCES", "ADDRINUSE", "ADDRNOTAV
 	"PROTONOSUPPORT", "PROTOTYPE", "RANGE", "ROFS", "SPIPE", "SRCH", "STALE", "TIMEDOUT", "TXTBSY", "XDEV",
 	"NOTCAPABLE"}
 
+// errRestart is never returned to the guest: a handler returns it when it
+// abandoned a wait, before any effect, because the machine wants to pause;
+// the call starts over at its safe point.
+const errRestart Errno = 0xffff
+
 func (e Errno) Error() string {
 	if int(e) < len(errnoNames) {
 		return "E" + errnoNames[e]

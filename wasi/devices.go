@@ -53,8 +53,11 @@ type Config struct {
 	// Gate decides when effects happen; nil performs them at once.
 	Gate OutputGate
 	// SafePoint, when set, is called at the entry of every host call, before
-	// the call has any effect: the point where the machine may pause.
-	SafePoint func(ctx context.Context, c Call)
+	// the call has any effect: the point where the machine may pause. It
+	// returns true when it has begun unwinding the guest's stack: the call
+	// then returns at once without effect, and runs for real when the guest
+	// is rewound to it.
+	SafePoint func(ctx context.Context, mod api.Module, c Call) bool
 	// Rand is the source of random_get; crypto/rand when nil.
 	Rand io.Reader
 	// Clock supplies host time; the real clocks when nil.
@@ -81,7 +84,7 @@ type Devices struct {
 	stderr    io.Writer
 	tap       InputTap
 	gate      OutputGate
-	safePoint func(ctx context.Context, c Call)
+	safePoint func(ctx context.Context, mod api.Module, c Call) bool
 	rand      io.Reader
 	clock     *Clock
 	counters  Counters
@@ -90,7 +93,10 @@ type Devices struct {
 	// that a pause or shutdown never waits for guest I/O.
 	wake int
 	// closed is set by Stop: blocking waits return EINTR from then on.
-	closed   atomic.Bool
+	closed atomic.Bool
+	// pause is set by RequestPause: a call blocked in a wait that has had no
+	// effect yet gives up and restarts from its safe point.
+	pause    atomic.Bool
 	released atomic.Bool
 
 	iovs [][]byte // scratch for iovec resolution
@@ -286,6 +292,18 @@ func (d *Devices) Interrupt() {
 	unix.Write(d.wake, one[:])
 }
 
+// RequestPause makes a guest blocked inside a host call reach its safe point
+// promptly: the wait is abandoned (it has had no effect) and the call starts
+// again at its safe point, where the machine can pause it. Safe from any
+// goroutine.
+func (d *Devices) RequestPause() {
+	d.pause.Store(true)
+	d.Interrupt()
+}
+
+// ClearPause ends a RequestPause.
+func (d *Devices) ClearPause() { d.pause.Store(false) }
+
 // Stop makes every blocking wait return at once and forever after (EINTR),
 // so that a VM being shut down never waits on guest I/O.
 func (d *Devices) Stop() {
@@ -326,15 +344,23 @@ func (d *Devices) Register(ctx context.Context, r wazero.Runtime) error {
 	return err
 }
 
-// bind turns a handler into a host function: it counts the call, gives the
-// machine its safe point, resolves guest memory and stores the errno.
+// bind turns a handler into a host function: it gives the machine its safe
+// point, resolves guest memory, runs the call, counts it and stores the errno.
+// A call whose wait was abandoned for a pause (errRestart) goes back to its
+// safe point.
 func (d *Devices) bind(c Call, h handler) api.GoModuleFunc {
 	return func(ctx context.Context, mod api.Module, stack []uint64) {
-		d.counters.Calls[c].Add(1)
-		if d.safePoint != nil {
-			d.safePoint(ctx, c)
+		for {
+			if d.safePoint != nil && d.safePoint(ctx, mod, c) {
+				return // unwinding: the call happens when the guest is rewound
+			}
+			errno := h(d, guestMem(mod), stack)
+			if errno != errRestart {
+				d.counters.Calls[c].Add(1)
+				stack[0] = uint64(errno)
+				return
+			}
 		}
-		stack[0] = uint64(h(d, guestMem(mod), stack))
 	}
 }
 
@@ -349,10 +375,10 @@ func guestMem(mod api.Module) Mem {
 
 // procExit ends the guest with an exit code; it does not return.
 func (d *Devices) procExit(ctx context.Context, mod api.Module, stack []uint64) {
-	d.counters.Calls[CallProcExit].Add(1)
-	if d.safePoint != nil {
-		d.safePoint(ctx, CallProcExit)
+	if d.safePoint != nil && d.safePoint(ctx, mod, CallProcExit) {
+		return
 	}
+	d.counters.Calls[CallProcExit].Add(1)
 	code := uint32(stack[0])
 	_ = mod.CloseWithExitCode(ctx, code)
 	panic(sys.NewExitError(code))

@@ -48,7 +48,7 @@ func fdRead(d *Devices, m Mem, p []uint64) Errno {
 
 // tapRead reports bytes read into iovs to the input tap.
 func (d *Devices) tapRead(c Call, fd uint32, errno Errno, n uint32, iovs [][]byte) {
-	if d.tap == nil {
+	if d.tap == nil || errno == errRestart {
 		return
 	}
 	var data []byte

@@ -43,7 +43,10 @@ type pollSub struct {
 // error or hangup, which the caller's next syscall reports), or the device
 // layer is stopped (EINTR). A plain Interrupt only re-checks: a blocking
 // call must not fail because the machine looked at the VM.
-func (d *Devices) waitFd(host int, events int16) Errno {
+//
+// A wait that has had no effect yet (restartable) also gives up with
+// errRestart when the machine requests a pause.
+func (d *Devices) waitFd(host int, events int16, restartable bool) Errno {
 	fds := [2]unix.PollFd{{Fd: int32(host), Events: events}, {Fd: int32(d.wake), Events: unix.POLLIN}}
 	var zero unix.Timespec
 	if n, err := unix.Ppoll(fds[:1], &zero, nil); err == nil && n > 0 {
@@ -53,6 +56,9 @@ func (d *Devices) waitFd(host int, events int16) Errno {
 	for {
 		if d.closed.Load() {
 			return EINTR
+		}
+		if restartable && d.pause.Load() {
+			return errRestart
 		}
 		fds[0].Revents, fds[1].Revents = 0, 0
 		_, err := unix.Ppoll(fds[:], nil, nil)
@@ -172,6 +178,9 @@ func pollOneoff(d *Devices, m Mem, p []uint64) Errno {
 		// deadline. A stopping VM returns; otherwise wait again.
 		if stopping || d.closed.Load() {
 			return EINTR
+		}
+		if d.pause.Load() {
+			return errRestart // nothing happened: start again at the safe point
 		}
 	}
 

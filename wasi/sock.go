@@ -75,7 +75,7 @@ func sockAccept(d *Devices, m Mem, p []uint64) Errno {
 		if err != unix.EAGAIN || f.Flags&FdflagNonblock != 0 {
 			return errnoOf(err)
 		}
-		if errno := d.waitFd(f.Host, unix.POLLIN); errno != ESUCCESS {
+		if errno := d.waitFd(f.Host, unix.POLLIN, true); errno != ESUCCESS {
 			return errno
 		}
 	}
@@ -241,7 +241,7 @@ func (d *Devices) recv(f *FD, iovs [][]byte, riflags uint16) (uint32, Errno) {
 				}
 				return 0, EAGAIN
 			}
-			if errno := d.waitFd(f.Host, unix.POLLIN|unix.POLLRDHUP); errno != ESUCCESS {
+			if errno := d.waitFd(f.Host, unix.POLLIN|unix.POLLRDHUP, got == 0); errno != ESUCCESS {
 				if got > 0 {
 					return uint32(got), ESUCCESS
 				}
@@ -367,7 +367,7 @@ func (d *Devices) sendNow(host int, data []byte, blocking bool) (uint32, Errno) 
 			if !blocking {
 				return 0, EAGAIN
 			}
-			if errno := d.waitFd(host, unix.POLLOUT); errno != ESUCCESS {
+			if errno := d.waitFd(host, unix.POLLOUT, false); errno != ESUCCESS {
 				if sent > 0 {
 					return uint32(sent), ESUCCESS
 				}

@@ -13,8 +13,8 @@ import (
 // State is the device layer's state as plain data: what a snapshot carries so
 // that a VM can continue in another process, on another host.
 type State struct {
-	Args     []string `json:"args"`
-	Env      []string `json:"env"`
+	Args     []string  `json:"args"`
+	Env      []string  `json:"env"`
 	Preopens []Preopen `json:"preopens"`
 	// Monotonic is the guest's monotonic clock at capture; a restored clock
 	// continues from it, so it never goes backwards.

@@ -76,7 +76,7 @@ func TestCaptureRestore(t *testing.T) {
 	}
 	d2, err := Restore(Config{Preopens: []Preopen{{HostPath: copyDir, GuestPath: "/"}},
 		Listen: []Listener{{Fd: listenerFd, Addr: "127.0.0.1:0"}},
-		Stdin: strings.NewReader(""), Stdout: &bytes.Buffer{}, Stderr: &bytes.Buffer{}}, &st2)
+		Stdin:  strings.NewReader(""), Stdout: &bytes.Buffer{}, Stderr: &bytes.Buffer{}}, &st2)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -113,7 +113,7 @@ func TestCaptureRestore(t *testing.T) {
 	os.Remove(filepath.Join(copyDir, "sub", "r.txt"))
 	if _, err := Restore(Config{Preopens: []Preopen{{HostPath: copyDir, GuestPath: "/"}},
 		Listen: []Listener{{Fd: listenerFd, Addr: "127.0.0.1:0"}},
-		Stdin: strings.NewReader(""), Stdout: &bytes.Buffer{}, Stderr: &bytes.Buffer{}}, &st2); err == nil ||
+		Stdin:  strings.NewReader(""), Stdout: &bytes.Buffer{}, Stderr: &bytes.Buffer{}}, &st2); err == nil ||
 		!strings.Contains(err.Error(), "sub/r.txt") {
 		t.Errorf("restore with a missing file: %v", err)
 	}

@@ -17,7 +17,7 @@ func (d *Devices) stdinRead(f *FD, iovs [][]byte) (uint32, Errno) {
 			if n, _ := unix.Poll(fds[:], 0); n == 0 {
 				return 0, EAGAIN
 			}
-		} else if errno := d.waitFd(f.Host, unix.POLLIN); errno != ESUCCESS {
+		} else if errno := d.waitFd(f.Host, unix.POLLIN, true); errno != ESUCCESS {
 			return 0, errno
 		}
 		n, err := rwv(unix.SYS_READV, f.Host, iovs, 0)
