@@ -1,0 +1,127 @@
+// Package dirty tells which 4 KiB pages of a memory region were written
+// since the last look: the user-space analogue of KVM's dirty log, used to
+// checkpoint, migrate and replicate a running guest by copying only what
+// changed.
+//
+// Two trackers implement it:
+//
+//   - "uffd-wp": the kernel's own write tracking. The region is registered
+//     with a userfaultfd in asynchronous write-protect mode, so the first
+//     write to a protected page costs one minor fault that the kernel
+//     resolves by itself (no handler thread), and the PAGEMAP_SCAN ioctl
+//     on /proc/self/pagemap reports the written pages and write-protects
+//     them again in the same page-table walk. Every writer counts: guest
+//     code, host Go code and the kernel (read(2) into the region).
+//   - "hash": the fallback where the kernel lacks the above (before Linux
+//     6.7, or userfaultfd forbidden by seccomp or permissions). It keeps a
+//     64-bit hash per page (8 B/page) and reports pages whose contents
+//     changed. Writes that leave a page as it was are not reported, which
+//     is all a checkpoint needs.
+//
+// The baseline. New takes the region's contents as the starting point: the
+// first Options.Used bytes as they are, and every page past them as zero,
+// which is what the untouched part of a fresh anonymous reservation holds
+// (a wasm memory's reservation beyond its current size). A consumer that
+// copies [0, Used) at New and then, after every Collect, copies the pages
+// it reported holds an exact image of [0, usedBytes), provided it copies
+// them after Collect returns and treats never-reported pages as the zeros
+// (or older contents) it already has.
+//
+// What is not tracked: pages discarded with madvise(MADV_DONTNEED) or
+// remapped (their contents become zero without a write), and device DMA
+// into pages pinned before a Collect (O_DIRECT, io_uring fixed buffers)
+// that completes after it. ftvm does neither to guest memory.
+package dirty
+
+import (
+	"errors"
+	"fmt"
+)
+
+// PageSize is the tracking granularity: indices count 4 KiB pages from
+// the start of the region, whatever the system page size.
+const PageSize = 4096
+
+// Tracker kinds, as returned by Kind.
+const (
+	KindUffd = "uffd-wp"
+	KindHash = "hash"
+)
+
+// ErrClosed is returned by Collect after Close.
+var ErrClosed = errors.New("dirty: tracker closed")
+
+// Tracker reports the pages of a region written since the previous Collect.
+// Its methods are safe for concurrent use; Collect calls are serialised.
+type Tracker interface {
+	// Collect appends to dst (pass dst[:0] to reuse it) the indices, in
+	// increasing order, of the 4 KiB pages in [0, usedBytes) written
+	// since the last Collect (or since New), and re-arms tracking for
+	// them atomically with respect to the scan: a write racing with
+	// Collect is in this result or the next, never lost. usedBytes is the
+	// part of the region in use now (a guest memory's current size); it
+	// may grow between calls and is rounded up to whole pages. A page
+	// written while outside usedBytes is reported once usedBytes covers
+	// it. On error the tracking state is unknown: the caller should take
+	// a full copy.
+	Collect(dst []uint32, usedBytes uint64) ([]uint32, error)
+	// Kind is KindUffd or KindHash.
+	Kind() string
+	// Reason says why the hash fallback was chosen; "" for KindUffd.
+	Reason() string
+	// Close stops tracking and releases the kernel objects. The region
+	// itself stays mapped and writable. Close is idempotent.
+	Close() error
+}
+
+// Options tune New.
+type Options struct {
+	// Used is the number of bytes at the start of the region in use at
+	// New, whose contents form the baseline; pages past it are taken to
+	// be zero (see the package doc).
+	Used uint64
+	// ForceHash selects the hash fallback even where the kernel tracker
+	// works, for tests and benchmarks.
+	ForceHash bool
+
+	// failAt makes the uffd setup fail at the named step, to test the
+	// fallback and its clean-up.
+	failAt string
+}
+
+// New returns a tracker for region, the kernel's (KindUffd) where it
+// works, else the hash fallback (KindHash) with Reason saying why. It
+// fails only for arguments no tracker can take. For KindUffd, region must
+// be a page-aligned part of a private anonymous mapping (as unix.Mmap
+// returns), tracked by no other Tracker; New then also marks it
+// MADV_NOHUGEPAGE, because on a transparent huge page the kernel tracks
+// writes per 2 MiB, not per 4 KiB.
+func New(region []byte, opts Options) (Tracker, error) {
+	if len(region) == 0 {
+		return nil, errors.New("dirty: empty region")
+	}
+	if opts.Used > uint64(len(region)) {
+		return nil, fmt.Errorf("dirty: Options.Used %d beyond the region's %d bytes", opts.Used, len(region))
+	}
+	reason := "forced by Options.ForceHash"
+	if !opts.ForceHash {
+		t, err := newUffd(region, opts)
+		if err == nil {
+			return t, nil
+		}
+		reason = err.Error()
+	}
+	return newHash(region, opts.Used, reason), nil
+}
+
+// Probe reports whether the kernel tracker works here: nil, or the reason
+// New would fall back. It tries it on a small mapping of its own.
+func Probe() error { return probe() }
+
+// checkUsed validates Collect's usedBytes and returns it in whole pages.
+func checkUsed(usedBytes uint64, size int) (pages int, err error) {
+	if usedBytes > uint64(size) {
+		return 0, fmt.Errorf("dirty: usedBytes %d beyond the region's %d bytes", usedBytes, size)
+	}
+	return int((usedBytes + PageSize - 1) / PageSize), nil
+}

@@ -1,0 +1,559 @@
+//go:build linux
+
+package dirty
+
+import (
+	"encoding/binary"
+	"errors"
+	"math/rand/v2"
+	"os"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// mapRegion reserves size bytes the way machine/memory.go does.
+func mapRegion(t testing.TB, size int) []byte {
+	t.Helper()
+	m, err := unix.Mmap(-1, 0, size, unix.PROT_READ|unix.PROT_WRITE,
+		unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_NORESERVE)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Munmap(m) })
+	return m
+}
+
+var uffdOnce = sync.OnceValue(Probe)
+
+// kinds runs f once per tracker kind; the kernel one is skipped, with the
+// reason, where the kernel cannot do it (TestProbe says whether it should).
+func kinds(t *testing.T, f func(t *testing.T, kind string)) {
+	for _, kind := range []string{KindUffd, KindHash} {
+		t.Run(kind, func(t *testing.T) {
+			if kind == KindUffd {
+				if err := uffdOnce(); err != nil {
+					t.Skipf("kernel tracker unavailable: %v", err)
+				}
+			}
+			f(t, kind)
+		})
+	}
+}
+
+func newTracker(t testing.TB, region []byte, used uint64, kind string) Tracker {
+	t.Helper()
+	tr, err := New(region, Options{Used: used, ForceHash: kind == KindHash})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if tr.Kind() != kind {
+		t.Fatalf("got a %s tracker (%s), want %s", tr.Kind(), tr.Reason(), kind)
+	}
+	t.Cleanup(func() { tr.Close() })
+	return tr
+}
+
+func collect(t testing.TB, tr Tracker, used int) []uint32 {
+	t.Helper()
+	got, err := tr.Collect(nil, uint64(used))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 1; i < len(got); i++ {
+		if got[i] <= got[i-1] {
+			t.Fatalf("%s: Collect returned unsorted or repeated indices: %v at %d of %d", tr.Kind(), got[max(0, i-5):min(len(got), i+5)], i, len(got))
+		}
+	}
+	return got
+}
+
+func expect(t testing.TB, what string, got, want []uint32) {
+	t.Helper()
+	if !slices.Equal(got, want) {
+		missing, extra := diff(want, got), diff(got, want)
+		t.Fatalf("%s: %d pages reported, want %d; missing %v, extra %v", what, len(got), len(want), head(missing), head(extra))
+	}
+}
+
+func diff(a, b []uint32) (out []uint32) {
+	for _, x := range a {
+		if _, ok := slices.BinarySearch(b, x); !ok {
+			out = append(out, x)
+		}
+	}
+	return out
+}
+
+func head(s []uint32) []uint32 { return s[:min(len(s), 10)] }
+
+// randomPages picks count distinct pages below n, sorted.
+func randomPages(rng *rand.Rand, n, count int) []uint32 {
+	set := map[uint32]bool{}
+	for len(set) < count {
+		set[uint32(rng.IntN(n))] = true
+	}
+	out := make([]uint32, 0, count)
+	for p := range set {
+		out = append(out, p)
+	}
+	slices.Sort(out)
+	return out
+}
+
+// stamp writes a value never written before somewhere in page p, so that
+// the hash tracker sees a change too.
+var stampSeq atomic.Uint64
+
+func stamp(region []byte, p uint32) {
+	v := stampSeq.Add(1)
+	off := int(p)*PageSize + int(v%(PageSize/8))*8
+	binary.LittleEndian.PutUint64(region[off:], v)
+}
+
+func TestIoctlABI(t *testing.T) {
+	for _, c := range []struct {
+		name      string
+		got, want uintptr
+	}{
+		{"UFFDIO_API", uffdioAPI, 0xC018AA3F},
+		{"UFFDIO_REGISTER", uffdioRegister, 0xC020AA00},
+		{"USERFAULTFD_IOC_NEW", userfaultfdIoNew, 0xAA00},
+		{"PAGEMAP_SCAN", pagemapScan, 0xC0606610},
+		{"sizeof(struct page_region)", unsafe.Sizeof(pageRegion{}), 24},
+	} {
+		if c.got != c.want {
+			t.Errorf("%s = %#x, want %#x", c.name, c.got, c.want)
+		}
+	}
+}
+
+// TestProbe fails where the kernel is new enough and nothing forbids
+// userfaultfd, so that the kernel tracker cannot be lost unnoticed.
+func TestProbe(t *testing.T) {
+	err := Probe()
+	t.Logf("Probe: %v", err)
+	if err == nil {
+		return
+	}
+	var u unix.Utsname
+	unix.Uname(&u)
+	var major, minor int
+	for i, f := range strings.SplitN(unix.ByteSliceToString(u.Release[:]), ".", 3)[:2] {
+		for _, c := range f {
+			if c < '0' || c > '9' {
+				break
+			}
+			if i == 0 {
+				major = major*10 + int(c-'0')
+			} else {
+				minor = minor*10 + int(c-'0')
+			}
+		}
+	}
+	denied := errors.Is(err, unix.EPERM) || errors.Is(err, unix.EACCES) || strings.Contains(err.Error(), "permission denied") ||
+		strings.Contains(err.Error(), "operation not permitted")
+	if (major > 6 || major == 6 && minor >= 7) && !denied {
+		t.Fatalf("kernel %d.%d should support userfaultfd WP_ASYNC and PAGEMAP_SCAN: %v", major, minor, err)
+	}
+}
+
+// TestGoWrites: pages written by Go code are reported exactly, reads and
+// pages written before New are not, and a second Collect is empty.
+func TestGoWrites(t *testing.T) {
+	kinds(t, func(t *testing.T, kind string) {
+		const pages = 8192 // 32 MiB
+		size := pages * PageSize
+		region := mapRegion(t, size)
+		rng := rand.New(rand.NewPCG(1, 2))
+		for _, p := range randomPages(rng, pages, 500) {
+			stamp(region, p) // before New: baseline, not dirty
+		}
+		tr := newTracker(t, region, uint64(size), kind)
+		expect(t, "after New", collect(t, tr, size), nil)
+		var sink byte
+		for round := range 6 {
+			want := randomPages(rng, pages, 1+rng.IntN(700))
+			for _, p := range want {
+				stamp(region, p)
+			}
+			for _, p := range randomPages(rng, pages, 300) {
+				sink += region[int(p)*PageSize+100] // reads, often of untouched pages
+			}
+			expect(t, "round "+string(rune('0'+round)), collect(t, tr, size), want)
+			expect(t, "again", collect(t, tr, size), nil)
+		}
+		_ = sink
+	})
+}
+
+// TestKernelWrites: pages the kernel writes into (getrandom(2), pread(2)
+// from a file) are reported exactly, as host calls copying into guest
+// memory would be.
+func TestKernelWrites(t *testing.T) {
+	kinds(t, func(t *testing.T, kind string) {
+		const pages = 4096
+		size := pages * PageSize
+		region := mapRegion(t, size)
+		tr := newTracker(t, region, uint64(size), kind)
+		f, err := os.CreateTemp(t.TempDir(), "src")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		src := make([]byte, 3*PageSize)
+		for i := range src {
+			src[i] = byte(i%251 + 1)
+		}
+		f.Write(src)
+		rng := rand.New(rand.NewPCG(3, 4))
+		for round := range 4 {
+			var want []uint32
+			for _, p := range randomPages(rng, pages-2, 200) {
+				off := int(p)*PageSize + 1000
+				if round%2 == 0 {
+					// A few bytes inside one page.
+					if _, err := unix.Getrandom(region[off:off+64], 0); err != nil {
+						t.Fatal(err)
+					}
+					want = append(want, p)
+				} else {
+					// Straddling into the next page.
+					n, err := unix.Pread(int(f.Fd()), region[off:off+PageSize], int64(rng.IntN(PageSize)))
+					if err != nil || n != PageSize {
+						t.Fatal(n, err)
+					}
+					want = append(want, p, p+1)
+				}
+			}
+			slices.Sort(want)
+			want = slices.Compact(want)
+			if round%2 == 1 {
+				// Pread may rewrite what an earlier straddling read put
+				// there; only the kernel tracker must report those.
+				got := collect(t, tr, size)
+				if kind == KindUffd {
+					expect(t, "pread", got, want)
+				} else if len(diff(got, want)) != 0 {
+					t.Fatalf("hash reported unwritten pages %v", head(diff(got, want)))
+				}
+				continue
+			}
+			expect(t, "getrandom", collect(t, tr, size), want)
+		}
+	})
+}
+
+// TestGrowth: a page is reported once usedBytes covers it, pages written
+// while beyond usedBytes included; grown pages never written are not.
+func TestGrowth(t *testing.T) {
+	kinds(t, func(t *testing.T, kind string) {
+		const pages = 1024
+		region := mapRegion(t, pages*PageSize)
+		tr := newTracker(t, region, 64*PageSize, kind)
+		var sink byte
+		sink += region[300*PageSize] // read beyond the used part
+		for _, p := range []uint32{10, 63, 64, 70, 200, 1023} {
+			stamp(region, p)
+		}
+		expect(t, "used 64", collect(t, tr, 64*PageSize), []uint32{10, 63})
+		expect(t, "used 64+1 byte", collect(t, tr, 64*PageSize+1), []uint32{64})
+		stamp(region, 10)
+		expect(t, "used 128", collect(t, tr, 128*PageSize), []uint32{10, 70})
+		expect(t, "used 1024", collect(t, tr, pages*PageSize), []uint32{200, 1023})
+		expect(t, "again", collect(t, tr, pages*PageSize), nil)
+		stamp(region, 500)
+		expect(t, "shrunk", collect(t, tr, 256*PageSize), nil)
+		expect(t, "regrown", collect(t, tr, pages*PageSize), []uint32{500})
+		if _, err := tr.Collect(nil, pages*PageSize+1); err == nil {
+			t.Fatal("Collect beyond the region succeeded")
+		}
+		_ = sink
+	})
+}
+
+// TestBaselineBeyondUsed: pages written before New past Options.Used are
+// not part of the baseline, which takes them as zero.
+func TestBaselineBeyondUsed(t *testing.T) {
+	kinds(t, func(t *testing.T, kind string) {
+		region := mapRegion(t, 256*PageSize)
+		stamp(region, 5)
+		stamp(region, 100)
+		var sink byte
+		sink += region[101*PageSize] // mapped, but zero
+		tr := newTracker(t, region, 64*PageSize, kind)
+		expect(t, "grown", collect(t, tr, 256*PageSize), []uint32{100})
+		_ = sink
+	})
+}
+
+// TestManyRuns: more separate runs of dirty pages than one scan's output
+// buffer holds, so the walk resumes from walk_end.
+func TestManyRuns(t *testing.T) {
+	kinds(t, func(t *testing.T, kind string) {
+		const pages = 16384
+		region := mapRegion(t, pages*PageSize)
+		tr := newTracker(t, region, pages*PageSize, kind)
+		var want []uint32
+		for p := uint32(1); p < pages; p += 3 {
+			stamp(region, p)
+			stamp(region, p+1)
+			want = append(want, p, p+1)
+		}
+		if len(want)/2 <= scanRegions {
+			t.Fatal("test too small")
+		}
+		expect(t, "runs", collect(t, tr, pages*PageSize), want)
+	})
+}
+
+// TestStaleWalkEnd: when a walk produced more regions than the kernel's
+// internal chunk (512) but fewer than the buffer, Linux 6.18 returns a
+// walk_end from mid-range; resuming from it would walk again and report
+// pages written meanwhile out of order, and twice.
+func TestStaleWalkEnd(t *testing.T) {
+	if err := uffdOnce(); err != nil {
+		t.Skipf("kernel tracker unavailable: %v", err)
+	}
+	const pages = 4096
+	region := mapRegion(t, pages*PageSize)
+	tr := newTracker(t, region, pages*PageSize, KindUffd)
+	var want []uint32
+	for p := uint32(0); p < 1200; p += 2 {
+		stamp(region, p)
+		want = append(want, p)
+	}
+	calls := 0
+	testAfterScan = func() {
+		if calls++; calls == 1 {
+			stamp(region, 1100) // reported, protected again, written again
+		}
+	}
+	defer func() { testAfterScan = nil }()
+	expect(t, "first", collect(t, tr, pages*PageSize), want)
+	expect(t, "next", collect(t, tr, pages*PageSize), []uint32{1100})
+}
+
+// TestSameAnswers runs both trackers on one region (the hash one only
+// reads it) and compares every Collect, growth included.
+func TestSameAnswers(t *testing.T) {
+	if err := uffdOnce(); err != nil {
+		t.Skipf("kernel tracker unavailable: %v", err)
+	}
+	const pages = 4096
+	region := mapRegion(t, pages*PageSize)
+	used := 1024
+	u := newTracker(t, region, uint64(used*PageSize), KindUffd)
+	h := newTracker(t, region, uint64(used*PageSize), KindHash)
+	rng := rand.New(rand.NewPCG(5, 6))
+	for round := range 20 {
+		for _, p := range randomPages(rng, pages, rng.IntN(400)) {
+			if rng.IntN(2) == 0 {
+				stamp(region, p)
+			} else {
+				off := int(p)*PageSize + rng.IntN(PageSize-16)
+				unix.Getrandom(region[off:off+16], 0)
+			}
+		}
+		if round%5 == 4 {
+			used = min(pages, used+rng.IntN(1024))
+		}
+		a, b := collect(t, u, used*PageSize), collect(t, h, used*PageSize)
+		expect(t, "hash vs uffd", b, a)
+	}
+}
+
+// TestConcurrentWriters: writers (Go stores and getrandom(2)) run while
+// Collect is called over and over; a consumer copying the reported pages
+// after each Collect ends with an exact image, and every page written was
+// reported at least once.
+func TestConcurrentWriters(t *testing.T) {
+	kinds(t, func(t *testing.T, kind string) {
+		const pages = 2048
+		size := pages * PageSize
+		region := mapRegion(t, size)
+		image := make([]byte, size)
+		tr := newTracker(t, region, uint64(size), kind)
+		var stop atomic.Bool
+		var wg sync.WaitGroup
+		// Writers must stop before the region is unmapped, failed or not.
+		defer wg.Wait()
+		defer stop.Store(true)
+		written := make([][]bool, 3)
+		for w := range written {
+			written[w] = make([]bool, pages)
+			wg.Go(func() {
+				rng := rand.New(rand.NewPCG(uint64(w), 7))
+				for c := uint64(1); !stop.Load(); c++ {
+					p := rng.IntN(pages)
+					written[w][p] = true
+					off := p*PageSize + w*8*64 + int(c%64)*8
+					if w == 2 {
+						unix.Getrandom(region[off:off+8], 0)
+						continue
+					}
+					// A counter that only grows: every store changes
+					// the page.
+					atomic.StoreUint64((*uint64)(unsafe.Pointer(&region[off])), c)
+				}
+			})
+		}
+		reported := make([]bool, pages)
+		take := func() int {
+			got := collect(t, tr, size)
+			for _, p := range got {
+				reported[p] = true
+				copy(image[int(p)*PageSize:], region[int(p)*PageSize:int(p+1)*PageSize])
+			}
+			return len(got)
+		}
+		deadline := time.Now().Add(500 * time.Millisecond)
+		rounds, total := 0, 0
+		for time.Now().Before(deadline) {
+			total += take()
+			rounds++
+		}
+		stop.Store(true)
+		wg.Wait()
+		total += take()
+		t.Logf("%d Collects, %d pages reported", rounds+1, total)
+		for w := range written {
+			for p, ok := range written[w] {
+				if ok && !reported[p] {
+					t.Fatalf("page %d written by writer %d never reported", p, w)
+				}
+			}
+		}
+		for p := range pages {
+			if string(image[p*PageSize:(p+1)*PageSize]) != string(region[p*PageSize:(p+1)*PageSize]) {
+				t.Fatalf("image of page %d stale: a write was lost", p)
+			}
+		}
+	})
+}
+
+// TestHugePageAdvice: a region advised MADV_HUGEPAGE still tracks 4 KiB
+// pages, because New takes the advice back.
+func TestHugePageAdvice(t *testing.T) {
+	if err := uffdOnce(); err != nil {
+		t.Skipf("kernel tracker unavailable: %v", err)
+	}
+	const huge = 2 << 20
+	raw := mapRegion(t, 4*huge)
+	off := (huge - int(uintptr(unsafe.Pointer(&raw[0])))%huge) % huge
+	region := raw[off : off+2*huge]
+	unix.Madvise(region, unix.MADV_HUGEPAGE)
+	tr := newTracker(t, region, uint64(len(region)), KindUffd)
+	stamp(region, 3)
+	stamp(region, 600)
+	expect(t, "huge", collect(t, tr, len(region)), []uint32{3, 600})
+}
+
+// TestOpeners: each way of getting a userfaultfd works and tracks kernel
+// writes (user-mode-only included: asynchronous faults never reach the
+// point where kernel-mode faults would be refused).
+func TestOpeners(t *testing.T) {
+	if err := uffdOnce(); err != nil {
+		t.Skipf("kernel tracker unavailable: %v", err)
+	}
+	saved := openers
+	defer func() { openers = saved }()
+	for _, op := range saved {
+		t.Run(op.name, func(t *testing.T) {
+			openers = []opener{op}
+			if fd, err := op.open(); err != nil {
+				t.Skipf("not available here: %v", err)
+			} else {
+				unix.Close(fd)
+			}
+			region := mapRegion(t, 64*PageSize)
+			tr := newTracker(t, region, 64*PageSize, KindUffd)
+			unix.Getrandom(region[5*PageSize:5*PageSize+8], 0)
+			stamp(region, 9)
+			expect(t, op.name, collect(t, tr, 64*PageSize), []uint32{5, 9})
+		})
+	}
+}
+
+func openFDs(t *testing.T) int {
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(ents)
+}
+
+// TestFallbackReason: every way the kernel tracker can fail yields a
+// working hash tracker whose Reason says why, and leaks no descriptor.
+func TestFallbackReason(t *testing.T) {
+	region := mapRegion(t, 64*PageSize)
+	check := func(name string, tr Tracker, err error, want string, region []byte) {
+		t.Helper()
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		defer tr.Close()
+		if tr.Kind() != KindHash || !strings.Contains(tr.Reason(), want) {
+			t.Fatalf("%s: kind %s, reason %q; want hash, reason containing %q", name, tr.Kind(), tr.Reason(), want)
+		}
+		t.Logf("%s: %s", name, tr.Reason())
+		stamp(region, 7)
+		expect(t, name, collect(t, tr, len(region)), []uint32{7})
+	}
+	before := openFDs(t)
+	tr, err := New(region, Options{ForceHash: true, Used: uint64(len(region))})
+	check("forced", tr, err, "ForceHash", region)
+	tr, err = New(region[PageSize-1:], Options{Used: uint64(len(region) - PageSize + 1)})
+	check("unaligned", tr, err, "not page-aligned", region[PageSize-1:])
+	if uffdOnce() == nil {
+		for _, step := range []string{"open", "register", "scan"} {
+			tr, err := New(region, Options{Used: uint64(len(region)), failAt: step})
+			check(step, tr, err, map[string]string{"open": "injected", "register": "UFFDIO_REGISTER", "scan": "PAGEMAP_SCAN"}[step], region)
+		}
+		// A region already tracked cannot be registered twice (EBUSY);
+		// the first tracker is unaffected.
+		first := newTracker(t, region, uint64(len(region)), KindUffd)
+		tr, err = New(region, Options{Used: uint64(len(region))})
+		check("second tracker", tr, err, "device or resource busy", region)
+		stamp(region, 11)
+		expect(t, "first tracker", collect(t, first, len(region)), []uint32{7, 11})
+		first.Close()
+	}
+	if after := openFDs(t); after != before {
+		t.Fatalf("%d descriptors open after, %d before", after, before)
+	}
+}
+
+func TestArguments(t *testing.T) {
+	region := mapRegion(t, 16*PageSize)
+	if _, err := New(nil, Options{}); err == nil {
+		t.Error("New(nil) succeeded")
+	}
+	if _, err := New(region, Options{Used: uint64(len(region)) + 1}); err == nil {
+		t.Error("New with Used beyond the region succeeded")
+	}
+	kinds(t, func(t *testing.T, kind string) {
+		tr := newTracker(t, region, 0, kind)
+		if err := tr.Close(); err != nil {
+			t.Fatal(err)
+		}
+		if err := tr.Close(); err != nil {
+			t.Fatal("second Close:", err)
+		}
+		if _, err := tr.Collect(nil, 0); !errors.Is(err, ErrClosed) {
+			t.Fatalf("Collect after Close: %v", err)
+		}
+		stamp(region, 1) // still writable
+		dst := []uint32{99}
+		tr2 := newTracker(t, region, uint64(len(region)), kind)
+		stamp(region, 2)
+		got, _ := tr2.Collect(dst, uint64(len(region)))
+		expect(t, "appended", got, []uint32{99, 2})
+	})
+}

@@ -1,0 +1,416 @@
+package dirty
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"runtime"
+	"strings"
+	"sync"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// Kernel ABI, defined here because distribution headers (and x/sys) may be
+// older than the kernel. From include/uapi/linux/userfaultfd.h and
+// include/uapi/linux/fs.h (PAGEMAP_SCAN, Linux 6.7).
+
+const (
+	uffdAPI          = 0xAA
+	uffdUserModeOnly = 1 // userfaultfd(2) flag: no faults from kernel mode
+
+	uffdFeatureWPUnpopulated = 1 << 13
+	uffdFeatureWPAsync       = 1 << 15
+
+	uffdioRegisterModeWP = 1 << 1
+
+	pageIsWritten = 1 << 1
+	pageIsPresent = 1 << 3
+	pageIsSwapped = 1 << 4
+	pageIsPFNZero = 1 << 5
+
+	pmScanWPMatching   = 1 << 0 // write-protect the pages reported
+	pmScanCheckWPAsync = 1 << 1 // fail (EPERM) on a VMA without async WP
+)
+
+type uffdioAPIArg struct{ api, features, ioctls uint64 }
+
+type uffdioRange struct{ start, len uint64 }
+
+type uffdioRegisterArg struct {
+	rng    uffdioRange
+	mode   uint64
+	ioctls uint64
+}
+
+type pmScanArg struct {
+	size, flags, start, end, walkEnd, vec, vecLen, maxPages       uint64
+	categoryInverted, categoryMask, categoryAnyofMask, returnMask uint64
+}
+
+type pageRegion struct{ start, end, categories uint64 }
+
+// ioc encodes an ioctl number the way the generic asm/ioctl.h does
+// (x86, arm64, riscv, loongarch, s390); dir 0 is _IO, 3 is _IOWR.
+func ioc(dir, typ, nr, size uintptr) uintptr {
+	return dir<<30 | size<<16 | typ<<8 | nr
+}
+
+var (
+	uffdioAPI        = ioc(3, 0xAA, 0x3F, unsafe.Sizeof(uffdioAPIArg{}))
+	uffdioRegister   = ioc(3, 0xAA, 0x00, unsafe.Sizeof(uffdioRegisterArg{}))
+	userfaultfdIoNew = ioc(0, 0xAA, 0x00, 0)
+	pagemapScan      = ioc(3, 'f', 16, unsafe.Sizeof(pmScanArg{}))
+)
+
+// genericIoctl lists the architectures whose ioctl encoding ioc matches
+// (powerpc and mips put the direction bits elsewhere).
+func genericIoctl() bool {
+	switch runtime.GOARCH {
+	case "amd64", "386", "arm64", "arm", "riscv64", "loong64", "s390x":
+		return true
+	}
+	return false
+}
+
+// ioctl passes arg, a pointer to a Go struct, to the kernel. The
+// conversion to uintptr in the call itself is the form the unsafe rules
+// allow: arg stays alive and in place for the call.
+func ioctl(fd int, req uintptr, arg unsafe.Pointer) (uintptr, error) {
+	r, _, e := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), req, uintptr(arg))
+	if e != 0 {
+		return 0, e
+	}
+	return r, nil
+}
+
+// An opener makes a userfaultfd one way. There are three because each can
+// be refused on its own: the syscall by seccomp or by
+// vm.unprivileged_userfaultfd=0 without CAP_SYS_PTRACE, the device by its
+// file mode. User-mode-only is allowed to anyone and suffices, since
+// asynchronous write faults are resolved without reaching the point where
+// it matters, but it is tried last in case a kernel ever disagrees.
+type opener struct {
+	name string
+	open func() (int, error)
+}
+
+const uffdFlags = unix.O_CLOEXEC | unix.O_NONBLOCK
+
+var openers = []opener{
+	{"userfaultfd(2)", func() (int, error) { return sysUserfaultfd(uffdFlags) }},
+	{"/dev/userfaultfd", openDevice},
+	{"userfaultfd(2) user-mode-only", func() (int, error) { return sysUserfaultfd(uffdFlags | uffdUserModeOnly) }},
+}
+
+func sysUserfaultfd(flags uintptr) (int, error) {
+	fd, _, e := unix.Syscall(unix.SYS_USERFAULTFD, flags, 0, 0)
+	if e != 0 {
+		return -1, e
+	}
+	return int(fd), nil
+}
+
+func openDevice() (int, error) {
+	dev, err := unix.Open("/dev/userfaultfd", unix.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return -1, err
+	}
+	defer unix.Close(dev)
+	fd, _, e := unix.Syscall(unix.SYS_IOCTL, uintptr(dev), userfaultfdIoNew, uffdFlags)
+	if e != 0 {
+		return -1, e
+	}
+	return int(fd), nil
+}
+
+// openUffd returns a userfaultfd with asynchronous write protection
+// enabled, from the first opener that works.
+func openUffd(ops []opener) (int, error) {
+	var why []string
+	for _, op := range ops {
+		fd, err := op.open()
+		if err != nil {
+			why = append(why, op.name+": "+err.Error())
+			continue
+		}
+		api := uffdioAPIArg{api: uffdAPI, features: uffdFeatureWPAsync | uffdFeatureWPUnpopulated}
+		if _, err := ioctl(fd, uffdioAPI, unsafe.Pointer(&api)); err != nil {
+			unix.Close(fd)
+			return -1, fmt.Errorf("UFFDIO_API asking for WP_ASYNC|WP_UNPOPULATED: %v (%s)", err, features(op))
+		}
+		return fd, nil
+	}
+	return -1, errors.New("no userfaultfd: " + strings.Join(why, "; "))
+}
+
+// features says what the kernel offers, on a fresh descriptor since one
+// takes a single UFFDIO_API.
+func features(op opener) string {
+	fd, err := op.open()
+	if err != nil {
+		return "features unknown"
+	}
+	defer unix.Close(fd)
+	api := uffdioAPIArg{api: uffdAPI}
+	if _, err := ioctl(fd, uffdioAPI, unsafe.Pointer(&api)); err != nil {
+		return "features unknown: " + err.Error()
+	}
+	var lack []string
+	if api.features&uffdFeatureWPAsync == 0 {
+		lack = append(lack, "WP_ASYNC")
+	}
+	if api.features&uffdFeatureWPUnpopulated == 0 {
+		lack = append(lack, "WP_UNPOPULATED")
+	}
+	return fmt.Sprintf("kernel features %#x, lacking %s", api.features, strings.Join(lack, ", "))
+}
+
+// testAfterScan, if set, runs after each PAGEMAP_SCAN call: tests write
+// pages there to race with Collect deterministically.
+var testAfterScan func()
+
+// scanRegions is the output buffer of one PAGEMAP_SCAN call (24 KiB): a
+// bigger one saves calls only when dirty pages form over 1024 separate
+// runs, and then the walk resumes where it stopped.
+const scanRegions = 1024
+
+// uffdTracker is the kernel tracker. The kernel counts a page as written
+// when it is not write-protected, and that includes pages never touched
+// and never protected (no page table entry yet): so every page must be
+// protected once before its first scan, or it would be reported whether
+// written or not. [base, armed) is the part protected so far; Collect
+// arms the rest as usedBytes grows.
+type uffdTracker struct {
+	mu      sync.Mutex
+	region  []byte
+	base    uintptr
+	armed   uintptr
+	uffd    int
+	pagemap int
+	sysPage uint64
+	arg     pmScanArg
+	buf     []pageRegion
+	closed  bool
+}
+
+func newUffd(region []byte, opts Options) (_ *uffdTracker, err error) {
+	if !genericIoctl() {
+		return nil, fmt.Errorf("userfaultfd: ioctl encoding of %s not supported", runtime.GOARCH)
+	}
+	sysPage := uint64(os.Getpagesize())
+	// Only the region's address is taken: it is memory outside the Go heap
+	// that the kernel is told to watch.
+	base := uintptr(unsafe.Pointer(unsafe.SliceData(region)))
+	if uint64(base)%sysPage != 0 {
+		return nil, fmt.Errorf("userfaultfd: region at %#x is not page-aligned", base)
+	}
+	length := (uint64(len(region)) + sysPage - 1) &^ (sysPage - 1)
+	t := &uffdTracker{region: region, base: base, armed: base, uffd: -1, pagemap: -1,
+		sysPage: sysPage, buf: make([]pageRegion, scanRegions)}
+	defer func() {
+		if err != nil {
+			t.Close()
+		}
+	}()
+	if opts.failAt == "open" {
+		return nil, errors.New("userfaultfd: injected failure")
+	}
+	if t.uffd, err = openUffd(openers); err != nil {
+		return nil, fmt.Errorf("userfaultfd: %w", err)
+	}
+	// Ignored if it fails: huge pages only coarsen the tracking. (The
+	// kernel rounds the length up to whole pages.)
+	unix.Madvise(region, unix.MADV_NOHUGEPAGE)
+	reg := uffdioRegisterArg{rng: uffdioRange{uint64(base), length}, mode: uffdioRegisterModeWP}
+	if opts.failAt == "register" {
+		reg.rng.start++ // EINVAL: unaligned
+	}
+	if _, err = ioctl(t.uffd, uffdioRegister, unsafe.Pointer(&reg)); err != nil {
+		return nil, fmt.Errorf("userfaultfd: UFFDIO_REGISTER write-protect of %d bytes at %#x: %w", length, base, err)
+	}
+	if t.pagemap, err = unix.Open("/proc/self/pagemap", unix.O_RDONLY|unix.O_CLOEXEC, 0); err != nil {
+		return nil, fmt.Errorf("PAGEMAP_SCAN: /proc/self/pagemap: %w", err)
+	}
+	// The baseline: protect what is in use now, reporting nothing. This
+	// is also the probe for PAGEMAP_SCAN (ENOTTY before Linux 6.7).
+	start, end := base, t.roundUp(opts.Used)
+	if opts.failAt == "scan" {
+		start, end = base+1, base+uintptr(sysPage) // EINVAL: unaligned
+	}
+	if err = t.scan(start, end, pageIsWritten, nil); err != nil {
+		return nil, fmt.Errorf("PAGEMAP_SCAN: %w", err)
+	}
+	t.armed = end
+	return t, nil
+}
+
+// roundUp is the address that ends the first n bytes, in system pages.
+func (t *uffdTracker) roundUp(n uint64) uintptr {
+	return t.base + uintptr((n+t.sysPage-1)&^(t.sysPage-1))
+}
+
+func (t *uffdTracker) Kind() string   { return KindUffd }
+func (t *uffdTracker) Reason() string { return "" }
+
+// Close closes the userfaultfd, which unregisters the region: pages keep
+// their contents and become writable without faults.
+func (t *uffdTracker) Close() error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.closed {
+		return nil
+	}
+	t.closed = true
+	var errs []error
+	for _, fd := range []int{t.uffd, t.pagemap} {
+		if fd >= 0 {
+			errs = append(errs, unix.Close(fd))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (t *uffdTracker) Collect(dst []uint32, usedBytes uint64) ([]uint32, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.closed {
+		return dst, ErrClosed
+	}
+	pages, err := checkUsed(usedBytes, len(t.region))
+	if err != nil {
+		return dst, err
+	}
+	limit := uint64(pages)
+	end := t.roundUp(limit * PageSize)
+	// The armed part: the kernel's fast path, written pages only.
+	if err := t.scan(t.base, min(end, t.armed), pageIsWritten, func(r []pageRegion) {
+		dst = t.appendPages(dst, r, limit)
+	}); err != nil {
+		return dst, err
+	}
+	if end <= t.armed {
+		return dst, nil
+	}
+	// The part newly in use: unprotected throughout, so all "written" to
+	// the kernel. Report only pages that hold memory other than the shared
+	// zero page (the rest read as zeros, as the baseline says), and
+	// protect them all, holes included, in the same walk.
+	err = t.scan(t.armed, end, pageIsWritten|pageIsPresent|pageIsSwapped|pageIsPFNZero, func(r []pageRegion) {
+		for _, x := range r {
+			if x.categories&(pageIsPresent|pageIsSwapped) != 0 && x.categories&pageIsPFNZero == 0 {
+				dst = t.appendPages(dst, []pageRegion{x}, limit)
+			}
+		}
+	})
+	if err == nil {
+		t.armed = end
+	}
+	return dst, err
+}
+
+// appendPages appends the 4 KiB page indices of runs, below limit pages.
+func (t *uffdTracker) appendPages(dst []uint32, runs []pageRegion, limit uint64) []uint32 {
+	for _, r := range runs {
+		lo := (r.start - uint64(t.base)) / PageSize
+		hi := min((r.end-uint64(t.base))/PageSize, limit)
+		for i := lo; i < hi; i++ {
+			dst = append(dst, uint32(i))
+		}
+	}
+	return dst
+}
+
+// scan runs PAGEMAP_SCAN over [start, end): it reports the pages written
+// since they were last write-protected, with the categories in
+// returnMask, and protects them in the same walk under the page-table
+// lock, so a concurrent write either happened before (and is reported) or
+// faults after (and is reported next time). emit gets each batch; with a
+// nil emit the scan only protects. The walk stops early when the buffer
+// fills and resumes from walk_end.
+func (t *uffdTracker) scan(start, end uintptr, returnMask uint64, emit func([]pageRegion)) error {
+	for start < end {
+		t.arg = pmScanArg{
+			size:         uint64(unsafe.Sizeof(pmScanArg{})),
+			flags:        pmScanWPMatching | pmScanCheckWPAsync,
+			start:        uint64(start),
+			end:          uint64(end),
+			categoryMask: pageIsWritten,
+			returnMask:   returnMask,
+		}
+		if emit != nil {
+			t.arg.vec = uint64(uintptr(unsafe.Pointer(unsafe.SliceData(t.buf))))
+			t.arg.vecLen = uint64(len(t.buf))
+		}
+		n, err := ioctl(t.pagemap, pagemapScan, unsafe.Pointer(&t.arg))
+		runtime.KeepAlive(t.buf) // the kernel wrote into it through arg.vec
+		if testAfterScan != nil {
+			testAfterScan()
+		}
+		if err != nil {
+			// Pages already reported were also protected again: hand
+			// them over rather than lose them. The kernel fills the
+			// buffer in order and it was zero before.
+			k := 0
+			for emit != nil && k < len(t.buf) && t.buf[k].end != 0 {
+				k++
+			}
+			if k > 0 {
+				start = max(start, uintptr(t.buf[k-1].end))
+				emit(t.buf[:k])
+				clear(t.buf[:k])
+			}
+			if err == unix.EINTR { // only for a fatal signal, but harmless
+				continue
+			}
+			return err
+		}
+		if emit == nil || n < uintptr(len(t.buf)) {
+			// Only a full buffer stops the walk early. (walk_end is
+			// not to be trusted otherwise: Linux 6.18 leaves it at
+			// the last internal chunk's stop, mid-range, when the
+			// walk went on to the end.)
+			if emit != nil {
+				emit(t.buf[:n])
+				clear(t.buf[:n])
+			}
+			return nil
+		}
+		// Resume after both walk_end and the last page reported, so
+		// that the result stays sorted and free of repeats even if
+		// walk_end is stale as above.
+		next := max(uintptr(t.arg.walkEnd), uintptr(t.buf[n-1].end))
+		emit(t.buf[:n])
+		clear(t.buf[:n])
+		if next <= start {
+			return fmt.Errorf("PAGEMAP_SCAN made no progress at %#x", start)
+		}
+		start = next
+	}
+	return nil
+}
+
+func probe() error {
+	size := 4 * os.Getpagesize()
+	m, err := unix.Mmap(-1, 0, size, unix.PROT_READ|unix.PROT_WRITE,
+		unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_NORESERVE)
+	if err != nil {
+		return err
+	}
+	defer unix.Munmap(m)
+	t, err := newUffd(m, Options{Used: uint64(size)})
+	if err != nil {
+		return err
+	}
+	m[PageSize] = 1
+	got, err := t.Collect(nil, uint64(size))
+	t.Close()
+	if err != nil {
+		return err
+	}
+	if len(got) != 1 || got[0] != 1 {
+		return fmt.Errorf("PAGEMAP_SCAN reported pages %v after a write to page 1", got)
+	}
+	return nil
+}
