@@ -74,7 +74,8 @@ func Go(dir string) (string, error) {
 	})
 }
 
-// Sysroot is where Debian's wasi-libc package installs.
+// Sysroot is a wasi-sdk style sysroot; when it does not exist, clang's own
+// default is used, which finds Debian's wasi-libc in /usr/include/wasm32-wasi.
 const Sysroot = "/usr/share/wasi-sysroot"
 
 // C compiles C sources (relative to the repo root) into one wasm32-wasi
@@ -102,7 +103,11 @@ func C(name string, srcs []string, flags ...string) (string, error) {
 	}
 	key := hex.EncodeToString(h.Sum(nil))[:16]
 	return cached(name, key, func(out string) error {
-		args := append([]string{"--target=wasm32-wasi", "--sysroot=" + Sysroot, "-O2", "-o", out}, flags...)
+		args := []string{"--target=wasm32-wasi", "-O2", "-o", out}
+		if _, err := os.Stat(Sysroot); err == nil {
+			args = append(args, "--sysroot="+Sysroot)
+		}
+		args = append(args, flags...)
 		args = append(args, abs...)
 		cmd := exec.Command("clang", args...)
 		if b, err := cmd.CombinedOutput(); err != nil {
