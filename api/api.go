@@ -4,6 +4,7 @@
 package api
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -15,11 +16,32 @@ import (
 	"time"
 
 	"github.com/ftvm/ftvm/machine"
+	"github.com/ftvm/ftvm/snapshot"
 )
 
 // VM is what the API needs of a machine.
 type VM interface {
 	Info() machine.Info
+	Snapshot(ctx context.Context, path string, opt machine.SnapshotOptions) (*snapshot.Snapshot, error)
+}
+
+// SnapshotRequest is the body of PUT /snapshot/create.
+type SnapshotRequest struct {
+	Path        string `json:"snapshot_path"`
+	Incremental bool   `json:"incremental,omitempty"`
+	Stop        bool   `json:"stop,omitempty"`
+}
+
+// SnapshotResponse describes the snapshot written.
+type SnapshotResponse struct {
+	Path    string           `json:"snapshot_path"`
+	Summary snapshot.Summary `json:"summary"`
+	Millis  float64          `json:"elapsed_ms"`
+}
+
+// errorBody is every error response.
+type errorBody struct {
+	Error string `json:"error"`
 }
 
 // Handler routes the API.
@@ -27,6 +49,30 @@ func Handler(vm VM) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /vm", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, vm.Info())
+	})
+	mux.HandleFunc("PUT /snapshot/create", func(w http.ResponseWriter, r *http.Request) {
+		var req SnapshotRequest
+		if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<20)).Decode(&req); err != nil {
+			writeJSON(w, http.StatusBadRequest, errorBody{"bad request body: " + err.Error()})
+			return
+		}
+		if req.Path == "" {
+			writeJSON(w, http.StatusBadRequest, errorBody{"snapshot_path is required"})
+			return
+		}
+		t0 := time.Now()
+		s, err := vm.Snapshot(r.Context(), req.Path, machine.SnapshotOptions{Incremental: req.Incremental,
+			Stop: req.Stop, Reason: "api"})
+		if err != nil {
+			code := http.StatusInternalServerError
+			if errors.Is(err, machine.ErrNotInstrumented) || errors.Is(err, machine.ErrNotRunning) {
+				code = http.StatusConflict
+			}
+			writeJSON(w, code, errorBody{err.Error()})
+			return
+		}
+		writeJSON(w, http.StatusOK, SnapshotResponse{Path: req.Path, Summary: snapshot.Describe(s),
+			Millis: float64(time.Since(t0).Microseconds()) / 1000})
 	})
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
@@ -100,7 +146,32 @@ func NewClient(path string) *Client {
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 			var d net.Dialer
 			return d.DialContext(ctx, "unix", path)
-		}}, Timeout: 10 * time.Second}}
+		}}}}
+}
+
+// Snapshot asks the VM for a snapshot (PUT /snapshot/create).
+func (c *Client) Snapshot(ctx context.Context, req SnapshotRequest) (*SnapshotResponse, error) {
+	body, err := json.Marshal(req)
+	if err != nil {
+		return nil, err
+	}
+	hr, err := http.NewRequestWithContext(ctx, http.MethodPut, "http://vm/snapshot/create", bytes.NewReader(body))
+	if err != nil {
+		return nil, err
+	}
+	hr.Header.Set("Content-Type", "application/json")
+	resp, err := c.http.Do(hr)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		var eb errorBody
+		json.NewDecoder(resp.Body).Decode(&eb)
+		return nil, fmt.Errorf("snapshot: %s: %s", resp.Status, eb.Error)
+	}
+	var out SnapshotResponse
+	return &out, json.NewDecoder(resp.Body).Decode(&out)
 }
 
 // Info fetches GET /vm.

@@ -8,9 +8,11 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"sync"
@@ -20,6 +22,9 @@ import (
 	"github.com/tetratelabs/wazero/experimental"
 	"github.com/tetratelabs/wazero/sys"
 
+	"github.com/ftvm/ftvm/machine/dirty"
+	"github.com/ftvm/ftvm/machine/instrument"
+	"github.com/ftvm/ftvm/snapshot"
 	"github.com/ftvm/ftvm/wasi"
 )
 
@@ -42,6 +47,21 @@ type Config struct {
 	CacheDir string
 	Tap      wasi.InputTap
 	Gate     wasi.OutputGate
+	// Instrument applies Asyncify (machine/instrument) so that the VM can be
+	// paused, captured and restored at any host call. InstrumentCacheDir
+	// keeps instrumented modules ("" = instrument.DefaultCacheDir()).
+	Instrument         bool
+	InstrumentCacheDir string
+	// Restore continues a captured VM instead of starting the module afresh.
+	// Module must be the module it was captured from; Dirs and Listen then
+	// optionally re-map the snapshot's directories and listeners.
+	Restore *snapshot.Image
+	// SnapshotAtCall, when non-zero, stops the VM at the safe point of its
+	// Nth host call (counted from the start, or from the restore) and writes
+	// a full snapshot to SnapshotPath: a deterministic checkpoint, for
+	// reproducing and testing.
+	SnapshotAtCall uint64
+	SnapshotPath   string
 }
 
 // State is where a VM is in its life.
@@ -53,6 +73,7 @@ const (
 	StateExited  State = "exited"
 	StateTrapped State = "trapped"
 	StateFailed  State = "failed"
+	StateStopped State = "stopped"
 )
 
 // Machine is one VM.
@@ -66,8 +87,28 @@ type Machine struct {
 	dev      *wasi.Devices
 	alloc    *allocator
 
-	compileTime time.Duration
-	listeners   map[uint32]string
+	compileTime    time.Duration
+	instrumentTime time.Duration
+	listeners      map[uint32]string
+
+	// Safe points (checkpoint.go).
+	inst         *instrument.Instrumented
+	moduleHash   snapshot.Hash
+	asy          asyncify
+	globals      []global
+	ctl          control
+	unwinding    bool
+	rewinding    bool
+	stack        stackState
+	scratchAddr  uint32
+	scratchSaved []byte
+	tracker      dirty.Tracker
+	snaps        snapshotter
+	calls        uint64 // safe points reached (host calls begun)
+	autoSnap     bool   // the current unwind is SnapshotAtCall's
+	pauseStart   time.Time
+	trackerKind  string // under mu: Info reads it from other goroutines
+	pauses       pauseStats
 
 	mu       sync.Mutex
 	state    State
@@ -110,8 +151,29 @@ func New(ctx context.Context, cfg Config) (*Machine, error) {
 		}
 	}
 	sum := sha256.Sum256(cfg.Module)
-	m := &Machine{cfg: cfg, info: info, hash: hex.EncodeToString(sum[:]), state: StateCreated,
+	m := &Machine{cfg: cfg, info: info, hash: hex.EncodeToString(sum[:]), moduleHash: sum, state: StateCreated,
 		alloc: &allocator{limit: cfg.MemoryLimit}}
+	m.ctl.cond = sync.NewCond(&m.ctl.mu)
+	if cfg.Restore != nil {
+		if cfg.Restore.Module != m.moduleHash {
+			return nil, &ModuleError{Module: cfg.Name, Reason: fmt.Sprintf(
+				"is not the module the snapshot was taken of (module %s, snapshot of %s)",
+				m.moduleHash.Short(), cfg.Restore.Module.Short())}
+		}
+		cfg.Instrument = true
+		m.cfg.Instrument = true
+	}
+	code := cfg.Module
+	if cfg.Instrument {
+		dir := cfg.InstrumentCacheDir
+		t0 := time.Now()
+		m.inst, err = instrument.Instrument(ctx, cfg.Module, dir)
+		if err != nil {
+			return nil, fmt.Errorf("instrumenting %s: %w", cfg.Name, err)
+		}
+		m.instrumentTime = time.Since(t0)
+		code = m.inst.Module
+	}
 
 	rc := wazero.NewRuntimeConfigCompiler().WithCloseOnContextDone(true)
 	if cfg.CacheDir != "-" {
@@ -126,15 +188,28 @@ func New(ctx context.Context, cfg Config) (*Machine, error) {
 	}
 	m.rt = wazero.NewRuntimeWithConfig(ctx, rc)
 	t0 := time.Now()
-	m.compiled, err = m.rt.CompileModule(ctx, cfg.Module)
+	m.compiled, err = m.rt.CompileModule(ctx, code)
 	m.compileTime = time.Since(t0)
 	if err != nil {
 		m.Close(ctx)
 		return nil, &ModuleError{Module: cfg.Name, Reason: "does not compile: " + err.Error()}
 	}
 	args := append([]string{cfg.Name}, cfg.Args...)
-	m.dev, err = wasi.New(wasi.Config{Args: args, Env: cfg.Env, Preopens: cfg.Dirs, Listen: cfg.Listen,
-		Stdin: cfg.Stdin, Stdout: cfg.Stdout, Stderr: cfg.Stderr, Tap: cfg.Tap, Gate: cfg.Gate})
+	dcfg := wasi.Config{Args: args, Env: cfg.Env, Preopens: cfg.Dirs, Listen: cfg.Listen,
+		Stdin: cfg.Stdin, Stdout: cfg.Stdout, Stderr: cfg.Stderr, Tap: cfg.Tap, Gate: cfg.Gate}
+	if m.inst != nil {
+		dcfg.SafePoint = m.safePoint
+	}
+	if cfg.Restore != nil {
+		var st wasi.State
+		if err = json.Unmarshal(cfg.Restore.Devices, &st); err != nil {
+			m.Close(ctx)
+			return nil, fmt.Errorf("snapshot device state: %w", err)
+		}
+		m.dev, err = wasi.Restore(dcfg, &st)
+	} else {
+		m.dev, err = wasi.New(dcfg)
+	}
 	if err != nil {
 		m.Close(ctx)
 		return nil, err
@@ -149,11 +224,12 @@ func New(ctx context.Context, cfg Config) (*Machine, error) {
 
 // Run runs the guest to its end. It returns the guest's exit code, or an
 // error: *TrapError when the guest trapped, a context error when ctx ended
-// first.
+// first, ErrStopped when a pauser stopped it.
 func (m *Machine) Run(ctx context.Context) (code uint32, err error) {
 	m.setState(StateRunning)
 	stop := context.AfterFunc(ctx, m.dev.Stop)
 	defer stop()
+	defer m.endControl()
 	defer func() {
 		if r := recover(); r != nil {
 			err = fmt.Errorf("internal error running guest: %v", r)
@@ -168,9 +244,59 @@ func (m *Machine) Run(ctx context.Context) (code uint32, err error) {
 		return 0, m.runError(fmt.Errorf("instantiating: %w", err))
 	}
 	defer mod.Close(ctx)
-	_, err = mod.ExportedFunction("_start").Call(ctx)
-	return m.exit(ctx, err)
+	if m.inst != nil {
+		if err := m.bindInstrumented(mod); err != nil {
+			m.finish(StateFailed, 0)
+			return 0, err
+		}
+		if m.cfg.Restore != nil {
+			if err := m.restoreState(ctx, mod, m.cfg.Restore); err != nil {
+				m.finish(StateFailed, 0)
+				return 0, fmt.Errorf("restoring: %w", err)
+			}
+		}
+		m.startTracking()
+	}
+	start := mod.ExportedFunction("_start")
+	for {
+		_, err = start.Call(ctx)
+		if err != nil || !m.unwinding {
+			if m.cfg.SnapshotAtCall > m.calls {
+				slog.Warn("the guest ended before the host call asked for: no snapshot written",
+					"snapshot_at_call", m.cfg.SnapshotAtCall, "host_calls", m.calls)
+			}
+			return m.exit(ctx, err)
+		}
+		// The guest unwound to a safe point: it is stopped.
+		if err := m.afterUnwind(ctx); err != nil {
+			m.finish(StateFailed, 0)
+			return 0, err
+		}
+		if m.autoSnap {
+			m.autoSnap = false
+			m.finish(StateStopped, 0)
+			if err := m.writeAutoSnapshot(); err != nil {
+				return 0, fmt.Errorf("snapshot at host call %d: %w", m.calls, err)
+			}
+			return 0, ErrStopped
+		}
+		if m.stopped(ctx) {
+			m.finish(StateStopped, 0)
+			if ctx.Err() != nil {
+				return 0, ctx.Err()
+			}
+			return 0, ErrStopped
+		}
+		if err := m.beforeRewind(ctx); err != nil {
+			m.finish(StateFailed, 0)
+			return 0, err
+		}
+	}
 }
+
+// ErrStopped says the VM was stopped at a safe point (after a snapshot with
+// --stop) rather than ending by itself.
+var ErrStopped = errors.New("the VM was stopped at a safe point")
 
 func (m *Machine) exit(ctx context.Context, err error) (uint32, error) {
 	if err == nil {
@@ -239,6 +365,9 @@ func (m *Machine) Close(ctx context.Context) error {
 	if m.cache != nil {
 		m.cache.Close(ctx)
 	}
+	if m.tracker != nil {
+		m.tracker.Close()
+	}
 	return err
 }
 
@@ -264,6 +393,11 @@ type Info struct {
 	CompileMillis float64           `json:"compile_ms"`
 	Listeners     map[uint32]string `json:"listeners,omitempty"`
 	Counters      Counters          `json:"counters"`
+	// Snapshots-related: whether the VM has safe points, its dirty-page
+	// tracker, and its pauses so far.
+	Instrumented bool        `json:"instrumented"`
+	DirtyTracker string      `json:"dirty_tracker,omitempty"`
+	Pauses       *PauseStats `json:"pauses,omitempty"`
 }
 
 // Counters are the device layer's totals.
@@ -306,5 +440,13 @@ func (m *Machine) Info() Info {
 		}
 	}
 	info.Listeners = m.listeners
+	info.Instrumented = m.inst != nil
+	if m.inst != nil {
+		ps := m.PauseStats()
+		info.Pauses = &ps
+	}
+	m.mu.Lock()
+	info.DirtyTracker = m.trackerKind
+	m.mu.Unlock()
 	return info
 }

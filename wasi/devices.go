@@ -375,9 +375,8 @@ func guestMem(mod api.Module) Mem {
 
 // procExit ends the guest with an exit code; it does not return.
 func (d *Devices) procExit(ctx context.Context, mod api.Module, stack []uint64) {
-	if d.safePoint != nil && d.safePoint(ctx, mod, CallProcExit) {
-		return
-	}
+	// proc_exit is not a safe point: it never returns, so there is nothing
+	// to resume, and the instrumentation does not let the guest unwind there.
 	d.counters.Calls[CallProcExit].Add(1)
 	code := uint32(stack[0])
 	_ = mod.CloseWithExitCode(ctx, code)

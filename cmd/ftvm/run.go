@@ -26,6 +26,9 @@ type runFlags struct {
 	memoryLimit string
 	apiSock     string
 	cacheDir    string
+	instrument  bool
+	snapAtCall  uint64
+	snapOut     string
 }
 
 func newRunCmd() *cobra.Command {
@@ -46,6 +49,9 @@ flags or setup), 126 (the module cannot run) and 134 (the guest trapped).`,
 	cmd.Flags().StringArrayVar(&f.listen, "listen", nil, "preopen a TCP listener ([FD=]HOST:PORT)")
 	cmd.Flags().StringVar(&f.memoryLimit, "memory-limit", "", "cap guest linear memory (e.g. 64MiB)")
 	cmd.Flags().StringVar(&f.apiSock, "api-sock", "", "serve the VM's HTTP API on this unix socket")
+	cmd.Flags().BoolVar(&f.instrument, "instrument", true, "instrument the module (Asyncify) so the VM can be snapshotted at any host call; cached per module")
+	cmd.Flags().Uint64Var(&f.snapAtCall, "snapshot-at-call", 0, "stop at the safe point of the Nth host call and write a snapshot to --snapshot-out (deterministic checkpoints, for debugging and tests)")
+	cmd.Flags().StringVar(&f.snapOut, "snapshot-out", "", "where --snapshot-at-call writes its snapshot")
 	cmd.Flags().StringVar(&f.cacheDir, "cache-dir", "", "compiled-code cache (default $FTVM_CACHE_DIR or ~/.cache/ftvm/compiled; - for none)")
 	return cmd
 }
@@ -110,6 +116,12 @@ func splitHostPort(addr string) (string, string, error) {
 
 func run(ctx context.Context, f runFlags, args []string) error {
 	path, guestArgs := args[0], args[1:]
+	if (f.snapAtCall == 0) != (f.snapOut == "") {
+		return usage("--snapshot-at-call and --snapshot-out go together")
+	}
+	if f.snapAtCall != 0 && !f.instrument {
+		return usage("--snapshot-at-call needs --instrument")
+	}
 	for _, e := range f.env {
 		if k, _, ok := strings.Cut(e, "="); !ok || k == "" {
 			return usage("--env %q: want K=V", e)
@@ -135,14 +147,26 @@ func run(ctx context.Context, f runFlags, args []string) error {
 	}
 	ctx, sig := withSignals(ctx)
 	m, err := machine.New(ctx, machine.Config{Module: module, Name: path, Args: guestArgs, Env: f.env,
-		Dirs: dirs, Listen: listen, MemoryLimit: limit, CacheDir: f.cacheDir})
+		Dirs: dirs, Listen: listen, MemoryLimit: limit, CacheDir: f.cacheDir, Instrument: f.instrument,
+		SnapshotAtCall: f.snapAtCall, SnapshotPath: f.snapOut})
 	if err != nil {
-		var me *machine.ModuleError
-		if errors.As(err, &me) {
-			return &exitError{code: exitModule, err: err}
-		}
-		return &exitError{code: exitUsage, err: err}
+		return setupError(err)
 	}
+	return serveAndRun(ctx, m, f, sig, limit)
+}
+
+// setupError maps an error from machine.New to ftvm's exit codes.
+func setupError(err error) error {
+	var me *machine.ModuleError
+	if errors.As(err, &me) {
+		return &exitError{code: exitModule, err: err}
+	}
+	return &exitError{code: exitUsage, err: err}
+}
+
+// serveAndRun serves the VM's API (if asked), runs the VM to its end and
+// maps how it ended to ftvm's exit code.
+func serveAndRun(ctx context.Context, m *machine.Machine, f runFlags, sig *caught, limit uint64) error {
 	defer m.Close(context.Background())
 	for fd, addr := range m.Info().Listeners {
 		slog.Info("listening", "fd", fd, "addr", addr)
@@ -160,6 +184,8 @@ func run(ctx context.Context, f runFlags, args []string) error {
 		switch {
 		case errors.As(err, &te):
 			return &exitError{code: exitTrap, err: err}
+		case errors.Is(err, machine.ErrStopped):
+			return nil // stopped at a snapshot's safe point, as asked
 		case errors.Is(err, context.Canceled):
 			return &exitError{code: sig.exitCode()}
 		}

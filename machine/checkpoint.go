@@ -1,0 +1,435 @@
+package machine
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/tetratelabs/wazero/api"
+
+	"github.com/ftvm/ftvm/machine/dirty"
+	"github.com/ftvm/ftvm/machine/instrument"
+	"github.com/ftvm/ftvm/snapshot"
+	"github.com/ftvm/ftvm/wasi"
+)
+
+// Safe points, pause and resume.
+//
+// Every host call is a safe point. When a pause is requested, the next host
+// call (or a call blocked in a wait, which gives up and starts over) unwinds
+// the guest's wasm stack with Asyncify into a scratch region borrowed from
+// guest memory: _start returns to the run loop, which copies the stack blob
+// out and puts the region's bytes back, so that memory is exactly the
+// guest's. While the VM is stopped there, the pauser reads (or, on restore,
+// writes) memory, globals, stack and devices. To continue, the run loop
+// borrows the region again, puts the blob back, and calls _start to rewind:
+// the guest re-enters its frames up to the host call, which then runs for
+// real. The pause happens at the entry of the call, before any effect, so
+// a restored VM simply makes the call.
+
+// ErrNotInstrumented is returned when a pause is asked of a VM that was
+// started without instrumentation.
+var ErrNotInstrumented = errors.New("the VM was started without instrumentation (safe points need Asyncify)")
+
+// ErrNotRunning is returned when a pause is asked of a VM that has ended.
+var ErrNotRunning = errors.New("the VM is not running")
+
+// asyncify are the instrumented module's control functions.
+type asyncify struct {
+	startUnwind, stopUnwind, startRewind, stopRewind api.Function
+}
+
+// control is the rendezvous between pausers and the guest goroutine.
+type control struct {
+	mu   sync.Mutex
+	cond *sync.Cond
+	// want counts pausers waiting for the guest to stop; atomic so that the
+	// safe point on every host call reads it without the lock.
+	want atomic.Int32
+	// paused is true while the guest is stopped at a safe point.
+	paused bool
+	// gen counts pauses, so a pauser knows its pause has begun.
+	gen uint64
+	// release is set by the pauser that is done; stop ends the VM.
+	release, stop bool
+	ended         bool
+}
+
+// scratchSize is the region borrowed for the Asyncify stack. Go keeps its
+// goroutine stacks in linear memory, so its wasm stack is small; C and Rust
+// recursion may need more. The bytes are saved and put back each time.
+const scratchSize = 256 << 10
+
+// stackState is the guest's unwound wasm stack.
+type stackState struct {
+	addr uint32 // the data structure's address (its 8-byte header first)
+	end  uint32 // the header's end pointer
+	blob []byte // the bytes between addr+8 and the header's position
+}
+
+// safePoint is the device layer's hook at the entry of every host call.
+func (m *Machine) safePoint(ctx context.Context, mod api.Module, c wasi.Call) bool {
+	if m.rewinding {
+		// The guest has been rewound to this call: finish the rewind,
+		// give the borrowed region its bytes back, and make the call.
+		m.rewinding = false
+		if _, err := m.asy.stopRewind.Call(ctx); err != nil {
+			panic(fmt.Errorf("asyncify_stop_rewind: %w", err))
+		}
+		m.returnScratch()
+		if !m.pauseStart.IsZero() {
+			m.pauses.record(time.Since(m.pauseStart))
+			m.pauseStart = time.Time{}
+		}
+		return false // the call was counted when it unwound
+	}
+	if m.asy.startUnwind == nil {
+		return false
+	}
+	m.calls++
+	if m.cfg.SnapshotAtCall != 0 && m.calls == m.cfg.SnapshotAtCall {
+		m.autoSnap = true
+	} else if !m.pauseWanted() {
+		return false
+	}
+	mem := m.alloc.mem.Bytes()
+	if uint64(len(mem)) < 2*scratchSize {
+		// Too small to borrow from; pause at a later call.
+		if m.autoSnap {
+			m.autoSnap = false
+			m.cfg.SnapshotAtCall++
+		}
+		return false
+	}
+	m.pauseStart = time.Now()
+	addr := uint32(len(mem) - scratchSize)
+	m.borrowScratch(addr)
+	binary.LittleEndian.PutUint32(mem[addr:], addr+8)
+	binary.LittleEndian.PutUint32(mem[addr+4:], addr+scratchSize)
+	if _, err := m.asy.startUnwind.Call(ctx, uint64(addr)); err != nil {
+		panic(fmt.Errorf("asyncify_start_unwind: %w", err))
+	}
+	m.unwinding = true
+	m.stack.addr = addr
+	return true
+}
+
+// borrowScratch saves the bytes of the region at addr.
+func (m *Machine) borrowScratch(addr uint32) {
+	mem := m.alloc.mem.Bytes()
+	m.scratchAddr = addr
+	m.scratchSaved = append(m.scratchSaved[:0], mem[addr:addr+scratchSize]...)
+}
+
+// returnScratch puts the borrowed region's bytes back.
+func (m *Machine) returnScratch() {
+	copy(m.alloc.mem.Bytes()[m.scratchAddr:], m.scratchSaved)
+}
+
+// afterUnwind runs when _start has returned because of an unwind: it ends
+// the unwind, keeps the stack blob and returns the scratch region.
+func (m *Machine) afterUnwind(ctx context.Context) error {
+	m.unwinding = false
+	if _, err := m.asy.stopUnwind.Call(ctx); err != nil {
+		return fmt.Errorf("asyncify_stop_unwind: %w", err)
+	}
+	mem := m.alloc.mem.Bytes()
+	a := m.stack.addr
+	pos := binary.LittleEndian.Uint32(mem[a:])
+	end := binary.LittleEndian.Uint32(mem[a+4:])
+	if pos < a+8 || pos > end || uint64(end) > uint64(len(mem)) {
+		return fmt.Errorf("asyncify left an impossible stack [%#x, %#x) at %#x", pos, end, a)
+	}
+	m.stack.end = end
+	m.stack.blob = append(m.stack.blob[:0], mem[a+8:pos]...)
+	m.returnScratch()
+	return nil
+}
+
+// beforeRewind borrows the scratch region again, puts the stack back as the
+// unwind left it, and arms the rewind; the next _start call rewinds.
+func (m *Machine) beforeRewind(ctx context.Context) error {
+	mem := m.alloc.mem.Bytes()
+	a := m.stack.addr
+	if uint64(a)+8+uint64(len(m.stack.blob)) > uint64(len(mem)) || a+scratchSize > uint32(len(mem)) {
+		return fmt.Errorf("the saved wasm stack (%d bytes at %#x) does not fit the memory (%d bytes)",
+			len(m.stack.blob), a, len(mem))
+	}
+	m.borrowScratch(a)
+	binary.LittleEndian.PutUint32(mem[a:], a+8+uint32(len(m.stack.blob)))
+	binary.LittleEndian.PutUint32(mem[a+4:], m.stack.end)
+	copy(mem[a+8:], m.stack.blob)
+	if _, err := m.asy.startRewind.Call(ctx, uint64(a)); err != nil {
+		return fmt.Errorf("asyncify_start_rewind: %w", err)
+	}
+	m.rewinding = true
+	return nil
+}
+
+func (m *Machine) pauseWanted() bool { return m.ctl.want.Load() > 0 }
+
+// stopped runs on the guest goroutine while the guest is unwound: it lets
+// the pausers in and waits until one releases it. It reports whether the
+// VM must end here.
+func (m *Machine) stopped(ctx context.Context) (stop bool) {
+	m.dev.ClearPause()
+	c := &m.ctl
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.paused, c.release = true, false
+	c.gen++
+	c.cond.Broadcast()
+	stopWait := context.AfterFunc(ctx, func() {
+		c.mu.Lock()
+		c.stop = true
+		c.cond.Broadcast()
+		c.mu.Unlock()
+	})
+	defer stopWait()
+	for !c.release && !c.stop {
+		c.cond.Wait()
+	}
+	c.paused = false
+	return c.stop
+}
+
+// Paused is a VM stopped at a safe point, handed to the function given to
+// WithPaused. Its methods are valid only during that function.
+type Paused struct {
+	m *Machine
+}
+
+// WithPaused stops the guest at its next safe point, runs fn on the stopped
+// VM, and lets the guest continue (or end, if fn called Stop). A VM that has
+// not reached its first safe point yet is waited for.
+func (m *Machine) WithPaused(ctx context.Context, fn func(p *Paused) error) error {
+	if m.inst == nil {
+		return ErrNotInstrumented
+	}
+	c := &m.ctl
+	c.mu.Lock()
+	if c.ended {
+		c.mu.Unlock()
+		return ErrNotRunning
+	}
+	c.want.Add(1)
+	m.dev.RequestPause()
+	cancelWait := context.AfterFunc(ctx, func() {
+		c.mu.Lock()
+		c.cond.Broadcast()
+		c.mu.Unlock()
+	})
+	// Wait for a pause of our own: not the tail of the previous pauser's,
+	// which the guest has been told to leave (release), or a pauser in a
+	// loop would never let the guest run.
+	for !(c.paused && !c.release) && !c.ended && ctx.Err() == nil {
+		c.cond.Wait()
+	}
+	cancelWait()
+	c.want.Add(-1)
+	if !c.paused || c.release {
+		if c.want.Load() == 0 {
+			m.dev.ClearPause()
+		}
+		c.mu.Unlock()
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		return ErrNotRunning
+	}
+	// Keep the lock: one pauser at a time works on the stopped VM.
+	defer func() {
+		c.release = true
+		c.cond.Broadcast()
+		c.mu.Unlock()
+	}()
+	return fn(&Paused{m: m})
+}
+
+// end marks the VM as ended for pausers.
+func (m *Machine) endControl() {
+	c := &m.ctl
+	c.mu.Lock()
+	c.ended = true
+	c.cond.Broadcast()
+	c.mu.Unlock()
+}
+
+// Stop makes the VM end once the pauser returns, without running the guest
+// any further (ftvm snapshot --stop).
+func (p *Paused) Stop() { p.m.ctl.stop = true }
+
+// Memory is the guest's linear memory, aliased: valid while paused.
+func (p *Paused) Memory() []byte { return p.m.alloc.mem.Bytes() }
+
+// DirtyPages appends the indices of the 4 KiB pages written since the
+// previous call (or since the VM started) to dst.
+func (p *Paused) DirtyPages(dst []uint32) ([]uint32, error) {
+	if p.m.tracker == nil {
+		return nil, errors.New("dirty tracking is not available")
+	}
+	return p.m.tracker.Collect(dst, uint64(len(p.Memory())))
+}
+
+// Globals returns the value of every global.
+func (p *Paused) Globals() []snapshot.Global {
+	out := make([]snapshot.Global, 0, len(p.m.globals))
+	for _, g := range p.m.globals {
+		out = append(out, snapshot.Global{Index: g.Index, Type: snapshot.ValType(g.Type), Value: g.value.Get()})
+	}
+	return out
+}
+
+// Stack is the unwound wasm call stack: where its Asyncify data structure
+// lives and the saved bytes.
+func (p *Paused) Stack() (addr uint64, blob []byte) {
+	return uint64(p.m.stack.addr), p.m.stack.blob
+}
+
+// Devices is the device state.
+func (p *Paused) Devices() *wasi.State { return p.m.dev.Capture() }
+
+// ModuleHash is the SHA-256 of the original (uninstrumented) module.
+func (p *Paused) ModuleHash() snapshot.Hash { return p.m.moduleHash }
+
+// global is one exported global of the instrumented module.
+type global struct {
+	instrument.Global
+	value api.Global
+}
+
+// bindInstrumented finds the asyncify functions and the globals of an
+// instantiated instrumented module, and starts dirty tracking.
+func (m *Machine) bindInstrumented(mod api.Module) error {
+	m.asy = asyncify{
+		startUnwind: mod.ExportedFunction(instrument.ExportStartUnwind),
+		stopUnwind:  mod.ExportedFunction(instrument.ExportStopUnwind),
+		startRewind: mod.ExportedFunction(instrument.ExportStartRewind),
+		stopRewind:  mod.ExportedFunction(instrument.ExportStopRewind),
+	}
+	if m.asy.startUnwind == nil || m.asy.stopUnwind == nil || m.asy.startRewind == nil || m.asy.stopRewind == nil {
+		return errors.New("the instrumented module lacks the asyncify exports")
+	}
+	m.globals = m.globals[:0]
+	for _, g := range m.inst.Globals {
+		v := mod.ExportedGlobal(g.Export)
+		if v == nil {
+			return fmt.Errorf("the instrumented module does not export global %d as %q", g.Index, g.Export)
+		}
+		m.globals = append(m.globals, global{Global: g, value: v})
+	}
+	return nil
+}
+
+// startTracking begins dirty-page tracking of linear memory.
+func (m *Machine) startTracking() {
+	lm := m.alloc.mem
+	if lm == nil || lm.region == nil {
+		return
+	}
+	t, err := dirty.New(lm.region, dirty.Options{Used: lm.size.Load()})
+	if err == nil {
+		m.tracker = t
+		if r := t.Reason(); r != "" {
+			slog.Warn("dirty-page tracking falls back to page hashing", "reason", r)
+		}
+		m.mu.Lock()
+		m.trackerKind = t.Kind()
+		m.mu.Unlock()
+	}
+}
+
+// restoreState writes a captured state into a freshly instantiated VM and
+// arms the rewind to the safe point it was captured at.
+func (m *Machine) restoreState(ctx context.Context, mod api.Module, img *snapshot.Image) error {
+	mem := mod.Memory()
+	if mem == nil {
+		return errors.New("the module has no memory")
+	}
+	if want := uint64(len(img.Memory)); uint64(mem.Size()) < want {
+		delta := (want - uint64(mem.Size())) / 65536
+		if _, ok := mem.Grow(uint32(delta)); !ok {
+			return fmt.Errorf("cannot grow memory to the snapshot's %s", FormatSize(want))
+		}
+	}
+	buf := m.alloc.mem.Bytes()
+	if uint64(len(buf)) != uint64(len(img.Memory)) {
+		return fmt.Errorf("memory is %s, the snapshot's %s", FormatSize(uint64(len(buf))), FormatSize(uint64(len(img.Memory))))
+	}
+	copy(buf, img.Memory)
+	byIndex := map[uint32]global{}
+	for _, g := range m.globals {
+		byIndex[g.Index] = g
+	}
+	for _, sg := range img.Globals {
+		g, ok := byIndex[sg.Index]
+		if !ok {
+			return fmt.Errorf("the snapshot has global %d, which the module does not", sg.Index)
+		}
+		if !g.Mutable {
+			if g.value.Get() != sg.Value {
+				return fmt.Errorf("immutable global %d differs from the snapshot's", sg.Index)
+			}
+			continue
+		}
+		g.value.(api.MutableGlobal).Set(sg.Value)
+	}
+	if img.StackAddr > uint64(len(buf)) || img.StackAddr+scratchSize > uint64(len(buf)) {
+		return fmt.Errorf("the snapshot's stack address %#x is outside memory", img.StackAddr)
+	}
+	m.stack = stackState{addr: uint32(img.StackAddr), end: uint32(img.StackAddr) + scratchSize,
+		blob: append([]byte(nil), img.Stack...)}
+	return m.beforeRewind(ctx)
+}
+
+// pauseStats keeps how long the guest was stopped at each pause, from the
+// start of the unwind to the end of the rewind: the time the guest loses.
+type pauseStats struct {
+	mu     sync.Mutex
+	count  uint64
+	total  time.Duration
+	recent [1024]time.Duration
+}
+
+func (s *pauseStats) record(d time.Duration) {
+	s.mu.Lock()
+	s.recent[s.count%uint64(len(s.recent))] = d
+	s.count++
+	s.total += d
+	s.mu.Unlock()
+}
+
+// PauseStats summarises the guest's pauses: how many, and the last, median
+// and 99th-percentile durations over the most recent 1024.
+type PauseStats struct {
+	Count  uint64          `json:"count"`
+	Last   time.Duration   `json:"last_ns"`
+	P50    time.Duration   `json:"p50_ns"`
+	P99    time.Duration   `json:"p99_ns"`
+	Total  time.Duration   `json:"total_ns"`
+	Recent []time.Duration `json:"-"`
+}
+
+// PauseStats returns the pause figures so far.
+func (m *Machine) PauseStats() PauseStats {
+	s := &m.pauses
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := min(s.count, uint64(len(s.recent)))
+	out := PauseStats{Count: s.count, Total: s.total, Recent: slices.Clone(s.recent[:n])}
+	if s.count == 0 {
+		return out
+	}
+	out.Last = s.recent[(s.count-1)%uint64(len(s.recent))]
+	sorted := slices.Clone(out.Recent)
+	slices.Sort(sorted)
+	out.P50 = sorted[len(sorted)/2]
+	out.P99 = sorted[min(len(sorted)-1, len(sorted)*99/100)]
+	return out
+}

@@ -1,0 +1,83 @@
+package machine_test
+
+import (
+	"bytes"
+	"context"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/ftvm/ftvm/machine"
+	"github.com/ftvm/ftvm/snapshot"
+)
+
+// TestSnapshotStopRestore pauses a Go guest blocked reading stdin, writes a
+// snapshot and stops it there; a new VM restored from the file continues
+// the same computation: it reads the line from its own stdin, prints and
+// exits with the original's exit code.
+func TestSnapshotStopRestore(t *testing.T) {
+	mod := hello(t)
+	ctx := context.Background()
+	stdinR, stdinW, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stdinW.Close()
+	var out1 bytes.Buffer
+	m, err := machine.New(ctx, machine.Config{Module: mod, Name: "hello", Args: []string{"stdin"},
+		Env: []string{"FOO=before", "EXIT=3"}, Stdin: stdinR, Stdout: &out1, Stderr: &out1,
+		CacheDir: t.TempDir(), Instrument: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close(ctx)
+	done := make(chan error, 1)
+	go func() { _, err := m.Run(ctx); done <- err }()
+	// Wait until the guest blocks on stdin.
+	for deadline := time.Now().Add(20 * time.Second); m.Info().Counters.Calls["fd_write"] < 3; {
+		if time.Now().After(deadline) {
+			t.Fatal("guest did not reach stdin")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	path := filepath.Join(t.TempDir(), "hello.snap")
+	s, err := m.Snapshot(ctx, path, machine.SnapshotOptions{Stop: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; err != machine.ErrStopped {
+		t.Fatalf("run ended with %v, want ErrStopped", err)
+	}
+	if strings.Contains(out1.String(), "stdin:") {
+		t.Fatalf("the guest ran past the snapshot: %q", out1.String())
+	}
+	t.Logf("snapshot: %d pages, %d bytes of stack, memory %d", len(s.Pages), len(s.Stack), s.MemorySize)
+
+	hash := snapshot.ModuleHash(mod)
+	img, err := snapshot.Restore(&hash, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out2 bytes.Buffer
+	code, err := machine.Run(ctx, machine.Config{Module: mod, Name: "hello", Restore: img,
+		Stdin: strings.NewReader("after restore\n"), Stdout: &out2, Stderr: &out2, CacheDir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if code != 3 {
+		t.Errorf("restored guest exited %d, want 3 (its environment came with the snapshot)", code)
+	}
+	if want := "stdin: \"after restore\\n\"\nexiting with 3\n"; out2.String() != want {
+		t.Errorf("restored output %q, want %q", out2.String(), want)
+	}
+	// Another module (here: the same code plus a custom section) is refused.
+	other := append(bytes.Clone(mod), 0x00, 0x02, 0x01, 'x')
+	if _, err := machine.New(ctx, machine.Config{Module: other, Name: "other",
+		Restore: img, Stdout: io.Discard, CacheDir: t.TempDir()}); err == nil ||
+		!strings.Contains(err.Error(), "not the module the snapshot was taken of") {
+		t.Errorf("restore with another module: %v", err)
+	}
+}

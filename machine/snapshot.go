@@ -1,0 +1,130 @@
+package machine
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/ftvm/ftvm/snapshot"
+)
+
+// SnapshotOptions say what kind of snapshot to take.
+type SnapshotOptions struct {
+	// Incremental writes only the pages dirtied since this VM's previous
+	// snapshot (a full one is written when there is none).
+	Incremental bool
+	// Stop ends the VM at the safe point once the snapshot is safely on disk.
+	Stop bool
+	// Reason is recorded in the snapshot's metadata.
+	Reason string
+}
+
+// snapshotter is the machine's snapshot bookkeeping.
+type snapshotter struct {
+	// mu serialises snapshots: the stager's buffer is reused.
+	mu     sync.Mutex
+	stager snapshot.Stager
+	dirty  []uint32
+	lastID snapshot.Hash
+	seq    uint64
+}
+
+// Capture stops the guest at its next safe point and returns its state as a
+// snapshot (not yet encoded: Encode or WriteFile sets its ID). Pages are
+// copied while the guest is paused; it runs again before Capture returns.
+func (m *Machine) Capture(ctx context.Context, opt SnapshotOptions) (*snapshot.Snapshot, error) {
+	m.snaps.mu.Lock()
+	defer m.snaps.mu.Unlock()
+	var s *snapshot.Snapshot
+	err := m.WithPaused(ctx, func(p *Paused) error {
+		var err error
+		s, err = m.capturePaused(p, opt)
+		return err
+	})
+	return s, err
+}
+
+func (m *Machine) capturePaused(p *Paused, opt SnapshotOptions) (*snapshot.Snapshot, error) {
+	sn := &m.snaps
+	mem := p.Memory()
+	// Always collect, so the next incremental is relative to this snapshot.
+	dirtyPages, derr := p.DirtyPages(sn.dirty[:0])
+	sn.dirty = dirtyPages
+	incremental := opt.Incremental && !sn.lastID.IsZero() && derr == nil
+	idx := dirtyPages
+	if !incremental {
+		idx = snapshot.NonZeroPages(mem)
+	}
+	pages, err := sn.stager.Stage(mem, idx)
+	if err != nil {
+		return nil, err
+	}
+	devs, err := json.Marshal(p.Devices())
+	if err != nil {
+		return nil, fmt.Errorf("device state: %w", err)
+	}
+	addr, blob := p.Stack()
+	host, _ := os.Hostname()
+	s := &snapshot.Snapshot{Kind: snapshot.Full, Module: p.ModuleHash(), MemorySize: uint64(len(mem)),
+		Pages: pages, Globals: p.Globals(), StackAddr: addr, Stack: bytes.Clone(blob), Devices: devs,
+		Meta: snapshot.Meta{Created: time.Now().UTC(), Host: host, Version: Version, Reason: opt.Reason}}
+	if incremental {
+		s.Kind, s.Parent, s.Seq = snapshot.Incremental, sn.lastID, sn.seq+1
+	} else {
+		// A full snapshot carries its module, so it restores anywhere.
+		s.ModuleCode, s.ModuleName = m.cfg.Module, m.cfg.Name
+	}
+	return s, nil
+}
+
+// Snapshot captures the VM at its next safe point and writes it to path
+// (temp file, fsync, rename). With opt.Stop the VM ends at that safe point,
+// but only once the file is safely written: a failed write leaves it running.
+func (m *Machine) Snapshot(ctx context.Context, path string, opt SnapshotOptions) (*snapshot.Snapshot, error) {
+	m.snaps.mu.Lock()
+	defer m.snaps.mu.Unlock()
+	var s *snapshot.Snapshot
+	err := m.WithPaused(ctx, func(p *Paused) error {
+		var err error
+		if s, err = m.capturePaused(p, opt); err != nil {
+			return err
+		}
+		if !opt.Stop {
+			return nil
+		}
+		// Nothing may run after the snapshot, so write it now.
+		if err := snapshot.WriteFile(path, s); err != nil {
+			return err
+		}
+		p.Stop()
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	if !opt.Stop {
+		// The guest runs on; the pages are copies, so encoding happens
+		// off the pause.
+		if err := snapshot.WriteFile(path, s); err != nil {
+			return nil, err
+		}
+	}
+	m.snaps.lastID, m.snaps.seq = s.ID, s.Seq
+	return s, nil
+}
+
+// Version is ftvm's version, recorded in snapshots.
+var Version = "dev"
+
+// writeAutoSnapshot writes SnapshotAtCall's snapshot; the guest is stopped.
+func (m *Machine) writeAutoSnapshot() error {
+	s, err := m.capturePaused(&Paused{m: m}, SnapshotOptions{Reason: fmt.Sprintf("host call %d", m.calls)})
+	if err != nil {
+		return err
+	}
+	return snapshot.WriteFile(m.cfg.SnapshotPath, s)
+}

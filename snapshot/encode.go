@@ -1,0 +1,296 @@
+package snapshot
+
+import (
+	"bufio"
+	"crypto/rand"
+	"crypto/sha256"
+	"hash"
+	"hash/crc32"
+	"io"
+	"runtime"
+	"sync"
+)
+
+// Options tune Encode; the zero value is the default.
+type Options struct {
+	// BatchPages is the number of pages compressed together in one page
+	// section (0: DefaultBatchPages; at most MaxBatchPages).
+	BatchPages int
+	// Workers is how many batches are compressed at once (0: GOMAXPROCS).
+	// A Remus primary that encodes while its guest runs may want 1.
+	Workers int
+}
+
+// Encode writes s with the default options. See EncodeOptions.
+func (s *Snapshot) Encode(w io.Writer) error { return s.EncodeOptions(w, Options{}) }
+
+// EncodeOptions validates s (ErrInvalid, nothing written, if it breaks the
+// format's rules) and writes its encoding to w. It sets s.ID and
+// s.Sections, and s.Nonce if it was zero. It only reads s's page data, so
+// the pages may be a staging copy that the guest no longer touches while
+// this runs on another goroutine.
+func (s *Snapshot) EncodeOptions(w io.Writer, o Options) error {
+	if msg := s.checkContent(); msg != "" {
+		return newError(ErrInvalid, "%s", msg)
+	}
+	return s.encode(w, o)
+}
+
+// encode writes s without checking it (tests use it to forge snapshots
+// that are well framed but break the rules).
+func (s *Snapshot) encode(w io.Writer, o Options) error {
+	if o.BatchPages <= 0 {
+		o.BatchPages = DefaultBatchPages
+	}
+	if o.BatchPages > MaxBatchPages {
+		o.BatchPages = MaxBatchPages
+	}
+	if o.Workers <= 0 {
+		o.Workers = runtime.GOMAXPROCS(0)
+	}
+	if s.Nonce == [16]byte{} {
+		if _, err := rand.Read(s.Nonce[:]); err != nil {
+			return err
+		}
+	}
+	e := &encoder{w: bufio.NewWriterSize(w, 256<<10), id: sha256.New()}
+	e.id.Write([]byte(idSalt))
+
+	var prefix [prefixSize]byte
+	putPrefix(prefix[:])
+	e.write(prefix[:])
+	e.section(SecHeader, s.headerPayload())
+	e.section(SecMeta, s.metaPayload())
+	e.section(SecGlobals, s.globalsPayload())
+	e.section(SecStack, s.stackPayload())
+	e.section(SecDevices, s.Devices)
+	if len(s.ModuleCode) > 0 {
+		e.moduleSection(s.ModuleName, s.ModuleCode)
+	}
+	e.pages(s.Pages, o)
+
+	endOff := e.off
+	var end [endSize]byte
+	le.PutUint32(end[0:], uint32(len(e.sections)))
+	le.PutUint64(end[8:], uint64(endOff))
+	var id Hash
+	e.id.Sum(id[:0])
+	copy(end[16:], id[:])
+	e.frame(frame{typ: SecEnd, stored: endSize, raw: endSize, sum: crc(end[:])}, 0)
+	e.write(end[:])
+	if e.err == nil {
+		e.err = e.w.Flush()
+	}
+	if e.err != nil {
+		return e.err
+	}
+	s.ID = id
+	s.Sections = append(e.sections, SectionInfo{Type: SecEnd, Offset: endOff, Stored: endSize, Raw: endSize})
+	return nil
+}
+
+type encoder struct {
+	w        *bufio.Writer
+	off      int64
+	err      error
+	id       hash.Hash
+	sections []SectionInfo
+}
+
+func (e *encoder) write(b []byte) {
+	if e.err != nil {
+		return
+	}
+	n, err := e.w.Write(b)
+	e.off += int64(n)
+	e.err = err
+}
+
+func (e *encoder) frame(f frame, pages int) {
+	var b [frameSize]byte
+	f.put(b[:])
+	if f.typ != SecEnd {
+		e.sections = append(e.sections, SectionInfo{Type: f.typ, Codec: f.codec, Offset: e.off,
+			Stored: f.stored, Raw: f.raw, Pages: pages})
+	}
+	e.write(b[:])
+}
+
+// section writes an uncompressed section and adds it to the ID.
+func (e *encoder) section(t SectionType, payload []byte) {
+	n := uint32(len(payload))
+	e.frame(frame{typ: t, stored: n, raw: n, sum: crc(payload)}, 0)
+	e.write(payload)
+	hashSection(e.id, t, payload)
+}
+
+// moduleSection writes the module copy without gathering it into one
+// buffer. It is not part of the ID.
+func (e *encoder) moduleSection(name string, code []byte) {
+	head := le.AppendUint16(nil, uint16(len(name)))
+	head = append(head, name...)
+	n := uint32(len(head) + len(code))
+	e.frame(frame{typ: SecModule, stored: n, raw: n, sum: crc32.Update(crc(head), castagnoli, code)}, 0)
+	e.write(head)
+	e.write(code)
+}
+
+// hashSection is a non-page section's contribution to the ID.
+func hashSection(h hash.Hash, t SectionType, payload []byte) {
+	var b [6]byte
+	le.PutUint16(b[0:], uint16(t))
+	le.PutUint32(b[2:], uint32(len(payload)))
+	h.Write(b[:])
+	h.Write(payload)
+}
+
+// batch is one page section in the making.
+type batch struct {
+	pages []Page
+	head  []byte // u32 count, then the indices
+	sums  []byte // per page: u32 index, u32 crc32c(data) — the ID's input
+	codec Codec
+	data  []byte // compressed (or raw) page data
+	done  chan struct{}
+}
+
+var bufPool sync.Pool // *[]byte, for batch raw and compressed data
+
+func getBuf(n int) []byte {
+	if p, ok := bufPool.Get().(*[]byte); ok && cap(*p) >= n {
+		return (*p)[:n]
+	}
+	return make([]byte, n)
+}
+
+func putBuf(b []byte) { bufPool.Put(&b) }
+
+// run builds and compresses the batch. It touches nothing shared, so
+// batches run in parallel.
+func (b *batch) run() {
+	n := len(b.pages)
+	b.head = make([]byte, 4+pageRefSize*n)
+	b.sums = make([]byte, 8*n)
+	le.PutUint32(b.head, uint32(n))
+	raw := contiguous(b.pages)
+	pooled := raw == nil
+	if pooled {
+		raw = getBuf(n * PageSize)
+	}
+	for i, p := range b.pages {
+		le.PutUint32(b.head[4+4*i:], p.Index)
+		le.PutUint32(b.sums[8*i:], p.Index)
+		le.PutUint32(b.sums[8*i+4:], crc(p.Data))
+		if pooled {
+			copy(raw[i*PageSize:], p.Data)
+		}
+	}
+	b.codec, b.data = compressBatch(raw)
+	if pooled {
+		putBuf(raw)
+	}
+}
+
+// contiguous returns the batch's data as one slice when the pages already
+// sit back to back in one buffer (a Stager's), saving a copy.
+func contiguous(pages []Page) []byte {
+	first := pages[0].Data
+	n := len(pages) * PageSize
+	if cap(first) < n {
+		return nil
+	}
+	all := first[:n]
+	for i, p := range pages[1:] {
+		if &all[(i+1)*PageSize] != &p.Data[0] {
+			return nil
+		}
+	}
+	return all
+}
+
+// pages writes the page sections, compressing up to o.Workers batches
+// ahead of the writer while keeping the file's order.
+func (e *encoder) pages(pages []Page, o Options) {
+	var batches []*batch
+	for i := 0; i < len(pages); i += o.BatchPages {
+		batches = append(batches, &batch{pages: pages[i:min(i+o.BatchPages, len(pages))], done: make(chan struct{})})
+	}
+	if o.Workers == 1 || len(batches) <= 1 {
+		for _, b := range batches {
+			b.run()
+			e.writeBatch(b)
+		}
+		return
+	}
+	sem := make(chan struct{}, o.Workers)
+	go func() {
+		for _, b := range batches {
+			sem <- struct{}{}
+			go func() {
+				b.run()
+				close(b.done)
+			}()
+		}
+	}()
+	for _, b := range batches {
+		<-b.done
+		e.writeBatch(b)
+		<-sem
+	}
+}
+
+func (e *encoder) writeBatch(b *batch) {
+	n := len(b.pages)
+	sum := crc32.Update(crc(b.head), castagnoli, b.data)
+	e.frame(frame{typ: SecPages, codec: b.codec,
+		stored: uint32(len(b.head) + len(b.data)),
+		raw:    uint32(len(b.head) + n*PageSize), sum: sum}, n)
+	e.write(b.head)
+	e.write(b.data)
+	e.id.Write(b.sums)
+	putBuf(b.data)
+	b.data, b.head, b.sums = nil, nil, nil
+}
+
+func (s *Snapshot) headerPayload() []byte {
+	b := make([]byte, headerSize)
+	b[0] = byte(s.Kind)
+	le.PutUint32(b[4:], PageSize)
+	copy(b[8:], s.Module[:])
+	le.PutUint64(b[40:], s.Seq)
+	copy(b[48:], s.Parent[:])
+	le.PutUint64(b[80:], s.MemorySize)
+	le.PutUint32(b[88:], uint32(len(s.Pages)))
+	copy(b[92:], s.Nonce[:])
+	return b
+}
+
+func (s *Snapshot) metaPayload() []byte {
+	var created int64
+	if !s.Meta.Created.IsZero() {
+		created = s.Meta.Created.UnixNano()
+	}
+	b := le.AppendUint64(nil, uint64(created))
+	for _, str := range []string{s.Meta.Host, s.Meta.Version, s.Meta.Reason} {
+		b = le.AppendUint16(b, uint16(len(str)))
+		b = append(b, str...)
+	}
+	return b
+}
+
+func (s *Snapshot) globalsPayload() []byte {
+	b := make([]byte, 4, 4+globalSize*len(s.Globals))
+	le.PutUint32(b, uint32(len(s.Globals)))
+	for _, g := range s.Globals {
+		b = le.AppendUint32(b, g.Index)
+		b = append(b, byte(g.Type))
+		b = le.AppendUint64(b, g.Value)
+	}
+	return b
+}
+
+func (s *Snapshot) stackPayload() []byte {
+	b := make([]byte, 8, 8+len(s.Stack))
+	le.PutUint64(b, s.StackAddr)
+	return append(b, s.Stack...)
+}

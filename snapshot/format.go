@@ -1,0 +1,125 @@
+package snapshot
+
+import (
+	"encoding/binary"
+	"fmt"
+	"hash/crc32"
+)
+
+// Magic starts every snapshot.
+const Magic = "FTVMSNAP"
+
+// Version is the format version this build writes and reads.
+const Version = 1
+
+const (
+	prefixSize  = 16 // magic, u32 version, u32 crc32c of the first 12 bytes
+	frameSize   = 20 // u16 type, u16 codec, u32 stored, u32 raw, u32 payload crc, u32 header crc
+	headerSize  = 108
+	endSize     = 48
+	pageRefSize = 4 // a page index in a page section
+	globalSize  = 13
+)
+
+// SectionType names a section. The order in a file is fixed: header, meta,
+// globals, stack, devices, module (optional), pages (zero or more), end.
+type SectionType uint16
+
+const (
+	SecHeader  SectionType = 1
+	SecMeta    SectionType = 2
+	SecGlobals SectionType = 3
+	SecStack   SectionType = 4
+	SecDevices SectionType = 5
+	SecPages   SectionType = 6
+	SecModule  SectionType = 7
+	SecEnd     SectionType = 0xff
+)
+
+func (t SectionType) String() string {
+	switch t {
+	case SecHeader:
+		return "header"
+	case SecMeta:
+		return "meta"
+	case SecGlobals:
+		return "globals"
+	case SecStack:
+		return "stack"
+	case SecDevices:
+		return "devices"
+	case SecPages:
+		return "pages"
+	case SecModule:
+		return "module"
+	case SecEnd:
+		return "end"
+	}
+	return fmt.Sprintf("type-%d", uint16(t))
+}
+
+// Codec is how a page section's page data is stored.
+type Codec uint16
+
+const (
+	// CodecNone: raw pages, used when compression would not shrink a batch.
+	CodecNone Codec = 0
+	// CodecS2: the batch's pages as one S2 block (klauspost/compress).
+	CodecS2 Codec = 1
+)
+
+func (c Codec) String() string {
+	switch c {
+	case CodecNone:
+		return "none"
+	case CodecS2:
+		return "s2"
+	}
+	return fmt.Sprintf("codec(%d)", uint16(c))
+}
+
+// SectionInfo is one section as laid out in an encoding.
+type SectionInfo struct {
+	Type   SectionType
+	Codec  Codec
+	Offset int64  // of the frame header
+	Stored uint32 // payload bytes in the file
+	Raw    uint32 // payload bytes after decompression
+	Pages  int    // page sections: pages in the batch
+}
+
+// castagnoli is CRC-32C: computed by a CPU instruction on amd64 and arm64
+// (many GB/s, so checking is never the bottleneck), in the standard
+// library, and, unlike a 64-bit non-cryptographic hash, it guarantees to
+// detect every error burst up to 32 bits, so every single-byte corruption.
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+func crc(b []byte) uint32 { return crc32.Checksum(b, castagnoli) }
+
+var le = binary.LittleEndian
+
+type frame struct {
+	typ    SectionType
+	codec  Codec
+	stored uint32
+	raw    uint32
+	sum    uint32 // crc32c of the stored payload
+}
+
+func (f frame) put(b []byte) {
+	le.PutUint16(b[0:], uint16(f.typ))
+	le.PutUint16(b[2:], uint16(f.codec))
+	le.PutUint32(b[4:], f.stored)
+	le.PutUint32(b[8:], f.raw)
+	le.PutUint32(b[12:], f.sum)
+	le.PutUint32(b[16:], crc(b[:16]))
+}
+
+func putPrefix(b []byte) {
+	copy(b, Magic)
+	le.PutUint32(b[8:], Version)
+	le.PutUint32(b[12:], crc(b[:12]))
+}
+
+// idSalt separates snapshot IDs from any other SHA-256 in the system.
+const idSalt = "ftvm snapshot id v1\x00"

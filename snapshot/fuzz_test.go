@@ -1,0 +1,168 @@
+package snapshot
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+)
+
+// checkDecoded is what both fuzz targets demand of any input: an error is
+// one of ours, with a known kind; a success re-encodes to the same ID and
+// decodes back to the same snapshot, and a full snapshot applies.
+func checkDecoded(t *testing.T, data []byte) {
+	s, err := DecodeBytes(data, nil)
+	if err != nil {
+		var e *Error
+		if !errors.As(err, &e) {
+			t.Fatalf("error of another type: %T %v", err, err)
+		}
+		if e.Kind != ErrCorrupt && e.Kind != ErrTruncated && e.Kind != ErrVersion {
+			t.Fatalf("unexpected kind: %v", err)
+		}
+		return
+	}
+	id := s.ID
+	var b bytes.Buffer
+	if err := s.Encode(&b); err != nil {
+		t.Fatalf("a decoded snapshot does not encode: %v", err)
+	}
+	if s.ID != id {
+		t.Fatal("re-encoding changed the ID")
+	}
+	s2, err := DecodeBytes(b.Bytes(), nil)
+	if err != nil {
+		t.Fatalf("re-encoded snapshot does not decode: %v", err)
+	}
+	sameSnapshot(t, s2, s)
+	if s.Kind == Full {
+		if err := Apply(&Image{}, s); err != nil {
+			t.Fatalf("a decoded full snapshot does not apply: %v", err)
+		}
+	}
+}
+
+func FuzzDecode(f *testing.F) {
+	for _, s := range fuzzSeeds() {
+		f.Add(s.data)
+	}
+	f.Fuzz(func(t *testing.T, data []byte) { checkDecoded(t, data) })
+}
+
+// FuzzDecodeResigned fixes every checksum of the input before decoding, so
+// that the fuzzer's mutations get past the CRCs and reach the structural
+// checks and the decompressor, which FuzzDecode's inputs rarely do.
+func FuzzDecodeResigned(f *testing.F) {
+	for _, s := range fuzzSeeds() {
+		f.Add(s.data)
+	}
+	f.Fuzz(func(t *testing.T, data []byte) { checkDecoded(t, resign(data)) })
+}
+
+// resign recomputes the prefix and every complete frame's checksums.
+func resign(b []byte) []byte {
+	b = bytes.Clone(b)
+	if len(b) < prefixSize {
+		return b
+	}
+	le.PutUint32(b[12:], crc(b[:12]))
+	for off := prefixSize; off+frameSize <= len(b); {
+		stored := int(le.Uint32(b[off+4:]))
+		if stored > len(b)-off-frameSize {
+			le.PutUint32(b[off+16:], crc(b[off:off+16]))
+			break
+		}
+		le.PutUint32(b[off+12:], crc(b[off+frameSize:off+frameSize+stored]))
+		le.PutUint32(b[off+16:], crc(b[off:off+16]))
+		off += frameSize + stored
+	}
+	return b
+}
+
+type fuzzSeed struct {
+	name  string
+	data  []byte
+	valid bool
+}
+
+// fuzzSeeds are small, deterministic snapshots covering each section and
+// both codecs, plus a damaged one of each kind.
+func fuzzSeeds() []fuzzSeed {
+	rng := rand.New(rand.NewPCG(20, 21))
+	enc := func(s *Snapshot, batch int) []byte {
+		s.Nonce = [16]byte{1, 2, 3}
+		var b bytes.Buffer
+		if err := s.EncodeOptions(&b, Options{BatchPages: batch, Workers: 1}); err != nil {
+			panic(err)
+		}
+		return b.Bytes()
+	}
+	empty := enc(&Snapshot{Kind: Full, Module: testModule}, 0)
+	text := testSnapshot(rng, Full, 64<<10, 0)
+	for i := range 3 {
+		d := bytes.Repeat([]byte(fmt.Sprintf("page %d of text, ", i)), PageSize/16)[:PageSize]
+		text.Pages = append(text.Pages, Page{Index: uint32(2 * i), Data: d})
+	}
+	full := enc(text, 2)
+	inc := testSnapshot(rng, Incremental, 128<<10, 0)
+	raw := make([]byte, PageSize)
+	for i := range raw {
+		raw[i] = byte(rng.Uint32())
+	}
+	inc.Pages = []Page{{Index: 5, Data: raw}, {Index: 31, Data: bytes.Repeat([]byte{0, 0, 1, 0}, PageSize/4)}}
+	incremental := enc(inc, 1)
+	code := []byte("\x00asm\x01\x00\x00\x00")
+	withModule := enc(&Snapshot{Kind: Full, Module: ModuleHash(code), MemorySize: 64 << 10,
+		Pages: []Page{{Index: 3, Data: bytes.Repeat([]byte("ab"), PageSize/2)}}, ModuleCode: code, ModuleName: "m.wasm"}, 0)
+	flipped := bytes.Clone(full)
+	flipped[len(flipped)/2] ^= 4
+	return []fuzzSeed{
+		{"empty-full", empty, true},
+		{"full-text-pages", full, true},
+		{"incremental-raw-and-s2", incremental, true},
+		{"full-with-module", withModule, true},
+		{"truncated", full[:len(full)-20], false},
+		{"flipped-bit", flipped, false},
+		{"not-a-snapshot", []byte("\x00asm\x01\x00\x00\x00"), false},
+	}
+}
+
+// TestFuzzSeeds checks that the committed seeds are what fuzzSeeds makes
+// (so they follow the format as it is now) and that the valid ones decode.
+// FTVM_UPDATE_SEEDS=1 rewrites them.
+func TestFuzzSeeds(t *testing.T) {
+	update := os.Getenv("FTVM_UPDATE_SEEDS") != ""
+	for _, target := range []string{"FuzzDecode", "FuzzDecodeResigned"} {
+		dir := filepath.Join("testdata", "fuzz", target)
+		for _, s := range fuzzSeeds() {
+			content := "go test fuzz v1\n[]byte(" + strconv.Quote(string(s.data)) + ")\n"
+			path := filepath.Join(dir, s.name)
+			if update {
+				if err := os.MkdirAll(dir, 0o755); err != nil {
+					t.Fatal(err)
+				}
+				if err := os.WriteFile(path, []byte(content), 0o644); err != nil {
+					t.Fatal(err)
+				}
+			}
+			got, err := os.ReadFile(path)
+			if err != nil {
+				t.Fatalf("%v (FTVM_UPDATE_SEEDS=1 go test -run TestFuzzSeeds ./snapshot/ writes the seeds)", err)
+			}
+			if string(got) != content {
+				t.Errorf("%s is stale: the format changed; FTVM_UPDATE_SEEDS=1 go test -run TestFuzzSeeds ./snapshot/", path)
+			}
+			if _, err := DecodeBytes(s.data, nil); (err == nil) != s.valid {
+				t.Errorf("seed %s: %v", s.name, err)
+			}
+			if strings.Contains(s.name, "/") {
+				t.Fatal("seed name with a slash")
+			}
+		}
+	}
+}

@@ -1,0 +1,184 @@
+package snapshot
+
+import (
+	"fmt"
+	"slices"
+)
+
+// Image is a VM's state assembled from snapshots: what a restore builds
+// and what a Remus backup keeps up to date, epoch by epoch.
+type Image struct {
+	Module    Hash
+	ID        Hash // the last snapshot applied; zero for an empty image
+	Seq       uint64
+	Memory    []byte
+	Globals   []Global
+	StackAddr uint64
+	Stack     []byte
+	Devices   []byte
+	Meta      Meta // of the last snapshot applied
+	// ModuleCode and ModuleName are the module copy the chain carried
+	// (see Snapshot.ModuleCode), if any.
+	ModuleCode []byte
+	ModuleName string
+}
+
+// Apply brings img to the state s describes. A full snapshot replaces the
+// image; an incremental one must name img's current snapshot as its parent
+// and have the next sequence number. Everything is checked before img is
+// touched, and nothing after that can fail: on error img is exactly as it
+// was, never half-applied. img keeps no reference to s's buffers.
+func Apply(img *Image, s *Snapshot) error {
+	if s.ID.IsZero() {
+		return newError(ErrInvalid, "the snapshot has no ID: it was neither encoded nor decoded")
+	}
+	if msg := s.checkContent(); msg != "" {
+		return newError(ErrInvalid, "%s", msg)
+	}
+	if !img.Module.IsZero() && img.Module != s.Module {
+		return newError(ErrModuleMismatch, "snapshot %s is of module %s, the image of module %s",
+			s.ID.Short(), s.Module.Short(), img.Module.Short())
+	}
+	if s.Kind == Incremental {
+		switch {
+		case img.ID.IsZero():
+			return newError(ErrChain, "incremental snapshot %s (seq %d) on an empty image: a chain starts with a full snapshot",
+				s.ID.Short(), s.Seq)
+		case s.Parent != img.ID:
+			return newError(ErrChain, "snapshot %s (seq %d) follows %s, but the image is at %s (seq %d)",
+				s.ID.Short(), s.Seq, s.Parent.Short(), img.ID.Short(), img.Seq)
+		case s.Seq != img.Seq+1:
+			return newError(ErrChain, "snapshot %s has seq %d, the image is at seq %d", s.ID.Short(), s.Seq, img.Seq)
+		case s.MemorySize < uint64(len(img.Memory)):
+			return newError(ErrChain, "snapshot %s has %d bytes of memory, fewer than the image's %d (wasm memory never shrinks)",
+				s.ID.Short(), s.MemorySize, len(img.Memory))
+		}
+	}
+
+	// From here on nothing fails.
+	mem := img.Memory
+	size := int(s.MemorySize)
+	switch {
+	case s.Kind == Full:
+		// Fresh memory, also because s's pages may alias img.Memory
+		// (img.Snapshot()).
+		mem = make([]byte, size)
+	case cap(mem) >= size:
+		old := len(mem)
+		mem = mem[:size]
+		clear(mem[old:])
+	default:
+		grown := make([]byte, size)
+		copy(grown, mem)
+		mem = grown
+	}
+	for _, p := range s.Pages {
+		copy(mem[int(p.Index)*PageSize:], p.Data)
+	}
+	code, name := img.ModuleCode, img.ModuleName
+	if len(s.ModuleCode) > 0 {
+		code, name = slices.Clone(s.ModuleCode), s.ModuleName
+	} else if img.Module != s.Module {
+		code, name = nil, ""
+	}
+	*img = Image{
+		Module:     s.Module,
+		ID:         s.ID,
+		Seq:        s.Seq,
+		Memory:     mem,
+		Globals:    slices.Clone(s.Globals),
+		StackAddr:  s.StackAddr,
+		Stack:      slices.Clone(s.Stack),
+		Devices:    slices.Clone(s.Devices),
+		Meta:       s.Meta,
+		ModuleCode: code,
+		ModuleName: name,
+	}
+	return nil
+}
+
+// Restore reads a chain of snapshot files, a full snapshot followed by
+// incrementals in order, and returns the image at its end. Each file is
+// verified entirely before it is applied. With module non-nil, every file
+// must be of that module; with nil, of the first file's module.
+func Restore(module *Hash, paths ...string) (*Image, error) {
+	if len(paths) == 0 {
+		return nil, newError(ErrChain, "no snapshot to restore")
+	}
+	img := &Image{}
+	for i, p := range paths {
+		want := module
+		if want == nil && i > 0 {
+			want = &img.Module
+		}
+		s, err := ReadFile(p, want)
+		if err != nil {
+			return nil, err
+		}
+		if i == 0 && s.Kind != Full {
+			return nil, &Error{Kind: ErrChain, Path: p, Offset: -1,
+				Msg: fmt.Sprintf("the chain starts with an incremental snapshot (seq %d): restore needs its full snapshot first", s.Seq)}
+		}
+		if err := Apply(img, s); err != nil {
+			return nil, withPath(err, p)
+		}
+	}
+	return img, nil
+}
+
+// Snapshot returns a full snapshot of the image (its non-zero pages, which
+// alias img.Memory, and its state), for compacting a chain into one file.
+// Encode sets its ID.
+func (img *Image) Snapshot(meta Meta) *Snapshot {
+	s := &Snapshot{Kind: Full, Module: img.Module, Seq: img.Seq, MemorySize: uint64(len(img.Memory)),
+		Globals: img.Globals, StackAddr: img.StackAddr, Stack: img.Stack, Devices: img.Devices, Meta: meta,
+		ModuleCode: img.ModuleCode, ModuleName: img.ModuleName}
+	for _, i := range NonZeroPages(img.Memory) {
+		s.Pages = append(s.Pages, Page{Index: i, Data: img.Memory[int(i)*PageSize : (int(i)+1)*PageSize]})
+	}
+	return s
+}
+
+// NonZeroPages lists the pages of mem that a full snapshot must hold.
+func NonZeroPages(mem []byte) []uint32 {
+	var out []uint32
+	for i := 0; i+PageSize <= len(mem); i += PageSize {
+		if !isZero(mem[i : i+PageSize]) {
+			out = append(out, uint32(i/PageSize))
+		}
+	}
+	return out
+}
+
+// Stager copies pages out of guest memory into one reused buffer. That
+// copy is the only part of a checkpoint that needs the guest paused; the
+// snapshot is then encoded from the copy while the guest runs again.
+type Stager struct {
+	buf   []byte
+	pages []Page
+	idx   []uint32
+}
+
+// Stage copies the pages listed in indices (any order, duplicates allowed)
+// out of mem and returns them sorted, ready for a Snapshot. They stay
+// valid until the next Stage.
+func (st *Stager) Stage(mem []byte, indices []uint32) ([]Page, error) {
+	st.idx = append(st.idx[:0], indices...)
+	slices.Sort(st.idx)
+	st.idx = slices.Compact(st.idx)
+	n := len(st.idx)
+	if n > 0 && (uint64(st.idx[n-1])+1)*PageSize > uint64(len(mem)) {
+		return nil, fmt.Errorf("snapshot: page %d is beyond the memory's %d bytes", st.idx[n-1], len(mem))
+	}
+	if cap(st.buf) < n*PageSize {
+		st.buf = make([]byte, n*PageSize)
+	}
+	buf := st.buf[:n*PageSize]
+	st.pages = st.pages[:0]
+	for i, x := range st.idx {
+		d := buf[i*PageSize : (i+1)*PageSize]
+		copy(d, mem[int(x)*PageSize:])
+		st.pages = append(st.pages, Page{Index: x, Data: d})
+	}
+	return st.pages, nil
+}

@@ -1,0 +1,225 @@
+package tests
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"net"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/ftvm/ftvm/internal/guest"
+	"github.com/ftvm/ftvm/machine"
+	"github.com/ftvm/ftvm/machine/instrument"
+	"github.com/ftvm/ftvm/wasi"
+)
+
+// instrumented makes sure the instrumented form of a module is in the
+// shared cache before a CLI process needs it (instrumenting a Go module
+// takes a minute), and returns the module bytes.
+func instrumented(t *testing.T, wasm string) []byte {
+	t.Helper()
+	mod := readModule(t, wasm)
+	if _, err := instrument.Instrument(context.Background(), mod, ""); err != nil {
+		t.Fatal(err)
+	}
+	return mod
+}
+
+// countCalls runs a module uninterrupted through the library and returns
+// its stdout and how many host calls it made.
+func countCalls(t *testing.T, cfg machine.Config) (string, uint64) {
+	t.Helper()
+	var out syncBuffer
+	cfg.Stdout, cfg.Stderr, cfg.Stdin = &out, &out, strings.NewReader("")
+	ctx := context.Background()
+	m, err := machine.New(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close(ctx)
+	if code, err := m.Run(ctx); err != nil || code != 0 {
+		t.Fatalf("uninterrupted run: code %d err %v\n%s", code, err, out.String())
+	}
+	return out.String(), m.Info().Counters.HostCalls
+}
+
+// TestSnapshotEquivalence stops Go and C guests at many different host
+// calls (with files open and half written), writes a snapshot, restores it
+// in a new ftvm process, and checks that the two processes' combined output
+// and the files left behind equal those of an uninterrupted run.
+func TestSnapshotEquivalence(t *testing.T) {
+	cases := []struct {
+		name string
+		wasm string
+		args []string
+	}{
+		{"go", guest.MustGo(t, "testdata/guests/gowork"), []string{"40"}},
+		{"c", cGuest(t, "fileio", []string{"fileio.c"}), nil},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			mod := instrumented(t, c.wasm)
+			refDir := t.TempDir()
+			want, calls := countCalls(t, machine.Config{Module: mod, Name: c.wasm, Args: c.args,
+				Dirs: []wasi.Preopen{{HostPath: refDir, GuestPath: "/data"}}, Instrument: true})
+			wantTree := contentOnly(snapshotTree(t, refDir))
+			if calls < 10 {
+				t.Fatalf("only %d host calls", calls)
+			}
+			// Safe points early, in the middle and at the very end.
+			// (calls counts proc_exit, which is no safe point, and a CLI
+			// run may differ by a call or two from the library's: its
+			// stdout is a pipe.)
+			points := []uint64{1, 2, 3, 5, calls / 4, calls / 3, calls / 2, 2 * calls / 3, calls - 4, calls - 3}
+			for _, k := range points {
+				dir := t.TempDir()
+				snap := filepath.Join(t.TempDir(), "s.snap")
+				args := append([]string{"run", "--dir", dir + ":/data", "--snapshot-at-call", fmt.Sprint(k),
+					"--snapshot-out", snap, c.wasm}, c.args...)
+				first := runCLI(t, 2*time.Minute, "", args...)
+				if first.code != 0 {
+					t.Fatalf("call %d: first half exited %d\n%s", k, first.code, first.stderr)
+				}
+				second := runCLI(t, 2*time.Minute, "", "restore", "--module", c.wasm, snap)
+				if second.code != 0 {
+					t.Fatalf("call %d: restored half exited %d\n%s", k, second.code, second.stderr)
+				}
+				if got := first.stdout + second.stdout; got != want {
+					t.Errorf("call %d of %d: output differs from an uninterrupted run:\n%s", k, calls, diffLines(want, got))
+				}
+				if d := diffTrees(wantTree, contentOnly(snapshotTree(t, dir))); len(d) > 0 {
+					t.Errorf("call %d of %d: files differ: %v", k, calls, d)
+				}
+			}
+		})
+	}
+}
+
+// TestKVSnapshotRestore fills the KV server guest over TCP, snapshots it
+// with --stop through its API socket, restores it in a new process on
+// another port, and reads every key back; then it serves new writes.
+func TestKVSnapshotRestore(t *testing.T) {
+	wasm := guest.MustGo(t, "testdata/guests/kvserver")
+	instrumented(t, wasm)
+	dir := t.TempDir()
+	addr := freeAddr(t)
+	sock := filepath.Join(dir, "vm.sock")
+	p := startProc(t, ftvmBinary(t), "run", "--listen", "3="+addr, "--api-sock", sock, wasm)
+	waitKV(t, p, addr)
+	const n = 300
+	for i := 0; i < n; i++ {
+		if got := request(t, addr, fmt.Sprintf("SET key%d value%d", i, i*i)); got != "OK" {
+			t.Fatalf("SET: %q", got)
+		}
+	}
+	// A client connected while the snapshot is taken sees a reset after.
+	idle, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer idle.Close()
+
+	snap := filepath.Join(dir, "kv.snap")
+	res := runCLI(t, time.Minute, "", "snapshot", "--api-sock", sock, "--out", snap, "--stop")
+	if res.code != 0 {
+		t.Fatalf("ftvm snapshot: %d %s", res.code, res.stderr)
+	}
+	select {
+	case <-p.done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the VM did not stop after snapshot --stop")
+	}
+	if code := p.cmd.ProcessState.ExitCode(); code != 0 {
+		t.Fatalf("stopped VM exited %d", code)
+	}
+	insp := runCLI(t, time.Minute, "", "inspect", snap)
+	if insp.code != 0 || !strings.Contains(insp.stdout, "full") {
+		t.Errorf("inspect: %d %s %s", insp.code, insp.stdout, insp.stderr)
+	}
+
+	addr2 := freeAddr(t)
+	p2 := startProc(t, ftvmBinary(t), "restore", "--module", wasm, "--listen", "3="+addr2, snap)
+	waitKV(t, p2, addr2)
+	for i := 0; i < n; i++ {
+		if got, want := request(t, addr2, fmt.Sprintf("GET key%d", i)), fmt.Sprintf("VALUE value%d", i*i); got != want {
+			t.Fatalf("after restore GET key%d = %q, want %q", i, got, want)
+		}
+	}
+	if got := request(t, addr2, "SET after restore"); got != "OK" {
+		t.Fatalf("SET after restore: %q", got)
+	}
+	if got := request(t, addr2, "COUNT"); got != fmt.Sprintf("COUNT %d", n+1) {
+		t.Errorf("COUNT after restore: %q", got)
+	}
+}
+
+// proc is a background ftvm process.
+type proc struct {
+	cmd  *exec.Cmd
+	out  *syncBuffer
+	done chan struct{}
+}
+
+func startProc(t *testing.T, bin string, args ...string) *proc {
+	t.Helper()
+	p := &proc{out: &syncBuffer{}, done: make(chan struct{})}
+	p.cmd = exec.Command(bin, args...)
+	p.cmd.Stdout, p.cmd.Stderr = p.out, p.out
+	if err := p.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { p.cmd.Wait(); close(p.done) }()
+	t.Cleanup(func() {
+		select {
+		case <-p.done:
+		default:
+			p.cmd.Process.Kill()
+			<-p.done
+		}
+		if t.Failed() {
+			t.Logf("ftvm %v output:\n%s", args, p.out.String())
+		}
+	})
+	return p
+}
+
+// waitKV waits until the KV server at addr answers.
+func waitKV(t *testing.T, p *proc, addr string) {
+	t.Helper()
+	deadline := time.Now().Add(2 * time.Minute)
+	for {
+		select {
+		case <-p.done:
+			t.Fatalf("ftvm exited early: %v\n%s", p.cmd.ProcessState, p.out.String())
+		default:
+		}
+		c, err := net.DialTimeout("tcp", addr, time.Second)
+		if err == nil {
+			c.SetDeadline(time.Now().Add(30 * time.Second))
+			fmt.Fprintf(c, "COUNT\n")
+			line, err := bufio.NewReader(c).ReadString('\n')
+			c.Close()
+			if err == nil && strings.HasPrefix(line, "COUNT ") {
+				return
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("kvserver not reachable at %s: %v", addr, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// contentOnly drops modification times: a restored run writes its files
+// later than the uninterrupted one did.
+func contentOnly(tree map[string]treeEntry) map[string]treeEntry {
+	for p, e := range tree {
+		e.mtime = time.Time{}
+		tree[p] = e
+	}
+	return tree
+}
