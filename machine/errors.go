@@ -54,15 +54,18 @@ func newTrapError(err error) *TrapError {
 	return te
 }
 
-// FormatSize prints a byte count in binary units.
+// FormatSize prints a byte count in binary units (exact where it can be).
 func FormatSize(n uint64) string {
-	switch {
-	case n >= 1<<30 && n%(1<<30) == 0:
-		return fmt.Sprintf("%dGiB", n>>30)
-	case n >= 1<<20 && n%(1<<20) == 0:
-		return fmt.Sprintf("%dMiB", n>>20)
-	case n >= 1<<10 && n%(1<<10) == 0:
-		return fmt.Sprintf("%dKiB", n>>10)
+	for _, u := range []struct {
+		name string
+		size uint64
+	}{{"GiB", 1 << 30}, {"MiB", 1 << 20}, {"KiB", 1 << 10}} {
+		if n >= u.size {
+			if n%u.size == 0 {
+				return fmt.Sprintf("%d%s", n/u.size, u.name)
+			}
+			return fmt.Sprintf("%.1f%s", float64(n)/float64(u.size), u.name)
+		}
 	}
 	return fmt.Sprintf("%dB", n)
 }

@@ -136,6 +136,20 @@ func Names() map[string]bool {
 	return m
 }
 
+// Signature returns the parameter and result types of the call exported
+// as name, for checking a module's imports before it is instantiated.
+func Signature(name string) (params, results []api.ValueType, ok bool) {
+	for c, s := range signatures {
+		if s.name == name {
+			if Call(c) != CallProcExit {
+				results = []api.ValueType{i32}
+			}
+			return s.params, results, true
+		}
+	}
+	return nil, nil, false
+}
+
 // handler implements one call: p holds its parameters; it returns the errno.
 type handler func(d *Devices, m Mem, p []uint64) Errno
 

@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync/atomic"
 	"syscall"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -208,6 +209,9 @@ func exitOrNil(code int) error {
 	return &exitError{code: code}
 }
 
+// stopGrace is how long a signalled VM has to reach a host call and stop.
+const stopGrace = 3 * time.Second
+
 // caught remembers which signal stopped the VM, for the exit code.
 type caught struct{ sig atomic.Value }
 
@@ -231,6 +235,15 @@ func withSignals(ctx context.Context) (context.Context, *caught) {
 			c.sig.Store(s)
 			slog.Info("stopping the VM", "signal", s)
 			cancel()
+			// A guest that computes without making host calls does not
+			// see the stop; don't wait for it forever.
+			select {
+			case <-time.After(stopGrace):
+				slog.Warn("the guest did not reach a host call after the signal; exiting", "grace", stopGrace)
+				os.Exit(c.exitCode())
+			case <-ch:
+				os.Exit(c.exitCode())
+			}
 		case <-ctx.Done():
 		}
 		signal.Stop(ch)

@@ -80,6 +80,9 @@ func FuzzExportGlobals(f *testing.F) {
 		if err != nil || !bytes.Equal(again, out) || fmt.Sprint(globals2) != fmt.Sprint(globals) {
 			t.Fatalf("second pass: err %v, changed %v, globals %v vs %v", err, !bytes.Equal(again, out), globals2, globals)
 		}
+		if !wazeroSafe(mod) {
+			return
+		}
 		if c, err := rt.CompileModule(ctx, mod); err == nil {
 			c.Close(ctx)
 			c, err := rt.CompileModule(ctx, out)
@@ -106,4 +109,92 @@ func TestWriteFuzzSeeds(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+}
+
+// wazeroSafe filters out inputs that would make wazero's decoder allocate
+// by a declared count before it sees the bytes are missing (a code section
+// claiming 800 million bodies kills the fuzz worker): wazero is the oracle
+// here, not the target. It checks the counts wazero preallocates by: each
+// section's item count, function type arities and locals; element sections,
+// with their many encodings, are skipped altogether.
+func wazeroSafe(mod []byte) bool {
+	off := 8
+	u32 := func(b []byte, o *int) (uint64, bool) {
+		var v uint64
+		for shift := 0; shift < 35; shift += 7 {
+			if *o >= len(b) {
+				return 0, false
+			}
+			c := b[*o]
+			*o++
+			v |= uint64(c&0x7f) << shift
+			if c < 0x80 {
+				return v, true
+			}
+		}
+		return 0, false
+	}
+	for off < len(mod) {
+		id := mod[off]
+		off++
+		size, ok := u32(mod, &off)
+		if !ok || size > uint64(len(mod)-off) {
+			return true // wazero rejects this before allocating
+		}
+		body := mod[off : off+int(size)]
+		off += int(size)
+		if id == 0 || id == 8 || id == 12 {
+			continue
+		}
+		if id == 9 {
+			return false
+		}
+		o := 0
+		n, ok := u32(body, &o)
+		if !ok {
+			return true
+		}
+		if n > uint64(len(body)) {
+			return false
+		}
+		switch id {
+		case 1: // function types: 0x60, params, results
+			for i := uint64(0); i < n && o < len(body); i++ {
+				o++
+				for k := 0; k < 2; k++ {
+					c, ok := u32(body, &o)
+					if !ok || c > uint64(len(body)-o) {
+						return ok == false
+					}
+					o += int(c)
+				}
+			}
+		case 10: // bodies: size, local declarations
+			var locals uint64
+			for i := uint64(0); i < n; i++ {
+				bs, ok := u32(body, &o)
+				if !ok || bs > uint64(len(body)-o) {
+					return true
+				}
+				fb, fo := body[o:o+int(bs)], 0
+				o += int(bs)
+				decls, ok := u32(fb, &fo)
+				if !ok || decls > uint64(len(fb)) {
+					return !ok
+				}
+				for d := uint64(0); d < decls; d++ {
+					c, ok := u32(fb, &fo)
+					if !ok {
+						break
+					}
+					fo++
+					locals += c
+				}
+				if locals > 1<<16 {
+					return false
+				}
+			}
+		}
+	}
+	return true
 }

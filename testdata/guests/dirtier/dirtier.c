@@ -1,9 +1,10 @@
 // dirtier: a guest for checkpoint benchmarks. It owns a buffer of MIB
 // mebibytes and, in every round, writes one byte into each of PAGES pages
 // (a different set each round), then makes a host call: the safe point
-// where a pause can land. It runs ROUNDS rounds (0: forever).
+// where a pause can land; with SLEEP_US it then sleeps that long (a
+// poll_oneoff wait). It runs ROUNDS rounds (0: forever).
 //
-// usage: dirtier MIB PAGES ROUNDS
+// usage: dirtier MIB PAGES ROUNDS [SLEEP_US]
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -13,6 +14,7 @@ int main(int argc, char **argv) {
 	size_t mib = argc > 1 ? strtoul(argv[1], 0, 10) : 64;
 	size_t pages = argc > 2 ? strtoul(argv[2], 0, 10) : 100;
 	unsigned long rounds = argc > 3 ? strtoul(argv[3], 0, 10) : 0;
+	unsigned long sleep_us = argc > 4 ? strtoul(argv[4], 0, 10) : 0;
 	size_t npages = mib * 1024 * 1024 / 4096;
 	if (pages > npages)
 		pages = npages;
@@ -32,6 +34,10 @@ int main(int argc, char **argv) {
 			buf[((start + i) % npages) * 4096 + (x & 4095)] = (uint8_t)x;
 		}
 		clock_gettime(CLOCK_MONOTONIC, &ts); // the safe point
+		if (sleep_us) {
+			struct timespec d = {0, (long)sleep_us * 1000};
+			nanosleep(&d, 0);
+		}
 	}
 	printf("%u\n", buf[x % (npages * 4096)]);
 	return 0;
