@@ -11,16 +11,19 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
 trap cleanup EXIT
 
-say "building the guest: testdata/guests/kvserver (GOOS=wasip1 GOARCH=wasm)"
-GOOS=wasip1 GOARCH=wasm go build -o "$work/kvserver.wasm" ./testdata/guests/kvserver
-ls -l "$work/kvserver.wasm" | awk '{print $5" bytes"}'
-
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' 2>/dev/null || echo 18080)
-say "ftvm run --listen 127.0.0.1:$port --api-sock vm.sock kvserver.wasm"
-bin/ftvm run --listen "127.0.0.1:$port" --api-sock "$work/vm.sock" "$work/kvserver.wasm" 2>"$work/guest.err" &
-vm=$!
-pids+=("$vm")
-for _ in $(seq 100); do [ -S "$work/vm.sock" ] && break; sleep 0.05; done
+# ready waits until the KV server answers a request.
+ready() {
+	for _ in $(seq 1200); do
+		if exec 3<>"/dev/tcp/127.0.0.1/$port" 2>/dev/null; then
+			printf 'COUNT\n' >&3
+			if read -r -t 5 reply <&3 && [ -n "$reply" ]; then exec 3<&-; return 0; fi
+			exec 3<&-
+		fi
+		sleep 0.1
+	done
+	echo "the KV server did not answer" >&2
+	return 1
+}
 
 # kv sends one request line and prints the reply line.
 kv() {
@@ -30,6 +33,19 @@ kv() {
 	exec 3<&-
 	printf '  %-22s -> %s\n' "$1" "$reply"
 }
+
+say "building the guest: testdata/guests/kvserver (GOOS=wasip1 GOARCH=wasm)"
+GOOS=wasip1 GOARCH=wasm go build -o "$work/kvserver.wasm" ./testdata/guests/kvserver
+ls -l "$work/kvserver.wasm" | awk '{print $5" bytes"}'
+
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' 2>/dev/null || echo 18080)
+say "ftvm run --instrument=false --listen 127.0.0.1:$port --api-sock vm.sock kvserver.wasm"
+bin/ftvm run --instrument=false --listen "127.0.0.1:$port" --api-sock "$work/vm.sock" "$work/kvserver.wasm" 2>"$work/guest.err" &
+vm=$!
+pids+=("$vm")
+for _ in $(seq 600); do [ -S "$work/vm.sock" ] && break; sleep 0.05; done
+ready
+
 say "a client talks to the guest over real TCP"
 kv "SET greeting hello"
 kv "SET answer 42"
@@ -51,5 +67,49 @@ say "SIGTERM stops the VM; ftvm exits 143"
 kill -TERM "$vm"
 set +e; wait "$vm"; code=$?; set -e
 echo "  exit code: $code"
+
+# ---------------------------------------------------------------------------
+say "snapshot and restore: the VM moves to a new process and keeps its data"
+echo "  (the first run instruments the module with Asyncify: about a minute for a Go"
+echo "   module, once; it is cached by content hash)"
+bin/ftvm run --listen "127.0.0.1:$port" --api-sock "$work/vm2.sock" "$work/kvserver.wasm" 2>"$work/guest2.err" &
+vm=$!
+pids+=("$vm")
+for _ in $(seq 3000); do [ -S "$work/vm2.sock" ] && break; sleep 0.1; done
+ready
+
+# A writer keeps loading the server while the snapshot is taken.
+(
+	exec 4<>"/dev/tcp/127.0.0.1/$port"
+	for i in $(seq 1 100000); do
+		printf 'SET load%d %d\n' "$i" "$i" >&4
+		read -r _ <&4 || break
+		echo "$i" >"$work/acked.tmp" && mv "$work/acked.tmp" "$work/acked"
+	done
+) 2>/dev/null &
+writer=$!
+pids+=("$writer")
+for _ in $(seq 100); do [ -s "$work/acked" ] && [ "$(cat "$work/acked")" -ge 200 ] && break; sleep 0.1; done
+echo "  writes acknowledged so far: $(cat "$work/acked" 2>/dev/null)"
+bin/ftvm snapshot --api-sock "$work/vm2.sock" --out "$work/kv.snap" --stop
+set +e; wait "$vm"; echo "  the original VM has stopped (exit $?)"; set -e
+sleep 0.2
+acked=$(cat "$work/acked")
+echo "  writes acknowledged before the stop: $acked"
+
+say "ftvm inspect kv.snap"
+bin/ftvm inspect "$work/kv.snap" | sed 's/^/  /'
+
+say "ftvm restore kv.snap: a new process continues the guest"
+bin/ftvm restore "$work/kv.snap" 2>"$work/guest3.err" &
+vm=$!
+pids+=("$vm")
+ready
+kv "GET load1"
+kv "GET load$acked"
+kv "COUNT"
+kv "SET after restore"
+kv "GET after"
+
 echo
-echo "guest stderr:"; sed 's/^/  /' "$work/guest.err"
+echo "guest stderr:"; cat "$work/guest.err" "$work/guest2.err" "$work/guest3.err" | sed 's/^/  /'
