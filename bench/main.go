@@ -11,6 +11,7 @@
 //	cpu    CPU-bound guests (Go and C): run time, ftvm vs wazero vs native
 //	calls  host-call overhead in ns per call, measured inside the guest
 //	kv     the KV server guest: throughput, latency and idle CPU
+//	snapshot  checkpoint pause vs dirty pages, restore time, dirty tracking
 //
 // Performance claims about ftvm come from this harness, never from timed tests.
 package main
@@ -67,11 +68,12 @@ var groups = []group{
 	{"cpu", "CPU-bound guests", runCPU},
 	{"calls", "Host-call overhead", runCalls},
 	{"kv", "KV server guest over loopback TCP", runKV},
+	{"snapshot", "Checkpoints: pause, restore, dirty tracking", runSnapshot},
 }
 
 func main() {
 	out := flag.String("out", "-", "write the report here (- for stdout)")
-	only := flag.String("only", "", "run only these groups (comma-separated: cpu,calls,kv)")
+	only := flag.String("only", "", "run only these groups (comma-separated: cpu,calls,kv,snapshot)")
 	quick := flag.Bool("quick", false, "fast smoke run: fewer runs, smaller counts")
 	runs := flag.Int("runs", 0, "runs per measurement (default 5, 1 with -quick; the calls and kv groups and the CLI rows use at most 3)")
 	cpuprofile := flag.String("cpuprofile", "", "write a CPU profile of the harness (and the in-process guests) here")
@@ -92,7 +94,7 @@ func main() {
 	}
 	for n := range selected {
 		if !knownGroup(n) {
-			fatalf("-only %q: no such group (cpu, calls, kv)", n)
+			fatalf("-only %q: no such group (cpu, calls, kv, snapshot)", n)
 		}
 	}
 	if *cpuprofile != "" {
@@ -169,7 +171,7 @@ func run(ctx context.Context, e *env, selected map[string]bool, only, out string
 	doc.WriteString("# ftvm benchmarks\n\n")
 	doc.WriteString("Written by the benchmark harness (bench/); do not edit by hand. ")
 	doc.WriteString("Regenerate everything with `make bench` (`go run ./bench -out BENCHMARKS.md`), ")
-	doc.WriteString("one group with `go run ./bench -only NAME` (cpu, calls, kv; prints to stdout), ")
+	doc.WriteString("one group with `go run ./bench -only NAME` (cpu, calls, kv, snapshot; prints to stdout), ")
 	doc.WriteString("a fast smoke run with `go run ./bench -quick`.\n\n")
 	doc.WriteString("Every table compares ftvm (wazero's compiler over ftvm's own device layer, package wasi; the module ")
 	doc.WriteString("Asyncify-instrumented as `ftvm run` does by default, and as built with `--instrument=false`) with ")

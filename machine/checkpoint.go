@@ -82,7 +82,7 @@ func (m *Machine) safePoint(ctx context.Context, mod api.Module, c wasi.Call) bo
 		if _, err := m.asy.stopRewind.Call(ctx); err != nil {
 			panic(fmt.Errorf("asyncify_stop_rewind: %w", err))
 		}
-		m.returnScratch()
+		m.returnScratch(8 + uint32(len(m.stack.blob)))
 		if !m.pauseStart.IsZero() {
 			m.pauses.record(time.Since(m.pauseStart))
 			m.pauseStart = time.Time{}
@@ -109,7 +109,9 @@ func (m *Machine) safePoint(ctx context.Context, mod api.Module, c wasi.Call) bo
 	}
 	m.pauseStart = time.Now()
 	addr := uint32(len(mem) - scratchSize)
-	m.borrowScratch(addr)
+	// The stack's size is unknown until it is unwound: save it all. Only
+	// the part Asyncify writes is put back afterwards.
+	m.borrowScratch(addr, scratchSize)
 	binary.LittleEndian.PutUint32(mem[addr:], addr+8)
 	binary.LittleEndian.PutUint32(mem[addr+4:], addr+scratchSize)
 	if _, err := m.asy.startUnwind.Call(ctx, uint64(addr)); err != nil {
@@ -120,16 +122,18 @@ func (m *Machine) safePoint(ctx context.Context, mod api.Module, c wasi.Call) bo
 	return true
 }
 
-// borrowScratch saves the bytes of the region at addr.
-func (m *Machine) borrowScratch(addr uint32) {
+// borrowScratch saves the first n bytes of the region at addr.
+func (m *Machine) borrowScratch(addr, n uint32) {
 	mem := m.alloc.mem.Bytes()
 	m.scratchAddr = addr
-	m.scratchSaved = append(m.scratchSaved[:0], mem[addr:addr+scratchSize]...)
+	m.scratchSaved = append(m.scratchSaved[:0], mem[addr:addr+n]...)
 }
 
-// returnScratch puts the borrowed region's bytes back.
-func (m *Machine) returnScratch() {
-	copy(m.alloc.mem.Bytes()[m.scratchAddr:], m.scratchSaved)
+// returnScratch puts back the first n bytes of the borrowed region (all
+// that was written to it), at most what was saved.
+func (m *Machine) returnScratch(n uint32) {
+	n = min(n, uint32(len(m.scratchSaved)))
+	copy(m.alloc.mem.Bytes()[m.scratchAddr:], m.scratchSaved[:n])
 }
 
 // afterUnwind runs when _start has returned because of an unwind: it ends
@@ -148,7 +152,7 @@ func (m *Machine) afterUnwind(ctx context.Context) error {
 	}
 	m.stack.end = end
 	m.stack.blob = append(m.stack.blob[:0], mem[a+8:pos]...)
-	m.returnScratch()
+	m.returnScratch(pos - a)
 	return nil
 }
 
@@ -161,7 +165,9 @@ func (m *Machine) beforeRewind(ctx context.Context) error {
 		return fmt.Errorf("the saved wasm stack (%d bytes at %#x) does not fit the memory (%d bytes)",
 			len(m.stack.blob), a, len(mem))
 	}
-	m.borrowScratch(a)
+	// Rewinding only reads the stack back (and moves the header's
+	// position), so only that much is borrowed.
+	m.borrowScratch(a, 8+uint32(len(m.stack.blob)))
 	binary.LittleEndian.PutUint32(mem[a:], a+8+uint32(len(m.stack.blob)))
 	binary.LittleEndian.PutUint32(mem[a+4:], m.stack.end)
 	copy(mem[a+8:], m.stack.blob)

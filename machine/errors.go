@@ -26,6 +26,9 @@ type TrapError struct {
 	// MemoryRefused is non-zero when the guest had been refused memory growth
 	// beyond the memory limit before it trapped: the likely cause.
 	MemoryRefused uint64
+	// Instrumented says the module ran instrumented: the optimizer that
+	// follows Asyncify inlines functions, so frames may be missing.
+	Instrumented bool
 }
 
 func (e *TrapError) Error() string {
@@ -38,6 +41,10 @@ func (e *TrapError) Error() string {
 	if e.Stack != "" {
 		b.WriteString("\nwasm stack trace:\n")
 		b.WriteString(e.Stack)
+	}
+	if e.Instrumented {
+		b.WriteString("\n(the module ran instrumented for safe points, which inlines functions: " +
+			"run it with --instrument=false for every frame)")
 	}
 	return b.String()
 }

@@ -198,7 +198,7 @@ func New(ctx context.Context, cfg Config) (*Machine, error) {
 	}
 	m.rt = wazero.NewRuntimeWithConfig(ctx, rc)
 	t0 := time.Now()
-	m.compiled, err = m.rt.CompileModule(ctx, code)
+	m.compiled, err = compile(ctx, m.rt, code)
 	m.compileTime = time.Since(t0)
 	if err != nil {
 		m.Close(ctx)
@@ -331,6 +331,7 @@ func (m *Machine) exit(ctx context.Context, err error) (uint32, error) {
 
 func (m *Machine) runError(err error) error {
 	te := newTrapError(err)
+	te.Instrumented = m.inst != nil
 	if m.alloc.mem != nil {
 		te.MemoryRefused = m.alloc.mem.refused.Load()
 	}
@@ -459,4 +460,16 @@ func (m *Machine) Info() Info {
 	info.DirtyTracker = m.trackerKind
 	m.mu.Unlock()
 	return info
+}
+
+// compile runs wazero's compiler, turning a panic of its decoder on a
+// hostile module (it has had such bugs) into an error: bad input must never
+// take the host process down.
+func compile(ctx context.Context, rt wazero.Runtime, code []byte) (c wazero.CompiledModule, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("the compiler failed on it: %v", r)
+		}
+	}()
+	return rt.CompileModule(ctx, code)
 }
