@@ -81,3 +81,47 @@ func TestSnapshotStopRestore(t *testing.T) {
 		t.Errorf("restore with another module: %v", err)
 	}
 }
+
+// TestSnapshotBeforeFirstSafePoint asks for a snapshot before the guest has
+// even started: the request waits for the first safe point instead of
+// failing, and the snapshot restores.
+func TestSnapshotBeforeFirstSafePoint(t *testing.T) {
+	mod := hello(t)
+	ctx := context.Background()
+	var out bytes.Buffer
+	m, err := machine.New(ctx, machine.Config{Module: mod, Name: "hello", Stdin: strings.NewReader(""),
+		Stdout: &out, Stderr: &out, CacheDir: t.TempDir(), Instrument: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close(ctx)
+	path := filepath.Join(t.TempDir(), "early.snap")
+	got := make(chan error, 1)
+	go func() {
+		_, err := m.Snapshot(ctx, path, machine.SnapshotOptions{Stop: true})
+		got <- err
+	}()
+	time.Sleep(50 * time.Millisecond) // the request is waiting before Run starts
+	if _, err := m.Run(ctx); err != machine.ErrStopped {
+		t.Fatalf("run: %v, want ErrStopped", err)
+	}
+	if err := <-got; err != nil {
+		t.Fatal(err)
+	}
+	if out.Len() != 0 {
+		t.Errorf("the guest printed %q before its first host call", out.String())
+	}
+	hash := snapshot.ModuleHash(mod)
+	img, err := snapshot.Restore(&hash, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var rest bytes.Buffer
+	if code, err := machine.Run(ctx, machine.Config{Module: mod, Name: "hello", Restore: img,
+		Stdin: strings.NewReader(""), Stdout: &rest, Stderr: &rest, CacheDir: t.TempDir()}); err != nil || code != 0 {
+		t.Fatalf("restored: %d %v", code, err)
+	}
+	if !strings.Contains(rest.String(), "hello from a guest") {
+		t.Errorf("restored output %q", rest.String())
+	}
+}
