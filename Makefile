@@ -33,9 +33,13 @@ bench: build
 
 # Short fuzzing runs of every fuzz target (FUZZTIME=30s by default).
 FUZZTIME ?= 30s
+FUZZFLAGS = -run '^$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s
 fuzz: deps
-	$(GO) test ./machine -run '^$$' -fuzz FuzzScanModule -fuzztime $(FUZZTIME)
-	$(GO) test ./wasi -run '^$$' -fuzz FuzzDevices -fuzztime $(FUZZTIME)
+	$(GO) test ./machine $(FUZZFLAGS) -fuzz FuzzScanModule
+	$(GO) test ./machine/instrument $(FUZZFLAGS) -fuzz FuzzExportGlobals
+	$(GO) test ./snapshot $(FUZZFLAGS) -fuzz 'FuzzDecode$$'
+	$(GO) test ./snapshot $(FUZZFLAGS) -fuzz FuzzDecodeResigned
+	$(GO) test ./wasi $(FUZZFLAGS) -fuzz FuzzDevices
 
 clean:
 	rm -rf bin

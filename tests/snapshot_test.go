@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
@@ -70,6 +71,15 @@ func TestSnapshotEquivalence(t *testing.T) {
 				first := runCLI(t, 2*time.Minute, "", args...)
 				if first.code != 0 {
 					t.Fatalf("call %d: first half exited %d\n%s", k, first.code, first.stderr)
+				}
+				if _, err := os.Stat(snap); err != nil && strings.Contains(first.stderr, "no snapshot written") {
+					// A Go guest's call count varies a little from run to
+					// run (its scheduler reads clocks): this run ended
+					// before call k. It must still equal the reference.
+					if first.stdout != want {
+						t.Errorf("call %d (not reached): output differs:\n%s", k, diffLines(want, first.stdout))
+					}
+					continue
 				}
 				second := runCLI(t, 2*time.Minute, "", "restore", "--module", c.wasm, snap)
 				if second.code != 0 {

@@ -19,7 +19,8 @@ import (
 
 var (
 	benchScale = flag.Int("cpuscale", 4, "scale argument of the CPU-bound benchmark guests")
-	variants   = flag.String("variants", "", "comma-separated instrumented builds of testdata/guests/gocpu for BenchmarkVariants")
+	variants   = flag.String("variants", "", "comma-separated instrumented builds of the -variants-of guest, for BenchmarkVariants")
+	variantsOf = flag.String("variants-of", "go", "the guest -variants are builds of: go (testdata/guests/gocpu) or c (testdata/guests/c/cpu.c)")
 )
 
 type cpuBench struct {
@@ -109,14 +110,16 @@ func BenchmarkOverhead(b *testing.B) {
 	}
 }
 
-// BenchmarkVariants is BenchmarkOverhead for other instrumentations of the
-// Go guest (made by hand with wasm-opt, see RESULTS.md), listed with
-// -variants.
+// BenchmarkVariants is BenchmarkOverhead for other instrumentations of a
+// guest (made by hand with wasm-opt, see RESULTS.md), listed with -variants.
 func BenchmarkVariants(b *testing.B) {
 	if *variants == "" {
 		b.Skip("no -variants given")
 	}
 	orig := goGuest(b, "testdata/guests/gocpu")
+	if *variantsOf == "c" {
+		orig = cGuest(b, "cpu", "testdata/guests/c/cpu.c")
+	}
 	args := []string{strconv.Itoa(*benchScale)}
 	want := run(b, orig, "", args...)
 	for _, path := range strings.Split(*variants, ",") {

@@ -44,8 +44,10 @@ var AsyncifyExports = []string{ExportStartUnwind, ExportStopUnwind, ExportStartR
 // globals), Rust (its wasm32-wasip1 default adds multivalue and
 // reference-types) and clang 14 (MVP) emit. wasm-opt rejects a module that
 // uses a feature not enabled; everything here is in wazero's wasm 2.0 set,
-// so what -O2 may emit with them still compiles. SIMD, threads, tail calls,
-// exceptions, GC and memory64 stay off: wazero or Asyncify cannot take them.
+// so what the optimizer may emit with them still compiles. SIMD stays off because no
+// default build emits it (a module built with -msimd128 is refused by
+// wasm-opt's validator, with its message); threads, tail calls, exceptions,
+// GC and memory64 because wazero or Asyncify cannot take them.
 var Features = []string{
 	"--enable-bulk-memory",
 	"--enable-sign-ext",
@@ -57,14 +59,14 @@ var Features = []string{
 
 // Version is part of every cache key; bump it when the output of Instrument
 // changes for the same input and tool.
-const Version = "1"
+const Version = "2"
 
 // WasmOpt is the wasm-opt binary, looked up in PATH unless it has a slash.
 var WasmOpt = "wasm-opt"
 
-// Timeout bounds one wasm-opt run; a Go module takes about a minute on two
-// cores.
-var Timeout = 10 * time.Minute
+// Timeout bounds one wasm-opt run. A 3 MB Go module takes about a minute
+// on two cores and 0.5 GB; time grows about linearly with size.
+var Timeout = 20 * time.Minute
 
 // Instrumented is a module ready for capture and restore.
 type Instrumented struct {
@@ -103,10 +105,13 @@ func DefaultCacheDir() string {
 	return filepath.Join(base, "ftvm", "instrumented")
 }
 
-// Instrument applies Asyncify to mod, optimizes with -O2 (without it a Go
-// module doubles in size and runs several times slower) and exports every
-// global. cacheDir "" means DefaultCacheDir(), "-" no cache. Concurrent
-// callers, in this process or others, instrument a given module once.
+// Instrument applies Asyncify to mod, optimizes the result with -O4 and
+// exports every global. Optimizing after Asyncify is essential (unoptimized,
+// a Go module doubles in size and runs several times slower); -O4 rather
+// than -O2 because Asyncify costs a CPU-bound Go guest +48 % after -O2, +15 %
+// after -O3 and +10 % after -O4, for 1.7 times wasm-opt's CPU time (RESULTS.md).
+// cacheDir "" means DefaultCacheDir(), "-" no cache. Concurrent callers, in
+// this process or others, instrument a given module once.
 func Instrument(ctx context.Context, mod []byte, cacheDir string) (*Instrumented, error) {
 	m, err := parse(mod)
 	if err != nil {
@@ -201,7 +206,7 @@ func wasmOptArgs(safePoints []string) []string {
 	} else {
 		args = append(args, "--pass-arg=asyncify-imports@"+strings.Join(safePoints, ","))
 	}
-	return append(args, "-O2")
+	return append(args, "-O4")
 }
 
 func cacheKey(mod []byte, version string, args []string) string {
