@@ -45,20 +45,26 @@ type asyncify struct {
 	startUnwind, stopUnwind, startRewind, stopRewind api.Function
 }
 
-// control is the rendezvous between pausers and the guest goroutine.
+// control is the rendezvous between pausers and the guest goroutine. A
+// pauser queues its work; the guest goroutine, once unwound at a safe point,
+// runs the queued work itself and continues at once: no goroutine has to be
+// scheduled while the guest is stopped.
 type control struct {
-	mu   sync.Mutex
-	cond *sync.Cond
-	// want counts pausers waiting for the guest to stop; atomic so that the
-	// safe point on every host call reads it without the lock.
-	want atomic.Int32
-	// paused is true while the guest is stopped at a safe point.
-	paused bool
-	// gen counts pauses, so a pauser knows its pause has begun.
-	gen uint64
-	// release is set by the pauser that is done; stop ends the VM.
-	release, stop bool
-	ended         bool
+	mu    sync.Mutex
+	queue []*pauseJob
+	// want counts queued jobs; atomic so that the safe point on every host
+	// call reads it without the lock.
+	want  atomic.Int32
+	ended bool
+	// stop is set by a job (Paused.Stop): the VM ends at this safe point.
+	stop bool
+}
+
+// pauseJob is one WithPaused call waiting for, or running in, a pause.
+type pauseJob struct {
+	fn   func(p *Paused) error
+	err  error
+	done chan struct{}
 }
 
 // scratchSize is the region borrowed for the Asyncify stack. Go keeps its
@@ -98,7 +104,7 @@ func (m *Machine) safePoint(ctx context.Context, mod api.Module, c wasi.Call) bo
 	} else if !m.pauseWanted() {
 		return false
 	}
-	mem := m.alloc.mem.Bytes()
+	mem := m.alloc.memory().Bytes()
 	if uint64(len(mem)) < 2*scratchSize {
 		// Too small to borrow from; pause at a later call.
 		if m.autoSnap {
@@ -124,7 +130,7 @@ func (m *Machine) safePoint(ctx context.Context, mod api.Module, c wasi.Call) bo
 
 // borrowScratch saves the first n bytes of the region at addr.
 func (m *Machine) borrowScratch(addr, n uint32) {
-	mem := m.alloc.mem.Bytes()
+	mem := m.alloc.memory().Bytes()
 	m.scratchAddr = addr
 	m.scratchSaved = append(m.scratchSaved[:0], mem[addr:addr+n]...)
 }
@@ -133,7 +139,7 @@ func (m *Machine) borrowScratch(addr, n uint32) {
 // that was written to it), at most what was saved.
 func (m *Machine) returnScratch(n uint32) {
 	n = min(n, uint32(len(m.scratchSaved)))
-	copy(m.alloc.mem.Bytes()[m.scratchAddr:], m.scratchSaved[:n])
+	copy(m.alloc.memory().Bytes()[m.scratchAddr:], m.scratchSaved[:n])
 }
 
 // afterUnwind runs when _start has returned because of an unwind: it ends
@@ -143,7 +149,7 @@ func (m *Machine) afterUnwind(ctx context.Context) error {
 	if _, err := m.asy.stopUnwind.Call(ctx); err != nil {
 		return fmt.Errorf("asyncify_stop_unwind: %w", err)
 	}
-	mem := m.alloc.mem.Bytes()
+	mem := m.alloc.memory().Bytes()
 	a := m.stack.addr
 	pos := binary.LittleEndian.Uint32(mem[a:])
 	end := binary.LittleEndian.Uint32(mem[a+4:])
@@ -159,7 +165,7 @@ func (m *Machine) afterUnwind(ctx context.Context) error {
 // beforeRewind borrows the scratch region again, puts the stack back as the
 // unwind left it, and arms the rewind; the next _start call rewinds.
 func (m *Machine) beforeRewind(ctx context.Context) error {
-	mem := m.alloc.mem.Bytes()
+	mem := m.alloc.memory().Bytes()
 	a := m.stack.addr
 	if uint64(a)+8+uint64(len(m.stack.blob)) > uint64(len(mem)) || a+scratchSize > uint32(len(mem)) {
 		return fmt.Errorf("the saved wasm stack (%d bytes at %#x) does not fit the memory (%d bytes)",
@@ -180,29 +186,23 @@ func (m *Machine) beforeRewind(ctx context.Context) error {
 
 func (m *Machine) pauseWanted() bool { return m.ctl.want.Load() > 0 }
 
-// stopped runs on the guest goroutine while the guest is unwound: it lets
-// the pausers in and waits until one releases it. It reports whether the
-// VM must end here.
+// stopped runs on the guest goroutine while the guest is unwound: it runs
+// the queued pausers' work on the stopped VM, and reports whether the VM
+// must end here.
 func (m *Machine) stopped(ctx context.Context) (stop bool) {
 	m.dev.ClearPause()
 	c := &m.ctl
 	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.paused, c.release = true, false
-	c.gen++
-	c.cond.Broadcast()
-	stopWait := context.AfterFunc(ctx, func() {
-		c.mu.Lock()
-		c.stop = true
-		c.cond.Broadcast()
-		c.mu.Unlock()
-	})
-	defer stopWait()
-	for !c.release && !c.stop {
-		c.cond.Wait()
+	jobs := c.queue
+	c.queue = nil
+	c.want.Add(-int32(len(jobs)))
+	c.mu.Unlock()
+	p := &Paused{m: m}
+	for _, j := range jobs {
+		j.err = j.fn(p)
+		close(j.done)
 	}
-	c.paused = false
-	return c.stop
+	return c.stop || ctx.Err() != nil
 }
 
 // Paused is a VM stopped at a safe point, handed to the function given to
@@ -212,59 +212,58 @@ type Paused struct {
 }
 
 // WithPaused stops the guest at its next safe point, runs fn on the stopped
-// VM, and lets the guest continue (or end, if fn called Stop). A VM that has
-// not reached its first safe point yet is waited for.
+// VM, and lets the guest continue (or end, if fn called Stop). fn runs on the
+// guest's own goroutine, so the guest is stopped exactly as long as fn and
+// the unwind and rewind take. A VM that has not reached its first safe point
+// yet is waited for.
 func (m *Machine) WithPaused(ctx context.Context, fn func(p *Paused) error) error {
 	if m.inst == nil {
 		return ErrNotInstrumented
 	}
+	job := &pauseJob{fn: fn, done: make(chan struct{})}
 	c := &m.ctl
 	c.mu.Lock()
 	if c.ended {
 		c.mu.Unlock()
 		return ErrNotRunning
 	}
+	c.queue = append(c.queue, job)
 	c.want.Add(1)
+	c.mu.Unlock()
 	m.dev.RequestPause()
-	cancelWait := context.AfterFunc(ctx, func() {
-		c.mu.Lock()
-		c.cond.Broadcast()
-		c.mu.Unlock()
-	})
-	// Wait for a pause of our own: not the tail of the previous pauser's,
-	// which the guest has been told to leave (release), or a pauser in a
-	// loop would never let the guest run.
-	for !(c.paused && !c.release) && !c.ended && ctx.Err() == nil {
-		c.cond.Wait()
+	select {
+	case <-job.done:
+		return job.err
+	case <-ctx.Done():
 	}
-	cancelWait()
-	c.want.Add(-1)
-	if !c.paused || c.release {
-		if c.want.Load() == 0 {
-			m.dev.ClearPause()
-		}
-		c.mu.Unlock()
-		if ctx.Err() != nil {
+	// Withdraw the job unless the guest goroutine has taken it already.
+	c.mu.Lock()
+	for i, q := range c.queue {
+		if q == job {
+			c.queue = append(c.queue[:i], c.queue[i+1:]...)
+			c.want.Add(-1)
+			c.mu.Unlock()
 			return ctx.Err()
 		}
-		return ErrNotRunning
 	}
-	// Keep the lock: one pauser at a time works on the stopped VM.
-	defer func() {
-		c.release = true
-		c.cond.Broadcast()
-		c.mu.Unlock()
-	}()
-	return fn(&Paused{m: m})
+	c.mu.Unlock()
+	<-job.done
+	return job.err
 }
 
-// end marks the VM as ended for pausers.
+// endControl marks the VM as ended: queued pausers get ErrNotRunning.
 func (m *Machine) endControl() {
 	c := &m.ctl
 	c.mu.Lock()
 	c.ended = true
-	c.cond.Broadcast()
+	jobs := c.queue
+	c.queue = nil
+	c.want.Add(-int32(len(jobs)))
 	c.mu.Unlock()
+	for _, j := range jobs {
+		j.err = ErrNotRunning
+		close(j.done)
+	}
 }
 
 // Stop makes the VM end once the pauser returns, without running the guest
@@ -272,7 +271,7 @@ func (m *Machine) endControl() {
 func (p *Paused) Stop() { p.m.ctl.stop = true }
 
 // Memory is the guest's linear memory, aliased: valid while paused.
-func (p *Paused) Memory() []byte { return p.m.alloc.mem.Bytes() }
+func (p *Paused) Memory() []byte { return p.m.alloc.memory().Bytes() }
 
 // DirtyPages appends the indices of the 4 KiB pages written since the
 // previous call (or since the VM started) to dst.
@@ -335,7 +334,7 @@ func (m *Machine) bindInstrumented(mod api.Module) error {
 
 // startTracking begins dirty-page tracking of linear memory.
 func (m *Machine) startTracking() {
-	lm := m.alloc.mem
+	lm := m.alloc.memory()
 	if lm == nil || lm.region == nil {
 		return
 	}
@@ -364,7 +363,7 @@ func (m *Machine) restoreState(ctx context.Context, mod api.Module, img *snapsho
 			return fmt.Errorf("cannot grow memory to the snapshot's %s", FormatSize(want))
 		}
 	}
-	buf := m.alloc.mem.Bytes()
+	buf := m.alloc.memory().Bytes()
 	if uint64(len(buf)) != uint64(len(img.Memory)) {
 		return fmt.Errorf("memory is %s, the snapshot's %s", FormatSize(uint64(len(buf))), FormatSize(uint64(len(img.Memory))))
 	}

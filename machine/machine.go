@@ -153,7 +153,6 @@ func New(ctx context.Context, cfg Config) (*Machine, error) {
 	sum := sha256.Sum256(cfg.Module)
 	m := &Machine{cfg: cfg, info: info, hash: hex.EncodeToString(sum[:]), moduleHash: sum, state: StateCreated,
 		alloc: &allocator{limit: cfg.MemoryLimit}}
-	m.ctl.cond = sync.NewCond(&m.ctl.mu)
 	if cfg.Restore != nil {
 		if cfg.Restore.Module != m.moduleHash {
 			return nil, &ModuleError{Module: cfg.Name, Reason: fmt.Sprintf(
@@ -332,8 +331,8 @@ func (m *Machine) exit(ctx context.Context, err error) (uint32, error) {
 func (m *Machine) runError(err error) error {
 	te := newTrapError(err)
 	te.Instrumented = m.inst != nil
-	if m.alloc.mem != nil {
-		te.MemoryRefused = m.alloc.mem.refused.Load()
+	if m.alloc.memory() != nil {
+		te.MemoryRefused = m.alloc.memory().refused.Load()
 	}
 	return te
 }
@@ -355,10 +354,10 @@ func (m *Machine) finish(s State, code uint32) {
 
 // MemoryRefused is the largest memory size (bytes) the limit refused, or 0.
 func (m *Machine) MemoryRefused() uint64 {
-	if m.alloc.mem == nil {
+	if m.alloc.memory() == nil {
 		return 0
 	}
-	return m.alloc.mem.refused.Load()
+	return m.alloc.memory().refused.Load()
 }
 
 // Devices is the VM's device layer.
@@ -438,8 +437,8 @@ func (m *Machine) Info() Info {
 		info.ExitCode = &code
 	}
 	m.mu.Unlock()
-	if m.alloc.mem != nil {
-		info.MemoryBytes = m.alloc.mem.size.Load()
+	if m.alloc.memory() != nil {
+		info.MemoryBytes = m.alloc.memory().size.Load()
 	}
 	c := m.dev.Counters()
 	info.Counters = Counters{Calls: map[string]uint64{}, BytesIn: c.BytesIn.Load(), BytesOut: c.BytesOut.Load(),

@@ -73,11 +73,15 @@ func (m *linearMemory) Bytes() []byte { return m.region[:m.size.Load()] }
 // command module has exactly one memory.
 type allocator struct {
 	limit uint64
-	mem   *linearMemory
+	// mem is set on the guest goroutine and read by Info on others.
+	mem atomic.Pointer[linearMemory]
 }
 
 func (a *allocator) Allocate(cap, max uint64) experimental.LinearMemory {
 	m := newLinearMemory(max, a.limit)
-	a.mem = m
+	a.mem.Store(m)
 	return m
 }
+
+// memory is the guest's linear memory, nil before instantiation.
+func (a *allocator) memory() *linearMemory { return a.mem.Load() }
