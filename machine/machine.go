@@ -166,7 +166,14 @@ func New(ctx context.Context, cfg Config) (*Machine, error) {
 	if cfg.Instrument {
 		dir := cfg.InstrumentCacheDir
 		t0 := time.Now()
+		// wasm-opt takes about a minute on a Go module the first time;
+		// say so rather than seem to hang.
+		notice := time.AfterFunc(time.Second, func() {
+			slog.Warn("instrumenting the module for safe points (once per module; cached afterwards)",
+				"module", cfg.Name)
+		})
 		m.inst, err = instrument.Instrument(ctx, cfg.Module, dir)
+		notice.Stop()
 		if err != nil {
 			var missing *instrument.MissingToolError
 			if errors.As(err, &missing) || ctx.Err() != nil {
