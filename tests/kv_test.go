@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"os/exec"
 	"strconv"
 	"strings"
 	"sync"
@@ -31,13 +30,6 @@ func freeAddr(t *testing.T) string {
 	return l.Addr().String()
 }
 
-// vmProc is an ftvm process running a guest.
-type vmProc struct {
-	cmd    *exec.Cmd
-	stderr *syncBuffer
-	done   chan struct{}
-}
-
 type syncBuffer struct {
 	mu sync.Mutex
 	b  bytes.Buffer
@@ -56,55 +48,17 @@ func (s *syncBuffer) String() string {
 }
 
 // startKV runs the kvserver guest under ftvm, listening on addr, and waits
-// until it answers.
-func startKV(t *testing.T, addr string) *vmProc {
+// until it answers with an empty store.
+func startKV(t *testing.T, addr string) *proc {
 	t.Helper()
 	wasm := guest.MustGo(t, "testdata/guests/kvserver")
-	p := &vmProc{stderr: &syncBuffer{}, done: make(chan struct{})}
 	// Devices are under test here, not snapshots: run the module as it is.
-	p.cmd = exec.Command(ftvmBinary(t), "run", "--instrument=false", "--listen", "3="+addr, wasm)
-	p.cmd.Stdout = p.stderr
-	p.cmd.Stderr = p.stderr
-	if err := p.cmd.Start(); err != nil {
-		t.Fatal(err)
+	p := startProc(t, ftvmBinary(t), "run", "--instrument=false", "--listen", "3="+addr, wasm)
+	waitKV(t, p, addr)
+	if got := request(t, addr, "COUNT"); got != "COUNT 0" {
+		t.Fatalf("first reply %q", got)
 	}
-	go func() { p.cmd.Wait(); close(p.done) }()
-	t.Cleanup(func() {
-		select {
-		case <-p.done:
-		default:
-			p.cmd.Process.Kill()
-			<-p.done
-		}
-		if t.Failed() {
-			t.Logf("ftvm output:\n%s", p.stderr.String())
-		}
-	})
-	// The listener is bound before the module is compiled; the first reply
-	// comes once the guest runs.
-	deadline := time.Now().Add(60 * time.Second)
-	for {
-		select {
-		case <-p.done:
-			t.Fatalf("ftvm exited early: %v\n%s", p.cmd.ProcessState, p.stderr.String())
-		default:
-		}
-		c, err := net.DialTimeout("tcp", addr, time.Second)
-		if err == nil {
-			c.SetDeadline(time.Now().Add(time.Until(deadline)))
-			fmt.Fprintf(c, "COUNT\n")
-			line, err := bufio.NewReader(c).ReadString('\n')
-			c.Close()
-			if err == nil && line == "COUNT 0\n" {
-				return p
-			}
-			t.Fatalf("first reply %q %v", line, err)
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("kvserver not reachable at %s: %v", addr, err)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	return p
 }
 
 // cpuTicks is the process's user+system CPU time in clock ticks.
