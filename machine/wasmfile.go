@@ -86,15 +86,10 @@ func ScanModule(b []byte) (*ModuleInfo, error) {
 		if err != nil {
 			return nil, err
 		}
-		size, err := r.u32()
+		sec, err := r.sized()
 		if err != nil {
-			return nil, err
+			return nil, fmt.Errorf("section %d: %w", id, err)
 		}
-		if uint64(r.off)+uint64(size) > uint64(len(r.b)) {
-			return nil, fmt.Errorf("section %d: %w", id, errTruncated)
-		}
-		sec := reader{b: r.b[:r.off+int(size)], off: r.off}
-		r.off += int(size)
 		switch id {
 		case 0:
 			err = scanCustom(&sec)
@@ -223,15 +218,10 @@ func scanCode(r *reader) error {
 		return err
 	}
 	for i := uint32(0); i < n; i++ {
-		size, err := r.u32()
+		body, err := r.sized()
 		if err != nil {
-			return err
+			return fmt.Errorf("function body %d: %w", i, err)
 		}
-		if uint64(size) > uint64(len(r.b)-r.off) {
-			return fmt.Errorf("function body %d: %w", i, errTruncated)
-		}
-		body := reader{b: r.b[:r.off+int(size)], off: r.off}
-		r.off += int(size)
 		groups, err := body.count()
 		if err != nil {
 			return fmt.Errorf("function body %d: %w", i, err)
@@ -302,15 +292,10 @@ func scanCustom(r *reader) error {
 		if err != nil {
 			return err
 		}
-		size, err := r.u32()
+		sub, err := r.sized()
 		if err != nil {
-			return err
+			return fmt.Errorf("name subsection %d: %w", id, err)
 		}
-		if uint64(size) > uint64(len(r.b)-r.off) {
-			return fmt.Errorf("name subsection %d: %w", id, errTruncated)
-		}
-		sub := reader{b: r.b[:r.off+int(size)], off: r.off}
-		r.off += int(size)
 		switch id {
 		case 1: // function names: a name map
 			err = sub.nameMap()
@@ -449,6 +434,21 @@ func (r *reader) count() (uint32, error) {
 		return 0, fmt.Errorf("%d entries declared in %d bytes", n, len(r.b)-r.off)
 	}
 	return n, nil
+}
+
+// sized reads a length and returns a reader over that many following bytes
+// (a section, a function body, a subsection), which it skips.
+func (r *reader) sized() (reader, error) {
+	size, err := r.u32()
+	if err != nil {
+		return reader{}, err
+	}
+	if uint64(size) > uint64(len(r.b)-r.off) {
+		return reader{}, errTruncated
+	}
+	sub := reader{b: r.b[:r.off+int(size)], off: r.off}
+	r.off += int(size)
+	return sub, nil
 }
 
 // valtypes reads a vector of value types.
