@@ -159,6 +159,20 @@ func (d *Devices) dirOf(fd uint32, rights uint64) (*FD, Errno) {
 	return f, ESUCCESS
 }
 
+// dirPath resolves the directory descriptor and the guest path of a path_*
+// call, in that order (so that the errno the guest sees does not change).
+func (d *Devices) dirPath(m Mem, fd uint32, rights uint64, ptr, n uint32) (*FD, string, Errno) {
+	dir, errno := d.dirOf(fd, rights)
+	if errno != ESUCCESS {
+		return nil, "", errno
+	}
+	name, errno := guestPath(m, ptr, n)
+	if errno != ESUCCESS {
+		return nil, "", errno
+	}
+	return dir, name, ESUCCESS
+}
+
 func fdAdvise(d *Devices, m Mem, p []uint64) Errno {
 	f, errno := d.fileOf(uint32(p[0]), RightFdAdvise)
 	if errno != ESUCCESS {
@@ -638,11 +652,7 @@ func direntType(t uint8) Filetype {
 
 func pathCreateDirectory(d *Devices, m Mem, p []uint64) Errno {
 	fd := uint32(p[0])
-	dir, errno := d.dirOf(fd, RightPathCreateDirectory)
-	if errno != ESUCCESS {
-		return errno
-	}
-	name, errno := guestPath(m, uint32(p[1]), uint32(p[2]))
+	dir, name, errno := d.dirPath(m, fd, RightPathCreateDirectory, uint32(p[1]), uint32(p[2]))
 	if errno != ESUCCESS {
 		return errno
 	}
@@ -659,11 +669,7 @@ func pathCreateDirectory(d *Devices, m Mem, p []uint64) Errno {
 
 func pathFilestatGet(d *Devices, m Mem, p []uint64) Errno {
 	fd, lookup := uint32(p[0]), uint32(p[1])
-	dir, errno := d.dirOf(fd, RightPathFilestatGet)
-	if errno != ESUCCESS {
-		return errno
-	}
-	name, errno := guestPath(m, uint32(p[2]), uint32(p[3]))
+	dir, name, errno := d.dirPath(m, fd, RightPathFilestatGet, uint32(p[2]), uint32(p[3]))
 	if errno != ESUCCESS {
 		return errno
 	}
@@ -687,11 +693,7 @@ func pathFilestatGet(d *Devices, m Mem, p []uint64) Errno {
 
 func pathFilestatSetTimes(d *Devices, m Mem, p []uint64) Errno {
 	fd, lookup := uint32(p[0]), uint32(p[1])
-	dir, errno := d.dirOf(fd, RightPathFilestatSetTimes)
-	if errno != ESUCCESS {
-		return errno
-	}
-	name, errno := guestPath(m, uint32(p[2]), uint32(p[3]))
+	dir, name, errno := d.dirPath(m, fd, RightPathFilestatSetTimes, uint32(p[2]), uint32(p[3]))
 	if errno != ESUCCESS {
 		return errno
 	}
@@ -911,11 +913,7 @@ func (d *Devices) addOpened(host int, dir *FD, rel string, base, inheriting uint
 
 func pathReadlink(d *Devices, m Mem, p []uint64) Errno {
 	fd, bufPtr, bufLen, resPtr := uint32(p[0]), uint32(p[3]), uint32(p[4]), uint32(p[5])
-	dir, errno := d.dirOf(fd, RightPathReadlink)
-	if errno != ESUCCESS {
-		return errno
-	}
-	name, errno := guestPath(m, uint32(p[1]), uint32(p[2]))
+	dir, name, errno := d.dirPath(m, fd, RightPathReadlink, uint32(p[1]), uint32(p[2]))
 	if errno != ESUCCESS {
 		return errno
 	}
@@ -961,11 +959,7 @@ func pathUnlinkFile(d *Devices, m Mem, p []uint64) Errno {
 
 func (d *Devices) remove(m Mem, p []uint64, c Call, right uint64, op FsOp, flags int) Errno {
 	fd := uint32(p[0])
-	dir, errno := d.dirOf(fd, right)
-	if errno != ESUCCESS {
-		return errno
-	}
-	name, errno := guestPath(m, uint32(p[1]), uint32(p[2]))
+	dir, name, errno := d.dirPath(m, fd, right, uint32(p[1]), uint32(p[2]))
 	if errno != ESUCCESS {
 		return errno
 	}
