@@ -13,6 +13,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"sync/atomic"
 	"time"
 
 	"github.com/ftvm/ftvm/machine"
@@ -44,9 +45,48 @@ type errorBody struct {
 	Error string `json:"error"`
 }
 
-// Handler routes the API.
-func Handler(vm VM) http.Handler {
+// Route is an extra endpoint a mode adds to the API (GET /status of a
+// protected primary or a backup, GET /metrics).
+type Route struct {
+	Pattern string // e.g. "GET /status"
+	Handler http.Handler
+}
+
+// JSON is a Route handler serving what fn returns, as JSON.
+func JSON(fn func() any) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { writeJSON(w, http.StatusOK, fn()) })
+}
+
+// noVM answers for a process that runs no VM (yet): a backup.
+type noVM struct{}
+
+func (noVM) Info() machine.Info { return machine.Info{State: "none"} }
+func (noVM) Snapshot(context.Context, string, machine.SnapshotOptions) (*snapshot.Snapshot, error) {
+	return nil, errors.New("this process runs no VM")
+}
+
+// swapVM lets a server change the VM it serves (a backup that failed
+// over starts serving the VM it resumed).
+type swapVM struct{ vm atomic.Value }
+
+func (s *swapVM) get() VM { return s.vm.Load().(vmBox).VM }
+
+type vmBox struct{ VM }
+
+func (s *swapVM) Info() machine.Info { return s.get().Info() }
+func (s *swapVM) Snapshot(ctx context.Context, path string, opt machine.SnapshotOptions) (*snapshot.Snapshot, error) {
+	return s.get().Snapshot(ctx, path, opt)
+}
+
+// Handler routes the API. vm may be nil (a process that runs no VM).
+func Handler(vm VM, routes ...Route) http.Handler {
+	if vm == nil {
+		vm = noVM{}
+	}
 	mux := http.NewServeMux()
+	for _, r := range routes {
+		mux.Handle(r.Pattern, r.Handler)
+	}
 	mux.HandleFunc("GET /vm", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, vm.Info())
 	})
@@ -90,6 +130,7 @@ func writeJSON(w http.ResponseWriter, code int, v any) {
 
 // Server is a running API server.
 type Server struct {
+	vm   *swapVM
 	path string
 	srv  *http.Server
 	ln   net.Listener
@@ -97,7 +138,7 @@ type Server struct {
 
 // Listen binds the unix socket at path (replacing a stale one) and serves
 // the API until Close.
-func Listen(path string, vm VM) (*Server, error) {
+func Listen(path string, vm VM, routes ...Route) (*Server, error) {
 	if fi, err := os.Lstat(path); err == nil {
 		if fi.Mode()&os.ModeSocket == 0 {
 			return nil, fmt.Errorf("api socket %s: exists and is not a socket", path)
@@ -117,7 +158,12 @@ func Listen(path string, vm VM) (*Server, error) {
 		ln.Close()
 		return nil, fmt.Errorf("api socket: %w", err)
 	}
-	s := &Server{path: path, ln: ln, srv: &http.Server{Handler: Handler(vm), ReadHeaderTimeout: 5 * time.Second}}
+	if vm == nil {
+		vm = noVM{}
+	}
+	sw := &swapVM{}
+	sw.vm.Store(vmBox{vm})
+	s := &Server{path: path, ln: ln, vm: sw, srv: &http.Server{Handler: Handler(sw, routes...), ReadHeaderTimeout: 5 * time.Second}}
 	go func() {
 		if err := s.srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			slog.Error("api server stopped", "err", err)
@@ -125,6 +171,9 @@ func Listen(path string, vm VM) (*Server, error) {
 	}()
 	return s, nil
 }
+
+// SetVM makes the server serve vm from now on.
+func (s *Server) SetVM(vm VM) { s.vm.vm.Store(vmBox{vm}) }
 
 // Close stops the server and removes the socket.
 func (s *Server) Close() error {
@@ -190,4 +239,21 @@ func (c *Client) Info(ctx context.Context) (machine.Info, error) {
 		return info, fmt.Errorf("GET /vm: %s", resp.Status)
 	}
 	return info, json.NewDecoder(resp.Body).Decode(&info)
+}
+
+// Get fetches path (e.g. "/status") and decodes its JSON into v.
+func (c *Client) Get(ctx context.Context, path string, v any) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://vm"+path, nil)
+	if err != nil {
+		return err
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("GET %s: %s", path, resp.Status)
+	}
+	return json.NewDecoder(resp.Body).Decode(v)
 }

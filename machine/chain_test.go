@@ -126,4 +126,41 @@ func TestIncrementalChain(t *testing.T) {
 	if !strings.HasSuffix(ref.String(), "\n") {
 		t.Errorf("reference output %q", ref.String())
 	}
+
+	// Once more the way a Remus backup fails over: the chain applied into
+	// a MemoryImage, the module prepared in advance, the pages taken
+	// over by the VM instead of copied.
+	mi, err := NewMemoryImage(0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mi.Close()
+	kept := &snapshot.Image{Resize: mi.Resize}
+	for _, p := range chain {
+		s, err := snapshot.ReadFile(p, &hash)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := snapshot.Apply(kept, s); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if !bytes.Equal(kept.Memory, img.Memory) {
+		t.Fatal("memory applied into the MemoryImage differs from the restored image")
+	}
+	prog, err := Prepare(ctx, Config{Module: mod, Name: "dirtier", Instrument: true, CacheDir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var adopted bytes.Buffer
+	code, err = Run(ctx, Config{Program: prog, Restore: kept, RestoreMemory: mi, Stdout: &adopted, Stderr: &adopted})
+	if err != nil || code != 0 {
+		t.Fatalf("restored from the memory image: %d %v %s", code, err, adopted.String())
+	}
+	if got := out.String() + adopted.String(); got != ref.String() {
+		t.Errorf("output after taking the memory image over %q, uninterrupted %q", got, ref.String())
+	}
+	if mi.Bytes() != nil {
+		t.Error("the memory image still has memory after the VM took it over")
+	}
 }

@@ -220,17 +220,11 @@ func (m *Machine) WithPaused(ctx context.Context, fn func(p *Paused) error) erro
 	if m.inst == nil {
 		return ErrNotInstrumented
 	}
-	job := &pauseJob{fn: fn, done: make(chan struct{})}
-	c := &m.ctl
-	c.mu.Lock()
-	if c.ended {
-		c.mu.Unlock()
-		return ErrNotRunning
+	job, err := m.queuePause(fn)
+	if err != nil {
+		return err
 	}
-	c.queue = append(c.queue, job)
-	c.want.Add(1)
-	c.mu.Unlock()
-	m.dev.RequestPause()
+	c := &m.ctl
 	select {
 	case <-job.done:
 		return job.err
@@ -249,6 +243,47 @@ func (m *Machine) WithPaused(ctx context.Context, fn func(p *Paused) error) erro
 	c.mu.Unlock()
 	<-job.done
 	return job.err
+}
+
+// queuePause queues fn for the next safe point.
+func (m *Machine) queuePause(fn func(p *Paused) error) (*pauseJob, error) {
+	job := &pauseJob{fn: fn, done: make(chan struct{})}
+	c := &m.ctl
+	c.mu.Lock()
+	if c.ended {
+		c.mu.Unlock()
+		return nil, ErrNotRunning
+	}
+	c.queue = append(c.queue, job)
+	c.want.Add(1)
+	c.mu.Unlock()
+	m.dev.RequestPause()
+	return job, nil
+}
+
+// PauseAsync is WithPaused without the wait: fn is queued before PauseAsync
+// returns, so when it is called on the guest goroutine (from an output gate,
+// say) the guest stops at its very next safe point. done receives fn's
+// result (or ErrNotRunning) and is closed.
+func (m *Machine) PauseAsync(fn func(p *Paused) error) (done <-chan error) {
+	ch := make(chan error, 1)
+	if m.inst == nil {
+		ch <- ErrNotInstrumented
+		close(ch)
+		return ch
+	}
+	job, err := m.queuePause(fn)
+	if err != nil {
+		ch <- err
+		close(ch)
+		return ch
+	}
+	go func() {
+		<-job.done
+		ch <- job.err
+		close(ch)
+	}()
+	return ch
 }
 
 // endControl marks the VM as ended: queued pausers get ErrNotRunning.
@@ -367,7 +402,16 @@ func (m *Machine) restoreState(ctx context.Context, mod api.Module, img *snapsho
 	if uint64(len(buf)) != uint64(len(img.Memory)) {
 		return fmt.Errorf("memory is %s, the snapshot's %s", FormatSize(uint64(len(buf))), FormatSize(uint64(len(img.Memory))))
 	}
-	copy(buf, img.Memory)
+	if im := m.cfg.RestoreMemory; im != nil {
+		if len(im.Bytes()) != len(img.Memory) || (len(buf) > 0 && &im.Bytes()[0] != &img.Memory[0]) {
+			return errors.New("the restore memory image is not the snapshot image's memory")
+		}
+		if err := im.moveInto(buf); err != nil {
+			return err
+		}
+	} else {
+		copy(buf, img.Memory)
+	}
 	byIndex := map[uint32]global{}
 	for _, g := range m.globals {
 		byIndex[g.Index] = g

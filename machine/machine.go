@@ -62,6 +62,13 @@ type Config struct {
 	// reproducing and testing.
 	SnapshotAtCall uint64
 	SnapshotPath   string
+	// Program, when set, is the module already prepared (Prepare): New
+	// then neither instruments nor compiles, and Module is ignored.
+	Program *Program
+	// RestoreMemory, with Restore, is a MemoryImage holding Restore's
+	// memory: the VM takes its pages over instead of copying them
+	// (Restore.Memory must alias it). The image is empty afterwards.
+	RestoreMemory *MemoryImage
 }
 
 // State is where a VM is in its life.
@@ -129,9 +136,44 @@ func DefaultCacheDir() string {
 	return filepath.Join(base, "ftvm", "compiled")
 }
 
-// New validates and compiles the module and sets up its devices. Nothing of
-// the guest runs yet.
-func New(ctx context.Context, cfg Config) (*Machine, error) {
+// Program is a module validated, instrumented and compiled, ready to become
+// a VM without paying for either step again: a Remus backup prepares one as
+// soon as a primary connects, so that failover starts the guest at once.
+// A Program is used by one VM, which then owns it (Machine.Close closes it).
+type Program struct {
+	name           string
+	module         []byte
+	info           *ModuleInfo
+	hash           string
+	moduleHash     snapshot.Hash
+	inst           *instrument.Instrumented
+	rt             wazero.Runtime
+	cache          wazero.CompilationCache
+	compiled       wazero.CompiledModule
+	compileTime    time.Duration
+	instrumentTime time.Duration
+	limit          uint64
+}
+
+// ModuleHash is the SHA-256 of the original module.
+func (p *Program) ModuleHash() snapshot.Hash { return p.moduleHash }
+
+// Close releases a Program that was never turned into a VM.
+func (p *Program) Close(ctx context.Context) error {
+	var err error
+	if p.rt != nil {
+		err = p.rt.Close(ctx)
+	}
+	if p.cache != nil {
+		p.cache.Close(ctx)
+	}
+	return err
+}
+
+// Prepare validates, instruments (with cfg.Instrument or cfg.Restore) and
+// compiles cfg.Module. Only Module, Name, MemoryLimit, CacheDir,
+// Instrument and InstrumentCacheDir matter here.
+func Prepare(ctx context.Context, cfg Config) (*Program, error) {
 	info, err := ScanModule(cfg.Module)
 	if err != nil {
 		return nil, &ModuleError{Module: cfg.Name, Reason: "is invalid: " + err.Error()}
@@ -151,19 +193,15 @@ func New(ctx context.Context, cfg Config) (*Machine, error) {
 		}
 	}
 	sum := sha256.Sum256(cfg.Module)
-	m := &Machine{cfg: cfg, info: info, hash: hex.EncodeToString(sum[:]), moduleHash: sum, state: StateCreated,
-		alloc: &allocator{limit: cfg.MemoryLimit}}
-	if cfg.Restore != nil {
-		if cfg.Restore.Module != m.moduleHash {
-			return nil, &ModuleError{Module: cfg.Name, Reason: fmt.Sprintf(
-				"is not the module the snapshot was taken of (module %s, snapshot of %s)",
-				m.moduleHash.Short(), cfg.Restore.Module.Short())}
-		}
-		cfg.Instrument = true
-		m.cfg.Instrument = true
+	if cfg.Restore != nil && cfg.Restore.Module != sum {
+		return nil, &ModuleError{Module: cfg.Name, Reason: fmt.Sprintf(
+			"is not the module the snapshot was taken of (module %s, snapshot of %s)",
+			snapshot.Hash(sum).Short(), cfg.Restore.Module.Short())}
 	}
+	p := &Program{name: cfg.Name, module: cfg.Module, info: info, hash: hex.EncodeToString(sum[:]),
+		moduleHash: sum, limit: cfg.MemoryLimit}
 	code := cfg.Module
-	if cfg.Instrument {
+	if cfg.Instrument || cfg.Restore != nil {
 		dir := cfg.InstrumentCacheDir
 		t0 := time.Now()
 		// wasm-opt takes about a minute on a Go module the first time;
@@ -172,7 +210,7 @@ func New(ctx context.Context, cfg Config) (*Machine, error) {
 			slog.Warn("instrumenting the module for safe points (once per module; cached afterwards)",
 				"module", cfg.Name)
 		})
-		m.inst, err = instrument.Instrument(ctx, cfg.Module, dir)
+		p.inst, err = instrument.Instrument(ctx, cfg.Module, dir)
 		notice.Stop()
 		if err != nil {
 			var missing *instrument.MissingToolError
@@ -183,8 +221,8 @@ func New(ctx context.Context, cfg Config) (*Machine, error) {
 			// refuses, the compiler would refuse too.
 			return nil, &ModuleError{Module: cfg.Name, Reason: "does not compile (instrumenting it failed): " + err.Error()}
 		}
-		m.instrumentTime = time.Since(t0)
-		code = m.inst.Module
+		p.instrumentTime = time.Since(t0)
+		code = p.inst.Module
 	}
 
 	// No WithCloseOnContextDone: its checks in every loop make CPU-bound
@@ -198,18 +236,49 @@ func New(ctx context.Context, cfg Config) (*Machine, error) {
 			dir = DefaultCacheDir()
 		}
 		if cache, err := wazero.NewCompilationCacheWithDir(dir); err == nil {
-			m.cache = cache
+			p.cache = cache
 			rc = rc.WithCompilationCache(cache)
 		}
 	}
-	m.rt = wazero.NewRuntimeWithConfig(ctx, rc)
+	p.rt = wazero.NewRuntimeWithConfig(ctx, rc)
 	t0 := time.Now()
-	m.compiled, err = compile(ctx, m.rt, code)
-	m.compileTime = time.Since(t0)
+	p.compiled, err = compile(ctx, p.rt, code)
+	p.compileTime = time.Since(t0)
 	if err != nil {
-		m.Close(ctx)
+		p.Close(ctx)
 		return nil, &ModuleError{Module: cfg.Name, Reason: "does not compile: " + err.Error()}
 	}
+	return p, nil
+}
+
+// New validates and compiles the module (or takes cfg.Program, prepared
+// before) and sets up its devices. Nothing of the guest runs yet.
+func New(ctx context.Context, cfg Config) (*Machine, error) {
+	prog := cfg.Program
+	if prog == nil {
+		var err error
+		if prog, err = Prepare(ctx, cfg); err != nil {
+			return nil, err
+		}
+	} else if cfg.Restore != nil && prog.inst == nil {
+		return nil, errors.New("restoring needs an instrumented program")
+	}
+	cfg.Program = nil
+	cfg.Module, cfg.MemoryLimit = prog.module, prog.limit
+	if cfg.Name == "" {
+		cfg.Name = prog.name
+	}
+	m := &Machine{cfg: cfg, info: prog.info, hash: prog.hash, moduleHash: prog.moduleHash, state: StateCreated,
+		alloc: &allocator{limit: cfg.MemoryLimit}, inst: prog.inst, rt: prog.rt, cache: prog.cache,
+		compiled: prog.compiled, compileTime: prog.compileTime, instrumentTime: prog.instrumentTime}
+	m.cfg.Instrument = prog.inst != nil
+	if cfg.Restore != nil && cfg.Restore.Module != m.moduleHash {
+		m.Close(ctx)
+		return nil, &ModuleError{Module: cfg.Name, Reason: fmt.Sprintf(
+			"is not the module the snapshot was taken of (module %s, snapshot of %s)",
+			m.moduleHash.Short(), cfg.Restore.Module.Short())}
+	}
+	var err error
 	args := append([]string{cfg.Name}, cfg.Args...)
 	dcfg := wasi.Config{Args: args, Env: cfg.Env, Preopens: cfg.Dirs, Listen: cfg.Listen,
 		Stdin: cfg.Stdin, Stdout: cfg.Stdout, Stderr: cfg.Stderr, Tap: cfg.Tap, Gate: cfg.Gate}

@@ -1,7 +1,10 @@
 package machine
 
 import (
+	"errors"
+	"fmt"
 	"sync/atomic"
+	"unsafe"
 
 	"github.com/tetratelabs/wazero/experimental"
 	"golang.org/x/sys/unix"
@@ -85,3 +88,96 @@ func (a *allocator) Allocate(cap, max uint64) experimental.LinearMemory {
 
 // memory is the guest's linear memory, nil before instantiation.
 func (a *allocator) memory() *linearMemory { return a.mem.Load() }
+
+// MemoryImage is guest memory kept outside any VM, in a reservation of the
+// same kind as a VM's linear memory, so that a VM restored from it takes its
+// pages over with mremap(2) — moving page tables, not bytes — instead of
+// copying them. A Remus backup keeps the last committed checkpoint's memory
+// in one, so failover costs no bulk copy.
+type MemoryImage struct {
+	region []byte
+	size   int
+}
+
+// NewMemoryImage reserves room for max bytes (0: the wasm limit, 4 GiB).
+// Pages cost nothing until written.
+func NewMemoryImage(max uint64) (*MemoryImage, error) {
+	if max == 0 {
+		max = 1 << 32
+	}
+	region, err := unix.Mmap(-1, 0, int(max), unix.PROT_READ|unix.PROT_WRITE,
+		unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_NORESERVE)
+	if err != nil {
+		return nil, fmt.Errorf("reserving %s for a memory image: %w", FormatSize(max), err)
+	}
+	return &MemoryImage{region: region}, nil
+}
+
+// Resize makes the image n bytes long and returns it. With fresh, every
+// byte is zero afterwards (a full snapshot replaces the memory); otherwise
+// the first bytes are kept and growth reads as zeros. It returns nil if n
+// is beyond the reservation or the image was taken over.
+func (im *MemoryImage) Resize(n int, fresh bool) []byte {
+	if im.region == nil || n < 0 || n > len(im.region) {
+		return nil
+	}
+	if fresh {
+		im.discard(0, im.size)
+	} else if n < im.size {
+		im.discard(n, im.size)
+	}
+	im.size = n
+	return im.region[:n:n]
+}
+
+// discard zeroes [from, to), giving whole pages back to the kernel. Bytes
+// beyond the image's size are always zero, so rounding to up pages is safe.
+func (im *MemoryImage) discard(from, to int) {
+	const page = 4096
+	head := min((from+page-1)&^(page-1), to)
+	clear(im.region[from:head])
+	if to > head {
+		if err := unix.Madvise(im.region[head:to], unix.MADV_DONTNEED); err != nil {
+			clear(im.region[head:to])
+		}
+	}
+}
+
+// Bytes is the image's memory, aliased.
+func (im *MemoryImage) Bytes() []byte {
+	if im.region == nil {
+		return nil
+	}
+	return im.region[:im.size:im.size]
+}
+
+// Close releases the image.
+func (im *MemoryImage) Close() {
+	if im.region != nil {
+		unix.Munmap(im.region)
+		im.region = nil
+	}
+}
+
+// moveInto moves the image's pages onto dst (which must be at least as
+// long, page aligned, an anonymous private mapping) in place of dst's own.
+// The image is empty and unusable afterwards.
+func (im *MemoryImage) moveInto(dst []byte) error {
+	n := im.size
+	if im.region == nil || n > len(dst) {
+		return errors.New("the memory image is gone or larger than the VM's memory")
+	}
+	if n > 0 {
+		_, _, errno := unix.Syscall6(unix.SYS_MREMAP, uintptr(unsafe.Pointer(&im.region[0])), uintptr(n), uintptr(n),
+			unix.MREMAP_MAYMOVE|unix.MREMAP_FIXED, uintptr(unsafe.Pointer(&dst[0])), 0)
+		if errno != 0 {
+			return fmt.Errorf("mremap of %s of memory: %w", FormatSize(uint64(n)), errno)
+		}
+	}
+	// The first n bytes are gone from the reservation; release the rest.
+	if rest := im.region[n:]; len(rest) > 0 {
+		unix.Munmap(rest)
+	}
+	im.region, im.size = nil, 0
+	return nil
+}

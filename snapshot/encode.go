@@ -19,6 +19,9 @@ type Options struct {
 	// Workers is how many batches are compressed at once (0: GOMAXPROCS).
 	// A Remus primary that encodes while its guest runs may want 1.
 	Workers int
+	// Uncompressed stores pages raw (CodecNone): for links faster than
+	// the compressor, and for measuring what compression saves.
+	Uncompressed bool
 }
 
 // Encode writes s with the default options. See EncodeOptions.
@@ -152,6 +155,7 @@ type batch struct {
 	codec Codec
 	data  []byte // compressed (or raw) page data
 	done  chan struct{}
+	raw   bool // store uncompressed (Options.Uncompressed)
 }
 
 var bufPool sync.Pool // *[]byte, for batch raw and compressed data
@@ -185,7 +189,11 @@ func (b *batch) run() {
 			copy(raw[i*PageSize:], p.Data)
 		}
 	}
-	b.codec, b.data = compressBatch(raw)
+	if b.raw {
+		b.codec, b.data = CodecNone, append(getBuf(len(raw))[:0], raw...)
+	} else {
+		b.codec, b.data = compressBatch(raw)
+	}
 	if pooled {
 		putBuf(raw)
 	}
@@ -213,7 +221,8 @@ func contiguous(pages []Page) []byte {
 func (e *encoder) pages(pages []Page, o Options) {
 	var batches []*batch
 	for i := 0; i < len(pages); i += o.BatchPages {
-		batches = append(batches, &batch{pages: pages[i:min(i+o.BatchPages, len(pages))], done: make(chan struct{})})
+		batches = append(batches, &batch{pages: pages[i:min(i+o.BatchPages, len(pages))], done: make(chan struct{}),
+			raw: o.Uncompressed})
 	}
 	if o.Workers == 1 || len(batches) <= 1 {
 		for _, b := range batches {

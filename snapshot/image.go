@@ -21,6 +21,12 @@ type Image struct {
 	// (see Snapshot.ModuleCode), if any.
 	ModuleCode []byte
 	ModuleName string
+	// Resize, if set, provides the memory: Apply asks it for n bytes,
+	// all zero when fresh (a full snapshot), else keeping the current
+	// contents and zero-extended. It returns nil if it cannot. Without it
+	// memory is an ordinary slice. (A Remus backup keeps memory in a
+	// mapping a restored VM can take over without copying.)
+	Resize func(n int, fresh bool) []byte
 }
 
 // Apply brings img to the state s describes. A full snapshot replaces the
@@ -55,21 +61,34 @@ func Apply(img *Image, s *Snapshot) error {
 		}
 	}
 
-	// From here on nothing fails.
-	mem := img.Memory
 	size := int(s.MemorySize)
+	var mem []byte
+	if img.Resize != nil {
+		// Checked before anything changes: an image that cannot hold
+		// the memory is left as it was.
+		if size > len(img.Memory) || s.Kind == Full {
+			if mem = img.Resize(size, s.Kind == Full); mem == nil {
+				return newError(ErrInvalid, "no room for %d bytes of memory", size)
+			}
+		} else {
+			mem = img.Memory
+		}
+	}
+	// From here on nothing fails.
 	switch {
+	case img.Resize != nil:
 	case s.Kind == Full:
 		// Fresh memory, also because s's pages may alias img.Memory
 		// (img.Snapshot()).
 		mem = make([]byte, size)
-	case cap(mem) >= size:
+	case cap(img.Memory) >= size:
+		mem = img.Memory
 		old := len(mem)
 		mem = mem[:size]
 		clear(mem[old:])
 	default:
 		grown := make([]byte, size)
-		copy(grown, mem)
+		copy(grown, img.Memory)
 		mem = grown
 	}
 	for _, p := range s.Pages {
@@ -93,6 +112,7 @@ func Apply(img *Image, s *Snapshot) error {
 		Meta:       s.Meta,
 		ModuleCode: code,
 		ModuleName: name,
+		Resize:     img.Resize,
 	}
 	return nil
 }

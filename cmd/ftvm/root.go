@@ -48,7 +48,7 @@ func newRoot() *cobra.Command {
 		},
 	}
 	root.PersistentFlags().StringVar(&logLevel, "log-level", "warn", "ftvm's own log level (debug, info, warn, error); logs go to stderr")
-	root.AddCommand(newRunCmd(), newSnapshotCmd(), newRestoreCmd(), newInspectCmd())
+	root.AddCommand(newRunCmd(), newSnapshotCmd(), newRestoreCmd(), newInspectCmd(), newBackupCmd(), newStatusCmd())
 	return root
 }
 

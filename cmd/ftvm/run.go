@@ -17,6 +17,7 @@ import (
 
 	"github.com/ftvm/ftvm/api"
 	"github.com/ftvm/ftvm/machine"
+	"github.com/ftvm/ftvm/remus"
 	"github.com/ftvm/ftvm/wasi"
 )
 
@@ -30,6 +31,11 @@ type runFlags struct {
 	instrument  bool
 	snapAtCall  uint64
 	snapOut     string
+	// Remus: protect the VM with a backup.
+	protect string
+	vmID    string
+	repl    replFlags
+	routes  []api.Route
 }
 
 func newRunCmd() *cobra.Command {
@@ -54,6 +60,9 @@ flags or setup), 126 (the module cannot run) and 134 (the guest trapped).`,
 	cmd.Flags().Uint64Var(&f.snapAtCall, "snapshot-at-call", 0, "stop at the safe point of the Nth host call and write a snapshot to --snapshot-out (deterministic checkpoints, for debugging and tests)")
 	cmd.Flags().StringVar(&f.snapOut, "snapshot-out", "", "where --snapshot-at-call writes its snapshot")
 	cmd.Flags().StringVar(&f.cacheDir, "cache-dir", "", "compiled-code cache (default $FTVM_CACHE_DIR or ~/.cache/ftvm/compiled; - for none)")
+	cmd.Flags().StringVar(&f.protect, "protect", "", "protect the VM with the Remus backup at this address (ftvm backup --listen): checkpoints every epoch, output held until the backup has it")
+	cmd.Flags().StringVar(&f.vmID, "vm-id", "", "with --protect: the VM's id on the backup (default: random)")
+	f.repl.register(cmd.Flags(), true)
 	return cmd
 }
 
@@ -146,12 +155,35 @@ func run(ctx context.Context, f runFlags, args []string) error {
 	if err != nil {
 		return &exitError{code: exitModule, err: err}
 	}
-	ctx, sig := withSignals(ctx)
-	m, err := machine.New(ctx, machine.Config{Module: module, Name: path, Args: guestArgs, Env: f.env,
+	var primary *remus.Primary
+	cfg := machine.Config{Module: module, Name: path, Args: guestArgs, Env: f.env,
 		Dirs: dirs, Listen: listen, MemoryLimit: limit, CacheDir: f.cacheDir, Instrument: f.instrument,
-		SnapshotAtCall: f.snapAtCall, SnapshotPath: f.snapOut})
+		SnapshotAtCall: f.snapAtCall, SnapshotPath: f.snapOut}
+	if f.protect != "" {
+		if !f.instrument {
+			return usage("--protect needs --instrument")
+		}
+		ecfg, err := f.repl.engine()
+		if err != nil {
+			return err
+		}
+		tcfg, err := f.repl.tls(false, f.protect)
+		if err != nil {
+			return &exitError{code: exitUsage, err: err}
+		}
+		primary, err = remus.NewPrimary(remus.PrimaryConfig{Backup: f.protect, Engine: ecfg, TLS: tcfg, VM: f.vmID})
+		if err != nil {
+			return usage("%v", err)
+		}
+		cfg.Gate = primary.Gate()
+	}
+	ctx, sig := withSignals(ctx)
+	m, err := machine.New(ctx, cfg)
 	if err != nil {
 		return setupError(err)
+	}
+	if primary != nil {
+		return runProtected(ctx, primary, m, module, path, f, sig, limit)
 	}
 	return serveAndRun(ctx, m, f, sig, limit)
 }
@@ -173,7 +205,7 @@ func serveAndRun(ctx context.Context, m *machine.Machine, f runFlags, sig *caugh
 		slog.Info("listening", "fd", fd, "addr", addr)
 	}
 	if f.apiSock != "" {
-		srv, err := api.Listen(f.apiSock, m)
+		srv, err := api.Listen(f.apiSock, m, f.routes...)
 		if err != nil {
 			return &exitError{code: exitUsage, err: err}
 		}

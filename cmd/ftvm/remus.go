@@ -1,0 +1,239 @@
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"os"
+	"time"
+
+	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
+
+	"github.com/ftvm/ftvm/api"
+	"github.com/ftvm/ftvm/machine"
+	"github.com/ftvm/ftvm/remus"
+	"github.com/ftvm/ftvm/remus/engine"
+	"github.com/ftvm/ftvm/transport"
+)
+
+// replFlags are the replication flags `run --protect` and `backup` share:
+// both sides must agree on the timeout.
+type replFlags struct {
+	epoch      time.Duration
+	policy     string
+	minEpoch   time.Duration
+	timeout    time.Duration
+	heartbeat  time.Duration
+	maxFlight  int
+	tlsCert    string
+	tlsKey     string
+	tlsCA      string
+	serverName string
+}
+
+func (f *replFlags) register(fs *pflag.FlagSet, primary bool) {
+	if primary {
+		fs.DurationVar(&f.epoch, "epoch", 25*time.Millisecond, "longest epoch between checkpoints")
+		fs.StringVar(&f.policy, "epoch-policy", "output", "when an epoch ends: output (early, once output is waiting and the epoch is at least --min-epoch old) or fixed")
+		fs.DurationVar(&f.minEpoch, "min-epoch", time.Millisecond, "with --epoch-policy output: the shortest epoch (rate limit on checkpoints)")
+		fs.IntVar(&f.maxFlight, "max-inflight", 4, "checkpoints streamed but not yet acknowledged before epochs stretch (back-pressure)")
+		fs.StringVar(&f.serverName, "tls-server-name", "", "the backup's name in its certificate (default: the host of --protect)")
+	}
+	fs.DurationVar(&f.timeout, "timeout", 500*time.Millisecond, "silence after which the peer is declared failed (same on both sides)")
+	fs.DurationVar(&f.heartbeat, "heartbeat", 0, "heartbeat interval (default --timeout/5)")
+	fs.StringVar(&f.tlsCert, "tls-cert", "", "mutual TLS: this side's certificate (PEM)")
+	fs.StringVar(&f.tlsKey, "tls-key", "", "mutual TLS: this side's key (PEM)")
+	fs.StringVar(&f.tlsCA, "tls-ca", "", "mutual TLS: the CA that signs both sides (PEM)")
+}
+
+func (f *replFlags) engine() (engine.Config, error) {
+	cfg := engine.Config{Epoch: f.epoch, MinEpoch: f.minEpoch, Timeout: f.timeout, HeartbeatInterval: f.heartbeat,
+		MaxInflight: f.maxFlight}
+	switch f.policy {
+	case "", "output":
+		cfg.Policy = engine.PolicyOutput
+	case "fixed":
+		cfg.Policy = engine.PolicyFixed
+	default:
+		return cfg, usage("--epoch-policy %q: want output or fixed", f.policy)
+	}
+	cfg = cfg.WithDefaults()
+	if err := cfg.Validate(); err != nil {
+		return cfg, usage("%v", err)
+	}
+	return cfg, nil
+}
+
+// tls builds the TLS configuration, nil without --tls-cert.
+func (f *replFlags) tls(server bool, addr string) (*tls.Config, error) {
+	if f.tlsCert == "" && f.tlsKey == "" && f.tlsCA == "" {
+		return nil, nil
+	}
+	if f.tlsCert == "" || f.tlsKey == "" || f.tlsCA == "" {
+		return nil, usage("mutual TLS needs --tls-cert, --tls-key and --tls-ca")
+	}
+	files := transport.TLSFiles{Cert: f.tlsCert, Key: f.tlsKey, CA: f.tlsCA}
+	if server {
+		return files.ServerConfig()
+	}
+	name := f.serverName
+	if name == "" {
+		if h, _, err := splitHostPort(addr); err == nil {
+			name = h
+		}
+	}
+	return files.ClientConfig(name)
+}
+
+// runProtected runs m as a Remus primary: the replication driver beside
+// the guest, its status on the API socket.
+func runProtected(ctx context.Context, p *remus.Primary, m *machine.Machine, module []byte, name string,
+	f runFlags, sig *caught, limit uint64) error {
+	dctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := p.Run(dctx, m, module, name); err != nil {
+			slog.Error("replication driver", "err", err)
+		}
+	}()
+	defer func() {
+		cancel()
+		<-done
+	}()
+	f.routes = append(f.routes, api.Route{Pattern: "GET /status", Handler: api.JSON(func() any { return p.Status() })},
+		api.Route{Pattern: "GET /metrics", Handler: p.MetricsHandler()})
+	return serveAndRun(ctx, m, f, sig, limit)
+}
+
+func newBackupCmd() *cobra.Command {
+	var rf replFlags
+	var listen, state, apiSock, cacheDir string
+	var rebind []string
+	cmd := &cobra.Command{
+		Use:   "backup --listen ADDR --state DIR",
+		Short: "Run a passive Remus backup for protected primaries",
+		Long: `Run a passive backup. Primaries started with 'ftvm run --protect ADDR' stream
+checkpoints to it; it keeps the last committed checkpoint of each (memory image,
+device state, a replica of its directories, on disk under --state) and never
+runs a guest until its primary falls silent for --timeout. Then it resumes
+that VM from its last committed checkpoint here, bound to the guest's listen
+addresses (or --rebind FD=HOST:PORT), and runs it until ftvm is stopped.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if listen == "" || state == "" {
+				return usage("backup needs --listen and --state")
+			}
+			ecfg, err := rf.engine()
+			if err != nil {
+				return err
+			}
+			tcfg, err := rf.tls(true, listen)
+			if err != nil {
+				return &exitError{code: exitUsage, err: err}
+			}
+			rb, err := parseListen(rebind)
+			if err != nil {
+				return err
+			}
+			ctx, _ := withSignals(cmd.Context())
+			var srv *api.Server
+			var b *remus.Backup
+			b, err = remus.ListenBackup(remus.BackupConfig{Listen: listen, StateDir: state, Engine: ecfg, TLS: tcfg,
+				Rebind: rb, CacheDir: cacheDir,
+				OnFailover: func(vm string, m *machine.Machine) {
+					slog.Warn("failed over", "vm", vm)
+					if apiSock != "" && srv != nil {
+						srv.SetVM(m)
+					}
+				}})
+			if err != nil {
+				return &exitError{code: exitUsage, err: err}
+			}
+			fmt.Fprintf(os.Stderr, "ftvm backup: listening for primaries on %s, state in %s\n", b.Addr(), state)
+			if apiSock != "" {
+				srv, err = api.Listen(apiSock, nil, api.Route{Pattern: "GET /status",
+					Handler: api.JSON(func() any { return b.Status() })},
+					api.Route{Pattern: "GET /metrics", Handler: b.MetricsHandler()})
+				if err != nil {
+					return &exitError{code: exitUsage, err: err}
+				}
+				defer srv.Close()
+			}
+			return b.Serve(ctx)
+		},
+	}
+	cmd.Flags().StringVar(&listen, "listen", "", "replication address to listen on (HOST:PORT)")
+	cmd.Flags().StringVar(&state, "state", "", "directory for the protected VMs' committed checkpoints and disk replicas")
+	cmd.Flags().StringVar(&apiSock, "api-sock", "", "serve status (GET /status) and, after a failover, the VM's API on this unix socket")
+	cmd.Flags().StringVar(&cacheDir, "cache-dir", "", "compiled-code cache")
+	cmd.Flags().StringArrayVar(&rebind, "rebind", nil, "on failover, bind guest listener FD to this address instead of the primary's (FD=HOST:PORT)")
+	rf.register(cmd.Flags(), false)
+	return cmd
+}
+
+func newStatusCmd() *cobra.Command {
+	var apiSock string
+	var asJSON bool
+	cmd := &cobra.Command{
+		Use:   "status --api-sock PATH",
+		Short: "Show a protected primary's or a backup's replication status",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if apiSock == "" {
+				return usage("status needs --api-sock")
+			}
+			ctx, cancel := context.WithTimeout(cmd.Context(), 5*time.Second)
+			defer cancel()
+			var st map[string]any
+			if err := api.NewClient(apiSock).Get(ctx, "/status", &st); err != nil {
+				return &exitError{code: 1, err: err}
+			}
+			if asJSON {
+				enc := json.NewEncoder(os.Stdout)
+				enc.SetIndent("", "  ")
+				return enc.Encode(st)
+			}
+			printStatus(st)
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&apiSock, "api-sock", "", "the API socket of a primary (run --protect --api-sock) or a backup")
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
+	return cmd
+}
+
+func printStatus(st map[string]any) {
+	if st["role"] == "backup" {
+		fmt.Printf("role:    backup, listening on %v\n", st["listen"])
+		slots, _ := st["slots"].([]any)
+		if len(slots) == 0 {
+			fmt.Println("slots:   none (no primary has connected)")
+		}
+		for _, s := range slots {
+			m, _ := s.(map[string]any)
+			fmt.Printf("vm %v: %v, term %v, session %v, committed %v (on disk %v), %v checkpoints, %v bytes received, primary heard %.1f ms ago",
+				m["vm"], m["state"], m["term"], m["session"], m["committed"], m["persisted"], m["checkpoints"],
+				m["bytes_received"], m["primary_last_heard_ms"])
+			if fo, ok := m["failover_ms"].(float64); ok && fo > 0 {
+				fmt.Printf(", FAILED OVER in %.1f ms", fo)
+			}
+			fmt.Println()
+		}
+		return
+	}
+	fmt.Printf("role:        primary (vm %v, term %v)\n", st["vm"], st["term"])
+	fmt.Printf("state:       %v", st["state"])
+	if r, ok := st["reason"].(string); ok && r != "" {
+		fmt.Printf(" (%s)", r)
+	}
+	fmt.Println()
+	fmt.Printf("backup:      %v, healthy %v, heard %.1f ms ago\n", st["backup"], st["backup_healthy"], st["backup_last_heard_ms"])
+	fmt.Printf("epoch:       %v (acked %v, released %v, lag %v, in flight %v)\n", st["epoch"], st["acked"], st["released_epoch"], st["lag_epochs"], st["inflight"])
+	fmt.Printf("last pause:  %.0f µs, %v dirty pages, %v bytes\n", st["last_pause_us"], st["last_dirty_pages"], st["last_checkpoint_bytes"])
+	fmt.Printf("replicated:  %v bytes in %v checkpoints (%v full)\n", st["bytes_replicated"], st["checkpoints"], st["full_checkpoints"])
+	fmt.Printf("output:      %v bytes held, %v released, %v stalls\n", st["held_output_bytes"], st["released_output_bytes"], st["stalls"])
+}

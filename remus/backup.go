@@ -1,0 +1,783 @@
+package remus
+
+import (
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/ftvm/ftvm/machine"
+	"github.com/ftvm/ftvm/remus/engine"
+	"github.com/ftvm/ftvm/remus/store"
+	"github.com/ftvm/ftvm/remus/wire"
+	"github.com/ftvm/ftvm/snapshot"
+	"github.com/ftvm/ftvm/transport"
+	"github.com/ftvm/ftvm/wasi"
+)
+
+// BackupConfig configures a backup process.
+type BackupConfig struct {
+	// Listen is the replication address primaries connect to.
+	Listen string
+	// TLS, if set, is the server side of mutual TLS.
+	TLS *tls.Config
+	// StateDir holds one slot per protected VM: its last committed
+	// checkpoint on disk and the replica of its directories.
+	StateDir string
+	Engine   engine.Config
+	// Rebind maps guest listener fds to the addresses a failed-over guest
+	// binds; by default it binds the primary's own addresses.
+	Rebind []wasi.Listener
+	// Stdout and Stderr of failed-over guests (the process's own by default).
+	Stdout, Stderr io.Writer
+	// CacheDir and InstrumentCacheDir as in machine.Config.
+	CacheDir, InstrumentCacheDir string
+	Log                          *slog.Logger
+	// OnFailover is called with each VM a failover started, e.g. to serve
+	// its API. The backup runs it until ctx ends or the guest exits.
+	OnFailover func(vm string, m *machine.Machine)
+}
+
+// Backup is a passive backup: it keeps the last committed checkpoint of
+// each primary that protects itself with it, and runs none of them until
+// their primary falls silent.
+type Backup struct {
+	cfg BackupConfig
+	ln  net.Listener
+	log *slog.Logger
+	t0  time.Time
+	ctx context.Context
+
+	mu    sync.Mutex
+	slots map[string]*slot
+	wg    sync.WaitGroup
+}
+
+// ListenBackup binds the replication address.
+func ListenBackup(cfg BackupConfig) (*Backup, error) {
+	cfg.Engine = cfg.Engine.WithDefaults()
+	if err := cfg.Engine.Validate(); err != nil {
+		return nil, err
+	}
+	if cfg.StateDir == "" {
+		return nil, errors.New("a backup needs a state directory")
+	}
+	if err := os.MkdirAll(filepath.Join(cfg.StateDir, "slots"), 0o755); err != nil {
+		return nil, fmt.Errorf("state directory: %w", err)
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.Default()
+	}
+	if cfg.Stdout == nil {
+		cfg.Stdout = os.Stdout
+	}
+	if cfg.Stderr == nil {
+		cfg.Stderr = os.Stderr
+	}
+	ln, err := transport.Listen(cfg.Listen, cfg.TLS)
+	if err != nil {
+		return nil, err
+	}
+	return &Backup{cfg: cfg, ln: ln, log: cfg.Log.With("role", "backup"), t0: time.Now(), slots: map[string]*slot{}}, nil
+}
+
+// Addr is the replication address actually bound.
+func (b *Backup) Addr() net.Addr { return b.ln.Addr() }
+
+func (b *Backup) now() engine.Time { return time.Since(b.t0) }
+
+// Serve accepts primaries until ctx ends, then waits for failed-over VMs
+// (which end with ctx too).
+func (b *Backup) Serve(ctx context.Context) error {
+	b.ctx = ctx
+	go func() {
+		<-ctx.Done()
+		b.ln.Close()
+	}()
+	for {
+		c, err := b.ln.Accept()
+		if err != nil {
+			if ctx.Err() != nil {
+				break
+			}
+			b.log.Warn("accept", "err", err)
+			time.Sleep(10 * time.Millisecond)
+			continue
+		}
+		go b.handshake(ctx, transport.NewConn(c, transport.Options{}))
+	}
+	b.wg.Wait()
+	b.mu.Lock()
+	for _, s := range b.slots {
+		s.close()
+	}
+	b.mu.Unlock()
+	return nil
+}
+
+// validVM keeps slot directory names harmless: the VM id comes from the
+// network.
+func validVM(vm string) bool {
+	if vm == "" || len(vm) > 64 {
+		return false
+	}
+	for _, c := range vm {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_') {
+			return false
+		}
+	}
+	return true
+}
+
+func (b *Backup) handshake(ctx context.Context, c *transport.Conn) {
+	c.SetDeadline(time.Now().Add(b.cfg.Engine.Timeout))
+	msg, err := wire.Recv(c)
+	if err != nil {
+		b.log.Debug("handshake", "from", c.RemoteAddr(), "err", err)
+		c.Close()
+		return
+	}
+	hello, ok := msg.(*wire.Hello)
+	reject := func(why string) {
+		wire.SendFlush(c, &wire.Reject{Reason: why})
+		c.Close()
+	}
+	switch {
+	case !ok:
+		reject(fmt.Sprintf("expected hello, got %s", msg.Type()))
+		return
+	case hello.Version != wire.Version:
+		reject(fmt.Sprintf("protocol version %d; this backup speaks %d", hello.Version, wire.Version))
+		return
+	case !validVM(hello.VM):
+		reject(fmt.Sprintf("invalid VM id %q", hello.VM))
+		return
+	}
+	c.SetDeadline(time.Time{})
+	s, err := b.slot(ctx, hello.VM)
+	if err != nil {
+		reject(err.Error())
+		return
+	}
+	s.attach(c, hello)
+}
+
+// slot returns the slot of vm, creating it.
+func (b *Backup) slot(ctx context.Context, vm string) (*slot, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if s, ok := b.slots[vm]; ok {
+		return s, nil
+	}
+	eng, err := engine.NewBackup(b.cfg.Engine, vm, b.now())
+	if err != nil {
+		return nil, err
+	}
+	st, err := store.Open(filepath.Join(b.cfg.StateDir, "slots", vm), store.Options{})
+	if err != nil {
+		return nil, fmt.Errorf("slot state: %w", err)
+	}
+	mi, err := machine.NewMemoryImage(0)
+	if err != nil {
+		st.Close()
+		return nil, err
+	}
+	s := &slot{b: b, vm: vm, eng: eng, store: st, mi: mi, events: make(chan any, 64),
+		conns: map[uint64]*transport.Conn{}, hellos: map[uint64]*wire.Hello{}, staged: map[uint64]*staged{},
+		persistQ: make(chan persistJob, 64), persisted: make(chan struct{}), log: b.log.With("vm", vm)}
+	s.img = &snapshot.Image{Resize: mi.Resize}
+	b.slots[vm] = s
+	b.wg.Add(1)
+	go func() {
+		defer b.wg.Done()
+		s.loop(ctx)
+	}()
+	go s.persister()
+	return s, nil
+}
+
+// Status is what `ftvm status` shows of a backup: one entry per slot.
+func (b *Backup) Status() BackupStatus {
+	b.mu.Lock()
+	slots := make([]*slot, 0, len(b.slots))
+	for _, s := range b.slots {
+		slots = append(slots, s)
+	}
+	b.mu.Unlock()
+	st := BackupStatus{Role: "backup", Listen: b.ln.Addr().String()}
+	for _, s := range slots {
+		s.mu.Lock()
+		st.Slots = append(st.Slots, s.status)
+		s.mu.Unlock()
+	}
+	sort.Slice(st.Slots, func(i, j int) bool { return st.Slots[i].VM < st.Slots[j].VM })
+	return st
+}
+
+// Machines returns the VMs running after failovers.
+func (b *Backup) Machines() map[string]*machine.Machine {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	out := map[string]*machine.Machine{}
+	for vm, s := range b.slots {
+		s.mu.Lock()
+		if s.vmRun != nil {
+			out[vm] = s.vmRun
+		}
+		s.mu.Unlock()
+	}
+	return out
+}
+
+// BackupStatus describes a backup process.
+type BackupStatus struct {
+	Role   string       `json:"role"`
+	Listen string       `json:"listen"`
+	Slots  []SlotStatus `json:"slots"`
+}
+
+// SlotStatus describes one protected VM on a backup.
+type SlotStatus struct {
+	VM            string  `json:"vm"`
+	State         string  `json:"state"`
+	Primary       string  `json:"primary,omitempty"`
+	Term          uint64  `json:"term"`
+	Session       uint64  `json:"session"`
+	Committed     uint64  `json:"committed"`
+	Persisted     uint64  `json:"persisted"`
+	Checkpoints   uint64  `json:"checkpoints"`
+	BytesReceived uint64  `json:"bytes_received"`
+	LastApplyUS   float64 `json:"last_apply_us"`
+	LastHeardMS   float64 `json:"primary_last_heard_ms"`
+	ProgramReady  bool    `json:"program_ready"`
+	FailoverMS    float64 `json:"failover_ms,omitempty"`
+	Reason        string  `json:"reason,omitempty"`
+}
+
+// slot is the backup side of one protected VM. Its loop goroutine owns
+// the engine, the staged checkpoints and the image.
+type slot struct {
+	b      *Backup
+	vm     string
+	eng    *engine.Backup
+	store  *store.Slot
+	mi     *machine.MemoryImage
+	img    *snapshot.Image
+	events chan any
+	log    *slog.Logger
+
+	conns    map[uint64]*transport.Conn // loop only
+	hellos   map[uint64]*wire.Hello
+	staged   map[uint64]*staged
+	hello    *wire.Hello // of the session that committed last
+	persistQ chan persistJob
+	// persisted is closed and replaced whenever the persister catches up.
+	persisted chan struct{}
+
+	mu       sync.Mutex
+	nextSess uint64
+	status   SlotStatus
+	prog     *machine.Program
+	progHash snapshot.Hash
+	progErr  error
+	progDone chan struct{}
+	vmRun    *machine.Machine
+	persSeq  uint64
+	bytesIn  uint64
+	closed   bool
+}
+
+// staged is a checkpoint that arrived whole and verified, awaiting the
+// engine's commit.
+type staged struct {
+	seq  uint64
+	full bool
+	raw  []byte
+	snap *snapshot.Snapshot
+	ops  []wire.FsOp
+	tree []wire.DiskFile
+}
+
+type (
+	attachEv struct {
+		session uint64
+		conn    *transport.Conn
+		hello   *wire.Hello
+	}
+	stagedEv struct {
+		session uint64
+		cp      *staged
+		now     engine.Time
+	}
+)
+
+// attach registers a new connection with the slot and serves it.
+func (s *slot) attach(c *transport.Conn, hello *wire.Hello) {
+	s.mu.Lock()
+	s.nextSess++
+	id := s.nextSess
+	s.mu.Unlock()
+	s.events <- attachEv{session: id, conn: c, hello: hello}
+	s.receive(id, c, hello)
+}
+
+// receive assembles checkpoints from one connection and hands each, whole
+// and verified, to the loop.
+func (s *slot) receive(id uint64, c *transport.Conn, hello *wire.Hello) {
+	defer func() { s.events <- engine.Disconnected{Now: s.b.now(), Session: id} }()
+	var cur *staged
+	var want wire.CheckpointBegin
+	var opsMsgs, fileMsgs uint32
+	for {
+		msg, err := wire.Recv(c)
+		if err != nil {
+			if !errors.Is(err, net.ErrClosed) && !errors.Is(err, io.EOF) {
+				s.log.Warn("primary connection ended", "session", id, "err", err)
+			}
+			return
+		}
+		s.events <- engine.Heartbeat{Now: s.b.now(), Session: id}
+		fail := func(format string, a ...any) {
+			s.log.Error("bad checkpoint stream: dropping the session", "session", id, "err", fmt.Sprintf(format, a...))
+			c.Close()
+		}
+		switch m := msg.(type) {
+		case *wire.Heartbeat:
+		case *wire.CheckpointBegin:
+			if m.SnapshotSize > maxSnapshot {
+				fail("checkpoint %d declares %d bytes", m.Seq, m.SnapshotSize)
+				return
+			}
+			want, cur, opsMsgs, fileMsgs = *m, &staged{seq: m.Seq, full: m.Full, raw: make([]byte, 0, min(m.SnapshotSize, 64<<20))}, 0, 0
+		case *wire.CheckpointData:
+			if cur == nil || m.Seq != cur.seq || m.Offset != uint64(len(cur.raw)) ||
+				uint64(len(cur.raw))+uint64(len(m.Data)) > want.SnapshotSize {
+				fail("checkpoint data out of order (seq %d offset %d)", m.Seq, m.Offset)
+				return
+			}
+			cur.raw = append(cur.raw, m.Data...)
+		case *wire.DiskOps:
+			if cur == nil || m.Seq != cur.seq || cur.full {
+				fail("disk ops out of place (seq %d)", m.Seq)
+				return
+			}
+			cur.ops = append(cur.ops, m.Ops...)
+			opsMsgs++
+		case *wire.DiskFile:
+			if cur == nil || m.Seq != cur.seq || !cur.full {
+				fail("disk file out of place (seq %d)", m.Seq)
+				return
+			}
+			if n := len(cur.tree); m.Offset > 0 {
+				last := n - 1
+				if n == 0 || cur.tree[last].Path != m.Path || cur.tree[last].Root != m.Root ||
+					uint64(len(cur.tree[last].Data)) != m.Offset {
+					fail("disk file chunk out of order (%s at %d)", m.Path, m.Offset)
+					return
+				}
+				cur.tree[last].Data = append(cur.tree[last].Data, m.Data...)
+			} else {
+				cur.tree = append(cur.tree, *m)
+			}
+			fileMsgs++
+		case *wire.CheckpointEnd:
+			if cur == nil || m.Seq != cur.seq {
+				fail("checkpoint end out of place (seq %d)", m.Seq)
+				return
+			}
+			switch {
+			case m.SnapshotSize != uint64(len(cur.raw)) || m.SnapshotSize != want.SnapshotSize:
+				fail("checkpoint %d: %d snapshot bytes arrived, %d announced", m.Seq, len(cur.raw), m.SnapshotSize)
+				return
+			case crc32.Checksum(cur.raw, castagnoli) != m.SnapshotCRC:
+				fail("checkpoint %d: snapshot checksum mismatch", m.Seq)
+				return
+			case m.DiskOps != opsMsgs || m.DiskFiles != fileMsgs:
+				fail("checkpoint %d: %d/%d disk messages arrived, %d/%d announced", m.Seq, opsMsgs, fileMsgs, m.DiskOps, m.DiskFiles)
+				return
+			}
+			snap, err := snapshot.DecodeBytes(cur.raw, &hello.Module)
+			if err != nil {
+				fail("checkpoint %d: %v", m.Seq, err)
+				return
+			}
+			if snap.Seq != cur.seq || (snap.Kind == snapshot.Full) != cur.full {
+				fail("checkpoint %d: the snapshot inside is seq %d (%s)", m.Seq, snap.Seq, snap.Kind)
+				return
+			}
+			cur.snap = snap
+			s.mu.Lock()
+			s.bytesIn += uint64(len(cur.raw))
+			s.mu.Unlock()
+			s.events <- stagedEv{session: id, cp: cur, now: s.b.now()}
+			cur = nil
+		default:
+			fail("unexpected %s", msg.Type())
+			return
+		}
+	}
+}
+
+// maxSnapshot bounds a checkpoint's declared size: 4 GiB of memory plus
+// the format's overhead.
+const maxSnapshot = 4<<30 + 64<<20
+
+// loop drives the slot's engine.
+func (s *slot) loop(ctx context.Context) {
+	timer := time.NewTimer(time.Hour)
+	defer timer.Stop()
+	for {
+		rd := s.eng.Ready()
+		failover := s.do(ctx, rd)
+		s.eng.Advance()
+		s.publish()
+		if failover {
+			s.failover(ctx)
+			// The slot's engine is terminal now; keep answering (stale
+			// primaries get rejected) until ctx ends.
+		}
+		if rd.Wake != engine.Never {
+			timer.Reset(max(rd.Wake-s.b.now(), 0))
+		}
+		select {
+		case ev := <-s.events:
+			s.handle(ev)
+		case <-timer.C:
+			s.step(engine.Tick{Now: s.b.now()})
+		case <-ctx.Done():
+			for _, c := range s.conns {
+				c.Close()
+			}
+			return
+		}
+	}
+}
+
+func (s *slot) step(ev engine.BackupEvent) {
+	if err := s.eng.Step(ev); err != nil {
+		s.log.Debug("engine refused event", "event", fmt.Sprintf("%T", ev), "err", err)
+	}
+}
+
+func (s *slot) handle(ev any) {
+	switch e := ev.(type) {
+	case attachEv:
+		s.conns[e.session] = e.conn
+		s.hellos[e.session] = e.hello
+		s.step(engine.Hello{Now: s.b.now(), Session: e.session, VM: e.hello.VM, Term: e.hello.Term})
+	case stagedEv:
+		s.staged[e.cp.seq] = e.cp
+		s.step(engine.Checkpoint{Now: e.now, Session: e.session, Seq: e.cp.seq, Full: e.cp.full})
+	case engine.Disconnected:
+		if c := s.conns[e.Session]; c != nil {
+			c.Close()
+		}
+		delete(s.conns, e.Session)
+		delete(s.hellos, e.Session)
+		s.step(e)
+	case engine.BackupEvent:
+		s.step(e)
+	}
+}
+
+// do carries out one Ready; it reports whether to fail over.
+func (s *slot) do(ctx context.Context, rd engine.BackupReady) bool {
+	for _, sc := range rd.StateChanges {
+		s.log.Info("slot state", "from", sc.From.String(), "to", sc.To.String(), "reason", sc.Reason)
+		s.mu.Lock()
+		s.status.Reason = sc.Reason
+		s.mu.Unlock()
+	}
+	failed := map[uint64]bool{}
+	for _, seq := range rd.Commit {
+		if err := s.commit(seq); err != nil {
+			s.log.Error("applying checkpoint failed: dropping the session", "seq", seq, "err", err)
+			failed[seq] = true
+			for _, c := range s.conns {
+				c.Close()
+			}
+		}
+	}
+	for _, seq := range rd.Discard {
+		delete(s.staged, seq)
+	}
+	for _, m := range rd.Messages {
+		c := s.conns[m.Session]
+		if c == nil {
+			continue
+		}
+		var msg wire.Message
+		switch m.Kind {
+		case engine.MsgAccept:
+			msg = &wire.Welcome{Session: m.Session, Committed: s.eng.Committed()}
+		case engine.MsgReject:
+			msg = &wire.Reject{Reason: m.Reason}
+		case engine.MsgAck:
+			if failed[m.Seq] {
+				continue
+			}
+			msg = &wire.Ack{Seq: m.Seq}
+		case engine.MsgHeartbeat:
+			msg = &wire.Heartbeat{Seq: s.eng.Committed()}
+		case engine.MsgNeedFull:
+			msg = &wire.NeedFull{Reason: m.Reason, Seq: m.Seq}
+		default:
+			continue
+		}
+		c.SetWriteDeadline(time.Now().Add(s.b.cfg.Engine.Timeout))
+		if err := wire.SendFlush(c, msg); err != nil {
+			c.Close()
+		}
+		if m.Kind == engine.MsgReject {
+			c.Close()
+		}
+	}
+	for _, d := range rd.DropSession {
+		if c := s.conns[d.Session]; c != nil {
+			s.log.Warn("dropping primary session", "session", d.Session, "reason", d.Reason)
+			c.Close()
+		}
+	}
+	// A session that ended leaves nothing staged behind.
+	for seq := range s.staged {
+		if seq <= s.eng.Committed() {
+			delete(s.staged, seq)
+		}
+	}
+	return rd.Failover
+}
+
+// commit applies staged checkpoint seq to the image (in memory, at once:
+// this is what the ack promises) and queues it for the disk.
+func (s *slot) commit(seq uint64) error {
+	st := s.staged[seq]
+	delete(s.staged, seq)
+	if st == nil {
+		return fmt.Errorf("checkpoint %d is not staged", seq)
+	}
+	t0 := time.Now()
+	if err := snapshot.Apply(s.img, st.snap); err != nil {
+		return err
+	}
+	for sess, h := range s.hellos {
+		if sess == s.eng.Session() {
+			s.hello = h
+		}
+	}
+	s.mu.Lock()
+	s.status.LastApplyUS = float64(time.Since(t0).Nanoseconds()) / 1000
+	s.status.Checkpoints++
+	s.mu.Unlock()
+	if st.full {
+		s.prepare(st.snap)
+	}
+	s.persistQ <- persistJob{seq: seq, full: st.full, raw: st.raw, ops: st.ops, tree: st.tree}
+	return nil
+}
+
+// prepare compiles the module of a full checkpoint in the background, so
+// that failover does not pay for it.
+func (s *slot) prepare(snap *snapshot.Snapshot) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.progDone != nil && s.progHash == snap.Module {
+		return
+	}
+	code, name := snap.ModuleCode, snap.ModuleName
+	done := make(chan struct{})
+	s.progHash, s.progDone, s.prog, s.progErr = snap.Module, done, nil, nil
+	go func() {
+		defer close(done)
+		prog, err := machine.Prepare(context.Background(), machine.Config{Module: code, Name: name, Instrument: true,
+			CacheDir: s.b.cfg.CacheDir, InstrumentCacheDir: s.b.cfg.InstrumentCacheDir})
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		if s.progDone != done {
+			if prog != nil {
+				prog.Close(context.Background())
+			}
+			return
+		}
+		s.prog, s.progErr = prog, err
+		s.status.ProgramReady = err == nil
+		if err != nil {
+			s.log.Error("preparing the module for failover failed", "err", err)
+		}
+	}()
+}
+
+type persistJob struct {
+	seq  uint64
+	full bool
+	raw  []byte
+	ops  []wire.FsOp
+	tree []wire.DiskFile
+	sync chan struct{} // a marker: closed once everything before it is on disk
+}
+
+// persister writes committed checkpoints to the slot's state directory in
+// order, off the ack path: the disk always holds one complete checkpoint,
+// possibly a few epochs behind memory, which is what a double failure
+// restores. Failover first waits for it to catch up, so the replica of the
+// guest's directories matches the image it resumes.
+func (s *slot) persister() {
+	for j := range s.persistQ {
+		if j.sync != nil {
+			close(j.sync)
+			continue
+		}
+		var err error
+		ops := toStoreOps(j.ops)
+		if j.full {
+			err = s.store.CommitFull(j.seq, j.raw, toStoreTree(j.tree), ops)
+		} else if s.store.Committed()+1 == j.seq {
+			err = s.store.CommitIncremental(j.seq, j.raw, ops)
+		} else {
+			err = fmt.Errorf("checkpoint %d does not follow the stored %d", j.seq, s.store.Committed())
+		}
+		if err != nil {
+			s.log.Error("persisting checkpoint failed; the disk keeps the previous one", "seq", j.seq, "err", err)
+			continue
+		}
+		s.mu.Lock()
+		s.persSeq = j.seq
+		s.mu.Unlock()
+	}
+}
+
+// drain waits until everything queued for the disk is there.
+func (s *slot) drain() {
+	ch := make(chan struct{})
+	s.persistQ <- persistJob{sync: ch}
+	<-ch
+}
+
+func toStoreOps(ops []wire.FsOp) []store.FsOp {
+	out := make([]store.FsOp, len(ops))
+	for i, o := range ops {
+		out[i] = store.FsOp{Op: o.Op, Root: o.Root, Path: o.Path, Root2: o.Root2, Path2: o.Path2, Offset: o.Offset,
+			Size: o.Size, Flags: o.Flags, Data: o.Data}
+	}
+	return out
+}
+
+func toStoreTree(tree []wire.DiskFile) []store.TreeEntry {
+	out := make([]store.TreeEntry, len(tree))
+	for i, f := range tree {
+		out[i] = store.TreeEntry{Root: f.Root, Path: f.Path, Kind: f.Kind, Mode: f.Mode, Data: f.Data, Target: f.Target}
+	}
+	return out
+}
+
+// failover resumes the last committed checkpoint: the module compiled in
+// advance, the memory image taken over without a copy, the directories
+// from the slot's replica, the guest's listen addresses bound here.
+func (s *slot) failover(ctx context.Context) {
+	t0 := time.Now()
+	if s.img.ID.IsZero() {
+		s.log.Error("failover: nothing committed to resume")
+		return
+	}
+	s.drain()
+	s.mu.Lock()
+	done := s.progDone
+	s.mu.Unlock()
+	if done != nil {
+		<-done
+	}
+	s.mu.Lock()
+	prog, perr := s.prog, s.progErr
+	s.prog = nil
+	s.mu.Unlock()
+	if prog == nil {
+		s.log.Error("failover: the module could not be prepared", "err", perr)
+		return
+	}
+	var st wasi.State
+	if err := json.Unmarshal(s.img.Devices, &st); err != nil {
+		s.log.Error("failover: device state", "err", err)
+		return
+	}
+	var dirs []wasi.Preopen
+	for i, p := range st.Preopens {
+		dirs = append(dirs, wasi.Preopen{HostPath: s.store.DiskDir(i), GuestPath: p.GuestPath})
+	}
+	cfg := machine.Config{Program: prog, Restore: s.img, RestoreMemory: s.mi, Dirs: dirs, Listen: s.b.cfg.Rebind,
+		Stdout: s.b.cfg.Stdout, Stderr: s.b.cfg.Stderr}
+	var m *machine.Machine
+	var err error
+	// The dead primary's listening sockets may take a moment to go.
+	for try := 0; ; try++ {
+		m, err = machine.New(ctx, cfg)
+		if err == nil || try == 20 || ctx.Err() != nil || !isAddrInUse(err) {
+			break
+		}
+		time.Sleep(25 * time.Millisecond)
+	}
+	if err != nil {
+		s.log.Error("failover failed", "err", err)
+		return
+	}
+	elapsed := time.Since(t0)
+	s.mu.Lock()
+	s.vmRun = m
+	s.status.FailoverMS = float64(elapsed.Microseconds()) / 1000
+	s.mu.Unlock()
+	s.log.Warn("FAILOVER: resuming the protected VM from its last committed checkpoint",
+		"seq", s.img.Seq, "listeners", m.Info().Listeners, "setup", elapsed)
+	if s.b.cfg.OnFailover != nil {
+		s.b.cfg.OnFailover(s.vm, m)
+	}
+	s.b.wg.Add(1)
+	go func() {
+		defer s.b.wg.Done()
+		defer m.Close(context.Background())
+		code, err := m.Run(ctx)
+		s.log.Info("failed-over VM ended", "exit_code", code, "err", err)
+	}()
+}
+
+func isAddrInUse(err error) bool {
+	return err != nil && strings.Contains(err.Error(), "address already in use")
+}
+
+func (s *slot) publish() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := &s.status
+	st.VM = s.vm
+	st.State = s.eng.State().String()
+	st.Term = s.eng.Term()
+	st.Session = s.eng.Session()
+	st.Committed = s.eng.Committed()
+	st.Persisted = s.persSeq
+	st.BytesReceived = s.bytesIn
+	st.LastHeardMS = float64((s.b.now() - s.eng.LastHeard()).Microseconds()) / 1000
+	if h := s.hellos[s.eng.Session()]; h != nil {
+		st.Primary = h.Host
+	}
+}
+
+func (s *slot) close() {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return
+	}
+	s.closed = true
+	s.mu.Unlock()
+	close(s.persistQ)
+	s.store.Close()
+	s.mi.Close()
+}

@@ -1,0 +1,120 @@
+package remus
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/ftvm/ftvm/machine"
+	"github.com/ftvm/ftvm/remus/wire"
+	"github.com/ftvm/ftvm/snapshot"
+)
+
+// checkpoint is one epoch's state, staged while the guest was paused: the
+// dirty pages (copies, in a stager of its own), CPU and device state, and
+// the epoch's disk journal — or, for a full checkpoint, every non-zero page
+// and the whole contents of the preopened directories.
+type checkpoint struct {
+	seq     uint64
+	full    bool
+	snap    *snapshot.Snapshot // pages alias stager; Parent and ID set when encoded
+	stager  *snapshot.Stager
+	ops     []wire.FsOp
+	tree    []wire.DiskFile
+	pause   time.Duration // how long the capture kept the guest stopped
+	dirty   int           // pages in the checkpoint
+	started time.Time     // when the pause began (for the epoch's age)
+}
+
+// captureCheckpoint runs while the guest is paused. It copies only what
+// must be copied now; encoding happens after the guest runs again.
+func captureCheckpoint(p *machine.Paused, seq uint64, full bool, st *snapshot.Stager, dirtyBuf []uint32,
+	module []byte, name string) (*checkpoint, []uint32, error) {
+	t0 := time.Now()
+	mem := p.Memory()
+	// Always collect, so the next incremental is relative to this one.
+	dirtyPages, err := p.DirtyPages(dirtyBuf[:0])
+	if err != nil {
+		return nil, dirtyBuf, fmt.Errorf("dirty pages: %w", err)
+	}
+	idx := dirtyPages
+	if full {
+		idx = snapshot.NonZeroPages(mem)
+	}
+	pages, err := st.Stage(mem, idx)
+	if err != nil {
+		return nil, dirtyPages, err
+	}
+	devState := p.Devices()
+	devs, err := json.Marshal(devState)
+	if err != nil {
+		return nil, dirtyPages, fmt.Errorf("device state: %w", err)
+	}
+	addr, blob := p.Stack()
+	s := &snapshot.Snapshot{Kind: snapshot.Incremental, Module: p.ModuleHash(), Seq: seq, MemorySize: uint64(len(mem)),
+		Pages: pages, Globals: p.Globals(), StackAddr: addr, Stack: bytes.Clone(blob), Devices: devs,
+		Meta: snapshot.Meta{Created: t0.UTC(), Version: machine.Version, Reason: fmt.Sprintf("remus epoch %d", seq)}}
+	cp := &checkpoint{seq: seq, full: full, snap: s, stager: st, dirty: len(pages), started: t0}
+	if full {
+		s.Kind = snapshot.Full
+		s.ModuleCode, s.ModuleName = module, name
+		for i, pre := range devState.Preopens {
+			tree, err := readTree(uint32(i), pre.HostPath)
+			if err != nil {
+				return nil, dirtyPages, err
+			}
+			cp.tree = append(cp.tree, tree...)
+		}
+	}
+	cp.pause = time.Since(t0)
+	return cp, dirtyPages, nil
+}
+
+// readTree reads a preopened directory's whole contents for a full sync.
+// It runs during the pause of a full checkpoint (the first of every backup
+// session), so its cost grows with the directory: fine for the working
+// directories guests use, not for bulk data (a block-level disk mirror is
+// a later issue).
+func readTree(root uint32, dir string) ([]wire.DiskFile, error) {
+	var out []wire.DiskFile
+	err := filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		rel, err := filepath.Rel(dir, path)
+		if err != nil || rel == "." {
+			return err
+		}
+		info, err := d.Info()
+		if err != nil {
+			return err
+		}
+		e := wire.DiskFile{Root: root, Path: filepath.ToSlash(rel), Mode: uint32(info.Mode().Perm())}
+		switch {
+		case d.Type()&fs.ModeSymlink != 0:
+			e.Kind = wire.FileSymlink
+			if e.Target, err = os.Readlink(path); err != nil {
+				return err
+			}
+		case d.IsDir():
+			e.Kind = wire.FileDir
+		case d.Type().IsRegular():
+			e.Kind = wire.FileRegular
+			if e.Data, err = os.ReadFile(path); err != nil {
+				return err
+			}
+		default:
+			return nil // sockets, fifos, devices: not guest data
+		}
+		out = append(out, e)
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("reading preopened directory %s for a full sync: %w", dir, err)
+	}
+	return out, nil
+}

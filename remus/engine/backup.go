@@ -1,0 +1,405 @@
+package engine
+
+import (
+	"errors"
+	"fmt"
+	"slices"
+)
+
+// BackupState is where a backup slot stands.
+type BackupState uint8
+
+const (
+	// Idle: no session and nothing committed; nothing to fail over to.
+	Idle BackupState = iota
+	// Following: a session is up.
+	Following
+	// Waiting: the session is gone, a committed checkpoint is kept, and
+	// the primary has Timeout since it was last heard to come back.
+	Waiting
+	// FailedOver: terminal. The driver runs the last committed
+	// checkpoint; every Hello is rejected.
+	FailedOver
+)
+
+func (s BackupState) String() string {
+	switch s {
+	case Idle:
+		return "idle"
+	case Following:
+		return "following"
+	case Waiting:
+		return "waiting"
+	case FailedOver:
+		return "failed-over"
+	}
+	return fmt.Sprintf("BackupState(%d)", uint8(s))
+}
+
+// BackupStateChange is a transition, for logs, metrics and status.
+type BackupStateChange struct {
+	At       Time
+	From, To BackupState
+	Reason   string
+}
+
+// MessageKind is the kind of a message from the backup to a primary.
+type MessageKind uint8
+
+const (
+	// MsgAccept accepts the Hello of Session: the primary steps Connected.
+	MsgAccept MessageKind = iota + 1
+	// MsgReject refuses the Hello of Session for Reason; the driver sends
+	// it and closes that connection.
+	MsgReject
+	// MsgAck acknowledges every checkpoint of Session up to Seq, all
+	// committed: the primary steps Ack. Repeated as the heartbeat.
+	MsgAck
+	// MsgHeartbeat says the backup is alive: the primary steps Heartbeat.
+	// Once the session has a commit, heartbeats are MsgAck instead.
+	MsgHeartbeat
+	// MsgNeedFull refuses checkpoint Seq of Session for Reason and asks
+	// for a full one: the primary steps NeedFull.
+	MsgNeedFull
+)
+
+func (k MessageKind) String() string {
+	switch k {
+	case MsgAccept:
+		return "accept"
+	case MsgReject:
+		return "reject"
+	case MsgAck:
+		return "ack"
+	case MsgHeartbeat:
+		return "heartbeat"
+	case MsgNeedFull:
+		return "need-full"
+	}
+	return fmt.Sprintf("MessageKind(%d)", uint8(k))
+}
+
+// Message is one message for the driver to send to a primary on Session's
+// connection (dropped if that connection is gone).
+type Message struct {
+	Kind    MessageKind
+	Session uint64
+	Seq     uint64
+	Reason  string
+	// Fenced, on a MsgReject: the slot failed over, so the primary's term
+	// is over. It must not redial, and must stop running the VM.
+	Fenced bool
+}
+
+// BackupReady is what the driver must do now, in this order: apply Commit,
+// drop Discard, send Messages, close DropSession, then fail over. Commit
+// comes first because an ack in Messages promises the commit happened.
+type BackupReady struct {
+	// Commit lists staged checkpoints to apply atomically, in order.
+	Commit []uint64
+	// Discard lists staged checkpoints refused: drop their data. When a
+	// session ends the driver drops its partial and staged data unasked.
+	Discard []uint64
+	// Messages lists messages to send, in order.
+	Messages []Message
+	// DropSession lists connections to close.
+	DropSession []Drop
+	// Failover: restore the last committed checkpoint (Committed()) and
+	// run it. Set once in the life of the engine.
+	Failover bool
+	// StateChanges lists the transitions since the last Advance.
+	StateChanges []BackupStateChange
+	// Wake is when the engine wants its next Tick (Never: no timer).
+	Wake Time
+}
+
+// Backup is the backup side of Remus for one protected VM slot: which
+// primary it follows, which checkpoints it commits and acks, and when it
+// fails over. A pure state machine like Primary. Not safe for concurrent
+// use.
+type Backup struct {
+	cfg   Config
+	vm    string
+	now   Time
+	state BackupState
+
+	term      uint64 // highest term accepted; after failover, the failover term
+	committed uint64 // last checkpoint committed, any session (0: none)
+
+	// The current session; zero when there is none.
+	session       uint64
+	sessCommitted uint64 // its last commit; 0: no full checkpoint yet
+	lastHeard     Time   // last message of a session
+	lastSent      Time
+	closed        uint64 // the session that ended last, to reject its Hello copies
+
+	pend   BackupReady
+	handed *BackupReady
+	advWak Time
+}
+
+// NewBackup makes an Idle slot for vm at now, with cfg's zero fields
+// defaulted.
+func NewBackup(cfg Config, vm string, now Time) (*Backup, error) {
+	cfg = cfg.WithDefaults()
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if vm == "" {
+		return nil, errors.New("remus: empty VM name")
+	}
+	return &Backup{cfg: cfg, vm: vm, now: now, lastHeard: now, advWak: Never}, nil
+}
+
+// Config returns the configuration in force, defaults applied.
+func (b *Backup) Config() Config { return b.cfg }
+
+// VM returns the slot's VM.
+func (b *Backup) VM() string { return b.vm }
+
+// State returns the current state.
+func (b *Backup) State() BackupState { return b.state }
+
+// Term returns the highest term accepted; once FailedOver, the term that
+// failed over (the new primary's term must be above it).
+func (b *Backup) Term() uint64 { return b.term }
+
+// Committed returns the last checkpoint committed (0: none).
+func (b *Backup) Committed() uint64 { return b.committed }
+
+// Session returns the current session (0: none).
+func (b *Backup) Session() uint64 { return b.session }
+
+// LastHeard returns when a primary was last heard on a session.
+func (b *Backup) LastHeard() Time { return b.lastHeard }
+
+// Now returns the latest time the engine was given.
+func (b *Backup) Now() Time { return b.now }
+
+// Step feeds one event. Everything a primary sends is handled (refused at
+// worst); the error is only for a nil event. Time never goes back, as for
+// Primary.Step.
+func (b *Backup) Step(ev BackupEvent) error {
+	if ev == nil {
+		return errors.New("remus: nil event")
+	}
+	b.now = max(b.now, ev.backupAt())
+	b.expire()
+	switch e := ev.(type) {
+	case Tick:
+	case Hello:
+		b.hello(e)
+	case Checkpoint:
+		b.checkpoint(e)
+	case Heartbeat:
+		if b.live(e.Session) {
+			b.lastHeard = b.now
+		}
+	case Disconnected:
+		if b.live(e.Session) {
+			b.endSession(fmt.Sprintf("session %d lost", e.Session))
+		}
+	default:
+		panic(fmt.Sprintf("remus: unknown backup event %T", ev))
+	}
+	if b.state == Following && b.now >= b.lastSent+b.cfg.HeartbeatInterval {
+		if b.sessCommitted != 0 { // repeat the ack: it heals a lost one
+			b.send(Message{Kind: MsgAck, Session: b.session, Seq: b.sessCommitted})
+		} else {
+			b.send(Message{Kind: MsgHeartbeat, Session: b.session})
+		}
+	}
+	return nil
+}
+
+func (b *Backup) live(s uint64) bool { return s != 0 && s == b.session }
+
+// expire fires the failure detector before the event at now is handled,
+// so that a message arriving after Timeout of silence is too late, as on
+// the primary. With something committed, silence is the primary's
+// failure; with nothing, there is nothing to run, so the slot resets.
+func (b *Backup) expire() {
+	if (b.state != Following && b.state != Waiting) || b.now < b.lastHeard+b.cfg.Timeout {
+		return
+	}
+	reason := fmt.Sprintf("primary not heard for %v", b.now-b.lastHeard)
+	if b.committed == 0 {
+		b.pend.DropSession = append(b.pend.DropSession, Drop{b.session, reason})
+		b.clearSession()
+		b.setState(Idle, reason+"; nothing committed to fail over to")
+		return
+	}
+	if b.session != 0 {
+		b.pend.DropSession = append(b.pend.DropSession, Drop{b.session, reason + "; failing over"})
+	}
+	b.clearSession()
+	b.pend.Failover = true
+	b.setState(FailedOver, fmt.Sprintf("%s; running checkpoint %d under term %d", reason, b.committed, b.term))
+}
+
+// hello accepts a session unless it would make two primaries: a term
+// below the slot's, a slot that failed over (its primary is stale: the
+// split-brain guard), or a live session already (silent for less than
+// Timeout: expire ended it otherwise).
+func (b *Backup) hello(h Hello) {
+	reject := func(why string) { b.send(Message{Kind: MsgReject, Session: h.Session, Reason: why}) }
+	switch {
+	case b.live(h.Session):
+		// A copy of the Hello that opened the session refreshes it; any
+		// other Hello naming it is ignored, as a reply would go to (and
+		// the reject close) the live connection.
+		if h.VM == b.vm && h.Term == b.term {
+			b.lastHeard = b.now
+		}
+	case b.state == FailedOver && h.Term <= b.term:
+		b.send(Message{Kind: MsgReject, Session: h.Session, Fenced: true,
+			Reason: fmt.Sprintf("stale primary: term %d failed over at term %d", h.Term, b.term)})
+	case b.state == FailedOver:
+		reject("slot failed over: it runs the VM now")
+	case h.VM != b.vm:
+		reject(fmt.Sprintf("wrong VM %q: slot is for %q", h.VM, b.vm))
+	case h.Session == 0:
+		reject("session 0")
+	case h.Term < b.term:
+		reject(fmt.Sprintf("stale term %d: slot is at term %d", h.Term, b.term))
+	case h.Session == b.closed:
+		reject(fmt.Sprintf("session %d is closed", h.Session))
+	case b.state == Following:
+		reject(fmt.Sprintf("duplicate: session %d is live (heard %v ago)", b.session, b.now-b.lastHeard))
+	default:
+		b.term = h.Term
+		b.session = h.Session
+		b.lastHeard = b.now
+		b.send(Message{Kind: MsgAccept, Session: h.Session})
+		b.setState(Following, fmt.Sprintf("session %d accepted, term %d", h.Session, h.Term))
+	}
+}
+
+// checkpoint commits c if it extends this session's chain: a full one
+// newer than the last commit, or the incremental right after it. A full
+// checkpoint is a whole state, so it needs nothing before it; an
+// incremental is only the pages its epoch dirtied, so applied to anything
+// but its predecessor it would make a state that never existed.
+func (b *Backup) checkpoint(c Checkpoint) {
+	if !b.live(c.Session) || b.state != Following {
+		b.pend.Discard = append(b.pend.Discard, c.Seq)
+		return
+	}
+	b.lastHeard = b.now
+	switch {
+	case c.Seq == 0:
+		b.pend.Discard = append(b.pend.Discard, c.Seq)
+		b.pend.DropSession = append(b.pend.DropSession, Drop{c.Session, "protocol violation: checkpoint 0"})
+		b.endSession(fmt.Sprintf("session %d: protocol violation", c.Session))
+	case c.Seq <= b.sessCommitted:
+		b.pend.Discard = append(b.pend.Discard, c.Seq) // a copy of one committed
+	case c.Full || c.Seq == b.sessCommitted+1 && b.sessCommitted != 0:
+		b.committed, b.sessCommitted = c.Seq, c.Seq
+		b.pend.Commit = append(b.pend.Commit, c.Seq)
+		b.ack(c.Session, c.Seq)
+	default:
+		why := fmt.Sprintf("incremental %d without a full checkpoint in session %d", c.Seq, c.Session)
+		if b.sessCommitted != 0 {
+			why = fmt.Sprintf("incremental %d after %d: gap", c.Seq, b.sessCommitted)
+		}
+		b.pend.Discard = append(b.pend.Discard, c.Seq)
+		b.send(Message{Kind: MsgNeedFull, Session: c.Session, Seq: c.Seq, Reason: why})
+	}
+}
+
+// ack sends a cumulative ack, replacing one for the same session not yet
+// handed to the driver: only the highest matters.
+func (b *Backup) ack(s, seq uint64) {
+	m := b.pend.Messages
+	if n := len(m); n > 0 && (b.handed == nil || n > len(b.handed.Messages)) && m[n-1].Kind == MsgAck && m[n-1].Session == s {
+		m[n-1].Seq = seq
+		b.lastSent = b.now
+		return
+	}
+	b.send(Message{Kind: MsgAck, Session: s, Seq: seq})
+}
+
+func (b *Backup) send(m Message) {
+	b.pend.Messages = append(b.pend.Messages, m)
+	if b.live(m.Session) {
+		b.lastSent = b.now
+	}
+}
+
+// endSession keeps what was committed: Waiting, the primary has until
+// Timeout after it was last heard to come back with a new session.
+func (b *Backup) endSession(reason string) {
+	b.clearSession()
+	if b.committed == 0 {
+		b.setState(Idle, reason+"; nothing committed")
+	} else {
+		b.setState(Waiting, fmt.Sprintf("%s; keeping checkpoint %d", reason, b.committed))
+	}
+}
+
+func (b *Backup) clearSession() {
+	if b.session != 0 {
+		b.closed = b.session
+	}
+	b.session, b.sessCommitted, b.lastSent = 0, 0, 0
+}
+
+func (b *Backup) setState(to BackupState, reason string) {
+	if to == b.state {
+		return
+	}
+	b.pend.StateChanges = append(b.pend.StateChanges, BackupStateChange{b.now, b.state, to, reason})
+	b.state = to
+}
+
+// Wake returns when the engine wants its next Tick (Never: no timer).
+func (b *Backup) Wake() Time {
+	switch b.state {
+	case Following:
+		return min(b.lastHeard+b.cfg.Timeout, b.lastSent+b.cfg.HeartbeatInterval)
+	case Waiting:
+		return b.lastHeard + b.cfg.Timeout
+	}
+	return Never
+}
+
+// HasReady reports whether Ready has anything new since the last Advance.
+func (b *Backup) HasReady() bool {
+	r := &b.pend
+	return len(r.Commit) > 0 || len(r.Discard) > 0 || len(r.Messages) > 0 || len(r.DropSession) > 0 ||
+		r.Failover || len(r.StateChanges) > 0 || b.Wake() != b.advWak
+}
+
+// Ready returns what the driver must do. Events may be stepped before the
+// matching Advance: what they add stays for the next Ready.
+func (b *Backup) Ready() BackupReady {
+	rd := BackupReady{
+		Commit:       slices.Clone(b.pend.Commit),
+		Discard:      slices.Clone(b.pend.Discard),
+		Messages:     slices.Clone(b.pend.Messages),
+		DropSession:  slices.Clone(b.pend.DropSession),
+		Failover:     b.pend.Failover,
+		StateChanges: slices.Clone(b.pend.StateChanges),
+		Wake:         b.Wake(),
+	}
+	b.handed = &rd
+	return rd
+}
+
+// Advance acknowledges that the last Ready was done.
+func (b *Backup) Advance() {
+	h := b.handed
+	if h == nil {
+		return
+	}
+	b.handed = nil
+	b.pend.Commit = slices.Delete(b.pend.Commit, 0, len(h.Commit))
+	b.pend.Discard = slices.Delete(b.pend.Discard, 0, len(h.Discard))
+	b.pend.Messages = slices.Delete(b.pend.Messages, 0, len(h.Messages))
+	b.pend.DropSession = slices.Delete(b.pend.DropSession, 0, len(h.DropSession))
+	b.pend.StateChanges = slices.Delete(b.pend.StateChanges, 0, len(h.StateChanges))
+	if h.Failover {
+		b.pend.Failover = false
+	}
+	b.advWak = h.Wake
+}

@@ -1,0 +1,324 @@
+package engine
+
+import (
+	"slices"
+	"strings"
+	"testing"
+)
+
+// bh drives a Backup in tests, checking what must hold after every step.
+type bh struct {
+	t         *testing.T
+	b         *Backup
+	state     BackupState
+	failovers int
+}
+
+func newBH(t *testing.T) *bh {
+	t.Helper()
+	b, err := NewBackup(testCfg, "vm1", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b.HasReady() {
+		t.Fatal("an idle slot has something to do")
+	}
+	return &bh{t: t, b: b}
+}
+
+func (h *bh) step(ev BackupEvent) BackupReady {
+	h.t.Helper()
+	if err := h.b.Step(ev); err != nil {
+		h.t.Fatalf("Step(%#v): %v", ev, err)
+	}
+	b := h.b
+	rd := BackupReady{Wake: b.Wake()}
+	if b.HasReady() {
+		rd = b.Ready()
+		b.Advance()
+		if b.HasReady() {
+			h.t.Fatal("HasReady after Advance")
+		}
+	}
+	for _, c := range rd.StateChanges {
+		if c.From != h.state || c.From == c.To {
+			h.t.Fatalf("state change %+v, engine was %v", c, h.state)
+		}
+		h.state = c.To
+	}
+	if h.state != b.State() {
+		h.t.Fatalf("state %v, changes say %v", b.State(), h.state)
+	}
+	if rd.Failover {
+		h.failovers++
+		if h.failovers > 1 || b.Committed() == 0 || b.State() != FailedOver {
+			h.t.Fatalf("failover %d, committed %d, %v", h.failovers, b.Committed(), b.State())
+		}
+	}
+	if rd.Wake <= b.Now() {
+		h.t.Fatalf("Wake %v not after now %v", rd.Wake, b.Now())
+	}
+	return rd
+}
+
+func msgs(rd BackupReady, k MessageKind) []Message {
+	var out []Message
+	for _, m := range rd.Messages {
+		if m.Kind == k {
+			out = append(out, m)
+		}
+	}
+	return out
+}
+
+func (h *bh) hello(now Time, session, term uint64) BackupReady {
+	h.t.Helper()
+	return h.step(Hello{Now: now, Session: session, VM: "vm1", Term: term})
+}
+
+// following returns a slot following session 1 (term 3) that committed
+// full checkpoint 5 at 2ms.
+func following(t *testing.T) *bh {
+	t.Helper()
+	h := newBH(t)
+	rd := h.hello(1*ms, 1, 3)
+	if a := msgs(rd, MsgAccept); len(a) != 1 || a[0].Session != 1 || h.b.State() != Following || h.b.Term() != 3 {
+		t.Fatalf("hello: %v %+v", h.b.State(), rd)
+	}
+	rd = h.step(Checkpoint{2 * ms, 1, 5, true})
+	if !slices.Equal(rd.Commit, []uint64{5}) || len(rd.Discard) != 0 {
+		t.Fatalf("full: %+v", rd)
+	}
+	if a := msgs(rd, MsgAck); len(a) != 1 || a[0] != (Message{Kind: MsgAck, Session: 1, Seq: 5}) {
+		t.Fatalf("ack %+v", a)
+	}
+	return h
+}
+
+func TestBackupCheckpointChain(t *testing.T) {
+	h := newBH(t)
+	h.hello(1*ms, 1, 3)
+	rd := h.step(Checkpoint{2 * ms, 1, 4, false})
+	if n := msgs(rd, MsgNeedFull); len(rd.Commit) != 0 || !slices.Equal(rd.Discard, []uint64{4}) || len(n) != 1 || n[0].Seq != 4 {
+		t.Fatalf("incremental first: %+v", rd)
+	}
+	h.step(Checkpoint{3 * ms, 1, 5, true})
+	for _, tc := range []struct {
+		c              Checkpoint
+		commit, discrd bool
+		needFull       bool
+	}{
+		{Checkpoint{4 * ms, 1, 6, false}, true, false, false},   // the next one
+		{Checkpoint{5 * ms, 1, 6, false}, false, true, false},   // a copy
+		{Checkpoint{5 * ms, 1, 5, true}, false, true, false},    // an old full one
+		{Checkpoint{6 * ms, 1, 8, false}, false, true, true},    // a gap
+		{Checkpoint{7 * ms, 1, 7, false}, true, false, false},   // late, still the next one
+		{Checkpoint{8 * ms, 2, 8, false}, false, true, false},   // another session
+		{Checkpoint{9 * ms, 1, 12, true}, true, false, false},   // a full one past a gap
+		{Checkpoint{10 * ms, 1, 13, false}, true, false, false}, // and on from it
+	} {
+		rd := h.step(tc.c)
+		if len(rd.Commit) == 1 != tc.commit || len(rd.Discard) == 1 != tc.discrd || len(msgs(rd, MsgNeedFull)) == 1 != tc.needFull {
+			t.Fatalf("%+v: %+v", tc.c, rd)
+		}
+		if tc.commit && (rd.Commit[0] != tc.c.Seq || h.b.Committed() != tc.c.Seq || msgs(rd, MsgAck)[0].Seq != tc.c.Seq) {
+			t.Fatalf("%+v: %+v", tc.c, rd)
+		}
+		if !tc.commit && len(msgs(rd, MsgAck)) != 0 {
+			t.Fatalf("ack without commit: %+v", rd)
+		}
+	}
+	// A checkpoint 0 is a violation: the session is closed.
+	rd = h.step(Checkpoint{11 * ms, 1, 0, false})
+	if len(rd.DropSession) != 1 || h.b.State() != Waiting || h.b.Committed() != 13 {
+		t.Fatalf("checkpoint 0: %v %+v", h.b.State(), rd)
+	}
+}
+
+func TestBackupAcksCoalesce(t *testing.T) {
+	b, _ := NewBackup(testCfg, "vm1", 0)
+	b.Step(Hello{1 * ms, 1, "vm1", 1})
+	b.Step(Checkpoint{2 * ms, 1, 1, true})
+	b.Step(Checkpoint{2 * ms, 1, 2, false})
+	rd := b.Ready()
+	if !slices.Equal(rd.Commit, []uint64{1, 2}) || len(msgs(rd, MsgAck)) != 1 || msgs(rd, MsgAck)[0].Seq != 2 {
+		t.Fatalf("%+v", rd)
+	}
+	b.Step(Checkpoint{3 * ms, 1, 3, false}) // after Ready: its own ack
+	b.Advance()
+	rd = b.Ready()
+	b.Advance()
+	if !slices.Equal(rd.Commit, []uint64{3}) || len(rd.Messages) != 1 || rd.Messages[0].Seq != 3 {
+		t.Fatalf("%+v", rd)
+	}
+}
+
+func TestBackupHello(t *testing.T) {
+	type hello struct {
+		vm   string
+		sess uint64
+		term uint64
+	}
+	for _, tc := range []struct {
+		name   string
+		second hello
+		reject string // "" accepted
+	}{
+		{"duplicate while live", hello{"vm1", 2, 3}, "duplicate"},
+		{"higher term while live", hello{"vm1", 2, 4}, "duplicate"},
+		{"wrong VM", hello{"vm2", 2, 3}, "wrong VM"},
+		{"session 0", hello{"vm1", 0, 3}, "session 0"},
+		{"copy of the live one", hello{"vm1", 1, 3}, "-"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := following(t)
+			rd := h.step(Hello{50 * ms, tc.second.sess, tc.second.vm, tc.second.term})
+			if tc.reject == "-" {
+				if len(msgs(rd, MsgReject))+len(msgs(rd, MsgAccept)) != 0 || h.b.LastHeard() != 50*ms {
+					t.Fatalf("%+v", rd)
+				}
+				return
+			}
+			if r := msgs(rd, MsgReject); len(r) != 1 || !strings.Contains(r[0].Reason, tc.reject) || r[0].Fenced || r[0].Session != tc.second.sess {
+				t.Fatalf("%+v", rd)
+			}
+			if h.b.Session() != 1 || h.b.LastHeard() != 2*ms {
+				t.Fatalf("a rejected Hello changed the session: %d %v", h.b.Session(), h.b.LastHeard())
+			}
+		})
+	}
+	// After the session closed: a lower term is stale, the same is fine,
+	// and a copy of the closed session's Hello is refused.
+	h := following(t)
+	h.step(Disconnected{10 * ms, 1})
+	if h.b.State() != Waiting || h.b.Committed() != 5 {
+		t.Fatalf("%v", h.b.State())
+	}
+	for _, hl := range []hello{{"vm1", 2, 2}, {"vm1", 1, 3}} {
+		if rd := h.step(Hello{11 * ms, hl.sess, hl.vm, hl.term}); len(msgs(rd, MsgReject)) != 1 {
+			t.Fatalf("%+v accepted", hl)
+		}
+	}
+	rd := h.hello(12*ms, 2, 3)
+	if len(msgs(rd, MsgAccept)) != 1 || h.b.State() != Following || h.b.Committed() != 5 {
+		t.Fatalf("reconnect: %v %+v", h.b.State(), rd)
+	}
+	// The new session needs its own full checkpoint, even one that would
+	// extend the chain of the old.
+	if rd = h.step(Checkpoint{13 * ms, 2, 6, false}); len(msgs(rd, MsgNeedFull)) != 1 {
+		t.Fatalf("incremental across sessions: %+v", rd)
+	}
+}
+
+func TestBackupFailover(t *testing.T) {
+	h := following(t) // heard at 2ms
+	for now := 10 * ms; now < 300*ms; now += 50 * ms {
+		if rd := h.step(Heartbeat{now, 1}); rd.Failover {
+			t.Fatal("failover while heartbeats flow")
+		}
+		h.step(Heartbeat{now, 7}) // another session: not heard
+	}
+	rd := h.step(Tick{359 * ms}) // heard at 260ms
+	if rd.Failover || h.b.State() != Following {
+		t.Fatalf("early failover")
+	}
+	rd = h.step(Tick{360 * ms})
+	if !rd.Failover || h.b.State() != FailedOver || len(rd.DropSession) != 1 || rd.Wake != Never {
+		t.Fatalf("no failover: %v %+v", h.b.State(), rd)
+	}
+	// Split-brain guard: the old primary and its term are done.
+	rd = h.hello(400*ms, 2, 3)
+	if r := msgs(rd, MsgReject); len(r) != 1 || !r[0].Fenced || !strings.Contains(r[0].Reason, "stale primary") {
+		t.Fatalf("stale primary: %+v", rd)
+	}
+	rd = h.hello(401*ms, 3, 4)
+	if r := msgs(rd, MsgReject); len(r) != 1 || r[0].Fenced {
+		t.Fatalf("higher term: %+v", rd)
+	}
+	for _, ev := range []BackupEvent{Checkpoint{402 * ms, 1, 6, false}, Heartbeat{403 * ms, 1}, Tick{time1h}, Disconnected{time1h, 1}} {
+		if rd = h.step(ev); rd.Failover || len(rd.Commit) != 0 || len(msgs(rd, MsgAck)) != 0 {
+			t.Fatalf("after failover %#v: %+v", ev, rd)
+		}
+	}
+	if h.b.Term() != 3 {
+		t.Fatalf("term %d", h.b.Term())
+	}
+}
+
+const time1h = 3600 * 1000 * ms
+
+func TestBackupFailoverFromWaiting(t *testing.T) {
+	h := following(t)
+	h.step(Heartbeat{20 * ms, 1})
+	h.step(Disconnected{30 * ms, 1})
+	if rd := h.step(Tick{119 * ms}); rd.Failover {
+		t.Fatal("early")
+	}
+	if rd := h.step(Tick{120 * ms}); !rd.Failover || len(rd.DropSession) != 0 {
+		t.Fatalf("%+v", rd)
+	}
+	// A new session that never committed does not cancel the old commit.
+	h = following(t)
+	h.step(Disconnected{30 * ms, 1})
+	h.hello(50*ms, 2, 3)
+	h.step(Checkpoint{60 * ms, 2, 9, false}) // refused, but heard
+	if rd := h.step(Tick{160 * ms}); !rd.Failover || h.b.Committed() != 5 {
+		t.Fatalf("%+v", rd)
+	}
+	// A message after Timeout of silence comes too late.
+	h = following(t)
+	if rd := h.step(Heartbeat{102 * ms, 1}); !rd.Failover {
+		t.Fatal("late heartbeat prevented failover")
+	}
+}
+
+func TestBackupSilenceWithNothingCommitted(t *testing.T) {
+	h := newBH(t)
+	h.hello(1*ms, 1, 1)
+	h.step(Checkpoint{2 * ms, 1, 3, false}) // refused
+	rd := h.step(Tick{102 * ms})
+	if rd.Failover || h.b.State() != Idle || len(rd.DropSession) != 1 || rd.Wake != Never {
+		t.Fatalf("%v %+v", h.b.State(), rd)
+	}
+	if !strings.Contains(rd.StateChanges[0].Reason, "nothing committed") {
+		t.Fatalf("reason %q", rd.StateChanges[0].Reason)
+	}
+	if rd = h.hello(103*ms, 2, 1); len(msgs(rd, MsgAccept)) != 1 {
+		t.Fatalf("dead session still blocks: %+v", rd)
+	}
+	h.step(Disconnected{104 * ms, 2})
+	if h.b.State() != Idle {
+		t.Fatal(h.b.State())
+	}
+}
+
+func TestBackupHeartbeats(t *testing.T) {
+	h := newBH(t)
+	h.hello(0, 1, 1)
+	var sent []Time
+	for now := ms; now <= 75*ms; now += ms {
+		rd := h.step(Heartbeat{now, 1})
+		if now == 30*ms {
+			rd.Messages = append(rd.Messages, h.step(Checkpoint{now, 1, 1, true}).Messages...) // an ack counts as a heartbeat
+		}
+		if m := append(msgs(rd, MsgHeartbeat), msgs(rd, MsgAck)...); len(m) > 0 {
+			sent = append(sent, now)
+			if now > 30*ms && (m[0].Kind != MsgAck || m[0].Seq != 1) {
+				t.Fatalf("heartbeat after a commit: %+v", m)
+			}
+		}
+	}
+	if want := []Time{20 * ms, 30 * ms, 50 * ms, 70 * ms}; !slices.Equal(sent, want) {
+		t.Fatalf("heartbeats at %v, want %v", sent, want)
+	}
+}
+
+func TestBackupNilEvent(t *testing.T) {
+	h := newBH(t)
+	if err := h.b.Step(nil); err == nil {
+		t.Fatal("nil event accepted")
+	}
+	if h.b.VM() != "vm1" || h.b.Config().Timeout != testCfg.Timeout {
+		t.Fatal("accessors")
+	}
+}

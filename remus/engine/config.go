@@ -1,0 +1,114 @@
+package engine
+
+import (
+	"errors"
+	"fmt"
+	"math"
+	"time"
+)
+
+// Time is a virtual instant: a duration since an origin the driver picks.
+// The engines never read a clock; every event carries its Time, so a test
+// can run hours of protocol in microseconds and replay it exactly.
+type Time = time.Duration
+
+// Never is the Wake of an engine that wants no Tick.
+const Never Time = math.MaxInt64
+
+// Policy decides when an epoch ends.
+type Policy uint8
+
+const (
+	// PolicyOutput ends an epoch after Epoch, or sooner (after MinEpoch)
+	// when output is waiting for it: held output is latency the client
+	// sees, so an epoch with none can run long and one with some should
+	// not. The zero value, because it is what a server wants.
+	PolicyOutput Policy = iota
+	// PolicyFixed ends every epoch after Epoch, as in the Remus paper.
+	PolicyFixed
+)
+
+func (p Policy) String() string {
+	switch p {
+	case PolicyOutput:
+		return "output"
+	case PolicyFixed:
+		return "fixed"
+	}
+	return fmt.Sprintf("Policy(%d)", uint8(p))
+}
+
+// Config is shared by the primary and the backup: both sides must agree on
+// Timeout, or one would declare the other failed first.
+type Config struct {
+	// Epoch is the longest an epoch runs before its checkpoint (25ms).
+	Epoch time.Duration
+	// Policy decides when an epoch ends (PolicyOutput).
+	Policy Policy
+	// MinEpoch is, under PolicyOutput, the age at which an epoch with
+	// output waiting ends: a rate limit, so a chatty guest is not
+	// checkpointed after every write (1ms, at most Epoch).
+	MinEpoch time.Duration
+	// HeartbeatInterval is how often each side sends a heartbeat while a
+	// session is up (Timeout/5: four may be lost or late before the
+	// peer's Timeout).
+	HeartbeatInterval time.Duration
+	// Timeout is the silence after which the peer is taken as failed:
+	// the primary stops protecting, the backup fails over (500ms).
+	Timeout time.Duration
+	// AckTimeout is how long the oldest checkpoint in flight may stay
+	// unacknowledged while the backup is otherwise heard before the
+	// primary drops the session and resynchronizes: a stream that lost a
+	// checkpoint, or a backup stuck applying one, would otherwise hold
+	// output forever while heartbeats say all is well. It must exceed
+	// the time to stream and apply the largest full checkpoint (10s).
+	AckTimeout time.Duration
+	// MaxInflight is how many checkpoints may be taken and not yet
+	// acknowledged; at the limit the epoch stretches instead (4).
+	MaxInflight int
+}
+
+// WithDefaults returns c with every zero field set to its default.
+func (c Config) WithDefaults() Config {
+	if c.Epoch == 0 {
+		c.Epoch = 25 * time.Millisecond
+	}
+	if c.MinEpoch == 0 {
+		c.MinEpoch = min(time.Millisecond, c.Epoch)
+	}
+	if c.Timeout == 0 {
+		c.Timeout = 500 * time.Millisecond
+	}
+	if c.HeartbeatInterval == 0 {
+		c.HeartbeatInterval = c.Timeout / 5
+	}
+	if c.AckTimeout == 0 {
+		c.AckTimeout = 10 * time.Second
+	}
+	if c.MaxInflight == 0 {
+		c.MaxInflight = 4
+	}
+	return c
+}
+
+// Validate reports the first field out of range. Zero fields are errors:
+// call WithDefaults first (NewPrimary and NewBackup do).
+func (c Config) Validate() error {
+	switch {
+	case c.Epoch <= 0:
+		return errors.New("remus: Epoch must be positive")
+	case c.Policy != PolicyOutput && c.Policy != PolicyFixed:
+		return fmt.Errorf("remus: unknown %v", c.Policy)
+	case c.MinEpoch <= 0 || c.MinEpoch > c.Epoch:
+		return fmt.Errorf("remus: MinEpoch %v must be positive and at most Epoch %v", c.MinEpoch, c.Epoch)
+	case c.Timeout <= 0:
+		return errors.New("remus: Timeout must be positive")
+	case c.HeartbeatInterval <= 0 || c.HeartbeatInterval >= c.Timeout:
+		return fmt.Errorf("remus: HeartbeatInterval %v must be positive and below Timeout %v", c.HeartbeatInterval, c.Timeout)
+	case c.AckTimeout <= 0:
+		return errors.New("remus: AckTimeout must be positive")
+	case c.MaxInflight < 1:
+		return errors.New("remus: MaxInflight must be at least 1")
+	}
+	return nil
+}

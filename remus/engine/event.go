@@ -1,0 +1,107 @@
+package engine
+
+// PrimaryEvent is an input of the Primary: Tick, Output, Connected,
+// Disconnected, CheckpointTaken, Ack, Heartbeat or NeedFull. The interface
+// is sealed so that feeding a backup's event to a primary does not compile.
+type PrimaryEvent interface{ primaryAt() Time }
+
+// BackupEvent is an input of the Backup: Tick, Hello, Checkpoint,
+// Heartbeat or Disconnected.
+type BackupEvent interface{ backupAt() Time }
+
+// Tick tells an engine the time; the driver sends one at each Wake.
+type Tick struct{ Now Time }
+
+// Heartbeat is a heartbeat from the peer on Session, or any message that
+// has no event of its own: the backup's driver reports each part of a
+// checkpoint as it arrives, since a large one can take longer than
+// Timeout to stream and its Checkpoint comes only at the end.
+type Heartbeat struct {
+	Now     Time
+	Session uint64
+}
+
+// Disconnected reports that Session's connection broke or was closed.
+type Disconnected struct {
+	Now     Time
+	Session uint64
+}
+
+// Output reports that the guest produced held output in the current epoch.
+// Reporting the first per epoch is enough; more are harmless. Reported
+// while a checkpoint is being taken, it counts for the epoch after it: at
+// worst that epoch ends at MinEpoch for nothing, never later than due.
+type Output struct{ Now Time }
+
+// Connected reports that a backup accepted the handshake of Session.
+// Sessions must increase over the life of a Primary, so that a late
+// message of an old session can never pass for a new one.
+type Connected struct {
+	Now     Time
+	Session uint64
+}
+
+// CheckpointTaken reports that the pause for the requested checkpoint Seq
+// is over and its streaming has started. Step it before any Ack can name
+// Seq: an ack of a checkpoint not yet taken is a protocol violation.
+type CheckpointTaken struct {
+	Now Time
+	Seq uint64
+}
+
+// Ack is the backup's cumulative acknowledgement: it committed every
+// checkpoint of Session up to Seq.
+type Ack struct {
+	Now     Time
+	Session uint64
+	Seq     uint64
+}
+
+// NeedFull is the backup's refusal of checkpoint Seq of Session (no full
+// checkpoint to build on, or a gap): it needs a full one. Seq lets the
+// primary tell a new request from a late copy of one it already served.
+type NeedFull struct {
+	Now     Time
+	Session uint64
+	Seq     uint64
+}
+
+// Hello is a primary's handshake for Session: it protects VM under Term.
+// Session names the connection in every message after it, so the driver
+// refuses a Hello naming a session another connection already uses.
+type Hello struct {
+	Now     Time
+	Session uint64
+	VM      string
+	Term    uint64
+}
+
+// Checkpoint reports that every part of checkpoint Seq of Session arrived
+// and was verified, and is staged: the backup engine decides whether it
+// is committed (Ready.Commit) or dropped (Ready.Discard).
+type Checkpoint struct {
+	Now     Time
+	Session uint64
+	Seq     uint64
+	Full    bool
+}
+
+func (e Tick) primaryAt() Time            { return e.Now }
+func (e Tick) backupAt() Time             { return e.Now }
+func (e Heartbeat) primaryAt() Time       { return e.Now }
+func (e Heartbeat) backupAt() Time        { return e.Now }
+func (e Disconnected) primaryAt() Time    { return e.Now }
+func (e Disconnected) backupAt() Time     { return e.Now }
+func (e Output) primaryAt() Time          { return e.Now }
+func (e Connected) primaryAt() Time       { return e.Now }
+func (e CheckpointTaken) primaryAt() Time { return e.Now }
+func (e Ack) primaryAt() Time             { return e.Now }
+func (e NeedFull) primaryAt() Time        { return e.Now }
+func (e Hello) backupAt() Time            { return e.Now }
+func (e Checkpoint) backupAt() Time       { return e.Now }
+
+// Drop asks the driver to close Session's connection, saying Reason.
+type Drop struct {
+	Session uint64
+	Reason  string
+}

@@ -1,0 +1,200 @@
+package engine
+
+import (
+	"testing"
+	"time"
+)
+
+// The fuzz targets feed each engine arbitrary event sequences, well-formed
+// only where the driver is trusted (sessions it makes, checkpoints it was
+// asked for), and check the invariants after every step. Their seeds run
+// with go test; go test -fuzz FuzzPrimary explores further.
+
+func fuzzSeeds(f *testing.F) {
+	f.Add([]byte{2, 1, 4, 1, 5, 1, 0, 100, 1, 3, 0, 100, 4, 2, 5, 0})
+	f.Add([]byte{2, 0, 4, 0, 5, 0, 0, 200, 4, 0, 6, 0, 0, 200, 4, 0, 5, 0, 3, 0, 2, 0, 4, 0, 5, 0})
+	f.Add([]byte{0, 255, 0, 255, 0, 255, 0, 255, 2, 0, 4, 0, 1, 0, 0, 30, 4, 0, 5, 1, 7, 0, 0, 255})
+	f.Add([]byte{2, 0, 4, 0, 5, 0, 0, 120, 4, 0, 0, 120, 4, 0, 6, 2, 0, 120, 4, 0, 5, 3, 8, 0, 8, 1})
+}
+
+func FuzzPrimary(f *testing.F) {
+	fuzzSeeds(f)
+	f.Fuzz(func(t *testing.T, data []byte) {
+		p, _ := NewPrimary(testCfg, 0)
+		var (
+			now               Time
+			out               *CheckpointRequest
+			last, rel, floor  uint64
+			state             PrimaryState
+			got               = map[uint64]bool{}
+			sessions, current uint64
+		)
+		for i := 0; i+1 < len(data); i += 2 {
+			op, arg := data[i]%9, uint64(data[i+1])
+			now += Time(arg) * 100 * time.Microsecond
+			pick := func() uint64 { // the current session mostly, else any
+				if arg%4 != 0 || sessions == 0 {
+					return current
+				}
+				return arg%sessions + 1
+			}
+			var ev PrimaryEvent
+			switch op {
+			case 0:
+				ev = Tick{now}
+			case 1:
+				ev = Output{now}
+			case 2:
+				sessions++
+				current = sessions
+				ev = Connected{now, sessions}
+			case 3:
+				ev = Disconnected{now, pick()}
+			case 4:
+				if out == nil {
+					continue
+				}
+				ev = CheckpointTaken{now, out.Seq}
+				out = nil
+			case 5:
+				ev = Ack{now, pick(), p.Seq() - min(p.Seq(), arg%3)}
+			case 6:
+				ev = NeedFull{now, pick(), p.Seq() - min(p.Seq(), arg%3)}
+			case 7:
+				ev = Heartbeat{now, pick()}
+			case 8:
+				ev = Ack{now, pick(), p.Seq() + 1 + arg%2} // never sent
+			}
+			if err := p.Step(ev); err != nil {
+				t.Fatalf("Step(%#v): %v", ev, err)
+			}
+			if !p.HasReady() {
+				continue
+			}
+			rd := p.Ready()
+			p.Advance()
+			unprot := false
+			for _, c := range rd.StateChanges {
+				if c.From != state || c.From == c.To {
+					t.Fatalf("change %+v from %v", c, state)
+				}
+				state = c.To
+				unprot = unprot || c.To == Unprotected
+			}
+			if state != p.State() || (p.Session() != 0) != (state == Syncing || state == Protected) {
+				t.Fatalf("state %v/%v session %d", state, p.State(), p.Session())
+			}
+			if p.Session() == 0 {
+				current = 0
+			}
+			if rd.Release < rel || rd.Release > p.Seq() || p.Acked() > p.Seq() {
+				t.Fatalf("release %d after %d, seq %d", rd.Release, rel, p.Seq())
+			}
+			if rd.PassThrough || unprot {
+				floor = rd.Release
+			} else if rd.Release > max(p.Acked(), floor) {
+				t.Fatalf("release %d beyond ack %d", rd.Release, p.Acked())
+			}
+			rel = rd.Release
+			if r := rd.TakeCheckpoint; r != nil {
+				if out != nil || r.Seq != last+1 || r.Session != p.Session() || r.Session == 0 || !got[r.Session] && !r.Full {
+					t.Fatalf("checkpoint %+v, outstanding %+v, last %d", *r, out, last)
+				}
+				got[r.Session] = true
+				c := *r
+				out, last = &c, r.Seq
+			}
+			if rd.Wake <= p.Now() || p.Inflight() > testCfg.MaxInflight {
+				t.Fatalf("wake %v now %v inflight %d", rd.Wake, p.Now(), p.Inflight())
+			}
+		}
+	})
+}
+
+func FuzzBackup(f *testing.F) {
+	f.Add([]byte{0, 1, 1, 0x15, 1, 0x06, 4, 200, 4, 200})
+	f.Add([]byte{0, 1, 1, 0x11, 1, 0x02, 1, 0x04, 3, 0, 0, 2, 1, 0x25, 4, 255, 0, 1})
+	f.Add([]byte{0, 1, 2, 0, 4, 90, 4, 90, 0, 2, 1, 0x13, 2, 9, 4, 255, 4, 255, 0, 3})
+	f.Add([]byte{0, 0x41, 0, 0x03, 1, 0x11, 1, 0x12, 1, 0x14, 1, 0x13, 3, 1, 0, 2})
+	f.Fuzz(func(t *testing.T, data []byte) {
+		b, _ := NewBackup(testCfg, "vm1", 0)
+		var (
+			now, heard Time
+			state      BackupState
+			has        bool
+			seq        uint64
+			full       = map[uint64]bool{}
+			acked      = map[uint64]uint64{}
+			failed     bool
+		)
+		for i := 0; i+1 < len(data); i += 2 {
+			op, arg := data[i]%5, data[i+1]
+			var ev BackupEvent
+			s := uint64(arg&3) + uint64(arg>>7) // sessions 0-4
+			switch op {
+			case 0:
+				vm := "vm1"
+				if arg&0x40 != 0 {
+					vm = "vm2"
+				}
+				ev = Hello{now, s, vm, uint64(arg>>2) & 3}
+			case 1:
+				ev = Checkpoint{now, s, uint64(arg>>2) & 15, arg&0x20 != 0}
+			case 2:
+				ev = Heartbeat{now, s}
+			case 3:
+				ev = Disconnected{now, s}
+			case 4:
+				now += Time(arg) * ms
+				ev = Tick{now}
+			}
+			now += 100 * time.Microsecond
+			if err := b.Step(ev); err != nil {
+				t.Fatal(err)
+			}
+			if h, ok := ev.(Hello); (!ok || h.VM == "vm1" && h.Term == b.Term()) && op <= 2 && b.Session() != 0 && b.Session() == s {
+				heard = b.Now()
+			}
+			if !b.HasReady() {
+				continue
+			}
+			rd := b.Ready()
+			b.Advance()
+			for _, c := range rd.StateChanges {
+				if c.From != state || c.From == c.To || state == FailedOver {
+					t.Fatalf("change %+v from %v", c, state)
+				}
+				state = c.To
+			}
+			for _, c := range rd.Commit {
+				ck, ok := ev.(Checkpoint)
+				if !ok || ck.Seq != c || len(rd.Commit) != 1 {
+					t.Fatalf("commit %d on %#v", c, ev)
+				}
+				if ck.Full {
+					full[ck.Session] = true
+				} else if !full[ck.Session] || !has || seq != c-1 {
+					t.Fatalf("incremental %d on %v %d", c, has, seq)
+				}
+				has, seq = true, c
+			}
+			for _, m := range rd.Messages {
+				if m.Kind == MsgAck {
+					if !has || m.Seq != seq || m.Seq < acked[m.Session] || !full[m.Session] {
+						t.Fatalf("ack %+v, committed %d", m, seq)
+					}
+					acked[m.Session] = m.Seq
+				}
+			}
+			if rd.Failover {
+				if failed || !has || b.Now()-heard < testCfg.Timeout {
+					t.Fatalf("failover: again %v, committed %v, heard %v at %v", failed, has, heard, b.Now())
+				}
+				failed = true
+			}
+			if b.Committed() != seq || state == Idle && has || rd.Wake <= b.Now() {
+				t.Fatalf("committed %d/%d in %v, wake %v", b.Committed(), seq, state, rd.Wake)
+			}
+		}
+	})
+}

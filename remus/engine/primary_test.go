@@ -1,0 +1,588 @@
+package engine
+
+import (
+	"strings"
+	"testing"
+	"time"
+)
+
+const ms = time.Millisecond
+
+// testCfg is small and round so that deadlines in tests read easily.
+var testCfg = Config{
+	Epoch:             10 * ms,
+	MinEpoch:          2 * ms,
+	HeartbeatInterval: 20 * ms,
+	Timeout:           100 * ms,
+	AckTimeout:        time.Second,
+	MaxInflight:       2,
+}
+
+// ph drives a Primary in tests: it steps, takes the Ready, advances, and
+// checks what must hold after every step.
+type ph struct {
+	t       *testing.T
+	p       *Primary
+	release uint64
+	state   PrimaryState
+	out     bool // a checkpoint is outstanding
+}
+
+func newPH(t *testing.T, cfg Config) *ph {
+	t.Helper()
+	p, err := NewPrimary(cfg, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &ph{t: t, p: p}
+}
+
+func (h *ph) step(ev PrimaryEvent) PrimaryReady {
+	h.t.Helper()
+	if err := h.p.Step(ev); err != nil {
+		h.t.Fatalf("Step(%#v): %v", ev, err)
+	}
+	return h.ready()
+}
+
+func (h *ph) ready() PrimaryReady {
+	h.t.Helper()
+	p := h.p
+	rd := PrimaryReady{Release: p.Release(), PassThrough: p.PassThrough(), Wake: p.Wake()}
+	if p.HasReady() {
+		rd = p.Ready()
+		p.Advance()
+		if p.HasReady() {
+			h.t.Fatalf("HasReady after Advance")
+		}
+	}
+	if rd.Release < h.release {
+		h.t.Fatalf("Release went back from %d to %d", h.release, rd.Release)
+	}
+	h.release = rd.Release
+	for _, c := range rd.StateChanges {
+		if c.From != h.state || c.From == c.To {
+			h.t.Fatalf("state change %v, engine was %v", c, h.state)
+		}
+		h.state = c.To
+	}
+	if h.state != p.State() {
+		h.t.Fatalf("state %v, changes say %v", p.State(), h.state)
+	}
+	if r := rd.TakeCheckpoint; r != nil {
+		if h.out {
+			h.t.Fatalf("second checkpoint %+v outstanding", r)
+		}
+		h.out = true
+	}
+	if rd.Wake <= p.Now() {
+		h.t.Fatalf("Wake %v not after now %v", rd.Wake, p.Now())
+	}
+	if p.Inflight() > p.Config().MaxInflight {
+		h.t.Fatalf("inflight %d", p.Inflight())
+	}
+	if (p.Session() != 0) != (p.State() == Syncing || p.State() == Protected) {
+		h.t.Fatalf("session %d in state %v", p.Session(), p.State())
+	}
+	return rd
+}
+
+func (h *ph) taken(now Time, seq uint64) PrimaryReady {
+	h.t.Helper()
+	h.out = false
+	return h.step(CheckpointTaken{now, seq})
+}
+
+// protected returns a primary protected by session 1: Connected at 1ms,
+// full checkpoint 1 taken at 2ms and acked at 3ms.
+func protected(t *testing.T, cfg Config) *ph {
+	t.Helper()
+	h := newPH(t, cfg)
+	rd := h.step(Connected{1 * ms, 1})
+	if r := rd.TakeCheckpoint; r == nil || *r != (CheckpointRequest{Seq: 1, Full: true, Session: 1}) {
+		t.Fatalf("first checkpoint %+v", rd.TakeCheckpoint)
+	}
+	h.taken(2*ms, 1)
+	rd = h.step(Ack{3 * ms, 1, 1})
+	if h.p.State() != Protected || rd.Release != 1 {
+		t.Fatalf("state %v release %d", h.p.State(), rd.Release)
+	}
+	return h
+}
+
+func TestConfig(t *testing.T) {
+	d := Config{}.WithDefaults()
+	want := Config{Epoch: 25 * ms, Policy: PolicyOutput, MinEpoch: ms, HeartbeatInterval: 100 * ms,
+		Timeout: 500 * ms, AckTimeout: 10 * time.Second, MaxInflight: 4}
+	if d != want {
+		t.Fatalf("defaults %+v", d)
+	}
+	if err := d.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	if c := (Config{Epoch: 500 * time.Microsecond}).WithDefaults(); c.MinEpoch != c.Epoch {
+		t.Fatalf("MinEpoch %v above Epoch %v", c.MinEpoch, c.Epoch)
+	}
+	if c := (Config{Timeout: time.Second}).WithDefaults(); c.HeartbeatInterval != 200*ms {
+		t.Fatalf("heartbeat %v", c.HeartbeatInterval)
+	}
+	for name, f := range map[string]func(*Config){
+		"Epoch":             func(c *Config) { c.Epoch = -1 },
+		"Policy":            func(c *Config) { c.Policy = 7 },
+		"MinEpoch":          func(c *Config) { c.MinEpoch = c.Epoch + 1 },
+		"Timeout":           func(c *Config) { c.Timeout = -ms },
+		"HeartbeatInterval": func(c *Config) { c.HeartbeatInterval = c.Timeout },
+		"AckTimeout":        func(c *Config) { c.AckTimeout = -1 },
+		"MaxInflight":       func(c *Config) { c.MaxInflight = -1 },
+	} {
+		c := d
+		f(&c)
+		if err := c.Validate(); err == nil || !strings.Contains(err.Error(), name) && name != "Policy" {
+			t.Errorf("%s: %v", name, err)
+		}
+		if _, err := NewPrimary(c, 0); err == nil {
+			t.Errorf("%s: NewPrimary accepted", name)
+		}
+		if _, err := NewBackup(c, "vm", 0); err == nil {
+			t.Errorf("%s: NewBackup accepted", name)
+		}
+	}
+	if _, err := NewBackup(d, "", 0); err == nil {
+		t.Error("NewBackup accepted an empty VM")
+	}
+	for _, s := range []string{PolicyOutput.String(), PolicyFixed.String(), Policy(9).String(),
+		Connecting.String(), Syncing.String(), Protected.String(), Unprotected.String(), PrimaryState(9).String(),
+		Idle.String(), Following.String(), Waiting.String(), FailedOver.String(), BackupState(9).String(),
+		MsgAccept.String(), MsgReject.String(), MsgAck.String(), MsgHeartbeat.String(), MsgNeedFull.String(), MessageKind(0).String()} {
+		if s == "" {
+			t.Error("empty String")
+		}
+	}
+}
+
+func TestPrimaryStartsConnectingThenUnprotected(t *testing.T) {
+	h := newPH(t, testCfg)
+	rd := h.ready()
+	if h.p.State() != Connecting || rd.Wake != 100*ms || rd.PassThrough {
+		t.Fatalf("start: %v %+v", h.p.State(), rd)
+	}
+	h.step(Output{5 * ms})
+	if rd = h.step(Tick{99 * ms}); h.p.State() != Connecting || rd.TakeCheckpoint != nil {
+		t.Fatalf("no session, yet %v %+v", h.p.State(), rd)
+	}
+	rd = h.step(Tick{100 * ms})
+	if h.p.State() != Unprotected || !rd.PassThrough || rd.Wake != Never || len(rd.DropSession) != 0 {
+		t.Fatalf("after Timeout: %v %+v", h.p.State(), rd)
+	}
+	if rd = h.step(Tick{time.Hour}); rd.TakeCheckpoint != nil {
+		t.Fatalf("checkpoint while unprotected: %+v", rd)
+	}
+}
+
+func TestPrimaryFirstCheckpointFullAndProtected(t *testing.T) {
+	h := newPH(t, testCfg)
+	rd := h.step(Connected{30 * ms, 1})
+	if h.p.State() != Syncing || rd.TakeCheckpoint == nil || !rd.TakeCheckpoint.Full || rd.TakeCheckpoint.Seq != 1 {
+		t.Fatalf("Connected: %v %+v", h.p.State(), rd)
+	}
+	h.taken(31*ms, 1)
+	if h.p.Inflight() != 1 || h.p.Seq() != 1 {
+		t.Fatalf("inflight %d seq %d", h.p.Inflight(), h.p.Seq())
+	}
+	rd = h.step(Ack{32 * ms, 1, 1})
+	if h.p.State() != Protected || rd.Release != 1 || h.p.Acked() != 1 || h.p.Inflight() != 0 {
+		t.Fatalf("after ack: %v %+v", h.p.State(), rd)
+	}
+	if c := rd.StateChanges; len(c) != 1 || c[0].To != Protected || c[0].At != 32*ms {
+		t.Fatalf("changes %+v", c)
+	}
+	rd = h.step(Tick{41 * ms}) // 10ms after the full one was taken
+	if r := rd.TakeCheckpoint; r == nil || r.Full || r.Seq != 2 || r.Session != 1 {
+		t.Fatalf("second checkpoint %+v", r)
+	}
+}
+
+// TestPrimaryEpochEnd checks the epoch end rule under both policies: when
+// an epoch that began at 12ms ends, given output at some age (-1: none).
+func TestPrimaryEpochEnd(t *testing.T) {
+	const start = 12 * ms
+	for _, tc := range []struct {
+		name        string
+		policy      Policy
+		output, end Time // ages
+	}{
+		{"fixed, no output", PolicyFixed, -1, 10 * ms},
+		{"fixed, output", PolicyFixed, 1 * ms, 10 * ms},
+		{"output, no output", PolicyOutput, -1, 10 * ms},
+		{"output, early output waits MinEpoch", PolicyOutput, 500 * time.Microsecond, 2 * ms},
+		{"output, output at once", PolicyOutput, 0, 2 * ms},
+		{"output, output at MinEpoch", PolicyOutput, 2 * ms, 2 * ms},
+		{"output, later output ends at once", PolicyOutput, 5 * ms, 5 * ms},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := testCfg
+			cfg.Policy = tc.policy
+			cfg.HeartbeatInterval = 90 * ms // out of the way of Wake
+			h := protected(t, cfg)          // checkpoint 1 taken at 2ms
+			if rd := h.step(Tick{start}); rd.TakeCheckpoint == nil {
+				t.Fatal("epoch 2 not ended after Epoch")
+			}
+			h.taken(start, 2)
+			h.step(Ack{start, 1, 2})
+			if tc.output >= 0 {
+				rd := h.step(Output{start + tc.output})
+				if rd.TakeCheckpoint != nil {
+					if tc.output != tc.end {
+						t.Fatalf("ended at output age %v, want %v", tc.output, tc.end)
+					}
+					return
+				}
+				if rd.Wake != start+tc.end {
+					t.Fatalf("Wake %v, want %v", rd.Wake, start+tc.end)
+				}
+			}
+			if rd := h.step(Tick{start + tc.end - 1}); rd.TakeCheckpoint != nil {
+				t.Fatalf("ended before age %v", tc.end)
+			}
+			if rd := h.step(Tick{start + tc.end}); rd.TakeCheckpoint == nil || rd.TakeCheckpoint.Seq != 3 {
+				t.Fatalf("not ended at age %v: %+v", tc.end, rd)
+			}
+		})
+	}
+}
+
+func TestPrimaryOutputDuringPauseCountsForNextEpoch(t *testing.T) {
+	cfg := testCfg
+	cfg.HeartbeatInterval = 90 * ms
+	h := protected(t, cfg) // checkpoint 1 taken at 2ms
+	if rd := h.step(Tick{12 * ms}); rd.TakeCheckpoint == nil {
+		t.Fatal("no checkpoint")
+	}
+	h.step(Output{12 * ms}) // during the pause: for epoch 3
+	h.taken(13*ms, 2)
+	if w := h.p.Wake(); w != 15*ms {
+		t.Fatalf("Wake %v, want MinEpoch after 13ms", w)
+	}
+	h.step(Ack{14 * ms, 1, 2})
+	if rd := h.step(Tick{15 * ms}); rd.TakeCheckpoint == nil {
+		t.Fatal("epoch with output not ended at MinEpoch")
+	}
+	h.taken(16*ms, 3)
+	if w := h.p.Wake(); w != 26*ms {
+		t.Fatalf("Wake %v: output carried over twice", w)
+	}
+}
+
+func TestPrimaryBackPressure(t *testing.T) {
+	h := protected(t, testCfg) // MaxInflight 2; checkpoint 1 acked
+	h.step(Tick{12 * ms})
+	h.taken(12*ms, 2)
+	h.step(Tick{22 * ms})
+	h.taken(22*ms, 3)
+	if h.p.Inflight() != 2 {
+		t.Fatalf("inflight %d", h.p.Inflight())
+	}
+	h.step(Output{23 * ms})
+	for _, now := range []Time{32 * ms, 50 * ms} {
+		h.step(Heartbeat{now, 1})
+		if rd := h.step(Tick{now}); rd.TakeCheckpoint != nil {
+			t.Fatalf("checkpoint at the inflight limit: %+v", rd.TakeCheckpoint)
+		}
+	}
+	if w := h.p.Wake(); w != 70*ms { // heartbeat (sent at 50ms) due, no epoch deadline
+		t.Fatalf("Wake %v", w)
+	}
+	rd := h.step(Ack{51 * ms, 1, 2})
+	if rd.Release != 2 || rd.TakeCheckpoint == nil || rd.TakeCheckpoint.Seq != 4 {
+		t.Fatalf("after ack: %+v", rd)
+	}
+}
+
+func TestPrimaryHeartbeats(t *testing.T) {
+	h := protected(t, testCfg) // Connected at 1ms
+	var sent []Time
+	for now := 2 * ms; now <= 80*ms; now += ms {
+		for _, rd := range []PrimaryReady{h.step(Heartbeat{now, 1}), h.step(Tick{now})} {
+			if rd.TakeCheckpoint != nil {
+				h.taken(now, rd.TakeCheckpoint.Seq)
+				h.step(Ack{now, 1, rd.TakeCheckpoint.Seq})
+			}
+			if rd.SendHeartbeat != 0 {
+				if rd.SendHeartbeat != 1 {
+					t.Fatalf("heartbeat on %d", rd.SendHeartbeat)
+				}
+				sent = append(sent, now)
+			}
+		}
+	}
+	if want := []Time{21 * ms, 41 * ms, 61 * ms}; len(sent) != len(want) || sent[0] != want[0] || sent[2] != want[2] {
+		t.Fatalf("heartbeats at %v, want %v", sent, want)
+	}
+}
+
+func TestPrimaryTimeoutUnprotects(t *testing.T) {
+	h := protected(t, testCfg) // ack at 3ms
+	h.step(Tick{12 * ms})
+	h.taken(12*ms, 2)
+	h.step(Heartbeat{50 * ms, 1})
+	h.step(Output{51 * ms})
+	if rd := h.step(Tick{149 * ms}); h.p.State() != Protected || rd.Release != 1 {
+		t.Fatalf("before Timeout: %v %+v", h.p.State(), rd)
+	}
+	rd := h.step(Tick{150 * ms})
+	if h.p.State() != Unprotected || !rd.PassThrough || rd.Release != h.p.Seq() || h.p.Session() != 0 {
+		t.Fatalf("after Timeout: %v %+v", h.p.State(), rd)
+	}
+	if len(rd.DropSession) != 1 || rd.DropSession[0].Session != 1 {
+		t.Fatalf("drop %+v", rd.DropSession)
+	}
+	// The checkpoint being taken when the backup failed is released too.
+	h.step(Tick{151 * ms})
+	if h.out {
+		h.taken(152*ms, h.p.Seq()+1)
+		if h.p.Release() != h.p.Seq() {
+			t.Fatalf("release %d seq %d", h.p.Release(), h.p.Seq())
+		}
+	}
+	// A message after Timeout of silence is too late, even without a Tick.
+	h2 := protected(t, testCfg)
+	rd = h2.step(Ack{103 * ms, 1, 1})
+	if h2.p.State() != Unprotected || !rd.PassThrough {
+		t.Fatalf("late ack: %v", h2.p.State())
+	}
+}
+
+// TestPrimaryReconnectAfterDisconnect: output stays held across the gap,
+// the new session starts with a full checkpoint, and its ack releases the
+// epochs the old session never acknowledged.
+func TestPrimaryReconnectAfterDisconnect(t *testing.T) {
+	h := protected(t, testCfg)
+	for i, now := range []Time{12 * ms, 22 * ms} {
+		h.step(Tick{now})
+		h.taken(now, uint64(i+2))
+	}
+	h.step(Ack{23 * ms, 1, 2}) // 3 in flight
+	h.step(Output{23 * ms})    // epoch 4, held
+	rd := h.step(Disconnected{25 * ms, 1})
+	if h.p.State() != Connecting || rd.PassThrough || rd.Release != 2 || len(rd.DropSession) != 0 {
+		t.Fatalf("disconnected: %v %+v", h.p.State(), rd)
+	}
+	if rd.Wake != 123*ms { // Timeout after the ack at 23ms
+		t.Fatalf("Wake %v", rd.Wake)
+	}
+	if rd = h.step(Tick{40 * ms}); rd.TakeCheckpoint != nil {
+		t.Fatal("checkpoint with no session")
+	}
+	h.step(Ack{41 * ms, 1, 3}) // stale session: ignored
+	if h.p.Release() != 2 {
+		t.Fatal("stale ack released")
+	}
+	rd = h.step(Connected{50 * ms, 2})
+	if r := rd.TakeCheckpoint; r == nil || *r != (CheckpointRequest{Seq: 4, Full: true, Session: 2}) {
+		t.Fatalf("resync %+v", r)
+	}
+	h.taken(51*ms, 4)
+	h.step(Ack{52 * ms, 1, 4}) // old session again
+	if rd = h.step(Ack{53 * ms, 2, 4}); rd.Release != 4 || h.p.State() != Protected {
+		t.Fatalf("after resync: %v %+v", h.p.State(), rd)
+	}
+}
+
+func TestPrimaryReconnectAfterUnprotected(t *testing.T) {
+	h := newPH(t, testCfg)
+	h.step(Tick{100 * ms})
+	if h.p.State() != Unprotected {
+		t.Fatal(h.p.State())
+	}
+	rd := h.step(Connected{300 * ms, 5})
+	if h.p.State() != Syncing || rd.PassThrough || rd.TakeCheckpoint == nil || !rd.TakeCheckpoint.Full {
+		t.Fatalf("reconnect: %v %+v", h.p.State(), rd)
+	}
+	h.taken(301*ms, 1)
+	h.step(Output{302 * ms}) // epoch 2: held until checkpoint 2 is acked
+	if rd = h.step(Ack{303 * ms, 5, 1}); rd.Release != 1 || h.p.State() != Protected {
+		t.Fatalf("%v %+v", h.p.State(), rd)
+	}
+}
+
+func TestPrimaryRejectsDriverMistakes(t *testing.T) {
+	h := protected(t, testCfg)
+	for _, ev := range []PrimaryEvent{nil, Connected{5 * ms, 0}, Connected{5 * ms, 1}, CheckpointTaken{5 * ms, 2}} {
+		if err := h.p.Step(ev); err == nil {
+			t.Errorf("%#v accepted", ev)
+		}
+	}
+	if h.p.Now() != 3*ms {
+		t.Fatalf("a refused event moved time to %v", h.p.Now())
+	}
+	h.step(Tick{12 * ms})
+	if err := h.p.Step(CheckpointTaken{13 * ms, 3}); err == nil {
+		t.Error("wrong seq taken")
+	}
+	// Time never goes back: an old timestamp counts as now.
+	h.step(Heartbeat{1 * ms, 1})
+	if h.p.Now() != 12*ms || h.p.LastHeard() != 12*ms {
+		t.Fatalf("now %v heard %v", h.p.Now(), h.p.LastHeard())
+	}
+}
+
+func TestPrimaryProtocolViolations(t *testing.T) {
+	for name, ev := range map[string]PrimaryEvent{
+		"ack of outstanding":    Ack{13 * ms, 1, 3},
+		"ack beyond":            Ack{13 * ms, 1, 9},
+		"need-full of outstand": NeedFull{13 * ms, 1, 3},
+	} {
+		t.Run(name, func(t *testing.T) {
+			h := protected(t, testCfg)
+			h.step(Tick{12 * ms})
+			h.taken(12*ms, 2)
+			h.step(Tick{22 * ms}) // checkpoint 3 outstanding
+			rd := h.step(ev)
+			if len(rd.DropSession) != 1 || rd.DropSession[0].Session != 1 || !strings.Contains(rd.DropSession[0].Reason, "violation") {
+				t.Fatalf("drop %+v", rd.DropSession)
+			}
+			if h.p.State() != Connecting || rd.Release != 1 || rd.PassThrough {
+				t.Fatalf("%v %+v", h.p.State(), rd)
+			}
+		})
+	}
+	// An ack of a checkpoint before the session's first one.
+	h := protected(t, testCfg)
+	h.step(Disconnected{4 * ms, 1})
+	h.step(Connected{5 * ms, 2})
+	h.taken(6*ms, 2)
+	if rd := h.step(Ack{7 * ms, 2, 1}); len(rd.DropSession) != 1 {
+		t.Fatalf("ack of an older session's checkpoint: %+v", rd)
+	}
+	// An ack before the session has any checkpoint taken.
+	h = newPH(t, testCfg)
+	h.step(Connected{5 * ms, 2})
+	if rd := h.step(Ack{6 * ms, 2, 1}); len(rd.DropSession) != 1 {
+		t.Fatalf("ack before any checkpoint: %+v", rd)
+	}
+}
+
+func TestPrimaryDuplicateAndStaleAcks(t *testing.T) {
+	h := protected(t, testCfg)
+	h.step(Tick{12 * ms})
+	h.taken(12*ms, 2)
+	h.step(Ack{13 * ms, 1, 2})
+	for _, ev := range []PrimaryEvent{Ack{14 * ms, 1, 2}, Ack{15 * ms, 1, 1}, Ack{16 * ms, 7, 2}, NeedFull{16 * ms, 7, 2}} {
+		if rd := h.step(ev); len(rd.DropSession) != 0 || rd.Release != 2 || h.p.State() != Protected {
+			t.Fatalf("%#v: %v %+v", ev, h.p.State(), rd)
+		}
+	}
+	if h.p.LastHeard() != 15*ms {
+		t.Fatalf("a duplicate refreshes liveness, a stale session does not: %v", h.p.LastHeard())
+	}
+}
+
+func TestPrimaryNeedFull(t *testing.T) {
+	h := protected(t, testCfg) // MaxInflight 2
+	h.step(Tick{12 * ms})
+	h.taken(12*ms, 2)
+	h.step(Tick{22 * ms})
+	h.taken(22*ms, 3) // 2 and 3 in flight: at the limit
+	rd := h.step(NeedFull{23 * ms, 1, 2})
+	if h.p.State() != Syncing || h.p.Inflight() != 1 || rd.TakeCheckpoint != nil {
+		t.Fatalf("need-full: %v inflight %d %+v", h.p.State(), h.p.Inflight(), rd)
+	}
+	h.step(NeedFull{24 * ms, 1, 3}) // same episode: no second request
+	if h.p.Inflight() != 0 {
+		t.Fatalf("inflight %d", h.p.Inflight())
+	}
+	rd = h.step(Tick{32 * ms})
+	if r := rd.TakeCheckpoint; r == nil || !r.Full || r.Seq != 4 {
+		t.Fatalf("full %+v", r)
+	}
+	h.step(NeedFull{33 * ms, 1, 3}) // late copy, a full one is on its way
+	h.taken(33*ms, 4)
+	h.step(NeedFull{34 * ms, 1, 3})
+	if h.p.State() != Syncing {
+		t.Fatal(h.p.State())
+	}
+	rd = h.step(Tick{43 * ms})
+	if r := rd.TakeCheckpoint; r == nil || r.Full {
+		t.Fatalf("late need-full made another full checkpoint: %+v", r)
+	}
+	h.taken(43*ms, 5)
+	if rd = h.step(Ack{44 * ms, 1, 5}); h.p.State() != Protected || rd.Release != 5 {
+		t.Fatalf("%v %+v", h.p.State(), rd)
+	}
+	// The full one was lost: refusing the incremental after it asks again.
+	h.step(Tick{53 * ms})
+	h.taken(53*ms, 6)
+	h.step(NeedFull{54 * ms, 1, 6})
+	if rd = h.step(Tick{63 * ms}); rd.TakeCheckpoint == nil || !rd.TakeCheckpoint.Full {
+		t.Fatalf("%+v", rd.TakeCheckpoint)
+	}
+}
+
+func TestPrimaryAckTimeout(t *testing.T) {
+	cfg := testCfg
+	cfg.AckTimeout = 50 * ms
+	h := protected(t, cfg)
+	h.step(Tick{12 * ms})
+	h.taken(12*ms, 2)
+	for now := 13 * ms; now < 62*ms; now += 10 * ms {
+		h.step(Heartbeat{now, 1})
+	}
+	if rd := h.step(Tick{61 * ms}); h.p.State() != Protected || len(rd.DropSession) != 0 {
+		t.Fatalf("early: %v", h.p.State())
+	}
+	rd := h.step(Tick{62 * ms})
+	if h.p.State() != Connecting || len(rd.DropSession) != 1 || !strings.Contains(rd.DropSession[0].Reason, "checkpoint 2") {
+		t.Fatalf("%v %+v", h.p.State(), rd)
+	}
+	if rd.PassThrough || rd.Release != 1 {
+		t.Fatalf("stall released output: %+v", rd)
+	}
+}
+
+// A checkpoint requested for a session that ends before it is taken is
+// an orphan: never in flight, and the next session still gets a full one.
+func TestPrimaryOrphanCheckpoint(t *testing.T) {
+	h := protected(t, testCfg)
+	h.step(Tick{12 * ms}) // checkpoint 2 for session 1
+	rd := h.step(Connected{13 * ms, 2})
+	if rd.TakeCheckpoint != nil || len(rd.DropSession) != 1 || rd.DropSession[0].Session != 1 {
+		t.Fatalf("superseding: %+v", rd)
+	}
+	rd = h.taken(14*ms, 2)
+	if h.p.Inflight() != 0 {
+		t.Fatalf("orphan in flight")
+	}
+	if r := rd.TakeCheckpoint; r == nil || *r != (CheckpointRequest{Seq: 3, Full: true, Session: 2}) {
+		t.Fatalf("after orphan: %+v", r)
+	}
+	h.taken(15*ms, 3)
+	if rd = h.step(Ack{16 * ms, 2, 2}); len(rd.DropSession) != 1 {
+		t.Fatal("ack of the orphan accepted")
+	}
+}
+
+// Steps between Ready and Advance keep what they add for the next Ready.
+func TestPrimaryReadyAdvanceInterleave(t *testing.T) {
+	p, _ := NewPrimary(testCfg, 0)
+	p.Step(Connected{1 * ms, 1})
+	rd1 := p.Ready()
+	p.Step(CheckpointTaken{2 * ms, 1})
+	p.Step(Ack{3 * ms, 1, 1})
+	p.Step(Tick{13 * ms})
+	p.Advance()
+	if !p.HasReady() {
+		t.Fatal("lost what came after Ready")
+	}
+	rd2 := p.Ready()
+	p.Advance()
+	if rd1.TakeCheckpoint.Seq != 1 || rd2.TakeCheckpoint == nil || rd2.TakeCheckpoint.Seq != 2 || rd2.Release != 1 {
+		t.Fatalf("%+v / %+v", rd1, rd2)
+	}
+	if len(rd2.StateChanges) != 1 || rd2.StateChanges[0].To != Protected {
+		t.Fatalf("changes %+v", rd2.StateChanges)
+	}
+	p.Advance() // without Ready: nothing
+	if p.HasReady() {
+		t.Fatal("HasReady")
+	}
+}

@@ -1,0 +1,131 @@
+package remus
+
+import (
+	"fmt"
+	"math/rand"
+	"testing"
+
+	"github.com/ftvm/ftvm/wasi"
+)
+
+// TestGateOutputCommit drives the gate with random outputs, epoch ends and
+// releases, and checks output commit: an output of epoch E is performed
+// only once E is released, all outputs leave in the order the guest made
+// them, the guest is told every write succeeded in full, and filesystem
+// effects happen at once and are journaled into their own epoch.
+func TestGateOutputCommit(t *testing.T) {
+	for seed := int64(1); seed <= 200; seed++ {
+		rng := rand.New(rand.NewSource(seed))
+		g := newHoldGate(0)
+		var performed []string
+		var released uint64
+		epochOf := map[string]uint64{}
+		made := []string{}
+		fsDone := 0
+		var journaled [][]string
+		var current []string
+		for step := 0; step < 300; step++ {
+			switch r := rng.Intn(10); {
+			case r < 5:
+				data := fmt.Sprintf("out-%d-%d", seed, step)
+				epochOf[data] = g.epoch
+				made = append(made, data)
+				n, errno := g.Output(wasi.Effect{Kind: wasi.EffectWrite, Data: []byte(data)}, func(b []byte) (uint32, wasi.Errno) {
+					got := string(b)
+					if epochOf[got] > released {
+						t.Fatalf("seed %d: output of epoch %d performed with only %d released", seed, epochOf[got], released)
+					}
+					performed = append(performed, got)
+					return uint32(len(b)), wasi.ESUCCESS
+				})
+				if n != uint32(len(data)) || errno != wasi.ESUCCESS {
+					t.Fatalf("held write told the guest %d, %v", n, errno)
+				}
+			case r < 6:
+				path := fmt.Sprintf("f%d", step)
+				g.Output(wasi.Effect{Kind: wasi.EffectFs, Op: wasi.FsWrite, Path: path, Data: []byte("x")},
+					func(b []byte) (uint32, wasi.Errno) { fsDone++; return uint32(len(b)), wasi.ESUCCESS })
+				current = append(current, path)
+			case r < 8:
+				_, ops := g.endEpoch()
+				var paths []string
+				for _, o := range ops {
+					paths = append(paths, o.Path)
+				}
+				if fmt.Sprint(paths) != fmt.Sprint(current) {
+					t.Fatalf("seed %d: epoch journal %v, want %v", seed, paths, current)
+				}
+				journaled = append(journaled, paths)
+				current = nil
+			default:
+				if released+1 < g.epoch {
+					released += uint64(1 + rng.Intn(int(g.epoch-released-1)))
+				}
+				for _, h := range g.take(released, false) {
+					h.perform(h.data)
+				}
+			}
+		}
+		// Everything released at the end leaves, in order.
+		released = g.epoch
+		for _, h := range g.take(0, true) {
+			h.perform(h.data)
+		}
+		if fmt.Sprint(performed) != fmt.Sprint(made) {
+			t.Fatalf("seed %d: performed %d outputs out of order or lost (made %d)", seed, len(performed), len(made))
+		}
+		if want := 0; fsDone == want && len(journaled) > 0 && len(journaled[0]) > 0 {
+			t.Fatalf("fs effects were not performed at once")
+		}
+	}
+}
+
+// TestGatePassThrough: unprotected, outputs leave at once, but never
+// ahead of output still held from before.
+func TestGatePassThrough(t *testing.T) {
+	g := newHoldGate(0)
+	var order []string
+	perf := func(b []byte) (uint32, wasi.Errno) { order = append(order, string(b)); return uint32(len(b)), 0 }
+	g.Output(wasi.Effect{Kind: wasi.EffectWrite, Data: []byte("held")}, perf)
+	g.setPass(true)
+	g.Output(wasi.Effect{Kind: wasi.EffectWrite, Data: []byte("queued behind")}, perf)
+	if len(order) != 0 {
+		t.Fatalf("output overtook held output: %v", order)
+	}
+	for _, h := range g.take(0, true) {
+		h.perform(h.data)
+	}
+	g.Output(wasi.Effect{Kind: wasi.EffectWrite, Data: []byte("direct")}, perf)
+	if fmt.Sprint(order) != "[held queued behind direct]" {
+		t.Fatalf("order %v", order)
+	}
+}
+
+// TestGateBackPressure: over the limit with output of a checkpointed
+// epoch held, the guest stalls until that output is released.
+func TestGateBackPressure(t *testing.T) {
+	g := newHoldGate(10)
+	nop := func(b []byte) (uint32, wasi.Errno) { return uint32(len(b)), 0 }
+	over := 0
+	g.onOverLimit = func() { over++ }
+	g.Output(wasi.Effect{Kind: wasi.EffectWrite, Data: make([]byte, 20)}, nop)
+	if over != 1 {
+		t.Fatalf("over-limit callbacks %d", over)
+	}
+	if g.overLimitOld() {
+		t.Fatal("the running epoch's own output must not stall the guest")
+	}
+	g.endEpoch()
+	if !g.overLimitOld() {
+		t.Fatal("a checkpointed epoch's output over the limit should stall the guest")
+	}
+	done := make(chan struct{})
+	go func() { g.waitBelow(nil); close(done) }()
+	select {
+	case <-done:
+		t.Fatal("waitBelow returned while over the limit")
+	default:
+	}
+	g.take(1, false)
+	<-done
+}

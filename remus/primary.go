@@ -1,0 +1,661 @@
+// Package remus protects a running VM the way Remus (Cully et al., NSDI'08)
+// protects a Xen guest: the primary runs the guest in epochs and, at the end
+// of each, pauses it at a safe point, copies the dirty pages and device
+// state, resumes it, and streams the checkpoint to a backup while the guest
+// runs on. Every external output of an epoch is held until the backup has
+// acknowledged that epoch's checkpoint. The backup never runs the guest
+// until the primary falls silent; then it resumes the last committed
+// checkpoint. The protocol's rules live in remus/engine (pure state
+// machines); this package is the driver that does the I/O.
+package remus
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/tls"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"log/slog"
+	"os"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/ftvm/ftvm/machine"
+	"github.com/ftvm/ftvm/remus/engine"
+	"github.com/ftvm/ftvm/remus/wire"
+	"github.com/ftvm/ftvm/snapshot"
+	"github.com/ftvm/ftvm/transport"
+	"github.com/ftvm/ftvm/wasi"
+)
+
+// PrimaryConfig configures a protected primary.
+type PrimaryConfig struct {
+	// Backup is the backup's replication address (HOST:PORT).
+	Backup string
+	// TLS, if set, is the client side of mutual TLS.
+	TLS    *tls.Config
+	Engine engine.Config
+	// VM identifies the protected VM to the backup (one slot per VM); a
+	// random one by default. Term orders primaries of the same VM: a
+	// backup that failed over rejects a primary of an older or equal term.
+	VM   string
+	Term uint64
+	// HoldLimit bounds the bytes of output held for acks; beyond it the
+	// guest is stopped until acks release output (64 MiB).
+	HoldLimit int
+	// Uncompressed sends pages raw (for fast links, and to measure).
+	Uncompressed bool
+	Log          *slog.Logger
+}
+
+// Primary drives a protected VM: make the gate, give it to the machine's
+// Config (Gate), create the machine, then Run the driver beside m.Run.
+type Primary struct {
+	cfg  PrimaryConfig
+	gate *holdGate
+	log  *slog.Logger
+	m    *machine.Machine
+	eng  *engine.Primary
+	t0   time.Time
+
+	events  chan engine.PrimaryEvent
+	release chan struct{} // wakes the releaser
+	stop    chan struct{}
+
+	// Guest-goroutine state (touched only inside pauses).
+	dirtyBuf []uint32
+	stagers  chan *snapshot.Stager
+
+	mu       sync.Mutex
+	sess     *session // the current session, under mu
+	nextSess uint64
+	status   PrimaryStatus
+	relUpTo  uint64
+	relAll   bool
+	hello    wire.Hello
+}
+
+// PrimaryStatus is what `ftvm status` shows of a protected primary.
+type PrimaryStatus struct {
+	Role            string  `json:"role"`
+	State           string  `json:"state"`
+	Backup          string  `json:"backup"`
+	VM              string  `json:"vm"`
+	Term            uint64  `json:"term"`
+	Session         uint64  `json:"session"`
+	Epoch           uint64  `json:"epoch"`
+	Acked           uint64  `json:"acked"`
+	Released        uint64  `json:"released_epoch"`
+	Lag             uint64  `json:"lag_epochs"`
+	Inflight        int     `json:"inflight"`
+	Checkpoints     uint64  `json:"checkpoints"`
+	FullCheckpoints uint64  `json:"full_checkpoints"`
+	LastPauseUS     float64 `json:"last_pause_us"`
+	LastDirtyPages  int     `json:"last_dirty_pages"`
+	LastBytes       int     `json:"last_checkpoint_bytes"`
+	BytesSent       uint64  `json:"bytes_replicated"`
+	HeldBytes       int     `json:"held_output_bytes"`
+	ReleasedBytes   uint64  `json:"released_output_bytes"`
+	BackupHealthy   bool    `json:"backup_healthy"`
+	LastHeardMS     float64 `json:"backup_last_heard_ms"`
+	Reason          string  `json:"reason,omitempty"`
+	Stalls          uint64  `json:"stalls"`
+}
+
+// NewPrimary prepares a primary; its Gate goes into the machine's Config.
+func NewPrimary(cfg PrimaryConfig) (*Primary, error) {
+	cfg.Engine = cfg.Engine.WithDefaults()
+	if err := cfg.Engine.Validate(); err != nil {
+		return nil, err
+	}
+	if cfg.VM == "" {
+		var b [8]byte
+		rand.Read(b[:])
+		cfg.VM = hex.EncodeToString(b[:])
+	}
+	if cfg.Term == 0 {
+		cfg.Term = 1
+	}
+	if cfg.HoldLimit == 0 {
+		cfg.HoldLimit = 64 << 20
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.Default()
+	}
+	p := &Primary{cfg: cfg, gate: newHoldGate(cfg.HoldLimit), log: cfg.Log.With("role", "primary", "vm", cfg.VM),
+		events: make(chan engine.PrimaryEvent, 256), release: make(chan struct{}, 1), stop: make(chan struct{}),
+		stagers: make(chan *snapshot.Stager, cfg.Engine.MaxInflight+2)}
+	p.status = PrimaryStatus{Role: "primary", Backup: cfg.Backup, VM: cfg.VM, Term: cfg.Term}
+	p.gate.onOutput = func() { p.event(engine.Output{Now: p.now()}) }
+	p.gate.onOverLimit = p.overLimit
+	return p, nil
+}
+
+// Gate is the output gate the machine must use.
+func (p *Primary) Gate() wasi.OutputGate { return p.gate }
+
+func (p *Primary) now() engine.Time { return time.Since(p.t0) }
+
+// event hands an event to the driver loop without ever blocking the guest.
+func (p *Primary) event(ev engine.PrimaryEvent) {
+	select {
+	case p.events <- ev:
+	default:
+		// The loop is far behind; a lost Output or Heartbeat only delays
+		// an epoch end or refreshes liveness later. Other events are sent
+		// from goroutines that may block (see send).
+	}
+}
+
+// send hands an event that must not be lost to the driver loop.
+func (p *Primary) send(ev engine.PrimaryEvent) {
+	select {
+	case p.events <- ev:
+	case <-p.stop:
+	}
+}
+
+// Run drives replication for m until ctx ends or the VM does (the caller
+// runs m.Run; Run returns when told by Close). name and module describe
+// the guest for the backup.
+func (p *Primary) Run(ctx context.Context, m *machine.Machine, module []byte, name string) error {
+	p.m = m
+	p.t0 = time.Now()
+	eng, err := engine.NewPrimary(p.cfg.Engine, 0)
+	if err != nil {
+		return err
+	}
+	p.eng = eng
+	info := m.Info()
+	p.hello = wire.Hello{Version: wire.Version, VM: p.cfg.VM, Term: p.cfg.Term, Module: snapshot.ModuleHash(module),
+		Name: name}
+	p.hello.Host, _ = os.Hostname()
+	for fd, addr := range info.Listeners {
+		p.hello.Listen = append(p.hello.Listen, wire.Listener{Fd: fd, Addr: addr})
+	}
+	for _, pre := range m.Devices().Capture().Preopens {
+		p.hello.Preopens = append(p.hello.Preopens, pre.GuestPath)
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	defer close(p.stop)
+	defer p.gate.close()
+	go p.releaser(ctx)
+	go p.dialer(ctx, module, name)
+
+	timer := time.NewTimer(time.Hour)
+	defer timer.Stop()
+	for {
+		rd := p.eng.Ready()
+		p.do(ctx, rd, module, name)
+		p.eng.Advance()
+		p.publish()
+		if rd.Wake != engine.Never {
+			timer.Reset(max(rd.Wake-p.now(), 0))
+		}
+		select {
+		case ev := <-p.events:
+			p.step(ev)
+		drain:
+			for {
+				select {
+				case ev := <-p.events:
+					p.step(ev)
+				default:
+					break drain
+				}
+			}
+		case <-timer.C:
+			p.step(engine.Tick{Now: p.now()})
+		case <-ctx.Done():
+			return nil
+		}
+	}
+}
+
+func (p *Primary) step(ev engine.PrimaryEvent) {
+	if err := p.eng.Step(ev); err != nil {
+		p.log.Debug("engine refused event", "event", fmt.Sprintf("%T", ev), "err", err)
+	}
+}
+
+// do carries out one Ready.
+func (p *Primary) do(ctx context.Context, rd engine.PrimaryReady, module []byte, name string) {
+	for _, sc := range rd.StateChanges {
+		lvl := slog.LevelInfo
+		if sc.To == engine.Unprotected {
+			lvl = slog.LevelError
+		}
+		msg := "protection state"
+		if sc.To == engine.Unprotected {
+			msg = "NOT PROTECTED: running without a backup"
+		}
+		p.log.Log(ctx, lvl, msg, "from", sc.From.String(), "to", sc.To.String(), "reason", sc.Reason)
+		p.mu.Lock()
+		p.status.Reason = sc.Reason
+		p.mu.Unlock()
+	}
+	for _, d := range rd.DropSession {
+		p.mu.Lock()
+		s := p.sess
+		p.mu.Unlock()
+		if s != nil && s.id == d.Session {
+			p.log.Warn("dropping backup session", "session", d.Session, "reason", d.Reason)
+			s.close()
+		}
+	}
+	if rd.SendHeartbeat != 0 {
+		if s := p.session(rd.SendHeartbeat); s != nil {
+			s.control(&wire.Heartbeat{Seq: p.eng.Seq()})
+		}
+	}
+	p.gate.setPass(rd.PassThrough)
+	p.mu.Lock()
+	changed := rd.Release > p.relUpTo || rd.PassThrough != p.relAll
+	p.relUpTo, p.relAll = max(p.relUpTo, rd.Release), rd.PassThrough
+	p.mu.Unlock()
+	if changed {
+		select {
+		case p.release <- struct{}{}:
+		default:
+		}
+	}
+	if req := rd.TakeCheckpoint; req != nil {
+		p.take(*req, module, name)
+	}
+}
+
+func (p *Primary) session(id uint64) *session {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.sess != nil && p.sess.id == id {
+		return p.sess
+	}
+	return nil
+}
+
+// take asks the VM to pause at its next safe point and capture checkpoint
+// req.Seq. The capture runs on the guest goroutine; the epoch switch of the
+// output gate happens there too, so no output can fall between epochs.
+func (p *Primary) take(req engine.CheckpointRequest, module []byte, name string) {
+	sess := p.session(req.Session)
+	done := p.m.PauseAsync(func(pp *machine.Paused) error {
+		var st *snapshot.Stager
+		select {
+		case st = <-p.stagers:
+		default:
+			st = &snapshot.Stager{}
+		}
+		cp, dirty, err := captureCheckpoint(pp, req.Seq, req.Full, st, p.dirtyBuf, module, name)
+		p.dirtyBuf = dirty
+		if err != nil {
+			return err
+		}
+		p.gate.setEpoch(req.Seq)
+		_, ops := p.gate.endEpoch()
+		if !req.Full {
+			cp.ops = ops // a full checkpoint's tree already has them
+		}
+		p.mu.Lock()
+		p.status.LastPauseUS = float64(cp.pause.Nanoseconds()) / 1000
+		p.status.LastDirtyPages = cp.dirty
+		p.status.Checkpoints++
+		if req.Full {
+			p.status.FullCheckpoints++
+		}
+		p.mu.Unlock()
+		if sess != nil {
+			sess.enqueue(cp)
+		} else {
+			p.putStager(cp.stager)
+		}
+		// Tell the loop now, not when the guest runs again: the ack of
+		// this checkpoint may be what a stalled guest waits for below.
+		p.send(engine.CheckpointTaken{Now: p.now(), Seq: req.Seq})
+		// Back-pressure: a slow backup stalls output release, then the
+		// guest. Wait until acks bring held output under the limit (or
+		// all that is held is this epoch's, which only the next
+		// checkpoint can release).
+		if p.gate.overLimitOld() {
+			p.mu.Lock()
+			p.status.Stalls++
+			p.mu.Unlock()
+			p.gate.waitBelow(p.stop)
+		}
+		return nil
+	})
+	go func() {
+		if err := <-done; err != nil && !errors.Is(err, machine.ErrNotRunning) {
+			p.log.Error("checkpoint failed", "seq", req.Seq, "err", err)
+		}
+	}()
+}
+
+func (p *Primary) putStager(st *snapshot.Stager) {
+	select {
+	case p.stagers <- st:
+	default:
+	}
+}
+
+// overLimit runs on the guest goroutine when held output passes the limit:
+// end the epoch now, so that what is held can be acknowledged.
+func (p *Primary) overLimit() {
+	p.event(engine.Output{Now: p.now()})
+}
+
+// releaser performs released output in order, off the guest goroutine.
+func (p *Primary) releaser(ctx context.Context) {
+	for {
+		select {
+		case <-p.release:
+		case <-ctx.Done():
+			// Whatever is held when the primary stops was never
+			// acknowledged: it must not leave.
+			return
+		}
+		p.mu.Lock()
+		upTo, all := p.relUpTo, p.relAll
+		p.mu.Unlock()
+		for _, h := range p.gate.take(upTo, all) {
+			h.perform(h.data)
+		}
+	}
+}
+
+func (p *Primary) publish() {
+	held, released, _, _ := p.gate.stats()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	st := &p.status
+	st.State = p.eng.State().String()
+	st.Session = p.eng.Session()
+	st.Epoch = p.eng.Seq() + 1
+	st.Acked = p.eng.Acked()
+	st.Released = p.eng.Release()
+	st.Lag = p.eng.Seq() - min(p.eng.Acked(), p.eng.Seq())
+	st.Inflight = p.eng.Inflight()
+	st.HeldBytes = held
+	st.ReleasedBytes = released
+	st.BackupHealthy = p.eng.State() == engine.Protected
+	st.LastHeardMS = float64((p.now() - p.eng.LastHeard()).Microseconds()) / 1000
+	if p.sess != nil {
+		st.BytesSent = p.sess.base + p.sess.conn.Stats().BytesSent
+	}
+}
+
+// Status is a snapshot of the primary's replication state.
+func (p *Primary) Status() PrimaryStatus {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.status
+}
+
+// dialer keeps a session to the backup: it dials, handshakes, and once a
+// session ends, dials again (with a pause, so a dead backup costs little).
+func (p *Primary) dialer(ctx context.Context, module []byte, name string) {
+	backoff := 100 * time.Millisecond
+	var sent uint64
+	for ctx.Err() == nil {
+		s, err := p.connect(ctx)
+		if err != nil {
+			var rej *rejectedError
+			if errors.As(err, &rej) && rej.stale {
+				p.log.Error("the backup rejected this primary as stale: it runs this VM now; not redialing", "reason", rej.reason)
+				return
+			}
+			p.log.Debug("backup not reachable", "addr", p.cfg.Backup, "err", err)
+			select {
+			case <-time.After(backoff):
+			case <-ctx.Done():
+				return
+			}
+			backoff = min(backoff*2, time.Second)
+			continue
+		}
+		backoff = 100 * time.Millisecond
+		s.base = sent
+		p.mu.Lock()
+		p.sess = s
+		p.mu.Unlock()
+		p.log.Info("backup session up", "session", s.id, "addr", p.cfg.Backup)
+		go s.sender(p)
+		p.send(engine.Connected{Now: p.now(), Session: s.id})
+		s.receiver(p) // until the connection ends
+		s.close()
+		sent += s.conn.Stats().BytesSent
+		p.mu.Lock()
+		if p.sess == s {
+			p.sess = nil
+		}
+		p.mu.Unlock()
+		p.send(engine.Disconnected{Now: p.now(), Session: s.id})
+		select {
+		case <-time.After(50 * time.Millisecond):
+		case <-ctx.Done():
+			return
+		}
+	}
+}
+
+type rejectedError struct {
+	reason string
+	stale  bool
+}
+
+func (e *rejectedError) Error() string { return "rejected by the backup: " + e.reason }
+
+// connect dials the backup and performs the handshake.
+func (p *Primary) connect(ctx context.Context) (*session, error) {
+	dctx, cancel := context.WithTimeout(ctx, p.cfg.Engine.Timeout)
+	defer cancel()
+	c, err := transport.Dial(dctx, p.cfg.Backup, p.cfg.TLS, transport.Options{})
+	if err != nil {
+		return nil, err
+	}
+	c.SetDeadline(time.Now().Add(p.cfg.Engine.Timeout))
+	hello := p.hello
+	if err := wire.SendFlush(c, &hello); err != nil {
+		c.Close()
+		return nil, err
+	}
+	msg, err := wire.Recv(c)
+	if err != nil {
+		c.Close()
+		return nil, fmt.Errorf("handshake: %w", err)
+	}
+	c.SetDeadline(time.Time{})
+	switch m := msg.(type) {
+	case *wire.Welcome:
+		p.mu.Lock()
+		p.nextSess++
+		id := p.nextSess
+		p.mu.Unlock()
+		return &session{id: id, conn: c, queue: make(chan any, p.cfg.Engine.MaxInflight+8),
+			done: make(chan struct{}), uncompressed: p.cfg.Uncompressed}, nil
+	case *wire.Reject:
+		c.Close()
+		return nil, &rejectedError{reason: m.Reason, stale: isStaleReason(m.Reason)}
+	default:
+		c.Close()
+		return nil, fmt.Errorf("handshake: unexpected %s", msg.Type())
+	}
+}
+
+// session is one connection to the backup. Checkpoints and control
+// messages go through one queue, so they leave in order.
+type session struct {
+	id           uint64
+	conn         *transport.Conn
+	queue        chan any // *checkpoint or wire.Message
+	done         chan struct{}
+	once         sync.Once
+	base         uint64
+	uncompressed bool
+	lastID       snapshot.Hash
+	closed       atomic.Bool
+}
+
+func (s *session) close() {
+	s.once.Do(func() {
+		s.closed.Store(true)
+		close(s.done)
+		s.conn.Close()
+	})
+}
+
+// enqueue hands a checkpoint to the sender. The queue holds more than
+// MaxInflight, so this blocks only if the session is wedged — then the
+// session is given up.
+func (s *session) enqueue(cp *checkpoint) {
+	select {
+	case s.queue <- cp:
+	case <-s.done:
+	}
+}
+
+// control sends a small message, never blocking the driver loop: if the
+// queue is full the heartbeat is dropped (the checkpoints in it are proof
+// of life enough).
+func (s *session) control(m wire.Message) {
+	select {
+	case s.queue <- m:
+	default:
+	}
+}
+
+// sender encodes and streams checkpoints in order, while the guest runs.
+func (s *session) sender(p *Primary) {
+	var buf bytes.Buffer
+	for {
+		var item any
+		select {
+		case item = <-s.queue:
+		case <-s.done:
+			return
+		}
+		var err error
+		switch it := item.(type) {
+		case wire.Message:
+			err = wire.SendFlush(s.conn, it)
+		case *checkpoint:
+			err = s.stream(p, it, &buf)
+			p.putStager(it.stager)
+		}
+		if err != nil {
+			if !s.closed.Load() {
+				p.log.Warn("streaming to the backup failed", "session", s.id, "err", err)
+			}
+			s.close()
+			return
+		}
+	}
+}
+
+// chunk is the size of the pieces a checkpoint's snapshot is sent in.
+const chunk = 1 << 20
+
+func (s *session) stream(p *Primary, cp *checkpoint, buf *bytes.Buffer) error {
+	snap := cp.snap
+	if !cp.full {
+		if s.lastID.IsZero() {
+			return errors.New("incremental checkpoint with no full one before it in this session")
+		}
+		snap.Parent = s.lastID
+	}
+	buf.Reset()
+	if err := snap.EncodeOptions(buf, snapshot.Options{Workers: 1, Uncompressed: s.uncompressed}); err != nil {
+		return fmt.Errorf("encoding checkpoint %d: %w", cp.seq, err)
+	}
+	s.lastID = snap.ID
+	data := buf.Bytes()
+	if err := wire.Send(s.conn, &wire.CheckpointBegin{Seq: cp.seq, Full: cp.full, SnapshotSize: uint64(len(data))}); err != nil {
+		return err
+	}
+	for off := 0; off < len(data); off += chunk {
+		end := min(off+chunk, len(data))
+		if err := wire.Send(s.conn, &wire.CheckpointData{Seq: cp.seq, Offset: uint64(off), Data: data[off:end]}); err != nil {
+			return err
+		}
+	}
+	end := wire.CheckpointEnd{Seq: cp.seq, SnapshotSize: uint64(len(data)),
+		SnapshotCRC: crc32.Checksum(data, castagnoli)}
+	// Disk ops in messages of at most about a chunk.
+	for i := 0; i < len(cp.ops); {
+		size, j := 0, i
+		for j < len(cp.ops) && (j == i || size+len(cp.ops[j].Data) < chunk) {
+			size += len(cp.ops[j].Data) + 64
+			j++
+		}
+		if err := wire.Send(s.conn, &wire.DiskOps{Seq: cp.seq, Ops: cp.ops[i:j]}); err != nil {
+			return err
+		}
+		end.DiskOps++
+		i = j
+	}
+	for _, f := range cp.tree {
+		f.Seq = cp.seq
+		data := f.Data
+		for off := 0; ; off += chunk {
+			part := f
+			part.Offset = uint64(off)
+			part.Data = data[off:min(off+chunk, len(data))]
+			if err := wire.Send(s.conn, &part); err != nil {
+				return err
+			}
+			end.DiskFiles++
+			if off+chunk >= len(data) {
+				break
+			}
+		}
+	}
+	if err := wire.SendFlush(s.conn, &end); err != nil {
+		return err
+	}
+	p.mu.Lock()
+	p.status.LastBytes = len(data)
+	p.mu.Unlock()
+	return nil
+}
+
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+// receiver turns the backup's messages into engine events.
+func (s *session) receiver(p *Primary) {
+	for {
+		msg, err := wire.Recv(s.conn)
+		if err != nil {
+			if !s.closed.Load() {
+				p.log.Warn("backup connection ended", "session", s.id, "err", err)
+			}
+			return
+		}
+		now := p.now()
+		p.send(engine.Heartbeat{Now: now, Session: s.id})
+		switch m := msg.(type) {
+		case *wire.Ack:
+			p.send(engine.Ack{Now: now, Session: s.id, Seq: m.Seq})
+		case *wire.NeedFull:
+			p.log.Warn("the backup asks for a full checkpoint", "reason", m.Reason)
+			p.send(engine.NeedFull{Now: now, Session: s.id, Seq: m.Seq})
+		case *wire.Heartbeat:
+		case *wire.Reject:
+			p.log.Error("the backup ended the session", "reason", m.Reason)
+			return
+		default:
+			p.log.Warn("unexpected message from the backup", "type", msg.Type())
+			return
+		}
+	}
+}
+
+// isStaleReason recognises a backup's refusal of a primary whose VM it
+// runs now (engine.Backup's wording): such a primary stops redialing.
+func isStaleReason(r string) bool {
+	return strings.HasPrefix(r, "stale primary") || strings.HasPrefix(r, "slot failed over")
+}

@@ -1,0 +1,242 @@
+// Package wire is the Remus replication protocol's messages and their
+// encoding. Each message travels as one transport frame whose type byte is
+// the message's Type and whose payload is the message's encoding.
+//
+// # Encoding (protocol version 1)
+//
+// Fields are encoded in declaration order: unsigned integers as minimal
+// uvarints (u32 fields checked against the u32 range), signed ones as
+// minimal zigzag varints, bool as one byte 0 or 1, Hello.Version and
+// CheckpointEnd.SnapshotCRC as little-endian u32, snapshot.Hash as its 32
+// bytes, strings and byte slices as a uvarint length then the bytes, lists
+// as a uvarint count then the elements. Hello.Version comes first so that
+// a peer of another version is recognised before anything else is read.
+//
+// Decoding checks every length and count against the bytes that remain
+// before allocating, refuses non-minimal varints, trailing bytes and
+// unknown types, and requires strings to be valid UTF-8 within the limits
+// below (paths also free of NUL bytes). So an encoding that decodes is the
+// only encoding of its message: Marshal(Unmarshal(b)) == b. Decoding never
+// aliases its input. Validate applies the same rules to a message about to
+// be sent; Send refuses a message that breaks them.
+package wire
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+
+	"github.com/ftvm/ftvm/snapshot"
+)
+
+// Version is the protocol version this build speaks, carried in Hello.
+const Version = 1
+
+// Limits on strings, enforced by Validate and Unmarshal.
+const (
+	// MaxPath bounds a path (FsOp.Path and Path2, DiskFile.Path and
+	// Target, each Hello.Preopens entry), in bytes.
+	MaxPath = 4096
+	// MaxName bounds Hello.VM, Name, Host and each Listener.Addr.
+	MaxName = 4096
+	// MaxReason bounds Reject.Reason and NeedFull.Reason.
+	MaxReason = 64 << 10
+	// MaxListBytes bounds the total bytes of the strings of one list
+	// (Hello.Listen's addresses; Hello.Preopens).
+	MaxListBytes = 64 << 10
+)
+
+// Type is a message's type: the transport frame's type byte.
+type Type uint8
+
+const (
+	TypeHello Type = iota + 1
+	TypeWelcome
+	TypeReject
+	TypeCheckpointBegin
+	TypeCheckpointData
+	TypeDiskOps
+	TypeDiskFile
+	TypeCheckpointEnd
+	TypeAck
+	TypeHeartbeat
+	TypeNeedFull
+)
+
+var typeNames = [...]string{
+	TypeHello:           "Hello",
+	TypeWelcome:         "Welcome",
+	TypeReject:          "Reject",
+	TypeCheckpointBegin: "CheckpointBegin",
+	TypeCheckpointData:  "CheckpointData",
+	TypeDiskOps:         "DiskOps",
+	TypeDiskFile:        "DiskFile",
+	TypeCheckpointEnd:   "CheckpointEnd",
+	TypeAck:             "Ack",
+	TypeHeartbeat:       "Heartbeat",
+	TypeNeedFull:        "NeedFull",
+}
+
+func (t Type) String() string {
+	if int(t) < len(typeNames) && typeNames[t] != "" {
+		return typeNames[t]
+	}
+	return fmt.Sprintf("Type(%d)", uint8(t))
+}
+
+// Message is one of the pointer types below (*Hello, *Welcome, ...).
+type Message interface{ Type() Type }
+
+// Hello opens a session: the primary says which VM it replicates and how.
+type Hello struct {
+	Version  uint32 // protocol version: Version
+	VM       string
+	Term     uint64
+	Module   snapshot.Hash
+	Name     string
+	Host     string
+	Listen   []Listener
+	Preopens []string
+}
+
+// Listener is a listening socket of the guest: its fd and address.
+type Listener struct {
+	Fd   uint32
+	Addr string
+}
+
+// Welcome accepts a Hello.
+type Welcome struct {
+	Session   uint64
+	Committed uint64
+}
+
+// Reject refuses a Hello.
+type Reject struct{ Reason string }
+
+// CheckpointBegin opens checkpoint Seq.
+type CheckpointBegin struct {
+	Seq          uint64
+	Full         bool
+	SnapshotSize uint64
+}
+
+// CheckpointData is a chunk of checkpoint Seq's encoded snapshot (the
+// snapshot package's format) at Offset.
+type CheckpointData struct {
+	Seq    uint64
+	Offset uint64
+	Data   []byte
+}
+
+// DiskOps carries filesystem operations of checkpoint Seq, in order.
+type DiskOps struct {
+	Seq uint64
+	Ops []FsOp
+}
+
+// FsOp is one filesystem operation; Op's values are the disk replicator's.
+// Paths are relative to the preopen numbered Root (Root2 for Path2).
+type FsOp struct {
+	Op     uint8
+	Root   uint32
+	Path   string
+	Root2  uint32
+	Path2  string
+	Offset int64
+	Size   int64
+	Flags  uint32
+	Data   []byte
+}
+
+// DiskFile kinds.
+const (
+	FileRegular uint8 = iota + 1
+	FileDir
+	FileSymlink
+)
+
+// DiskFile is an entry of a full sync's tree. A regular file's contents
+// may come in several DiskFile messages, by Offset; only a regular file
+// carries Data or a nonzero Offset, and only a symlink (and every symlink)
+// a Target.
+type DiskFile struct {
+	Seq    uint64
+	Root   uint32
+	Path   string
+	Kind   uint8 // FileRegular, FileDir, FileSymlink
+	Mode   uint32
+	Offset uint64
+	Data   []byte
+	Target string
+}
+
+// CheckpointEnd closes checkpoint Seq: the snapshot's size and CRC-32C,
+// and how many DiskOps and DiskFile messages were sent for Seq, so that
+// the receiver knows everything arrived.
+type CheckpointEnd struct {
+	Seq          uint64
+	SnapshotSize uint64
+	SnapshotCRC  uint32
+	DiskOps      uint32 // DiskOps messages sent for Seq
+	DiskFiles    uint32 // DiskFile messages sent for Seq
+}
+
+// Ack says the backup committed checkpoint Seq.
+type Ack struct{ Seq uint64 }
+
+// Heartbeat carries the sender's latest taken (primary) or committed
+// (backup) seq.
+type Heartbeat struct{ Seq uint64 }
+
+// NeedFull refuses checkpoint Seq and asks the primary for a full one.
+type NeedFull struct {
+	Seq    uint64
+	Reason string
+}
+
+func (*Hello) Type() Type           { return TypeHello }
+func (*Welcome) Type() Type         { return TypeWelcome }
+func (*Reject) Type() Type          { return TypeReject }
+func (*CheckpointBegin) Type() Type { return TypeCheckpointBegin }
+func (*CheckpointData) Type() Type  { return TypeCheckpointData }
+func (*DiskOps) Type() Type         { return TypeDiskOps }
+func (*DiskFile) Type() Type        { return TypeDiskFile }
+func (*CheckpointEnd) Type() Type   { return TypeCheckpointEnd }
+func (*Ack) Type() Type             { return TypeAck }
+func (*Heartbeat) Type() Type       { return TypeHeartbeat }
+func (*NeedFull) Type() Type        { return TypeNeedFull }
+
+// ErrVersion is the cause of the error Unmarshal returns for a Hello of
+// another protocol version (test with errors.Is); the receiver may answer
+// with a Reject.
+var ErrVersion = errors.New("unsupported protocol version")
+
+// Error is every error about a message's encoding or contents. Field names
+// the field ("Ops[2].Path"; empty when about the whole message). Offset is
+// the byte of the payload where decoding failed, -1 from Validate.
+type Error struct {
+	Type   Type
+	Field  string
+	Offset int
+	Msg    string
+	Err    error // ErrVersion, or nil
+}
+
+func (e *Error) Error() string {
+	var b strings.Builder
+	b.WriteString("wire: ")
+	b.WriteString(e.Type.String())
+	if e.Field != "" {
+		b.WriteString(".")
+		b.WriteString(e.Field)
+	}
+	if e.Offset >= 0 {
+		fmt.Fprintf(&b, " at byte %d", e.Offset)
+	}
+	b.WriteString(": ")
+	b.WriteString(e.Msg)
+	return b.String()
+}
+
+func (e *Error) Unwrap() error { return e.Err }
