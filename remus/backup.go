@@ -195,7 +195,7 @@ func (b *Backup) slot(ctx context.Context, vm string) (*slot, error) {
 	}
 	s := &slot{b: b, vm: vm, eng: eng, store: st, mi: mi, events: make(chan any, 64),
 		conns: map[uint64]*transport.Conn{}, hellos: map[uint64]*wire.Hello{}, staged: map[uint64]*staged{},
-		persistQ: make(chan persistJob, 64), persisted: make(chan struct{}), log: b.log.With("vm", vm)}
+		persistQ: newPersistQueue(), log: b.log.With("vm", vm)}
 	s.img = &snapshot.Image{Resize: mi.Resize}
 	b.slots[vm] = s
 	b.wg.Add(1)
@@ -277,13 +277,12 @@ type slot struct {
 	events chan any
 	log    *slog.Logger
 
+	exited   bool                       // loop only: the guest ended on its primary
 	conns    map[uint64]*transport.Conn // loop only
 	hellos   map[uint64]*wire.Hello
 	staged   map[uint64]*staged
 	hello    *wire.Hello // of the session that committed last
-	persistQ chan persistJob
-	// persisted is closed and replaced whenever the persister catches up.
-	persisted chan struct{}
+	persistQ *persistQueue
 
 	mu       sync.Mutex
 	nextSess uint64
@@ -314,6 +313,12 @@ type (
 		session uint64
 		conn    *transport.Conn
 		hello   *wire.Hello
+	}
+	exitEv struct {
+		session uint64
+		seq     uint64
+		code    uint32
+		conn    *transport.Conn
 	}
 	stagedEv struct {
 		session uint64
@@ -354,6 +359,8 @@ func (s *slot) receive(id uint64, c *transport.Conn, hello *wire.Hello) {
 		}
 		switch m := msg.(type) {
 		case *wire.Heartbeat:
+		case *wire.Exit:
+			s.events <- exitEv{session: id, seq: m.Seq, code: m.Code, conn: c}
 		case *wire.CheckpointBegin:
 			if m.SnapshotSize > maxSnapshot {
 				fail("checkpoint %d declares %d bytes", m.Seq, m.SnapshotSize)
@@ -438,6 +445,15 @@ func (s *slot) loop(ctx context.Context) {
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
 	for {
+		if s.exited {
+			select {
+			case ev := <-s.events:
+				s.handle(ev)
+			case <-ctx.Done():
+				return
+			}
+			continue
+		}
 		rd := s.eng.Ready()
 		failover := s.do(ctx, rd)
 		s.eng.Advance()
@@ -471,7 +487,31 @@ func (s *slot) step(ev engine.BackupEvent) {
 }
 
 func (s *slot) handle(ev any) {
+	if s.exited {
+		// The guest ended on its primary: nothing to follow or resume.
+		if a, ok := ev.(attachEv); ok {
+			wire.SendFlush(a.conn, &wire.Reject{Reason: "slot failed over: the VM exited on its primary"})
+			a.conn.Close()
+		}
+		return
+	}
 	switch e := ev.(type) {
+	case exitEv:
+		if e.session != s.eng.Session() || s.eng.State() != engine.Following {
+			e.conn.Close()
+			return
+		}
+		s.exited = true
+		s.log.Info("the protected VM exited on its primary: closing the slot", "exit_code", e.code, "seq", e.seq)
+		e.conn.SetWriteDeadline(time.Now().Add(s.b.cfg.Engine.Timeout))
+		wire.SendFlush(e.conn, &wire.Ack{Seq: e.seq})
+		s.mu.Lock()
+		s.status.State = "exited"
+		s.status.Reason = fmt.Sprintf("the VM exited with code %d on its primary", e.code)
+		s.mu.Unlock()
+		for _, c := range s.conns {
+			c.Close()
+		}
 	case attachEv:
 		s.conns[e.session] = e.conn
 		s.hellos[e.session] = e.hello
@@ -582,7 +622,7 @@ func (s *slot) commit(seq uint64) error {
 	if st.full {
 		s.prepare(st.snap)
 	}
-	s.persistQ <- persistJob{seq: seq, full: st.full, raw: st.raw, ops: st.ops, tree: st.tree}
+	s.persistQ.push(persistJob{seq: seq, full: st.full, raw: st.raw, ops: st.ops, tree: st.tree})
 	return nil
 }
 
@@ -623,45 +663,106 @@ type persistJob struct {
 	raw  []byte
 	ops  []wire.FsOp
 	tree []wire.DiskFile
-	sync chan struct{} // a marker: closed once everything before it is on disk
+}
+
+// persistQueue hands committed checkpoints to the persister. It never
+// blocks the slot's loop: a loop stuck behind the disk would stop acking
+// and heartbeating, and the primary would take the backup for dead.
+type persistQueue struct {
+	mu      sync.Mutex
+	cond    *sync.Cond
+	jobs    []persistJob
+	busy    bool
+	closed  bool
+	pending int // bytes queued
+}
+
+func newPersistQueue() *persistQueue {
+	q := &persistQueue{}
+	q.cond = sync.NewCond(&q.mu)
+	return q
+}
+
+func (q *persistQueue) push(j persistJob) {
+	q.mu.Lock()
+	if j.full {
+		// A full checkpoint supersedes everything queued before it.
+		q.jobs, q.pending = q.jobs[:0], 0
+	}
+	q.jobs = append(q.jobs, j)
+	q.pending += len(j.raw)
+	q.cond.Broadcast()
+	q.mu.Unlock()
+}
+
+// take waits for work and returns all of it.
+func (q *persistQueue) take() ([]persistJob, bool) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	q.busy = false
+	q.cond.Broadcast()
+	for len(q.jobs) == 0 && !q.closed {
+		q.cond.Wait()
+	}
+	if len(q.jobs) == 0 {
+		return nil, false
+	}
+	jobs := q.jobs
+	q.jobs, q.pending, q.busy = nil, 0, true
+	return jobs, true
+}
+
+// drain waits until everything queued is on disk.
+func (q *persistQueue) drain() {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	for (len(q.jobs) > 0 || q.busy) && !q.closed {
+		q.cond.Wait()
+	}
+}
+
+func (q *persistQueue) close() {
+	q.mu.Lock()
+	q.closed = true
+	q.cond.Broadcast()
+	q.mu.Unlock()
 }
 
 // persister writes committed checkpoints to the slot's state directory in
 // order, off the ack path: the disk always holds one complete checkpoint,
 // possibly a few epochs behind memory, which is what a double failure
 // restores. Failover first waits for it to catch up, so the replica of the
-// guest's directories matches the image it resumes.
+// guest's directories matches the image it resumes. Whatever queued up
+// while it wrote goes to the store as one batch.
 func (s *slot) persister() {
-	for j := range s.persistQ {
-		if j.sync != nil {
-			close(j.sync)
-			continue
+	for {
+		jobs, ok := s.persistQ.take()
+		if !ok {
+			return
 		}
-		var err error
-		ops := toStoreOps(j.ops)
-		if j.full {
-			err = s.store.CommitFull(j.seq, j.raw, toStoreTree(j.tree), ops)
-		} else if s.store.Committed()+1 == j.seq {
-			err = s.store.CommitIncremental(j.seq, j.raw, ops)
-		} else {
-			err = fmt.Errorf("checkpoint %d does not follow the stored %d", j.seq, s.store.Committed())
+		for _, j := range jobs {
+			var err error
+			ops := toStoreOps(j.ops)
+			if j.full {
+				err = s.store.CommitFull(j.seq, j.raw, toStoreTree(j.tree), ops)
+			} else if s.store.Committed()+1 == j.seq {
+				err = s.store.CommitIncremental(j.seq, j.raw, ops)
+			} else {
+				err = fmt.Errorf("checkpoint %d does not follow the stored %d", j.seq, s.store.Committed())
+			}
+			if err != nil {
+				s.log.Error("persisting checkpoint failed; the disk keeps the previous one", "seq", j.seq, "err", err)
+				break
+			}
+			s.mu.Lock()
+			s.persSeq = j.seq
+			s.mu.Unlock()
 		}
-		if err != nil {
-			s.log.Error("persisting checkpoint failed; the disk keeps the previous one", "seq", j.seq, "err", err)
-			continue
-		}
-		s.mu.Lock()
-		s.persSeq = j.seq
-		s.mu.Unlock()
 	}
 }
 
 // drain waits until everything queued for the disk is there.
-func (s *slot) drain() {
-	ch := make(chan struct{})
-	s.persistQ <- persistJob{sync: ch}
-	<-ch
-}
+func (s *slot) drain() { s.persistQ.drain() }
 
 func toStoreOps(ops []wire.FsOp) []store.FsOp {
 	out := make([]store.FsOp, len(ops))
@@ -777,7 +878,7 @@ func (s *slot) close() {
 	}
 	s.closed = true
 	s.mu.Unlock()
-	close(s.persistQ)
+	s.persistQ.close()
 	s.store.Close()
 	s.mi.Close()
 }

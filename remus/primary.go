@@ -130,6 +130,9 @@ func NewPrimary(cfg PrimaryConfig) (*Primary, error) {
 	p := &Primary{cfg: cfg, gate: newHoldGate(cfg.HoldLimit), log: cfg.Log.With("role", "primary", "vm", cfg.VM),
 		events: make(chan engine.PrimaryEvent, 256), release: make(chan struct{}, 1), stop: make(chan struct{}),
 		stagers: make(chan *snapshot.Stager, cfg.Engine.MaxInflight+2)}
+	// The clock starts now, not in Run: the guest may produce output
+	// (an Output event) before the driver loop runs.
+	p.t0 = time.Now()
 	p.status = PrimaryStatus{Role: "primary", Backup: cfg.Backup, VM: cfg.VM, Term: cfg.Term}
 	p.gate.onOutput = func() { p.event(engine.Output{Now: p.now()}) }
 	p.gate.onOverLimit = p.overLimit
@@ -165,8 +168,7 @@ func (p *Primary) send(ev engine.PrimaryEvent) {
 // the guest for the backup.
 func (p *Primary) Run(ctx context.Context, m *machine.Machine, module []byte, name string) error {
 	p.m = m
-	p.t0 = time.Now()
-	eng, err := engine.NewPrimary(p.cfg.Engine, 0)
+	eng, err := engine.NewPrimary(p.cfg.Engine, p.now())
 	if err != nil {
 		return err
 	}
@@ -309,14 +311,16 @@ func (p *Primary) take(req engine.CheckpointRequest, module []byte, name string)
 			p.status.FullCheckpoints++
 		}
 		p.mu.Unlock()
+		// Tell the loop now, not when the guest runs again (the ack of
+		// this checkpoint may be what a stalled guest waits for below),
+		// and before the checkpoint can be streamed: the engine must
+		// know it was taken before its ack can arrive.
+		p.send(engine.CheckpointTaken{Now: p.now(), Seq: req.Seq})
 		if sess != nil {
 			sess.enqueue(cp)
 		} else {
 			p.putStager(cp.stager)
 		}
-		// Tell the loop now, not when the guest runs again: the ack of
-		// this checkpoint may be what a stalled guest waits for below.
-		p.send(engine.CheckpointTaken{Now: p.now(), Seq: req.Seq})
 		// Back-pressure: a slow backup stalls output release, then the
 		// guest. Wait until acks bring held output under the limit (or
 		// all that is held is this epoch's, which only the next
@@ -334,6 +338,44 @@ func (p *Primary) take(req engine.CheckpointRequest, module []byte, name string)
 			p.log.Error("checkpoint failed", "seq", req.Seq, "err", err)
 		}
 	}()
+}
+
+// Finish is called once the guest has ended by itself (an exit, or a
+// trap): it waits until every checkpoint taken is acknowledged, tells the
+// backup the guest ended (so that it does not resume it), and then
+// releases the output of the guest's last moments. It is bounded by twice
+// the timeout; an unprotected primary releases at once.
+func (p *Primary) Finish(code uint32) {
+	deadline := time.Now().Add(2 * p.cfg.Engine.Timeout)
+	var st PrimaryStatus
+	for time.Now().Before(deadline) {
+		st = p.Status()
+		if st.State == engine.Unprotected.String() || st.State == "" || st.Acked+1 >= st.Epoch {
+			break
+		}
+		time.Sleep(time.Millisecond)
+	}
+	p.mu.Lock()
+	s := p.sess
+	p.mu.Unlock()
+	if s != nil && st.State == engine.Protected.String() {
+		done := make(chan struct{})
+		s.exitDone = done
+		select {
+		case s.queue <- wire.Message(&wire.Exit{Seq: st.Acked, Code: code}):
+			select {
+			case <-done:
+			case <-s.done:
+			case <-time.After(time.Until(deadline) + p.cfg.Engine.Timeout):
+				p.log.Warn("the backup did not acknowledge the guest's exit")
+			}
+		case <-s.done:
+		}
+	}
+	p.gate.setPass(true)
+	for _, h := range p.gate.take(0, true) {
+		h.perform(h.data)
+	}
 }
 
 func (p *Primary) putStager(st *snapshot.Stager) {
@@ -499,6 +541,8 @@ type session struct {
 	uncompressed bool
 	lastID       snapshot.Hash
 	closed       atomic.Bool
+	exitOnce     sync.Once
+	exitDone     chan struct{} // set before an Exit is sent; closed by its ack
 }
 
 func (s *session) close() {
@@ -639,6 +683,10 @@ func (s *session) receiver(p *Primary) {
 		p.send(engine.Heartbeat{Now: now, Session: s.id})
 		switch m := msg.(type) {
 		case *wire.Ack:
+			if s.exitDone != nil {
+				s.exitOnce.Do(func() { close(s.exitDone) })
+				continue
+			}
 			p.send(engine.Ack{Now: now, Session: s.id, Seq: m.Seq})
 		case *wire.NeedFull:
 			p.log.Warn("the backup asks for a full checkpoint", "reason", m.Reason)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -32,6 +33,8 @@ type replFlags struct {
 	tlsKey     string
 	tlsCA      string
 	serverName string
+	holdLimit  string
+	raw        bool
 }
 
 func (f *replFlags) register(fs *pflag.FlagSet, primary bool) {
@@ -41,6 +44,8 @@ func (f *replFlags) register(fs *pflag.FlagSet, primary bool) {
 		fs.DurationVar(&f.minEpoch, "min-epoch", time.Millisecond, "with --epoch-policy output: the shortest epoch (rate limit on checkpoints)")
 		fs.IntVar(&f.maxFlight, "max-inflight", 4, "checkpoints streamed but not yet acknowledged before epochs stretch (back-pressure)")
 		fs.StringVar(&f.serverName, "tls-server-name", "", "the backup's name in its certificate (default: the host of --protect)")
+		fs.StringVar(&f.holdLimit, "hold-limit", "64MiB", "output held for acknowledgement beyond which the guest is stopped until acks release it (back-pressure)")
+		fs.BoolVar(&f.raw, "uncompressed", false, "send checkpoint pages uncompressed (fast links; measuring compression)")
 	}
 	fs.DurationVar(&f.timeout, "timeout", 500*time.Millisecond, "silence after which the peer is declared failed (same on both sides)")
 	fs.DurationVar(&f.heartbeat, "heartbeat", 0, "heartbeat interval (default --timeout/5)")
@@ -104,6 +109,13 @@ func runProtected(ctx context.Context, p *remus.Primary, m *machine.Machine, mod
 		cancel()
 		<-done
 	}()
+	f.afterRun = func(code uint32, err error) {
+		// A guest that ended by itself (not a signal to ftvm) must not be
+		// resumed by the backup, and its last output must still leave.
+		if err == nil || !errors.Is(err, context.Canceled) {
+			p.Finish(code)
+		}
+	}
 	f.routes = append(f.routes, api.Route{Pattern: "GET /status", Handler: api.JSON(func() any { return p.Status() })},
 		api.Route{Pattern: "GET /metrics", Handler: p.MetricsHandler()})
 	return serveAndRun(ctx, m, f, sig, limit)

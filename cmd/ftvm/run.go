@@ -36,6 +36,8 @@ type runFlags struct {
 	vmID    string
 	repl    replFlags
 	routes  []api.Route
+	// afterRun runs when the guest has ended, before the VM is closed.
+	afterRun func(code uint32, err error)
 }
 
 func newRunCmd() *cobra.Command {
@@ -171,7 +173,12 @@ func run(ctx context.Context, f runFlags, args []string) error {
 		if err != nil {
 			return &exitError{code: exitUsage, err: err}
 		}
-		primary, err = remus.NewPrimary(remus.PrimaryConfig{Backup: f.protect, Engine: ecfg, TLS: tcfg, VM: f.vmID})
+		hold, err := machine.ParseSize(f.repl.holdLimit)
+		if err != nil {
+			return usage("--hold-limit: %v", err)
+		}
+		primary, err = remus.NewPrimary(remus.PrimaryConfig{Backup: f.protect, Engine: ecfg, TLS: tcfg, VM: f.vmID,
+			HoldLimit: int(hold), Uncompressed: f.repl.raw})
 		if err != nil {
 			return usage("%v", err)
 		}
@@ -212,6 +219,9 @@ func serveAndRun(ctx context.Context, m *machine.Machine, f runFlags, sig *caugh
 		defer srv.Close()
 	}
 	code, err := m.Run(ctx)
+	if f.afterRun != nil {
+		f.afterRun(code, err)
+	}
 	if err != nil {
 		var te *machine.TrapError
 		switch {

@@ -251,13 +251,13 @@ func (b *Backup) hello(h Hello) {
 		if h.VM == b.vm && h.Term == b.term {
 			b.lastHeard = b.now
 		}
+	case h.VM != b.vm:
+		reject(fmt.Sprintf("wrong VM %q: slot is for %q", h.VM, b.vm))
 	case b.state == FailedOver && h.Term <= b.term:
 		b.send(Message{Kind: MsgReject, Session: h.Session, Fenced: true,
 			Reason: fmt.Sprintf("stale primary: term %d failed over at term %d", h.Term, b.term)})
 	case b.state == FailedOver:
 		reject("slot failed over: it runs the VM now")
-	case h.VM != b.vm:
-		reject(fmt.Sprintf("wrong VM %q: slot is for %q", h.VM, b.vm))
 	case h.Session == 0:
 		reject("session 0")
 	case h.Term < b.term:

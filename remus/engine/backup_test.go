@@ -235,6 +235,10 @@ func TestBackupFailover(t *testing.T) {
 	if r := msgs(rd, MsgReject); len(r) != 1 || r[0].Fenced {
 		t.Fatalf("higher term: %+v", rd)
 	}
+	rd = h.step(Hello{401 * ms, 4, "vm2", 1})
+	if r := msgs(rd, MsgReject); len(r) != 1 || r[0].Fenced {
+		t.Fatalf("another VM: %+v", rd)
+	}
 	for _, ev := range []BackupEvent{Checkpoint{402 * ms, 1, 6, false}, Heartbeat{403 * ms, 1}, Tick{time1h}, Disconnected{time1h, 1}} {
 		if rd = h.step(ev); rd.Failover || len(rd.Commit) != 0 || len(msgs(rd, MsgAck)) != 0 {
 			t.Fatalf("after failover %#v: %+v", ev, rd)

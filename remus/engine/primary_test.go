@@ -484,7 +484,7 @@ func TestPrimaryNeedFull(t *testing.T) {
 	h.step(Tick{22 * ms})
 	h.taken(22*ms, 3) // 2 and 3 in flight: at the limit
 	rd := h.step(NeedFull{23 * ms, 1, 2})
-	if h.p.State() != Syncing || h.p.Inflight() != 1 || rd.TakeCheckpoint != nil {
+	if h.p.State() != Syncing || h.p.Inflight() != 1 || rd.TakeCheckpoint != nil || rd.Release != 1 {
 		t.Fatalf("need-full: %v inflight %d %+v", h.p.State(), h.p.Inflight(), rd)
 	}
 	h.step(NeedFull{24 * ms, 1, 3}) // same episode: no second request

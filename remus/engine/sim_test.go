@@ -931,7 +931,10 @@ func TestSimulation(t *testing.T) {
 		st := &simStats{profiles: map[string]int{}, failoversAliveBy: map[string]int{}}
 		trace, err := runSim(seed, steps, true, st)
 		if err != nil {
-			t.Fatalf("seed %d: %v\n%s", seed, err, strings.Join(trace, "\n"))
+			if n := len(trace) - 400; n > 0 && os.Getenv("REMUS_SIM_FULLTRACE") == "" {
+				trace = append([]string{fmt.Sprintf("... %d lines (all: REMUS_SIM_FULLTRACE=1)", n)}, trace[n:]...)
+			}
+			t.Fatalf("seed %d: %v\ntrace:\n%s", seed, err, strings.Join(trace, "\n"))
 		}
 		t.Logf("seed %d: %d episodes %v, %d steps", seed, st.episodes, st.profiles, st.steps)
 		return

@@ -66,7 +66,11 @@ func scenario(t testing.TB) (steps []step, want []*snapshot.Image) {
 		opCr(0, "l", creat), opA(0, "l", "again"), opA(0, "l", "+more"), opRd(0, "empty"))
 	add("compact", 6, nil)
 	add("inc", 7, nil,
-		opW(0, "a", 0, "A7"), opTr(0, "big", 100), opMk(0, "h"), opCr(0, "h/i", creat), opA(0, "h/i", "x"),
+		opW(0, "a", 0, "A7"), opTr(0, "big", 100),
+		// a symlink made in the segment aliases a file an append then
+		// targets: the symlink must end the segment
+		opSl(0, "s2", "big"), opW(0, "s2", 200, "far"), opA(0, "big", "tail"),
+		opMk(0, "h"), opCr(0, "h/i", creat), opA(0, "h/i", "x"),
 		opA(0, "h/i", "y"))
 	add("full", 8, []TreeEntry{fileE(0, "only", "one"), dirE(0, "z"), root1},
 		opA(0, "only", "+1"), opCr(0, "z/q", creat|excl))

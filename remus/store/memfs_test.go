@@ -25,6 +25,9 @@ type crasher struct {
 	crashed bool
 	now     bool // the crash happened at the current operation
 	trace   []string
+	// fn, if set, decides instead of at: nil, errCrash, or for a replica
+	// effect errSkip or errHalf.
+	fn func(op string) error
 }
 
 func (c *crasher) step(op string) error {
@@ -34,6 +37,13 @@ func (c *crasher) step(op string) error {
 	}
 	c.n++
 	c.trace = append(c.trace, op)
+	if c.fn != nil {
+		err := c.fn(op)
+		if err == errCrash {
+			c.crashed, c.now = true, true
+		}
+		return err
+	}
 	if c.at > 0 && c.n == c.at {
 		c.crashed, c.now = true, true
 		return errCrash

@@ -29,6 +29,7 @@ var (
 	_ codec = (*Ack)(nil)
 	_ codec = (*Heartbeat)(nil)
 	_ codec = (*NeedFull)(nil)
+	_ codec = (*Exit)(nil)
 )
 
 // newMessage is an empty message of type t, nil if t is unknown.
@@ -56,6 +57,8 @@ func newMessage(t Type) codec {
 		return &Heartbeat{}
 	case TypeNeedFull:
 		return &NeedFull{}
+	case TypeExit:
+		return &Exit{}
 	}
 	return nil
 }
@@ -129,6 +132,8 @@ func isNil(m codec) bool {
 	case *Heartbeat:
 		return v == nil
 	case *NeedFull:
+		return v == nil
+	case *Exit:
 		return v == nil
 	}
 	return true
@@ -689,6 +694,16 @@ func (m *Heartbeat) appendTo(b []byte) []byte { return binary.AppendUvarint(b, m
 func (m *Heartbeat) decode(d *decoder)        { m.Seq = d.uvarint("Seq") }
 func (m *Heartbeat) check(*checker)           {}
 func (m *Heartbeat) sizeHint() int            { return 10 }
+
+func (m *Exit) appendTo(b []byte) []byte {
+	return binary.AppendUvarint(binary.AppendUvarint(b, m.Seq), uint64(m.Code))
+}
+func (m *Exit) decode(d *decoder) {
+	m.Seq = d.uvarint("Seq")
+	m.Code = d.u32("Code")
+}
+func (m *Exit) check(*checker) {}
+func (m *Exit) sizeHint() int  { return 15 }
 
 func (m *NeedFull) appendTo(b []byte) []byte {
 	return appendString(binary.AppendUvarint(b, m.Seq), m.Reason)

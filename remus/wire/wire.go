@@ -61,6 +61,7 @@ const (
 	TypeAck
 	TypeHeartbeat
 	TypeNeedFull
+	TypeExit
 )
 
 var typeNames = [...]string{
@@ -75,6 +76,7 @@ var typeNames = [...]string{
 	TypeAck:             "Ack",
 	TypeHeartbeat:       "Heartbeat",
 	TypeNeedFull:        "NeedFull",
+	TypeExit:            "Exit",
 }
 
 func (t Type) String() string {
@@ -189,6 +191,14 @@ type Ack struct{ Seq uint64 }
 // (backup) seq.
 type Heartbeat struct{ Seq uint64 }
 
+// Exit says the guest ended by itself after checkpoint Seq, with Code:
+// the backup must not resume it. The backup answers with an Ack of Seq;
+// then the primary releases the output of the guest's last moments.
+type Exit struct {
+	Seq  uint64
+	Code uint32
+}
+
 // NeedFull refuses checkpoint Seq and asks the primary for a full one.
 type NeedFull struct {
 	Seq    uint64
@@ -206,6 +216,7 @@ func (*CheckpointEnd) Type() Type   { return TypeCheckpointEnd }
 func (*Ack) Type() Type             { return TypeAck }
 func (*Heartbeat) Type() Type       { return TypeHeartbeat }
 func (*NeedFull) Type() Type        { return TypeNeedFull }
+func (*Exit) Type() Type            { return TypeExit }
 
 // ErrVersion is the cause of the error Unmarshal returns for a Hello of
 // another protocol version (test with errors.Is); the receiver may answer

@@ -115,15 +115,17 @@ func (g gen) message(t Type) Message {
 		return &Heartbeat{Seq: g.u64()}
 	case TypeNeedFull:
 		return &NeedFull{Seq: g.u64(), Reason: g.str(300, false)}
+	case TypeExit:
+		return &Exit{Seq: g.u64(), Code: uint32(g.u64())}
 	}
 	panic(t)
 }
 
 var allTypes = []Type{TypeHello, TypeWelcome, TypeReject, TypeCheckpointBegin, TypeCheckpointData, TypeDiskOps,
-	TypeDiskFile, TypeCheckpointEnd, TypeAck, TypeHeartbeat, TypeNeedFull}
+	TypeDiskFile, TypeCheckpointEnd, TypeAck, TypeHeartbeat, TypeNeedFull, TypeExit}
 
 func TestTypes(t *testing.T) {
-	if len(allTypes) != 11 || TypeHello != 1 || TypeNeedFull != 11 {
+	if len(allTypes) != 12 || TypeHello != 1 || TypeNeedFull != 11 || TypeExit != 12 {
 		t.Fatal("type numbering")
 	}
 	for _, typ := range allTypes {
@@ -131,7 +133,7 @@ func TestTypes(t *testing.T) {
 			t.Fatalf("type %d", typ)
 		}
 	}
-	if Type(0).String() != "Type(0)" || Type(12).String() != "Type(12)" {
+	if Type(0).String() != "Type(0)" || Type(13).String() != "Type(13)" {
 		t.Fatal("unknown type names")
 	}
 }
@@ -228,7 +230,7 @@ func TestDecodeErrors(t *testing.T) {
 		want string
 	}{
 		{"unknown type", 0, nil, "wire: Type(0): unknown message type"},
-		{"unknown type 12", 12, []byte{1}, "wire: Type(12): unknown message type"},
+		{"unknown type 13", 13, []byte{1}, "wire: Type(13): unknown message type"},
 		{"trailing", TypeAck, []byte{5, 0}, "wire: Ack at byte 1: 1 trailing bytes"},
 		{"empty", TypeAck, nil, "wire: Ack.Seq at byte 0: truncated varint"},
 		{"non-minimal", TypeAck, []byte{0x85, 0x00}, "wire: Ack.Seq at byte 0: non-minimal varint"},

@@ -1,0 +1,885 @@
+package tests
+
+// Remus under faults: the primary killed at random moments (also on three
+// hosts in network namespaces), the backup killed and restarted, and the
+// output commit property checked through a proxy that can hold back the
+// backup's acknowledgements. Every test drives real ftvm processes and
+// judges them by what a client sees: a linearizable history (kvcheck) and
+// no acknowledged write missing after the failover.
+//
+// The random choices (kill moments, workload operations) come from one
+// seed per test, logged; FTVM_CHAOS_SEED=N replays them (the timing of the
+// processes themselves is not replayable, so neither is the exact outcome).
+// FTVM_CHAOS_N sets the number of kills of TestRemusKillAtRandomMoments.
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/ftvm/ftvm/internal/guest"
+	"github.com/ftvm/ftvm/internal/kvcheck"
+	"github.com/ftvm/ftvm/internal/netns"
+)
+
+// chaosSeed is the test's seed: FTVM_CHAOS_SEED, or the clock.
+func chaosSeed(t *testing.T) int64 {
+	t.Helper()
+	seed := time.Now().UnixNano()
+	if s := os.Getenv("FTVM_CHAOS_SEED"); s != "" {
+		v, err := strconv.ParseInt(s, 10, 64)
+		if err != nil {
+			t.Fatalf("FTVM_CHAOS_SEED=%q: %v", s, err)
+		}
+		seed = v
+	}
+	t.Logf("seed %d (FTVM_CHAOS_SEED=%d replays the random choices)", seed, seed)
+	return seed
+}
+
+// kvAnswers reports whether the KV server at addr answers COUNT, dialing
+// with dial (nil: from this process's namespace).
+func kvAnswers(dial kvcheck.DialFunc, addr string, timeout time.Duration) bool {
+	c := &kvcheck.Client{Addrs: []string{addr}, Dial: dial, Timeout: timeout}
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	reply, err := c.Do(ctx, "COUNT")
+	return err == nil && strings.HasPrefix(reply, "COUNT ")
+}
+
+// waitAnswers polls addr with COUNT until it answers and returns how long
+// that took (waitServing, but dialing with dial: from a test host).
+func waitAnswers(t *testing.T, dial kvcheck.DialFunc, addr string, within time.Duration) time.Duration {
+	t.Helper()
+	t0 := time.Now()
+	for time.Since(t0) < within {
+		if kvAnswers(dial, addr, time.Second) {
+			return time.Since(t0)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	t.Fatalf("nothing answers at %s %v after the failover", addr, within)
+	return 0
+}
+
+// backupSlot is the (only) slot of a backup's status, nil when no
+// primary has connected or the backup does not answer.
+func backupSlot(t *testing.T, sock string) map[string]any {
+	t.Helper()
+	st := status(t, sock)
+	slots, _ := st["slots"].([]any)
+	if len(slots) == 0 {
+		return nil
+	}
+	s, _ := slots[0].(map[string]any)
+	return s
+}
+
+func num(m map[string]any, key string) float64 {
+	v, _ := m[key].(float64)
+	return v
+}
+
+func jsonString(v any) string {
+	b, _ := json.Marshal(v)
+	return string(b)
+}
+
+// killProc kills p with SIGKILL and waits for it; it returns the moment
+// the process was gone.
+func killProc(t *testing.T, p *proc) time.Time {
+	t.Helper()
+	if err := p.cmd.Process.Kill(); err != nil {
+		t.Fatalf("kill -9 %d: %v", p.cmd.Process.Pid, err)
+	}
+	<-p.done
+	return time.Now()
+}
+
+// checkAfterFailover adds a final read of every key to the history, checks
+// that it is linearizable (writes with unknown outcomes may or may not have
+// happened) and reads every key once more to name any acknowledged write
+// that was lost.
+func checkAfterFailover(t *testing.T, w *kvcheck.Workload, h *kvcheck.History) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if err := w.ReadBack(ctx, h); err != nil {
+		t.Fatalf("final read: %v", err)
+	}
+	h.RequireLinearizable(t, 30*time.Second, "")
+	read, done := w.Reader(ctx)
+	defer done()
+	if err := kvcheck.VerifyAcknowledged(h, read); err != nil {
+		t.Errorf("acknowledged writes lost after the failover: %v", err)
+	}
+}
+
+// firstOKAfter is how long after at (relative to h.Start) the first
+// operation called after it was answered: the outage clients saw.
+func firstOKAfter(h *kvcheck.History, at time.Duration) (time.Duration, bool) {
+	best, ok := time.Duration(0), false
+	for _, op := range h.Ops() {
+		if op.Outcome == kvcheck.OK && op.Call > at && (!ok || op.Return-at < best) {
+			best, ok = op.Return-at, true
+		}
+	}
+	return best, ok
+}
+
+// TestRemusNetnsFailover runs the primary, the backup and the clients on
+// three hosts (network namespaces). The guest listens on 0.0.0.0:7000, an
+// address the backup can bind as given on its own host. Eight kvcheck
+// clients in the client namespace know both hosts' addresses and move to
+// the backup's when the primary's stops answering. The primary is killed
+// with SIGKILL at a random moment under load; the history must be
+// linearizable and every acknowledged write must be on the backup.
+func TestRemusNetnsFailover(t *testing.T) {
+	if err := netns.Available(); err != nil {
+		t.Skipf("netns: %v", err)
+	}
+	if testing.Short() {
+		t.Skip("starts three hosts and two ftvm processes; -short")
+	}
+	seed := chaosSeed(t)
+	rng := rand.New(rand.NewPCG(uint64(seed), 1))
+	bin := ftvmBinary(t)
+	wasm := guest.MustGo(t, "testdata/guests/kvserver")
+	instrumented(t, wasm) // compile outside the clock
+	n := netns.New(t, "remus", "primary", "backup", "client")
+	ph, bh, ch := n.Host("primary"), n.Host("backup"), n.Host("client")
+	const kvPort, replPort = 7000, 7100
+	dir := t.TempDir()
+	pSock, bSock := filepath.Join(dir, "p.sock"), filepath.Join(dir, "b.sock")
+
+	backup := startNSProc(t, bh, bin, "backup", "--listen", bh.Addr(replPort), "--state", filepath.Join(dir, "state"),
+		"--timeout", "500ms", "--api-sock", bSock, "--log-level", "info")
+	waitSocket(t, backup, bSock)
+	primary := startNSProc(t, ph, bin, "run", "--protect", bh.Addr(replPort), "--timeout", "500ms",
+		"--api-sock", pSock, "--listen", fmt.Sprintf("3=0.0.0.0:%d", kvPort), "--log-level", "info", wasm, "--fd", "3")
+	var r remusPair // for waitState
+	r.waitState(t, pSock, "protected", time.Minute)
+	if !kvAnswers(ch.DialContext, ph.Addr(kvPort), 5*time.Second) {
+		t.Fatalf("the primary does not answer at %s from the client host\n%s", ph.Addr(kvPort), primary.out.String())
+	}
+	if kvAnswers(ch.DialContext, bh.Addr(kvPort), time.Second) {
+		t.Fatal("something answers on the backup host before the failover")
+	}
+	// Host.Command runs `ip netns exec NS ftvm ...`, which execs ftvm in
+	// the same process: make sure the process we kill is ftvm by now.
+	exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", primary.cmd.Process.Pid))
+	if want, _ := filepath.EvalSymlinks(bin); err != nil || exe != want {
+		t.Fatalf("process %d is %q (%v), not ftvm (%s)", primary.cmd.Process.Pid, exe, err, want)
+	}
+
+	w := &kvcheck.Workload{Addrs: []string{ph.Addr(kvPort), bh.Addr(kvPort)}, Dial: ch.DialContext, Clients: 8,
+		Keys: 16, Seed: seed, Logf: t.Logf}
+	ctx, stop := context.WithCancel(context.Background())
+	defer stop()
+	hist := make(chan *kvcheck.History, 1)
+	start := time.Now()
+	go func() { hist <- w.Run(ctx) }()
+	delay := 300*time.Millisecond + time.Duration(rng.Int64N(int64(1500*time.Millisecond)))
+	time.Sleep(delay)
+	before := status(t, pSock)
+	killed := killProc(t, primary)
+	t.Logf("killed the primary (pid %d) %v after the workload started; its status just before: state %v, epoch %v, acked %v, lag %v, in flight %v",
+		primary.cmd.Process.Pid, killed.Sub(start).Round(time.Millisecond), before["state"], before["epoch"], before["acked"],
+		before["lag_epochs"], before["inflight"])
+	waitAnswers(t, ch.DialContext, bh.Addr(kvPort), 15*time.Second)
+	failover := time.Since(killed)
+	time.Sleep(time.Second) // the clients work on against the backup
+	stop()
+	h := <-hist
+
+	killAt := killed.Sub(h.Start)
+	c := h.Counts()
+	var ackedBefore, okAfter int
+	for _, op := range h.Ops() {
+		switch {
+		case op.Outcome == kvcheck.OK && op.Kind != kvcheck.Get && op.Return < killAt:
+			ackedBefore++
+		case op.Outcome == kvcheck.OK && op.Call > killAt:
+			okAfter++
+		}
+	}
+	clientOutage, _ := firstOKAfter(h, killAt)
+	bst := backupSlot(t, bSock)
+	t.Logf("failover: kill -> first answer from the backup host %v (first workload answer %v); backup: %v ms to resume, state %v",
+		failover.Round(time.Millisecond), clientOutage.Round(time.Millisecond), bst["failover_ms"], bst["state"])
+	t.Logf("history: %v; %d writes acknowledged before the kill, %d answers after", c, ackedBefore, okAfter)
+	if ackedBefore < 50 {
+		t.Errorf("only %d writes acknowledged before the kill: the test did not exercise the replication", ackedBefore)
+	}
+	if okAfter < 50 {
+		t.Errorf("only %d operations answered after the failover", okAfter)
+	}
+	if bst["state"] != "failed-over" {
+		t.Errorf("backup slot after the failover: %s", jsonString(bst))
+	}
+	checkAfterFailover(t, w, h)
+}
+
+// startNSProc is startProc for a program in a test host's namespace.
+func startNSProc(t *testing.T, h *netns.Host, bin string, args ...string) *proc {
+	t.Helper()
+	p := &proc{out: &syncBuffer{}, done: make(chan struct{})}
+	p.cmd = h.Command(context.Background(), bin, args...)
+	p.cmd.Stdout, p.cmd.Stderr = p.out, p.out
+	if err := p.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { p.cmd.Wait(); close(p.done) }()
+	t.Cleanup(func() {
+		select {
+		case <-p.done:
+		default:
+			p.cmd.Process.Kill()
+			<-p.done
+		}
+		if t.Failed() {
+			t.Logf("ftvm %v on %s output:\n%s", args, h.Name(), p.out.String())
+		}
+	})
+	return p
+}
+
+// launchRemus starts a backup and a protected KV primary on loopback and
+// returns once the primary's KV listener accepts connections, without
+// waiting for protection (replies are held until then). protect, if not
+// nil, maps the backup's replication address to the one the primary is
+// given (a proxy's).
+func launchRemus(t *testing.T, timeout string, protect func(repl string) string, extra ...string) *remusPair {
+	t.Helper()
+	bin := ftvmBinary(t)
+	dir := t.TempDir()
+	r := &remusPair{kvAddr: freeAddr(t), replAddr: freeAddr(t), pSock: filepath.Join(dir, "p.sock"),
+		bSock: filepath.Join(dir, "b.sock"), stateDir: filepath.Join(dir, "state"),
+		wasm: guest.MustGo(t, "testdata/guests/kvserver")}
+	r.backup = startProc(t, bin, "backup", "--listen", r.replAddr, "--state", r.stateDir, "--timeout", timeout,
+		"--api-sock", r.bSock, "--log-level", "info")
+	waitSocket(t, r.backup, r.bSock)
+	target := r.replAddr
+	if protect != nil {
+		target = protect(r.replAddr)
+	}
+	r.primaryArgs = append([]string{"run", "--protect", target, "--timeout", timeout, "--api-sock", r.pSock,
+		"--listen", "3=" + r.kvAddr, "--log-level", "info"}, extra...)
+	r.primary = startProc(t, bin, append(r.primaryArgs, r.wasm, "--fd", "3")...)
+	deadline := time.Now().Add(time.Minute)
+	for {
+		if c, err := net.DialTimeout("tcp", r.kvAddr, time.Second); err == nil {
+			c.Close()
+			return r
+		}
+		select {
+		case <-r.primary.done:
+			t.Fatalf("ftvm exited early: %v\n%s", r.primary.cmd.ProcessState, r.primary.out.String())
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the primary never listened on %s", r.kvAddr)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// TestRemusKillAtRandomMoments kills the primary with SIGKILL at seeded
+// random moments between 50 ms and 2 s after a workload starts, one fresh
+// pair per kill. The workload starts as soon as the primary's listener
+// accepts connections, before the backup has committed anything, so the
+// earliest kills land in the first (full) checkpoint or just after it;
+// the later ones land while incremental checkpoints stream. Half of the
+// runs use fixed 10 ms epochs and a write-heavy load, so a kill lands
+// inside a pause or a checkpoint stream most of the time.
+//
+// How we know kills landed mid-stream: the primary's status is read
+// immediately (a few ms at most) before each kill. lag_epochs > 0 means
+// checkpoints were taken and not yet acknowledged, i.e. in the stream or
+// being applied by the backup at that moment; state syncing/connecting
+// means the full checkpoint had not been acknowledged yet. The test logs
+// the status per kill and requires that at least one kill of the run
+// landed mid-stream (lag > 0).
+//
+// Each kill must leave a linearizable history with every acknowledged
+// write on the backup. A kill before the backup committed anything leaves
+// nothing to fail over to: then no client may ever have had an answer
+// (output commit: nothing left the primary unacknowledged).
+func TestRemusKillAtRandomMoments(t *testing.T) {
+	if testing.Short() {
+		t.Skip("kills several primaries; -short")
+	}
+	seed := chaosSeed(t)
+	rng := rand.New(rand.NewPCG(uint64(seed), 2))
+	runs := 5
+	if s := os.Getenv("FTVM_CHAOS_N"); s != "" {
+		v, err := strconv.Atoi(s)
+		if err != nil || v < 1 {
+			t.Fatalf("FTVM_CHAOS_N=%q", s)
+		}
+		runs = v
+	}
+	instrumented(t, guest.MustGo(t, "testdata/guests/kvserver"))
+	// One delay per slice of [50ms, 2s), so early and late kills are both
+	// there whatever the seed; the epoch policy alternates from a random
+	// start.
+	const lo, hi = 50 * time.Millisecond, 2 * time.Second
+	span := (hi - lo) / time.Duration(runs)
+	fixedFirst := rng.IntN(2)
+	midStream, beforeCommit := 0, 0
+	var failovers []string
+	for i := 0; i < runs; i++ {
+		delay := lo + time.Duration(i)*span + time.Duration(rng.Int64N(int64(span)))
+		fixed := i%2 == fixedFirst
+		name := fmt.Sprintf("%d-kill-at-%v", i, delay.Round(time.Millisecond))
+		if fixed {
+			name += "-fixed10ms"
+		}
+		wseed := rng.Int64()
+		t.Run(name, func(t *testing.T) {
+			var extra []string
+			w := &kvcheck.Workload{Clients: 8, Keys: 8, Seed: wseed}
+			if fixed {
+				extra = []string{"--epoch-policy", "fixed", "--epoch", "10ms"}
+				w.ReadFraction, w.Keys = 0.1, 32
+			}
+			r := launchRemus(t, "300ms", nil, extra...)
+			w.Addrs = []string{r.kvAddr}
+			ctx, stop := context.WithCancel(context.Background())
+			defer stop()
+			hist := make(chan *kvcheck.History, 1)
+			start := time.Now()
+			go func() { hist <- w.Run(ctx) }()
+			time.Sleep(time.Until(start.Add(delay)))
+			before := status(t, r.pSock)
+			killed := killProc(t, r.primary)
+			lag := num(before, "lag_epochs")
+			t.Logf("killed %v after the start: state %v, checkpoints %v (full %v), epoch %v, acked %v, lag %v, in flight %v, held %v bytes",
+				killed.Sub(start).Round(time.Millisecond), before["state"], before["checkpoints"], before["full_checkpoints"],
+				before["epoch"], before["acked"], lag, before["inflight"], before["held_output_bytes"])
+			if lag > 0 {
+				midStream++
+			}
+			// The backup fails over (something committed) or goes idle.
+			var slot map[string]any
+			deadline := time.Now().Add(10 * time.Second)
+			for {
+				slot = backupSlot(t, r.bSock)
+				if s := slot["state"]; s == "failed-over" || s == "idle" || (slot == nil && time.Since(killed) > 2*time.Second) {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("backup slot %v after the kill", jsonString(slot))
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+			if slot["state"] != "failed-over" {
+				// Nothing committed: nothing to resume, and nothing may
+				// have been answered.
+				beforeCommit++
+				stop()
+				h := <-hist
+				t.Logf("killed before the backup committed anything (slot %s); history %v", jsonString(slot), h.Counts())
+				if c := h.Counts(); c.OK > 0 {
+					t.Errorf("%d requests were answered although no checkpoint was ever committed", c.OK)
+				}
+				if kvAnswers(nil, r.kvAddr, 300*time.Millisecond) {
+					t.Errorf("something serves %s with nothing committed", r.kvAddr)
+				}
+				return
+			}
+			waitServing(t, r.kvAddr, 15*time.Second)
+			failover := time.Since(killed)
+			time.Sleep(500 * time.Millisecond)
+			stop()
+			h := <-hist
+			outage, _ := firstOKAfter(h, killed.Sub(h.Start))
+			t.Logf("failover: the backup serves %v after the kill (first workload answer after %v; resume took %v ms; committed %v); %v",
+				failover.Round(time.Millisecond), outage.Round(time.Millisecond), slot["failover_ms"], slot["committed"], h.Counts())
+			failovers = append(failovers, failover.Round(time.Millisecond).String())
+			checkAfterFailover(t, w, h)
+		})
+	}
+	t.Logf("%d kills: %d with checkpoints unacknowledged (lag > 0) just before, %d before the first commit; failover times %v",
+		runs, midStream, beforeCommit, failovers)
+	if runs >= 4 && midStream == 0 {
+		t.Errorf("no kill landed while checkpoints were in flight: the test did not test that")
+	}
+}
+
+// TestRemusBackupRestart kills the backup under load: the primary must go
+// on serving (clients see latency, no errors), say "unprotected" within
+// about --timeout and keep acknowledging writes; a backup restarted on the
+// same address and state directory gets a full resync and protection
+// resumes. Then the primary is killed: every write acknowledged before,
+// during and after the backup's outage must be on the failed-over backup.
+func TestRemusBackupRestart(t *testing.T) {
+	if testing.Short() {
+		t.Skip("restarts a backup and fails over; -short")
+	}
+	seed := chaosSeed(t)
+	const timeout = 300 * time.Millisecond // startRemus's
+	r := startRemus(t)
+	bin := ftvmBinary(t)
+	w := &kvcheck.Workload{Addrs: []string{r.kvAddr}, Clients: 8, Keys: 16, Seed: seed, RequestTimeout: 3 * time.Second}
+	ctx, stop := context.WithCancel(context.Background())
+	defer stop()
+	hist := make(chan *kvcheck.History, 1)
+	go func() { hist <- w.Run(ctx) }()
+	time.Sleep(700 * time.Millisecond)
+	full0 := num(status(t, r.pSock), "full_checkpoints")
+
+	bKilled := killProc(t, r.backup)
+	st := r.waitState(t, r.pSock, "unprotected", 10*time.Second)
+	unprotAt := time.Now()
+	noticed := unprotAt.Sub(bKilled)
+	t.Logf("backup killed; the primary said unprotected after %v (%v)", noticed.Round(time.Millisecond), st["reason"])
+	if noticed > timeout+700*time.Millisecond {
+		t.Errorf("the primary took %v to notice its backup was gone (--timeout %v): output held all that time", noticed, timeout)
+	}
+	time.Sleep(time.Second) // unprotected, serving
+
+	restartAt := time.Now()
+	r.backup = startProc(t, bin, "backup", "--listen", r.replAddr, "--state", r.stateDir, "--timeout", timeout.String(),
+		"--api-sock", r.bSock, "--log-level", "info")
+	deadline := time.Now().Add(30 * time.Second)
+	var pst map[string]any
+	for {
+		pst = status(t, r.pSock)
+		if pst["state"] == "protected" && num(pst, "full_checkpoints") > full0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("protection did not resume after the backup restarted: %s", jsonString(pst))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	protAt := time.Now()
+	t.Logf("restarted backup: protected again after %v, full checkpoints %v -> %v",
+		protAt.Sub(restartAt).Round(time.Millisecond), full0, pst["full_checkpoints"])
+	time.Sleep(time.Second) // protected again, serving
+
+	pKilled := killProc(t, r.primary)
+	waitServing(t, r.kvAddr, 15*time.Second)
+	failover := time.Since(pKilled)
+	time.Sleep(500 * time.Millisecond)
+	stop()
+	h := <-hist
+
+	rel := func(at time.Time) time.Duration { return at.Sub(h.Start) }
+	// Phases by call time: protected, backup down (until the primary
+	// says so: output held), unprotected, resyncing, protected again.
+	phases := []struct {
+		name     string
+		from, to time.Duration
+	}{
+		{"protected", 0, rel(bKilled)},
+		{"backup dead, not yet noticed", rel(bKilled), rel(unprotAt)},
+		{"unprotected", rel(unprotAt), rel(restartAt)},
+		{"resync", rel(restartAt), rel(protAt)},
+		{"protected again", rel(protAt), rel(pKilled)},
+	}
+	acked := make([]int, len(phases))
+	worst := make([]time.Duration, len(phases))
+	for _, op := range h.Ops() {
+		if op.Call >= rel(pKilled) {
+			continue
+		}
+		if op.Outcome != kvcheck.OK {
+			// Before the primary's death nothing may fail: a backup's
+			// outage is the primary's business, not its clients'.
+			t.Errorf("before the primary was killed, a client saw %v", op)
+			continue
+		}
+		for i, p := range phases {
+			if op.Call >= p.from && op.Call < p.to {
+				if op.Kind != kvcheck.Get {
+					acked[i]++
+				}
+				worst[i] = max(worst[i], op.Return-op.Call)
+			}
+		}
+	}
+	for i, p := range phases {
+		t.Logf("%-30s %6v: %5d writes acknowledged, slowest answer %v", p.name, (p.to - p.from).Round(time.Millisecond), acked[i], worst[i].Round(time.Millisecond))
+	}
+	if acked[0] == 0 || acked[2] == 0 || acked[4] == 0 {
+		t.Errorf("writes acknowledged by phase %v: the primary must acknowledge writes in every phase", acked)
+	}
+	t.Logf("failover after the restart: the backup serves %v after the kill; %v", failover.Round(time.Millisecond), h.Counts())
+	checkAfterFailover(t, w, h)
+}
+
+// freezeProxy forwards TCP connections to a target and can hold back
+// everything flowing from the target to the client (here: the backup's
+// acks and heartbeats to the primary) while the other direction flows.
+type freezeProxy struct {
+	ln     net.Listener
+	target string
+	mu     sync.Mutex
+	frozen chan struct{} // closed when thawed; nil when not frozen
+	conns  []net.Conn
+	passed atomic.Int64 // bytes forwarded target -> client
+}
+
+func newFreezeProxy(t *testing.T, target string) *freezeProxy {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &freezeProxy{ln: ln, target: target}
+	go p.serve()
+	t.Cleanup(p.close)
+	return p
+}
+
+func (p *freezeProxy) addr() string { return p.ln.Addr().String() }
+
+func (p *freezeProxy) serve() {
+	for {
+		c, err := p.ln.Accept()
+		if err != nil {
+			return
+		}
+		go p.forward(c)
+	}
+}
+
+func (p *freezeProxy) forward(c net.Conn) {
+	b, err := net.DialTimeout("tcp", p.target, time.Second)
+	if err != nil {
+		c.Close()
+		return
+	}
+	p.mu.Lock()
+	p.conns = append(p.conns, c, b)
+	p.mu.Unlock()
+	closeBoth := func() { c.Close(); b.Close() }
+	go func() {
+		defer closeBoth()
+		io.Copy(b, c)
+	}()
+	go func() {
+		defer closeBoth()
+		buf := make([]byte, 32<<10)
+		for {
+			n, err := b.Read(buf)
+			if n > 0 {
+				p.wait()
+				if _, werr := c.Write(buf[:n]); werr != nil {
+					return
+				}
+				p.passed.Add(int64(n))
+			}
+			if err != nil {
+				return
+			}
+		}
+	}()
+}
+
+// wait blocks while the proxy is frozen.
+func (p *freezeProxy) wait() {
+	p.mu.Lock()
+	ch := p.frozen
+	p.mu.Unlock()
+	if ch != nil {
+		<-ch
+	}
+}
+
+// freeze holds back target -> client bytes from now on: a byte read from
+// the target after freeze returns is written to the client only after
+// thaw. It returns the moment the freeze took effect.
+func (p *freezeProxy) freeze() time.Time {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.frozen == nil {
+		p.frozen = make(chan struct{})
+	}
+	return time.Now()
+}
+
+// thaw lets held bytes go; it returns the moment before the first can.
+func (p *freezeProxy) thaw() time.Time {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	at := time.Now()
+	if p.frozen != nil {
+		close(p.frozen)
+		p.frozen = nil
+	}
+	return at
+}
+
+func (p *freezeProxy) close() {
+	p.thaw()
+	p.ln.Close()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, c := range p.conns {
+		c.Close()
+	}
+}
+
+// timedReply is one request and when its reply arrived.
+type timedReply struct {
+	req, reply string
+	sent, got  time.Time
+}
+
+// pipelinedClient sends requests on one connection at given moments
+// without waiting for replies, and records when each reply arrives.
+type pipelinedClient struct {
+	c       net.Conn
+	mu      sync.Mutex
+	reqs    []timedReply
+	done    chan struct{}
+	readErr error
+}
+
+func newPipelinedClient(t *testing.T, addr string) *pipelinedClient {
+	t.Helper()
+	c, err := net.DialTimeout("tcp", addr, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	pc := &pipelinedClient{c: c, done: make(chan struct{})}
+	go func() {
+		defer close(pc.done)
+		r := bufio.NewReader(c)
+		for i := 0; ; i++ {
+			line, err := r.ReadString('\n')
+			at := time.Now()
+			if err != nil {
+				pc.mu.Lock()
+				pc.readErr = err
+				pc.mu.Unlock()
+				return
+			}
+			pc.mu.Lock()
+			if i < len(pc.reqs) {
+				pc.reqs[i].reply, pc.reqs[i].got = strings.TrimSpace(line), at
+			} else {
+				pc.readErr = fmt.Errorf("reply %q to no request", line)
+			}
+			pc.mu.Unlock()
+		}
+	}()
+	return pc
+}
+
+func (pc *pipelinedClient) send(req string) error {
+	pc.mu.Lock()
+	pc.reqs = append(pc.reqs, timedReply{req: req, sent: time.Now()})
+	pc.mu.Unlock()
+	_, err := fmt.Fprintf(pc.c, "%s\n", req)
+	return err
+}
+
+// replies waits until every request sent has its reply (or within ends)
+// and returns them.
+func (pc *pipelinedClient) replies(within time.Duration) ([]timedReply, error) {
+	deadline := time.Now().Add(within)
+	for {
+		pc.mu.Lock()
+		all := len(pc.reqs) > 0 && !pc.reqs[len(pc.reqs)-1].got.IsZero()
+		out := append([]timedReply(nil), pc.reqs...)
+		err := pc.readErr
+		pc.mu.Unlock()
+		if all || err != nil || time.Now().After(deadline) {
+			return out, err
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+// outputCommitRun is one freeze of the backup's acks while clients send
+// requests: what the clients and the primary's status saw.
+type outputCommitRun struct {
+	freezeAt, thawAt time.Time
+	replies          []timedReply
+	states           map[string]int // primary states sampled while frozen
+	lastState        map[string]any // status just before the thaw
+	maxHeld          float64
+}
+
+// freezeAcks freezes the proxy for d while clients clients send requests
+// every every (SETs of distinct keys, then a GET), samples the primary's
+// status meanwhile, thaws, and collects the replies.
+func freezeAcks(t *testing.T, r *remusPair, px *freezeProxy, d, every time.Duration, clients int) outputCommitRun {
+	t.Helper()
+	pcs := make([]*pipelinedClient, clients)
+	for i := range pcs {
+		pcs[i] = newPipelinedClient(t, r.kvAddr)
+		// A first round trip with acks flowing: the connection is
+		// accepted and served before the freeze.
+		if err := pcs[i].send("COUNT"); err != nil {
+			t.Fatal(err)
+		}
+		if reps, err := pcs[i].replies(5 * time.Second); err != nil || !strings.HasPrefix(reps[0].reply, "COUNT ") {
+			t.Fatalf("before the freeze: %v %v", reps, err)
+		}
+	}
+	run := outputCommitRun{states: map[string]int{}}
+	run.freezeAt = px.freeze()
+	var wg sync.WaitGroup
+	for i, pc := range pcs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for j := 0; ; j++ {
+				time.Sleep(every)
+				if time.Since(run.freezeAt) > d-every/2 {
+					pc.send(fmt.Sprintf("GET oc-%d-0", i))
+					return
+				}
+				pc.send(fmt.Sprintf("SET oc-%d-%d v%d", i, j, j))
+			}
+		}()
+	}
+	for time.Since(run.freezeAt) < d-30*time.Millisecond {
+		st := status(t, r.pSock)
+		run.states[fmt.Sprint(st["state"])]++
+		run.maxHeld = max(run.maxHeld, num(st, "held_output_bytes"))
+		run.lastState = st
+		time.Sleep(20 * time.Millisecond)
+	}
+	wg.Wait()
+	time.Sleep(time.Until(run.freezeAt.Add(d)))
+	run.thawAt = px.thaw()
+	for _, pc := range pcs {
+		reps, err := pc.replies(10 * time.Second)
+		if err != nil {
+			t.Fatalf("client: %v (replies %v)", err, reps)
+		}
+		run.replies = append(run.replies, reps[1:]...) // not the COUNT
+	}
+	for _, rep := range run.replies {
+		if rep.got.IsZero() {
+			t.Errorf("%q: no reply within 10 s of the thaw", rep.req)
+		} else if strings.HasPrefix(rep.req, "SET") && rep.reply != "OK" || strings.HasPrefix(rep.req, "GET") && rep.reply != "VALUE v0" {
+			t.Errorf("%q: reply %q", rep.req, rep.reply)
+		}
+	}
+	return run
+}
+
+// TestRemusOutputCommit checks Remus's output commit rule end to end: no
+// output of epoch N leaves the primary before the backup acknowledged
+// checkpoint N. The primary reaches its backup through a proxy that can
+// hold back the backup -> primary direction (acks, heartbeats) while the
+// primary's checkpoints flow on. While it is frozen, no reply to a request
+// sent after the freeze may reach a client; after the thaw all arrive.
+// Beyond --timeout the primary declares its backup failed and runs
+// unprotected: held replies flow although acks are still frozen, and the
+// status says so (the documented trade-off); protection resumes after.
+func TestRemusOutputCommit(t *testing.T) {
+	instrumented(t, guest.MustGo(t, "testdata/guests/kvserver"))
+	t.Run("freeze-within-timeout", func(t *testing.T) {
+		var px *freezeProxy
+		r := launchRemus(t, "2s", func(repl string) string { px = newFreezeProxy(t, repl); return px.addr() })
+		r.waitState(t, r.pSock, "protected", time.Minute)
+		const freeze = 500 * time.Millisecond
+		run := freezeAcks(t, r, px, freeze, 40*time.Millisecond, 4)
+		var first, last time.Duration
+		for i, rep := range run.replies {
+			if !rep.sent.After(run.freezeAt) {
+				t.Fatalf("%q sent before the freeze", rep.req)
+			}
+			if rep.got.Before(run.thawAt) {
+				t.Errorf("%q: sent %v after the freeze, answered %v before the thaw: output left before its checkpoint was acknowledged",
+					rep.req, rep.sent.Sub(run.freezeAt).Round(time.Millisecond), run.thawAt.Sub(rep.got).Round(time.Millisecond))
+			}
+			d := rep.got.Sub(run.thawAt)
+			if i == 0 || d < first {
+				first = d
+			}
+			last = max(last, d)
+		}
+		t.Logf("%d requests during a %v freeze of the acks: replies %v to %v after the thaw; primary states while frozen %v, up to %v bytes held",
+			len(run.replies), freeze, first.Round(time.Millisecond), last.Round(time.Millisecond), run.states, run.maxHeld)
+		if len(run.replies) < 20 {
+			t.Errorf("only %d requests sent while frozen", len(run.replies))
+		}
+		if run.states["unprotected"] > 0 || run.lastState["state"] != "protected" {
+			t.Errorf("a freeze shorter than --timeout made the primary leave protection: %v, %s", run.states, jsonString(run.lastState))
+		}
+		if run.maxHeld == 0 {
+			t.Errorf("the primary never reported held output while its acks were frozen")
+		}
+		if last > 2*time.Second {
+			t.Errorf("replies took up to %v after the thaw", last)
+		}
+		if st := status(t, r.pSock); st["state"] != "protected" {
+			t.Errorf("after the thaw: %s", jsonString(st))
+		}
+	})
+	t.Run("freeze-beyond-timeout", func(t *testing.T) {
+		const timeout = time.Second
+		var px *freezeProxy
+		r := launchRemus(t, timeout.String(), func(repl string) string { px = newFreezeProxy(t, repl); return px.addr() })
+		st0 := r.waitState(t, r.pSock, "protected", time.Minute)
+		// 1.5 x timeout: the primary gives up on its backup after about
+		// timeout; a thaw by 2 x timeout lets its next session's welcome
+		// through before the backup misses it for a whole timeout.
+		const freeze = 3 * timeout / 2
+		run := freezeAcks(t, r, px, freeze, 100*time.Millisecond, 4)
+		if run.lastState["state"] != "unprotected" {
+			t.Errorf("acks frozen for %v > --timeout %v, but the primary says %s", freeze, timeout, jsonString(run.lastState))
+		}
+		// Replies were held until the primary gave up (its backup was
+		// last heard just before the freeze: a heartbeat or ack every
+		// few ms), then flowed while the acks were still frozen.
+		var flowed int
+		for _, rep := range run.replies {
+			if early := run.freezeAt.Add(timeout - 100*time.Millisecond); rep.got.Before(early) {
+				t.Errorf("%q answered %v after the freeze, before the primary could have given up on its backup (%v)",
+					rep.req, rep.got.Sub(run.freezeAt).Round(time.Millisecond), timeout)
+			}
+			if rep.got.Before(run.thawAt) {
+				flowed++
+			}
+		}
+		t.Logf("%d requests during a %v freeze (--timeout %v): %d answered before the thaw; primary states while frozen %v (%v)",
+			len(run.replies), freeze, timeout, flowed, run.states, run.lastState["reason"])
+		if flowed == 0 || flowed < len(run.replies)-4 {
+			t.Errorf("unprotected, the primary should answer at once; %d of %d replies came before the thaw", flowed, len(run.replies))
+		}
+		// Protection resumes with a full resync, and the backup did not
+		// take over a primary it could still hear.
+		deadline := time.Now().Add(15 * time.Second)
+		for {
+			st := status(t, r.pSock)
+			if st["state"] == "protected" && num(st, "full_checkpoints") > num(st0, "full_checkpoints") {
+				t.Logf("protected again %v after the thaw", time.Since(run.thawAt).Round(time.Millisecond))
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("protection did not resume after the thaw: %s", jsonString(st))
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		if slot := backupSlot(t, r.bSock); slot["state"] != "following" {
+			t.Errorf("backup slot after the thaw: %s", jsonString(slot))
+		}
+		if !kvAnswers(nil, r.kvAddr, 2*time.Second) {
+			t.Errorf("the primary does not answer after protection resumed")
+		}
+	})
+}
