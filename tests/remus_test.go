@@ -20,12 +20,12 @@ import (
 
 // remusPair is a protected KV primary and its backup, as two ftvm processes.
 type remusPair struct {
-	kvAddr, replAddr   string
-	primary, backup    *proc
-	pSock, bSock       string
-	stateDir, dataDir  string
-	wasm               string
-	primaryArgs        []string
+	kvAddr, replAddr  string
+	primary, backup   *proc
+	pSock, bSock      string
+	stateDir, dataDir string
+	wasm              string
+	primaryArgs       []string
 }
 
 // startRemus starts a backup and a protected primary running the KV guest
