@@ -791,12 +791,14 @@ func (s *slot) failover(ctx context.Context) {
 		return
 	}
 	s.drain()
+	tDrain := time.Since(t0)
 	s.mu.Lock()
 	done := s.progDone
 	s.mu.Unlock()
 	if done != nil {
 		<-done
 	}
+	tProg := time.Since(t0)
 	s.mu.Lock()
 	prog, perr := s.prog, s.progErr
 	s.prog = nil
@@ -836,7 +838,8 @@ func (s *slot) failover(ctx context.Context) {
 	s.status.FailoverMS = float64(elapsed.Microseconds()) / 1000
 	s.mu.Unlock()
 	s.log.Warn("FAILOVER: resuming the protected VM from its last committed checkpoint",
-		"seq", s.img.Seq, "listeners", m.Info().Listeners, "setup", elapsed)
+		"seq", s.img.Seq, "listeners", m.Info().Listeners, "setup", elapsed, "disk_catch_up", tDrain,
+		"program_wait", tProg-tDrain)
 	if s.b.cfg.OnFailover != nil {
 		s.b.cfg.OnFailover(s.vm, m)
 	}

@@ -122,10 +122,19 @@ func Apply(img *Image, s *Snapshot) error {
 // verified entirely before it is applied. With module non-nil, every file
 // must be of that module; with nil, of the first file's module.
 func Restore(module *Hash, paths ...string) (*Image, error) {
-	if len(paths) == 0 {
-		return nil, newError(ErrChain, "no snapshot to restore")
-	}
 	img := &Image{}
+	if err := RestoreInto(img, module, paths...); err != nil {
+		return nil, err
+	}
+	return img, nil
+}
+
+// RestoreInto is Restore into an empty image the caller made, e.g. one whose
+// Resize puts memory in a mapping a VM can take over without a copy.
+func RestoreInto(img *Image, module *Hash, paths ...string) error {
+	if len(paths) == 0 {
+		return newError(ErrChain, "no snapshot to restore")
+	}
 	for i, p := range paths {
 		want := module
 		if want == nil && i > 0 {
@@ -133,17 +142,17 @@ func Restore(module *Hash, paths ...string) (*Image, error) {
 		}
 		s, err := ReadFile(p, want)
 		if err != nil {
-			return nil, err
+			return err
 		}
 		if i == 0 && s.Kind != Full {
-			return nil, &Error{Kind: ErrChain, Path: p, Offset: -1,
+			return &Error{Kind: ErrChain, Path: p, Offset: -1,
 				Msg: fmt.Sprintf("the chain starts with an incremental snapshot (seq %d): restore needs its full snapshot first", s.Seq)}
 		}
 		if err := Apply(img, s); err != nil {
-			return nil, withPath(err, p)
+			return withPath(err, p)
 		}
 	}
-	return img, nil
+	return nil
 }
 
 // Snapshot returns a full snapshot of the image (its non-zero pages, which

@@ -27,8 +27,15 @@ the same host directories); --listen re-maps listeners by guest descriptor
 (by default the same addresses).`,
 		Args: cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			img, err := snapshot.Restore(nil, args...)
+			// Memory goes straight into a mapping the VM takes over
+			// (mremap), so it is written once, not copied again.
+			mi, err := machine.NewMemoryImage(0)
 			if err != nil {
+				return &exitError{code: exitUsage, err: err}
+			}
+			defer mi.Close()
+			img := &snapshot.Image{Resize: mi.Resize}
+			if err := snapshot.RestoreInto(img, nil, args...); err != nil {
 				return &exitError{code: exitModule, err: err}
 			}
 			module, name, err := restoreModule(img, modulePath)
@@ -45,7 +52,7 @@ the same host directories); --listen re-maps listeners by guest descriptor
 			}
 			ctx, sig := withSignals(cmd.Context())
 			m, err := machine.New(ctx, machine.Config{Module: module, Name: name, Dirs: dirs, Listen: listen,
-				CacheDir: f.cacheDir, Restore: img})
+				CacheDir: f.cacheDir, Restore: img, RestoreMemory: mi})
 			if err != nil {
 				return setupError(err)
 			}
