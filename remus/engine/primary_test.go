@@ -428,9 +428,9 @@ func TestPrimaryRejectsDriverMistakes(t *testing.T) {
 
 func TestPrimaryProtocolViolations(t *testing.T) {
 	for name, ev := range map[string]PrimaryEvent{
-		"ack of outstanding":    Ack{13 * ms, 1, 3},
-		"ack beyond":            Ack{13 * ms, 1, 9},
-		"need-full of outstand": NeedFull{13 * ms, 1, 3},
+		"ack of outstanding":       Ack{13 * ms, 1, 3},
+		"ack beyond":               Ack{13 * ms, 1, 9},
+		"need-full of outstanding": NeedFull{13 * ms, 1, 3},
 	} {
 		t.Run(name, func(t *testing.T) {
 			h := protected(t, testCfg)
