@@ -1,6 +1,7 @@
 package remus
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"encoding/json"
@@ -165,7 +166,7 @@ func (b *Backup) handshake(ctx context.Context, c *transport.Conn) {
 		return
 	}
 	c.SetDeadline(time.Time{})
-	s, err := b.slot(ctx, hello.VM)
+	s, err := b.slot(ctx, hello.VM, len(hello.Preopens))
 	if err != nil {
 		reject(err.Error())
 		return
@@ -174,7 +175,7 @@ func (b *Backup) handshake(ctx context.Context, c *transport.Conn) {
 }
 
 // slot returns the slot of vm, creating it.
-func (b *Backup) slot(ctx context.Context, vm string) (*slot, error) {
+func (b *Backup) slot(ctx context.Context, vm string, roots int) (*slot, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if s, ok := b.slots[vm]; ok {
@@ -184,7 +185,7 @@ func (b *Backup) slot(ctx context.Context, vm string) (*slot, error) {
 	if err != nil {
 		return nil, err
 	}
-	st, err := store.Open(filepath.Join(b.cfg.StateDir, "slots", vm), store.Options{})
+	st, err := store.Open(filepath.Join(b.cfg.StateDir, "slots", vm), store.Options{Roots: roots})
 	if err != nil {
 		return nil, fmt.Errorf("slot state: %w", err)
 	}
@@ -294,6 +295,9 @@ type slot struct {
 	vmRun    *machine.Machine
 	persSeq  uint64
 	bytesIn  uint64
+	// diskBehind: storing a checkpoint failed; until a full one is
+	// stored, the replica of the guest's files is older than the image.
+	diskBehind bool
 	closed   bool
 }
 
@@ -622,7 +626,7 @@ func (s *slot) commit(seq uint64) error {
 	if st.full {
 		s.prepare(st.snap)
 	}
-	s.persistQ.push(persistJob{seq: seq, full: st.full, raw: st.raw, ops: st.ops, tree: st.tree})
+	s.persistQ.push(persistJob{seq: seq, full: st.full, raw: st.raw, snap: st.snap, ops: st.ops, tree: st.tree})
 	return nil
 }
 
@@ -661,6 +665,7 @@ type persistJob struct {
 	seq  uint64
 	full bool
 	raw  []byte
+	snap *snapshot.Snapshot // decoded raw
 	ops  []wire.FsOp
 	tree []wire.DiskFile
 }
@@ -732,33 +737,109 @@ func (q *persistQueue) close() {
 // order, off the ack path: the disk always holds one complete checkpoint,
 // possibly a few epochs behind memory, which is what a double failure
 // restores. Failover first waits for it to catch up, so the replica of the
-// guest's directories matches the image it resumes. Whatever queued up
-// while it wrote goes to the store as one batch.
+// guest's directories matches the image it resumes.
+//
+// A commit costs several fsyncs (tens of milliseconds here) while epochs
+// may be a few milliseconds long, so whatever queued up while it wrote is
+// merged into one record — the pages of the later checkpoints over the
+// earlier ones, the last one's CPU and device state, the disk ops of all in
+// order — which is the state of the last checkpoint of the batch. The
+// store's records therefore have their own sequence numbers (storeSeq),
+// consecutive, each naming the previous one's snapshot as its parent.
 func (s *slot) persister() {
+	var storeSeq uint64
+	var tip snapshot.Hash // the snapshot ID of the last record stored
 	for {
 		jobs, ok := s.persistQ.take()
 		if !ok {
 			return
 		}
-		for _, j := range jobs {
-			var err error
-			ops := toStoreOps(j.ops)
-			if j.full {
-				err = s.store.CommitFull(j.seq, j.raw, toStoreTree(j.tree), ops)
-			} else if s.store.Committed()+1 == j.seq {
-				err = s.store.CommitIncremental(j.seq, j.raw, ops)
-			} else {
-				err = fmt.Errorf("checkpoint %d does not follow the stored %d", j.seq, s.store.Committed())
+		// A full checkpoint starts a new chain; the queue dropped what
+		// came before it.
+		if jobs[0].full {
+			j := jobs[0]
+			if err := s.store.CommitFull(j.seq, j.raw, toStoreTree(j.tree), toStoreOps(j.ops)); err != nil {
+				s.log.Error("persisting a full checkpoint failed; the disk keeps the previous state", "seq", j.seq, "err", err)
+				s.persistFailed(jobs)
+				continue
 			}
-			if err != nil {
-				s.log.Error("persisting checkpoint failed; the disk keeps the previous one", "seq", j.seq, "err", err)
-				break
-			}
+			storeSeq, tip = j.seq, j.snap.ID
+			s.persisted(j.seq)
 			s.mu.Lock()
-			s.persSeq = j.seq
+			s.diskBehind = false
 			s.mu.Unlock()
+			jobs = jobs[1:]
+		}
+		if len(jobs) == 0 {
+			continue
+		}
+		if tip.IsZero() {
+			s.persistFailed(jobs)
+			continue
+		}
+		raw, id, err := mergeIncrementals(jobs, storeSeq+1, tip)
+		var ops []wire.FsOp
+		for _, j := range jobs {
+			ops = append(ops, j.ops...)
+		}
+		if err == nil {
+			err = s.store.CommitIncremental(storeSeq+1, raw, toStoreOps(ops))
+		}
+		if err != nil {
+			s.log.Error("persisting checkpoints failed; the disk keeps the previous state until the next full checkpoint",
+				"seqs", fmt.Sprintf("%d-%d", jobs[0].seq, jobs[len(jobs)-1].seq), "err", err)
+			s.persistFailed(jobs)
+			continue
+		}
+		storeSeq, tip = storeSeq+1, id
+		s.persisted(jobs[len(jobs)-1].seq)
+	}
+}
+
+// mergeIncrementals encodes one incremental snapshot with the state of the
+// last of jobs: every page any of them carries (the latest copy), and the
+// last one's memory size, globals, stack and devices. A single job whose
+// numbering already fits is stored as it came.
+func mergeIncrementals(jobs []persistJob, seq uint64, parent snapshot.Hash) ([]byte, snapshot.Hash, error) {
+	last := jobs[len(jobs)-1].snap
+	if len(jobs) == 1 && last.Seq == seq && last.Parent == parent {
+		return jobs[0].raw, last.ID, nil
+	}
+	pages := map[uint32][]byte{}
+	for _, j := range jobs {
+		for _, p := range j.snap.Pages {
+			pages[p.Index] = p.Data
 		}
 	}
+	m := &snapshot.Snapshot{Kind: snapshot.Incremental, Module: last.Module, Seq: seq, Parent: parent,
+		MemorySize: last.MemorySize, Globals: last.Globals, StackAddr: last.StackAddr, Stack: last.Stack,
+		Devices: last.Devices, Meta: last.Meta}
+	m.Meta.Reason = fmt.Sprintf("remus checkpoints %d-%d", jobs[0].seq, last.Seq)
+	for i, d := range pages {
+		m.Pages = append(m.Pages, snapshot.Page{Index: i, Data: d})
+	}
+	snapshot.SortPages(m.Pages)
+	var buf bytes.Buffer
+	if err := m.EncodeOptions(&buf, snapshot.Options{Workers: 1}); err != nil {
+		return nil, snapshot.Hash{}, err
+	}
+	return buf.Bytes(), m.ID, nil
+}
+
+func (s *slot) persisted(seq uint64) {
+	s.mu.Lock()
+	s.persSeq = seq
+	s.mu.Unlock()
+}
+
+// persistFailed: the disk keeps an older checkpoint. It stays consistent
+// (one complete checkpoint), but a failover would now pair the newer
+// memory image with older files, so the slot refuses to resume until a
+// full checkpoint has been stored again.
+func (s *slot) persistFailed(jobs []persistJob) {
+	s.mu.Lock()
+	s.diskBehind = true
+	s.mu.Unlock()
 }
 
 // drain waits until everything queued for the disk is there.
@@ -792,6 +873,15 @@ func (s *slot) failover(ctx context.Context) {
 	}
 	s.drain()
 	tDrain := time.Since(t0)
+	s.mu.Lock()
+	behind := s.diskBehind
+	s.mu.Unlock()
+	if behind {
+		s.log.Error("failover refused: storing a checkpoint failed, so the replica of the guest's files is older " +
+			"than its memory image; resuming would pair them. The last consistent state is in the slot's directory " +
+			"(ftvm restore its chain by hand)")
+		return
+	}
 	s.mu.Lock()
 	done := s.progDone
 	s.mu.Unlock()

@@ -25,28 +25,47 @@ type remusPair struct {
 	pSock, bSock      string
 	stateDir, dataDir string
 	wasm              string
-	primaryArgs       []string
+	dir               string
+	primaryArgs       []string // the primary's command line, to start it again
+}
+
+// remusOpts are extra flags for either side.
+type remusOpts struct {
+	primary, backup []string
 }
 
 // startRemus starts a backup and a protected primary running the KV guest
-// on loopback, and waits until the primary reports it is protected.
-func startRemus(t *testing.T, extra ...string) *remusPair {
+// (logging every write to /data/wal.log) on loopback, and waits until the
+// primary reports it is protected.
+func startRemus(t *testing.T, opts ...remusOpts) *remusPair {
 	t.Helper()
+	var o remusOpts
+	if len(opts) > 0 {
+		o = opts[0]
+	}
 	bin := ftvmBinary(t)
 	dir := t.TempDir()
-	r := &remusPair{kvAddr: freeAddr(t), replAddr: freeAddr(t), pSock: filepath.Join(dir, "p.sock"),
-		bSock: filepath.Join(dir, "b.sock"), stateDir: filepath.Join(dir, "state"), dataDir: filepath.Join(dir, "data"),
-		wasm: guest.MustGo(t, "testdata/guests/kvserver")}
-	os.MkdirAll(r.dataDir, 0o755)
-	r.backup = startProc(t, bin, "backup", "--listen", r.replAddr, "--state", r.stateDir, "--timeout", "300ms",
-		"--api-sock", r.bSock, "--log-level", "info")
+	r := &remusPair{replAddr: freeAddr(t), bSock: filepath.Join(dir, "b.sock"), stateDir: filepath.Join(dir, "state"),
+		wasm: guest.MustGo(t, "testdata/guests/kvserver"), dir: dir}
+	r.backup = startProc(t, bin, append([]string{"backup", "--listen", r.replAddr, "--state", r.stateDir,
+		"--timeout", "300ms", "--api-sock", r.bSock, "--log-level", "info"}, o.backup...)...)
 	waitSocket(t, r.backup, r.bSock)
-	r.primaryArgs = append([]string{"run", "--protect", r.replAddr, "--timeout", "300ms", "--api-sock", r.pSock,
-		"--listen", "4=" + r.kvAddr, "--dir", r.dataDir + ":/data", "--log-level", "info"}, extra...)
-	r.primary = startProc(t, bin, append(r.primaryArgs, r.wasm, "--fd", "4")...)
-	waitKV(t, r.primary, r.kvAddr)
-	r.waitState(t, r.pSock, "protected", 30*time.Second)
+	r.primary, r.kvAddr, r.pSock, r.dataDir = r.startPrimary(t, "p", o.primary...)
 	return r
+}
+
+// startPrimary starts one more protected KV primary against r's backup.
+func (r *remusPair) startPrimary(t *testing.T, name string, extra ...string) (p *proc, kvAddr, sock, data string) {
+	t.Helper()
+	kvAddr, sock, data = freeAddr(t), filepath.Join(r.dir, name+".sock"), filepath.Join(r.dir, name+"-data")
+	os.MkdirAll(data, 0o755)
+	args := append([]string{"run", "--protect", r.replAddr, "--timeout", "300ms", "--api-sock", sock,
+		"--listen", "4=" + kvAddr, "--dir", data + ":/data", "--log-level", "info"}, extra...)
+	r.primaryArgs = args
+	p = startProc(t, ftvmBinary(t), append(args, r.wasm, "--fd", "4", "--wal", "/data/wal.log")...)
+	waitKV(t, p, kvAddr)
+	waitState(t, sock, "protected", 30*time.Second)
+	return p, kvAddr, sock, data
 }
 
 func waitSocket(t *testing.T, p *proc, path string) {
@@ -79,8 +98,14 @@ func status(t *testing.T, sock string) map[string]any {
 	return st
 }
 
-// waitState waits until the primary's status says state.
+// waitState is waitState for the pair's tests.
 func (r *remusPair) waitState(t *testing.T, sock, state string, within time.Duration) map[string]any {
+	t.Helper()
+	return waitState(t, sock, state, within)
+}
+
+// waitState waits until the primary's status says state.
+func waitState(t *testing.T, sock, state string, within time.Duration) map[string]any {
 	t.Helper()
 	deadline := time.Now().Add(within)
 	var st map[string]any
@@ -139,7 +164,7 @@ func waitServing(t *testing.T, addr string, within time.Duration) time.Duration 
 // all survive a kill -9 of the primary; the backup resumes the guest on
 // the same address, with its files, and serves new writes.
 func TestRemusFailover(t *testing.T) {
-	r := startRemus(t)
+	r := startRemus(t, remusOpts{})
 	const writers = 4
 	var mu sync.Mutex
 	acked := map[string]string{}
@@ -214,6 +239,19 @@ func TestRemusFailover(t *testing.T) {
 	if got, _ := k.do("SET after failover", 5*time.Second); got != "OK" {
 		t.Errorf("SET after failover: %q", got)
 	}
+	// The disk: the guest's write-ahead log, replicated into the backup's
+	// replica of /data, has every acknowledged write, and the resumed guest
+	// appends to it.
+	wal := replicaFile(t, r.stateDir, "wal.log")
+	for key, val := range acked {
+		if !strings.Contains(wal, "SET "+key+" "+val+"\n") {
+			t.Errorf("the backup's replica of the guest's log lacks the acknowledged SET %s %s", key, val)
+			break
+		}
+	}
+	if wal = replicaFile(t, r.stateDir, "wal.log"); !strings.HasSuffix(wal, "SET after failover\n") {
+		t.Errorf("the resumed guest's log does not end with its new write: ...%q", wal[max(0, len(wal)-80):])
+	}
 	bst := status(t, r.bSock)
 	b, _ := json.Marshal(bst)
 	if !strings.Contains(string(b), "failed-over") && !strings.Contains(string(b), "failover_ms") {
@@ -233,6 +271,106 @@ func laterValue(got, acked string) bool {
 		return false
 	}
 	return gw == aw && gi > ai
+}
+
+// replicaFile reads a file of the (only) protected VM's directory replica
+// on the backup.
+func replicaFile(t *testing.T, stateDir, name string) string {
+	t.Helper()
+	matches, _ := filepath.Glob(filepath.Join(stateDir, "slots", "*", "disk", "0", name))
+	if len(matches) != 1 {
+		t.Fatalf("replica files %s: %v", name, matches)
+	}
+	b, err := os.ReadFile(matches[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+// TestRemusOneBackupTwoPrimaries: one backup protects two VMs (one slot
+// each); both fail over, each with its own data on its own address.
+func TestRemusOneBackupTwoPrimaries(t *testing.T) {
+	r := startRemus(t, remusOpts{})
+	p2, kv2, _, _ := r.startPrimary(t, "second")
+	for i, addr := range []string{r.kvAddr, kv2} {
+		k, err := dialKV(addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for j := 0; j < 20; j++ {
+			if got, err := k.do(fmt.Sprintf("SET vm%d-%d x", i, j), 5*time.Second); err != nil || got != "OK" {
+				t.Fatalf("SET: %q %v", got, err)
+			}
+		}
+		k.c.Close()
+	}
+	st := status(t, r.bSock)
+	if slots, _ := st["slots"].([]any); len(slots) != 2 {
+		t.Fatalf("backup status: %v", st)
+	}
+	r.primary.cmd.Process.Kill()
+	p2.cmd.Process.Kill()
+	for i, addr := range []string{r.kvAddr, kv2} {
+		waitServing(t, addr, 10*time.Second)
+		k, err := dialKV(addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got, _ := k.do("COUNT", 5*time.Second); got != "COUNT 20" {
+			t.Errorf("vm %d after failover: %q", i, got)
+		}
+		if got, _ := k.do(fmt.Sprintf("GET vm%d-19", i), 5*time.Second); got != "VALUE x" {
+			t.Errorf("vm %d after failover: %q", i, got)
+		}
+		if got, _ := k.do(fmt.Sprintf("GET vm%d-19", 1-i), 5*time.Second); got != "NOTFOUND" {
+			t.Errorf("vm %d has the other VM's data: %q", i, got)
+		}
+		k.c.Close()
+	}
+}
+
+// TestRemusMutualTLS: with --tls-cert/--tls-key/--tls-ca on both sides the
+// primary is protected over mutual TLS; a primary without a certificate,
+// or with one from another CA, is never accepted.
+func TestRemusMutualTLS(t *testing.T) {
+	dir := t.TempDir()
+	ca, caKey := testCA(t, "ftvm test CA")
+	otherCA, otherKey := testCA(t, "another CA")
+	write := func(name string, b []byte) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	caFile := write("ca.pem", pemCert(ca))
+	bc, bk := testLeaf(t, ca, caKey, "backup")
+	pc, pk := testLeaf(t, ca, caKey, "primary")
+	xc, xk := testLeaf(t, otherCA, otherKey, "intruder")
+	tls := func(who string, c, k []byte) []string {
+		return []string{"--tls-cert", write(who+".pem", c), "--tls-key", write(who+".key", k), "--tls-ca", caFile}
+	}
+	r := startRemus(t, remusOpts{backup: tls("backup", bc, bk), primary: append(tls("primary", pc, pk),
+		"--tls-server-name", "127.0.0.1")})
+	if st := status(t, r.pSock); st["state"] != "protected" {
+		t.Fatalf("primary over mutual TLS: %v", st)
+	}
+	// Intruders: no certificate, and a certificate from another CA.
+	for _, extra := range [][]string{nil, append(tls("intruder", xc, xk), "--tls-server-name", "127.0.0.1")} {
+		sock := filepath.Join(dir, fmt.Sprintf("x%d.sock", len(extra)))
+		p := startProc(t, ftvmBinary(t), append(append([]string{"run", "--protect", r.replAddr, "--timeout", "300ms",
+			"--api-sock", sock, "--listen", "3=" + freeAddr(t)}, extra...), r.wasm)...)
+		waitSocket(t, p, sock)
+		time.Sleep(1500 * time.Millisecond)
+		if st := status(t, sock); st["state"] == "protected" || st["state"] == "syncing" {
+			t.Errorf("a primary with TLS flags %v got protected: %v", extra, st)
+		}
+		p.cmd.Process.Kill()
+	}
+	if st := status(t, r.bSock); len(st["slots"].([]any)) != 1 {
+		t.Errorf("the backup accepted an intruder: %v", st)
+	}
 }
 
 var _ = exec.Command

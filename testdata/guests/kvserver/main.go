@@ -7,7 +7,10 @@
 //	DEL key        ->  OK
 //	COUNT          ->  COUNT n
 //
-// Anything else gets "ERR ...". Requests may be pipelined: replies are
+// Anything else gets "ERR ...". With -wal FILE every SET and DEL is also
+// appended to FILE (in a preopened directory) before it is acknowledged:
+// the replication tests check that file on a failed-over backup. Requests
+// may be pipelined: replies are
 // buffered and flushed whenever no further request is already buffered. The
 // server keeps no clocks or randomness, so its state depends only on the
 // requests it received.
@@ -29,12 +32,14 @@ import (
 // store is the shared table. Guests are single-threaded, but goroutines
 // still interleave at I/O, so a mutex keeps each command atomic.
 type store struct {
-	mu sync.Mutex
-	m  map[string]string
+	mu  sync.Mutex
+	m   map[string]string
+	wal *os.File
 }
 
 func main() {
 	fd := flag.Int("fd", 3, "guest descriptor of the preopened listener")
+	walPath := flag.String("wal", "", "append every SET and DEL to this file")
 	flag.Parse()
 	// os.NewFile only registers a non-blocking descriptor with the runtime's
 	// poller; a blocking one would stall every goroutine in accept.
@@ -47,6 +52,13 @@ func main() {
 	}
 	fmt.Fprintf(os.Stderr, "kvserver: serving on fd %d\n", *fd)
 	s := &store{m: map[string]string{}}
+	if *walPath != "" {
+		f, err := os.OpenFile(*walPath, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644)
+		if err != nil {
+			fatal("wal: %v", err)
+		}
+		s.wal = f
+	}
 	for {
 		c, err := ln.Accept()
 		if err != nil {
@@ -102,6 +114,9 @@ func (s *store) exec(w *bufio.Writer, line []byte) {
 			w.WriteString("ERR usage: SET key value\n")
 			return
 		}
+		if !s.log(w, line) {
+			return
+		}
 		s.m[string(key)] = string(value)
 		w.WriteString("OK\n")
 	case "GET":
@@ -113,6 +128,9 @@ func (s *store) exec(w *bufio.Writer, line []byte) {
 			w.WriteString("NOTFOUND\n")
 		}
 	case "DEL":
+		if !s.log(w, line) {
+			return
+		}
 		delete(s.m, string(rest))
 		w.WriteString("OK\n")
 	case "COUNT":
@@ -122,4 +140,16 @@ func (s *store) exec(w *bufio.Writer, line []byte) {
 	default:
 		w.WriteString("ERR unknown command\n")
 	}
+}
+
+// log appends a mutation to the write-ahead log, if there is one.
+func (s *store) log(w *bufio.Writer, line []byte) bool {
+	if s.wal == nil {
+		return true
+	}
+	if _, err := s.wal.Write(append(append([]byte(nil), line...), '\n')); err != nil {
+		w.WriteString("ERR wal: " + err.Error() + "\n")
+		return false
+	}
+	return true
 }
