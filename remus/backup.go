@@ -298,7 +298,7 @@ type slot struct {
 	// diskBehind: storing a checkpoint failed; until a full one is
 	// stored, the replica of the guest's files is older than the image.
 	diskBehind bool
-	closed   bool
+	closed     bool
 }
 
 // staged is a checkpoint that arrived whole and verified, awaiting the
