@@ -41,7 +41,7 @@ func (f *replFlags) register(fs *pflag.FlagSet, primary bool) {
 	if primary {
 		fs.DurationVar(&f.epoch, "epoch", 25*time.Millisecond, "longest epoch between checkpoints")
 		fs.StringVar(&f.policy, "epoch-policy", "output", "when an epoch ends: output (early, once output is waiting and the epoch is at least --min-epoch old) or fixed")
-		fs.DurationVar(&f.minEpoch, "min-epoch", time.Millisecond, "with --epoch-policy output: the shortest epoch (rate limit on checkpoints)")
+		fs.DurationVar(&f.minEpoch, "min-epoch", time.Millisecond, "with --epoch-policy output: the rate limit on output-driven checkpoints (one per --min-epoch on average, bursts of 4)")
 		fs.IntVar(&f.maxFlight, "max-inflight", 4, "checkpoints streamed but not yet acknowledged before epochs stretch (back-pressure)")
 		fs.StringVar(&f.serverName, "tls-server-name", "", "the backup's name in its certificate (default: the host of --protect)")
 		fs.StringVar(&f.holdLimit, "hold-limit", "64MiB", "output held for acknowledgement beyond which the guest is stopped until acks release it (back-pressure)")

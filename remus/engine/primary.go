@@ -102,6 +102,12 @@ type Primary struct {
 	outstanding   *CheckpointRequest // requested, not yet taken
 	epochStart    Time               // when the open epoch began (last CheckpointTaken)
 	outputWaiting bool               // the open epoch has held output
+	// tat is the output policy's rate limit (GCRA, a token bucket): the
+	// theoretical time of the next checkpoint at one per MinEpoch. Output
+	// may end an epoch once now >= tat - (burst-1)*MinEpoch, so a guest
+	// that answers now and then is checkpointed at once, while a
+	// saturated one averages one checkpoint per MinEpoch.
+	tat Time
 	outputNext    bool               // output reported during the pause: for the next epoch
 
 	release     uint64
@@ -276,10 +282,14 @@ func (p *Primary) epochDeadline() Time {
 		return p.now
 	}
 	if p.cfg.Policy == PolicyOutput && p.outputWaiting {
-		return p.epochStart + p.cfg.MinEpoch
+		return min(max(p.tat-(outputBurst-1)*p.cfg.MinEpoch, p.epochStart), p.epochStart+p.cfg.Epoch)
 	}
 	return p.epochStart + p.cfg.Epoch
 }
+
+// outputBurst is how many output-driven checkpoints may follow each other
+// faster than one per MinEpoch before the rate limit spaces them.
+const outputBurst = 4
 
 func (p *Primary) take() {
 	r := &CheckpointRequest{Seq: p.seq + 1, Full: p.needFull, Session: p.session}
@@ -289,6 +299,7 @@ func (p *Primary) take() {
 	}
 	p.outstanding = r
 	p.pend.TakeCheckpoint = r
+	p.tat = max(p.tat, p.now) + p.cfg.MinEpoch
 }
 
 func (p *Primary) taken() {

@@ -214,8 +214,8 @@ func TestPrimaryEpochEnd(t *testing.T) {
 		{"fixed, no output", PolicyFixed, -1, 10 * ms},
 		{"fixed, output", PolicyFixed, 1 * ms, 10 * ms},
 		{"output, no output", PolicyOutput, -1, 10 * ms},
-		{"output, early output waits MinEpoch", PolicyOutput, 500 * time.Microsecond, 2 * ms},
-		{"output, output at once", PolicyOutput, 0, 2 * ms},
+		{"output, early output ends at once (burst)", PolicyOutput, 500 * time.Microsecond, 500 * time.Microsecond},
+		{"output, output at once", PolicyOutput, 0, 0},
 		{"output, output at MinEpoch", PolicyOutput, 2 * ms, 2 * ms},
 		{"output, later output ends at once", PolicyOutput, 5 * ms, 5 * ms},
 	} {
@@ -259,14 +259,11 @@ func TestPrimaryOutputDuringPauseCountsForNextEpoch(t *testing.T) {
 		t.Fatal("no checkpoint")
 	}
 	h.step(Output{12 * ms}) // during the pause: for epoch 3
-	h.taken(13*ms, 2)
-	if w := h.p.Wake(); w != 15*ms {
-		t.Fatalf("Wake %v, want MinEpoch after 13ms", w)
+	rd := h.taken(13*ms, 2)
+	if rd.TakeCheckpoint == nil || rd.TakeCheckpoint.Seq != 3 {
+		t.Fatalf("epoch 3, with output reported during the pause, not ended at once: %+v", rd)
 	}
 	h.step(Ack{14 * ms, 1, 2})
-	if rd := h.step(Tick{15 * ms}); rd.TakeCheckpoint == nil {
-		t.Fatal("epoch with output not ended at MinEpoch")
-	}
 	h.taken(16*ms, 3)
 	if w := h.p.Wake(); w != 26*ms {
 		t.Fatalf("Wake %v: output carried over twice", w)
@@ -356,7 +353,9 @@ func TestPrimaryTimeoutUnprotects(t *testing.T) {
 // the new session starts with a full checkpoint, and its ack releases the
 // epochs the old session never acknowledged.
 func TestPrimaryReconnectAfterDisconnect(t *testing.T) {
-	h := protected(t, testCfg)
+	cfg := testCfg
+	cfg.Policy = PolicyFixed // output held across the gap must not end epochs here
+	h := protected(t, cfg)
 	for i, now := range []Time{12 * ms, 22 * ms} {
 		h.step(Tick{now})
 		h.taken(now, uint64(i+2))
@@ -584,5 +583,40 @@ func TestPrimaryReadyAdvanceInterleave(t *testing.T) {
 	p.Advance() // without Ready: nothing
 	if p.HasReady() {
 		t.Fatal("HasReady")
+	}
+}
+
+// TestPrimaryOutputRateLimit: under output that never stops, checkpoints
+// come at once for a burst, then one per MinEpoch on average.
+func TestPrimaryOutputRateLimit(t *testing.T) {
+	cfg := testCfg
+	cfg.MaxInflight = 100
+	cfg.HeartbeatInterval = time.Second
+	cfg.Timeout = 10 * time.Second
+	h := protected(t, cfg) // checkpoint 1 taken at 2ms
+	now := 2 * ms
+	var starts []Time
+	for len(starts) < 20 {
+		rd := h.step(Output{now})
+		if rd.TakeCheckpoint == nil {
+			if rd.Wake <= now || rd.Wake == Never {
+				t.Fatalf("output waiting at %v and no checkpoint, Wake %v", now, rd.Wake)
+			}
+			now = rd.Wake
+			rd = h.step(Tick{now})
+		}
+		if rd.TakeCheckpoint == nil {
+			t.Fatalf("no checkpoint at its Wake %v", now)
+		}
+		starts = append(starts, now)
+		now += 100 * time.Microsecond // the pause
+		h.taken(now, rd.TakeCheckpoint.Seq)
+	}
+	// The first few come back to back; the last ten average MinEpoch.
+	if starts[2]-starts[0] > time.Millisecond {
+		t.Errorf("no burst: %v", starts[:4])
+	}
+	if avg := (starts[19] - starts[9]) / 10; avg < cfg.MinEpoch || avg > cfg.MinEpoch+200*time.Microsecond {
+		t.Errorf("sustained spacing %v, want about MinEpoch %v (starts %v)", avg, cfg.MinEpoch, starts)
 	}
 }
