@@ -194,7 +194,7 @@ func (b *Backup) slot(ctx context.Context, vm string, roots int) (*slot, error) 
 		st.Close()
 		return nil, err
 	}
-	s := &slot{b: b, vm: vm, eng: eng, store: st, mi: mi, events: make(chan any, 64),
+	s := &slot{b: b, vm: vm, eng: eng, store: st, mi: mi, roots: roots, dir: filepath.Join(b.cfg.StateDir, "slots", vm), events: make(chan any, 64),
 		conns: map[uint64]*transport.Conn{}, hellos: map[uint64]*wire.Hello{}, staged: map[uint64]*staged{},
 		persistQ: newPersistQueue(), log: b.log.With("vm", vm)}
 	s.img = &snapshot.Image{Resize: mi.Resize}
@@ -271,6 +271,8 @@ type SlotStatus struct {
 type slot struct {
 	b      *Backup
 	vm     string
+	dir    string // the slot's state directory
+	roots  int    // the guest's preopened directories
 	eng    *engine.Backup
 	store  *store.Slot
 	mi     *machine.MemoryImage
@@ -758,9 +760,8 @@ func (s *slot) persister() {
 		// came before it.
 		if jobs[0].full {
 			j := jobs[0]
-			if err := s.store.CommitFull(j.seq, j.raw, toStoreTree(j.tree), toStoreOps(j.ops)); err != nil {
-				s.log.Error("persisting a full checkpoint failed; the disk keeps the previous state", "seq", j.seq, "err", err)
-				s.persistFailed(jobs)
+			err := s.store.CommitFull(j.seq, j.raw, toStoreTree(j.tree), toStoreOps(j.ops))
+			if !s.stored(err, "a full checkpoint", j.seq) {
 				continue
 			}
 			storeSeq, tip = j.seq, j.snap.ID
@@ -782,13 +783,13 @@ func (s *slot) persister() {
 		for _, j := range jobs {
 			ops = append(ops, j.ops...)
 		}
-		if err == nil {
-			err = s.store.CommitIncremental(storeSeq+1, raw, toStoreOps(ops))
-		}
 		if err != nil {
-			s.log.Error("persisting checkpoints failed; the disk keeps the previous state until the next full checkpoint",
-				"seqs", fmt.Sprintf("%d-%d", jobs[0].seq, jobs[len(jobs)-1].seq), "err", err)
+			s.log.Error("merging checkpoints for the disk failed", "err", err)
 			s.persistFailed(jobs)
+			continue
+		}
+		err = s.store.CommitIncremental(storeSeq+1, raw, toStoreOps(ops))
+		if !s.stored(err, fmt.Sprintf("checkpoints %d-%d", jobs[0].seq, jobs[len(jobs)-1].seq), storeSeq+1) {
 			continue
 		}
 		storeSeq, tip = storeSeq+1, id
@@ -824,6 +825,43 @@ func mergeIncrementals(jobs []persistJob, seq uint64, parent snapshot.Hash) ([]b
 		return nil, snapshot.Hash{}, err
 	}
 	return buf.Bytes(), m.ID, nil
+}
+
+// stored sorts out a store commit's error: whether the checkpoint is
+// committed (the sequence moves on). A compaction failure after the commit
+// is only logged; a replica that diverged marks the disk behind (the memory
+// state is stored, the files are not); a broken slot is reopened (Open
+// recovers what is durable) and waits for the next full checkpoint.
+func (s *slot) stored(err error, what string, seq uint64) bool {
+	switch {
+	case err == nil:
+		return true
+	case errors.Is(err, store.ErrCompact):
+		s.log.Warn("compacting the slot's journal failed (the checkpoint is stored)", "what", what, "err", err)
+		return true
+	case errors.Is(err, store.ErrDiverged):
+		s.log.Error("the replica of the guest's files diverged; it is rebuilt at the next full checkpoint", "what", what, "err", err)
+		s.persistFailed(nil)
+		return true
+	case errors.Is(err, store.ErrBroken):
+		s.log.Error("the slot's state directory failed; reopening it", "what", what, "err", err)
+		s.persistFailed(nil)
+		s.store.Close()
+		st, oerr := store.Open(s.dir, store.Options{Roots: s.roots})
+		if oerr != nil {
+			s.log.Error("reopening the slot failed; nothing more is stored", "err", oerr)
+			return false
+		}
+		s.mu.Lock()
+		s.store = st
+		s.mu.Unlock()
+		return false
+	default:
+		s.log.Error("storing a checkpoint failed; the disk keeps the previous state until the next full checkpoint",
+			"what", what, "err", err)
+		s.persistFailed(nil)
+		return false
+	}
 }
 
 func (s *slot) persisted(seq uint64) {

@@ -204,15 +204,24 @@ func checkState(t *testing.T, s *Slot, dir string, e *expected) error {
 func TestCrashEverywhere(t *testing.T) {
 	steps, want := scenario(t)
 	exp, total := reference(t, steps, want)
-	empty := expected{}
 	modes := []crashMode{crashDrop, crashKeep, crashRandom}
 	stride := 1
 	if testing.Short() {
 		stride = 7
 	}
-	rng := rand.New(rand.NewPCG(42, 43))
-	points, nested := 0, 0
 	for _, mode := range modes {
+		t.Run(mode.String(), func(t *testing.T) {
+			t.Parallel()
+			crashEverywhere(t, mode, steps, exp, total, stride)
+		})
+	}
+}
+
+func crashEverywhere(t *testing.T, mode crashMode, steps []step, exp []expected, total, stride int) {
+	empty := expected{}
+	rng := rand.New(rand.NewPCG(42, uint64(mode)))
+	points, nested := 0, 0
+	{
 		for k := 1; k <= total; k += stride {
 			label := fmt.Sprintf("%s crash at %d", mode, k)
 			c := &crasher{at: k, half: k%2 == 0}
@@ -309,6 +318,6 @@ func TestCrashEverywhere(t *testing.T) {
 			s.Close()
 		}
 	}
-	t.Logf("%d file operations in the scenario; %d crash points (%d models), %d with a crash during recovery",
-		total, points, len(modes), nested)
+	t.Logf("%s: %d file operations in the scenario, %d crash points, %d with a crash during recovery",
+		mode, total, points, nested)
 }

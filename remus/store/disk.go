@@ -132,6 +132,10 @@ func classify(err error) error {
 	return err
 }
 
+// gone reports whether a path failed to resolve because a component is
+// missing.
+func gone(err error) bool { return errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ENOTDIR) }
+
 func isDivergence(err error) bool {
 	var d *divergence
 	return errors.As(err, &d)
@@ -163,7 +167,7 @@ type applier struct {
 	// since the last barrier, by identity.
 	touched map[fileKey]int
 	extra   []int // more descriptors of touched objects, to close
-	syncAll bool // a barrier must syncfs: an effect not pinned to a descriptor
+	syncAll bool  // a barrier must syncfs: an effect not pinned to a descriptor
 	// fresh: ops apply once, in order, to a tree that nothing else can see
 	// until it is durable (CommitFull's staging tree); appends resolve
 	// against the file as it is.
@@ -356,7 +360,7 @@ func (a *applier) apply(op *FsOp) error {
 		default:
 			return err
 		}
-		return pwriteAll(fd, data, off)
+		return classify(pwriteAll(fd, data, off))
 
 	case wasi.FsTruncate:
 		fd, _, err := a.openReg(root, op.Path, unix.O_WRONLY)
@@ -398,6 +402,12 @@ func (a *applier) apply(op *FsOp) error {
 		tracked := err == nil
 		if err == unix.EACCES {
 			fd, err = openat2(root, op.Path, unix.O_PATH, 0, resolveBeneath)
+		}
+		if err == unix.ENOENT || err == unix.ELOOP {
+			// The effect does not say whether the guest followed a
+			// final symlink (path_filestat_set_times may not): a link
+			// that leads nowhere gets its own times.
+			fd, err = openat2(root, op.Path, unix.O_PATH|unix.O_NOFOLLOW, 0, resolveBeneath)
 		}
 		if err != nil {
 			return classify(err)
@@ -472,6 +482,9 @@ func (a *applier) apply(op *FsOp) error {
 
 	case wasi.FsRmdir, wasi.FsUnlink:
 		pfd, name, err := a.parent(root, op.Path)
+		if gone(err) {
+			return nil // alone in its segment: this is the state after it
+		}
 		if err != nil {
 			return err
 		}
@@ -488,9 +501,21 @@ func (a *applier) apply(op *FsOp) error {
 		return nil
 
 	case wasi.FsRename:
+		// The segment holds this rename alone, so the replica is in the
+		// state before it, where the source exists (it did on the
+		// primary), or after it, where it is gone or its path no longer
+		// resolves (the rename moved a symlink or directory the path
+		// went through: "rename l l/e" with l a link to a directory).
 		pa, na, err := a.parent(root, op.Path)
+		if gone(err) {
+			return nil
+		}
 		if err != nil {
 			return err
+		}
+		var st unix.Stat_t
+		if unix.Fstatat(pa, na, &st, unix.AT_SYMLINK_NOFOLLOW) == unix.ENOENT {
+			return nil
 		}
 		pb, nb, err := a.parent(a.roots[op.Root2], op.Path2)
 		if err != nil {
@@ -499,17 +524,7 @@ func (a *applier) apply(op *FsOp) error {
 		if skip, err := a.d.effect("rename"); skip || err != nil {
 			return err
 		}
-		err = unix.Renameat(pa, na, pb, nb)
-		if err == unix.ENOENT {
-			// Done already (the segment holds this rename alone, so
-			// the state is before or after it)?
-			var st unix.Stat_t
-			if unix.Fstatat(pa, na, &st, unix.AT_SYMLINK_NOFOLLOW) == unix.ENOENT &&
-				unix.Fstatat(pb, nb, &st, unix.AT_SYMLINK_NOFOLLOW) == nil {
-				return nil
-			}
-		}
-		return classify(err)
+		return classify(unix.Renameat(pa, na, pb, nb))
 
 	case wasi.FsSymlink:
 		pfd, name, err := a.parent(root, op.Path)
@@ -779,6 +794,9 @@ func buildStaging(d *disk, dir string, roots uint32, gen, seq uint64, tree []Tre
 		return err
 	}
 	if err := d.step("mkdir staging"); err != nil {
+		return err
+	}
+	if err := os.MkdirAll(filepath.Dir(dir), 0o700); err != nil { // the slot directory, when the journal is elsewhere
 		return err
 	}
 	if err := os.Mkdir(dir, 0o700); err != nil {

@@ -43,12 +43,17 @@ var (
 	// mirrors the primary's directories. The checkpoint's memory state is
 	// committed; the slot refuses incrementals until a CommitFull.
 	ErrDiverged = errors.New("replica diverged from the primary")
-	// ErrCompact: the checkpoint is committed, only the compaction that
-	// followed failed; the slot stays valid on its longer chain.
+	// ErrCompact: the checkpoint is committed, only the automatic
+	// compaction that followed failed. What is durable is a valid slot
+	// (the longer chain, or the compacted one); the error also wraps
+	// ErrBroken if the Slot must be reopened to find out which.
 	ErrCompact = errors.New("compaction failed")
-	// ErrBroken: an earlier write's outcome is unknown (a failed fsync, a
-	// crash injected by a test): the slot must be closed and reopened,
-	// which recovers whatever is durable.
+	// ErrBroken: a write from COMMIT's rename on, or of the replica after
+	// it, failed, so what is durable is unknown (an fsync error, ENOSPC
+	// while applying ops): the slot refuses further commits and must be
+	// closed and reopened, which recovers whatever is durable (and
+	// finishes applying the ops). Failures before the commit point leave
+	// the slot as it was and do not wrap ErrBroken.
 	ErrBroken = errors.New("slot needs reopening")
 )
 

@@ -148,7 +148,9 @@ const creat, trunc, excl = wasi.OflagCreat, wasi.OflagTrunc, wasi.OflagExcl
 func fileE(r uint32, p, data string) TreeEntry {
 	return TreeEntry{Root: r, Path: p, Kind: KindFile, Mode: 0o644, Data: []byte(data)}
 }
-func dirE(r uint32, p string) TreeEntry { return TreeEntry{Root: r, Path: p, Kind: KindDir, Mode: 0o755} }
+func dirE(r uint32, p string) TreeEntry {
+	return TreeEntry{Root: r, Path: p, Kind: KindDir, Mode: 0o755}
+}
 func linkE(r uint32, p, target string) TreeEntry {
 	return TreeEntry{Root: r, Path: p, Kind: KindSymlink, Mode: 0o777, Target: target}
 }

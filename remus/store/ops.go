@@ -175,6 +175,9 @@ func normalize(op FsOp, roots uint32, maxSize int64, now time.Time) (FsOp, error
 	switch wasi.FsOp(op.Op) {
 	case wasi.FsWrite:
 		noData = false
+		if len(op.Data) > maxOpData {
+			return op, bad("%d bytes of data in one op (at most %d)", len(op.Data), maxOpData)
+		}
 		if op.Size != 0 && op.Size != int64(len(op.Data)) {
 			return op, bad("size %d for %d bytes of data", op.Size, len(op.Data))
 		}
@@ -270,7 +273,16 @@ func normalize(op FsOp, roots uint32, maxSize int64, now time.Time) (FsOp, error
 	return op, nil
 }
 
+// Caps on one checkpoint's ops (the ops file's lengths are 32-bit).
+const (
+	maxOps    = 1 << 24
+	maxOpData = 1 << 30
+)
+
 func normalizeOps(ops []FsOp, roots uint32, maxSize int64) ([]FsOp, error) {
+	if len(ops) > maxOps {
+		return nil, invalid("%d ops in one checkpoint (at most %d)", len(ops), maxOps)
+	}
 	now := time.Now()
 	out := make([]FsOp, len(ops))
 	for i, op := range ops {

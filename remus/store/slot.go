@@ -121,6 +121,12 @@ func notExist(err error) bool { return errors.Is(err, fs.ErrNotExist) }
 func (s *Slot) recover() error {
 	b, err := readAll(s.fs, s.path(commitName))
 	if notExist(err) {
+		// No checkpoint yet, or an interrupted first full commit. A
+		// disk tree or an APPLIED exist only after a COMMIT did.
+		_, aerr := readAll(s.fs, s.path(appliedName))
+		if _, derr := os.Lstat(s.path(diskName)); derr == nil || !notExist(aerr) {
+			return corrupt(s.path(commitName), "missing, but the slot has a disk tree or an APPLIED file")
+		}
 		s.cleanup()
 		return nil
 	}
@@ -543,15 +549,14 @@ func (s *Slot) CommitFull(seq uint64, snap []byte, tree []TreeEntry, ops []FsOp)
 	if s.c != nil {
 		gen = s.c.Gen + 1
 	}
+	// Until COMMIT's rename, a failure leaves only files no COMMIT names:
+	// the slot is as it was.
 	if err := buildStaging(&s.d, s.path(diskNewName), s.roots, gen, seq, tree, nops, s.opts.MaxFileSize); err != nil {
-		if errors.Is(err, ErrInvalid) {
-			removeAll(s.path(diskNewName))
-			return err
-		}
-		return s.fail(err)
+		removeAll(s.path(diskNewName)) // no COMMIT names it; recovery would remove it too
+		return err
 	}
 	if err := s.writeFiles(journalFile{name: baseName(seq, gen), data: snap}); err != nil {
-		return s.fail(err)
+		return err
 	}
 	c := &commitRec{Roots: s.roots, Gen: gen, BaseSeq: seq, Seq: seq, TreeSeq: seq, Module: sn.Module,
 		BaseID: sn.ID, BasePeer: sn.ID}
@@ -605,14 +610,14 @@ func (s *Slot) CommitIncremental(seq uint64, snap []byte, ops []FsOp) error {
 	}
 	ap, err := newApplier(&s.d, s.path(diskName), s.roots, s.opts.MaxFileSize)
 	if err != nil {
-		return s.fail(err)
+		return err
 	}
 	defer ap.close()
 	// The first segment is planned now, on disk/ as it is: exactly the
 	// state before these ops. Its appends become writes at offsets.
 	end, offs, err := ap.plan(nops, 0)
 	if err != nil {
-		return s.fail(err)
+		return err
 	}
 	for _, o := range offs {
 		nops[o.Op].Offset = o.Offset
@@ -633,7 +638,7 @@ func (s *Slot) CommitIncremental(seq uint64, snap []byte, ops []FsOp) error {
 	ob := o.encode()
 	if err := s.writeFiles(journalFile{name: recName(seq, s.c.Gen), data: data},
 		journalFile{name: opsName(seq, s.c.Gen), data: ob}); err != nil {
-		return s.fail(err)
+		return err // nothing names these files: not committed, the slot is as it was
 	}
 	c := *s.c
 	c.Seq = seq
@@ -812,7 +817,7 @@ func (s *Slot) compact(img *snapshot.Image) error {
 	sn := img.Snapshot(meta)
 	name := baseName(img.Seq, s.c.Gen)
 	if err := s.writeFiles(journalFile{name: name, write: sn.Encode}); err != nil {
-		return s.fail(err)
+		return err // nothing names it yet
 	}
 	c := *s.c
 	c.BaseSeq, c.BaseID, c.BasePeer = img.Seq, sn.ID, s.peerTip
