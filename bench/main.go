@@ -12,6 +12,7 @@
 //	calls  host-call overhead in ns per call, measured inside the guest
 //	kv     the KV server guest: throughput, latency and idle CPU
 //	snapshot  checkpoint pause vs dirty pages, restore time, dirty tracking
+//	remus  Remus protection vs none: CPU and KV overhead, latency, pauses, failover
 //
 // Performance claims about ftvm come from this harness, never from timed tests.
 package main
@@ -69,11 +70,12 @@ var groups = []group{
 	{"calls", "Host-call overhead", runCalls},
 	{"kv", "KV server guest over loopback TCP", runKV},
 	{"snapshot", "Checkpoints: pause, restore, dirty tracking", runSnapshot},
+	{"remus", "Remus replication: overhead, latency, pauses, failover", runRemus},
 }
 
 func main() {
 	out := flag.String("out", "-", "write the report here (- for stdout)")
-	only := flag.String("only", "", "run only these groups (comma-separated: cpu,calls,kv,snapshot)")
+	only := flag.String("only", "", "run only these groups (comma-separated: cpu,calls,kv,snapshot,remus)")
 	quick := flag.Bool("quick", false, "fast smoke run: fewer runs, smaller counts")
 	runs := flag.Int("runs", 0, "runs per measurement (default 5, 1 with -quick; the calls and kv groups and the CLI rows use at most 3)")
 	cpuprofile := flag.String("cpuprofile", "", "write a CPU profile of the harness (and the in-process guests) here")
@@ -94,7 +96,7 @@ func main() {
 	}
 	for n := range selected {
 		if !knownGroup(n) {
-			fatalf("-only %q: no such group (cpu, calls, kv, snapshot)", n)
+			fatalf("-only %q: no such group (cpu, calls, kv, snapshot, remus)", n)
 		}
 	}
 	if *cpuprofile != "" {

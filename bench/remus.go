@@ -1,0 +1,1269 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"math"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/ftvm/ftvm/api"
+	"github.com/ftvm/ftvm/internal/guest"
+	"github.com/ftvm/ftvm/machine"
+	"github.com/ftvm/ftvm/remus"
+)
+
+// The remus group measures what Remus protection costs, always against the
+// same guest run unprotected in the same run, interleaved: CPU-bound run
+// time, KV throughput and latency under both epoch policies, the checkpoint
+// pause against dirty pages, bytes replicated with and without compression,
+// and failover time after kill -9 of the primary. Everything runs as `ftvm
+// run --protect` / `ftvm backup` processes, as a user would run them, with
+// the figures read from their API sockets (GET /status, GET /vm).
+
+// remusSettings are the group's sizes.
+type remusSettings struct {
+	epochs       []time.Duration
+	cpuScale     int
+	cpuRuns      int
+	kvRounds     int
+	kv           kvSettings
+	minLatency   int // sequential requests at least, however long the epoch
+	dirty        []int
+	dirtyMiB     int
+	dirtyFor     time.Duration
+	failTimeouts []time.Duration
+	failRuns     int
+	timeout      time.Duration // detection timeout of the pairs in (a)-(e)
+}
+
+// remusEnv is what the group's measurements share.
+type remusEnv struct {
+	*env
+	s     remusSettings
+	cache string // compiled-code cache of every ftvm process here
+	seq   int    // makes tags (logs, sockets, state directories) unique
+	raw   bool   // `ftvm run` has --uncompressed
+	comp  []compRow
+}
+
+// compRow is one line of (e): a workload with or without compression.
+type compRow struct {
+	workload string
+	raw      bool
+	bytes    float64 // per checkpoint
+	cps      float64
+	pages    float64 // dirty pages per checkpoint (median of samples)
+	pause    float64 // mean, ns
+	tput     string
+}
+
+func (r *remusEnv) tag(what string) string {
+	r.seq++
+	return fmt.Sprintf("remus-%s-%d", what, r.seq)
+}
+
+func runRemus(ctx context.Context, e *env) (string, error) {
+	s := remusSettings{
+		epochs:   []time.Duration{10 * time.Millisecond, 25 * time.Millisecond, 50 * time.Millisecond, 100 * time.Millisecond},
+		cpuScale: 8, cpuRuns: min(e.runs, 3), kvRounds: min(e.runs, 2),
+		kv: kvSettings{conns: 32, depth: 16, loadFor: 1500 * time.Millisecond, maxLoad: 20_000_000,
+			latencyFor: 1500 * time.Millisecond, maxLatency: 30000, keys: 1000},
+		minLatency: 30, dirty: []int{10, 100, 1000, 10000}, dirtyMiB: 64, dirtyFor: 2 * time.Second,
+		failTimeouts: []time.Duration{200 * time.Millisecond, 500 * time.Millisecond}, failRuns: min(e.runs, 3),
+		timeout: 500 * time.Millisecond,
+	}
+	if e.quick {
+		s.epochs = []time.Duration{25 * time.Millisecond}
+		s.cpuScale, s.cpuRuns, s.kvRounds = 1, 1, 1
+		s.kv.loadFor, s.kv.latencyFor, s.kv.maxLatency = 500*time.Millisecond, 500*time.Millisecond, 5000
+		s.minLatency, s.dirty, s.dirtyFor = 10, []int{100, 1000}, 700*time.Millisecond
+		s.failTimeouts, s.failRuns = []time.Duration{500 * time.Millisecond}, 1
+	}
+	if err := e.buildBinaries(); err != nil {
+		return "", err
+	}
+	r := &remusEnv{env: e, s: s, cache: filepath.Join(e.cache, "ftvm-compiled")}
+	if help, _ := exec.Command(e.ftvmBin, "run", "--help").CombinedOutput(); bytes.Contains(help, []byte("--uncompressed")) {
+		r.raw = true
+	}
+
+	var b strings.Builder
+	b.WriteString("Command: `go run ./bench -only remus` (part of `make bench`). Every protected figure stands next to the ")
+	b.WriteString("same guest unprotected, measured in the same run with the runs interleaved. A protected run is two ")
+	fmt.Fprintf(&b, "processes on this machine: `ftvm backup --listen 127.0.0.1:R --state DIR --timeout %s --api-sock B.sock` ", s.timeout)
+	fmt.Fprintf(&b, "and `ftvm run --protect 127.0.0.1:R --timeout %s --epoch E [--epoch-policy P] --api-sock P.sock ... GUEST.wasm`, ", s.timeout)
+	b.WriteString("the replication stream over loopback TCP, sharing the 2 cores with the guest and the load generator (this ")
+	b.WriteString("process). A fresh backup serves each protected run. Figures come from the primary's `GET /status` ")
+	b.WriteString("(checkpoints, bytes replicated, the last pause and its dirty pages) and `GET /vm` (`pauses`: count, total, ")
+	b.WriteString("p50/p99 over the last 1024) on its API socket, and the backup's `GET /status`.\n\n")
+
+	var errs []string
+	steps := []struct {
+		name string
+		f    func(context.Context, *remusEnv, *strings.Builder) error
+	}{
+		{"CPU-bound run time", remusCPU},
+		{"KV throughput, latency and bytes replicated", remusKV},
+		{"checkpoint pause vs dirty pages", remusDirty},
+		{"bytes per checkpoint, compression", remusCompression},
+		{"failover", remusFailover},
+	}
+	for _, st := range steps {
+		t0 := time.Now()
+		err := st.f(ctx, r, &b)
+		e.logf("remus: %s took %s", st.name, time.Since(t0).Round(time.Second))
+		if err != nil {
+			e.logf("remus: %s: %v", st.name, err)
+			errs = append(errs, st.name)
+			fmt.Fprintf(&b, "\n**%s not measured:** %s\n\n", st.name, mdEscape(err.Error()))
+		}
+	}
+	if len(errs) == len(steps) {
+		return "", fmt.Errorf("every remus measurement failed (see the harness log)")
+	}
+	return b.String(), nil
+}
+
+// --- processes -------------------------------------------------------------
+
+// remusProc is an ftvm process with an API socket.
+type remusProc struct {
+	*child
+	sock string
+	addr string // a backup's replication address
+	dir  string // a backup's state directory (removed on stop)
+}
+
+func (p *remusProc) stop() {
+	if p == nil {
+		return
+	}
+	p.child.stop()
+	if p.dir != "" {
+		os.RemoveAll(p.dir)
+	}
+}
+
+// kill is kill -9.
+func (p *remusProc) kill() {
+	p.cmd.Process.Kill()
+	<-p.done
+}
+
+// apiClients keeps one client (one kept-alive connection) per socket, so
+// that polling does not open a connection per request.
+var apiClients struct {
+	sync.Mutex
+	m map[string]*api.Client
+}
+
+func apiClient(sock string) *api.Client {
+	apiClients.Lock()
+	defer apiClients.Unlock()
+	if apiClients.m == nil {
+		apiClients.m = map[string]*api.Client{}
+	}
+	c := apiClients.m[sock]
+	if c == nil {
+		c = api.NewClient(sock)
+		apiClients.m[sock] = c
+	}
+	return c
+}
+
+func apiGet(sock, path string, v any) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	return apiClient(sock).Get(ctx, path, v)
+}
+
+func primaryStatus(sock string) (remus.PrimaryStatus, error) {
+	var st remus.PrimaryStatus
+	err := apiGet(sock, "/status", &st)
+	return st, err
+}
+
+func backupStatus(sock string) (remus.BackupStatus, error) {
+	var st remus.BackupStatus
+	err := apiGet(sock, "/status", &st)
+	return st, err
+}
+
+func vmPauses(sock string) (machine.PauseStats, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	info, err := apiClient(sock).Info(ctx)
+	if err != nil {
+		return machine.PauseStats{}, err
+	}
+	if info.Pauses == nil {
+		return machine.PauseStats{}, errors.New("GET /vm has no pauses (not instrumented?)")
+	}
+	return *info.Pauses, nil
+}
+
+// startBackup starts `ftvm backup` and waits until its API answers.
+func (r *remusEnv) startBackup(ctx context.Context, timeout time.Duration) (*remusProc, error) {
+	addr, err := freeAddr()
+	if err != nil {
+		return nil, err
+	}
+	tag := r.tag("backup")
+	p := &remusProc{sock: filepath.Join(r.work, tag+".sock"), addr: addr, dir: filepath.Join(r.work, tag+"-state")}
+	p.child, err = startChild(ctx, r.env, tag, r.ftvmBin, "backup", "--listen", addr, "--state", p.dir,
+		"--timeout", timeout.String(), "--api-sock", p.sock, "--cache-dir", r.cache, "--log-level", "info")
+	if err != nil {
+		return nil, err
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if _, err := backupStatus(p.sock); err == nil {
+			return p, nil
+		}
+		if p.exited() || time.Now().After(deadline) {
+			p.stop()
+			return nil, fmt.Errorf("ftvm backup did not come up: %s", logTail(p.child))
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// startPrimary starts `ftvm run` with an API socket; args go between run's
+// own flags and the module.
+func (r *remusEnv) startPrimary(ctx context.Context, args ...string) (*remusProc, error) {
+	tag := r.tag("run")
+	p := &remusProc{sock: filepath.Join(r.work, tag+".sock")}
+	full := append([]string{"run", "--api-sock", p.sock, "--cache-dir", r.cache, "--log-level", "info"}, args...)
+	var err error
+	p.child, err = startChild(ctx, r.env, tag, r.ftvmBin, full...)
+	return p, err
+}
+
+// waitProtected waits until the primary reports state protected.
+func waitProtected(p *remusProc, within time.Duration) error {
+	deadline := time.Now().Add(within)
+	var st remus.PrimaryStatus
+	for time.Now().Before(deadline) {
+		if p.exited() {
+			return fmt.Errorf("the primary exited: %s", logTail(p.child))
+		}
+		var err error
+		if st, err = primaryStatus(p.sock); err == nil && st.State == "protected" {
+			return nil
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return fmt.Errorf("the primary was not protected after %s (state %q, %s)", within, st.State, st.Reason)
+}
+
+func logTail(c *child) string {
+	b, _ := os.ReadFile(c.log)
+	return tail(string(b))
+}
+
+// protectArgs are the replication flags of a protected run.
+func protectArgs(backup *remusProc, timeout, epoch time.Duration, policy string, raw bool) []string {
+	a := []string{"--protect", backup.addr, "--timeout", timeout.String(), "--epoch", epoch.String()}
+	if policy != "" {
+		a = append(a, "--epoch-policy", policy)
+	}
+	if raw {
+		a = append(a, "--uncompressed")
+	}
+	return a
+}
+
+// --- (a) CPU-bound run time -------------------------------------------------
+
+type remusCPUGuest struct {
+	label, wasm string
+}
+
+type remusCPURun struct {
+	elapsed     float64 // seconds
+	stdout      string
+	checkpoints float64
+	pauses      machine.PauseStats
+	state       string
+}
+
+func remusCPU(ctx context.Context, r *remusEnv, b *strings.Builder) error {
+	var guests []remusCPUGuest
+	if p, err := guest.Go("testdata/guests/gocpu"); err == nil {
+		guests = append(guests, remusCPUGuest{"Go (testdata/guests/gocpu)", p})
+	} else {
+		r.logf("remus: gocpu: %v", err)
+	}
+	if p, err := guest.C("cpu", []string{"testdata/guests/c/cpu.c"}); err == nil {
+		guests = append(guests, remusCPUGuest{"C (testdata/guests/c/cpu.c)", p})
+	} else {
+		r.logf("remus: C cpu: %v", err)
+	}
+	if len(guests) == 0 {
+		return errors.New("no CPU guest could be built")
+	}
+	for i := range guests {
+		dst := filepath.Join(r.work, filepath.Base(guests[i].wasm))
+		if err := copyFile(guests[i].wasm, dst); err != nil {
+			return err
+		}
+		guests[i].wasm = dst
+	}
+	arg := strconv.Itoa(r.s.cpuScale)
+	// Warm the caches (instrumentation, compiled code).
+	for _, g := range guests {
+		if _, err := runCLI(ctx, r.ftvmBin, "run", "--cache-dir", r.cache, g.wasm, "1"); err != nil {
+			return err
+		}
+	}
+	type key struct {
+		g     int
+		epoch time.Duration // 0: unprotected
+	}
+	configs := append([]time.Duration{0}, r.s.epochs...)
+	res := map[key][]remusCPURun{}
+	for run := 0; run < r.s.cpuRuns; run++ {
+		for gi, g := range guests {
+			for i := range configs {
+				epoch := configs[(i+run)%len(configs)]
+				r.logf("remus: cpu %s run %d/%d, epoch %v", g.label, run+1, r.s.cpuRuns, epoch)
+				var out remusCPURun
+				var err error
+				if epoch == 0 {
+					var cr runResult
+					cr, err = runCLI(ctx, r.ftvmBin, "run", "--cache-dir", r.cache, g.wasm, arg)
+					out = remusCPURun{elapsed: cr.elapsed.Seconds(), stdout: cr.stdout}
+				} else {
+					out, err = r.protectedCPURun(ctx, g.wasm, arg, epoch)
+				}
+				if err != nil {
+					return fmt.Errorf("%s, epoch %v: %w", g.label, epoch, err)
+				}
+				res[key{gi, epoch}] = append(res[key{gi, epoch}], out)
+			}
+		}
+	}
+
+	fmt.Fprintf(b, "### (a) CPU-bound guests: run time protected vs unprotected\n\n")
+	fmt.Fprintf(b, "Unprotected: `ftvm run --cache-dir CACHE GUEST.wasm %s`. Protected: a fresh `ftvm backup` (not timed), then "+
+		"`ftvm run --protect 127.0.0.1:R --timeout %s --epoch E --api-sock P.sock --cache-dir CACHE GUEST.wasm %s` "+
+		"(default epoch policy, output), timed from fork to exit; the backup is stopped right after. %d run(s) per row, "+
+		"the order rotating every run; median with min–max. **Checkpoints** and **pauses** are the primary's `GET /status` "+
+		"and `GET /vm` as last polled (every 50 ms, so up to 50 ms before exit); the pause figures include the first, full, "+
+		"checkpoint. The guests checkpoint only at host calls (the safe points): a computation that makes none runs "+
+		"as one epoch, and the first, full, checkpoint waits for the first host call after the backup session is up. "+
+		"**State at last poll**: protected = the backup had acknowledged a checkpoint; syncing = the first (full) "+
+		"checkpoint was not acknowledged yet; unprotected = the pair gave each other up during the run. A run that "+
+		"ends while syncing was, in effect, not protected: its time is not the cost of protection. **Output** compares "+
+		"each run's stdout with the unprotected run's.\n\n", arg, r.s.timeout, arg, r.s.cpuRuns)
+	b.WriteString("| guest | epoch | run time | ÷ unprotected | checkpoints | pause p50 | pause p99 | state at last poll | output |\n")
+	b.WriteString("|---|---:|---:|---:|---:|---:|---:|---|---|\n")
+	for gi, g := range guests {
+		base := res[key{gi, 0}]
+		want := ""
+		if len(base) > 0 {
+			want = base[0].stdout
+		}
+		baseT := sampleOf(base, func(x remusCPURun) float64 { return x.elapsed })
+		for _, epoch := range configs {
+			runs := res[key{gi, epoch}]
+			t := sampleOf(runs, func(x remusCPURun) float64 { return x.elapsed })
+			label := "unprotected"
+			if epoch > 0 {
+				label = epoch.String()
+			}
+			out := outputCheck(runs, want)
+			if epoch == 0 {
+				fmt.Fprintf(b, "| %s | %s | %s | ×1 | — | — | — | — | %s |\n", g.label, label, fmtSecRange(t), out)
+				continue
+			}
+			cps := sampleOf(runs, func(x remusCPURun) float64 { return x.checkpoints })
+			p50 := sampleOf(runs, func(x remusCPURun) float64 { return float64(x.pauses.P50) })
+			p99 := sampleOf(runs, func(x remusCPURun) float64 { return float64(x.pauses.P99) })
+			states := map[string]int{}
+			for _, x := range runs {
+				states[orDash(x.state)]++
+			}
+			pause := func(s sample) string {
+				if cps.median() == 0 {
+					return "—"
+				}
+				return fmtNsDur(s.median())
+			}
+			fmt.Fprintf(b, "| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", g.label, label, fmtSecRange(t),
+				fmtRatio(t.median(), baseT.median()), fmtNum(cps.median()), pause(p50), pause(p99),
+				fmtCounts(states), out)
+			if epoch == 25*time.Millisecond {
+				r.summarize("Remus, CPU-bound %s: `ftvm run --protect` at 25 ms epochs takes %s vs %s unprotected (%s; target ≤ ×1.1); "+
+					"checkpoints: %s, pause p50 %s / p99 %s; primary's state at its last poll: %s; output %s.", g.label, fmtSeconds(t.median()), fmtSeconds(baseT.median()),
+					fmtRatio(t.median(), baseT.median()), fmtNum(cps.median()), pause(p50), pause(p99),
+					fmtCounts(states), out)
+			}
+		}
+	}
+	b.WriteString("\n")
+	return nil
+}
+
+// protectedCPURun runs one protected CPU-bound guest with a fresh backup.
+func (r *remusEnv) protectedCPURun(ctx context.Context, wasm, arg string, epoch time.Duration) (remusCPURun, error) {
+	var out remusCPURun
+	bk, err := r.startBackup(ctx, r.s.timeout)
+	if err != nil {
+		return out, err
+	}
+	defer bk.stop()
+	sock := filepath.Join(r.work, r.tag("cpu")+".sock")
+	args := append([]string{"run"}, protectArgs(bk, r.s.timeout, epoch, "", false)...)
+	args = append(args, "--api-sock", sock, "--cache-dir", r.cache, wasm, arg)
+	var stdout, stderr bytes.Buffer
+	cmd := exec.CommandContext(ctx, r.ftvmBin, args...)
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	var mu sync.Mutex
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	t0 := time.Now()
+	if err := cmd.Start(); err != nil {
+		return out, err
+	}
+	wg.Add(1)
+	go func() { // poll the primary's figures until it exits
+		defer wg.Done()
+		tick := time.NewTicker(50 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-tick.C:
+			}
+			st, err1 := primaryStatus(sock)
+			ps, err2 := vmPauses(sock)
+			mu.Lock()
+			if err1 == nil {
+				out.checkpoints, out.state = float64(st.Checkpoints), st.State
+			}
+			if err2 == nil {
+				out.pauses = ps
+			}
+			mu.Unlock()
+		}
+	}()
+	err = cmd.Wait()
+	out.elapsed = time.Since(t0).Seconds()
+	close(stop)
+	wg.Wait()
+	out.stdout = stdout.String()
+	if err != nil {
+		return out, fmt.Errorf("ftvm run --protect: %w; stderr: %s", err, tail(stderr.String()))
+	}
+	return out, nil
+}
+
+func sampleOf[T any](xs []T, f func(T) float64) sample {
+	var s sample
+	for _, x := range xs {
+		s = append(s, f(x))
+	}
+	return s
+}
+
+// outputCheck compares every run's stdout with want.
+func outputCheck(runs []remusCPURun, want string) string {
+	wantLines := strings.Count(want, "\n")
+	bad, minLines := 0, wantLines
+	for _, x := range runs {
+		if x.stdout != want {
+			bad++
+			minLines = min(minLines, strings.Count(x.stdout, "\n"))
+		}
+	}
+	if bad == 0 {
+		return "identical"
+	}
+	return fmt.Sprintf("**%d of %d runs differ** (as few as %d of %d lines printed)", bad, len(runs), minLines, wantLines)
+}
+
+// fmtCounts is "a" for {a: n}, "a ×2, b ×1" for more than one key.
+func fmtCounts(m map[string]int) string {
+	if len(m) == 1 {
+		for k := range m {
+			return k
+		}
+	}
+	var parts []string
+	for k, n := range m {
+		parts = append(parts, fmt.Sprintf("%s ×%d", k, n))
+	}
+	sort.Strings(parts)
+	return strings.Join(parts, ", ")
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "never reported"
+	}
+	return s
+}
+
+// --- (b), (c), (e) KV: throughput, latency, bytes per epoch -----------------
+
+// remusKVConfig is one way to run the KV guest.
+type remusKVConfig struct {
+	key    string
+	epoch  time.Duration // 0: unprotected
+	policy string
+	raw    bool
+}
+
+func (c remusKVConfig) label() string {
+	if c.epoch == 0 {
+		return "unprotected"
+	}
+	l := fmt.Sprintf("%s, %s", c.policy, c.epoch)
+	if c.raw {
+		l += ", --uncompressed"
+	}
+	return l
+}
+
+// remusKVRound is what one start of the KV guest measured.
+type remusKVRound struct {
+	rps              float64
+	loadErrors       int64
+	cps              float64 // checkpoints per second during the load
+	bytesPerCP       float64
+	pagesPerCP       float64 // median of the polled last_dirty_pages
+	meanPause        float64 // ns, during the load
+	stalls           float64
+	resyncs          float64 // full checkpoints during the load
+	primCPU, backCPU float64 // percent of a core during the load
+	p50, p99, mean   float64 // seconds
+	latN             int
+	latCPS           float64 // checkpoints per second during the latency run
+}
+
+func remusKV(ctx context.Context, r *remusEnv, b *strings.Builder) error {
+	wasmPath, err := guest.Go("testdata/guests/kvserver")
+	if err != nil {
+		return err
+	}
+	wasm := filepath.Join(r.work, "kvserver.wasm")
+	if err := copyFile(wasmPath, wasm); err != nil {
+		return err
+	}
+	configs := []remusKVConfig{{key: "off"}}
+	for _, ep := range r.s.epochs {
+		for _, pol := range []string{"fixed", "output"} {
+			configs = append(configs, remusKVConfig{key: fmt.Sprintf("%s-%s", pol, ep), epoch: ep, policy: pol})
+		}
+	}
+	if r.raw {
+		configs = append(configs, remusKVConfig{key: "fixed-25ms-raw", epoch: 25 * time.Millisecond, policy: "fixed", raw: true})
+	}
+	res := map[string][]remusKVRound{}
+	var echo []kvRound
+	for round := 0; round < r.s.kvRounds; round++ {
+		order := append([]remusKVConfig(nil), configs...)
+		if round%2 == 1 {
+			for i, j := 0, len(order)-1; i < j; i, j = i+1, j-1 {
+				order[i], order[j] = order[j], order[i]
+			}
+		}
+		for _, c := range order {
+			r.logf("remus: kv round %d/%d: %s", round+1, r.s.kvRounds, c.label())
+			m, err := r.measureKV(ctx, wasm, c)
+			if err != nil {
+				return fmt.Errorf("%s: %w", c.label(), err)
+			}
+			res[c.key] = append(res[c.key], m)
+		}
+		es := r.s.kv
+		es.loadFor = 200 * time.Millisecond
+		ev, err := measureEcho(ctx, es)
+		if err != nil {
+			return fmt.Errorf("loopback echo: %w", err)
+		}
+		echo = append(echo, ev)
+	}
+	pick := func(key string, f func(remusKVRound) float64) sample { return sampleOf(res[key], f) }
+	rps := func(x remusKVRound) float64 { return x.rps }
+	offRPS := pick("off", rps).median()
+	offP50 := pick("off", func(x remusKVRound) float64 { return x.p50 }).median()
+
+	fmt.Fprintf(b, "### (b) KV throughput: %d outstanding requests (%d connections × pipeline %d)\n\n", r.s.kv.conns*r.s.kv.depth, r.s.kv.conns, r.s.kv.depth)
+	fmt.Fprintf(b, "Guest: testdata/guests/kvserver (Go), listener at guest fd 3. Unprotected: `ftvm run --api-sock P.sock --listen "+
+		"127.0.0.1:PORT kvserver.wasm`; protected: `ftvm run --protect 127.0.0.1:R --timeout %s --epoch E --epoch-policy P "+
+		"--api-sock P.sock --listen 127.0.0.1:PORT kvserver.wasm` with its own fresh backup. Per start: wait until it answers "+
+		"and is protected, load %d keys, throughput for %s (the kv group's generator: 90%% GET / 10%% SET), then one "+
+		"sequential client for %s (at least %d requests), stop. %d round(s), configuration order reversed every other "+
+		"round; medians with min–max. Held output is released when the backup acknowledges the epoch's checkpoint, so "+
+		"with the fixed policy a reply waits for its epoch to end. Checkpoints/s, bytes per checkpoint and mean pause are "+
+		"over the throughput run (`GET /status` deltas of checkpoints and bytes_replicated; `GET /vm` pauses total/count); "+
+		"CPU is each process's utime+stime over the run.\n\n",
+		r.s.timeout, r.s.kv.keys, r.s.kv.loadFor, r.s.kv.latencyFor, r.s.minLatency, r.s.kvRounds)
+	b.WriteString("| configuration | requests/s | ÷ unprotected | checkpoints/s | bytes/checkpoint | dirty pages/checkpoint (sampled, median) | mean pause | primary CPU % | backup CPU % | stalls | full resyncs |\n")
+	b.WriteString("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+	for _, c := range configs {
+		x := pick(c.key, rps)
+		if c.epoch == 0 {
+			fmt.Fprintf(b, "| %s | %s | ×1 | — | — | — | — | %.0f | — | — | — |\n", c.label(), fmtNumRange(x),
+				pick(c.key, func(x remusKVRound) float64 { return x.primCPU }).median())
+			continue
+		}
+		med := func(f func(remusKVRound) float64) float64 { return pick(c.key, f).median() }
+		fmt.Fprintf(b, "| %s | %s | %s | %.0f | %s | %s | %s | %.0f | %.0f | %s | %s |\n", c.label(), fmtNumRange(x),
+			fmtRatio(x.median(), offRPS), med(func(x remusKVRound) float64 { return x.cps }),
+			fmtBytes(med(func(x remusKVRound) float64 { return x.bytesPerCP })),
+			fmtNum(med(func(x remusKVRound) float64 { return x.pagesPerCP })),
+			fmtNsDur(med(func(x remusKVRound) float64 { return x.meanPause })),
+			med(func(x remusKVRound) float64 { return x.primCPU }), med(func(x remusKVRound) float64 { return x.backCPU }),
+			fmtNum(med(func(x remusKVRound) float64 { return x.stalls })),
+			fmtNum(pick(c.key, func(x remusKVRound) float64 { return x.resyncs }).max()))
+	}
+	var errsN int64
+	for _, rs := range res {
+		for _, x := range rs {
+			errsN += x.loadErrors
+		}
+	}
+	if errsN > 0 {
+		fmt.Fprintf(b, "\n**%d replies were malformed or errors** (see the harness log).\n", errsN)
+	}
+	for _, pol := range []string{"fixed", "output"} {
+		k := pol + "-25ms"
+		if len(res[k]) > 0 {
+			x := pick(k, rps).median()
+			r.summarize("Remus, KV server, 512 outstanding requests, %s policy at 25 ms: %s req/s vs %s unprotected (%s; target ≥ ×0.8).",
+				pol, fmtNum(x), fmtNum(offRPS), fmtRatio(x, offRPS))
+		}
+	}
+
+	fmt.Fprintf(b, "\n### (c) KV latency: 1 sequential client\n\n")
+	b.WriteString("Same starts as (b): after the throughput run, one client sends a request and waits for the reply, repeatedly. " +
+		"**Added p50** = the configuration's p50 minus the unprotected p50 of the same round (median over rounds). The " +
+		"floors: the unprotected guest, and a raw loopback round trip (an in-process Go echo server, the kv group's floor).\n\n")
+	b.WriteString("| configuration | p50 | p99 | mean | added p50 | requests | checkpoints/s |\n|---|---:|---:|---:|---:|---:|---:|\n")
+	addedOf := func(key string) sample {
+		var s sample
+		for i, x := range res[key] {
+			if i < len(res["off"]) {
+				s = append(s, x.p50-res["off"][i].p50)
+			}
+		}
+		return s
+	}
+	for _, c := range configs {
+		if c.raw {
+			continue
+		}
+		med := func(f func(remusKVRound) float64) float64 { return pick(c.key, f).median() }
+		added, cps := "—", "—"
+		if c.epoch > 0 {
+			added = fmtSeconds(addedOf(c.key).median())
+			cps = fmt.Sprintf("%.0f", med(func(x remusKVRound) float64 { return x.latCPS }))
+		}
+		fmt.Fprintf(b, "| %s | %s | %s | %s | %s | %s | %s |\n", c.label(),
+			fmtSecRange(pick(c.key, func(x remusKVRound) float64 { return x.p50 })),
+			fmtSecRange(pick(c.key, func(x remusKVRound) float64 { return x.p99 })),
+			fmtSeconds(med(func(x remusKVRound) float64 { return x.mean })), added,
+			fmtNum(med(func(x remusKVRound) float64 { return float64(x.latN) })), cps)
+	}
+	ep50 := sampleOf(echo, func(x kvRound) float64 { return x.p50 })
+	ep99 := sampleOf(echo, func(x kvRound) float64 { return x.p99 })
+	fmt.Fprintf(b, "| loopback echo in Go (floor: raw TCP round trip) | %s | %s | %s | — | %s | — |\n\n",
+		fmtSecRange(ep50), fmtSecRange(ep99), fmtSeconds(sampleOf(echo, func(x kvRound) float64 { return x.mean }).median()),
+		fmtNum(sampleOf(echo, func(x kvRound) float64 { return float64(x.latencyN) }).median()))
+	if len(res["output-25ms"]) > 0 {
+		p50 := func(x remusKVRound) float64 { return x.p50 }
+		p99 := func(x remusKVRound) float64 { return x.p99 }
+		line := fmt.Sprintf("Remus, KV server, 1 sequential client at 25 ms epochs: output policy p50/p99 %s/%s (added p50 %s; target ≤ 2 ms)",
+			fmtSeconds(pick("output-25ms", p50).median()), fmtSeconds(pick("output-25ms", p99).median()), fmtSeconds(addedOf("output-25ms").median()))
+		if len(res["fixed-25ms"]) > 0 {
+			line += fmt.Sprintf(", fixed policy %s/%s (added %s)", fmtSeconds(pick("fixed-25ms", p50).median()),
+				fmtSeconds(pick("fixed-25ms", p99).median()), fmtSeconds(addedOf("fixed-25ms").median()))
+		}
+		line += fmt.Sprintf("; unprotected %s/%s, loopback round trip %s/%s.", fmtSeconds(offP50),
+			fmtSeconds(pick("off", p99).median()), fmtSeconds(ep50.median()), fmtSeconds(ep99.median()))
+		r.summarize("%s", line)
+	}
+
+	// (e) compression, the KV part.
+	if r.raw {
+		for _, k := range []string{"fixed-25ms", "fixed-25ms-raw"} {
+			med := func(f func(remusKVRound) float64) float64 { return pick(k, f).median() }
+			r.comp = append(r.comp, compRow{workload: "KV guest, 512 outstanding requests, fixed 25 ms", raw: strings.HasSuffix(k, "raw"),
+				bytes: med(func(x remusKVRound) float64 { return x.bytesPerCP }), cps: med(func(x remusKVRound) float64 { return x.cps }),
+				pages: med(func(x remusKVRound) float64 { return x.pagesPerCP }), pause: med(func(x remusKVRound) float64 { return x.meanPause }),
+				tput: fmtNum(med(rps)) + " req/s"})
+		}
+	}
+	return nil
+}
+
+// measureKV starts the KV guest in one configuration and measures it.
+func (r *remusEnv) measureKV(ctx context.Context, wasm string, c remusKVConfig) (remusKVRound, error) {
+	var out remusKVRound
+	addr, err := freeAddr()
+	if err != nil {
+		return out, err
+	}
+	var bk *remusProc
+	args := []string{}
+	if c.epoch > 0 {
+		if bk, err = r.startBackup(ctx, r.s.timeout); err != nil {
+			return out, err
+		}
+		defer bk.stop()
+		args = protectArgs(bk, r.s.timeout, c.epoch, c.policy, c.raw)
+	}
+	args = append(args, "--listen", addr, wasm)
+	p, err := r.startPrimary(ctx, args...)
+	if err != nil {
+		return out, err
+	}
+	defer p.stop()
+	if err := waitReady(ctx, addr, p.child, 120*time.Second); err != nil {
+		return out, fmt.Errorf("%w; its output: %s", err, logTail(p.child))
+	}
+	if c.epoch > 0 {
+		if err := waitProtected(p, 60*time.Second); err != nil {
+			return out, err
+		}
+	}
+	if err := populate(addr, r.s.kv.keys); err != nil {
+		return out, fmt.Errorf("loading keys: %w", err)
+	}
+
+	// Throughput, with the dirty-page count polled alongside.
+	snap := func() (remus.PrimaryStatus, machine.PauseStats, time.Duration, time.Duration) {
+		var st remus.PrimaryStatus
+		var ps machine.PauseStats
+		if c.epoch > 0 {
+			st, _ = primaryStatus(p.sock)
+			ps, _ = vmPauses(p.sock)
+		}
+		pc, _ := procCPU(p.cmd.Process.Pid)
+		var bc time.Duration
+		if bk != nil {
+			bc, _ = procCPU(bk.cmd.Process.Pid)
+		}
+		return st, ps, pc, bc
+	}
+	st0, ps0, pc0, bc0 := snap()
+	var pages sample
+	stopPoll := make(chan struct{})
+	var wg sync.WaitGroup
+	if c.epoch > 0 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				select {
+				case <-stopPoll:
+					return
+				case <-time.After(100 * time.Millisecond):
+				}
+				if st, err := primaryStatus(p.sock); err == nil {
+					pages = append(pages, float64(st.LastDirtyPages))
+				}
+			}
+		}()
+	}
+	t0 := time.Now()
+	lr, err := pipelinedLoad(addr, r.s.kv)
+	close(stopPoll)
+	wg.Wait()
+	if err != nil {
+		return out, fmt.Errorf("throughput: %w", err)
+	}
+	st1, ps1, pc1, bc1 := snap()
+	el := time.Since(t0).Seconds()
+	out.rps = float64(lr.requests) / lr.elapsed.Seconds()
+	out.loadErrors = lr.errors
+	if lr.errors > 0 {
+		r.logf("remus: kv %s: %d bad replies, first: %q", c.label(), lr.errors, lr.firstBad)
+	}
+	out.primCPU = 100 * (pc1 - pc0).Seconds() / el
+	out.backCPU = 100 * (bc1 - bc0).Seconds() / el
+	if c.epoch > 0 {
+		n := float64(st1.Checkpoints - st0.Checkpoints)
+		out.cps = n / el
+		if n > 0 {
+			out.bytesPerCP = float64(st1.BytesSent-st0.BytesSent) / n
+		}
+		if dn := ps1.Count - ps0.Count; dn > 0 {
+			out.meanPause = float64((ps1.Total - ps0.Total).Nanoseconds()) / float64(dn)
+		}
+		out.stalls = float64(st1.Stalls - st0.Stalls)
+		out.resyncs = float64(st1.FullCheckpoints - st0.FullCheckpoints)
+		out.pagesPerCP = pages.median()
+	}
+
+	// Latency: long enough for minLatency requests even at the longest epoch.
+	ls := r.s.kv
+	if c.epoch > 0 && c.policy == "fixed" {
+		ls.latencyFor = max(ls.latencyFor, time.Duration(r.s.minLatency)*(c.epoch+5*time.Millisecond))
+	}
+	t1 := time.Now()
+	lat, err := sequentialLatency(addr, ls, kvRequests(r.s.kv.keys, 1))
+	if err != nil {
+		return out, fmt.Errorf("latency: %w", err)
+	}
+	if c.epoch > 0 {
+		if st2, err := primaryStatus(p.sock); err == nil {
+			out.latCPS = float64(st2.Checkpoints-st1.Checkpoints) / time.Since(t1).Seconds()
+		}
+	}
+	out.p50, out.p99, out.mean, out.latN = lat.quantile(0.5), lat.quantile(0.99), meanOf(lat), len(lat)
+	if p.exited() {
+		return out, fmt.Errorf("the primary exited during the run: %s", logTail(p.child))
+	}
+	if c.epoch > 0 {
+		if st, err := primaryStatus(p.sock); err != nil || st.State != "protected" {
+			return out, fmt.Errorf("the primary is no longer protected after the run: %q %s (%v)", st.State, st.Reason, err)
+		}
+	}
+	return out, nil
+}
+
+func fmtBytes(v float64) string {
+	switch {
+	case math.IsNaN(v):
+		return "—"
+	case v >= 1<<20:
+		return fmt.Sprintf("%.1f MiB", v/(1<<20))
+	case v >= 1<<10:
+		return fmt.Sprintf("%.1f KiB", v/(1<<10))
+	}
+	return fmt.Sprintf("%.0f B", v)
+}
+
+// --- (d) checkpoint pause vs dirty pages ------------------------------------
+
+type remusDirtyRun struct {
+	pause, pages sample // per checkpoint, as polled
+	whole        int    // samples where the count had advanced by exactly one
+	resyncs      uint64 // full checkpoints during the window
+	meanPause    float64
+	vmP50, vmP99 float64
+	bytesPerCP   float64
+	cps          float64
+	stalls       float64
+}
+
+func remusDirty(ctx context.Context, r *remusEnv, b *strings.Builder) error {
+	p, err := guest.C("dirtier", []string{"testdata/guests/dirtier/dirtier.c"})
+	if err != nil {
+		return err
+	}
+	wasm := filepath.Join(r.work, "dirtier.wasm")
+	if err := copyFile(p, wasm); err != nil {
+		return err
+	}
+	// The guest writes N/rounds pages, then sleeps 5 ms: with the time the
+	// writes, the timer and the pauses take, about 3 such rounds fit an
+	// epoch (measured: the table shows the dirty pages actually seen).
+	const rounds = 3
+	epoch := 25 * time.Millisecond
+	type row struct {
+		n   int
+		raw bool
+		res remusDirtyRun
+		err error
+	}
+	var rows []row
+	todo := []row{}
+	for _, n := range r.s.dirty {
+		todo = append(todo, row{n: n})
+		if n == 1000 && r.raw {
+			todo = append(todo, row{n: n, raw: true})
+		}
+	}
+	for _, t := range todo {
+		r.logf("remus: dirtier, %d pages per epoch (uncompressed %v)", t.n, t.raw)
+		t.res, t.err = r.dirtyRun(ctx, wasm, t.n, rounds, epoch, t.raw)
+		if t.err != nil {
+			r.logf("remus: dirtier, %d pages (uncompressed %v): %v", t.n, t.raw, t.err)
+		}
+		rows = append(rows, t)
+	}
+
+	fmt.Fprintf(b, "### (d) Checkpoint pause vs dirty pages, protected at %s\n\n", epoch)
+	fmt.Fprintf(b, "Guest: testdata/guests/dirtier (C), %d MiB of memory; it writes N/%d random pages, sleeps 5 ms, and again, "+
+		"so that a 25 ms epoch dirties about N pages (the table gives the count actually seen). `ftvm run --protect 127.0.0.1:R --timeout %s --epoch %s --epoch-policy fixed "+
+		"--api-sock P.sock dirtier.wasm %d N/%d 0 5000`, each N with a fresh backup. Once protected, the primary's "+
+		"`GET /status` is polled every 5 ms for %s; whenever the checkpoint count has advanced, the last checkpoint's "+
+		"(pause, dirty pages) pair is one sample (a poll can miss checkpoints when replies are slow): **pause p50/p99** "+
+		"are over those samples (nearest rank: with under 100 samples p99 is the largest). **/vm mean** = the change of `GET /vm`'s pause "+
+		"total ÷ count over the same window (every checkpoint, none missed); **/vm p50/p99** are `GET /vm`'s own, over "+
+		"the last 1024 pauses, so they include the first, full, checkpoint of the whole memory. **Floor** = memcpy of "+
+		"the same number of random 4 KiB pages out of a 256 MiB buffer, measured here. A pause also carries the guest's "+
+		"scratch and stack pages and the device state. (%d MiB, not the snapshot group's 256: with 256 MiB the first, "+
+		"full, checkpoint often took longer than --timeout to encode, the backup dropped the session as silent and "+
+		"the pair resynchronised, with `--uncompressed` without end.)\n\n", r.s.dirtyMiB, rounds, r.s.timeout, epoch, r.s.dirtyMiB, rounds, r.s.dirtyFor, r.s.dirtyMiB)
+	b.WriteString("| N | dirty pages/checkpoint (median) | pause p50 | pause p99 | /vm mean | /vm p50 | /vm p99 | memcpy floor | checkpoints/s | bytes/checkpoint | stalls | full resyncs | p99 ≤ 1 ms |\n")
+	b.WriteString("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n")
+	var rawRow, s2Row *row // N = 1000, for (e)
+	for i := range rows {
+		x := &rows[i]
+		if x.err != nil {
+			raw := ""
+			if x.raw {
+				raw = " (--uncompressed)"
+			}
+			fmt.Fprintf(b, "| %d%s | **not measured:** %s ||||||||||||\n", x.n, raw, mdEscape(x.err.Error()))
+			continue
+		}
+		if x.raw {
+			rawRow = x
+			continue
+		}
+		if x.n == 1000 {
+			s2Row = x
+		}
+		dn := int(x.res.pages.median())
+		floor := memcpyFloor(dn, 50)
+		p99 := x.res.pause.quantile(0.99)
+		ok := "n/a"
+		if x.n <= 1000 {
+			ok = "yes"
+			if p99 > 1e6 {
+				ok = "**no**"
+			}
+		}
+		fmt.Fprintf(b, "| %d | %s | %s | %s | %s | %s | %s | %s | %.0f | %s | %s | %d | %s |\n", x.n, fmtNum(x.res.pages.median()),
+			fmtNsDur(x.res.pause.median()), fmtNsDur(p99), fmtNsDur(x.res.meanPause), fmtNsDur(x.res.vmP50), fmtNsDur(x.res.vmP99),
+			fmtNsDur(floor), x.res.cps, fmtBytes(x.res.bytesPerCP), fmtNum(x.res.stalls), x.res.resyncs, ok)
+		if x.n == 1000 {
+			r.summarize("Remus checkpoint pause at ~%d dirty pages per 25 ms epoch: p50 %s, p99 %s (target p99 ≤ 1 ms; memcpy floor %s).",
+				dn, fmtNsDur(x.res.pause.median()), fmtNsDur(p99), fmtNsDur(floor))
+		}
+	}
+	b.WriteString("\nSamples per row (of which the count had advanced by exactly one):")
+	for i, x := range rows {
+		if i > 0 {
+			b.WriteString(";")
+		}
+		raw := ""
+		if x.raw {
+			raw = " --uncompressed"
+		}
+		fmt.Fprintf(b, " N = %d%s: %d (%d)", x.n, raw, len(x.res.pause), x.res.whole)
+	}
+	b.WriteString(".\n\n")
+	for _, x := range []*row{s2Row, rawRow} {
+		if x != nil {
+			r.comp = append(r.comp, compRow{workload: "dirtier, N = 1000, fixed 25 ms", raw: x.raw, bytes: x.res.bytesPerCP,
+				cps: x.res.cps, pages: x.res.pages.median(), pause: x.res.meanPause, tput: "—"})
+		}
+	}
+	return nil
+}
+
+func (r *remusEnv) dirtyRun(ctx context.Context, wasm string, n, rounds int, epoch time.Duration, raw bool) (remusDirtyRun, error) {
+	var out remusDirtyRun
+	bk, err := r.startBackup(ctx, r.s.timeout)
+	if err != nil {
+		return out, err
+	}
+	defer bk.stop()
+	args := protectArgs(bk, r.s.timeout, epoch, "fixed", raw)
+	per := max(1, n/rounds)
+	args = append(args, wasm, strconv.Itoa(r.s.dirtyMiB), strconv.Itoa(per), "0", "5000")
+	p, err := r.startPrimary(ctx, args...)
+	if err != nil {
+		return out, err
+	}
+	defer p.stop()
+	if err := waitProtected(p, 30*time.Second); err != nil {
+		return out, err
+	}
+	time.Sleep(200 * time.Millisecond) // past the first incremental checkpoints
+	st0, err := primaryStatus(p.sock)
+	if err != nil {
+		return out, err
+	}
+	ps0, err := vmPauses(p.sock)
+	if err != nil {
+		return out, err
+	}
+	t0 := time.Now()
+	prev := st0.Checkpoints
+	polls, failed := 0, 0
+	var lastErr error
+	for time.Since(t0) < r.s.dirtyFor {
+		time.Sleep(5 * time.Millisecond)
+		polls++
+		st, err := primaryStatus(p.sock)
+		if err != nil {
+			failed++
+			lastErr = err
+			continue
+		}
+		if st.Checkpoints != prev {
+			out.pause = append(out.pause, st.LastPauseUS*1000)
+			out.pages = append(out.pages, float64(st.LastDirtyPages))
+			if st.Checkpoints == prev+1 {
+				out.whole++
+			}
+		}
+		prev = st.Checkpoints
+	}
+	st1, err := primaryStatus(p.sock)
+	if err != nil {
+		return out, err
+	}
+	ps1, err := vmPauses(p.sock)
+	if err != nil {
+		return out, err
+	}
+	el := time.Since(t0).Seconds()
+	if st1.State != "protected" {
+		return out, fmt.Errorf("the primary is no longer protected: %q %s", st1.State, st1.Reason)
+	}
+	if len(out.pause) == 0 {
+		return out, fmt.Errorf("no checkpoint seen: %d polls, %d failed (%v), checkpoints %d → %d in %.1f s",
+			polls, failed, lastErr, st0.Checkpoints, st1.Checkpoints, el)
+	}
+	nc := float64(st1.Checkpoints - st0.Checkpoints)
+	out.cps = nc / el
+	if nc > 0 {
+		out.bytesPerCP = float64(st1.BytesSent-st0.BytesSent) / nc
+	}
+	if dn := ps1.Count - ps0.Count; dn > 0 {
+		out.meanPause = float64((ps1.Total - ps0.Total).Nanoseconds()) / float64(dn)
+	}
+	out.vmP50, out.vmP99 = float64(ps1.P50.Nanoseconds()), float64(ps1.P99.Nanoseconds())
+	out.stalls = float64(st1.Stalls - st0.Stalls)
+	out.resyncs = st1.FullCheckpoints - st0.FullCheckpoints
+	return out, nil
+}
+
+// remusCompression writes (e) from the rows the KV and dirtier steps left.
+func remusCompression(ctx context.Context, r *remusEnv, b *strings.Builder) error {
+	fmt.Fprintf(b, "### (e) Bytes replicated per checkpoint, with and without compression\n\n")
+	if !r.raw {
+		return errors.New("this `ftvm run` has no --uncompressed flag (remus.PrimaryConfig.Uncompressed is not exposed)")
+	}
+	if len(r.comp) == 0 {
+		return errors.New("no measurement to report (see (b) and (d))")
+	}
+	b.WriteString("Pages travel S2-compressed by default; `ftvm run --protect ... --uncompressed` sends them raw. Rows from " +
+		"the runs of (b) (KV guest under the throughput load, fixed policy at 25 ms, same starts and rounds) and of (d) " +
+		"(dirtier, N = 1000). **Bytes/checkpoint** = the change of the primary's `bytes_replicated` (checkpoint framing " +
+		"included) ÷ checkpoints taken over the run. The dirtier writes one random byte per page into otherwise " +
+		"constant pages, so it compresses far better than real data: the KV rows are the realistic figure. Where the raw " +
+		"stream cannot keep up, epochs stretch under back-pressure (`--max-inflight`) and checkpoints grow.\n\n")
+	b.WriteString("| workload | pages | bytes/checkpoint | ÷ compressed | checkpoints/s | replicated/s | dirty pages/checkpoint (median) | mean pause | guest throughput |\n")
+	b.WriteString("|---|---|---:|---:|---:|---:|---:|---:|---:|\n")
+	base := map[string]float64{}
+	for _, c := range r.comp {
+		if !c.raw {
+			base[c.workload] = c.bytes
+		}
+	}
+	for _, c := range r.comp {
+		how := "S2 (default)"
+		if c.raw {
+			how = "`--uncompressed`"
+		}
+		fmt.Fprintf(b, "| %s | %s | %s | %s | %.0f | %s/s | %s | %s | %s |\n", c.workload, how, fmtBytes(c.bytes),
+			fmtRatio(c.bytes, base[c.workload]), c.cps, fmtBytes(c.bytes*c.cps), fmtNum(c.pages), fmtNsDur(c.pause), c.tput)
+		if c.raw && strings.HasPrefix(c.workload, "KV") {
+			r.summarize("Remus, bytes per checkpoint (KV guest under load, fixed 25 ms): %s compressed vs %s with --uncompressed (S2 sends %s fewer bytes).",
+				fmtBytes(base[c.workload]), fmtBytes(c.bytes), fmtRatio(c.bytes, base[c.workload]))
+		}
+	}
+	b.WriteString("\n")
+	return nil
+}
+
+// --- (f) failover -------------------------------------------------------------
+
+type remusFailRun struct {
+	detect    float64 // seconds from kill -9 until the backup's status says failed-over
+	connect   float64 // seconds from kill -9 to the first connection accepted
+	total     float64 // seconds from kill -9 to the first good reply
+	backupMS  float64 // the backup's own failover_ms
+	probes    int
+	committed uint64
+}
+
+func remusFailover(ctx context.Context, r *remusEnv, b *strings.Builder) error {
+	wasm := filepath.Join(r.work, "kvserver.wasm")
+	if _, err := os.Stat(wasm); err != nil {
+		p, err := guest.Go("testdata/guests/kvserver")
+		if err != nil {
+			return err
+		}
+		if err := copyFile(p, wasm); err != nil {
+			return err
+		}
+	}
+	res := map[time.Duration][]remusFailRun{}
+	for run := 0; run < r.s.failRuns; run++ {
+		for i := range r.s.failTimeouts {
+			to := r.s.failTimeouts[(i+run)%len(r.s.failTimeouts)]
+			r.logf("remus: failover run %d/%d, timeout %s", run+1, r.s.failRuns, to)
+			x, err := r.failoverRun(ctx, wasm, to)
+			if err != nil {
+				return fmt.Errorf("timeout %s: %w", to, err)
+			}
+			res[to] = append(res[to], x)
+		}
+	}
+	fmt.Fprintf(b, "### (f) Failover: kill -9 of the primary to the first good reply\n\n")
+	fmt.Fprintf(b, "`ftvm backup --listen 127.0.0.1:R --timeout T --api-sock B.sock ...` and `ftvm run --protect 127.0.0.1:R "+
+		"--timeout T --listen 127.0.0.1:PORT kvserver.wasm` (default epoch 25 ms, output policy). Once the primary is "+
+		"protected, the backup has compiled the module (`program_ready`) and a client has done a few requests, the "+
+		"primary gets SIGKILL; from that instant a client dials 127.0.0.1:PORT and sends `GET`, retrying every "+
+		"millisecond, until a reply arrives (the backup binds the same address), while another polls the backup's "+
+		"`GET /status` every 2 ms for the slot's state to become failed-over. **Backup's failover_ms** is its own "+
+		"figure from `GET /status`: from deciding the primary failed to the VM resumed (detection not included). "+
+		"%d run(s) per timeout, interleaved.\n\n", r.s.failRuns)
+	b.WriteString("| timeout T | kill → first reply p50 | max | T + 50 ms (target) | met | kill → backup status failed-over p50 | kill → first connection accepted p50 | backup's failover_ms p50 | committed checkpoint at failover |\n")
+	b.WriteString("|---:|---:|---:|---:|---|---:|---:|---:|---:|\n")
+	for _, to := range r.s.failTimeouts {
+		xs := res[to]
+		tot := sampleOf(xs, func(x remusFailRun) float64 { return x.total })
+		bms := sampleOf(xs, func(x remusFailRun) float64 { return x.backupMS })
+		cm := sampleOf(xs, func(x remusFailRun) float64 { return float64(x.committed) })
+		target := (to + 50*time.Millisecond).Seconds()
+		met := "yes"
+		if tot.max() > target {
+			met = "**no**"
+			if tot.median() <= target {
+				met = "p50 yes, max **no**"
+			}
+		}
+		det := sampleOf(xs, func(x remusFailRun) float64 { return x.detect })
+		con := sampleOf(xs, func(x remusFailRun) float64 { return x.connect })
+		fmt.Fprintf(b, "| %s | %s | %s | %s | %s | %s | %s | %.1f ms | %s |\n", to, fmtSeconds(tot.median()), fmtSeconds(tot.max()),
+			fmtSeconds(target), met, fmtSeconds(det.median()), fmtSeconds(con.median()), bms.median(), fmtNum(cm.median()))
+		r.summarize("Remus failover with --timeout %s: kill -9 of the primary to the first good reply p50 %s, max %s over %d runs "+
+			"(target ≤ timeout + 50 ms = %s); the backup's own failover_ms p50 %.1f ms.", to, fmtSeconds(tot.median()),
+			fmtSeconds(tot.max()), len(xs), fmtSeconds(target), bms.median())
+	}
+	b.WriteString("\n")
+	return nil
+}
+
+func (r *remusEnv) failoverRun(ctx context.Context, wasm string, to time.Duration) (remusFailRun, error) {
+	var out remusFailRun
+	addr, err := freeAddr()
+	if err != nil {
+		return out, err
+	}
+	bk, err := r.startBackup(ctx, to)
+	if err != nil {
+		return out, err
+	}
+	defer bk.stop()
+	p, err := r.startPrimary(ctx, "--protect", bk.addr, "--timeout", to.String(), "--listen", addr, wasm)
+	if err != nil {
+		return out, err
+	}
+	defer p.stop()
+	if err := waitReady(ctx, addr, p.child, 120*time.Second); err != nil {
+		return out, fmt.Errorf("%w; its output: %s", err, logTail(p.child))
+	}
+	if err := waitProtected(p, 60*time.Second); err != nil {
+		return out, err
+	}
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		st, err := backupStatus(bk.sock)
+		if err == nil && len(st.Slots) == 1 && st.Slots[0].ProgramReady {
+			break
+		}
+		if time.Now().After(deadline) {
+			return out, fmt.Errorf("the backup never reported program_ready: %+v", st)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if err := populate(addr, 100); err != nil {
+		return out, err
+	}
+	time.Sleep(100 * time.Millisecond)
+
+	t0 := time.Now()
+	p.kill()
+	detected := make(chan float64, 1)
+	stopPoll := make(chan struct{})
+	go func() { // when does the backup's status say it failed over?
+		defer close(detected)
+		for {
+			select {
+			case <-stopPoll:
+				return
+			case <-time.After(2 * time.Millisecond):
+			}
+			if st, err := backupStatus(bk.sock); err == nil && len(st.Slots) == 1 && st.Slots[0].State == "failed-over" {
+				detected <- time.Since(t0).Seconds()
+				return
+			}
+		}
+	}()
+	defer close(stopPoll)
+	limit := t0.Add(to + 20*time.Second)
+	for {
+		out.probes++
+		connected, ok := kvProbe(addr, time.Until(limit))
+		if connected && out.connect == 0 {
+			out.connect = time.Since(t0).Seconds()
+		}
+		if ok {
+			out.total = time.Since(t0).Seconds()
+			break
+		}
+		if time.Now().After(limit) {
+			return out, fmt.Errorf("no reply from %s %s after the kill; backup: %s", addr, time.Since(t0), logTail(bk.child))
+		}
+		time.Sleep(time.Millisecond)
+	}
+	st, err := backupStatus(bk.sock)
+	if err != nil || len(st.Slots) != 1 {
+		return out, fmt.Errorf("backup status after failover: %+v %v", st, err)
+	}
+	out.backupMS, out.committed = st.Slots[0].FailoverMS, st.Slots[0].Committed
+	select {
+	case d, ok := <-detected:
+		if ok {
+			out.detect = d
+		}
+	case <-time.After(time.Second):
+	}
+	if out.detect == 0 {
+		out.detect = math.NaN()
+	}
+	return out, nil
+}
+
+// kvProbe dials addr and does one GET; it reports whether a valid reply
+// came back. A connection accepted by the kernel is given until limit to
+// answer: the reply comes once the resumed guest serves it.
+func kvProbe(addr string, limit time.Duration) (connected, ok bool) {
+	c, err := net.DialTimeout("tcp", addr, 100*time.Millisecond)
+	if err != nil {
+		return false, false
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(limit))
+	if _, err := c.Write([]byte("GET k1\n")); err != nil {
+		return true, false
+	}
+	line, err := bufio.NewReader(c).ReadString('\n')
+	return true, err == nil && okReply([]byte(line))
+}
