@@ -22,6 +22,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -98,15 +99,54 @@ func jsonString(v any) string {
 	return string(b)
 }
 
-// killProc kills p with SIGKILL and waits for it; it returns the moment
-// the process was gone.
+// showLogs logs the processes' output when FTVM_CHAOS_LOGS is set (it
+// is logged anyway when the test fails).
+func showLogs(t *testing.T, procs map[string]*proc) {
+	t.Helper()
+	if os.Getenv("FTVM_CHAOS_LOGS") == "" || t.Failed() {
+		return
+	}
+	for name, p := range procs {
+		t.Logf("%s output:\n%s", name, p.out.String())
+	}
+}
+
+// failoverDetail is the timing a backup logged for its failover (the
+// fields after "setup=" of its FAILOVER line), or "".
+func failoverDetail(p *proc) string {
+	m := regexp.MustCompile(`FAILOVER.* (setup=.*)`).FindStringSubmatch(p.out.String())
+	if m == nil {
+		return ""
+	}
+	return ": " + m[1]
+}
+
+// failoverSlack is how much longer than --timeout a client may have to
+// wait, after a kill -9 of the primary, for the backup to answer.
+// Resuming a committed checkpoint takes milliseconds (the backup's
+// failover_ms), so 5 s leaves room for a loaded 2-core machine while it
+// catches a failover whose time grows with the load that preceded it.
+const failoverSlack = 5 * time.Second
+
+// checkFailoverTime fails the test when the backup took too long to serve.
+func checkFailoverTime(t *testing.T, took, timeout time.Duration, backup *proc) {
+	t.Helper()
+	if took > timeout+failoverSlack {
+		t.Errorf("the backup served %v after the primary was killed (--timeout %v)%s", took.Round(time.Millisecond),
+			timeout, failoverDetail(backup))
+	}
+}
+
+// killProc kills p with SIGKILL and waits for it to be gone; it returns
+// the moment just before the signal was sent.
 func killProc(t *testing.T, p *proc) time.Time {
 	t.Helper()
+	at := time.Now()
 	if err := p.cmd.Process.Kill(); err != nil {
 		t.Fatalf("kill -9 %d: %v", p.cmd.Process.Pid, err)
 	}
 	<-p.done
-	return time.Now()
+	return at
 }
 
 // checkAfterFailover adds a final read of every key to the history, checks
@@ -170,8 +210,7 @@ func TestRemusNetnsFailover(t *testing.T) {
 	waitSocket(t, backup, bSock)
 	primary := startNSProc(t, ph, bin, "run", "--protect", bh.Addr(replPort), "--timeout", "500ms",
 		"--api-sock", pSock, "--listen", fmt.Sprintf("3=0.0.0.0:%d", kvPort), "--log-level", "info", wasm, "--fd", "3")
-	var r remusPair // for waitState
-	r.waitState(t, pSock, "protected", time.Minute)
+	waitState(t, pSock, "protected", time.Minute)
 	if !kvAnswers(ch.DialContext, ph.Addr(kvPort), 5*time.Second) {
 		t.Fatalf("the primary does not answer at %s from the client host\n%s", ph.Addr(kvPort), primary.out.String())
 	}
@@ -199,8 +238,9 @@ func TestRemusNetnsFailover(t *testing.T) {
 	t.Logf("killed the primary (pid %d) %v after the workload started; its status just before: state %v, epoch %v, acked %v, lag %v, in flight %v",
 		primary.cmd.Process.Pid, killed.Sub(start).Round(time.Millisecond), before["state"], before["epoch"], before["acked"],
 		before["lag_epochs"], before["inflight"])
-	waitAnswers(t, ch.DialContext, bh.Addr(kvPort), 15*time.Second)
+	waitAnswers(t, ch.DialContext, bh.Addr(kvPort), 30*time.Second)
 	failover := time.Since(killed)
+	checkFailoverTime(t, failover, 500*time.Millisecond, backup)
 	time.Sleep(time.Second) // the clients work on against the backup
 	stop()
 	h := <-hist
@@ -218,8 +258,8 @@ func TestRemusNetnsFailover(t *testing.T) {
 	}
 	clientOutage, _ := firstOKAfter(h, killAt)
 	bst := backupSlot(t, bSock)
-	t.Logf("failover: kill -> first answer from the backup host %v (first workload answer %v); backup: %v ms to resume, state %v",
-		failover.Round(time.Millisecond), clientOutage.Round(time.Millisecond), bst["failover_ms"], bst["state"])
+	t.Logf("failover: kill -> first answer from the backup host %v (first workload answer %v); backup: %v ms to resume%s, state %v",
+		failover.Round(time.Millisecond), clientOutage.Round(time.Millisecond), bst["failover_ms"], failoverDetail(backup), bst["state"])
 	t.Logf("history: %v; %d writes acknowledged before the kill, %d answers after", c, ackedBefore, okAfter)
 	if ackedBefore < 50 {
 		t.Errorf("only %d writes acknowledged before the kill: the test did not exercise the replication", ackedBefore)
@@ -231,6 +271,7 @@ func TestRemusNetnsFailover(t *testing.T) {
 		t.Errorf("backup slot after the failover: %s", jsonString(bst))
 	}
 	checkAfterFailover(t, w, h)
+	showLogs(t, map[string]*proc{"primary": primary, "backup": backup})
 }
 
 // startNSProc is startProc for a program in a test host's namespace.
@@ -307,12 +348,14 @@ func launchRemus(t *testing.T, timeout string, protect func(repl string) string,
 // inside a pause or a checkpoint stream most of the time.
 //
 // How we know kills landed mid-stream: the primary's status is read
-// immediately (a few ms at most) before each kill. lag_epochs > 0 means
-// checkpoints were taken and not yet acknowledged, i.e. in the stream or
-// being applied by the backup at that moment; state syncing/connecting
-// means the full checkpoint had not been acknowledged yet. The test logs
-// the status per kill and requires that at least one kill of the run
-// landed mid-stream (lag > 0).
+// immediately before each kill (the kill follows the reply at once; a
+// status round trip takes about a millisecond), and for up to 100 ms
+// after the chosen moment the kill waits for a status showing
+// lag_epochs > 0: checkpoints taken and not yet acknowledged, i.e. being
+// streamed or applied by the backup at that moment. State syncing means
+// the full checkpoint had not been acknowledged yet. The test logs the
+// status per kill, counts both kinds, and requires that at least one kill
+// of the run landed mid-stream (in practice all of them do).
 //
 // Each kill must leave a linearizable history with every acknowledged
 // write on the backup. A kill before the backup committed anything leaves
@@ -333,16 +376,21 @@ func TestRemusKillAtRandomMoments(t *testing.T) {
 		runs = v
 	}
 	instrumented(t, guest.MustGo(t, "testdata/guests/kvserver"))
-	// One delay per slice of [50ms, 2s), so early and late kills are both
-	// there whatever the seed; the epoch policy alternates from a random
-	// start.
-	const lo, hi = 50 * time.Millisecond, 2 * time.Second
-	span := (hi - lo) / time.Duration(runs)
+	// The first kill comes 50-150 ms after the start, when the primary
+	// has about finished its first (full) checkpoint (~100 ms here); the
+	// others one per slice of [150ms, 2s), so early and late kills are
+	// both there whatever the seed. The epoch policy alternates from a
+	// random start.
+	const lo, hi = 150 * time.Millisecond, 2 * time.Second
+	span := (hi - lo) / time.Duration(max(runs-1, 1))
 	fixedFirst := rng.IntN(2)
-	midStream, beforeCommit := 0, 0
+	midStream, syncing, beforeCommit := 0, 0, 0
 	var failovers []string
 	for i := 0; i < runs; i++ {
-		delay := lo + time.Duration(i)*span + time.Duration(rng.Int64N(int64(span)))
+		delay := lo + time.Duration(i-1)*span + time.Duration(rng.Int64N(int64(span)))
+		if i == 0 {
+			delay = 50*time.Millisecond + time.Duration(rng.Int64N(int64(100*time.Millisecond)))
+		}
 		fixed := i%2 == fixedFirst
 		name := fmt.Sprintf("%d-kill-at-%v", i, delay.Round(time.Millisecond))
 		if fixed {
@@ -364,7 +412,16 @@ func TestRemusKillAtRandomMoments(t *testing.T) {
 			start := time.Now()
 			go func() { hist <- w.Run(ctx) }()
 			time.Sleep(time.Until(start.Add(delay)))
-			before := status(t, r.pSock)
+			// Aim: for up to 100 ms, kill as soon as the status shows a
+			// checkpoint taken and not acknowledged (or protection not
+			// yet reached); the kill follows the status reply at once.
+			var before map[string]any
+			for aim := time.Now(); ; {
+				before = status(t, r.pSock)
+				if num(before, "lag_epochs") > 0 || before["state"] != "protected" || time.Since(aim) > 100*time.Millisecond {
+					break
+				}
+			}
 			killed := killProc(t, r.primary)
 			lag := num(before, "lag_epochs")
 			t.Logf("killed %v after the start: state %v, checkpoints %v (full %v), epoch %v, acked %v, lag %v, in flight %v, held %v bytes",
@@ -373,6 +430,10 @@ func TestRemusKillAtRandomMoments(t *testing.T) {
 			if lag > 0 {
 				midStream++
 			}
+			if before["state"] != "protected" {
+				syncing++
+			}
+			persistedAtKill := backupSlot(t, r.bSock)["persisted"]
 			// The backup fails over (something committed) or goes idle.
 			var slot map[string]any
 			deadline := time.Now().Add(10 * time.Second)
@@ -401,20 +462,24 @@ func TestRemusKillAtRandomMoments(t *testing.T) {
 				}
 				return
 			}
-			waitServing(t, r.kvAddr, 15*time.Second)
+			waitServing(t, r.kvAddr, 30*time.Second)
 			failover := time.Since(killed)
+			checkFailoverTime(t, failover, 300*time.Millisecond, r.backup)
+			slot = backupSlot(t, r.bSock)
 			time.Sleep(500 * time.Millisecond)
 			stop()
 			h := <-hist
 			outage, _ := firstOKAfter(h, killed.Sub(h.Start))
-			t.Logf("failover: the backup serves %v after the kill (first workload answer after %v; resume took %v ms; committed %v); %v",
-				failover.Round(time.Millisecond), outage.Round(time.Millisecond), slot["failover_ms"], slot["committed"], h.Counts())
+			t.Logf("failover: the backup serves %v after the kill (first workload answer after %v; resume took %v ms%s; committed %v, on disk before %v); %v",
+				failover.Round(time.Millisecond), outage.Round(time.Millisecond), slot["failover_ms"], failoverDetail(r.backup),
+				slot["committed"], persistedAtKill, h.Counts())
 			failovers = append(failovers, failover.Round(time.Millisecond).String())
 			checkAfterFailover(t, w, h)
+			showLogs(t, map[string]*proc{"primary": r.primary, "backup": r.backup})
 		})
 	}
-	t.Logf("%d kills: %d with checkpoints unacknowledged (lag > 0) just before, %d before the first commit; failover times %v",
-		runs, midStream, beforeCommit, failovers)
+	t.Logf("%d kills: %d with checkpoints unacknowledged (lag > 0) just before, %d before protection (full checkpoint unacknowledged), %d before the backup's first commit; failover times %v",
+		runs, midStream, syncing, beforeCommit, failovers)
 	if runs >= 4 && midStream == 0 {
 		t.Errorf("no kill landed while checkpoints were in flight: the test did not test that")
 	}
@@ -473,8 +538,9 @@ func TestRemusBackupRestart(t *testing.T) {
 	time.Sleep(time.Second) // protected again, serving
 
 	pKilled := killProc(t, r.primary)
-	waitServing(t, r.kvAddr, 15*time.Second)
+	waitServing(t, r.kvAddr, 30*time.Second)
 	failover := time.Since(pKilled)
+	checkFailoverTime(t, failover, timeout, r.backup)
 	time.Sleep(500 * time.Millisecond)
 	stop()
 	h := <-hist
@@ -493,15 +559,25 @@ func TestRemusBackupRestart(t *testing.T) {
 		{"protected again", rel(protAt), rel(pKilled)},
 	}
 	acked := make([]int, len(phases))
-	worst := make([]time.Duration, len(phases))
+	worst := make([]kvcheck.Op, len(phases))
+	// Before the primary's death nothing may fail: a backup's outage is
+	// the primary's business, not its clients'. Each client's last request
+	// before the kill may have been in flight when the primary died: its
+	// outcome is unknown, with the connection broken (not a timeout).
+	last := map[int]kvcheck.Op{}
+	for _, op := range h.Ops() {
+		if op.Call < rel(pKilled) && op.Call >= last[op.Client].Call {
+			last[op.Client] = op
+		}
+	}
 	for _, op := range h.Ops() {
 		if op.Call >= rel(pKilled) {
 			continue
 		}
 		if op.Outcome != kvcheck.OK {
-			// Before the primary's death nothing may fail: a backup's
-			// outage is the primary's business, not its clients'.
-			t.Errorf("before the primary was killed, a client saw %v", op)
+			if op != last[op.Client] || op.Outcome != kvcheck.Unknown || strings.Contains(op.Err, "timeout") {
+				t.Errorf("before the primary was killed, a client saw %v", op)
+			}
 			continue
 		}
 		for i, p := range phases {
@@ -509,18 +585,22 @@ func TestRemusBackupRestart(t *testing.T) {
 				if op.Kind != kvcheck.Get {
 					acked[i]++
 				}
-				worst[i] = max(worst[i], op.Return-op.Call)
+				if op.Return-op.Call > worst[i].Return-worst[i].Call {
+					worst[i] = op
+				}
 			}
 		}
 	}
 	for i, p := range phases {
-		t.Logf("%-30s %6v: %5d writes acknowledged, slowest answer %v", p.name, (p.to - p.from).Round(time.Millisecond), acked[i], worst[i].Round(time.Millisecond))
+		t.Logf("%-30s %6v: %5d writes acknowledged, slowest answer %v (%v)", p.name, (p.to - p.from).Round(time.Millisecond),
+			acked[i], (worst[i].Return - worst[i].Call).Round(time.Millisecond), worst[i])
 	}
 	if acked[0] == 0 || acked[2] == 0 || acked[4] == 0 {
 		t.Errorf("writes acknowledged by phase %v: the primary must acknowledge writes in every phase", acked)
 	}
-	t.Logf("failover after the restart: the backup serves %v after the kill; %v", failover.Round(time.Millisecond), h.Counts())
+	t.Logf("failover after the restart: the backup serves %v after the kill%s; %v", failover.Round(time.Millisecond), failoverDetail(r.backup), h.Counts())
 	checkAfterFailover(t, w, h)
+	showLogs(t, map[string]*proc{"primary": r.primary, "backup (restarted)": r.backup})
 }
 
 // freezeProxy forwards TCP connections to a target and can hold back
@@ -880,6 +960,41 @@ func TestRemusOutputCommit(t *testing.T) {
 		}
 		if !kvAnswers(nil, r.kvAddr, 2*time.Second) {
 			t.Errorf("the primary does not answer after protection resumed")
+		}
+	})
+	t.Run("freeze-2.5x-timeout", func(t *testing.T) {
+		// A one-way fault: the backup hears the primary throughout (its
+		// checkpoints, then a Hello each time it redials), only its own
+		// messages are lost. It must not take over a primary it hears,
+		// and protection must resume once the fault heals.
+		if os.Getenv("FTVM_CHAOS_KNOWN_BUGS") == "" {
+			t.Skip("known bug: the backup fails over while its primary is alive (split brain) when acks are lost for about 2 x --timeout; FTVM_CHAOS_KNOWN_BUGS=1 runs it")
+		}
+		const timeout = time.Second
+		var px *freezeProxy
+		r := launchRemus(t, timeout.String(), func(repl string) string { px = newFreezeProxy(t, repl); return px.addr() })
+		waitState(t, r.pSock, "protected", time.Minute)
+		at := px.freeze()
+		for time.Since(at) < 5*timeout/2 {
+			if slot := backupSlot(t, r.bSock); slot["state"] == "failed-over" {
+				t.Errorf("%v into a one-way loss of acks, the backup failed over although its primary is alive: %s; primary: %s",
+					time.Since(at).Round(time.Millisecond), jsonString(slot), jsonString(status(t, r.pSock)))
+				break
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		thawed := px.thaw()
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			st := status(t, r.pSock)
+			if st["state"] == "protected" {
+				t.Logf("protected again %v after the thaw", time.Since(thawed).Round(time.Millisecond))
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("protection did not resume after the thaw: primary %s; backup %s", jsonString(st), jsonString(backupSlot(t, r.bSock)))
+			}
+			time.Sleep(20 * time.Millisecond)
 		}
 	})
 }
