@@ -47,6 +47,9 @@ type Config struct {
 	CacheDir string
 	Tap      wasi.InputTap
 	Gate     wasi.OutputGate
+	// OnIdle is called when the guest is about to sleep in a blocking
+	// call (see wasi.Config.OnIdle).
+	OnIdle func()
 	// Instrument applies Asyncify (machine/instrument) so that the VM can be
 	// paused, captured and restored at any host call. InstrumentCacheDir
 	// keeps instrumented modules ("" = instrument.DefaultCacheDir()).
@@ -281,7 +284,7 @@ func New(ctx context.Context, cfg Config) (*Machine, error) {
 	var err error
 	args := append([]string{cfg.Name}, cfg.Args...)
 	dcfg := wasi.Config{Args: args, Env: cfg.Env, Preopens: cfg.Dirs, Listen: cfg.Listen,
-		Stdin: cfg.Stdin, Stdout: cfg.Stdout, Stderr: cfg.Stderr, Tap: cfg.Tap, Gate: cfg.Gate}
+		Stdin: cfg.Stdin, Stdout: cfg.Stdout, Stderr: cfg.Stderr, Tap: cfg.Tap, Gate: cfg.Gate, OnIdle: cfg.OnIdle}
 	if m.inst != nil {
 		dcfg.SafePoint = m.safePoint
 	}

@@ -2,7 +2,6 @@ package remus
 
 import (
 	"bytes"
-	"encoding/json"
 	"fmt"
 	"io/fs"
 	"os"
@@ -12,6 +11,7 @@ import (
 	"github.com/ftvm/ftvm/machine"
 	"github.com/ftvm/ftvm/remus/wire"
 	"github.com/ftvm/ftvm/snapshot"
+	"github.com/ftvm/ftvm/wasi"
 )
 
 // checkpoint is one epoch's state, staged while the guest was paused: the
@@ -28,6 +28,7 @@ type checkpoint struct {
 	pause   time.Duration // how long the capture kept the guest stopped
 	dirty   int           // pages in the checkpoint
 	started time.Time     // when the pause began (for the epoch's age)
+	devices *wasi.State   // marshalled into snap.Devices when encoded
 }
 
 // captureCheckpoint runs while the guest is paused. It copies only what
@@ -49,16 +50,13 @@ func captureCheckpoint(p *machine.Paused, seq uint64, full bool, st *snapshot.St
 	if err != nil {
 		return nil, dirtyPages, err
 	}
+	// The device state is a copy; it is turned into JSON after the pause.
 	devState := p.Devices()
-	devs, err := json.Marshal(devState)
-	if err != nil {
-		return nil, dirtyPages, fmt.Errorf("device state: %w", err)
-	}
 	addr, blob := p.Stack()
 	s := &snapshot.Snapshot{Kind: snapshot.Incremental, Module: p.ModuleHash(), Seq: seq, MemorySize: uint64(len(mem)),
-		Pages: pages, Globals: p.Globals(), StackAddr: addr, Stack: bytes.Clone(blob), Devices: devs,
+		Pages: pages, Globals: p.Globals(), StackAddr: addr, Stack: bytes.Clone(blob),
 		Meta: snapshot.Meta{Created: t0.UTC(), Version: machine.Version, Reason: fmt.Sprintf("remus epoch %d", seq)}}
-	cp := &checkpoint{seq: seq, full: full, snap: s, stager: st, dirty: len(pages), started: t0}
+	cp := &checkpoint{seq: seq, full: full, snap: s, stager: st, dirty: len(pages), started: t0, devices: devState}
 	if full {
 		s.Kind = snapshot.Full
 		s.ModuleCode, s.ModuleName = module, name

@@ -91,6 +91,13 @@ func (g *holdGate) Output(e wasi.Effect, perform wasi.Perform) (uint32, wasi.Err
 	return uint32(len(data)), wasi.ESUCCESS
 }
 
+// outputWaiting says output of the running epoch is held.
+func (g *holdGate) outputWaiting() bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.waiting
+}
+
 // journal records a performed filesystem mutation for the backup. A write
 // records what was actually written.
 func (g *holdGate) journal(e wasi.Effect, n uint32) {

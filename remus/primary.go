@@ -15,6 +15,7 @@ import (
 	"crypto/rand"
 	"crypto/tls"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"hash/crc32"
@@ -141,6 +142,14 @@ func NewPrimary(cfg PrimaryConfig) (*Primary, error) {
 
 // Gate is the output gate the machine must use.
 func (p *Primary) Gate() wasi.OutputGate { return p.gate }
+
+// OnIdle goes into the machine's Config (OnIdle): when the guest goes to
+// sleep with output of this epoch held, the epoch ends at once.
+func (p *Primary) OnIdle() {
+	if p.gate.outputWaiting() {
+		p.event(engine.GuestIdle{Now: p.now()})
+	}
+}
 
 func (p *Primary) now() engine.Time { return time.Since(p.t0) }
 
@@ -350,7 +359,8 @@ func (p *Primary) Finish(code uint32) {
 	var st PrimaryStatus
 	for time.Now().Before(deadline) {
 		st = p.Status()
-		if st.State == engine.Unprotected.String() || st.State == "" || st.Acked+1 >= st.Epoch {
+		if st.State == engine.Unprotected.String() || st.State == "" ||
+			(st.State == engine.Protected.String() && st.Acked+1 >= st.Epoch) {
 			break
 		}
 		time.Sleep(time.Millisecond)
@@ -358,7 +368,9 @@ func (p *Primary) Finish(code uint32) {
 	p.mu.Lock()
 	s := p.sess
 	p.mu.Unlock()
-	if s != nil && st.State == engine.Protected.String() {
+	// Any backup that follows this VM, even one still syncing, must hear
+	// that it ended, or it would resume an older checkpoint later.
+	if s != nil && st.State != engine.Unprotected.String() {
 		done := make(chan struct{})
 		s.exitDone = done
 		select {
@@ -506,7 +518,26 @@ func (p *Primary) connect(ctx context.Context) (*session, error) {
 		c.Close()
 		return nil, err
 	}
+	// While the answer is on its way, keep the backup hearing from us: a
+	// backup that accepted the session but whose Welcome is delayed must
+	// not take the silence for a dead primary.
+	keep := make(chan struct{})
+	go func() {
+		t := time.NewTicker(p.cfg.Engine.HeartbeatInterval)
+		defer t.Stop()
+		for {
+			select {
+			case <-t.C:
+				if wire.SendFlush(c, &wire.Heartbeat{}) != nil {
+					return
+				}
+			case <-keep:
+				return
+			}
+		}
+	}()
 	msg, err := wire.Recv(c)
+	close(keep)
 	if err != nil {
 		c.Close()
 		return nil, fmt.Errorf("handshake: %w", err)
@@ -604,31 +635,42 @@ func (s *session) sender(p *Primary) {
 // chunk is the size of the pieces a checkpoint's snapshot is sent in.
 const chunk = 1 << 20
 
+// stream encodes checkpoint cp straight onto the connection in chunks, so
+// that a large (full) checkpoint is on the wire while it is still being
+// encoded: the backup hears from the primary all along, and nothing waits
+// for the whole encoding.
 func (s *session) stream(p *Primary, cp *checkpoint, buf *bytes.Buffer) error {
 	snap := cp.snap
+	if snap.Devices == nil {
+		devs, err := json.Marshal(cp.devices)
+		if err != nil {
+			return fmt.Errorf("device state: %w", err)
+		}
+		snap.Devices = devs
+	}
 	if !cp.full {
 		if s.lastID.IsZero() {
 			return errors.New("incremental checkpoint with no full one before it in this session")
 		}
 		snap.Parent = s.lastID
 	}
-	buf.Reset()
-	if err := snap.EncodeOptions(buf, snapshot.Options{Workers: 1, Uncompressed: s.uncompressed}); err != nil {
-		return fmt.Errorf("encoding checkpoint %d: %w", cp.seq, err)
-	}
-	s.lastID = snap.ID
-	data := buf.Bytes()
-	if err := wire.Send(s.conn, &wire.CheckpointBegin{Seq: cp.seq, Full: cp.full, SnapshotSize: uint64(len(data))}); err != nil {
+	// SnapshotSize 0: the size is known only at the end (CheckpointEnd).
+	if err := wire.Send(s.conn, &wire.CheckpointBegin{Seq: cp.seq, Full: cp.full}); err != nil {
 		return err
 	}
-	for off := 0; off < len(data); off += chunk {
-		end := min(off+chunk, len(data))
-		if err := wire.Send(s.conn, &wire.CheckpointData{Seq: cp.seq, Offset: uint64(off), Data: data[off:end]}); err != nil {
-			return err
+	buf.Reset()
+	cw := &chunkWriter{s: s, seq: cp.seq, buf: buf}
+	if err := snap.EncodeOptions(cw, snapshot.Options{Workers: 1, Uncompressed: s.uncompressed}); err != nil {
+		if cw.err != nil {
+			return cw.err
 		}
+		return fmt.Errorf("encoding checkpoint %d: %w", cp.seq, err)
 	}
-	end := wire.CheckpointEnd{Seq: cp.seq, SnapshotSize: uint64(len(data)),
-		SnapshotCRC: crc32.Checksum(data, castagnoli)}
+	if err := cw.flush(); err != nil {
+		return err
+	}
+	s.lastID = snap.ID
+	end := wire.CheckpointEnd{Seq: cp.seq, SnapshotSize: cw.off, SnapshotCRC: cw.crc}
 	// Disk ops in messages of at most about a chunk.
 	for i := 0; i < len(cp.ops); {
 		size, j := 0, i
@@ -662,9 +704,50 @@ func (s *session) stream(p *Primary, cp *checkpoint, buf *bytes.Buffer) error {
 		return err
 	}
 	p.mu.Lock()
-	p.status.LastBytes = len(data)
+	p.status.LastBytes = int(cw.off)
 	p.mu.Unlock()
 	return nil
+}
+
+// chunkWriter turns the snapshot encoder's output into CheckpointData
+// messages of about a chunk each, keeping the running size and CRC.
+type chunkWriter struct {
+	s   *session
+	seq uint64
+	buf *bytes.Buffer
+	off uint64
+	crc uint32
+	err error
+}
+
+func (w *chunkWriter) Write(b []byte) (int, error) {
+	if w.err != nil {
+		return 0, w.err
+	}
+	n := len(b)
+	for len(b) > 0 {
+		take := min(len(b), chunk-w.buf.Len())
+		w.buf.Write(b[:take])
+		b = b[take:]
+		if w.buf.Len() >= chunk {
+			if err := w.flush(); err != nil {
+				return 0, err
+			}
+		}
+	}
+	return n, nil
+}
+
+func (w *chunkWriter) flush() error {
+	if w.err != nil || w.buf.Len() == 0 {
+		return w.err
+	}
+	data := w.buf.Bytes()
+	w.crc = crc32.Update(w.crc, castagnoli, data)
+	w.err = wire.Send(w.s.conn, &wire.CheckpointData{Seq: w.seq, Offset: w.off, Data: data})
+	w.off += uint64(len(data))
+	w.buf.Reset()
+	return w.err
 }
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)

@@ -56,7 +56,13 @@ func (s *Snapshot) encode(w io.Writer, o Options) error {
 			return err
 		}
 	}
-	e := &encoder{w: bufio.NewWriterSize(w, 256<<10), id: sha256.New()}
+	bw := writerPool.Get().(*bufio.Writer)
+	bw.Reset(w)
+	defer func() {
+		bw.Reset(nil)
+		writerPool.Put(bw)
+	}()
+	e := &encoder{w: bw, id: sha256.New()}
 	e.id.Write([]byte(idSalt))
 
 	var prefix [prefixSize]byte
@@ -91,6 +97,11 @@ func (s *Snapshot) encode(w io.Writer, o Options) error {
 	s.Sections = append(e.sections, SectionInfo{Type: SecEnd, Offset: endOff, Stored: endSize, Raw: endSize})
 	return nil
 }
+
+// writerPool keeps the encoder's output buffers: a Remus primary encodes a
+// checkpoint every few milliseconds, and a fresh 256 KiB buffer each time
+// cost more than compressing a small checkpoint.
+var writerPool = sync.Pool{New: func() any { return bufio.NewWriterSize(nil, 256<<10) }}
 
 type encoder struct {
 	w        *bufio.Writer

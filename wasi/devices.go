@@ -58,6 +58,12 @@ type Config struct {
 	// then returns at once without effect, and runs for real when the guest
 	// is rewound to it.
 	SafePoint func(ctx context.Context, mod api.Module, c Call) bool
+	// OnIdle, when set, is called when the guest is about to sleep in a
+	// blocking call (poll_oneoff, or a blocking read, accept or write):
+	// it has nothing to do until input arrives. A Remus primary takes
+	// that moment to end an epoch whose output is waiting, since pausing
+	// an idle guest costs it nothing.
+	OnIdle func()
 	// Rand is the source of random_get; crypto/rand when nil.
 	Rand io.Reader
 	// Clock supplies host time; the real clocks when nil.
@@ -85,6 +91,7 @@ type Devices struct {
 	tap       InputTap
 	gate      OutputGate
 	safePoint func(ctx context.Context, mod api.Module, c Call) bool
+	onIdle    func()
 	rand      io.Reader
 	clock     *Clock
 	counters  Counters
@@ -131,7 +138,7 @@ func newBase(cfg Config) (*Devices, error) {
 	d := &Devices{
 		args: cfg.Args, env: cfg.Env, preopens: append([]Preopen(nil), cfg.Preopens...),
 		stdin: cfg.Stdin, stdout: cfg.Stdout, stderr: cfg.Stderr,
-		tap: cfg.Tap, gate: cfg.Gate, safePoint: cfg.SafePoint, rand: cfg.Rand,
+		tap: cfg.Tap, gate: cfg.Gate, safePoint: cfg.SafePoint, onIdle: cfg.OnIdle, rand: cfg.Rand,
 		wake: -1,
 	}
 	if d.stdin == nil {

@@ -53,6 +53,9 @@ func (d *Devices) waitFd(host int, events int16, restartable bool) Errno {
 		return readyErrno(fds[0].Revents)
 	}
 	d.counters.PollWaits.Add(1)
+	if d.onIdle != nil {
+		d.onIdle()
+	}
 	for {
 		if d.closed.Load() {
 			return EINTR
@@ -159,6 +162,9 @@ func pollOneoff(d *Devices, m Mem, p []uint64) Errno {
 		if (timeout > 0 || infinite) && !slept {
 			slept = true
 			d.counters.PollWaits.Add(1)
+			if d.onIdle != nil {
+				d.onIdle()
+			}
 		}
 		clearRevents(s.pfds)
 		var err error

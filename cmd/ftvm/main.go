@@ -3,8 +3,20 @@ package main
 
 import (
 	"os"
+	"runtime/pprof"
 )
 
 func main() {
+	// FTVM_CPUPROFILE=FILE writes a CPU profile of this process (for
+	// finding where replication spends its time).
+	if path := os.Getenv("FTVM_CPUPROFILE"); path != "" {
+		if f, err := os.Create(path); err == nil {
+			pprof.StartCPUProfile(f)
+			code := execute(os.Args[1:])
+			pprof.StopCPUProfile()
+			f.Close()
+			os.Exit(code)
+		}
+	}
 	os.Exit(execute(os.Args[1:]))
 }

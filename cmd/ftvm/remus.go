@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"runtime/debug"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -41,7 +42,7 @@ func (f *replFlags) register(fs *pflag.FlagSet, primary bool) {
 	if primary {
 		fs.DurationVar(&f.epoch, "epoch", 25*time.Millisecond, "longest epoch between checkpoints")
 		fs.StringVar(&f.policy, "epoch-policy", "output", "when an epoch ends: output (early, once output is waiting and the epoch is at least --min-epoch old) or fixed")
-		fs.DurationVar(&f.minEpoch, "min-epoch", time.Millisecond, "with --epoch-policy output: the rate limit on output-driven checkpoints (one per --min-epoch on average, bursts of 4)")
+		fs.DurationVar(&f.minEpoch, "min-epoch", 2*time.Millisecond, "with --epoch-policy output: while the guest keeps running, the rate limit on checkpoints for waiting output (one per --min-epoch on average, bursts of 4); a guest that goes idle with output waiting is checkpointed at once")
 		fs.IntVar(&f.maxFlight, "max-inflight", 4, "checkpoints streamed but not yet acknowledged before epochs stretch (back-pressure)")
 		fs.StringVar(&f.serverName, "tls-server-name", "", "the backup's name in its certificate (default: the host of --protect)")
 		fs.StringVar(&f.holdLimit, "hold-limit", "64MiB", "output held for acknowledgement beyond which the guest is stopped until acks release it (back-pressure)")
@@ -97,6 +98,13 @@ func (f *replFlags) tls(server bool, addr string) (*tls.Config, error) {
 // the guest, its status on the API socket.
 func runProtected(ctx context.Context, p *remus.Primary, m *machine.Machine, module []byte, name string,
 	f runFlags, sig *caught, limit uint64) error {
+	// A garbage collection cannot stop the world while the guest runs
+	// compiled code without a host call, and every goroutine (heartbeats
+	// included) waits for it meanwhile. Fewer collections make such stalls
+	// rarer (the guest's memory is not on the Go heap, which stays small).
+	if os.Getenv("GOGC") == "" {
+		debug.SetGCPercent(800)
+	}
 	dctx, cancel := context.WithCancel(ctx)
 	done := make(chan struct{})
 	go func() {

@@ -182,7 +182,7 @@ func run(ctx context.Context, f runFlags, args []string) error {
 		if err != nil {
 			return usage("%v", err)
 		}
-		cfg.Gate = primary.Gate()
+		cfg.Gate, cfg.OnIdle = primary.Gate(), primary.OnIdle
 	}
 	ctx, sig := withSignals(ctx)
 	m, err := machine.New(ctx, cfg)

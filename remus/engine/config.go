@@ -19,10 +19,11 @@ const Never Time = math.MaxInt64
 type Policy uint8
 
 const (
-	// PolicyOutput ends an epoch after Epoch, or sooner (after MinEpoch)
-	// when output is waiting for it: held output is latency the client
-	// sees, so an epoch with none can run long and one with some should
-	// not. The zero value, because it is what a server wants.
+	// PolicyOutput ends an epoch after Epoch, or sooner when output is
+	// waiting for it (at once if the guest goes idle, else rate-limited
+	// by MinEpoch): held output is latency the client sees, so an epoch
+	// with none can run long and one with some should not. The zero
+	// value, because it is what a server wants.
 	PolicyOutput Policy = iota
 	// PolicyFixed ends every epoch after Epoch, as in the Remus paper.
 	PolicyFixed
@@ -45,9 +46,11 @@ type Config struct {
 	Epoch time.Duration
 	// Policy decides when an epoch ends (PolicyOutput).
 	Policy Policy
-	// MinEpoch is, under PolicyOutput, the age at which an epoch with
-	// output waiting ends: a rate limit, so a chatty guest is not
-	// checkpointed after every write (1ms, at most Epoch).
+	// MinEpoch is, under PolicyOutput, the rate limit on epochs ended by
+	// waiting output while the guest keeps running: a token bucket, a
+	// burst of 4 then one per MinEpoch, so a saturated server is not
+	// checkpointed after every write. A guest that goes idle with output
+	// waiting (GuestIdle) is checkpointed at once (2ms, at most Epoch).
 	MinEpoch time.Duration
 	// HeartbeatInterval is how often each side sends a heartbeat while a
 	// session is up (Timeout/5: four may be lost or late before the
@@ -74,7 +77,7 @@ func (c Config) WithDefaults() Config {
 		c.Epoch = 25 * time.Millisecond
 	}
 	if c.MinEpoch == 0 {
-		c.MinEpoch = min(time.Millisecond, c.Epoch)
+		c.MinEpoch = min(2*time.Millisecond, c.Epoch)
 	}
 	if c.Timeout == 0 {
 		c.Timeout = 500 * time.Millisecond

@@ -33,6 +33,13 @@ type Disconnected struct {
 // worst that epoch ends at MinEpoch for nothing, never later than due.
 type Output struct{ Now Time }
 
+// GuestIdle reports that the guest, with output waiting in the current epoch,
+// is about to sleep until input arrives. Under PolicyOutput the epoch then
+// ends at once, rate limit or not: pausing a guest that has nothing to do
+// costs it nothing, and its reply is waiting on this checkpoint. The rate
+// limit is for guests that keep running (a saturated server).
+type GuestIdle struct{ Now Time }
+
 // Connected reports that a backup accepted the handshake of Session.
 // Sessions must increase over the life of a Primary, so that a late
 // message of an old session can never pass for a new one.
@@ -94,6 +101,7 @@ func (e Disconnected) primaryAt() Time    { return e.Now }
 func (e Disconnected) backupAt() Time     { return e.Now }
 func (e Output) primaryAt() Time          { return e.Now }
 func (e Connected) primaryAt() Time       { return e.Now }
+func (e GuestIdle) primaryAt() Time       { return e.Now }
 func (e CheckpointTaken) primaryAt() Time { return e.Now }
 func (e Ack) primaryAt() Time             { return e.Now }
 func (e NeedFull) primaryAt() Time        { return e.Now }

@@ -43,7 +43,11 @@ func FuzzPrimary(f *testing.F) {
 			case 0:
 				ev = Tick{now}
 			case 1:
-				ev = Output{now}
+				if arg%3 == 0 {
+					ev = GuestIdle{now}
+				} else {
+					ev = Output{now}
+				}
 			case 2:
 				sessions++
 				current = sessions

@@ -108,7 +108,9 @@ type Primary struct {
 	// that answers now and then is checkpointed at once, while a
 	// saturated one averages one checkpoint per MinEpoch.
 	tat Time
-	outputNext    bool               // output reported during the pause: for the next epoch
+	// idle: the guest went to sleep with output waiting (GuestIdle).
+	idle       bool
+	outputNext bool // output reported during the pause: for the next epoch
 
 	release     uint64
 	passThrough bool
@@ -202,6 +204,10 @@ func (p *Primary) Step(ev PrimaryEvent) error {
 		} else {
 			p.outputWaiting = true
 		}
+	case GuestIdle:
+		if p.outstanding == nil && p.outputWaiting {
+			p.idle = true
+		}
 	case Connected:
 		p.connected(e.Session)
 	case Disconnected:
@@ -282,6 +288,9 @@ func (p *Primary) epochDeadline() Time {
 		return p.now
 	}
 	if p.cfg.Policy == PolicyOutput && p.outputWaiting {
+		if p.idle {
+			return p.now
+		}
 		return min(max(p.tat-(outputBurst-1)*p.cfg.MinEpoch, p.epochStart), p.epochStart+p.cfg.Epoch)
 	}
 	return p.epochStart + p.cfg.Epoch
@@ -308,6 +317,7 @@ func (p *Primary) taken() {
 	p.seq = r.Seq
 	p.epochStart = p.now
 	p.outputWaiting, p.outputNext = p.outputNext, false
+	p.idle = false
 	if p.state == Unprotected {
 		p.release = max(p.release, p.seq) // nothing to protect it for
 		return

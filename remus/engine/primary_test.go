@@ -112,7 +112,7 @@ func protected(t *testing.T, cfg Config) *ph {
 
 func TestConfig(t *testing.T) {
 	d := Config{}.WithDefaults()
-	want := Config{Epoch: 25 * ms, Policy: PolicyOutput, MinEpoch: ms, HeartbeatInterval: 100 * ms,
+	want := Config{Epoch: 25 * ms, Policy: PolicyOutput, MinEpoch: 2 * ms, HeartbeatInterval: 100 * ms,
 		Timeout: 500 * ms, AckTimeout: 10 * time.Second, MaxInflight: 4}
 	if d != want {
 		t.Fatalf("defaults %+v", d)
@@ -618,5 +618,38 @@ func TestPrimaryOutputRateLimit(t *testing.T) {
 	}
 	if avg := (starts[19] - starts[9]) / 10; avg < cfg.MinEpoch || avg > cfg.MinEpoch+200*time.Microsecond {
 		t.Errorf("sustained spacing %v, want about MinEpoch %v (starts %v)", avg, cfg.MinEpoch, starts)
+	}
+}
+
+// TestPrimaryIdleEndsEpoch: output waiting and the guest idle ends the
+// epoch at once, even with the rate limit's tokens spent; output alone,
+// with the guest still running, waits for the rate limit.
+func TestPrimaryIdleEndsEpoch(t *testing.T) {
+	cfg := testCfg
+	cfg.MaxInflight = 100
+	cfg.HeartbeatInterval = time.Second
+	cfg.Timeout = 10 * time.Second
+	h := protected(t, cfg) // checkpoint 1 taken at 2ms
+	now := 2 * ms
+	// Spend the burst: output, checkpoint, output, checkpoint...
+	for i := 0; i < 8; i++ {
+		rd := h.step(Output{now})
+		if rd.TakeCheckpoint == nil {
+			break
+		}
+		now += 10 * time.Microsecond
+		h.taken(now, rd.TakeCheckpoint.Seq)
+	}
+	rd := h.step(Output{now})
+	if rd.TakeCheckpoint != nil {
+		t.Fatal("the rate limit let a running guest's output end epochs without end")
+	}
+	if rd = h.step(GuestIdle{now + time.Microsecond}); rd.TakeCheckpoint == nil {
+		t.Fatal("an idle guest with output waiting was not checkpointed at once")
+	}
+	h.taken(now+50*time.Microsecond, rd.TakeCheckpoint.Seq)
+	// Idle without output waiting ends nothing.
+	if rd = h.step(GuestIdle{now + 60*time.Microsecond}); rd.TakeCheckpoint != nil {
+		t.Fatal("idle without output ended the epoch")
 	}
 }

@@ -607,6 +607,10 @@ func (s *sim) scheduleOutput() {
 			p.reported = o.epoch
 			s.pstep(Output{s.now})
 		}
+		// Sometimes the guest then goes to sleep with its output waiting.
+		if s.chance(0.3) {
+			s.pstep(GuestIdle{s.now})
+		}
 	})
 }
 

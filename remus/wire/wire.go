@@ -116,7 +116,9 @@ type Welcome struct {
 // Reject refuses a Hello.
 type Reject struct{ Reason string }
 
-// CheckpointBegin opens checkpoint Seq.
+// CheckpointBegin opens checkpoint Seq. SnapshotSize 0 means the size is
+// not known yet (the snapshot is streamed while it is encoded); the
+// CheckpointEnd always carries it.
 type CheckpointBegin struct {
 	Seq          uint64
 	Full         bool
