@@ -349,6 +349,25 @@ func (p *Primary) take(req engine.CheckpointRequest, module []byte, name string)
 	}()
 }
 
+// WaitSession waits (at most the engine's Timeout) until a backup session
+// is up, or the primary has given up on it. Starting the guest after it
+// makes the first, full checkpoint small (the guest's memory before it ran)
+// and protects the guest from its first host call on, also a guest that
+// then computes for long without any (it cannot be checkpointed meanwhile).
+func (p *Primary) WaitSession(ctx context.Context) {
+	deadline := time.Now().Add(p.cfg.Engine.Timeout)
+	for time.Now().Before(deadline) && ctx.Err() == nil {
+		p.mu.Lock()
+		up := p.sess != nil
+		st := p.status.State
+		p.mu.Unlock()
+		if up || st == engine.Unprotected.String() {
+			return
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
 // Finish is called once the guest has ended by itself (an exit, or a
 // trap): it waits until every checkpoint taken is acknowledged, tells the
 // backup the guest ended (so that it does not resume it), and then
