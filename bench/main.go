@@ -173,7 +173,7 @@ func run(ctx context.Context, e *env, selected map[string]bool, only, out string
 	doc.WriteString("# ftvm benchmarks\n\n")
 	doc.WriteString("Written by the benchmark harness (bench/); do not edit by hand. ")
 	doc.WriteString("Regenerate everything with `make bench` (`go run ./bench -out BENCHMARKS.md`), ")
-	doc.WriteString("one group with `go run ./bench -only NAME` (cpu, calls, kv, snapshot; prints to stdout), ")
+	doc.WriteString("one group with `go run ./bench -only NAME` (cpu, calls, kv, snapshot, remus; prints to stdout), ")
 	doc.WriteString("a fast smoke run with `go run ./bench -quick`.\n\n")
 	doc.WriteString("Every table compares ftvm (wazero's compiler over ftvm's own device layer, package wasi; the module ")
 	doc.WriteString("Asyncify-instrumented as `ftvm run` does by default, and as built with `--instrument=false`) with ")
