@@ -258,6 +258,9 @@ func Prepare(ctx context.Context, cfg Config) (*Program, error) {
 // before) and sets up its devices. Nothing of the guest runs yet.
 func New(ctx context.Context, cfg Config) (*Machine, error) {
 	prog := cfg.Program
+	// A Program the caller gave stays the caller's if New fails (it may
+	// try again: a failover waiting for an address to be free).
+	given := prog != nil
 	if prog == nil {
 		var err error
 		if prog, err = Prepare(ctx, cfg); err != nil {
@@ -276,7 +279,7 @@ func New(ctx context.Context, cfg Config) (*Machine, error) {
 		compiled: prog.compiled, compileTime: prog.compileTime, instrumentTime: prog.instrumentTime}
 	m.cfg.Instrument = prog.inst != nil
 	if cfg.Restore != nil && cfg.Restore.Module != m.moduleHash {
-		m.Close(ctx)
+		m.closeFailed(ctx, given)
 		return nil, &ModuleError{Module: cfg.Name, Reason: fmt.Sprintf(
 			"is not the module the snapshot was taken of (module %s, snapshot of %s)",
 			m.moduleHash.Short(), cfg.Restore.Module.Short())}
@@ -291,7 +294,7 @@ func New(ctx context.Context, cfg Config) (*Machine, error) {
 	if cfg.Restore != nil {
 		var st wasi.State
 		if err = json.Unmarshal(cfg.Restore.Devices, &st); err != nil {
-			m.Close(ctx)
+			m.closeFailed(ctx, given)
 			return nil, fmt.Errorf("snapshot device state: %w", err)
 		}
 		m.dev, err = wasi.Restore(dcfg, &st)
@@ -299,12 +302,12 @@ func New(ctx context.Context, cfg Config) (*Machine, error) {
 		m.dev, err = wasi.New(dcfg)
 	}
 	if err != nil {
-		m.Close(ctx)
+		m.closeFailed(ctx, given)
 		return nil, err
 	}
 	m.listeners = m.dev.ListenerAddrs()
 	if err := m.dev.Register(ctx, m.rt); err != nil {
-		m.Close(ctx)
+		m.closeFailed(ctx, given)
 		return nil, fmt.Errorf("registering devices: %w", err)
 	}
 	return m, nil
@@ -441,6 +444,18 @@ func (m *Machine) MemoryRefused() uint64 {
 
 // Devices is the VM's device layer.
 func (m *Machine) Devices() *wasi.Devices { return m.dev }
+
+// closeFailed undoes a New that failed: everything, or, when the Program
+// was the caller's, everything but the Program.
+func (m *Machine) closeFailed(ctx context.Context, keepProgram bool) {
+	if !keepProgram {
+		m.Close(ctx)
+		return
+	}
+	if m.dev != nil {
+		m.dev.Close()
+	}
+}
 
 // Close releases the VM's resources.
 func (m *Machine) Close(ctx context.Context) error {

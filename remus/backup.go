@@ -469,7 +469,14 @@ func (s *slot) loop(ctx context.Context) {
 		s.eng.Advance()
 		s.publish()
 		if failover {
-			s.failover(ctx)
+			// Off the loop: the loop goes on answering (rejecting stale
+			// primaries) while the VM is set up, however long that takes.
+			// Nothing commits into the image any more.
+			s.b.wg.Add(1)
+			go func() {
+				defer s.b.wg.Done()
+				s.failover(ctx)
+			}()
 			// The slot's engine is terminal now; keep answering (stale
 			// primaries get rejected) until ctx ends.
 		}
@@ -977,15 +984,32 @@ func (s *slot) failover(ctx context.Context) {
 		Stdout: s.b.cfg.Stdout, Stderr: s.b.cfg.Stderr}
 	var m *machine.Machine
 	var err error
-	// The dead primary's listening sockets may take a moment to go.
+	// The dead primary's listening sockets may take a moment to go. An
+	// address that stays taken means something still serves it — maybe
+	// the primary itself, cut off from us but alive: keep trying (the
+	// slot runs nothing meanwhile, and says so), never give the VM up.
 	for try := 0; ; try++ {
 		m, err = machine.New(ctx, cfg)
-		if err == nil || try == 20 || ctx.Err() != nil || !isAddrInUse(err) {
+		if err == nil || ctx.Err() != nil || !isAddrInUse(err) {
 			break
 		}
-		time.Sleep(25 * time.Millisecond)
+		if try == 20 {
+			s.log.Error("failover: the guest's address is still in use; retrying every second", "err", err)
+			s.mu.Lock()
+			s.status.Reason = "failover waiting: " + err.Error()
+			s.mu.Unlock()
+		}
+		if try < 20 {
+			time.Sleep(25 * time.Millisecond)
+		} else {
+			select {
+			case <-time.After(time.Second):
+			case <-ctx.Done():
+			}
+		}
 	}
 	if err != nil {
+		prog.Close(context.Background())
 		s.log.Error("failover failed", "err", err)
 		return
 	}
