@@ -374,3 +374,37 @@ func TestRemusMutualTLS(t *testing.T) {
 }
 
 var _ = exec.Command
+
+// TestRemusGuestExits: a protected guest that ends by itself prints all its
+// output (released after the backup learned of the exit), exits with its
+// code, and its backup closes the slot instead of resuming it later.
+func TestRemusGuestExits(t *testing.T) {
+	wasm := cGuest(t, "fileio", []string{"fileio.c"})
+	native := fileioNative(t)
+	dir := t.TempDir()
+	repl, bSock := freeAddr(t), filepath.Join(dir, "b.sock")
+	backup := startProc(t, ftvmBinary(t), "backup", "--listen", repl, "--state", filepath.Join(dir, "state"),
+		"--timeout", "300ms", "--api-sock", bSock, "--log-level", "info")
+	waitSocket(t, backup, bSock)
+	data := filepath.Join(dir, "data")
+	os.MkdirAll(data, 0o755)
+	res := runCLI(t, time.Minute, "", "run", "--protect", repl, "--timeout", "300ms", "--dir", data+":/data", wasm, "/data")
+	if res.code != 0 {
+		t.Fatalf("exit %d\nstderr:\n%s", res.code, res.stderr)
+	}
+	checkFileioOutput(t, res.stdout, native)
+	checkFileioTree(t, data)
+	// Well past the timeout: the backup must not have resumed the guest.
+	time.Sleep(time.Second)
+	st := status(t, bSock)
+	slots, _ := st["slots"].([]any)
+	if len(slots) != 1 {
+		t.Fatalf("backup status: %v", st)
+	}
+	if s := slots[0].(map[string]any); s["state"] != "exited" {
+		t.Errorf("the backup's slot after the guest exited: %v", s)
+	}
+	if strings.Contains(backup.out.String(), "FAILOVER") {
+		t.Errorf("the backup resumed a guest that had exited:\n%s", backup.out.String())
+	}
+}
