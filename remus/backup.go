@@ -350,6 +350,7 @@ func (s *slot) receive(id uint64, c *transport.Conn, hello *wire.Hello) {
 	var cur *staged
 	var want wire.CheckpointBegin
 	var opsMsgs, fileMsgs uint32
+	var diskBytes uint64 // disk ops and files of the checkpoint being received
 	for {
 		msg, err := wire.Recv(c)
 		if err != nil {
@@ -373,7 +374,7 @@ func (s *slot) receive(id uint64, c *transport.Conn, hello *wire.Hello) {
 				fail("checkpoint %d declares %d bytes", m.Seq, m.SnapshotSize)
 				return
 			}
-			want, cur, opsMsgs, fileMsgs = *m, &staged{seq: m.Seq, full: m.Full, raw: make([]byte, 0, min(m.SnapshotSize, 64<<20))}, 0, 0
+			want, cur, opsMsgs, fileMsgs, diskBytes = *m, &staged{seq: m.Seq, full: m.Full, raw: make([]byte, 0, min(m.SnapshotSize, 64<<20))}, 0, 0, 0
 			if want.SnapshotSize == 0 {
 				want.SnapshotSize = maxSnapshot // streamed: the size comes with the end
 			}
@@ -389,11 +390,22 @@ func (s *slot) receive(id uint64, c *transport.Conn, hello *wire.Hello) {
 				fail("disk ops out of place (seq %d)", m.Seq)
 				return
 			}
+			for _, op := range m.Ops {
+				diskBytes += uint64(len(op.Data) + len(op.Path) + len(op.Path2))
+			}
+			if diskBytes > maxDiskBytes {
+				fail("checkpoint %d carries more than %d bytes of disk data", m.Seq, uint64(maxDiskBytes))
+				return
+			}
 			cur.ops = append(cur.ops, m.Ops...)
 			opsMsgs++
 		case *wire.DiskFile:
 			if cur == nil || m.Seq != cur.seq || !cur.full {
 				fail("disk file out of place (seq %d)", m.Seq)
+				return
+			}
+			if diskBytes += uint64(len(m.Data) + len(m.Path) + len(m.Target)); diskBytes > maxDiskBytes {
+				fail("checkpoint %d carries more than %d bytes of disk data", m.Seq, uint64(maxDiskBytes))
 				return
 			}
 			if n := len(cur.tree); m.Offset > 0 {
@@ -445,6 +457,11 @@ func (s *slot) receive(id uint64, c *transport.Conn, hello *wire.Hello) {
 		}
 	}
 }
+
+// maxDiskBytes bounds the file data one checkpoint may carry (a full
+// sync's directory contents, or an epoch's writes): the primary is a peer,
+// and what it sends is held in memory until the checkpoint commits.
+const maxDiskBytes = 1 << 30
 
 // maxSnapshot bounds a checkpoint's declared size: 4 GiB of memory plus
 // the format's overhead.
