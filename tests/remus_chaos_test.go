@@ -30,7 +30,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/ftvm/ftvm/internal/guest"
 	"github.com/ftvm/ftvm/internal/kvcheck"
 	"github.com/ftvm/ftvm/internal/netns"
 )
@@ -197,7 +196,7 @@ func TestRemusNetnsFailover(t *testing.T) {
 	seed := chaosSeed(t)
 	rng := rand.New(rand.NewPCG(uint64(seed), 1))
 	bin := ftvmBinary(t)
-	wasm := guest.MustGo(t, "testdata/guests/kvserver")
+	wasm := kvInstrumented(t)
 	instrumented(t, wasm) // compile outside the clock
 	n := netns.New(t, "remus", "primary", "backup", "client")
 	ph, bh, ch := n.Host("primary"), n.Host("backup"), n.Host("client")
@@ -309,7 +308,7 @@ func launchRemus(t *testing.T, timeout string, protect func(repl string) string,
 	dir := t.TempDir()
 	r := &remusPair{kvAddr: freeAddr(t), replAddr: freeAddr(t), pSock: filepath.Join(dir, "p.sock"),
 		bSock: filepath.Join(dir, "b.sock"), stateDir: filepath.Join(dir, "state"),
-		wasm: guest.MustGo(t, "testdata/guests/kvserver")}
+		wasm: kvInstrumented(t)}
 	r.backup = startProc(t, bin, "backup", "--listen", r.replAddr, "--state", r.stateDir, "--timeout", timeout,
 		"--api-sock", r.bSock, "--log-level", "info")
 	waitSocket(t, r.backup, r.bSock)
@@ -375,7 +374,7 @@ func TestRemusKillAtRandomMoments(t *testing.T) {
 		}
 		runs = v
 	}
-	instrumented(t, guest.MustGo(t, "testdata/guests/kvserver"))
+	kvInstrumented(t)
 	// The first kill comes 50-150 ms after the start, when the primary
 	// has about finished its first (full) checkpoint (~100 ms here); the
 	// others one per slice of [150ms, 2s), so early and late kills are
@@ -870,7 +869,7 @@ func freezeAcks(t *testing.T, r *remusPair, px *freezeProxy, d, every time.Durat
 // unprotected: held replies flow although acks are still frozen, and the
 // status says so (the documented trade-off); protection resumes after.
 func TestRemusOutputCommit(t *testing.T) {
-	instrumented(t, guest.MustGo(t, "testdata/guests/kvserver"))
+	kvInstrumented(t)
 	t.Run("freeze-within-timeout", func(t *testing.T) {
 		var px *freezeProxy
 		r := launchRemus(t, "2s", func(repl string) string { px = newFreezeProxy(t, repl); return px.addr() })

@@ -18,6 +18,16 @@ import (
 	"github.com/ftvm/ftvm/internal/guest"
 )
 
+// kvInstrumented builds the KV guest and instruments it into the shared
+// cache before any timed wait: a protected VM is always instrumented, and
+// instrumenting a Go module takes a minute the first time.
+func kvInstrumented(t *testing.T) string {
+	t.Helper()
+	wasm := guest.MustGo(t, "testdata/guests/kvserver")
+	instrumented(t, wasm)
+	return wasm
+}
+
 // remusPair is a protected KV primary and its backup, as two ftvm processes.
 type remusPair struct {
 	kvAddr, replAddr  string
@@ -46,7 +56,7 @@ func startRemus(t *testing.T, opts ...remusOpts) *remusPair {
 	bin := ftvmBinary(t)
 	dir := t.TempDir()
 	r := &remusPair{replAddr: freeAddr(t), bSock: filepath.Join(dir, "b.sock"), stateDir: filepath.Join(dir, "state"),
-		wasm: guest.MustGo(t, "testdata/guests/kvserver"), dir: dir}
+		wasm: kvInstrumented(t), dir: dir}
 	r.backup = startProc(t, bin, append([]string{"backup", "--listen", r.replAddr, "--state", r.stateDir,
 		"--timeout", "300ms", "--api-sock", r.bSock, "--log-level", "info"}, o.backup...)...)
 	waitSocket(t, r.backup, r.bSock)
@@ -380,6 +390,7 @@ var _ = exec.Command
 // code, and its backup closes the slot instead of resuming it later.
 func TestRemusGuestExits(t *testing.T) {
 	wasm := cGuest(t, "fileio", []string{"fileio.c"})
+	instrumented(t, wasm)
 	native := fileioNative(t)
 	dir := t.TempDir()
 	repl, bSock := freeAddr(t), filepath.Join(dir, "b.sock")
