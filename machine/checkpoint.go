@@ -88,7 +88,7 @@ func (m *Machine) safePoint(ctx context.Context, mod api.Module, c wasi.Call) bo
 		if _, err := m.asy.stopRewind.Call(ctx); err != nil {
 			panic(fmt.Errorf("asyncify_stop_rewind: %w", err))
 		}
-		m.returnScratch(8 + uint32(len(m.stack.blob)))
+		m.returnRewind(8 + uint32(len(m.stack.blob)))
 		if !m.pauseStart.IsZero() {
 			m.pauses.record(time.Since(m.pauseStart))
 			m.pauseStart = time.Time{}
@@ -117,7 +117,7 @@ func (m *Machine) safePoint(ctx context.Context, mod api.Module, c wasi.Call) bo
 	addr := uint32(len(mem) - scratchSize)
 	// The stack's size is unknown until it is unwound: save it all. Only
 	// the part Asyncify writes is put back afterwards.
-	m.borrowScratch(addr, scratchSize)
+	m.saveScratch(addr)
 	binary.LittleEndian.PutUint32(mem[addr:], addr+8)
 	binary.LittleEndian.PutUint32(mem[addr+4:], addr+scratchSize)
 	if _, err := m.asy.startUnwind.Call(ctx, uint64(addr)); err != nil {
@@ -128,18 +128,52 @@ func (m *Machine) safePoint(ctx context.Context, mod api.Module, c wasi.Call) bo
 	return true
 }
 
-// borrowScratch saves the first n bytes of the region at addr.
-func (m *Machine) borrowScratch(addr, n uint32) {
+// saveScratch brings the copy of the scratch region at addr up to date
+// before an unwind writes into it. At the end of every pause the region
+// holds exactly the copy again (only the part Asyncify wrote is put back,
+// and it is put back from the copy), so when the dirty tracker can say
+// which of its pages were written since (by the guest, or by our own
+// putting back), only those are copied: usually one or two of its 64
+// pages, instead of all 256 KiB each pause.
+func (m *Machine) saveScratch(addr uint32) {
 	mem := m.alloc.memory().Bytes()
+	if m.scratchValid && m.scratchAddr == addr && len(m.scratchSaved) == scratchSize {
+		if pk, ok := m.tracker.(dirty.Peeker); ok {
+			var fresh bool
+			m.scratchPages, fresh = pk.Written(m.scratchPages[:0], uint64(addr), uint64(addr)+scratchSize)
+			if fresh {
+				for _, p := range m.scratchPages {
+					off := p*dirty.PageSize - addr
+					copy(m.scratchSaved[off:off+dirty.PageSize], mem[p*dirty.PageSize:])
+				}
+				return
+			}
+		}
+	}
 	m.scratchAddr = addr
-	m.scratchSaved = append(m.scratchSaved[:0], mem[addr:addr+n]...)
+	m.scratchSaved = append(m.scratchSaved[:0], mem[addr:addr+scratchSize]...)
+	m.scratchValid = true
 }
 
 // returnScratch puts back the first n bytes of the borrowed region (all
-// that was written to it), at most what was saved.
+// that the unwind wrote to it) from the copy.
 func (m *Machine) returnScratch(n uint32) {
 	n = min(n, uint32(len(m.scratchSaved)))
 	copy(m.alloc.memory().Bytes()[m.scratchAddr:], m.scratchSaved[:n])
+}
+
+// borrowForRewind saves the first n bytes at addr, which a rewind is about
+// to overwrite with the stack, in a buffer of its own (the full copy stays
+// as it is), and returnRewind puts them back.
+func (m *Machine) borrowForRewind(addr, n uint32) {
+	mem := m.alloc.memory().Bytes()
+	m.rewindAddr = addr
+	m.rewindSaved = append(m.rewindSaved[:0], mem[addr:addr+n]...)
+}
+
+func (m *Machine) returnRewind(n uint32) {
+	n = min(n, uint32(len(m.rewindSaved)))
+	copy(m.alloc.memory().Bytes()[m.rewindAddr:], m.rewindSaved[:n])
 }
 
 // afterUnwind runs when _start has returned because of an unwind: it ends
@@ -173,7 +207,7 @@ func (m *Machine) beforeRewind(ctx context.Context) error {
 	}
 	// Rewinding only reads the stack back (and moves the header's
 	// position), so only that much is borrowed.
-	m.borrowScratch(a, 8+uint32(len(m.stack.blob)))
+	m.borrowForRewind(a, 8+uint32(len(m.stack.blob)))
 	binary.LittleEndian.PutUint32(mem[a:], a+8+uint32(len(m.stack.blob)))
 	binary.LittleEndian.PutUint32(mem[a+4:], m.stack.end)
 	copy(mem[a+8:], m.stack.blob)

@@ -111,7 +111,11 @@ type Machine struct {
 	rewinding    bool
 	stack        stackState
 	scratchAddr  uint32
-	scratchSaved []byte
+	scratchSaved []byte // the guest's bytes of the scratch region
+	scratchValid bool   // scratchSaved equals the region but for pages written since
+	scratchPages []uint32
+	rewindAddr   uint32
+	rewindSaved  []byte
 	tracker      dirty.Tracker
 	snaps        snapshotter
 	calls        uint64 // safe points reached (host calls begun)

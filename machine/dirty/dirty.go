@@ -74,6 +74,15 @@ type Tracker interface {
 	Close() error
 }
 
+// Peeker is implemented by trackers that can say which pages of a range
+// were written since they were last protected without re-arming them (the
+// userfaultfd tracker): the machine uses it to refresh its copy of the
+// region it borrows for Asyncify's stack by the pages the guest changed,
+// not all of it. ok is false when it cannot tell (then assume all).
+type Peeker interface {
+	Written(dst []uint32, from, to uint64) (pages []uint32, ok bool)
+}
+
 // Options tune New.
 type Options struct {
 	// Used is the number of bytes at the start of the region in use at

@@ -330,10 +330,31 @@ func (t *uffdTracker) appendPages(dst []uint32, runs []pageRegion, limit uint64)
 // nil emit the scan only protects. The walk stops early when the buffer
 // fills and resumes from walk_end.
 func (t *uffdTracker) scan(start, end uintptr, returnMask uint64, emit func([]pageRegion)) error {
+	return t.scanFlags(start, end, pmScanWPMatching|pmScanCheckWPAsync, returnMask, emit)
+}
+
+// Written implements Peeker: the pages of [from, to) written since they
+// were last protected, without protecting them (PAGEMAP_SCAN with no
+// write-protect flag), so Collect still reports them.
+func (t *uffdTracker) Written(dst []uint32, from, to uint64) ([]uint32, bool) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	start, end := t.base+uintptr(from&^(PageSize-1)), t.roundUp(to)
+	if t.closed || end > t.armed || start >= end {
+		return dst, false // not armed there: everything counts as written
+	}
+	limit := (to + PageSize - 1) / PageSize
+	err := t.scanFlags(start, end, 0, pageIsWritten, func(r []pageRegion) {
+		dst = t.appendPages(dst, r, limit)
+	})
+	return dst, err == nil
+}
+
+func (t *uffdTracker) scanFlags(start, end uintptr, flags, returnMask uint64, emit func([]pageRegion)) error {
 	for start < end {
 		t.arg = pmScanArg{
 			size:         uint64(unsafe.Sizeof(pmScanArg{})),
-			flags:        pmScanWPMatching | pmScanCheckWPAsync,
+			flags:        flags,
 			start:        uint64(start),
 			end:          uint64(end),
 			categoryMask: pageIsWritten,
