@@ -821,7 +821,7 @@ func (s *slot) persister() {
 			continue
 		}
 		if tip.IsZero() {
-			s.persistFailed(jobs)
+			s.persistFailed()
 			continue
 		}
 		raw, id, err := mergeIncrementals(jobs, storeSeq+1, tip)
@@ -831,7 +831,7 @@ func (s *slot) persister() {
 		}
 		if err != nil {
 			s.log.Error("merging checkpoints for the disk failed", "err", err)
-			s.persistFailed(jobs)
+			s.persistFailed()
 			continue
 		}
 		err = s.store.CommitIncremental(storeSeq+1, raw, toStoreOps(ops))
@@ -894,11 +894,11 @@ func (s *slot) stored(err error, what string, seq uint64) bool {
 		return true
 	case errors.Is(err, store.ErrDiverged):
 		s.log.Error("the replica of the guest's files diverged; it is rebuilt at the next full checkpoint", "what", what, "err", err)
-		s.persistFailed(nil)
+		s.persistFailed()
 		return true
 	case errors.Is(err, store.ErrBroken):
 		s.log.Error("the slot's state directory failed; reopening it", "what", what, "err", err)
-		s.persistFailed(nil)
+		s.persistFailed()
 		s.store.Close()
 		st, oerr := store.Open(s.dir, store.Options{Roots: s.roots})
 		if oerr != nil {
@@ -912,7 +912,7 @@ func (s *slot) stored(err error, what string, seq uint64) bool {
 	default:
 		s.log.Error("storing a checkpoint failed; the disk keeps the previous state until the next full checkpoint",
 			"what", what, "err", err)
-		s.persistFailed(nil)
+		s.persistFailed()
 		return false
 	}
 }
@@ -927,7 +927,7 @@ func (s *slot) persisted(seq uint64) {
 // (one complete checkpoint), but a failover would now pair the newer
 // memory image with older files, so the slot refuses to resume until a
 // full checkpoint has been stored again.
-func (s *slot) persistFailed(jobs []persistJob) {
+func (s *slot) persistFailed() {
 	s.mu.Lock()
 	s.diskBehind = true
 	s.mu.Unlock()

@@ -27,7 +27,6 @@ type checkpoint struct {
 	tree    []wire.DiskFile
 	pause   time.Duration // how long the capture kept the guest stopped
 	dirty   int           // pages in the checkpoint
-	started time.Time     // when the pause began (for the epoch's age)
 	devices *wasi.State   // marshalled into snap.Devices when encoded
 }
 
@@ -56,7 +55,7 @@ func captureCheckpoint(p *machine.Paused, seq uint64, full bool, st *snapshot.St
 	s := &snapshot.Snapshot{Kind: snapshot.Incremental, Module: p.ModuleHash(), Seq: seq, MemorySize: uint64(len(mem)),
 		Pages: pages, Globals: p.Globals(), StackAddr: addr, Stack: bytes.Clone(blob),
 		Meta: snapshot.Meta{Created: t0.UTC(), Version: machine.Version, Reason: fmt.Sprintf("remus epoch %d", seq)}}
-	cp := &checkpoint{seq: seq, full: full, snap: s, stager: st, dirty: len(pages), started: t0, devices: devState}
+	cp := &checkpoint{seq: seq, full: full, snap: s, stager: st, dirty: len(pages), devices: devState}
 	if full {
 		s.Kind = snapshot.Full
 		s.ModuleCode, s.ModuleName = module, name
