@@ -362,6 +362,9 @@ func (s *slot) receive(id uint64, c *transport.Conn, hello *wire.Hello) {
 		s.events <- engine.Heartbeat{Now: s.b.now(), Session: id}
 		fail := func(format string, a ...any) {
 			s.log.Error("bad checkpoint stream: dropping the session", "session", id, "err", fmt.Sprintf(format, a...))
+			// The slot hears of it before the primary can: its redial
+			// must not find this session still live.
+			s.events <- engine.Disconnected{Now: s.b.now(), Session: id}
 			c.Close()
 		}
 		switch m := msg.(type) {
