@@ -44,6 +44,7 @@ fuzz: deps
 	$(GO) test ./remus/wire $(FUZZFLAGS) -fuzz FuzzUnmarshal
 	$(GO) test ./remus/engine $(FUZZFLAGS) -fuzz FuzzPrimary
 	$(GO) test ./remus/engine $(FUZZFLAGS) -fuzz FuzzBackup
+	$(GO) test ./remus/store $(FUZZFLAGS) -fuzz FuzzDecodeJournal
 
 clean:
 	rm -rf bin
