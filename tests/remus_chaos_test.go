@@ -276,25 +276,7 @@ func TestRemusNetnsFailover(t *testing.T) {
 // startNSProc is startProc for a program in a test host's namespace.
 func startNSProc(t *testing.T, h *netns.Host, bin string, args ...string) *proc {
 	t.Helper()
-	p := &proc{out: &syncBuffer{}, done: make(chan struct{})}
-	p.cmd = h.Command(context.Background(), bin, args...)
-	p.cmd.Stdout, p.cmd.Stderr = p.out, p.out
-	if err := p.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() { p.cmd.Wait(); close(p.done) }()
-	t.Cleanup(func() {
-		select {
-		case <-p.done:
-		default:
-			p.cmd.Process.Kill()
-			<-p.done
-		}
-		if t.Failed() {
-			t.Logf("ftvm %v on %s output:\n%s", args, h.Name(), p.out.String())
-		}
-	})
-	return p
+	return startCmd(t, h.Command(context.Background(), bin, args...), fmt.Sprintf("ftvm %v on %s", args, h.Name()))
 }
 
 // launchRemus starts a backup and a protected KV primary on loopback and

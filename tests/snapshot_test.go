@@ -163,8 +163,14 @@ type proc struct {
 
 func startProc(t *testing.T, bin string, args ...string) *proc {
 	t.Helper()
-	p := &proc{out: &syncBuffer{}, done: make(chan struct{})}
-	p.cmd = exec.Command(bin, args...)
+	return startCmd(t, exec.Command(bin, args...), fmt.Sprintf("ftvm %v", args))
+}
+
+// startCmd starts cmd with its output collected, kills it when the test
+// ends, and shows its output (as what) if the test failed.
+func startCmd(t *testing.T, cmd *exec.Cmd, what string) *proc {
+	t.Helper()
+	p := &proc{cmd: cmd, out: &syncBuffer{}, done: make(chan struct{})}
 	p.cmd.Stdout, p.cmd.Stderr = p.out, p.out
 	if err := p.cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -178,7 +184,7 @@ func startProc(t *testing.T, bin string, args ...string) *proc {
 			<-p.done
 		}
 		if t.Failed() {
-			t.Logf("ftvm %v output:\n%s", args, p.out.String())
+			t.Logf("%s output:\n%s", what, p.out.String())
 		}
 	})
 	return p
