@@ -942,8 +942,7 @@ func (s *slot) drain() { s.persistQ.drain() }
 func toStoreOps(ops []wire.FsOp) []store.FsOp {
 	out := make([]store.FsOp, len(ops))
 	for i, o := range ops {
-		out[i] = store.FsOp{Op: o.Op, Root: o.Root, Path: o.Path, Root2: o.Root2, Path2: o.Path2, Offset: o.Offset,
-			Size: o.Size, Flags: o.Flags, Data: o.Data}
+		out[i] = store.FsOp(o) // the same fields: the wire's op is the store's
 	}
 	return out
 }
