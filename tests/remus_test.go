@@ -216,6 +216,18 @@ func TestRemusFailover(t *testing.T) {
 		t.Fatalf("primary status while writing: %v", st)
 	}
 	t.Logf("primary before the kill: %v", st)
+	// The same through the CLI, as an operator reads it.
+	for sock, want := range map[string][]string{
+		r.pSock: {"role:        primary", "state:       protected", "backup:      " + r.replAddr + ", healthy true"},
+		r.bSock: {"role:    backup", ": following, term 1"},
+	} {
+		res := runCLI(t, 30*time.Second, "", "status", "--api-sock", sock)
+		for _, w := range want {
+			if res.code != 0 || !strings.Contains(res.stdout, w) {
+				t.Errorf("ftvm status --api-sock %s: exit %d, no %q in:\n%s%s", sock, res.code, w, res.stdout, res.stderr)
+			}
+		}
+	}
 	r.primary.cmd.Process.Kill() // kill -9
 	<-r.primary.done
 	killed := time.Now()
