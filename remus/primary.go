@@ -79,6 +79,10 @@ type Primary struct {
 	relUpTo  uint64
 	relAll   bool
 	hello    wire.Hello
+	// stalling: a back-pressure stall is queued or running.
+	stalling atomic.Bool
+	machine  atomic.Pointer[machine.Machine]
+	requests atomic.Uint64 // checkpoints asked of the machine so far
 }
 
 // PrimaryStatus is what `ftvm status` shows of a protected primary.
@@ -177,6 +181,7 @@ func (p *Primary) send(ev engine.PrimaryEvent) {
 // the guest for the backup.
 func (p *Primary) Run(ctx context.Context, m *machine.Machine, module []byte, name string) error {
 	p.m = m
+	p.machine.Store(m)
 	eng, err := engine.NewPrimary(p.cfg.Engine, p.now())
 	if err != nil {
 		return err
@@ -295,6 +300,7 @@ func (p *Primary) session(id uint64) *session {
 // output gate happens there too, so no output can fall between epochs.
 func (p *Primary) take(req engine.CheckpointRequest, module []byte, name string) {
 	sess := p.session(req.Session)
+	p.requests.Add(1)
 	done := p.m.PauseAsync(func(pp *machine.Paused) error {
 		var st *snapshot.Stager
 		select {
@@ -418,8 +424,46 @@ func (p *Primary) putStager(st *snapshot.Stager) {
 
 // overLimit runs on the guest goroutine when held output passes the limit:
 // end the epoch now, so that what is held can be acknowledged.
+//
+// That alone does not bound memory: until the checkpoint is taken — and
+// with checkpoints in flight at the engine's limit (a slow or frozen
+// backup) none comes — the running epoch's output would grow. So the guest
+// is also stopped at its very next safe point until held output is back
+// under the limit or a checkpoint is queued; that checkpoint's own pause
+// then waits for acks (see take).
 func (p *Primary) overLimit() {
-	p.event(engine.Output{Now: p.now()})
+	p.event(engine.HoldFull{Now: p.now()})
+	m := p.machine.Load() // the guest goroutine: p.m is the loop's
+	if m == nil || !p.stalling.CompareAndSwap(false, true) {
+		return
+	}
+	asked := p.requests.Load()
+	m.PauseAsync(func(*machine.Paused) error {
+		defer p.stalling.Store(false)
+		counted := false
+		for {
+			held, _, _, _ := p.gate.stats()
+			st := p.Status()
+			// Go on once output fell under the limit, protection was given
+			// up, or a checkpoint is queued (it runs at the very next safe
+			// point, and its pause waits for acks if need be).
+			if held <= p.cfg.HoldLimit || st.State != engine.Protected.String() && st.State != engine.Syncing.String() ||
+				p.requests.Load() != asked {
+				return nil
+			}
+			if !counted {
+				counted = true
+				p.mu.Lock()
+				p.status.Stalls++
+				p.mu.Unlock()
+			}
+			select {
+			case <-p.stop:
+				return nil
+			case <-time.After(time.Millisecond):
+			}
+		}
+	})
 }
 
 // releaser performs released output in order, off the guest goroutine.

@@ -40,6 +40,11 @@ type Output struct{ Now Time }
 // limit is for guests that keep running (a saturated server).
 type GuestIdle struct{ Now Time }
 
+// HoldFull reports that the output held for acknowledgement passed the
+// primary's limit: under any policy the epoch ends as soon as a checkpoint
+// may be taken, so that acknowledgements can release it (back-pressure).
+type HoldFull struct{ Now Time }
+
 // Connected reports that a backup accepted the handshake of Session.
 // Sessions must increase over the life of a Primary, so that a late
 // message of an old session can never pass for a new one.
@@ -102,6 +107,7 @@ func (e Disconnected) backupAt() Time     { return e.Now }
 func (e Output) primaryAt() Time          { return e.Now }
 func (e Connected) primaryAt() Time       { return e.Now }
 func (e GuestIdle) primaryAt() Time       { return e.Now }
+func (e HoldFull) primaryAt() Time        { return e.Now }
 func (e CheckpointTaken) primaryAt() Time { return e.Now }
 func (e Ack) primaryAt() Time             { return e.Now }
 func (e NeedFull) primaryAt() Time        { return e.Now }

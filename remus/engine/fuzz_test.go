@@ -45,6 +45,8 @@ func FuzzPrimary(f *testing.F) {
 			case 1:
 				if arg%3 == 0 {
 					ev = GuestIdle{now}
+				} else if arg%7 == 0 {
+					ev = HoldFull{now}
 				} else {
 					ev = Output{now}
 				}

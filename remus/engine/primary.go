@@ -109,7 +109,9 @@ type Primary struct {
 	// saturated one averages one checkpoint per MinEpoch.
 	tat Time
 	// idle: the guest went to sleep with output waiting (GuestIdle).
-	idle       bool
+	idle bool
+	// urgent: held output passed the limit (HoldFull): end the epoch now.
+	urgent     bool
 	outputNext bool // output reported during the pause: for the next epoch
 
 	release     uint64
@@ -208,6 +210,10 @@ func (p *Primary) Step(ev PrimaryEvent) error {
 		if p.outstanding == nil && p.outputWaiting {
 			p.idle = true
 		}
+	case HoldFull:
+		if p.outstanding == nil {
+			p.urgent = true
+		}
 	case Connected:
 		p.connected(e.Session)
 	case Disconnected:
@@ -287,6 +293,9 @@ func (p *Primary) epochDeadline() Time {
 	if p.needFull && p.sessFirst == 0 {
 		return p.now
 	}
+	if p.urgent {
+		return p.now
+	}
 	if p.cfg.Policy == PolicyOutput && p.outputWaiting {
 		if p.idle {
 			return p.now
@@ -317,7 +326,7 @@ func (p *Primary) taken() {
 	p.seq = r.Seq
 	p.epochStart = p.now
 	p.outputWaiting, p.outputNext = p.outputNext, false
-	p.idle = false
+	p.idle, p.urgent = false, false
 	if p.state == Unprotected {
 		p.release = max(p.release, p.seq) // nothing to protect it for
 		return

@@ -653,3 +653,20 @@ func TestPrimaryIdleEndsEpoch(t *testing.T) {
 		t.Fatal("idle without output ended the epoch")
 	}
 }
+
+// TestPrimaryHoldFullEndsEpoch: held output over the limit ends the epoch
+// at once under either policy.
+func TestPrimaryHoldFullEndsEpoch(t *testing.T) {
+	for _, pol := range []Policy{PolicyFixed, PolicyOutput} {
+		cfg := testCfg
+		cfg.Policy = pol
+		cfg.HeartbeatInterval = 90 * ms
+		h := protected(t, cfg) // checkpoint 1 taken at 2ms
+		if rd := h.step(Tick{3 * ms}); rd.TakeCheckpoint != nil {
+			t.Fatalf("%v: epoch ended early without a reason", pol)
+		}
+		if rd := h.step(HoldFull{3 * ms}); rd.TakeCheckpoint == nil {
+			t.Fatalf("%v: held output over the limit did not end the epoch", pol)
+		}
+	}
+}

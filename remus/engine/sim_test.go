@@ -611,6 +611,9 @@ func (s *sim) scheduleOutput() {
 		if s.chance(0.3) {
 			s.pstep(GuestIdle{s.now})
 		}
+		if s.chance(0.05) {
+			s.pstep(HoldFull{s.now})
+		}
 	})
 }
 
