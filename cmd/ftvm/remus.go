@@ -227,6 +227,15 @@ func newStatusCmd() *cobra.Command {
 	return cmd
 }
 
+// num prints a JSON number as an integer when it is one (JSON numbers
+// decode as float64, which %v prints as 6.9e+06).
+func num(v any) string {
+	if f, ok := v.(float64); ok && f == float64(int64(f)) {
+		return fmt.Sprintf("%d", int64(f))
+	}
+	return fmt.Sprint(v)
+}
+
 func printStatus(st map[string]any) {
 	if st["role"] == "backup" {
 		fmt.Printf("role:    backup, listening on %v\n", st["listen"])
@@ -236,25 +245,32 @@ func printStatus(st map[string]any) {
 		}
 		for _, s := range slots {
 			m, _ := s.(map[string]any)
-			fmt.Printf("vm %v: %v, term %v, session %v, committed %v (on disk %v), %v checkpoints, %v bytes received, primary heard %.1f ms ago",
-				m["vm"], m["state"], m["term"], m["session"], m["committed"], m["persisted"], m["checkpoints"],
-				m["bytes_received"], m["primary_last_heard_ms"])
+			fmt.Printf("vm %v: %v, term %s, session %s, committed %s (on disk %s), %s checkpoints, %s bytes received, primary heard %.1f ms ago",
+				m["vm"], m["state"], num(m["term"]), num(m["session"]), num(m["committed"]), num(m["persisted"]),
+				num(m["checkpoints"]), num(m["bytes_received"]), m["primary_last_heard_ms"])
 			if fo, ok := m["failover_ms"].(float64); ok && fo > 0 {
 				fmt.Printf(", FAILED OVER in %.1f ms", fo)
+			}
+			if r, ok := m["reason"].(string); ok && r != "" {
+				fmt.Printf(" (%s)", r)
 			}
 			fmt.Println()
 		}
 		return
 	}
-	fmt.Printf("role:        primary (vm %v, term %v)\n", st["vm"], st["term"])
+	fmt.Printf("role:        primary (vm %v, term %s)\n", st["vm"], num(st["term"]))
 	fmt.Printf("state:       %v", st["state"])
 	if r, ok := st["reason"].(string); ok && r != "" {
 		fmt.Printf(" (%s)", r)
 	}
 	fmt.Println()
 	fmt.Printf("backup:      %v, healthy %v, heard %.1f ms ago\n", st["backup"], st["backup_healthy"], st["backup_last_heard_ms"])
-	fmt.Printf("epoch:       %v (acked %v, released %v, lag %v, in flight %v)\n", st["epoch"], st["acked"], st["released_epoch"], st["lag_epochs"], st["inflight"])
-	fmt.Printf("last pause:  %.0f µs, %v dirty pages, %v bytes\n", st["last_pause_us"], st["last_dirty_pages"], st["last_checkpoint_bytes"])
-	fmt.Printf("replicated:  %v bytes in %v checkpoints (%v full)\n", st["bytes_replicated"], st["checkpoints"], st["full_checkpoints"])
-	fmt.Printf("output:      %v bytes held, %v released, %v stalls\n", st["held_output_bytes"], st["released_output_bytes"], st["stalls"])
+	fmt.Printf("epoch:       %s (acked %s, released %s, lag %s, in flight %s)\n", num(st["epoch"]), num(st["acked"]),
+		num(st["released_epoch"]), num(st["lag_epochs"]), num(st["inflight"]))
+	fmt.Printf("last pause:  %.0f µs, %s dirty pages, %s bytes\n", st["last_pause_us"], num(st["last_dirty_pages"]),
+		num(st["last_checkpoint_bytes"]))
+	fmt.Printf("replicated:  %s bytes in %s checkpoints (%s full)\n", num(st["bytes_replicated"]), num(st["checkpoints"]),
+		num(st["full_checkpoints"]))
+	fmt.Printf("output:      %s bytes held, %s released, %s stalls\n", num(st["held_output_bytes"]),
+		num(st["released_output_bytes"]), num(st["stalls"]))
 }
