@@ -60,7 +60,6 @@ type Primary struct {
 	cfg  PrimaryConfig
 	gate *holdGate
 	log  *slog.Logger
-	m    *machine.Machine
 	eng  *engine.Primary
 	t0   time.Time
 
@@ -180,7 +179,6 @@ func (p *Primary) send(ev engine.PrimaryEvent) {
 // runs m.Run; Run returns when told by Close). name and module describe
 // the guest for the backup.
 func (p *Primary) Run(ctx context.Context, m *machine.Machine, module []byte, name string) error {
-	p.m = m
 	p.machine.Store(m)
 	eng, err := engine.NewPrimary(p.cfg.Engine, p.now())
 	if err != nil {
@@ -301,7 +299,7 @@ func (p *Primary) session(id uint64) *session {
 func (p *Primary) take(req engine.CheckpointRequest, module []byte, name string) {
 	sess := p.session(req.Session)
 	p.requests.Add(1)
-	done := p.m.PauseAsync(func(pp *machine.Paused) error {
+	done := p.machine.Load().PauseAsync(func(pp *machine.Paused) error {
 		var st *snapshot.Stager
 		select {
 		case st = <-p.stagers:
@@ -397,7 +395,7 @@ func (p *Primary) Finish(code uint32) {
 	// that it ended, or it would resume an older checkpoint later.
 	if s != nil && st.State != engine.Unprotected.String() {
 		done := make(chan struct{})
-		s.exitDone = done
+		s.exitDone.Store(&done)
 		select {
 		case s.queue <- wire.Message(&wire.Exit{Seq: st.Acked, Code: code}):
 			select {
@@ -433,7 +431,7 @@ func (p *Primary) putStager(st *snapshot.Stager) {
 // then waits for acks (see take).
 func (p *Primary) overLimit() {
 	p.event(engine.HoldFull{Now: p.now()})
-	m := p.machine.Load() // the guest goroutine: p.m is the loop's
+	m := p.machine.Load()
 	if m == nil || !p.stalling.CompareAndSwap(false, true) {
 		return
 	}
@@ -636,7 +634,7 @@ type session struct {
 	lastID       snapshot.Hash
 	closed       atomic.Bool
 	exitOnce     sync.Once
-	exitDone     chan struct{} // set before an Exit is sent; closed by its ack
+	exitDone     atomic.Pointer[chan struct{}] // set before an Exit is sent (by Finish); closed by its ack
 }
 
 func (s *session) close() {
@@ -829,8 +827,8 @@ func (s *session) receiver(p *Primary) {
 		p.send(engine.Heartbeat{Now: now, Session: s.id})
 		switch m := msg.(type) {
 		case *wire.Ack:
-			if s.exitDone != nil {
-				s.exitOnce.Do(func() { close(s.exitDone) })
+			if done := s.exitDone.Load(); done != nil {
+				s.exitOnce.Do(func() { close(*done) })
 				continue
 			}
 			p.send(engine.Ack{Now: now, Session: s.id, Seq: m.Seq})
