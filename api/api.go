@@ -31,6 +31,9 @@ type SnapshotRequest struct {
 	Path        string `json:"snapshot_path"`
 	Incremental bool   `json:"incremental,omitempty"`
 	Stop        bool   `json:"stop,omitempty"`
+	// Mappable writes a full snapshot's memory uncompressed and page
+	// aligned, so that a restore maps it instead of reading it.
+	Mappable bool `json:"mappable,omitempty"`
 }
 
 // SnapshotResponse describes the snapshot written.
@@ -102,7 +105,7 @@ func Handler(vm VM, routes ...Route) http.Handler {
 		}
 		t0 := time.Now()
 		s, err := vm.Snapshot(r.Context(), req.Path, machine.SnapshotOptions{Incremental: req.Incremental,
-			Stop: req.Stop, Reason: "api"})
+			Stop: req.Stop, Mappable: req.Mappable, Reason: "api"})
 		if err != nil {
 			code := http.StatusInternalServerError
 			if errors.Is(err, machine.ErrNotInstrumented) || errors.Is(err, machine.ErrNotRunning) {

@@ -177,7 +177,7 @@ func TestScratchRegionSurvivesPauses(t *testing.T) {
 	}
 	ctx := context.Background()
 	var out bytes.Buffer
-	m, err := New(ctx, Config{Module: mod, Name: "scratchtop", Args: []string{"20000"}, Stdout: &out, Stderr: &out,
+	m, err := New(ctx, Config{Module: mod, Name: "scratchtop", Args: []string{"60000"}, Stdout: &out, Stderr: &out,
 		CacheDir: t.TempDir(), Instrument: true})
 	if err != nil {
 		t.Fatal(err)

@@ -3,6 +3,7 @@ package machine
 import (
 	"errors"
 	"fmt"
+	"os"
 	"sync/atomic"
 	"unsafe"
 
@@ -97,6 +98,9 @@ func (a *allocator) memory() *linearMemory { return a.mem.Load() }
 type MemoryImage struct {
 	region []byte
 	size   int
+	// mapped is how many bytes at the start of the region are a private
+	// mapping of a snapshot file (MapFile) rather than anonymous memory.
+	mapped int
 }
 
 // NewMemoryImage reserves room for max bytes (0: the wasm limit, 4 GiB).
@@ -132,15 +136,61 @@ func (im *MemoryImage) Resize(n int, fresh bool) []byte {
 
 // discard zeroes [from, to), giving whole pages back to the kernel. Bytes
 // beyond the image's size are always zero, so rounding to up pages is safe.
+// Pages of a mapped file are replaced by anonymous ones (dropping them
+// would bring the file's contents back, not zeros).
 func (im *MemoryImage) discard(from, to int) {
 	const page = 4096
 	head := min((from+page-1)&^(page-1), to)
 	clear(im.region[from:head])
-	if to > head {
-		if err := unix.Madvise(im.region[head:to], unix.MADV_DONTNEED); err != nil {
-			clear(im.region[head:to])
+	if to <= head {
+		return
+	}
+	if im.mapped > head {
+		end := im.mapped
+		if err := anonymousAt(im.region[head:end]); err != nil {
+			clear(im.region[head:end]) // still correct, only not given back
+		} else {
+			im.mapped = head
 		}
 	}
+	if err := unix.Madvise(im.region[head:to], unix.MADV_DONTNEED); err != nil {
+		clear(im.region[head:to])
+	}
+}
+
+// anonymousAt replaces the pages of b with fresh anonymous (zero) ones.
+func anonymousAt(b []byte) error {
+	_, _, errno := unix.Syscall6(unix.SYS_MMAP, uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)),
+		unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_NORESERVE|unix.MAP_FIXED, ^uintptr(0), 0)
+	if errno != 0 {
+		return errno
+	}
+	return nil
+}
+
+// MapFile makes the image n bytes long with, as its contents, the n bytes
+// of f at off, mapped copy-on-write (MAP_PRIVATE): nothing is read or
+// copied until the memory is used, and writes never reach the file. It is
+// snapshot.Image.Map for a restore from a mappable snapshot. The file must
+// not be truncated while the memory is in use (a page beyond its end
+// would fault with SIGBUS); replacing or renaming it is harmless. off and n
+// must be multiples of the page size.
+func (im *MemoryImage) MapFile(f *os.File, off int64, n int) ([]byte, error) {
+	const page = 4096
+	if im.region == nil || n < 0 || n > len(im.region) || n%page != 0 || off%page != 0 {
+		return nil, fmt.Errorf("cannot map %d bytes at file offset %d into a memory image of %s", n, off, FormatSize(uint64(len(im.region))))
+	}
+	im.discard(0, im.size)
+	im.size = 0
+	if n > 0 {
+		_, _, errno := unix.Syscall6(unix.SYS_MMAP, uintptr(unsafe.Pointer(&im.region[0])), uintptr(n),
+			unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_FIXED, f.Fd(), uintptr(off))
+		if errno != 0 {
+			return nil, fmt.Errorf("mapping %s of %s: %w", FormatSize(uint64(n)), f.Name(), errno)
+		}
+	}
+	im.size, im.mapped = n, n
+	return im.region[:n:n], nil
 }
 
 // Bytes is the image's memory, aliased.
@@ -167,17 +217,26 @@ func (im *MemoryImage) moveInto(dst []byte) error {
 	if im.region == nil || n > len(dst) {
 		return errors.New("the memory image is gone or larger than the VM's memory")
 	}
-	if n > 0 {
-		_, _, errno := unix.Syscall6(unix.SYS_MREMAP, uintptr(unsafe.Pointer(&im.region[0])), uintptr(n), uintptr(n),
-			unix.MREMAP_MAYMOVE|unix.MREMAP_FIXED, uintptr(unsafe.Pointer(&dst[0])), 0)
+	// mremap moves one mapping at a time: a mapped file's part, then the
+	// anonymous rest.
+	parts := [][2]int{{0, n}}
+	if m := min(im.mapped, n); m > 0 && m < n {
+		parts = [][2]int{{0, m}, {m, n}}
+	}
+	for _, p := range parts {
+		if p[1] == p[0] {
+			continue
+		}
+		_, _, errno := unix.Syscall6(unix.SYS_MREMAP, uintptr(unsafe.Pointer(&im.region[p[0]])), uintptr(p[1]-p[0]), uintptr(p[1]-p[0]),
+			unix.MREMAP_MAYMOVE|unix.MREMAP_FIXED, uintptr(unsafe.Pointer(&dst[p[0]])), 0)
 		if errno != 0 {
-			return fmt.Errorf("mremap of %s of memory: %w", FormatSize(uint64(n)), errno)
+			return fmt.Errorf("mremap of %s of memory: %w", FormatSize(uint64(p[1]-p[0])), errno)
 		}
 	}
 	// The first n bytes are gone from the reservation; release the rest.
 	if rest := im.region[n:]; len(rest) > 0 {
 		unix.Munmap(rest)
 	}
-	im.region, im.size = nil, 0
+	im.region, im.size, im.mapped = nil, 0, 0
 	return nil
 }

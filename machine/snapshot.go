@@ -21,6 +21,9 @@ type SnapshotOptions struct {
 	Stop bool
 	// Reason is recorded in the snapshot's metadata.
 	Reason string
+	// Mappable writes a full snapshot's memory so that a restore maps it
+	// copy-on-write instead of reading it (snapshot.Options.Mappable).
+	Mappable bool
 }
 
 // snapshotter is the machine's snapshot bookkeeping.
@@ -54,7 +57,8 @@ func (m *Machine) capturePaused(p *Paused, opt SnapshotOptions) (*snapshot.Snaps
 	// Always collect, so the next incremental is relative to this snapshot.
 	dirtyPages, derr := p.DirtyPages(sn.dirty[:0])
 	sn.dirty = dirtyPages
-	incremental := opt.Incremental && !sn.lastID.IsZero() && derr == nil
+	parentID, parentSeq := m.parent()
+	incremental := opt.Incremental && !parentID.IsZero() && derr == nil
 	idx := dirtyPages
 	if !incremental {
 		idx = snapshot.NonZeroPages(mem)
@@ -73,12 +77,25 @@ func (m *Machine) capturePaused(p *Paused, opt SnapshotOptions) (*snapshot.Snaps
 		Pages: pages, Globals: p.Globals(), StackAddr: addr, Stack: bytes.Clone(blob), Devices: devs,
 		Meta: snapshot.Meta{Created: time.Now().UTC(), Host: host, Version: Version, Reason: opt.Reason}}
 	if incremental {
-		s.Kind, s.Parent, s.Seq = snapshot.Incremental, sn.lastID, sn.seq+1
+		s.Kind, s.Parent, s.Seq = snapshot.Incremental, parentID, parentSeq+1
 	} else {
 		// A full snapshot carries its module, so it restores anywhere.
 		s.ModuleCode, s.ModuleName = m.cfg.Module, m.cfg.Name
 	}
 	return s, nil
+}
+
+// parent is the snapshot an incremental builds on: the last one this VM
+// wrote or, before that, the one it was restored from (dirty tracking
+// starts from the restored memory, so the chain simply goes on).
+func (m *Machine) parent() (snapshot.Hash, uint64) {
+	if !m.snaps.lastID.IsZero() {
+		return m.snaps.lastID, m.snaps.seq
+	}
+	if r := m.cfg.Restore; r != nil {
+		return r.ID, r.Seq
+	}
+	return snapshot.Hash{}, 0
 }
 
 // Snapshot captures the VM at its next safe point and writes it to path
@@ -97,7 +114,7 @@ func (m *Machine) Snapshot(ctx context.Context, path string, opt SnapshotOptions
 			return nil
 		}
 		// Nothing may run after the snapshot, so write it now.
-		if err := snapshot.WriteFile(path, s); err != nil {
+		if err := snapshot.WriteFileOptions(path, s, snapshot.Options{Mappable: opt.Mappable}); err != nil {
 			return err
 		}
 		p.Stop()
@@ -109,7 +126,7 @@ func (m *Machine) Snapshot(ctx context.Context, path string, opt SnapshotOptions
 	if !opt.Stop {
 		// The guest runs on; the pages are copies, so encoding happens
 		// off the pause.
-		if err := snapshot.WriteFile(path, s); err != nil {
+		if err := snapshot.WriteFileOptions(path, s, snapshot.Options{Mappable: opt.Mappable}); err != nil {
 			return nil, err
 		}
 	}

@@ -56,14 +56,27 @@ type decoder struct {
 	module    bool   // the module section was read
 	wantPages uint32 // pages the header announced
 	lastPage  int64  // last page index read, -1 before the first
+	version   uint32 // the prefix's
+	memory    bool   // the memory section was read
+	// src, when decoding a file, lets the memory section be mapped
+	// rather than read.
+	src *fileSource
 }
 
 // sectionOrder is the fixed order of the sections before the pages.
 var sectionOrder = []SectionType{SecHeader, SecMeta, SecGlobals, SecStack, SecDevices}
 
 func decode(r io.Reader, module *Hash) (*Snapshot, error) {
+	return newDecoder(r, module).run()
+}
+
+func newDecoder(r io.Reader, module *Hash) *decoder {
 	d := &decoder{r: r, id: sha256.New(), s: &Snapshot{}, want: module, lastPage: -1}
 	d.id.Write([]byte(idSalt))
+	return d
+}
+
+func (d *decoder) run() (*Snapshot, error) {
 	if err := d.prefix(); err != nil {
 		return nil, err
 	}
@@ -127,9 +140,11 @@ func (d *decoder) prefix() error {
 	}
 	// Every version keeps this prefix, so an old reader can tell a newer
 	// file from a damaged one.
-	if v := le.Uint32(b[8:]); v != Version {
-		return &Error{Kind: ErrVersion, Offset: 8, Msg: fmt.Sprintf("format version %d, this build reads %d", v, Version)}
+	v := le.Uint32(b[8:])
+	if v != versionPaged && v != Version {
+		return &Error{Kind: ErrVersion, Offset: 8, Msg: fmt.Sprintf("format version %d, this build reads %d and %d", v, versionPaged, Version)}
 	}
+	d.version = v
 	return nil
 }
 
@@ -153,9 +168,20 @@ func (d *decoder) frame() (frame, error) {
 			return f, d.fail(ErrCorrupt, "expected a %s section", sectionOrder[d.next])
 		}
 	case f.typ == SecModule:
-		if d.module || d.batches > 0 {
+		if d.module || d.batches > 0 || d.memory {
 			return f, d.fail(ErrCorrupt, "a module section must come once, before the pages")
 		}
+	case f.typ == SecMemory:
+		switch {
+		case d.version < 2:
+			return f, d.fail(ErrCorrupt, "a memory section in a version %d snapshot", d.version)
+		case d.memory || d.batches > 0:
+			return f, d.fail(ErrCorrupt, "a memory section must come once, instead of page sections")
+		case d.s.Kind != Full:
+			return f, d.fail(ErrCorrupt, "a memory section in an incremental snapshot")
+		}
+	case f.typ == SecPages && d.memory:
+		return f, d.fail(ErrCorrupt, "page sections after the memory section")
 	case f.typ != SecPages && f.typ != SecEnd:
 		return f, d.fail(ErrCorrupt, "unexpected section type %d", uint16(f.typ))
 	}
@@ -195,6 +221,8 @@ func (d *decoder) frame() (frame, error) {
 		max = maxDeviceBytes
 	case SecModule:
 		max = 2 + maxModuleName + maxModuleBytes
+	case SecMemory:
+		max = 4 + 8*uint64(d.wantPages)
 	case SecEnd:
 		max = endSize
 	}
@@ -238,6 +266,9 @@ func (d *decoder) section(f frame) (done bool, err error) {
 	case SecPages:
 		err = d.pageBatch(f, payload)
 		d.batches++
+	case SecMemory:
+		// memorySection records the section itself.
+		return false, d.memorySection(f, payload)
 	case SecEnd:
 		return true, d.end(payload)
 	}

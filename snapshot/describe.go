@@ -22,6 +22,10 @@ type Summary struct {
 	Batches    int       `json:"batches"`
 	PageRaw    int64     `json:"page_raw_bytes"`    // page sections, decompressed
 	PageStored int64     `json:"page_stored_bytes"` // page sections, as stored
+	// MemoryOffset and MemoryData locate a memory section's page-aligned
+	// data (Options.Mappable), which a restore maps instead of reading.
+	MemoryOffset int64 `json:"memory_data_offset,omitempty"`
+	MemoryData   int64 `json:"memory_data_bytes,omitempty"`
 	Globals    int       `json:"globals"`
 	StackAddr  uint64    `json:"stack_addr"`
 	StackBytes int       `json:"stack_bytes"`
@@ -66,6 +70,12 @@ func Describe(s *Snapshot) Summary {
 			sum.PageStored += int64(sec.Stored)
 		}
 		sum.FileBytes = sec.Offset + frameSize + int64(sec.Stored)
+		stored := int64(sec.Stored)
+		if sec.Type == SecMemory {
+			sum.MemoryOffset, sum.MemoryData = sec.DataOffset, sec.DataLength
+			stored = sec.DataOffset + sec.DataLength - sec.Offset - frameSize
+			sum.PageRaw += int64(sec.Pages) * PageSize
+		}
 		if sec.Type == SecPages && last >= 0 && sum.Sections[last].Type == SecPages.String() {
 			ss := &sum.Sections[last]
 			ss.Count++
@@ -78,7 +88,7 @@ func Describe(s *Snapshot) Summary {
 			continue
 		}
 		sum.Sections = append(sum.Sections, SectionSummary{Type: sec.Type.String(), Count: 1,
-			Codecs: sec.Codec.String(), Offset: sec.Offset, Stored: int64(sec.Stored), Raw: int64(sec.Raw), Pages: sec.Pages})
+			Codecs: sec.Codec.String(), Offset: sec.Offset, Stored: stored, Raw: int64(sec.Raw), Pages: sec.Pages})
 	}
 	return sum
 }
@@ -97,11 +107,16 @@ func (m Summary) String() string {
 	}
 	b.WriteByte('\n')
 	fmt.Fprintf(&b, "memory   %s (%d pages of 4 KiB)\n", size(int64(m.MemorySize)), m.MemorySize/PageSize)
-	fmt.Fprintf(&b, "pages    %d in %d batches: %s raw, %s stored", m.Pages, m.Batches, size(m.PageRaw), size(m.PageStored))
-	if m.PageStored > 0 {
-		fmt.Fprintf(&b, " (%.2fx)", float64(m.PageRaw)/float64(m.PageStored))
+	if m.MemoryData > 0 {
+		fmt.Fprintf(&b, "pages    %d (%s) in a mappable memory section: %s of memory at byte %d, zero pages as holes\n",
+			m.Pages, size(m.PageRaw), size(m.MemoryData), m.MemoryOffset)
+	} else {
+		fmt.Fprintf(&b, "pages    %d in %d batches: %s raw, %s stored", m.Pages, m.Batches, size(m.PageRaw), size(m.PageStored))
+		if m.PageStored > 0 {
+			fmt.Fprintf(&b, " (%.2fx)", float64(m.PageRaw)/float64(m.PageStored))
+		}
+		b.WriteByte('\n')
 	}
-	b.WriteByte('\n')
 	fmt.Fprintf(&b, "globals  %d\n", m.Globals)
 	fmt.Fprintf(&b, "stack    %s at %#x\n", size(int64(m.StackBytes)), m.StackAddr)
 	fmt.Fprintf(&b, "devices  %s\n", size(int64(m.DevBytes)))
@@ -115,7 +130,7 @@ func (m Summary) String() string {
 	fmt.Fprintln(tw, "section\tcount\toffset\tstored\traw\tpages\tcodec\t")
 	for _, s := range m.Sections {
 		pages := ""
-		if s.Type == SecPages.String() {
+		if s.Type == SecPages.String() || s.Type == SecMemory.String() {
 			pages = fmt.Sprint(s.Pages)
 		}
 		fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%d\t%s\t%s\t\n", s.Type, s.Count, s.Offset, s.Stored, s.Raw, pages, s.Codecs)

@@ -19,7 +19,7 @@
 //	         u32 crc32c(payload as stored) | u32 crc32c(previous 16 bytes)
 //
 // Sections come in a fixed order, each once, except module (optional) and
-// pages (zero or more):
+// pages (zero or more, or, in version 2, one memory section instead):
 //
 //	header   u8 kind | 3 zero bytes | u32 page size (4096) | [32] module SHA-256 |
 //	         u64 seq | [32] parent ID (zero if full) | u64 memory size |
@@ -33,7 +33,18 @@
 //	         which must hash to the header's module hash
 //	pages    u32 count | count × u32 page index | page data, raw or one
 //	         S2 block of count × 4096 bytes (codec 0 none, 1 S2)
+//	memory   u32 count | count × u32 page index | count × u32 crc32c(page),
+//	         then, outside the frame, zero padding to a multiple of 4096
+//	         bytes and the whole memory, page i at i × 4096, unlisted pages
+//	         zero (holes in a file): version 2, full snapshots only
 //	end      u32 sections before it | u32 zero | u64 its own offset | [32] ID
+//
+// The memory section (Options.Mappable) exists so that a restore can map
+// the memory copy-on-write rather than decompress and copy it: Image.Map
+// maps the data after checking every listed page's checksum with pread
+// (reading through the fresh mapping would fault every page in), and the
+// guest then faults in only what it touches. Its pages and checksums enter
+// the ID as page sections' would.
 //
 // Every byte is under a checksum: the prefix's, a frame header's (checked
 // before its lengths are believed), or a payload's, so a damaged byte is
@@ -68,5 +79,7 @@
 // # Versions
 //
 // Every version keeps the 16-byte prefix and its checksum, so a reader
-// tells a newer file (ErrVersion) from a damaged one (ErrCorrupt).
+// tells a newer file (ErrVersion) from a damaged one (ErrCorrupt). Version
+// 2 only adds the memory section; a snapshot without one is written as
+// version 1, which every build reads.
 package snapshot

@@ -22,6 +22,15 @@ type Options struct {
 	// Uncompressed stores pages raw (CodecNone): for links faster than
 	// the compressor, and for measuring what compression saves.
 	Uncompressed bool
+	// Mappable stores a full snapshot's memory as it lies in the guest:
+	// one memory section whose data is the whole memory, uncompressed and
+	// aligned to a 4 KiB boundary of the file, zero pages left as holes
+	// where the writer can seek (a file). A restore then maps that data
+	// copy-on-write instead of reading it (Image.Map), so restoring costs
+	// a checksum pass over the non-zero pages rather than decompressing
+	// and copying them, at the price of disk space (the non-zero pages,
+	// uncompressed). Incremental snapshots ignore it.
+	Mappable bool
 }
 
 // Encode writes s with the default options. See EncodeOptions.
@@ -63,10 +72,18 @@ func (s *Snapshot) encode(w io.Writer, o Options) error {
 		writerPool.Put(bw)
 	}()
 	e := &encoder{w: bw, id: sha256.New()}
+	if sk, ok := w.(io.Seeker); ok {
+		e.seeker = sk
+	}
 	e.id.Write([]byte(idSalt))
+	mappable := o.Mappable && s.Kind == Full
 
 	var prefix [prefixSize]byte
-	putPrefix(prefix[:])
+	version := uint32(versionPaged)
+	if mappable {
+		version = Version
+	}
+	putPrefix(prefix[:], version)
 	e.write(prefix[:])
 	e.section(SecHeader, s.headerPayload())
 	e.section(SecMeta, s.metaPayload())
@@ -76,7 +93,11 @@ func (s *Snapshot) encode(w io.Writer, o Options) error {
 	if len(s.ModuleCode) > 0 {
 		e.moduleSection(s.ModuleName, s.ModuleCode)
 	}
-	e.pages(s.Pages, o)
+	if mappable {
+		e.memory(s, o)
+	} else {
+		e.pages(s.Pages, o)
+	}
 
 	endOff := e.off
 	var end [endSize]byte
@@ -105,10 +126,93 @@ var writerPool = sync.Pool{New: func() any { return bufio.NewWriterSize(nil, 256
 
 type encoder struct {
 	w        *bufio.Writer
+	seeker   io.Seeker // the writer under w, if it can skip (holes)
 	off      int64
 	err      error
 	id       hash.Hash
 	sections []SectionInfo
+}
+
+// skip writes n zero bytes: as a hole where the writer can seek past
+// them, else as zeros.
+func (e *encoder) skip(n int64) {
+	if e.err != nil || n == 0 {
+		return
+	}
+	if e.seeker != nil {
+		if e.err = e.w.Flush(); e.err != nil {
+			return
+		}
+		if _, err := e.seeker.Seek(n, io.SeekCurrent); err == nil {
+			e.off += n
+			return
+		}
+		e.seeker = nil // a pipe: write the zeros
+	}
+	for n > 0 && e.err == nil {
+		k := min(n, PageSize)
+		e.write(zeroPage[:k])
+		n -= k
+	}
+}
+
+// memory writes the memory section (Options.Mappable): the index of the
+// non-zero pages with their checksums, padding to a page boundary, then
+// the memory itself.
+func (e *encoder) memory(s *Snapshot, o Options) {
+	n := len(s.Pages)
+	head := make([]byte, 4+8*n)
+	le.PutUint32(head, uint32(n))
+	sums := make([]uint32, n)
+	parallelPages(n, o.Workers, func(i int) { sums[i] = crc(s.Pages[i].Data) })
+	idSums := make([]byte, 8*n)
+	for i, p := range s.Pages {
+		le.PutUint32(head[4+4*i:], p.Index)
+		le.PutUint32(head[4+4*n+4*i:], sums[i])
+		le.PutUint32(idSums[8*i:], p.Index)
+		le.PutUint32(idSums[8*i+4:], sums[i])
+	}
+	e.frame(frame{typ: SecMemory, stored: uint32(len(head)), raw: uint32(len(head)), sum: crc(head)}, n)
+	sec := len(e.sections) - 1
+	e.write(head)
+	e.skip(padding(e.off))
+	start := e.off
+	for _, p := range s.Pages {
+		e.skip(int64(p.Index)*PageSize - (e.off - start))
+		e.write(p.Data)
+	}
+	e.skip(int64(s.MemorySize) - (e.off - start))
+	e.sections[sec].DataOffset, e.sections[sec].DataLength = start, int64(s.MemorySize)
+	e.id.Write(idSums)
+}
+
+// padding is how many bytes take off to the next page boundary.
+func padding(off int64) int64 { return (PageSize - off%PageSize) % PageSize }
+
+// parallelPages calls f(0..n-1) on up to workers goroutines (0:
+// GOMAXPROCS), each taking a contiguous share.
+func parallelPages(n, workers int, f func(i int)) {
+	if workers <= 0 {
+		workers = runtime.GOMAXPROCS(0)
+	}
+	workers = min(workers, max(1, n/256))
+	if workers <= 1 {
+		for i := 0; i < n; i++ {
+			f(i)
+		}
+		return
+	}
+	var wg sync.WaitGroup
+	for w := 0; w < workers; w++ {
+		wg.Add(1)
+		go func(lo, hi int) {
+			defer wg.Done()
+			for i := lo; i < hi; i++ {
+				f(i)
+			}
+		}(n*w/workers, n*(w+1)/workers)
+	}
+	wg.Wait()
 }
 
 func (e *encoder) write(b []byte) {

@@ -66,16 +66,24 @@ func syncDir(dir string) error {
 // ReadFile reads and verifies the snapshot in path. With module non-nil, a
 // snapshot of another module is ErrModuleMismatch (found from the header,
 // before the pages are read); nil accepts any module (ftvm inspect). The
-// file must end where the snapshot does.
+// file must end where the snapshot does. A memory section is checked
+// through a mapping of the file and its pages copied out.
 func ReadFile(path string, module *Hash) (*Snapshot, error) {
+	return readFile(path, module, nil)
+}
+
+// readFile is ReadFile; with mapMem, a memory section is mapped through it
+// and the snapshot's pages alias that mapping (Image.Map).
+func readFile(path string, module *Hash, mapMem func(*os.File, int64, int) ([]byte, error)) (*Snapshot, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, fmt.Errorf("snapshot: %w", err)
 	}
 	defer f.Close()
 	br := bufio.NewReaderSize(f, 1<<20)
-	cr := &countReader{r: br}
-	s, err := decode(cr, module)
+	d := newDecoder(br, module)
+	d.src = &fileSource{f: f, br: br, mapMem: mapMem}
+	s, err := d.run()
 	if err != nil {
 		return nil, withPath(err, path)
 	}
@@ -83,18 +91,7 @@ func ReadFile(path string, module *Hash) (*Snapshot, error) {
 		if err != nil {
 			return nil, fmt.Errorf("snapshot %s: %w", path, err)
 		}
-		return nil, &Error{Kind: ErrCorrupt, Path: path, Offset: cr.n, Msg: "data after the end of the snapshot"}
+		return nil, &Error{Kind: ErrCorrupt, Path: path, Offset: d.off, Msg: "data after the end of the snapshot"}
 	}
 	return s, nil
-}
-
-type countReader struct {
-	r io.Reader
-	n int64
-}
-
-func (c *countReader) Read(p []byte) (int, error) {
-	n, err := c.r.Read(p)
-	c.n += int64(n)
-	return n, err
 }

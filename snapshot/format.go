@@ -9,8 +9,14 @@ import (
 // Magic starts every snapshot.
 const Magic = "FTVMSNAP"
 
-// Version is the format version this build writes and reads.
-const Version = 1
+// Version is the newest format version this build writes and reads.
+// Version 2 adds the memory section; a snapshot without one is written as
+// version 1, so that older builds still read it.
+const Version = 2
+
+// versionPaged is the version of a snapshot whose pages are all in page
+// sections.
+const versionPaged = 1
 
 const (
 	prefixSize  = 16 // magic, u32 version, u32 crc32c of the first 12 bytes
@@ -33,6 +39,7 @@ const (
 	SecDevices SectionType = 5
 	SecPages   SectionType = 6
 	SecModule  SectionType = 7
+	SecMemory  SectionType = 8
 	SecEnd     SectionType = 0xff
 )
 
@@ -52,6 +59,8 @@ func (t SectionType) String() string {
 		return "pages"
 	case SecModule:
 		return "module"
+	case SecMemory:
+		return "memory"
 	case SecEnd:
 		return "end"
 	}
@@ -85,7 +94,11 @@ type SectionInfo struct {
 	Offset int64  // of the frame header
 	Stored uint32 // payload bytes in the file
 	Raw    uint32 // payload bytes after decompression
-	Pages  int    // page sections: pages in the batch
+	Pages  int    // page and memory sections: the pages they hold
+	// Memory sections: where the page-aligned memory area starts in the
+	// encoding, and its length (the memory size).
+	DataOffset int64
+	DataLength int64
 }
 
 // castagnoli is CRC-32C: computed by a CPU instruction on amd64 and arm64
@@ -115,9 +128,9 @@ func (f frame) put(b []byte) {
 	le.PutUint32(b[16:], crc(b[:16]))
 }
 
-func putPrefix(b []byte) {
+func putPrefix(b []byte, version uint32) {
 	copy(b, Magic)
-	le.PutUint32(b[8:], Version)
+	le.PutUint32(b[8:], version)
 	le.PutUint32(b[12:], crc(b[:12]))
 }
 

@@ -71,7 +71,9 @@ func resign(b []byte) []byte {
 		return b
 	}
 	le.PutUint32(b[12:], crc(b[:12]))
+	var memSize int64
 	for off := prefixSize; off+frameSize <= len(b); {
+		typ := SectionType(le.Uint16(b[off:]))
 		stored := int(le.Uint32(b[off+4:]))
 		if stored > len(b)-off-frameSize {
 			le.PutUint32(b[off+16:], crc(b[off:off+16]))
@@ -79,7 +81,17 @@ func resign(b []byte) []byte {
 		}
 		le.PutUint32(b[off+12:], crc(b[off+frameSize:off+frameSize+stored]))
 		le.PutUint32(b[off+16:], crc(b[off:off+16]))
+		if typ == SecHeader && stored >= 88 {
+			memSize = int64(le.Uint64(b[off+frameSize+80:]))
+		}
 		off += frameSize + stored
+		if typ == SecMemory { // the memory data follows, unframed
+			next := int64(off) + padding(int64(off)) + memSize
+			if next > int64(len(b)) || next < 0 {
+				break
+			}
+			off = int(next)
+		}
 	}
 	return b
 }
@@ -119,6 +131,13 @@ func fuzzSeeds() []fuzzSeed {
 	code := []byte("\x00asm\x01\x00\x00\x00")
 	withModule := enc(&Snapshot{Kind: Full, Module: ModuleHash(code), MemorySize: 64 << 10,
 		Pages: []Page{{Index: 3, Data: bytes.Repeat([]byte("ab"), PageSize/2)}}, ModuleCode: code, ModuleName: "m.wasm"}, 0)
+	mappable := &Snapshot{Kind: Full, Module: testModule, MemorySize: 64 << 10, Nonce: [16]byte{4, 5, 6},
+		Pages: []Page{{Index: 1, Data: bytes.Repeat([]byte("memory section "), PageSize/15+1)[:PageSize]},
+			{Index: 15, Data: bytes.Repeat([]byte{9, 0, 0, 0}, PageSize/4)}}}
+	var mb bytes.Buffer
+	if err := mappable.EncodeOptions(&mb, Options{Mappable: true}); err != nil {
+		panic(err)
+	}
 	flipped := bytes.Clone(full)
 	flipped[len(flipped)/2] ^= 4
 	return []fuzzSeed{
@@ -126,6 +145,7 @@ func fuzzSeeds() []fuzzSeed {
 		{"full-text-pages", full, true},
 		{"incremental-raw-and-s2", incremental, true},
 		{"full-with-module", withModule, true},
+		{"full-mappable-memory", mb.Bytes(), true},
 		{"truncated", full[:len(full)-20], false},
 		{"flipped-bit", flipped, false},
 		{"not-a-snapshot", []byte("\x00asm\x01\x00\x00\x00"), false},

@@ -2,6 +2,7 @@ package snapshot
 
 import (
 	"fmt"
+	"os"
 	"slices"
 )
 
@@ -27,6 +28,15 @@ type Image struct {
 	// memory is an ordinary slice. (A Remus backup keeps memory in a
 	// mapping a restored VM can take over without copying.)
 	Resize func(n int, fresh bool) []byte
+	// Map, if set, lets RestoreInto map the memory section of the chain's
+	// first file (a snapshot written with Options.Mappable) instead of
+	// reading it: it maps n bytes of f at off (page aligned) copy-on-write
+	// as the image's memory, replacing what was there, and returns them.
+	// The checksums are verified through that mapping, and the file must
+	// then stay as it is (it may be renamed or replaced, not truncated)
+	// for as long as the memory is in use. If the restore fails, the
+	// image must be discarded.
+	Map func(f *os.File, off int64, n int) ([]byte, error)
 }
 
 // Apply brings img to the state s describes. A full snapshot replaces the
@@ -63,7 +73,12 @@ func Apply(img *Image, s *Snapshot) error {
 
 	size := int(s.MemorySize)
 	var mem []byte
-	if img.Resize != nil {
+	inPlace := s.mapped != nil && s.Kind == Full && len(s.mapped) == size
+	if inPlace {
+		// A mapped memory section: the image's memory already is the
+		// snapshot's (RestoreInto, the first file).
+		mem = s.mapped
+	} else if img.Resize != nil {
 		// Checked before anything changes: an image that cannot hold
 		// the memory is left as it was.
 		if size > len(img.Memory) || s.Kind == Full {
@@ -76,7 +91,7 @@ func Apply(img *Image, s *Snapshot) error {
 	}
 	// From here on nothing fails.
 	switch {
-	case img.Resize != nil:
+	case inPlace || img.Resize != nil:
 	case s.Kind == Full:
 		// Fresh memory, also because s's pages may alias img.Memory
 		// (img.Snapshot()).
@@ -91,8 +106,10 @@ func Apply(img *Image, s *Snapshot) error {
 		copy(grown, img.Memory)
 		mem = grown
 	}
-	for _, p := range s.Pages {
-		copy(mem[int(p.Index)*PageSize:], p.Data)
+	if !inPlace {
+		for _, p := range s.Pages {
+			copy(mem[int(p.Index)*PageSize:], p.Data)
+		}
 	}
 	code, name := img.ModuleCode, img.ModuleName
 	if len(s.ModuleCode) > 0 {
@@ -113,6 +130,7 @@ func Apply(img *Image, s *Snapshot) error {
 		ModuleCode: code,
 		ModuleName: name,
 		Resize:     img.Resize,
+		Map:        img.Map,
 	}
 	return nil
 }
@@ -140,7 +158,11 @@ func RestoreInto(img *Image, module *Hash, paths ...string) error {
 		if want == nil && i > 0 {
 			want = &img.Module
 		}
-		s, err := ReadFile(p, want)
+		var mapMem func(*os.File, int64, int) ([]byte, error)
+		if i == 0 && img.ID.IsZero() {
+			mapMem = img.Map
+		}
+		s, err := readFile(p, want, mapMem)
 		if err != nil {
 			return err
 		}

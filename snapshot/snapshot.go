@@ -168,6 +168,10 @@ type Snapshot struct {
 	// Sections is the layout of the encoding, set by Encode and Decode,
 	// for Describe.
 	Sections []SectionInfo
+
+	// mapped is the memory an image's Map gave for a memory section: the
+	// pages are already in place there, and Apply adopts it as is.
+	mapped []byte
 }
 
 // checkContent validates everything in s that the format constrains, and

@@ -390,7 +390,7 @@ func TestVersionAndMagic(t *testing.T) {
 	if !errors.Is(err, ErrVersion) || errors.Is(err, ErrCorrupt) {
 		t.Fatalf("newer version: %v", err)
 	}
-	if !strings.Contains(err.Error(), "version 2") {
+	if !strings.Contains(err.Error(), fmt.Sprintf("version %d", Version+1)) {
 		t.Fatalf("message does not say the version: %v", err)
 	}
 	_, err = DecodeBytes([]byte("\x00asm\x01\x00\x00\x00 and then some more bytes"), nil)

@@ -98,10 +98,20 @@ func TestSnapshotEquivalence(t *testing.T) {
 
 // TestKVSnapshotRestore fills the KV server guest over TCP, snapshots it
 // with --stop through its API socket, restores it in a new process on
-// another port, and reads every key back; then it serves new writes.
+// another port, and reads every key back; then it serves new writes, is
+// snapshotted again (incremental: dirty tracking works on restored
+// memory, also when that memory is a mapping of the snapshot file) and the
+// chain restores in a third process. With --mappable the full snapshot's
+// memory is mapped by the restore instead of read.
 func TestKVSnapshotRestore(t *testing.T) {
 	wasm := guest.MustGo(t, "testdata/guests/kvserver")
 	instrumented(t, wasm)
+	for _, mappable := range []bool{false, true} {
+		t.Run(fmt.Sprintf("mappable=%v", mappable), func(t *testing.T) { kvSnapshotRestore(t, wasm, mappable) })
+	}
+}
+
+func kvSnapshotRestore(t *testing.T, wasm string, mappable bool) {
 	dir := t.TempDir()
 	addr := freeAddr(t)
 	sock := filepath.Join(dir, "vm.sock")
@@ -121,7 +131,11 @@ func TestKVSnapshotRestore(t *testing.T) {
 	defer idle.Close()
 
 	snap := filepath.Join(dir, "kv.snap")
-	res := runCLI(t, time.Minute, "", "snapshot", "--api-sock", sock, "--out", snap, "--stop")
+	args := []string{"snapshot", "--api-sock", sock, "--out", snap, "--stop"}
+	if mappable {
+		args = append(args, "--mappable")
+	}
+	res := runCLI(t, time.Minute, "", args...)
 	if res.code != 0 {
 		t.Fatalf("ftvm snapshot: %d %s", res.code, res.stderr)
 	}
@@ -134,23 +148,55 @@ func TestKVSnapshotRestore(t *testing.T) {
 		t.Fatalf("stopped VM exited %d", code)
 	}
 	insp := runCLI(t, time.Minute, "", "inspect", snap)
-	if insp.code != 0 || !strings.Contains(insp.stdout, "full") {
+	if insp.code != 0 || !strings.Contains(insp.stdout, "full") ||
+		strings.Contains(insp.stdout, "mappable memory section") != mappable {
 		t.Errorf("inspect: %d %s %s", insp.code, insp.stdout, insp.stderr)
 	}
 
 	addr2 := freeAddr(t)
-	p2 := startProc(t, ftvmBinary(t), "restore", "--module", wasm, "--listen", "3="+addr2, snap)
+	sock2 := filepath.Join(dir, "vm2.sock")
+	p2 := startProc(t, ftvmBinary(t), "restore", "--module", wasm, "--listen", "3="+addr2, "--api-sock", sock2, snap)
 	waitKV(t, p2, addr2)
 	for i := 0; i < n; i++ {
 		if got, want := request(t, addr2, fmt.Sprintf("GET key%d", i)), fmt.Sprintf("VALUE value%d", i*i); got != want {
 			t.Fatalf("after restore GET key%d = %q, want %q", i, got, want)
 		}
 	}
-	if got := request(t, addr2, "SET after restore"); got != "OK" {
-		t.Fatalf("SET after restore: %q", got)
+	for i := 0; i < 50; i++ {
+		if got := request(t, addr2, fmt.Sprintf("SET after%d restore%d", i, i)); got != "OK" {
+			t.Fatalf("SET after restore: %q", got)
+		}
 	}
-	if got := request(t, addr2, "COUNT"); got != fmt.Sprintf("COUNT %d", n+1) {
+	if got := request(t, addr2, "COUNT"); got != fmt.Sprintf("COUNT %d", n+50) {
 		t.Errorf("COUNT after restore: %q", got)
+	}
+
+	// An incremental snapshot of the restored VM carries what changed
+	// since the restore; the chain restores in a third process.
+	inc := filepath.Join(dir, "kv.inc")
+	if res := runCLI(t, time.Minute, "", "snapshot", "--api-sock", sock2, "--out", inc, "--incremental", "--stop"); res.code != 0 {
+		t.Fatalf("ftvm snapshot --incremental: %d %s", res.code, res.stderr)
+	}
+	select {
+	case <-p2.done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the restored VM did not stop")
+	}
+	if insp := runCLI(t, time.Minute, "", "inspect", inc); insp.code != 0 || !strings.Contains(insp.stdout, "incremental") {
+		t.Fatalf("inspect incremental: %d %s %s", insp.code, insp.stdout, insp.stderr)
+	}
+	addr3 := freeAddr(t)
+	p3 := startProc(t, ftvmBinary(t), "restore", "--module", wasm, "--listen", "3="+addr3, snap, inc)
+	waitKV(t, p3, addr3)
+	for i := 0; i < n; i++ {
+		if got, want := request(t, addr3, fmt.Sprintf("GET key%d", i)), fmt.Sprintf("VALUE value%d", i*i); got != want {
+			t.Fatalf("after the chain's restore GET key%d = %q, want %q", i, got, want)
+		}
+	}
+	for i := 0; i < 50; i++ {
+		if got, want := request(t, addr3, fmt.Sprintf("GET after%d", i)), fmt.Sprintf("VALUE restore%d", i); got != want {
+			t.Fatalf("after the chain's restore GET after%d = %q, want %q", i, got, want)
+		}
 	}
 }
 

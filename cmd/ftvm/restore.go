@@ -34,7 +34,9 @@ the same host directories); --listen re-maps listeners by guest descriptor
 				return &exitError{code: exitUsage, err: err}
 			}
 			defer mi.Close()
-			img := &snapshot.Image{Resize: mi.Resize}
+			// A mappable snapshot's memory is mapped copy-on-write
+			// (verified through the mapping), not read.
+			img := &snapshot.Image{Resize: mi.Resize, Map: mi.MapFile}
 			if err := snapshot.RestoreInto(img, nil, args...); err != nil {
 				return &exitError{code: exitModule, err: err}
 			}

@@ -14,15 +14,18 @@ import (
 
 func newSnapshotCmd() *cobra.Command {
 	var sock, out string
-	var stop, incremental, asJSON bool
+	var stop, incremental, mappable, asJSON bool
 	cmd := &cobra.Command{
-		Use:   "snapshot --api-sock PATH --out FILE [--stop] [--incremental]",
+		Use:   "snapshot --api-sock PATH --out FILE [--stop] [--incremental] [--mappable]",
 		Short: "Capture a running VM at its next safe point into a snapshot file",
 		Long: `Capture a running VM (started with ftvm run --api-sock PATH) at its next safe
 point: linear memory, globals, the wasm call stack and device state. With
 --incremental only the pages dirtied since the VM's previous snapshot are
 written (restore takes the chain). With --stop the VM ends at that safe point,
-once the file is safely on disk.`,
+once the file is safely on disk. With --mappable a full snapshot's memory is
+stored uncompressed and page-aligned (zero pages as holes), so that restore
+maps it copy-on-write instead of reading it: a restore in milliseconds, for
+the disk space of the memory's non-zero pages.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if sock == "" || out == "" {
@@ -33,7 +36,7 @@ once the file is safely on disk.`,
 				return usage("--out: %v", err)
 			}
 			resp, err := api.NewClient(sock).Snapshot(cmd.Context(),
-				api.SnapshotRequest{Path: abs, Stop: stop, Incremental: incremental})
+				api.SnapshotRequest{Path: abs, Stop: stop, Incremental: incremental, Mappable: mappable})
 			if err != nil {
 				return &exitError{code: 1, err: err}
 			}
@@ -50,6 +53,7 @@ once the file is safely on disk.`,
 	cmd.Flags().StringVar(&out, "out", "", "snapshot file to write")
 	cmd.Flags().BoolVar(&stop, "stop", false, "end the VM at the snapshot's safe point")
 	cmd.Flags().BoolVar(&incremental, "incremental", false, "write only the pages dirtied since the previous snapshot")
+	cmd.Flags().BoolVar(&mappable, "mappable", false, "store memory uncompressed and page-aligned, for restores that map it")
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print the result as JSON")
 	return cmd
 }
