@@ -61,10 +61,24 @@ type control struct {
 }
 
 // pauseJob is one WithPaused call waiting for, or running in, a pause.
+// A PauseAsync job has a result channel instead of done: its result is
+// put there without waking anyone who does not wait for it.
 type pauseJob struct {
-	fn   func(p *Paused) error
-	err  error
-	done chan struct{}
+	fn     func(p *Paused) error
+	err    error
+	done   chan struct{}
+	result chan error // buffered (1); PauseAsync's
+}
+
+// finish hands the job's result over.
+func (j *pauseJob) finish(err error) {
+	j.err = err
+	if j.result != nil {
+		j.result <- err
+		close(j.result)
+		return
+	}
+	close(j.done)
 }
 
 // scratchSize is the region borrowed for the Asyncify stack. Go keeps its
@@ -93,16 +107,24 @@ func (m *Machine) safePoint(ctx context.Context, mod api.Module, c wasi.Call) bo
 			m.pauses.record(time.Since(m.pauseStart))
 			m.pauseStart = time.Time{}
 		}
+		m.runAfterResume()
 		return false // the call was counted when it unwound
 	}
 	if m.asy.startUnwind == nil {
 		return false
 	}
-	m.calls++
-	if m.cfg.SnapshotAtCall != 0 && m.calls == m.cfg.SnapshotAtCall {
-		m.autoSnap = true
-	} else if !m.pauseWanted() {
-		return false
+	if c == wasi.CallPoll {
+		// A loop poll: not a host call (--snapshot-at-call counts those).
+		if !m.pauseWanted() {
+			return false
+		}
+	} else {
+		m.calls++
+		if m.cfg.SnapshotAtCall != 0 && m.calls == m.cfg.SnapshotAtCall {
+			m.autoSnap = true
+		} else if !m.pauseWanted() {
+			return false
+		}
 	}
 	mem := m.alloc.memory().Bytes()
 	if uint64(len(mem)) < 2*scratchSize {
@@ -233,8 +255,7 @@ func (m *Machine) stopped(ctx context.Context) (stop bool) {
 	c.mu.Unlock()
 	p := &Paused{m: m}
 	for _, j := range jobs {
-		j.err = j.fn(p)
-		close(j.done)
+		j.finish(j.fn(p))
 	}
 	return c.stop || ctx.Err() != nil
 }
@@ -254,8 +275,8 @@ func (m *Machine) WithPaused(ctx context.Context, fn func(p *Paused) error) erro
 	if m.inst == nil {
 		return ErrNotInstrumented
 	}
-	job, err := m.queuePause(fn)
-	if err != nil {
+	job := &pauseJob{fn: fn, done: make(chan struct{})}
+	if err := m.queuePause(job); err != nil {
 		return err
 	}
 	c := &m.ctl
@@ -279,26 +300,26 @@ func (m *Machine) WithPaused(ctx context.Context, fn func(p *Paused) error) erro
 	return job.err
 }
 
-// queuePause queues fn for the next safe point.
-func (m *Machine) queuePause(fn func(p *Paused) error) (*pauseJob, error) {
-	job := &pauseJob{fn: fn, done: make(chan struct{})}
+// queuePause queues job for the next safe point.
+func (m *Machine) queuePause(job *pauseJob) error {
 	c := &m.ctl
 	c.mu.Lock()
 	if c.ended {
 		c.mu.Unlock()
-		return nil, ErrNotRunning
+		return ErrNotRunning
 	}
 	c.queue = append(c.queue, job)
 	c.want.Add(1)
 	c.mu.Unlock()
 	m.dev.RequestPause()
-	return job, nil
+	return nil
 }
 
 // PauseAsync is WithPaused without the wait: fn is queued before PauseAsync
 // returns, so when it is called on the guest goroutine (from an output gate,
 // say) the guest stops at its very next safe point. done receives fn's
-// result (or ErrNotRunning) and is closed.
+// result (or ErrNotRunning) and is closed. Nothing else runs for it: a
+// caller that does not wait on done wakes no goroutine during the pause.
 func (m *Machine) PauseAsync(fn func(p *Paused) error) (done <-chan error) {
 	ch := make(chan error, 1)
 	if m.inst == nil {
@@ -306,17 +327,10 @@ func (m *Machine) PauseAsync(fn func(p *Paused) error) (done <-chan error) {
 		close(ch)
 		return ch
 	}
-	job, err := m.queuePause(fn)
-	if err != nil {
+	if err := m.queuePause(&pauseJob{fn: fn, result: ch}); err != nil {
 		ch <- err
 		close(ch)
-		return ch
 	}
-	go func() {
-		<-job.done
-		ch <- job.err
-		close(ch)
-	}()
 	return ch
 }
 
@@ -330,14 +344,32 @@ func (m *Machine) endControl() {
 	c.want.Add(-int32(len(jobs)))
 	c.mu.Unlock()
 	for _, j := range jobs {
-		j.err = ErrNotRunning
-		close(j.done)
+		j.finish(ErrNotRunning)
 	}
+	m.runAfterResume()
 }
 
 // Stop makes the VM end once the pauser returns, without running the guest
 // any further (ftvm snapshot --stop).
 func (p *Paused) Stop() { p.m.ctl.stop = true }
+
+// AfterResume runs fn on the guest goroutine once the pause is over: right
+// after the guest is rewound (before the host call it stopped at runs), or,
+// if the VM ends at this safe point instead, when it ends. Work that need
+// not happen while the guest is stopped — waking other goroutines, handing
+// the capture to an encoder — goes there, out of the pause.
+func (p *Paused) AfterResume(fn func()) { p.m.afterResume = append(p.m.afterResume, fn) }
+
+// runAfterResume runs (once) the functions AfterResume queued.
+func (m *Machine) runAfterResume() {
+	for len(m.afterResume) > 0 {
+		fns := m.afterResume
+		m.afterResume = nil
+		for _, fn := range fns {
+			fn()
+		}
+	}
+}
 
 // Memory is the guest's linear memory, aliased: valid while paused.
 func (p *Paused) Memory() []byte { return p.m.alloc.memory().Bytes() }

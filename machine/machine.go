@@ -121,7 +121,8 @@ type Machine struct {
 	calls        uint64 // safe points reached (host calls begun)
 	autoSnap     bool   // the current unwind is SnapshotAtCall's
 	pauseStart   time.Time
-	trackerKind  string // under mu: Info reads it from other goroutines
+	afterResume  []func() // Paused.AfterResume's, run when the pause is over
+	trackerKind  string   // under mu: Info reads it from other goroutines
 	pauses       pauseStats
 
 	mu       sync.Mutex
@@ -376,6 +377,7 @@ func (m *Machine) Run(ctx context.Context) (code uint32, err error) {
 			return 0, ErrStopped
 		}
 		if m.stopped(ctx) {
+			m.runAfterResume()
 			m.finish(StateStopped, 0)
 			if ctx.Err() != nil {
 				return 0, ctx.Err()
@@ -383,6 +385,7 @@ func (m *Machine) Run(ctx context.Context) (code uint32, err error) {
 			return 0, ErrStopped
 		}
 		if err := m.beforeRewind(ctx); err != nil {
+			m.runAfterResume()
 			m.finish(StateFailed, 0)
 			return 0, err
 		}

@@ -6,6 +6,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"time"
 
 	"github.com/ftvm/ftvm/machine"
@@ -22,7 +23,7 @@ type checkpoint struct {
 	seq     uint64
 	full    bool
 	snap    *snapshot.Snapshot // pages alias stager; Parent and ID set when encoded
-	stager  *snapshot.Stager
+	stager  *stager
 	ops     []wire.FsOp
 	tree    []wire.DiskFile
 	pause   time.Duration // how long the capture kept the guest stopped
@@ -32,7 +33,7 @@ type checkpoint struct {
 
 // captureCheckpoint runs while the guest is paused. It copies only what
 // must be copied now; encoding happens after the guest runs again.
-func captureCheckpoint(p *machine.Paused, seq uint64, full bool, st *snapshot.Stager, dirtyBuf []uint32,
+func captureCheckpoint(p *machine.Paused, seq uint64, full bool, st *stager, dirtyBuf []uint32,
 	module []byte, name string) (*checkpoint, []uint32, error) {
 	t0 := time.Now()
 	mem := p.Memory()
@@ -45,7 +46,7 @@ func captureCheckpoint(p *machine.Paused, seq uint64, full bool, st *snapshot.St
 	if full {
 		idx = snapshot.NonZeroPages(mem)
 	}
-	pages, err := st.Stage(mem, idx)
+	pages, err := st.stage(mem, idx)
 	if err != nil {
 		return nil, dirtyPages, err
 	}
@@ -69,6 +70,64 @@ func captureCheckpoint(p *machine.Paused, seq uint64, full bool, st *snapshot.St
 	}
 	cp.pause = time.Since(t0)
 	return cp, dirtyPages, nil
+}
+
+// stager copies a checkpoint's pages out of guest memory into one buffer,
+// back to back (so the encoder compresses them in place), and is reused
+// from checkpoint to checkpoint. Unlike snapshot.Stager it grows with
+// headroom and is grown, and its pages faulted in, outside the pause
+// (reserve): a pause that must allocate a fresh multi-megabyte buffer
+// takes the kernel's page faults for every page of it on top of the copy.
+type stager struct {
+	buf   []byte
+	pages []snapshot.Page
+	idx   []uint32
+}
+
+// stage copies the pages listed in indices (any order, duplicates allowed)
+// out of mem and returns them sorted. They stay valid until the next stage.
+func (st *stager) stage(mem []byte, indices []uint32) ([]snapshot.Page, error) {
+	st.idx = append(st.idx[:0], indices...)
+	if !slices.IsSorted(st.idx) {
+		slices.Sort(st.idx)
+	}
+	st.idx = slices.Compact(st.idx)
+	n := len(st.idx)
+	if n > 0 && (uint64(st.idx[n-1])+1)*snapshot.PageSize > uint64(len(mem)) {
+		return nil, fmt.Errorf("snapshot: page %d is beyond the memory's %d bytes", st.idx[n-1], len(mem))
+	}
+	if len(st.buf) < n*snapshot.PageSize {
+		// Not ready for this many (the first checkpoints, a full one, a
+		// burst): allocate in the pause after all, without headroom (a
+		// full checkpoint's buffer is the whole memory) and without
+		// touching it first (the copy faults the pages in anyway).
+		st.buf = make([]byte, n*snapshot.PageSize)
+		st.pages = make([]snapshot.Page, 0, n)
+	}
+	buf := st.buf[:n*snapshot.PageSize]
+	st.pages = st.pages[:0]
+	for i, x := range st.idx {
+		d := buf[i*snapshot.PageSize : (i+1)*snapshot.PageSize]
+		copy(d, mem[int(x)*snapshot.PageSize:])
+		st.pages = append(st.pages, snapshot.Page{Index: x, Data: d})
+	}
+	return st.pages, nil
+}
+
+// reserve makes room for n pages, with headroom, and touches every page of
+// a new buffer so that copying into it does not fault. It runs outside
+// pauses.
+func (st *stager) reserve(n int) {
+	if n <= 0 || len(st.buf) >= n*snapshot.PageSize {
+		return
+	}
+	n += n/4 + 16
+	buf := make([]byte, n*snapshot.PageSize)
+	for i := 0; i < len(buf); i += 4096 {
+		buf[i] = 1
+	}
+	st.buf = buf
+	st.pages = make([]snapshot.Page, 0, n)
 }
 
 // readTree reads a preopened directory's whole contents for a full sync.

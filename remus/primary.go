@@ -69,7 +69,11 @@ type Primary struct {
 
 	// Guest-goroutine state (touched only inside pauses).
 	dirtyBuf []uint32
-	stagers  chan *snapshot.Stager
+	stagers  chan *stager
+	// stagePages is what a pooled stager is made ready for: about the
+	// largest incremental checkpoint of late, in pages.
+	stagePages atomic.Int64
+	refilling  atomic.Bool
 
 	mu       sync.Mutex
 	sess     *session // the current session, under mu
@@ -133,7 +137,7 @@ func NewPrimary(cfg PrimaryConfig) (*Primary, error) {
 	}
 	p := &Primary{cfg: cfg, gate: newHoldGate(cfg.HoldLimit), log: cfg.Log.With("role", "primary", "vm", cfg.VM),
 		events: make(chan engine.PrimaryEvent, 256), release: make(chan struct{}, 1), stop: make(chan struct{}),
-		stagers: make(chan *snapshot.Stager, cfg.Engine.MaxInflight+2)}
+		stagers: make(chan *stager, cfg.Engine.MaxInflight+2)}
 	// The clock starts now, not in Run: the guest may produce output
 	// (an Output event) before the driver loop runs.
 	p.t0 = time.Now()
@@ -299,58 +303,70 @@ func (p *Primary) session(id uint64) *session {
 func (p *Primary) take(req engine.CheckpointRequest, module []byte, name string) {
 	sess := p.session(req.Session)
 	p.requests.Add(1)
-	done := p.machine.Load().PauseAsync(func(pp *machine.Paused) error {
-		var st *snapshot.Stager
-		select {
-		case st = <-p.stagers:
-		default:
-			st = &snapshot.Stager{}
-		}
+	// Errors are logged by the job itself: nothing waits on PauseAsync's
+	// result, so the pause wakes no goroutine for it.
+	p.machine.Load().PauseAsync(func(pp *machine.Paused) error {
+		st := p.getStager()
 		cp, dirty, err := captureCheckpoint(pp, req.Seq, req.Full, st, p.dirtyBuf, module, name)
 		p.dirtyBuf = dirty
 		if err != nil {
+			p.putStager(st)
+			p.log.Error("checkpoint failed", "seq", req.Seq, "err", err)
 			return err
+		}
+		if !req.Full {
+			p.notePages(cp.dirty)
 		}
 		p.gate.setEpoch(req.Seq)
 		_, ops := p.gate.endEpoch()
 		if !req.Full {
 			cp.ops = ops // a full checkpoint's tree already has them
 		}
-		p.mu.Lock()
-		p.status.LastPauseUS = float64(cp.pause.Nanoseconds()) / 1000
-		p.status.LastDirtyPages = cp.dirty
-		p.status.Checkpoints++
-		if req.Full {
-			p.status.FullCheckpoints++
-		}
-		p.mu.Unlock()
-		// Tell the loop now, not when the guest runs again (the ack of
-		// this checkpoint may be what a stalled guest waits for below),
-		// and before the checkpoint can be streamed: the engine must
-		// know it was taken before its ack can arrive.
-		p.send(engine.CheckpointTaken{Now: p.now(), Seq: req.Seq})
-		if sess != nil {
-			sess.enqueue(cp)
-		} else {
-			p.putStager(cp.stager)
+		// handOff tells the loop the checkpoint was taken (before it can
+		// be streamed: the engine must know it was taken before its ack
+		// can arrive) and gives it to the sender. Both wake other
+		// goroutines — the encoder then competes for the CPU — so unless
+		// the guest must wait for acks in this pause, it runs once the
+		// guest is rewound, before the host call it stopped at (so before
+		// any output of the next epoch).
+		handOff := func() {
+			p.mu.Lock()
+			p.status.LastPauseUS = float64(cp.pause.Nanoseconds()) / 1000
+			p.status.LastDirtyPages = cp.dirty
+			p.status.Checkpoints++
+			if req.Full {
+				p.status.FullCheckpoints++
+			}
+			p.mu.Unlock()
+			p.send(engine.CheckpointTaken{Now: p.now(), Seq: req.Seq})
+			if sess != nil {
+				sess.enqueue(cp)
+			} else {
+				p.putStager(cp.stager)
+			}
+			p.refillStagers()
 		}
 		// Back-pressure: a slow backup stalls output release, then the
 		// guest. Wait until acks bring held output under the limit (or
 		// all that is held is this epoch's, which only the next
-		// checkpoint can release).
+		// checkpoint can release). A stall queued by overLimit may run
+		// in this same pause and wait for this checkpoint's ack: hand
+		// it off now then, too.
 		if p.gate.overLimitOld() {
+			handOff()
 			p.mu.Lock()
 			p.status.Stalls++
 			p.mu.Unlock()
 			p.gate.waitBelow(p.stop)
+			return nil
 		}
+		if p.stalling.Load() {
+			handOff()
+			return nil
+		}
+		pp.AfterResume(handOff)
 		return nil
 	})
-	go func() {
-		if err := <-done; err != nil && !errors.Is(err, machine.ErrNotRunning) {
-			p.log.Error("checkpoint failed", "seq", req.Seq, "err", err)
-		}
-	}()
 }
 
 // WaitSession waits (at most the engine's Timeout) until a backup session
@@ -413,11 +429,50 @@ func (p *Primary) Finish(code uint32) {
 	}
 }
 
-func (p *Primary) putStager(st *snapshot.Stager) {
+// getStager takes a staging buffer from the pool (in a pause); a new one
+// only if every pooled one is still in flight.
+func (p *Primary) getStager() *stager {
+	select {
+	case st := <-p.stagers:
+		return st
+	default:
+		return &stager{}
+	}
+}
+
+// putStager returns a staging buffer to the pool, first growing it (off
+// the pause: the sender, or after the guest was rewound) to what the next
+// checkpoints are expected to need, so that no pause has to allocate and
+// fault in a buffer.
+func (p *Primary) putStager(st *stager) {
+	st.reserve(int(p.stagePages.Load()))
 	select {
 	case p.stagers <- st:
 	default:
 	}
+}
+
+// notePages records an incremental checkpoint's size (in a pause): the
+// pool's target follows the largest of late, decaying slowly.
+func (p *Primary) notePages(n int) {
+	hw := p.stagePages.Load()
+	hw = max(int64(n), hw-hw/32)
+	p.stagePages.Store(hw)
+}
+
+// refillStagers makes sure a ready staging buffer waits in the pool for the
+// next pause, preparing one on another goroutine if none does (the pool
+// is empty while every buffer is in flight, e.g. after a full checkpoint).
+func (p *Primary) refillStagers() {
+	if len(p.stagers) > 0 || !p.refilling.CompareAndSwap(false, true) {
+		return
+	}
+	go func() {
+		defer p.refilling.Store(false)
+		if len(p.stagers) == 0 {
+			p.putStager(&stager{})
+		}
+	}()
 }
 
 // overLimit runs on the guest goroutine when held output passes the limit:

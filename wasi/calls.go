@@ -5,6 +5,17 @@ import "github.com/tetratelabs/wazero/api"
 // ModuleName is the import module every function here is exported under.
 const ModuleName = "wasi_snapshot_preview1"
 
+// The loop poll the instrumentation inserts into guests (package
+// machine/instrument): ftvm.safepoint, () -> (), a safe point that is not a
+// WASI call. It does nothing unless a pause is pending or the VM is
+// stopping.
+const (
+	PollModule = "ftvm"
+	PollName   = "safepoint"
+	// CallPoll is what the SafePoint hook is given for a poll.
+	CallPoll Call = 255
+)
+
 // Call identifies a wasi_snapshot_preview1 function. Every host call is a safe
 // point and is counted per Call.
 type Call uint8
@@ -122,6 +133,9 @@ var signatures = [NumCalls]struct {
 func (c Call) String() string {
 	if c < NumCalls {
 		return signatures[c].name
+	}
+	if c == CallPoll {
+		return PollModule + "." + PollName
 	}
 	return "unknown"
 }

@@ -347,8 +347,25 @@ func (d *Devices) Register(ctx context.Context, r wazero.Runtime) error {
 		}
 		b.NewFunctionBuilder().WithGoModuleFunction(fn, sig.params, results).WithName(sig.name).Export(sig.name)
 	}
-	_, err := b.Instantiate(ctx)
+	if _, err := b.Instantiate(ctx); err != nil {
+		return err
+	}
+	pb := r.NewHostModuleBuilder(PollModule)
+	pb.NewFunctionBuilder().WithGoModuleFunction(api.GoModuleFunc(d.poll), nil, nil).WithName(PollName).Export(PollName)
+	_, err := pb.Instantiate(ctx)
 	return err
+}
+
+// poll is the loop poll (PollName): a safe point, and the place where a
+// guest that makes no host calls notices that the VM is stopping.
+func (d *Devices) poll(ctx context.Context, mod api.Module, stack []uint64) {
+	if d.closed.Load() {
+		_ = mod.CloseWithExitCode(ctx, sys.ExitCodeContextCanceled)
+		panic(sys.NewExitError(sys.ExitCodeContextCanceled))
+	}
+	if d.safePoint != nil {
+		d.safePoint(ctx, mod, CallPoll)
+	}
 }
 
 // bind turns a handler into a host function: it gives the machine its safe
