@@ -109,7 +109,12 @@ func runCPU(ctx context.Context, e *env) (string, error) {
 		}
 	}
 
-	systems := []string{"ftvm", "ftvm-noinst", "wazero", "native", "ftvm-cli", "ftvm-noinst-cli", "wazero-cli"}
+	for _, g := range guests { // and with loop polls
+		if _, err := runSystem(ctx, e, "ftvm-polls", guestRun{module: g.module, name: filepath.Base(g.wasm), args: []string{"1"}}); err != nil {
+			return "", err
+		}
+	}
+	systems := []string{"ftvm", "ftvm-noinst", "ftvm-polls", "wazero", "native", "ftvm-cli", "ftvm-noinst-cli", "wazero-cli"}
 	for r := 0; r < e.runs; r++ {
 		for _, g := range guests {
 			// Rotate the order every run so drift hits all systems alike.
@@ -179,6 +184,17 @@ func runCPU(ctx context.Context, e *env) (string, error) {
 			t := times[key{g, row.system}]
 			fmt.Fprintf(&b, "| %s | %s | %s | %s |\n", g.label, row.cmd, fmtSecRange(t), fmtRatio(t.median(), n.median()))
 		}
+	}
+	b.WriteString("\n**Loop polls** (`ftvm run --loop-polls`): the same run with a safe point in every loop that calls or " +
+		"contains a loop (machine/instrument/polls.go), so that a guest computing without host calls can still be " +
+		"paused, checkpointed or stopped within about a millisecond; off by default because of this cost.\n\n")
+	b.WriteString("| guest | ftvm | ftvm --loop-polls | ÷ ftvm | ftvm --instrument=false |\n|---|---:|---:|---:|---:|\n")
+	for _, g := range guests {
+		f, pl, u := times[key{g, "ftvm"}], times[key{g, "ftvm-polls"}], times[key{g, "ftvm-noinst"}]
+		fmt.Fprintf(&b, "| %s | %s | %s | %s | %s |\n", g.label, fmtSecRange(f), fmtSecRange(pl),
+			fmtRatio(pl.median(), f.median()), fmtSecRange(u))
+		e.summarize("Loop polls (`--loop-polls`), %s: %s vs %s without (%s).", g.label, fmtSeconds(pl.median()),
+			fmtSeconds(f.median()), fmtRatio(pl.median(), f.median()))
 	}
 	for _, g := range guests {
 		f, u, w, n := times[key{g, "ftvm"}].median(), times[key{g, "ftvm-noinst"}].median(),

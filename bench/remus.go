@@ -330,14 +330,25 @@ func remusCPU(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 	type key struct {
 		g     int
 		epoch time.Duration // 0: unprotected
+		polls bool          // --loop-polls
 	}
-	configs := append([]time.Duration{0}, r.s.epochs...)
+	var configs []key
+	for _, ep := range append([]time.Duration{0}, r.s.epochs...) {
+		configs = append(configs, key{epoch: ep})
+	}
+	configs = append(configs, key{epoch: 25 * time.Millisecond, polls: true})
+	for _, g := range guests { // warm the loop-polled instrumentation too
+		if _, err := runCLI(ctx, r.ftvmBin, "run", "--loop-polls", "--cache-dir", r.cache, g.wasm, "1"); err != nil {
+			return err
+		}
+	}
 	res := map[key][]remusCPURun{}
 	for run := 0; run < r.s.cpuRuns; run++ {
 		for gi, g := range guests {
 			for i := range configs {
-				epoch := configs[(i+run)%len(configs)]
-				r.logf("remus: cpu %s run %d/%d, epoch %v", g.label, run+1, r.s.cpuRuns, epoch)
+				c := configs[(i+run)%len(configs)]
+				epoch := c.epoch
+				r.logf("remus: cpu %s run %d/%d, epoch %v, loop polls %v", g.label, run+1, r.s.cpuRuns, epoch, c.polls)
 				var out remusCPURun
 				var err error
 				if epoch == 0 {
@@ -345,12 +356,13 @@ func remusCPU(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 					cr, err = runCLI(ctx, r.ftvmBin, "run", "--cache-dir", r.cache, g.wasm, arg)
 					out = remusCPURun{elapsed: cr.elapsed.Seconds(), stdout: cr.stdout}
 				} else {
-					out, err = r.protectedCPURun(ctx, g.wasm, arg, epoch)
+					out, err = r.protectedCPURun(ctx, g.wasm, arg, epoch, c.polls)
 				}
 				if err != nil {
 					return fmt.Errorf("%s, epoch %v: %w", g.label, epoch, err)
 				}
-				res[key{gi, epoch}] = append(res[key{gi, epoch}], out)
+				k := key{gi, epoch, c.polls}
+				res[k] = append(res[k], out)
 			}
 		}
 	}
@@ -362,7 +374,9 @@ func remusCPU(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 		"the order rotating every run; median with min–max. **Checkpoints** and **pauses** are the primary's `GET /status` "+
 		"and `GET /vm` as last polled (every 50 ms, so up to 50 ms before exit); the pause figures include the first, full, "+
 		"checkpoint. The guests checkpoint only at host calls (the safe points): a computation that makes none runs "+
-		"as one epoch, and the first, full, checkpoint waits for the first host call after the backup session is up. "+
+		"as one epoch, and the first, full, checkpoint waits for the first host call after the backup session is up; "+
+		"the `--loop-polls` row adds safe points in the guest's loops, so epochs end on time (its ratio is against "+
+		"the unprotected run without loop polls, so it includes their own cost). "+
 		"**State at last poll**: protected = the backup had acknowledged a checkpoint; syncing = the first (full) "+
 		"checkpoint was not acknowledged yet; unprotected = the pair gave each other up during the run. A run that "+
 		"ends while syncing was, in effect, not protected: its time is not the cost of protection. **Output** compares "+
@@ -370,18 +384,22 @@ func remusCPU(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 	b.WriteString("| guest | epoch | run time | ÷ unprotected | checkpoints | pause p50 | pause p99 | state at last poll | output |\n")
 	b.WriteString("|---|---:|---:|---:|---:|---:|---:|---|---|\n")
 	for gi, g := range guests {
-		base := res[key{gi, 0}]
+		base := res[key{gi, 0, false}]
 		want := ""
 		if len(base) > 0 {
 			want = base[0].stdout
 		}
 		baseT := sampleOf(base, func(x remusCPURun) float64 { return x.elapsed })
-		for _, epoch := range configs {
-			runs := res[key{gi, epoch}]
+		for _, c := range configs {
+			epoch := c.epoch
+			runs := res[key{gi, epoch, c.polls}]
 			t := sampleOf(runs, func(x remusCPURun) float64 { return x.elapsed })
 			label := "unprotected"
 			if epoch > 0 {
 				label = epoch.String()
+			}
+			if c.polls {
+				label += ", --loop-polls"
 			}
 			out := outputCheck(runs, want)
 			if epoch == 0 {
@@ -404,7 +422,12 @@ func remusCPU(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 			fmt.Fprintf(b, "| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", g.label, label, fmtSecRange(t),
 				fmtRatio(t.median(), baseT.median()), fmtNum(cps.median()), pause(p50), pause(p99),
 				fmtCounts(states), out)
-			if epoch == 25*time.Millisecond {
+			if c.polls {
+				r.summarize("Remus, CPU-bound %s with `--loop-polls` at 25 ms epochs: %s vs %s unprotected (%s); checkpoints: %s "+
+					"(safe points inside the computation), pause p50 %s / p99 %s; state at last poll: %s; output %s.",
+					g.label, fmtSeconds(t.median()), fmtSeconds(baseT.median()), fmtRatio(t.median(), baseT.median()),
+					fmtNum(cps.median()), pause(p50), pause(p99), fmtCounts(states), out)
+			} else if epoch == 25*time.Millisecond {
 				r.summarize("Remus, CPU-bound %s: `ftvm run --protect` at 25 ms epochs takes %s vs %s unprotected (%s; target ≤ ×1.1); "+
 					"checkpoints: %s, pause p50 %s / p99 %s; primary's state at its last poll: %s; output %s.", g.label, fmtSeconds(t.median()), fmtSeconds(baseT.median()),
 					fmtRatio(t.median(), baseT.median()), fmtNum(cps.median()), pause(p50), pause(p99),
@@ -417,7 +440,7 @@ func remusCPU(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 }
 
 // protectedCPURun runs one protected CPU-bound guest with a fresh backup.
-func (r *remusEnv) protectedCPURun(ctx context.Context, wasm, arg string, epoch time.Duration) (remusCPURun, error) {
+func (r *remusEnv) protectedCPURun(ctx context.Context, wasm, arg string, epoch time.Duration, polls bool) (remusCPURun, error) {
 	var out remusCPURun
 	bk, err := r.startBackup(ctx, r.s.timeout)
 	if err != nil {
@@ -426,6 +449,9 @@ func (r *remusEnv) protectedCPURun(ctx context.Context, wasm, arg string, epoch 
 	defer bk.stop()
 	sock := filepath.Join(r.work, r.tag("cpu")+".sock")
 	args := append([]string{"run"}, protectArgs(bk, r.s.timeout, epoch, "", false)...)
+	if polls {
+		args = append(args, "--loop-polls")
+	}
 	args = append(args, "--api-sock", sock, "--cache-dir", r.cache, wasm, arg)
 	var stdout, stderr bytes.Buffer
 	cmd := exec.CommandContext(ctx, r.ftvmBin, args...)

@@ -28,6 +28,8 @@ type guestRun struct {
 	// `ftvm run --instrument=false` does (ftvm runs only; by default ftvm
 	// runs instrument, as `ftvm run` does).
 	noInstrument bool
+	// loopPolls runs ftvm with --loop-polls.
+	loopPolls bool
 }
 
 // runResult is what a run produced. elapsed runs from instantiation to the
@@ -45,7 +47,7 @@ func runFtvm(ctx context.Context, e *env, g guestRun) (runResult, error) {
 		Stdout: g.stdout, Stderr: &stderr, Stdin: strings.NewReader(""),
 		CacheDir: filepath.Join(e.cache, "ftvm-compiled"),
 		// Instrumented modules go to the default cache, shared with `ftvm run`.
-		Instrument: !g.noInstrument}
+		Instrument: !g.noInstrument, LoopPolls: g.loopPolls}
 	if cfg.Stdout == nil {
 		cfg.Stdout = &stdout
 	}
@@ -146,6 +148,9 @@ func runSystem(ctx context.Context, e *env, system string, g guestRun) (runResul
 		return runFtvm(ctx, e, g)
 	case "ftvm-noinst":
 		g.noInstrument = true
+		return runFtvm(ctx, e, g)
+	case "ftvm-polls":
+		g.loopPolls = true
 		return runFtvm(ctx, e, g)
 	case "wazero":
 		return runWazero(ctx, e, g)

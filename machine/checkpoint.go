@@ -146,6 +146,7 @@ func (m *Machine) safePoint(ctx context.Context, mod api.Module, c wasi.Call) bo
 		panic(fmt.Errorf("asyncify_start_unwind: %w", err))
 	}
 	m.unwinding = true
+	m.pausedAt = c
 	m.stack.addr = addr
 	return true
 }
@@ -371,6 +372,10 @@ func (m *Machine) runAfterResume() {
 	}
 }
 
+// At names the safe point the guest is paused at: a WASI call
+// ("fd_write"), or "ftvm.safepoint" for a loop poll (Config.LoopPolls).
+func (p *Paused) At() string { return p.m.pausedAt.String() }
+
 // Memory is the guest's linear memory, aliased: valid while paused.
 func (p *Paused) Memory() []byte { return p.m.alloc.memory().Bytes() }
 
@@ -399,7 +404,11 @@ func (p *Paused) Stack() (addr uint64, blob []byte) {
 }
 
 // Devices is the device state.
-func (p *Paused) Devices() *wasi.State { return p.m.dev.Capture() }
+func (p *Paused) Devices() *wasi.State {
+	st := p.m.dev.Capture()
+	st.Instrumentation = p.m.instrumentation
+	return st
+}
 
 // ModuleHash is the SHA-256 of the original (uninstrumented) module.
 func (p *Paused) ModuleHash() snapshot.Hash { return p.m.moduleHash }

@@ -3,6 +3,7 @@ package machine_test
 import (
 	"bytes"
 	"context"
+	"errors"
 	"io"
 	"os"
 	"path/filepath"
@@ -123,5 +124,63 @@ func TestSnapshotBeforeFirstSafePoint(t *testing.T) {
 	}
 	if !strings.Contains(rest.String(), "hello from a guest") {
 		t.Errorf("restored output %q", rest.String())
+	}
+}
+
+// A state captured from one instrumented module restores only into the same
+// instrumented code: the snapshot records it, and a restore whose
+// instrumentation differs (another wasm-opt, other options) is a clear
+// error, not a guest rewound into code its stack does not describe.
+func TestRestoreChecksInstrumentation(t *testing.T) {
+	mod := hello(t)
+	ctx := context.Background()
+	stdinR, stdinW, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stdinW.Close()
+	m, err := machine.New(ctx, machine.Config{Module: mod, Name: "hello", Args: []string{"stdin"},
+		Stdin: stdinR, Stdout: io.Discard, Stderr: io.Discard, CacheDir: t.TempDir(), Instrument: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close(ctx)
+	go m.Run(ctx)
+	s, err := m.Capture(ctx, machine.SnapshotOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Contains(s.Devices, []byte(`"instrumented_sha256":"`)) {
+		t.Fatalf("the device state does not record the instrumented module: %s", s.Devices)
+	}
+	var buf bytes.Buffer
+	if err := s.Encode(&buf); err != nil {
+		t.Fatal(err)
+	}
+	restore := func(devices []byte) error {
+		s2, err := snapshot.DecodeBytes(buf.Bytes(), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		s2.Devices = devices
+		var img snapshot.Image
+		if err := snapshot.Apply(&img, s2); err != nil {
+			t.Fatal(err)
+		}
+		rm, err := machine.New(ctx, machine.Config{Module: mod, Name: "hello", Restore: &img, Stdin: strings.NewReader("x\n"),
+			Stdout: io.Discard, Stderr: io.Discard, CacheDir: t.TempDir()})
+		if err == nil {
+			rm.Close(ctx)
+		}
+		return err
+	}
+	if err := restore(s.Devices); err != nil {
+		t.Fatalf("the same instrumentation: %v", err)
+	}
+	forged := bytes.Replace(s.Devices, []byte(`"instrumented_sha256":"`), []byte(`"instrumented_sha256":"0`), 1)
+	err = restore(forged)
+	var me *machine.ModuleError
+	if !errors.As(err, &me) || !strings.Contains(err.Error(), "instrumented") {
+		t.Fatalf("another instrumentation: %v", err)
 	}
 }

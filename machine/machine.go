@@ -16,6 +16,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/tetratelabs/wazero"
@@ -55,6 +56,11 @@ type Config struct {
 	// keeps instrumented modules ("" = instrument.DefaultCacheDir()).
 	Instrument         bool
 	InstrumentCacheDir string
+	// LoopPolls, with Instrument, also puts safe points in the guest's
+	// loops (instrument.Options.LoopPolls), so that a guest computing
+	// without host calls can be paused within about a millisecond, at a
+	// cost in CPU-bound speed. A restore follows the snapshot's choice.
+	LoopPolls bool
 	// Restore continues a captured VM instead of starting the module afresh.
 	// Module must be the module it was captured from; Dirs and Listen then
 	// optionally re-map the snapshot's directories and listeners.
@@ -102,28 +108,36 @@ type Machine struct {
 	listeners      map[uint32]string
 
 	// Safe points (checkpoint.go).
-	inst         *instrument.Instrumented
-	moduleHash   snapshot.Hash
-	asy          asyncify
-	globals      []global
-	ctl          control
-	unwinding    bool
-	rewinding    bool
-	stack        stackState
-	scratchAddr  uint32
-	scratchSaved []byte // the guest's bytes of the scratch region
-	scratchValid bool   // scratchSaved equals the region but for pages written since
-	scratchPages []uint32
-	rewindAddr   uint32
-	rewindSaved  []byte
-	tracker      dirty.Tracker
-	snaps        snapshotter
-	calls        uint64 // safe points reached (host calls begun)
-	autoSnap     bool   // the current unwind is SnapshotAtCall's
-	pauseStart   time.Time
-	afterResume  []func() // Paused.AfterResume's, run when the pause is over
-	trackerKind  string   // under mu: Info reads it from other goroutines
-	pauses       pauseStats
+	inst       *instrument.Instrumented
+	moduleHash snapshot.Hash
+	// running is true while Run runs; runDone is closed when it returns.
+	running atomic.Bool
+	runDone chan struct{}
+	// pausedAt is the call the guest last unwound at.
+	pausedAt wasi.Call
+	// instrumentation identifies the instrumented module, recorded in
+	// every captured state.
+	instrumentation *wasi.Instrumentation
+	asy             asyncify
+	globals         []global
+	ctl             control
+	unwinding       bool
+	rewinding       bool
+	stack           stackState
+	scratchAddr     uint32
+	scratchSaved    []byte // the guest's bytes of the scratch region
+	scratchValid    bool   // scratchSaved equals the region but for pages written since
+	scratchPages    []uint32
+	rewindAddr      uint32
+	rewindSaved     []byte
+	tracker         dirty.Tracker
+	snaps           snapshotter
+	calls           uint64 // safe points reached (host calls begun)
+	autoSnap        bool   // the current unwind is SnapshotAtCall's
+	pauseStart      time.Time
+	afterResume     []func() // Paused.AfterResume's, run when the pause is over
+	trackerKind     string   // under mu: Info reads it from other goroutines
+	pauses          pauseStats
 
 	mu       sync.Mutex
 	state    State
@@ -161,10 +175,41 @@ type Program struct {
 	compileTime    time.Duration
 	instrumentTime time.Duration
 	limit          uint64
+	instHashOnce   sync.Once
+	instHash       string
 }
 
 // ModuleHash is the SHA-256 of the original module.
 func (p *Program) ModuleHash() snapshot.Hash { return p.moduleHash }
+
+// instrumentedHash is the hex SHA-256 of the instrumented module, "" for
+// an uninstrumented program.
+func (p *Program) instrumentedHash() string {
+	if p.inst == nil {
+		return ""
+	}
+	p.instHashOnce.Do(func() {
+		sum := sha256.Sum256(p.inst.Module)
+		p.instHash = hex.EncodeToString(sum[:])
+	})
+	return p.instHash
+}
+
+// instrumentation describes the program's instrumented module, for the
+// states captured from it.
+func (p *Program) instrumentation() *wasi.Instrumentation {
+	if p.inst == nil {
+		return nil
+	}
+	return &wasi.Instrumentation{LoopPolls: p.inst.LoopPolls, Module: p.instrumentedHash()}
+}
+
+func instrumentationMismatch(want *wasi.Instrumentation, p *Program) string {
+	return fmt.Sprintf("was captured running an instrumented module (sha256 %.12s, loop polls %v) that differs from "+
+		"the one instrumented here (sha256 %.12s, loop polls %v): the wasm-opt version or the instrumentation options "+
+		"differ; restore with the same ftvm and binaryen as the snapshot was taken with",
+		want.Module, want.LoopPolls, p.instrumentedHash(), p.inst != nil && p.inst.LoopPolls)
+}
 
 // Close releases a Program that was never turned into a VM.
 func (p *Program) Close(ctx context.Context) error {
@@ -218,8 +263,18 @@ func Prepare(ctx context.Context, cfg Config) (*Program, error) {
 			slog.Warn("instrumenting the module for safe points (once per module; cached afterwards)",
 				"module", cfg.Name)
 		})
-		p.inst, err = instrument.Instrument(ctx, cfg.Module, dir)
+		polls := cfg.LoopPolls
+		var want *wasi.Instrumentation
+		if cfg.Restore != nil {
+			if want = wasi.InstrumentationOf(cfg.Restore.Devices); want != nil {
+				polls = want.LoopPolls
+			}
+		}
+		p.inst, err = instrument.InstrumentWith(ctx, cfg.Module, dir, instrument.Options{LoopPolls: polls})
 		notice.Stop()
+		if err == nil && want != nil && want.Module != p.instrumentedHash() {
+			return nil, &ModuleError{Module: cfg.Name, Reason: instrumentationMismatch(want, p)}
+		}
 		if err != nil {
 			var missing *instrument.MissingToolError
 			if errors.As(err, &missing) || ctx.Err() != nil {
@@ -273,15 +328,22 @@ func New(ctx context.Context, cfg Config) (*Machine, error) {
 		}
 	} else if cfg.Restore != nil && prog.inst == nil {
 		return nil, errors.New("restoring needs an instrumented program")
+	} else if cfg.Restore != nil {
+		// A program prepared in advance (a Remus backup's) must be the
+		// instrumented code the state was captured from.
+		if want := wasi.InstrumentationOf(cfg.Restore.Devices); want != nil && want.Module != prog.instrumentedHash() {
+			return nil, &ModuleError{Module: prog.name, Reason: instrumentationMismatch(want, prog)}
+		}
 	}
 	cfg.Program = nil
 	cfg.Module, cfg.MemoryLimit = prog.module, prog.limit
 	if cfg.Name == "" {
 		cfg.Name = prog.name
 	}
-	m := &Machine{cfg: cfg, info: prog.info, hash: prog.hash, moduleHash: prog.moduleHash, state: StateCreated,
+	m := &Machine{cfg: cfg, runDone: make(chan struct{}), info: prog.info, hash: prog.hash, moduleHash: prog.moduleHash, state: StateCreated,
 		alloc: &allocator{limit: cfg.MemoryLimit}, inst: prog.inst, rt: prog.rt, cache: prog.cache,
-		compiled: prog.compiled, compileTime: prog.compileTime, instrumentTime: prog.instrumentTime}
+		compiled: prog.compiled, compileTime: prog.compileTime, instrumentTime: prog.instrumentTime,
+		instrumentation: prog.instrumentation()}
 	m.cfg.Instrument = prog.inst != nil
 	if cfg.Restore != nil && cfg.Restore.Module != m.moduleHash {
 		m.closeFailed(ctx, given)
@@ -322,6 +384,11 @@ func New(ctx context.Context, cfg Config) (*Machine, error) {
 // error: *TrapError when the guest trapped, a context error when ctx ended
 // first, ErrStopped when a pauser stopped it.
 func (m *Machine) Run(ctx context.Context) (code uint32, err error) {
+	m.running.Store(true)
+	defer func() {
+		m.running.Store(false)
+		close(m.runDone)
+	}()
 	m.setState(StateRunning)
 	stop := context.AfterFunc(ctx, m.dev.Stop)
 	defer stop()
@@ -465,7 +532,26 @@ func (m *Machine) closeFailed(ctx context.Context, keepProgram bool) {
 }
 
 // Close releases the VM's resources.
+//
+// A guest still running is stopped first (every blocking wait is woken and
+// the guest ends at its next host call or loop poll), and Close waits for
+// Run to return before it frees anything: the guest's memory and
+// descriptors must outlive its last host call. If the guest does not end
+// within closeWait (it computes without host calls), or ctx ends first,
+// Close returns an error and leaves the VM's resources allocated.
 func (m *Machine) Close(ctx context.Context) error {
+	if m.dev != nil && m.running.Load() {
+		m.dev.Stop()
+		t := time.NewTimer(closeWait)
+		defer t.Stop()
+		select {
+		case <-m.runDone:
+		case <-ctx.Done():
+			return fmt.Errorf("closing the VM: %w (the guest is still running)", ctx.Err())
+		case <-t.C:
+			return fmt.Errorf("closing the VM: the guest did not stop within %v (it computes without host calls); its resources stay allocated", closeWait)
+		}
+	}
 	if m.dev != nil {
 		m.dev.Close()
 	}
@@ -481,6 +567,9 @@ func (m *Machine) Close(ctx context.Context) error {
 	}
 	return err
 }
+
+// closeWait bounds how long Close waits for a running guest to stop.
+const closeWait = 10 * time.Second
 
 // Run is New, Run and Close in one call.
 func Run(ctx context.Context, cfg Config) (uint32, error) {

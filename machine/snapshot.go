@@ -75,7 +75,7 @@ func (m *Machine) capturePaused(p *Paused, opt SnapshotOptions) (*snapshot.Snaps
 	host, _ := os.Hostname()
 	s := &snapshot.Snapshot{Kind: snapshot.Full, Module: p.ModuleHash(), MemorySize: uint64(len(mem)),
 		Pages: pages, Globals: p.Globals(), StackAddr: addr, Stack: bytes.Clone(blob), Devices: devs,
-		Meta: snapshot.Meta{Created: time.Now().UTC(), Host: host, Version: Version, Reason: opt.Reason}}
+		Meta: snapshot.Meta{Created: time.Now().UTC(), Host: host, Version: Version, Reason: pauseReason(opt.Reason, p)}}
 	if incremental {
 		s.Kind, s.Parent, s.Seq = snapshot.Incremental, parentID, parentSeq+1
 	} else {
@@ -83,6 +83,15 @@ func (m *Machine) capturePaused(p *Paused, opt SnapshotOptions) (*snapshot.Snaps
 		s.ModuleCode, s.ModuleName = m.cfg.Module, m.cfg.Name
 	}
 	return s, nil
+}
+
+// pauseReason is the snapshot's recorded reason, with the safe point it
+// was taken at.
+func pauseReason(reason string, p *Paused) string {
+	if reason == "" {
+		return "at " + p.At()
+	}
+	return reason + ", at " + p.At()
 }
 
 // parent is the snapshot an incremental builds on: the last one this VM

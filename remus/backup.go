@@ -676,8 +676,14 @@ func (s *slot) prepare(snap *snapshot.Snapshot) {
 	s.progHash, s.progDone, s.prog, s.progErr = snap.Module, done, nil, nil
 	go func() {
 		defer close(done)
+		// Instrumented as the primary's module was (its loop polls, say),
+		// which the checkpoint's device state records.
+		polls := false
+		if in := wasi.InstrumentationOf(snap.Devices); in != nil {
+			polls = in.LoopPolls
+		}
 		prog, err := machine.Prepare(context.Background(), machine.Config{Module: code, Name: name, Instrument: true,
-			CacheDir: s.b.cfg.CacheDir, InstrumentCacheDir: s.b.cfg.InstrumentCacheDir})
+			LoopPolls: polls, CacheDir: s.b.cfg.CacheDir, InstrumentCacheDir: s.b.cfg.InstrumentCacheDir})
 		s.mu.Lock()
 		defer s.mu.Unlock()
 		if s.progDone != done {

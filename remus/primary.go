@@ -873,7 +873,13 @@ func (s *session) receiver(p *Primary) {
 	for {
 		msg, err := wire.Recv(s.conn)
 		if err != nil {
-			if !s.closed.Load() {
+			switch {
+			case s.closed.Load():
+			case s.exitDone.Load() != nil:
+				// The guest exited and the backup was told: it closes
+				// the session itself.
+				p.log.Info("backup connection ended after the guest's exit", "session", s.id, "err", err)
+			default:
 				p.log.Warn("backup connection ended", "session", s.id, "err", err)
 			}
 			return

@@ -272,3 +272,70 @@ func contentOnly(tree map[string]treeEntry) map[string]treeEntry {
 	}
 	return tree
 }
+
+// TestLoopPollsSnapshotMidComputation: with --loop-polls a CPU-bound guest
+// is snapshotted inside its computation, at a loop poll rather than at its
+// next host call, and the restored guest finishes it exactly as an
+// uninterrupted run does; without, the same request waits for a host call.
+func TestLoopPollsSnapshotMidComputation(t *testing.T) {
+	wasm := cGuest(t, "cpu", []string{"cpu.c"})
+	instrumented(t, wasm)
+	const scale = "40" // each phase computes for a while without a host call
+	ref := runCLI(t, 2*time.Minute, "", "run", wasm, scale)
+	if ref.code != 0 || !strings.Contains(ref.stdout, "checksum") {
+		t.Fatalf("reference run: %d %s", ref.code, ref.stderr)
+	}
+	for _, polls := range []bool{true, false} {
+		t.Run(fmt.Sprintf("loop-polls=%v", polls), func(t *testing.T) {
+			dir := t.TempDir()
+			sock := filepath.Join(dir, "vm.sock")
+			args := []string{"run", "--api-sock", sock}
+			if polls {
+				args = append(args, "--loop-polls")
+			}
+			p := startProc(t, ftvmBinary(t), append(args, wasm, scale)...)
+			waitSock(t, p, sock)
+			// Past its first few host calls (arguments, stdout), into the
+			// first phase, which computes for a second or more.
+			time.Sleep(300 * time.Millisecond)
+			snap := filepath.Join(dir, "cpu.snap")
+			res := runCLI(t, 2*time.Minute, "", "snapshot", "--api-sock", sock, "--out", snap, "--stop")
+			if res.code != 0 {
+				t.Fatalf("snapshot: %d %s", res.code, res.stderr)
+			}
+			<-p.done
+			first := p.out.String()
+			insp := runCLI(t, time.Minute, "", "inspect", snap)
+			atPoll := strings.Contains(insp.stdout, "at ftvm.safepoint")
+			if atPoll != polls {
+				t.Fatalf("snapshot taken at a loop poll: %v, want %v:\n%s", atPoll, polls, insp.stdout)
+			}
+			second := runCLI(t, 2*time.Minute, "", "restore", snap)
+			if second.code != 0 {
+				t.Fatalf("restore: %d %s", second.code, second.stderr)
+			}
+			if got := first + second.stdout; got != ref.stdout {
+				t.Fatalf("output differs from an uninterrupted run:\n%s", diffLines(ref.stdout, got))
+			}
+		})
+	}
+}
+
+// waitSock waits until the API socket of a started VM exists.
+func waitSock(t *testing.T, p *proc, sock string) {
+	t.Helper()
+	deadline := time.Now().Add(2 * time.Minute)
+	for {
+		if _, err := os.Stat(sock); err == nil {
+			return
+		}
+		select {
+		case <-p.done:
+			t.Fatalf("ftvm exited early: %s", p.out.String())
+		case <-time.After(10 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("no API socket")
+		}
+	}
+}

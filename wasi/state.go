@@ -1,6 +1,7 @@
 package wasi
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -20,6 +21,29 @@ type State struct {
 	// continues from it, so it never goes backwards.
 	Monotonic uint64    `json:"monotonic_ns"`
 	FDs       []FDState `json:"fds"`
+	// Instrumentation is how the running module was instrumented: set by
+	// the machine, not the device layer (a restore must run the very same
+	// instrumented code, or the captured stack means nothing).
+	Instrumentation *Instrumentation `json:"instrumentation,omitempty"`
+}
+
+// Instrumentation identifies the instrumented module a state was captured
+// from.
+type Instrumentation struct {
+	LoopPolls bool   `json:"loop_polls,omitempty"`
+	Module    string `json:"instrumented_sha256"`
+}
+
+// InstrumentationOf reads the Instrumentation of a captured state's JSON
+// (nil if it has none, or does not parse).
+func InstrumentationOf(stateJSON []byte) *Instrumentation {
+	var st struct {
+		Instrumentation *Instrumentation `json:"instrumentation"`
+	}
+	if json.Unmarshal(stateJSON, &st) != nil {
+		return nil
+	}
+	return st.Instrumentation
 }
 
 // FDState is one open descriptor.

@@ -29,6 +29,7 @@ type runFlags struct {
 	apiSock     string
 	cacheDir    string
 	instrument  bool
+	loopPolls   bool
 	snapAtCall  uint64
 	snapOut     string
 	// Remus: protect the VM with a backup.
@@ -59,6 +60,7 @@ flags or setup), 126 (the module cannot run) and 134 (the guest trapped).`,
 	cmd.Flags().StringVar(&f.memoryLimit, "memory-limit", "", "cap guest linear memory (e.g. 64MiB)")
 	cmd.Flags().StringVar(&f.apiSock, "api-sock", "", "serve the VM's HTTP API on this unix socket")
 	cmd.Flags().BoolVar(&f.instrument, "instrument", true, "instrument the module (Asyncify) so the VM can be snapshotted at any host call; cached per module")
+	cmd.Flags().BoolVar(&f.loopPolls, "loop-polls", false, "also put safe points in the guest's loops, so a guest computing without host calls can be paused (snapshot, checkpoint, stop) within about a millisecond; costs CPU-bound guests time")
 	cmd.Flags().Uint64Var(&f.snapAtCall, "snapshot-at-call", 0, "stop at the safe point of the Nth host call and write a snapshot to --snapshot-out (deterministic checkpoints, for debugging and tests)")
 	cmd.Flags().StringVar(&f.snapOut, "snapshot-out", "", "where --snapshot-at-call writes its snapshot")
 	cmd.Flags().StringVar(&f.cacheDir, "cache-dir", "", "compiled-code cache (default $FTVM_CACHE_DIR or ~/.cache/ftvm/compiled; - for none)")
@@ -131,6 +133,9 @@ func run(ctx context.Context, f runFlags, args []string) error {
 	if (f.snapAtCall == 0) != (f.snapOut == "") {
 		return usage("--snapshot-at-call and --snapshot-out go together")
 	}
+	if f.loopPolls && !f.instrument {
+		return usage("--loop-polls needs --instrument")
+	}
 	if f.snapAtCall != 0 && !f.instrument {
 		return usage("--snapshot-at-call needs --instrument")
 	}
@@ -159,7 +164,7 @@ func run(ctx context.Context, f runFlags, args []string) error {
 	}
 	var primary *remus.Primary
 	cfg := machine.Config{Module: module, Name: path, Args: guestArgs, Env: f.env,
-		Dirs: dirs, Listen: listen, MemoryLimit: limit, CacheDir: f.cacheDir, Instrument: f.instrument,
+		Dirs: dirs, Listen: listen, MemoryLimit: limit, CacheDir: f.cacheDir, Instrument: f.instrument, LoopPolls: f.loopPolls,
 		SnapshotAtCall: f.snapAtCall, SnapshotPath: f.snapOut}
 	if f.protect != "" {
 		if !f.instrument {

@@ -59,7 +59,7 @@ var Features = []string{
 
 // Version is part of every cache key; bump it when the output of Instrument
 // changes for the same input and tool.
-const Version = "2"
+const Version = "3"
 
 // WasmOpt is the wasm-opt binary, looked up in PATH unless it has a slash.
 var WasmOpt = "wasm-opt"
@@ -82,6 +82,19 @@ type Instrumented struct {
 	Key string
 	// Cached is true when Module came from the cache.
 	Cached bool
+	// LoopPolls is true when the loops have polls (Options.LoopPolls, and
+	// the module could be rewritten).
+	LoopPolls bool
+}
+
+// withPolls sets LoopPolls on a result.
+func withPolls(in *Instrumented, err error) func(bool) (*Instrumented, error) {
+	return func(polls bool) (*Instrumented, error) {
+		if in != nil {
+			in.LoopPolls = polls
+		}
+		return in, err
+	}
 }
 
 // MissingToolError is returned when wasm-opt cannot be run.
@@ -113,6 +126,21 @@ func DefaultCacheDir() string {
 // cacheDir "" means DefaultCacheDir(), "-" no cache. Concurrent callers, in
 // this process or others, instrument a given module once.
 func Instrument(ctx context.Context, mod []byte, cacheDir string) (*Instrumented, error) {
+	return InstrumentWith(ctx, mod, cacheDir, Options{})
+}
+
+// Options choose what Instrument adds beyond Asyncify and the global exports.
+type Options struct {
+	// LoopPolls puts a safe point in the guest's loops (InsertPolls), so
+	// that a guest computing without host calls can still be paused,
+	// checkpointed and stopped within about a millisecond. It costs
+	// CPU-bound code time (BENCHMARKS.md): Asyncify must then be able to
+	// resume inside those loops.
+	LoopPolls bool
+}
+
+// InstrumentWith is Instrument with options.
+func InstrumentWith(ctx context.Context, mod []byte, cacheDir string, o Options) (*Instrumented, error) {
 	m, err := parse(mod)
 	if err != nil {
 		return nil, err
@@ -123,6 +151,17 @@ func Instrument(ctx context.Context, mod []byte, cacheDir string) (*Instrumented
 		}
 	}
 	safePoints := m.safePoints()
+	// With LoopPolls, loops get polls (polls.go), so that a guest
+	// computing without host calls still reaches safe points. A module the
+	// poll rewrite cannot read (an instruction it does not know) is
+	// instrumented without them (Instrumented.LoopPolls says).
+	polls := false
+	if o.LoopPolls {
+		if polled, err := InsertPolls(mod); err == nil && !bytes.Equal(polled, mod) {
+			mod, polls = polled, true
+			safePoints = append(safePoints, PollSafePoint)
+		}
+	}
 	args := wasmOptArgs(safePoints)
 	version, err := toolVersion(ctx)
 	if err != nil {
@@ -134,7 +173,7 @@ func Instrument(ctx context.Context, mod []byte, cacheDir string) (*Instrumented
 		if err != nil {
 			return nil, err
 		}
-		return finish(out, safePoints, key, false)
+		return withPolls(finish(out, safePoints, key, false))(polls)
 	}
 	if cacheDir == "" {
 		cacheDir = DefaultCacheDir()
@@ -144,6 +183,7 @@ func Instrument(ctx context.Context, mod []byte, cacheDir string) (*Instrumented
 	}
 	path := filepath.Join(cacheDir, key+".wasm")
 	if in, err := load(path, safePoints, key); err == nil {
+		in.LoopPolls = polls
 		return in, nil
 	}
 	lockPath := filepath.Join(cacheDir, key+".lock")
@@ -154,6 +194,7 @@ func Instrument(ctx context.Context, mod []byte, cacheDir string) (*Instrumented
 	defer unlock()
 	// Another caller may have finished while we waited for the lock.
 	if in, err := load(path, safePoints, key); err == nil {
+		in.LoopPolls = polls
 		return in, nil
 	}
 	out, err := runWasmOpt(ctx, mod, args)
@@ -164,6 +205,7 @@ func Instrument(ctx context.Context, mod []byte, cacheDir string) (*Instrumented
 	if err != nil {
 		return nil, err
 	}
+	in.LoopPolls = polls
 	if err := writeAtomic(path, in.Module); err != nil {
 		return nil, fmt.Errorf("instrument cache: %w", err)
 	}
