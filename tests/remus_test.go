@@ -431,3 +431,89 @@ func TestRemusGuestExits(t *testing.T) {
 		t.Errorf("the backup resumed a guest that had exited:\n%s", backup.out.String())
 	}
 }
+
+// TestRemusLoopPollsFailoverMidComputation: a CPU-bound guest run with
+// --loop-polls is checkpointed inside its computation (epochs end at loop
+// polls, not at its rare host calls); kill -9 of the primary mid-phase
+// leaves the backup to finish the computation from its last checkpoint,
+// and what the client saw — the primary's released output followed by the
+// backup's — is exactly an uninterrupted run's output, nothing lost,
+// nothing twice.
+func TestRemusLoopPollsFailoverMidComputation(t *testing.T) {
+	wasm := cGuest(t, "cpu", []string{"cpu.c"})
+	const scale = "40"
+	ref := runCLI(t, 2*time.Minute, "", "run", wasm, scale)
+	if ref.code != 0 || !strings.Contains(ref.stdout, "checksum") {
+		t.Fatalf("reference run: %d %s", ref.code, ref.stderr)
+	}
+	// Instrument with polls once, before the clock matters.
+	if res := runCLI(t, 2*time.Minute, "", "run", "--loop-polls", wasm, "1"); res.code != 0 {
+		t.Fatalf("warm-up: %d %s", res.code, res.stderr)
+	}
+	dir := t.TempDir()
+	repl, bSock, pSock := freeAddr(t), filepath.Join(dir, "b.sock"), filepath.Join(dir, "p.sock")
+	backup, bOut := startStdout(t, "backup", "backup", "--listen", repl, "--state", filepath.Join(dir, "state"),
+		"--timeout", "300ms", "--api-sock", bSock, "--log-level", "info")
+	waitSocket(t, backup, bSock)
+	primary, pOut := startStdout(t, "primary", "run", "--protect", repl, "--timeout", "300ms", "--epoch", "25ms",
+		"--loop-polls", "--api-sock", pSock, "--log-level", "info", wasm, scale)
+	waitSocket(t, primary, pSock)
+	// Several checkpoints while the guest computes: it makes five host
+	// calls in all (one line per phase), so only loop polls can end these
+	// epochs.
+	var cps float64
+	for deadline := time.Now().Add(time.Minute); ; {
+		st := status(t, pSock)
+		cps, _ = st["checkpoints"].(float64)
+		if cps >= 6 && st["state"] == "protected" {
+			break
+		}
+		if time.Now().After(deadline) || strings.Contains(pOut.String(), "nbody") {
+			t.Fatalf("no checkpoints inside the computation: %v, output so far %q", st, pOut.String())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	primary.cmd.Process.Kill() // kill -9, mid-phase
+	<-primary.done
+	seen := pOut.String()
+	deadline := time.Now().Add(2 * time.Minute)
+	for !strings.Contains(bOut.String(), "checksum") {
+		if time.Now().After(deadline) {
+			t.Fatalf("the backup did not finish the computation; its output: %q", bOut.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if !strings.Contains(backup.out.String(), "FAILOVER") {
+		t.Fatal("no failover logged")
+	}
+	if got := seen + bOut.String(); got != ref.stdout {
+		t.Fatalf("the client saw (primary %q, then backup %q):\n%s", seen, bOut.String(), diffLines(ref.stdout, got))
+	}
+	t.Logf("%v checkpoints before the kill; the primary had released %d bytes", cps, len(seen))
+}
+
+// startStdout starts ftvm with its stdout kept apart from its stderr (the
+// proc's out).
+func startStdout(t *testing.T, what string, args ...string) (*proc, *syncBuffer) {
+	t.Helper()
+	cmd := exec.Command(ftvmBinary(t), args...)
+	p := &proc{cmd: cmd, out: &syncBuffer{}, done: make(chan struct{})}
+	stdout := &syncBuffer{}
+	cmd.Stdout, cmd.Stderr = stdout, p.out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { cmd.Wait(); close(p.done) }()
+	t.Cleanup(func() {
+		select {
+		case <-p.done:
+		default:
+			cmd.Process.Kill()
+			<-p.done
+		}
+		if t.Failed() {
+			t.Logf("%s stderr:\n%s", what, p.out.String())
+		}
+	})
+	return p, stdout
+}
