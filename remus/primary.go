@@ -377,8 +377,11 @@ func (p *Primary) take(req engine.CheckpointRequest, module []byte, name string)
 func (p *Primary) WaitSession(ctx context.Context) {
 	deadline := time.Now().Add(p.cfg.Engine.Timeout)
 	for time.Now().Before(deadline) && ctx.Err() == nil {
+		// Up means the first checkpoint is already requested: otherwise
+		// the guest's first host calls could pass before the request,
+		// and its first checkpoint wait for its next host call.
 		p.mu.Lock()
-		up := p.sess != nil
+		up := p.sess != nil && p.requests.Load() > 0
 		st := p.status.State
 		p.mu.Unlock()
 		if up || st == engine.Unprotected.String() {
