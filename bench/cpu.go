@@ -186,7 +186,7 @@ func runCPU(ctx context.Context, e *env) (string, error) {
 		}
 	}
 	b.WriteString("\n**Loop polls** (`ftvm run --loop-polls`): the same run with a safe point in every loop that calls or " +
-		"contains a loop (machine/instrument/polls.go), so that a guest computing without host calls can still be " +
+		"contains a loop and a visit to the host in every other (machine/instrument/polls.go), so that a guest computing without host calls can still be " +
 		"paused, checkpointed or stopped within about a millisecond; off by default because of this cost.\n\n")
 	b.WriteString("| guest | ftvm | ftvm --loop-polls | ÷ ftvm | ftvm --instrument=false |\n|---|---:|---:|---:|---:|\n")
 	for _, g := range guests {

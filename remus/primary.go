@@ -69,8 +69,9 @@ type Primary struct {
 
 	// Guest-goroutine state (touched only inside pauses).
 	dirtyBuf []uint32
-	stagers  chan *stager
-	// stagePages is what a pooled stager is made ready for: about the
+	// chunks is the staging memory, reused (capture.go's stager).
+	chunks chunkPool
+	// stagePages is what the chunk pool is kept ready for: about the
 	// largest incremental checkpoint of late, in pages.
 	stagePages atomic.Int64
 	refilling  atomic.Bool
@@ -137,7 +138,7 @@ func NewPrimary(cfg PrimaryConfig) (*Primary, error) {
 	}
 	p := &Primary{cfg: cfg, gate: newHoldGate(cfg.HoldLimit), log: cfg.Log.With("role", "primary", "vm", cfg.VM),
 		events: make(chan engine.PrimaryEvent, 256), release: make(chan struct{}, 1), stop: make(chan struct{}),
-		stagers: make(chan *stager, cfg.Engine.MaxInflight+2)}
+		chunks: chunkPool{max: maxFreeChunks}}
 	// The clock starts now, not in Run: the guest may produce output
 	// (an Output event) before the driver loop runs.
 	p.t0 = time.Now()
@@ -204,6 +205,7 @@ func (p *Primary) Run(ctx context.Context, m *machine.Machine, module []byte, na
 	defer close(p.stop)
 	defer p.gate.close()
 	go p.releaser(ctx)
+	p.refillStagers() // buffers ready before the first pause
 	go p.dialer(ctx, module, name)
 
 	timer := time.NewTimer(time.Hour)
@@ -432,28 +434,12 @@ func (p *Primary) Finish(code uint32) {
 	}
 }
 
-// getStager takes a staging buffer from the pool (in a pause); a new one
-// only if every pooled one is still in flight.
-func (p *Primary) getStager() *stager {
-	select {
-	case st := <-p.stagers:
-		return st
-	default:
-		return &stager{}
-	}
-}
+// getStager returns a stager drawing on the primary's chunk pool (in a
+// pause).
+func (p *Primary) getStager() *stager { return &stager{pool: &p.chunks} }
 
-// putStager returns a staging buffer to the pool, first growing it (off
-// the pause: the sender, or after the guest was rewound) to what the next
-// checkpoints are expected to need, so that no pause has to allocate and
-// fault in a buffer.
-func (p *Primary) putStager(st *stager) {
-	st.reserve(int(p.stagePages.Load()))
-	select {
-	case p.stagers <- st:
-	default:
-	}
-}
+// putStager gives a sent checkpoint's chunks back to the pool.
+func (p *Primary) putStager(st *stager) { st.release() }
 
 // notePages records an incremental checkpoint's size (in a pause): the
 // pool's target follows the largest of late, decaying slowly.
@@ -463,18 +449,21 @@ func (p *Primary) notePages(n int) {
 	p.stagePages.Store(hw)
 }
 
-// refillStagers makes sure a ready staging buffer waits in the pool for the
-// next pause, preparing one on another goroutine if none does (the pool
-// is empty while every buffer is in flight, e.g. after a full checkpoint).
+// maxFreeChunks bounds the staging memory kept between checkpoints (128
+// MiB): a full checkpoint's chunks serve later bursts, up to that.
+const maxFreeChunks = 32
+
+// refillStagers makes sure, on another goroutine, that the chunk pool holds
+// enough faulted-in chunks for the next checkpoints (the recent largest,
+// twice over, at least two), so that pauses do not allocate.
 func (p *Primary) refillStagers() {
-	if len(p.stagers) > 0 || !p.refilling.CompareAndSwap(false, true) {
+	if !p.refilling.CompareAndSwap(false, true) {
 		return
 	}
 	go func() {
 		defer p.refilling.Store(false)
-		if len(p.stagers) == 0 {
-			p.putStager(&stager{})
-		}
+		want := max(2, 2*int((p.stagePages.Load()+chunkPages-1)/chunkPages))
+		p.chunks.ensure(want)
 	}()
 }
 

@@ -12,6 +12,10 @@ const ModuleName = "wasi_snapshot_preview1"
 const (
 	PollModule = "ftvm"
 	PollName   = "safepoint"
+	// YieldName, () -> (), is what the instrumentation's leaf loops call
+	// now and then: not a safe point, only a visit to the host (see
+	// machine/instrument/polls.go).
+	YieldName = "yield"
 	// CallPoll is what the SafePoint hook is given for a poll.
 	CallPoll Call = 255
 )

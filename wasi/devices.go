@@ -352,8 +352,19 @@ func (d *Devices) Register(ctx context.Context, r wazero.Runtime) error {
 	}
 	pb := r.NewHostModuleBuilder(PollModule)
 	pb.NewFunctionBuilder().WithGoModuleFunction(api.GoModuleFunc(d.poll), nil, nil).WithName(PollName).Export(PollName)
+	pb.NewFunctionBuilder().WithGoModuleFunction(api.GoModuleFunc(d.yield), nil, nil).WithName(YieldName).Export(YieldName)
 	_, err := pb.Instantiate(ctx)
 	return err
+}
+
+// yield is the leaf loops' visit to the host (YieldName): entering Go code
+// lets the runtime stop the goroutine for a garbage collection; and a
+// stopping VM ends the guest here.
+func (d *Devices) yield(ctx context.Context, mod api.Module, stack []uint64) {
+	if d.closed.Load() {
+		_ = mod.CloseWithExitCode(ctx, sys.ExitCodeContextCanceled)
+		panic(sys.NewExitError(sys.ExitCodeContextCanceled))
+	}
 }
 
 // poll is the loop poll (PollName): a safe point, and the place where a

@@ -44,6 +44,18 @@ const (
 // PollSafePoint is the poll import as Asyncify's import list names it.
 const PollSafePoint = PollModule + "." + PollName
 
+// YieldName is the second import, ftvm.yield, () -> (): what a leaf loop
+// (no call, no inner loop) calls every LeafPollInterval iterations. It is
+// not a safe point — Asyncify is not told about it, so the hot loop stays
+// uninstrumented and runs at full speed — but it enters the host: the Go
+// runtime can stop the guest's goroutine there for a garbage collection
+// (which otherwise waits, with every other goroutine of the process, for
+// the guest's next host call), and a stopping VM ends the guest there.
+const (
+	YieldName        = wasi.YieldName
+	LeafPollInterval = 1 << 16
+)
+
 // InsertPolls returns mod with a poll at the top of every loop (see
 // above). A module without loops comes back unchanged, and so does one
 // that already imports ftvm.safepoint.
@@ -78,10 +90,10 @@ type polls struct {
 	hasImpSec  bool
 }
 
-// remap is a function index after the poll import is inserted.
+// remap is a function index after the two imports are inserted.
 func (p *polls) remap(f uint32) uint32 {
 	if f >= p.funcImps {
-		return f + 1
+		return f + 2
 	}
 	return f
 }
@@ -225,12 +237,15 @@ func (p *polls) importSection(b []byte) []byte {
 		n, _ = d.u32()
 		rest = b[d.off:]
 	}
-	out := appendU32(nil, n+1)
+	out := appendU32(nil, n+2)
 	out = append(out, rest...)
-	out = appendName(out, PollModule)
-	out = appendName(out, PollName)
-	out = append(out, kindFunc)
-	return appendU32(out, p.pollType)
+	for _, name := range []string{PollName, YieldName} {
+		out = appendName(out, PollModule)
+		out = appendName(out, name)
+		out = append(out, kindFunc)
+		out = appendU32(out, p.pollType)
+	}
+	return out
 }
 
 func (p *polls) exportSection(d *decoder) ([]byte, error) {
@@ -282,7 +297,7 @@ func (p *polls) constExpr(d *decoder, out []byte) ([]byte, error) {
 	}
 	// Re-walk it, rewriting ref.func operands.
 	e := &decoder{b: expr, base: d.base + start}
-	return p.instructions(e, out, nil, nil, 0, true)
+	return p.instructions(e, out, [2][]byte{}, nil, 0, true)
 }
 
 func (p *polls) globalSection(d *decoder) ([]byte, error) {
@@ -508,15 +523,15 @@ func (p *polls) function(d *decoder, out []byte, params int) ([]byte, error) {
 		out = append(out, decls...)
 	}
 	cd := &decoder{b: code, base: d.base + d.off}
-	var poll []byte
+	var polls [2][]byte
 	var which []bool
 	if hasLoop {
-		poll = p.pollCode(counter)
+		polls = [2][]byte{p.pollCode(counter, p.funcImps+1, LeafPollInterval), p.pollCode(counter, p.funcImps, PollInterval)}
 		if which, err = pollWorthy(&decoder{b: code, base: cd.base}); err != nil {
 			return nil, err
 		}
 	}
-	return p.instructions(cd, out, poll, which, 0, false)
+	return p.instructions(cd, out, polls, which, 0, false)
 }
 
 // pollWorthy says, for each loop of a body in order, whether it gets a
@@ -572,30 +587,32 @@ func pollWorthy(d *decoder) ([]bool, error) {
 	return worthy, nil
 }
 
-// pollCode is the sequence put at the top of every loop:
+// pollCode is the sequence put at the top of a loop, calling import fn
+// every interval iterations:
 //
 //	local.get c; i32.const 1; i32.sub; local.tee c; i32.eqz
-//	if; i32.const PollInterval; local.set c; call ftvm.safepoint; end
-func (p *polls) pollCode(c uint32) []byte {
+//	if; i32.const interval; local.set c; call fn; end
+func (p *polls) pollCode(c, fn uint32, interval int64) []byte {
 	b := []byte{0x20}
 	b = appendU32(b, c)
 	b = append(b, 0x41, 0x01, 0x6b, 0x22)
 	b = appendU32(b, c)
 	b = append(b, 0x45, 0x04, 0x40, 0x41)
-	b = appendSleb(b, PollInterval)
+	b = appendSleb(b, interval)
 	b = append(b, 0x21)
 	b = appendU32(b, c)
 	b = append(b, 0x10)
-	b = appendU32(b, p.funcImps)
+	b = appendU32(b, fn)
 	return append(b, 0x0b)
 }
 
 const opLoop = 0x03
 
 // instructions copies code from d to out up to the end of the body (or of
-// a constant expression), inserting poll after the block type of each loop
-// which marks, and renumbering function indices. depth counts open blocks.
-func (p *polls) instructions(d *decoder, out, poll []byte, which []bool, depth int, constant bool) ([]byte, error) {
+// a constant expression), inserting after the block type of each loop its
+// poll (polls[1], a safe point, where which marks it, else polls[0], a
+// yield), and renumbering function indices. depth counts open blocks.
+func (p *polls) instructions(d *decoder, out []byte, polls [2][]byte, which []bool, depth int, constant bool) ([]byte, error) {
 	loops := 0
 	for {
 		if d.done() {
@@ -610,8 +627,12 @@ func (p *polls) instructions(d *decoder, out, poll []byte, which []bool, depth i
 			}
 			out = append(out, d.b[start:d.off]...)
 			if op == opLoop {
-				if poll != nil && loops < len(which) && which[loops] {
-					out = append(out, poll...)
+				if loops < len(which) {
+					if which[loops] {
+						out = append(out, polls[1]...) // a safe point
+					} else {
+						out = append(out, polls[0]...) // a yield
+					}
 				}
 				loops++
 			}
