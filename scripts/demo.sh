@@ -91,7 +91,7 @@ writer=$!
 pids+=("$writer")
 for _ in $(seq 100); do [ -s "$work/acked" ] && [ "$(cat "$work/acked")" -ge 200 ] && break; sleep 0.1; done
 echo "  writes acknowledged so far: $(cat "$work/acked" 2>/dev/null)"
-bin/ftvm snapshot --api-sock "$work/vm2.sock" --out "$work/kv.snap" --stop
+bin/ftvm snapshot --api-sock "$work/vm2.sock" --out "$work/kv.snap" --stop --mappable
 set +e; wait "$vm"; echo "  the original VM has stopped (exit $?)"; set -e
 sleep 0.2
 acked=$(cat "$work/acked")
@@ -100,7 +100,7 @@ echo "  writes acknowledged before the stop: $acked"
 say "ftvm inspect kv.snap"
 bin/ftvm inspect "$work/kv.snap" | sed 's/^/  /'
 
-say "ftvm restore kv.snap: a new process continues the guest"
+say "ftvm restore kv.snap: a new process continues the guest (its memory mapped from the file, not read)"
 bin/ftvm restore "$work/kv.snap" 2>"$work/guest3.err" &
 vm=$!
 pids+=("$vm")
