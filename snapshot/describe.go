@@ -10,31 +10,31 @@ import (
 // Summary is what `ftvm inspect` shows of a snapshot; it marshals to JSON
 // as is.
 type Summary struct {
-	ID         string    `json:"id"`
-	Kind       string    `json:"kind"`
-	Seq        uint64    `json:"seq"`
-	Parent     string    `json:"parent,omitempty"`
-	Module     string    `json:"module"`
-	ModuleName string    `json:"module_name,omitempty"`
-	ModuleSize int       `json:"module_bytes,omitempty"` // the embedded module copy
-	MemorySize uint64    `json:"memory_size"`
-	Pages      int       `json:"pages"`
-	Batches    int       `json:"batches"`
-	PageRaw    int64     `json:"page_raw_bytes"`    // page sections, decompressed
-	PageStored int64     `json:"page_stored_bytes"` // page sections, as stored
+	ID         string `json:"id"`
+	Kind       string `json:"kind"`
+	Seq        uint64 `json:"seq"`
+	Parent     string `json:"parent,omitempty"`
+	Module     string `json:"module"`
+	ModuleName string `json:"module_name,omitempty"`
+	ModuleSize int    `json:"module_bytes,omitempty"` // the embedded module copy
+	MemorySize uint64 `json:"memory_size"`
+	Pages      int    `json:"pages"`
+	Batches    int    `json:"batches"`
+	PageRaw    int64  `json:"page_raw_bytes"`    // page sections, decompressed
+	PageStored int64  `json:"page_stored_bytes"` // page sections, as stored
 	// MemoryOffset and MemoryData locate a memory section's page-aligned
 	// data (Options.Mappable), which a restore maps instead of reading.
-	MemoryOffset int64 `json:"memory_data_offset,omitempty"`
-	MemoryData   int64 `json:"memory_data_bytes,omitempty"`
-	Globals    int       `json:"globals"`
-	StackAddr  uint64    `json:"stack_addr"`
-	StackBytes int       `json:"stack_bytes"`
-	DevBytes   int       `json:"device_bytes"`
-	Created    time.Time `json:"created,omitzero"`
-	Host       string    `json:"host,omitempty"`
-	Version    string    `json:"ftvm_version,omitempty"`
-	Reason     string    `json:"reason,omitempty"`
-	FileBytes  int64     `json:"file_bytes"`
+	MemoryOffset int64     `json:"memory_data_offset,omitempty"`
+	MemoryData   int64     `json:"memory_data_bytes,omitempty"`
+	Globals      int       `json:"globals"`
+	StackAddr    uint64    `json:"stack_addr"`
+	StackBytes   int       `json:"stack_bytes"`
+	DevBytes     int       `json:"device_bytes"`
+	Created      time.Time `json:"created,omitzero"`
+	Host         string    `json:"host,omitempty"`
+	Version      string    `json:"ftvm_version,omitempty"`
+	Reason       string    `json:"reason,omitempty"`
+	FileBytes    int64     `json:"file_bytes"`
 	// Sections lists the file's sections, consecutive page sections
 	// folded into one entry (Count says how many).
 	Sections []SectionSummary `json:"sections"`

@@ -87,16 +87,6 @@ type Instrumented struct {
 	LoopPolls bool
 }
 
-// withPolls sets LoopPolls on a result.
-func withPolls(in *Instrumented, err error) func(bool) (*Instrumented, error) {
-	return func(polls bool) (*Instrumented, error) {
-		if in != nil {
-			in.LoopPolls = polls
-		}
-		return in, err
-	}
-}
-
 // MissingToolError is returned when wasm-opt cannot be run.
 type MissingToolError struct{ Err error }
 
@@ -173,7 +163,11 @@ func InstrumentWith(ctx context.Context, mod []byte, cacheDir string, o Options)
 		if err != nil {
 			return nil, err
 		}
-		return withPolls(finish(out, safePoints, key, false))(polls)
+		in, err := finish(out, safePoints, key, false)
+		if in != nil {
+			in.LoopPolls = polls
+		}
+		return in, err
 	}
 	if cacheDir == "" {
 		cacheDir = DefaultCacheDir()
