@@ -29,14 +29,13 @@ import (
 // encoded.
 
 // fileSource is the file a decoder reads, so that the memory section can
-// be mapped instead of read.
+// be checked with pread on all cores and mapped instead of streamed.
 type fileSource struct {
 	f  *os.File
 	br *bufio.Reader
-	// mapMem maps n bytes of f at off (page aligned) copy-on-write and
-	// returns them; keep says the mapping is the caller's (an image's
-	// memory), so pages alias it. Without keep the decoder maps privately,
-	// copies the pages out and unmaps.
+	// mapMem, if set (Image.Map), maps n bytes of f at off (page aligned)
+	// copy-on-write as the image's memory, and the snapshot's pages alias
+	// it. If nil, the pages are read into memory of their own.
 	mapMem func(f *os.File, off int64, n int) ([]byte, error)
 }
 

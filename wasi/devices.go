@@ -361,6 +361,14 @@ func (d *Devices) Register(ctx context.Context, r wazero.Runtime) error {
 // lets the runtime stop the goroutine for a garbage collection; and a
 // stopping VM ends the guest here.
 func (d *Devices) yield(ctx context.Context, mod api.Module, stack []uint64) {
+	d.endIfStopping(ctx, mod)
+}
+
+// endIfStopping ends the guest, as proc_exit would, if the VM is being
+// stopped. (The machine does not make wazero check for a cancelled
+// context inside guest code: that check costs a CPU-bound guest several
+// times its run time. Host calls, loop polls and yields check instead.)
+func (d *Devices) endIfStopping(ctx context.Context, mod api.Module) {
 	if d.closed.Load() {
 		_ = mod.CloseWithExitCode(ctx, sys.ExitCodeContextCanceled)
 		panic(sys.NewExitError(sys.ExitCodeContextCanceled))
@@ -370,10 +378,7 @@ func (d *Devices) yield(ctx context.Context, mod api.Module, stack []uint64) {
 // poll is the loop poll (PollName): a safe point, and the place where a
 // guest that makes no host calls notices that the VM is stopping.
 func (d *Devices) poll(ctx context.Context, mod api.Module, stack []uint64) {
-	if d.closed.Load() {
-		_ = mod.CloseWithExitCode(ctx, sys.ExitCodeContextCanceled)
-		panic(sys.NewExitError(sys.ExitCodeContextCanceled))
-	}
+	d.endIfStopping(ctx, mod)
 	if d.safePoint != nil {
 		d.safePoint(ctx, mod, CallPoll)
 	}
@@ -385,14 +390,7 @@ func (d *Devices) poll(ctx context.Context, mod api.Module, stack []uint64) {
 // safe point.
 func (d *Devices) bind(c Call, h handler) api.GoModuleFunc {
 	return func(ctx context.Context, mod api.Module, stack []uint64) {
-		if d.closed.Load() {
-			// The VM is being stopped: end the guest here, as proc_exit
-			// would. (The machine does not make wazero check for a
-			// cancelled context inside guest code: that check costs a
-			// CPU-bound guest several times its run time.)
-			_ = mod.CloseWithExitCode(ctx, sys.ExitCodeContextCanceled)
-			panic(sys.NewExitError(sys.ExitCodeContextCanceled))
-		}
+		d.endIfStopping(ctx, mod)
 		for {
 			if d.safePoint != nil && d.safePoint(ctx, mod, c) {
 				return // unwinding: the call happens when the guest is rewound

@@ -81,7 +81,7 @@ func InsertPolls(mod []byte) ([]byte, error) {
 
 type polls struct {
 	m          *module
-	types      [][2]int // params, results of each type
+	params     []int    // parameter count of each type
 	funcTypes  []uint32 // type of each defined function
 	funcImps   uint32   // imported functions: the poll's index
 	pollType   uint32   // index of the () -> () type to add
@@ -117,8 +117,8 @@ func (p *polls) scan() error {
 				if form != 0x60 {
 					return d.fail("type %d is not a function type", i)
 				}
-				var pr [2]int
-				for k := 0; k < 2; k++ {
+				var params int
+				for k := 0; k < 2; k++ { // params, then results
 					c, err := d.u32()
 					if err != nil {
 						return err
@@ -126,9 +126,11 @@ func (p *polls) scan() error {
 					if _, err := d.bytes(int(c)); err != nil {
 						return err
 					}
-					pr[k] = int(c)
+					if k == 0 {
+						params = int(c)
+					}
 				}
-				p.types = append(p.types, pr)
+				p.params = append(p.params, params)
 			}
 		case secImport:
 			p.hasImpSec = true
@@ -142,8 +144,8 @@ func (p *polls) scan() error {
 				if err != nil {
 					return err
 				}
-				if int(t) >= len(p.types) {
-					return d.fail("function %d has type %d of %d", i, t, len(p.types))
+				if int(t) >= len(p.params) {
+					return d.fail("function %d has type %d of %d", i, t, len(p.params))
 				}
 				p.funcTypes = append(p.funcTypes, t)
 			}
@@ -158,7 +160,7 @@ func (p *polls) scan() error {
 			p.funcImps++
 		}
 	}
-	p.pollType = uint32(len(p.types))
+	p.pollType = uint32(len(p.params))
 	return nil
 }
 
@@ -223,7 +225,7 @@ func (p *polls) typeSection(b []byte) []byte {
 		d.u32() // already read by scan
 		rest = b[d.off:]
 	}
-	out := appendU32(nil, uint32(len(p.types))+1)
+	out := appendU32(nil, uint32(len(p.params))+1)
 	out = append(out, rest...)
 	return append(out, 0x60, 0, 0)
 }
@@ -475,7 +477,7 @@ func (p *polls) codeSection(d *decoder) ([]byte, error) {
 			return nil, err
 		}
 		bd := &decoder{b: body, base: d.base + start}
-		if fn, err = p.function(bd, fn[:0], p.types[p.funcTypes[i]][0]); err != nil {
+		if fn, err = p.function(bd, fn[:0], p.params[p.funcTypes[i]]); err != nil {
 			return nil, fmt.Errorf("function %d: %w", p.funcImps+i, err)
 		}
 		out = appendU32(out, uint32(len(fn)))
@@ -505,42 +507,40 @@ func (p *polls) function(d *decoder, out []byte, params int) ([]byte, error) {
 	}
 	decls := d.b[declStart:d.off]
 	code := d.b[d.off:]
-	hasLoop := bytes.IndexByte(code, opLoop) >= 0 // refined below
-	if hasLoop && locals >= 50000 {
-		hasLoop = false // no room for another local; leave it unpolled
-	}
-	counter := uint32(locals)
-	if hasLoop {
-		out = appendU32(out, groups+1)
-		out = append(out, decls...)
-		out = append(out, 1, byte(I32))
-		out = append(out, 0x41)
-		out = appendSleb(out, PollInterval)
-		out = append(out, 0x21)
-		out = appendU32(out, counter)
-	} else {
-		out = appendU32(out, groups)
-		out = append(out, decls...)
-	}
 	cd := &decoder{b: code, base: d.base + d.off}
-	var polls [2][]byte
-	var which []bool
-	if hasLoop {
-		polls = [2][]byte{p.pollCode(counter, p.funcImps+1, LeafPollInterval), p.pollCode(counter, p.funcImps, PollInterval)}
+	var which []bool // per loop: a safe point (true) or a yield
+	if bytes.IndexByte(code, opLoop) >= 0 && locals < maxLocals {
 		if which, err = pollWorthy(&decoder{b: code, base: cd.base}); err != nil {
 			return nil, err
 		}
 	}
+	if len(which) == 0 { // no loop (or no room for another local)
+		out = appendU32(out, groups)
+		out = append(out, decls...)
+		return p.instructions(cd, out, [2][]byte{}, nil, 0, false)
+	}
+	counter := uint32(locals)
+	out = appendU32(out, groups+1)
+	out = append(out, decls...)
+	out = append(out, 1, byte(I32))
+	out = append(out, 0x41)
+	out = appendSleb(out, PollInterval)
+	out = append(out, 0x21)
+	out = appendU32(out, counter)
+	polls := [2][]byte{p.pollCode(counter, p.funcImps+1, LeafPollInterval), p.pollCode(counter, p.funcImps, PollInterval)}
 	return p.instructions(cd, out, polls, which, 0, false)
 }
 
-// pollWorthy says, for each loop of a body in order, whether it gets a
-// poll: only loops that contain a call or another loop. A leaf loop (no
-// call, no inner loop) is left alone: a poll there would make Asyncify
-// instrument the hottest code of the guest (its rewind guards cost a
-// tight loop up to half its speed), while the loop around it, or the
-// caller's loop, polls soon enough. A leaf loop that by itself runs for
-// seconds is the case left uncovered.
+// maxLocals is where a function gets no counter local (and no polls):
+// engines refuse functions with more than 50000 locals.
+const maxLocals = 50000
+
+// pollWorthy says, for each loop of a body in order, whether it gets the
+// safe point: only loops that contain a call or another loop. A leaf loop
+// (no call, no inner loop) gets a yield instead: a safe point there would
+// make Asyncify instrument the hottest code of the guest (its rewind
+// guards cost a tight loop up to half its speed), while the loop around
+// it, or the caller's loop, reaches a safe point soon enough.
 func pollWorthy(d *decoder) ([]bool, error) {
 	var worthy []bool
 	var open []int // per open block: its loop number, or -1
