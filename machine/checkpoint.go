@@ -448,7 +448,9 @@ func (m *Machine) startTracking() {
 	if lm == nil || lm.region == nil {
 		return
 	}
-	t, err := dirty.New(lm.region, dirty.Options{Used: lm.size.Load()})
+	// Hot pages: the machine collects and copies only while the guest is
+	// paused, which is what they require.
+	t, err := dirty.New(lm.region, dirty.Options{Used: lm.size.Load(), HotPages: true})
 	if err == nil {
 		m.tracker = t
 		if r := t.Reason(); r != "" {

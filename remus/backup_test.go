@@ -140,6 +140,10 @@ func TestBackupVerifiesStreams(t *testing.T) {
 	if m, ok := f.next().(*wire.Ack); !ok || m.Seq != 1 {
 		t.Fatalf("a valid full checkpoint was answered with %v", m)
 	}
+	// The status is published right after the ack is sent: wait for it.
+	for deadline := time.Now().Add(5 * time.Second); committed() != 1 && time.Now().Before(deadline); {
+		time.Sleep(time.Millisecond)
+	}
 	if committed() != 1 {
 		t.Fatalf("committed %d after the ack", committed())
 	}

@@ -92,6 +92,13 @@ type Options struct {
 	// ForceHash selects the hash fallback even where the kernel tracker
 	// works, for tests and benchmarks.
 	ForceHash bool
+	// HotPages lets the kernel tracker leave pages written in several
+	// Collects in a row writable and watch their contents instead (see
+	// hot.go): it saves a write fault per such page per Collect, and
+	// requires the caller to copy the pages a Collect reports before
+	// anything writes the region again (a paused guest). The hash
+	// fallback ignores it.
+	HotPages bool
 
 	// failAt makes the uffd setup fail at the named step, to test the
 	// fallback and its clean-up.

@@ -5,6 +5,7 @@ package dirty
 import (
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"math/rand/v2"
 	"os"
 	"slices"
@@ -45,6 +46,34 @@ func kinds(t *testing.T, f func(t *testing.T, kind string)) {
 			f(t, kind)
 		})
 	}
+}
+
+// kindHot names the kernel tracker with Options.HotPages in tests.
+const kindHot = "uffd-wp+hot"
+
+// kindsAndHot is kinds plus the kernel tracker with hot pages.
+func kindsAndHot(t *testing.T, f func(t *testing.T, kind string)) {
+	kinds(t, f)
+	t.Run(kindHot, func(t *testing.T) {
+		if err := uffdOnce(); err != nil {
+			t.Skipf("kernel tracker unavailable: %v", err)
+		}
+		f(t, kindHot)
+	})
+}
+
+func newHotTracker(t testing.TB, region []byte, used uint64) *uffdTracker {
+	t.Helper()
+	tr, err := New(region, Options{Used: used, HotPages: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	u, ok := tr.(*uffdTracker)
+	if !ok || u.hot == nil {
+		t.Fatalf("got a %s tracker (%s) without hot pages", tr.Kind(), tr.Reason())
+	}
+	t.Cleanup(func() { tr.Close() })
+	return u
 }
 
 func newTracker(t testing.TB, region []byte, used uint64, kind string) Tracker {
@@ -374,12 +403,17 @@ func TestSameAnswers(t *testing.T) {
 // after each Collect ends with an exact image, and every page written was
 // reported at least once.
 func TestConcurrentWriters(t *testing.T) {
-	kinds(t, func(t *testing.T, kind string) {
+	kindsAndHot(t, func(t *testing.T, kind string) {
 		const pages = 2048
 		size := pages * PageSize
 		region := mapRegion(t, size)
 		image := make([]byte, size)
-		tr := newTracker(t, region, uint64(size), kind)
+		var tr Tracker
+		if kind == kindHot {
+			tr = newHotTracker(t, region, uint64(size))
+		} else {
+			tr = newTracker(t, region, uint64(size), kind)
+		}
 		var stop atomic.Bool
 		var wg sync.WaitGroup
 		// Writers must stop before the region is unmapped, failed or not.
@@ -556,4 +590,163 @@ func TestArguments(t *testing.T) {
 		got, _ := tr2.Collect(dst, uint64(len(region)))
 		expect(t, "appended", got, []uint32{99, 2})
 	})
+}
+
+// TestHotPages: pages written Collect after Collect become hot (left
+// writable, compared by contents) and cool down once left alone, and
+// through it all the tracker with hot pages reports exactly the pages whose
+// contents changed — the hash fallback's answer, when every write changes
+// its page — and a consumer copying what it reports keeps an exact image.
+// Hot pages form runs both few (so protection goes around them) and many
+// (so it walks through them), and some rounds write pages at random in
+// many runs.
+func TestHotPages(t *testing.T) {
+	if err := uffdOnce(); err != nil {
+		t.Skipf("kernel tracker unavailable: %v", err)
+	}
+	const pages = 4096
+	size := pages * PageSize
+	region := mapRegion(t, size)
+	image := make([]byte, size)
+	for p := range pages / 2 { // half in use with data, half never touched
+		stamp(region, uint32(p))
+	}
+	copy(image, region)
+	hot := newHotTracker(t, region, uint64(size))
+	ref := newTracker(t, region, uint64(size), KindHash)
+	// Few runs: two clusters. Many runs: 60 pages apart from each other.
+	// All amid the pages written at random.
+	var few, many []uint32
+	for p := uint32(1100); p < 1120; p++ {
+		few = append(few, p)
+	}
+	for p := uint32(2500); p < 2510; p++ {
+		few = append(few, p)
+	}
+	for i := range uint32(60) {
+		many = append(many, 1000+29*i)
+	}
+	rng := rand.New(rand.NewPCG(11, 12))
+	round := func(what string, hotSet []uint32, scattered int, r int) {
+		t.Helper()
+		for _, p := range hotSet {
+			stamp(region, p)
+		}
+		// Rewriting a hot page with what it holds is no change.
+		if len(hotSet) > 0 {
+			p := hotSet[rng.IntN(len(hotSet))]
+			if h := hotPagesOf(hot); slices.Contains(h, p) {
+				o := int(p) * PageSize
+				copy(region[o:o+PageSize], slices.Clone(region[o:o+PageSize]))
+			}
+		}
+		// Random pages from a third of the region that changes every
+		// round, so they are never written twice in a row.
+		lo := 1000 + (r%3)*600
+		for _, p := range randomPages(rng, 600, scattered) {
+			if p += uint32(lo); !slices.Contains(hotSet, p) && (len(hotSet) > 0 || !slices.Contains(hotPagesOf(hot), p)) {
+				stamp(region, p) // cooling hot pages are left alone
+			}
+		}
+		got, want := collect(t, hot, size), collect(t, ref, size)
+		expect(t, fmt.Sprintf("%s, round %d: hot vs hash", what, r), got, want)
+		for _, p := range got {
+			o := int(p) * PageSize
+			copy(image[o:o+PageSize], region[o:o+PageSize])
+		}
+		if !slices.Equal(image, region) {
+			t.Fatalf("%s, round %d: the consumer's image is stale", what, r)
+		}
+	}
+	for _, c := range []struct {
+		name    string
+		hotSet  []uint32
+		scatter int
+	}{{"few runs", few, 5}, {"few runs, scattered writes", few, 200}, {"many runs", many, 5}, {"many runs, scattered writes", many, 200}} {
+		for r := range promoteAfter + 5 {
+			round(c.name, c.hotSet, c.scatter, r)
+		}
+		if h := hotPagesOf(hot); !isSubset(c.hotSet, h) {
+			t.Fatalf("%s: after %d rounds writing them, hot pages are %v, want all of %v", c.name, promoteAfter+5, head(h), head(c.hotSet))
+		}
+		// Left alone, they cool down and are protected again; a write
+		// to one afterwards is seen by the kernel.
+		for r := range coolAfter + 2 {
+			round(c.name+", cooling", nil, c.scatter, r)
+		}
+		if n := hot.HotPages(); n != 0 {
+			t.Fatalf("%s: %d pages still hot after %d rounds without writes: %v", c.name, n, coolAfter+2, head(hotPagesOf(hot)))
+		}
+		round(c.name+", cooled", c.hotSet[:1], 0, 0)
+	}
+}
+
+func hotPagesOf(t *uffdTracker) []uint32 {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	var out []uint32
+	for _, p := range t.hot.hot {
+		out = append(out, p.idx)
+	}
+	return out
+}
+
+func isSubset(a, b []uint32) bool {
+	for _, x := range a {
+		if _, ok := slices.BinarySearch(b, x); !ok {
+			return false
+		}
+	}
+	return true
+}
+
+// TestHotPagesRaces: writes to a hot page at the moments Collect cannot
+// order by itself — to a cooling page right after it is protected again,
+// and right after the kernel was asked — are reported, now or at the next
+// Collect; a hot page beyond the part in use waits.
+func TestHotPagesRaces(t *testing.T) {
+	if err := uffdOnce(); err != nil {
+		t.Skipf("kernel tracker unavailable: %v", err)
+	}
+	const pages = 64
+	size := pages * PageSize
+	region := mapRegion(t, size)
+	tr := newHotTracker(t, region, uint64(size))
+	const p = 40
+	for range promoteAfter {
+		stamp(region, p)
+		collect(t, tr, size)
+	}
+	if !slices.Equal(hotPagesOf(tr), []uint32{p}) {
+		t.Fatalf("hot pages %v, want [%d]", hotPagesOf(tr), p)
+	}
+	// In use only below it: not compared, still hot.
+	stamp(region, p)
+	expect(t, "hot page beyond usedBytes", collect(t, tr, 10*PageSize), nil)
+	expect(t, "back in use", collect(t, tr, size), []uint32{p})
+	for range coolAfter {
+		expect(t, "cooling", collect(t, tr, size), nil)
+	}
+	// Protected again at the start of this Collect, then written.
+	testAfterProtect = func() { stamp(region, p) }
+	expect(t, "written right after cooling", collect(t, tr, size), []uint32{p})
+	testAfterProtect = nil
+	expect(t, "and protected again", collect(t, tr, size), nil)
+	for range promoteAfter {
+		stamp(region, p)
+		collect(t, tr, size)
+	}
+	for range coolAfter {
+		collect(t, tr, size)
+	}
+	// Written after the kernel was asked, while cooling: seen by its
+	// contents, and by the kernel at the next Collect.
+	testAfterScan = func() { stamp(region, p) }
+	expect(t, "written after the scan, cooling", collect(t, tr, size), []uint32{p})
+	testAfterScan = nil
+	stamp(region, p)
+	expect(t, "written again", collect(t, tr, size), []uint32{p})
+	if len(hotPagesOf(tr)) != 0 {
+		t.Fatalf("hot pages %v, want none", hotPagesOf(tr))
+	}
 }

@@ -3,8 +3,10 @@ package dirty
 import (
 	"errors"
 	"fmt"
+	"hash/maphash"
 	"os"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"unsafe"
@@ -25,6 +27,8 @@ const (
 
 	uffdioRegisterModeWP = 1 << 1
 
+	uffdioWriteprotectModeWP = 1 << 0
+
 	pageIsWritten = 1 << 1
 	pageIsPresent = 1 << 3
 	pageIsSwapped = 1 << 4
@@ -44,6 +48,11 @@ type uffdioRegisterArg struct {
 	ioctls uint64
 }
 
+type uffdioWriteprotectArg struct {
+	rng  uffdioRange
+	mode uint64
+}
+
 type pmScanArg struct {
 	size, flags, start, end, walkEnd, vec, vecLen, maxPages       uint64
 	categoryInverted, categoryMask, categoryAnyofMask, returnMask uint64
@@ -60,6 +69,7 @@ func ioc(dir, typ, nr, size uintptr) uintptr {
 var (
 	uffdioAPI        = ioc(3, 0xAA, 0x3F, unsafe.Sizeof(uffdioAPIArg{}))
 	uffdioRegister   = ioc(3, 0xAA, 0x00, unsafe.Sizeof(uffdioRegisterArg{}))
+	uffdioWP         = ioc(3, 0xAA, 0x06, unsafe.Sizeof(uffdioWriteprotectArg{}))
 	userfaultfdIoNew = ioc(0, 0xAA, 0x00, 0)
 	pagemapScan      = ioc(3, 'f', 16, unsafe.Sizeof(pmScanArg{}))
 )
@@ -171,6 +181,10 @@ func features(op opener) string {
 // pages there to race with Collect deterministically.
 var testAfterScan func()
 
+// testAfterProtect, if set, runs after a Collect with hot pages protected
+// the cooled ones.
+var testAfterProtect func()
+
 // scanRegions is the output buffer of one PAGEMAP_SCAN call (24 KiB): a
 // bigger one saves calls only when dirty pages form over 1024 separate
 // runs, and then the walk resumes where it stopped.
@@ -193,6 +207,9 @@ type uffdTracker struct {
 	arg     pmScanArg
 	buf     []pageRegion
 	closed  bool
+	// hot is non-nil with Options.HotPages (and 4 KiB system pages).
+	hot   *hotState
+	spans [][2]uint32
 }
 
 func newUffd(region []byte, opts Options) (_ *uffdTracker, err error) {
@@ -243,6 +260,9 @@ func newUffd(region []byte, opts Options) (_ *uffdTracker, err error) {
 		return nil, fmt.Errorf("PAGEMAP_SCAN: %w", err)
 	}
 	t.armed = end
+	if opts.HotPages && sysPage == PageSize {
+		t.hot = &hotState{seed: maphash.MakeSeed()}
+	}
 	return t, nil
 }
 
@@ -284,8 +304,15 @@ func (t *uffdTracker) Collect(dst []uint32, usedBytes uint64) ([]uint32, error) 
 	}
 	limit := uint64(pages)
 	end := t.roundUp(limit * PageSize)
-	// The armed part: the kernel's fast path, written pages only.
-	if err := t.scan(t.base, min(end, t.armed), pageIsWritten, func(r []pageRegion) {
+	if t.hot != nil {
+		if dst, err = t.collectHot(dst, limit, min(end, t.armed)); err != nil {
+			// Forgetting the hot pages is safe: left writable, they
+			// show as written until protected again.
+			t.hot.reset()
+			return dst, err
+		}
+	} else if err := t.scan(t.base, min(end, t.armed), pageIsWritten, func(r []pageRegion) {
+		// The armed part: the kernel's fast path, written pages only.
 		dst = t.appendPages(dst, r, limit)
 	}); err != nil {
 		return dst, err
@@ -308,6 +335,107 @@ func (t *uffdTracker) Collect(dst []uint32, usedBytes uint64) ([]uint32, error) 
 		t.armed = end
 	}
 	return dst, err
+}
+
+// collectHot is Collect's armed part, [base, armedEnd), with hot pages:
+// protect the hot pages that cooled, ask the kernel which pages are written
+// without protecting them, compare the hot ones by hash, and protect the
+// rest of what was reported. Protecting after reporting loses nothing:
+// a write in between lands in a page the caller copies afterwards.
+func (t *uffdTracker) collectHot(dst []uint32, limit uint64, armedEnd uintptr) ([]uint32, error) {
+	h := t.hot
+	start := len(dst)
+	h.protect = h.cooled(h.protect[:0])
+	if err := t.protectRuns(h.protect); err != nil {
+		return dst, err
+	}
+	if testAfterProtect != nil {
+		testAfterProtect()
+	}
+	h.written = h.written[:0]
+	if err := t.scanFlags(t.base, armedEnd, pmScanCheckWPAsync, pageIsWritten, func(r []pageRegion) {
+		h.written = t.appendPages(h.written, r, limit)
+	}); err != nil {
+		return dst, err
+	}
+	dst = h.classify(dst, limit, func(p uint32) []byte {
+		o := int(p) * PageSize
+		return t.region[o : o+PageSize]
+	})
+	if len(h.protect) == 0 {
+		return dst, nil
+	}
+	if runs(h.protect) <= maxProtectCalls {
+		return dst, t.protectRuns(h.protect)
+	}
+	// Many runs (pages written at random): protect in page-table walks
+	// over the span they cover, around the hot pages if they are few
+	// enough, else through them (a hot page protected so faults once on
+	// its next write, and stays hot).
+	from, to := h.protect[0], h.protect[len(h.protect)-1]+1
+	var few bool
+	t.spans, few = h.spansWithout(t.spans[:0], from, to, maxProtectCalls)
+	if !few {
+		t.spans = append(t.spans[:0], [2]uint32{from, to})
+	}
+	// The walk protects whatever is written in the span, so it must also
+	// report a page written since the kernel was asked above and not
+	// reported yet (only a writer racing with Collect does that).
+	reported := dst[start:]
+	h.written = h.written[:0]
+	for _, s := range t.spans {
+		err := t.scan(t.base+uintptr(s[0])*PageSize, t.base+uintptr(s[1])*PageSize, pageIsWritten, func(r []pageRegion) {
+			for _, p := range t.appendPages(nil, r, limit) {
+				if _, ok := slices.BinarySearch(reported, p); !ok && !h.isHot(p) {
+					h.written = append(h.written, p)
+				}
+			}
+		})
+		if err != nil {
+			return dst, err
+		}
+	}
+	if len(h.written) > 0 {
+		dst = append(dst, h.written...)
+		slices.Sort(dst[start:])
+	}
+	return dst, nil
+}
+
+// protectRuns write-protects the listed pages (sorted), one
+// UFFDIO_WRITEPROTECT per run of consecutive pages.
+func (t *uffdTracker) protectRuns(pages []uint32) error {
+	for i := 0; i < len(pages); {
+		j := i + 1
+		for j < len(pages) && pages[j] == pages[j-1]+1 {
+			j++
+		}
+		arg := uffdioWriteprotectArg{
+			rng:  uffdioRange{uint64(t.base) + uint64(pages[i])*PageSize, uint64(j-i) * PageSize},
+			mode: uffdioWriteprotectModeWP,
+		}
+		_, err := ioctl(t.uffd, uffdioWP, unsafe.Pointer(&arg))
+		for tries := 0; (err == unix.EAGAIN || err == unix.EINTR) && tries < 100; tries++ {
+			// EAGAIN: the address space is changing under a
+			// concurrent mremap or fork; it is brief.
+			_, err = ioctl(t.uffd, uffdioWP, unsafe.Pointer(&arg))
+		}
+		if err != nil {
+			return fmt.Errorf("UFFDIO_WRITEPROTECT of pages [%d, %d): %w", pages[i], pages[j-1]+1, err)
+		}
+		i = j
+	}
+	return nil
+}
+
+// HotPages is how many pages are hot now (Options.HotPages).
+func (t *uffdTracker) HotPages() int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.hot == nil {
+		return 0
+	}
+	return len(t.hot.hot)
 }
 
 // appendPages appends the 4 KiB page indices of runs, below limit pages.

@@ -1,0 +1,193 @@
+package dirty
+
+import (
+	"hash/maphash"
+	"slices"
+)
+
+// Hot pages (Options.HotPages). Under write protection every first write
+// to a page after a Collect is a fault, and on a VM with shadow paging a
+// fault costs 10–15 µs (measured on this project's machines: 15 µs per
+// page against 1 µs for a plain first store). A guest that writes the same
+// pages every epoch — its stack, a connection's buffers, the allocator's
+// own metadata — pays that for every one of them every epoch: a KV server
+// replicated at 400 checkpoints a second spent a fifth of its CPU in such
+// faults. So a page reported by promoteAfter Collects in a row is left
+// writable ("hot") and watched by content instead, as the hash fallback
+// does for everything: each Collect hashes it and reports it if the hash
+// changed. A hot page unchanged for coolAfter Collects is protected again.
+// Pages written at random (a guest touching fresh pages each epoch) never
+// make promoteAfter in a row, so they cost no hashing.
+//
+// The weaker promise: a hot page is reported when its contents differ
+// from what they were at the previous Collect, so the caller must copy the
+// pages it is given before anything writes the region again — a paused
+// guest, which is how the machine collects. (A write racing with Collect,
+// changed back before the next one, would be missed.)
+const (
+	promoteAfter = 3
+	coolAfter    = 16
+	// maxHot bounds the hashing a Collect does (about 0.3 µs a page).
+	maxHot = 1024
+	// maxProtectCalls is how many ioctls a Collect spends protecting the
+	// pages it reported one run at a time; past it, it protects them in
+	// one page-table walk and lets any hot pages in that span fault once.
+	maxProtectCalls = 16
+)
+
+// hotPage is a page left writable, with its contents' hash at the last
+// Collect and for how many Collects it has not changed.
+type hotPage struct {
+	idx  uint32
+	idle uint8
+	sum  uint64
+}
+
+// streakPage is a page reported by the last Collect as written while
+// protected, and by how many Collects in a row.
+type streakPage struct {
+	idx uint32
+	n   uint8
+}
+
+// hotState is the uffd tracker's bookkeeping for hot pages. Its slices are
+// reused from one Collect to the next.
+type hotState struct {
+	seed    maphash.Seed
+	hot     []hotPage // sorted by idx
+	next    []hotPage
+	streak  []streakPage // sorted by idx
+	nstreak []streakPage
+	written []uint32
+	protect []uint32
+}
+
+func (h *hotState) reset() {
+	h.hot, h.streak = h.hot[:0], h.streak[:0]
+}
+
+// classify merges the pages the kernel reports as written (sorted, below
+// limit) with the hot set. It appends to dst, in order, the pages to
+// report, collects in h.protect the pages to write-protect now, and builds
+// the next hot set and streaks. Hot pages whose idle count reached
+// coolAfter must already have been protected again (cooled) before the
+// kernel was asked. page returns a page's contents.
+func (h *hotState) classify(dst []uint32, limit uint64, page func(uint32) []byte) []uint32 {
+	h.next, h.nstreak, h.protect = h.next[:0], h.nstreak[:0], h.protect[:0]
+	hot, written, streak := h.hot, h.written, h.streak
+	// Room for promotions: the hot pages that stay hot (unless they
+	// change, which only keeps them) come first.
+	staying := 0
+	for _, p := range hot {
+		if p.idle < coolAfter {
+			staying++
+		}
+	}
+	room := maxHot - staying
+	i, j, k := 0, 0, 0
+	for i < len(hot) || j < len(written) {
+		switch {
+		case j == len(written) || (i < len(hot) && hot[i].idx < written[j]):
+			dst = h.checkHot(dst, hot[i], false, limit, page)
+			i++
+		case i == len(hot) || written[j] < hot[i].idx:
+			p := written[j]
+			j++
+			dst = append(dst, p)
+			for k < len(streak) && streak[k].idx < p {
+				k++
+			}
+			n := uint8(1)
+			if k < len(streak) && streak[k].idx == p {
+				n = streak[k].n + 1
+			}
+			if n >= promoteAfter && room > 0 {
+				room--
+				h.next = append(h.next, hotPage{idx: p, sum: maphash.Bytes(h.seed, page(p))})
+				continue
+			}
+			h.protect = append(h.protect, p)
+			h.nstreak = append(h.nstreak, streakPage{idx: p, n: min(n, promoteAfter)})
+		default:
+			dst = h.checkHot(dst, hot[i], true, limit, page)
+			i++
+			j++
+		}
+	}
+	h.hot, h.next = h.next, h.hot
+	h.streak, h.nstreak = h.nstreak, h.streak
+	return dst
+}
+
+// checkHot decides a hot page's fate: reported if its contents changed;
+// dropped from the hot set if it had cooled (it is protected again, so a
+// write since shows as written, and then it is protected once more).
+func (h *hotState) checkHot(dst []uint32, p hotPage, written bool, limit uint64, page func(uint32) []byte) []uint32 {
+	if uint64(p.idx) >= limit {
+		h.next = append(h.next, p) // not in use now: keep watching it
+		return dst
+	}
+	sum := maphash.Bytes(h.seed, page(p.idx))
+	changed := sum != p.sum
+	if p.idle >= coolAfter {
+		if changed || written {
+			dst = append(dst, p.idx)
+		}
+		if written {
+			h.protect = append(h.protect, p.idx)
+		}
+		return dst
+	}
+	if changed {
+		dst = append(dst, p.idx)
+		p.sum, p.idle = sum, 0
+	} else {
+		p.idle++
+	}
+	h.next = append(h.next, p)
+	return dst
+}
+
+// cooled appends the hot pages due to be protected again.
+func (h *hotState) cooled(dst []uint32) []uint32 {
+	for _, p := range h.hot {
+		if p.idle >= coolAfter {
+			dst = append(dst, p.idx)
+		}
+	}
+	return dst
+}
+
+// spansWithout appends to dst the [lo, hi) page spans of [from, to) that
+// hold no hot page, and reports whether there are at most max of them.
+func (h *hotState) spansWithout(dst [][2]uint32, from, to uint32, max int) ([][2]uint32, bool) {
+	i, _ := slices.BinarySearchFunc(h.hot, from, func(p hotPage, x uint32) int { return int(p.idx) - int(x) })
+	lo := from
+	for ; i < len(h.hot) && h.hot[i].idx < to; i++ {
+		if x := h.hot[i].idx; x > lo {
+			dst = append(dst, [2]uint32{lo, x})
+		}
+		lo = h.hot[i].idx + 1
+	}
+	if lo < to {
+		dst = append(dst, [2]uint32{lo, to})
+	}
+	return dst, len(dst) <= max
+}
+
+// isHot reports whether page p is in the hot set.
+func (h *hotState) isHot(p uint32) bool {
+	_, ok := slices.BinarySearchFunc(h.hot, p, func(x hotPage, p uint32) int { return int(x.idx) - int(p) })
+	return ok
+}
+
+// runs counts the runs of consecutive indices in a sorted list.
+func runs(pages []uint32) int {
+	n := 0
+	for i, p := range pages {
+		if i == 0 || p != pages[i-1]+1 {
+			n++
+		}
+	}
+	return n
+}
