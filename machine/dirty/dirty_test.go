@@ -153,6 +153,7 @@ func TestIoctlABI(t *testing.T) {
 	}{
 		{"UFFDIO_API", uffdioAPI, 0xC018AA3F},
 		{"UFFDIO_REGISTER", uffdioRegister, 0xC020AA00},
+		{"UFFDIO_WRITEPROTECT", uffdioWP, 0xC018AA06},
 		{"USERFAULTFD_IOC_NEW", userfaultfdIoNew, 0xAA00},
 		{"PAGEMAP_SCAN", pagemapScan, 0xC0606610},
 		{"sizeof(struct page_region)", unsafe.Sizeof(pageRegion{}), 24},
@@ -650,34 +651,58 @@ func TestHotPages(t *testing.T) {
 		}
 		got, want := collect(t, hot, size), collect(t, ref, size)
 		expect(t, fmt.Sprintf("%s, round %d: hot vs hash", what, r), got, want)
-		for _, p := range got {
-			o := int(p) * PageSize
-			copy(image[o:o+PageSize], region[o:o+PageSize])
-		}
+		copyPages(image, region, got)
 		if !slices.Equal(image, region) {
 			t.Fatalf("%s, round %d: the consumer's image is stale", what, r)
 		}
 	}
+	// Writes at random over much of the memory, some pages by chance
+	// several times in a row: none is taken for hot, that is luck.
+	for r := range 3 * promoteAfter {
+		for _, p := range randomPages(rng, pages/2, pages/8) {
+			stamp(region, p)
+		}
+		got, want := collect(t, hot, size), collect(t, ref, size)
+		expect(t, fmt.Sprintf("random writes, round %d: hot vs hash", r), got, want)
+		copyPages(image, region, got)
+		if h := hotPagesOf(hot); len(h) != 0 {
+			t.Fatalf("random writes, round %d: pages made hot: %v", r, head(h))
+		}
+	}
 	for _, c := range []struct {
-		name    string
-		hotSet  []uint32
-		scatter int
-	}{{"few runs", few, 5}, {"few runs, scattered writes", few, 200}, {"many runs", many, 5}, {"many runs, scattered writes", many, 200}} {
-		for r := range promoteAfter + 5 {
-			round(c.name, c.hotSet, c.scatter, r)
+		name   string
+		hotSet []uint32
+	}{{"few runs", few}, {"many runs", many}} {
+		for r := range promoteAfter + 2 {
+			round(c.name, c.hotSet, 5, r)
 		}
 		if h := hotPagesOf(hot); !isSubset(c.hotSet, h) {
-			t.Fatalf("%s: after %d rounds writing them, hot pages are %v, want all of %v", c.name, promoteAfter+5, head(h), head(c.hotSet))
+			t.Fatalf("%s: after %d rounds writing them, hot pages are %v, want all of %v", c.name, promoteAfter+2, head(h), head(c.hotSet))
+		}
+		// Once hot, they stay hot through scattered writes (which are
+		// protected around them, or through them).
+		for r := range 3 {
+			round(c.name+", hot amid scattered writes", c.hotSet, 200, r)
+		}
+		if h := hotPagesOf(hot); !isSubset(c.hotSet, h) {
+			t.Fatalf("%s: hot pages lost amid scattered writes: %v, want all of %v", c.name, head(h), head(c.hotSet))
 		}
 		// Left alone, they cool down and are protected again; a write
 		// to one afterwards is seen by the kernel.
 		for r := range coolAfter + 2 {
-			round(c.name+", cooling", nil, c.scatter, r)
+			round(c.name+", cooling", nil, 5*(r%2)+200*(r%3/2), r)
 		}
 		if n := hot.HotPages(); n != 0 {
 			t.Fatalf("%s: %d pages still hot after %d rounds without writes: %v", c.name, n, coolAfter+2, head(hotPagesOf(hot)))
 		}
 		round(c.name+", cooled", c.hotSet[:1], 0, 0)
+	}
+}
+
+func copyPages(image, region []byte, pages []uint32) {
+	for _, p := range pages {
+		o := int(p) * PageSize
+		copy(image[o:o+PageSize], region[o:o+PageSize])
 	}
 }
 

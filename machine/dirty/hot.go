@@ -16,8 +16,8 @@ import (
 // writable ("hot") and watched by content instead, as the hash fallback
 // does for everything: each Collect hashes it and reports it if the hash
 // changed. A hot page unchanged for coolAfter Collects is protected again.
-// Pages written at random (a guest touching fresh pages each epoch) never
-// make promoteAfter in a row, so they cost no hashing.
+// Pages written at random are not promoted: while pages are reported again
+// no more often than chance would have it, none is.
 //
 // The weaker promise: a hot page is reported when its contents differ
 // from what they were at the previous Collect, so the caller must copy the
@@ -28,10 +28,11 @@ const (
 	promoteAfter = 3
 	coolAfter    = 16
 	// maxHot bounds the hashing a Collect does (about 0.3 µs a page).
-	maxHot = 1024
-	// maxProtectCalls is how many ioctls a Collect spends protecting the
-	// pages it reported one run at a time; past it, it protects them in
-	// one page-table walk and lets any hot pages in that span fault once.
+	maxHot = 512
+	// maxProtectCalls bounds the ioctls a Collect spends walking the
+	// spans between hot pages, or protecting the pages it reported one
+	// run at a time; past it, it protects them in one page-table walk
+	// and lets any hot pages in that span fault once.
 	maxProtectCalls = 16
 )
 
@@ -60,6 +61,13 @@ type hotState struct {
 	nstreak []streakPage
 	written []uint32
 	protect []uint32
+	// stopPromoting is set while pages are reported again in the next
+	// Collect no more often than chance would have it: writes scattered
+	// at random over much of the memory, where a page written three
+	// times in a row is luck, not a pattern, and promoting it would only
+	// add hashing to every Collect (and walks around it). A guest with a
+	// working set repeats far more often than chance.
+	stopPromoting bool
 }
 
 func (h *hotState) reset() {
@@ -84,7 +92,11 @@ func (h *hotState) classify(dst []uint32, limit uint64, page func(uint32) []byte
 		}
 	}
 	room := maxHot - staying
+	if h.stopPromoting {
+		room = 0
+	}
 	i, j, k := 0, 0, 0
+	cold, again := 0, 0 // pages reported outside the hot set; of them, reported last time too
 	for i < len(hot) || j < len(written) {
 		switch {
 		case j == len(written) || (i < len(hot) && hot[i].idx < written[j]):
@@ -100,7 +112,9 @@ func (h *hotState) classify(dst []uint32, limit uint64, page func(uint32) []byte
 			n := uint8(1)
 			if k < len(streak) && streak[k].idx == p {
 				n = streak[k].n + 1
+				again++
 			}
+			cold++
 			if n >= promoteAfter && room > 0 {
 				room--
 				h.next = append(h.next, hotPage{idx: p, sum: maphash.Bytes(h.seed, page(p))})
@@ -114,6 +128,10 @@ func (h *hotState) classify(dst []uint32, limit uint64, page func(uint32) []byte
 			j++
 		}
 	}
+	// Chance: of cold pages now, the share of the pages in use that
+	// were reported last time. A pattern: four times that, or more.
+	chance := float64(cold) * float64(len(streak)) / float64(max(limit, 1))
+	h.stopPromoting = again > 0 && float64(again) < 4*chance
 	h.hot, h.next = h.next, h.hot
 	h.streak, h.nstreak = h.nstreak, h.streak
 	return dst
@@ -159,20 +177,30 @@ func (h *hotState) cooled(dst []uint32) []uint32 {
 }
 
 // spansWithout appends to dst the [lo, hi) page spans of [from, to) that
-// hold no hot page, and reports whether there are at most max of them.
+// hold no hot page (cooled ones do not count: they are protected again),
+// and reports whether there are at most max of them.
 func (h *hotState) spansWithout(dst [][2]uint32, from, to uint32, max int) ([][2]uint32, bool) {
 	i, _ := slices.BinarySearchFunc(h.hot, from, func(p hotPage, x uint32) int { return int(p.idx) - int(x) })
 	lo := from
 	for ; i < len(h.hot) && h.hot[i].idx < to; i++ {
+		if h.hot[i].idle >= coolAfter {
+			continue
+		}
 		if x := h.hot[i].idx; x > lo {
+			if len(dst) == max {
+				return dst, false
+			}
 			dst = append(dst, [2]uint32{lo, x})
 		}
 		lo = h.hot[i].idx + 1
 	}
 	if lo < to {
+		if len(dst) == max {
+			return dst, false
+		}
 		dst = append(dst, [2]uint32{lo, to})
 	}
-	return dst, len(dst) <= max
+	return dst, true
 }
 
 // isHot reports whether page p is in the hot set.

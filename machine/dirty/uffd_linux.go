@@ -337,11 +337,15 @@ func (t *uffdTracker) Collect(dst []uint32, usedBytes uint64) ([]uint32, error) 
 	return dst, err
 }
 
-// collectHot is Collect's armed part, [base, armedEnd), with hot pages:
-// protect the hot pages that cooled, ask the kernel which pages are written
-// without protecting them, compare the hot ones by hash, and protect the
-// rest of what was reported. Protecting after reporting loses nothing:
-// a write in between lands in a page the caller copies afterwards.
+// collectHot is Collect's armed part, [base, armedEnd), with hot pages.
+// It protects the hot pages that cooled first, so that a write to one
+// after that is seen by the kernel. Then, if the hot pages form few runs,
+// it asks the kernel as without them — report and protect in one walk —
+// over each span between them; the hot pages themselves are compared by
+// hash. If they form many runs, it asks the kernel without protecting,
+// over everything at once, and protects afterwards only what it reported
+// and did not promote. Protecting after reporting loses nothing: a write
+// in between lands in a page the caller copies afterwards.
 func (t *uffdTracker) collectHot(dst []uint32, limit uint64, armedEnd uintptr) ([]uint32, error) {
 	h := t.hot
 	start := len(dst)
@@ -352,48 +356,52 @@ func (t *uffdTracker) collectHot(dst []uint32, limit uint64, armedEnd uintptr) (
 	if testAfterProtect != nil {
 		testAfterProtect()
 	}
-	h.written = h.written[:0]
-	if err := t.scanFlags(t.base, armedEnd, pmScanCheckWPAsync, pageIsWritten, func(r []pageRegion) {
-		h.written = t.appendPages(h.written, r, limit)
-	}); err != nil {
-		return dst, err
-	}
-	dst = h.classify(dst, limit, func(p uint32) []byte {
+	page := func(p uint32) []byte {
 		o := int(p) * PageSize
 		return t.region[o : o+PageSize]
-	})
+	}
+	h.written = h.written[:0]
+	emit := func(r []pageRegion) { h.written = t.appendPages(h.written, r, limit) }
+	var few bool
+	t.spans, few = h.spansWithout(t.spans[:0], 0, uint32((armedEnd-t.base)/PageSize), maxProtectCalls)
+	if few {
+		for _, s := range t.spans {
+			if err := t.scan(t.base+uintptr(s[0])*PageSize, t.base+uintptr(s[1])*PageSize, pageIsWritten, emit); err != nil {
+				return dst, err
+			}
+		}
+		// All that classify would protect is protected (the pages it
+		// promotes too: each faults once more, then stays writable).
+		return h.classify(dst, limit, page), nil
+	}
+	if err := t.scanFlags(t.base, armedEnd, pmScanCheckWPAsync, pageIsWritten, emit); err != nil {
+		return dst, err
+	}
+	dst = h.classify(dst, limit, page)
 	if len(h.protect) == 0 {
 		return dst, nil
 	}
 	if runs(h.protect) <= maxProtectCalls {
 		return dst, t.protectRuns(h.protect)
 	}
-	// Many runs (pages written at random): protect in page-table walks
-	// over the span they cover, around the hot pages if they are few
-	// enough, else through them (a hot page protected so faults once on
-	// its next write, and stays hot).
+	// Many runs of both: protect in one walk over the span the reported
+	// pages cover, hot pages included (one protected so faults once on
+	// its next write, and stays hot). The walk protects whatever is
+	// written there, so it must also report a page written since the
+	// kernel was asked above and not reported yet (only a writer racing
+	// with Collect does that).
 	from, to := h.protect[0], h.protect[len(h.protect)-1]+1
-	var few bool
-	t.spans, few = h.spansWithout(t.spans[:0], from, to, maxProtectCalls)
-	if !few {
-		t.spans = append(t.spans[:0], [2]uint32{from, to})
-	}
-	// The walk protects whatever is written in the span, so it must also
-	// report a page written since the kernel was asked above and not
-	// reported yet (only a writer racing with Collect does that).
 	reported := dst[start:]
 	h.written = h.written[:0]
-	for _, s := range t.spans {
-		err := t.scan(t.base+uintptr(s[0])*PageSize, t.base+uintptr(s[1])*PageSize, pageIsWritten, func(r []pageRegion) {
-			for _, p := range t.appendPages(nil, r, limit) {
-				if _, ok := slices.BinarySearch(reported, p); !ok && !h.isHot(p) {
-					h.written = append(h.written, p)
-				}
+	err := t.scan(t.base+uintptr(from)*PageSize, t.base+uintptr(to)*PageSize, pageIsWritten, func(r []pageRegion) {
+		for _, p := range t.appendPages(nil, r, limit) {
+			if _, ok := slices.BinarySearch(reported, p); !ok && !h.isHot(p) {
+				h.written = append(h.written, p)
 			}
-		})
-		if err != nil {
-			return dst, err
 		}
+	})
+	if err != nil {
+		return dst, err
 	}
 	if len(h.written) > 0 {
 		dst = append(dst, h.written...)
