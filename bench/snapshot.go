@@ -2,12 +2,14 @@ package main
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"fmt"
 	"io"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -61,7 +63,8 @@ func benchPause(ctx context.Context, e *env, mod []byte, b *strings.Builder) err
 	fmt.Fprintf(b, "Command: `go run ./bench -only snapshot`. Guest: testdata/guests/dirtier (C, 256 MiB of memory, "+
 		"writes N random pages, then sleeps 20 ms), instrumented. Every ~25 ms the harness pauses it and takes what a "+
 		"checkpoint needs (collect dirty pages from the kernel tracker, copy them into a staging buffer, globals, "+
-		"stack, device state), then resumes it; %d pauses per row. **Pause** = the guest's stopped time, unwind to "+
+		"stack, device state), then resumes it, and then, while it runs, re-arms tracking for the pages it copied "+
+		"(`machine.Paused.DirtyPagesDeferred`, `Machine.RearmDirty`, as Remus's sender does); %d pauses per row. **Pause** = the guest's stopped time, unwind to "+
 		"end of rewind. **Floor** = copying the same number of 4 KiB pages from a 256 MiB buffer (memcpy), measured "+
 		"in the same run. Each pause also copies the 256 KiB scratch region back and forth (64 pages).\n\n", pauses)
 	fmt.Fprintf(b, "| pages written per round | dirty pages per pause (median) | pause p50 | pause p99 | memcpy floor p50 | p99 ÷ (2×floor + 200 µs) |\n|---:|---:|---:|---:|---:|---:|\n")
@@ -84,12 +87,14 @@ func benchPause(ctx context.Context, e *env, mod []byte, b *strings.Builder) err
 		before := m.PauseStats().Count
 		for i := 0; i < pauses; i++ {
 			time.Sleep(25 * time.Millisecond)
+			var gen uint64
+			var staged []snapshot.Page
 			err := m.WithPaused(ctx, func(p *machine.Paused) error {
 				var err error
-				if idx, err = p.DirtyPages(idx[:0]); err != nil {
+				if idx, gen, err = p.DirtyPagesDeferred(idx[:0]); err != nil {
 					return err
 				}
-				if _, err := stager.Stage(p.Memory(), idx); err != nil {
+				if staged, err = stager.Stage(p.Memory(), idx); err != nil {
 					return err
 				}
 				_ = p.Globals()
@@ -98,6 +103,16 @@ func benchPause(ctx context.Context, e *env, mod []byte, b *strings.Builder) err
 				dirtyCounts = append(dirtyCounts, float64(len(idx)))
 				return nil
 			})
+			if err == nil {
+				// As Remus's sender does, while the guest runs.
+				err = m.RearmDirty(gen, func(i uint32) []byte {
+					k, ok := slices.BinarySearchFunc(staged, i, func(p snapshot.Page, x uint32) int { return cmp.Compare(p.Index, x) })
+					if !ok {
+						return nil
+					}
+					return staged[k].Data
+				})
+			}
 			if err != nil {
 				cancel()
 				wg.Wait()

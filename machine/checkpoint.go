@@ -388,6 +388,35 @@ func (p *Paused) DirtyPages(dst []uint32) ([]uint32, error) {
 	return p.m.tracker.Collect(dst, uint64(len(p.Memory())))
 }
 
+// DirtyPagesDeferred is DirtyPages for a caller that copies the pages
+// before the guest runs again and then, while it runs, hands the copies to
+// Machine.RearmDirty: re-protecting the pages — most of the cost of
+// finding them with the kernel tracker — then happens out of the pause.
+// gen is for RearmDirty; with a tracker that cannot defer it is 0 and
+// the pages are re-armed now.
+func (p *Paused) DirtyPagesDeferred(dst []uint32) (pages []uint32, gen uint64, err error) {
+	if p.m.tracker == nil {
+		return nil, 0, errors.New("dirty tracking is not available")
+	}
+	if d, ok := p.m.tracker.(dirty.Deferrer); ok {
+		return d.CollectDeferred(dst, uint64(len(p.Memory())))
+	}
+	pages, err = p.m.tracker.Collect(dst, uint64(len(p.Memory())))
+	return pages, 0, err
+}
+
+// RearmDirty re-arms dirty tracking for the pages DirtyPagesDeferred gen
+// reported, given copyOf, the copy of each page the caller took during
+// that pause (nil if none): pages written since are reported next time.
+// It is safe to call while the guest runs; a late or missing call only
+// makes the next DirtyPages report those pages again.
+func (m *Machine) RearmDirty(gen uint64, copyOf func(page uint32) []byte) error {
+	if d, ok := m.tracker.(dirty.Deferrer); ok && gen != 0 {
+		return d.Rearm(gen, copyOf)
+	}
+	return nil
+}
+
 // Globals returns the value of every global.
 func (p *Paused) Globals() []snapshot.Global {
 	out := make([]snapshot.Global, 0, len(p.m.globals))
@@ -453,6 +482,7 @@ func (m *Machine) startTracking() {
 	t, err := dirty.New(lm.region, dirty.Options{Used: lm.size.Load(), HotPages: true})
 	if err == nil {
 		m.tracker = t
+		lm.beforeFree = func() { t.Close() }
 		if r := t.Reason(); r != "" {
 			slog.Warn("dirty-page tracking falls back to page hashing", "reason", r)
 		}

@@ -23,6 +23,10 @@ type linearMemory struct {
 	// refused records the size of the largest growth refused by the limit.
 	refused atomic.Uint64
 	failed  error
+	// beforeFree runs before the region is unmapped: it closes the dirty
+	// tracker, which another goroutine may be using to read the region
+	// (Machine.RearmDirty) when the guest exits.
+	beforeFree func()
 }
 
 func newLinearMemory(max, limit uint64) *linearMemory {
@@ -64,6 +68,9 @@ func (m *linearMemory) Reallocate(size uint64) []byte {
 
 // Free implements experimental.LinearMemory.
 func (m *linearMemory) Free() {
+	if m.beforeFree != nil {
+		m.beforeFree()
+	}
 	if m.region != nil {
 		unix.Munmap(m.region)
 		m.region = nil

@@ -439,6 +439,7 @@ func (s *slot) receive(id uint64, c *transport.Conn, hello *wire.Hello) {
 				fail("checkpoint %d: %d/%d disk messages arrived, %d/%d announced", m.Seq, opsMsgs, fileMsgs, m.DiskOps, m.DiskFiles)
 				return
 			}
+			t0 := time.Now()
 			snap, err := snapshot.DecodeBytes(cur.raw, &hello.Module)
 			if err != nil {
 				fail("checkpoint %d: %v", m.Seq, err)
@@ -449,6 +450,10 @@ func (s *slot) receive(id uint64, c *transport.Conn, hello *wire.Hello) {
 				return
 			}
 			cur.snap = snap
+			if s.log.Enabled(context.Background(), slog.LevelDebug) {
+				s.log.Debug("checkpoint received", "seq", cur.seq, "full", cur.full, "bytes", len(cur.raw),
+					"pages", len(snap.Pages), "decode", time.Since(t0))
+			}
 			s.mu.Lock()
 			s.bytesIn += uint64(len(cur.raw))
 			s.mu.Unlock()
@@ -652,6 +657,9 @@ func (s *slot) commit(seq uint64) error {
 			s.hello = h
 		}
 	}
+	if s.log.Enabled(context.Background(), slog.LevelDebug) {
+		s.log.Debug("checkpoint applied", "seq", seq, "apply", time.Since(t0))
+	}
 	s.mu.Lock()
 	s.status.LastApplyUS = float64(time.Since(t0).Nanoseconds()) / 1000
 	s.status.Checkpoints++
@@ -815,7 +823,9 @@ func (s *slot) persister() {
 		// came before it.
 		if jobs[0].full {
 			j := jobs[0]
+			t0 := time.Now()
 			err := s.store.CommitFull(j.seq, j.raw, toStoreTree(j.tree), toStoreOps(j.ops))
+			s.log.Debug("full checkpoint stored", "seq", j.seq, "took", time.Since(t0), "err", err)
 			if !s.stored(err, "a full checkpoint", j.seq) {
 				continue
 			}

@@ -2,6 +2,7 @@ package remus
 
 import (
 	"bytes"
+	"cmp"
 	"fmt"
 	"io/fs"
 	"os"
@@ -30,7 +31,28 @@ type checkpoint struct {
 	pause   time.Duration // how long the capture kept the guest stopped
 	dirty   int           // pages in the checkpoint
 	devices *wasi.State   // marshalled into snap.Devices when encoded
+	gen     uint64        // the dirty-page collection, for rearm
 }
+
+// rearm re-arms dirty tracking for the pages this checkpoint's collection
+// reported, with the staged copies (the guest runs meanwhile); it must run
+// before the stager is released. A page not staged — a full checkpoint
+// stages only non-zero pages — is zero in the copy.
+func (cp *checkpoint) rearm(m *machine.Machine) error {
+	pages := cp.snap.Pages
+	return m.RearmDirty(cp.gen, func(idx uint32) []byte {
+		i, ok := slices.BinarySearchFunc(pages, idx, func(p snapshot.Page, x uint32) int { return cmp.Compare(p.Index, x) })
+		switch {
+		case ok:
+			return pages[i].Data
+		case cp.full:
+			return zeroPage[:]
+		}
+		return nil
+	})
+}
+
+var zeroPage [snapshot.PageSize]byte
 
 // captureCheckpoint runs while the guest is paused. It copies only what
 // must be copied now; encoding happens after the guest runs again.
@@ -39,7 +61,9 @@ func captureCheckpoint(p *machine.Paused, seq uint64, full bool, st *stager, dir
 	t0 := time.Now()
 	mem := p.Memory()
 	// Always collect, so the next incremental is relative to this one.
-	dirtyPages, err := p.DirtyPages(dirtyBuf[:0])
+	// Re-arming the pages is left for the sender (rearm), out of the
+	// pause.
+	dirtyPages, gen, err := p.DirtyPagesDeferred(dirtyBuf[:0])
 	if err != nil {
 		return nil, dirtyBuf, fmt.Errorf("dirty pages: %w", err)
 	}
@@ -57,7 +81,7 @@ func captureCheckpoint(p *machine.Paused, seq uint64, full bool, st *stager, dir
 	s := &snapshot.Snapshot{Kind: snapshot.Incremental, Module: p.ModuleHash(), Seq: seq, MemorySize: uint64(len(mem)),
 		Pages: pages, Globals: p.Globals(), StackAddr: addr, Stack: bytes.Clone(blob),
 		Meta: snapshot.Meta{Created: t0.UTC(), Version: machine.Version, Reason: fmt.Sprintf("remus epoch %d", seq)}}
-	cp := &checkpoint{seq: seq, full: full, snap: s, stager: st, dirty: len(pages), devices: devState}
+	cp := &checkpoint{seq: seq, full: full, snap: s, stager: st, dirty: len(pages), devices: devState, gen: gen}
 	if full {
 		s.Kind = snapshot.Full
 		s.ModuleCode, s.ModuleName = module, name

@@ -27,6 +27,7 @@ import (
 	"time"
 
 	"github.com/ftvm/ftvm/machine"
+	"github.com/ftvm/ftvm/machine/dirty"
 	"github.com/ftvm/ftvm/remus/engine"
 	"github.com/ftvm/ftvm/remus/wire"
 	"github.com/ftvm/ftvm/snapshot"
@@ -727,8 +728,18 @@ func (s *session) sender(p *Primary) {
 		case wire.Message:
 			err = wire.SendFlush(s.conn, it)
 		case *checkpoint:
+			t0 := time.Now()
+			if m := p.machine.Load(); m != nil {
+				if err := it.rearm(m); err != nil && !errors.Is(err, dirty.ErrClosed) {
+					p.log.Warn("re-arming dirty-page tracking failed: the next checkpoint sends those pages again", "seq", it.seq, "err", err)
+				}
+			}
 			err = s.stream(p, it, &buf)
 			p.putStager(it.stager)
+			if err == nil && p.log.Enabled(context.Background(), slog.LevelDebug) {
+				p.log.Debug("checkpoint sent", "seq", it.seq, "full", it.full, "pages", it.dirty,
+					"pause", it.pause, "encode_and_send", time.Since(t0))
+			}
 		}
 		if err != nil {
 			if !s.closed.Load() {
@@ -885,6 +896,9 @@ func (s *session) receiver(p *Primary) {
 				continue
 			}
 			p.send(engine.Ack{Now: now, Session: s.id, Seq: m.Seq})
+			if p.log.Enabled(context.Background(), slog.LevelDebug) {
+				p.log.Debug("checkpoint acknowledged", "seq", m.Seq)
+			}
 		case *wire.NeedFull:
 			p.log.Warn("the backup asks for a full checkpoint", "reason", m.Reason)
 			p.send(engine.NeedFull{Now: now, Session: s.id, Seq: m.Seq})

@@ -51,15 +51,25 @@ func kinds(t *testing.T, f func(t *testing.T, kind string)) {
 // kindHot names the kernel tracker with Options.HotPages in tests.
 const kindHot = "uffd-wp+hot"
 
-// kindsAndHot is kinds plus the kernel tracker with hot pages.
+// Names of the kernel tracker used through CollectDeferred and Rearm,
+// without and with hot pages.
+const (
+	kindDeferred    = "uffd-wp deferred"
+	kindHotDeferred = "uffd-wp+hot deferred"
+)
+
+// kindsAndHot is kinds plus the kernel tracker with hot pages, and both
+// re-armed after the copy (Deferrer).
 func kindsAndHot(t *testing.T, f func(t *testing.T, kind string)) {
 	kinds(t, f)
-	t.Run(kindHot, func(t *testing.T) {
-		if err := uffdOnce(); err != nil {
-			t.Skipf("kernel tracker unavailable: %v", err)
-		}
-		f(t, kindHot)
-	})
+	for _, kind := range []string{kindHot, kindDeferred, kindHotDeferred} {
+		t.Run(kind, func(t *testing.T) {
+			if err := uffdOnce(); err != nil {
+				t.Skipf("kernel tracker unavailable: %v", err)
+			}
+			f(t, kind)
+		})
+	}
 }
 
 func newHotTracker(t testing.TB, region []byte, used uint64) *uffdTracker {
@@ -410,11 +420,15 @@ func TestConcurrentWriters(t *testing.T) {
 		region := mapRegion(t, size)
 		image := make([]byte, size)
 		var tr Tracker
-		if kind == kindHot {
+		switch kind {
+		case kindHot, kindHotDeferred:
 			tr = newHotTracker(t, region, uint64(size))
-		} else {
+		case kindDeferred:
+			tr = newTracker(t, region, uint64(size), KindUffd)
+		default:
 			tr = newTracker(t, region, uint64(size), kind)
 		}
+		deferred := kind == kindDeferred || kind == kindHotDeferred
 		var stop atomic.Bool
 		var wg sync.WaitGroup
 		// Writers must stop before the region is unmapped, failed or not.
@@ -441,6 +455,22 @@ func TestConcurrentWriters(t *testing.T) {
 		}
 		reported := make([]bool, pages)
 		take := func() int {
+			if deferred {
+				// Copy, then re-arm while the writers go on.
+				d := tr.(Deferrer)
+				got, gen, err := d.CollectDeferred(nil, uint64(size))
+				if err != nil {
+					t.Fatal(err)
+				}
+				for _, p := range got {
+					reported[p] = true
+					copy(image[int(p)*PageSize:], region[int(p)*PageSize:int(p+1)*PageSize])
+				}
+				if err := d.Rearm(gen, func(p uint32) []byte { return image[int(p)*PageSize : int(p+1)*PageSize] }); err != nil {
+					t.Fatal(err)
+				}
+				return len(got)
+			}
 			got := collect(t, tr, size)
 			for _, p := range got {
 				reported[p] = true
@@ -457,6 +487,9 @@ func TestConcurrentWriters(t *testing.T) {
 		stop.Store(true)
 		wg.Wait()
 		total += take()
+		if deferred {
+			total += take() // what the last Rearm carried over
+		}
 		t.Logf("%d Collects, %d pages reported", rounds+1, total)
 		for w := range written {
 			for p, ok := range written[w] {
@@ -773,5 +806,129 @@ func TestHotPagesRaces(t *testing.T) {
 	expect(t, "written again", collect(t, tr, size), []uint32{p})
 	if len(hotPagesOf(tr)) != 0 {
 		t.Fatalf("hot pages %v, want none", hotPagesOf(tr))
+	}
+}
+
+// TestDeferredRearm: pages CollectDeferred reports stay writable until
+// Rearm; a write to one before Rearm (its copy then differs) or to another
+// page during a Rearm's walk is reported by the next Collect; a Rearm that
+// never comes, or comes after a later Collect, loses nothing.
+func TestDeferredRearm(t *testing.T) {
+	if err := uffdOnce(); err != nil {
+		t.Skipf("kernel tracker unavailable: %v", err)
+	}
+	for _, hot := range []bool{false, true} {
+		t.Run(fmt.Sprintf("hot=%v", hot), func(t *testing.T) {
+			const pages = 1024
+			size := pages * PageSize
+			region := mapRegion(t, size)
+			image := make([]byte, size)
+			var tr Tracker
+			if hot {
+				tr = newHotTracker(t, region, uint64(size))
+			} else {
+				tr = newTracker(t, region, uint64(size), KindUffd)
+			}
+			d := tr.(Deferrer)
+			copyOf := func(p uint32) []byte { return image[int(p)*PageSize : int(p+1)*PageSize] }
+			take := func(what string, want []uint32) uint64 {
+				t.Helper()
+				got, gen, err := d.CollectDeferred(nil, uint64(size))
+				if err != nil {
+					t.Fatal(err)
+				}
+				expect(t, what, got, want)
+				copyPages(image, region, got)
+				return gen
+			}
+			// Few runs (protected one by one) and many (one walk).
+			few := []uint32{10, 11, 12, 500}
+			var many []uint32
+			for p := uint32(100); p < 400; p += 3 {
+				many = append(many, p)
+			}
+			for _, set := range [][]uint32{few, many} {
+				for _, p := range set {
+					stamp(region, p)
+				}
+				gen := take("written", set)
+				stamp(region, set[1]) // after the copy, before Rearm
+				if err := d.Rearm(gen, copyOf); err != nil {
+					t.Fatal(err)
+				}
+				stamp(region, set[2]) // after Rearm: the kernel sees it
+				gen = take("written before and after Rearm", []uint32{set[1], set[2]})
+				if err := d.Rearm(gen, copyOf); err != nil {
+					t.Fatal(err)
+				}
+				take("nothing", nil)
+			}
+			// Rearm never comes: the next Collect reports them again.
+			for _, p := range few {
+				stamp(region, p)
+			}
+			take("written", few)
+			gen := take("not re-armed", few)
+			// A stale Rearm does nothing; the current one works.
+			if err := d.Rearm(gen-1, copyOf); err != nil {
+				t.Fatal(err)
+			}
+			if err := d.Rearm(gen, copyOf); err != nil {
+				t.Fatal(err)
+			}
+			take("re-armed", nil)
+			// A page outside the pending ones, written before a Rearm
+			// walks over it, is carried to the next Collect.
+			for _, p := range many {
+				stamp(region, p)
+			}
+			gen = take("many", many)
+			stamp(region, 101) // between pending pages, not one of them
+			if err := d.Rearm(gen, copyOf); err != nil {
+				t.Fatal(err)
+			}
+			take("written during the walk's span", []uint32{101})
+			if !slices.Equal(image, region) {
+				t.Fatal("the consumer's image is stale")
+			}
+		})
+	}
+}
+
+// TestCloseWaitsForRearm: Close does not return while a Rearm (which reads
+// the region) runs on another goroutine, so the region can be unmapped
+// right after it; a Rearm after Close does nothing.
+func TestCloseWaitsForRearm(t *testing.T) {
+	if err := uffdOnce(); err != nil {
+		t.Skipf("kernel tracker unavailable: %v", err)
+	}
+	region := mapRegion(t, 64*PageSize)
+	tr := newTracker(t, region, 64*PageSize, KindUffd)
+	d := tr.(Deferrer)
+	stamp(region, 3)
+	_, gen, err := d.CollectDeferred(nil, 64*PageSize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	inside, release := make(chan struct{}), make(chan struct{})
+	rearmed := make(chan error)
+	go func() {
+		rearmed <- d.Rearm(gen, func(uint32) []byte { close(inside); <-release; return nil })
+	}()
+	<-inside
+	closed := make(chan struct{})
+	go func() { tr.Close(); close(closed) }()
+	select {
+	case <-closed:
+		t.Fatal("Close returned while Rearm was reading the region")
+	case <-time.After(50 * time.Millisecond):
+	}
+	close(release)
+	if err := <-rearmed; err != nil {
+		t.Fatal(err)
+	}
+	<-closed
+	if err := d.Rearm(gen, func(uint32) []byte { t.Fatal("Rearm after Close read the region"); return nil }); !errors.Is(err, ErrClosed) {
+		t.Fatalf("Rearm after Close: %v, want ErrClosed", err)
 	}
 }

@@ -1,6 +1,7 @@
 package dirty
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"hash/maphash"
@@ -210,6 +211,12 @@ type uffdTracker struct {
 	// hot is non-nil with Options.HotPages (and 4 KiB system pages).
 	hot   *hotState
 	spans [][2]uint32
+	// gen counts Collects; pending are the pages the last one, if
+	// deferred, left for Rearm to protect; carry are pages to report at
+	// the next Collect (written while Rearm protected them).
+	gen     uint64
+	pending []uint32
+	carry   []uint32
 }
 
 func newUffd(region []byte, opts Options) (_ *uffdTracker, err error) {
@@ -295,6 +302,18 @@ func (t *uffdTracker) Close() error {
 func (t *uffdTracker) Collect(dst []uint32, usedBytes uint64) ([]uint32, error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	return t.collect(dst, usedBytes, false)
+}
+
+// CollectDeferred implements Deferrer.
+func (t *uffdTracker) CollectDeferred(dst []uint32, usedBytes uint64) ([]uint32, uint64, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	dst, err := t.collect(dst, usedBytes, true)
+	return dst, t.gen, err
+}
+
+func (t *uffdTracker) collect(dst []uint32, usedBytes uint64, deferred bool) ([]uint32, error) {
 	if t.closed {
 		return dst, ErrClosed
 	}
@@ -302,20 +321,42 @@ func (t *uffdTracker) Collect(dst []uint32, usedBytes uint64) ([]uint32, error) 
 	if err != nil {
 		return dst, err
 	}
+	// Pages a previous CollectDeferred left writable and nobody re-armed
+	// are still written to the kernel: the scan reports them again.
+	t.pending = t.pending[:0]
+	t.gen++
+	start := len(dst)
 	limit := uint64(pages)
 	end := t.roundUp(limit * PageSize)
 	if t.hot != nil {
-		if dst, err = t.collectHot(dst, limit, min(end, t.armed)); err != nil {
+		if dst, err = t.collectHot(dst, limit, min(end, t.armed), deferred); err != nil {
 			// Forgetting the hot pages is safe: left writable, they
 			// show as written until protected again.
 			t.hot.reset()
 			return dst, err
 		}
-	} else if err := t.scan(t.base, min(end, t.armed), pageIsWritten, func(r []pageRegion) {
-		// The armed part: the kernel's fast path, written pages only.
-		dst = t.appendPages(dst, r, limit)
-	}); err != nil {
-		return dst, err
+	} else {
+		// The armed part: the kernel's fast path, written pages only,
+		// protected in the same walk unless deferred.
+		flags := uint64(pmScanWPMatching | pmScanCheckWPAsync)
+		if deferred {
+			flags = pmScanCheckWPAsync
+		}
+		if err := t.scanFlags(t.base, min(end, t.armed), flags, pageIsWritten, func(r []pageRegion) {
+			dst = t.appendPages(dst, r, limit)
+		}); err != nil {
+			return dst, err
+		}
+		if deferred {
+			t.pending = append(t.pending, dst[start:]...)
+		}
+	}
+	if len(t.carry) > 0 {
+		// Written while a Rearm protected them: reported now.
+		dst = append(dst, t.carry...)
+		slices.Sort(dst[start:])
+		dst = dst[:start+len(slices.Compact(dst[start:]))]
+		t.carry = t.carry[:0]
 	}
 	if end <= t.armed {
 		return dst, nil
@@ -323,7 +364,8 @@ func (t *uffdTracker) Collect(dst []uint32, usedBytes uint64) ([]uint32, error) 
 	// The part newly in use: unprotected throughout, so all "written" to
 	// the kernel. Report only pages that hold memory other than the shared
 	// zero page (the rest read as zeros, as the baseline says), and
-	// protect them all, holes included, in the same walk.
+	// protect them all, holes included, in the same walk (not deferred:
+	// it happens only when the memory grows).
 	err = t.scan(t.armed, end, pageIsWritten|pageIsPresent|pageIsSwapped|pageIsPFNZero, func(r []pageRegion) {
 		for _, x := range r {
 			if x.categories&(pageIsPresent|pageIsSwapped) != 0 && x.categories&pageIsPFNZero == 0 {
@@ -337,6 +379,54 @@ func (t *uffdTracker) Collect(dst []uint32, usedBytes uint64) ([]uint32, error) 
 	return dst, err
 }
 
+// Rearm implements Deferrer.
+func (t *uffdTracker) Rearm(gen uint64, copyOf func(page uint32) []byte) error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.closed {
+		return ErrClosed
+	}
+	if gen != t.gen || len(t.pending) == 0 {
+		return nil // a later Collect reported them again
+	}
+	pend := t.pending
+	t.pending = t.pending[:0]
+	var err error
+	if runs(pend) <= maxProtectCalls {
+		err = t.protectRuns(pend)
+	} else {
+		// One walk over their span. It protects whatever is written
+		// there: a page it finds that is neither pending nor hot was
+		// written since the Collect, and is reported next time.
+		from, to := pend[0], pend[len(pend)-1]+1
+		err = t.scan(t.base+uintptr(from)*PageSize, t.base+uintptr(to)*PageSize, pageIsWritten, func(r []pageRegion) {
+			for _, x := range r {
+				lo, hi := uint32((x.start-uint64(t.base))/PageSize), uint32((x.end-uint64(t.base))/PageSize)
+				for p := lo; p < hi; p++ {
+					if _, ok := slices.BinarySearch(pend, p); !ok && (t.hot == nil || !t.hot.isHot(p)) {
+						t.carry = append(t.carry, p)
+					}
+				}
+			}
+		})
+	}
+	if err != nil {
+		// Some may be protected with writes since the Collect unseen:
+		// report them all again.
+		t.carry = append(t.carry, pend...)
+		return err
+	}
+	// Protected now: a write from here on is the kernel's to see. One
+	// before it shows as a difference from the caller's copy.
+	for _, p := range pend {
+		o := int(p) * PageSize
+		if c := copyOf(p); c == nil || !bytes.Equal(c, t.region[o:o+PageSize]) {
+			t.carry = append(t.carry, p)
+		}
+	}
+	return nil
+}
+
 // collectHot is Collect's armed part, [base, armedEnd), with hot pages.
 // It protects the hot pages that cooled first, so that a write to one
 // after that is seen by the kernel. Then, if the hot pages form few runs,
@@ -346,7 +436,7 @@ func (t *uffdTracker) Collect(dst []uint32, usedBytes uint64) ([]uint32, error) 
 // over everything at once, and protects afterwards only what it reported
 // and did not promote. Protecting after reporting loses nothing: a write
 // in between lands in a page the caller copies afterwards.
-func (t *uffdTracker) collectHot(dst []uint32, limit uint64, armedEnd uintptr) ([]uint32, error) {
+func (t *uffdTracker) collectHot(dst []uint32, limit uint64, armedEnd uintptr, deferred bool) ([]uint32, error) {
 	h := t.hot
 	start := len(dst)
 	h.protect = h.cooled(h.protect[:0])
@@ -363,7 +453,9 @@ func (t *uffdTracker) collectHot(dst []uint32, limit uint64, armedEnd uintptr) (
 	h.written = h.written[:0]
 	emit := func(r []pageRegion) { h.written = t.appendPages(h.written, r, limit) }
 	var few bool
-	t.spans, few = h.spansWithout(t.spans[:0], 0, uint32((armedEnd-t.base)/PageSize), maxProtectCalls)
+	if !deferred {
+		t.spans, few = h.spansWithout(t.spans[:0], 0, uint32((armedEnd-t.base)/PageSize), maxProtectCalls)
+	}
 	if few {
 		for _, s := range t.spans {
 			if err := t.scan(t.base+uintptr(s[0])*PageSize, t.base+uintptr(s[1])*PageSize, pageIsWritten, emit); err != nil {
@@ -378,6 +470,10 @@ func (t *uffdTracker) collectHot(dst []uint32, limit uint64, armedEnd uintptr) (
 		return dst, err
 	}
 	dst = h.classify(dst, limit, page)
+	if deferred {
+		t.pending = append(t.pending, h.protect...)
+		return dst, nil
+	}
 	if len(h.protect) == 0 {
 		return dst, nil
 	}
