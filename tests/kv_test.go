@@ -6,6 +6,7 @@ import (
 	"bufio"
 	"bytes"
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"os"
 	"strconv"
@@ -20,14 +21,23 @@ import (
 
 // ftvmBinary builds the ftvm CLI once per test binary.
 // freeAddr picks a loopback port nobody listens on.
+// freeAddr picks a free loopback port for a child process to bind. It is
+// below the kernel's ephemeral range (32768 up, by default), where the
+// source ports of the tests' own client connections come from: a port
+// from that range could be taken by a connection before the child binds
+// it ("address already in use", seen in the chaos test).
 func freeAddr(t *testing.T) string {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	for range 100 {
+		l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", 20000+rand.IntN(12000)))
+		if err != nil {
+			continue
+		}
+		defer l.Close()
+		return l.Addr().String()
 	}
-	defer l.Close()
-	return l.Addr().String()
+	t.Fatal("no free port found below the ephemeral range")
+	return ""
 }
 
 type syncBuffer struct {

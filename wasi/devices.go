@@ -99,6 +99,8 @@ type Devices struct {
 	// wake is an eventfd that interrupts any blocking wait of the guest, so
 	// that a pause or shutdown never waits for guest I/O.
 	wake int
+	// idle, if not nil, is where poll_oneoff sleeps (idle.go).
+	idle *idleWaiter
 	// closed is set by Stop: blocking waits return EINTR from then on.
 	closed atomic.Bool
 	// pause is set by RequestPause: a call blocked in a wait that has had no
@@ -160,6 +162,7 @@ func newBase(cfg Config) (*Devices, error) {
 	if d.wake, err = unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK); err != nil {
 		return nil, fmt.Errorf("eventfd: %w", err)
 	}
+	d.idle = newIdleWaiter(d.wake)
 	for i, std := range []any{d.stdin, d.stdout, d.stderr} {
 		host := -1
 		if f, ok := std.(*os.File); ok {
@@ -324,8 +327,11 @@ func (d *Devices) Close() error {
 	if d.released.Swap(true) {
 		return nil
 	}
-	d.fds.Each(func(fd uint32, f *FD) { closeHost(f) })
+	d.fds.Each(func(fd uint32, f *FD) { d.closeHost(f) })
 	d.fds = Table{}
+	if d.idle != nil {
+		d.idle.close()
+	}
 	if d.wake >= 0 {
 		unix.Close(d.wake)
 	}

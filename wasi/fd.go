@@ -155,9 +155,14 @@ func (t *Table) Len() int {
 const maxFds = 1 << 16
 
 // closeHost closes the host side of a descriptor.
-func closeHost(f *FD) error {
+func (d *Devices) closeHost(f *FD) error {
 	if f.Host < 0 || f.Kind == KindStdio {
 		return nil
+	}
+	// Before the number can be reused: the idle waiter must not take a
+	// new descriptor for the one it watched.
+	if d.idle != nil {
+		d.idle.forget(f.Host)
 	}
 	err := unix.Close(f.Host)
 	f.Host = -1

@@ -169,13 +169,13 @@ func fdClose(d *Devices, m Mem, p []uint64) Errno {
 		// Closing a socket is visible to its peer: it goes through the gate,
 		// and the host descriptor stays open until the gate performs it.
 		_, errno = d.output(Effect{Kind: EffectClose, Call: CallFdClose, Fd: int32(fd)},
-			func([]byte) (uint32, Errno) { return 0, errnoOf(closeHost(f)) })
+			func([]byte) (uint32, Errno) { return 0, errnoOf(d.closeHost(f)) })
 		return errno
 	case KindStdio:
 		// The VM's own stdio stays open; the guest just loses its descriptor.
 		return ESUCCESS
 	}
-	return errnoOf(closeHost(f))
+	return errnoOf(d.closeHost(f))
 }
 
 func fdFdstatGet(d *Devices, m Mem, p []uint64) Errno {
@@ -260,9 +260,9 @@ func fdRenumber(d *Devices, m Mem, p []uint64) Errno {
 	}
 	if old.Kind == KindConn || old.Kind == KindListener {
 		d.output(Effect{Kind: EffectClose, Call: CallFdRenumber, Fd: int32(to)},
-			func([]byte) (uint32, Errno) { return 0, errnoOf(closeHost(old)) })
+			func([]byte) (uint32, Errno) { return 0, errnoOf(d.closeHost(old)) })
 	} else {
-		closeHost(old)
+		d.closeHost(old)
 	}
 	d.fds.Set(to, f)
 	d.fds.Remove(from)

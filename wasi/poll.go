@@ -168,9 +168,14 @@ func pollOneoff(d *Devices, m Mem, p []uint64) Errno {
 		}
 		clearRevents(s.pfds)
 		var err error
-		if infinite {
+		switch {
+		case (timeout > 0 || infinite) && d.idle != nil && d.idle.wait(s.pfds, timeout, infinite):
+			// Slept in the runtime's poller; now see what fired.
+			var zero unix.Timespec
+			_, err = unix.Ppoll(s.pfds, &zero, nil)
+		case infinite:
 			_, err = unix.Ppoll(s.pfds, nil, nil)
-		} else {
+		default:
 			ts := unix.NsecToTimespec(timeout)
 			_, err = unix.Ppoll(s.pfds, &ts, nil)
 		}
