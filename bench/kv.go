@@ -256,7 +256,7 @@ func runKV(ctx context.Context, e *env) (string, error) {
 	why := ""
 	if med("wazero", idle) > 20 {
 		why = " (wazero's poll_oneoff reports a read subscription on any non-blocking descriptor but stdin as " +
-			"ready at once, so the guest's netpoller spins on EAGAIN; ftvm waits in ppoll(2))"
+			"ready at once, so the guest's netpoller spins on EAGAIN; ftvm sleeps until a descriptor is ready, in an epoll set that Go's own poller watches)"
 	}
 	e.summarize("KV server idle (%s, no traffic): ftvm %.1f%% of a core (%.1f%% uninstrumented), wazero's WASI %.1f%%%s%s.",
 		s.idleFor, med("ftvm", idle), med("ftvm-noinst", idle), med("wazero", idle), nativeIdle(results, med, idle), why)

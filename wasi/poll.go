@@ -10,9 +10,10 @@ import (
 // poll_oneoff and the interruptible waits behind blocking calls.
 //
 // Unlike hosts that report sockets as always ready (which makes an idle Go
-// net server spin), poll_oneoff here sleeps in the kernel (ppoll) until a
-// host descriptor is ready, the earliest clock deadline passes, or the wake
-// eventfd is written by Interrupt or Stop. An idle guest costs no CPU.
+// net server spin), poll_oneoff here sleeps until a host descriptor is
+// ready, the earliest clock deadline passes, or the wake eventfd is written
+// by Interrupt or Stop: in Go's network poller when it watches descriptors
+// (idle.go), else in ppoll. An idle guest costs no CPU.
 
 // pollScratch is poll_oneoff's and the socket calls' reusable working memory,
 // kept in Devices so that the hot path allocates nothing. Only the guest's
@@ -169,8 +170,10 @@ func pollOneoff(d *Devices, m Mem, p []uint64) Errno {
 		clearRevents(s.pfds)
 		var err error
 		switch {
-		case (timeout > 0 || infinite) && d.idle != nil && d.idle.wait(s.pfds, timeout, infinite):
-			// Slept in the runtime's poller; now see what fired.
+		case (timeout > 0 || infinite) && len(s.pfds) > 1 && d.idle != nil && d.idle.wait(s.pfds, timeout, infinite):
+			// Slept in the runtime's poller; now see what fired. (A
+			// sleep on clocks alone stays in ppoll: its timeout is
+			// exact and cheap, and such sleeps are short.)
 			var zero unix.Timespec
 			_, err = unix.Ppoll(s.pfds, &zero, nil)
 		case infinite:
