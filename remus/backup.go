@@ -440,7 +440,14 @@ func (s *slot) receive(id uint64, c *transport.Conn, hello *wire.Hello) {
 				return
 			}
 			t0 := time.Now()
-			snap, err := snapshot.DecodeBytes(cur.raw, &hello.Module)
+			// Decoding a large checkpoint (a burst of dirty pages) takes
+			// long, and meanwhile nothing is read from the primary: the
+			// primary is as alive as the data just received says, so the
+			// slot hears that, or its own slowness would look like the
+			// primary's silence and fail over a live primary.
+			stopKeepAlive := s.keepAlive(id)
+			snap, err := s.decode(cur.raw, &hello.Module)
+			stopKeepAlive()
 			if err != nil {
 				fail("checkpoint %d: %v", m.Seq, err)
 				return
@@ -465,6 +472,42 @@ func (s *slot) receive(id uint64, c *transport.Conn, hello *wire.Hello) {
 		}
 	}
 }
+
+// keepAlive tells the slot, every quarter of the timeout until the
+// returned function is called, that session id is still heard from.
+func (s *slot) keepAlive(id uint64) (stop func()) {
+	done := make(chan struct{})
+	finished := make(chan struct{})
+	go func() {
+		defer close(finished)
+		t := time.NewTicker(max(s.b.cfg.Engine.Timeout/4, time.Millisecond))
+		defer t.Stop()
+		for {
+			select {
+			case <-t.C:
+				select {
+				case s.events <- engine.Heartbeat{Now: s.b.now(), Session: id}:
+				case <-done:
+					return
+				}
+			case <-done:
+				return
+			}
+		}
+	}()
+	return func() { close(done); <-finished }
+}
+
+// decode is snapshot.DecodeBytes, slowed down in tests by testDecodeDelay.
+func (s *slot) decode(raw []byte, module *snapshot.Hash) (*snapshot.Snapshot, error) {
+	if testDecodeDelay > 0 {
+		time.Sleep(testDecodeDelay)
+	}
+	return snapshot.DecodeBytes(raw, module)
+}
+
+// testDecodeDelay makes every checkpoint's decoding take that much longer.
+var testDecodeDelay time.Duration
 
 // maxDiskBytes bounds the file data one checkpoint may carry (a full
 // sync's directory contents, or an epoch's writes): the primary is a peer,
