@@ -69,6 +69,22 @@ func (f *fakePrimary) checkpoint(seq uint64, full bool, raw []byte, mangle func(
 	f.send(end)
 }
 
+// serveBackup runs a backup on a loopback port with the given timeout
+// until the test ends.
+func serveBackup(t *testing.T, timeout time.Duration) *Backup {
+	t.Helper()
+	b, err := ListenBackup(BackupConfig{Listen: "127.0.0.1:0", StateDir: t.TempDir(),
+		Engine: engine.Config{Timeout: timeout}, CacheDir: "-", InstrumentCacheDir: filepath.Join(t.TempDir(), "i")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { b.Serve(ctx); close(done) }()
+	t.Cleanup(func() { cancel(); <-done })
+	return b
+}
+
 func encodeSnap(t *testing.T, s *snapshot.Snapshot) []byte {
 	t.Helper()
 	var b bytes.Buffer
@@ -85,15 +101,7 @@ func encodeSnap(t *testing.T, s *snapshot.Snapshot) []byte {
 func TestBackupVerifiesStreams(t *testing.T) {
 	module := []byte("\x00asm\x01\x00\x00\x00") // never run: failover is not under test
 	hash := snapshot.ModuleHash(module)
-	b, err := ListenBackup(BackupConfig{Listen: "127.0.0.1:0", StateDir: t.TempDir(),
-		Engine: engine.Config{Timeout: time.Hour}, CacheDir: "-", InstrumentCacheDir: filepath.Join(t.TempDir(), "i")})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { b.Serve(ctx); close(done) }()
-	defer func() { cancel(); <-done }()
+	b := serveBackup(t, time.Hour)
 	addr := b.Addr().String()
 	committed := func() uint64 {
 		for _, s := range b.Status().Slots {
@@ -181,15 +189,7 @@ func TestBackupSlowDecodeIsNotSilence(t *testing.T) {
 	module := []byte("\x00asm\x01\x00\x00\x00")
 	hash := snapshot.ModuleHash(module)
 	const timeout = 200 * time.Millisecond
-	b, err := ListenBackup(BackupConfig{Listen: "127.0.0.1:0", StateDir: t.TempDir(),
-		Engine: engine.Config{Timeout: timeout}, CacheDir: "-", InstrumentCacheDir: filepath.Join(t.TempDir(), "i")})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { b.Serve(ctx); close(done) }()
-	defer func() { cancel(); <-done }()
+	b := serveBackup(t, timeout)
 	testDecodeDelay = 4 * timeout
 	defer func() { testDecodeDelay = 0 }()
 	full := &snapshot.Snapshot{Kind: snapshot.Full, Module: hash, Seq: 1, MemorySize: 65536,
