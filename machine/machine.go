@@ -555,17 +555,15 @@ func (m *Machine) Close(ctx context.Context) error {
 	if m.dev != nil {
 		m.dev.Close()
 	}
-	// The tracker first: a RearmDirty running on another goroutine reads
-	// the memory, which closing the runtime unmaps.
-	if m.tracker != nil {
-		m.tracker.Close()
-	}
 	var err error
 	if m.rt != nil {
-		err = m.rt.Close(ctx)
+		err = m.rt.Close(ctx) // frees the memory, which closes the tracker first
 	}
 	if m.cache != nil {
 		m.cache.Close(ctx)
+	}
+	if m.tracker != nil {
+		m.tracker.Close()
 	}
 	return err
 }

@@ -725,8 +725,8 @@ func TestHotPages(t *testing.T) {
 		for r := range coolAfter + 2 {
 			round(c.name+", cooling", nil, 5*(r%2)+200*(r%3/2), r)
 		}
-		if n := hot.HotPages(); n != 0 {
-			t.Fatalf("%s: %d pages still hot after %d rounds without writes: %v", c.name, n, coolAfter+2, head(hotPagesOf(hot)))
+		if h := hotPagesOf(hot); len(h) != 0 {
+			t.Fatalf("%s: %d pages still hot after %d rounds without writes: %v", c.name, len(h), coolAfter+2, head(h))
 		}
 		round(c.name+", cooled", c.hotSet[:1], 0, 0)
 	}

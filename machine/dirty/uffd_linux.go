@@ -532,16 +532,6 @@ func (t *uffdTracker) protectRuns(pages []uint32) error {
 	return nil
 }
 
-// HotPages is how many pages are hot now (Options.HotPages).
-func (t *uffdTracker) HotPages() int {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	if t.hot == nil {
-		return 0
-	}
-	return len(t.hot.hot)
-}
-
 // appendPages appends the 4 KiB page indices of runs, below limit pages.
 func (t *uffdTracker) appendPages(dst []uint32, runs []pageRegion, limit uint64) []uint32 {
 	for _, r := range runs {
