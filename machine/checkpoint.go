@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	stdbits "math/bits"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -385,7 +386,9 @@ func (p *Paused) DirtyPages(dst []uint32) ([]uint32, error) {
 	if p.m.tracker == nil {
 		return nil, errors.New("dirty tracking is not available")
 	}
-	return p.m.tracker.Collect(dst, uint64(len(p.Memory())))
+	start := len(dst)
+	pages, err := p.m.tracker.Collect(dst, uint64(len(p.Memory())))
+	return p.m.views.collected(viewSnapshots, pages, start, len(p.Memory()), err), err
 }
 
 // DirtyPagesDeferred is DirtyPages for a caller that copies the pages
@@ -398,11 +401,78 @@ func (p *Paused) DirtyPagesDeferred(dst []uint32) (pages []uint32, gen uint64, e
 	if p.m.tracker == nil {
 		return nil, 0, errors.New("dirty tracking is not available")
 	}
+	start := len(dst)
 	if d, ok := p.m.tracker.(dirty.Deferrer); ok {
-		return d.CollectDeferred(dst, uint64(len(p.Memory())))
+		pages, gen, err = d.CollectDeferred(dst, uint64(len(p.Memory())))
+	} else {
+		pages, err = p.m.tracker.Collect(dst, uint64(len(p.Memory())))
 	}
-	pages, err = p.m.tracker.Collect(dst, uint64(len(p.Memory())))
-	return pages, 0, err
+	return p.m.views.collected(viewStream, pages, start, len(p.Memory()), err), gen, err
+}
+
+// Two consumers collect dirty pages from the one tracker: snapshots
+// (DirtyPages: an incremental is relative to the VM's previous snapshot)
+// and checkpoint streams (DirtyPagesDeferred: Remus). A collection re-arms
+// what it reports, so pages one consumer collected would be missing from
+// the other's next collection — a snapshot of a protected primary would
+// have left its backup without them. Each consumer's view therefore
+// carries the pages the other collected since its own last collection.
+const (
+	viewSnapshots = iota
+	viewStream
+	numViews
+)
+
+type dirtyViews [numViews]struct {
+	active bool     // the consumer has collected at least once
+	carry  []uint64 // bitset of pages collected by the others since
+}
+
+// collected records the pages view own just collected (pages[start:]) for
+// the other views and adds its own carried pages to them, sorted and
+// without repeats. A failed collection leaves the tracking unknown: the
+// other views then carry every page of the memory (memBytes).
+func (v *dirtyViews) collected(own int, pages []uint32, start, memBytes int, err error) []uint32 {
+	for i := range v {
+		if i == own || !v[i].active {
+			continue
+		}
+		if err != nil {
+			for p := range uint32((memBytes + dirty.PageSize - 1) / dirty.PageSize) {
+				v[i].carry = setBit(v[i].carry, p)
+			}
+			continue
+		}
+		for _, p := range pages[start:] {
+			v[i].carry = setBit(v[i].carry, p)
+		}
+	}
+	me := &v[own]
+	me.active = true
+	if err != nil {
+		return pages
+	}
+	n := len(pages)
+	for w, bits := range me.carry {
+		for ; bits != 0; bits &= bits - 1 {
+			pages = append(pages, uint32(w*64+stdbits.TrailingZeros64(bits)))
+		}
+	}
+	if len(pages) > n {
+		clear(me.carry)
+		slices.Sort(pages[start:])
+		pages = pages[:start+len(slices.Compact(pages[start:]))]
+	}
+	return pages
+}
+
+func setBit(set []uint64, p uint32) []uint64 {
+	w := int(p / 64)
+	if w >= len(set) {
+		set = append(set, make([]uint64, w+1-len(set))...)
+	}
+	set[w] |= 1 << (p % 64)
+	return set
 }
 
 // RearmDirty re-arms dirty tracking for the pages DirtyPagesDeferred gen

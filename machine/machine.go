@@ -131,6 +131,7 @@ type Machine struct {
 	rewindAddr      uint32
 	rewindSaved     []byte
 	tracker         dirty.Tracker
+	views           dirtyViews // per consumer of the tracker, on the guest goroutine
 	snaps           snapshotter
 	calls           uint64 // safe points reached (host calls begun)
 	autoSnap        bool   // the current unwind is SnapshotAtCall's
