@@ -2,14 +2,12 @@ package main
 
 import (
 	"bytes"
-	"cmp"
 	"context"
 	"fmt"
 	"io"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
-	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -105,13 +103,7 @@ func benchPause(ctx context.Context, e *env, mod []byte, b *strings.Builder) err
 			})
 			if err == nil {
 				// As Remus's sender does, while the guest runs.
-				err = m.RearmDirty(gen, func(i uint32) []byte {
-					k, ok := slices.BinarySearchFunc(staged, i, func(p snapshot.Page, x uint32) int { return cmp.Compare(p.Index, x) })
-					if !ok {
-						return nil
-					}
-					return staged[k].Data
-				})
+				err = m.RearmDirty(gen, func(i uint32) []byte { return snapshot.PageData(staged, i) })
 			}
 			if err != nil {
 				cancel()

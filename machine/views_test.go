@@ -5,7 +5,6 @@ import (
 	"context"
 	"io"
 	"os"
-	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -85,13 +84,7 @@ func TestDirtyViewsOfTwoConsumers(t *testing.T) {
 			return
 		}
 		if view == viewStream {
-			err = m.RearmDirty(gen, func(idx uint32) []byte {
-				k, ok := slices.BinarySearchFunc(staged, idx, func(p snapshot.Page, x uint32) int { return int(p.Index) - int(x) })
-				if !ok {
-					return nil
-				}
-				return staged[k].Data
-			})
+			err = m.RearmDirty(gen, func(idx uint32) []byte { return snapshot.PageData(staged, idx) })
 			if err != nil {
 				t.Fatal(err)
 			}

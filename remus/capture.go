@@ -2,7 +2,6 @@ package remus
 
 import (
 	"bytes"
-	"cmp"
 	"fmt"
 	"io/fs"
 	"os"
@@ -39,16 +38,11 @@ type checkpoint struct {
 // before the stager is released. A page not staged — a full checkpoint
 // stages only non-zero pages — is zero in the copy.
 func (cp *checkpoint) rearm(m *machine.Machine) error {
-	pages := cp.snap.Pages
 	return m.RearmDirty(cp.gen, func(idx uint32) []byte {
-		i, ok := slices.BinarySearchFunc(pages, idx, func(p snapshot.Page, x uint32) int { return cmp.Compare(p.Index, x) })
-		switch {
-		case ok:
-			return pages[i].Data
-		case cp.full:
-			return zeroPage[:]
+		if d := snapshot.PageData(cp.snap.Pages, idx); d != nil || !cp.full {
+			return d
 		}
-		return nil
+		return zeroPage[:]
 	})
 }
 

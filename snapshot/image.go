@@ -1,6 +1,7 @@
 package snapshot
 
 import (
+	"cmp"
 	"fmt"
 	"os"
 	"slices"
@@ -208,6 +209,16 @@ type Stager struct {
 	buf   []byte
 	pages []Page
 	idx   []uint32
+}
+
+// PageData is the data of page index among pages (sorted by index, as a
+// Stager or a decoded snapshot has them), or nil if it is not there.
+func PageData(pages []Page, index uint32) []byte {
+	i, ok := slices.BinarySearchFunc(pages, index, func(p Page, x uint32) int { return cmp.Compare(p.Index, x) })
+	if !ok {
+		return nil
+	}
+	return pages[i].Data
 }
 
 // Stage copies the pages listed in indices (any order, duplicates allowed)

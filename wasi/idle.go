@@ -27,9 +27,10 @@ type idleWaiter struct {
 	rc syscall.RawConn
 	// reg is what is registered: host fd -> epoll events. forget runs
 	// on other goroutines (a close the output gate performs).
-	mu  sync.Mutex
-	reg map[int32]uint32
-	evs [4]unix.EpollEvent
+	mu   sync.Mutex
+	reg  map[int32]uint32
+	want map[int32]uint32 // watch's working set, reused
+	evs  [4]unix.EpollEvent
 }
 
 // newIdleWaiter returns a waiter watching wake, or nil where the runtime
@@ -55,7 +56,7 @@ func newIdleWaiter(wake int) *idleWaiter {
 		f.Close()
 		return nil
 	}
-	return &idleWaiter{ep: ep, f: f, rc: rc, reg: map[int32]uint32{}}
+	return &idleWaiter{ep: ep, f: f, rc: rc, reg: map[int32]uint32{}, want: map[int32]uint32{}}
 }
 
 func (w *idleWaiter) close() { w.f.Close() }
@@ -97,7 +98,8 @@ func (w *idleWaiter) wait(pfds []unix.PollFd, ns int64, infinite bool) bool {
 func (w *idleWaiter) watch(pfds []unix.PollFd) bool {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	want := make(map[int32]uint32, len(pfds))
+	want := w.want
+	clear(want)
 	for _, p := range pfds {
 		var ev uint32
 		if p.Events&unix.POLLIN != 0 {

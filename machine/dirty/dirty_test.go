@@ -455,26 +455,25 @@ func TestConcurrentWriters(t *testing.T) {
 		}
 		reported := make([]bool, pages)
 		take := func() int {
+			var got []uint32
+			var gen uint64
 			if deferred {
-				// Copy, then re-arm while the writers go on.
-				d := tr.(Deferrer)
-				got, gen, err := d.CollectDeferred(nil, uint64(size))
-				if err != nil {
+				var err error
+				if got, gen, err = tr.(Deferrer).CollectDeferred(nil, uint64(size)); err != nil {
 					t.Fatal(err)
 				}
-				for _, p := range got {
-					reported[p] = true
-					copy(image[int(p)*PageSize:], region[int(p)*PageSize:int(p+1)*PageSize])
-				}
-				if err := d.Rearm(gen, func(p uint32) []byte { return image[int(p)*PageSize : int(p+1)*PageSize] }); err != nil {
-					t.Fatal(err)
-				}
-				return len(got)
+			} else {
+				got = collect(t, tr, size)
 			}
-			got := collect(t, tr, size)
 			for _, p := range got {
 				reported[p] = true
-				copy(image[int(p)*PageSize:], region[int(p)*PageSize:int(p+1)*PageSize])
+			}
+			copyPages(image, region, got)
+			if deferred {
+				// Re-armed after the copy, while the writers go on.
+				if err := tr.(Deferrer).Rearm(gen, func(p uint32) []byte { return image[int(p)*PageSize : int(p+1)*PageSize] }); err != nil {
+					t.Fatal(err)
+				}
 			}
 			return len(got)
 		}

@@ -1,6 +1,7 @@
 package dirty
 
 import (
+	"cmp"
 	"hash/maphash"
 	"slices"
 )
@@ -180,7 +181,7 @@ func (h *hotState) cooled(dst []uint32) []uint32 {
 // hold no hot page (cooled ones do not count: they are protected again),
 // and reports whether there are at most max of them.
 func (h *hotState) spansWithout(dst [][2]uint32, from, to uint32, max int) ([][2]uint32, bool) {
-	i, _ := slices.BinarySearchFunc(h.hot, from, func(p hotPage, x uint32) int { return int(p.idx) - int(x) })
+	i, _ := h.find(from)
 	lo := from
 	for ; i < len(h.hot) && h.hot[i].idx < to; i++ {
 		if h.hot[i].idle >= coolAfter {
@@ -205,8 +206,13 @@ func (h *hotState) spansWithout(dst [][2]uint32, from, to uint32, max int) ([][2
 
 // isHot reports whether page p is in the hot set.
 func (h *hotState) isHot(p uint32) bool {
-	_, ok := slices.BinarySearchFunc(h.hot, p, func(x hotPage, p uint32) int { return int(x.idx) - int(p) })
+	_, ok := h.find(p)
 	return ok
+}
+
+// find is where page p is, or would be, in the hot set.
+func (h *hotState) find(p uint32) (int, bool) {
+	return slices.BinarySearchFunc(h.hot, p, func(x hotPage, p uint32) int { return cmp.Compare(x.idx, p) })
 }
 
 // runs counts the runs of consecutive indices in a sorted list.
