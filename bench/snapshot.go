@@ -53,7 +53,7 @@ func runSnapshot(ctx context.Context, e *env) (string, error) {
 // time, from the start of the unwind to the end of the rewind.
 func benchPause(ctx context.Context, e *env, mod []byte, b *strings.Builder) error {
 	counts := []int{0, 100, 1000, 10000}
-	pauses := 40
+	pauses := 200
 	if e.quick {
 		counts, pauses = []int{0, 1000}, 8
 	}
@@ -62,7 +62,9 @@ func benchPause(ctx context.Context, e *env, mod []byte, b *strings.Builder) err
 		"writes N random pages, then sleeps 20 ms), instrumented. Every ~25 ms the harness pauses it and takes what a "+
 		"checkpoint needs (collect dirty pages from the kernel tracker, copy them into a staging buffer, globals, "+
 		"stack, device state), then resumes it, and then, while it runs, re-arms tracking for the pages it copied "+
-		"(`machine.Paused.DirtyPagesDeferred`, `Machine.RearmDirty`, as Remus's sender does); %d pauses per row. **Pause** = the guest's stopped time, unwind to "+
+		"(`machine.Paused.DirtyPagesDeferred`, `Machine.RearmDirty`, as Remus's sender does) and tops up the staging "+
+		"memory for the next pause (`snapshot.StagePool.Refill`, as the snapshotter and Remus do); %d pauses per row, "+
+		"after a first one that stages every non-zero page, as the full snapshot or checkpoint that starts a chain does. **Pause** = the guest's stopped time, unwind to "+
 		"end of rewind. **Floor** = copying the same number of 4 KiB pages from a 256 MiB buffer (memcpy), measured "+
 		"in the same run. Each pause also copies the 256 KiB scratch region back and forth (64 pages).\n\n", pauses)
 	fmt.Fprintf(b, "| pages written per round | dirty pages per pause (median) | pause p50 | pause p99 | memcpy floor p50 | p99 ÷ (2×floor + 200 µs) |\n|---:|---:|---:|---:|---:|---:|\n")
@@ -77,11 +79,17 @@ func benchPause(ctx context.Context, e *env, mod []byte, b *strings.Builder) err
 		var wg sync.WaitGroup
 		wg.Add(1)
 		go func() { defer wg.Done(); m.Run(runCtx) }()
-		var stager snapshot.Stager
+		var pool snapshot.StagePool
+		stager := snapshot.Stager{Pool: &pool}
 		var idx []uint32
 		var dirtyCounts sample
 		time.Sleep(300 * time.Millisecond) // let it allocate and touch its memory
-		m.WithPaused(ctx, func(p *machine.Paused) error { idx, _ = p.DirtyPages(idx[:0]); return nil })
+		m.WithPaused(ctx, func(p *machine.Paused) error {
+			idx, _ = p.DirtyPages(idx[:0])
+			_, err := stager.Stage(p.Memory(), snapshot.NonZeroPages(p.Memory()))
+			return err
+		})
+		pool.Refill()
 		before := m.PauseStats().Count
 		for i := 0; i < pauses; i++ {
 			time.Sleep(25 * time.Millisecond)
@@ -99,11 +107,13 @@ func benchPause(ctx context.Context, e *env, mod []byte, b *strings.Builder) err
 				_, _ = p.Stack()
 				_ = p.Devices()
 				dirtyCounts = append(dirtyCounts, float64(len(idx)))
+				pool.Expect(len(staged))
 				return nil
 			})
 			if err == nil {
 				// As Remus's sender does, while the guest runs.
 				err = m.RearmDirty(gen, func(i uint32) []byte { return snapshot.PageData(staged, i) })
+				pool.Refill()
 			}
 			if err != nil {
 				cancel()

@@ -28,9 +28,10 @@ type SnapshotOptions struct {
 
 // snapshotter is the machine's snapshot bookkeeping.
 type snapshotter struct {
-	// mu serialises snapshots: the stager's buffer is reused.
+	// mu serialises snapshots: the stager's chunks are reused.
 	mu     sync.Mutex
 	stager snapshot.Stager
+	pool   snapshot.StagePool
 	dirty  []uint32
 	lastID snapshot.Hash
 	seq    uint64
@@ -48,6 +49,9 @@ func (m *Machine) Capture(ctx context.Context, opt SnapshotOptions) (*snapshot.S
 		s, err = m.capturePaused(p, opt)
 		return err
 	})
+	if err == nil {
+		m.snaps.pool.Refill() // the guest runs: staging memory for the next pause
+	}
 	return s, err
 }
 
@@ -63,9 +67,13 @@ func (m *Machine) capturePaused(p *Paused, opt SnapshotOptions) (*snapshot.Snaps
 	if !incremental {
 		idx = snapshot.NonZeroPages(mem)
 	}
+	sn.stager.Pool = &sn.pool
 	pages, err := sn.stager.Stage(mem, idx)
 	if err != nil {
 		return nil, err
+	}
+	if incremental {
+		sn.pool.Expect(len(pages))
 	}
 	devs, err := json.Marshal(p.Devices())
 	if err != nil {
@@ -133,6 +141,7 @@ func (m *Machine) Snapshot(ctx context.Context, path string, opt SnapshotOptions
 		return nil, err
 	}
 	if !opt.Stop {
+		m.snaps.pool.Refill() // the guest runs: staging memory for the next pause
 		// The guest runs on; the pages are copies, so encoding happens
 		// off the pause.
 		if err := snapshot.WriteFileOptions(path, s, snapshot.Options{Mappable: opt.Mappable}); err != nil {

@@ -6,8 +6,6 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
-	"slices"
-	"sync"
 	"time"
 
 	"github.com/ftvm/ftvm/machine"
@@ -17,14 +15,15 @@ import (
 )
 
 // checkpoint is one epoch's state, staged while the guest was paused: the
-// dirty pages (copies, in a stager of its own), CPU and device state, and
-// the epoch's disk journal — or, for a full checkpoint, every non-zero page
-// and the whole contents of the preopened directories.
+// dirty pages (copies, in a stager of its own on the primary's pool), CPU
+// and device state, and the epoch's disk journal — or, for a full
+// checkpoint, every non-zero page and the whole contents of the preopened
+// directories.
 type checkpoint struct {
 	seq     uint64
 	full    bool
 	snap    *snapshot.Snapshot // pages alias stager; Parent and ID set when encoded
-	stager  *stager
+	stager  *snapshot.Stager
 	ops     []wire.FsOp
 	tree    []wire.DiskFile
 	pause   time.Duration // how long the capture kept the guest stopped
@@ -50,7 +49,7 @@ var zeroPage [snapshot.PageSize]byte
 
 // captureCheckpoint runs while the guest is paused. It copies only what
 // must be copied now; encoding happens after the guest runs again.
-func captureCheckpoint(p *machine.Paused, seq uint64, full bool, st *stager, dirtyBuf []uint32,
+func captureCheckpoint(p *machine.Paused, seq uint64, full bool, st *snapshot.Stager, dirtyBuf []uint32,
 	module []byte, name string) (*checkpoint, []uint32, error) {
 	t0 := time.Now()
 	mem := p.Memory()
@@ -65,7 +64,7 @@ func captureCheckpoint(p *machine.Paused, seq uint64, full bool, st *stager, dir
 	if full {
 		idx = snapshot.NonZeroPages(mem)
 	}
-	pages, err := st.stage(mem, idx)
+	pages, err := st.Stage(mem, idx)
 	if err != nil {
 		return nil, dirtyPages, err
 	}
@@ -89,113 +88,6 @@ func captureCheckpoint(p *machine.Paused, seq uint64, full bool, st *stager, dir
 	}
 	cp.pause = time.Since(t0)
 	return cp, dirtyPages, nil
-}
-
-// stager copies a checkpoint's pages out of guest memory into chunks of
-// chunkPages pages taken from a chunkPool. A chunk is one encoder batch, so
-// every batch's pages lie back to back and compress in place. The chunks
-// go back to the pool once the checkpoint is sent, and the pool keeps
-// them: a pause that had to allocate fresh staging memory paid a page
-// fault for every page of it (5–20 µs each on a VM with shadow paging:
-// 15 ms for 760 pages, 160 ms for a burst of 9000), which was the tail of
-// the pause; reused chunks are already faulted in, and bursts reuse the
-// chunks of the first, full, checkpoint.
-type stager struct {
-	pool   *chunkPool
-	chunks [][]byte
-	pages  []snapshot.Page
-	idx    []uint32
-}
-
-// chunkPages is a staging chunk: one encoder batch.
-const chunkPages = snapshot.DefaultBatchPages
-
-// stage copies the pages listed in indices (any order, duplicates allowed)
-// out of mem and returns them sorted. They stay valid until release.
-func (st *stager) stage(mem []byte, indices []uint32) ([]snapshot.Page, error) {
-	st.idx = append(st.idx[:0], indices...)
-	if !slices.IsSorted(st.idx) {
-		slices.Sort(st.idx)
-	}
-	st.idx = slices.Compact(st.idx)
-	n := len(st.idx)
-	if n > 0 && (uint64(st.idx[n-1])+1)*snapshot.PageSize > uint64(len(mem)) {
-		return nil, fmt.Errorf("snapshot: page %d is beyond the memory's %d bytes", st.idx[n-1], len(mem))
-	}
-	for need := (n + chunkPages - 1) / chunkPages; len(st.chunks) < need; {
-		st.chunks = append(st.chunks, st.pool.get())
-	}
-	if cap(st.pages) < n {
-		st.pages = make([]snapshot.Page, 0, n)
-	}
-	st.pages = st.pages[:0]
-	for i, x := range st.idx {
-		c := st.chunks[i/chunkPages]
-		o := (i % chunkPages) * snapshot.PageSize
-		d := c[o : o+snapshot.PageSize] // cap to the chunk end: the encoder sees a batch is contiguous
-		copy(d, mem[int(x)*snapshot.PageSize:])
-		st.pages = append(st.pages, snapshot.Page{Index: x, Data: d})
-	}
-	return st.pages, nil
-}
-
-// release gives the stager's chunks back to the pool; its pages are
-// invalid afterwards.
-func (st *stager) release() {
-	for _, c := range st.chunks {
-		st.pool.put(c)
-	}
-	st.chunks = st.chunks[:0]
-	st.pages = st.pages[:0]
-}
-
-// chunkPool keeps staging chunks, faulted in, for reuse; safe for
-// concurrent use.
-type chunkPool struct {
-	mu   sync.Mutex
-	free [][]byte
-	max  int // chunks kept at most; more are left to the garbage collector
-}
-
-const chunkBytes = chunkPages * snapshot.PageSize
-
-// get takes a chunk, or allocates one (in a pause: only when the pool ran
-// dry).
-func (cp *chunkPool) get() []byte {
-	cp.mu.Lock()
-	defer cp.mu.Unlock()
-	if n := len(cp.free); n > 0 {
-		c := cp.free[n-1]
-		cp.free = cp.free[:n-1]
-		return c
-	}
-	return make([]byte, chunkBytes)
-}
-
-func (cp *chunkPool) put(c []byte) {
-	cp.mu.Lock()
-	defer cp.mu.Unlock()
-	if len(cp.free) < cp.max {
-		cp.free = append(cp.free, c)
-	}
-}
-
-// ensure allocates and faults in chunks until n are free (outside pauses).
-func (cp *chunkPool) ensure(n int) {
-	n = min(n, cp.max)
-	for {
-		cp.mu.Lock()
-		have := len(cp.free)
-		cp.mu.Unlock()
-		if have >= n {
-			return
-		}
-		c := make([]byte, chunkBytes)
-		for i := 0; i < len(c); i += 4096 {
-			c[i] = 1
-		}
-		cp.put(c)
-	}
 }
 
 // readTree reads a preopened directory's whole contents for a full sync.

@@ -70,12 +70,10 @@ type Primary struct {
 
 	// Guest-goroutine state (touched only inside pauses).
 	dirtyBuf []uint32
-	// chunks is the staging memory, reused (capture.go's stager).
-	chunks chunkPool
-	// stagePages is what the chunk pool is kept ready for: about the
-	// largest incremental checkpoint of late, in pages.
-	stagePages atomic.Int64
-	refilling  atomic.Bool
+	// stage is the staging memory, kept faulted in for the pauses; each
+	// checkpoint has a stager of its own on it until it is sent.
+	stage     snapshot.StagePool
+	refilling atomic.Bool
 
 	mu       sync.Mutex
 	sess     *session // the current session, under mu
@@ -138,8 +136,7 @@ func NewPrimary(cfg PrimaryConfig) (*Primary, error) {
 		cfg.Log = slog.Default()
 	}
 	p := &Primary{cfg: cfg, gate: newHoldGate(cfg.HoldLimit), log: cfg.Log.With("role", "primary", "vm", cfg.VM),
-		events: make(chan engine.PrimaryEvent, 256), release: make(chan struct{}, 1), stop: make(chan struct{}),
-		chunks: chunkPool{max: maxFreeChunks}}
+		events: make(chan engine.PrimaryEvent, 256), release: make(chan struct{}, 1), stop: make(chan struct{})}
 	// The clock starts now, not in Run: the guest may produce output
 	// (an Output event) before the driver loop runs.
 	p.t0 = time.Now()
@@ -318,7 +315,7 @@ func (p *Primary) take(req engine.CheckpointRequest, module []byte, name string)
 			return err
 		}
 		if !req.Full {
-			p.notePages(cp.dirty)
+			p.stage.Expect(cp.dirty)
 		}
 		p.gate.setEpoch(req.Seq)
 		_, ops := p.gate.endEpoch()
@@ -435,36 +432,21 @@ func (p *Primary) Finish(code uint32) {
 	}
 }
 
-// getStager returns a stager drawing on the primary's chunk pool (in a
-// pause).
-func (p *Primary) getStager() *stager { return &stager{pool: &p.chunks} }
+// getStager returns a stager drawing on the primary's pool (in a pause).
+func (p *Primary) getStager() *snapshot.Stager { return &snapshot.Stager{Pool: &p.stage} }
 
 // putStager gives a sent checkpoint's chunks back to the pool.
-func (p *Primary) putStager(st *stager) { st.release() }
+func (p *Primary) putStager(st *snapshot.Stager) { st.Release() }
 
-// notePages records an incremental checkpoint's size (in a pause): the
-// pool's target follows the largest of late, decaying slowly.
-func (p *Primary) notePages(n int) {
-	hw := p.stagePages.Load()
-	hw = max(int64(n), hw-hw/32)
-	p.stagePages.Store(hw)
-}
-
-// maxFreeChunks bounds the staging memory kept between checkpoints (128
-// MiB): a full checkpoint's chunks serve later bursts, up to that.
-const maxFreeChunks = 32
-
-// refillStagers makes sure, on another goroutine, that the chunk pool holds
-// enough faulted-in chunks for the next checkpoints (the recent largest,
-// twice over, at least two), so that pauses do not allocate.
+// refillStagers tops up the staging pool on another goroutine, so that
+// pauses do not allocate (snapshot.StagePool.Refill).
 func (p *Primary) refillStagers() {
 	if !p.refilling.CompareAndSwap(false, true) {
 		return
 	}
 	go func() {
 		defer p.refilling.Store(false)
-		want := max(2, 2*int((p.stagePages.Load()+chunkPages-1)/chunkPages))
-		p.chunks.ensure(want)
+		p.stage.Refill()
 	}()
 }
 

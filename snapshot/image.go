@@ -202,15 +202,6 @@ func NonZeroPages(mem []byte) []uint32 {
 	return out
 }
 
-// Stager copies pages out of guest memory into one reused buffer. That
-// copy is the only part of a checkpoint that needs the guest paused; the
-// snapshot is then encoded from the copy while the guest runs again.
-type Stager struct {
-	buf   []byte
-	pages []Page
-	idx   []uint32
-}
-
 // PageData is the data of page index among pages (sorted by index, as a
 // Stager or a decoded snapshot has them), or nil if it is not there.
 func PageData(pages []Page, index uint32) []byte {
@@ -219,28 +210,4 @@ func PageData(pages []Page, index uint32) []byte {
 		return nil
 	}
 	return pages[i].Data
-}
-
-// Stage copies the pages listed in indices (any order, duplicates allowed)
-// out of mem and returns them sorted, ready for a Snapshot. They stay
-// valid until the next Stage.
-func (st *Stager) Stage(mem []byte, indices []uint32) ([]Page, error) {
-	st.idx = append(st.idx[:0], indices...)
-	slices.Sort(st.idx)
-	st.idx = slices.Compact(st.idx)
-	n := len(st.idx)
-	if n > 0 && (uint64(st.idx[n-1])+1)*PageSize > uint64(len(mem)) {
-		return nil, fmt.Errorf("snapshot: page %d is beyond the memory's %d bytes", st.idx[n-1], len(mem))
-	}
-	if cap(st.buf) < n*PageSize {
-		st.buf = make([]byte, n*PageSize)
-	}
-	buf := st.buf[:n*PageSize]
-	st.pages = st.pages[:0]
-	for i, x := range st.idx {
-		d := buf[i*PageSize : (i+1)*PageSize]
-		copy(d, mem[int(x)*PageSize:])
-		st.pages = append(st.pages, Page{Index: x, Data: d})
-	}
-	return st.pages, nil
 }

@@ -518,3 +518,67 @@ func TestModuleCopy(t *testing.T) {
 		}
 	}
 }
+
+// A pause must not allocate staging memory: fresh memory faults on first
+// touch (the tail of the pause on a VM). After Expect and Refill, staging
+// that many pages takes only chunks already in the pool, and Release gives
+// them back, keeping no more than MaxFree.
+func TestStagePoolKeepsPausesFromAllocating(t *testing.T) {
+	const pages = 3*stageChunkPages + 1 // four chunks
+	mem := make([]byte, (pages+10)*PageSize)
+	for i := 0; i < len(mem); i += PageSize {
+		mem[i] = byte(i / PageSize)
+	}
+	idx := make([]uint32, pages)
+	for i := range idx {
+		idx[i] = uint32(pages + 9 - i) // reversed: Stage sorts
+	}
+	pool := &StagePool{MaxFree: 6}
+	st := Stager{Pool: pool}
+	pool.Expect(stageChunkPages + 1) // two chunks, twice over
+	pool.Refill()
+	if got := pool.Free(); got != 4 {
+		t.Fatalf("Refill left %d chunks, want 4", got)
+	}
+	if _, err := st.Stage(mem, idx); err != nil {
+		t.Fatal(err)
+	}
+	if got := pool.Free(); got != 0 {
+		t.Fatalf("staging four chunks' worth left %d free, want 0", got)
+	}
+	if allocs := testing.AllocsPerRun(20, func() {
+		if _, err := st.Stage(mem, idx); err != nil {
+			t.Fatal(err)
+		}
+	}); allocs != 0 {
+		t.Fatalf("a repeated Stage allocated %v times", allocs)
+	}
+	pagesOut, _ := st.Stage(mem, idx)
+	for i, p := range pagesOut {
+		if want := uint32(10 + i); p.Index != want || p.Data[0] != byte(want) || len(p.Data) != PageSize {
+			t.Fatalf("page %d: index %d, first byte %d", i, p.Index, p.Data[0])
+		}
+	}
+	for b := 0; b < 4; b++ {
+		if contiguous(pagesOut[b*stageChunkPages:min(len(pagesOut), (b+1)*stageChunkPages)]) == nil {
+			t.Fatalf("batch %d is not one contiguous chunk", b)
+		}
+	}
+	st.Release()
+	if got := pool.Free(); got != 4 {
+		t.Fatalf("Release gave back %d chunks, want 4", got)
+	}
+	// More than MaxFree: the extra ones are dropped, not kept.
+	other := Stager{Pool: pool}
+	if _, err := other.Stage(mem, idx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.Stage(mem, idx); err != nil { // the pool is empty: allocates
+		t.Fatal(err)
+	}
+	other.Release()
+	st.Release()
+	if got := pool.Free(); got != 6 {
+		t.Fatalf("the pool keeps %d chunks, want MaxFree = 6", got)
+	}
+}
