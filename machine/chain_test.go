@@ -47,6 +47,20 @@ func TestIncrementalChain(t *testing.T) {
 	done := make(chan error, 1)
 	go func() { _, err := m.Run(ctx); done <- err }()
 
+	// Start the chain once the guest has its 64 MiB: the incrementals are
+	// then checked to be small next to the full snapshot.
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(5 * time.Millisecond) {
+		var size int
+		if err := m.WithPaused(ctx, func(p *Paused) error { size = len(p.Memory()); return nil }); err != nil {
+			t.Fatal(err)
+		}
+		if size >= 64<<20 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the guest's memory is still %d bytes", size)
+		}
+	}
 	dir := t.TempDir()
 	hash := snapshot.ModuleHash(mod)
 	var chain []string

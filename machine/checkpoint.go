@@ -87,6 +87,15 @@ func (j *pauseJob) finish(err error) {
 // recursion may need more. The bytes are saved and put back each time.
 const scratchSize = 256 << 10
 
+// scratchFor is the region borrowed in a memory of memLen bytes: the top
+// scratchSize bytes, or the whole memory when it is smaller. Any bytes
+// will do, the guest's own data and stack included, since they are saved
+// and put back; a C program that never allocates runs in its initial 64 or
+// 128 KiB for ever, and must be able to pause all the same. 0: no memory.
+func scratchFor(memLen int) uint32 {
+	return uint32(min(scratchSize, memLen) &^ (dirty.PageSize - 1))
+}
+
 // stackState is the guest's unwound wasm stack.
 type stackState struct {
 	addr uint32 // the data structure's address (its 8-byte header first)
@@ -128,8 +137,9 @@ func (m *Machine) safePoint(ctx context.Context, mod api.Module, c wasi.Call) bo
 		}
 	}
 	mem := m.alloc.memory().Bytes()
-	if uint64(len(mem)) < 2*scratchSize {
-		// Too small to borrow from; pause at a later call.
+	size := scratchFor(len(mem))
+	if size == 0 {
+		// No memory to borrow from; pause at a later call.
 		if m.autoSnap {
 			m.autoSnap = false
 			m.cfg.SnapshotAtCall++
@@ -137,12 +147,12 @@ func (m *Machine) safePoint(ctx context.Context, mod api.Module, c wasi.Call) bo
 		return false
 	}
 	m.pauseStart = time.Now()
-	addr := uint32(len(mem) - scratchSize)
+	addr := uint32(len(mem)) - size
 	// The stack's size is unknown until it is unwound: save it all. Only
 	// the part Asyncify writes is put back afterwards.
-	m.saveScratch(addr)
+	m.saveScratch(addr, size)
 	binary.LittleEndian.PutUint32(mem[addr:], addr+8)
-	binary.LittleEndian.PutUint32(mem[addr+4:], addr+scratchSize)
+	binary.LittleEndian.PutUint32(mem[addr+4:], addr+size)
 	if _, err := m.asy.startUnwind.Call(ctx, uint64(addr)); err != nil {
 		panic(fmt.Errorf("asyncify_start_unwind: %w", err))
 	}
@@ -159,12 +169,12 @@ func (m *Machine) safePoint(ctx context.Context, mod api.Module, c wasi.Call) bo
 // which of its pages were written since (by the guest, or by our own
 // putting back), only those are copied: usually one or two of its 64
 // pages, instead of all 256 KiB each pause.
-func (m *Machine) saveScratch(addr uint32) {
+func (m *Machine) saveScratch(addr, size uint32) {
 	mem := m.alloc.memory().Bytes()
-	if m.scratchValid && m.scratchAddr == addr && len(m.scratchSaved) == scratchSize {
+	if m.scratchValid && m.scratchAddr == addr && len(m.scratchSaved) == int(size) {
 		if pk, ok := m.tracker.(dirty.Peeker); ok {
 			var fresh bool
-			m.scratchPages, fresh = pk.Written(m.scratchPages[:0], uint64(addr), uint64(addr)+scratchSize)
+			m.scratchPages, fresh = pk.Written(m.scratchPages[:0], uint64(addr), uint64(addr)+uint64(size))
 			if fresh {
 				for _, p := range m.scratchPages {
 					off := p*dirty.PageSize - addr
@@ -175,7 +185,7 @@ func (m *Machine) saveScratch(addr uint32) {
 		}
 	}
 	m.scratchAddr = addr
-	m.scratchSaved = append(m.scratchSaved[:0], mem[addr:addr+scratchSize]...)
+	m.scratchSaved = append(m.scratchSaved[:0], mem[addr:addr+size]...)
 	m.scratchValid = true
 }
 
@@ -225,7 +235,7 @@ func (m *Machine) afterUnwind(ctx context.Context) error {
 func (m *Machine) beforeRewind(ctx context.Context) error {
 	mem := m.alloc.memory().Bytes()
 	a := m.stack.addr
-	if uint64(a)+8+uint64(len(m.stack.blob)) > uint64(len(mem)) || a+scratchSize > uint32(len(mem)) {
+	if uint64(a)+8+uint64(len(m.stack.blob)) > uint64(m.stack.end) || uint64(m.stack.end) > uint64(len(mem)) {
 		return fmt.Errorf("the saved wasm stack (%d bytes at %#x) does not fit the memory (%d bytes)",
 			len(m.stack.blob), a, len(mem))
 	}
@@ -606,10 +616,13 @@ func (m *Machine) restoreState(ctx context.Context, mod api.Module, img *snapsho
 		}
 		g.value.(api.MutableGlobal).Set(sg.Value)
 	}
-	if img.StackAddr > uint64(len(buf)) || img.StackAddr+scratchSize > uint64(len(buf)) {
-		return fmt.Errorf("the snapshot's stack address %#x is outside memory", img.StackAddr)
+	// The region was the top of memory, of the size borrowed in a memory
+	// of this length.
+	size := uint64(scratchFor(len(buf)))
+	if size == 0 || img.StackAddr != uint64(len(buf))-size {
+		return fmt.Errorf("the snapshot's stack address %#x is not where a pause in %d bytes of memory puts it", img.StackAddr, len(buf))
 	}
-	m.stack = stackState{addr: uint32(img.StackAddr), end: uint32(img.StackAddr) + scratchSize,
+	m.stack = stackState{addr: uint32(img.StackAddr), end: uint32(len(buf)),
 		blob: append([]byte(nil), img.Stack...)}
 	return m.beforeRewind(ctx)
 }

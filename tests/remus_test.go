@@ -432,6 +432,66 @@ func TestRemusGuestExits(t *testing.T) {
 	}
 }
 
+// TestRemusSmallMemoryGuest: a C guest whose memory stays at its first
+// 128 KiB is protected like any other. It used to be unable to pause (a
+// pause borrowed 256 KiB of memory and waited for a bigger one), so it was
+// never checkpointed: the primary stayed syncing and held every line until
+// the guest exited — a server that small would never have answered.
+func TestRemusSmallMemoryGuest(t *testing.T) {
+	wasm := cGuest(t, "small", []string{"small.c"})
+	instrumented(t, wasm)
+	dir := t.TempDir()
+	repl, bSock, pSock := freeAddr(t), filepath.Join(dir, "b.sock"), filepath.Join(dir, "p.sock")
+	backup := startProc(t, ftvmBinary(t), "backup", "--listen", repl, "--state", filepath.Join(dir, "state"),
+		"--timeout", "300ms", "--api-sock", bSock, "--log-level", "info")
+	waitSocket(t, backup, bSock)
+	const lines = 300 // 10 ms apart: 3 s
+	primary := startProc(t, ftvmBinary(t), "run", "--protect", repl, "--timeout", "300ms", "--api-sock", pSock,
+		"--log-level", "warn", wasm, fmt.Sprint(lines), "10")
+	stdout := primary.out // and stderr, quiet at warn
+	waitSocket(t, primary, pSock)
+	st := waitState(t, pSock, "protected", 30*time.Second)
+	if n := num(st, "checkpoints"); n < 1 {
+		t.Fatalf("protected without a checkpoint: %v", st)
+	}
+	// Released while it runs, not at its exit.
+	deadline := time.Now().Add(10 * time.Second)
+	for !strings.Contains(stdout.String(), "line 1 ") {
+		select {
+		case <-primary.done:
+			t.Fatalf("the guest exited before any line was released while it ran (%d bytes after exit)", len(stdout.String()))
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no line released 10s after protection began: %v", status(t, pSock))
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	select {
+	case <-primary.done:
+	case <-time.After(time.Minute):
+		t.Fatal("the guest did not finish")
+	}
+	if code := primary.cmd.ProcessState.ExitCode(); code != 0 {
+		t.Fatalf("exit %d", code)
+	}
+	var want strings.Builder
+	h := uint32(2166136261)
+	for i := range lines {
+		h = (h ^ uint32(i)) * 16777619
+		fmt.Fprintf(&want, "line %d %08x\n", i, h)
+	}
+	var got strings.Builder
+	for l := range strings.Lines(stdout.String()) {
+		if strings.HasPrefix(l, "line ") {
+			got.WriteString(l)
+		}
+	}
+	if got.String() != want.String() {
+		t.Errorf("output differs from the program's:\n%s", diffLines(want.String(), got.String()))
+	}
+}
+
 // TestRemusLoopPollsFailoverMidComputation: a CPU-bound guest run with
 // --loop-polls is checkpointed inside its computation (epochs end at loop
 // polls, not at its rare host calls); kill -9 of the primary mid-phase
