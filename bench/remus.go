@@ -929,8 +929,8 @@ func remusDirty(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 	fmt.Fprintf(b, "### (d) Checkpoint pause vs dirty pages, protected at %s\n\n", epoch)
 	fmt.Fprintf(b, "Guest: testdata/guests/dirtier (C), %d MiB of memory; it writes N/%d random pages, sleeps 5 ms, and again, "+
 		"so that a 25 ms epoch dirties about N pages (the table gives the count actually seen). `ftvm run --protect 127.0.0.1:R --timeout %s --epoch %s --epoch-policy fixed "+
-		"--api-sock P.sock dirtier.wasm %d N/%d 0 5000`, each N with a fresh backup. Once protected, the primary's "+
-		"`GET /status` is polled every 5 ms for %s; whenever the checkpoint count has advanced, the last checkpoint's "+
+		"--api-sock P.sock dirtier.wasm %d N/%d 0 5000`, each N with a fresh backup. Once protected (from the guest's first host call, while its memory is small) "+
+		"and past the checkpoint that carries its growth to the full memory, the primary's `GET /status` is polled every 5 ms for %s; whenever the checkpoint count has advanced, the last checkpoint's "+
 		"(pause, dirty pages) pair is one sample (a poll can miss checkpoints when replies are slow): **pause p50/p99** "+
 		"are over those samples (nearest rank: with under 100 samples p99 is the largest). **/vm mean** = the change of `GET /vm`'s pause "+
 		"total ÷ count over the same window (every checkpoint, none missed); **/vm p50/p99** are `GET /vm`'s own, over "+
@@ -1016,7 +1016,13 @@ func (r *remusEnv) dirtyRun(ctx context.Context, wasm string, n, rounds int, epo
 	if err := waitProtected(p, 30*time.Second); err != nil {
 		return out, err
 	}
-	time.Sleep(200 * time.Millisecond) // past the first incremental checkpoints
+	// The guest is protected from its first host call, while its memory
+	// is small; it then grows to its size and writes all of it, which the
+	// next checkpoint carries whole. The window starts past that one.
+	if err := waitSettled(p.sock, uint64(r.s.dirtyMiB)<<20, 30*time.Second); err != nil {
+		return out, err
+	}
+	time.Sleep(200 * time.Millisecond) // past the next few incremental checkpoints
 	st0, err := primaryStatus(p.sock)
 	if err != nil {
 		return out, err
@@ -1075,6 +1081,31 @@ func (r *remusEnv) dirtyRun(ctx context.Context, wasm string, n, rounds int, epo
 	out.stalls = float64(st1.Stalls - st0.Stalls)
 	out.resyncs = st1.FullCheckpoints - st0.FullCheckpoints
 	return out, nil
+}
+
+// waitSettled waits until the VM's memory has reached size and the
+// primary has taken two checkpoints since (the first of them carries the
+// growth).
+func waitSettled(sock string, size uint64, within time.Duration) error {
+	deadline := time.Now().Add(within)
+	for ; time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		info, err := apiClient(sock).Info(ctx)
+		cancel()
+		if err != nil || info.MemoryBytes < size {
+			continue
+		}
+		st, err := primaryStatus(sock)
+		if err != nil {
+			continue
+		}
+		for from := st.Checkpoints; time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+			if st, err := primaryStatus(sock); err == nil && st.Checkpoints >= from+2 {
+				return nil
+			}
+		}
+	}
+	return fmt.Errorf("the guest's memory did not reach %d MiB and two checkpoints within %v", size>>20, within)
 }
 
 // remusCompression writes (e) from the rows the KV and dirtier steps left.
