@@ -206,3 +206,69 @@ func TestBackupSlowDecodeIsNotSilence(t *testing.T) {
 		}
 	}
 }
+
+// TestBackupHeartbeatsWhileApplying: applying a large checkpoint keeps the
+// slot's loop busy (on a VM, 64 MiB of pages new to the image take a few
+// hundred milliseconds), and the loop is what sends heartbeats. Its primary
+// must keep hearing from it meanwhile, or it takes the backup for dead
+// after the timeout and resynchronises, without end if every full
+// checkpoint is as slow to apply.
+func TestBackupHeartbeatsWhileApplying(t *testing.T) {
+	module := []byte("\x00asm\x01\x00\x00\x00")
+	hash := snapshot.ModuleHash(module)
+	const timeout = 200 * time.Millisecond
+	b := serveBackup(t, timeout)
+	testApplyDelay = 5 * timeout
+	defer func() { testApplyDelay = 0 }()
+	full := &snapshot.Snapshot{Kind: snapshot.Full, Module: hash, Seq: 1, MemorySize: 65536,
+		Pages: []snapshot.Page{{Index: 0, Data: bytes.Repeat([]byte{7}, snapshot.PageSize)}}, Devices: []byte("{}"),
+		ModuleCode: module, ModuleName: "fake"}
+	f := dialBackup(t, b.Addr().String(), hash)
+	f.checkpoint(1, true, encodeSnap(t, full), nil)
+	// The primary heartbeats as a live one does (only this goroutine
+	// writes from now on).
+	stop := make(chan struct{})
+	defer close(stop)
+	go func() {
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(timeout / 5):
+				if wire.SendFlush(f.c, &wire.Heartbeat{Seq: 1}) != nil {
+					return
+				}
+			}
+		}
+	}()
+	// Every message, heartbeats included, until the ack: no gap may come
+	// near the timeout.
+	last, longest, beats := time.Now(), time.Duration(0), 0
+	for {
+		f.c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		m, err := wire.Recv(f.c)
+		if err != nil {
+			t.Fatalf("waiting for the ack: %v (after %d heartbeats)", err, beats)
+		}
+		longest, last = max(longest, time.Since(last)), time.Now()
+		if m.Type() == wire.TypeHeartbeat {
+			beats++
+			continue
+		}
+		if a, ok := m.(*wire.Ack); !ok || a.Seq != 1 {
+			t.Fatalf("the checkpoint was answered with %v, want its ack", m)
+		}
+		break
+	}
+	if longest >= timeout/2 {
+		t.Errorf("the backup was silent for %v while applying for %v (timeout %v, %d heartbeats)", longest, testApplyDelay, timeout, beats)
+	}
+	// Nor did the backup take its primary's heartbeats, queued meanwhile,
+	// for silence.
+	time.Sleep(timeout)
+	for _, s := range b.Status().Slots {
+		if s.State != "following" {
+			t.Fatalf("slot %s after a slow apply: %s (%s), want following", s.VM, s.State, s.Reason)
+		}
+	}
+}

@@ -229,6 +229,16 @@ func (p *Primary) Run(ctx context.Context, m *machine.Machine, module []byte, na
 				}
 			}
 		case <-timer.C:
+			// Queued events happened before now: a heartbeat among
+			// them must count before the timeout is checked.
+			for drained := false; !drained; {
+				select {
+				case ev := <-p.events:
+					p.step(ev)
+				default:
+					drained = true
+				}
+			}
 			p.step(engine.Tick{Now: p.now()})
 		case <-ctx.Done():
 			return nil
