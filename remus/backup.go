@@ -562,19 +562,25 @@ func (s *slot) loop(ctx context.Context) {
 			// checkpoint, say) happened before now: a heartbeat among
 			// them must count before the timeout is checked, or a slow
 			// apply fails over a live primary.
-			for drained := false; !drained; {
-				select {
-				case ev := <-s.events:
-					s.handle(ev)
-				default:
-					drained = true
-				}
-			}
+			s.handleQueued()
 			s.step(engine.Tick{Now: s.b.now()})
 		case <-ctx.Done():
 			for _, c := range s.conns {
 				c.Close()
 			}
+			return
+		}
+	}
+}
+
+// handleQueued handles every event already queued, without waiting for
+// more.
+func (s *slot) handleQueued() {
+	for {
+		select {
+		case ev := <-s.events:
+			s.handle(ev)
+		default:
 			return
 		}
 	}

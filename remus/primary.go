@@ -219,29 +219,26 @@ func (p *Primary) Run(ctx context.Context, m *machine.Machine, module []byte, na
 		select {
 		case ev := <-p.events:
 			p.step(ev)
-		drain:
-			for {
-				select {
-				case ev := <-p.events:
-					p.step(ev)
-				default:
-					break drain
-				}
-			}
+			p.stepQueued()
 		case <-timer.C:
 			// Queued events happened before now: a heartbeat among
 			// them must count before the timeout is checked.
-			for drained := false; !drained; {
-				select {
-				case ev := <-p.events:
-					p.step(ev)
-				default:
-					drained = true
-				}
-			}
+			p.stepQueued()
 			p.step(engine.Tick{Now: p.now()})
 		case <-ctx.Done():
 			return nil
+		}
+	}
+}
+
+// stepQueued steps every event already queued, without waiting for more.
+func (p *Primary) stepQueued() {
+	for {
+		select {
+		case ev := <-p.events:
+			p.step(ev)
+		default:
+			return
 		}
 	}
 }
