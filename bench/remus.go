@@ -1063,6 +1063,7 @@ func (r *remusEnv) dirtyRun(ctx context.Context, wasm string, n, rounds int, epo
 	}
 	el := time.Since(t0).Seconds()
 	if st1.State != "protected" {
+		r.logf("remus: dirtier, %d pages: the primary's log ends:\n%s\nthe backup's:\n%s", n, logTail(p.child), logTail(bk.child))
 		return out, fmt.Errorf("the primary is no longer protected: %q %s", st1.State, st1.Reason)
 	}
 	if len(out.pause) == 0 {
