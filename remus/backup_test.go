@@ -181,23 +181,31 @@ func TestBackupVerifiesStreams(t *testing.T) {
 	}
 }
 
+// sendFirstCheckpoint connects a fake primary of a one-page VM to b and
+// sends its full checkpoint 1.
+func sendFirstCheckpoint(t *testing.T, b *Backup) *fakePrimary {
+	t.Helper()
+	module := []byte("\x00asm\x01\x00\x00\x00")
+	hash := snapshot.ModuleHash(module)
+	full := &snapshot.Snapshot{Kind: snapshot.Full, Module: hash, Seq: 1, MemorySize: 65536,
+		Pages: []snapshot.Page{{Index: 0, Data: bytes.Repeat([]byte{7}, snapshot.PageSize)}}, Devices: []byte("{}"),
+		ModuleCode: module, ModuleName: "fake"}
+	f := dialBackup(t, b.Addr().String(), hash)
+	f.checkpoint(1, true, encodeSnap(t, full), nil)
+	return f
+}
+
 // TestBackupSlowDecodeIsNotSilence: while the backup decodes a checkpoint
 // for longer than its timeout (a burst of dirty pages on a loaded machine),
 // it reads nothing from the primary; that must not count as the primary's
 // silence. (Without the keep-alive the slot failed a live primary over:
 // seen with 2500 dirty pages per 25 ms epoch, once in six runs.)
 func TestBackupSlowDecodeIsNotSilence(t *testing.T) {
-	module := []byte("\x00asm\x01\x00\x00\x00")
-	hash := snapshot.ModuleHash(module)
 	const timeout = 200 * time.Millisecond
 	b := serveBackup(t, timeout)
 	testDecodeDelay = 4 * timeout
 	defer func() { testDecodeDelay = 0 }()
-	full := &snapshot.Snapshot{Kind: snapshot.Full, Module: hash, Seq: 1, MemorySize: 65536,
-		Pages: []snapshot.Page{{Index: 0, Data: bytes.Repeat([]byte{7}, snapshot.PageSize)}}, Devices: []byte("{}"),
-		ModuleCode: module, ModuleName: "fake"}
-	f := dialBackup(t, b.Addr().String(), hash)
-	f.checkpoint(1, true, encodeSnap(t, full), nil)
+	f := sendFirstCheckpoint(t, b)
 	if m, ok := f.next().(*wire.Ack); !ok || m.Seq != 1 {
 		t.Fatalf("a checkpoint decoded for %v (timeout %v) was answered with %v, want its ack", testDecodeDelay, timeout, m)
 	}
@@ -215,17 +223,11 @@ func TestBackupSlowDecodeIsNotSilence(t *testing.T) {
 // after the timeout and resynchronises, without end if every full
 // checkpoint is as slow to apply.
 func TestBackupHeartbeatsWhileApplying(t *testing.T) {
-	module := []byte("\x00asm\x01\x00\x00\x00")
-	hash := snapshot.ModuleHash(module)
 	const timeout = 200 * time.Millisecond
 	b := serveBackup(t, timeout)
 	testApplyDelay = 5 * timeout
 	defer func() { testApplyDelay = 0 }()
-	full := &snapshot.Snapshot{Kind: snapshot.Full, Module: hash, Seq: 1, MemorySize: 65536,
-		Pages: []snapshot.Page{{Index: 0, Data: bytes.Repeat([]byte{7}, snapshot.PageSize)}}, Devices: []byte("{}"),
-		ModuleCode: module, ModuleName: "fake"}
-	f := dialBackup(t, b.Addr().String(), hash)
-	f.checkpoint(1, true, encodeSnap(t, full), nil)
+	f := sendFirstCheckpoint(t, b)
 	// The primary heartbeats as a live one does (only this goroutine
 	// writes from now on).
 	stop := make(chan struct{})
