@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ftvm/ftvm/api"
 	"github.com/ftvm/ftvm/internal/guest"
 	"github.com/ftvm/ftvm/machine/instrument"
 	"github.com/ftvm/ftvm/snapshot"
@@ -315,9 +316,23 @@ func TestLoopPollsSnapshotMidComputation(t *testing.T) {
 			}
 			p := startProc(t, ftvmBinary(t), append(args, wasm, scale)...)
 			waitSock(t, p, sock)
-			// Past its first few host calls (arguments, stdout), into the
-			// first phase, which computes for a second or more.
-			time.Sleep(300 * time.Millisecond)
+			// Past its host calls: its first printf asks whether stdout is
+			// a terminal (fd_fdstat_get) after the first phase; from then
+			// on it only computes, its output buffered, until it exits.
+			// (Asked during a phase boundary, the pause could land on that
+			// host call instead of a loop poll.)
+			for deadline := time.Now().Add(time.Minute); ; time.Sleep(5 * time.Millisecond) {
+				ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+				info, err := api.NewClient(sock).Info(ctx)
+				cancel()
+				if err == nil && info.Counters.Calls["fd_fdstat_get"] > 0 {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("the guest never reached its first printf: %v %+v", err, info)
+				}
+			}
+			time.Sleep(50 * time.Millisecond)
 			snap := filepath.Join(dir, "cpu.snap")
 			res := runCLI(t, 2*time.Minute, "", "snapshot", "--api-sock", sock, "--out", snap, "--stop")
 			if res.code != 0 {
