@@ -537,13 +537,13 @@ func TestStagePoolKeepsPausesFromAllocating(t *testing.T) {
 	st := Stager{Pool: pool}
 	pool.Expect(stageChunkPages + 1) // two chunks, twice over
 	pool.Refill()
-	if got := pool.Free(); got != 4 {
+	if got := pool.freeChunks(); got != 4 {
 		t.Fatalf("Refill left %d chunks, want 4", got)
 	}
 	if _, err := st.Stage(mem, idx); err != nil {
 		t.Fatal(err)
 	}
-	if got := pool.Free(); got != 0 {
+	if got := pool.freeChunks(); got != 0 {
 		t.Fatalf("staging four chunks' worth left %d free, want 0", got)
 	}
 	if allocs := testing.AllocsPerRun(20, func() {
@@ -565,7 +565,7 @@ func TestStagePoolKeepsPausesFromAllocating(t *testing.T) {
 		}
 	}
 	st.Release()
-	if got := pool.Free(); got != 4 {
+	if got := pool.freeChunks(); got != 4 {
 		t.Fatalf("Release gave back %d chunks, want 4", got)
 	}
 	// More than MaxFree: the extra ones are dropped, not kept.
@@ -578,7 +578,7 @@ func TestStagePoolKeepsPausesFromAllocating(t *testing.T) {
 	}
 	other.Release()
 	st.Release()
-	if got := pool.Free(); got != 6 {
+	if got := pool.freeChunks(); got != 6 {
 		t.Fatalf("the pool keeps %d chunks, want MaxFree = 6", got)
 	}
 }

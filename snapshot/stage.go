@@ -153,13 +153,7 @@ func (sp *StagePool) Refill() {
 	sp.mu.Lock()
 	want := min(max(2, 2*((sp.high+stageChunkPages-1)/stageChunkPages)), sp.maxFree())
 	sp.mu.Unlock()
-	for {
-		sp.mu.Lock()
-		have := len(sp.free)
-		sp.mu.Unlock()
-		if have >= want {
-			return
-		}
+	for sp.freeChunks() < want {
 		c := newChunk()
 		for i := 0; i < len(c); i += PageSize {
 			c[i] = 1 // and have the hypervisor map it now, too
@@ -168,8 +162,8 @@ func (sp *StagePool) Refill() {
 	}
 }
 
-// Free returns how many chunks the pool holds ready.
-func (sp *StagePool) Free() int {
+// freeChunks returns how many chunks the pool holds ready.
+func (sp *StagePool) freeChunks() int {
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
 	return len(sp.free)
