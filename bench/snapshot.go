@@ -107,7 +107,7 @@ func benchPause(ctx context.Context, e *env, mod []byte, b *strings.Builder) err
 				_, _ = p.Stack()
 				_ = p.Devices()
 				dirtyCounts = append(dirtyCounts, float64(len(idx)))
-				pool.Expect(len(staged))
+				pool.Expect(staged, uint64(len(p.Memory())))
 				return nil
 			})
 			if err == nil {

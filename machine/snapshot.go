@@ -73,7 +73,7 @@ func (m *Machine) capturePaused(p *Paused, opt SnapshotOptions) (*snapshot.Snaps
 		return nil, err
 	}
 	if incremental {
-		sn.pool.Expect(len(pages))
+		sn.pool.Expect(pages, uint64(len(mem)))
 	}
 	devs, err := json.Marshal(p.Devices())
 	if err != nil {

@@ -975,7 +975,7 @@ func (s *slot) persister() {
 			s.persistFailed()
 			continue
 		}
-		raw, id, err := mergeIncrementals(jobs, storeSeq+1, tip)
+		raw, merged, err := mergeIncrementals(jobs, storeSeq+1, tip)
 		var ops []wire.FsOp
 		for _, j := range jobs {
 			ops = append(ops, j.ops...)
@@ -985,11 +985,11 @@ func (s *slot) persister() {
 			s.persistFailed()
 			continue
 		}
-		err = s.store.CommitIncremental(storeSeq+1, raw, toStoreOps(ops))
+		err = s.store.CommitIncrementalDecoded(storeSeq+1, raw, merged, toStoreOps(ops))
 		if !s.stored(err, fmt.Sprintf("checkpoints %d-%d", jobs[0].seq, jobs[len(jobs)-1].seq), storeSeq+1) {
 			continue
 		}
-		storeSeq, tip = storeSeq+1, id
+		storeSeq, tip = storeSeq+1, merged.ID
 		s.persisted(jobs[len(jobs)-1].seq)
 		s.persistQ.space(persistSpacing)
 	}
@@ -1003,12 +1003,13 @@ const persistSpacing = 100 * time.Millisecond
 
 // mergeIncrementals encodes one incremental snapshot with the state of the
 // last of jobs: every page any of them carries (the latest copy), and the
-// last one's memory size, globals, stack and devices. A single job whose
+// last one's memory size, globals, stack and devices; and that snapshot
+// decoded, for the store not to decode it again. A single job whose
 // numbering already fits is stored as it came.
-func mergeIncrementals(jobs []persistJob, seq uint64, parent snapshot.Hash) ([]byte, snapshot.Hash, error) {
+func mergeIncrementals(jobs []persistJob, seq uint64, parent snapshot.Hash) ([]byte, *snapshot.Snapshot, error) {
 	last := jobs[len(jobs)-1].snap
 	if len(jobs) == 1 && last.Seq == seq && last.Parent == parent {
-		return jobs[0].raw, last.ID, nil
+		return jobs[0].raw, last, nil
 	}
 	pages := map[uint32][]byte{}
 	for _, j := range jobs {
@@ -1026,9 +1027,9 @@ func mergeIncrementals(jobs []persistJob, seq uint64, parent snapshot.Hash) ([]b
 	snapshot.SortPages(m.Pages)
 	var buf bytes.Buffer
 	if err := m.EncodeOptions(&buf, snapshot.Options{Workers: 1}); err != nil {
-		return nil, snapshot.Hash{}, err
+		return nil, nil, err
 	}
-	return buf.Bytes(), m.ID, nil
+	return buf.Bytes(), m, nil
 }
 
 // stored sorts out a store commit's error: whether the checkpoint is

@@ -322,7 +322,7 @@ func (p *Primary) take(req engine.CheckpointRequest, module []byte, name string)
 			return err
 		}
 		if !req.Full {
-			p.stage.Expect(cp.dirty)
+			p.stage.Expect(cp.snap.Pages, cp.snap.MemorySize)
 		}
 		p.gate.setEpoch(req.Seq)
 		_, ops := p.gate.endEpoch()

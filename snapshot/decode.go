@@ -430,6 +430,7 @@ func (d *decoder) pageBatch(f frame, b []byte) error {
 	// Only now, with the indices known good, is page memory allocated,
 	// and the decompressor may fill exactly that.
 	data := make([]byte, n*PageSize)
+	populate(data) // fresh memory, most likely: fault it in at once
 	if err := decompressBatch(f.codec, b[4+n*pageRefSize:], data); err != nil {
 		return d.fail(ErrCorrupt, "%v", err)
 	}

@@ -535,7 +535,7 @@ func TestStagePoolKeepsPausesFromAllocating(t *testing.T) {
 	}
 	pool := &StagePool{MaxFree: 6}
 	st := Stager{Pool: pool}
-	pool.Expect(stageChunkPages + 1) // two chunks, twice over
+	pool.Expect(make([]Page, stageChunkPages+1), uint64(len(mem))) // two chunks, twice over
 	pool.Refill()
 	if got := pool.freeChunks(); got != 4 {
 		t.Fatalf("Refill left %d chunks, want 4", got)
@@ -580,5 +580,32 @@ func TestStagePoolKeepsPausesFromAllocating(t *testing.T) {
 	st.Release()
 	if got := pool.freeChunks(); got != 6 {
 		t.Fatalf("the pool keeps %d chunks, want MaxFree = 6", got)
+	}
+}
+
+// TestStagePoolIgnoresGrowth: a memory that grew is staged whole once; the
+// pool's target follows the pages dirtied within the memory as it was.
+func TestStagePoolIgnoresGrowth(t *testing.T) {
+	pagesFrom := func(from, n uint32) []Page {
+		ps := make([]Page, n)
+		for i := range ps {
+			ps[i].Index = from + uint32(i)
+		}
+		return ps
+	}
+	pool := &StagePool{MaxFree: 16}
+	pool.Expect(pagesFrom(0, 6), 32*PageSize)
+	// The heap grows from 32 to 2,032 pages: 2,000 new pages and 4 old.
+	grown := append(pagesFrom(20, 4), pagesFrom(32, 2000)...)
+	pool.Expect(grown, 2032*PageSize)
+	pool.Refill()
+	if got := pool.freeChunks(); got != 2 {
+		t.Fatalf("after a growth Refill keeps %d chunks, want the floor of 2", got)
+	}
+	// Pages dirtied again within the grown memory do count.
+	pool.Expect(pagesFrom(100, 1500), 2032*PageSize)
+	pool.Refill()
+	if got := pool.freeChunks(); got != 4 {
+		t.Fatalf("after 1,500 dirty pages Refill keeps %d chunks, want 4 (two chunks, twice over)", got)
 	}
 }

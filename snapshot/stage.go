@@ -1,6 +1,7 @@
 package snapshot
 
 import (
+	"cmp"
 	"fmt"
 	"slices"
 	"sync"
@@ -94,7 +95,8 @@ type StagePool struct {
 
 	mu   sync.Mutex
 	free [][]byte
-	high int // the recent largest Expect, in pages, decaying
+	high int    // the recent largest Expect, in pages, decaying
+	mem  uint64 // the memory size at the last Expect
 }
 
 func (sp *StagePool) maxFree() int {
@@ -125,9 +127,22 @@ func (sp *StagePool) get() []byte {
 // hypervisor's shadow page table filling on first access.
 func newChunk() []byte {
 	c := make([]byte, stageChunkBytes)
-	_ = unix.Madvise(c, unix.MADV_POPULATE_WRITE) // a large Go allocation is page-aligned
+	populate(c)
 	return c
 }
+
+// populate faults b in for writing with one madvise, where that is cheaper
+// than faulting page by page as it is filled: b must start on a page (a
+// Go allocation of 32 KiB or more does) and be at least populateMin long.
+func populate(b []byte) {
+	if len(b) >= populateMin {
+		_ = unix.Madvise(b, unix.MADV_POPULATE_WRITE)
+	}
+}
+
+// populateMin is the least length populate bothers with: below it the
+// syscall costs about what it saves.
+const populateMin = 16 * PageSize
 
 func (sp *StagePool) put(c []byte) {
 	sp.mu.Lock()
@@ -137,13 +152,23 @@ func (sp *StagePool) put(c []byte) {
 	}
 }
 
-// Expect records the size of a staging that pauses will repeat (an
-// incremental's dirty pages, not a full snapshot's every page): Refill's
-// target follows the largest of late, decaying slowly.
-func (sp *StagePool) Expect(pages int) {
+// Expect records an incremental staging (not a full snapshot's every
+// page), which pauses will repeat: Refill's target follows the largest of
+// late, decaying slowly. Pages past the memory size of the previous Expect
+// are left out: a memory that grew is staged whole once (a guest's heap
+// growing from 128 KiB to 8 MiB: 2,000 pages), and keeping that much
+// staging memory faulted in for pauses that never need it would cost as
+// much CPU again.
+func (sp *StagePool) Expect(staged []Page, memBytes uint64) {
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
-	sp.high = max(pages, sp.high-sp.high/32)
+	n := len(staged)
+	if sp.mem > 0 {
+		limit := uint32(sp.mem / PageSize)
+		n, _ = slices.BinarySearchFunc(staged, limit, func(p Page, l uint32) int { return cmp.Compare(p.Index, l) })
+	}
+	sp.mem = max(sp.mem, memBytes)
+	sp.high = max(n, sp.high-sp.high/32)
 }
 
 // Refill makes sure the pool holds enough chunks, faulted in, for the next

@@ -149,7 +149,7 @@ func fakeWasmOpt(t *testing.T, body string) (path, count string) {
 	t.Helper()
 	dir := t.TempDir()
 	path, count = filepath.Join(dir, "wasm-opt"), filepath.Join(dir, "runs")
-	script := "#!/bin/sh\nif [ \"$1\" = --version ]; then echo 'wasm-opt version 108 (test wrapper)'; exit 0; fi\n" +
+	script := "#!/bin/sh\nif [ \"$1\" = --version ]; then echo version >> " + count + "; echo 'wasm-opt version 108 (test wrapper)'; exit 0; fi\n" +
 		"echo run >> " + count + "\n" + body + "\n"
 	if err := os.WriteFile(path, []byte(script), 0o755); err != nil {
 		t.Fatal(err)
@@ -215,10 +215,11 @@ func TestInstrumentCacheOnce(t *testing.T) {
 		t.Errorf("stdout %q", got.stdout)
 	}
 
-	// The cache holds the finished module under its key, and nothing else.
+	// The cache holds the finished module under its key, and the tool's
+	// version, and nothing else.
 	entries, _ := os.ReadDir(cache)
 	for _, e := range entries {
-		if e.Name() != results[0].Key+".wasm" {
+		if e.Name() != results[0].Key+".wasm" && e.Name() != "wasm-opt-version" {
 			t.Errorf("stray file in cache: %s", e.Name())
 		}
 	}
@@ -234,6 +235,71 @@ func TestInstrumentCacheOnce(t *testing.T) {
 	other, err := instrument.Instrument(context.Background(), wasiHello("other\n", nil, nil), cache)
 	if err != nil || other.Key == in.Key || other.Cached {
 		t.Errorf("other module: err %v, same key %v", err, other != nil && other.Key == in.Key)
+	}
+}
+
+// TestToolVersionRemembered: a process that finds its module in the cache
+// does not start wasm-opt at all, not even to ask its version — unless the
+// binary changed, and then the new version makes a new key.
+func TestToolVersionRemembered(t *testing.T) {
+	needWasmOpt(t)
+	real, _ := exec.LookPath("wasm-opt")
+	path, count := fakeWasmOpt(t, "exec "+real+" \"$@\"")
+	setWasmOpt(t, path)
+	cache := t.TempDir()
+	mod := wasiHello("versioned\n", nil, nil)
+	versions := func() int {
+		b, _ := os.ReadFile(count)
+		return strings.Count(string(b), "version\n")
+	}
+	instrument.ForgetToolVersion()
+	first, err := instrument.Instrument(context.Background(), mod, cache)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v := versions(); v != 1 {
+		t.Fatalf("wasm-opt --version ran %d times, want 1", v)
+	}
+	// A new process: version from the cache, module from the cache.
+	instrument.ForgetToolVersion()
+	again, err := instrument.Instrument(context.Background(), mod, cache)
+	if err != nil || !again.Cached || again.Key != first.Key {
+		t.Fatalf("second process: err %v, cached %v, same key %v", err, again != nil && again.Cached, again != nil && again.Key == first.Key)
+	}
+	if v, r := versions(), runs(t, count); v != 1 || r != 1 {
+		t.Errorf("second process started wasm-opt: %d version runs, %d instrumenting runs; want 1 and 1", v, r)
+	}
+	// An upgraded binary (another version, another size and time).
+	script, _ := os.ReadFile(path)
+	upgraded := strings.Replace(string(script), "version 108 (test wrapper)", "version 109 (test wrapper)", 1)
+	if err := os.WriteFile(path, []byte(upgraded), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	future := time.Now().Add(time.Hour)
+	if err := os.Chtimes(path, future, future); err != nil {
+		t.Fatal(err)
+	}
+	instrument.ForgetToolVersion()
+	up, err := instrument.Instrument(context.Background(), mod, cache)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v := versions(); v != 2 {
+		t.Errorf("after the upgrade wasm-opt --version ran %d times in all, want 2", v)
+	}
+	if up.Cached || up.Key == first.Key {
+		t.Errorf("after the upgrade: cached %v, same key %v; want a fresh instrumentation under a new key", up.Cached, up.Key == first.Key)
+	}
+	// A damaged memo is asked again, not trusted.
+	if err := os.WriteFile(filepath.Join(cache, "wasm-opt-version"), []byte("garbage"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	instrument.ForgetToolVersion()
+	if _, err := instrument.Instrument(context.Background(), mod, cache); err != nil {
+		t.Fatal(err)
+	}
+	if v := versions(); v != 3 {
+		t.Errorf("with a damaged memo wasm-opt --version ran %d times in all, want 3", v)
 	}
 }
 

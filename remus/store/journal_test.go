@@ -293,7 +293,22 @@ func TestPathsAndCompaction(t *testing.T) {
 		t.Fatal(err)
 	}
 	for seq := uint64(21); seq < 30; seq++ {
-		if err := s.CommitIncremental(seq, v.next(t, snapshot.Incremental, seq), nil); err != nil {
+		// Every other one as a Remus backup commits: decoded already
+		// (also after compactions, when the record is re-encoded).
+		raw := v.next(t, snapshot.Incremental, seq)
+		if seq%2 == 0 {
+			sn, err := snapshot.DecodeBytes(raw, &testModule)
+			if err != nil {
+				t.Fatal(err)
+			}
+			id := sn.ID
+			if err := s.CommitIncrementalDecoded(seq, raw, sn, nil); err != nil {
+				t.Fatal(err)
+			}
+			if sn.ID != id {
+				t.Fatalf("seq %d: CommitIncrementalDecoded changed the caller's snapshot", seq)
+			}
+		} else if err := s.CommitIncremental(seq, raw, nil); err != nil {
 			t.Fatal(err)
 		}
 		_, recs := s.Paths()
@@ -482,4 +497,34 @@ func TestWriteErrors(t *testing.T) {
 		}
 	}
 	s.Close()
+}
+
+// TestCommitDecodedChecksModule: a decoded checkpoint of another module is
+// refused as an encoded one is, and commits nothing.
+func TestCommitDecodedChecksModule(t *testing.T) {
+	s, err := Open(t.TempDir(), Options{Roots: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	v := newVMSim(3, snapshot.WasmPageSize)
+	if err := s.CommitFull(1, v.next(t, snapshot.Full, 1), nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	raw := v.next(t, snapshot.Incremental, 2)
+	sn, err := snapshot.DecodeBytes(raw, &testModule)
+	if err != nil {
+		t.Fatal(err)
+	}
+	other := *sn
+	other.Module[0] ^= 1
+	if err := s.CommitIncrementalDecoded(2, raw, &other, nil); !errors.Is(err, ErrInvalid) || !errors.Is(err, snapshot.ErrModuleMismatch) {
+		t.Fatalf("another module's checkpoint: %v, want ErrInvalid and ErrModuleMismatch", err)
+	}
+	if s.Committed() != 1 {
+		t.Fatalf("committed %d after a refused checkpoint, want 1", s.Committed())
+	}
+	if err := s.CommitIncrementalDecoded(2, raw, sn, nil); err != nil || s.Committed() != 2 {
+		t.Fatalf("the right checkpoint: %v, committed %d", err, s.Committed())
+	}
 }
