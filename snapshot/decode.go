@@ -406,6 +406,11 @@ func (d *decoder) moduleCode(b []byte) error {
 	return nil
 }
 
+// decodePopulateMin is the batch size from which the decoder populates
+// its page memory first: a small batch most likely reuses memory the heap
+// already holds, where the madvise would only cost its syscall.
+const decodePopulateMin = 256 * PageSize
+
 func (d *decoder) pageBatch(f frame, b []byte) error {
 	s := d.s
 	n := pagesIn(f)
@@ -430,7 +435,9 @@ func (d *decoder) pageBatch(f frame, b []byte) error {
 	// Only now, with the indices known good, is page memory allocated,
 	// and the decompressor may fill exactly that.
 	data := make([]byte, n*PageSize)
-	populate(data) // fresh memory, most likely: fault it in at once
+	if len(data) >= decodePopulateMin {
+		populate(data) // fresh memory, most likely: fault it in at once
+	}
 	if err := decompressBatch(f.codec, b[4+n*pageRefSize:], data); err != nil {
 		return d.fail(ErrCorrupt, "%v", err)
 	}
