@@ -109,8 +109,13 @@ func Apply(img *Image, s *Snapshot) error {
 		mem = grown
 	}
 	if !inPlace {
-		if len(mem) > len(img.Memory) {
-			populateRuns(mem, s.Pages, len(img.Memory))
+		// Pages the image never held: past its old size, or all of
+		// them when a full snapshot replaced it.
+		if fresh := len(img.Memory); s.Kind == Full || len(mem) > fresh {
+			if s.Kind == Full {
+				fresh = 0
+			}
+			populateRuns(mem, s.Pages, fresh)
 		}
 		for _, p := range s.Pages {
 			copy(mem[int(p.Index)*PageSize:], p.Data)
