@@ -327,16 +327,24 @@ func remusCPU(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 			return err
 		}
 	}
+	// A long run: the same computation at longLonger times the scale,
+	// unprotected and at 25 ms, to tell what protection costs once (the
+	// backup session, the first full checkpoint, the heap's growth
+	// arriving in one checkpoint, the module prepared on the backup)
+	// from what it costs per second of computation.
+	longArg := strconv.Itoa(r.s.cpuScale * longLonger)
 	type key struct {
 		g     int
 		epoch time.Duration // 0: unprotected
 		polls bool          // --loop-polls
+		long  bool          // at longArg
 	}
 	var configs []key
 	for _, ep := range append([]time.Duration{0}, r.s.epochs...) {
 		configs = append(configs, key{epoch: ep})
 	}
-	configs = append(configs, key{epoch: 25 * time.Millisecond, polls: true})
+	configs = append(configs, key{epoch: 25 * time.Millisecond, polls: true},
+		key{long: true}, key{epoch: 25 * time.Millisecond, long: true})
 	for _, g := range guests { // warm the loop-polled instrumentation too
 		if _, err := runCLI(ctx, r.ftvmBin, "run", "--loop-polls", "--cache-dir", r.cache, g.wasm, "1"); err != nil {
 			return err
@@ -348,20 +356,24 @@ func remusCPU(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 			for i := range configs {
 				c := configs[(i+run)%len(configs)]
 				epoch := c.epoch
-				r.logf("remus: cpu %s run %d/%d, epoch %v, loop polls %v", g.label, run+1, r.s.cpuRuns, epoch, c.polls)
+				a := arg
+				if c.long {
+					a = longArg
+				}
+				r.logf("remus: cpu %s run %d/%d, epoch %v, loop polls %v, scale %s", g.label, run+1, r.s.cpuRuns, epoch, c.polls, a)
 				var out remusCPURun
 				var err error
 				if epoch == 0 {
 					var cr runResult
-					cr, err = runCLI(ctx, r.ftvmBin, "run", "--cache-dir", r.cache, g.wasm, arg)
+					cr, err = runCLI(ctx, r.ftvmBin, "run", "--cache-dir", r.cache, g.wasm, a)
 					out = remusCPURun{elapsed: cr.elapsed.Seconds(), stdout: cr.stdout}
 				} else {
-					out, err = r.protectedCPURun(ctx, g.wasm, arg, epoch, c.polls)
+					out, err = r.protectedCPURun(ctx, g.wasm, a, epoch, c.polls)
 				}
 				if err != nil {
-					return fmt.Errorf("%s, epoch %v: %w", g.label, epoch, err)
+					return fmt.Errorf("%s, epoch %v, scale %s: %w", g.label, epoch, a, err)
 				}
-				k := key{gi, epoch, c.polls}
+				k := key{gi, epoch, c.polls, c.long}
 				res[k] = append(res[k], out)
 			}
 		}
@@ -380,19 +392,23 @@ func remusCPU(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 		"**State at last poll**: protected = the backup had acknowledged a checkpoint; syncing = the first (full) "+
 		"checkpoint was not acknowledged yet; unprotected = the pair gave each other up during the run. A run that "+
 		"ends while syncing was, in effect, not protected: its time is not the cost of protection. **Output** compares "+
-		"each run's stdout with the unprotected run's.\n\n", arg, r.s.timeout, arg, r.s.cpuRuns)
-	b.WriteString("| guest | epoch | run time | ÷ unprotected | checkpoints | pause p50 | pause p99 | state at last poll | output |\n")
-	b.WriteString("|---|---:|---:|---:|---:|---:|---:|---|---|\n")
+		"each run's stdout with the unprotected run's. The rows **scale %s** run the same computation %d times longer, "+
+		"unprotected and at 25 ms: what protection costs once (the backup session, the first full checkpoint, the heap's "+
+		"growth arriving in one checkpoint, the module prepared on the backup while the guest runs, all on this "+
+		"machine's 2 cores) against what it costs per second of computation; **added** is the protected run's time "+
+		"less the unprotected one's.\n\n", arg, r.s.timeout, arg, r.s.cpuRuns, longArg, longLonger)
+	b.WriteString("| guest | epoch | run time | ÷ unprotected | added | checkpoints | pause p50 | pause p99 | state at last poll | output |\n")
+	b.WriteString("|---|---:|---:|---:|---:|---:|---:|---:|---|---|\n")
 	for gi, g := range guests {
-		base := res[key{gi, 0, false}]
-		want := ""
-		if len(base) > 0 {
-			want = base[0].stdout
-		}
-		baseT := sampleOf(base, func(x remusCPURun) float64 { return x.elapsed })
 		for _, c := range configs {
 			epoch := c.epoch
-			runs := res[key{gi, epoch, c.polls}]
+			base := res[key{gi, 0, false, c.long}]
+			want := ""
+			if len(base) > 0 {
+				want = base[0].stdout
+			}
+			baseT := sampleOf(base, func(x remusCPURun) float64 { return x.elapsed })
+			runs := res[key{gi, epoch, c.polls, c.long}]
 			t := sampleOf(runs, func(x remusCPURun) float64 { return x.elapsed })
 			label := "unprotected"
 			if epoch > 0 {
@@ -401,9 +417,12 @@ func remusCPU(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 			if c.polls {
 				label += ", --loop-polls"
 			}
+			if c.long {
+				label += ", scale " + longArg
+			}
 			out := outputCheck(runs, want)
 			if epoch == 0 {
-				fmt.Fprintf(b, "| %s | %s | %s | ×1 | — | — | — | — | %s |\n", g.label, label, fmtSecRange(t), out)
+				fmt.Fprintf(b, "| %s | %s | %s | ×1 | — | — | — | — | — | %s |\n", g.label, label, fmtSecRange(t), out)
 				continue
 			}
 			cps := sampleOf(runs, func(x remusCPURun) float64 { return x.checkpoints })
@@ -419,10 +438,16 @@ func remusCPU(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 				}
 				return fmtNsDur(s.median())
 			}
-			fmt.Fprintf(b, "| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", g.label, label, fmtSecRange(t),
-				fmtRatio(t.median(), baseT.median()), fmtNum(cps.median()), pause(p50), pause(p99),
-				fmtCounts(states), out)
-			if c.polls {
+			fmt.Fprintf(b, "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", g.label, label, fmtSecRange(t),
+				fmtRatio(t.median(), baseT.median()), fmtSeconds(t.median()-baseT.median()), fmtNum(cps.median()),
+				pause(p50), pause(p99), fmtCounts(states), out)
+			if c.long {
+				r.summarize("Remus, CPU-bound %s, %d times longer (scale %s): `ftvm run --protect` at 25 ms epochs takes %s vs "+
+					"%s unprotected (%s, %s added; target ≤ ×1.1); checkpoints: %s; state at last poll: %s; output %s.",
+					g.label, longLonger, longArg, fmtSeconds(t.median()), fmtSeconds(baseT.median()),
+					fmtRatio(t.median(), baseT.median()), fmtSeconds(t.median()-baseT.median()), fmtNum(cps.median()),
+					fmtCounts(states), out)
+			} else if c.polls {
 				r.summarize("Remus, CPU-bound %s with `--loop-polls` at 25 ms epochs: %s vs %s unprotected (%s); checkpoints: %s "+
 					"(safe points inside the computation), pause p50 %s / p99 %s; state at last poll: %s; output %s.",
 					g.label, fmtSeconds(t.median()), fmtSeconds(baseT.median()), fmtRatio(t.median(), baseT.median()),
@@ -438,6 +463,9 @@ func remusCPU(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 	b.WriteString("\n")
 	return nil
 }
+
+// longLonger is how many times longer the long CPU-bound runs compute.
+const longLonger = 5
 
 // protectedCPURun runs one protected CPU-bound guest with a fresh backup.
 func (r *remusEnv) protectedCPURun(ctx context.Context, wasm, arg string, epoch time.Duration, polls bool) (remusCPURun, error) {

@@ -57,6 +57,8 @@ func fmtSeconds(sec float64) string {
 	switch {
 	case math.IsNaN(sec):
 		return "—"
+	case sec < 0:
+		return "−" + fmtSeconds(-sec)
 	case sec >= 1:
 		return fmt.Sprintf("%.3g s", sec)
 	case sec >= 1e-3:

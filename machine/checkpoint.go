@@ -105,6 +105,9 @@ type stackState struct {
 
 // safePoint is the device layer's hook at the entry of every host call.
 func (m *Machine) safePoint(ctx context.Context, mod api.Module, c wasi.Call) bool {
+	if steward.wanted.Load() {
+		collectAtHostCall()
+	}
 	if m.rewinding {
 		// The guest has been rewound to this call: finish the rewind,
 		// give the borrowed region its bytes back, and make the call.

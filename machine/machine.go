@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/tetratelabs/wazero"
+	"github.com/tetratelabs/wazero/api"
 	"github.com/tetratelabs/wazero/experimental"
 	"github.com/tetratelabs/wazero/sys"
 
@@ -355,9 +356,17 @@ func New(ctx context.Context, cfg Config) (*Machine, error) {
 	var err error
 	args := append([]string{cfg.Name}, cfg.Args...)
 	dcfg := wasi.Config{Args: args, Env: cfg.Env, Preopens: cfg.Dirs, Listen: cfg.Listen,
-		Stdin: cfg.Stdin, Stdout: cfg.Stdout, Stderr: cfg.Stderr, Tap: cfg.Tap, Gate: cfg.Gate, OnIdle: cfg.OnIdle}
+		Stdin: cfg.Stdin, Stdout: cfg.Stdout, Stderr: cfg.Stderr, Tap: cfg.Tap, Gate: cfg.Gate, OnIdle: cfg.OnIdle,
+		OnWake: collectAtHostCall}
 	if m.inst != nil {
 		dcfg.SafePoint = m.safePoint
+	} else {
+		dcfg.SafePoint = func(context.Context, api.Module, wasi.Call) bool {
+			if steward.wanted.Load() {
+				collectAtHostCall()
+			}
+			return false
+		}
 	}
 	if cfg.Restore != nil {
 		var st wasi.State
@@ -386,7 +395,9 @@ func New(ctx context.Context, cfg Config) (*Machine, error) {
 // first, ErrStopped when a pauser stopped it.
 func (m *Machine) Run(ctx context.Context) (code uint32, err error) {
 	m.running.Store(true)
+	guestRunning(m, true)
 	defer func() {
+		guestRunning(m, false)
 		m.running.Store(false)
 		close(m.runDone)
 	}()
@@ -599,6 +610,8 @@ type Info struct {
 	Instrumented bool        `json:"instrumented"`
 	DirtyTracker string      `json:"dirty_tracker,omitempty"`
 	Pauses       *PauseStats `json:"pauses,omitempty"`
+	// GC is how this process collects garbage (CollectAtSafePoints).
+	GC GCStats `json:"gc"`
 }
 
 // Counters are the device layer's totals.
@@ -649,6 +662,7 @@ func (m *Machine) Info() Info {
 	m.mu.Lock()
 	info.DirtyTracker = m.trackerKind
 	m.mu.Unlock()
+	info.GC = ReadGCStats()
 	return info
 }
 
@@ -662,4 +676,17 @@ func compile(ctx context.Context, rt wazero.Runtime, code []byte) (c wazero.Comp
 		}
 	}()
 	return rt.CompileModule(ctx, code)
+}
+
+// OnMemoryGrow has fn told of every growth of the guest's memory, from
+// oldBytes to newBytes, as it happens: inside the guest's memory.grow, on
+// its goroutine, so fn must be quick and must not block. A Remus primary
+// uses it to have staging memory faulted in while the guest runs on, for
+// the grown pages the next checkpoint will carry. nil stops it.
+func (m *Machine) OnMemoryGrow(fn func(oldBytes, newBytes uint64)) {
+	if fn == nil {
+		m.alloc.onGrow.Store(nil)
+		return
+	}
+	m.alloc.onGrow.Store(&fn)
 }

@@ -27,6 +27,8 @@ type linearMemory struct {
 	// tracker, which another goroutine may be using to read the region
 	// (Machine.RearmDirty) when the guest exits.
 	beforeFree func()
+	// onGrow, if set, is told of every growth (Machine.OnMemoryGrow).
+	onGrow *atomic.Pointer[func(oldBytes, newBytes uint64)]
 }
 
 func newLinearMemory(max, limit uint64) *linearMemory {
@@ -62,7 +64,12 @@ func (m *linearMemory) Reallocate(size uint64) []byte {
 	if size > uint64(len(m.region)) {
 		return nil
 	}
-	m.size.Store(size)
+	old := m.size.Swap(size)
+	if m.onGrow != nil && size > old {
+		if f := m.onGrow.Load(); f != nil {
+			(*f)(old, size)
+		}
+	}
 	return m.region[:size:size]
 }
 
@@ -85,11 +92,13 @@ func (m *linearMemory) Bytes() []byte { return m.region[:m.size.Load()] }
 type allocator struct {
 	limit uint64
 	// mem is set on the guest goroutine and read by Info on others.
-	mem atomic.Pointer[linearMemory]
+	mem    atomic.Pointer[linearMemory]
+	onGrow atomic.Pointer[func(oldBytes, newBytes uint64)]
 }
 
 func (a *allocator) Allocate(cap, max uint64) experimental.LinearMemory {
 	m := newLinearMemory(max, a.limit)
+	m.onGrow = &a.onGrow
 	a.mem.Store(m)
 	return m
 }

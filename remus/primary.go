@@ -183,6 +183,13 @@ func (p *Primary) send(ev engine.PrimaryEvent) {
 // the guest for the backup.
 func (p *Primary) Run(ctx context.Context, m *machine.Machine, module []byte, name string) error {
 	p.machine.Store(m)
+	// A heap that grows is staged whole at the next checkpoint: fault the
+	// staging memory in now, while the guest runs, not in that pause.
+	m.OnMemoryGrow(func(oldBytes, newBytes uint64) {
+		p.stage.ExpectGrowth(int((newBytes - oldBytes) / snapshot.PageSize))
+		p.refillStagers()
+	})
+	defer m.OnMemoryGrow(nil)
 	eng, err := engine.NewPrimary(p.cfg.Engine, p.now())
 	if err != nil {
 		return err
@@ -452,8 +459,15 @@ func (p *Primary) refillStagers() {
 		return
 	}
 	go func() {
-		defer p.refilling.Store(false)
-		p.stage.Refill()
+		for {
+			p.stage.Refill()
+			p.refilling.Store(false)
+			// A growth announced after Refill's last look, whose
+			// refillStagers found this one still running.
+			if !p.stage.Short() || !p.refilling.CompareAndSwap(false, true) {
+				return
+			}
+		}
 	}()
 }
 

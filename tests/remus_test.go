@@ -216,6 +216,14 @@ func TestRemusFailover(t *testing.T) {
 		t.Fatalf("primary status while writing: %v", st)
 	}
 	t.Logf("primary before the kill: %v", st)
+	// The primary collects garbage only where a stop cannot wait on the
+	// guest (machine.CollectAtSafePoints): under this load, many times.
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	info, err := api.NewClient(r.pSock).Info(ctx)
+	cancel()
+	if err != nil || !info.GC.AtSafePoints || info.GC.OnGuest == 0 || info.GC.Forced != 0 {
+		t.Errorf("the primary's garbage collection: %+v (err %v); want at safe points, on the guest's goroutine, never forced", info.GC, err)
+	}
 	// The same through the CLI, as an operator reads it.
 	for sock, want := range map[string][]string{
 		r.pSock: {"role:        primary", "state:       protected", "backup:      " + r.replAddr + ", healthy true"},

@@ -58,6 +58,11 @@ type Config struct {
 	// then returns at once without effect, and runs for real when the guest
 	// is rewound to it.
 	SafePoint func(ctx context.Context, mod api.Module, c Call) bool
+	// OnWake, when set, runs on the guest's goroutine each time a blocked
+	// wait inside a host call wakes up (Interrupt, an event, a timeout),
+	// before it waits again or returns: Go code, where the machine can
+	// collect garbage without a stop waiting on guest code.
+	OnWake func()
 	// OnIdle, when set, is called when the guest is about to sleep in a
 	// blocking call (poll_oneoff, or a blocking read, accept or write):
 	// it has nothing to do until input arrives. A Remus primary takes
@@ -91,6 +96,7 @@ type Devices struct {
 	tap       InputTap
 	gate      OutputGate
 	safePoint func(ctx context.Context, mod api.Module, c Call) bool
+	onWake    func()
 	onIdle    func()
 	rand      io.Reader
 	clock     *Clock
@@ -103,6 +109,9 @@ type Devices struct {
 	idle *idleWaiter
 	// closed is set by Stop: blocking waits return EINTR from then on.
 	closed atomic.Bool
+	// waiting is set while poll_oneoff blocks: the guest is parked in Go
+	// code, not running its own (Waiting).
+	waiting atomic.Bool
 	// pause is set by RequestPause: a call blocked in a wait that has had no
 	// effect yet gives up and restarts from its safe point.
 	pause    atomic.Bool
@@ -140,7 +149,7 @@ func newBase(cfg Config) (*Devices, error) {
 	d := &Devices{
 		args: cfg.Args, env: cfg.Env, preopens: append([]Preopen(nil), cfg.Preopens...),
 		stdin: cfg.Stdin, stdout: cfg.Stdout, stderr: cfg.Stderr,
-		tap: cfg.Tap, gate: cfg.Gate, safePoint: cfg.SafePoint, onIdle: cfg.OnIdle, rand: cfg.Rand,
+		tap: cfg.Tap, gate: cfg.Gate, safePoint: cfg.SafePoint, onWake: cfg.OnWake, onIdle: cfg.OnIdle, rand: cfg.Rand,
 		wake: -1,
 	}
 	if d.stdin == nil {
@@ -310,6 +319,10 @@ func (d *Devices) RequestPause() {
 	d.pause.Store(true)
 	d.Interrupt()
 }
+
+// Waiting reports whether the guest is blocked in poll_oneoff now, so
+// neither running its own code nor about to (until an event or its timeout).
+func (d *Devices) Waiting() bool { return d.waiting.Load() }
 
 // ClearPause ends a RequestPause.
 func (d *Devices) ClearPause() { d.pause.Store(false) }

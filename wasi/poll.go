@@ -65,7 +65,12 @@ func (d *Devices) waitFd(host int, events int16, restartable bool) Errno {
 			return errRestart
 		}
 		fds[0].Revents, fds[1].Revents = 0, 0
+		d.waiting.Store(true)
 		_, err := unix.Ppoll(fds[:], nil, nil)
+		d.waiting.Store(false)
+		if d.onWake != nil {
+			d.onWake()
+		}
 		if err == unix.EINTR {
 			continue // a signal to the host thread (Go preemption), not to the guest
 		}
@@ -169,8 +174,12 @@ func pollOneoff(d *Devices, m Mem, p []uint64) Errno {
 		}
 		clearRevents(s.pfds)
 		var err error
+		blocking := timeout > 0 || infinite
+		if blocking {
+			d.waiting.Store(true)
+		}
 		switch {
-		case (timeout > 0 || infinite) && len(s.pfds) > 1 && d.idle != nil && d.idle.wait(s.pfds, timeout, infinite):
+		case blocking && len(s.pfds) > 1 && d.idle != nil && d.idle.wait(s.pfds, timeout, infinite):
 			// Slept in the runtime's poller; now see what fired. (A
 			// sleep on clocks alone stays in ppoll: its timeout is
 			// exact and cheap, and such sleeps are short.)
@@ -181,6 +190,12 @@ func pollOneoff(d *Devices, m Mem, p []uint64) Errno {
 		default:
 			ts := unix.NsecToTimespec(timeout)
 			_, err = unix.Ppoll(s.pfds, &ts, nil)
+		}
+		if blocking {
+			d.waiting.Store(false)
+			if d.onWake != nil {
+				d.onWake()
+			}
 		}
 		if err == unix.EINTR {
 			continue // a signal to the host thread; deadlines are recomputed

@@ -4,9 +4,15 @@ package main
 import (
 	"os"
 	"runtime/pprof"
+
+	"github.com/ftvm/ftvm/machine"
 )
 
 func main() {
+	// Garbage collection must not stop the world while a guest computes:
+	// the stop would wait for its next host call, freezing heartbeats and
+	// every other goroutine (machine.CollectAtSafePoints).
+	machine.CollectAtSafePoints()
 	// FTVM_CPUPROFILE=FILE writes a CPU profile of this process (for
 	// finding where replication spends its time).
 	if path := os.Getenv("FTVM_CPUPROFILE"); path != "" {
