@@ -2,9 +2,12 @@ package machine
 
 import (
 	"log/slog"
+	"math"
+	"os"
 	"runtime"
 	"runtime/debug"
 	"runtime/metrics"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -25,8 +28,9 @@ import (
 // wakes the wait for it, and the wait goes on afterwards). Both of the
 // cycle's stops then find the guest stopped. With no guest running the
 // steward collects itself (and no guest starts meanwhile). The steward paces
-// as GOGC=100 would: a cycle once the heap holds twice what the last one
-// left live (at least 4 MiB more). If a guest computes on without host
+// as the GOGC variable says (100 unless set; off: only GOMEMLIMIT, if set,
+// collects): a cycle once the heap holds that percentage more than the last
+// one left live (at least 4 MiB more). If a guest computes on without host
 // calls while the heap grows past that by gcBackstop, it collects anyway:
 // better a freeze than running out of memory. (With several guests in one
 // process, a cycle run on one guest's goroutine still waits for the others
@@ -144,6 +148,21 @@ func kickWaiting() {
 	}
 }
 
+// gcPercent is GOGC as the runtime reads it: 100 unless set, -1 for off.
+func gcPercent() int {
+	switch v := os.Getenv("GOGC"); {
+	case v == "":
+		return 100
+	case v == "off":
+		return -1
+	default:
+		if n, err := strconv.Atoi(v); err == nil {
+			return n
+		}
+		return 100
+	}
+}
+
 func stewardLoop() {
 	samples := []metrics.Sample{
 		{Name: "/memory/classes/heap/objects:bytes"},
@@ -155,14 +174,19 @@ func stewardLoop() {
 		metrics.Read(samples[:1])
 		return samples[0].Value.Uint64()
 	}
+	percent, userLimit := gcPercent(), debug.SetMemoryLimit(-1)
 	// paced sets the goal after a cycle, and the runtime's own limit (a
-	// burst between two looks).
+	// burst between two looks; never above a GOMEMLIMIT the user set).
 	paced := func() uint64 {
 		metrics.Read(samples)
 		objects, live := samples[0].Value.Uint64(), samples[1].Value.Uint64()
 		mapped := samples[2].Value.Uint64() - samples[3].Value.Uint64()
-		goal := max(2*live, live+4<<20)
-		debug.SetMemoryLimit(int64(goal + gcBackstop + (mapped - min(objects, mapped))))
+		goal := uint64(math.MaxInt64 / 2)
+		if percent >= 0 {
+			goal = max(live+live*uint64(percent)/100, live+4<<20)
+		}
+		limit := min(goal+gcBackstop+(mapped-min(objects, mapped)), uint64(math.MaxInt64))
+		debug.SetMemoryLimit(min(int64(limit), userLimit))
 		return goal
 	}
 	next := paced()

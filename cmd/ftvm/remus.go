@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"runtime/debug"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -98,13 +97,6 @@ func (f *replFlags) tls(server bool, addr string) (*tls.Config, error) {
 // the guest, its status on the API socket.
 func runProtected(ctx context.Context, p *remus.Primary, m *machine.Machine, module []byte, name string,
 	f runFlags, sig *caught, limit uint64) error {
-	// A garbage collection cannot stop the world while the guest runs
-	// compiled code without a host call, and every goroutine (heartbeats
-	// included) waits for it meanwhile. Fewer collections make such stalls
-	// rarer (the guest's memory is not on the Go heap, which stays small).
-	if os.Getenv("GOGC") == "" {
-		debug.SetGCPercent(800)
-	}
 	dctx, cancel := context.WithCancel(ctx)
 	done := make(chan struct{})
 	go func() {
