@@ -29,7 +29,7 @@ import (
 // cycle's stops then find the guest stopped. With no guest running the
 // steward collects itself (and no guest starts meanwhile). The steward paces
 // as the GOGC variable says (100 unless set; off: only GOMEMLIMIT, if set,
-// collects): a cycle once the heap holds that percentage more than the last
+// makes the runtime collect): a cycle once the heap holds that percentage more than the last
 // one left live (at least 4 MiB more). If a guest computes on without host
 // calls while the heap grows past that by gcBackstop, it collects anyway:
 // better a freeze than running out of memory. (With several guests in one
@@ -55,8 +55,9 @@ const gcBackstop = 256 << 20
 
 // The steward looks at the heap every gcPollMin while it grows, backing
 // off to gcPollMax while it does not (an idle process wakes 5 times a
-// second). Between two looks the runtime's own memory limit, kept at the
-// goal plus gcBackstop, catches a burst.
+// second). It sets no memory limit of its own (a full checkpoint of a large
+// guest stages that much memory at once, legitimately); a GOMEMLIMIT the
+// user set still holds.
 const (
 	gcPollMin = 10 * time.Millisecond
 	gcPollMax = 200 * time.Millisecond
@@ -167,27 +168,20 @@ func stewardLoop() {
 	samples := []metrics.Sample{
 		{Name: "/memory/classes/heap/objects:bytes"},
 		{Name: "/gc/heap/live:bytes"},
-		{Name: "/memory/classes/total:bytes"},
-		{Name: "/memory/classes/heap/released:bytes"},
 	}
 	heap := func() uint64 {
 		metrics.Read(samples[:1])
 		return samples[0].Value.Uint64()
 	}
-	percent, userLimit := gcPercent(), debug.SetMemoryLimit(-1)
-	// paced sets the goal after a cycle, and the runtime's own limit (a
-	// burst between two looks; never above a GOMEMLIMIT the user set).
+	percent := gcPercent()
+	// paced is the goal after a cycle.
 	paced := func() uint64 {
-		metrics.Read(samples)
-		objects, live := samples[0].Value.Uint64(), samples[1].Value.Uint64()
-		mapped := samples[2].Value.Uint64() - samples[3].Value.Uint64()
-		goal := uint64(math.MaxInt64 / 2)
-		if percent >= 0 {
-			goal = max(live+live*uint64(percent)/100, live+4<<20)
+		metrics.Read(samples[1:2])
+		live := samples[1].Value.Uint64()
+		if percent < 0 {
+			return math.MaxInt64 / 2
 		}
-		limit := min(goal+gcBackstop+(mapped-min(objects, mapped)), uint64(math.MaxInt64))
-		debug.SetMemoryLimit(min(int64(limit), userLimit))
-		return goal
+		return max(live+live*uint64(percent)/100, live+4<<20)
 	}
 	next := paced()
 	every := gcPollMin
@@ -228,7 +222,7 @@ func stewardLoop() {
 				<-steward.done // a guest took it meanwhile
 				break
 			}
-			slog.Warn("garbage collection while a guest computes: the heap passed its backstop (the process may stand still until the guest's next host call)",
+			slog.Debug("garbage collection while a guest runs: the heap passed its backstop (if the guest is computing, the process stands still until its next host call)",
 				"goal", next)
 			runtime.GC()
 			steward.forced.Add(1)
