@@ -53,14 +53,14 @@ var steward = struct {
 // regardless.
 const gcBackstop = 256 << 20
 
-// The steward looks at the heap every gcPollMin while it grows, backing
-// off to gcPollMax while it does not (an idle process wakes 5 times a
-// second). It sets no memory limit of its own (a full checkpoint of a large
-// guest stages that much memory at once, legitimately); a GOMEMLIMIT the
-// user set still holds.
+// The steward looks at the heap again in a quarter of the time it would
+// take to reach the goal at its latest rate of growth, within gcPollMin
+// and gcPollMax (an idle process wakes once a second). It sets no memory
+// limit of its own (a full checkpoint of a large guest stages that much
+// memory at once, legitimately); a GOMEMLIMIT the user set still holds.
 const (
 	gcPollMin = 10 * time.Millisecond
-	gcPollMax = 200 * time.Millisecond
+	gcPollMax = time.Second
 )
 
 // CollectAtSafePoints makes garbage collection wait for safe points (see
@@ -185,22 +185,25 @@ func stewardLoop() {
 	}
 	next := paced()
 	every := gcPollMin
-	last := uint64(0)
+	last := heap()
 	for {
 		time.Sleep(every)
 		h := heap()
 		if h < next {
+			// Look again in about a quarter of the time the heap would
+			// take to reach the goal at its latest rate.
+			slept := every
+			every = gcPollMax
 			if h > last {
-				every = gcPollMin
-			} else {
-				every = min(2*every, gcPollMax)
+				eta := time.Duration(float64(slept) * float64(next-h) / float64(h-last))
+				every = min(max(eta/4, gcPollMin), gcPollMax)
 			}
 			last = h
 			continue
 		}
-		every, last = gcPollMin, 0
+		every = gcPollMin
 		if collectAlone() {
-			next = paced()
+			next, last = paced(), heap()
 			continue
 		}
 		// A guest's goroutine collects: at its next host call, or in its
@@ -228,6 +231,6 @@ func stewardLoop() {
 			steward.forced.Add(1)
 			served = true
 		}
-		next = paced()
+		next, last = paced(), heap()
 	}
 }
