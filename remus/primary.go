@@ -782,15 +782,7 @@ func (s *session) stream(p *Primary, cp *checkpoint, buf *bytes.Buffer) error {
 	}
 	buf.Reset()
 	cw := &chunkWriter{s: s, seq: cp.seq, buf: buf}
-	// One worker, not to take the guest's CPU for an epoch's few dozen
-	// pages; two for a checkpoint of several batches (a heap's growth, a
-	// long computation's final epoch), whose output waits for all of it
-	// (38 MiB: 95 ms to encode with one).
-	workers := 1
-	if len(snap.Pages) >= 2*snapshot.DefaultBatchPages {
-		workers = 2
-	}
-	if err := snap.EncodeOptions(cw, snapshot.Options{Workers: workers, Uncompressed: s.uncompressed}); err != nil {
+	if err := snap.EncodeOptions(cw, snapshot.Options{Workers: 1, Uncompressed: s.uncompressed}); err != nil {
 		if cw.err != nil {
 			return cw.err
 		}
