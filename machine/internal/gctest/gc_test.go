@@ -17,6 +17,24 @@ import (
 
 var sink []byte
 
+// allocateUntil makes 128 MB/s of garbage, 256 KiB every 2 ms, until done
+// is closed, and returns the longest time it was kept from going on.
+func allocateUntil(done <-chan struct{}) (worst time.Duration) {
+	last := time.Now()
+	for running := true; running; {
+		select {
+		case <-done:
+			running = false
+		case <-time.After(2 * time.Millisecond):
+		}
+		sink = make([]byte, 256<<10)
+		now := time.Now()
+		worst = max(worst, now.Sub(last))
+		last = now
+	}
+	return worst
+}
+
 // TestCollectionDoesNotWaitForAComputingGuest: while a guest computes for
 // hundreds of milliseconds between host calls and another goroutine
 // allocates fast, that goroutine is never stopped for long. Without
@@ -57,20 +75,8 @@ func TestCollectionDoesNotWaitForAComputingGuest(t *testing.T) {
 			t.Error(err)
 		}
 	}()
-	var worst time.Duration
-	last := time.Now()
-	t0 := last
-	for running := true; running; {
-		select {
-		case <-done:
-			running = false
-		case <-time.After(2 * time.Millisecond):
-		}
-		sink = make([]byte, 256<<10) // 128 MB/s of garbage
-		now := time.Now()
-		worst = max(worst, now.Sub(last))
-		last = now
-	}
+	t0 := time.Now()
+	worst := allocateUntil(done)
 	elapsed := time.Since(t0)
 	var after runtime.MemStats
 	runtime.ReadMemStats(&after)
@@ -120,19 +126,7 @@ func TestCollectionWhileGuestSleeps(t *testing.T) {
 			t.Error(err)
 		}
 	}()
-	var worst time.Duration
-	last := time.Now()
-	for running := true; running; {
-		select {
-		case <-done:
-			running = false
-		case <-time.After(2 * time.Millisecond):
-		}
-		sink = make([]byte, 256<<10)
-		now := time.Now()
-		worst = max(worst, now.Sub(last))
-		last = now
-	}
+	worst := allocateUntil(done)
 	got := machine.GCCycles() - cycles
 	t.Logf("%d collections on the guest's goroutine; longest stop of the allocating goroutine %v", got, worst)
 	if got < 10 {
