@@ -26,8 +26,18 @@ func DecodeFor(r io.Reader, module Hash) (*Snapshot, error) { return decode(r, &
 
 // DecodeBytes decodes a snapshot that must fill b exactly.
 func DecodeBytes(b []byte, module *Hash) (*Snapshot, error) {
+	return DecodeBytesWorkers(b, module, 1)
+}
+
+// DecodeBytesWorkers is DecodeBytes decompressing up to workers page
+// batches at once: a large checkpoint (a heap's growth, a full sync) whose
+// acknowledgement, and so the primary's output, waits for its decoding.
+// Everything is verified as by DecodeBytes, and the result is the same.
+func DecodeBytesWorkers(b []byte, module *Hash, workers int) (*Snapshot, error) {
 	br := bytes.NewReader(b)
-	s, err := decode(br, module)
+	d := newDecoder(br, module)
+	d.workers = workers
+	s, err := d.run()
 	if err != nil {
 		return nil, err
 	}
@@ -61,6 +71,22 @@ type decoder struct {
 	// src, when decoding a file, lets the memory section be mapped
 	// rather than read.
 	src *fileSource
+	// workers > 1 decompresses page batches on that many goroutines;
+	// pending are those started and not yet hashed into the ID, in order.
+	workers int
+	sem     chan struct{}
+	pending []*batchJob
+}
+
+// batchJob is one page batch decompressed off the decoder's goroutine.
+type batchJob struct {
+	codec Codec
+	src   []byte
+	pages []Page // its pages, their data filled by the job
+	at    int64  // the section's offset, for errors
+	sums  []byte // what hashPages would write for them
+	done  chan struct{}
+	err   error
 }
 
 // sectionOrder is the fixed order of the sections before the pages.
@@ -82,15 +108,19 @@ func (d *decoder) run() (*Snapshot, error) {
 	}
 	for {
 		f, err := d.frame()
-		if err != nil {
-			return nil, err
+		if err == nil {
+			var done bool
+			if done, err = d.section(f); err == nil && done {
+				return d.s, nil
+			}
 		}
-		done, err := d.section(f)
 		if err != nil {
+			// A batch still decompressing that fails came first in the
+			// file: its error is the one a sequential decoder reports.
+			if ferr := d.flush(); ferr != nil {
+				return nil, ferr
+			}
 			return nil, err
-		}
-		if done {
-			return d.s, nil
 		}
 	}
 }
@@ -235,6 +265,13 @@ func (d *decoder) frame() (frame, error) {
 // section reads and checks one section's payload; done is true after the
 // trailer.
 func (d *decoder) section(f frame) (done bool, err error) {
+	if f.typ != SecPages {
+		// Batches are hashed into the ID in file order, before anything
+		// that follows them.
+		if err := d.flush(); err != nil {
+			return false, err
+		}
+	}
 	payload, err := d.read(int(f.stored))
 	if err != nil {
 		return false, err
@@ -438,19 +475,67 @@ func (d *decoder) pageBatch(f frame, b []byte) error {
 	if len(data) >= decodePopulateMin {
 		populate(data) // fresh memory, most likely: fault it in at once
 	}
-	if err := decompressBatch(f.codec, b[4+n*pageRefSize:], data); err != nil {
-		return d.fail(ErrCorrupt, "%v", err)
-	}
-	var sums [8]byte
+	first := len(s.Pages)
 	for i := 0; i < n; i++ {
-		p := Page{Index: le.Uint32(idx[i*pageRefSize:]), Data: data[i*PageSize : (i+1)*PageSize : (i+1)*PageSize]}
-		s.Pages = append(s.Pages, p)
-		le.PutUint32(sums[0:], p.Index)
-		le.PutUint32(sums[4:], crc(p.Data))
-		d.id.Write(sums[:])
+		s.Pages = append(s.Pages, Page{Index: le.Uint32(idx[i*pageRefSize:]), Data: data[i*PageSize : (i+1)*PageSize : (i+1)*PageSize]})
 	}
 	d.pages += uint32(n)
+	src := b[4+n*pageRefSize:]
+	if d.workers <= 1 {
+		if err := decompressBatch(f.codec, src, data); err != nil {
+			return d.fail(ErrCorrupt, "%v", err)
+		}
+		var sums [8]byte
+		for _, p := range s.Pages[first:] {
+			d.id.Write(pageSums(sums[:0], p))
+		}
+		return nil
+	}
+	if d.sem == nil {
+		d.sem = make(chan struct{}, d.workers)
+	}
+	j := &batchJob{codec: f.codec, src: src, pages: s.Pages[first:len(s.Pages):len(s.Pages)], at: d.secStart,
+		done: make(chan struct{})}
+	d.pending = append(d.pending, j)
+	d.sem <- struct{}{}
+	go func() {
+		defer close(j.done)
+		defer func() { <-d.sem }()
+		if j.err = decompressBatch(j.codec, j.src, data); j.err != nil {
+			return
+		}
+		j.sums = make([]byte, 0, 8*len(j.pages))
+		for _, p := range j.pages {
+			j.sums = pageSums(j.sums, p)
+		}
+	}()
 	return nil
+}
+
+// pageSums appends what the ID hashes for a page: its index and checksum.
+func pageSums(b []byte, p Page) []byte {
+	b = le.AppendUint32(b, p.Index)
+	return le.AppendUint32(b, crc(p.Data))
+}
+
+// flush waits for the pending batches and hashes them into the ID in
+// order; the first that failed to decompress is the error.
+func (d *decoder) flush() error {
+	var err error
+	for _, j := range d.pending {
+		<-j.done
+		if err != nil {
+			continue
+		}
+		if j.err != nil {
+			err = &Error{Kind: ErrCorrupt, Offset: j.at, Section: SecPages, Msg: j.err.Error()}
+			continue
+		}
+		d.id.Write(j.sums)
+	}
+	clear(d.pending)
+	d.pending = d.pending[:0]
+	return err
 }
 
 func (d *decoder) end(b []byte) error {

@@ -17,6 +17,19 @@ import (
 // decodes back to the same snapshot, and a full snapshot applies.
 func checkDecoded(t *testing.T, data []byte) {
 	s, err := DecodeBytes(data, nil)
+	// Decompressing batches on several goroutines decides the same.
+	ps, perr := DecodeBytesWorkers(data, nil, 3)
+	if (err == nil) != (perr == nil) {
+		t.Fatalf("sequential decoding: %v; with workers: %v", err, perr)
+	}
+	if err != nil {
+		var e, pe *Error
+		if errors.As(err, &e) && (!errors.As(perr, &pe) || pe.Kind != e.Kind || pe.Offset != e.Offset) {
+			t.Fatalf("sequential decoding: %v; with workers: %v", err, perr)
+		}
+	} else {
+		sameSnapshot(t, ps, s)
+	}
 	if err != nil {
 		var e *Error
 		if !errors.As(err, &e) {
@@ -185,4 +198,53 @@ func TestFuzzSeeds(t *testing.T) {
 			}
 		}
 	}
+}
+
+// TestDecodeWorkers: decompressing batches on several goroutines gives the
+// same snapshot, and for a batch that does not decompress (checksums made
+// good) the same error at the same offset, as decoding in one goroutine.
+func TestDecodeWorkers(t *testing.T) {
+	rng := rand.New(rand.NewPCG(7, 8))
+	s := testSnapshot(rng, Full, 64<<20, 3000)
+	data := encodeT(t, s, Options{BatchPages: 256})
+	seq, err := DecodeBytes(data, &testModule)
+	if err != nil {
+		t.Fatal(err)
+	}
+	par, err := DecodeBytesWorkers(data, &testModule, 4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sameSnapshot(t, par, seq)
+	if len(par.Sections) < 12 {
+		t.Fatalf("%d sections: not enough batches to tell", len(par.Sections))
+	}
+	// Damage the fifth page batch's S2 block (its stated length, so that
+	// it cannot decode), then re-sign.
+	batches := 0
+	for _, sec := range par.Sections {
+		if sec.Type != SecPages {
+			continue
+		}
+		if batches++; batches == 5 {
+			if sec.Codec != CodecS2 {
+				t.Fatalf("batch 5 is stored with codec %d, not S2", sec.Codec)
+			}
+			bad := bytes.Clone(data)
+			at := int(sec.Offset) + frameSize + 4 + pageRefSize*256
+			bad[at] ^= 0x01
+			bad = resign(bad)
+			_, serr := DecodeBytes(bad, &testModule)
+			_, perr := DecodeBytesWorkers(bad, &testModule, 4)
+			var se, pe *Error
+			if !errors.As(serr, &se) || !errors.As(perr, &pe) || se.Kind != ErrCorrupt || pe.Kind != se.Kind || pe.Offset != se.Offset {
+				t.Fatalf("damaged batch: sequential %v, with workers %v; want the same ErrCorrupt", serr, perr)
+			}
+			if se.Offset != sec.Offset {
+				t.Fatalf("damaged batch reported at %d, it starts at %d", se.Offset, sec.Offset)
+			}
+			return
+		}
+	}
+	t.Fatal("no fifth page batch")
 }
