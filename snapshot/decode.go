@@ -472,9 +472,6 @@ func (d *decoder) pageBatch(f frame, b []byte) error {
 	// Only now, with the indices known good, is page memory allocated,
 	// and the decompressor may fill exactly that.
 	data := make([]byte, n*PageSize)
-	if len(data) >= decodePopulateMin {
-		populate(data) // fresh memory, most likely: fault it in at once
-	}
 	first := len(s.Pages)
 	for i := 0; i < n; i++ {
 		s.Pages = append(s.Pages, Page{Index: le.Uint32(idx[i*pageRefSize:]), Data: data[i*PageSize : (i+1)*PageSize : (i+1)*PageSize]})
@@ -482,6 +479,7 @@ func (d *decoder) pageBatch(f frame, b []byte) error {
 	d.pages += uint32(n)
 	src := b[4+n*pageRefSize:]
 	if d.workers <= 1 {
+		populateBatch(data)
 		if err := decompressBatch(f.codec, src, data); err != nil {
 			return d.fail(ErrCorrupt, "%v", err)
 		}
@@ -501,6 +499,7 @@ func (d *decoder) pageBatch(f frame, b []byte) error {
 	go func() {
 		defer close(j.done)
 		defer func() { <-d.sem }()
+		populateBatch(data)
 		if j.err = decompressBatch(j.codec, j.src, data); j.err != nil {
 			return
 		}
@@ -510,6 +509,13 @@ func (d *decoder) pageBatch(f frame, b []byte) error {
 		}
 	}()
 	return nil
+}
+
+// populateBatch faults a large batch's fresh memory in at once.
+func populateBatch(data []byte) {
+	if len(data) >= decodePopulateMin {
+		populate(data)
+	}
 }
 
 // pageSums appends what the ID hashes for a page: its index and checksum.

@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"runtime"
 )
 
 // WriteFile writes s to path so that path holds either its old content or
@@ -83,6 +84,8 @@ func readFile(path string, module *Hash, mapMem func(*os.File, int64, int) ([]by
 	br := bufio.NewReaderSize(f, 1<<20)
 	d := newDecoder(br, module)
 	d.src = &fileSource{f: f, br: br, mapMem: mapMem}
+	// A restore waits for this: decompress page batches on every core.
+	d.workers = runtime.GOMAXPROCS(0)
 	s, err := d.run()
 	if err != nil {
 		return nil, withPath(err, path)
