@@ -15,6 +15,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/ftvm/ftvm/api"
@@ -265,6 +266,27 @@ func waitProtected(p *remusProc, within time.Duration) error {
 		time.Sleep(10 * time.Millisecond)
 	}
 	return fmt.Errorf("the primary was not protected after %s (state %q, %s)", within, st.State, st.Reason)
+}
+
+// keepStall records what a protected primary that stopped answering was
+// doing: its status, then its goroutines (SIGQUIT makes the Go runtime print
+// them and exit), with both sides' whole logs copied out of the work
+// directory, which the harness removes.
+func (r *remusEnv) keepStall(label string, p, bk *remusProc) {
+	st, err := primaryStatus(p.sock)
+	r.logf("remus: kv %s stalled; the primary's status: %+v (err %v)", label, st, err)
+	p.cmd.Process.Signal(syscall.SIGQUIT)
+	select {
+	case <-p.child.done:
+	case <-time.After(5 * time.Second):
+	}
+	for name, c := range map[string]*child{"primary": p.child, "backup": bk.child} {
+		b, _ := os.ReadFile(c.log)
+		dst := filepath.Join(os.TempDir(), fmt.Sprintf("ftvm-bench-stall-%s-%s.log", time.Now().Format("150405"), name))
+		if os.WriteFile(dst, b, 0o644) == nil {
+			r.logf("remus: kv %s: the %s's log (goroutines at the end for the primary): %s", label, name, dst)
+		}
+	}
 }
 
 func logTail(c *child) string {
@@ -840,6 +862,9 @@ func (r *remusEnv) measureKV(ctx context.Context, wasm string, c remusKVConfig) 
 	close(stopPoll)
 	wg.Wait()
 	if err != nil {
+		if c.epoch > 0 {
+			r.keepStall(c.label(), p, bk)
+		}
 		return out, fmt.Errorf("throughput: %w", err)
 	}
 	st1, ps1, pc1, bc1 := snap()
