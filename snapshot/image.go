@@ -3,9 +3,9 @@ package snapshot
 import (
 	"cmp"
 	"fmt"
+	"math"
 	"os"
 	"slices"
-	"sort"
 )
 
 // Image is a VM's state assembled from snapshots: what a restore builds
@@ -111,12 +111,11 @@ func Apply(img *Image, s *Snapshot) error {
 	if !inPlace {
 		// Pages the image never held: past its old size, or all of
 		// them when a full snapshot replaced it.
-		if fresh := len(img.Memory); s.Kind == Full || len(mem) > fresh {
-			if s.Kind == Full {
-				fresh = 0
-			}
-			populateRuns(mem, s.Pages, fresh)
+		fresh := len(img.Memory)
+		if s.Kind == Full {
+			fresh = 0
 		}
+		populateRuns(mem, s.Pages, fresh)
 		for _, p := range s.Pages {
 			copy(mem[int(p.Index)*PageSize:], p.Data)
 		}
@@ -226,8 +225,7 @@ func PageData(pages []Page, index uint32) []byte {
 // which a copy would fault in page by page at almost twice the cost (a
 // guest heap's growth arrives as thousands of such pages).
 func populateRuns(mem []byte, pages []Page, from int) {
-	first := sort.Search(len(pages), func(i int) bool { return int(pages[i].Index)*PageSize >= from })
-	for i := first; i < len(pages); {
+	for i := pagesBelow(pages, uint32(min(from/PageSize, math.MaxUint32))); i < len(pages); {
 		j := i + 1
 		for j < len(pages) && pages[j].Index == pages[j-1].Index+1 {
 			j++
@@ -236,4 +234,10 @@ func populateRuns(mem []byte, pages []Page, from int) {
 		populate(mem[start : start+(j-i)*PageSize])
 		i = j
 	}
+}
+
+// pagesBelow is how many of pages, sorted, have an index below limit.
+func pagesBelow(pages []Page, limit uint32) int {
+	n, _ := slices.BinarySearchFunc(pages, limit, func(p Page, l uint32) int { return cmp.Compare(p.Index, l) })
+	return n
 }

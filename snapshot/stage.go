@@ -1,7 +1,6 @@
 package snapshot
 
 import (
-	"cmp"
 	"fmt"
 	"slices"
 	"sync"
@@ -165,8 +164,7 @@ func (sp *StagePool) Expect(staged []Page, memBytes uint64) {
 	defer sp.mu.Unlock()
 	n := len(staged)
 	if sp.mem > 0 {
-		limit := uint32(sp.mem / PageSize)
-		n, _ = slices.BinarySearchFunc(staged, limit, func(p Page, l uint32) int { return cmp.Compare(p.Index, l) })
+		n = pagesBelow(staged, uint32(sp.mem/PageSize))
 	}
 	sp.mem = max(sp.mem, memBytes)
 	sp.high = max(n, sp.high-sp.high/32)

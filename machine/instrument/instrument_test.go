@@ -174,11 +174,18 @@ func setWasmOpt(t *testing.T, path string) {
 	t.Cleanup(func() { instrument.WasmOpt = old })
 }
 
-func TestInstrumentCacheOnce(t *testing.T) {
+// countedWasmOpt makes instrumentation use the real wasm-opt through
+// fakeWasmOpt's counting wrapper.
+func countedWasmOpt(t *testing.T) (path, count string) {
 	needWasmOpt(t)
 	real, _ := exec.LookPath("wasm-opt")
-	path, count := fakeWasmOpt(t, "exec "+real+" \"$@\"")
+	path, count = fakeWasmOpt(t, "exec "+real+" \"$@\"")
 	setWasmOpt(t, path)
+	return path, count
+}
+
+func TestInstrumentCacheOnce(t *testing.T) {
+	_, count := countedWasmOpt(t)
 	cache := t.TempDir()
 	mod := wasiHello("cached\n", nil, nil)
 
@@ -242,10 +249,7 @@ func TestInstrumentCacheOnce(t *testing.T) {
 // does not start wasm-opt at all, not even to ask its version — unless the
 // binary changed, and then the new version makes a new key.
 func TestToolVersionRemembered(t *testing.T) {
-	needWasmOpt(t)
-	real, _ := exec.LookPath("wasm-opt")
-	path, count := fakeWasmOpt(t, "exec "+real+" \"$@\"")
-	setWasmOpt(t, path)
+	path, count := countedWasmOpt(t)
 	cache := t.TempDir()
 	mod := wasiHello("versioned\n", nil, nil)
 	versions := func() int {

@@ -17,6 +17,20 @@ import (
 
 var sink []byte
 
+// cGuest builds a C guest from one source file and returns its module.
+func cGuest(t *testing.T, name, src string) []byte {
+	t.Helper()
+	wasm, err := guest.C(name, []string{src})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mod, err := os.ReadFile(wasm)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return mod
+}
+
 // allocateUntil makes 128 MB/s of garbage, 256 KiB every 2 ms, until done
 // is closed, and returns the longest time it was kept from going on.
 func allocateUntil(done <-chan struct{}) (worst time.Duration) {
@@ -46,14 +60,7 @@ func TestCollectionDoesNotWaitForAComputingGuest(t *testing.T) {
 		t.Skip("runs a CPU-bound guest for about a second")
 	}
 	machine.CollectAtSafePoints()
-	wasm, err := guest.C("cpu", []string{"testdata/guests/c/cpu.c"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	mod, err := os.ReadFile(wasm)
-	if err != nil {
-		t.Fatal(err)
-	}
+	mod := cGuest(t, "cpu", "testdata/guests/c/cpu.c")
 	ctx := context.Background()
 	var out strings.Builder
 	// Scale 40: four phases of a few hundred milliseconds each, with a
@@ -102,14 +109,7 @@ func TestCollectionDoesNotWaitForAComputingGuest(t *testing.T) {
 // goroutine, and nobody is stopped for long.
 func TestCollectionWhileGuestSleeps(t *testing.T) {
 	machine.CollectAtSafePoints()
-	wasm, err := guest.C("dirtier", []string{"testdata/guests/dirtier/dirtier.c"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	mod, err := os.ReadFile(wasm)
-	if err != nil {
-		t.Fatal(err)
-	}
+	mod := cGuest(t, "dirtier", "testdata/guests/dirtier/dirtier.c")
 	ctx := context.Background()
 	// 1 MiB, one page per round, 4 rounds of 250 ms sleeps.
 	m, err := machine.New(ctx, machine.Config{Module: mod, Name: "dirtier", Args: []string{"1", "1", "4", "250000"},
