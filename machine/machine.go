@@ -24,6 +24,7 @@ import (
 	"github.com/tetratelabs/wazero/experimental"
 	"github.com/tetratelabs/wazero/sys"
 
+	"github.com/ftvm/ftvm/internal/sysmon"
 	"github.com/ftvm/ftvm/machine/dirty"
 	"github.com/ftvm/ftvm/machine/instrument"
 	"github.com/ftvm/ftvm/snapshot"
@@ -612,6 +613,9 @@ type Info struct {
 	Pauses       *PauseStats `json:"pauses,omitempty"`
 	// GC is how this process collects garbage (CollectAtSafePoints).
 	GC GCStats `json:"gc"`
+	// RuntimeMonitor is whether the Go runtime monitor's sleeps were
+	// lengthened (package internal/sysmon).
+	RuntimeMonitor sysmon.Status `json:"runtime_monitor"`
 }
 
 // Counters are the device layer's totals.
@@ -663,6 +667,7 @@ func (m *Machine) Info() Info {
 	info.DirtyTracker = m.trackerKind
 	m.mu.Unlock()
 	info.GC = ReadGCStats()
+	info.RuntimeMonitor = sysmon.Read()
 	return info
 }
 

@@ -19,6 +19,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/ftvm/ftvm/internal/sysmon"
 	"github.com/ftvm/ftvm/machine"
 	"github.com/ftvm/ftvm/remus/engine"
 	"github.com/ftvm/ftvm/remus/store"
@@ -218,7 +219,7 @@ func (b *Backup) Status() BackupStatus {
 		slots = append(slots, s)
 	}
 	b.mu.Unlock()
-	st := BackupStatus{Role: "backup", Listen: b.ln.Addr().String()}
+	st := BackupStatus{Role: "backup", Listen: b.ln.Addr().String(), RuntimeMonitor: sysmon.Read()}
 	for _, s := range slots {
 		s.mu.Lock()
 		st.Slots = append(st.Slots, s.status)
@@ -248,6 +249,9 @@ type BackupStatus struct {
 	Role   string       `json:"role"`
 	Listen string       `json:"listen"`
 	Slots  []SlotStatus `json:"slots"`
+	// RuntimeMonitor: whether this process's Go runtime monitor sleeps
+	// longer (package internal/sysmon).
+	RuntimeMonitor sysmon.Status `json:"runtime_monitor"`
 }
 
 // SlotStatus describes one protected VM on a backup.

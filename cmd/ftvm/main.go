@@ -4,7 +4,9 @@ package main
 import (
 	"os"
 	"runtime/pprof"
+	"time"
 
+	"github.com/ftvm/ftvm/internal/sysmon"
 	"github.com/ftvm/ftvm/machine"
 )
 
@@ -13,6 +15,7 @@ func main() {
 	// the stop would wait for its next host call, freezing heartbeats and
 	// every other goroutine (machine.CollectAtSafePoints).
 	machine.CollectAtSafePoints()
+	relaxMonitor()
 	// FTVM_CPUPROFILE=FILE writes a CPU profile of this process (for
 	// finding where replication spends its time).
 	if path := os.Getenv("FTVM_CPUPROFILE"); path != "" {
@@ -25,4 +28,16 @@ func main() {
 		}
 	}
 	os.Exit(execute(os.Args[1:]))
+}
+
+// relaxMonitor lengthens the Go runtime monitor's sleeps (package sysmon):
+// FTVM_SYSMON_SLACK sets the slack (a duration; "off" leaves the monitor
+// alone).
+func relaxMonitor() {
+	v := os.Getenv("FTVM_SYSMON_SLACK")
+	if v == "off" {
+		return
+	}
+	d, _ := time.ParseDuration(v)
+	sysmon.Relax(d)
 }

@@ -1,0 +1,3 @@
+package sysmon
+
+var Find = find

@@ -1,0 +1,8 @@
+//go:build !linux
+
+package sysmon
+
+import "time"
+
+// Relax does nothing where threads have no timer slack.
+func Relax(slack time.Duration) { set(Status{Err: "not supported on this system"}) }
