@@ -217,7 +217,9 @@ func TestBackupSlowDecodeIsNotSilence(t *testing.T) {
 // hundred milliseconds), and the loop is what sends heartbeats. Its primary
 // must keep hearing from it meanwhile, or it takes the backup for dead
 // after the timeout and resynchronises, without end if every full
-// checkpoint is as slow to apply.
+// checkpoint is as slow to apply. The ack itself does not wait for the
+// copy: it leaves once the checkpoint is known to apply (snapshot.Prepare),
+// so the primary's output is not held for the copy.
 func TestBackupHeartbeatsWhileApplying(t *testing.T) {
 	const timeout = 200 * time.Millisecond
 	b := serveBackup(t, timeout)
@@ -240,27 +242,37 @@ func TestBackupHeartbeatsWhileApplying(t *testing.T) {
 			}
 		}
 	}()
-	// Every message, heartbeats included, until the ack: no gap may come
-	// near the timeout.
-	last, longest, beats := time.Now(), time.Duration(0), 0
-	for {
+	applied := func() bool { return b.Status().Slots[0].Checkpoints == 1 }
+	// Every message, heartbeats included, until the checkpoint is applied:
+	// no gap may come near the timeout.
+	last, longest, beats, acked := time.Now(), time.Duration(0), 0, false
+	for !acked || !applied() {
 		f.c.SetReadDeadline(time.Now().Add(5 * time.Second))
 		m, err := wire.Recv(f.c)
 		if err != nil {
-			t.Fatalf("waiting for the ack: %v (after %d heartbeats)", err, beats)
+			t.Fatalf("waiting for the ack and the apply: %v (acked %v, after %d heartbeats)", err, acked, beats)
 		}
 		longest, last = max(longest, time.Since(last)), time.Now()
-		if m.Type() == wire.TypeHeartbeat {
+		switch a := m.(type) {
+		case *wire.Heartbeat:
 			beats++
-			continue
-		}
-		if a, ok := m.(*wire.Ack); !ok || a.Seq != 1 {
+		case *wire.Ack:
+			if a.Seq != 1 {
+				t.Fatalf("ack of %d, want 1", a.Seq)
+			}
+			if !acked && applied() {
+				t.Errorf("the ack came after the apply (%v): it should not wait for the copy", testApplyDelay)
+			}
+			acked = true
+		default:
 			t.Fatalf("the checkpoint was answered with %v, want its ack", m)
 		}
-		break
 	}
 	if longest >= timeout/2 {
 		t.Errorf("the backup was silent for %v while applying for %v (timeout %v, %d heartbeats)", longest, testApplyDelay, timeout, beats)
+	}
+	if beats < 3 {
+		t.Errorf("%d heartbeats during an apply of %v (timeout %v)", beats, testApplyDelay, timeout)
 	}
 	// Nor did the backup take its primary's heartbeats, queued meanwhile,
 	// for silence.

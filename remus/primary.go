@@ -718,7 +718,12 @@ func (s *session) control(m wire.Message) {
 
 // sender encodes and streams checkpoints in order, while the guest runs.
 func (s *session) sender(p *Primary) {
+	// The chunk buffer is made whole now, while the session starts: grown
+	// on demand, it was cleared and faulted in page by page inside the
+	// first large checkpoint's encoding, which the primary's output (at
+	// the end of a computing guest, its exit) waits for.
 	var buf bytes.Buffer
+	buf.Grow(chunk)
 	for {
 		var item any
 		select {
@@ -754,8 +759,11 @@ func (s *session) sender(p *Primary) {
 	}
 }
 
-// chunk is the size of the pieces a checkpoint's snapshot is sent in.
-const chunk = 1 << 20
+// chunk is the size of the pieces a checkpoint's snapshot is sent in. The
+// backup decodes a checkpoint of several pieces as they arrive
+// (decodeStream), so smaller pieces start it sooner; a checkpoint of a few
+// dozen pages still goes in one.
+const chunk = 256 << 10
 
 // stream encodes checkpoint cp straight onto the connection in chunks, so
 // that a large (full) checkpoint is on the wire while it is still being

@@ -47,6 +47,23 @@ func DecodeBytesWorkers(b []byte, module *Hash, workers int) (*Snapshot, error) 
 	return s, nil
 }
 
+// DecodeReaderWorkers is DecodeBytesWorkers reading from r, which must end
+// (io.EOF) where the snapshot does: a Remus backup decodes a large
+// checkpoint while the rest of it still arrives.
+func DecodeReaderWorkers(r io.Reader, module *Hash, workers int) (*Snapshot, error) {
+	d := newDecoder(r, module)
+	d.workers = workers
+	s, err := d.run()
+	if err != nil {
+		return nil, err
+	}
+	var one [1]byte
+	if n, _ := io.ReadFull(r, one[:]); n != 0 {
+		return nil, &Error{Kind: ErrCorrupt, Offset: d.off, Msg: "data after the end of the snapshot"}
+	}
+	return s, nil
+}
+
 // readChunk bounds what one read allocates: a stated length is only
 // trusted as far as the bytes that actually arrive, so a truncated or
 // lying stream cannot make the decoder allocate more than it sent (×2).

@@ -47,28 +47,44 @@ type Image struct {
 // touched, and nothing after that can fail: on error img is exactly as it
 // was, never half-applied. img keeps no reference to s's buffers.
 func Apply(img *Image, s *Snapshot) error {
+	finish, err := Prepare(img, s)
+	if err != nil {
+		return err
+	}
+	finish()
+	return nil
+}
+
+// Prepare is Apply in two steps: it makes every check and takes the
+// memory the image will need, and finish, which cannot fail, copies the
+// pages in and moves the image on. What may fail has happened by the time
+// Prepare returns, so a Remus backup can acknowledge a checkpoint between
+// the two steps and copy while the primary releases its output. Until
+// finish runs, img must not be read or applied to (its memory may have
+// moved); if Prepare fails, img is as it was.
+func Prepare(img *Image, s *Snapshot) (finish func(), err error) {
 	if s.ID.IsZero() {
-		return newError(ErrInvalid, "the snapshot has no ID: it was neither encoded nor decoded")
+		return nil, newError(ErrInvalid, "the snapshot has no ID: it was neither encoded nor decoded")
 	}
 	if msg := s.checkContent(); msg != "" {
-		return newError(ErrInvalid, "%s", msg)
+		return nil, newError(ErrInvalid, "%s", msg)
 	}
 	if !img.Module.IsZero() && img.Module != s.Module {
-		return newError(ErrModuleMismatch, "snapshot %s is of module %s, the image of module %s",
+		return nil, newError(ErrModuleMismatch, "snapshot %s is of module %s, the image of module %s",
 			s.ID.Short(), s.Module.Short(), img.Module.Short())
 	}
 	if s.Kind == Incremental {
 		switch {
 		case img.ID.IsZero():
-			return newError(ErrChain, "incremental snapshot %s (seq %d) on an empty image: a chain starts with a full snapshot",
+			return nil, newError(ErrChain, "incremental snapshot %s (seq %d) on an empty image: a chain starts with a full snapshot",
 				s.ID.Short(), s.Seq)
 		case s.Parent != img.ID:
-			return newError(ErrChain, "snapshot %s (seq %d) follows %s, but the image is at %s (seq %d)",
+			return nil, newError(ErrChain, "snapshot %s (seq %d) follows %s, but the image is at %s (seq %d)",
 				s.ID.Short(), s.Seq, s.Parent.Short(), img.ID.Short(), img.Seq)
 		case s.Seq != img.Seq+1:
-			return newError(ErrChain, "snapshot %s has seq %d, the image is at seq %d", s.ID.Short(), s.Seq, img.Seq)
+			return nil, newError(ErrChain, "snapshot %s has seq %d, the image is at seq %d", s.ID.Short(), s.Seq, img.Seq)
 		case s.MemorySize < uint64(len(img.Memory)):
-			return newError(ErrChain, "snapshot %s has %d bytes of memory, fewer than the image's %d (wasm memory never shrinks)",
+			return nil, newError(ErrChain, "snapshot %s has %d bytes of memory, fewer than the image's %d (wasm memory never shrinks)",
 				s.ID.Short(), s.MemorySize, len(img.Memory))
 		}
 	}
@@ -85,13 +101,20 @@ func Apply(img *Image, s *Snapshot) error {
 		// the memory is left as it was.
 		if size > len(img.Memory) || s.Kind == Full {
 			if mem = img.Resize(size, s.Kind == Full); mem == nil {
-				return newError(ErrInvalid, "no room for %d bytes of memory", size)
+				return nil, newError(ErrInvalid, "no room for %d bytes of memory", size)
 			}
 		} else {
 			mem = img.Memory
 		}
 	}
 	// From here on nothing fails.
+	return func() { finishApply(img, s, mem, inPlace) }, nil
+}
+
+// finishApply is the part of Apply that cannot fail: mem is the memory
+// Prepare took (or nil, for an image without Resize).
+func finishApply(img *Image, s *Snapshot, mem []byte, inPlace bool) {
+	size := int(s.MemorySize)
 	switch {
 	case inPlace || img.Resize != nil:
 	case s.Kind == Full:
@@ -141,7 +164,6 @@ func Apply(img *Image, s *Snapshot) error {
 		Resize:     img.Resize,
 		Map:        img.Map,
 	}
-	return nil
 }
 
 // Restore reads a chain of snapshot files, a full snapshot followed by

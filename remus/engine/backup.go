@@ -93,7 +93,10 @@ type Message struct {
 
 // BackupReady is what the driver must do now, in this order: apply Commit,
 // drop Discard, send Messages, close DropSession, then fail over. Commit
-// comes first because an ack in Messages promises the commit happened.
+// comes first because an ack in Messages promises the commit happened; a
+// driver may finish copying the last commit's data after sending, if by
+// then nothing about it can fail any more and the copy ends before it
+// fails over or handles anything else.
 type BackupReady struct {
 	// Commit lists staged checkpoints to apply atomically, in order.
 	Commit []uint64

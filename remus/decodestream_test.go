@@ -1,0 +1,158 @@
+package remus
+
+import (
+	"bytes"
+	"errors"
+	"hash/crc32"
+	"math/rand/v2"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/ftvm/ftvm/remus/wire"
+	"github.com/ftvm/ftvm/snapshot"
+)
+
+// largeSnapshot is a full snapshot of n random pages (incompressible, so
+// it encodes to about n pages), of a fake module.
+func largeSnapshot(t *testing.T, seed uint64, n int) (*snapshot.Snapshot, []byte) {
+	t.Helper()
+	rng := rand.New(rand.NewPCG(seed, 1))
+	module := []byte("\x00asm\x01\x00\x00\x00")
+	s := &snapshot.Snapshot{Kind: snapshot.Full, Module: snapshot.ModuleHash(module), Seq: 1,
+		MemorySize: uint64(2*n) * snapshot.PageSize, Devices: []byte("{}"), ModuleCode: module, ModuleName: "fake"}
+	for i := 0; i < n; i++ {
+		data := make([]byte, snapshot.PageSize)
+		for j := range data {
+			data[j] = byte(rng.Uint32())
+		}
+		s.Pages = append(s.Pages, snapshot.Page{Index: uint32(2*i + rng.IntN(2)), Data: data})
+	}
+	return s, encodeSnap(t, s)
+}
+
+// stream feeds raw to a decodeStream the way the receiver does: in pieces
+// of random sizes, appended to a buffer that moves as it grows.
+func stream(rng *rand.Rand, raw []byte, module *snapshot.Hash) *decodeStream {
+	var buf []byte
+	var d *decodeStream
+	for off := 0; off < len(raw); {
+		n := min(1+rng.IntN(300<<10), len(raw)-off)
+		buf = appendPreemptible(buf, raw[off:off+n])
+		off += n
+		switch {
+		case d != nil:
+			d.feed(buf)
+		case len(buf) > 64<<10:
+			d = startDecodeStream(buf, module)
+		}
+	}
+	if d == nil {
+		d = startDecodeStream(buf, module)
+	}
+	return d
+}
+
+// A checkpoint decoded while it arrives is the one decoded at the end:
+// same ID, same pages.
+func TestDecodeStreamMatchesDecodeBytes(t *testing.T) {
+	for seed := uint64(1); seed <= 4; seed++ {
+		want, raw := largeSnapshot(t, seed, 600)
+		rng := rand.New(rand.NewPCG(seed, 2))
+		got, err := stream(rng, raw, &want.Module).finish()
+		if err != nil {
+			t.Fatalf("seed %d: %v", seed, err)
+		}
+		if got.ID != want.ID || len(got.Pages) != len(want.Pages) {
+			t.Fatalf("seed %d: decoded %s with %d pages, want %s with %d", seed, got.ID.Short(), len(got.Pages), want.ID.Short(), len(want.Pages))
+		}
+		for i := range got.Pages {
+			if got.Pages[i].Index != want.Pages[i].Index || !bytes.Equal(got.Pages[i].Data, want.Pages[i].Data) {
+				t.Fatalf("seed %d: page %d differs", seed, i)
+			}
+		}
+	}
+}
+
+// Damage anywhere, data past the end, or a stream cut short is an error,
+// as from DecodeBytes; an abandoned stream ends its decoder.
+func TestDecodeStreamRejects(t *testing.T) {
+	want, raw := largeSnapshot(t, 9, 400)
+	rng := rand.New(rand.NewPCG(9, 9))
+	for i := 0; i < 6; i++ {
+		bad := bytes.Clone(raw)
+		bad[rng.IntN(len(bad))] ^= 1 << rng.IntN(8)
+		if _, err := stream(rng, bad, &want.Module).finish(); err == nil {
+			t.Errorf("a damaged checkpoint decoded without error")
+		}
+	}
+	if _, err := stream(rng, append(bytes.Clone(raw), 0), &want.Module).finish(); err == nil || !strings.Contains(err.Error(), "after the end") {
+		t.Errorf("data after the end: %v", err)
+	}
+	if _, err := stream(rng, raw[:len(raw)-100], &want.Module).finish(); !errors.Is(err, snapshot.ErrTruncated) {
+		t.Errorf("a truncated checkpoint: %v, want ErrTruncated", err)
+	}
+	other := snapshot.ModuleHash([]byte("another"))
+	if _, err := stream(rng, raw, &other).finish(); !errors.Is(err, snapshot.ErrModuleMismatch) {
+		t.Errorf("another module's checkpoint: %v, want ErrModuleMismatch", err)
+	}
+	d := startDecodeStream(raw[:len(raw)/2], &want.Module)
+	d.abort()
+	select {
+	case <-d.done:
+		if !errors.Is(d.err, errDecodeAborted) {
+			t.Errorf("an abandoned decode ended with %v", d.err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("an abandoned decode did not end")
+	}
+}
+
+// TestBackupDecodesLargeCheckpointsWhileTheyArrive: a checkpoint of
+// several chunks is acknowledged once whole and valid, never when damaged
+// inside or cut off (the backup decodes such a checkpoint as it arrives).
+func TestBackupDecodesLargeCheckpointsWhileTheyArrive(t *testing.T) {
+	full, raw := largeSnapshot(t, 5, 1000) // about 4 MiB
+	b := serveBackup(t, time.Hour)
+	addr := b.Addr().String()
+	committed := func() uint64 {
+		for _, s := range b.Status().Slots {
+			return s.Committed
+		}
+		return 0
+	}
+	send := func(f *fakePrimary, data []byte, crc uint32) {
+		f.send(&wire.CheckpointBegin{Seq: 1, Full: true})
+		for off := 0; off < len(data); off += 256 << 10 {
+			f.send(&wire.CheckpointData{Seq: 1, Offset: uint64(off), Data: data[off:min(off+256<<10, len(data))]})
+		}
+		f.send(&wire.CheckpointEnd{Seq: 1, SnapshotSize: uint64(len(data)), SnapshotCRC: crc})
+	}
+
+	// Damaged inside, near the end, with a matching stream CRC.
+	bad := bytes.Clone(raw)
+	bad[len(bad)-5000] ^= 0x10
+	f := dialBackup(t, addr, full.Module)
+	send(f, bad, crc32.Checksum(bad, castagnoli))
+	if m := f.next(); m != nil || committed() != 0 {
+		t.Fatalf("a damaged large checkpoint: answered %v, committed %d", m, committed())
+	}
+
+	// Cut off after five chunks, once decoding has begun.
+	f = dialBackup(t, addr, full.Module)
+	f.send(&wire.CheckpointBegin{Seq: 1, Full: true})
+	for off := 0; off < 5*256<<10; off += 256 << 10 {
+		f.send(&wire.CheckpointData{Seq: 1, Offset: uint64(off), Data: raw[off : off+256<<10]})
+	}
+	f.c.Close()
+	time.Sleep(200 * time.Millisecond)
+	if committed() != 0 {
+		t.Fatalf("committed %d after a primary vanished mid-checkpoint", committed())
+	}
+
+	f = dialBackup(t, addr, full.Module)
+	send(f, raw, crc32.Checksum(raw, castagnoli))
+	if m, ok := f.next().(*wire.Ack); !ok || m.Seq != 1 {
+		t.Fatalf("a valid large checkpoint was answered with %v", m)
+	}
+}
