@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"testing/iotest"
 )
 
 // checkDecoded is what both fuzz targets demand of any input: an error is
@@ -29,6 +30,20 @@ func checkDecoded(t *testing.T, data []byte) {
 		}
 	} else {
 		sameSnapshot(t, ps, s)
+	}
+	// So does decoding from a reader that hands out a few bytes at a time
+	// (a Remus backup decoding a checkpoint as it arrives).
+	rs, rerr := DecodeReaderWorkers(iotest.HalfReader(bytes.NewReader(data)), nil, 2)
+	if (err == nil) != (rerr == nil) {
+		t.Fatalf("decoding bytes: %v; from a reader: %v", err, rerr)
+	}
+	if err == nil {
+		sameSnapshot(t, rs, s)
+	} else {
+		var e, re *Error
+		if errors.As(err, &e) && (!errors.As(rerr, &re) || re.Kind != e.Kind) {
+			t.Fatalf("decoding bytes: %v; from a reader: %v", err, rerr)
+		}
 	}
 	if err != nil {
 		var e *Error
