@@ -27,7 +27,6 @@ import (
 	"github.com/ftvm/ftvm/snapshot"
 	"github.com/ftvm/ftvm/transport"
 	"github.com/ftvm/ftvm/wasi"
-	"golang.org/x/sys/unix"
 )
 
 // BackupConfig configures a backup process.
@@ -314,7 +313,13 @@ type slot struct {
 type staged struct {
 	seq  uint64
 	full bool
-	raw  []byte
+	// raw is the encoded snapshot as it arrived: the CheckpointData
+	// pieces, each its own allocation, kept apart rather than appended
+	// into one buffer, which for a large checkpoint copied every byte
+	// again into memory faulted in twice over; size and crc are theirs.
+	raw  chunks
+	size uint64
+	crc  uint32
 	snap *snapshot.Snapshot
 	ops  []wire.FsOp
 	tree []wire.DiskFile
@@ -397,21 +402,27 @@ func (s *slot) receive(id uint64, c *transport.Conn, hello *wire.Hello) {
 				return
 			}
 			abandon()
-			want, cur, opsMsgs, fileMsgs, diskBytes = *m, &staged{seq: m.Seq, full: m.Full, raw: make([]byte, 0, min(m.SnapshotSize, 64<<20)), begun: time.Now()}, 0, 0, 0
+			want, cur, opsMsgs, fileMsgs, diskBytes = *m, &staged{seq: m.Seq, full: m.Full, begun: time.Now()}, 0, 0, 0
 			if want.SnapshotSize == 0 {
 				want.SnapshotSize = maxSnapshot // streamed: the size comes with the end
 			}
 		case *wire.CheckpointData:
-			if cur == nil || m.Seq != cur.seq || m.Offset != uint64(len(cur.raw)) ||
-				uint64(len(cur.raw))+uint64(len(m.Data)) > want.SnapshotSize {
+			if cur == nil || m.Seq != cur.seq || m.Offset != cur.size ||
+				cur.size+uint64(len(m.Data)) > want.SnapshotSize {
 				fail("checkpoint data out of order (seq %d offset %d)", m.Seq, m.Offset)
 				return
 			}
-			cur.raw = appendPreemptible(cur.raw, m.Data)
+			if len(m.Data) == 0 {
+				break
+			}
+			// m.Data is the message's own copy: kept as it is.
+			cur.raw = append(cur.raw, m.Data)
+			cur.size += uint64(len(m.Data))
+			cur.crc = crc32.Update(cur.crc, castagnoli, m.Data)
 			switch {
 			case cur.stream != nil:
 				cur.stream.feed(cur.raw)
-			case len(cur.raw) > streamDecodeFrom:
+			case cur.size > streamDecodeFrom:
 				cur.stream = startDecodeStream(cur.raw, &hello.Module)
 			}
 		case *wire.DiskOps:
@@ -455,10 +466,10 @@ func (s *slot) receive(id uint64, c *transport.Conn, hello *wire.Hello) {
 				return
 			}
 			switch {
-			case m.SnapshotSize != uint64(len(cur.raw)) || (want.SnapshotSize != maxSnapshot && m.SnapshotSize != want.SnapshotSize):
-				fail("checkpoint %d: %d snapshot bytes arrived, %d announced", m.Seq, len(cur.raw), m.SnapshotSize)
+			case m.SnapshotSize != cur.size || (want.SnapshotSize != maxSnapshot && m.SnapshotSize != want.SnapshotSize):
+				fail("checkpoint %d: %d snapshot bytes arrived, %d announced", m.Seq, cur.size, m.SnapshotSize)
 				return
-			case crc32.Checksum(cur.raw, castagnoli) != m.SnapshotCRC:
+			case cur.crc != m.SnapshotCRC:
 				fail("checkpoint %d: snapshot checksum mismatch", m.Seq)
 				return
 			case m.DiskOps != opsMsgs || m.DiskFiles != fileMsgs:
@@ -477,7 +488,7 @@ func (s *slot) receive(id uint64, c *transport.Conn, hello *wire.Hello) {
 				snap, err = cur.stream.finish()
 				cur.stream = nil
 			} else {
-				snap, err = s.decode(cur.raw, &hello.Module)
+				snap, err = s.decode(cur.raw.bytes(), &hello.Module)
 			}
 			stopKeepAlive()
 			if err != nil {
@@ -490,11 +501,11 @@ func (s *slot) receive(id uint64, c *transport.Conn, hello *wire.Hello) {
 			}
 			cur.snap = snap
 			if s.log.Enabled(context.Background(), slog.LevelDebug) {
-				s.log.Debug("checkpoint received", "seq", cur.seq, "full", cur.full, "bytes", len(cur.raw),
+				s.log.Debug("checkpoint received", "seq", cur.seq, "full", cur.full, "bytes", cur.size,
 					"pages", len(snap.Pages), "receive", t0.Sub(cur.begun), "decode", time.Since(t0))
 			}
 			s.mu.Lock()
-			s.bytesIn += uint64(len(cur.raw))
+			s.bytesIn += cur.size
 			s.mu.Unlock()
 			s.events <- stagedEv{session: id, cp: cur, now: s.b.now()}
 			cur = nil
@@ -504,34 +515,6 @@ func (s *slot) receive(id uint64, c *transport.Conn, hello *wire.Hello) {
 		}
 	}
 }
-
-// appendPreemptible is append(buf, data...), but grows buf without one long
-// copy. Growing a 64 MiB checkpoint with append copied 45 MiB in a single
-// memmove into fresh memory — hundreds of milliseconds here, a page fault
-// per page — which the Go runtime cannot preempt: a garbage collection
-// waiting to stop the world froze the whole backup, its loop sent no
-// heartbeat for over the timeout, and the primary dropped it (the bench's
-// --uncompressed row). The new buffer is faulted in with one madvise (a
-// syscall, where a collection may proceed) and filled a megabyte at a time.
-// Below a megabyte append is short, and cheaper: a checkpoint of a few
-// dozen pages arrives as tens of kilobytes, and a megabyte buffer faulted
-// in and cleared for each cost the backup a sixth of its CPU under load.
-func appendPreemptible(buf, data []byte) []byte {
-	if len(buf)+len(data) <= cap(buf) || len(buf)+len(data) <= preemptibleFrom {
-		return append(buf, data...)
-	}
-	grown := make([]byte, len(buf), max(2*cap(buf), len(buf)+len(data)))
-	_ = unix.Madvise(grown[:cap(grown)], unix.MADV_POPULATE_WRITE) // a large Go allocation is page-aligned
-	const step = 1 << 20
-	for off := 0; off < len(buf); off += step {
-		copy(grown[off:], buf[off:min(off+step, len(buf))])
-	}
-	return append(grown, data...)
-}
-
-// preemptibleFrom is the size from which appendPreemptible grows a buffer
-// its own way.
-const preemptibleFrom = 1 << 20
 
 // keepAlive tells the slot, every quarter of the timeout until the
 // returned function is called, that session id is still heard from.
@@ -922,7 +905,7 @@ func (s *slot) prepare(snap *snapshot.Snapshot) {
 type persistJob struct {
 	seq  uint64
 	full bool
-	raw  []byte
+	raw  chunks
 	snap *snapshot.Snapshot // decoded raw
 	ops  []wire.FsOp
 	tree []wire.DiskFile
@@ -954,7 +937,7 @@ func (q *persistQueue) push(j persistJob) {
 		q.jobs, q.pending = q.jobs[:0], 0
 	}
 	q.jobs = append(q.jobs, j)
-	q.pending += len(j.raw)
+	q.pending += j.raw.len()
 	q.cond.Broadcast()
 	q.mu.Unlock()
 }
@@ -1035,7 +1018,7 @@ func (s *slot) persister() {
 		if jobs[0].full {
 			j := jobs[0]
 			t0 := time.Now()
-			err := s.store.CommitFull(j.seq, j.raw, toStoreTree(j.tree), toStoreOps(j.ops))
+			err := s.store.CommitFull(j.seq, j.raw.bytes(), toStoreTree(j.tree), toStoreOps(j.ops))
 			s.log.Debug("full checkpoint stored", "seq", j.seq, "took", time.Since(t0), "err", err)
 			if !s.stored(err, "a full checkpoint", j.seq) {
 				continue
@@ -1088,7 +1071,7 @@ const persistSpacing = 100 * time.Millisecond
 func mergeIncrementals(jobs []persistJob, seq uint64, parent snapshot.Hash) ([]byte, *snapshot.Snapshot, error) {
 	last := jobs[len(jobs)-1].snap
 	if len(jobs) == 1 && last.Seq == seq && last.Parent == parent {
-		return jobs[0].raw, last, nil
+		return jobs[0].raw.bytes(), last, nil
 	}
 	pages := map[uint32][]byte{}
 	for _, j := range jobs {

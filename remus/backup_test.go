@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"hash/crc32"
-	"math/rand/v2"
 	"path/filepath"
 	"testing"
 	"time"
@@ -287,22 +286,6 @@ func expectFollowing(t *testing.T, b *Backup, after string) {
 	for _, s := range b.Status().Slots {
 		if s.State != "following" {
 			t.Fatalf("slot %s after %s: %s (%s), want following", s.VM, after, s.State, s.Reason)
-		}
-	}
-}
-
-// appendPreemptible must be append: the same bytes, whatever the sizes.
-func TestAppendPreemptible(t *testing.T) {
-	rng := rand.New(rand.NewPCG(3, 4))
-	var got, want []byte
-	for i := 0; i < 60; i++ {
-		data := make([]byte, rng.IntN(3<<20))
-		for j := range data {
-			data[j] = byte(rng.Uint32())
-		}
-		got, want = appendPreemptible(got, data), append(want, data...)
-		if !bytes.Equal(got, want) {
-			t.Fatalf("after %d appends (%d bytes) the buffers differ", i+1, len(want))
 		}
 	}
 }

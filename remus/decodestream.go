@@ -16,11 +16,14 @@ import (
 // wait for the whole decode. The bytes it reads are the checkpoint buffer
 // the receiver appends to (never changing what it already holds), so
 // nothing is copied twice.
+//
+// Bytes already received never change, and the receiver only appends
+// pieces: the decoder reads them without holding the lock.
 type decodeStream struct {
 	mu      sync.Mutex
 	more    sync.Cond
-	buf     []byte // what arrived so far
-	pos     int    // read up to here
+	buf     chunks // what arrived so far
+	at, pos int    // read up to buf[at][pos:]
 	end     bool   // the checkpoint's end arrived
 	aborted bool
 
@@ -33,7 +36,7 @@ var errDecodeAborted = errors.New("checkpoint abandoned while decoding")
 
 // startDecodeStream starts decoding buf, the checkpoint so far, on all
 // cores; feed it the buffer as it grows, then finish or abort it.
-func startDecodeStream(buf []byte, module *snapshot.Hash) *decodeStream {
+func startDecodeStream(buf chunks, module *snapshot.Hash) *decodeStream {
 	d := &decodeStream{buf: buf, done: make(chan struct{})}
 	d.more.L = &d.mu
 	go func() {
@@ -51,28 +54,33 @@ func startDecodeStream(buf []byte, module *snapshot.Hash) *decodeStream {
 // ends (io.EOF) where the checkpoint did.
 func (d *decodeStream) Read(p []byte) (int, error) {
 	d.mu.Lock()
-	for d.pos == len(d.buf) && !d.end && !d.aborted {
+	for d.at == len(d.buf) && !d.end && !d.aborted {
 		d.more.Wait()
 	}
-	avail, aborted, pos := d.buf[d.pos:], d.aborted, d.pos
+	at, pos, aborted := d.at, d.pos, d.aborted
+	var piece []byte
+	if at < len(d.buf) {
+		piece = d.buf[at][pos:]
+	}
 	d.mu.Unlock()
 	switch {
 	case aborted:
 		return 0, errDecodeAborted
-	case len(avail) == 0:
+	case piece == nil:
 		return 0, io.EOF
 	}
-	// Bytes already received never change: copied without the lock, so
-	// the receiver is not held up meanwhile. Only this goroutine moves pos.
-	n := copy(p, avail)
+	n := copy(p, piece)
+	if pos += n; n == len(piece) {
+		at, pos = at+1, 0
+	}
 	d.mu.Lock()
-	d.pos = pos + n
+	d.at, d.pos = at, pos
 	d.mu.Unlock()
 	return n, nil
 }
 
-// feed hands over the grown buffer (the old one with more appended).
-func (d *decodeStream) feed(buf []byte) {
+// feed hands over the pieces so far (those it had, and more).
+func (d *decodeStream) feed(buf chunks) {
 	d.mu.Lock()
 	d.buf = buf
 	d.mu.Unlock()
@@ -95,4 +103,30 @@ func (d *decodeStream) abort() {
 	d.aborted = true
 	d.mu.Unlock()
 	d.more.Signal()
+}
+
+// chunks is a byte stream kept as the pieces it arrived in, none empty.
+type chunks [][]byte
+
+func (c chunks) len() int {
+	n := 0
+	for _, b := range c {
+		n += len(b)
+	}
+	return n
+}
+
+// bytes returns the stream in one slice: the piece itself if there is one.
+func (c chunks) bytes() []byte {
+	switch len(c) {
+	case 0:
+		return nil
+	case 1:
+		return c[0]
+	}
+	out := make([]byte, 0, c.len())
+	for _, b := range c {
+		out = append(out, b...)
+	}
+	return out
 }

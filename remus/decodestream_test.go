@@ -32,18 +32,18 @@ func largeSnapshot(t *testing.T, seed uint64, n int) (*snapshot.Snapshot, []byte
 }
 
 // stream feeds raw to a decodeStream the way the receiver does: in pieces
-// of random sizes, appended to a buffer that moves as it grows.
+// of random sizes.
 func stream(rng *rand.Rand, raw []byte, module *snapshot.Hash) *decodeStream {
-	var buf []byte
+	var buf chunks
 	var d *decodeStream
 	for off := 0; off < len(raw); {
 		n := min(1+rng.IntN(300<<10), len(raw)-off)
-		buf = appendPreemptible(buf, raw[off:off+n])
+		buf = append(buf, bytes.Clone(raw[off:off+n]))
 		off += n
 		switch {
 		case d != nil:
 			d.feed(buf)
-		case len(buf) > 64<<10:
+		case buf.len() > 64<<10:
 			d = startDecodeStream(buf, module)
 		}
 	}
@@ -96,7 +96,7 @@ func TestDecodeStreamRejects(t *testing.T) {
 	if _, err := stream(rng, raw, &other).finish(); !errors.Is(err, snapshot.ErrModuleMismatch) {
 		t.Errorf("another module's checkpoint: %v, want ErrModuleMismatch", err)
 	}
-	d := startDecodeStream(raw[:len(raw)/2], &want.Module)
+	d := startDecodeStream(chunks{raw[:len(raw)/2]}, &want.Module)
 	d.abort()
 	select {
 	case <-d.done:

@@ -742,11 +742,12 @@ func (s *session) sender(p *Primary) {
 					p.log.Warn("re-arming dirty-page tracking failed: the next checkpoint sends those pages again", "seq", it.seq, "err", err)
 				}
 			}
+			rearmed := time.Now()
 			err = s.stream(p, it, &buf)
 			p.putStager(it.stager)
 			if err == nil && p.log.Enabled(context.Background(), slog.LevelDebug) {
 				p.log.Debug("checkpoint sent", "seq", it.seq, "full", it.full, "pages", it.dirty,
-					"pause", it.pause, "encode_and_send", time.Since(t0))
+					"pause", it.pause, "rearm", rearmed.Sub(t0), "encode_and_send", time.Since(rearmed))
 			}
 		}
 		if err != nil {

@@ -14,15 +14,17 @@ import (
 // Relax finds the monitor's thread and sets its timer slack (DefaultSlack
 // if slack is 0), in the background: the monitor can only be told apart
 // while it sleeps in nanosleep(2), which it does whenever a goroutine has
-// run in the last few milliseconds, so an idle process is checked again
-// each second until it is found. Setting another thread's slack takes
-// CAP_SYS_NICE; without it, Read reports why and nothing changes.
+// run in the last few milliseconds, so a process too idle to tell is
+// checked again, at growing intervals up to 10 s, until it is found.
+// Setting another thread's slack takes CAP_SYS_NICE; without it, Read
+// reports why and nothing changes.
 func Relax(slack time.Duration) {
 	if slack <= 0 {
 		slack = DefaultSlack
 	}
 	set(Status{Err: "monitor thread not found yet"})
 	go func() {
+		wait := 250 * time.Millisecond
 		for {
 			tid, err := find()
 			if err != nil {
@@ -38,7 +40,8 @@ func Relax(slack time.Duration) {
 				sweep(tid)
 				return
 			}
-			time.Sleep(time.Second)
+			time.Sleep(wait)
+			wait = min(2*wait, 10*time.Second)
 		}
 	}()
 }
@@ -83,36 +86,43 @@ func readSlack(tid int) (int64, error) {
 // its own id.
 func slackPath(tid int) string { return "/proc/" + strconv.Itoa(tid) + "/timerslack_ns" }
 
-// find returns the thread seen in nanosleep(2) in three samples 5 ms
-// apart, 0 if none was. The runtime sleeps in nanosleep only in the monitor
-// and in spin loops of a few microseconds (stealing work, stopping the
-// world), which three samples in a row do not catch.
+// find returns the monitor's thread, 0 if it cannot tell which it is. It
+// samples every thread's current system call ten times, 2 ms apart: the
+// monitor sleeps in nanosleep(2) whenever it is not working, so under load
+// it is seen there in most samples (and running in the rest), while the
+// runtime's other uses of nanosleep are spin waits of a few microseconds,
+// seldom caught even once. The thread seen there most, at least four
+// times, with no other seen more than once, is the monitor.
 func find() (int, error) {
 	self := unix.Gettid()
-	var seen map[int]int
-	for round := 0; round < 3; round++ {
+	seen := map[int]int{}
+	for round := 0; round < 10; round++ {
 		if round > 0 {
-			time.Sleep(5 * time.Millisecond)
+			time.Sleep(2 * time.Millisecond)
 		}
 		tids, err := threads()
 		if err != nil {
 			return 0, err
 		}
-		next := map[int]int{}
 		for _, tid := range tids {
-			if tid == self || tid == os.Getpid() || !inNanosleep(tid) {
-				continue
-			}
-			if round == 0 || seen[tid] == round {
-				next[tid] = round + 1
+			if tid != self && tid != os.Getpid() && inNanosleep(tid) {
+				seen[tid]++
 			}
 		}
-		seen = next
 	}
+	best, others := 0, 0
 	for tid, n := range seen {
-		if n == 3 && len(seen) == 1 {
-			return tid, nil
+		if n > seen[best] {
+			if seen[best] > others {
+				others = seen[best]
+			}
+			best = tid
+		} else if n > others {
+			others = n
 		}
+	}
+	if seen[best] >= 4 && others <= 1 {
+		return best, nil
 	}
 	return 0, nil
 }
