@@ -285,11 +285,14 @@ type slot struct {
 	events chan any
 	log    *slog.Logger
 
-	exited   bool                       // loop only: the guest ended on its primary
-	conns    map[uint64]*transport.Conn // loop only
-	hellos   map[uint64]*wire.Hello
-	staged   map[uint64]*staged
-	hello    *wire.Hello // of the session that committed last
+	exited bool                       // loop only: the guest ended on its primary
+	conns  map[uint64]*transport.Conn // loop only
+	hellos map[uint64]*wire.Hello
+	staged map[uint64]*staged
+	hello  *wire.Hello // of the session that committed last
+	// applying is closed when the last commit's copy into img is done
+	// (loop only; nil when none is under way).
+	applying chan struct{}
 	persistQ *persistQueue
 
 	mu       sync.Mutex
@@ -320,6 +323,10 @@ type staged struct {
 	raw  chunks
 	size uint64
 	crc  uint32
+	// tail gathers pieces smaller than minPiece until it is that large:
+	// a primary sending a byte per message must not make a piece (and a
+	// decoder round trip) per byte.
+	tail []byte
 	snap *snapshot.Snapshot
 	ops  []wire.FsOp
 	tree []wire.DiskFile
@@ -374,6 +381,7 @@ func (s *slot) receive(id uint64, c *transport.Conn, hello *wire.Hello) {
 		}
 	}
 	defer abandon()
+	var lastHeard time.Time
 	for {
 		msg, err := wire.Recv(c)
 		if err != nil {
@@ -382,7 +390,14 @@ func (s *slot) receive(id uint64, c *transport.Conn, hello *wire.Hello) {
 			}
 			return
 		}
-		s.events <- engine.Heartbeat{Now: s.b.now(), Session: id}
+		// Every message is a sign of life, but the slot hears it at most
+		// once a millisecond: a large checkpoint is hundreds of pieces,
+		// and while the loop copies one into the image the events would
+		// fill its queue and stall this reader.
+		if now := time.Now(); now.Sub(lastHeard) >= time.Millisecond {
+			lastHeard = now
+			s.events <- engine.Heartbeat{Now: s.b.now(), Session: id}
+		}
 		fail := func(format string, a ...any) {
 			abandon()
 			s.log.Error("bad checkpoint stream: dropping the session", "session", id, "err", fmt.Sprintf(format, a...))
@@ -390,6 +405,13 @@ func (s *slot) receive(id uint64, c *transport.Conn, hello *wire.Hello) {
 			// must not find this session still live.
 			s.events <- engine.Disconnected{Now: s.b.now(), Session: id}
 			c.Close()
+		}
+		if cur != nil && cur.stream != nil {
+			if err := cur.stream.failed(); err != nil {
+				// Corrupt: no need to take the rest of it.
+				fail("checkpoint %d: %v", cur.seq, err)
+				return
+			}
 		}
 		switch m := msg.(type) {
 		case *wire.Heartbeat, *wire.Hello:
@@ -412,13 +434,22 @@ func (s *slot) receive(id uint64, c *transport.Conn, hello *wire.Hello) {
 				fail("checkpoint data out of order (seq %d offset %d)", m.Seq, m.Offset)
 				return
 			}
-			if len(m.Data) == 0 {
-				break
-			}
-			// m.Data is the message's own copy: kept as it is.
-			cur.raw = append(cur.raw, m.Data)
 			cur.size += uint64(len(m.Data))
 			cur.crc = crc32.Update(cur.crc, castagnoli, m.Data)
+			if len(m.Data) < minPiece || len(cur.tail) > 0 {
+				if len(cur.tail) == 0 {
+					cur.tail = m.Data // no copy for a checkpoint of one small piece
+				} else {
+					cur.tail = append(cur.tail, m.Data...)
+				}
+				if len(cur.tail) < minPiece {
+					break
+				}
+				m.Data, cur.tail = cur.tail, nil
+			}
+			// m.Data is the message's own copy (or the tail's): kept as
+			// it is, never written again.
+			cur.raw = append(cur.raw, m.Data)
 			switch {
 			case cur.stream != nil:
 				cur.stream.feed(cur.raw)
@@ -475,6 +506,12 @@ func (s *slot) receive(id uint64, c *transport.Conn, hello *wire.Hello) {
 			case m.DiskOps != opsMsgs || m.DiskFiles != fileMsgs:
 				fail("checkpoint %d: %d/%d disk messages arrived, %d/%d announced", m.Seq, opsMsgs, fileMsgs, m.DiskOps, m.DiskFiles)
 				return
+			}
+			if len(cur.tail) > 0 {
+				cur.raw, cur.tail = append(cur.raw, cur.tail), nil
+				if cur.stream != nil {
+					cur.stream.feed(cur.raw)
+				}
 			}
 			t0 := time.Now()
 			// Decoding a large checkpoint (a burst of dirty pages) takes
@@ -560,6 +597,10 @@ func (s *slot) decode(raw []byte, module *snapshot.Hash) (*snapshot.Snapshot, er
 // core.
 const parallelDecodeFrom = 1 << 20
 
+// minPiece is the least a piece of a checkpoint being received holds,
+// its last excepted (see staged.tail).
+const minPiece = 64 << 10
+
 // streamDecodeFrom is the size from which a checkpoint is decoded while
 // it arrives (decodeStream): more than the primary's first chunk, so as
 // soon as a second one comes.
@@ -601,7 +642,9 @@ func (s *slot) loop(ctx context.Context) {
 		if failover {
 			// Off the loop: the loop goes on answering (rejecting stale
 			// primaries) while the VM is set up, however long that takes.
-			// Nothing commits into the image any more.
+			// Nothing commits into the image any more, and the last
+			// commit's copy is done.
+			s.waitApply()
 			s.b.wg.Add(1)
 			go func() {
 				defer s.b.wg.Done()
@@ -705,23 +748,15 @@ func (s *slot) do(ctx context.Context, rd engine.BackupReady) bool {
 		s.mu.Unlock()
 	}
 	failed := map[uint64]bool{}
-	// The last checkpoint's pages are copied into the image after its ack
-	// is sent: everything that can fail has been done by then
-	// (snapshot.Prepare), and the copy, a page fault per page the image
-	// never held, would otherwise hold the primary's output back (a 2,000
-	// page heap growth: about 15 ms here). It is done before this returns,
-	// so before any failover reads the image.
-	var finish func()
-	defer func() {
-		if finish != nil {
-			finish()
-		}
-	}()
+	// A checkpoint's pages are copied into the image on a goroutine of
+	// their own, while its ack goes out and the loop goes on: everything
+	// that can fail has been done first (snapshot.Prepare), and the copy,
+	// a page fault per page the image never held, would otherwise hold
+	// the primary's output back (a 2,000-page heap growth: about 15 ms
+	// here), and at a guest's exit its last handshake. Only the next
+	// commit and a failover use the image: they wait for it (waitApply).
 	for _, seq := range rd.Commit {
-		if finish != nil {
-			finish() // the next one builds on it
-			finish = nil
-		}
+		s.waitApply() // the next one builds on it
 		f, err := s.commit(seq)
 		if err != nil {
 			s.log.Error("applying checkpoint failed: dropping the session", "seq", seq, "err", err)
@@ -731,7 +766,14 @@ func (s *slot) do(ctx context.Context, rd engine.BackupReady) bool {
 			}
 			continue
 		}
-		finish = f
+		done := make(chan struct{})
+		s.applying = done
+		s.b.wg.Add(1)
+		go func() {
+			defer s.b.wg.Done()
+			defer close(done)
+			f()
+		}()
 	}
 	for _, seq := range rd.Discard {
 		delete(s.staged, seq)
@@ -786,7 +828,8 @@ func (s *slot) do(ctx context.Context, rd engine.BackupReady) bool {
 // this is what the ack promises) and queues it for the disk, in two steps:
 // commit makes every check and takes the memory (snapshot.Prepare), and
 // finish, which cannot fail, copies the pages and queues the checkpoint.
-// The image must not be used between the two.
+// The image must not be used between the two; finish may run on another
+// goroutine (it touches nothing else of the loop's).
 func (s *slot) commit(seq uint64) (finish func(), err error) {
 	st := s.staged[seq]
 	delete(s.staged, seq)
@@ -798,19 +841,16 @@ func (s *slot) commit(seq uint64) (finish func(), err error) {
 	if err != nil {
 		return nil, err
 	}
-	return func() {
-		if st.full || len(st.snap.Pages) >= busyApplyPages {
-			defer s.heartbeatWhileBusy()()
+	for sess, h := range s.hellos {
+		if sess == s.eng.Session() {
+			s.hello = h
 		}
+	}
+	return func() {
 		if testApplyDelay > 0 {
 			time.Sleep(testApplyDelay)
 		}
 		apply()
-		for sess, h := range s.hellos {
-			if sess == s.eng.Session() {
-				s.hello = h
-			}
-		}
 		if s.log.Enabled(context.Background(), slog.LevelDebug) {
 			s.log.Debug("checkpoint applied", "seq", seq, "apply", time.Since(t0))
 		}
@@ -825,10 +865,23 @@ func (s *slot) commit(seq uint64) (finish func(), err error) {
 	}, nil
 }
 
-// busyApplyPages is the size of checkpoint from which applying it may keep
-// the slot's loop busy long (on this project's VM a page the image had
-// never held costs ~12 µs to write: 1024 pages, 12 ms; 64 MiB, 200 ms).
-const busyApplyPages = 1024
+// waitApply waits for the copy of the last committed checkpoint into the
+// image (do), sending the primary heartbeats meanwhile: on this project's
+// VM a page the image never held costs ~12 µs to write (64 MiB, 200 ms),
+// and only the loop sends them.
+func (s *slot) waitApply() {
+	if s.applying == nil {
+		return
+	}
+	select {
+	case <-s.applying:
+	default:
+		stop := s.heartbeatWhileBusy()
+		<-s.applying
+		stop()
+	}
+	s.applying = nil
+}
 
 // heartbeatWhileBusy sends the current session's primary a heartbeat every
 // HeartbeatInterval until the returned function is called. The loop sends

@@ -42,6 +42,9 @@ func (f *fakePrimary) send(m wire.Message) {
 	}
 }
 
+// sendErr is send for a peer that may have hung up already.
+func (f *fakePrimary) sendErr(m wire.Message) error { return wire.SendFlush(f.c, m) }
+
 // next returns the next message that is not a heartbeat, nil once the
 // backup closed the connection.
 func (f *fakePrimary) next() wire.Message {
@@ -211,22 +214,33 @@ func TestBackupSlowDecodeIsNotSilence(t *testing.T) {
 	expectFollowing(t, b, "a slow decode")
 }
 
-// TestBackupHeartbeatsWhileApplying: applying a large checkpoint keeps the
-// slot's loop busy (on a VM, 64 MiB of pages new to the image take a few
-// hundred milliseconds), and the loop is what sends heartbeats. Its primary
-// must keep hearing from it meanwhile, or it takes the backup for dead
-// after the timeout and resynchronises, without end if every full
-// checkpoint is as slow to apply. The ack itself does not wait for the
-// copy: it leaves once the checkpoint is known to apply (snapshot.Prepare),
-// so the primary's output is not held for the copy.
+// TestBackupHeartbeatsWhileApplying: copying a large checkpoint into the
+// image takes long (on a VM, 64 MiB of pages new to the image take a few
+// hundred milliseconds). The ack does not wait for the copy: it leaves
+// once the checkpoint is known to apply (snapshot.Prepare), so the
+// primary's output is not held for it, and the copy runs while the loop
+// goes on. The next checkpoint's commit must wait for it, and meanwhile
+// the loop, the only sender of heartbeats, must keep the primary hearing
+// from it, or the primary takes the backup for dead after the timeout and
+// resynchronises, without end if every checkpoint is as slow to apply.
 func TestBackupHeartbeatsWhileApplying(t *testing.T) {
 	const timeout = 200 * time.Millisecond
 	b := serveBackup(t, timeout)
 	testApplyDelay = 5 * timeout
 	defer func() { testApplyDelay = 0 }()
-	f := sendFirstCheckpoint(t, b)
-	// The primary heartbeats as a live one does (only this goroutine
-	// writes from now on).
+	module := []byte("\x00asm\x01\x00\x00\x00")
+	hash := snapshot.ModuleHash(module)
+	full := &snapshot.Snapshot{Kind: snapshot.Full, Module: hash, Seq: 1, MemorySize: 65536,
+		Pages: []snapshot.Page{{Index: 0, Data: bytes.Repeat([]byte{7}, snapshot.PageSize)}}, Devices: []byte("{}"),
+		ModuleCode: module, ModuleName: "fake"}
+	fullRaw := encodeSnap(t, full)
+	inc := &snapshot.Snapshot{Kind: snapshot.Incremental, Module: hash, Seq: 2, Parent: full.ID, MemorySize: 65536,
+		Pages: []snapshot.Page{{Index: 0, Data: bytes.Repeat([]byte{9}, snapshot.PageSize)}}, Devices: []byte("{}")}
+	incRaw := encodeSnap(t, inc)
+	f := dialBackup(t, b.Addr().String(), hash)
+	f.checkpoint(1, true, fullRaw, nil)
+	// The primary heartbeats as a live one does (the connection's writes
+	// are whole messages, whoever makes them).
 	stop := make(chan struct{})
 	defer close(stop)
 	go func() {
@@ -241,37 +255,45 @@ func TestBackupHeartbeatsWhileApplying(t *testing.T) {
 			}
 		}
 	}()
-	applied := func() bool { return b.Status().Slots[0].Checkpoints == 1 }
-	// Every message, heartbeats included, until the checkpoint is applied:
-	// no gap may come near the timeout.
-	last, longest, beats, acked := time.Now(), time.Duration(0), 0, false
-	for !acked || !applied() {
+	applied := func() int { return int(b.Status().Slots[0].Checkpoints) }
+	// Every message until both checkpoints are applied: no gap may come
+	// near the timeout.
+	last, longest, beats, acked := time.Now(), time.Duration(0), 0, uint64(0)
+	for acked < 2 || applied() < 2 {
 		f.c.SetReadDeadline(time.Now().Add(5 * time.Second))
 		m, err := wire.Recv(f.c)
 		if err != nil {
-			t.Fatalf("waiting for the ack and the apply: %v (acked %v, after %d heartbeats)", err, acked, beats)
+			t.Fatalf("waiting for the acks and the copies: %v (acked %d, applied %d, after %d heartbeats)", err, acked, applied(), beats)
 		}
 		longest, last = max(longest, time.Since(last)), time.Now()
 		switch a := m.(type) {
 		case *wire.Heartbeat:
 			beats++
 		case *wire.Ack:
-			if a.Seq != 1 {
-				t.Fatalf("ack of %d, want 1", a.Seq)
+			switch {
+			case a.Seq == acked:
+				beats++ // a repeated ack is the backup's heartbeat once it has committed
+			case a.Seq != acked+1:
+				t.Fatalf("ack of %d after %d", a.Seq, acked)
+			case applied() >= int(a.Seq):
+				t.Errorf("the ack of %d came after its copy (%v): it should not wait for it", a.Seq, testApplyDelay)
+			default:
+				acked = a.Seq
+				if acked == 1 {
+					// The next checkpoint arrives while the first is
+					// still being copied.
+					f.checkpoint(2, false, incRaw, nil)
+				}
 			}
-			if !acked && applied() {
-				t.Errorf("the ack came after the apply (%v): it should not wait for the copy", testApplyDelay)
-			}
-			acked = true
 		default:
-			t.Fatalf("the checkpoint was answered with %v, want its ack", m)
+			t.Fatalf("the checkpoints were answered with %v, want their acks", m)
 		}
 	}
 	if longest >= timeout/2 {
-		t.Errorf("the backup was silent for %v while applying for %v (timeout %v, %d heartbeats)", longest, testApplyDelay, timeout, beats)
+		t.Errorf("the backup was silent for %v while copying for %v twice (timeout %v, %d heartbeats)", longest, testApplyDelay, timeout, beats)
 	}
-	if beats < 3 {
-		t.Errorf("%d heartbeats during an apply of %v (timeout %v)", beats, testApplyDelay, timeout)
+	if beats < 6 {
+		t.Errorf("%d heartbeats during two copies of %v (timeout %v)", beats, testApplyDelay, timeout)
 	}
 	// Nor did the backup take its primary's heartbeats, queued meanwhile,
 	// for silence.

@@ -13,12 +13,11 @@ import (
 // arrives: the primary encodes and sends it a chunk at a time, and decoding
 // only after the last chunk left the backup's core idle meanwhile, then
 // made the primary's output (at the end of a computing guest, its exit)
-// wait for the whole decode. The bytes it reads are the checkpoint buffer
-// the receiver appends to (never changing what it already holds), so
-// nothing is copied twice.
+// wait for the whole decode. It reads the pieces the receiver keeps (see
+// staged.raw), each copied once, into the decoder's own buffers.
 //
-// Bytes already received never change, and the receiver only appends
-// pieces: the decoder reads them without holding the lock.
+// A piece never changes once handed over, and the receiver only appends
+// pieces: the decoder copies out of them without holding the lock.
 type decodeStream struct {
 	mu      sync.Mutex
 	more    sync.Cond
@@ -95,6 +94,17 @@ func (d *decodeStream) finish() (*snapshot.Snapshot, error) {
 	d.more.Signal()
 	<-d.done
 	return d.snap, d.err
+}
+
+// failed returns the decode's error if it has already ended with one (a
+// corrupt checkpoint, found before all of it arrived).
+func (d *decodeStream) failed() error {
+	select {
+	case <-d.done:
+		return d.err
+	default:
+		return nil
+	}
 }
 
 // abort ends the decode early (a broken stream); it does not wait.

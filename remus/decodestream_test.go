@@ -5,6 +5,7 @@ import (
 	"errors"
 	"hash/crc32"
 	"math/rand/v2"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -134,8 +135,28 @@ func TestBackupDecodesLargeCheckpointsWhileTheyArrive(t *testing.T) {
 	bad[len(bad)-5000] ^= 0x10
 	f := dialBackup(t, addr, full.Module)
 	send(f, bad, crc32.Checksum(bad, castagnoli))
-	if m := f.next(); m != nil || committed() != 0 {
-		t.Fatalf("a damaged large checkpoint: answered %v, committed %d", m, committed())
+	if expectDropped(t, f); committed() != 0 {
+		t.Fatalf("a damaged large checkpoint: committed %d", committed())
+	}
+
+	// Damaged near the start: the session is dropped before the end
+	// comes (here it never does; the primary sends heartbeats).
+	bad = bytes.Clone(raw)
+	bad[300<<10] ^= 0x10
+	f = dialBackup(t, addr, full.Module)
+	f.send(&wire.CheckpointBegin{Seq: 1, Full: true})
+	for off := 0; off < len(bad); off += 256 << 10 {
+		if f.sendErr(&wire.CheckpointData{Seq: 1, Offset: uint64(off), Data: bad[off:min(off+256<<10, len(bad))]}) != nil {
+			break // dropped already
+		}
+	}
+	go func() {
+		for f.sendErr(&wire.Heartbeat{}) == nil {
+			time.Sleep(10 * time.Millisecond)
+		}
+	}()
+	if expectDropped(t, f); committed() != 0 {
+		t.Fatalf("a checkpoint damaged at its start: committed %d", committed())
 	}
 
 	// Cut off after five chunks, once decoding has begun.
@@ -150,9 +171,34 @@ func TestBackupDecodesLargeCheckpointsWhileTheyArrive(t *testing.T) {
 		t.Fatalf("committed %d after a primary vanished mid-checkpoint", committed())
 	}
 
+	// Whole and valid, in pieces of a few kilobytes (the backup gathers
+	// them into larger ones): acknowledged.
 	f = dialBackup(t, addr, full.Module)
-	send(f, raw, crc32.Checksum(raw, castagnoli))
+	f.send(&wire.CheckpointBegin{Seq: 1, Full: true})
+	for off := 0; off < len(raw); off += 3000 {
+		f.send(&wire.CheckpointData{Seq: 1, Offset: uint64(off), Data: raw[off:min(off+3000, len(raw))]})
+	}
+	f.send(&wire.CheckpointEnd{Seq: 1, SnapshotSize: uint64(len(raw)), SnapshotCRC: crc32.Checksum(raw, castagnoli)})
 	if m, ok := f.next().(*wire.Ack); !ok || m.Seq != 1 {
-		t.Fatalf("a valid large checkpoint was answered with %v", m)
+		t.Fatalf("a valid large checkpoint in small pieces was answered with %v", m)
+	}
+}
+
+// expectDropped fails the test unless the backup closes f's connection
+// without acknowledging anything.
+func expectDropped(t *testing.T, f *fakePrimary) {
+	t.Helper()
+	f.c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	for {
+		m, err := wire.Recv(f.c)
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			t.Fatal("the backup neither answered nor dropped the session")
+		}
+		if err != nil {
+			return
+		}
+		if m.Type() != wire.TypeHeartbeat {
+			t.Fatalf("answered with %v, want the session dropped", m)
+		}
 	}
 }

@@ -718,10 +718,11 @@ func (s *session) control(m wire.Message) {
 
 // sender encodes and streams checkpoints in order, while the guest runs.
 func (s *session) sender(p *Primary) {
-	// The chunk buffer is made whole now, while the session starts: grown
-	// on demand, it was cleared and faulted in page by page inside the
-	// first large checkpoint's encoding, which the primary's output (at
-	// the end of a computing guest, its exit) waits for.
+	// The chunk buffer is allocated at its full size now, while the
+	// session starts: grown on demand, it was copied and cleared again
+	// and again inside the first large checkpoint's encoding, which the
+	// primary's output (at the end of a computing guest, its exit) waits
+	// for.
 	var buf bytes.Buffer
 	buf.Grow(chunk)
 	for {

@@ -55,8 +55,10 @@ func Apply(img *Image, s *Snapshot) error {
 	return nil
 }
 
-// Prepare is Apply in two steps: it makes every check and takes the
-// memory the image will need, and finish, which cannot fail, copies the
+// Prepare is Apply in two steps: it makes every check and, for an image
+// with Resize, takes the memory the image will need (an image without
+// Resize gets an ordinary slice in finish, which cannot fail for want of
+// it short of running out of memory); finish, which cannot fail, copies the
 // pages in and moves the image on. What may fail has happened by the time
 // Prepare returns, so a Remus backup can acknowledge a checkpoint between
 // the two steps and copy while the primary releases its output. Until

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/ftvm/ftvm/api"
+	"github.com/ftvm/ftvm/internal/sysmon"
 	"github.com/ftvm/ftvm/internal/guest"
 )
 
@@ -224,10 +225,22 @@ func TestRemusFailover(t *testing.T) {
 	if err != nil || !info.GC.AtSafePoints || info.GC.OnGuest == 0 || info.GC.Forced != 0 {
 		t.Errorf("the primary's garbage collection: %+v (err %v); want at safe points, on the guest's goroutine, never forced", info.GC, err)
 	}
-	// Its runtime monitor sleeps longer (internal/sysmon): under load it is
-	// found at once; setting it needs CAP_SYS_NICE, which root has.
-	if rm := info.RuntimeMonitor; os.Geteuid() == 0 && (rm.TID == 0 || rm.SlackNS == 0) {
-		t.Errorf("the primary's runtime monitor: %+v; want its thread found and its slack set", rm)
+	// Its runtime monitor sleeps longer (internal/sysmon), where the
+	// process may set another thread's timer slack (CAP_SYS_NICE): under
+	// this load it is found within seconds.
+	if sysmon.CanSetSlack() {
+		rm := info.RuntimeMonitor
+		for deadline := time.Now().Add(10 * time.Second); rm.SlackNS == 0 && time.Now().Before(deadline); {
+			time.Sleep(100 * time.Millisecond)
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			if i, err := api.NewClient(r.pSock).Info(ctx); err == nil {
+				rm = i.RuntimeMonitor
+			}
+			cancel()
+		}
+		if rm.TID == 0 || rm.SlackNS == 0 {
+			t.Errorf("the primary's runtime monitor: %+v; want its thread found and its slack set", rm)
+		}
 	}
 	// The same through the CLI, as an operator reads it.
 	for sock, want := range map[string][]string{

@@ -2,6 +2,7 @@
 package main
 
 import (
+	"fmt"
 	"os"
 	"runtime/pprof"
 	"time"
@@ -38,6 +39,10 @@ func relaxMonitor() {
 	if v == "off" {
 		return
 	}
-	d, _ := time.ParseDuration(v)
+	d, err := time.ParseDuration(v)
+	if v != "" && (err != nil || d <= 0) {
+		fmt.Fprintf(os.Stderr, "ftvm: FTVM_SYSMON_SLACK=%q is neither a positive duration nor \"off\": using %v\n", v, sysmon.DefaultSlack)
+		d = 0
+	}
 	sysmon.Relax(d)
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"strconv"
+	"strings"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -15,7 +16,7 @@ import (
 // if slack is 0), in the background: the monitor can only be told apart
 // while it sleeps in nanosleep(2), which it does whenever a goroutine has
 // run in the last few milliseconds, so a process too idle to tell is
-// checked again, at growing intervals up to 10 s, until it is found.
+// checked again, at growing intervals up to 2 s, until it is found.
 // Setting another thread's slack takes CAP_SYS_NICE; without it, Read
 // reports why and nothing changes.
 func Relax(slack time.Duration) {
@@ -41,7 +42,7 @@ func Relax(slack time.Duration) {
 				return
 			}
 			time.Sleep(wait)
-			wait = min(2*wait, 10*time.Second)
+			wait = min(2*wait, 2*time.Second)
 		}
 	}()
 }
@@ -96,6 +97,7 @@ func slackPath(tid int) string { return "/proc/" + strconv.Itoa(tid) + "/timersl
 func find() (int, error) {
 	self := unix.Gettid()
 	seen := map[int]int{}
+	readable := false
 	for round := 0; round < 10; round++ {
 		if round > 0 {
 			time.Sleep(2 * time.Millisecond)
@@ -105,10 +107,18 @@ func find() (int, error) {
 			return 0, err
 		}
 		for _, tid := range tids {
-			if tid != self && tid != os.Getpid() && inNanosleep(tid) {
+			if tid == self || tid == os.Getpid() {
+				continue
+			}
+			in, ok := inNanosleep(tid)
+			readable = readable || ok
+			if in {
 				seen[tid]++
 			}
 		}
+	}
+	if !readable {
+		return 0, errors.New("sysmon: no thread's current system call can be read (/proc/self/task/*/syscall)")
 	}
 	best, others := 0, 0
 	for tid, n := range seen {
@@ -127,6 +137,23 @@ func find() (int, error) {
 	return 0, nil
 }
 
+// CanSetSlack reports whether this process has CAP_SYS_NICE (bit 23 of
+// CapEff in /proc/self/status), without which another thread's timer
+// slack can be neither read nor set.
+func CanSetSlack() bool {
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return false
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "CapEff:"); ok {
+			caps, err := strconv.ParseUint(strings.TrimSpace(v), 16, 64)
+			return err == nil && caps&(1<<unix.CAP_SYS_NICE) != 0
+		}
+	}
+	return false
+}
+
 func threads() ([]int, error) {
 	entries, err := os.ReadDir("/proc/self/task")
 	if err != nil {
@@ -143,13 +170,13 @@ func threads() ([]int, error) {
 
 // inNanosleep reads the thread's current system call (its number is the
 // first field of /proc/self/task/TID/syscall).
-func inNanosleep(tid int) bool {
+func inNanosleep(tid int) (in, ok bool) {
 	b, err := os.ReadFile("/proc/self/task/" + strconv.Itoa(tid) + "/syscall")
 	if err != nil {
-		return false
+		return false, false // it may have exited meanwhile
 	}
 	nr, _, _ := bytes.Cut(b, []byte(" "))
-	return string(nr) == strconv.Itoa(unix.SYS_NANOSLEEP)
+	return string(nr) == strconv.Itoa(unix.SYS_NANOSLEEP), true
 }
 
 func setSlack(tid int, slack time.Duration) error {
