@@ -1071,7 +1071,7 @@ func (s *slot) persister() {
 		if jobs[0].full {
 			j := jobs[0]
 			t0 := time.Now()
-			err := s.store.CommitFull(j.seq, j.raw.bytes(), toStoreTree(j.tree), toStoreOps(j.ops))
+			err := s.store.CommitFullDecoded(j.seq, j.raw.bytes(), j.snap, toStoreTree(j.tree), toStoreOps(j.ops))
 			s.log.Debug("full checkpoint stored", "seq", j.seq, "took", time.Since(t0), "err", err)
 			if !s.stored(err, "a full checkpoint", j.seq) {
 				continue

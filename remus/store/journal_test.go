@@ -528,3 +528,46 @@ func TestCommitDecodedChecksModule(t *testing.T) {
 		t.Fatalf("the right checkpoint: %v, committed %d", err, s.Committed())
 	}
 }
+
+// TestCommitFullDecoded: a full checkpoint committed with its decoded
+// snapshot is refused when that does not fit (no snapshot, another seq, an
+// incremental), and otherwise is what a reopened slot restores.
+func TestCommitFullDecoded(t *testing.T) {
+	dir := t.TempDir()
+	s, err := Open(dir, Options{Roots: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := newVMSim(5, snapshot.WasmPageSize)
+	raw := v.next(t, snapshot.Full, 1)
+	sn, err := snapshot.DecodeBytes(raw, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	inc := *sn
+	inc.Kind = snapshot.Incremental
+	for name, bad := range map[string]*snapshot.Snapshot{"none": nil, "incremental": &inc} {
+		if err := s.CommitFullDecoded(1, raw, bad, nil, nil); !errors.Is(err, ErrInvalid) {
+			t.Errorf("%s: %v, want ErrInvalid", name, err)
+		}
+	}
+	if err := s.CommitFullDecoded(2, raw, sn, nil, nil); !errors.Is(err, ErrInvalid) {
+		t.Errorf("seq 2 for a snapshot of seq 1: %v, want ErrInvalid", err)
+	}
+	if s.Committed() != 0 {
+		t.Fatalf("committed %d after refusals", s.Committed())
+	}
+	if err := s.CommitFullDecoded(1, raw, sn, nil, nil); err != nil || s.Committed() != 1 {
+		t.Fatalf("the right checkpoint: %v, committed %d", err, s.Committed())
+	}
+	s.Close()
+	s, err = Open(dir, Options{Roots: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	img, err := s.Image()
+	if err != nil || img.ID != sn.ID {
+		t.Fatalf("reopened: %v, want the image of %v", err, sn.ID.Short())
+	}
+}

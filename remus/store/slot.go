@@ -523,6 +523,22 @@ func (s *Slot) Diverged() bool {
 // the base file written, and only then COMMIT names them; until that
 // rename is durable the old state stays the one recovery finds.
 func (s *Slot) CommitFull(seq uint64, snap []byte, tree []TreeEntry, ops []FsOp) error {
+	return s.commitFull(seq, snap, nil, tree, ops)
+}
+
+// CommitFullDecoded is CommitFull for a caller that decoded snap itself
+// (a Remus backup decodes every checkpoint to apply it): sn is what
+// snapshot.DecodeBytes returned for snap, and snap is not decoded again —
+// for a full sync of a large memory that is seconds of CPU. sn is not
+// modified.
+func (s *Slot) CommitFullDecoded(seq uint64, snap []byte, sn *snapshot.Snapshot, tree []TreeEntry, ops []FsOp) error {
+	if sn == nil {
+		return invalid("checkpoint %d: no decoded snapshot", seq)
+	}
+	return s.commitFull(seq, snap, sn, tree, ops)
+}
+
+func (s *Slot) commitFull(seq uint64, snap []byte, sn *snapshot.Snapshot, tree []TreeEntry, ops []FsOp) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if err := s.usable(); err != nil {
@@ -531,9 +547,11 @@ func (s *Slot) CommitFull(seq uint64, snap []byte, tree []TreeEntry, ops []FsOp)
 	if seq == 0 {
 		return invalid("checkpoint 0")
 	}
-	sn, err := snapshot.DecodeBytes(snap, nil)
-	if err != nil {
-		return fmt.Errorf("store: %w: %w", ErrInvalid, err)
+	if sn == nil {
+		var err error
+		if sn, err = snapshot.DecodeBytes(snap, nil); err != nil {
+			return fmt.Errorf("store: %w: %w", ErrInvalid, err)
+		}
 	}
 	if sn.Kind != snapshot.Full || sn.Seq != seq {
 		return invalid("a %s snapshot at seq %d for full checkpoint %d", sn.Kind, sn.Seq, seq)
