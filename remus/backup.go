@@ -197,7 +197,7 @@ func (b *Backup) slot(ctx context.Context, vm string, roots int) (*slot, error) 
 		return nil, err
 	}
 	s := &slot{b: b, vm: vm, eng: eng, store: st, mi: mi, roots: roots, dir: filepath.Join(b.cfg.StateDir, "slots", vm), events: make(chan any, 64),
-		conns: map[uint64]*transport.Conn{}, hellos: map[uint64]*wire.Hello{}, staged: map[uint64]*staged{},
+		conns: map[uint64]*transport.Conn{}, hellos: map[uint64]*wire.Hello{}, staged: map[uint64]*staged{}, heard: map[uint64][]engine.Time{},
 		persistQ: newPersistQueue(), log: b.log.With("vm", vm)}
 	s.img = &snapshot.Image{Resize: mi.Resize}
 	b.slots[vm] = s
@@ -293,6 +293,10 @@ type slot struct {
 	// applying is closed when the last commit's copy into img is done
 	// (loop only; nil when none is under way).
 	applying chan struct{}
+	// heard maps a session to when its receiver read messages since the
+	// loop last looked (heardLog, heardSince).
+	heardMu  sync.Mutex
+	heard    map[uint64][]engine.Time
 	persistQ *persistQueue
 
 	mu       sync.Mutex
@@ -390,13 +394,20 @@ func (s *slot) receive(id uint64, c *transport.Conn, hello *wire.Hello) {
 			}
 			return
 		}
-		// Every message is a sign of life, but the slot hears it at most
-		// once a millisecond: a large checkpoint is hundreds of pieces,
-		// and while the loop copies one into the image the events would
-		// fill its queue and stall this reader.
+		// Every message is a sign of life. The loop reads when it was
+		// last heard (heardSince) before it decides on a silence, so that
+		// a loop busy for longer than the timeout cannot mistake its own
+		// absence for the primary's; it also gets an event, at most one a
+		// millisecond and never waited for: a full queue must not stop
+		// this reader, or what the primary sends meanwhile goes unread.
+		heardNow := s.b.now()
+		s.heardLog(id, heardNow)
 		if now := time.Now(); now.Sub(lastHeard) >= time.Millisecond {
 			lastHeard = now
-			s.events <- engine.Heartbeat{Now: s.b.now(), Session: id}
+			select {
+			case s.events <- engine.Heartbeat{Now: heardNow, Session: id}:
+			default:
+			}
 		}
 		fail := func(format string, a ...any) {
 			abandon()
@@ -658,13 +669,16 @@ func (s *slot) loop(ctx context.Context) {
 		}
 		select {
 		case ev := <-s.events:
+			s.heardSince()
 			s.handle(ev)
 		case <-timer.C:
 			// Events queued while the loop was busy (applying a large
 			// checkpoint, say) happened before now: a heartbeat among
 			// them must count before the timeout is checked, or a slow
 			// apply fails over a live primary.
+			s.heardSince()
 			s.handleQueued()
+			s.heardSince()
 			s.step(engine.Tick{Now: s.b.now()})
 		case <-ctx.Done():
 			for _, c := range s.conns {
@@ -677,6 +691,38 @@ func (s *slot) loop(ctx context.Context) {
 
 // handleQueued handles every event already queued, without waiting for
 // more.
+// heardLog records that session id's receiver read a message at now,
+// keeping one time per eighth of the timeout: the loop replays them
+// (heardSince), so that after a stretch busy for longer than the timeout
+// it learns the primary spoke all along, not only that it speaks now,
+// which the engine would take for a message after a silence: too late.
+func (s *slot) heardLog(id uint64, now engine.Time) {
+	s.heardMu.Lock()
+	defer s.heardMu.Unlock()
+	log := s.heard[id]
+	if n := len(log); n >= 2 && now-log[n-2] < s.b.cfg.Engine.Timeout/8 {
+		log[n-1] = now // the last one moves on until it is an eighth past the one before
+	} else {
+		log = append(log, now)
+	}
+	s.heard[id] = log
+}
+
+// heardSince steps, in order, the times each session was heard since the
+// loop last looked. It runs before every event and tick: nothing fresher
+// may reach the engine before them.
+func (s *slot) heardSince() {
+	s.heardMu.Lock()
+	heard := s.heard
+	s.heard = map[uint64][]engine.Time{}
+	s.heardMu.Unlock()
+	for id, log := range heard {
+		for _, at := range log {
+			s.step(engine.Heartbeat{Now: at, Session: id})
+		}
+	}
+}
+
 func (s *slot) handleQueued() {
 	for {
 		select {

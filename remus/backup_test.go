@@ -239,8 +239,10 @@ func TestBackupHeartbeatsWhileApplying(t *testing.T) {
 	incRaw := encodeSnap(t, inc)
 	f := dialBackup(t, b.Addr().String(), hash)
 	f.checkpoint(1, true, fullRaw, nil)
-	// The primary heartbeats as a live one does (the connection's writes
-	// are whole messages, whoever makes them).
+	// The primary heartbeats, more often than a live one does: while the
+	// loop waits for the copy, more messages come than its event queue
+	// holds, and the reader must go on reading them (the connection's
+	// writes are whole messages, whoever makes them).
 	stop := make(chan struct{})
 	defer close(stop)
 	go func() {
@@ -248,7 +250,7 @@ func TestBackupHeartbeatsWhileApplying(t *testing.T) {
 			select {
 			case <-stop:
 				return
-			case <-time.After(timeout / 5):
+			case <-time.After(2 * time.Millisecond):
 				if wire.SendFlush(f.c, &wire.Heartbeat{Seq: 1}) != nil {
 					return
 				}
