@@ -397,12 +397,13 @@ func (s *slot) receive(id uint64, c *transport.Conn, hello *wire.Hello) {
 		// Every message is a sign of life. The loop reads when it was
 		// last heard (heardSince) before it decides on a silence, so that
 		// a loop busy for longer than the timeout cannot mistake its own
-		// absence for the primary's; it also gets an event, at most one a
-		// millisecond and never waited for: a full queue must not stop
-		// this reader, or what the primary sends meanwhile goes unread.
+		// absence for the primary's; it also gets an event, at most one
+		// per eighth of the timeout and never waited for: those must not
+		// fill its queue, where a checkpoint waiting for room stops this
+		// reader, and what the primary sends meanwhile goes unread.
 		heardNow := s.b.now()
 		s.heardLog(id, heardNow)
-		if now := time.Now(); now.Sub(lastHeard) >= time.Millisecond {
+		if now := time.Now(); now.Sub(lastHeard) >= s.b.cfg.Engine.Timeout/8 {
 			lastHeard = now
 			select {
 			case s.events <- engine.Heartbeat{Now: heardNow, Session: id}:
