@@ -106,12 +106,7 @@ func TestBackupVerifiesStreams(t *testing.T) {
 	hash := snapshot.ModuleHash(module)
 	b := serveBackup(t, time.Hour)
 	addr := b.Addr().String()
-	committed := func() uint64 {
-		for _, s := range b.Status().Slots {
-			return s.Committed
-		}
-		return 0
-	}
+	committed := func() uint64 { return committedOn(b) }
 
 	page := bytes.Repeat([]byte{7}, snapshot.PageSize)
 	full := &snapshot.Snapshot{Kind: snapshot.Full, Module: hash, Seq: 1, MemorySize: 65536,
@@ -301,6 +296,15 @@ func TestBackupHeartbeatsWhileApplying(t *testing.T) {
 	// for silence.
 	time.Sleep(timeout)
 	expectFollowing(t, b, "a slow apply")
+}
+
+// committedOn returns the last checkpoint committed on b's slot (b has
+// one, or none yet: 0).
+func committedOn(b *Backup) uint64 {
+	for _, s := range b.Status().Slots {
+		return s.Committed
+	}
+	return 0
 }
 
 // expectFollowing fails the test unless every slot of b still follows its

@@ -116,12 +116,7 @@ func TestBackupDecodesLargeCheckpointsWhileTheyArrive(t *testing.T) {
 	full, raw := largeSnapshot(t, 5, 1000) // about 4 MiB
 	b := serveBackup(t, time.Hour)
 	addr := b.Addr().String()
-	committed := func() uint64 {
-		for _, s := range b.Status().Slots {
-			return s.Committed
-		}
-		return 0
-	}
+	committed := func() uint64 { return committedOn(b) }
 	send := func(f *fakePrimary, data []byte, crc uint32) {
 		f.send(&wire.CheckpointBegin{Seq: 1, Full: true})
 		for off := 0; off < len(data); off += 256 << 10 {

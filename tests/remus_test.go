@@ -15,8 +15,8 @@ import (
 	"time"
 
 	"github.com/ftvm/ftvm/api"
-	"github.com/ftvm/ftvm/internal/sysmon"
 	"github.com/ftvm/ftvm/internal/guest"
+	"github.com/ftvm/ftvm/internal/sysmon"
 )
 
 // kvInstrumented builds the KV guest and instruments it into the shared
