@@ -398,12 +398,14 @@ func (s *slot) receive(id uint64, c *transport.Conn, hello *wire.Hello) {
 		// last heard (heardSince) before it decides on a silence, so that
 		// a loop busy for longer than the timeout cannot mistake its own
 		// absence for the primary's; it also gets an event, at most one
-		// per eighth of the timeout and never waited for: those must not
-		// fill its queue, where a checkpoint waiting for room stops this
-		// reader, and what the primary sends meanwhile goes unread.
+		// per eighth of the timeout, never waited for, and only into a
+		// queue less than half full: those must not fill it, where a
+		// checkpoint waiting for room stops this reader, and what the
+		// primary sends meanwhile goes unread (the primary keeps at most
+		// --max-inflight checkpoints unacknowledged, far fewer than half).
 		heardNow := s.b.now()
 		s.heardLog(id, heardNow)
-		if now := time.Now(); now.Sub(lastHeard) >= s.b.cfg.Engine.Timeout/8 {
+		if now := time.Now(); now.Sub(lastHeard) >= s.b.cfg.Engine.Timeout/8 && len(s.events) < cap(s.events)/2 {
 			lastHeard = now
 			select {
 			case s.events <- engine.Heartbeat{Now: heardNow, Session: id}:

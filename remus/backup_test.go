@@ -219,9 +219,9 @@ func TestBackupSlowDecodeIsNotSilence(t *testing.T) {
 // from it, or the primary takes the backup for dead after the timeout and
 // resynchronises, without end if every checkpoint is as slow to apply.
 func TestBackupHeartbeatsWhileApplying(t *testing.T) {
-	const timeout = 200 * time.Millisecond
+	const timeout = 150 * time.Millisecond
 	b := serveBackup(t, timeout)
-	testApplyDelay = 5 * timeout
+	testApplyDelay = 11 * timeout
 	defer func() { testApplyDelay = 0 }()
 	module := []byte("\x00asm\x01\x00\x00\x00")
 	hash := snapshot.ModuleHash(module)
@@ -232,6 +232,9 @@ func TestBackupHeartbeatsWhileApplying(t *testing.T) {
 	inc := &snapshot.Snapshot{Kind: snapshot.Incremental, Module: hash, Seq: 2, Parent: full.ID, MemorySize: 65536,
 		Pages: []snapshot.Page{{Index: 0, Data: bytes.Repeat([]byte{9}, snapshot.PageSize)}}, Devices: []byte("{}")}
 	incRaw := encodeSnap(t, inc)
+	inc3 := &snapshot.Snapshot{Kind: snapshot.Incremental, Module: hash, Seq: 3, Parent: inc.ID, MemorySize: 65536,
+		Pages: []snapshot.Page{{Index: 0, Data: bytes.Repeat([]byte{11}, snapshot.PageSize)}}, Devices: []byte("{}")}
+	inc3Raw := encodeSnap(t, inc3)
 	f := dialBackup(t, b.Addr().String(), hash)
 	f.checkpoint(1, true, fullRaw, nil)
 	// The primary heartbeats, more often than a live one does: while the
@@ -256,7 +259,7 @@ func TestBackupHeartbeatsWhileApplying(t *testing.T) {
 	// Every message until both checkpoints are applied: no gap may come
 	// near the timeout.
 	last, longest, beats, acked := time.Now(), time.Duration(0), 0, uint64(0)
-	for acked < 2 || applied() < 2 {
+	for acked < 3 || applied() < 3 {
 		f.c.SetReadDeadline(time.Now().Add(5 * time.Second))
 		m, err := wire.Recv(f.c)
 		if err != nil {
@@ -278,8 +281,15 @@ func TestBackupHeartbeatsWhileApplying(t *testing.T) {
 				acked = a.Seq
 				if acked == 1 {
 					// The next checkpoint arrives while the first is
-					// still being copied.
+					// still being copied, and the one after it late in
+					// that copy, when the reader has long been feeding
+					// the loop's queue heartbeats (it must leave room).
 					f.checkpoint(2, false, incRaw, nil)
+					time.AfterFunc(testApplyDelay*7/8, func() {
+						f.sendErr(&wire.CheckpointBegin{Seq: 3})
+						f.sendErr(&wire.CheckpointData{Seq: 3, Data: inc3Raw})
+						f.sendErr(&wire.CheckpointEnd{Seq: 3, SnapshotSize: uint64(len(inc3Raw)), SnapshotCRC: crc32.Checksum(inc3Raw, castagnoli)})
+					})
 				}
 			}
 		default:
@@ -287,10 +297,10 @@ func TestBackupHeartbeatsWhileApplying(t *testing.T) {
 		}
 	}
 	if longest >= timeout/2 {
-		t.Errorf("the backup was silent for %v while copying for %v twice (timeout %v, %d heartbeats)", longest, testApplyDelay, timeout, beats)
+		t.Errorf("the backup was silent for %v while copying for %v three times (timeout %v, %d heartbeats)", longest, testApplyDelay, timeout, beats)
 	}
-	if beats < 6 {
-		t.Errorf("%d heartbeats during two copies of %v (timeout %v)", beats, testApplyDelay, timeout)
+	if beats < 10 {
+		t.Errorf("%d heartbeats during three copies of %v (timeout %v)", beats, testApplyDelay, timeout)
 	}
 	// Nor did the backup take its primary's heartbeats, queued meanwhile,
 	// for silence.
