@@ -385,7 +385,7 @@ func (s *slot) receive(id uint64, c *transport.Conn, hello *wire.Hello) {
 		}
 	}
 	defer abandon()
-	var lastHeard time.Time
+	lastEvent := engine.Time(-1 << 62) // when the loop last got a heartbeat event from here
 	for {
 		msg, err := wire.Recv(c)
 		if err != nil {
@@ -405,8 +405,8 @@ func (s *slot) receive(id uint64, c *transport.Conn, hello *wire.Hello) {
 		// --max-inflight checkpoints unacknowledged, far fewer than half).
 		heardNow := s.b.now()
 		s.heardLog(id, heardNow)
-		if now := time.Now(); now.Sub(lastHeard) >= s.b.cfg.Engine.Timeout/8 && len(s.events) < cap(s.events)/2 {
-			lastHeard = now
+		if heardNow-lastEvent >= s.b.cfg.Engine.Timeout/8 && len(s.events) < cap(s.events)/2 {
+			lastEvent = heardNow
 			select {
 			case s.events <- engine.Heartbeat{Now: heardNow, Session: id}:
 			default:

@@ -31,6 +31,19 @@ func cGuest(t *testing.T, name, src string) []byte {
 	return mod
 }
 
+// runGuest runs m's guest on a goroutine of its own; the channel closes
+// when it ends.
+func runGuest(t *testing.T, ctx context.Context, m *machine.Machine) <-chan struct{} {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if _, err := m.Run(ctx); err != nil {
+			t.Error(err)
+		}
+	}()
+	return done
+}
+
 // allocateUntil makes 128 MB/s of garbage, 256 KiB every 2 ms, until done
 // is closed, and returns the longest time it was kept from going on.
 func allocateUntil(done <-chan struct{}) (worst time.Duration) {
@@ -75,13 +88,7 @@ func TestCollectionDoesNotWaitForAComputingGuest(t *testing.T) {
 	runtime.ReadMemStats(&before)
 	cycles := machine.GCCycles()
 
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		if _, err := m.Run(ctx); err != nil {
-			t.Error(err)
-		}
-	}()
+	done := runGuest(t, ctx, m)
 	t0 := time.Now()
 	worst := allocateUntil(done)
 	elapsed := time.Since(t0)
@@ -119,13 +126,7 @@ func TestCollectionWhileGuestSleeps(t *testing.T) {
 	}
 	defer m.Close(ctx)
 	cycles := machine.GCCycles()
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		if _, err := m.Run(ctx); err != nil {
-			t.Error(err)
-		}
-	}()
+	done := runGuest(t, ctx, m)
 	worst := allocateUntil(done)
 	got := machine.GCCycles() - cycles
 	t.Logf("%d collections on the guest's goroutine; longest stop of the allocating goroutine %v", got, worst)
