@@ -102,8 +102,15 @@ func TestRelaxSlowsTheMonitor(t *testing.T) {
 	if tid == 0 {
 		t.Fatal("no thread sleeping in nanosleep under load: the monitor was not found")
 	}
+	procSlack := slack(t, os.Getpid())
+	setTo := func(ns int64) {
+		t.Helper()
+		if err := os.WriteFile("/proc/"+strconv.Itoa(tid)+"/timerslack_ns", []byte(strconv.FormatInt(ns, 10)), 0); err != nil {
+			t.Fatal(err)
+		}
+	}
 	// An earlier run in this process (-count) relaxed it already: undo.
-	os.WriteFile("/proc/"+strconv.Itoa(tid)+"/timerslack_ns", []byte(strconv.FormatInt(slack(t, os.Getpid()), 10)), 0)
+	setTo(procSlack)
 	before := wakeups(t, tid, time.Second)
 
 	const s = 2 * time.Millisecond
@@ -126,8 +133,18 @@ func TestRelaxSlowsTheMonitor(t *testing.T) {
 	after := wakeups(t, tid, time.Second)
 	t.Logf("monitor thread %d: %.0f wake-ups/s before, %.0f after a %v slack", tid, before, after, s)
 	// The kernel ends a slack early when another timer fires on the same
-	// CPU (here the load's own 1 ms waits), so the slack bounds the
-	// wake-ups only loosely: ask for half of them.
+	// CPU (the load's own 1 ms waits, and every other process's: CI runs
+	// test packages side by side), so the slack bounds the wake-ups only
+	// loosely, and a second of someone else's load skews one measurement:
+	// ask for half of them in at least one of five back-to-back pairs
+	// (without the slack, the ratio is about 1 in every pair).
+	for try := 1; after > before/2 && try < 5; try++ {
+		setTo(procSlack)
+		before = wakeups(t, tid, time.Second)
+		setTo(s.Nanoseconds())
+		after = wakeups(t, tid, time.Second)
+		t.Logf("again: %.0f wake-ups/s without the slack, %.0f with it", before, after)
+	}
 	if after > before/2 {
 		t.Errorf("monitor woke %.0f times/s before and %.0f after a %v slack, want at most half", before, after, s)
 	}
@@ -135,7 +152,7 @@ func TestRelaxSlowsTheMonitor(t *testing.T) {
 	// Threads the monitor started while relaxed inherited its slack; after
 	// a sweep none but the monitor has it.
 	time.Sleep(2500 * time.Millisecond)
-	want := slack(t, os.Getpid())
+	want := procSlack
 	entries, err := os.ReadDir("/proc/self/task")
 	if err != nil {
 		t.Fatal(err)
