@@ -609,3 +609,68 @@ func TestStagePoolIgnoresGrowth(t *testing.T) {
 		t.Fatalf("after 1,500 dirty pages Refill keeps %d chunks, want 4 (two chunks, twice over)", got)
 	}
 }
+
+// TestStagePoolKeepsGrowthUntilStaged: a growth announced just before an
+// unrelated pause keeps its chunks ready until a staging carries it (the
+// Remus primary once allocated 40 MiB of staging in the pause after that),
+// is not taken for a steady working set afterwards, and is given up on
+// after growthPatience stagings that carry none of it.
+func TestStagePoolKeepsGrowthUntilStaged(t *testing.T) {
+	pagesFrom := func(from, n uint32) []Page {
+		ps := make([]Page, n)
+		for i := range ps {
+			ps[i].Index = from + uint32(i)
+		}
+		return ps
+	}
+	const old = 32
+	grow := uint32(3 * stageChunkPages)
+	pool := &StagePool{MaxFree: 16}
+	pool.Expect(pagesFrom(0, 6), old*PageSize)
+	pool.ExpectGrowth(int(grow))
+	pool.Expect(pagesFrom(0, 6), (old+uint64(grow))*PageSize) // the pause between: none of it yet
+	pool.Refill()
+	if got := pool.freeChunks(); got != 2+3 {
+		t.Fatalf("with a growth of 3 chunks pending Refill keeps %d chunks, want 5", got)
+	}
+	// The pause that carries it takes its chunks from the pool.
+	mem := make([]byte, (old+int(grow))*PageSize)
+	idx := make([]uint32, 0, grow+2)
+	idx = append(idx, 1, 2)
+	for p := uint32(old); p < old+grow; p++ {
+		idx = append(idx, p)
+	}
+	st := Stager{Pool: pool}
+	staged, err := st.Stage(mem, idx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := pool.freeChunks(); got != 1 {
+		t.Fatalf("staging the growth left %d chunks free, want 1 (none allocated)", got)
+	}
+	pool.Expect(staged, uint64(len(mem)))
+	st.Release()
+	pool.Refill()
+	if got := pool.want(); got != 2 {
+		t.Fatalf("after the growth was staged the pool wants %d chunks, want the floor of 2", got)
+	}
+	// Within the grown memory, pages now count as steady.
+	pool.Expect(pagesFrom(old, 1500), uint64(len(mem)))
+	if got := pool.want(); got != 4 {
+		t.Fatalf("after 1,500 dirty pages the pool wants %d chunks, want 4", got)
+	}
+
+	// A growth never written is given up after growthPatience stagings.
+	pool2 := &StagePool{MaxFree: 16}
+	pool2.Expect(pagesFrom(0, 6), old*PageSize)
+	pool2.ExpectGrowth(int(grow))
+	for i := 0; i < growthPatience; i++ {
+		if got := pool2.want(); got != 5 {
+			t.Fatalf("after %d stagings without the growth the pool wants %d chunks, want 5", i, got)
+		}
+		pool2.Expect(pagesFrom(0, 6), (old+uint64(grow))*PageSize)
+	}
+	if got := pool2.want(); got != 2 {
+		t.Fatalf("after %d stagings without the growth the pool wants %d chunks, want 2", growthPatience, got)
+	}
+}

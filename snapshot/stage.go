@@ -95,8 +95,9 @@ type StagePool struct {
 	mu     sync.Mutex
 	free   [][]byte
 	high   int    // the recent largest Expect, in pages, decaying
-	mem    uint64 // the memory size at the last Expect
-	growth int    // pages grown since, which the next staging may carry
+	mem    uint64 // the memory size below which staged pages are steady
+	growth int    // pages grown and not staged yet, which stagings may carry
+	idle   int    // stagings in a row that carried none of them
 }
 
 func (sp *StagePool) maxFree() int {
@@ -154,11 +155,14 @@ func (sp *StagePool) put(c []byte) {
 
 // Expect records an incremental staging (not a full snapshot's every
 // page), which pauses will repeat: Refill's target follows the largest of
-// late, decaying slowly. Pages past the memory size of the previous Expect
-// are left out: a memory that grew is staged whole once (a guest's heap
-// growing from 128 KiB to 8 MiB: 2,000 pages), and keeping that much
-// staging memory faulted in for pauses that never need it would cost as
-// much CPU again.
+// late, decaying slowly. Pages of a growth are left out of it: a memory
+// that grew is staged whole once (a guest's heap growing from 128 KiB to
+// 8 MiB: 2,000 pages), and keeping that much staging memory faulted in for
+// pauses that never need it would cost as much CPU again. They count
+// instead against the growth ExpectGrowth announced, which stays pending
+// (its chunks kept ready) until stagings have carried that many pages of
+// it, or growthPatience stagings in a row carried none: a guest may write
+// its new heap over several epochs.
 func (sp *StagePool) Expect(staged []Page, memBytes uint64) {
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
@@ -166,20 +170,37 @@ func (sp *StagePool) Expect(staged []Page, memBytes uint64) {
 	if sp.mem > 0 {
 		n = pagesBelow(staged, uint32(sp.mem/PageSize))
 	}
-	sp.mem = max(sp.mem, memBytes)
+	grown := len(staged) - n
 	sp.high = max(n, sp.high-sp.high/32)
-	sp.growth = 0 // staged now, if written
+	sp.growth = max(0, sp.growth-grown)
+	if grown > 0 {
+		sp.idle = 0
+	} else if sp.growth > 0 {
+		sp.idle++
+	}
+	if sp.growth == 0 || sp.idle >= growthPatience {
+		// Settled: from now on pages of the grown memory are steady.
+		sp.growth, sp.idle = 0, 0
+		sp.mem = max(sp.mem, memBytes)
+	}
 }
 
-// ExpectGrowth records that the memory grew by pages: the next staging
-// carries those of them the guest wrote, in the meantime as many chunks
-// as that takes are faulted in by Refill (within MaxFree) rather than in
-// the pause. A heap growing by 38 MiB made a 56 ms pause here, most of it
-// allocating staging memory.
+// growthPatience is how many stagings in a row may carry no page of an
+// announced growth before the pool stops keeping chunks for it.
+const growthPatience = 8
+
+// ExpectGrowth records that the memory grew by pages: the stagings that
+// follow carry those of them the guest writes, and until they have, Refill
+// keeps as many chunks more faulted in (within MaxFree) rather than leave
+// them to be allocated in a pause. A heap growing by 38 MiB made a 56 ms
+// pause here, most of it allocating staging memory; a growth announced
+// just before an unrelated pause once had its chunks given up at that
+// pause, and the next one, which carried it, allocated them (31 ms).
 func (sp *StagePool) ExpectGrowth(pages int) {
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
 	sp.growth += pages
+	sp.idle = 0
 }
 
 // Short reports whether the pool holds fewer free chunks than Refill would
