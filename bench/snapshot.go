@@ -59,7 +59,9 @@ func benchPause(ctx context.Context, e *env, mod []byte, b *strings.Builder) err
 	}
 	fmt.Fprintf(b, "### Checkpoint pause vs dirty pages\n\n")
 	fmt.Fprintf(b, "Command: `go run ./bench -only snapshot`. Guest: testdata/guests/dirtier (C, 256 MiB of memory, "+
-		"writes N random pages, then sleeps 20 ms), instrumented. Every ~25 ms the harness pauses it and takes what a "+
+		"writes N random pages, then sleeps 20 ms), instrumented. Every ~25 ms the harness walks the memory's page tables "+
+		"while the guest runs (`Machine.WarmDirty`, as Remus's primary and the snapshotter do before asking for a pause, "+
+		"so that the walk in the pause finds them cached), then pauses it and takes what a "+
 		"checkpoint needs (collect dirty pages from the kernel tracker, copy them into a staging buffer, globals, "+
 		"stack, device state), then resumes it, and then, while it runs, re-arms tracking for the pages it copied "+
 		"(`machine.Paused.DirtyPagesDeferred`, `Machine.RearmDirty`, as Remus's sender does) and tops up the staging "+
@@ -95,6 +97,7 @@ func benchPause(ctx context.Context, e *env, mod []byte, b *strings.Builder) err
 			time.Sleep(25 * time.Millisecond)
 			var gen uint64
 			var staged []snapshot.Page
+			m.WarmDirty() // as Remus's primary and the snapshotter do, while the guest runs
 			err := m.WithPaused(ctx, func(p *machine.Paused) error {
 				var err error
 				if idx, gen, err = p.DirtyPagesDeferred(idx[:0]); err != nil {

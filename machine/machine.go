@@ -138,6 +138,7 @@ type Machine struct {
 	calls           uint64 // safe points reached (host calls begun)
 	autoSnap        bool   // the current unwind is SnapshotAtCall's
 	pauseStart      time.Time
+	warm            func()   // WarmDirty's walk; guarded by mu
 	afterResume     []func() // Paused.AfterResume's, run when the pause is over
 	trackerKind     string   // under mu: Info reads it from other goroutines
 	pauses          pauseStats

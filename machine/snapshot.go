@@ -44,6 +44,7 @@ func (m *Machine) Capture(ctx context.Context, opt SnapshotOptions) (*snapshot.S
 	m.snaps.mu.Lock()
 	defer m.snaps.mu.Unlock()
 	var s *snapshot.Snapshot
+	m.WarmDirty()
 	err := m.WithPaused(ctx, func(p *Paused) error {
 		var err error
 		s, err = m.capturePaused(p, opt)
@@ -122,6 +123,7 @@ func (m *Machine) Snapshot(ctx context.Context, path string, opt SnapshotOptions
 	m.snaps.mu.Lock()
 	defer m.snaps.mu.Unlock()
 	var s *snapshot.Snapshot
+	m.WarmDirty()
 	err := m.WithPaused(ctx, func(p *Paused) error {
 		var err error
 		if s, err = m.capturePaused(p, opt); err != nil {

@@ -50,6 +50,7 @@ package dirty
 import (
 	"errors"
 	"fmt"
+	"time"
 )
 
 // PageSize is the tracking granularity: indices count 4 KiB pages from
@@ -96,6 +97,21 @@ type Tracker interface {
 type Peeker interface {
 	Written(dst []uint32, from, to uint64) (pages []uint32, ok bool)
 }
+
+// Warmer is implemented by trackers whose Collect walks the region's page
+// tables (the userfaultfd tracker). Warm does that walk without reporting
+// or protecting anything, so that the walk of a Collect soon after finds
+// the page tables in the CPU's caches: called while the guest runs, just
+// before a pause, it moves about half of the pause's walk out of it
+// (measured here for 256 MiB, 25 ms after the previous Collect: 215 µs
+// cold, 90–119 µs after a Warm on another thread). It does nothing within
+// WarmAfter of a Collect, when the tables are still cached.
+type Warmer interface {
+	Warm(usedBytes uint64)
+}
+
+// WarmAfter is how long after a Collect a Warm starts doing its walk.
+const WarmAfter = 5 * time.Millisecond
 
 // Deferrer is implemented by trackers that can leave re-arming the pages a
 // Collect reports for later, out of a pause: the userfaultfd tracker,

@@ -931,3 +931,51 @@ func TestCloseWaitsForRearm(t *testing.T) {
 		t.Fatalf("Rearm after Close: %v, want ErrClosed", err)
 	}
 }
+
+// TestWarmLosesNothing: Warm walks without reporting or protecting, so the
+// pages written before it (and after it) are still what Collect reports,
+// and a Warm right after a Collect, or after Close, does nothing.
+func TestWarmLosesNothing(t *testing.T) {
+	if err := uffdOnce(); err != nil {
+		t.Skipf("kernel tracker unavailable: %v", err)
+	}
+	for _, hot := range []bool{false, true} {
+		t.Run(fmt.Sprintf("hot=%v", hot), func(t *testing.T) {
+			const pages = 1024
+			size := pages * PageSize
+			region := mapRegion(t, size)
+			var tr Tracker
+			if hot {
+				tr = newHotTracker(t, region, uint64(size))
+			} else {
+				tr = newTracker(t, region, uint64(size), KindUffd)
+			}
+			w, ok := tr.(Warmer)
+			if !ok {
+				t.Fatal("the kernel tracker is not a Warmer")
+			}
+			collect := func(what string, want []uint32) {
+				t.Helper()
+				got, err := tr.Collect(nil, uint64(size))
+				if err != nil {
+					t.Fatal(err)
+				}
+				expect(t, what, got, want)
+			}
+			collect("nothing yet", nil)
+			for round := 0; round < 4; round++ {
+				stamp(region, 7)
+				stamp(region, 300)
+				time.Sleep(WarmAfter + time.Millisecond) // past the skip: Warm walks
+				w.Warm(uint64(size))
+				stamp(region, 301)
+				w.Warm(uint64(size))
+				collect("written around two Warms", []uint32{7, 300, 301})
+			}
+			w.Warm(uint64(size)) // just after a Collect: skipped
+			collect("nothing", nil)
+			tr.Close()
+			w.Warm(uint64(size)) // closed: nothing, no panic
+		})
+	}
+}

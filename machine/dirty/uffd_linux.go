@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -217,6 +218,9 @@ type uffdTracker struct {
 	gen     uint64
 	pending []uint32
 	carry   []uint32
+	// collected is when the last Collect ended (Warm skips its walk
+	// shortly after one).
+	collected time.Time
 }
 
 func newUffd(region []byte, opts Options) (_ *uffdTracker, err error) {
@@ -317,6 +321,7 @@ func (t *uffdTracker) collect(dst []uint32, usedBytes uint64, deferred bool) ([]
 	if t.closed {
 		return dst, ErrClosed
 	}
+	defer func() { t.collected = time.Now() }()
 	pages, err := checkUsed(usedBytes, len(t.region))
 	if err != nil {
 		return dst, err
@@ -377,6 +382,22 @@ func (t *uffdTracker) collect(dst []uint32, usedBytes uint64, deferred bool) ([]
 		t.armed = end
 	}
 	return dst, err
+}
+
+// Warm implements Warmer: a walk of the armed part that neither protects
+// nor keeps what it finds.
+func (t *uffdTracker) Warm(usedBytes uint64) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.closed || time.Since(t.collected) < WarmAfter {
+		return
+	}
+	pages, err := checkUsed(usedBytes, len(t.region))
+	if err != nil {
+		return
+	}
+	end := min(t.roundUp(uint64(pages)*PageSize), t.armed)
+	_ = t.scanFlags(t.base, end, pmScanCheckWPAsync, pageIsWritten, func([]pageRegion) {})
 }
 
 // Rearm implements Deferrer.
