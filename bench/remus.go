@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"math"
@@ -275,6 +276,9 @@ func waitProtected(p *remusProc, within time.Duration) error {
 func (r *remusEnv) keepStall(label string, p, bk *remusProc) {
 	st, err := primaryStatus(p.sock)
 	r.logf("remus: kv %s stalled; the primary's status: %+v (err %v)", label, st, err)
+	var vm json.RawMessage
+	err = apiGet(p.sock, "/vm", &vm)
+	r.logf("remus: kv %s stalled; the primary's VM (what the guest waits for under \"waiting\"): %s (err %v)", label, vm, err)
 	p.cmd.Process.Signal(syscall.SIGQUIT)
 	select {
 	case <-p.child.done:

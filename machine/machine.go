@@ -617,6 +617,10 @@ type Info struct {
 	// RuntimeMonitor is whether the Go runtime monitor's sleeps were
 	// lengthened (package internal/sysmon).
 	RuntimeMonitor sysmon.Status `json:"runtime_monitor"`
+	// Waiting is what the guest waits for while it is blocked in
+	// poll_oneoff (nil otherwise): to tell a hung guest's own wait from
+	// a wake-up the device layer lost.
+	Waiting *wasi.PollWait `json:"waiting,omitempty"`
 }
 
 // Counters are the device layer's totals.
@@ -669,6 +673,7 @@ func (m *Machine) Info() Info {
 	m.mu.Unlock()
 	info.GC = ReadGCStats()
 	info.RuntimeMonitor = sysmon.Read()
+	info.Waiting = m.dev.PollWait()
 	return info
 }
 

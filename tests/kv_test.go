@@ -5,10 +5,12 @@ package tests
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"fmt"
 	"math/rand/v2"
 	"net"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -16,7 +18,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ftvm/ftvm/api"
 	"github.com/ftvm/ftvm/internal/guest"
+	"github.com/ftvm/ftvm/wasi"
 )
 
 // ftvmBinary builds the ftvm CLI once per test binary.
@@ -248,5 +252,51 @@ func TestKVServer(t *testing.T) {
 		p.cmd.ProcessState.ExitCode())
 	if code := p.cmd.ProcessState.ExitCode(); code != 143 {
 		t.Fatalf("exit code %d after SIGTERM, want 143", code)
+	}
+}
+
+// TestWaitingGuestShowsWhatItWaitsFor: a guest blocked in poll_oneoff is
+// reported by GET /vm with what it waits for (its listener, and a
+// connection whose request has not been completed), none of it ready; once
+// the request is complete it is answered and no longer waited for. This is
+// how a hung guest's own wait is told from a wake-up the host lost.
+func TestWaitingGuestShowsWhatItWaitsFor(t *testing.T) {
+	wasm := guest.MustGo(t, "testdata/guests/kvserver")
+	addr := freeAddr(t)
+	sock := filepath.Join(t.TempDir(), "api.sock")
+	p := startProc(t, ftvmBinary(t), "run", "--api-sock", sock, "--listen", "3="+addr, wasm)
+	waitKV(t, p, addr)
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	fmt.Fprintf(c, "SET half") // no newline: the server waits for the rest
+	ctx := context.Background()
+	var w *wasi.PollWait
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		info, err := api.NewClient(sock).Info(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if w = info.Waiting; w != nil && len(w.Fds) == 2 {
+			break
+		}
+	}
+	if w == nil || len(w.Fds) != 2 {
+		t.Fatalf("GET /vm waiting = %+v, want the listener and the connection", w)
+	}
+	for _, f := range w.Fds {
+		if f.Event != "read" || f.ReadyNow || f.HostFd < 0 {
+			t.Fatalf("waited-for descriptor %+v: want a read, not ready", f)
+		}
+	}
+	if w.Fds[0].Fd == w.Fds[1].Fd || (w.Fds[0].Fd != 3 && w.Fds[1].Fd != 3) {
+		t.Fatalf("waited-for descriptors %+v: want the listener (3) and another", w.Fds)
+	}
+	fmt.Fprintf(c, " v\n")
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if line, err := bufio.NewReader(c).ReadString('\n'); err != nil || line != "OK\n" {
+		t.Fatalf("completed request: %q %v", line, err)
 	}
 }

@@ -112,6 +112,8 @@ type Devices struct {
 	// waiting is set while poll_oneoff blocks: the guest is parked in Go
 	// code, not running its own (Waiting).
 	waiting atomic.Bool
+	// pollWait is what a guest blocked in poll_oneoff waits for (PollWait).
+	pollWait atomic.Pointer[PollWait]
 	// pause is set by RequestPause: a call blocked in a wait that has had no
 	// effect yet gives up and restarts from its safe point.
 	pause    atomic.Bool

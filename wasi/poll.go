@@ -3,6 +3,7 @@ package wasi
 import (
 	"encoding/binary"
 	"math"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -34,6 +35,7 @@ type pollSub struct {
 	pfd      int32 // index into pollScratch.pfds, or -1
 	kind     Kind  // fd subscriptions: the kind of the descriptor
 	host     int32
+	fd       uint32 // fd subscriptions: the guest's descriptor
 	errno    Errno
 	flags    uint16 // eventrwflags
 	typ      uint8
@@ -167,6 +169,8 @@ func pollOneoff(d *Devices, m Mem, p []uint64) Errno {
 		}
 		if (timeout > 0 || infinite) && !slept {
 			slept = true
+			d.publishWait(infinite)
+			defer d.pollWait.Store(nil)
 			d.counters.PollWaits.Add(1)
 			if d.onIdle != nil {
 				d.onIdle()
@@ -253,6 +257,7 @@ func (d *Devices) parseClockSub(sub *pollSub, b []byte) {
 // stdio backed by Go readers/writers are always ready; a bad descriptor is an
 // event carrying the error, not a failure of the call.
 func (d *Devices) parseFdSub(sub *pollSub, fd uint32) {
+	sub.fd = fd
 	f, errno := d.fds.Get(fd)
 	if errno != ESUCCESS {
 		sub.errno, sub.ready = errno, true
@@ -414,4 +419,69 @@ func (d *Devices) writeEvents() []byte {
 		out = out[:len(out)+sizeEvent]
 	}
 	return out
+}
+
+// PollWait describes a guest blocked in poll_oneoff, for status reports:
+// since when, and what it waits for, each descriptor with whether it is
+// ready now. A guest asleep while one of them is ready lost a wake-up; one
+// that waits for none of the descriptors its clients use is waiting in its
+// own code.
+type PollWait struct {
+	Since       time.Time    `json:"since"`
+	Seconds     float64      `json:"seconds"`
+	HasDeadline bool         `json:"has_deadline"`
+	Fds         []PollWaitFd `json:"fds"`
+}
+
+// PollWaitFd is one descriptor subscription of a PollWait.
+type PollWaitFd struct {
+	Fd       uint32 `json:"fd"`
+	HostFd   int32  `json:"host_fd"`
+	Event    string `json:"event"` // "read" or "write"
+	ReadyNow bool   `json:"ready_now"`
+}
+
+// publishWait records the subscriptions of a poll_oneoff about to sleep.
+func (d *Devices) publishWait(infinite bool) {
+	w := &PollWait{Since: time.Now(), HasDeadline: !infinite}
+	for i := range d.pollScratch.subs {
+		sub := &d.pollScratch.subs[i]
+		if sub.pfd < 0 {
+			continue
+		}
+		ev := "read"
+		if sub.typ == EventtypeFdWrite {
+			ev = "write"
+		}
+		w.Fds = append(w.Fds, PollWaitFd{Fd: sub.fd, HostFd: sub.host, Event: ev})
+	}
+	d.pollWait.Store(w)
+}
+
+// PollWait returns what the guest waits for in poll_oneoff now, nil if it
+// is not blocked there. Safe from any goroutine; readiness is read at the
+// time of the call (a descriptor closed meanwhile reads as not ready).
+func (d *Devices) PollWait() *PollWait {
+	w := d.pollWait.Load()
+	if w == nil {
+		return nil
+	}
+	out := *w
+	out.Seconds = time.Since(w.Since).Seconds()
+	out.Fds = append([]PollWaitFd(nil), w.Fds...)
+	pfds := make([]unix.PollFd, len(out.Fds))
+	for i, f := range out.Fds {
+		ev := int16(unix.POLLIN | unix.POLLRDHUP)
+		if f.Event == "write" {
+			ev = unix.POLLOUT
+		}
+		pfds[i] = unix.PollFd{Fd: f.HostFd, Events: ev}
+	}
+	var zero unix.Timespec
+	if _, err := unix.Ppoll(pfds, &zero, nil); err == nil {
+		for i := range out.Fds {
+			out.Fds[i].ReadyNow = pfds[i].Revents&^unix.POLLNVAL != 0
+		}
+	}
+	return &out
 }

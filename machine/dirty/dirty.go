@@ -105,7 +105,8 @@ type Peeker interface {
 // before a pause, it moves about half of the pause's walk out of it
 // (measured here for 256 MiB, 25 ms after the previous Collect: 215 µs
 // cold, 90–119 µs after a Warm on another thread). It does nothing within
-// WarmAfter of a Collect, when the tables are still cached.
+// WarmAfter of a Collect, when the tables are still cached, nor while the
+// tracker is busy (it never waits).
 type Warmer interface {
 	Warm(usedBytes uint64)
 }

@@ -385,9 +385,13 @@ func (t *uffdTracker) collect(dst []uint32, usedBytes uint64, deferred bool) ([]
 }
 
 // Warm implements Warmer: a walk of the armed part that neither protects
-// nor keeps what it finds.
+// nor keeps what it finds. A tracker busy with a Collect or a Rearm is
+// left alone: waiting for it would hold up the caller (Remus's loop) for
+// no gain.
 func (t *uffdTracker) Warm(usedBytes uint64) {
-	t.mu.Lock()
+	if !t.mu.TryLock() {
+		return
+	}
 	defer t.mu.Unlock()
 	if t.closed || time.Since(t.collected) < WarmAfter {
 		return
