@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"slices"
@@ -12,6 +13,7 @@ import (
 	"time"
 
 	"github.com/ftvm/ftvm/internal/guest"
+	"github.com/ftvm/ftvm/machine/dirty"
 	"github.com/ftvm/ftvm/snapshot"
 )
 
@@ -182,51 +184,85 @@ func TestIncrementalChain(t *testing.T) {
 // TestScratchRegionSurvivesPauses: a guest that writes to the region the
 // machine borrows for Asyncify's stack, between host calls, finds its bytes
 // intact however often it is paused (the machine refreshes its copy of the
-// region by the pages written since the last pause).
+// region by the pages written since the last pause). Both ways of
+// collecting: as a snapshot does (re-armed in the pause), and as Remus's
+// primary does (re-armed after the guest runs again, so the guest writes
+// pages before they are protected: the copy must still learn of them).
 func TestScratchRegionSurvivesPauses(t *testing.T) {
 	wasm := guest.MustC(t, "scratchtop", []string{"testdata/guests/scratchtop/scratchtop.c"})
 	mod, err := os.ReadFile(wasm)
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx := context.Background()
-	var out bytes.Buffer
-	// The guest would run for a very long time: it is paused until it has
-	// been paused often enough, then stopped. It exits by itself (code 1)
-	// only if it finds a byte changed.
-	m, err := New(ctx, Config{Module: mod, Name: "scratchtop", Args: []string{"2000000000"}, Stdout: &out, Stderr: &out,
-		CacheDir: t.TempDir(), Instrument: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close(ctx)
-	done := make(chan struct{})
-	go func() { m.Run(ctx); close(done) }()
-	pauses := 0
-	var dirty []uint32
-	deadline := time.Now().Add(time.Minute)
-	for pauses < 1000 && time.Now().Before(deadline) {
-		select {
-		case <-done:
-			t.Fatalf("the guest ended after %d pauses: %s", pauses, out.String())
-		default:
-		}
-		// Collect as a checkpoint does, so the tracker re-arms.
-		err := m.WithPaused(ctx, func(p *Paused) error {
-			var err error
-			dirty, err = p.DirtyPages(dirty[:0])
-			return err
+	for _, deferred := range []bool{false, true} {
+		t.Run(fmt.Sprintf("deferred=%v", deferred), func(t *testing.T) {
+			ctx := context.Background()
+			var out bytes.Buffer
+			// The guest would run for a very long time: it is paused until
+			// it has been paused often enough, then stopped. It exits by
+			// itself (code 1) only if it finds a byte changed.
+			m, err := New(ctx, Config{Module: mod, Name: "scratchtop", Args: []string{"2000000000"}, Stdout: &out, Stderr: &out,
+				CacheDir: t.TempDir(), Instrument: true})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer m.Close(ctx)
+			done := make(chan struct{})
+			go func() { m.Run(ctx); close(done) }()
+			pauses := 0
+			var pages []uint32
+			copies := map[uint32][]byte{}
+			rng := rand.New(rand.NewPCG(7, uint64(len(wasm))))
+			deadline := time.Now().Add(time.Minute)
+			for pauses < 1000 && time.Now().Before(deadline) {
+				select {
+				case <-done:
+					t.Fatalf("the guest ended after %d pauses: %s", pauses, out.String())
+				default:
+				}
+				var gen uint64
+				err := m.WithPaused(ctx, func(p *Paused) error {
+					var err error
+					if !deferred {
+						// Collect as a checkpoint does, so the tracker re-arms.
+						pages, err = p.DirtyPages(pages[:0])
+						return err
+					}
+					if pages, gen, err = p.DirtyPagesDeferred(pages[:0]); err != nil {
+						return err
+					}
+					clear(copies)
+					mem := p.Memory()
+					for _, i := range pages {
+						copies[i] = bytes.Clone(mem[int(i)*dirty.PageSize : int(i+1)*dirty.PageSize])
+					}
+					return nil
+				})
+				if err != nil {
+					continue
+				}
+				pauses++
+				if deferred {
+					// As Remus's sender: after the guest ran a little.
+					time.Sleep(time.Duration(rng.IntN(300)) * time.Microsecond)
+					if err := m.RearmDirty(gen, func(i uint32) []byte { return copies[i] }); err != nil {
+						select {
+						case <-done:
+							t.Fatalf("the guest ended after %d pauses: %s", pauses, out.String())
+						case <-time.After(time.Second):
+							t.Fatal(err)
+						}
+					}
+				}
+			}
+			if err := m.WithPaused(ctx, func(p *Paused) error { p.Stop(); return nil }); err != nil {
+				t.Fatal(err)
+			}
+			<-done
+			if strings.Contains(out.String(), "wrote") || pauses < 1000 {
+				t.Fatalf("output %q after %d pauses", out.String(), pauses)
+			}
+			t.Logf("%d pauses, the scratch region's bytes intact", pauses)
 		})
-		if err == nil {
-			pauses++
-		}
 	}
-	if err := m.WithPaused(ctx, func(p *Paused) error { p.Stop(); return nil }); err != nil {
-		t.Fatal(err)
-	}
-	<-done
-	if strings.Contains(out.String(), "wrote") || pauses < 1000 {
-		t.Fatalf("output %q after %d pauses", out.String(), pauses)
-	}
-	t.Logf("%d pauses, the scratch region's bytes intact", pauses)
 }

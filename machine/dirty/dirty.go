@@ -90,10 +90,12 @@ type Tracker interface {
 }
 
 // Peeker is implemented by trackers that can say which pages of a range
-// were written since they were last protected without re-arming them (the
-// userfaultfd tracker): the machine uses it to refresh its copy of the
-// region it borrows for Asyncify's stack by the pages the guest changed,
-// not all of it. ok is false when it cannot tell (then assume all).
+// may have been written since the last Collect, without re-arming anything
+// (the userfaultfd tracker): the machine uses it to refresh its copy of
+// the region it borrows for Asyncify's stack by the pages the guest
+// changed, not all of it, so a page written and left out would have that
+// copy written back over it. ok is false when it cannot tell (then assume
+// all).
 type Peeker interface {
 	Written(dst []uint32, from, to uint64) (pages []uint32, ok bool)
 }

@@ -979,3 +979,105 @@ func TestWarmLosesNothing(t *testing.T) {
 		})
 	}
 }
+
+// TestWrittenSeesPagesRearmCarried: a page written after a deferred Collect
+// and before its Rearm is protected by that Rearm without the kernel
+// having reported it; Rearm carries it to the next Collect, and Written
+// (which the machine uses to refresh its copy of the region Asyncify
+// borrows) must report it too, or that copy stays stale and is written
+// back over the guest's data at the next pause.
+func TestWrittenSeesPagesRearmCarried(t *testing.T) {
+	if err := uffdOnce(); err != nil {
+		t.Skipf("kernel tracker unavailable: %v", err)
+	}
+	for _, hot := range []bool{false, true} {
+		t.Run(fmt.Sprintf("hot=%v", hot), func(t *testing.T) {
+			const pages = 64
+			size := pages * PageSize
+			region := mapRegion(t, size)
+			image := make([]byte, size)
+			var tr Tracker
+			if hot {
+				tr = newHotTracker(t, region, uint64(size))
+			} else {
+				tr = newTracker(t, region, uint64(size), KindUffd)
+			}
+			d, pk := tr.(Deferrer), tr.(Peeker)
+			tr.Collect(nil, uint64(size))
+			for _, set := range [][]uint32{{40}, {40, 41, 42, 50, 51, 60}} {
+				for _, p := range set {
+					stamp(region, p)
+				}
+				got, gen, err := d.CollectDeferred(nil, uint64(size))
+				if err != nil {
+					t.Fatal(err)
+				}
+				expect(t, "written", got, set)
+				copyPages(image, region, got)
+				stamp(region, set[0]) // the guest runs before Rearm
+				if err := d.Rearm(gen, func(p uint32) []byte { return image[int(p)*PageSize : int(p+1)*PageSize] }); err != nil {
+					t.Fatal(err)
+				}
+				w, ok := pk.Written(nil, 32*PageSize, uint64(size))
+				if !ok {
+					t.Fatal("Written could not tell")
+				}
+				expect(t, "Written after a Rearm that carried a page", w, []uint32{set[0]})
+				got, err = tr.Collect(nil, uint64(size))
+				if err != nil {
+					t.Fatal(err)
+				}
+				expect(t, "Collect after it", got, []uint32{set[0]})
+			}
+		})
+	}
+}
+
+// TestWrittenSeesHotPagesARearmProtected: a Rearm with many runs protects
+// in one walk whatever is written in their span, a hot page too, without
+// carrying it (Collect finds its change by hash); Written must still report
+// a hot page written before that walk.
+func TestWrittenSeesHotPagesARearmProtected(t *testing.T) {
+	if err := uffdOnce(); err != nil {
+		t.Skipf("kernel tracker unavailable: %v", err)
+	}
+	const pages = 128
+	size := pages * PageSize
+	region := mapRegion(t, size)
+	image := make([]byte, size)
+	tr := newHotTracker(t, region, uint64(size))
+	const hotPage = 90
+	for i := 0; i < promoteAfter+1; i++ {
+		stamp(region, hotPage)
+		if _, err := tr.Collect(nil, uint64(size)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if !tr.hot.isHot(hotPage) {
+		t.Fatalf("page %d written in %d Collects in a row is not hot", hotPage, promoteAfter+1)
+	}
+	var many []uint32
+	for p := uint32(70); p < 112; p += 2 {
+		many = append(many, p)
+	}
+	for _, p := range many {
+		stamp(region, p)
+	}
+	stamp(region, hotPage+1)
+	got, gen, err := tr.CollectDeferred(nil, uint64(size))
+	if err != nil {
+		t.Fatal(err)
+	}
+	copyPages(image, region, got)
+	stamp(region, hotPage) // the guest runs before Rearm
+	if err := tr.Rearm(gen, func(p uint32) []byte { return image[int(p)*PageSize : int(p+1)*PageSize] }); err != nil {
+		t.Fatal(err)
+	}
+	w, ok := tr.Written(nil, 64*PageSize, uint64(size))
+	if !ok {
+		t.Fatal("Written could not tell")
+	}
+	if _, found := slices.BinarySearch(w, hotPage); !found {
+		t.Fatalf("Written after a Rearm walk over a hot page written before it: %v, want page %d among them", w, hotPage)
+	}
+}

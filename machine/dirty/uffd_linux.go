@@ -580,9 +580,10 @@ func (t *uffdTracker) scan(start, end uintptr, returnMask uint64, emit func([]pa
 	return t.scanFlags(start, end, pmScanWPMatching|pmScanCheckWPAsync, returnMask, emit)
 }
 
-// Written implements Peeker: the pages of [from, to) written since they
-// were last protected, without protecting them (PAGEMAP_SCAN with no
-// write-protect flag), so Collect still reports them.
+// Written implements Peeker: every page of [from, to) that may have been
+// written since the last Collect — written to the kernel, carried by a
+// Rearm, or hot — without protecting anything (PAGEMAP_SCAN with no
+// write-protect flag).
 func (t *uffdTracker) Written(dst []uint32, from, to uint64) ([]uint32, bool) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -591,9 +592,35 @@ func (t *uffdTracker) Written(dst []uint32, from, to uint64) ([]uint32, bool) {
 		return dst, false // not armed there: everything counts as written
 	}
 	limit := (to + PageSize - 1) / PageSize
+	first := len(dst)
 	err := t.scanFlags(start, end, 0, pageIsWritten, func(r []pageRegion) {
 		dst = t.appendPages(dst, r, limit)
 	})
+	// Pages a Rearm protected after they were written are protected to
+	// the kernel but written all the same: the next Collect reports them
+	// (carry), and so must this. So may hot pages be (a Rearm's walk
+	// protects them too, and Collect finds their change by hash): being
+	// hot, they are taken as written.
+	lo := uint32(from / PageSize)
+	added := false
+	for _, p := range t.carry {
+		if p >= lo && uint64(p) < limit {
+			dst = append(dst, p)
+			added = true
+		}
+	}
+	if t.hot != nil {
+		for _, h := range t.hot.hot {
+			if h.idx >= lo && uint64(h.idx) < limit {
+				dst = append(dst, h.idx)
+				added = true
+			}
+		}
+	}
+	if added {
+		slices.Sort(dst[first:])
+		dst = dst[:first+len(slices.Compact(dst[first:]))]
+	}
 	return dst, err == nil
 }
 

@@ -3,13 +3,23 @@
 // and checks after each call that what it wrote is still there. Paused
 // often, it catches a machine that puts back stale bytes.
 //
+// Every byte it ever wrote is checked, not only the last round's: it keeps
+// a copy of the region's first page, where the machine writes the stack
+// and then puts the guest's bytes back, and half of its writes go there.
+// A byte written long before the pause that restores a stale copy of that
+// page is caught as surely as one written just before it.
+//
 // Usage: scratchtop ROUNDS
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 
 #define TOP (256 * 1024)
+#define FIRST 4096
+
+static uint8_t shadow[FIRST];
 
 int main(int argc, char **argv) {
 	int rounds = argc > 1 ? atoi(argv[1]) : 1000;
@@ -17,16 +27,20 @@ int main(int argc, char **argv) {
 	__builtin_wasm_memory_grow(0, 8);
 	uintptr_t end = __builtin_wasm_memory_size(0) * 65536;
 	volatile uint8_t *top = (volatile uint8_t *)(end - TOP);
+	for (int i = 0; i < FIRST; i++)
+		shadow[i] = top[i];
 	uint32_t seed = 12345;
 	for (int r = 0; r < rounds; r++) {
-		// Write a few words in random pages of the region.
+		// Write a few bytes: half in the first page, half anywhere.
 		uint32_t offs[8];
 		uint8_t vals[8];
 		for (int i = 0; i < 8; i++) {
 			seed = seed * 1103515245 + 12345;
-			offs[i] = (seed >> 8) % TOP;
+			offs[i] = (seed >> 8) % (i % 2 ? TOP : FIRST);
 			vals[i] = (uint8_t)(r + i + 1);
 			top[offs[i]] = vals[i];
+			if (offs[i] < FIRST)
+				shadow[offs[i]] = vals[i];
 		}
 		struct timespec ts;
 		clock_gettime(CLOCK_MONOTONIC, &ts); // a host call: a safe point
@@ -37,6 +51,12 @@ int main(int argc, char **argv) {
 				later |= offs[j] == offs[i];
 			if (!later && top[offs[i]] != vals[i]) {
 				printf("round %d: byte at top+%u is %u, wrote %u\n", r, offs[i], top[offs[i]], vals[i]);
+				return 1;
+			}
+		}
+		for (int i = 0; i < FIRST; i++) {
+			if (top[i] != shadow[i]) {
+				printf("round %d: byte at top+%d is %u, wrote %u earlier\n", r, i, top[i], shadow[i]);
 				return 1;
 			}
 		}
