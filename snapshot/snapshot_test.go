@@ -673,4 +673,14 @@ func TestStagePoolKeepsGrowthUntilStaged(t *testing.T) {
 	if got := pool2.want(); got != 2 {
 		t.Fatalf("after %d stagings without the growth the pool wants %d chunks, want 2", growthPatience, got)
 	}
+
+	// Grown before the first Expect (Remus's full checkpoint makes none):
+	// the staging that carries the growth settles it, and its pages are
+	// not taken for a working set.
+	pool3 := &StagePool{MaxFree: 16}
+	pool3.ExpectGrowth(int(grow))
+	pool3.Expect(append(pagesFrom(1, 2), pagesFrom(old, grow)...), (old+uint64(grow))*PageSize)
+	if got := pool3.want(); got != 2 {
+		t.Fatalf("after a growth before the first Expect was staged the pool wants %d chunks, want 2", got)
+	}
 }

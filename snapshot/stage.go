@@ -161,11 +161,16 @@ func (sp *StagePool) put(c []byte) {
 // pauses that never need it would cost as much CPU again. They count
 // instead against the growth ExpectGrowth announced, which stays pending
 // (its chunks kept ready) until stagings have carried that many pages of
-// it, or growthPatience stagings in a row carried none: a guest may write
-// its new heap over several epochs.
+// it (a page staged twice counts twice), or growthPatience stagings in a
+// row carried none: a guest may write its new heap over several epochs.
 func (sp *StagePool) Expect(staged []Page, memBytes uint64) {
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
+	if sp.mem == 0 && sp.growth > 0 {
+		// Grown before the first Expect (Remus's full checkpoint makes
+		// none): the memory before it is what it is now less the growth.
+		sp.mem = memBytes - min(memBytes, uint64(sp.growth)*PageSize)
+	}
 	n := len(staged)
 	if sp.mem > 0 {
 		n = pagesBelow(staged, uint32(sp.mem/PageSize))

@@ -121,7 +121,7 @@ func TestIdleWaiterLosesNoWakeup(t *testing.T) {
 	ping := func(c net.Conn) bool {
 		b := make([]byte, 1)
 		c.Write([]byte{7})
-		c.SetReadDeadline(time.Now().Add(time.Second))
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
 		t0 := time.Now()
 		if _, err := c.Read(b); err != nil {
 			lost.Add(1)

@@ -116,6 +116,14 @@ func (d *Devices) clockNow(id uint32) (uint64, bool) {
 }
 
 func pollOneoff(d *Devices, m Mem, p []uint64) Errno {
+	errno := pollOneoffWait(d, m, p)
+	if d.pollWait.Load() != nil {
+		d.pollWait.Store(nil) // published by a wait of this call
+	}
+	return errno
+}
+
+func pollOneoffWait(d *Devices, m Mem, p []uint64) Errno {
 	inPtr, outPtr, n, neventsPtr := uint32(p[0]), uint32(p[1]), uint32(p[2]), uint32(p[3])
 	if n == 0 {
 		return EINVAL
@@ -170,7 +178,6 @@ func pollOneoff(d *Devices, m Mem, p []uint64) Errno {
 		if (timeout > 0 || infinite) && !slept {
 			slept = true
 			d.publishWait(infinite)
-			defer d.pollWait.Store(nil)
 			d.counters.PollWaits.Add(1)
 			if d.onIdle != nil {
 				d.onIdle()
@@ -423,9 +430,11 @@ func (d *Devices) writeEvents() []byte {
 
 // PollWait describes a guest blocked in poll_oneoff, for status reports:
 // since when, and what it waits for, each descriptor with whether it is
-// ready now. A guest asleep while one of them is ready lost a wake-up; one
-// that waits for none of the descriptors its clients use is waiting in its
-// own code.
+// ready now. A guest that stays asleep while one of them stays ready lost
+// a wake-up (at an ordinary wake-up a descriptor reads as ready for a
+// moment); one that waits for none of the descriptors its clients use is
+// waiting in its own code. Publishing it costs a sleeping poll_oneoff two
+// allocations (the description and its list).
 type PollWait struct {
 	Since       time.Time    `json:"since"`
 	Seconds     float64      `json:"seconds"`
@@ -460,7 +469,8 @@ func (d *Devices) publishWait(infinite bool) {
 
 // PollWait returns what the guest waits for in poll_oneoff now, nil if it
 // is not blocked there. Safe from any goroutine; readiness is read at the
-// time of the call (a descriptor closed meanwhile reads as not ready).
+// time of the call (a descriptor closed meanwhile may read as anything:
+// its number can be another file's by then).
 func (d *Devices) PollWait() *PollWait {
 	w := d.pollWait.Load()
 	if w == nil {

@@ -3,6 +3,7 @@
 package dirty
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -933,8 +934,9 @@ func TestCloseWaitsForRearm(t *testing.T) {
 }
 
 // TestWarmLosesNothing: Warm walks without reporting or protecting, so the
-// pages written before it (and after it) are still what Collect reports,
-// and a Warm right after a Collect, or after Close, does nothing.
+// pages written before it (and after it) are still what Collect reports;
+// so does a Warm right after a Collect (which skips its walk), and one
+// after Close does not fail.
 func TestWarmLosesNothing(t *testing.T) {
 	if err := uffdOnce(); err != nil {
 		t.Skipf("kernel tracker unavailable: %v", err)
@@ -1080,4 +1082,40 @@ func TestWrittenSeesHotPagesARearmProtected(t *testing.T) {
 	if _, found := slices.BinarySearch(w, hotPage); !found {
 		t.Fatalf("Written after a Rearm walk over a hot page written before it: %v, want page %d among them", w, hotPage)
 	}
+}
+
+// TestWrittenAfterLateRearm: a consumer that copied a pending page when
+// Written reported it (a pause without a Collect, between a deferred
+// Collect and its Rearm) must hear of the page again if the guest then put
+// back the very bytes the Collect's copy holds: Rearm, seeing no
+// difference from that copy, would otherwise protect it silently, and the
+// consumer's copy would stay stale.
+func TestWrittenAfterLateRearm(t *testing.T) {
+	if err := uffdOnce(); err != nil {
+		t.Skipf("kernel tracker unavailable: %v", err)
+	}
+	const pages = 64
+	size := pages * PageSize
+	region := mapRegion(t, size)
+	tr := newTracker(t, region, uint64(size), KindUffd)
+	d, pk := tr.(Deferrer), tr.(Peeker)
+	tr.Collect(nil, uint64(size))
+	const p = 40
+	o := p * PageSize
+	region[o] = 'A'
+	got, gen, err := d.CollectDeferred(nil, uint64(size))
+	if err != nil {
+		t.Fatal(err)
+	}
+	expect(t, "written", got, []uint32{p})
+	collected := bytes.Clone(region[o : o+PageSize])
+	region[o] = 'B'
+	w, _ := pk.Written(nil, 32*PageSize, uint64(size))
+	expect(t, "Written before the Rearm", w, []uint32{p}) // the consumer copies B
+	region[o] = 'A'
+	if err := d.Rearm(gen, func(uint32) []byte { return collected }); err != nil {
+		t.Fatal(err)
+	}
+	w, _ = pk.Written(nil, 32*PageSize, uint64(size))
+	expect(t, "Written after a late Rearm of a page changed back", w, []uint32{p})
 }

@@ -221,6 +221,11 @@ type uffdTracker struct {
 	// collected is when the last Collect ended (Warm skips its walk
 	// shortly after one).
 	collected time.Time
+	// peekLo, peekHi span the pages Written was asked about since the
+	// last Collect: a pending page there may have been reported to a
+	// consumer that copied it then, so its Rearm must carry it whatever
+	// the Collect's copy says (peekHi == 0: none).
+	peekLo, peekHi uint32
 }
 
 func newUffd(region []byte, opts Options) (_ *uffdTracker, err error) {
@@ -329,6 +334,7 @@ func (t *uffdTracker) collect(dst []uint32, usedBytes uint64, deferred bool) ([]
 	// Pages a previous CollectDeferred left writable and nobody re-armed
 	// are still written to the kernel: the scan reports them again.
 	t.pending = t.pending[:0]
+	t.peekLo, t.peekHi = 0, 0
 	t.gen++
 	start := len(dst)
 	limit := uint64(pages)
@@ -442,10 +448,13 @@ func (t *uffdTracker) Rearm(gen uint64, copyOf func(page uint32) []byte) error {
 		return err
 	}
 	// Protected now: a write from here on is the kernel's to see. One
-	// before it shows as a difference from the caller's copy.
+	// before it shows as a difference from the caller's copy, unless it
+	// put back what that copy holds after Written reported the page to
+	// someone who copied it in between: pages Written was asked about are
+	// carried in any case.
 	for _, p := range pend {
 		o := int(p) * PageSize
-		if c := copyOf(p); c == nil || !bytes.Equal(c, t.region[o:o+PageSize]) {
+		if c := copyOf(p); c == nil || (p >= t.peekLo && p < t.peekHi) || !bytes.Equal(c, t.region[o:o+PageSize]) {
 			t.carry = append(t.carry, p)
 		}
 	}
@@ -602,6 +611,11 @@ func (t *uffdTracker) Written(dst []uint32, from, to uint64) ([]uint32, bool) {
 	// protects them too, and Collect finds their change by hash): being
 	// hot, they are taken as written.
 	lo := uint32(from / PageSize)
+	if hi := uint32(limit); t.peekHi == 0 {
+		t.peekLo, t.peekHi = lo, hi
+	} else {
+		t.peekLo, t.peekHi = min(t.peekLo, lo), max(t.peekHi, hi)
+	}
 	added := false
 	for _, p := range t.carry {
 		if p >= lo && uint64(p) < limit {
