@@ -583,16 +583,18 @@ func TestStagePoolKeepsPausesFromAllocating(t *testing.T) {
 	}
 }
 
+// pagesFrom is n pages (indices only) from index from on.
+func pagesFrom(from, n uint32) []Page {
+	ps := make([]Page, n)
+	for i := range ps {
+		ps[i].Index = from + uint32(i)
+	}
+	return ps
+}
+
 // TestStagePoolIgnoresGrowth: a memory that grew is staged whole once; the
 // pool's target follows the pages dirtied within the memory as it was.
 func TestStagePoolIgnoresGrowth(t *testing.T) {
-	pagesFrom := func(from, n uint32) []Page {
-		ps := make([]Page, n)
-		for i := range ps {
-			ps[i].Index = from + uint32(i)
-		}
-		return ps
-	}
 	pool := &StagePool{MaxFree: 16}
 	pool.Expect(pagesFrom(0, 6), 32*PageSize)
 	// The heap grows from 32 to 2,032 pages: 2,000 new pages and 4 old.
@@ -616,13 +618,6 @@ func TestStagePoolIgnoresGrowth(t *testing.T) {
 // is not taken for a steady working set afterwards, and is given up on
 // after growthPatience stagings that carry none of it.
 func TestStagePoolKeepsGrowthUntilStaged(t *testing.T) {
-	pagesFrom := func(from, n uint32) []Page {
-		ps := make([]Page, n)
-		for i := range ps {
-			ps[i].Index = from + uint32(i)
-		}
-		return ps
-	}
 	const old = 32
 	grow := uint32(3 * stageChunkPages)
 	pool := &StagePool{MaxFree: 16}

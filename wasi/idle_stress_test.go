@@ -20,16 +20,7 @@ import (
 // connection, so in the second half nothing but the waiter wakes it). A
 // wake-up lost anywhere leaves a client without its echo.
 func TestIdleWaiterLosesNoWakeup(t *testing.T) {
-	wake, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Close(wake)
-	w := newIdleWaiter(wake)
-	if w == nil {
-		t.Skip("no idle waiter here")
-	}
-	defer w.close()
+	wake, w := newTestWaiter(t)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

@@ -14,16 +14,7 @@ import (
 // descriptor number closed and reused; and declines descriptors epoll
 // cannot watch (regular files), so that the caller falls back to ppoll.
 func TestIdleWaiter(t *testing.T) {
-	wake, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Close(wake)
-	w := newIdleWaiter(wake)
-	if w == nil {
-		t.Fatal("no idle waiter: the runtime's poller cannot watch an epoll descriptor here")
-	}
-	defer w.close()
+	wake, w := newTestWaiter(t)
 	pipe := func() (r, wr int) {
 		var p [2]int
 		if err := unix.Pipe2(p[:], unix.O_CLOEXEC|unix.O_NONBLOCK); err != nil {
@@ -77,4 +68,20 @@ func TestIdleWaiter(t *testing.T) {
 		t.Fatal("the waiter accepted a regular file, which epoll cannot watch")
 	}
 	timed("after a declined file", r2, int64(10*time.Millisecond), false, 5*time.Millisecond, 2*time.Second)
+}
+
+// newTestWaiter returns a wake eventfd and an idle waiter watching it,
+// both closed when the test ends.
+func newTestWaiter(t *testing.T) (wake int, w *idleWaiter) {
+	t.Helper()
+	wake, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Close(wake) })
+	if w = newIdleWaiter(wake); w == nil {
+		t.Fatal("no idle waiter: the runtime's poller cannot watch an epoll descriptor here")
+	}
+	t.Cleanup(w.close)
+	return wake, w
 }

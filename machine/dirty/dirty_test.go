@@ -87,6 +87,31 @@ func newHotTracker(t testing.TB, region []byte, used uint64) *uffdTracker {
 	return u
 }
 
+// eachKernelTracker runs test with the kernel tracker over a fresh region
+// of pages pages (and a zeroed image of it for the test's copies), without
+// hot pages and with them; it skips where the kernel tracker is missing.
+func eachKernelTracker(t *testing.T, pages int, test func(t *testing.T, region, image []byte, tr Tracker)) {
+	if err := uffdOnce(); err != nil {
+		t.Skipf("kernel tracker unavailable: %v", err)
+	}
+	for _, hot := range []bool{false, true} {
+		t.Run(fmt.Sprintf("hot=%v", hot), func(t *testing.T) {
+			region := mapRegion(t, pages*PageSize)
+			test(t, region, make([]byte, len(region)), newKernelTracker(t, region, uint64(len(region)), hot))
+		})
+	}
+}
+
+// newKernelTracker is the kernel tracker for region, with hot pages or
+// without.
+func newKernelTracker(t testing.TB, region []byte, used uint64, hot bool) Tracker {
+	t.Helper()
+	if hot {
+		return newHotTracker(t, region, used)
+	}
+	return newTracker(t, region, used, KindUffd)
+}
+
 func newTracker(t testing.TB, region []byte, used uint64, kind string) Tracker {
 	t.Helper()
 	tr, err := New(region, Options{Used: used, ForceHash: kind == KindHash})
@@ -814,85 +839,71 @@ func TestHotPagesRaces(t *testing.T) {
 // page during a Rearm's walk is reported by the next Collect; a Rearm that
 // never comes, or comes after a later Collect, loses nothing.
 func TestDeferredRearm(t *testing.T) {
-	if err := uffdOnce(); err != nil {
-		t.Skipf("kernel tracker unavailable: %v", err)
-	}
-	for _, hot := range []bool{false, true} {
-		t.Run(fmt.Sprintf("hot=%v", hot), func(t *testing.T) {
-			const pages = 1024
-			size := pages * PageSize
-			region := mapRegion(t, size)
-			image := make([]byte, size)
-			var tr Tracker
-			if hot {
-				tr = newHotTracker(t, region, uint64(size))
-			} else {
-				tr = newTracker(t, region, uint64(size), KindUffd)
-			}
-			d := tr.(Deferrer)
-			copyOf := func(p uint32) []byte { return image[int(p)*PageSize : int(p+1)*PageSize] }
-			take := func(what string, want []uint32) uint64 {
-				t.Helper()
-				got, gen, err := d.CollectDeferred(nil, uint64(size))
-				if err != nil {
-					t.Fatal(err)
-				}
-				expect(t, what, got, want)
-				copyPages(image, region, got)
-				return gen
-			}
-			// Few runs (protected one by one) and many (one walk).
-			few := []uint32{10, 11, 12, 500}
-			var many []uint32
-			for p := uint32(100); p < 400; p += 3 {
-				many = append(many, p)
-			}
-			for _, set := range [][]uint32{few, many} {
-				for _, p := range set {
-					stamp(region, p)
-				}
-				gen := take("written", set)
-				stamp(region, set[1]) // after the copy, before Rearm
-				if err := d.Rearm(gen, copyOf); err != nil {
-					t.Fatal(err)
-				}
-				stamp(region, set[2]) // after Rearm: the kernel sees it
-				gen = take("written before and after Rearm", []uint32{set[1], set[2]})
-				if err := d.Rearm(gen, copyOf); err != nil {
-					t.Fatal(err)
-				}
-				take("nothing", nil)
-			}
-			// Rearm never comes: the next Collect reports them again.
-			for _, p := range few {
-				stamp(region, p)
-			}
-			take("written", few)
-			gen := take("not re-armed", few)
-			// A stale Rearm does nothing; the current one works.
-			if err := d.Rearm(gen-1, copyOf); err != nil {
+	eachKernelTracker(t, 1024, func(t *testing.T, region, image []byte, tr Tracker) {
+		size := len(region)
+		d := tr.(Deferrer)
+		copyOf := func(p uint32) []byte { return image[int(p)*PageSize : int(p+1)*PageSize] }
+		take := func(what string, want []uint32) uint64 {
+			t.Helper()
+			got, gen, err := d.CollectDeferred(nil, uint64(size))
+			if err != nil {
 				t.Fatal(err)
 			}
+			expect(t, what, got, want)
+			copyPages(image, region, got)
+			return gen
+		}
+		// Few runs (protected one by one) and many (one walk).
+		few := []uint32{10, 11, 12, 500}
+		var many []uint32
+		for p := uint32(100); p < 400; p += 3 {
+			many = append(many, p)
+		}
+		for _, set := range [][]uint32{few, many} {
+			for _, p := range set {
+				stamp(region, p)
+			}
+			gen := take("written", set)
+			stamp(region, set[1]) // after the copy, before Rearm
 			if err := d.Rearm(gen, copyOf); err != nil {
 				t.Fatal(err)
 			}
-			take("re-armed", nil)
-			// A page outside the pending ones, written before a Rearm
-			// walks over it, is carried to the next Collect.
-			for _, p := range many {
-				stamp(region, p)
-			}
-			gen = take("many", many)
-			stamp(region, 101) // between pending pages, not one of them
+			stamp(region, set[2]) // after Rearm: the kernel sees it
+			gen = take("written before and after Rearm", []uint32{set[1], set[2]})
 			if err := d.Rearm(gen, copyOf); err != nil {
 				t.Fatal(err)
 			}
-			take("written during the walk's span", []uint32{101})
-			if !slices.Equal(image, region) {
-				t.Fatal("the consumer's image is stale")
-			}
-		})
-	}
+			take("nothing", nil)
+		}
+		// Rearm never comes: the next Collect reports them again.
+		for _, p := range few {
+			stamp(region, p)
+		}
+		take("written", few)
+		gen := take("not re-armed", few)
+		// A stale Rearm does nothing; the current one works.
+		if err := d.Rearm(gen-1, copyOf); err != nil {
+			t.Fatal(err)
+		}
+		if err := d.Rearm(gen, copyOf); err != nil {
+			t.Fatal(err)
+		}
+		take("re-armed", nil)
+		// A page outside the pending ones, written before a Rearm
+		// walks over it, is carried to the next Collect.
+		for _, p := range many {
+			stamp(region, p)
+		}
+		gen = take("many", many)
+		stamp(region, 101) // between pending pages, not one of them
+		if err := d.Rearm(gen, copyOf); err != nil {
+			t.Fatal(err)
+		}
+		take("written during the walk's span", []uint32{101})
+		if !slices.Equal(image, region) {
+			t.Fatal("the consumer's image is stale")
+		}
+	})
 }
 
 // TestCloseWaitsForRearm: Close does not return while a Rearm (which reads
@@ -938,48 +949,35 @@ func TestCloseWaitsForRearm(t *testing.T) {
 // so does a Warm right after a Collect (which skips its walk), and one
 // after Close does not fail.
 func TestWarmLosesNothing(t *testing.T) {
-	if err := uffdOnce(); err != nil {
-		t.Skipf("kernel tracker unavailable: %v", err)
-	}
-	for _, hot := range []bool{false, true} {
-		t.Run(fmt.Sprintf("hot=%v", hot), func(t *testing.T) {
-			const pages = 1024
-			size := pages * PageSize
-			region := mapRegion(t, size)
-			var tr Tracker
-			if hot {
-				tr = newHotTracker(t, region, uint64(size))
-			} else {
-				tr = newTracker(t, region, uint64(size), KindUffd)
+	eachKernelTracker(t, 1024, func(t *testing.T, region, _ []byte, tr Tracker) {
+		size := len(region)
+		w, ok := tr.(Warmer)
+		if !ok {
+			t.Fatal("the kernel tracker is not a Warmer")
+		}
+		collect := func(what string, want []uint32) {
+			t.Helper()
+			got, err := tr.Collect(nil, uint64(size))
+			if err != nil {
+				t.Fatal(err)
 			}
-			w, ok := tr.(Warmer)
-			if !ok {
-				t.Fatal("the kernel tracker is not a Warmer")
-			}
-			collect := func(what string, want []uint32) {
-				t.Helper()
-				got, err := tr.Collect(nil, uint64(size))
-				if err != nil {
-					t.Fatal(err)
-				}
-				expect(t, what, got, want)
-			}
-			collect("nothing yet", nil)
-			for round := 0; round < 4; round++ {
-				stamp(region, 7)
-				stamp(region, 300)
-				time.Sleep(WarmAfter + time.Millisecond) // past the skip: Warm walks
-				w.Warm(uint64(size))
-				stamp(region, 301)
-				w.Warm(uint64(size))
-				collect("written around two Warms", []uint32{7, 300, 301})
-			}
-			w.Warm(uint64(size)) // just after a Collect: skipped
-			collect("nothing", nil)
-			tr.Close()
-			w.Warm(uint64(size)) // closed: nothing, no panic
-		})
-	}
+			expect(t, what, got, want)
+		}
+		collect("nothing yet", nil)
+		for round := 0; round < 4; round++ {
+			stamp(region, 7)
+			stamp(region, 300)
+			time.Sleep(WarmAfter + time.Millisecond) // past the skip: Warm walks
+			w.Warm(uint64(size))
+			stamp(region, 301)
+			w.Warm(uint64(size))
+			collect("written around two Warms", []uint32{7, 300, 301})
+		}
+		w.Warm(uint64(size)) // just after a Collect: skipped
+		collect("nothing", nil)
+		tr.Close()
+		w.Warm(uint64(size)) // closed: nothing, no panic
+	})
 }
 
 // TestWrittenSeesPagesRearmCarried: a page written after a deferred Collect
@@ -989,50 +987,36 @@ func TestWarmLosesNothing(t *testing.T) {
 // borrows) must report it too, or that copy stays stale and is written
 // back over the guest's data at the next pause.
 func TestWrittenSeesPagesRearmCarried(t *testing.T) {
-	if err := uffdOnce(); err != nil {
-		t.Skipf("kernel tracker unavailable: %v", err)
-	}
-	for _, hot := range []bool{false, true} {
-		t.Run(fmt.Sprintf("hot=%v", hot), func(t *testing.T) {
-			const pages = 64
-			size := pages * PageSize
-			region := mapRegion(t, size)
-			image := make([]byte, size)
-			var tr Tracker
-			if hot {
-				tr = newHotTracker(t, region, uint64(size))
-			} else {
-				tr = newTracker(t, region, uint64(size), KindUffd)
+	eachKernelTracker(t, 64, func(t *testing.T, region, image []byte, tr Tracker) {
+		size := len(region)
+		d, pk := tr.(Deferrer), tr.(Peeker)
+		tr.Collect(nil, uint64(size))
+		for _, set := range [][]uint32{{40}, {40, 41, 42, 50, 51, 60}} {
+			for _, p := range set {
+				stamp(region, p)
 			}
-			d, pk := tr.(Deferrer), tr.(Peeker)
-			tr.Collect(nil, uint64(size))
-			for _, set := range [][]uint32{{40}, {40, 41, 42, 50, 51, 60}} {
-				for _, p := range set {
-					stamp(region, p)
-				}
-				got, gen, err := d.CollectDeferred(nil, uint64(size))
-				if err != nil {
-					t.Fatal(err)
-				}
-				expect(t, "written", got, set)
-				copyPages(image, region, got)
-				stamp(region, set[0]) // the guest runs before Rearm
-				if err := d.Rearm(gen, func(p uint32) []byte { return image[int(p)*PageSize : int(p+1)*PageSize] }); err != nil {
-					t.Fatal(err)
-				}
-				w, ok := pk.Written(nil, 32*PageSize, uint64(size))
-				if !ok {
-					t.Fatal("Written could not tell")
-				}
-				expect(t, "Written after a Rearm that carried a page", w, []uint32{set[0]})
-				got, err = tr.Collect(nil, uint64(size))
-				if err != nil {
-					t.Fatal(err)
-				}
-				expect(t, "Collect after it", got, []uint32{set[0]})
+			got, gen, err := d.CollectDeferred(nil, uint64(size))
+			if err != nil {
+				t.Fatal(err)
 			}
-		})
-	}
+			expect(t, "written", got, set)
+			copyPages(image, region, got)
+			stamp(region, set[0]) // the guest runs before Rearm
+			if err := d.Rearm(gen, func(p uint32) []byte { return image[int(p)*PageSize : int(p+1)*PageSize] }); err != nil {
+				t.Fatal(err)
+			}
+			w, ok := pk.Written(nil, 32*PageSize, uint64(size))
+			if !ok {
+				t.Fatal("Written could not tell")
+			}
+			expect(t, "Written after a Rearm that carried a page", w, []uint32{set[0]})
+			got, err = tr.Collect(nil, uint64(size))
+			if err != nil {
+				t.Fatal(err)
+			}
+			expect(t, "Collect after it", got, []uint32{set[0]})
+		}
+	})
 }
 
 // TestWrittenSeesHotPagesARearmProtected: a Rearm with many runs protects
