@@ -448,6 +448,7 @@ type PollWaitFd struct {
 	HostFd   int32  `json:"host_fd"`
 	Event    string `json:"event"` // "read" or "write"
 	ReadyNow bool   `json:"ready_now"`
+	events   int16  // what poll_oneoff polls the host descriptor for
 }
 
 // publishWait records the subscriptions of a poll_oneoff about to sleep.
@@ -462,7 +463,8 @@ func (d *Devices) publishWait(infinite bool) {
 		if sub.typ == EventtypeFdWrite {
 			ev = "write"
 		}
-		w.Fds = append(w.Fds, PollWaitFd{Fd: sub.fd, HostFd: sub.host, Event: ev})
+		w.Fds = append(w.Fds, PollWaitFd{Fd: sub.fd, HostFd: sub.host, Event: ev,
+			events: d.pollScratch.pfds[sub.pfd].Events})
 	}
 	d.pollWait.Store(w)
 }
@@ -481,11 +483,7 @@ func (d *Devices) PollWait() *PollWait {
 	out.Fds = append([]PollWaitFd(nil), w.Fds...)
 	pfds := make([]unix.PollFd, len(out.Fds))
 	for i, f := range out.Fds {
-		ev := int16(unix.POLLIN | unix.POLLRDHUP)
-		if f.Event == "write" {
-			ev = unix.POLLOUT
-		}
-		pfds[i] = unix.PollFd{Fd: f.HostFd, Events: ev}
+		pfds[i] = unix.PollFd{Fd: f.HostFd, Events: f.events}
 	}
 	var zero unix.Timespec
 	if _, err := unix.Ppoll(pfds, &zero, nil); err == nil {
