@@ -79,6 +79,7 @@ type Primary struct {
 	sess     *session // the current session, under mu
 	nextSess uint64
 	status   PrimaryStatus
+	recent   *checkpointLog
 	relUpTo  uint64
 	relAll   bool
 	hello    wire.Hello
@@ -141,6 +142,7 @@ func NewPrimary(cfg PrimaryConfig) (*Primary, error) {
 	// (an Output event) before the driver loop runs.
 	p.t0 = time.Now()
 	p.status = PrimaryStatus{Role: "primary", Backup: cfg.Backup, VM: cfg.VM, Term: cfg.Term}
+	p.recent = newCheckpointLog()
 	p.gate.onOutput = func() { p.event(engine.Output{Now: p.now()}) }
 	p.gate.onOverLimit = p.overLimit
 	return p, nil
@@ -355,6 +357,8 @@ func (p *Primary) take(req engine.CheckpointRequest, module []byte, name string)
 			if req.Full {
 				p.status.FullCheckpoints++
 			}
+			p.recent.add(CheckpointRecord{Seq: req.Seq, Full: req.Full, At: time.Now(),
+				PauseUS: p.status.LastPauseUS, DirtyPages: cp.dirty})
 			p.mu.Unlock()
 			p.send(engine.CheckpointTaken{Now: p.now(), Seq: req.Seq})
 			if sess != nil {
@@ -564,6 +568,15 @@ func (p *Primary) Status() PrimaryStatus {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	return p.status
+}
+
+// CheckpointsSince returns the checkpoints taken after seq that the
+// primary still keeps (the last 1,024), oldest first, and how many taken
+// after seq it no longer keeps.
+func (p *Primary) CheckpointsSince(seq uint64) (recs []CheckpointRecord, missed uint64) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.recent.since(seq)
 }
 
 // dialer keeps a session to the backup: it dials, handshakes, and once a

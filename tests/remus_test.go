@@ -5,10 +5,13 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -17,6 +20,7 @@ import (
 	"github.com/ftvm/ftvm/api"
 	"github.com/ftvm/ftvm/internal/guest"
 	"github.com/ftvm/ftvm/internal/sysmon"
+	"github.com/ftvm/ftvm/remus"
 )
 
 // kvInstrumented builds the KV guest and instruments it into the shared
@@ -217,6 +221,7 @@ func TestRemusFailover(t *testing.T) {
 		t.Fatalf("primary status while writing: %v", st)
 	}
 	t.Logf("primary before the kill: %v", st)
+	checkCheckpointLog(t, r.pSock)
 	// The primary collects garbage only where a stop cannot wait on the
 	// guest (machine.CollectAtSafePoints): under this load, many times.
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -306,6 +311,76 @@ func TestRemusFailover(t *testing.T) {
 		t.Errorf("backup status after failover: %s", b)
 	}
 	t.Logf("backup status: %s", b)
+}
+
+// checkCheckpointLog checks that a protected primary under load accounts
+// for every checkpoint it takes: GET /checkpoints lists each one since a
+// given one (consecutive, each with its pause and pages), and the pause
+// histogram in GET /metrics counts them all.
+func checkCheckpointLog(t *testing.T, sock string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c := api.NewClient(sock)
+	var st struct {
+		Checkpoints uint64 `json:"checkpoints"`
+	}
+	if err := c.Get(ctx, "/status", &st); err != nil {
+		t.Fatal(err)
+	}
+	since := st.Checkpoints - min(st.Checkpoints, 20)
+	time.Sleep(200 * time.Millisecond) // more checkpoints meanwhile
+	var list remus.CheckpointsList
+	if err := c.Get(ctx, fmt.Sprintf("/checkpoints?since=%d", since), &list); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Get(ctx, "/status", &st); err != nil {
+		t.Fatal(err)
+	}
+	recs := list.Checkpoints
+	if list.Missed != 0 || len(recs) == 0 || recs[0].Seq != since+1 || recs[len(recs)-1].Seq > st.Checkpoints ||
+		uint64(len(recs)) < st.Checkpoints-since-1 {
+		t.Fatalf("GET /checkpoints?since=%d: %d records (first %+v), missed %d; the status then said %d checkpoints",
+			since, len(recs), recs[:min(1, len(recs))], list.Missed, st.Checkpoints)
+	}
+	for i, r := range recs {
+		if r.Seq != since+1+uint64(i) || r.PauseUS <= 0 || r.DirtyPages < 0 || r.At.IsZero() {
+			t.Fatalf("checkpoint record %d after %d: %+v", i, since, r)
+		}
+	}
+	if err := c.Get(ctx, "/checkpoints?since=x", &list); err == nil || !strings.Contains(err.Error(), "400") {
+		t.Errorf("GET /checkpoints?since=x: %v, want 400 Bad Request", err)
+	}
+	body := getText(t, sock, "/metrics")
+	var count float64
+	for _, line := range strings.Split(body, "\n") {
+		if v, ok := strings.CutPrefix(line, "ftvm_remus_checkpoint_pause_seconds_count "); ok {
+			count, _ = strconv.ParseFloat(v, 64)
+		}
+	}
+	if count < float64(recs[len(recs)-1].Seq) {
+		t.Errorf("ftvm_remus_checkpoint_pause_seconds_count %v, want at least %d (checkpoints taken)", count, recs[len(recs)-1].Seq)
+	}
+}
+
+// getText fetches path from an API socket as text.
+func getText(t *testing.T, sock, path string) string {
+	t.Helper()
+	hc := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", sock)
+		}}}
+	resp, err := hc.Get("http://vm" + path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("GET %s: %s %v", path, resp.Status, err)
+	}
+	return string(b)
 }
 
 // laterValue reports whether got is VALUE wN-vM with M greater than in

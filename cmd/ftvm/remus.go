@@ -118,7 +118,8 @@ func runProtected(ctx context.Context, p *remus.Primary, m *machine.Machine, mod
 		}
 	}
 	f.routes = append(f.routes, api.Route{Pattern: "GET /status", Handler: api.JSON(func() any { return p.Status() })},
-		api.Route{Pattern: "GET /metrics", Handler: p.MetricsHandler()})
+		api.Route{Pattern: "GET /metrics", Handler: p.MetricsHandler()},
+		api.Route{Pattern: "GET /checkpoints", Handler: p.CheckpointsHandler()})
 	return serveAndRun(ctx, m, f, sig, limit)
 }
 

@@ -1,0 +1,38 @@
+package remus
+
+import "testing"
+
+// TestCheckpointLogSince: a reader gets every record after the one it
+// names, oldest first, and is told how many it polled too late for.
+func TestCheckpointLogSince(t *testing.T) {
+	l := newCheckpointLog()
+	if recs, missed := l.since(0); len(recs) != 0 || missed != 0 {
+		t.Fatalf("empty log: %v, missed %d", recs, missed)
+	}
+	for seq := uint64(1); seq <= 10; seq++ {
+		l.add(CheckpointRecord{Seq: seq, PauseUS: float64(seq), DirtyPages: int(seq)})
+	}
+	recs, missed := l.since(7)
+	if missed != 0 || len(recs) != 3 || recs[0].Seq != 8 || recs[2].Seq != 10 {
+		t.Fatalf("since 7 of 10: %v, missed %d", recs, missed)
+	}
+	if recs, _ := l.since(10); len(recs) != 0 {
+		t.Fatalf("since the last: %v", recs)
+	}
+	// Past the ring's size: the oldest are gone, and said to be.
+	for seq := uint64(11); seq <= recentCheckpoints+100; seq++ {
+		l.add(CheckpointRecord{Seq: seq})
+	}
+	recs, missed = l.since(50)
+	if missed != 50 || len(recs) != recentCheckpoints || recs[0].Seq != 101 || recs[len(recs)-1].Seq != recentCheckpoints+100 {
+		t.Fatalf("since 50 after wrapping: %d records from %d, missed %d", len(recs), recs[0].Seq, missed)
+	}
+	for i := 1; i < len(recs); i++ {
+		if recs[i].Seq != recs[i-1].Seq+1 {
+			t.Fatalf("records out of order at %d: %d after %d", i, recs[i].Seq, recs[i-1].Seq)
+		}
+	}
+	if recs, missed := l.since(200); missed != 0 || recs[0].Seq != 201 {
+		t.Fatalf("since 200, still kept: first %d, missed %d", recs[0].Seq, missed)
+	}
+}
