@@ -253,6 +253,23 @@ func (r *remusEnv) startPrimary(ctx context.Context, args ...string) (*remusProc
 }
 
 // waitProtected waits until the primary reports state protected.
+// waitProgramReady waits until a backup has prepared the guest's program
+// (compiled the module), which it does once, after the first full
+// checkpoint: a steady-state figure must not include that work.
+func waitProgramReady(bk *remusProc, within time.Duration) error {
+	deadline := time.Now().Add(within)
+	for {
+		st, err := backupStatus(bk.sock)
+		if err == nil && len(st.Slots) == 1 && st.Slots[0].ProgramReady {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("the backup never reported program_ready: %+v (%v)", st, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
 func waitProtected(p *remusProc, within time.Duration) error {
 	deadline := time.Now().Add(within)
 	var st remus.PrimaryStatus
@@ -624,7 +641,11 @@ type remusKVRound struct {
 	loadErrors       int64
 	cps              float64 // checkpoints per second during the load
 	bytesPerCP       float64
-	pagesPerCP       float64 // median of the polled last_dirty_pages
+	pagesPerCP       float64 // median over the run's checkpoints
+	commitP50        float64 // ns: pause end to ack, over the run's checkpoints
+	commitP99        float64
+	recorded         int     // checkpoints of the run read from GET /checkpoints
+	recMissed        uint64  // and those it no longer kept when read
 	meanPause        float64 // ns, during the load
 	stalls           float64
 	resyncs          float64 // full checkpoints during the load
@@ -685,39 +706,50 @@ func remusKV(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 	fmt.Fprintf(b, "### (b) KV throughput: %d outstanding requests (%d connections × pipeline %d)\n\n", r.s.kv.conns*r.s.kv.depth, r.s.kv.conns, r.s.kv.depth)
 	fmt.Fprintf(b, "Guest: testdata/guests/kvserver (Go), listener at guest fd 3. Unprotected: `ftvm run --api-sock P.sock --listen "+
 		"127.0.0.1:PORT kvserver.wasm`; protected: `ftvm run --protect 127.0.0.1:R --timeout %s --epoch E --epoch-policy P "+
-		"--api-sock P.sock --listen 127.0.0.1:PORT kvserver.wasm` with its own fresh backup. Per start: wait until it answers "+
-		"and is protected, load %d keys, throughput for %s (the kv group's generator: 90%% GET / 10%% SET), then one "+
+		"--api-sock P.sock --listen 127.0.0.1:PORT kvserver.wasm` with its own fresh backup. Per start: wait until it answers, "+
+		"is protected and its backup has compiled the module (`program_ready`, a one-time cost), load %d keys, throughput for %s (the kv group's generator: 90%% GET / 10%% SET), then one "+
 		"sequential client for %s (at least %d requests), stop. %d round(s), configuration order reversed every other "+
 		"round; medians with min–max. Held output is released when the backup acknowledges the epoch's checkpoint, so "+
 		"with the fixed policy a reply waits for its epoch to end. Checkpoints/s, bytes per checkpoint and mean pause are "+
 		"over the throughput run (`GET /status` deltas of checkpoints and bytes_replicated; `GET /vm` pauses total/count); "+
+		"**requests/checkpoint** = requests/s ÷ checkpoints/s; **dirty pages** and **commit p50/p99** are over every checkpoint of "+
+		"the run, from the primary's `GET /checkpoints` (polled every 100 ms): commit is from the end of a checkpoint's pause to "+
+		"the backup's acknowledgement, the time the epoch's output waits beyond the pause (the encoding, the stream, the "+
+		"backup's decoding and commit, and the ack's way back). "+
 		"CPU is each process's utime+stime over the run.\n\n",
 		r.s.timeout, r.s.kv.keys, r.s.kv.loadFor, r.s.kv.latencyFor, r.s.minLatency, r.s.kvRounds)
-	b.WriteString("| configuration | requests/s | ÷ unprotected | checkpoints/s | bytes/checkpoint | dirty pages/checkpoint (sampled, median) | mean pause | primary CPU % | backup CPU % | stalls | full resyncs |\n")
-	b.WriteString("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+	b.WriteString("| configuration | requests/s | ÷ unprotected | checkpoints/s | requests/checkpoint | bytes/checkpoint | dirty pages/checkpoint (median) | mean pause | commit p50 | commit p99 | primary CPU % | backup CPU % | stalls | full resyncs |\n")
+	b.WriteString("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 	for _, c := range configs {
 		x := pick(c.key, rps)
 		if c.epoch == 0 {
-			fmt.Fprintf(b, "| %s | %s | ×1 | — | — | — | — | %.0f | — | — | — |\n", c.label(), fmtNumRange(x),
+			fmt.Fprintf(b, "| %s | %s | ×1 | — | — | — | — | — | — | — | %.0f | — | — | — |\n", c.label(), fmtNumRange(x),
 				pick(c.key, func(x remusKVRound) float64 { return x.primCPU }).median())
 			continue
 		}
 		med := func(f func(remusKVRound) float64) float64 { return pick(c.key, f).median() }
-		fmt.Fprintf(b, "| %s | %s | %s | %.0f | %s | %s | %s | %.0f | %.0f | %s | %s |\n", c.label(), fmtNumRange(x),
-			fmtRatio(x.median(), offRPS), med(func(x remusKVRound) float64 { return x.cps }),
+		cps := med(func(x remusKVRound) float64 { return x.cps })
+		fmt.Fprintf(b, "| %s | %s | %s | %.0f | %s | %s | %s | %s | %s | %s | %.0f | %.0f | %s | %s |\n", c.label(), fmtNumRange(x),
+			fmtRatio(x.median(), offRPS), cps, fmtNum(x.median()/cps),
 			fmtBytes(med(func(x remusKVRound) float64 { return x.bytesPerCP })),
 			fmtNum(med(func(x remusKVRound) float64 { return x.pagesPerCP })),
 			fmtNsDur(med(func(x remusKVRound) float64 { return x.meanPause })),
+			fmtNsDur(med(func(x remusKVRound) float64 { return x.commitP50 })),
+			fmtNsDur(med(func(x remusKVRound) float64 { return x.commitP99 })),
 			med(func(x remusKVRound) float64 { return x.primCPU }), med(func(x remusKVRound) float64 { return x.backCPU }),
 			fmtNum(med(func(x remusKVRound) float64 { return x.stalls })),
 			fmtNum(pick(c.key, func(x remusKVRound) float64 { return x.resyncs }).max()))
 	}
 	var errsN int64
+	var recorded, recMissed uint64
 	for _, rs := range res {
 		for _, x := range rs {
 			errsN += x.loadErrors
+			recorded += uint64(x.recorded)
+			recMissed += x.recMissed
 		}
 	}
+	fmt.Fprintf(b, "\nCheckpoints of the protected throughput runs read from `GET /checkpoints`: %d; not read (no longer kept when polled): %d.\n", recorded, recMissed)
 	if errsN > 0 {
 		fmt.Fprintf(b, "\n**%d replies were malformed or errors** (see the harness log).\n", errsN)
 	}
@@ -821,6 +853,9 @@ func (r *remusEnv) measureKV(ctx context.Context, wasm string, c remusKVConfig) 
 		if err := waitProtected(p, 60*time.Second); err != nil {
 			return out, err
 		}
+		if err := waitProgramReady(bk, 60*time.Second); err != nil {
+			return out, err
+		}
 	}
 	if err := populate(addr, r.s.kv.keys); err != nil {
 		return out, fmt.Errorf("loading keys: %w", err)
@@ -842,22 +877,39 @@ func (r *remusEnv) measureKV(ctx context.Context, wasm string, c remusKVConfig) 
 		return st, ps, pc, bc
 	}
 	st0, ps0, pc0, bc0 := snap()
-	var pages sample
+	// Every checkpoint of the run, from GET /checkpoints: polled with a
+	// look back, so that a record read before its ack is read again
+	// after it.
+	recs := map[uint64]remus.CheckpointRecord{}
+	pollRecs := func(since uint64) uint64 {
+		var list remus.CheckpointsList
+		if apiGet(p.sock, fmt.Sprintf("/checkpoints?since=%d", since-min(since, 300)), &list) != nil {
+			return since
+		}
+		for _, c := range list.Checkpoints {
+			if c.Seq > st0.Checkpoints {
+				recs[c.Seq] = c
+			}
+			since = max(since, c.Seq)
+		}
+		return since
+	}
 	stopPoll := make(chan struct{})
 	var wg sync.WaitGroup
 	if c.epoch > 0 {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
+			since := st0.Checkpoints
 			for {
 				select {
 				case <-stopPoll:
+					time.Sleep(50 * time.Millisecond) // the last acks
+					pollRecs(since)
 					return
 				case <-time.After(100 * time.Millisecond):
 				}
-				if st, err := primaryStatus(p.sock); err == nil {
-					pages = append(pages, float64(st.LastDirtyPages))
-				}
+				since = pollRecs(since)
 			}
 		}()
 	}
@@ -891,7 +943,20 @@ func (r *remusEnv) measureKV(ctx context.Context, wasm string, c remusKVConfig) 
 		}
 		out.stalls = float64(st1.Stalls - st0.Stalls)
 		out.resyncs = float64(st1.FullCheckpoints - st0.FullCheckpoints)
+		var pages, commit sample
+		for _, x := range recs {
+			if x.Seq > st1.Checkpoints {
+				continue // after the run
+			}
+			pages = append(pages, float64(x.DirtyPages))
+			if x.CommitUS > 0 {
+				commit = append(commit, x.CommitUS*1000)
+			}
+		}
 		out.pagesPerCP = pages.median()
+		out.commitP50, out.commitP99 = commit.quantile(0.5), commit.quantile(0.99)
+		out.recorded = len(pages)
+		out.recMissed = (st1.Checkpoints - st0.Checkpoints) - uint64(min(len(pages), int(st1.Checkpoints-st0.Checkpoints)))
 	}
 
 	// Latency: long enough for minLatency requests even at the longest epoch.
@@ -989,7 +1054,7 @@ func remusDirty(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 	fmt.Fprintf(b, "### (d) Checkpoint pause vs dirty pages, protected at %s\n\n", epoch)
 	fmt.Fprintf(b, "Guest: testdata/guests/dirtier (C), %d MiB of memory; it writes N/%d random pages, sleeps 5 ms, and again, "+
 		"so that a 25 ms epoch dirties about N pages (the table gives the count actually seen). `ftvm run --protect 127.0.0.1:R --timeout %s --epoch %s --epoch-policy fixed "+
-		"--api-sock P.sock dirtier.wasm %d N/%d 0 5000`, each N with a fresh backup. Once protected (from the guest's first host call, while its memory is small) "+
+		"--api-sock P.sock dirtier.wasm %d N/%d 0 5000`, each N with a fresh backup. Once protected (from the guest's first host call, while its memory is small), with the backup's module compiled (`program_ready`), "+
 		"and past the checkpoint that carries its growth to the full memory, every checkpoint of the next %s is taken from the primary's "+
 		"`GET /checkpoints?since=SEQ` (its pause and dirty pages, as the primary recorded them; polled every 200 ms, and it keeps the last 1,024): "+
 		"**pause p50/p99** are over all of them (nearest rank); **p99 at ≤ %d pages** is over those that carried at most %d dirty pages, the target's "+
@@ -1076,6 +1141,9 @@ func (r *remusEnv) dirtyRun(ctx context.Context, wasm string, n, rounds int, epo
 	}
 	defer p.stop()
 	if err := waitProtected(p, 30*time.Second); err != nil {
+		return out, err
+	}
+	if err := waitProgramReady(bk, 60*time.Second); err != nil {
 		return out, err
 	}
 	// The guest is protected from its first host call, while its memory
@@ -1305,16 +1373,8 @@ func (r *remusEnv) failoverRun(ctx context.Context, wasm string, to time.Duratio
 	if err := waitProtected(p, 60*time.Second); err != nil {
 		return out, err
 	}
-	deadline := time.Now().Add(60 * time.Second)
-	for {
-		st, err := backupStatus(bk.sock)
-		if err == nil && len(st.Slots) == 1 && st.Slots[0].ProgramReady {
-			break
-		}
-		if time.Now().After(deadline) {
-			return out, fmt.Errorf("the backup never reported program_ready: %+v", st)
-		}
-		time.Sleep(20 * time.Millisecond)
+	if err := waitProgramReady(bk, 60*time.Second); err != nil {
+		return out, err
 	}
 	if err := populate(addr, 100); err != nil {
 		return out, err

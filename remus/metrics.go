@@ -29,7 +29,7 @@ func (p *Primary) MetricsHandler() http.Handler {
 		func(s PrimaryStatus) float64 { return s.LastPauseUS / 1e6 })
 	g("last_dirty_pages", "Pages in the last checkpoint.", func(s PrimaryStatus) float64 { return float64(s.LastDirtyPages) })
 	g("held_output_bytes", "Output held for acknowledgement now.", func(s PrimaryStatus) float64 { return float64(s.HeldBytes) })
-	reg.MustRegister(p.recent.pause, p.recent.pages)
+	reg.MustRegister(p.recent.pause, p.recent.pages, p.recent.commit)
 	c("checkpoints_total", "Checkpoints taken.", func(s PrimaryStatus) float64 { return float64(s.Checkpoints) })
 	c("full_checkpoints_total", "Full checkpoints taken (one per backup session).",
 		func(s PrimaryStatus) float64 { return float64(s.FullCheckpoints) })

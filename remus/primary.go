@@ -357,7 +357,7 @@ func (p *Primary) take(req engine.CheckpointRequest, module []byte, name string)
 			if req.Full {
 				p.status.FullCheckpoints++
 			}
-			p.recent.add(CheckpointRecord{Seq: req.Seq, Full: req.Full, At: time.Now(),
+			p.recent.add(CheckpointRecord{Seq: req.Seq, Session: req.Session, Full: req.Full, At: time.Now(),
 				PauseUS: p.status.LastPauseUS, DirtyPages: cp.dirty})
 			p.mu.Unlock()
 			p.send(engine.CheckpointTaken{Now: p.now(), Seq: req.Seq})
@@ -926,6 +926,9 @@ func (s *session) receiver(p *Primary) {
 				continue
 			}
 			p.send(engine.Ack{Now: now, Session: s.id, Seq: m.Seq})
+			p.mu.Lock()
+			p.recent.acked(s.id, m.Seq, time.Now())
+			p.mu.Unlock()
 			if p.log.Enabled(context.Background(), slog.LevelDebug) {
 				p.log.Debug("checkpoint acknowledged", "seq", m.Seq)
 			}

@@ -14,10 +14,15 @@ import (
 // the pages each pause carried, every checkpoint and not a sample of them.
 type CheckpointRecord struct {
 	Seq        uint64    `json:"seq"`
+	Session    uint64    `json:"session"`
 	Full       bool      `json:"full,omitempty"`
-	At         time.Time `json:"at"`
+	At         time.Time `json:"at"` // the end of its pause
 	PauseUS    float64   `json:"pause_us"`
 	DirtyPages int       `json:"dirty_pages"`
+	// CommitUS is from the end of the pause to the backup's
+	// acknowledgement: how long the epoch's output waited beyond the
+	// pause (0: not acknowledged, yet or ever, if its session ended).
+	CommitUS float64 `json:"commit_us,omitempty"`
 }
 
 // recentCheckpoints is how many CheckpointRecords a primary keeps: at the
@@ -28,10 +33,11 @@ const recentCheckpoints = 1024
 // checkpointLog keeps the last recentCheckpoints records, and the
 // histograms Prometheus scrapes. Callers hold the primary's mu.
 type checkpointLog struct {
-	ring  [recentCheckpoints]CheckpointRecord
-	n     uint64 // records ever added
-	pause prometheus.Histogram
-	pages prometheus.Histogram
+	ring   [recentCheckpoints]CheckpointRecord
+	n      uint64 // records ever added
+	pause  prometheus.Histogram
+	pages  prometheus.Histogram
+	commit prometheus.Histogram
 }
 
 func newCheckpointLog() *checkpointLog {
@@ -43,6 +49,28 @@ func newCheckpointLog() *checkpointLog {
 		pages: prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: "ftvm", Subsystem: "remus",
 			Name: "checkpoint_dirty_pages", Help: "Pages (4 KiB) each checkpoint carried.",
 			Buckets: prometheus.ExponentialBuckets(1, 4, 10)}),
+		commit: prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: "ftvm", Subsystem: "remus",
+			Name: "checkpoint_commit_seconds", Help: "From the end of each checkpoint's pause to the backup's " +
+				"acknowledgement: how long the epoch's output waited beyond the pause.",
+			// 50 µs to ~200 ms.
+			Buckets: prometheus.ExponentialBuckets(50e-6, 2, 13)}),
+	}
+}
+
+// acked records the backup's acknowledgement, at now, of every checkpoint
+// up to seq of session (acks are cumulative).
+func (l *checkpointLog) acked(session, seq uint64, now time.Time) {
+	first := l.n - min(l.n, recentCheckpoints)
+	for i := l.n; i > first; i-- {
+		r := &l.ring[(i-1)%recentCheckpoints]
+		if r.Session != session || r.Seq > seq {
+			continue
+		}
+		if r.CommitUS != 0 {
+			return // and so are those before it
+		}
+		r.CommitUS = max(float64(now.Sub(r.At).Nanoseconds())/1000, 0.001)
+		l.commit.Observe(r.CommitUS / 1e6)
 	}
 }
 

@@ -1,6 +1,11 @@
 package remus
 
-import "testing"
+import (
+	"testing"
+	"time"
+
+	dto "github.com/prometheus/client_model/go"
+)
 
 // TestCheckpointLogSince: a reader gets every record after the one it
 // names, oldest first, and is told how many it polled too late for.
@@ -34,5 +39,33 @@ func TestCheckpointLogSince(t *testing.T) {
 	}
 	if recs, missed := l.since(200); missed != 0 || recs[0].Seq != 201 {
 		t.Fatalf("since 200, still kept: first %d, missed %d", recs[0].Seq, missed)
+	}
+}
+
+// TestCheckpointLogAcked: an ack stamps the commit latency on every
+// checkpoint of its session up to its number, and on none of a session
+// that ended unacknowledged.
+func TestCheckpointLogAcked(t *testing.T) {
+	l := newCheckpointLog()
+	t0 := time.Now()
+	at := func(ms int) time.Time { return t0.Add(time.Duration(ms) * time.Millisecond) }
+	for seq := uint64(1); seq <= 7; seq++ {
+		l.add(CheckpointRecord{Seq: seq, Session: 1, At: at(int(seq))})
+	}
+	l.acked(1, 3, at(10))
+	l.acked(1, 5, at(20))
+	l.add(CheckpointRecord{Seq: 8, Session: 2, Full: true, At: at(30)}) // 6 and 7 are lost with session 1
+	l.acked(2, 8, at(32))
+	recs, _ := l.since(0)
+	want := map[uint64]float64{1: 9000, 2: 8000, 3: 7000, 4: 16000, 5: 15000, 6: 0, 7: 0, 8: 2000}
+	for _, r := range recs {
+		if r.CommitUS != want[r.Seq] {
+			t.Errorf("checkpoint %d (session %d): commit %v µs, want %v", r.Seq, r.Session, r.CommitUS, want[r.Seq])
+		}
+	}
+	var m dto.Metric
+	l.commit.Write(&m)
+	if got := m.GetHistogram().GetSampleCount(); got != 6 {
+		t.Errorf("commit histogram counts %d, want 6", got)
 	}
 }

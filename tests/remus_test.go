@@ -315,8 +315,9 @@ func TestRemusFailover(t *testing.T) {
 
 // checkCheckpointLog checks that a protected primary under load accounts
 // for every checkpoint it takes: GET /checkpoints lists each one since a
-// given one (consecutive, each with its pause and pages), and the pause
-// histogram in GET /metrics counts them all.
+// given one (consecutive, each with its pause and pages, and once the
+// backup acknowledged it, how long that took), and the histograms in
+// GET /metrics count them all.
 func checkCheckpointLog(t *testing.T, sock string) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -343,23 +344,38 @@ func checkCheckpointLog(t *testing.T, sock string) {
 		t.Fatalf("GET /checkpoints?since=%d: %d records (first %+v), missed %d; the status then said %d checkpoints",
 			since, len(recs), recs[:min(1, len(recs))], list.Missed, st.Checkpoints)
 	}
+	committed := 0
 	for i, r := range recs {
-		if r.Seq != since+1+uint64(i) || r.PauseUS <= 0 || r.DirtyPages < 0 || r.At.IsZero() {
+		if r.Seq != since+1+uint64(i) || r.PauseUS <= 0 || r.DirtyPages < 0 || r.At.IsZero() || r.Session == 0 {
 			t.Fatalf("checkpoint record %d after %d: %+v", i, since, r)
 		}
+		if r.CommitUS > 0 {
+			committed++
+			if r.CommitUS > 10e6 {
+				t.Errorf("checkpoint %d took %v µs to be acknowledged", r.Seq, r.CommitUS)
+			}
+		}
+	}
+	// All but the last few (in flight when asked) were acknowledged.
+	if committed < len(recs)-8 {
+		t.Errorf("only %d of %d checkpoint records have their acknowledgement: %+v", committed, len(recs), recs[len(recs)-1])
 	}
 	if err := c.Get(ctx, "/checkpoints?since=x", &list); err == nil || !strings.Contains(err.Error(), "400") {
 		t.Errorf("GET /checkpoints?since=x: %v, want 400 Bad Request", err)
 	}
 	body := getText(t, sock, "/metrics")
-	var count float64
+	counts := map[string]float64{}
 	for _, line := range strings.Split(body, "\n") {
-		if v, ok := strings.CutPrefix(line, "ftvm_remus_checkpoint_pause_seconds_count "); ok {
-			count, _ = strconv.ParseFloat(v, 64)
+		if name, v, ok := strings.Cut(line, "_count "); ok {
+			counts[name], _ = strconv.ParseFloat(v, 64)
 		}
 	}
-	if count < float64(recs[len(recs)-1].Seq) {
-		t.Errorf("ftvm_remus_checkpoint_pause_seconds_count %v, want at least %d (checkpoints taken)", count, recs[len(recs)-1].Seq)
+	last := float64(recs[len(recs)-1].Seq)
+	if c := counts["ftvm_remus_checkpoint_pause_seconds"]; c < last {
+		t.Errorf("ftvm_remus_checkpoint_pause_seconds_count %v, want at least %v (checkpoints taken)", c, last)
+	}
+	if c := counts["ftvm_remus_checkpoint_commit_seconds"]; c < last-8 {
+		t.Errorf("ftvm_remus_checkpoint_commit_seconds_count %v, want about %v (checkpoints acknowledged)", c, last)
 	}
 }
 
