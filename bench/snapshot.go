@@ -68,7 +68,10 @@ func benchPause(ctx context.Context, e *env, mod []byte, b *strings.Builder) err
 		"memory for the next pause (`snapshot.StagePool.Refill`, as the snapshotter and Remus do); %d pauses per row, "+
 		"after a first one that stages every non-zero page, as the full snapshot or checkpoint that starts a chain does. **Pause** = the guest's stopped time, unwind to "+
 		"end of rewind. **Floor** = copying the same number of 4 KiB pages from a 256 MiB buffer (memcpy), measured "+
-		"in the same run. Each pause also copies the 256 KiB scratch region back and forth (64 pages).\n\n", pauses)
+		"in the same run. Each pause also borrows the top 256 KiB of the guest's memory for the unwound stack: it "+
+		"saves the pages of it written since the last pause (usually one or two) and puts back what the unwind "+
+		"overwrote. Most of a pause with few pages is the walk of the page tables of 256 MiB (`PAGEMAP_SCAN`, "+
+		"85–180 µs here even right after the walk while the guest ran).\n\n", pauses)
 	fmt.Fprintf(b, "| pages written per round | dirty pages per pause (median) | pause p50 | pause p99 | memcpy floor p50 | p99 ÷ (2×floor + 200 µs) |\n|---:|---:|---:|---:|---:|---:|\n")
 	for _, n := range counts {
 		m, err := machine.New(ctx, machine.Config{Module: mod, Name: "dirtier",
