@@ -252,7 +252,15 @@ func (r *remusEnv) startPrimary(ctx context.Context, args ...string) (*remusProc
 	return p, err
 }
 
-// waitProtected waits until the primary reports state protected.
+// perCheckpoint is n per checkpoint at cps checkpoints a second (NaN, shown
+// as a dash, without checkpoints).
+func perCheckpoint(perSecond, cps float64) float64 {
+	if cps <= 0 {
+		return math.NaN()
+	}
+	return perSecond / cps
+}
+
 // waitProgramReady waits until a backup has prepared the guest's program
 // (compiled the module), which it does once, after the first full
 // checkpoint: a steady-state figure must not include that work.
@@ -270,6 +278,7 @@ func waitProgramReady(bk *remusProc, within time.Duration) error {
 	}
 }
 
+// waitProtected waits until the primary reports state protected.
 func waitProtected(p *remusProc, within time.Duration) error {
 	deadline := time.Now().Add(within)
 	var st remus.PrimaryStatus
@@ -646,6 +655,7 @@ type remusKVRound struct {
 	commitP99        float64
 	recorded         int     // checkpoints of the run read from GET /checkpoints
 	recMissed        uint64  // and those it no longer kept when read
+	unacked          int     // read, but not acknowledged when last read
 	meanPause        float64 // ns, during the load
 	stalls           float64
 	resyncs          float64 // full checkpoints during the load
@@ -730,7 +740,7 @@ func remusKV(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 		med := func(f func(remusKVRound) float64) float64 { return pick(c.key, f).median() }
 		cps := med(func(x remusKVRound) float64 { return x.cps })
 		fmt.Fprintf(b, "| %s | %s | %s | %.0f | %s | %s | %s | %s | %s | %s | %.0f | %.0f | %s | %s |\n", c.label(), fmtNumRange(x),
-			fmtRatio(x.median(), offRPS), cps, fmtNum(x.median()/cps),
+			fmtRatio(x.median(), offRPS), cps, fmtNum(perCheckpoint(x.median(), cps)),
 			fmtBytes(med(func(x remusKVRound) float64 { return x.bytesPerCP })),
 			fmtNum(med(func(x remusKVRound) float64 { return x.pagesPerCP })),
 			fmtNsDur(med(func(x remusKVRound) float64 { return x.meanPause })),
@@ -741,15 +751,17 @@ func remusKV(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 			fmtNum(pick(c.key, func(x remusKVRound) float64 { return x.resyncs }).max()))
 	}
 	var errsN int64
-	var recorded, recMissed uint64
+	var recorded, recMissed, unacked uint64
 	for _, rs := range res {
 		for _, x := range rs {
 			errsN += x.loadErrors
 			recorded += uint64(x.recorded)
 			recMissed += x.recMissed
+			unacked += uint64(x.unacked)
 		}
 	}
-	fmt.Fprintf(b, "\nCheckpoints of the protected throughput runs read from `GET /checkpoints`: %d; not read (no longer kept when polled): %d.\n", recorded, recMissed)
+	fmt.Fprintf(b, "\nCheckpoints of the protected throughput runs read from `GET /checkpoints`: %d (of them not acknowledged "+
+		"when last read, so out of the commit figures: %d); not read (no longer kept when polled): %d.\n", recorded, unacked, recMissed)
 	if errsN > 0 {
 		fmt.Fprintf(b, "\n**%d replies were malformed or errors** (see the harness log).\n", errsN)
 	}
@@ -877,22 +889,28 @@ func (r *remusEnv) measureKV(ctx context.Context, wasm string, c remusKVConfig) 
 		return st, ps, pc, bc
 	}
 	st0, ps0, pc0, bc0 := snap()
-	// Every checkpoint of the run, from GET /checkpoints: polled with a
-	// look back, so that a record read before its ack is read again
-	// after it.
+	// Every checkpoint of the run, from GET /checkpoints, each poll from
+	// the oldest record not yet seen acknowledged, so that a record read
+	// before its ack is read again after it.
 	recs := map[uint64]remus.CheckpointRecord{}
-	pollRecs := func(since uint64) uint64 {
-		var list remus.CheckpointsList
-		if apiGet(p.sock, fmt.Sprintf("/checkpoints?since=%d", since-min(since, 300)), &list) != nil {
-			return since
-		}
-		for _, c := range list.Checkpoints {
-			if c.Seq > st0.Checkpoints {
-				recs[c.Seq] = c
+	var maxSeen uint64
+	pollRecs := func() {
+		from := max(maxSeen, st0.Checkpoints)
+		for seq, x := range recs {
+			if x.CommitUS == 0 {
+				from = min(from, seq-1)
 			}
-			since = max(since, c.Seq)
 		}
-		return since
+		var list remus.CheckpointsList
+		if apiGet(p.sock, fmt.Sprintf("/checkpoints?since=%d", from), &list) != nil {
+			return
+		}
+		for _, x := range list.Checkpoints {
+			if x.Seq > st0.Checkpoints {
+				recs[x.Seq] = x
+			}
+			maxSeen = max(maxSeen, x.Seq)
+		}
 	}
 	stopPoll := make(chan struct{})
 	var wg sync.WaitGroup
@@ -900,16 +918,15 @@ func (r *remusEnv) measureKV(ctx context.Context, wasm string, c remusKVConfig) 
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			since := st0.Checkpoints
 			for {
 				select {
 				case <-stopPoll:
 					time.Sleep(50 * time.Millisecond) // the last acks
-					pollRecs(since)
+					pollRecs()
 					return
 				case <-time.After(100 * time.Millisecond):
 				}
-				since = pollRecs(since)
+				pollRecs()
 			}
 		}()
 	}
@@ -944,19 +961,22 @@ func (r *remusEnv) measureKV(ctx context.Context, wasm string, c remusKVConfig) 
 		out.stalls = float64(st1.Stalls - st0.Stalls)
 		out.resyncs = float64(st1.FullCheckpoints - st0.FullCheckpoints)
 		var pages, commit sample
-		for _, x := range recs {
-			if x.Seq > st1.Checkpoints {
-				continue // after the run
+		for seq := st0.Checkpoints + 1; seq <= min(st1.Checkpoints, maxSeen); seq++ {
+			x, ok := recs[seq]
+			if !ok {
+				out.recMissed++ // no longer kept when polled
+				continue
 			}
 			pages = append(pages, float64(x.DirtyPages))
 			if x.CommitUS > 0 {
 				commit = append(commit, x.CommitUS*1000)
+			} else {
+				out.unacked++
 			}
 		}
 		out.pagesPerCP = pages.median()
 		out.commitP50, out.commitP99 = commit.quantile(0.5), commit.quantile(0.99)
 		out.recorded = len(pages)
-		out.recMissed = (st1.Checkpoints - st0.Checkpoints) - uint64(min(len(pages), int(st1.Checkpoints-st0.Checkpoints)))
 	}
 
 	// Latency: long enough for minLatency requests even at the longest epoch.
@@ -1056,7 +1076,7 @@ func remusDirty(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 		"so that a 25 ms epoch dirties about N pages (the table gives the count actually seen). `ftvm run --protect 127.0.0.1:R --timeout %s --epoch %s --epoch-policy fixed "+
 		"--api-sock P.sock dirtier.wasm %d N/%d 0 5000`, each N with a fresh backup. Once protected (from the guest's first host call, while its memory is small), with the backup's module compiled (`program_ready`), "+
 		"and past the checkpoint that carries its growth to the full memory, every checkpoint of the next %s is taken from the primary's "+
-		"`GET /checkpoints?since=SEQ` (its pause and dirty pages, as the primary recorded them; polled every 200 ms, and it keeps the last 1,024): "+
+		"`GET /checkpoints?since=SEQ` (its pause — the guest's whole stop: unwind, capture, rewind and the hand-off to the sender — and dirty pages, as the primary recorded them; polled every 200 ms, and it keeps the last 1,024): "+
 		"**pause p50/p99** are over all of them (nearest rank); **p99 at ≤ %d pages** is over those that carried at most %d dirty pages, the target's "+
 		"condition (an epoch that ran long carries more: **over %d** counts those). **/vm mean** = the change of `GET /vm`'s pause "+
 		"total ÷ count over the same window (a cross-check). **Floor** = memcpy of "+

@@ -10,18 +10,25 @@ import (
 // sample is a set of measurements of one quantity.
 type sample []float64
 
+// sorted returns the measurements in order, leaving out NaN (a round that
+// had nothing to measure).
 func (s sample) sorted() sample {
-	c := append(sample(nil), s...)
+	c := make(sample, 0, len(s))
+	for _, v := range s {
+		if !math.IsNaN(v) {
+			c = append(c, v)
+		}
+	}
 	sort.Float64s(c)
 	return c
 }
 
 func (s sample) median() float64 {
-	if len(s) == 0 {
-		return math.NaN()
-	}
 	c := s.sorted()
 	n := len(c)
+	if n == 0 {
+		return math.NaN()
+	}
 	if n%2 == 1 {
 		return c[n/2]
 	}
@@ -29,25 +36,27 @@ func (s sample) median() float64 {
 }
 
 func (s sample) min() float64 {
-	if len(s) == 0 {
+	c := s.sorted()
+	if len(c) == 0 {
 		return math.NaN()
 	}
-	return s.sorted()[0]
+	return c[0]
 }
 
 func (s sample) max() float64 {
-	if len(s) == 0 {
+	c := s.sorted()
+	if len(c) == 0 {
 		return math.NaN()
 	}
-	return s.sorted()[len(s)-1]
+	return c[len(c)-1]
 }
 
 // quantile is the q-quantile (0..1) by the nearest-rank method.
 func (s sample) quantile(q float64) float64 {
-	if len(s) == 0 {
+	c := s.sorted()
+	if len(c) == 0 {
 		return math.NaN()
 	}
-	c := s.sorted()
 	i := int(math.Ceil(q*float64(len(c)))) - 1
 	return c[max(0, min(i, len(c)-1))]
 }

@@ -116,11 +116,17 @@ func (m *Machine) safePoint(ctx context.Context, mod api.Module, c wasi.Call) bo
 			panic(fmt.Errorf("asyncify_stop_rewind: %w", err))
 		}
 		m.returnRewind(8 + uint32(len(m.stack.blob)))
-		if !m.pauseStart.IsZero() {
-			m.pauses.record(time.Since(m.pauseStart))
-			m.pauseStart = time.Time{}
-		}
 		m.runAfterResume()
+		// The pause ends here, not at the rewind: the guest waited for
+		// what the pausers queued with AfterResume too.
+		if !m.pauseStart.IsZero() {
+			d := time.Since(m.pauseStart)
+			m.pauseStart = time.Time{}
+			m.pauses.record(d)
+			if f := m.onPaused.Load(); f != nil {
+				(*f)(d)
+			}
+		}
 		return false // the call was counted when it unwound
 	}
 	if m.asy.startUnwind == nil {
@@ -270,15 +276,7 @@ func (m *Machine) stopped(ctx context.Context) (stop bool) {
 	c.mu.Unlock()
 	p := &Paused{m: m}
 	for _, j := range jobs {
-		err := j.fn(p)
-		if j.result != nil {
-			j.finish(err) // PauseAsync's: a buffered send wakes nobody
-			continue
-		}
-		// WithPaused's caller is woken once the guest runs again: the
-		// wake-up (a futex call, 20–30 µs on this project's VM) was a
-		// tenth of a small checkpoint's pause.
-		m.afterResume = append(m.afterResume, func() { j.finish(err) })
+		j.finish(j.fn(p))
 	}
 	return c.stop || ctx.Err() != nil
 }
@@ -292,9 +290,8 @@ type Paused struct {
 // WithPaused stops the guest at its next safe point, runs fn on the stopped
 // VM, and lets the guest continue (or end, if fn called Stop). fn runs on the
 // guest's own goroutine, so the guest is stopped exactly as long as fn and
-// the unwind and rewind take. It returns once the guest runs again (after
-// what fn queued with AfterResume). A VM that has not reached its first safe
-// point yet is waited for.
+// the unwind and rewind take. A VM that has not reached its first safe point
+// yet is waited for.
 func (m *Machine) WithPaused(ctx context.Context, fn func(p *Paused) error) error {
 	if m.inst == nil {
 		return ErrNotInstrumented
@@ -377,11 +374,12 @@ func (m *Machine) endControl() {
 // any further (ftvm snapshot --stop).
 func (p *Paused) Stop() { p.m.ctl.stop = true }
 
-// AfterResume runs fn on the guest goroutine once the pause is over: right
-// after the guest is rewound (before the host call it stopped at runs), or,
-// if the VM ends at this safe point instead, when it ends. Work that need
-// not happen while the guest is stopped — waking other goroutines, handing
-// the capture to an encoder — goes there, out of the pause.
+// AfterResume runs fn on the guest goroutine once the guest is rewound,
+// before the host call it stopped at runs, or, if the VM ends at this safe
+// point instead, when it ends. The guest still waits for fn, and the pause
+// as measured (PauseStats, OnPaused) includes it; what goes there is work
+// that must follow the rewind: waking other goroutines (the encoder of a
+// capture), which would otherwise compete with the rewind for the CPU.
 func (p *Paused) AfterResume(fn func()) { p.m.afterResume = append(p.m.afterResume, fn) }
 
 // runAfterResume runs (once) the functions AfterResume queued.
@@ -393,6 +391,18 @@ func (m *Machine) runAfterResume() {
 			fn()
 		}
 	}
+}
+
+// OnPaused has fn told, on the guest's goroutine, of every pause the guest
+// resumed from, with how long it stopped the guest: from the safe point to
+// its running on (the unwind, the pausers' work, the rewind and what they
+// queued with AfterResume). fn must be quick. nil stops it.
+func (m *Machine) OnPaused(fn func(d time.Duration)) {
+	if fn == nil {
+		m.onPaused.Store(nil)
+		return
+	}
+	m.onPaused.Store(&fn)
 }
 
 // At names the safe point the guest is paused at: a WASI call

@@ -140,7 +140,8 @@ type Machine struct {
 	pauseStart      time.Time
 	warm            func()   // WarmDirty's walk; guarded by mu
 	afterResume     []func() // Paused.AfterResume's, run when the pause is over
-	trackerKind     string   // under mu: Info reads it from other goroutines
+	onPaused        atomic.Pointer[func(time.Duration)]
+	trackerKind     string // under mu: Info reads it from other goroutines
 	pauses          pauseStats
 
 	mu       sync.Mutex

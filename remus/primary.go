@@ -70,6 +70,8 @@ type Primary struct {
 
 	// Guest-goroutine state (touched only inside pauses).
 	dirtyBuf []uint32
+	// pausedSeq is the checkpoint whose pause OnPaused reports next.
+	pausedSeq uint64
 	// stage is the staging memory, kept faulted in for the pauses; each
 	// checkpoint has a stager of its own on it until it is sent.
 	stage     snapshot.StagePool
@@ -192,6 +194,8 @@ func (p *Primary) Run(ctx context.Context, m *machine.Machine, module []byte, na
 		p.refillStagers()
 	})
 	defer m.OnMemoryGrow(nil)
+	m.OnPaused(p.paused)
+	defer m.OnPaused(nil)
 	eng, err := engine.NewPrimary(p.cfg.Engine, p.now())
 	if err != nil {
 		return err
@@ -351,6 +355,8 @@ func (p *Primary) take(req engine.CheckpointRequest, module []byte, name string)
 		// any output of the next epoch).
 		handOff := func() {
 			p.mu.Lock()
+			// The capture's time until OnPaused says how long the
+			// whole pause was (paused).
 			p.status.LastPauseUS = float64(cp.pause.Nanoseconds()) / 1000
 			p.status.LastDirtyPages = cp.dirty
 			p.status.Checkpoints++
@@ -360,6 +366,7 @@ func (p *Primary) take(req engine.CheckpointRequest, module []byte, name string)
 			p.recent.add(CheckpointRecord{Seq: req.Seq, Session: req.Session, Full: req.Full, At: time.Now(),
 				PauseUS: p.status.LastPauseUS, DirtyPages: cp.dirty})
 			p.mu.Unlock()
+			p.pausedSeq = req.Seq
 			p.send(engine.CheckpointTaken{Now: p.now(), Seq: req.Seq})
 			if sess != nil {
 				sess.enqueue(cp)
@@ -389,6 +396,23 @@ func (p *Primary) take(req engine.CheckpointRequest, module []byte, name string)
 		pp.AfterResume(handOff)
 		return nil
 	})
+}
+
+// paused learns, on the guest's goroutine, how long a pause stopped the
+// guest: the whole of it (unwind, capture, rewind, hand-off, and a
+// back-pressure stall), which is what the checkpoint's record and the
+// status report, rather than the capture alone.
+func (p *Primary) paused(d time.Duration) {
+	seq := p.pausedSeq
+	if seq == 0 {
+		return // not a checkpoint's pause (a snapshot's)
+	}
+	p.pausedSeq = 0
+	us := float64(d.Nanoseconds()) / 1000
+	p.mu.Lock()
+	p.status.LastPauseUS = us
+	p.recent.paused(seq, us)
+	p.mu.Unlock()
 }
 
 // WaitSession waits (at most the engine's Timeout) until a backup session
@@ -463,7 +487,9 @@ func (p *Primary) putStager(st *snapshot.Stager) { st.Release() }
 // refillStagers tops up the staging pool on another goroutine, so that
 // pauses do not allocate (snapshot.StagePool.Refill).
 func (p *Primary) refillStagers() {
-	if !p.refilling.CompareAndSwap(false, true) {
+	// Most checkpoints leave the pool full: no goroutine to start (and
+	// wake) then, from the end of a pause.
+	if !p.stage.Short() || !p.refilling.CompareAndSwap(false, true) {
 		return
 	}
 	go func() {
@@ -765,7 +791,7 @@ func (s *session) sender(p *Primary) {
 			p.putStager(it.stager)
 			if err == nil && p.log.Enabled(context.Background(), slog.LevelDebug) {
 				p.log.Debug("checkpoint sent", "seq", it.seq, "full", it.full, "pages", it.dirty,
-					"pause", it.pause, "rearm", rearmed.Sub(t0), "encode_and_send", time.Since(rearmed))
+					"capture", it.pause, "rearm", rearmed.Sub(t0), "encode_and_send", time.Since(rearmed))
 			}
 		}
 		if err != nil {
@@ -905,6 +931,7 @@ var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 func (s *session) receiver(p *Primary) {
 	for {
 		msg, err := wire.Recv(s.conn)
+		recvAt := time.Now()
 		if err != nil {
 			switch {
 			case s.closed.Load():
@@ -927,7 +954,7 @@ func (s *session) receiver(p *Primary) {
 			}
 			p.send(engine.Ack{Now: now, Session: s.id, Seq: m.Seq})
 			p.mu.Lock()
-			p.recent.acked(s.id, m.Seq, time.Now())
+			p.recent.acked(s.id, m.Seq, recvAt)
 			p.mu.Unlock()
 			if p.log.Enabled(context.Background(), slog.LevelDebug) {
 				p.log.Debug("checkpoint acknowledged", "seq", m.Seq)

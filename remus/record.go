@@ -13,15 +13,20 @@ import (
 // operator (or a benchmark) needs to see the pause distribution against
 // the pages each pause carried, every checkpoint and not a sample of them.
 type CheckpointRecord struct {
-	Seq        uint64    `json:"seq"`
-	Session    uint64    `json:"session"`
-	Full       bool      `json:"full,omitempty"`
-	At         time.Time `json:"at"` // the end of its pause
-	PauseUS    float64   `json:"pause_us"`
-	DirtyPages int       `json:"dirty_pages"`
-	// CommitUS is from the end of the pause to the backup's
-	// acknowledgement: how long the epoch's output waited beyond the
-	// pause (0: not acknowledged, yet or ever, if its session ended).
+	Seq     uint64 `json:"seq"`
+	Session uint64 `json:"session"`
+	Full    bool   `json:"full,omitempty"`
+	// At is when the capture was handed to the sender: as the pause
+	// ends (under back-pressure, before the pause waits for acks).
+	At time.Time `json:"at"`
+	// PauseUS is how long the guest was stopped: from the safe point to
+	// its running on (unwind, capture, rewind, hand-off, and a
+	// back-pressure stall); the capture's alone until the guest resumed.
+	PauseUS    float64 `json:"pause_us"`
+	DirtyPages int     `json:"dirty_pages"`
+	// CommitUS is from At to the backup's acknowledgement's arrival: how
+	// long the epoch's output waited beyond the pause (0: not
+	// acknowledged, yet or ever, if its session ended).
 	CommitUS float64 `json:"commit_us,omitempty"`
 }
 
@@ -77,8 +82,21 @@ func (l *checkpointLog) acked(session, seq uint64, now time.Time) {
 func (l *checkpointLog) add(r CheckpointRecord) {
 	l.ring[l.n%recentCheckpoints] = r
 	l.n++
-	l.pause.Observe(r.PauseUS / 1e6)
 	l.pages.Observe(float64(r.DirtyPages))
+}
+
+// paused sets the pause of checkpoint seq, the last added, to the whole
+// pause (add had the capture's time): observed then, once.
+func (l *checkpointLog) paused(seq uint64, us float64) {
+	if l.n == 0 {
+		return
+	}
+	r := &l.ring[(l.n-1)%recentCheckpoints]
+	if r.Seq != seq {
+		return
+	}
+	r.PauseUS = us
+	l.pause.Observe(us / 1e6)
 }
 
 // since returns the records kept with a sequence number above seq, oldest
@@ -91,10 +109,15 @@ func (l *checkpointLog) since(seq uint64) (recs []CheckpointRecord, missed uint6
 			missed = old.Seq - seq - 1
 		}
 	}
-	for i := first; i < l.n; i++ {
-		if r := l.ring[i%recentCheckpoints]; r.Seq > seq {
-			recs = append(recs, r)
-		}
+	i := first
+	for i < l.n && l.ring[i%recentCheckpoints].Seq <= seq {
+		i++
+	}
+	if i < l.n {
+		recs = make([]CheckpointRecord, 0, l.n-i)
+	}
+	for ; i < l.n; i++ {
+		recs = append(recs, l.ring[i%recentCheckpoints])
 	}
 	return recs, missed
 }

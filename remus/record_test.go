@@ -69,3 +69,22 @@ func TestCheckpointLogAcked(t *testing.T) {
 		t.Errorf("commit histogram counts %d, want 6", got)
 	}
 }
+
+// TestCheckpointLogPaused: the whole pause, learnt once the guest runs on,
+// replaces the capture's time in the last record, and is observed once.
+func TestCheckpointLogPaused(t *testing.T) {
+	l := newCheckpointLog()
+	l.add(CheckpointRecord{Seq: 1, PauseUS: 10})
+	l.paused(1, 50)
+	l.add(CheckpointRecord{Seq: 2, PauseUS: 20})
+	l.paused(1, 70) // not the last one: ignored
+	recs, _ := l.since(0)
+	if recs[0].PauseUS != 50 || recs[1].PauseUS != 20 {
+		t.Fatalf("pauses %v and %v, want 50 and 20", recs[0].PauseUS, recs[1].PauseUS)
+	}
+	var m dto.Metric
+	l.pause.Write(&m)
+	if got := m.GetHistogram().GetSampleCount(); got != 1 {
+		t.Errorf("pause histogram counts %d, want 1", got)
+	}
+}

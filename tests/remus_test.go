@@ -371,8 +371,9 @@ func checkCheckpointLog(t *testing.T, sock string) {
 		}
 	}
 	last := float64(recs[len(recs)-1].Seq)
-	if c := counts["ftvm_remus_checkpoint_pause_seconds"]; c < last {
-		t.Errorf("ftvm_remus_checkpoint_pause_seconds_count %v, want at least %v (checkpoints taken)", c, last)
+	// A pause is observed once the guest runs on: the last may be just now.
+	if c := counts["ftvm_remus_checkpoint_pause_seconds"]; c < last-1 {
+		t.Errorf("ftvm_remus_checkpoint_pause_seconds_count %v, want at least %v (checkpoints taken)", c, last-1)
 	}
 	if c := counts["ftvm_remus_checkpoint_commit_seconds"]; c < last-8 {
 		t.Errorf("ftvm_remus_checkpoint_commit_seconds_count %v, want about %v (checkpoints acknowledged)", c, last)

@@ -5,18 +5,16 @@ import (
 	"errors"
 	"io"
 	"os"
-	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/ftvm/ftvm/internal/guest"
 )
 
-// TestWithPausedReturnsOnceResumed: WithPaused wakes its caller only once
-// the guest runs again, after what the pause queued with AfterResume, so
-// the wake-up is not part of the pause; when it returns, the pause is over
-// and counted.
-func TestWithPausedReturnsOnceResumed(t *testing.T) {
+// TestPauseIncludesAfterResume: the guest waits for what a pauser queued
+// with AfterResume (it runs before the interrupted host call goes on), so
+// the pause as measured — PauseStats and OnPaused — includes it.
+func TestPauseIncludesAfterResume(t *testing.T) {
 	wasm := guest.MustC(t, "dirtier", []string{"testdata/guests/dirtier/dirtier.c"})
 	mod, err := os.ReadFile(wasm)
 	if err != nil {
@@ -29,28 +27,32 @@ func TestWithPausedReturnsOnceResumed(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer m.Close(ctx)
+	told := make(chan time.Duration, 16)
+	m.OnPaused(func(d time.Duration) { told <- d })
 	done := make(chan error, 1)
 	go func() { _, err := m.Run(ctx); done <- err }()
-	for i := 0; i < 20; i++ {
-		before := m.PauseStats().Count
-		var resumed atomic.Bool
+	const slow = 3 * time.Millisecond
+	for i := 0; i < 5; i++ {
 		err := m.WithPaused(ctx, func(p *Paused) error {
-			p.AfterResume(func() {
-				time.Sleep(2 * time.Millisecond) // a caller woken in the pause would be back by now
-				resumed.Store(true)
-			})
+			p.AfterResume(func() { time.Sleep(slow) })
 			return nil
 		})
 		if err != nil {
 			t.Fatal(err)
 		}
-		if !resumed.Load() {
-			t.Fatalf("pause %d: WithPaused returned before the guest was resumed", i)
+		select {
+		case d := <-told:
+			if d < slow {
+				t.Fatalf("pause %d: OnPaused said %v, less than the %v its AfterResume took", i, d, slow)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("pause %d: OnPaused was not called", i)
 		}
-		if got := m.PauseStats().Count; got != before+1 {
-			t.Fatalf("pause %d: WithPaused returned with %d pauses counted, want %d", i, got, before+1)
+		if last := m.PauseStats().Last; last < slow {
+			t.Fatalf("pause %d: PauseStats says %v, less than the %v its AfterResume took", i, last, slow)
 		}
 	}
+	m.OnPaused(nil)
 	if err := m.WithPaused(ctx, func(p *Paused) error { p.Stop(); return nil }); err != nil {
 		t.Fatal(err)
 	}
