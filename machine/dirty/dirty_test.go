@@ -1103,3 +1103,32 @@ func TestWrittenAfterLateRearm(t *testing.T) {
 	w, _ = pk.Written(nil, 32*PageSize, uint64(size))
 	expect(t, "Written after a late Rearm of a page changed back", w, []uint32{p})
 }
+
+// TestScanOfSmallRangesMissesNoRun: a small range is asked with room for
+// as many runs as it can hold, no more: every other page written (the
+// most runs there are) is reported whole, by Written and by Collect, for
+// ranges of odd and even sizes.
+func TestScanOfSmallRangesMissesNoRun(t *testing.T) {
+	eachKernelTracker(t, 160, func(t *testing.T, region, image []byte, tr Tracker) {
+		pk := tr.(Peeker)
+		for _, n := range []int{1, 2, 3, 5, 64, 65, 127} {
+			from := 16
+			tr.Collect(nil, uint64(len(region)))
+			var want []uint32
+			for p := from; p < from+n; p += 2 {
+				stamp(region, uint32(p))
+				want = append(want, uint32(p))
+			}
+			got, ok := pk.Written(nil, uint64(from*PageSize), uint64((from+n)*PageSize))
+			if !ok {
+				t.Fatal("Written could not tell")
+			}
+			expect(t, fmt.Sprintf("Written over %d pages", n), got, want)
+			got, err := tr.Collect(nil, uint64(len(region)))
+			if err != nil {
+				t.Fatal(err)
+			}
+			expect(t, fmt.Sprintf("Collect after %d pages", n), got, want)
+		}
+	})
+}
