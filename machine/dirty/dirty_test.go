@@ -1132,3 +1132,29 @@ func TestScanOfSmallRangesMissesNoRun(t *testing.T) {
 		}
 	})
 }
+
+// TestGrowthWithManyRegions: memory newly in use may hold pages of three
+// kinds side by side (written, read as the zero page, untouched), which
+// the kernel reports as that many regions, more than the runs of written
+// pages: a scan that had room for as many regions as runs, and took a
+// full buffer for the end of the walk, missed every written page after
+// it.
+func TestGrowthWithManyRegions(t *testing.T) {
+	if err := uffdOnce(); err != nil {
+		t.Skipf("kernel tracker unavailable: %v", err)
+	}
+	const pages = 256
+	region := mapRegion(t, pages*PageSize)
+	tr := newTracker(t, region, 16*PageSize, KindUffd)
+	var sink byte
+	var want []uint32
+	for p := uint32(16); p < pages; p += 3 {
+		stamp(region, p)
+		want = append(want, p)
+		if p+1 < pages {
+			sink += region[int(p+1)*PageSize] // the zero page; p+2 untouched
+		}
+	}
+	expect(t, "grown", collect(t, tr, pages*PageSize), want)
+	_ = sink
+}

@@ -650,9 +650,11 @@ func (t *uffdTracker) scanFlags(start, end uintptr, flags, returnMask uint64, em
 		}
 		if emit != nil {
 			t.arg.vec = uint64(uintptr(unsafe.Pointer(unsafe.SliceData(t.buf))))
-			// A range of n pages holds at most n/2+1 runs: ask for no
-			// more room. The kernel allocates a buffer as long (up to
-			// 512 regions, 12 KiB) for every call; for the scratch
+			// A range of n pages holds at most n/2+1 runs of written
+			// pages: ask for no more room (pages of other categories
+			// side by side may make more regions; a full buffer then
+			// resumes below). The kernel allocates a buffer as long (up
+			// to 512 regions, 12 KiB) for every call; for the scratch
 			// region's 64 pages, each pause, that allocation was a
 			// third of Written's time and most of its tail.
 			t.arg.vecLen = min(uint64(len(t.buf)), uint64((end-start)/PageSize/2+1))
@@ -680,8 +682,9 @@ func (t *uffdTracker) scanFlags(start, end uintptr, flags, returnMask uint64, em
 			}
 			return err
 		}
-		if emit == nil || n < uintptr(len(t.buf)) {
-			// Only a full buffer stops the walk early. (walk_end is
+		if emit == nil || n < uintptr(t.arg.vecLen) {
+			// Only a full buffer (as long as asked for, not t.buf)
+			// stops the walk early. (walk_end is
 			// not to be trusted otherwise: Linux 6.18 leaves it at
 			// the last internal chunk's stop, mid-range, when the
 			// walk went on to the end.)
