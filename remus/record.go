@@ -2,7 +2,9 @@ package remus
 
 import (
 	"encoding/json"
+	"math"
 	"net/http"
+	"slices"
 	"strconv"
 	"time"
 
@@ -149,4 +151,50 @@ func (p *Primary) CheckpointsHandler() http.Handler {
 		w.Header().Set("Content-Type", "application/json")
 		json.NewEncoder(w).Encode(CheckpointsList{Checkpoints: recs, Missed: missed})
 	})
+}
+
+// CheckpointSummary condenses checkpoint records: what `ftvm status` shows
+// of the recent ones.
+type CheckpointSummary struct {
+	Count                int
+	PauseP50, PauseP99   time.Duration
+	Pages50              int
+	Acked                int // records with a commit time
+	CommitP50, CommitP99 time.Duration
+}
+
+// Summarize computes a CheckpointSummary of recs (nearest-rank
+// percentiles; commit times over the acknowledged records only).
+func Summarize(recs []CheckpointRecord) CheckpointSummary {
+	s := CheckpointSummary{Count: len(recs)}
+	if len(recs) == 0 {
+		return s
+	}
+	pause := make([]float64, 0, len(recs))
+	pages := make([]int, 0, len(recs))
+	var commit []float64
+	for _, r := range recs {
+		pause = append(pause, r.PauseUS)
+		pages = append(pages, r.DirtyPages)
+		if r.CommitUS > 0 {
+			commit = append(commit, r.CommitUS)
+		}
+	}
+	slices.Sort(pause)
+	slices.Sort(pages)
+	slices.Sort(commit)
+	us := func(v float64) time.Duration { return time.Duration(v * float64(time.Microsecond)) }
+	s.PauseP50, s.PauseP99 = us(rank(pause, 0.5)), us(rank(pause, 0.99))
+	s.Pages50 = pages[(len(pages)+1)/2-1]
+	s.Acked = len(commit)
+	if len(commit) > 0 {
+		s.CommitP50, s.CommitP99 = us(rank(commit, 0.5)), us(rank(commit, 0.99))
+	}
+	return s
+}
+
+// rank is the q-quantile of sorted (not empty) by the nearest-rank method.
+func rank(sorted []float64, q float64) float64 {
+	i := int(math.Ceil(q*float64(len(sorted)))) - 1
+	return sorted[max(0, min(i, len(sorted)-1))]
 }

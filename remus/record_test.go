@@ -88,3 +88,25 @@ func TestCheckpointLogPaused(t *testing.T) {
 		t.Errorf("pause histogram counts %d, want 1", got)
 	}
 }
+
+// TestSummarize: nearest-rank percentiles of pause and pages over every
+// record, of commit over the acknowledged ones only.
+func TestSummarize(t *testing.T) {
+	if s := Summarize(nil); s.Count != 0 || s.Acked != 0 {
+		t.Fatalf("no records: %+v", s)
+	}
+	var recs []CheckpointRecord
+	for i := 1; i <= 200; i++ {
+		r := CheckpointRecord{Seq: uint64(i), PauseUS: float64(i), DirtyPages: i % 10}
+		if i%2 == 0 {
+			r.CommitUS = float64(1000 * i)
+		}
+		recs = append(recs, r)
+	}
+	s := Summarize(recs)
+	want := CheckpointSummary{Count: 200, PauseP50: 100 * time.Microsecond, PauseP99: 198 * time.Microsecond,
+		Pages50: 4, Acked: 100, CommitP50: 100 * time.Millisecond, CommitP99: 198 * time.Millisecond}
+	if s != want {
+		t.Fatalf("Summarize: %+v, want %+v", s, want)
+	}
+}

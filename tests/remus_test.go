@@ -249,7 +249,8 @@ func TestRemusFailover(t *testing.T) {
 	}
 	// The same through the CLI, as an operator reads it.
 	for sock, want := range map[string][]string{
-		r.pSock: {"role:        primary", "state:       protected", "backup:      " + r.replAddr + ", healthy true"},
+		r.pSock: {"role:        primary", "state:       protected", "backup:      " + r.replAddr + ", healthy true",
+			"recent:      ", "checkpoints: pause p50 ", "; commit p50 "},
 		r.bSock: {"role:    backup", ": following, term 1"},
 	} {
 		res := runCLI(t, 30*time.Second, "", "status", "--api-sock", sock)

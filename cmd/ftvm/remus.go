@@ -212,6 +212,12 @@ func newStatusCmd() *cobra.Command {
 				return enc.Encode(st)
 			}
 			printStatus(st)
+			if st["role"] == "primary" {
+				var list remus.CheckpointsList
+				if err := api.NewClient(apiSock).Get(ctx, "/checkpoints", &list); err == nil {
+					printRecent(remus.Summarize(list.Checkpoints))
+				}
+			}
 			return nil
 		},
 	}
@@ -266,4 +272,19 @@ func printStatus(st map[string]any) {
 		num(st["full_checkpoints"]))
 	fmt.Printf("output:      %s bytes held, %s released, %s stalls\n", num(st["held_output_bytes"]),
 		num(st["released_output_bytes"]), num(st["stalls"]))
+}
+
+// printRecent prints a primary's recent checkpoints in brief.
+func printRecent(s remus.CheckpointSummary) {
+	if s.Count == 0 {
+		fmt.Println("recent:      no checkpoint yet")
+		return
+	}
+	fmt.Printf("recent:      %d checkpoints: pause p50 %v, p99 %v; dirty pages p50 %d", s.Count,
+		s.PauseP50.Round(time.Microsecond), s.PauseP99.Round(time.Microsecond), s.Pages50)
+	if s.Acked > 0 {
+		fmt.Printf("; commit p50 %v, p99 %v (pause end to the backup's ack)", s.CommitP50.Round(time.Microsecond),
+			s.CommitP99.Round(time.Microsecond))
+	}
+	fmt.Println()
 }
