@@ -89,6 +89,7 @@ type Primary struct {
 	stalling atomic.Bool
 	machine  atomic.Pointer[machine.Machine]
 	requests atomic.Uint64 // checkpoints asked of the machine so far
+	captures atomic.Uint64 // of those, captures begun (in their pause)
 }
 
 // PrimaryStatus is what `ftvm status` shows of a protected primary.
@@ -330,6 +331,7 @@ func (p *Primary) take(req engine.CheckpointRequest, module []byte, name string)
 	// Errors are logged by the job itself: nothing waits on PauseAsync's
 	// result, so the pause wakes no goroutine for it.
 	m.PauseAsync(func(pp *machine.Paused) error {
+		p.captures.Add(1)
 		st := p.getStager()
 		cp, dirty, err := captureCheckpoint(pp, req.Seq, req.Full, st, p.dirtyBuf, module, name)
 		p.dirtyBuf = dirty
@@ -520,7 +522,6 @@ func (p *Primary) overLimit() {
 	if m == nil || !p.stalling.CompareAndSwap(false, true) {
 		return
 	}
-	asked := p.requests.Load()
 	m.PauseAsync(func(*machine.Paused) error {
 		defer p.stalling.Store(false)
 		counted := false
@@ -528,10 +529,15 @@ func (p *Primary) overLimit() {
 			held, _, _, _ := p.gate.stats()
 			st := p.Status()
 			// Go on once output fell under the limit, protection was given
-			// up, or a checkpoint is queued (it runs at the very next safe
-			// point, and its pause waits for acks if need be).
+			// up, or a checkpoint is asked for and not captured yet: its
+			// capture runs at this safe point or the next (its pause
+			// waits for acks if need be). It may be queued behind this
+			// stall, or be queued only once the loop has walked the page
+			// tables (take): waiting for it here would wait for ever.
+			// (Counting only requests made after the stall began missed
+			// one made, by HoldFull, between the two.)
 			if held <= p.cfg.HoldLimit || st.State != engine.Protected.String() && st.State != engine.Syncing.String() ||
-				p.requests.Load() != asked {
+				p.requests.Load() != p.captures.Load() {
 				return nil
 			}
 			if !counted {
