@@ -336,14 +336,15 @@ func checkCheckpointLog(t *testing.T, sock string) {
 	if err := c.Get(ctx, fmt.Sprintf("/checkpoints?since=%d", since), &list); err != nil {
 		t.Fatal(err)
 	}
+	before := st.Checkpoints // taken before the list was asked for
 	if err := c.Get(ctx, "/status", &st); err != nil {
 		t.Fatal(err)
 	}
 	recs := list.Checkpoints
-	if list.Missed != 0 || len(recs) == 0 || recs[0].Seq != since+1 || recs[len(recs)-1].Seq > st.Checkpoints ||
-		uint64(len(recs)) < st.Checkpoints-since-1 {
-		t.Fatalf("GET /checkpoints?since=%d: %d records (first %+v), missed %d; the status then said %d checkpoints",
-			since, len(recs), recs[:min(1, len(recs))], list.Missed, st.Checkpoints)
+	if list.Missed != 0 || len(recs) == 0 || recs[0].Seq != since+1 || recs[len(recs)-1].Seq < before ||
+		recs[len(recs)-1].Seq > st.Checkpoints {
+		t.Fatalf("GET /checkpoints?since=%d: %d records (first %+v), missed %d; the status said %d checkpoints before, %d after",
+			since, len(recs), recs[:min(1, len(recs))], list.Missed, before, st.Checkpoints)
 	}
 	committed := 0
 	for i, r := range recs {
