@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"os"
+	"strings"
 	"testing"
 	"time"
 
@@ -15,18 +16,8 @@ import (
 // with AfterResume (it runs before the interrupted host call goes on), so
 // the pause as measured — PauseStats and OnPaused — includes it.
 func TestPauseIncludesAfterResume(t *testing.T) {
-	wasm := guest.MustC(t, "dirtier", []string{"testdata/guests/dirtier/dirtier.c"})
-	mod, err := os.ReadFile(wasm)
-	if err != nil {
-		t.Fatal(err)
-	}
 	ctx := context.Background()
-	m, err := New(ctx, Config{Module: mod, Name: "dirtier", Args: []string{"8", "1", "100000", "100"},
-		Stdout: io.Discard, Stderr: io.Discard, CacheDir: t.TempDir(), Instrument: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close(ctx)
+	m := newDirtier(t, "8", "1", "100000", "100")
 	told := make(chan time.Duration, 16)
 	m.OnPaused(func(d time.Duration) { told <- d })
 	done := make(chan error, 1)
@@ -59,4 +50,22 @@ func TestPauseIncludesAfterResume(t *testing.T) {
 	if err := <-done; err != nil && !errors.Is(err, ErrStopped) {
 		t.Fatal(err)
 	}
+}
+
+// newDirtier is an instrumented VM of the dirtier test guest with args,
+// its output discarded, closed when the test ends; not started.
+func newDirtier(t *testing.T, args ...string) *Machine {
+	t.Helper()
+	wasm := guest.MustC(t, "dirtier", []string{"testdata/guests/dirtier/dirtier.c"})
+	mod, err := os.ReadFile(wasm)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := New(context.Background(), Config{Module: mod, Name: "dirtier", Args: args, Stdout: io.Discard,
+		Stderr: io.Discard, Stdin: strings.NewReader(""), CacheDir: t.TempDir(), Instrument: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close(context.Background()) })
+	return m
 }

@@ -3,13 +3,9 @@ package machine
 import (
 	"bytes"
 	"context"
-	"io"
-	"os"
-	"strings"
 	"testing"
 	"time"
 
-	"github.com/ftvm/ftvm/internal/guest"
 	"github.com/ftvm/ftvm/machine/dirty"
 	"github.com/ftvm/ftvm/snapshot"
 )
@@ -20,18 +16,8 @@ import (
 // the pages it is given — a snapshot taken of a protected primary must not
 // take pages away from its backup's next checkpoint, nor the reverse.
 func TestDirtyViewsOfTwoConsumers(t *testing.T) {
-	wasm := guest.MustC(t, "dirtier", []string{"testdata/guests/dirtier/dirtier.c"})
-	mod, err := os.ReadFile(wasm)
-	if err != nil {
-		t.Fatal(err)
-	}
 	ctx := context.Background()
-	m, err := New(ctx, Config{Module: mod, Name: "dirtier", Args: []string{"8", "40", "0", "1000"},
-		Stdout: io.Discard, Stderr: io.Discard, Stdin: strings.NewReader(""), CacheDir: t.TempDir(), Instrument: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close(ctx)
+	m := newDirtier(t, "8", "40", "0", "1000")
 	go m.Run(ctx)
 	time.Sleep(100 * time.Millisecond)
 	var images [2][]byte // snapshots, stream
