@@ -526,18 +526,7 @@ func (p *Primary) overLimit() {
 		defer p.stalling.Store(false)
 		counted := false
 		for {
-			held, _, _, _ := p.gate.stats()
-			st := p.Status()
-			// Go on once output fell under the limit, protection was given
-			// up, or a checkpoint is asked for and not captured yet: its
-			// capture runs at this safe point or the next (its pause
-			// waits for acks if need be). It may be queued behind this
-			// stall, or be queued only once the loop has walked the page
-			// tables (take): waiting for it here would wait for ever.
-			// (Counting only requests made after the stall began missed
-			// one made, by HoldFull, between the two.)
-			if held <= p.cfg.HoldLimit || st.State != engine.Protected.String() && st.State != engine.Syncing.String() ||
-				p.requests.Load() != p.captures.Load() {
+			if p.stallOver() {
 				return nil
 			}
 			if !counted {
@@ -553,6 +542,21 @@ func (p *Primary) overLimit() {
 			}
 		}
 	})
+}
+
+// stallOver reports whether a back-pressure stall may let the guest go
+// on: output fell under the limit, protection was given up, or a
+// checkpoint is asked for and not captured yet. That capture runs at this
+// safe point or the next (its pause waits for acks if need be); it may be
+// queued behind the stall, or be queued only once the loop has walked the
+// page tables (take), so waiting for it here would wait for ever.
+// (Counting only the requests made after the stall began missed one made,
+// by the stall's own HoldFull, between the two: the guest stayed stopped.)
+func (p *Primary) stallOver() bool {
+	held, _, _, _ := p.gate.stats()
+	st := p.Status()
+	return held <= p.cfg.HoldLimit || st.State != engine.Protected.String() && st.State != engine.Syncing.String() ||
+		p.requests.Load() != p.captures.Load()
 }
 
 // releaser performs released output in order, off the guest goroutine.
