@@ -78,7 +78,7 @@ func (r *remusEnv) tag(what string) string {
 func runRemus(ctx context.Context, e *env) (string, error) {
 	s := remusSettings{
 		epochs:   []time.Duration{10 * time.Millisecond, 25 * time.Millisecond, 50 * time.Millisecond, 100 * time.Millisecond},
-		cpuScale: 8, cpuRuns: min(e.runs, 3), kvRounds: min(e.runs, 2),
+		cpuScale: 8, cpuRuns: min(e.runs, 5), kvRounds: min(e.runs, 2),
 		kv: kvSettings{conns: 32, depth: 16, loadFor: 1500 * time.Millisecond, maxLoad: 20_000_000,
 			latencyFor: 1500 * time.Millisecond, maxLatency: 30000, keys: 1000},
 		minLatency: 30, dirty: []int{10, 100, 1000, 10000}, dirtyMiB: 64, dirtyFor: 4 * time.Second,
@@ -390,13 +390,14 @@ func remusCPU(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 		epoch time.Duration // 0: unprotected
 		polls bool          // --loop-polls
 		long  bool          // at longArg
+		again bool          // a second unprotected run: the A/A control
 	}
 	var configs []key
 	for _, ep := range append([]time.Duration{0}, r.s.epochs...) {
 		configs = append(configs, key{epoch: ep})
 	}
-	configs = append(configs, key{epoch: 25 * time.Millisecond, polls: true},
-		key{long: true}, key{epoch: 25 * time.Millisecond, long: true})
+	configs = append(configs, key{again: true}, key{epoch: 25 * time.Millisecond, polls: true},
+		key{long: true}, key{epoch: 25 * time.Millisecond, long: true}, key{long: true, again: true})
 	for _, g := range guests { // warm the loop-polled instrumentation too
 		if _, err := runCLI(ctx, r.ftvmBin, "run", "--loop-polls", "--cache-dir", r.cache, g.wasm, "1"); err != nil {
 			return err
@@ -425,7 +426,7 @@ func remusCPU(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 				if err != nil {
 					return fmt.Errorf("%s, epoch %v, scale %s: %w", g.label, epoch, a, err)
 				}
-				k := key{gi, epoch, c.polls, c.long}
+				k := key{gi, epoch, c.polls, c.long, c.again}
 				res[k] = append(res[k], out)
 			}
 		}
@@ -448,21 +449,29 @@ func remusCPU(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 		"unprotected and at 25 ms: what protection costs once (the backup session, the first full checkpoint, the heap's "+
 		"growth arriving in one checkpoint, the module prepared on the backup while the guest runs, all on this "+
 		"machine's 2 cores) against what it costs per second of computation; **added** is the protected run's time "+
-		"less the unprotected one's.\n\n", arg, r.s.timeout, arg, r.s.cpuRuns, longArg, longLonger)
-	b.WriteString("| guest | epoch | run time | ÷ unprotected | added | checkpoints | pause p50 | pause p99 | state at last poll | output |\n")
-	b.WriteString("|---|---:|---:|---:|---:|---:|---:|---:|---|---|\n")
+		"less the unprotected one's. **Paired** is the ratio taken within each round (this row's run over the "+
+		"unprotected run of the same round, a few seconds apart): median, min–max. The rows **unprotected, again** "+
+		"are a second unprotected run per round, the A/A control: their ratios are what this machine's drift alone "+
+		"makes of two identical runs (its speed steps by up to ×2 for seconds at a time, other tenants of the host), "+
+		"so a protected ratio within their spread is not told apart from ×1.\n\n", arg, r.s.timeout, arg, r.s.cpuRuns, longArg, longLonger)
+	b.WriteString("| guest | epoch | run time | ÷ unprotected | paired | added | checkpoints | pause p50 | pause p99 | state at last poll | output |\n")
+	b.WriteString("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n")
 	for gi, g := range guests {
 		for _, c := range configs {
 			epoch := c.epoch
-			base := res[key{gi, 0, false, c.long}]
+			base := res[key{gi, 0, false, c.long, false}]
 			want := ""
 			if len(base) > 0 {
 				want = base[0].stdout
 			}
 			baseT := sampleOf(base, func(x remusCPURun) float64 { return x.elapsed })
-			runs := res[key{gi, epoch, c.polls, c.long}]
+			runs := res[key{gi, epoch, c.polls, c.long, c.again}]
 			t := sampleOf(runs, func(x remusCPURun) float64 { return x.elapsed })
+			paired := pairedRatios(runs, base)
 			label := "unprotected"
+			if c.again {
+				label += ", again"
+			}
 			if epoch > 0 {
 				label = epoch.String()
 			}
@@ -473,8 +482,13 @@ func remusCPU(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 				label += ", scale " + longArg
 			}
 			out := outputCheck(runs, want)
-			if epoch == 0 {
-				fmt.Fprintf(b, "| %s | %s | %s | ×1 | — | — | — | — | — | %s |\n", g.label, label, fmtSecRange(t), out)
+			if epoch == 0 && !c.again {
+				fmt.Fprintf(b, "| %s | %s | %s | ×1 | — | — | — | — | — | — | %s |\n", g.label, label, fmtSecRange(t), out)
+				continue
+			}
+			if c.again {
+				fmt.Fprintf(b, "| %s | %s | %s | %s | %s | %s | — | — | — | — | %s |\n", g.label, label, fmtSecRange(t),
+					fmtRatio(t.median(), baseT.median()), fmtPaired(paired), fmtSeconds(t.median()-baseT.median()), out)
 				continue
 			}
 			cps := sampleOf(runs, func(x remusCPURun) float64 { return x.checkpoints })
@@ -490,14 +504,16 @@ func remusCPU(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 				}
 				return fmtNsDur(s.median())
 			}
-			fmt.Fprintf(b, "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", g.label, label, fmtSecRange(t),
-				fmtRatio(t.median(), baseT.median()), fmtSeconds(t.median()-baseT.median()), fmtNum(cps.median()),
+			fmt.Fprintf(b, "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", g.label, label, fmtSecRange(t),
+				fmtRatio(t.median(), baseT.median()), fmtPaired(paired), fmtSeconds(t.median()-baseT.median()), fmtNum(cps.median()),
 				pause(p50), pause(p99), fmtCounts(states), out)
 			if c.long {
 				r.summarize("Remus, CPU-bound %s, %d times longer (scale %s): `ftvm run --protect` at 25 ms epochs takes %s vs "+
-					"%s unprotected (%s, %s added; target ≤ ×1.1); checkpoints: %s; state at last poll: %s; output %s.",
+					"%s unprotected (%s, %s added; paired within rounds %s, against %s for a second unprotected run; target ≤ ×1.1); "+
+					"checkpoints: %s; state at last poll: %s; output %s.",
 					g.label, longLonger, longArg, fmtSeconds(t.median()), fmtSeconds(baseT.median()),
-					fmtRatio(t.median(), baseT.median()), fmtSeconds(t.median()-baseT.median()), fmtNum(cps.median()),
+					fmtRatio(t.median(), baseT.median()), fmtSeconds(t.median()-baseT.median()), fmtPaired(paired),
+					fmtPaired(pairedRatios(res[key{gi, 0, false, true, true}], base)), fmtNum(cps.median()),
 					fmtCounts(states), out)
 			} else if c.polls {
 				r.summarize("Remus, CPU-bound %s with `--loop-polls` at 25 ms epochs: %s vs %s unprotected (%s); checkpoints: %s "+
@@ -505,15 +521,42 @@ func remusCPU(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 					g.label, fmtSeconds(t.median()), fmtSeconds(baseT.median()), fmtRatio(t.median(), baseT.median()),
 					fmtNum(cps.median()), pause(p50), pause(p99), fmtCounts(states), out)
 			} else if epoch == 25*time.Millisecond {
-				r.summarize("Remus, CPU-bound %s: `ftvm run --protect` at 25 ms epochs takes %s vs %s unprotected (%s; target ≤ ×1.1); "+
+				r.summarize("Remus, CPU-bound %s: `ftvm run --protect` at 25 ms epochs takes %s vs %s unprotected (%s; paired within rounds %s, "+
+					"against %s for a second unprotected run; target ≤ ×1.1); "+
 					"checkpoints: %s, pause p50 %s / p99 %s; primary's state at its last poll: %s; output %s.", g.label, fmtSeconds(t.median()), fmtSeconds(baseT.median()),
-					fmtRatio(t.median(), baseT.median()), fmtNum(cps.median()), pause(p50), pause(p99),
+					fmtRatio(t.median(), baseT.median()), fmtPaired(paired), fmtPaired(pairedRatios(res[key{gi, 0, false, false, true}], base)),
+					fmtNum(cps.median()), pause(p50), pause(p99),
 					fmtCounts(states), out)
 			}
 		}
 	}
 	b.WriteString("\n")
 	return nil
+}
+
+// pairedRatios is each round's run time over the same round's unprotected
+// run (runs and base are in round order). The machine's speed drifts by up
+// to ×2 over seconds, so a ratio within a round, of runs seconds apart, is
+// steadier than a ratio of medians taken across rounds.
+func pairedRatios(runs, base []remusCPURun) sample {
+	var s sample
+	for i := range min(len(runs), len(base)) {
+		if base[i].elapsed > 0 {
+			s = append(s, runs[i].elapsed/base[i].elapsed)
+		}
+	}
+	return s
+}
+
+// fmtPaired formats paired ratios: median (min–max).
+func fmtPaired(s sample) string {
+	if len(s) == 0 {
+		return "—"
+	}
+	if len(s) == 1 {
+		return fmt.Sprintf("×%.2f", s.median())
+	}
+	return fmt.Sprintf("×%.2f (%.2f–%.2f)", s.median(), s.min(), s.max())
 }
 
 // longLonger is how many times longer the long CPU-bound runs compute.

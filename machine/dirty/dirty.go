@@ -20,7 +20,7 @@
 //
 // Two refinements of the kernel tracker, for a machine with shadow paging
 // (a software hypervisor, as on this project's hosts), where changing a
-// page-table entry is dear: a write fault costs 10–15 µs, and protecting
+// page-table entry is dear: a write fault costs 10–18 µs, and protecting
 // 760 scattered pages again takes 860 µs of a 950 µs Collect.
 //
 //   - Hot pages (Options.HotPages, hot.go): a page written in three
