@@ -8,7 +8,7 @@ import (
 
 // Hot pages (Options.HotPages). Under write protection every first write
 // to a page after a Collect is a fault, and on a VM with shadow paging a
-// fault costs 10–15 µs (measured on this project's machines: 15 µs per
+// fault costs 10–18 µs (measured on this project's machines: 15–18 µs per
 // page against 1 µs for a plain first store). A guest that writes the same
 // pages every epoch — its stack, a connection's buffers, the allocator's
 // own metadata — pays that for every one of them every epoch: a KV server
