@@ -134,7 +134,10 @@ type Backup struct {
 	sessCommitted uint64 // its last commit; 0: no full checkpoint yet
 	lastHeard     Time   // last message of a session
 	lastSent      Time
-	closed        uint64 // the session that ended last, to reject its Hello copies
+	// closed is the newest session that ended: it and every session
+	// before it are over, and a Hello naming one (a late copy) is
+	// refused. The driver numbers sessions in increasing order.
+	closed uint64
 
 	pend   BackupReady
 	handed *BackupReady
@@ -265,7 +268,7 @@ func (b *Backup) hello(h Hello) {
 		reject("session 0")
 	case h.Term < b.term:
 		reject(fmt.Sprintf("stale term %d: slot is at term %d", h.Term, b.term))
-	case h.Session == b.closed:
+	case h.Session <= b.closed:
 		reject(fmt.Sprintf("session %d is closed", h.Session))
 	case b.state == Following:
 		reject(fmt.Sprintf("duplicate: session %d is live (heard %v ago)", b.session, b.now-b.lastHeard))
@@ -341,9 +344,7 @@ func (b *Backup) endSession(reason string) {
 }
 
 func (b *Backup) clearSession() {
-	if b.session != 0 {
-		b.closed = b.session
-	}
+	b.closed = max(b.closed, b.session)
 	b.session, b.sessCommitted, b.lastSent = 0, 0, 0
 }
 

@@ -208,6 +208,20 @@ func TestBackupHello(t *testing.T) {
 	if rd = h.step(Checkpoint{13 * ms, 2, 6, false}); len(msgs(rd, MsgNeedFull)) != 1 {
 		t.Fatalf("incremental across sessions: %+v", rd)
 	}
+	// Every ended session stays closed, not only the last: session 1,
+	// ended before session 2, cannot come back once session 2 has ended
+	// too (the fuzzer found one reopened that way, whose full checkpoint
+	// then took the slot back to an older sequence number).
+	h.step(Checkpoint{14 * ms, 2, 7, true})
+	h.step(Disconnected{15 * ms, 2})
+	for _, sess := range []uint64{1, 2} {
+		if rd := h.step(Hello{16 * ms, sess, "vm1", 3}); len(msgs(rd, MsgReject)) != 1 || h.b.State() != Waiting {
+			t.Fatalf("a Hello for ended session %d: %v %+v", sess, h.b.State(), rd)
+		}
+	}
+	if rd := h.hello(17*ms, 4, 3); len(msgs(rd, MsgAccept)) != 1 || h.b.Committed() != 7 {
+		t.Fatalf("a new session after them: %v %+v", h.b.State(), rd)
+	}
 }
 
 func TestBackupFailover(t *testing.T) {
