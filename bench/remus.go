@@ -450,7 +450,7 @@ func remusCPU(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 		"growth arriving in one checkpoint, the module prepared on the backup while the guest runs, all on this "+
 		"machine's 2 cores) against what it costs per second of computation; **added** is the protected run's time "+
 		"less the unprotected one's. **Paired** is the ratio taken within each round (this row's run over the "+
-		"unprotected run of the same round, a few seconds apart): median, min–max. The rows **unprotected, again** "+
+		"unprotected run of the same round, at most about half a minute apart): median, min–max. The rows **unprotected, again** "+
 		"are a second unprotected run per round, the A/A control: their ratios are what this machine's drift alone "+
 		"makes of two identical runs (its speed steps by up to ×2 for seconds at a time, other tenants of the host), "+
 		"so a protected ratio within their spread is not told apart from ×1.\n\n", arg, r.s.timeout, arg, r.s.cpuRuns, longArg, longLonger)
@@ -536,8 +536,8 @@ func remusCPU(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 
 // pairedRatios is each round's run time over the same round's unprotected
 // run (runs and base are in round order). The machine's speed drifts by up
-// to ×2 over seconds, so a ratio within a round, of runs seconds apart, is
-// steadier than a ratio of medians taken across rounds.
+// to ×2 for seconds at a time, so a ratio within a round, of runs close in
+// time, is steadier than a ratio of medians taken across rounds.
 func pairedRatios(runs, base []remusCPURun) sample {
 	var s sample
 	for i := range min(len(runs), len(base)) {
