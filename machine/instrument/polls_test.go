@@ -188,7 +188,7 @@ func FuzzInsertPolls(f *testing.F) {
 		if err != nil || !bytes.Equal(again, out) {
 			t.Fatalf("second pass: err %v, changed %v", err, !bytes.Equal(again, out))
 		}
-		if !wazeroSafe(mod) || !wazeroSafe(out) {
+		if !oracleSafe(mod) || !wazeroSafe(out) {
 			return
 		}
 		if compiles(ctx, rt, mod) == nil {
