@@ -210,6 +210,8 @@ func fzAllocCheck(b []byte) (fzVerdict, string) {
 			body := reader{b: sec.b, off: sec.off}
 			body.u32()
 			switch id {
+			case 2, 7:
+				v, why = fzCheckNames(&body, n, id)
 			case 10:
 				v, why = fzCheckCode(&body, n)
 			case 11:
@@ -271,6 +273,76 @@ func fzCheckTypes(r *reader) (fzVerdict, string) {
 					return fzUnsure, "reference type" // followed by a heap type
 				}
 			}
+		}
+	}
+	return fzPlausible, ""
+}
+
+// fzCheckNames looks at the names of imports (section 2) and exports
+// (section 7): wazero allocates a name at its declared length before it
+// reads it (a 40-byte module declaring an import's module name of 3.9 GB
+// made it allocate 3.7 GiB). Past an entry it cannot parse, a huge number
+// anywhere after is reason enough not to compile.
+func fzCheckNames(r *reader, n uint32, id byte) (fzVerdict, string) {
+	name := func(i uint32) (fzVerdict, string, bool) {
+		c, err := r.u32()
+		if err != nil {
+			return fzPlausible, "", false
+		}
+		if uint64(r.off)+uint64(c) > uint64(len(r.b)) {
+			switch {
+			case c >= fzHuge:
+				return fzBomb, fmt.Sprintf("section %d entry %d declares a name of %d bytes, %d follow", id, i, c, len(r.b)-r.off), false
+			case c >= fzLarge:
+				return fzUnsure, "long name", false
+			}
+			return fzPlausible, "", false // malformed, wazero fails after a small allocation
+		}
+		r.off += int(c)
+		return fzPlausible, "", true
+	}
+	rest := func() (fzVerdict, string) {
+		if fzHugeLEBIn(r.b[min(r.off, len(r.b)):]) {
+			return fzUnsure, fmt.Sprintf("section %d", id)
+		}
+		return fzPlausible, ""
+	}
+	for i := uint32(0); i < n; i++ {
+		names := 1
+		if id == 2 {
+			names = 2 // module and field
+		}
+		for range names {
+			if v, why, ok := name(i); !ok {
+				return v, why
+			}
+		}
+		kind, err := r.byte()
+		if err != nil {
+			return fzPlausible, ""
+		}
+		var ok bool
+		switch {
+		case id == 7 || kind == 0: // an index
+			_, err = r.u32()
+			ok = err == nil
+		case kind == 1: // table: reference type, limits
+			if _, err = r.byte(); err == nil {
+				_, _, err = r.limits()
+			}
+			ok = err == nil
+		case kind == 2: // memory
+			_, _, err = r.limits()
+			ok = err == nil
+		case kind == 3: // global: value type, mutability
+			_, err = r.byte()
+			if err == nil {
+				_, err = r.byte()
+			}
+			ok = err == nil
+		}
+		if !ok {
+			return rest()
 		}
 	}
 	return fzPlausible, ""
