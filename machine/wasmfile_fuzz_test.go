@@ -184,8 +184,16 @@ func fzAllocCheck(b []byte) (fzVerdict, string) {
 		// wazero decodes a section's contents from a reader over the whole
 		// rest of the file and only afterwards compares what it consumed
 		// with the declared size: judge counts by what follows in the file.
-		if uint64(r.off)+uint64(size) > uint64(len(r.b)) {
-			size = uint32(len(r.b) - r.off)
+		// A custom section, though, it reads into a buffer of its declared
+		// size first (4 GiB for a few bytes).
+		if left := len(r.b) - r.off; uint64(size) > uint64(left) {
+			switch {
+			case id == 0 && size >= fzHuge:
+				return fzBomb, fmt.Sprintf("custom section of %d bytes, %d follow", size, left)
+			case id == 0 && size >= fzLarge:
+				return fzUnsure, "large custom section"
+			}
+			size = uint32(left)
 		}
 		sec := reader{b: r.b, off: r.off}
 		content := r.b[r.off : r.off+int(size)]
@@ -348,9 +356,18 @@ func fzCheckNames(r *reader, n uint32, id byte) (fzVerdict, string) {
 	return fzPlausible, ""
 }
 
-// fzCheckCustom looks into the name section, which wazero decodes: a
-// subsection's name count is allocated in full.
+// fzCheckCustom looks at a custom section's name, allocated at its declared
+// length, and into the name section, which wazero decodes: a subsection's
+// name count is allocated in full.
 func fzCheckCustom(r *reader) (fzVerdict, string) {
+	if n, err := (&reader{b: r.b, off: r.off}).u32(); err == nil && uint64(n) > uint64(len(r.b)) {
+		switch {
+		case n >= fzHuge:
+			return fzBomb, fmt.Sprintf("custom section name of %d bytes in %d", n, len(r.b))
+		case n >= fzLarge:
+			return fzUnsure, "long custom section name"
+		}
+	}
 	name, err := r.name()
 	if err != nil || name != "name" {
 		return fzPlausible, ""
