@@ -281,38 +281,53 @@ func scanData(r *reader) error {
 }
 
 // scanCustom checks the counts of the "name" section, which the compiler
-// decodes; other custom sections are opaque.
+// decodes; other custom sections are opaque. It reads the name section as
+// wazero's decoder does (decodeNameSection), so as to refuse no module the
+// compiler accepts: a module name or a name map is decoded from where its
+// subsection starts, whatever size the subsection declares; another
+// subsection is skipped by its size; and reading stops once the declared
+// sizes add up to the section's (counted as wazero counts them, modulo
+// 2^64) or the section ends. What it decodes must fit in the section.
 func scanCustom(r *reader) error {
 	name, err := r.name()
 	if err != nil || name != "name" {
 		return err
 	}
-	for r.off < len(r.b) {
-		id, err := r.byte()
-		if err != nil {
-			return err
-		}
-		sub, err := r.sized()
+	for limit := uint64(len(r.b) - r.off); limit > 0 && r.off < len(r.b); {
+		id, _ := r.byte()
+		limit--
+		start := r.off
+		size, err := r.u32()
 		if err != nil {
 			return fmt.Errorf("name subsection %d: %w", id, err)
 		}
+		limit -= uint64(r.off - start)
 		switch id {
+		case 0: // the module name
+			_, err = r.name()
 		case 1: // function names: a name map
-			err = sub.nameMap()
+			err = r.nameMap()
 		case 2: // local names: an indirect name map
 			var n uint32
-			if n, err = sub.count(); err != nil {
+			if n, err = r.count(); err != nil {
 				return fmt.Errorf("local names: %w", err)
 			}
 			for i := uint32(0); i < n && err == nil; i++ {
-				if _, err = sub.u32(); err == nil {
-					err = sub.nameMap()
+				if _, err = r.u32(); err == nil {
+					err = r.nameMap()
 				}
+			}
+		default:
+			if uint64(size) > uint64(len(r.b)-r.off) {
+				err = errTruncated
+			} else {
+				r.off += int(size)
 			}
 		}
 		if err != nil {
 			return fmt.Errorf("name subsection %d: %w", id, err)
 		}
+		limit -= uint64(size)
 	}
 	return nil
 }
