@@ -211,7 +211,9 @@ func fzAllocCheck(b []byte) (fzVerdict, string) {
 				case n >= fzLarge:
 					return fzUnsure, "large count"
 				}
-				continue // malformed, wazero fails after a small allocation
+				// Malformed, and wazero allocates a little for the count,
+				// but it decodes the entries that are there before it
+				// fails: they are looked at below all the same.
 			}
 			var v fzVerdict
 			var why string
@@ -237,7 +239,9 @@ func fzAllocCheck(b []byte) (fzVerdict, string) {
 		case 0:
 			// Custom sections are read into a buffer of their declared size
 			// first; the name section is decoded from that.
-			if v, why := fzCheckCustom(&reader{b: content}); v != fzPlausible {
+			// wazero reads the name, and the name section, from the
+			// rest of the file, whatever size the section declares.
+			if v, why := fzCheckCustom(&reader{b: sec.b[sec.off:]}); v != fzPlausible {
 				return v, why
 			}
 		case 1:
@@ -378,20 +382,31 @@ func fzCheckCustom(r *reader) (fzVerdict, string) {
 			return fzPlausible, ""
 		}
 		size, err := r.u32()
-		if err != nil || uint64(r.off)+uint64(size) > uint64(len(r.b)) {
+		if err != nil {
 			return fzPlausible, ""
 		}
-		sub := r.b[r.off : r.off+int(size)]
-		r.off += int(size)
-		if id == 1 || id == 2 {
-			c, err := (&reader{b: sub}).u32()
-			if err == nil && uint64(c) > uint64(size) && c >= fzHuge {
-				return fzBomb, fmt.Sprintf("name subsection %d declares %d names in %d bytes", id, c, size)
+		if id <= 2 {
+			// wazero decodes the module name and the name maps from
+			// here, whatever size the subsection declares: judge the
+			// count by what is left of the section, and past it, any
+			// huge number is reason enough not to compile.
+			rest := r.b[r.off:]
+			c, err := (&reader{b: rest}).u32()
+			if id > 0 && err == nil && uint64(c) > uint64(len(rest)) && c >= fzHuge {
+				return fzBomb, fmt.Sprintf("name subsection %d declares %d names in %d bytes", id, c, len(rest))
 			}
+			if fzHugeLEBIn(rest) {
+				return fzUnsure, "name section"
+			}
+			return fzPlausible, ""
 		}
-		if fzHugeLEBIn(sub) {
+		if uint64(r.off)+uint64(size) > uint64(len(r.b)) {
+			return fzPlausible, ""
+		}
+		if fzHugeLEBIn(r.b[r.off : r.off+int(size)]) {
 			return fzUnsure, "name section"
 		}
+		r.off += int(size)
 	}
 	return fzPlausible, ""
 }
