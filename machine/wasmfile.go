@@ -477,8 +477,32 @@ func (r *reader) valtypes() ([]byte, error) {
 		if out[i], err = r.byte(); err != nil {
 			return nil, err
 		}
+		// A reference type (ref null ht, ref ht) is followed by its heap
+		// type, an s33, as the compiler decodes it: read past it, or the
+		// counts after would be read from the middle of it (wazero then
+		// allocated 2 GiB for a type section of 14 bytes ScanModule had
+		// passed).
+		if out[i] == 0x63 || out[i] == 0x64 {
+			if err := r.skipLEB(5); err != nil {
+				return nil, err
+			}
+		}
 	}
 	return out, nil
+}
+
+// skipLEB reads past a LEB128 number of at most max bytes.
+func (r *reader) skipLEB(max int) error {
+	for i := 0; i < max; i++ {
+		b, err := r.byte()
+		if err != nil {
+			return err
+		}
+		if b < 0x80 {
+			return nil
+		}
+	}
+	return errors.New("LEB128 number too long")
 }
 
 // nameMap reads a vector of (index, name) pairs.

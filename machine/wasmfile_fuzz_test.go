@@ -282,7 +282,11 @@ func fzCheckTypes(r *reader) (fzVerdict, string) {
 			}
 			for j := uint32(0); j < c; j++ {
 				if vt, _ := r.byte(); vt == 0x63 || vt == 0x64 {
-					return fzUnsure, "reference type" // followed by a heap type
+					// A reference type: wazero reads its heap type,
+					// an s33, next.
+					if _, err := r.s33(); err != nil {
+						return fzPlausible, ""
+					}
 				}
 			}
 		}
@@ -515,7 +519,32 @@ func fzBombs() map[string][]byte {
 		"locals":       fzMod(types, funcs, mem, exports, fzSec(10, fzVec(fzCat([]byte{7, 1}, fzLEB(0xffffffff), []byte{0x7f, 0x0b})))),
 		"data length": fzMod(types, funcs, mem, exports, body,
 			fzSec(11, fzVec(fzCat([]byte{0, 0x41, 0, 0x0b}, fzLEB(0xfffffff0), []byte{1})))),
+		// A parameter of type (ref null 2): a reader that does not know
+		// the heap type follows takes it (2) for the result count, and
+		// what follows for two result types.
+		"reference type's heap type": fzMod(fzSec(1, fzCat([]byte{2, 0x60, 0, 0, 0x60, 1, 0x63, 2}, fzLEB(0xffffffff))),
+			funcs, mem, exports, body),
 	}
+}
+
+// s33 reads a signed LEB128 number of at most 33 bits (a heap type), as
+// wazero does.
+func (r *reader) s33() (int64, error) {
+	var v int64
+	for shift := 0; shift < 35; shift += 7 {
+		b, err := r.byte()
+		if err != nil {
+			return 0, err
+		}
+		v |= int64(b&0x7f) << shift
+		if b < 0x80 {
+			if shift+7 < 64 && b&0x40 != 0 {
+				v |= -1 << (shift + 7)
+			}
+			return v, nil
+		}
+	}
+	return 0, errors.New("s33 too long")
 }
 
 // TestScanModuleRejectsAllocationBombs: each of these 50-byte modules makes
