@@ -161,6 +161,20 @@ const (
 	fzLarge = 1 << 20
 )
 
+// fzOverstated judges a count or length n declared beyond the bytes that
+// follow it, which wazero allocates before it finds them missing: a bomb
+// from fzHuge on (why says what was declared), too large to compile from
+// fzLarge on, else merely malformed (a small allocation, then an error).
+func fzOverstated(n uint32, why string) (fzVerdict, string) {
+	switch {
+	case n >= fzHuge:
+		return fzBomb, why
+	case n >= fzLarge:
+		return fzUnsure, why
+	}
+	return fzPlausible, ""
+}
+
 // fzAllocCheck tells whether wazero could be made to allocate far more than
 // the module's size while decoding it: a vector count larger than its
 // section can hold (every entry takes at least a byte) and huge, a function
@@ -187,11 +201,10 @@ func fzAllocCheck(b []byte) (fzVerdict, string) {
 		// A custom section, though, it reads into a buffer of its declared
 		// size first (4 GiB for a few bytes).
 		if left := len(r.b) - r.off; uint64(size) > uint64(left) {
-			switch {
-			case id == 0 && size >= fzHuge:
-				return fzBomb, fmt.Sprintf("custom section of %d bytes, %d follow", size, left)
-			case id == 0 && size >= fzLarge:
-				return fzUnsure, "large custom section"
+			if id == 0 {
+				if v, why := fzOverstated(size, fmt.Sprintf("custom section of %d bytes, %d follow", size, left)); v != fzPlausible {
+					return v, why
+				}
 			}
 			size = uint32(left)
 		}
@@ -205,11 +218,8 @@ func fzAllocCheck(b []byte) (fzVerdict, string) {
 				return fzPlausible, ""
 			}
 			if left := len(sec.b) - sec.off; uint64(n) > uint64(left) {
-				switch {
-				case n >= fzHuge:
-					return fzBomb, fmt.Sprintf("section %d declares %d entries, %d bytes follow", id, n, left)
-				case n >= fzLarge:
-					return fzUnsure, "large count"
+				if v, why := fzOverstated(n, fmt.Sprintf("section %d declares %d entries, %d bytes follow", id, n, left)); v != fzPlausible {
+					return v, why
 				}
 				// Malformed, and wazero allocates a little for the count,
 				// but it decodes the entries that are there before it
@@ -306,13 +316,8 @@ func fzCheckNames(r *reader, n uint32, id byte) (fzVerdict, string) {
 			return fzPlausible, "", false
 		}
 		if uint64(r.off)+uint64(c) > uint64(len(r.b)) {
-			switch {
-			case c >= fzHuge:
-				return fzBomb, fmt.Sprintf("section %d entry %d declares a name of %d bytes, %d follow", id, i, c, len(r.b)-r.off), false
-			case c >= fzLarge:
-				return fzUnsure, "long name", false
-			}
-			return fzPlausible, "", false // malformed, wazero fails after a small allocation
+			v, why := fzOverstated(c, fmt.Sprintf("section %d entry %d declares a name of %d bytes, %d follow", id, i, c, len(r.b)-r.off))
+			return v, why, false
 		}
 		r.off += int(c)
 		return fzPlausible, "", true
@@ -369,11 +374,8 @@ func fzCheckNames(r *reader, n uint32, id byte) (fzVerdict, string) {
 // name count is allocated in full.
 func fzCheckCustom(r *reader) (fzVerdict, string) {
 	if n, err := (&reader{b: r.b, off: r.off}).u32(); err == nil && uint64(n) > uint64(len(r.b)) {
-		switch {
-		case n >= fzHuge:
-			return fzBomb, fmt.Sprintf("custom section name of %d bytes in %d", n, len(r.b))
-		case n >= fzLarge:
-			return fzUnsure, "long custom section name"
+		if v, why := fzOverstated(n, fmt.Sprintf("custom section name of %d bytes in %d", n, len(r.b))); v != fzPlausible {
+			return v, why
 		}
 	}
 	name, err := r.name()
