@@ -3,8 +3,12 @@ package remus
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"hash/crc32"
+	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -12,6 +16,8 @@ import (
 	"github.com/ftvm/ftvm/remus/wire"
 	"github.com/ftvm/ftvm/snapshot"
 	"github.com/ftvm/ftvm/transport"
+
+	"golang.org/x/sys/unix"
 )
 
 // fakePrimary speaks the protocol by hand to a real backup.
@@ -326,4 +332,61 @@ func expectFollowing(t *testing.T, b *Backup, after string) {
 			t.Fatalf("slot %s after %s: %s (%s), want following", s.VM, after, s.State, s.Reason)
 		}
 	}
+}
+
+// TestBackupPreparesAtLowPriority: the backup compiles the module of its
+// first full checkpoint, so that failover need not, on a thread of lower
+// priority (nice prepareNice) than its own work: it runs while the
+// primary's guest does, and took that guest's core on a shared machine.
+// A failover waiting for it gives the thread its priority back.
+func TestBackupPreparesAtLowPriority(t *testing.T) {
+	const timeout = 200 * time.Millisecond
+	started, release := make(chan int, 1), make(chan struct{})
+	testPreparing = func() {
+		started <- unix.Gettid()
+		<-release
+	}
+	defer func() { testPreparing = nil }()
+	b := serveBackup(t, timeout)
+	defer close(release)
+	f := sendFirstCheckpoint(t, b)
+	if m, ok := f.next().(*wire.Ack); !ok || m.Seq != 1 {
+		t.Fatalf("the full checkpoint was answered with %v, want its ack", m)
+	}
+	var tid int
+	select {
+	case tid = <-started:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the backup did not start preparing the module of its full checkpoint")
+	}
+	if n := threadNice(t, tid); n != prepareNice {
+		t.Errorf("the thread preparing the program runs at nice %d, want %d", n, prepareNice)
+	}
+	// The primary falls silent: after the timeout the slot fails over,
+	// and waits for the program.
+	f.c.Close()
+	deadline := time.Now().Add(20 * timeout)
+	for threadNice(t, tid) != 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("the failover left the thread preparing its program at nice %d", threadNice(t, tid))
+		}
+		time.Sleep(timeout / 20)
+	}
+}
+
+// threadNice reads the niceness of this process's thread tid.
+func threadNice(t *testing.T, tid int) int {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/self/task/%d/stat", tid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Fields after the command's closing parenthesis: state is the
+	// first, nice the 17th.
+	f := strings.Fields(string(b[bytes.LastIndexByte(b, ')')+1:]))
+	n, err := strconv.Atoi(f[16])
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
 }
