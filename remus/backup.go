@@ -292,9 +292,9 @@ type slot struct {
 	hellos map[uint64]*wire.Hello
 	staged map[uint64]*staged
 	hello  *wire.Hello // of the session that committed last
-	// applying is closed when the last commit's copy into img is done
-	// (loop only; nil when none is under way).
-	applying chan struct{}
+	// applying are the commits whose copies into img may be pending, in
+	// order, each closed when its copy is done (loop only).
+	applying []chan struct{}
 	// heard maps a session to when its receiver read messages since the
 	// loop last looked (heardLog, heardSince).
 	heardMu  sync.Mutex
@@ -809,10 +809,17 @@ func (s *slot) do(ctx context.Context, rd engine.BackupReady) bool {
 	// that can fail has been done first (snapshot.Prepare), and the copy,
 	// a page fault per page the image never held, would otherwise hold
 	// the primary's output back (a 2,000-page heap growth: about 15 ms
-	// here), and at a guest's exit its last handshake. Only the next
-	// commit and a failover use the image: they wait for it (waitApply).
+	// here), and at a guest's exit its last handshake. The next
+	// incremental checkpoint is committed and acknowledged at once too,
+	// its copy queued behind (a C guest's exit waited 15 ms for the copy
+	// of the growth before it); a full one replaces the memory, so it
+	// waits for the copies, and so does a failover (waitApply). At most
+	// maxApplying copies wait, each holding its checkpoint's pages.
 	for _, seq := range rd.Commit {
-		s.waitApply() // the next one builds on it
+		s.pruneApplied()
+		if st := s.staged[seq]; st == nil || st.full || len(s.applying) >= maxApplying {
+			s.waitApply()
+		}
 		f, err := s.commit(seq)
 		if err != nil {
 			s.log.Error("applying checkpoint failed: dropping the session", "seq", seq, "err", err)
@@ -822,12 +829,19 @@ func (s *slot) do(ctx context.Context, rd engine.BackupReady) bool {
 			}
 			continue
 		}
+		var prev chan struct{}
+		if n := len(s.applying); n > 0 {
+			prev = s.applying[n-1]
+		}
 		done := make(chan struct{})
-		s.applying = done
+		s.applying = append(s.applying, done)
 		s.b.wg.Add(1)
 		go func() {
 			defer s.b.wg.Done()
 			defer close(done)
+			if prev != nil {
+				<-prev // in order: each copy builds on the one before
+			}
 			f()
 		}()
 	}
@@ -892,7 +906,6 @@ func (s *slot) commit(seq uint64) (finish func(), err error) {
 	if st == nil {
 		return nil, fmt.Errorf("checkpoint %d is not staged", seq)
 	}
-	t0 := time.Now()
 	apply, err := snapshot.Prepare(s.img, st.snap)
 	if err != nil {
 		return nil, err
@@ -903,6 +916,7 @@ func (s *slot) commit(seq uint64) (finish func(), err error) {
 		}
 	}
 	return func() {
+		t0 := time.Now() // the copy's own time, not its wait in the queue
 		if testApplyDelay > 0 {
 			time.Sleep(testApplyDelay)
 		}
@@ -921,22 +935,47 @@ func (s *slot) commit(seq uint64) (finish func(), err error) {
 	}, nil
 }
 
-// waitApply waits for the copy of the last committed checkpoint into the
+// maxApplying bounds the committed checkpoints whose copies into the image
+// may be pending at once (do).
+const maxApplying = 4
+
+// pruneApplied forgets the copies that are done.
+func (s *slot) pruneApplied() {
+	n := 0
+	for n < len(s.applying) && isClosed(s.applying[n]) {
+		n++
+	}
+	s.applying = append(s.applying[:0], s.applying[n:]...)
+}
+
+func isClosed(c chan struct{}) bool {
+	select {
+	case <-c:
+		return true
+	default:
+		return false
+	}
+}
+
+// waitApply waits for the copies of the committed checkpoints into the
 // image (do), sending the primary heartbeats meanwhile: on this project's
 // VM a page the image never held costs ~12 µs to write (64 MiB, 200 ms),
 // and only the loop sends them.
 func (s *slot) waitApply() {
-	if s.applying == nil {
+	n := len(s.applying)
+	if n == 0 {
 		return
 	}
+	last := s.applying[n-1] // closed after all the others
 	select {
-	case <-s.applying:
+	case <-last:
 	default:
 		stop := s.heartbeatWhileBusy()
-		<-s.applying
+		<-last
 		stop()
 	}
-	s.applying = nil
+	clear(s.applying)
+	s.applying = s.applying[:0]
 }
 
 // heartbeatWhileBusy sends the current session's primary a heartbeat every

@@ -220,10 +220,12 @@ func TestBackupSlowDecodeIsNotSilence(t *testing.T) {
 // hundred milliseconds). The ack does not wait for the copy: it leaves
 // once the checkpoint is known to apply (snapshot.Prepare), so the
 // primary's output is not held for it, and the copy runs while the loop
-// goes on. The next checkpoint's commit must wait for it, and meanwhile
-// the loop, the only sender of heartbeats, must keep the primary hearing
-// from it, or the primary takes the backup for dead after the timeout and
-// resynchronises, without end if every checkpoint is as slow to apply.
+// goes on. Nor does the next incremental checkpoint's ack wait for it:
+// its copy queues behind. Whatever waits for the copies (a full
+// checkpoint, too many queued, a failover), the loop, the only sender of
+// heartbeats, must keep the primary hearing from it, or the primary takes
+// the backup for dead after the timeout and resynchronises, without end
+// if every checkpoint is as slow to apply.
 func TestBackupHeartbeatsWhileApplying(t *testing.T) {
 	const timeout = 150 * time.Millisecond
 	b := serveBackup(t, timeout)
@@ -283,6 +285,8 @@ func TestBackupHeartbeatsWhileApplying(t *testing.T) {
 				t.Fatalf("ack of %d after %d", a.Seq, acked)
 			case applied() >= int(a.Seq):
 				t.Errorf("the ack of %d came after its copy (%v): it should not wait for it", a.Seq, testApplyDelay)
+			case a.Seq == 2 && applied() >= 1:
+				t.Errorf("the ack of 2 waited for the copy of 1 (%v)", testApplyDelay)
 			default:
 				acked = a.Seq
 				if acked == 1 {
@@ -389,4 +393,70 @@ func threadNice(t *testing.T, tid int) int {
 		t.Fatal(err)
 	}
 	return n
+}
+
+// TestBackupFullCheckpointWaitsForCopies: the copies of committed
+// incremental checkpoints may still be queued when a full one arrives (a
+// resync); it replaces the memory they write, so its commit, and its ack,
+// wait for them, and the image ends up as the full checkpoint says.
+func TestBackupFullCheckpointWaitsForCopies(t *testing.T) {
+	const timeout = 2 * time.Second
+	b := serveBackup(t, timeout)
+	testApplyDelay = 300 * time.Millisecond
+	defer func() { testApplyDelay = 0 }()
+	module := []byte("\x00asm\x01\x00\x00\x00")
+	hash := snapshot.ModuleHash(module)
+	page := func(v byte) []byte { return bytes.Repeat([]byte{v}, snapshot.PageSize) }
+	full := &snapshot.Snapshot{Kind: snapshot.Full, Module: hash, Seq: 1, MemorySize: 65536,
+		Pages: []snapshot.Page{{Index: 0, Data: page(7)}}, Devices: []byte("{}"), ModuleCode: module, ModuleName: "fake"}
+	fullRaw := encodeSnap(t, full)
+	inc := &snapshot.Snapshot{Kind: snapshot.Incremental, Module: hash, Seq: 2, Parent: full.ID, MemorySize: 65536,
+		Pages: []snapshot.Page{{Index: 0, Data: page(9)}, {Index: 1, Data: page(5)}}, Devices: []byte("{}")}
+	full3 := &snapshot.Snapshot{Kind: snapshot.Full, Module: hash, Seq: 3, MemorySize: 65536,
+		Pages: []snapshot.Page{{Index: 0, Data: page(11)}}, Devices: []byte("{}"), ModuleCode: module, ModuleName: "fake"}
+	f := dialBackup(t, b.Addr().String(), hash)
+	applied := func() int { return int(b.Status().Slots[0].Checkpoints) }
+	ack := func(seq uint64) {
+		t.Helper()
+		for {
+			switch m := f.next().(type) {
+			case *wire.Ack:
+				if m.Seq == seq {
+					return
+				}
+			case *wire.Heartbeat:
+			default:
+				t.Fatalf("waiting for the ack of %d: got %v", seq, m)
+			}
+		}
+	}
+	f.checkpoint(1, true, fullRaw, nil)
+	ack(1)
+	f.checkpoint(2, false, encodeSnap(t, inc), nil)
+	ack(2)
+	if n := applied(); n >= 2 {
+		t.Fatalf("the ack of 2 came after %d copies of %v: it should not wait for them", n, testApplyDelay)
+	}
+	f.checkpoint(3, true, encodeSnap(t, full3), nil)
+	ack(3)
+	if n := applied(); n < 2 {
+		t.Errorf("the full checkpoint 3 was acknowledged with %d of the 2 copies before it done", n)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for applied() < 3 {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d of 3 checkpoints applied", applied())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	b.mu.Lock()
+	var img *snapshot.Image
+	for _, s := range b.slots {
+		img = s.img
+	}
+	b.mu.Unlock()
+	if img.Seq != 3 || !bytes.Equal(img.Memory[:snapshot.PageSize], page(11)) || !bytes.Equal(img.Memory[snapshot.PageSize:2*snapshot.PageSize], page(0)) {
+		t.Errorf("after full checkpoint 3 the image is at seq %d with pages 0 and 1 starting %d and %d, want 3 with 11 and 0",
+			img.Seq, img.Memory[0], img.Memory[snapshot.PageSize])
+	}
 }

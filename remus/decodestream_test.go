@@ -145,11 +145,11 @@ func TestBackupDecodesLargeCheckpointsWhileTheyArrive(t *testing.T) {
 			break // dropped already
 		}
 	}
-	go func() {
+	go func(f *fakePrimary) { // this connection's: f is reassigned below
 		for f.sendErr(&wire.Heartbeat{}) == nil {
 			time.Sleep(10 * time.Millisecond)
 		}
-	}()
+	}(f)
 	if expectDropped(t, f); committed() != 0 {
 		t.Fatalf("a checkpoint damaged at its start: committed %d", committed())
 	}

@@ -330,3 +330,53 @@ func TestWriteFileIsAtomic(t *testing.T) {
 		t.Fatal("wrote into a missing directory")
 	}
 }
+
+// TestPrepareAhead: an image with Resize (a Remus backup's) may have the
+// incremental snapshots of its chain prepared before the earlier ones'
+// pages are copied in, so that each is checked and acknowledged at once;
+// with the copies run in order afterwards, the image is the guest's. Its
+// memory grows across them, and pages the copies write past a growth read
+// as zeros until then.
+func TestPrepareAhead(t *testing.T) {
+	for seed := uint64(1); seed <= 6; seed++ {
+		dir := t.TempDir()
+		paths, g := writeChain(t, dir, seed, testModule, 8)
+		reservation := make([]byte, 64<<20)
+		size := 0
+		img := &Image{Resize: func(n int, fresh bool) []byte {
+			if n > len(reservation) {
+				return nil
+			}
+			if fresh {
+				clear(reservation[:size])
+			}
+			size = n
+			return reservation[:n:n]
+		}}
+		var pending []func()
+		for i, p := range paths {
+			s, err := ReadFile(p, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			finish, err := Prepare(img, s)
+			if err != nil {
+				t.Fatalf("seed %d: preparing snapshot %d with %d copies pending: %v", seed, i, len(pending), err)
+			}
+			if img.Seq != s.Seq || img.ID != s.ID {
+				t.Fatalf("seed %d: after preparing %d the image is at seq %d", seed, i, img.Seq)
+			}
+			pending = append(pending, finish)
+			if i == 0 {
+				// The full snapshot's copy first: the next ones may
+				// not be prepared before it (it discards the memory).
+				pending[0]()
+				pending = pending[:0]
+			}
+		}
+		for _, f := range pending {
+			f()
+		}
+		g.check(t, img)
+	}
+}

@@ -55,15 +55,20 @@ func Apply(img *Image, s *Snapshot) error {
 	return nil
 }
 
-// Prepare is Apply in two steps: it makes every check and, for an image
-// with Resize, takes the memory the image will need (an image without
-// Resize gets an ordinary slice in finish, which cannot fail for want of
-// it short of running out of memory); finish, which cannot fail, copies the
-// pages in and moves the image on. What may fail has happened by the time
-// Prepare returns, so a Remus backup can acknowledge a checkpoint between
-// the two steps and copy while the primary releases its output. Until
-// finish runs, img must not be read or applied to (its memory may have
-// moved); if Prepare fails, img is as it was.
+// Prepare is Apply in two steps: it makes every check, takes the memory
+// the image will need and moves the image on (its sequence, ID, CPU and
+// device state: the next snapshot of the chain may be prepared at once),
+// and returns finish, which cannot fail and copies the pages in. What may
+// fail has happened by the time Prepare returns, so a Remus backup can
+// acknowledge a checkpoint between the two steps and copy while the
+// primary releases its output. If Prepare fails, img is as it was.
+//
+// Until finish runs, img's memory must not be read. With Resize, the
+// incremental snapshots that follow may be prepared before it runs, as
+// long as the finishes run in order (growing such an image moves no
+// byte); a full snapshot discards the memory, so every earlier finish
+// must have run before it is prepared. Without Resize, each finish must
+// run before the next Prepare, which may copy the memory to grow it.
 func Prepare(img *Image, s *Snapshot) (finish func(), err error) {
 	if s.ID.IsZero() {
 		return nil, newError(ErrInvalid, "the snapshot has no ID: it was neither encoded nor decoded")
@@ -92,13 +97,18 @@ func Prepare(img *Image, s *Snapshot) (finish func(), err error) {
 	}
 
 	size := int(s.MemorySize)
+	fresh := len(img.Memory) // pages from here on the image never held
+	if s.Kind == Full {
+		fresh = 0
+	}
 	var mem []byte
 	inPlace := s.mapped != nil && s.Kind == Full && len(s.mapped) == size
-	if inPlace {
+	switch {
+	case inPlace:
 		// A mapped memory section: the image's memory already is the
 		// snapshot's (RestoreInto, the first file).
 		mem = s.mapped
-	} else if img.Resize != nil {
+	case img.Resize != nil:
 		// Checked before anything changes: an image that cannot hold
 		// the memory is left as it was.
 		if size > len(img.Memory) || s.Kind == Full {
@@ -108,43 +118,19 @@ func Prepare(img *Image, s *Snapshot) (finish func(), err error) {
 		} else {
 			mem = img.Memory
 		}
-	}
-	// From here on nothing fails.
-	return func() { finishApply(img, s, mem, inPlace) }, nil
-}
-
-// finishApply is the part of Apply that cannot fail: mem is the memory
-// Prepare took (or nil, for an image without Resize).
-func finishApply(img *Image, s *Snapshot, mem []byte, inPlace bool) {
-	size := int(s.MemorySize)
-	switch {
-	case inPlace || img.Resize != nil:
 	case s.Kind == Full:
 		// Fresh memory, also because s's pages may alias img.Memory
 		// (img.Snapshot()).
 		mem = make([]byte, size)
 	case cap(img.Memory) >= size:
-		mem = img.Memory
-		old := len(mem)
-		mem = mem[:size]
+		old := len(img.Memory)
+		mem = img.Memory[:size]
 		clear(mem[old:])
 	default:
-		grown := make([]byte, size)
-		copy(grown, img.Memory)
-		mem = grown
+		mem = make([]byte, size)
+		copy(mem, img.Memory)
 	}
-	if !inPlace {
-		// Pages the image never held: past its old size, or all of
-		// them when a full snapshot replaced it.
-		fresh := len(img.Memory)
-		if s.Kind == Full {
-			fresh = 0
-		}
-		populateRuns(mem, s.Pages, fresh)
-		for _, p := range s.Pages {
-			copy(mem[int(p.Index)*PageSize:], p.Data)
-		}
-	}
+	// From here on nothing fails.
 	code, name := img.ModuleCode, img.ModuleName
 	if len(s.ModuleCode) > 0 {
 		code, name = slices.Clone(s.ModuleCode), s.ModuleName
@@ -166,6 +152,15 @@ func finishApply(img *Image, s *Snapshot, mem []byte, inPlace bool) {
 		Resize:     img.Resize,
 		Map:        img.Map,
 	}
+	if inPlace {
+		return func() {}, nil
+	}
+	return func() {
+		populateRuns(mem, s.Pages, fresh)
+		for _, p := range s.Pages {
+			copy(mem[int(p.Index)*PageSize:], p.Data)
+		}
+	}, nil
 }
 
 // Restore reads a chain of snapshot files, a full snapshot followed by
