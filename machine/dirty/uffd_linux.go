@@ -32,7 +32,6 @@ const (
 	uffdioWriteprotectModeWP = 1 << 0
 
 	pageIsWritten = 1 << 1
-	pageIsFile    = 1 << 2
 	pageIsPresent = 1 << 3
 	pageIsSwapped = 1 << 4
 	pageIsPFNZero = 1 << 5
@@ -213,6 +212,9 @@ type uffdTracker struct {
 	// hot is non-nil with Options.HotPages (and 4 KiB system pages).
 	hot   *hotState
 	spans [][2]uint32
+	// fresh are the armed part's spans without markers (armGrowth), in
+	// order.
+	fresh []freshSpan
 	// gen counts Collects; pending are the pages the last one, if
 	// deferred, left for Rearm to protect; carry are pages to report at
 	// the next Collect (written while Rearm protected them).
@@ -370,20 +372,52 @@ func (t *uffdTracker) collect(dst []uint32, usedBytes uint64, deferred bool) ([]
 		dst = dst[:start+len(slices.Compact(dst[start:]))]
 		t.carry = t.carry[:0]
 	}
+	// Fresh spans this Collect walked whole, if old enough, get their
+	// markers. Should that fail, they stay fresh (walked as such).
+	t.markStale(min(end, t.armed))
 	if end <= t.armed {
 		return dst, nil
 	}
-	// The part newly in use: every page the guest wrote there is
-	// unprotected, so "written"; report and protect them in one walk (not
-	// deferred: it happens only when the memory grows). The rest read as
-	// zeros, as the baseline says.
-	err = t.scan(t.armed, end, pageIsWritten, func(r []pageRegion) {
-		dst = t.appendPages(dst, r, limit)
-	})
-	if err == nil {
+	// The part newly in use (not deferred: it happens only when the
+	// memory grows).
+	if dst, err = t.armGrowth(dst, t.armed, end, limit); err == nil {
 		t.armed = end
 	}
 	return dst, err
+}
+
+// armGrowth brings [from, to), memory newly in use, under tracking and
+// appends the pages the guest wrote there (the rest read as zeros, as the
+// baseline says). It protects only pages that hold memory: a page never
+// written gets no write-protect marker, so the guest's first write to it
+// faults once, as untracked, and shows as written; with a marker it
+// faulted twice (allocate, then unprotect) — a Go guest's heap growth of
+// 2,000 pages took 2,300 faults more, 40 ms of a 400 ms run, on this
+// project's VM. The walks of the armed part (writtenPages) take a range
+// without a page table for written, so each 2 MiB gets its page table
+// first: one of its pages is read in (the shared zero page, unless it
+// holds memory), and such pages are protected.
+func (t *uffdTracker) armGrowth(dst []uint32, from, to uintptr, limit uint64) ([]uint32, error) {
+	const pmd = 2 << 20
+	for a := from; a < to; a = (a + pmd) &^ (pmd - 1) {
+		o := a - t.base
+		// Best effort (Linux 5.14): without it the first Collect over
+		// a range that has no page table reports it whole, once.
+		_ = unix.Madvise(t.region[o:min(o+PageSize, uintptr(len(t.region)))], unix.MADV_POPULATE_READ)
+	}
+	emit := func(r []pageRegion) { dst = t.appendPages(dst, r, limit) }
+	flags := uint64(pmScanWPMatching | pmScanCheckWPAsync)
+	if err := t.scanWhere(from, to, flags, guestWrittenPages, pageIsWritten, emit); err != nil {
+		return dst, err
+	}
+	// The zero pages, protected so that the walks of the armed part do
+	// not report them; none is reported now (the emitter keeps the walk
+	// from the kernel's path that would protect every page).
+	if err := t.scanWhere(from, to, flags, zeroPages, pageIsWritten, func([]pageRegion) {}); err != nil {
+		return dst, err
+	}
+	t.fresh = append(t.fresh, freshSpan{lo: from, hi: to, at: time.Now()})
+	return dst, nil
 }
 
 // Warm implements Warmer: a walk of the armed part that neither protects
@@ -544,20 +578,29 @@ func (t *uffdTracker) protectRuns(pages []uint32) error {
 		for j < len(pages) && pages[j] == pages[j-1]+1 {
 			j++
 		}
-		arg := uffdioWriteprotectArg{
-			rng:  uffdioRange{uint64(t.base) + uint64(pages[i])*PageSize, uint64(j-i) * PageSize},
-			mode: uffdioWriteprotectModeWP,
-		}
-		_, err := ioctl(t.uffd, uffdioWP, unsafe.Pointer(&arg))
-		for tries := 0; (err == unix.EAGAIN || err == unix.EINTR) && tries < 100; tries++ {
-			// EAGAIN: the address space is changing under a
-			// concurrent mremap or fork; it is brief.
-			_, err = ioctl(t.uffd, uffdioWP, unsafe.Pointer(&arg))
-		}
-		if err != nil {
-			return fmt.Errorf("UFFDIO_WRITEPROTECT of pages [%d, %d): %w", pages[i], pages[j-1]+1, err)
+		if err := t.protectRun(pages[i], pages[j-1]+1); err != nil {
+			return err
 		}
 		i = j
+	}
+	return nil
+}
+
+// protectRun write-protects pages [lo, hi), putting markers on those never
+// written.
+func (t *uffdTracker) protectRun(lo, hi uint32) error {
+	arg := uffdioWriteprotectArg{
+		rng:  uffdioRange{uint64(t.base) + uint64(lo)*PageSize, uint64(hi-lo) * PageSize},
+		mode: uffdioWriteprotectModeWP,
+	}
+	_, err := ioctl(t.uffd, uffdioWP, unsafe.Pointer(&arg))
+	for tries := 0; (err == unix.EAGAIN || err == unix.EINTR) && tries < 100; tries++ {
+		// EAGAIN: the address space is changing under a concurrent
+		// mremap or fork; it is brief.
+		_, err = ioctl(t.uffd, uffdioWP, unsafe.Pointer(&arg))
+	}
+	if err != nil {
+		return fmt.Errorf("UFFDIO_WRITEPROTECT of pages [%d, %d): %w", lo, hi, err)
 	}
 	return nil
 }
@@ -634,45 +677,106 @@ func (t *uffdTracker) Written(dst []uint32, from, to uint64) ([]uint32, bool) {
 	return dst, err == nil
 }
 
+// scanFlags walks [start, end) of the armed part: with writtenPages, but
+// over the fresh spans (armGrowth) with guestWrittenPages, which leaves
+// out their pages never written (writtenPages would take them for
+// written: they have no marker).
 func (t *uffdTracker) scanFlags(start, end uintptr, flags, returnMask uint64, emit func([]pageRegion)) error {
-	if emit == nil {
-		// Still with an output vector: without one the kernel takes a
-		// fast path that protects every page, untouched ones included.
-		emit = func([]pageRegion) {}
+	for _, f := range t.fresh {
+		if f.hi <= start {
+			continue
+		}
+		if f.lo >= end {
+			break
+		}
+		if start < f.lo {
+			if err := t.scanWhere(start, f.lo, flags, writtenPages, returnMask, emit); err != nil {
+				return err
+			}
+		}
+		if err := t.scanWhere(max(start, f.lo), min(end, f.hi), flags, guestWrittenPages, returnMask, emit); err != nil {
+			return err
+		}
+		start = min(end, f.hi)
 	}
+	if start < end {
+		return t.scanWhere(start, end, flags, writtenPages, returnMask, emit)
+	}
+	return nil
+}
+
+// freshSpan is memory armGrowth armed, at, whose pages never written
+// have no write-protect marker yet.
+type freshSpan struct {
+	lo, hi uintptr
+	at     time.Time
+}
+
+// freshFor is how long a growth's pages never written stay without
+// markers (their first write then faults once) before a Collect marks
+// them, so that its walks of them are the quick kind again. A guest
+// writes most of a new heap within a few epochs.
+var freshFor = 250 * time.Millisecond
+
+// markStale puts write-protect markers on the pages never written of the
+// fresh spans below walked (the end of the Collect's walk) older than
+// freshFor, protecting the rest of them too. Only in a Collect, after its
+// walk reported (and, unless deferred, protected) every page written
+// there, with the guest paused: a write in between would be protected
+// unreported. A span it fails to mark stays fresh.
+func (t *uffdTracker) markStale(walked uintptr) {
+	keep := t.fresh[:0]
+	for _, f := range t.fresh {
+		if f.hi > walked || time.Since(f.at) < freshFor ||
+			t.protectRun(uint32((f.lo-t.base)/PageSize), uint32((f.hi-t.base)/PageSize)) != nil {
+			keep = append(keep, f)
+		}
+	}
+	t.fresh = keep
+}
+
+// pageFilter is which pages a walk is about (PAGEMAP_SCAN's category
+// masks): those with every category of all (the ones of inverted
+// inverted), and at least one of any, if set.
+type pageFilter struct{ all, inverted, any uint64 }
+
+var (
+	// writtenPages: every page without write protection. The kernel's
+	// quickest walk (any other filter takes it twice as long, 40 against
+	// 18 µs over 64 MiB here): the walks of the armed part, in every
+	// pause, ask only this. It takes an unprotected page of the shared
+	// zero page, and a range with no page table at all, for written.
+	writtenPages = pageFilter{all: pageIsWritten}
+	// guestWrittenPages: the pages the guest wrote, present or swapped
+	// out without write protection, and not the shared zero page.
+	guestWrittenPages = pageFilter{all: pageIsWritten | pageIsPFNZero, inverted: pageIsPFNZero, any: pageIsPresent | pageIsSwapped}
+	// zeroPages: the shared zero page mapped without write protection.
+	zeroPages = pageFilter{all: pageIsWritten | pageIsPFNZero}
+)
+
+func (t *uffdTracker) scanWhere(start, end uintptr, flags uint64, f pageFilter, returnMask uint64, emit func([]pageRegion)) error {
 	for start < end {
 		t.arg = pmScanArg{
-			size:  uint64(unsafe.Sizeof(pmScanArg{})),
-			flags: flags,
-			start: uint64(start),
-			end:   uint64(end),
-			// Only pages the guest wrote: present or swapped out,
-			// without write protection, and neither the shared zero
-			// page (mapped by a read of a page never written) nor a
-			// file's page (a private file mapping's, mapped by a read
-			// before any write copies it). A page never touched has no
-			// category and is left alone: no walk puts a write-protect
-			// marker on it, so the guest's first write to it faults
-			// once, as it would untracked, and the page then shows as
-			// written. (With markers, as a walk that asks for every
-			// page puts them, that first write faulted twice: allocate,
-			// then unprotect — a Go guest's heap growth of 2,000 pages
-			// took 2,300 faults more, 40 ms of a 400 ms run, on this
-			// project's VM.)
-			categoryMask:      pageIsWritten | pageIsPFNZero | pageIsFile,
-			categoryInverted:  pageIsPFNZero | pageIsFile,
-			categoryAnyofMask: pageIsPresent | pageIsSwapped,
+			size:              uint64(unsafe.Sizeof(pmScanArg{})),
+			flags:             flags,
+			start:             uint64(start),
+			end:               uint64(end),
+			categoryMask:      f.all,
+			categoryInverted:  f.inverted,
+			categoryAnyofMask: f.any,
 			returnMask:        returnMask,
 		}
-		t.arg.vec = uint64(uintptr(unsafe.Pointer(unsafe.SliceData(t.buf))))
-		// A range of n pages holds at most n/2+1 runs of written pages:
-		// ask for no more room (pages of other categories side by side
-		// may make more regions; a full buffer then resumes below). The
-		// kernel allocates a buffer as long (up to 512 regions, 12 KiB)
-		// for every call; for the scratch region's 64 pages, each pause,
-		// that allocation was a third of Written's time and most of its
-		// tail.
-		t.arg.vecLen = min(uint64(len(t.buf)), uint64((end-start)/PageSize/2+1))
+		if emit != nil {
+			t.arg.vec = uint64(uintptr(unsafe.Pointer(unsafe.SliceData(t.buf))))
+			// A range of n pages holds at most n/2+1 runs of written
+			// pages: ask for no more room (pages of other categories
+			// side by side may make more regions; a full buffer then
+			// resumes below). The kernel allocates a buffer as long (up
+			// to 512 regions, 12 KiB) for every call; for the scratch
+			// region's 64 pages, each pause, that allocation was a
+			// third of Written's time and most of its tail.
+			t.arg.vecLen = min(uint64(len(t.buf)), uint64((end-start)/PageSize/2+1))
+		}
 		n, err := ioctl(t.pagemap, pagemapScan, unsafe.Pointer(&t.arg))
 		runtime.KeepAlive(t.buf) // the kernel wrote into it through arg.vec
 		if testAfterScan != nil {
@@ -683,7 +787,7 @@ func (t *uffdTracker) scanFlags(start, end uintptr, flags, returnMask uint64, em
 			// them over rather than lose them. The kernel fills the
 			// buffer in order and it was zero before.
 			k := 0
-			for k < len(t.buf) && t.buf[k].end != 0 {
+			for emit != nil && k < len(t.buf) && t.buf[k].end != 0 {
 				k++
 			}
 			if k > 0 {
@@ -696,14 +800,16 @@ func (t *uffdTracker) scanFlags(start, end uintptr, flags, returnMask uint64, em
 			}
 			return err
 		}
-		if n < uintptr(t.arg.vecLen) {
+		if emit == nil || n < uintptr(t.arg.vecLen) {
 			// Only a full buffer (as long as asked for, not t.buf)
 			// stops the walk early. (walk_end is
 			// not to be trusted otherwise: Linux 6.18 leaves it at
 			// the last internal chunk's stop, mid-range, when the
 			// walk went on to the end.)
-			emit(t.buf[:n])
-			clear(t.buf[:n])
+			if emit != nil {
+				emit(t.buf[:n])
+				clear(t.buf[:n])
+			}
 			return nil
 		}
 		// Resume after both walk_end and the last page reported, so
