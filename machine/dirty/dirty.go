@@ -18,7 +18,7 @@
 //     changed. Writes that leave a page as it was are not reported, which
 //     is all a checkpoint needs.
 //
-// Three refinements of the kernel tracker, for a machine with shadow paging
+// Two refinements of the kernel tracker, for a machine with shadow paging
 // (a software hypervisor, as on this project's hosts), where changing a
 // page-table entry is dear: a write fault costs 10–18 µs, and protecting
 // 760 scattered pages again takes 860 µs of a 950 µs Collect.
@@ -31,12 +31,6 @@
 //     protecting, copies the pages while the guest is paused, and protects
 //     them after it runs again, comparing each with its copy to catch a
 //     write in between. The pause keeps only the cheap read-only walk.
-//   - Fresh growth (armGrowth): protecting a page never written puts a
-//     marker on it, and its first write then faults twice (allocate, then
-//     unprotect). Memory the region grows into is armed protecting only
-//     the pages written, and walked with a filter that leaves out the
-//     others until a Collect 250 ms later marks them: a guest writes most
-//     of a new heap within a few epochs.
 //
 // The baseline. New takes the region's contents as the starting point: the
 // first Options.Used bytes as they are, and every page past them as zero,

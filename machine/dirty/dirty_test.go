@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
-	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -1158,110 +1157,4 @@ func TestGrowthWithManyRegions(t *testing.T) {
 	}
 	expect(t, "grown", collect(t, tr, pages*PageSize), want)
 	_ = sink
-}
-
-// TestFirstWriteFaultsOnce: in memory that grew, the guest's first write
-// to a page it never wrote (untouched, or only read as the zero page)
-// costs one page fault, as it would untracked, and the page is reported
-// at the next Collect. The tracker's walk arming a growth used to put a
-// write-protect marker on every page it had not been written, and such a
-// page's first write then faulted twice (allocate, then unprotect): on
-// this project's VM, 10–18 µs more per page of a growing heap.
-func TestFirstWriteFaultsOnce(t *testing.T) {
-	if err := uffdOnce(); err != nil {
-		t.Skipf("kernel tracker unavailable: %v", err)
-	}
-	runtime.LockOSThread() // the faults are counted per thread
-	defer runtime.UnlockOSThread()
-	const pages, initial = 2048, 64
-	region := mapRegion(t, pages*PageSize)
-	tr := newTracker(t, region, initial*PageSize, KindUffd)
-	// The memory grows: every fourth new page written before the
-	// Collect that arms it, every fourth read.
-	var sink byte
-	var want []uint32
-	for p := uint32(initial); p < pages; p++ {
-		switch p % 4 {
-		case 0:
-			stamp(region, p)
-			want = append(want, p)
-		case 1:
-			sink += region[int(p)*PageSize]
-		}
-	}
-	_ = sink
-	expect(t, "the growth", collect(t, tr, pages*PageSize), want)
-	want = want[:0]
-	for p := uint32(initial); p < pages; p++ {
-		if p%4 != 0 {
-			want = append(want, p)
-		}
-	}
-	f0 := threadMinorFaults(t)
-	for _, p := range want {
-		stamp(region, p)
-	}
-	faults := threadMinorFaults(t) - f0
-	// A few more than one per page are the Go runtime's own on this
-	// thread, and the pages that had to be read in for page tables;
-	// twice as many is the markers'.
-	if faults > int64(len(want)+len(want)/8) {
-		t.Errorf("first writes to %d pages never written took %d page faults; want about one each", len(want), faults)
-	}
-	expect(t, "after the first writes", collect(t, tr, pages*PageSize), want)
-	// And the walks of the armed part report nothing more.
-	expect(t, "with nothing written", collect(t, tr, pages*PageSize), nil)
-}
-
-func threadMinorFaults(t *testing.T) int64 {
-	t.Helper()
-	var ru unix.Rusage
-	if err := unix.Getrusage(unix.RUSAGE_THREAD, &ru); err != nil {
-		t.Fatal(err)
-	}
-	return ru.Minflt
-}
-
-// TestFreshGrowthMarked: the pages of a growth never written stay without
-// markers for freshFor, walked with the slower filter that leaves them
-// out; the first Collect after that which walks the whole span marks them,
-// and from then on the quick walk neither reports them nor misses a write.
-func TestFreshGrowthMarked(t *testing.T) {
-	if err := uffdOnce(); err != nil {
-		t.Skipf("kernel tracker unavailable: %v", err)
-	}
-	defer func(d time.Duration) { freshFor = d }(freshFor)
-	freshFor = time.Hour
-	const pages = 1024
-	region := mapRegion(t, pages*PageSize)
-	tr := newTracker(t, region, 64*PageSize, KindUffd).(*uffdTracker)
-	stamp(region, 100)
-	expect(t, "the growth", collect(t, tr, pages*PageSize), []uint32{100})
-	if len(tr.fresh) != 1 {
-		t.Fatalf("%d fresh spans after a growth, want 1", len(tr.fresh))
-	}
-	stamp(region, 101)
-	stamp(region, 700)
-	expect(t, "fresh", collect(t, tr, pages*PageSize), []uint32{101, 700})
-	if len(tr.fresh) != 1 {
-		t.Fatal("a fresh span was marked before freshFor")
-	}
-	freshFor = 0
-	stamp(region, 702)
-	// A Collect that does not walk the whole span leaves it fresh: a
-	// page written beyond its walk must not be protected unreported.
-	expect(t, "shrunk", collect(t, tr, 512*PageSize), nil)
-	if len(tr.fresh) != 1 {
-		t.Fatal("a fresh span was marked by a Collect that walked part of it")
-	}
-	stamp(region, 103)
-	expect(t, "marking", collect(t, tr, pages*PageSize), []uint32{103, 702})
-	if len(tr.fresh) != 0 {
-		t.Fatalf("%d fresh spans left after freshFor", len(tr.fresh))
-	}
-	expect(t, "marked", collect(t, tr, pages*PageSize), nil)
-	for _, p := range []uint32{100, 500, 1023} {
-		stamp(region, p)
-	}
-	expect(t, "after marking", collect(t, tr, pages*PageSize), []uint32{100, 500, 1023})
 }

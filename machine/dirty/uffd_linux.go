@@ -212,9 +212,6 @@ type uffdTracker struct {
 	// hot is non-nil with Options.HotPages (and 4 KiB system pages).
 	hot   *hotState
 	spans [][2]uint32
-	// fresh are the armed part's spans without markers (armGrowth), in
-	// order.
-	fresh []freshSpan
 	// gen counts Collects; pending are the pages the last one, if
 	// deferred, left for Rearm to protect; carry are pages to report at
 	// the next Collect (written while Rearm protected them).
@@ -372,52 +369,25 @@ func (t *uffdTracker) collect(dst []uint32, usedBytes uint64, deferred bool) ([]
 		dst = dst[:start+len(slices.Compact(dst[start:]))]
 		t.carry = t.carry[:0]
 	}
-	// Fresh spans this Collect walked whole, if old enough, get their
-	// markers. Should that fail, they stay fresh (walked as such).
-	t.markStale(min(end, t.armed))
 	if end <= t.armed {
 		return dst, nil
 	}
-	// The part newly in use (not deferred: it happens only when the
-	// memory grows).
-	if dst, err = t.armGrowth(dst, t.armed, end, limit); err == nil {
+	// The part newly in use: unprotected throughout, so all "written" to
+	// the kernel. Report only pages that hold memory other than the shared
+	// zero page (the rest read as zeros, as the baseline says), and
+	// protect them all, holes included, in the same walk (not deferred:
+	// it happens only when the memory grows).
+	err = t.scan(t.armed, end, pageIsWritten|pageIsPresent|pageIsSwapped|pageIsPFNZero, func(r []pageRegion) {
+		for _, x := range r {
+			if x.categories&(pageIsPresent|pageIsSwapped) != 0 && x.categories&pageIsPFNZero == 0 {
+				dst = t.appendPages(dst, []pageRegion{x}, limit)
+			}
+		}
+	})
+	if err == nil {
 		t.armed = end
 	}
 	return dst, err
-}
-
-// armGrowth brings [from, to), memory newly in use, under tracking and
-// appends the pages the guest wrote there (the rest read as zeros, as the
-// baseline says). It protects only pages that hold memory: a page never
-// written gets no write-protect marker, so the guest's first write to it
-// faults once, as untracked, and shows as written; with a marker it
-// faulted twice (allocate, then unprotect) — a Go guest's heap growth of
-// 2,000 pages took 2,300 faults more, 40 ms of a 400 ms run, on this
-// project's VM. The walks of the armed part (writtenPages) take a range
-// without a page table for written, so each 2 MiB gets its page table
-// first: one of its pages is read in (the shared zero page, unless it
-// holds memory), and such pages are protected.
-func (t *uffdTracker) armGrowth(dst []uint32, from, to uintptr, limit uint64) ([]uint32, error) {
-	const pmd = 2 << 20
-	for a := from; a < to; a = (a + pmd) &^ (pmd - 1) {
-		o := a - t.base
-		// Best effort (Linux 5.14): without it the first Collect over
-		// a range that has no page table reports it whole, once.
-		_ = unix.Madvise(t.region[o:min(o+PageSize, uintptr(len(t.region)))], unix.MADV_POPULATE_READ)
-	}
-	emit := func(r []pageRegion) { dst = t.appendPages(dst, r, limit) }
-	flags := uint64(pmScanWPMatching | pmScanCheckWPAsync)
-	if err := t.scanWhere(from, to, flags, guestWrittenPages, pageIsWritten, emit); err != nil {
-		return dst, err
-	}
-	// The zero pages, protected so that the walks of the armed part do
-	// not report them; none is reported now (the emitter keeps the walk
-	// from the kernel's path that would protect every page).
-	if err := t.scanWhere(from, to, flags, zeroPages, pageIsWritten, func([]pageRegion) {}); err != nil {
-		return dst, err
-	}
-	t.fresh = append(t.fresh, freshSpan{lo: from, hi: to, at: time.Now()})
-	return dst, nil
 }
 
 // Warm implements Warmer: a walk of the armed part that neither protects
@@ -578,29 +548,20 @@ func (t *uffdTracker) protectRuns(pages []uint32) error {
 		for j < len(pages) && pages[j] == pages[j-1]+1 {
 			j++
 		}
-		if err := t.protectRun(pages[i], pages[j-1]+1); err != nil {
-			return err
+		arg := uffdioWriteprotectArg{
+			rng:  uffdioRange{uint64(t.base) + uint64(pages[i])*PageSize, uint64(j-i) * PageSize},
+			mode: uffdioWriteprotectModeWP,
+		}
+		_, err := ioctl(t.uffd, uffdioWP, unsafe.Pointer(&arg))
+		for tries := 0; (err == unix.EAGAIN || err == unix.EINTR) && tries < 100; tries++ {
+			// EAGAIN: the address space is changing under a
+			// concurrent mremap or fork; it is brief.
+			_, err = ioctl(t.uffd, uffdioWP, unsafe.Pointer(&arg))
+		}
+		if err != nil {
+			return fmt.Errorf("UFFDIO_WRITEPROTECT of pages [%d, %d): %w", pages[i], pages[j-1]+1, err)
 		}
 		i = j
-	}
-	return nil
-}
-
-// protectRun write-protects pages [lo, hi), putting markers on those never
-// written.
-func (t *uffdTracker) protectRun(lo, hi uint32) error {
-	arg := uffdioWriteprotectArg{
-		rng:  uffdioRange{uint64(t.base) + uint64(lo)*PageSize, uint64(hi-lo) * PageSize},
-		mode: uffdioWriteprotectModeWP,
-	}
-	_, err := ioctl(t.uffd, uffdioWP, unsafe.Pointer(&arg))
-	for tries := 0; (err == unix.EAGAIN || err == unix.EINTR) && tries < 100; tries++ {
-		// EAGAIN: the address space is changing under a concurrent
-		// mremap or fork; it is brief.
-		_, err = ioctl(t.uffd, uffdioWP, unsafe.Pointer(&arg))
-	}
-	if err != nil {
-		return fmt.Errorf("UFFDIO_WRITEPROTECT of pages [%d, %d): %w", lo, hi, err)
 	}
 	return nil
 }
@@ -677,94 +638,15 @@ func (t *uffdTracker) Written(dst []uint32, from, to uint64) ([]uint32, bool) {
 	return dst, err == nil
 }
 
-// scanFlags walks [start, end) of the armed part: with writtenPages, but
-// over the fresh spans (armGrowth) with guestWrittenPages, which leaves
-// out their pages never written (writtenPages would take them for
-// written: they have no marker).
 func (t *uffdTracker) scanFlags(start, end uintptr, flags, returnMask uint64, emit func([]pageRegion)) error {
-	for _, f := range t.fresh {
-		if f.hi <= start {
-			continue
-		}
-		if f.lo >= end {
-			break
-		}
-		if start < f.lo {
-			if err := t.scanWhere(start, f.lo, flags, writtenPages, returnMask, emit); err != nil {
-				return err
-			}
-		}
-		if err := t.scanWhere(max(start, f.lo), min(end, f.hi), flags, guestWrittenPages, returnMask, emit); err != nil {
-			return err
-		}
-		start = min(end, f.hi)
-	}
-	if start < end {
-		return t.scanWhere(start, end, flags, writtenPages, returnMask, emit)
-	}
-	return nil
-}
-
-// freshSpan is memory armGrowth armed, at, whose pages never written
-// have no write-protect marker yet.
-type freshSpan struct {
-	lo, hi uintptr
-	at     time.Time
-}
-
-// freshFor is how long a growth's pages never written stay without
-// markers (their first write then faults once) before a Collect marks
-// them, so that its walks of them are the quick kind again. A guest
-// writes most of a new heap within a few epochs.
-var freshFor = 250 * time.Millisecond
-
-// markStale puts write-protect markers on the pages never written of the
-// fresh spans below walked (the end of the Collect's walk) older than
-// freshFor, protecting the rest of them too. Only in a Collect, after its
-// walk reported (and, unless deferred, protected) every page written
-// there, with the guest paused: a write in between would be protected
-// unreported. A span it fails to mark stays fresh.
-func (t *uffdTracker) markStale(walked uintptr) {
-	keep := t.fresh[:0]
-	for _, f := range t.fresh {
-		if f.hi > walked || time.Since(f.at) < freshFor ||
-			t.protectRun(uint32((f.lo-t.base)/PageSize), uint32((f.hi-t.base)/PageSize)) != nil {
-			keep = append(keep, f)
-		}
-	}
-	t.fresh = keep
-}
-
-// pageFilter is which pages a walk is about (PAGEMAP_SCAN's category
-// masks): those with every category of all (the ones of inverted
-// inverted), and at least one of any, if set.
-type pageFilter struct{ all, inverted, any uint64 }
-
-var (
-	// writtenPages: every page without write protection. The kernel's
-	// quickest walk (any other filter takes it twice as long, 40 against
-	// 18 µs over 64 MiB here): the walks of the armed part, in every
-	// pause, ask only this. It takes an unprotected page of the shared
-	// zero page, and a range with no page table at all, for written.
-	writtenPages = pageFilter{all: pageIsWritten}
-	// guestWrittenPages: the pages the guest wrote, present or swapped
-	// out without write protection, and not the shared zero page.
-	guestWrittenPages = pageFilter{all: pageIsWritten | pageIsPFNZero, inverted: pageIsPFNZero, any: pageIsPresent | pageIsSwapped}
-	// zeroPages: the shared zero page mapped without write protection.
-	zeroPages = pageFilter{all: pageIsWritten | pageIsPFNZero}
-)
-
-func (t *uffdTracker) scanWhere(start, end uintptr, flags uint64, f pageFilter, returnMask uint64, emit func([]pageRegion)) error {
 	for start < end {
 		t.arg = pmScanArg{
-			size:              uint64(unsafe.Sizeof(pmScanArg{})),
-			flags:             flags,
-			start:             uint64(start),
-			end:               uint64(end),
-			categoryMask:      f.all,
-			categoryInverted:  f.inverted,
-			categoryAnyofMask: f.any,
-			returnMask:        returnMask,
+			size:         uint64(unsafe.Sizeof(pmScanArg{})),
+			flags:        flags,
+			start:        uint64(start),
+			end:          uint64(end),
+			categoryMask: pageIsWritten,
+			returnMask:   returnMask,
 		}
 		if emit != nil {
 			t.arg.vec = uint64(uintptr(unsafe.Pointer(unsafe.SliceData(t.buf))))
