@@ -146,6 +146,42 @@ func runCPU(ctx context.Context, e *env) (string, error) {
 		}
 	}
 
+	// Asyncify's cost, measured in adjacent pairs: the machine's speed
+	// steps by up to ×2 for seconds at a time, so the medians above, of
+	// runs up to several seconds apart, can put one system's runs in a
+	// slow phase and the other's in a fast one. Each round runs the
+	// instrumented module, the uninstrumented one and the uninstrumented
+	// one again (the A/A control: what drift alone makes of two identical
+	// runs), back to back, the order of the first two alternating.
+	pairRounds := max(e.runs, 9)
+	if e.quick {
+		pairRounds = 1
+	}
+	instPaired := map[*cpuGuest]sample{}
+	aaPaired := map[*cpuGuest]sample{}
+	for r := 0; r < pairRounds; r++ {
+		for _, g := range guests {
+			order := []string{"ftvm", "ftvm-noinst"}
+			if r%2 == 1 {
+				order = []string{"ftvm-noinst", "ftvm"}
+			}
+			order = append(order, "ftvm-noinst")
+			got := map[string][]float64{}
+			for _, system := range order {
+				e.logf("cpu: %s pair %d/%d on %s", g.label, r+1, pairRounds, system)
+				res, err := runSystem(ctx, e, system, guestRun{module: g.module, name: filepath.Base(g.wasm), args: []string{arg}})
+				if err != nil {
+					return "", err
+				}
+				record(key{g, system + "-pair"}, res)
+				got[system] = append(got[system], res.elapsed.Seconds())
+			}
+			inst, plain := got["ftvm"][0], got["ftvm-noinst"]
+			instPaired[g] = append(instPaired[g], inst/plain[0])
+			aaPaired[g] = append(aaPaired[g], plain[1]/plain[0])
+		}
+	}
+
 	var b strings.Builder
 	b.WriteString("Command: `go run ./bench -only cpu` (part of `make bench`). ")
 	fmt.Fprintf(&b, "Both guests compute the same four workloads (SHA-256 chain, integer matmul, sieve, n-body) at scale %s ", arg)
@@ -166,6 +202,31 @@ func runCPU(ctx context.Context, e *env) (string, error) {
 			fmtRatio(f.median(), w.median()), fmtRatio(u.median(), w.median()),
 			fmtRatio(f.median(), n.median()), fmtRatio(w.median(), n.median()),
 			checkOutputs(func(s string) map[string]bool { return outputs[key{g, s}] }))
+	}
+	fmt.Fprintf(&b, "\n**Asyncify's cost in adjacent pairs** (%d round(s); the issue's ≤ ×1.25): in each round, back to back, ", pairRounds)
+	b.WriteString("the instrumented module (`ftvm`), the uninstrumented one (`ftvm --instrument=false`; the first two in alternating order) ")
+	b.WriteString("and the uninstrumented one again. **Paired** = instrumented ÷ uninstrumented within the round; **A/A** = the second ")
+	b.WriteString("uninstrumented run ÷ the first, the control: the spread that this machine's drift alone gives two identical runs. ")
+	b.WriteString("Median (min–max) over the rounds. The medians of the table above, of runs up to several seconds apart, ")
+	b.WriteString("are more exposed to the machine's slow phases than these.\n\n")
+	b.WriteString("| guest | ftvm | ftvm --instrument=false | paired | A/A | output |\n|---|---:|---:|---:|---:|---|\n")
+	for _, g := range guests {
+		f, u := times[key{g, "ftvm-pair"}], times[key{g, "ftvm-noinst-pair"}]
+		same := "identical"
+		if outs := outputs[key{g, "ftvm-pair"}]; len(outs) != 1 || len(outputs[key{g, "ftvm-noinst-pair"}]) != 1 {
+			same = "**differs**"
+		} else {
+			for o := range outs {
+				if !outputs[key{g, "ftvm-noinst-pair"}][o] || !outputs[key{g, "native"}][o] {
+					same = "**differs from native**"
+				}
+			}
+		}
+		fmt.Fprintf(&b, "| %s | %s | %s | %s | %s | %s |\n", g.label, fmtSecRange(f), fmtSecRange(u),
+			fmtPaired(instPaired[g]), fmtPaired(aaPaired[g]), same)
+		e.summarize("Asyncify's cost, %s, in %d adjacent pairs: ×%.2f paired (%.2f–%.2f), against ×%.2f (%.2f–%.2f) for two "+
+			"uninstrumented runs (A/A); target ≤ ×1.25.", g.label, len(instPaired[g]), instPaired[g].median(), instPaired[g].min(),
+			instPaired[g].max(), aaPaired[g].median(), aaPaired[g].min(), aaPaired[g].max())
 	}
 	fmt.Fprintf(&b, "\n**Whole process** (%d run(s) each), warm caches: wall time of the command from fork to exit, ", cliRuns)
 	b.WriteString("i.e. run time plus process start, loading the instrumented module and the compiled code from their ")
