@@ -92,12 +92,16 @@ type StagePool struct {
 	// are left to the garbage collector.
 	MaxFree int
 
-	mu     sync.Mutex
-	free   [][]byte
-	high   int    // the recent largest Expect, in pages, decaying
-	mem    uint64 // the memory size below which staged pages are steady
-	growth int    // pages grown and not staged yet, which stagings may carry
-	idle   int    // stagings in a row that carried none of them
+	mu   sync.Mutex
+	free [][]byte
+	high int    // the recent largest Expect, in pages, decaying
+	mem  uint64 // the memory size below which staged pages are steady
+	// memKnown is set by the first Expect, which learns mem. (mem may be
+	// 0: the machine announces a memory's first allocation as a growth
+	// from nothing, and then every page is a grown one at first.)
+	memKnown bool
+	growth   int // pages grown and not staged yet, which stagings may carry
+	idle     int // stagings in a row that carried none of them
 }
 
 func (sp *StagePool) maxFree() int {
@@ -166,15 +170,17 @@ func (sp *StagePool) put(c []byte) {
 func (sp *StagePool) Expect(staged []Page, memBytes uint64) {
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
-	if sp.mem == 0 && sp.growth > 0 {
+	if !sp.memKnown {
 		// Grown before the first Expect (Remus's full checkpoint makes
 		// none): the memory before it is what it is now less the growth.
+		// Taking a mem of 0 for "not known yet" once counted a 38 MiB
+		// heap growth, staged whole, as the steady working set, and had
+		// Refill fault in 30 chunks (120 MiB, 8 ms of CPU each) for
+		// pauses that never came.
 		sp.mem = memBytes - min(memBytes, uint64(sp.growth)*PageSize)
+		sp.memKnown = true
 	}
-	n := len(staged)
-	if sp.mem > 0 {
-		n = pagesBelow(staged, uint32(sp.mem/PageSize))
-	}
+	n := pagesBelow(staged, uint32(sp.mem/PageSize))
 	grown := len(staged) - n
 	sp.high = max(n, sp.high-sp.high/32)
 	sp.growth = max(0, sp.growth-grown)
