@@ -488,7 +488,7 @@ func (d *decoder) pageBatch(f frame, b []byte) error {
 	}
 	// Only now, with the indices known good, is page memory allocated,
 	// and the decompressor may fill exactly that.
-	data := make([]byte, n*PageSize)
+	data := hugeBuf(n * PageSize)
 	first := len(s.Pages)
 	for i := 0; i < n; i++ {
 		s.Pages = append(s.Pages, Page{Index: le.Uint32(idx[i*pageRefSize:]), Data: data[i*PageSize : (i+1)*PageSize : (i+1)*PageSize]})
