@@ -39,8 +39,7 @@ func newLinearMemory(max, limit uint64) *linearMemory {
 	if max == 0 {
 		return m
 	}
-	region, err := unix.Mmap(-1, 0, int(max), unix.PROT_READ|unix.PROT_WRITE,
-		unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_NORESERVE)
+	region, err := reserve(int(max))
 	if err != nil {
 		m.failed = err
 		return m
@@ -48,6 +47,37 @@ func newLinearMemory(max, limit uint64) *linearMemory {
 	m.region = region
 	return m
 }
+
+// reserve maps n bytes of private anonymous memory, reserved only (pages
+// cost nothing until written), starting on a 2 MiB boundary: a memory
+// image and the VM memory it is moved into (MemoryImage.moveInto) then
+// share their alignment, so mremap(2) can move an image's huge pages whole.
+//
+// Its mappings are released with unmap, not unix.Munmap, which unmaps only
+// a slice exactly as unix.Mmap returned it (and otherwise fails, leaving
+// the mapping in place).
+func reserve(n int) ([]byte, error) {
+	p, err := unix.MmapPtr(-1, 0, nil, uintptr(n+hugePage), unix.PROT_READ|unix.PROT_WRITE,
+		unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_NORESERVE)
+	if err != nil {
+		return nil, err
+	}
+	raw := unsafe.Slice((*byte)(p), n+hugePage)
+	off := (hugePage - int(uintptr(p)%hugePage)) % hugePage
+	unmap(raw[:off])
+	unmap(raw[off+n:])
+	return raw[off : off+n : off+n], nil
+}
+
+// unmap releases the pages of b, a part of a mapping made by reserve.
+func unmap(b []byte) {
+	if len(b) > 0 {
+		_ = unix.MunmapPtr(unsafe.Pointer(&b[0]), uintptr(len(b)))
+	}
+}
+
+// hugePage is the transparent huge page (x86-64, arm64 with 4 KiB pages).
+const hugePage = 2 << 20
 
 // Reallocate implements experimental.LinearMemory. Returning nil makes the
 // guest's memory.grow fail with -1, as a real allocation failure would.
@@ -79,7 +109,7 @@ func (m *linearMemory) Free() {
 		m.beforeFree()
 	}
 	if m.region != nil {
-		unix.Munmap(m.region)
+		unmap(m.region)
 		m.region = nil
 	}
 }
@@ -125,11 +155,19 @@ func NewMemoryImage(max uint64) (*MemoryImage, error) {
 	if max == 0 {
 		max = 1 << 32
 	}
-	region, err := unix.Mmap(-1, 0, int(max), unix.PROT_READ|unix.PROT_WRITE,
-		unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_NORESERVE)
+	region, err := reserve(int(max))
 	if err != nil {
 		return nil, fmt.Errorf("reserving %s for a memory image: %w", FormatSize(max), err)
 	}
+	// Transparent huge pages where the kernel grants them (THP in
+	// "madvise" mode): a restore decodes a whole memory into the image and
+	// a Remus backup applies every checkpoint to it, and on a VM with
+	// shadow paging a fresh 4 KiB page costs 7-14 µs to fault in, a huge
+	// one about 0.3 µs per 4 KiB of it (a 64 MiB compressed restore took
+	// 74-78 ms instead of 193-214). The VM that takes the pages over still
+	// tracks them 4 KiB at a time: a write after write-protection splits
+	// the huge page it falls in.
+	_ = unix.Madvise(region, unix.MADV_HUGEPAGE)
 	return &MemoryImage{region: region}, nil
 }
 
@@ -181,6 +219,7 @@ func anonymousAt(b []byte) error {
 	if errno != 0 {
 		return errno
 	}
+	_ = unix.Madvise(b, unix.MADV_HUGEPAGE) // as the rest of the image
 	return nil
 }
 
@@ -220,7 +259,7 @@ func (im *MemoryImage) Bytes() []byte {
 // Close releases the image.
 func (im *MemoryImage) Close() {
 	if im.region != nil {
-		unix.Munmap(im.region)
+		unmap(im.region)
 		im.region = nil
 	}
 }
@@ -250,9 +289,7 @@ func (im *MemoryImage) moveInto(dst []byte) error {
 		}
 	}
 	// The first n bytes are gone from the reservation; release the rest.
-	if rest := im.region[n:]; len(rest) > 0 {
-		unix.Munmap(rest)
-	}
+	unmap(im.region[n:])
 	im.region, im.size, im.mapped = nil, 0, 0
 	return nil
 }
