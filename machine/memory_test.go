@@ -1,36 +1,20 @@
 package machine
 
 import (
-	"bufio"
-	"os"
-	"strconv"
-	"strings"
 	"testing"
 	"unsafe"
+
+	"github.com/ftvm/ftvm/internal/procmaps"
 )
 
 // mapped reports whether addr lies in a mapping of this process.
 func mapped(t *testing.T, addr uintptr) bool {
 	t.Helper()
-	f, err := os.Open("/proc/self/maps")
+	_, found, err := procmaps.Mapping(addr)
 	if err != nil {
 		t.Skip(err)
 	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		rng, _, _ := strings.Cut(sc.Text(), " ")
-		a, b, ok := strings.Cut(rng, "-")
-		if !ok {
-			continue
-		}
-		lo, err1 := strconv.ParseUint(a, 16, 64)
-		hi, err2 := strconv.ParseUint(b, 16, 64)
-		if err1 == nil && err2 == nil && uint64(addr) >= lo && uint64(addr) < hi {
-			return true
-		}
-	}
-	return false
+	return found
 }
 
 // TestMemoryReservationsAreReleased: a VM's memory and a memory image

@@ -1,12 +1,12 @@
 package snapshot
 
 import (
-	"bufio"
 	"os"
-	"strconv"
 	"strings"
 	"testing"
 	"unsafe"
+
+	"github.com/ftvm/ftvm/internal/procmaps"
 )
 
 // TestHugeAllocIsEligibleForHugePages: staging chunks and large decoded
@@ -37,43 +37,12 @@ func TestHugeAllocIsEligibleForHugePages(t *testing.T) {
 // thpEligible reads the THPeligible line of the mapping containing addr in
 // /proc/self/smaps.
 func thpEligible(t *testing.T, addr uintptr) bool {
-	f, err := os.Open("/proc/self/smaps")
+	lines, found, err := procmaps.Mapping(addr)
 	if err != nil {
 		t.Skip(err)
 	}
-	defer f.Close()
-	in := false
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		line := sc.Text()
-		var lo, hi uintptr
-		if n, _ := parseRange(line, &lo, &hi); n == 2 {
-			in = lo <= addr && addr < hi
-			continue
-		}
-		if in && strings.HasPrefix(line, "THPeligible:") {
-			return strings.TrimSpace(strings.TrimPrefix(line, "THPeligible:")) == "1"
-		}
+	if !found {
+		t.Fatalf("no mapping holds %#x", addr)
 	}
-	t.Fatalf("no mapping holds %#x", addr)
-	return false
-}
-
-// parseRange parses a smaps mapping line's "lo-hi" range.
-func parseRange(line string, lo, hi *uintptr) (int, error) {
-	rng, _, ok := strings.Cut(line, " ")
-	if !ok {
-		return 0, nil
-	}
-	a, b, ok := strings.Cut(rng, "-")
-	if !ok {
-		return 0, nil
-	}
-	x, err1 := strconv.ParseUint(a, 16, 64)
-	y, err2 := strconv.ParseUint(b, 16, 64)
-	if err1 != nil || err2 != nil {
-		return 0, nil
-	}
-	*lo, *hi = uintptr(x), uintptr(y)
-	return 2, nil
+	return procmaps.Attr(lines, "THPeligible") == "1"
 }
