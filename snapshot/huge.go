@@ -15,8 +15,8 @@ import (
 // those faults otherwise. The memory is an ordinary Go allocation, aligned
 // inside a larger one and marked MADV_HUGEPAGE, so the garbage collector
 // still owns it; memory the heap reuses is resident already and is not
-// faulted at all. Below hugeMin, or where the kernel declines, it is
-// populated page by page (populate).
+// faulted at all. Below hugeMin, or where the kernel declines huge pages,
+// it is populated in small pages (populate), as before.
 func hugeAlloc(n int) []byte {
 	b := hugeBuf(n)
 	populate(b)
