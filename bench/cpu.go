@@ -201,7 +201,8 @@ func runCPU(ctx context.Context, e *env) (string, error) {
 			fmtSecRange(f), fmtSecRange(u), fmtSecRange(w), fmtSecRange(n),
 			fmtRatio(f.median(), w.median()), fmtRatio(u.median(), w.median()),
 			fmtRatio(f.median(), n.median()), fmtRatio(w.median(), n.median()),
-			checkOutputs(func(s string) map[string]bool { return outputs[key{g, s}] }))
+			checkOutputs(func(s string) map[string]bool { return outputs[key{g, s}] },
+				"ftvm", "ftvm-noinst", "wazero", "ftvm-cli", "ftvm-noinst-cli", "wazero-cli"))
 	}
 	fmt.Fprintf(&b, "\n**Asyncify's cost in adjacent pairs** (%d round(s); the issue's ≤ ×1.25): in each round, back to back, ", pairRounds)
 	b.WriteString("the instrumented module (`ftvm`), the uninstrumented one (`ftvm --instrument=false`; the first two in alternating order) ")
@@ -212,21 +213,12 @@ func runCPU(ctx context.Context, e *env) (string, error) {
 	b.WriteString("| guest | ftvm | ftvm --instrument=false | paired | A/A | output |\n|---|---:|---:|---:|---:|---|\n")
 	for _, g := range guests {
 		f, u := times[key{g, "ftvm-pair"}], times[key{g, "ftvm-noinst-pair"}]
-		same := "identical"
-		if outs := outputs[key{g, "ftvm-pair"}]; len(outs) != 1 || len(outputs[key{g, "ftvm-noinst-pair"}]) != 1 {
-			same = "**differs**"
-		} else {
-			for o := range outs {
-				if !outputs[key{g, "ftvm-noinst-pair"}][o] || !outputs[key{g, "native"}][o] {
-					same = "**differs from native**"
-				}
-			}
-		}
 		fmt.Fprintf(&b, "| %s | %s | %s | %s | %s | %s |\n", g.label, fmtSecRange(f), fmtSecRange(u),
-			fmtPaired(instPaired[g]), fmtPaired(aaPaired[g]), same)
-		e.summarize("Asyncify's cost, %s, in %d adjacent pairs: ×%.2f paired (%.2f–%.2f), against ×%.2f (%.2f–%.2f) for two "+
-			"uninstrumented runs (A/A); target ≤ ×1.25.", g.label, len(instPaired[g]), instPaired[g].median(), instPaired[g].min(),
-			instPaired[g].max(), aaPaired[g].median(), aaPaired[g].min(), aaPaired[g].max())
+			fmtPaired(instPaired[g]), fmtPaired(aaPaired[g]),
+			checkOutputs(func(s string) map[string]bool { return outputs[key{g, s}] }, "ftvm-pair", "ftvm-noinst-pair"))
+		e.summarize("Asyncify's cost, %s, in %d adjacent pairs: %s paired, against %s for two "+
+			"uninstrumented runs (A/A); target ≤ ×1.25.", g.label, len(instPaired[g]), fmtPaired(instPaired[g]),
+			fmtPaired(aaPaired[g]))
 	}
 	fmt.Fprintf(&b, "\n**Whole process** (%d run(s) each), warm caches: wall time of the command from fork to exit, ", cliRuns)
 	b.WriteString("i.e. run time plus process start, loading the instrumented module and the compiled code from their ")
@@ -279,9 +271,9 @@ func runCPU(ctx context.Context, e *env) (string, error) {
 	return b.String(), nil
 }
 
-// checkOutputs reports whether every run of every system printed exactly
+// checkOutputs reports whether every run of each of systems printed exactly
 // what the native build printed, naming the checksum.
-func checkOutputs(of func(system string) map[string]bool) string {
+func checkOutputs(of func(system string) map[string]bool, systems ...string) string {
 	native := of("native")
 	if len(native) != 1 {
 		return "**native runs disagree**"
@@ -290,7 +282,7 @@ func checkOutputs(of func(system string) map[string]bool) string {
 	for s := range native {
 		want = s
 	}
-	for _, system := range []string{"ftvm", "ftvm-noinst", "wazero", "ftvm-cli", "ftvm-noinst-cli", "wazero-cli"} {
+	for _, system := range systems {
 		outs := of(system)
 		if len(outs) != 1 || !outs[want] {
 			return fmt.Sprintf("**%s output differs from native**", system)
