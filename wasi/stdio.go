@@ -13,9 +13,12 @@ import (
 func (d *Devices) stdinRead(f *FD, iovs [][]byte) (uint32, Errno) {
 	if f.Host >= 0 {
 		if f.Flags&FdflagNonblock != 0 {
-			fds := [1]unix.PollFd{{Fd: int32(f.Host), Events: unix.POLLIN}}
-			if n, _ := unix.Poll(fds[:], 0); n == 0 {
-				return 0, EAGAIN
+			// The host descriptor itself stays blocking (it may be shared,
+			// a terminal say), so the read happens only once it is ready.
+			// A signal interrupting the check (Go preempts with SIGURG) is
+			// not readiness: taken for it, the read blocked for good.
+			if errno := readyNow(f.Host, unix.POLLIN); errno != ESUCCESS {
+				return 0, errno
 			}
 		} else if errno := d.waitFd(f.Host, unix.POLLIN, true); errno != ESUCCESS {
 			return 0, errno
@@ -73,4 +76,23 @@ func (d *Devices) writeStdio(stdio int, data []byte) (uint32, Errno) {
 		return 0, EIO
 	}
 	return uint32(n), ESUCCESS
+}
+
+// readyNow reports at once whether host has one of events (or a hangup or
+// error, which the operation itself then reports): ESUCCESS if so, EAGAIN
+// if not.
+func readyNow(host int, events int16) Errno {
+	fds := [1]unix.PollFd{{Fd: int32(host), Events: events}}
+	for {
+		n, err := unix.Poll(fds[:], 0)
+		switch {
+		case err == unix.EINTR:
+			continue
+		case err != nil:
+			return errnoOf(err)
+		case n == 0:
+			return EAGAIN
+		}
+		return readyErrno(fds[0].Revents)
+	}
 }
