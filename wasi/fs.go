@@ -30,11 +30,22 @@ func seekable(f *FD) bool { return f.Kind == KindFile && f.Filetype == FiletypeR
 // fileRead reads a file (fd_read) at its offset.
 func fileRead(d *Devices, f *FD, iovs [][]byte) (uint32, Errno) {
 	if !seekable(f) {
-		n, err := rwv(unix.SYS_READV, f.Host, iovs, 0)
-		if err != nil {
-			return 0, errnoOf(err)
+		// A FIFO or device: its host descriptor is non-blocking, and a
+		// guest that asked for blocking reads waits here, where a pause
+		// or a stop can end the wait.
+		for {
+			n, err := rwv(unix.SYS_READV, f.Host, iovs, 0)
+			if err == unix.EAGAIN && f.Flags&FdflagNonblock == 0 {
+				if errno := d.waitFd(f.Host, unix.POLLIN, true); errno != ESUCCESS {
+					return 0, errno
+				}
+				continue
+			}
+			if err != nil {
+				return 0, errnoOf(err)
+			}
+			return uint32(n), ESUCCESS
 		}
-		return uint32(n), ESUCCESS
 	}
 	n, err := rwv(unix.SYS_PREADV, f.Host, iovs, f.Pos)
 	if err != nil {
@@ -62,17 +73,49 @@ func fileWrite(d *Devices, fd uint32, f *FD, iovs [][]byte) (uint32, Errno) {
 // stream) through the output gate. Without a gate the buffers go to the
 // kernel as they are, with no copy; a gate gets them gathered into one.
 func (d *Devices) writeFile(c Call, fd uint32, f *FD, iovs [][]byte, off int64) (uint32, Errno) {
+	stream := !seekable(f) && f.Flags&FdflagNonblock == 0
 	if f.perform == nil {
-		f.perform = func(data []byte) (uint32, Errno) { return f.writeData(data) }
+		f.perform = func(data []byte) (uint32, Errno) {
+			if !seekable(f) && f.Flags&FdflagNonblock == 0 {
+				return d.writeStream(f, [][]byte{data})
+			}
+			return f.writeData(data)
+		}
+	}
+	if stream {
+		// A blocking write to a FIFO or device waits for room before it
+		// becomes an effect, while a pause can still take the call back.
+		if errno := d.waitFd(f.Host, unix.POLLOUT, true); errno != ESUCCESS {
+			return 0, errno
+		}
 	}
 	f.pending = writeArgs{off: off, result: off}
 	if d.gate == nil {
 		d.counters.Effects.Add(1)
+		if stream {
+			return d.writeStream(f, iovs)
+		}
 		return f.writeIovs(iovs)
 	}
 	data := gatherScratch(f, iovs)
 	return d.output(Effect{Kind: EffectFs, Call: c, Fd: int32(fd), Op: FsWrite, Root: f.Root, Path: f.Path,
 		Offset: off, Size: int64(len(data)), Data: data}, f.perform)
+}
+
+// writeStream is a blocking guest's write to a FIFO or device, whose host
+// descriptor is non-blocking: if the room waited for is gone (another
+// writer took it), it waits again. Only a stop ends that wait, for the
+// write is an effect under way by then.
+func (d *Devices) writeStream(f *FD, iovs [][]byte) (uint32, Errno) {
+	for {
+		n, errno := f.writeIovs(iovs)
+		if errno != EAGAIN {
+			return n, errno
+		}
+		if errno := d.waitFd(f.Host, unix.POLLOUT, false); errno != ESUCCESS {
+			return 0, errno
+		}
+	}
 }
 
 func (f *FD) writeData(data []byte) (uint32, Errno) {
@@ -813,8 +856,8 @@ func pathOpen(d *Devices, m Mem, p []uint64) Errno {
 	inheriting &= dir.RightsInheriting
 	readable := base&(RightFdRead|RightFdReaddir) != 0
 	writable := base&(RightFdWrite|RightFdAllocate|RightFdFilestatSetSize|RightFdDatasync) != 0
-	// O_NONBLOCK keeps the open itself from blocking on a FIFO; it is taken
-	// off again below unless the guest asked for it.
+	// O_NONBLOCK keeps the open itself from blocking on a FIFO, and the
+	// descriptor's I/O then (see below); regular files ignore it.
 	flags := unix.O_NOCTTY | unix.O_NONBLOCK
 	switch {
 	case readable && writable:
@@ -895,14 +938,12 @@ func (d *Devices) addOpened(host int, dir *FD, rel string, base, inheriting uint
 	case FiletypeRegularFile:
 		f.RightsBase = base & RightsRegularFile
 	default:
-		// A FIFO or device: a stream, not a file with an offset.
+		// A FIFO or device: a stream, not a file with an offset. Its host
+		// descriptor stays non-blocking whatever the guest asked: blocking
+		// reads and writes are waits of the device layer (fileRead,
+		// writeFile), which a pause or a stop can end, never sleeps in the
+		// kernel, which nothing could end while the other side is idle.
 		f.RightsBase = base & RightsRegularFile &^ (RightFdSeek | RightFdTell)
-		if fdflags&FdflagNonblock == 0 {
-			if err := unix.SetNonblock(host, false); err != nil {
-				unix.Close(host)
-				return 0, errnoOf(err)
-			}
-		}
 	}
 	newFd, errno := d.fds.Add(f)
 	if errno != ESUCCESS {

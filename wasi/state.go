@@ -203,6 +203,11 @@ func (d *Devices) restoreFD(fs FDState, roots []int, listen map[uint32]Listener,
 		if fs.Flags&FdflagAppend != 0 {
 			flags |= unix.O_APPEND
 		}
+		if fs.Kind == KindFile && fs.Filetype != FiletypeRegularFile {
+			// A FIFO or device, non-blocking as path_open leaves it: the
+			// open itself must not wait for a FIFO's other end.
+			flags |= unix.O_NONBLOCK
+		}
 		path := fs.Path
 		if path == "" {
 			path = "."
