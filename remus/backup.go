@@ -817,7 +817,9 @@ func (s *slot) do(ctx context.Context, rd engine.BackupReady) bool {
 	// maxApplying copies wait, each holding its checkpoint's pages.
 	for _, seq := range rd.Commit {
 		s.pruneApplied()
-		if st := s.staged[seq]; st == nil || st.full || len(s.applying) >= maxApplying {
+		// A checkpoint with pages sent as deltas is resolved against
+		// the image, so the copies before it must be in.
+		if st := s.staged[seq]; st == nil || st.full || len(s.applying) >= maxApplying || st.snap.HasDeltas() {
 			s.waitApply()
 		}
 		f, err := s.commit(seq)
@@ -905,6 +907,24 @@ func (s *slot) commit(seq uint64) (finish func(), err error) {
 	delete(s.staged, seq)
 	if st == nil {
 		return nil, fmt.Errorf("checkpoint %d is not staged", seq)
+	}
+	if st.snap.HasDeltas() {
+		// Pages the primary sent as deltas against what it sent before
+		// (the image holds every checkpoint before this one). A page
+		// that does not resolve to its checksum means the image is not
+		// what the primary thinks: the session is dropped and resyncs.
+		mem := s.img.Memory
+		if err := st.snap.Resolve(func(idx uint32) []byte {
+			if off := uint64(idx) * snapshot.PageSize; off+snapshot.PageSize <= uint64(len(mem)) {
+				return mem[off : off+snapshot.PageSize]
+			}
+			return nil
+		}); err != nil {
+			return nil, err
+		}
+		// The encoding as it arrived needs this image to be read: the
+		// disk gets the resolved pages, encoded again.
+		st.raw = nil
 	}
 	apply, err := snapshot.Prepare(s.img, st.snap)
 	if err != nil {
@@ -1101,6 +1121,15 @@ type persistJob struct {
 	tree []wire.DiskFile
 }
 
+// size is about the bytes the job holds: its encoding as it arrived, or,
+// for one whose deltas were resolved (no encoding kept), its pages.
+func (j persistJob) size() int {
+	if j.raw != nil {
+		return j.raw.len()
+	}
+	return len(j.snap.Pages) * snapshot.PageSize
+}
+
 // persistQueue hands committed checkpoints to the persister. It never
 // blocks the slot's loop: a loop stuck behind the disk would stop acking
 // and heartbeating, and the primary would take the backup for dead.
@@ -1127,7 +1156,7 @@ func (q *persistQueue) push(j persistJob) {
 		q.jobs, q.pending = q.jobs[:0], 0
 	}
 	q.jobs = append(q.jobs, j)
-	q.pending += j.raw.len()
+	q.pending += j.size()
 	q.cond.Broadcast()
 	q.mu.Unlock()
 }
@@ -1260,7 +1289,7 @@ const persistSpacing = 100 * time.Millisecond
 // numbering already fits is stored as it came.
 func mergeIncrementals(jobs []persistJob, seq uint64, parent snapshot.Hash) ([]byte, *snapshot.Snapshot, error) {
 	last := jobs[len(jobs)-1].snap
-	if len(jobs) == 1 && last.Seq == seq && last.Parent == parent {
+	if len(jobs) == 1 && last.Seq == seq && last.Parent == parent && jobs[0].raw != nil {
 		return jobs[0].raw.bytes(), last, nil
 	}
 	pages := map[uint32][]byte{}

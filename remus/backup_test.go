@@ -460,3 +460,86 @@ func TestBackupFullCheckpointWaitsForCopies(t *testing.T) {
 			img.Seq, img.Memory[0], img.Memory[snapshot.PageSize])
 	}
 }
+
+// TestBackupResolvesDeltas: pages a primary sends as deltas against what it
+// sent before are resolved against the backup's image, after the copies of
+// the checkpoints before them (here slowed down), so the image ends as the
+// primary's memory; the disk gets them resolved; and a delta against a copy
+// the backup does not hold is never acknowledged.
+func TestBackupResolvesDeltas(t *testing.T) {
+	const timeout = 2 * time.Second
+	b := serveBackup(t, timeout)
+	testApplyDelay = 150 * time.Millisecond
+	defer func() { testApplyDelay = 0 }()
+	module := []byte("\x00asm\x01\x00\x00\x00")
+	hash := snapshot.ModuleHash(module)
+	page := func(v byte) []byte { return bytes.Repeat([]byte{v}, snapshot.PageSize) }
+	edit := func(p []byte, at int, v byte) []byte { p = bytes.Clone(p); p[at] = v; return p }
+	full := &snapshot.Snapshot{Kind: snapshot.Full, Module: hash, Seq: 1, MemorySize: 65536,
+		Pages: []snapshot.Page{{Index: 0, Data: page(7)}, {Index: 1, Data: page(3)}}, Devices: []byte("{}"), ModuleCode: module, ModuleName: "fake"}
+	fullRaw := encodeSnap(t, full)
+	p0v2, p0v3 := edit(page(7), 10, 1), edit(edit(page(7), 10, 1), 4000, 2)
+	inc2 := &snapshot.Snapshot{Kind: snapshot.Incremental, Module: hash, Seq: 2, Parent: full.ID, MemorySize: 65536,
+		Pages: []snapshot.Page{{Index: 0, Data: p0v2, Base: page(7)}, {Index: 2, Data: page(5)}}, Devices: []byte("{}")}
+	raw2 := encodeSnap(t, inc2)
+	inc3 := &snapshot.Snapshot{Kind: snapshot.Incremental, Module: hash, Seq: 3, Parent: inc2.ID, MemorySize: 65536,
+		Pages: []snapshot.Page{{Index: 0, Data: p0v3, Base: p0v2}, {Index: 2, Data: edit(page(5), 0, 9), Base: page(5)}}, Devices: []byte("{}")}
+	raw3 := encodeSnap(t, inc3)
+	for _, sec := range inc3.Sections {
+		if sec.Type == snapshot.SecPages && sec.Codec != snapshot.CodecDeltaS2 {
+			t.Fatalf("checkpoint 3's pages are stored %s, not as deltas", sec.Codec)
+		}
+	}
+	// A delta against a copy of page 1 that the backup never had.
+	inc4 := &snapshot.Snapshot{Kind: snapshot.Incremental, Module: hash, Seq: 4, Parent: inc3.ID, MemorySize: 65536,
+		Pages: []snapshot.Page{{Index: 1, Data: page(4), Base: page(8)}}, Devices: []byte("{}")}
+	raw4 := encodeSnap(t, inc4)
+
+	f := dialBackup(t, b.Addr().String(), hash)
+	ack := func(seq uint64) {
+		t.Helper()
+		for {
+			switch m := f.next().(type) {
+			case *wire.Ack:
+				if m.Seq == seq {
+					return
+				}
+			default:
+				t.Fatalf("waiting for the ack of %d: got %v", seq, m)
+			}
+		}
+	}
+	f.checkpoint(1, true, fullRaw, nil)
+	ack(1)
+	f.checkpoint(2, false, raw2, nil)
+	ack(2)
+	f.checkpoint(3, false, raw3, nil)
+	ack(3)
+	st := func() SlotStatus { return b.Status().Slots[0] }
+	for deadline := time.Now().Add(10 * time.Second); st().Checkpoints < 3 || st().Persisted < 3; {
+		if time.Now().After(deadline) {
+			t.Fatalf("checkpoints applied %d, persisted %d, want 3", st().Checkpoints, st().Persisted)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	b.mu.Lock()
+	var img *snapshot.Image
+	for _, s := range b.slots {
+		img = s.img
+	}
+	b.mu.Unlock()
+	for i, want := range [][]byte{p0v3, page(3), edit(page(5), 0, 9)} {
+		if got := img.Memory[i*snapshot.PageSize : (i+1)*snapshot.PageSize]; !bytes.Equal(got, want) {
+			t.Errorf("page %d of the image is not the primary's", i)
+		}
+	}
+	f.checkpoint(4, false, raw4, nil)
+	if m := f.next(); m != nil {
+		if a, ok := m.(*wire.Ack); ok && a.Seq == 4 {
+			t.Fatal("a delta against a copy the backup does not hold was acknowledged")
+		}
+	}
+	if got := img.Memory[snapshot.PageSize : 2*snapshot.PageSize]; !bytes.Equal(got, page(3)) {
+		t.Error("the unresolvable checkpoint changed the image")
+	}
+}

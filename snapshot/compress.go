@@ -2,6 +2,7 @@ package snapshot
 
 import (
 	"bytes"
+	"crypto/subtle"
 	"fmt"
 
 	"github.com/klauspost/compress/s2"
@@ -31,13 +32,13 @@ func compressBatch(raw []byte) (Codec, []byte) {
 // decodes into dst itself: a hostile block cannot make it allocate.
 func decompressBatch(c Codec, src, dst []byte) error {
 	switch c {
-	case CodecNone:
+	case CodecNone, CodecDeltaNone:
 		if len(src) != len(dst) {
 			return fmt.Errorf("raw page data is %d bytes, want %d", len(src), len(dst))
 		}
 		copy(dst, src)
 		return nil
-	case CodecS2:
+	case CodecS2, CodecDeltaS2:
 		n, err := s2.DecodedLen(src)
 		if err != nil {
 			return err
@@ -61,3 +62,7 @@ var zeroPage [PageSize]byte
 
 // isZero reports whether a page is all zeros.
 func isZero(p []byte) bool { return bytes.Equal(p, zeroPage[:]) }
+
+// xorPage sets dst to a XOR b (all three PageSize bytes). XOR is its own
+// inverse: the receiver XORs the same base back.
+func xorPage(dst, a, b []byte) { subtle.XORBytes(dst[:PageSize], a[:PageSize], b[:PageSize]) }

@@ -188,8 +188,8 @@ func (d *decoder) prefix() error {
 	// Every version keeps this prefix, so an old reader can tell a newer
 	// file from a damaged one.
 	v := le.Uint32(b[8:])
-	if v != versionPaged && v != Version {
-		return &Error{Kind: ErrVersion, Offset: 8, Msg: fmt.Sprintf("format version %d, this build reads %d and %d", v, versionPaged, Version)}
+	if v < versionPaged || v > Version {
+		return &Error{Kind: ErrVersion, Offset: 8, Msg: fmt.Sprintf("format version %d, this build reads %d to %d", v, versionPaged, Version)}
 	}
 	d.version = v
 	return nil
@@ -220,7 +220,7 @@ func (d *decoder) frame() (frame, error) {
 		}
 	case f.typ == SecMemory:
 		switch {
-		case d.version < 2:
+		case d.version < versionMemory:
 			return f, d.fail(ErrCorrupt, "a memory section in a version %d snapshot", d.version)
 		case d.memory || d.batches > 0:
 			return f, d.fail(ErrCorrupt, "a memory section must come once, instead of page sections")
@@ -235,15 +235,24 @@ func (d *decoder) frame() (frame, error) {
 	// Lengths are checked against the section's own cap before the
 	// payload is read.
 	if f.typ == SecPages {
-		if f.codec != CodecNone && f.codec != CodecS2 {
+		switch {
+		case f.codec > CodecDeltaS2:
 			return f, d.fail(ErrCorrupt, "unknown codec %d", uint16(f.codec))
+		case f.codec.delta() && d.version < versionDelta:
+			return f, d.fail(ErrCorrupt, "codec %s in a version %d snapshot", f.codec, d.version)
+		case f.codec.delta() && d.s.Kind != Incremental:
+			return f, d.fail(ErrCorrupt, "codec %s in a full snapshot: it has no base to be a delta against", f.codec)
 		}
-		n := (uint64(f.raw) - 4) / (pageRefSize + PageSize)
-		if f.raw < 4 || n == 0 || n > MaxBatchPages || uint64(f.raw) != 4+n*(pageRefSize+PageSize) {
+		head := uint64(pageRefSize)
+		if f.codec.delta() {
+			head += 4 // each page's checksum once resolved
+		}
+		n := (uint64(f.raw) - 4) / (head + PageSize)
+		if f.raw < 4 || n == 0 || n > MaxBatchPages || uint64(f.raw) != 4+n*(head+PageSize) {
 			return f, d.fail(ErrCorrupt, "raw size %d is not that of 1..%d pages", f.raw, MaxBatchPages)
 		}
-		if f.codec == CodecNone && f.stored != f.raw ||
-			f.codec != CodecNone && (f.stored >= f.raw || uint64(f.stored) < 4+n*pageRefSize) {
+		if !f.codec.compressed() && f.stored != f.raw ||
+			f.codec.compressed() && (f.stored >= f.raw || uint64(f.stored) < 4+n*head) {
 			return f, d.fail(ErrCorrupt, "stored size %d does not fit raw size %d with codec %s", f.stored, f.raw, f.codec)
 		}
 		return f, nil
@@ -341,6 +350,9 @@ func (d *decoder) section(f frame) (done bool, err error) {
 func pagesIn(f frame) int {
 	if f.typ != SecPages {
 		return 0
+	}
+	if f.codec.delta() {
+		return int((f.raw - 4) / (pageRefSize + 4 + PageSize))
 	}
 	return int((f.raw - 4) / (pageRefSize + PageSize))
 }
@@ -490,11 +502,20 @@ func (d *decoder) pageBatch(f frame, b []byte) error {
 	// and the decompressor may fill exactly that.
 	data := hugeBuf(n * PageSize)
 	first := len(s.Pages)
+	delta := f.codec.delta()
+	var sums []byte // a delta batch's checksums of the resolved pages
+	if delta {
+		sums = b[4+n*pageRefSize : 4+n*(pageRefSize+4)]
+	}
 	for i := 0; i < n; i++ {
-		s.Pages = append(s.Pages, Page{Index: le.Uint32(idx[i*pageRefSize:]), Data: data[i*PageSize : (i+1)*PageSize : (i+1)*PageSize]})
+		p := Page{Index: le.Uint32(idx[i*pageRefSize:]), Data: data[i*PageSize : (i+1)*PageSize : (i+1)*PageSize]}
+		if delta {
+			p.Delta, p.Sum = true, le.Uint32(sums[4*i:])
+		}
+		s.Pages = append(s.Pages, p)
 	}
 	d.pages += uint32(n)
-	src := b[4+n*pageRefSize:]
+	src := b[4+n*pageRefSize+len(sums):]
 	if d.workers <= 1 {
 		populateBatch(data)
 		if err := decompressBatch(f.codec, src, data); err != nil {
@@ -535,9 +556,14 @@ func populateBatch(data []byte) {
 	}
 }
 
-// pageSums appends what the ID hashes for a page: its index and checksum.
+// pageSums appends what the ID hashes for a page: its index and checksum
+// (for a delta, the checksum the section lists for the resolved page:
+// Resolve checks it).
 func pageSums(b []byte, p Page) []byte {
 	b = le.AppendUint32(b, p.Index)
+	if p.Delta {
+		return le.AppendUint32(b, p.Sum)
+	}
 	return le.AppendUint32(b, crc(p.Data))
 }
 

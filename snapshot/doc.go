@@ -11,7 +11,7 @@
 // after resuming it; the receiver Decodes, which verifies every byte, and
 // only then Applies.
 //
-// # Layout (version 1, little-endian)
+// # Layout (versions 1 to 3, little-endian)
 //
 //	prefix   "FTVMSNAP" | u32 version | u32 crc32c(previous 12 bytes)
 //	section* frame | payload
@@ -32,7 +32,11 @@
 //	module   u16 length | name | wasm binary: an optional copy of the module,
 //	         which must hash to the header's module hash
 //	pages    u32 count | count × u32 page index | page data, raw or one
-//	         S2 block of count × 4096 bytes (codec 0 none, 1 S2)
+//	         S2 block of count × 4096 bytes (codec 0 none, 1 S2); with a
+//	         delta codec (version 3, incremental snapshots only: 2 none,
+//	         3 S2), the indices are followed by count × u32 crc32c(page
+//	         as resolved) and each page's data is XORed with the
+//	         receiver's current copy of it (see Snapshot.Resolve)
 //	memory   u32 count | count × u32 page index | count × u32 crc32c(page),
 //	         then, outside the frame, zero padding to a multiple of 4096
 //	         bytes and the whole memory, page i at i × 4096, unlisted pages
@@ -80,6 +84,14 @@
 //
 // Every version keeps the 16-byte prefix and its checksum, so a reader
 // tells a newer file (ErrVersion) from a damaged one (ErrCorrupt). Version
-// 2 only adds the memory section; a snapshot without one is written as
-// version 1, which every build reads.
+// 2 only adds the memory section, version 3 only the delta codecs; a
+// snapshot is written with the oldest version that holds it, so one with
+// neither is version 1, which every build reads. Delta pages only travel
+// between a Remus primary and its backup, which resolves them before it
+// stores anything: snapshot files never hold them.
+//
+// A delta page's checksum in the ID is the one its section lists, which
+// Decode cannot check without the receiver's copy; Resolve checks each
+// resolved page against it, and Apply refuses a snapshot with pages not
+// yet resolved, so a page is never taken unchecked.
 package snapshot

@@ -80,8 +80,11 @@ func (s *Snapshot) encode(w io.Writer, o Options) error {
 
 	var prefix [prefixSize]byte
 	version := uint32(versionPaged)
-	if mappable {
-		version = Version
+	switch {
+	case mappable:
+		version = versionMemory
+	case s.Kind == Incremental && hasBase(s.Pages):
+		version = versionDelta
 	}
 	putPrefix(prefix[:], version)
 	e.write(prefix[:])
@@ -265,12 +268,22 @@ func hashSection(h hash.Hash, t SectionType, payload []byte) {
 // batch is one page section in the making.
 type batch struct {
 	pages []Page
-	head  []byte // u32 count, then the indices
+	head  []byte // u32 count, then the indices (and for a delta batch the pages' checksums)
 	sums  []byte // per page: u32 index, u32 crc32c(data) — the ID's input
 	codec Codec
 	data  []byte // compressed (or raw) page data
 	done  chan struct{}
 	raw   bool // store uncompressed (Options.Uncompressed)
+	delta bool // every page has a Base: store Data XOR Base
+}
+
+func hasBase(pages []Page) bool {
+	for _, p := range pages {
+		if p.Base != nil {
+			return true
+		}
+	}
+	return false
 }
 
 var bufPool sync.Pool // *[]byte, for batch raw and compressed data
@@ -288,19 +301,31 @@ func putBuf(b []byte) { bufPool.Put(&b) }
 // batches run in parallel.
 func (b *batch) run() {
 	n := len(b.pages)
-	b.head = make([]byte, 4+pageRefSize*n)
+	headLen := 4 + pageRefSize*n
+	if b.delta {
+		headLen += 4 * n
+	}
+	b.head = make([]byte, headLen)
 	b.sums = make([]byte, 8*n)
 	le.PutUint32(b.head, uint32(n))
-	raw := contiguous(b.pages)
+	var raw []byte
+	if !b.delta {
+		raw = contiguous(b.pages)
+	}
 	pooled := raw == nil
 	if pooled {
 		raw = getBuf(n * PageSize)
 	}
 	for i, p := range b.pages {
+		sum := crc(p.Data)
 		le.PutUint32(b.head[4+4*i:], p.Index)
 		le.PutUint32(b.sums[8*i:], p.Index)
-		le.PutUint32(b.sums[8*i+4:], crc(p.Data))
-		if pooled {
+		le.PutUint32(b.sums[8*i+4:], sum)
+		switch {
+		case b.delta:
+			le.PutUint32(b.head[4+pageRefSize*n+4*i:], sum)
+			xorPage(raw[i*PageSize:(i+1)*PageSize], p.Data, p.Base)
+		case pooled:
 			copy(raw[i*PageSize:], p.Data)
 		}
 	}
@@ -308,6 +333,13 @@ func (b *batch) run() {
 		b.codec, b.data = CodecNone, append(getBuf(len(raw))[:0], raw...)
 	} else {
 		b.codec, b.data = compressBatch(raw)
+	}
+	if b.delta {
+		if b.codec == CodecS2 {
+			b.codec = CodecDeltaS2
+		} else {
+			b.codec = CodecDeltaNone
+		}
 	}
 	if pooled {
 		putBuf(raw)
@@ -334,10 +366,17 @@ func contiguous(pages []Page) []byte {
 // pages writes the page sections, compressing up to o.Workers batches
 // ahead of the writer while keeping the file's order.
 func (e *encoder) pages(pages []Page, o Options) {
+	// A batch is at most o.BatchPages pages, all sent whole or all as
+	// deltas: a run of either kind is batched on its own.
 	var batches []*batch
-	for i := 0; i < len(pages); i += o.BatchPages {
-		batches = append(batches, &batch{pages: pages[i:min(i+o.BatchPages, len(pages))], done: make(chan struct{}),
-			raw: o.Uncompressed})
+	for i := 0; i < len(pages); {
+		delta := pages[i].Base != nil
+		j := i + 1
+		for j < len(pages) && j-i < o.BatchPages && (pages[j].Base != nil) == delta {
+			j++
+		}
+		batches = append(batches, &batch{pages: pages[i:j], done: make(chan struct{}), raw: o.Uncompressed, delta: delta})
+		i = j
 	}
 	if o.Workers == 1 || len(batches) <= 1 {
 		for _, b := range batches {

@@ -10,9 +10,17 @@ import (
 const Magic = "FTVMSNAP"
 
 // Version is the newest format version this build writes and reads.
-// Version 2 adds the memory section; a snapshot without one is written as
-// version 1, so that older builds still read it.
-const Version = 2
+// Version 2 adds the memory section, version 3 the delta codecs; a
+// snapshot is written with the oldest version that holds it (one without
+// either as version 1), so that older builds still read it.
+const Version = 3
+
+// versionMemory and versionDelta are the versions that added the memory
+// section and the delta codecs.
+const (
+	versionMemory = 2
+	versionDelta  = 3
+)
 
 // versionPaged is the version of a snapshot whose pages are all in page
 // sections.
@@ -75,7 +83,22 @@ const (
 	CodecNone Codec = 0
 	// CodecS2: the batch's pages as one S2 block (klauspost/compress).
 	CodecS2 Codec = 1
+	// CodecDeltaNone and CodecDeltaS2 (version 3, incremental snapshots
+	// only): every page of the batch is stored XORed with the receiver's
+	// current copy of it, raw or as one S2 block, and the section lists,
+	// after the indices, each page's checksum once the receiver has XORed
+	// it back (Snapshot.Resolve checks them). A page written a little
+	// since the last checkpoint is then mostly zeros: a Remus primary
+	// sends the pages it sent before this way.
+	CodecDeltaNone Codec = 2
+	CodecDeltaS2   Codec = 3
 )
+
+// delta reports whether the codec stores pages XORed with the receiver's.
+func (c Codec) delta() bool { return c == CodecDeltaNone || c == CodecDeltaS2 }
+
+// compressed reports whether the codec stores an S2 block.
+func (c Codec) compressed() bool { return c == CodecS2 || c == CodecDeltaS2 }
 
 func (c Codec) String() string {
 	switch c {
@@ -83,6 +106,10 @@ func (c Codec) String() string {
 		return "none"
 	case CodecS2:
 		return "s2"
+	case CodecDeltaNone:
+		return "delta"
+	case CodecDeltaS2:
+		return "delta-s2"
 	}
 	return fmt.Sprintf("codec(%d)", uint16(c))
 }

@@ -55,6 +55,16 @@ func checkDecoded(t *testing.T, data []byte) {
 		}
 		return
 	}
+	if s.HasDeltas() {
+		// Against a receiver that has only zero pages, a delta is the
+		// page itself, or else it resolves to the wrong checksum.
+		if err := s.Resolve(func(uint32) []byte { return nil }); err != nil {
+			if !errors.Is(err, ErrCorrupt) {
+				t.Fatalf("resolving deltas: %v", err)
+			}
+			return
+		}
+	}
 	id := s.ID
 	var b bytes.Buffer
 	if err := s.Encode(&b); err != nil {
@@ -166,6 +176,14 @@ func fuzzSeeds() []fuzzSeed {
 	if err := mappable.EncodeOptions(&mb, Options{Mappable: true}); err != nil {
 		panic(err)
 	}
+	// Deltas: against zero pages (so they resolve with no receiver's
+	// memory at hand), in one raw batch and one S2 batch, and one against
+	// a page a receiver with zero pages does not have.
+	delta := testSnapshot(rng, Incremental, 128<<10, 0)
+	zero := make([]byte, PageSize)
+	delta.Pages = []Page{{Index: 2, Data: raw, Base: zero}, {Index: 3, Data: bytes.Repeat([]byte("delta "), PageSize/6+1)[:PageSize], Base: zero},
+		{Index: 9, Data: bytes.Repeat([]byte{7}, PageSize)}, {Index: 12, Data: bytes.Repeat([]byte{7, 0}, PageSize/2), Base: bytes.Repeat([]byte{7}, PageSize)}}
+	deltas := enc(delta, 2)
 	flipped := bytes.Clone(full)
 	flipped[len(flipped)/2] ^= 4
 	return []fuzzSeed{
@@ -174,6 +192,7 @@ func fuzzSeeds() []fuzzSeed {
 		{"incremental-raw-and-s2", incremental, true},
 		{"full-with-module", withModule, true},
 		{"full-mappable-memory", mb.Bytes(), true},
+		{"incremental-deltas", deltas, true},
 		{"truncated", full[:len(full)-20], false},
 		{"flipped-bit", flipped, false},
 		{"not-a-snapshot", []byte("\x00asm\x01\x00\x00\x00"), false},

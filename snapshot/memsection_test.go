@@ -64,7 +64,7 @@ func TestMappableRoundTrip(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if v := le.Uint32(raw[8:]); v != Version {
+			if v := le.Uint32(raw[8:]); v != versionMemory {
 				t.Fatalf("version %d", v)
 			}
 			var mem SectionInfo

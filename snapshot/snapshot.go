@@ -92,6 +92,16 @@ func ParseHash(s string) (Hash, error) {
 type Page struct {
 	Index uint32 // byte offset / PageSize
 	Data  []byte // exactly PageSize bytes
+	// Base, when encoding an incremental snapshot, is the receiver's
+	// current copy of the page (PageSize bytes; nil: none): the page is
+	// then sent as Data XOR Base (a delta codec). It is not state: the
+	// snapshot's ID is the same either way.
+	Base []byte
+	// Delta is set by the decoder on a page that arrived as a delta: Data
+	// is still XORed with the receiver's copy, and Sum is the checksum of
+	// the page once resolved (Snapshot.Resolve).
+	Delta bool
+	Sum   uint32
 }
 
 // ValType is a wasm value type, coded as in the wasm binary format.
@@ -200,6 +210,12 @@ func (s *Snapshot) checkContent() string {
 		}
 		if p.Index >= limit {
 			return fmt.Sprintf("page %d is beyond the memory size %d", p.Index, s.MemorySize)
+		}
+		if p.Base != nil && (len(p.Base) != PageSize || s.Kind != Incremental) {
+			return fmt.Sprintf("page %d has a base of %d bytes in a %s snapshot: only an incremental one may send a page as a delta against a whole page", p.Index, len(p.Base), s.Kind)
+		}
+		if p.Delta {
+			return fmt.Sprintf("page %d is an unresolved delta (Resolve it against the receiver's memory first)", p.Index)
 		}
 		if i > 0 && p.Index <= s.Pages[i-1].Index {
 			return fmt.Sprintf("page %d follows page %d: pages must be sorted, without duplicates", p.Index, s.Pages[i-1].Index)

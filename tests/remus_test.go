@@ -221,6 +221,11 @@ func TestRemusFailover(t *testing.T) {
 		t.Fatalf("primary status while writing: %v", st)
 	}
 	t.Logf("primary before the kill: %v", st)
+	// The writers rewrite the same pages: most go as deltas against the
+	// backup's copies, so what fails over below was resolved from them.
+	if d, _ := st["delta_pages"].(float64); d == 0 {
+		t.Errorf("no page was sent as a delta: %v", st)
+	}
 	checkCheckpointLog(t, r.pSock)
 	// The primary collects garbage only where a stop cannot wait on the
 	// guest (machine.CollectAtSafePoints): under this load, many times.

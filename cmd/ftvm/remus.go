@@ -268,8 +268,8 @@ func printStatus(st map[string]any) {
 		num(st["released_epoch"]), num(st["lag_epochs"]), num(st["inflight"]))
 	fmt.Printf("last pause:  %.0f µs, %s dirty pages, %s bytes\n", st["last_pause_us"], num(st["last_dirty_pages"]),
 		num(st["last_checkpoint_bytes"]))
-	fmt.Printf("replicated:  %s bytes in %s checkpoints (%s full)\n", num(st["bytes_replicated"]), num(st["checkpoints"]),
-		num(st["full_checkpoints"]))
+	fmt.Printf("replicated:  %s bytes in %s checkpoints (%s full), %s pages as deltas\n", num(st["bytes_replicated"]),
+		num(st["checkpoints"]), num(st["full_checkpoints"]), num(st["delta_pages"]))
 	fmt.Printf("output:      %s bytes held, %s released, %s stalls\n", num(st["held_output_bytes"]),
 		num(st["released_output_bytes"]), num(st["stalls"]))
 }

@@ -30,7 +30,9 @@ import (
 )
 
 // Version is the protocol version this build speaks, carried in Hello.
-const Version = 1
+// Version 2: incremental checkpoints may carry pages as deltas against the
+// backup's copies (snapshot format version 3).
+const Version = 2
 
 // Limits on strings, enforced by Validate and Unmarshal.
 const (

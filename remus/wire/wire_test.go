@@ -222,8 +222,8 @@ func TestDecodeErrors(t *testing.T) {
 	cat := func(parts ...[]byte) []byte { return bytes.Join(parts, nil) }
 	v := func(x uint64) []byte { return appendUvarintT(x) }
 	str := func(s string) []byte { return appendString(nil, s) }
-	helloV2 := Marshal(hello())
-	helloV2[0] = 2
+	helloNext := Marshal(hello())
+	helloNext[0] = Version + 1
 	for _, tc := range []struct {
 		name string
 		typ  Type
@@ -242,7 +242,7 @@ func TestDecodeErrors(t *testing.T) {
 		{"short crc", TypeCheckpointEnd, cat(v(1), v(2), []byte{0, 0}), "wire: CheckpointEnd.SnapshotCRC at byte 2: truncated: needs 4 bytes, 2 left"},
 		{"reason utf8", TypeReject, cat(v(2), []byte{0xc3, 0x28}), "wire: Reject.Reason at byte 1: not valid UTF-8"},
 		{"reason limit", TypeNeedFull, cat(v(7), v(MaxReason+1)), "wire: NeedFull.Reason at byte 1: 65537 bytes, limit 65536"},
-		{"hello version", TypeHello, helloV2, "wire: Hello.Version at byte 0: protocol version 2, this build speaks 1"},
+		{"hello version", TypeHello, helloNext, "wire: Hello.Version at byte 0: protocol version 3, this build speaks 2"},
 		{"hello short", TypeHello, []byte{1, 0}, "wire: Hello.Version at byte 0: truncated: needs 4 bytes, 2 left"},
 		{"path NUL", TypeDiskOps, cat(v(1), v(1), []byte{7}, v(0), str("a\x00b"), v(0), v(0), v(0), v(0), v(0), v(0)), "wire: DiskOps.Ops[0].Path at byte 5: a path with a NUL byte"},
 		{"path limit", TypeDiskFile, cat(v(1), v(0), v(MaxPath+1)), "wire: DiskFile.Path at byte 2: 4097 bytes, limit 4096"},
@@ -252,8 +252,8 @@ func TestDecodeErrors(t *testing.T) {
 		{"file kind", TypeDiskFile, cat(v(1), v(0), str("f"), []byte{4}, v(0), v(0), v(0), v(0)), "wire: DiskFile.Kind at byte 4: unknown file kind 4"},
 		{"dir data", TypeDiskFile, cat(v(1), v(0), str("d"), []byte{FileDir}, v(0), v(0), str("x"), v(0)), "wire: DiskFile.Data at byte 7: only a regular file carries data"},
 		{"symlink target", TypeDiskFile, cat(v(1), v(0), str("l"), []byte{FileSymlink}, v(0), v(0), v(0), v(0)), "wire: DiskFile.Target at byte 8: a symlink needs a target"},
-		{"preopen", TypeHello, cat(Marshal(&Hello{Version: 1})[:len(Marshal(&Hello{Version: 1}))-1], v(2), str("/a"), str("\xff")), "wire: Hello.Preopens[1] at byte 46: not valid UTF-8"},
-		{"listen addr", TypeHello, cat(Marshal(&Hello{Version: 1})[:len(Marshal(&Hello{Version: 1}))-2], v(1), v(3), str("\x80"), v(0)), "wire: Hello.Listen[0].Addr at byte 43: not valid UTF-8"},
+		{"preopen", TypeHello, cat(Marshal(&Hello{Version: Version})[:len(Marshal(&Hello{Version: Version}))-1], v(2), str("/a"), str("\xff")), "wire: Hello.Preopens[1] at byte 46: not valid UTF-8"},
+		{"listen addr", TypeHello, cat(Marshal(&Hello{Version: Version})[:len(Marshal(&Hello{Version: Version}))-2], v(1), v(3), str("\x80"), v(0)), "wire: Hello.Listen[0].Addr at byte 43: not valid UTF-8"},
 	} {
 		m, err := Unmarshal(tc.typ, tc.b)
 		var e *Error
@@ -261,7 +261,7 @@ func TestDecodeErrors(t *testing.T) {
 			t.Errorf("%s: %v, %v\nwant %s", tc.name, m, err, tc.want)
 		}
 	}
-	_, err := Unmarshal(TypeHello, helloV2)
+	_, err := Unmarshal(TypeHello, helloNext)
 	if !errors.Is(err, ErrVersion) {
 		t.Errorf("another version's Hello: %v does not match ErrVersion", err)
 	}
@@ -299,9 +299,9 @@ func TestValidate(t *testing.T) {
 		m    Message
 		want string
 	}{
-		{&Hello{Version: 2}, "wire: Hello.Version: protocol version 2, this build speaks 1"},
-		{&Hello{Version: 1, Host: "\xff"}, "wire: Hello.Host: not valid UTF-8"},
-		{&Hello{Version: 1, Preopens: []string{"/ok", "/a\x00"}}, "wire: Hello.Preopens[1]: a path with a NUL byte"},
+		{&Hello{Version: Version + 1}, "wire: Hello.Version: protocol version 3, this build speaks 2"},
+		{&Hello{Version: Version, Host: "\xff"}, "wire: Hello.Host: not valid UTF-8"},
+		{&Hello{Version: Version, Preopens: []string{"/ok", "/a\x00"}}, "wire: Hello.Preopens[1]: a path with a NUL byte"},
 		{&DiskOps{Ops: []FsOp{{}, {Path2: long}}}, "wire: DiskOps.Ops[1].Path2: 4097 bytes, limit 4096"},
 		{&DiskFile{Kind: FileDir, Offset: 5}, "wire: DiskFile.Offset: only a regular file has an offset"},
 		{&DiskFile{Kind: FileRegular, Target: "x"}, "wire: DiskFile.Target: only a symlink has a target"},
@@ -330,7 +330,7 @@ func TestLiesDoNotAllocate(t *testing.T) {
 	lies := map[Type][]byte{
 		TypeDiskOps:        {1, 0xff, 0xff, 0xff, 0xff, 0x0f, 0, 0, 0},
 		TypeCheckpointData: {1, 0, 0xff, 0xff, 0xff, 0xff, 0x0f, 0, 0},
-		TypeHello:          append(Marshal(&Hello{Version: 1})[:40], 0xff, 0xff, 0xff, 0x7f, 0),
+		TypeHello:          append(Marshal(&Hello{Version: Version})[:40], 0xff, 0xff, 0xff, 0x7f, 0),
 	}
 	for typ, b := range lies {
 		// The counter is the whole process's: the least of a few tries
