@@ -293,8 +293,8 @@ type slot struct {
 	staged map[uint64]*staged
 	hello  *wire.Hello // of the session that committed last
 	// applying are the commits whose copies into img may be pending, in
-	// order, each closed when its copy is done (loop only).
-	applying []chan struct{}
+	// order, each done closed when its copy is done (loop only).
+	applying []applyingCopy
 	// heard maps a session to when its receiver read messages since the
 	// loop last looked (heardLog, heardSince).
 	heardMu  sync.Mutex
@@ -814,12 +814,17 @@ func (s *slot) do(ctx context.Context, rd engine.BackupReady) bool {
 	// its copy queued behind (a C guest's exit waited 15 ms for the copy
 	// of the growth before it); a full one replaces the memory, so it
 	// waits for the copies, and so does a failover (waitApply). At most
-	// maxApplying copies wait, each holding its checkpoint's pages.
+	// maxApplying copies wait, each holding its checkpoint's pages. Pages
+	// sent as deltas are resolved against those pages where they hold
+	// the page (baseOf), so they need not wait either, except behind a
+	// full checkpoint's copy.
 	for _, seq := range rd.Commit {
 		s.pruneApplied()
 		// A checkpoint with pages sent as deltas is resolved against
-		// the image, so the copies before it must be in.
-		if st := s.staged[seq]; st == nil || st.full || len(s.applying) >= maxApplying || st.snap.HasDeltas() {
+		// the checkpoints before it (baseOf), which cannot be done while
+		// a full one is still being copied.
+		st := s.staged[seq]
+		if st == nil || st.full || len(s.applying) >= maxApplying || st.snap.HasDeltas() && s.fullApplying() {
 			s.waitApply()
 		}
 		f, err := s.commit(seq)
@@ -833,10 +838,10 @@ func (s *slot) do(ctx context.Context, rd engine.BackupReady) bool {
 		}
 		var prev chan struct{}
 		if n := len(s.applying); n > 0 {
-			prev = s.applying[n-1]
+			prev = s.applying[n-1].done
 		}
 		done := make(chan struct{})
-		s.applying = append(s.applying, done)
+		s.applying = append(s.applying, applyingCopy{done: done, snap: st.snap})
 		s.b.wg.Add(1)
 		go func() {
 			defer s.b.wg.Done()
@@ -909,17 +914,11 @@ func (s *slot) commit(seq uint64) (finish func(), err error) {
 		return nil, fmt.Errorf("checkpoint %d is not staged", seq)
 	}
 	if st.snap.HasDeltas() {
-		// Pages the primary sent as deltas against what it sent before
-		// (the image holds every checkpoint before this one). A page
-		// that does not resolve to its checksum means the image is not
-		// what the primary thinks: the session is dropped and resyncs.
-		mem := s.img.Memory
-		if err := st.snap.Resolve(func(idx uint32) []byte {
-			if off := uint64(idx) * snapshot.PageSize; off+snapshot.PageSize <= uint64(len(mem)) {
-				return mem[off : off+snapshot.PageSize]
-			}
-			return nil
-		}); err != nil {
+		// Pages the primary sent as deltas against what it sent before.
+		// A page that does not resolve to its checksum means this copy
+		// is not what the primary thinks: the session is dropped and
+		// resyncs.
+		if err := st.snap.Resolve(s.baseOf); err != nil {
 			return nil, err
 		}
 		// The encoding as it arrived needs this image to be read: the
@@ -959,13 +958,50 @@ func (s *slot) commit(seq uint64) (finish func(), err error) {
 // may be pending at once (do).
 const maxApplying = 4
 
+// applyingCopy is a committed checkpoint whose copy into the image may be
+// pending: done is closed once it is in.
+type applyingCopy struct {
+	done chan struct{}
+	snap *snapshot.Snapshot
+}
+
+// baseOf is the backup's copy of page idx as of the last commit: in the
+// newest checkpoint still being copied that holds the page, or else in the
+// image (where no pending copy writes it). Deltas are resolved against it.
+// Not while a full checkpoint's copy is pending: that one rewrites the
+// whole memory.
+func (s *slot) baseOf(idx uint32) []byte {
+	for i := len(s.applying) - 1; i >= 0; i-- {
+		if d := snapshot.PageData(s.applying[i].snap.Pages, idx); d != nil {
+			return d
+		}
+	}
+	mem := s.img.Memory
+	if off := uint64(idx) * snapshot.PageSize; off+snapshot.PageSize <= uint64(len(mem)) {
+		return mem[off : off+snapshot.PageSize]
+	}
+	return nil
+}
+
+// fullApplying reports whether a full checkpoint's copy may be pending.
+func (s *slot) fullApplying() bool {
+	for _, a := range s.applying {
+		if a.snap.Kind == snapshot.Full {
+			return true
+		}
+	}
+	return false
+}
+
 // pruneApplied forgets the copies that are done.
 func (s *slot) pruneApplied() {
 	n := 0
-	for n < len(s.applying) && isClosed(s.applying[n]) {
+	for n < len(s.applying) && isClosed(s.applying[n].done) {
 		n++
 	}
-	s.applying = append(s.applying[:0], s.applying[n:]...)
+	m := copy(s.applying, s.applying[n:])
+	clear(s.applying[m:])
+	s.applying = s.applying[:m]
 }
 
 func isClosed(c chan struct{}) bool {
@@ -986,7 +1022,7 @@ func (s *slot) waitApply() {
 	if n == 0 {
 		return
 	}
-	last := s.applying[n-1] // closed after all the others
+	last := s.applying[n-1].done // closed after all the others
 	select {
 	case <-last:
 	default:

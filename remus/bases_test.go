@@ -9,8 +9,9 @@ import (
 
 // TestPageBases: a page sent before goes next time as a delta against the
 // copy last sent (not against the data of the checkpoint being encoded, nor
-// an older copy); pages unsent for baseAge checkpoints are forgotten; and a
-// large checkpoint (a heap's growth) adds no copies.
+// an older copy); pages unsent for baseAge checkpoints are forgotten; a full
+// checkpoint forgets them all; and a large checkpoint (a heap's growth)
+// adds no copies.
 func TestPageBases(t *testing.T) {
 	page := func(v byte) []byte { return bytes.Repeat([]byte{v}, snapshot.PageSize) }
 	pages := func(v byte, idx ...uint32) []snapshot.Page {
@@ -50,6 +51,12 @@ func TestPageBases(t *testing.T) {
 	if _, ok := b.pages[3]; !ok {
 		t.Error("a page sent every checkpoint was dropped")
 	}
+	// A full checkpoint makes the backup's memory anew: no copy is its.
+	b.reset()
+	if n := b.attach(pages(9, 3, 4)); n != 0 {
+		t.Errorf("%d deltas right after a full checkpoint", n)
+	}
+	b.keep(200, pages(9, 3))
 	// A growth: no copies added.
 	var growth []snapshot.Page
 	for i := uint32(100); i < 100+maxNewBases+1; i++ {

@@ -34,6 +34,8 @@ func (p *Primary) MetricsHandler() http.Handler {
 	c("full_checkpoints_total", "Full checkpoints taken (one per backup session).",
 		func(s PrimaryStatus) float64 { return float64(s.FullCheckpoints) })
 	c("replicated_bytes_total", "Bytes sent to backups.", func(s PrimaryStatus) float64 { return float64(s.BytesSent) })
+	c("delta_pages_total", "Pages sent as deltas against the backup's copies.",
+		func(s PrimaryStatus) float64 { return float64(s.DeltaPages) })
 	c("released_output_bytes_total", "Output released after acknowledgement.",
 		func(s PrimaryStatus) float64 { return float64(s.ReleasedBytes) })
 	c("stalls_total", "Times the guest was stopped because held output exceeded the limit.",

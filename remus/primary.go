@@ -846,7 +846,13 @@ func (s *session) stream(p *Primary, cp *checkpoint, buf *bytes.Buffer) error {
 		return err
 	}
 	deltas := 0
-	if !cp.full && !s.uncompressed {
+	switch {
+	case cp.full:
+		// The backup's memory becomes this checkpoint's (a session asks
+		// for one again after it refused an incremental): the copies
+		// kept may be of pages it never got, or has zero now.
+		s.bases.reset()
+	case !s.uncompressed:
 		deltas = s.bases.attach(snap.Pages)
 	}
 	buf.Reset()
@@ -1029,6 +1035,14 @@ const (
 	maxBases    = 4096
 	maxNewBases = 512
 )
+
+// reset forgets every copy.
+func (b *pageBases) reset() {
+	for idx, pb := range b.pages {
+		delete(b.pages, idx)
+		b.free = append(b.free, pb)
+	}
+}
 
 // attach sets the base of every page it has a copy of, and says how many.
 func (b *pageBases) attach(pages []snapshot.Page) int {

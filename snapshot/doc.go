@@ -8,8 +8,9 @@
 // (parent ID, sequence number, module) before it touches the image. The
 // same encoding carries checkpoints between hosts: a primary stages its
 // dirty pages (Stager) while the guest is paused and encodes the copy
-// after resuming it; the receiver Decodes, which verifies every byte, and
-// only then Applies.
+// after resuming it; the receiver Decodes, which verifies every byte
+// (pages sent as deltas: once Resolved against its own copies), and only
+// then Applies.
 //
 // # Layout (versions 1 to 3, little-endian)
 //
@@ -40,7 +41,8 @@
 //	memory   u32 count | count × u32 page index | count × u32 crc32c(page),
 //	         then, outside the frame, zero padding to a multiple of 4096
 //	         bytes and the whole memory, page i at i × 4096, unlisted pages
-//	         zero (holes in a file): version 2, full snapshots only
+//	         zero (holes in a file): version 2 and later, full
+//	         snapshots only
 //	end      u32 sections before it | u32 zero | u64 its own offset | [32] ID
 //
 // The memory section (Options.Mappable) exists so that a restore can map
@@ -70,13 +72,18 @@
 // A snapshot's ID is SHA-256 over a salt, the payloads of the header,
 // meta, globals, stack and devices sections (each with its type and
 // length), and for each page its index and the CRC-32C of its
-// decompressed data. It therefore names the content, not the encoding:
+// decompressed data (of a delta page: of the page once resolved, as its
+// section lists it). It therefore names the content, not the encoding:
 // batch size, worker count or codec choices do not change it, nor does
 // the module copy (not state), and re-encoding a decoded snapshot keeps
 // its children valid. The random
 // nonce in the header makes two snapshots of identical states distinct.
 // Decode recomputes the ID from what it decompressed and compares it with
-// the trailer's, which checks the decompressor's output end to end.
+// the trailer's, which checks the decompressor's output end to end; for a
+// delta page it checks the listed checksum, and Resolve checks the
+// resolved page against it (CRC-32C: a base that differs in up to 32
+// consecutive bits is always caught, any other difference all but
+// always, with probability 1 - 2^-32).
 // Hashing page CRCs instead of page bytes keeps SHA-256 (about 200 MB/s
 // without SHA instructions) off the page data's path.
 //
