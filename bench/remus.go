@@ -1314,7 +1314,7 @@ func remusCompression(ctx context.Context, r *remusEnv, b *strings.Builder) erro
 	if len(r.comp) == 0 {
 		return errors.New("no measurement to report (see (b) and (d))")
 	}
-	b.WriteString("Pages travel S2-compressed by default; `ftvm run --protect ... --uncompressed` sends them raw. Rows from " +
+	b.WriteString("Pages travel S2-compressed by default, and a page sent in one of the last checkpoints goes as a delta against that copy (S2 of the XOR, snapshot format version 3); `ftvm run --protect ... --uncompressed` sends them raw and whole. Rows from " +
 		"the runs of (b) (KV guest under the throughput load, fixed policy at 25 ms, same starts and rounds) and of (d) " +
 		"(dirtier, N = 1000). **Bytes/checkpoint** = the change of the primary's `bytes_replicated` (checkpoint framing " +
 		"included) ÷ checkpoints taken over the run. The dirtier writes one random byte per page into otherwise " +
@@ -1329,14 +1329,14 @@ func remusCompression(ctx context.Context, r *remusEnv, b *strings.Builder) erro
 		}
 	}
 	for _, c := range r.comp {
-		how := "S2 (default)"
+		how := "S2 and deltas (default)"
 		if c.raw {
 			how = "`--uncompressed`"
 		}
 		fmt.Fprintf(b, "| %s | %s | %s | %s | %.0f | %s/s | %s | %s | %s |\n", c.workload, how, fmtBytes(c.bytes),
 			fmtRatio(c.bytes, base[c.workload]), c.cps, fmtBytes(c.bytes*c.cps), fmtNum(c.pages), fmtNsDur(c.pause), c.tput)
 		if c.raw && strings.HasPrefix(c.workload, "KV") {
-			r.summarize("Remus, bytes per checkpoint (KV guest under load, fixed 25 ms): %s compressed vs %s with --uncompressed (S2 sends %s fewer bytes).",
+			r.summarize("Remus, bytes per checkpoint (KV guest under load, fixed 25 ms): %s compressed vs %s with --uncompressed (S2 and deltas send %s fewer bytes).",
 				fmtBytes(base[c.workload]), fmtBytes(c.bytes), fmtRatio(c.bytes, base[c.workload]))
 		}
 	}

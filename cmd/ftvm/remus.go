@@ -45,7 +45,7 @@ func (f *replFlags) register(fs *pflag.FlagSet, primary bool) {
 		fs.IntVar(&f.maxFlight, "max-inflight", 4, "checkpoints streamed but not yet acknowledged before epochs stretch (back-pressure)")
 		fs.StringVar(&f.serverName, "tls-server-name", "", "the backup's name in its certificate (default: the host of --protect)")
 		fs.StringVar(&f.holdLimit, "hold-limit", "64MiB", "output held for acknowledgement beyond which the guest is stopped until acks release it (back-pressure)")
-		fs.BoolVar(&f.raw, "uncompressed", false, "send checkpoint pages uncompressed (fast links; measuring compression)")
+		fs.BoolVar(&f.raw, "uncompressed", false, "send checkpoint pages uncompressed and whole, not as deltas (fast links; measuring compression)")
 	}
 	fs.DurationVar(&f.timeout, "timeout", 500*time.Millisecond, "silence after which the peer is declared failed (same on both sides)")
 	fs.DurationVar(&f.heartbeat, "heartbeat", 0, "heartbeat interval (default --timeout/5)")
