@@ -78,6 +78,41 @@ func (f *fakePrimary) checkpoint(seq uint64, full bool, raw []byte, mangle func(
 	f.send(end)
 }
 
+// ack waits for the acknowledgement of checkpoint seq.
+func (f *fakePrimary) ack(seq uint64) {
+	f.t.Helper()
+	for {
+		switch m := f.next().(type) {
+		case *wire.Ack:
+			if m.Seq == seq {
+				return
+			}
+		default:
+			f.t.Fatalf("waiting for the ack of %d: got %v", seq, m)
+		}
+	}
+}
+
+// fakeModule is a module a backup accepts but cannot run, and its hash.
+func fakeModule() ([]byte, snapshot.Hash) {
+	m := []byte("\x00asm\x01\x00\x00\x00")
+	return m, snapshot.ModuleHash(m)
+}
+
+// onePage is a page of byte v.
+func onePage(v byte) []byte { return bytes.Repeat([]byte{v}, snapshot.PageSize) }
+
+// slotImage is the memory image of b's slot (the tests have one).
+func slotImage(b *Backup) *snapshot.Image {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	var img *snapshot.Image
+	for _, s := range b.slots {
+		img = s.img
+	}
+	return img
+}
+
 // serveBackup runs a backup on a loopback port with the given timeout
 // until the test ends.
 func serveBackup(t *testing.T, timeout time.Duration) *Backup {
@@ -91,6 +126,16 @@ func serveBackup(t *testing.T, timeout time.Duration) *Backup {
 	done := make(chan struct{})
 	go func() { b.Serve(ctx); close(done) }()
 	t.Cleanup(func() { cancel(); <-done })
+	return b
+}
+
+// serveSlowBackup is serveBackup with every copy of a checkpoint into the
+// image slowed down by delay.
+func serveSlowBackup(t *testing.T, timeout, delay time.Duration) *Backup {
+	t.Helper()
+	b := serveBackup(t, timeout)
+	testApplyDelay = delay
+	t.Cleanup(func() { testApplyDelay = 0 })
 	return b
 }
 
@@ -400,13 +445,9 @@ func threadNice(t *testing.T, tid int) int {
 // resync); it replaces the memory they write, so its commit, and its ack,
 // wait for them, and the image ends up as the full checkpoint says.
 func TestBackupFullCheckpointWaitsForCopies(t *testing.T) {
-	const timeout = 2 * time.Second
-	b := serveBackup(t, timeout)
-	testApplyDelay = 300 * time.Millisecond
-	defer func() { testApplyDelay = 0 }()
-	module := []byte("\x00asm\x01\x00\x00\x00")
-	hash := snapshot.ModuleHash(module)
-	page := func(v byte) []byte { return bytes.Repeat([]byte{v}, snapshot.PageSize) }
+	b := serveSlowBackup(t, 2*time.Second, 300*time.Millisecond)
+	module, hash := fakeModule()
+	page := onePage
 	full := &snapshot.Snapshot{Kind: snapshot.Full, Module: hash, Seq: 1, MemorySize: 65536,
 		Pages: []snapshot.Page{{Index: 0, Data: page(7)}}, Devices: []byte("{}"), ModuleCode: module, ModuleName: "fake"}
 	fullRaw := encodeSnap(t, full)
@@ -416,29 +457,15 @@ func TestBackupFullCheckpointWaitsForCopies(t *testing.T) {
 		Pages: []snapshot.Page{{Index: 0, Data: page(11)}}, Devices: []byte("{}"), ModuleCode: module, ModuleName: "fake"}
 	f := dialBackup(t, b.Addr().String(), hash)
 	applied := func() int { return int(b.Status().Slots[0].Checkpoints) }
-	ack := func(seq uint64) {
-		t.Helper()
-		for {
-			switch m := f.next().(type) {
-			case *wire.Ack:
-				if m.Seq == seq {
-					return
-				}
-			case *wire.Heartbeat:
-			default:
-				t.Fatalf("waiting for the ack of %d: got %v", seq, m)
-			}
-		}
-	}
 	f.checkpoint(1, true, fullRaw, nil)
-	ack(1)
+	f.ack(1)
 	f.checkpoint(2, false, encodeSnap(t, inc), nil)
-	ack(2)
+	f.ack(2)
 	if n := applied(); n >= 2 {
 		t.Fatalf("the ack of 2 came after %d copies of %v: it should not wait for them", n, testApplyDelay)
 	}
 	f.checkpoint(3, true, encodeSnap(t, full3), nil)
-	ack(3)
+	f.ack(3)
 	if n := applied(); n < 2 {
 		t.Errorf("the full checkpoint 3 was acknowledged with %d of the 2 copies before it done", n)
 	}
@@ -449,12 +476,7 @@ func TestBackupFullCheckpointWaitsForCopies(t *testing.T) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	b.mu.Lock()
-	var img *snapshot.Image
-	for _, s := range b.slots {
-		img = s.img
-	}
-	b.mu.Unlock()
+	img := slotImage(b)
 	if img.Seq != 3 || !bytes.Equal(img.Memory[:snapshot.PageSize], page(11)) || !bytes.Equal(img.Memory[snapshot.PageSize:2*snapshot.PageSize], page(0)) {
 		t.Errorf("after full checkpoint 3 the image is at seq %d with pages 0 and 1 starting %d and %d, want 3 with 11 and 0",
 			img.Seq, img.Memory[0], img.Memory[snapshot.PageSize])
@@ -468,13 +490,9 @@ func TestBackupFullCheckpointWaitsForCopies(t *testing.T) {
 // ends as the primary's memory; the disk gets them resolved; and a delta
 // against a copy the backup does not hold is never acknowledged.
 func TestBackupResolvesDeltas(t *testing.T) {
-	const timeout = 2 * time.Second
-	b := serveBackup(t, timeout)
-	testApplyDelay = 150 * time.Millisecond
-	defer func() { testApplyDelay = 0 }()
-	module := []byte("\x00asm\x01\x00\x00\x00")
-	hash := snapshot.ModuleHash(module)
-	page := func(v byte) []byte { return bytes.Repeat([]byte{v}, snapshot.PageSize) }
+	b := serveSlowBackup(t, 2*time.Second, 150*time.Millisecond)
+	module, hash := fakeModule()
+	page := onePage
 	edit := func(p []byte, at int, v byte) []byte { p = bytes.Clone(p); p[at] = v; return p }
 	full := &snapshot.Snapshot{Kind: snapshot.Full, Module: hash, Seq: 1, MemorySize: 65536,
 		Pages: []snapshot.Page{{Index: 0, Data: page(7)}, {Index: 1, Data: page(3)}}, Devices: []byte("{}"), ModuleCode: module, ModuleName: "fake"}
@@ -497,25 +515,12 @@ func TestBackupResolvesDeltas(t *testing.T) {
 	raw4 := encodeSnap(t, inc4)
 
 	f := dialBackup(t, b.Addr().String(), hash)
-	ack := func(seq uint64) {
-		t.Helper()
-		for {
-			switch m := f.next().(type) {
-			case *wire.Ack:
-				if m.Seq == seq {
-					return
-				}
-			default:
-				t.Fatalf("waiting for the ack of %d: got %v", seq, m)
-			}
-		}
-	}
 	f.checkpoint(1, true, fullRaw, nil)
-	ack(1)
+	f.ack(1)
 	f.checkpoint(2, false, raw2, nil)
-	ack(2)
+	f.ack(2)
 	f.checkpoint(3, false, raw3, nil)
-	ack(3)
+	f.ack(3)
 	st := func() SlotStatus { return b.Status().Slots[0] }
 	if n := st().Checkpoints; n >= 3 {
 		t.Errorf("the ack of 3 waited for the copies of the checkpoints before it (%d done)", n)
@@ -526,12 +531,7 @@ func TestBackupResolvesDeltas(t *testing.T) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	b.mu.Lock()
-	var img *snapshot.Image
-	for _, s := range b.slots {
-		img = s.img
-	}
-	b.mu.Unlock()
+	img := slotImage(b)
 	for i, want := range [][]byte{p0v3, page(3), edit(page(5), 0, 9)} {
 		if got := img.Memory[i*snapshot.PageSize : (i+1)*snapshot.PageSize]; !bytes.Equal(got, want) {
 			t.Errorf("page %d of the image is not the primary's", i)
