@@ -35,7 +35,7 @@ func fileRead(d *Devices, f *FD, iovs [][]byte) (uint32, Errno) {
 		// or a stop can end the wait.
 		for {
 			n, err := rwv(unix.SYS_READV, f.Host, iovs, 0)
-			if err == unix.EAGAIN && f.Flags&FdflagNonblock == 0 {
+			if err == unix.EAGAIN && blockingStream(f) {
 				if errno := d.waitFd(f.Host, unix.POLLIN, true); errno != ESUCCESS {
 					return 0, errno
 				}
@@ -73,11 +73,13 @@ func fileWrite(d *Devices, fd uint32, f *FD, iovs [][]byte) (uint32, Errno) {
 // stream) through the output gate. Without a gate the buffers go to the
 // kernel as they are, with no copy; a gate gets them gathered into one.
 func (d *Devices) writeFile(c Call, fd uint32, f *FD, iovs [][]byte, off int64) (uint32, Errno) {
-	stream := !seekable(f) && f.Flags&FdflagNonblock == 0
+	stream := blockingStream(f)
 	if f.perform == nil {
 		f.perform = func(data []byte) (uint32, Errno) {
-			if !seekable(f) && f.Flags&FdflagNonblock == 0 {
-				return d.writeStream(f, [][]byte{data})
+			if blockingStream(f) {
+				var one [1][]byte
+				one[0] = data
+				return d.writeStream(f, one[:])
 			}
 			return f.writeData(data)
 		}
@@ -101,6 +103,11 @@ func (d *Devices) writeFile(c Call, fd uint32, f *FD, iovs [][]byte, off int64) 
 	return d.output(Effect{Kind: EffectFs, Call: c, Fd: int32(fd), Op: FsWrite, Root: f.Root, Path: f.Path,
 		Offset: off, Size: int64(len(data)), Data: data}, f.perform)
 }
+
+// blockingStream reports whether f is a FIFO or device the guest uses for
+// blocking I/O: its host descriptor is non-blocking all the same, and the
+// device layer does the waiting.
+func blockingStream(f *FD) bool { return !seekable(f) && f.Flags&FdflagNonblock == 0 }
 
 // writeStream is a blocking guest's write to a FIFO or device, whose host
 // descriptor is non-blocking: if the room waited for is gone (another

@@ -50,11 +50,10 @@ type pollSub struct {
 // A wait that has had no effect yet (restartable) also gives up with
 // errRestart when the machine requests a pause.
 func (d *Devices) waitFd(host int, events int16, restartable bool) Errno {
-	fds := [2]unix.PollFd{{Fd: int32(host), Events: events}, {Fd: int32(d.wake), Events: unix.POLLIN}}
-	var zero unix.Timespec
-	if n, err := unix.Ppoll(fds[:1], &zero, nil); err == nil && n > 0 {
-		return readyErrno(fds[0].Revents)
+	if errno := readyNow(host, events); errno != EAGAIN {
+		return errno
 	}
+	fds := [2]unix.PollFd{{Fd: int32(host), Events: events}, {Fd: int32(d.wake), Events: unix.POLLIN}}
 	d.counters.PollWaits.Add(1)
 	if d.onIdle != nil {
 		d.onIdle()
