@@ -845,14 +845,14 @@ func (s *session) stream(p *Primary, cp *checkpoint, buf *bytes.Buffer) error {
 	if err := wire.Send(s.conn, &wire.CheckpointBegin{Seq: cp.seq, Full: cp.full}); err != nil {
 		return err
 	}
-	deltas := 0
-	switch {
-	case cp.full:
+	useDeltas, deltas := !cp.full && !s.uncompressed, 0
+	if cp.full {
 		// The backup's memory becomes this checkpoint's (a session asks
 		// for one again after it refused an incremental): the copies
 		// kept may be of pages it never got, or has zero now.
 		s.bases.reset()
-	case !s.uncompressed:
+	}
+	if useDeltas {
 		deltas = s.bases.attach(snap.Pages)
 	}
 	buf.Reset()
@@ -863,7 +863,7 @@ func (s *session) stream(p *Primary, cp *checkpoint, buf *bytes.Buffer) error {
 		}
 		return fmt.Errorf("encoding checkpoint %d: %w", cp.seq, err)
 	}
-	if !cp.full && !s.uncompressed {
+	if useDeltas {
 		// What the backup will hold once it has this checkpoint (a
 		// checkpoint that does not reach it ends the session, and the
 		// bases with it).

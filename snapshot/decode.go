@@ -243,10 +243,7 @@ func (d *decoder) frame() (frame, error) {
 		case f.codec.delta() && d.s.Kind != Incremental:
 			return f, d.fail(ErrCorrupt, "codec %s in a full snapshot: it has no base to be a delta against", f.codec)
 		}
-		head := uint64(pageRefSize)
-		if f.codec.delta() {
-			head += 4 // each page's checksum once resolved
-		}
+		head := f.codec.pageHead()
 		n := (uint64(f.raw) - 4) / (head + PageSize)
 		if f.raw < 4 || n == 0 || n > MaxBatchPages || uint64(f.raw) != 4+n*(head+PageSize) {
 			return f, d.fail(ErrCorrupt, "raw size %d is not that of 1..%d pages", f.raw, MaxBatchPages)
@@ -351,10 +348,7 @@ func pagesIn(f frame) int {
 	if f.typ != SecPages {
 		return 0
 	}
-	if f.codec.delta() {
-		return int((f.raw - 4) / (pageRefSize + 4 + PageSize))
-	}
-	return int((f.raw - 4) / (pageRefSize + PageSize))
+	return int((uint64(f.raw) - 4) / (f.codec.pageHead() + PageSize))
 }
 
 func (d *decoder) header(b []byte) error {

@@ -97,6 +97,15 @@ const (
 // delta reports whether the codec stores pages XORed with the receiver's.
 func (c Codec) delta() bool { return c == CodecDeltaNone || c == CodecDeltaS2 }
 
+// pageHead is the bytes a page section lists per page before the data:
+// its index, and with a delta codec its checksum once resolved.
+func (c Codec) pageHead() uint64 {
+	if c.delta() {
+		return pageRefSize + 4
+	}
+	return pageRefSize
+}
+
 // compressed reports whether the codec stores an S2 block.
 func (c Codec) compressed() bool { return c == CodecS2 || c == CodecDeltaS2 }
 
