@@ -1,8 +1,8 @@
 package dirty
 
 import (
+	"bytes"
 	"cmp"
-	"hash/maphash"
 	"slices"
 )
 
@@ -14,9 +14,12 @@ import (
 // own metadata — pays that for every one of them every epoch: a KV server
 // replicated at 400 checkpoints a second spent a fifth of its CPU in such
 // faults. So a page reported by promoteAfter Collects in a row is left
-// writable ("hot") and watched by content instead, as the hash fallback
-// does for everything: each Collect hashes it and reports it if the hash
-// changed. A hot page unchanged for coolAfter Collects is protected again.
+// writable ("hot") and watched by content instead: each Collect compares
+// it with a copy of it taken at the last one, and reports it if it
+// differs. A hot page unchanged for coolAfter Collects is protected again.
+// (A copy rather than a hash, as the hash fallback keeps: comparing 4 KiB
+// with its copy takes 0.35 µs here, hashing it 0.55 µs, and the answer is
+// exact; the copies of at most maxHot pages take 2 MiB.)
 // Pages written at random are not promoted: while pages are reported again
 // no more often than chance would have it, none is.
 //
@@ -28,7 +31,7 @@ import (
 const (
 	promoteAfter = 3
 	coolAfter    = 16
-	// maxHot bounds the hashing a Collect does (about 0.3 µs a page).
+	// maxHot bounds the comparing a Collect does (about 0.35 µs a page).
 	maxHot = 512
 	// maxProtectCalls bounds the ioctls a Collect spends walking the
 	// spans between hot pages, or protecting the pages it reported one
@@ -37,12 +40,12 @@ const (
 	maxProtectCalls = 16
 )
 
-// hotPage is a page left writable, with its contents' hash at the last
-// Collect and for how many Collects it has not changed.
+// hotPage is a page left writable, with a copy of its contents at the
+// last Collect and for how many Collects it has not changed.
 type hotPage struct {
 	idx  uint32
 	idle uint8
-	sum  uint64
+	last []byte // PageSize bytes
 }
 
 // streakPage is a page reported by the last Collect as written while
@@ -55,7 +58,6 @@ type streakPage struct {
 // hotState is the uffd tracker's bookkeeping for hot pages. Its slices are
 // reused from one Collect to the next.
 type hotState struct {
-	seed    maphash.Seed
 	hot     []hotPage // sorted by idx
 	next    []hotPage
 	streak  []streakPage // sorted by idx
@@ -118,7 +120,7 @@ func (h *hotState) classify(dst []uint32, limit uint64, page func(uint32) []byte
 			cold++
 			if n >= promoteAfter && room > 0 {
 				room--
-				h.next = append(h.next, hotPage{idx: p, sum: maphash.Bytes(h.seed, page(p))})
+				h.next = append(h.next, hotPage{idx: p, last: bytes.Clone(page(p))})
 				continue
 			}
 			h.protect = append(h.protect, p)
@@ -146,8 +148,8 @@ func (h *hotState) checkHot(dst []uint32, p hotPage, written bool, limit uint64,
 		h.next = append(h.next, p) // not in use now: keep watching it
 		return dst
 	}
-	sum := maphash.Bytes(h.seed, page(p.idx))
-	changed := sum != p.sum
+	now := page(p.idx)
+	changed := !bytes.Equal(now, p.last)
 	if p.idle >= coolAfter {
 		if changed || written {
 			dst = append(dst, p.idx)
@@ -159,7 +161,8 @@ func (h *hotState) checkHot(dst []uint32, p hotPage, written bool, limit uint64,
 	}
 	if changed {
 		dst = append(dst, p.idx)
-		p.sum, p.idle = sum, 0
+		copy(p.last, now)
+		p.idle = 0
 	} else {
 		p.idle++
 	}

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
-	"hash/maphash"
 	"os"
 	"runtime"
 	"slices"
@@ -277,7 +276,7 @@ func newUffd(region []byte, opts Options) (_ *uffdTracker, err error) {
 	}
 	t.armed = end
 	if opts.HotPages && sysPage == PageSize {
-		t.hot = &hotState{seed: maphash.MakeSeed()}
+		t.hot = &hotState{}
 	}
 	return t, nil
 }
