@@ -305,6 +305,8 @@ func launchRemus(t *testing.T, timeout string, protect func(repl string) string,
 	for {
 		if c, err := net.DialTimeout("tcp", r.kvAddr, time.Second); err == nil {
 			c.Close()
+			// The guest's listener is bound before the API serves.
+			waitSocket(t, r.primary, r.pSock)
 			return r
 		}
 		select {

@@ -315,7 +315,7 @@ func TestLoopPollsSnapshotMidComputation(t *testing.T) {
 				args = append(args, "--loop-polls")
 			}
 			p := startProc(t, ftvmBinary(t), append(args, wasm, scale)...)
-			waitSock(t, p, sock)
+			waitSocket(t, p, sock)
 			// Past its host calls: its first printf asks whether stdout is
 			// a terminal (fd_fdstat_get) after the first phase; from then
 			// on it only computes, its output buffered, until it exits.
@@ -353,24 +353,5 @@ func TestLoopPollsSnapshotMidComputation(t *testing.T) {
 				t.Fatalf("output differs from an uninterrupted run:\n%s", diffLines(ref.stdout, got))
 			}
 		})
-	}
-}
-
-// waitSock waits until the API socket of a started VM exists.
-func waitSock(t *testing.T, p *proc, sock string) {
-	t.Helper()
-	deadline := time.Now().Add(2 * time.Minute)
-	for {
-		if _, err := os.Stat(sock); err == nil {
-			return
-		}
-		select {
-		case <-p.done:
-			t.Fatalf("ftvm exited early: %s", p.out.String())
-		case <-time.After(10 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("no API socket")
-		}
 	}
 }

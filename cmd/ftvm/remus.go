@@ -109,7 +109,7 @@ func runProtected(ctx context.Context, p *remus.Primary, m *machine.Machine, mod
 		cancel()
 		<-done
 	}()
-	p.WaitSession(ctx)
+	f.beforeRun = func() { p.WaitSession(ctx) }
 	f.afterRun = func(code uint32, err error) {
 		// A guest that ended by itself (not a signal to ftvm) must not be
 		// resumed by the backup, and its last output must still leave.

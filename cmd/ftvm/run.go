@@ -37,6 +37,9 @@ type runFlags struct {
 	vmID    string
 	repl    replFlags
 	routes  []api.Route
+	// beforeRun runs once the API serves, before the guest starts: the
+	// API (status, snapshots) answers while a protected VM syncs.
+	beforeRun func()
 	// afterRun runs when the guest has ended, before the VM is closed.
 	afterRun func(code uint32, err error)
 }
@@ -222,6 +225,9 @@ func serveAndRun(ctx context.Context, m *machine.Machine, f runFlags, sig *caugh
 			return &exitError{code: exitUsage, err: err}
 		}
 		defer srv.Close()
+	}
+	if f.beforeRun != nil {
+		f.beforeRun()
 	}
 	code, err := m.Run(ctx)
 	if f.afterRun != nil {
