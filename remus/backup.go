@@ -657,8 +657,13 @@ func (s *slot) loop(ctx context.Context) {
 			continue
 		}
 		rd := s.eng.Ready()
-		failover := s.do(ctx, rd)
+		failover, failed := s.do(ctx, rd)
 		s.eng.Advance()
+		if failed != nil && !failover {
+			s.step(*failed) // its Ready (the session's end) at once
+			s.publish()
+			continue
+		}
 		s.publish()
 		if failover {
 			// Off the loop: the loop goes on answering (rejecting stale
@@ -795,15 +800,15 @@ func (s *slot) handle(ev any) {
 	}
 }
 
-// do carries out one Ready; it reports whether to fail over.
-func (s *slot) do(ctx context.Context, rd engine.BackupReady) bool {
+// do carries out one Ready; it reports whether to fail over, and a commit
+// that failed, to be stepped once the Ready is advanced.
+func (s *slot) do(ctx context.Context, rd engine.BackupReady) (failover bool, failed *engine.CommitFailed) {
 	for _, sc := range rd.StateChanges {
 		s.log.Info("slot state", "from", sc.From.String(), "to", sc.To.String(), "reason", sc.Reason)
 		s.mu.Lock()
 		s.status.Reason = sc.Reason
 		s.mu.Unlock()
 	}
-	failed := map[uint64]bool{}
 	// A checkpoint's pages are copied into the image on a goroutine of
 	// their own, while its ack goes out and the loop goes on: everything
 	// that can fail has been done first (snapshot.Prepare), and the copy,
@@ -819,6 +824,10 @@ func (s *slot) do(ctx context.Context, rd engine.BackupReady) bool {
 	// the page (baseOf), so they need not wait either, except behind a
 	// full checkpoint's copy.
 	for _, seq := range rd.Commit {
+		if failed != nil {
+			delete(s.staged, seq) // nothing after a failed one applies
+			continue
+		}
 		s.pruneApplied()
 		// A checkpoint with pages sent as deltas is resolved against
 		// the checkpoints before it (baseOf), which cannot be done while
@@ -830,7 +839,7 @@ func (s *slot) do(ctx context.Context, rd engine.BackupReady) bool {
 		f, err := s.commit(seq)
 		if err != nil {
 			s.log.Error("applying checkpoint failed: dropping the session", "seq", seq, "err", err)
-			failed[seq] = true
+			failed = &engine.CommitFailed{Now: s.b.now(), Session: s.eng.Session(), Seq: seq, Committed: s.img.Seq}
 			for _, c := range s.conns {
 				c.Close()
 			}
@@ -867,7 +876,7 @@ func (s *slot) do(ctx context.Context, rd engine.BackupReady) bool {
 		case engine.MsgReject:
 			msg = &wire.Reject{Reason: m.Reason}
 		case engine.MsgAck:
-			if failed[m.Seq] {
+			if failed != nil && m.Seq >= failed.Seq {
 				continue
 			}
 			msg = &wire.Ack{Seq: m.Seq}
@@ -898,7 +907,7 @@ func (s *slot) do(ctx context.Context, rd engine.BackupReady) bool {
 			delete(s.staged, seq)
 		}
 	}
-	return rd.Failover
+	return rd.Failover, failed
 }
 
 // commit applies staged checkpoint seq to the image (in memory, at once:

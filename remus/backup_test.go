@@ -546,4 +546,11 @@ func TestBackupResolvesDeltas(t *testing.T) {
 	if got := img.Memory[snapshot.PageSize : 2*snapshot.PageSize]; !bytes.Equal(got, page(3)) {
 		t.Error("the unresolvable checkpoint changed the image")
 	}
+	// The slot says what it holds: 3, no session, waiting for a primary.
+	for deadline := time.Now().Add(5 * time.Second); st().Committed != 3 || st().State != "waiting"; {
+		if time.Now().After(deadline) {
+			t.Fatalf("after the failed commit of 4 the slot reports committed %d, state %q; want 3, waiting", st().Committed, st().State)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }

@@ -98,7 +98,9 @@ type Message struct {
 // then nothing about it can fail any more and the copy ends before it
 // fails over or handles anything else.
 type BackupReady struct {
-	// Commit lists staged checkpoints to apply atomically, in order.
+	// Commit lists staged checkpoints to apply atomically, in order. If
+	// one cannot be applied, the driver applies none after it, withholds
+	// the acks from it on (Messages), and steps CommitFailed.
 	Commit []uint64
 	// Discard lists staged checkpoints refused: drop their data. When a
 	// session ends the driver drops its partial and staged data unasked.
@@ -197,6 +199,10 @@ func (b *Backup) Step(ev BackupEvent) error {
 		b.hello(e)
 	case Checkpoint:
 		b.checkpoint(e)
+	case CommitFailed:
+		if err := b.commitFailed(e); err != nil {
+			return err
+		}
 	case Heartbeat:
 		if b.live(e.Session) {
 			b.lastHeard = b.now
@@ -311,6 +317,29 @@ func (b *Backup) checkpoint(c Checkpoint) {
 		b.pend.Discard = append(b.pend.Discard, c.Seq)
 		b.send(Message{Kind: MsgNeedFull, Session: c.Session, Seq: c.Seq, Reason: why})
 	}
+}
+
+// commitFailed takes back the commits from e.Seq on: the copy holds
+// e.Committed. The session that sent them ends, so that nothing of it is
+// acknowledged again (the heartbeat repeats the last ack).
+func (b *Backup) commitFailed(e CommitFailed) error {
+	if b.state == FailedOver {
+		return nil // failover restored the copy as it was
+	}
+	if e.Committed >= e.Seq || e.Seq > b.committed || e.Committed > b.committed {
+		return fmt.Errorf("remus: commit of %d failed leaving %d, but %d was the last committed", e.Seq, e.Committed, b.committed)
+	}
+	b.committed = e.Committed
+	reason := fmt.Sprintf("checkpoint %d could not be applied", e.Seq)
+	if b.live(e.Session) {
+		b.pend.DropSession = append(b.pend.DropSession, Drop{e.Session, reason})
+		b.endSession(reason)
+		return nil
+	}
+	if b.committed == 0 && b.state == Waiting {
+		b.setState(Idle, reason+"; nothing committed")
+	}
+	return nil
 }
 
 // ack sends a cumulative ack, replacing one for the same session not yet

@@ -340,3 +340,54 @@ func TestBackupNilEvent(t *testing.T) {
 		t.Fatal("accessors")
 	}
 }
+
+// TestBackupCommitFailed: a checkpoint the driver could not apply is taken
+// back. The slot reports the one its copy holds, the session ends (no ack
+// of the failed one is repeated by the heartbeat), a failover resumes the
+// copy, and a new session starts over with a full checkpoint.
+func TestBackupCommitFailed(t *testing.T) {
+	h := following(t) // committed full 5 at 2ms
+	h.step(Checkpoint{3 * ms, 1, 6, false})
+	h.step(Checkpoint{4 * ms, 1, 7, false})
+	if h.b.Committed() != 7 {
+		t.Fatalf("committed %d", h.b.Committed())
+	}
+	// Impossible reports are refused and change nothing.
+	for _, bad := range []CommitFailed{{5 * ms, 1, 8, 5}, {5 * ms, 1, 6, 6}, {5 * ms, 1, 6, 9}} {
+		if err := h.b.Step(bad); err == nil || h.b.Committed() != 7 || h.b.State() != Following {
+			t.Fatalf("%+v: err %v, committed %d, %v", bad, err, h.b.Committed(), h.b.State())
+		}
+	}
+	rd := h.step(CommitFailed{5 * ms, 1, 6, 5}) // 6 failed, so 7 was not applied either
+	if h.b.Committed() != 5 || h.b.State() != Waiting || len(rd.DropSession) != 1 || rd.DropSession[0].Session != 1 {
+		t.Fatalf("after the failed commit: committed %d, %v, %+v", h.b.Committed(), h.b.State(), rd)
+	}
+	for now := 6 * ms; now < 100*ms; now += 10 * ms {
+		if rd := h.step(Tick{now}); len(msgs(rd, MsgAck)) != 0 || rd.Failover {
+			t.Fatalf("at %v: %+v", now, rd)
+		}
+	}
+	// The same primary comes back: it must send a full checkpoint.
+	h.hello(100*ms, 2, 3)
+	if rd := h.step(Checkpoint{101 * ms, 2, 8, false}); len(msgs(rd, MsgNeedFull)) != 1 || len(rd.Commit) != 0 {
+		t.Fatalf("incremental after the failed commit: %+v", rd)
+	}
+	if rd := h.step(Checkpoint{102 * ms, 2, 9, true}); !slices.Equal(rd.Commit, []uint64{9}) || h.b.Committed() != 9 {
+		t.Fatalf("full after the failed commit: %+v", rd)
+	}
+	// Without a primary, the failover resumes the copy as it is.
+	h = following(t)
+	h.step(Checkpoint{3 * ms, 1, 6, false})
+	h.step(CommitFailed{4 * ms, 1, 6, 5})
+	if rd := h.step(Tick{104 * ms}); !rd.Failover || h.b.Committed() != 5 {
+		t.Fatalf("failover: committed %d, %+v", h.b.Committed(), rd)
+	}
+	// A failed first full checkpoint leaves nothing to fail over to.
+	h = newBH(t)
+	h.hello(1*ms, 1, 1)
+	h.step(Checkpoint{2 * ms, 1, 1, true})
+	h.step(CommitFailed{3 * ms, 1, 1, 0})
+	if rd := h.step(Tick{200 * ms}); rd.Failover || h.b.State() != Idle || h.b.Committed() != 0 {
+		t.Fatalf("failed first commit: %v, committed %d, %+v", h.b.State(), h.b.Committed(), rd)
+	}
+}

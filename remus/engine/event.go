@@ -6,7 +6,7 @@ package engine
 type PrimaryEvent interface{ primaryAt() Time }
 
 // BackupEvent is an input of the Backup: Tick, Hello, Checkpoint,
-// Heartbeat or Disconnected.
+// CommitFailed, Heartbeat or Disconnected.
 type BackupEvent interface{ backupAt() Time }
 
 // Tick tells an engine the time; the driver sends one at each Wake.
@@ -113,9 +113,25 @@ func (e Ack) primaryAt() Time             { return e.Now }
 func (e NeedFull) primaryAt() Time        { return e.Now }
 func (e Hello) backupAt() Time            { return e.Now }
 func (e Checkpoint) backupAt() Time       { return e.Now }
+func (e CommitFailed) backupAt() Time     { return e.Now }
 
 // Drop asks the driver to close Session's connection, saying Reason.
 type Drop struct {
 	Session uint64
 	Reason  string
+}
+
+// CommitFailed reports that the driver could not apply checkpoint Seq of
+// Session, which a Ready listed in Commit (its pages did not resolve
+// against the backup's copy, or the image refused it), and so applied
+// none after it in that Ready either: its copy holds Committed, the last
+// one applied (0: none). The driver withheld the acks of Seq and of
+// every later one. The session ends, and its primary resynchronizes with
+// a full checkpoint in a new one; until then, a failover resumes
+// Committed.
+type CommitFailed struct {
+	Now       Time
+	Session   uint64
+	Seq       uint64
+	Committed uint64
 }

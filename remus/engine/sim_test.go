@@ -50,13 +50,14 @@ type simProfile struct {
 	primaryCrash  float64 // chance the primary crashes in the episode
 	backupCrashes float64 // per second
 	partitions    float64 // per second, 20-400ms each
+	commitFails   float64 // chance a commit cannot be applied (CommitFailed)
 }
 
 var simProfiles = []simProfile{
 	{name: "clean", fifo: true},
-	{name: "tcp", fifo: true, drops: 2, primaryCrash: 0.3, backupCrashes: 0.5, partitions: 0.3},
+	{name: "tcp", fifo: true, drops: 2, primaryCrash: 0.3, backupCrashes: 0.5, partitions: 0.3, commitFails: 0.005},
 	{name: "lossy", loss: 0.03, dup: 0.03, longDelay: 0.05},
-	{name: "chaos", loss: 0.05, dup: 0.05, longDelay: 0.1, drops: 3, primaryCrash: 0.4, backupCrashes: 1, partitions: 0.5},
+	{name: "chaos", loss: 0.05, dup: 0.05, longDelay: 0.1, drops: 3, primaryCrash: 0.4, backupCrashes: 1, partitions: 0.5, commitFails: 0.01},
 }
 
 type simStats struct {
@@ -67,6 +68,7 @@ type simStats struct {
 	unprotected, failoversDead            int
 	failoversAlive, fenced, backupCrashes int
 	primaryCrashes, idleResets            int
+	commitFails                           int
 	released, releasedUnprotected, outs   int
 	maxCleanLatency                       Time
 }
@@ -100,6 +102,7 @@ func (a *simStats) add(b *simStats) {
 	a.backupCrashes += b.backupCrashes
 	a.primaryCrashes += b.primaryCrashes
 	a.idleResets += b.idleResets
+	a.commitFails += b.commitFails
 	a.released += b.released
 	a.releasedUnprotected += b.releasedUnprotected
 	a.outs += b.outs
@@ -776,6 +779,9 @@ func (s *sim) deliverP2B(c *simConn, m p2b) {
 	if !c.bOpen {
 		return
 	}
+	// Heard: a message of the session followed before it (a checkpoint
+	// that then fails to apply ends the session) or after it (a hello).
+	followed := b.e.Session() == c.session
 	switch m.kind {
 	case p2bHello:
 		s.bstep(Hello{s.now, c.session, s.vm, 1})
@@ -786,7 +792,7 @@ func (s *sim) deliverP2B(c *simConn, m p2b) {
 	case p2bHeartbeat:
 		s.bstep(Heartbeat{s.now, c.session})
 	}
-	if s.b == b && !b.failedOver && b.e.Session() == c.session {
+	if s.b == b && !b.failedOver && (followed || b.e.Session() == c.session) {
 		b.heard = s.now
 	}
 }
@@ -838,11 +844,28 @@ func (s *sim) backupReady() {
 	if b.state != b.e.State() {
 		s.failf("backup %v, changes say %v", b.e.State(), b.state)
 	}
+	var failed *CommitFailed
 	for _, seq := range rd.Commit {
 		ck := b.staged
 		if ck == nil || ck.Seq != seq {
 			s.failf("commit %d, staged %+v", seq, ck)
 			return
+		}
+		if failed != nil || s.now < s.quiet && s.chance(s.prof.commitFails) {
+			// As the driver does when a checkpoint does not apply: the
+			// copy stays as it was, nothing after it applies, its acks
+			// are withheld, its connections close.
+			if failed == nil {
+				s.st.commitFails++
+				var held uint64
+				if b.has {
+					held = b.seq
+				}
+				failed = &CommitFailed{Now: s.now, Session: ck.Session, Seq: seq, Committed: held}
+				s.logf("B%d cannot apply %d", b.inc, seq)
+			}
+			b.staged = nil
+			continue
 		}
 		switch {
 		case ck.Full:
@@ -865,6 +888,9 @@ func (s *sim) backupReady() {
 		s.failf("checkpoint %d neither committed nor discarded", b.staged.Seq)
 	}
 	for _, m := range rd.Messages {
+		if failed != nil && m.Kind == MsgAck && m.Seq >= failed.Seq {
+			continue
+		}
 		s.logf("B%d -> %v %d/%d %s", b.inc, m.Kind, m.Session, m.Seq, m.Reason)
 		switch m.Kind {
 		case MsgAck:
@@ -925,6 +951,15 @@ func (s *sim) backupReady() {
 			}
 		})
 	}
+	if failed != nil && !rd.Failover {
+		if c := s.conns[failed.Session]; c != nil && c.bInc == b.inc {
+			s.backupClose(c)
+		}
+		s.bstep(*failed)
+		if got := b.e.Committed(); (got != 0) != b.has || b.has && got != b.seq {
+			s.failf("after the failed commit of %d the engine says %d is committed; the copy holds %v %d", failed.Seq, got, b.has, b.seq)
+		}
+	}
 }
 
 func TestSimulation(t *testing.T) {
@@ -980,8 +1015,11 @@ func TestSimulation(t *testing.T) {
 	t.Logf("%d seeds, %d episodes %v, %d steps in %v", total.seeds, total.episodes, total.profiles, total.steps, time.Since(start).Round(time.Millisecond))
 	t.Logf("checkpoints %d (full %d), need-full %d, primary drops %d, unprotected %d, fenced %d",
 		total.checkpoints, total.fulls, total.needFulls, total.drops, total.unprotected, total.fenced)
-	t.Logf("crashes: primary %d, backup %d; failovers: primary dead %d, alive %d %v; backup idle resets %d",
-		total.primaryCrashes, total.backupCrashes, total.failoversDead, total.failoversAlive, total.failoversAliveBy, total.idleResets)
+	t.Logf("crashes: primary %d, backup %d; failovers: primary dead %d, alive %d %v; backup idle resets %d; commits that failed %d",
+		total.primaryCrashes, total.backupCrashes, total.failoversDead, total.failoversAlive, total.failoversAliveBy, total.idleResets, total.commitFails)
+	if total.episodes >= 100 && total.commitFails == 0 {
+		t.Error("no commit failed: CommitFailed was not exercised")
+	}
 	t.Logf("outputs %d: released protected %d, unprotected %d; clean max latency %v",
 		total.outs, total.released, total.releasedUnprotected, total.maxCleanLatency)
 }
