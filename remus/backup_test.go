@@ -505,7 +505,7 @@ func TestBackupResolvesDeltas(t *testing.T) {
 		Pages: []snapshot.Page{{Index: 0, Data: p0v3, Base: p0v2}, {Index: 2, Data: edit(page(5), 0, 9), Base: page(5)}}, Devices: []byte("{}")}
 	raw3 := encodeSnap(t, inc3)
 	for _, sec := range inc3.Sections {
-		if sec.Type == snapshot.SecPages && sec.Codec != snapshot.CodecDeltaS2 {
+		if sec.Type == snapshot.SecPages && sec.Codec != snapshot.CodecDeltaSparse {
 			t.Fatalf("checkpoint 3's pages are stored %s, not as deltas", sec.Codec)
 		}
 	}

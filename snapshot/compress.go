@@ -54,6 +54,8 @@ func decompressBatch(c Codec, src, dst []byte) error {
 			return fmt.Errorf("s2 block decodes to %d bytes, want %d", len(out), len(dst))
 		}
 		return nil
+	case CodecDeltaSparse:
+		return decodeSparse(src, dst)
 	}
 	return fmt.Errorf("unknown codec %d", c)
 }

@@ -236,9 +236,9 @@ func (d *decoder) frame() (frame, error) {
 	// payload is read.
 	if f.typ == SecPages {
 		switch {
-		case f.codec > CodecDeltaS2:
+		case f.codec > CodecDeltaSparse:
 			return f, d.fail(ErrCorrupt, "unknown codec %d", uint16(f.codec))
-		case f.codec.delta() && d.version < versionDelta:
+		case f.codec.delta() && d.version < versionDelta, f.codec == CodecDeltaSparse && d.version < versionSparse:
 			return f, d.fail(ErrCorrupt, "codec %s in a version %d snapshot", f.codec, d.version)
 		case f.codec.delta() && d.s.Kind != Incremental:
 			return f, d.fail(ErrCorrupt, "codec %s in a full snapshot: it has no base to be a delta against", f.codec)

@@ -1,16 +1,23 @@
 package snapshot
 
-// Delta pages (codecs CodecDeltaNone and CodecDeltaS2). A Remus primary
-// writes mostly the same pages, a little changed, every checkpoint: a
-// server's heap, stack and buffers. Sent as the XOR with the copy the
-// backup already holds, such a page is mostly zeros, which S2 compresses
-// about three times faster and to about a third of the bytes (a KV server
-// under load: 191 µs and 22.8 KB of S2 output per checkpoint of 48 pages
-// whole, 59 µs and 6.9 KB as deltas), and the backup decompresses a third
-// as much. The snapshot's ID still names the pages' contents: the section
-// lists each page's checksum as resolved, Decode hashes those, and Resolve
-// checks every resolved page against its own, so a receiver whose copy
-// differs from the one the sender meant gets an error, never a wrong page.
+import "fmt"
+
+// Delta pages (codecs CodecDeltaNone, CodecDeltaS2, CodecDeltaSparse). A
+// Remus primary writes mostly the same pages, a little changed, every
+// checkpoint: a server's heap, stack and buffers. Sent as the XOR with the
+// copy the backup already holds, such a page is mostly zeros. S2 of it
+// took a third of the time and bytes of S2 of the page (a KV server under
+// load: 59 µs and 6.9 KB per checkpoint of 48 pages, against 191 µs and
+// 22.8 KB whole), but decoding it was still a quarter of the backup's CPU:
+// S2 writes a zero run as overlapping copies, a few bytes at a time. The
+// sparse codec stores only the words that differ, found a word at a time
+// without writing the XOR out, and decodes as a few copies: about a fifth
+// more bytes than S2 of the XOR, a fifth less CPU on the backup, and its
+// acknowledgements sooner. The snapshot's ID still names the pages'
+// contents: the section lists each page's checksum as resolved, Decode
+// hashes those, and Resolve checks every resolved page against its own, so
+// a receiver whose copy differs from the one the sender meant gets an
+// error, never a wrong page.
 
 // HasDeltas reports whether s holds pages still to Resolve.
 func (s *Snapshot) HasDeltas() bool {
@@ -41,6 +48,81 @@ func (s *Snapshot) Resolve(base func(index uint32) []byte) error {
 			return newError(ErrCorrupt, "page %d sent as a delta resolves to checksum %08x, not the %08x it was sent with: the receiver's copy of it is not the one the sender meant", p.Index, got, p.Sum)
 		}
 		p.Delta, p.Sum = false, 0
+	}
+	return nil
+}
+
+// maxSparseRuns bounds a page's runs in CodecDeltaSparse: a run is at
+// least a byte and the runs of a page do not touch, so a page has at most
+// PageSize/2 of them.
+const maxSparseRuns = PageSize / 2
+
+// appendSparse appends page XOR base in CodecDeltaSparse's form to out,
+// unless out would then pass limit bytes (ok is false). It works a word at
+// a time: a run is a maximal sequence of 8-byte words that differ.
+func appendSparse(out, page, base []byte, limit int) (_ []byte, ok bool) {
+	const words = PageSize / 8
+	page, base = page[:PageSize], base[:PageSize]
+	countAt := len(out)
+	out = append(out, 0, 0)
+	runs, end := 0, 0 // end: the byte after the last run
+	for w := 0; w < words; w++ {
+		if le.Uint64(page[8*w:]) == le.Uint64(base[8*w:]) {
+			continue
+		}
+		start := w
+		for w++; w < words && le.Uint64(page[8*w:]) != le.Uint64(base[8*w:]); w++ {
+		}
+		from, to := 8*start, 8*w
+		if len(out)+4+(to-from) > limit {
+			return out, false
+		}
+		out = le.AppendUint16(out, uint16(from-end))
+		out = le.AppendUint16(out, uint16(to-from))
+		for i := from; i < to; i += 8 {
+			out = le.AppendUint64(out, le.Uint64(page[i:])^le.Uint64(base[i:]))
+		}
+		runs++
+		end = to
+	}
+	le.PutUint16(out[countAt:], uint16(runs))
+	return out, len(out) <= limit
+}
+
+// decodeSparse fills dst (whole pages) from src in CodecDeltaSparse's form:
+// every byte of dst is written (zero outside the runs), and src must be
+// used up exactly.
+func decodeSparse(src, dst []byte) error {
+	for p := 0; p < len(dst); p += PageSize {
+		page := dst[p : p+PageSize]
+		if len(src) < 2 {
+			return fmt.Errorf("sparse page %d: truncated run count", p/PageSize)
+		}
+		runs := int(le.Uint16(src))
+		src = src[2:]
+		if runs > maxSparseRuns {
+			return fmt.Errorf("sparse page %d: %d runs, at most %d", p/PageSize, runs, maxSparseRuns)
+		}
+		at := 0
+		for r := 0; r < runs; r++ {
+			if len(src) < 4 {
+				return fmt.Errorf("sparse page %d: run %d truncated", p/PageSize, r)
+			}
+			gap, n := int(le.Uint16(src)), int(le.Uint16(src[2:]))
+			src = src[4:]
+			if n == 0 || at+gap+n > PageSize || len(src) < n {
+				return fmt.Errorf("sparse page %d: run %d (gap %d, %d bytes at byte %d) does not fit", p/PageSize, r, gap, n, at)
+			}
+			clear(page[at : at+gap])
+			at += gap
+			copy(page[at:at+n], src[:n])
+			at += n
+			src = src[n:]
+		}
+		clear(page[at:])
+	}
+	if len(src) != 0 {
+		return fmt.Errorf("sparse pages: %d bytes left over", len(src))
 	}
 	return nil
 }

@@ -3,6 +3,7 @@ package snapshot
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"math/rand/v2"
 	"strconv"
 	"strings"
@@ -55,8 +56,12 @@ func TestDeltaPages(t *testing.T) {
 	wholeSnap := *inc
 	wholeSnap.Pages = whole
 
-	for _, workers := range []int{1, 4} {
-		o := Options{BatchPages: 16, Workers: workers}
+	for _, c := range []struct {
+		workers int
+		s2      bool
+	}{{1, false}, {4, false}, {1, true}, {4, true}} {
+		workers := c.workers
+		o := Options{BatchPages: 16, Workers: workers, deltaS2: c.s2}
 		enc := encodeT(t, inc, o)
 		id := inc.ID
 		wholeSnap.Nonce = inc.Nonce
@@ -66,6 +71,15 @@ func TestDeltaPages(t *testing.T) {
 		}
 		if len(enc) >= len(plain)*2/3 {
 			t.Errorf("deltas take %d bytes, whole pages %d: expected far fewer", len(enc), len(plain))
+		}
+		wantCodec := CodecDeltaSparse
+		if c.s2 {
+			wantCodec = CodecDeltaS2
+		}
+		for _, sec := range inc.Sections {
+			if sec.Type == SecPages && sec.Codec.delta() && sec.Codec != wantCodec {
+				t.Fatalf("a delta batch stored %s, want %s", sec.Codec, wantCodec)
+			}
 		}
 		got := mustDecode(t, enc, workers)
 		n := 0
@@ -120,15 +134,99 @@ func TestDeltaPages(t *testing.T) {
 	if err := bad.Encode(&bytes.Buffer{}); !errors.Is(err, ErrInvalid) {
 		t.Fatalf("a full snapshot with a delta page: %v", err)
 	}
-	// A delta codec in a version 1 file is damage, not a delta.
-	enc := encodeT(t, inc, Options{})
-	if v := le.Uint32(enc[8:]); v != versionDelta {
-		t.Fatalf("written as version %d, want %d", v, versionDelta)
+	// A delta codec in a file of a version before it is damage.
+	for _, c := range []struct {
+		o      Options
+		v, old uint32
+	}{{Options{}, versionSparse, versionDelta}, {Options{deltaS2: true}, versionDelta, versionPaged}, {Options{Uncompressed: true}, versionDelta, versionPaged}} {
+		enc := encodeT(t, inc, c.o)
+		if v := le.Uint32(enc[8:]); v != c.v {
+			t.Fatalf("%+v: written as version %d, want %d", c.o, v, c.v)
+		}
+		old := bytes.Clone(enc)
+		putPrefix(old, c.old)
+		if _, err := DecodeBytes(old, nil); !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), fmt.Sprintf("version %d", c.old)) {
+			t.Fatalf("%+v as version %d: %v", c.o, c.old, err)
+		}
 	}
-	old := bytes.Clone(enc)
-	putPrefix(old, versionPaged)
-	if _, err := DecodeBytes(old, nil); !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), "version 1") {
-		t.Fatalf("a delta codec in a version 1 snapshot: %v", err)
+}
+
+// TestSparseCodec: pages changed in no place, the first or last word, a
+// few scattered bytes, every other word, or everywhere decode back to the
+// same XOR; a page that would not shrink is refused by the encoder; and
+// damaged runs (truncated, past the page, empty, bytes left over) are
+// errors.
+func TestSparseCodec(t *testing.T) {
+	rng := rand.New(rand.NewPCG(3, 4))
+	base := make([]byte, PageSize)
+	for i := range base {
+		base[i] = byte(rng.Uint32())
+	}
+	edits := map[string]func(p []byte){
+		"same":       func(p []byte) {},
+		"first byte": func(p []byte) { p[0] ^= 1 },
+		"last byte":  func(p []byte) { p[PageSize-1] ^= 0x80 },
+		"scattered": func(p []byte) {
+			for range 30 {
+				p[rng.IntN(PageSize)] ^= byte(1 + rng.IntN(255))
+			}
+		},
+		"every other word": func(p []byte) {
+			for i := 0; i < PageSize; i += 16 {
+				p[i] ^= 1
+			}
+		},
+		"a run": func(p []byte) {
+			for i := 1000; i < 1900; i++ {
+				p[i] ^= 3
+			}
+		},
+	}
+	for name, edit := range edits {
+		page := bytes.Clone(base)
+		edit(page)
+		enc, ok := appendSparse([]byte("prefix"), page, base, PageSize-1)
+		if !ok {
+			t.Fatalf("%s: not encoded", name)
+		}
+		enc = enc[len("prefix"):]
+		got := bytes.Repeat([]byte{0xee}, PageSize) // every byte must be written
+		if err := decodeSparse(enc, got); err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		want := make([]byte, PageSize)
+		xorPage(want, page, base)
+		if !bytes.Equal(got, want) {
+			t.Fatalf("%s: decodes to another XOR", name)
+		}
+		if name == "scattered" && len(enc) > 30*12+2 {
+			t.Errorf("%s: %d bytes for 30 changed bytes", name, len(enc))
+		}
+	}
+	noise := make([]byte, PageSize)
+	for i := range noise {
+		noise[i] = byte(rng.Uint32()) | 1
+	}
+	if _, ok := appendSparse(nil, noise, base, PageSize-1); ok {
+		t.Fatal("a page that does not shrink was encoded")
+	}
+	page := bytes.Clone(base)
+	page[100] ^= 1
+	page[3000] ^= 1
+	good, _ := appendSparse(nil, page, base, PageSize-1)
+	dst := make([]byte, PageSize)
+	for name, bad := range map[string][]byte{
+		"empty":          nil,
+		"truncated run":  good[:5],
+		"truncated data": good[:len(good)-1],
+		"left over":      append(bytes.Clone(good), 0),
+		"past the page":  {1, 0, 0xf8, 0x0f, 16, 0},
+		"empty run":      {1, 0, 0, 0, 0, 0},
+		"too many runs":  {0xff, 0xff},
+	} {
+		if err := decodeSparse(bad, dst); err == nil {
+			t.Errorf("%s: decoded", name)
+		}
 	}
 }
 

@@ -34,10 +34,12 @@
 //	         which must hash to the header's module hash
 //	pages    u32 count | count × u32 page index | page data, raw or one
 //	         S2 block of count × 4096 bytes (codec 0 none, 1 S2); with a
-//	         delta codec (version 3, incremental snapshots only: 2 none,
-//	         3 S2), the indices are followed by count × u32 crc32c(page
-//	         as resolved) and each page's data is XORed with the
-//	         receiver's current copy of it (see Snapshot.Resolve)
+//	         delta codec (incremental snapshots only: 2 none and 3 S2,
+//	         version 3; 4 sparse, version 4), the indices are followed by
+//	         count × u32 crc32c(page as resolved) and each page's data is
+//	         XORed with the receiver's current copy of it (see
+//	         Snapshot.Resolve); sparse stores, per page, u16 runs, then
+//	         per run u16 zero bytes skipped | u16 length | the bytes
 //	memory   u32 count | count × u32 page index | count × u32 crc32c(page),
 //	         then, outside the frame, zero padding to a multiple of 4096
 //	         bytes and the whole memory, page i at i × 4096, unlisted pages
@@ -91,9 +93,9 @@
 //
 // Every version keeps the 16-byte prefix and its checksum, so a reader
 // tells a newer file (ErrVersion) from a damaged one (ErrCorrupt). Version
-// 2 only adds the memory section, version 3 only the delta codecs; a
-// snapshot is written with the oldest version that holds it, so one with
-// neither is version 1, which every build reads. Delta pages only travel
+// 2 only adds the memory section, version 3 only the delta codecs, version
+// 4 only the sparse one; a snapshot is written with the oldest version that
+// holds it, so one with none of them is version 1, which every build reads. Delta pages only travel
 // between a Remus primary and its backup, which resolves them before it
 // stores anything: snapshot files never hold them.
 //

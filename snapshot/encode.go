@@ -31,6 +31,9 @@ type Options struct {
 	// and copying them, at the price of disk space (the non-zero pages,
 	// uncompressed). Incremental snapshots ignore it.
 	Mappable bool
+	// deltaS2 stores delta pages as version 3 did (CodecDeltaS2, S2 of
+	// the XOR) instead of as sparse runs: for tests of the decoder.
+	deltaS2 bool
 }
 
 // Encode writes s with the default options. See EncodeOptions.
@@ -83,8 +86,10 @@ func (s *Snapshot) encode(w io.Writer, o Options) error {
 	switch {
 	case mappable:
 		version = versionMemory
-	case s.Kind == Incremental && hasBase(s.Pages):
+	case s.Kind == Incremental && hasBase(s.Pages) && (o.Uncompressed || o.deltaS2):
 		version = versionDelta
+	case s.Kind == Incremental && hasBase(s.Pages):
+		version = versionSparse
 	}
 	putPrefix(prefix[:], version)
 	e.write(prefix[:])
@@ -267,14 +272,15 @@ func hashSection(h hash.Hash, t SectionType, payload []byte) {
 
 // batch is one page section in the making.
 type batch struct {
-	pages []Page
-	head  []byte // u32 count, then the indices (and for a delta batch the pages' checksums)
-	sums  []byte // per page: u32 index, u32 crc32c(data) — the ID's input
-	codec Codec
-	data  []byte // compressed (or raw) page data
-	done  chan struct{}
-	raw   bool // store uncompressed (Options.Uncompressed)
-	delta bool // every page has a Base: store Data XOR Base
+	pages   []Page
+	head    []byte // u32 count, then the indices (and for a delta batch the pages' checksums)
+	sums    []byte // per page: u32 index, u32 crc32c(data) — the ID's input
+	codec   Codec
+	data    []byte // compressed (or raw) page data
+	done    chan struct{}
+	raw     bool // store uncompressed (Options.Uncompressed)
+	delta   bool // every page has a Base: store Data XOR Base
+	deltaS2 bool // Options.deltaS2
 }
 
 func hasBase(pages []Page) bool {
@@ -308,6 +314,13 @@ func (b *batch) run() {
 	b.head = make([]byte, headLen)
 	b.sums = make([]byte, 8*n)
 	le.PutUint32(b.head, uint32(n))
+	if b.delta && !b.raw && !b.deltaS2 {
+		// Sparse runs straight from the page and its base, without the
+		// XOR written out; a batch they do not shrink goes as DeltaNone.
+		if b.sparse(n) {
+			return
+		}
+	}
 	var raw []byte
 	if !b.delta {
 		raw = contiguous(b.pages)
@@ -329,9 +342,10 @@ func (b *batch) run() {
 			copy(raw[i*PageSize:], p.Data)
 		}
 	}
-	if b.raw {
+	switch {
+	case b.delta && !b.deltaS2 || b.raw:
 		b.codec, b.data = CodecNone, append(getBuf(len(raw))[:0], raw...)
-	} else {
+	default:
 		b.codec, b.data = compressBatch(raw)
 	}
 	if b.delta {
@@ -344,6 +358,27 @@ func (b *batch) run() {
 	if pooled {
 		putBuf(raw)
 	}
+}
+
+// sparse encodes a delta batch with CodecDeltaSparse, unless that does not
+// make it smaller than the pages (then it reports false, having set only
+// the head).
+func (b *batch) sparse(n int) bool {
+	out := getBuf(n * PageSize)[:0]
+	for i, p := range b.pages {
+		sum := crc(p.Data)
+		le.PutUint32(b.head[4+4*i:], p.Index)
+		le.PutUint32(b.head[4+pageRefSize*n+4*i:], sum)
+		le.PutUint32(b.sums[8*i:], p.Index)
+		le.PutUint32(b.sums[8*i+4:], sum)
+		var ok bool
+		if out, ok = appendSparse(out, p.Data, p.Base, n*PageSize-1); !ok {
+			putBuf(out)
+			return false
+		}
+	}
+	b.codec, b.data = CodecDeltaSparse, out
+	return true
 }
 
 // contiguous returns the batch's data as one slice when the pages already
@@ -375,7 +410,7 @@ func (e *encoder) pages(pages []Page, o Options) {
 		for j < len(pages) && j-i < o.BatchPages && (pages[j].Base != nil) == delta {
 			j++
 		}
-		batches = append(batches, &batch{pages: pages[i:j], done: make(chan struct{}), raw: o.Uncompressed, delta: delta})
+		batches = append(batches, &batch{pages: pages[i:j], done: make(chan struct{}), raw: o.Uncompressed, delta: delta, deltaS2: o.deltaS2})
 		i = j
 	}
 	if o.Workers == 1 || len(batches) <= 1 {

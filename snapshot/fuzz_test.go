@@ -184,6 +184,10 @@ func fuzzSeeds() []fuzzSeed {
 	delta.Pages = []Page{{Index: 2, Data: raw, Base: zero}, {Index: 3, Data: bytes.Repeat([]byte("delta "), PageSize/6+1)[:PageSize], Base: zero},
 		{Index: 9, Data: bytes.Repeat([]byte{7}, PageSize)}, {Index: 12, Data: bytes.Repeat([]byte{7, 0}, PageSize/2), Base: bytes.Repeat([]byte{7}, PageSize)}}
 	deltas := enc(delta, 2)
+	var ds2 bytes.Buffer // as version 3 wrote them
+	if err := delta.EncodeOptions(&ds2, Options{BatchPages: 2, Workers: 1, deltaS2: true}); err != nil {
+		panic(err)
+	}
 	flipped := bytes.Clone(full)
 	flipped[len(flipped)/2] ^= 4
 	return []fuzzSeed{
@@ -193,6 +197,7 @@ func fuzzSeeds() []fuzzSeed {
 		{"full-with-module", withModule, true},
 		{"full-mappable-memory", mb.Bytes(), true},
 		{"incremental-deltas", deltas, true},
+		{"incremental-deltas-s2", ds2.Bytes(), true},
 		{"truncated", full[:len(full)-20], false},
 		{"flipped-bit", flipped, false},
 		{"not-a-snapshot", []byte("\x00asm\x01\x00\x00\x00"), false},

@@ -31,8 +31,9 @@ import (
 
 // Version is the protocol version this build speaks, carried in Hello.
 // Version 2: incremental checkpoints may carry pages as deltas against the
-// backup's copies (snapshot format version 3).
-const Version = 2
+// backup's copies (snapshot format version 3). Version 3: as sparse runs
+// (snapshot format version 4, CodecDeltaSparse).
+const Version = 3
 
 // Limits on strings, enforced by Validate and Unmarshal.
 const (
