@@ -3,6 +3,7 @@ package snapshot
 import (
 	"bytes"
 	"fmt"
+	"math/rand/v2"
 	"os"
 	"runtime"
 	"strings"
@@ -263,4 +264,23 @@ func TestCompressionTable(t *testing.T) {
 	fmt.Fprintf(&out, "| goheap | Encode+Decode (s2, whole format) | %d | %.0f | %.0f | %.2f |\n", DefaultBatchPages,
 		mb/bestEnc.Seconds(), mb/bestDec.Seconds(), mb*1e6/float64(enc.Len()))
 	fmt.Print(out.String())
+}
+
+// BenchmarkAppendSparse: a page with 30 scattered changed bytes against its
+// base, the common delta of a Remus primary.
+func BenchmarkAppendSparse(b *testing.B) {
+	rng := rand.New(rand.NewPCG(5, 6))
+	base := make([]byte, PageSize)
+	for i := range base {
+		base[i] = byte(rng.Uint32())
+	}
+	page := bytes.Clone(base)
+	for range 30 {
+		page[rng.IntN(PageSize)] ^= 1
+	}
+	out := make([]byte, 0, 2*PageSize)
+	b.SetBytes(PageSize)
+	for b.Loop() {
+		out, _ = appendSparse(out[:0], page, base, PageSize-1)
+	}
 }

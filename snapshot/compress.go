@@ -27,8 +27,9 @@ func compressBatch(raw []byte) (Codec, []byte) {
 	return CodecS2, z
 }
 
-// decompressBatch fills dst, whose length is exactly the batch's raw size,
-// from src. The block's stated length is checked before decoding, and S2
+// decompressBatch fills dst, whose length is exactly the batch's raw size
+// and which is all zero (fresh memory: the sparse codec writes only its
+// runs), from src. The block's stated length is checked before decoding, and S2
 // decodes into dst itself: a hostile block cannot make it allocate.
 func decompressBatch(c Codec, src, dst []byte) error {
 	switch c {

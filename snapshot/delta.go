@@ -1,6 +1,10 @@
 package snapshot
 
-import "fmt"
+import (
+	"encoding/binary"
+	"fmt"
+	"unsafe"
+)
 
 // Delta pages (codecs CodecDeltaNone, CodecDeltaS2, CodecDeltaSparse). A
 // Remus primary writes mostly the same pages, a little changed, every
@@ -58,29 +62,37 @@ func (s *Snapshot) Resolve(base func(index uint32) []byte) error {
 const maxSparseRuns = PageSize / 2
 
 // appendSparse appends page XOR base in CodecDeltaSparse's form to out,
-// unless out would then pass limit bytes (ok is false). It works a word at
-// a time: a run is a maximal sequence of 8-byte words that differ.
+// unless out would then pass limit bytes (ok is false). A run is a maximal
+// sequence of 8-byte words that differ; equal words are skipped four at a
+// time, read in place (a page and its base are whole pages), so a page
+// changed in a few places costs little more than reading it.
 func appendSparse(out, page, base []byte, limit int) (_ []byte, ok bool) {
 	const words = PageSize / 8
-	page, base = page[:PageSize], base[:PageSize]
+	a := (*[words]uint64)(unsafe.Pointer(&page[:PageSize][0]))
+	b := (*[words]uint64)(unsafe.Pointer(&base[:PageSize][0]))
 	countAt := len(out)
 	out = append(out, 0, 0)
 	runs, end := 0, 0 // end: the byte after the last run
-	for w := 0; w < words; w++ {
-		if le.Uint64(page[8*w:]) == le.Uint64(base[8*w:]) {
+	for w := 0; w < words; {
+		if w <= words-4 && (a[w]^b[w])|(a[w+1]^b[w+1])|(a[w+2]^b[w+2])|(a[w+3]^b[w+3]) == 0 {
+			w += 4
+			continue
+		}
+		if a[w] == b[w] {
+			w++
 			continue
 		}
 		start := w
-		for w++; w < words && le.Uint64(page[8*w:]) != le.Uint64(base[8*w:]); w++ {
+		for w++; w < words && a[w] != b[w]; w++ {
 		}
 		from, to := 8*start, 8*w
 		if len(out)+4+(to-from) > limit {
 			return out, false
 		}
-		out = le.AppendUint16(out, uint16(from-end))
-		out = le.AppendUint16(out, uint16(to-from))
-		for i := from; i < to; i += 8 {
-			out = le.AppendUint64(out, le.Uint64(page[i:])^le.Uint64(base[i:]))
+		out = le.AppendUint32(out, uint32(from-end)|uint32(to-from)<<16)
+		for i := start; i < w; i++ {
+			// The XOR of the words as they lie in memory: the bytes' XOR.
+			out = binary.NativeEndian.AppendUint64(out, a[i]^b[i])
 		}
 		runs++
 		end = to
@@ -89,9 +101,9 @@ func appendSparse(out, page, base []byte, limit int) (_ []byte, ok bool) {
 	return out, len(out) <= limit
 }
 
-// decodeSparse fills dst (whole pages) from src in CodecDeltaSparse's form:
-// every byte of dst is written (zero outside the runs), and src must be
-// used up exactly.
+// decodeSparse fills dst (whole pages, all zero: fresh memory) from src in
+// CodecDeltaSparse's form, writing only the runs; src must be used up
+// exactly.
 func decodeSparse(src, dst []byte) error {
 	for p := 0; p < len(dst); p += PageSize {
 		page := dst[p : p+PageSize]
@@ -113,13 +125,11 @@ func decodeSparse(src, dst []byte) error {
 			if n == 0 || at+gap+n > PageSize || len(src) < n {
 				return fmt.Errorf("sparse page %d: run %d (gap %d, %d bytes at byte %d) does not fit", p/PageSize, r, gap, n, at)
 			}
-			clear(page[at : at+gap])
 			at += gap
 			copy(page[at:at+n], src[:n])
 			at += n
 			src = src[n:]
 		}
-		clear(page[at:])
 	}
 	if len(src) != 0 {
 		return fmt.Errorf("sparse pages: %d bytes left over", len(src))
