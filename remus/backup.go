@@ -321,8 +321,9 @@ type slot struct {
 // staged is a checkpoint that arrived whole and verified, awaiting the
 // engine's commit.
 type staged struct {
-	seq  uint64
-	full bool
+	seq     uint64
+	session uint64
+	full    bool
 	// raw is the encoded snapshot as it arrived: the CheckpointData
 	// pieces, each its own allocation, kept apart rather than appended
 	// into one buffer, which for a large checkpoint copied every byte
@@ -561,6 +562,7 @@ func (s *slot) receive(id uint64, c *transport.Conn, hello *wire.Hello) {
 			s.mu.Lock()
 			s.bytesIn += cur.size
 			s.mu.Unlock()
+			cur.session = id
 			s.events <- stagedEv{session: id, cp: cur, now: s.b.now()}
 			cur = nil
 		default:
@@ -659,10 +661,18 @@ func (s *slot) loop(ctx context.Context) {
 		rd := s.eng.Ready()
 		failover, failed := s.do(ctx, rd)
 		s.eng.Advance()
-		if failed != nil && !failover {
-			s.step(*failed) // its Ready (the session's end) at once
-			s.publish()
-			continue
+		if failed != nil {
+			// What was heard while the commit ran counts first, as
+			// before every event: a slow apply must not look like the
+			// primary's silence.
+			s.heardSince()
+			if err := s.eng.Step(*failed); err != nil {
+				s.log.Error("the engine refused the report of a failed commit", "seq", failed.Seq, "err", err)
+			}
+			if !failover {
+				s.publish()
+				continue // its Ready (the session's end) at once
+			}
 		}
 		s.publish()
 		if failover {
@@ -839,7 +849,7 @@ func (s *slot) do(ctx context.Context, rd engine.BackupReady) (failover bool, fa
 		f, err := s.commit(seq)
 		if err != nil {
 			s.log.Error("applying checkpoint failed: dropping the session", "seq", seq, "err", err)
-			failed = &engine.CommitFailed{Now: s.b.now(), Session: s.eng.Session(), Seq: seq, Committed: s.img.Seq}
+			failed = &engine.CommitFailed{Now: s.b.now(), Session: st.session, Seq: seq, Committed: s.img.Seq}
 			for _, c := range s.conns {
 				c.Close()
 			}
@@ -876,8 +886,8 @@ func (s *slot) do(ctx context.Context, rd engine.BackupReady) (failover bool, fa
 		case engine.MsgReject:
 			msg = &wire.Reject{Reason: m.Reason}
 		case engine.MsgAck:
-			if failed != nil && m.Seq >= failed.Seq {
-				continue
+			if failed != nil {
+				continue // every connection is closed: none is acked
 			}
 			msg = &wire.Ack{Seq: m.Seq}
 		case engine.MsgHeartbeat:

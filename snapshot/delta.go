@@ -56,9 +56,10 @@ func (s *Snapshot) Resolve(base func(index uint32) []byte) error {
 	return nil
 }
 
-// maxSparseRuns bounds a page's runs in CodecDeltaSparse: a run is at
-// least a byte and the runs of a page do not touch, so a page has at most
-// PageSize/2 of them.
+// maxSparseRuns bounds a page's runs in CodecDeltaSparse: the encoder's
+// runs are whole words with a word between them, so a page has at most
+// PageSize/16 of them; the decoder allows PageSize/2 (runs of a byte with
+// a byte between), and checks that they fit the page.
 const maxSparseRuns = PageSize / 2
 
 // appendSparse appends page XOR base in CodecDeltaSparse's form to out,

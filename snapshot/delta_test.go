@@ -214,17 +214,32 @@ func TestSparseCodec(t *testing.T) {
 	page[100] ^= 1
 	page[3000] ^= 1
 	good, _ := appendSparse(nil, page, base, PageSize-1)
-	dst := make([]byte, PageSize)
+	dst := make([]byte, 2*PageSize)
+	// maxSparseRuns+1 runs of one byte each, with all their data: only
+	// the count is wrong.
+	tooMany := le.AppendUint16(nil, maxSparseRuns+1)
+	for range maxSparseRuns + 1 {
+		tooMany = append(tooMany, 0, 0, 1, 0, 7)
+	}
+	// The limit is what the encoder may use, exactly: a page that differs
+	// in every word takes 2 + 4 + 4096 bytes.
+	if _, ok := appendSparse(nil, noise, base, 2+4+PageSize); !ok {
+		t.Error("a sparse page of exactly the limit was refused")
+	}
+	if _, ok := appendSparse(nil, noise, base, 2+4+PageSize-1); ok {
+		t.Error("a sparse page one byte over the limit was accepted")
+	}
 	for name, bad := range map[string][]byte{
 		"empty":          nil,
 		"truncated run":  good[:5],
 		"truncated data": good[:len(good)-1],
 		"left over":      append(bytes.Clone(good), 0),
-		"past the page":  {1, 0, 0xf8, 0x0f, 16, 0},
+		"past the page":  append([]byte{1, 0, 0xf8, 0x0f, 16, 0}, make([]byte, 16)...), // 4088 + 16 bytes
 		"empty run":      {1, 0, 0, 0, 0, 0},
-		"too many runs":  {0xff, 0xff},
+		"too many runs":  tooMany,
 	} {
-		if err := decodeSparse(bad, dst); err == nil {
+		// Two pages: a run past the first must not spill into the second.
+		if err := decodeSparse(append(bad, 0, 0), dst); err == nil {
 			t.Errorf("%s: decoded", name)
 		}
 	}

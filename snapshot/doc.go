@@ -94,8 +94,9 @@
 // Every version keeps the 16-byte prefix and its checksum, so a reader
 // tells a newer file (ErrVersion) from a damaged one (ErrCorrupt). Version
 // 2 only adds the memory section, version 3 only the delta codecs, version
-// 4 only the sparse one; a snapshot is written with the oldest version that
-// holds it, so one with none of them is version 1, which every build reads. Delta pages only travel
+// 4 only the sparse one; a snapshot is written with the oldest version
+// whose codecs the encoder may use for it (see Version), so one with none
+// of them is version 1, which every build reads. Delta pages only travel
 // between a Remus primary and its backup, which resolves them before it
 // stores anything: snapshot files never hold them.
 //

@@ -11,9 +11,11 @@ const Magic = "FTVMSNAP"
 
 // Version is the newest format version this build writes and reads.
 // Version 2 adds the memory section, version 3 the delta codecs, version 4
-// the sparse delta codec; a snapshot is written with the oldest version
-// that holds it (one without any of them as version 1), so that older
-// builds still read it.
+// the sparse delta codec. A snapshot is written with the oldest version
+// whose codecs the encoder may use for it, decided before its pages are
+// encoded: 1 without a memory section or delta pages (every build reads
+// it), 2 with a memory section, 4 with delta pages (3 when they are stored
+// raw, Options.Uncompressed).
 const Version = 4
 
 // versionMemory, versionDelta and versionSparse are the versions that
@@ -95,14 +97,15 @@ const (
 	CodecDeltaNone Codec = 2
 	CodecDeltaS2   Codec = 3
 	// CodecDeltaSparse (version 4, incremental snapshots only) stores
-	// each page XORed with the receiver's copy as the runs of bytes that
-	// are not zero: per page a u16 run count, then per run a u16 gap (the
-	// zero bytes since the end of the one before, or the page's start),
-	// a u16 length (at least 1) and the bytes. Runs cover at most the
-	// page; the rest is zero. A page written in a few places costs a few
-	// dozen bytes, and decodes as that many copies: S2 decodes a delta's
-	// long zero runs a few bytes at a time (a quarter of a Remus backup's
-	// CPU under a KV load), and its encoder reads every byte twice.
+	// each page XORed with the receiver's copy as runs: per page a u16
+	// run count, then per run a u16 gap (bytes left zero since the end of
+	// the one before, or the page's start), a u16 length (at least 1) and
+	// the bytes. The encoder makes a run of each stretch of 8-byte words
+	// that differ from the copy. Runs cover at most the page; the rest is
+	// zero. A page written in a few places costs a few dozen bytes, and
+	// decodes as that many copies: S2 decodes a delta's long zero runs a
+	// few bytes at a time (a quarter of a Remus backup's CPU under a KV
+	// load).
 	CodecDeltaSparse Codec = 4
 )
 

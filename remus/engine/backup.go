@@ -320,16 +320,20 @@ func (b *Backup) checkpoint(c Checkpoint) {
 }
 
 // commitFailed takes back the commits from e.Seq on: the copy holds
-// e.Committed. The session that sent them ends, so that nothing of it is
-// acknowledged again (the heartbeat repeats the last ack).
+// e.Committed (which may be above e.Seq: a restarted primary's first full
+// checkpoint, numbered afresh, over an older session's copy). The session
+// that sent them ends, so that nothing of it is acknowledged again (the
+// heartbeat repeats the last ack). After a failover (the apply was slow
+// enough for the primary to time out) only the number is set right: the
+// failover resumes the copy as it is.
 func (b *Backup) commitFailed(e CommitFailed) error {
-	if b.state == FailedOver {
-		return nil // failover restored the copy as it was
-	}
-	if e.Committed >= e.Seq || e.Seq > b.committed || e.Committed > b.committed {
-		return fmt.Errorf("remus: commit of %d failed leaving %d, but %d was the last committed", e.Seq, e.Committed, b.committed)
+	if e.Seq == 0 || e.Seq > b.committed && b.state != FailedOver {
+		return fmt.Errorf("remus: commit of %d failed, but %d is the last committed", e.Seq, b.committed)
 	}
 	b.committed = e.Committed
+	if b.state == FailedOver {
+		return nil
+	}
 	reason := fmt.Sprintf("checkpoint %d could not be applied", e.Seq)
 	if b.live(e.Session) {
 		b.pend.DropSession = append(b.pend.DropSession, Drop{e.Session, reason})

@@ -353,7 +353,7 @@ func TestBackupCommitFailed(t *testing.T) {
 		t.Fatalf("committed %d", h.b.Committed())
 	}
 	// Impossible reports are refused and change nothing.
-	for _, bad := range []CommitFailed{{5 * ms, 1, 8, 5}, {5 * ms, 1, 6, 6}, {5 * ms, 1, 6, 9}} {
+	for _, bad := range []CommitFailed{{5 * ms, 1, 8, 5}, {5 * ms, 1, 0, 5}} {
 		if err := h.b.Step(bad); err == nil || h.b.Committed() != 7 || h.b.State() != Following {
 			t.Fatalf("%+v: err %v, committed %d, %v", bad, err, h.b.Committed(), h.b.State())
 		}
@@ -381,6 +381,26 @@ func TestBackupCommitFailed(t *testing.T) {
 	h.step(CommitFailed{4 * ms, 1, 6, 5})
 	if rd := h.step(Tick{104 * ms}); !rd.Failover || h.b.Committed() != 5 {
 		t.Fatalf("failover: committed %d, %+v", h.b.Committed(), rd)
+	}
+	// A restarted primary numbers afresh: its full checkpoint 1 fails
+	// over the copy of an older session's 5, which the copy keeps.
+	h = following(t)
+	h.step(Disconnected{3 * ms, 1})
+	h.hello(4*ms, 2, 3)
+	h.step(Checkpoint{5 * ms, 2, 1, true})
+	if rd := h.step(CommitFailed{6 * ms, 2, 1, 5}); h.b.Committed() != 5 || h.b.State() != Waiting || len(rd.DropSession) != 1 {
+		t.Fatalf("restarted primary's failed full: committed %d, %v, %+v", h.b.Committed(), h.b.State(), rd)
+	}
+	// An apply so slow that the primary timed out: the failover came
+	// first, and the number is set right after it.
+	h = following(t)
+	h.step(Checkpoint{3 * ms, 1, 6, false})
+	if rd := h.step(Tick{200 * ms}); !rd.Failover {
+		t.Fatal("no failover")
+	}
+	h.step(CommitFailed{201 * ms, 1, 6, 5})
+	if h.b.Committed() != 5 || h.b.State() != FailedOver {
+		t.Fatalf("failed commit after the failover: committed %d, %v", h.b.Committed(), h.b.State())
 	}
 	// A failed first full checkpoint leaves nothing to fail over to.
 	h = newBH(t)

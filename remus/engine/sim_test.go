@@ -853,8 +853,8 @@ func (s *sim) backupReady() {
 		}
 		if failed != nil || s.now < s.quiet && s.chance(s.prof.commitFails) {
 			// As the driver does when a checkpoint does not apply: the
-			// copy stays as it was, nothing after it applies, its acks
-			// are withheld, its connections close.
+			// copy stays as it was, nothing after it applies, no ack of
+			// this Ready goes out, its connections close.
 			if failed == nil {
 				s.st.commitFails++
 				var held uint64
@@ -888,8 +888,8 @@ func (s *sim) backupReady() {
 		s.failf("checkpoint %d neither committed nor discarded", b.staged.Seq)
 	}
 	for _, m := range rd.Messages {
-		if failed != nil && m.Kind == MsgAck && m.Seq >= failed.Seq {
-			continue
+		if failed != nil && m.Kind == MsgAck {
+			continue // as the driver: its connections are all closed
 		}
 		s.logf("B%d -> %v %d/%d %s", b.inc, m.Kind, m.Session, m.Seq, m.Reason)
 		switch m.Kind {
