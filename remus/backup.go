@@ -322,7 +322,7 @@ type slot struct {
 // engine's commit.
 type staged struct {
 	seq     uint64
-	session uint64
+	session uint64 // the primary's session that sent it
 	full    bool
 	// raw is the encoded snapshot as it arrived: the CheckpointData
 	// pieces, each its own allocation, kept apart rather than appended
@@ -358,9 +358,8 @@ type (
 		conn    *transport.Conn
 	}
 	stagedEv struct {
-		session uint64
-		cp      *staged
-		now     engine.Time
+		cp  *staged
+		now engine.Time
 	}
 )
 
@@ -563,7 +562,7 @@ func (s *slot) receive(id uint64, c *transport.Conn, hello *wire.Hello) {
 			s.bytesIn += cur.size
 			s.mu.Unlock()
 			cur.session = id
-			s.events <- stagedEv{session: id, cp: cur, now: s.b.now()}
+			s.events <- stagedEv{cp: cur, now: s.b.now()}
 			cur = nil
 		default:
 			fail("unexpected %s", msg.Type())
@@ -797,7 +796,7 @@ func (s *slot) handle(ev any) {
 		s.step(engine.Hello{Now: s.b.now(), Session: e.session, VM: e.hello.VM, Term: e.hello.Term})
 	case stagedEv:
 		s.staged[e.cp.seq] = e.cp
-		s.step(engine.Checkpoint{Now: e.now, Session: e.session, Seq: e.cp.seq, Full: e.cp.full})
+		s.step(engine.Checkpoint{Now: e.now, Session: e.cp.session, Seq: e.cp.seq, Full: e.cp.full})
 	case engine.Disconnected:
 		if c := s.conns[e.Session]; c != nil {
 			c.Close()

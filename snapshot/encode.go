@@ -330,13 +330,9 @@ func (b *batch) run() {
 		raw = getBuf(n * PageSize)
 	}
 	for i, p := range b.pages {
-		sum := crc(p.Data)
-		le.PutUint32(b.head[4+4*i:], p.Index)
-		le.PutUint32(b.sums[8*i:], p.Index)
-		le.PutUint32(b.sums[8*i+4:], sum)
+		b.list(i, p)
 		switch {
 		case b.delta:
-			le.PutUint32(b.head[4+pageRefSize*n+4*i:], sum)
 			xorPage(raw[i*PageSize:(i+1)*PageSize], p.Data, p.Base)
 		case pooled:
 			copy(raw[i*PageSize:], p.Data)
@@ -360,17 +356,25 @@ func (b *batch) run() {
 	}
 }
 
+// list enters page i of the batch in its head (its index, and for a delta
+// batch its checksum) and in the ID's input.
+func (b *batch) list(i int, p Page) {
+	sum := crc(p.Data)
+	le.PutUint32(b.head[4+pageRefSize*i:], p.Index)
+	if b.delta {
+		le.PutUint32(b.head[4+pageRefSize*len(b.pages)+4*i:], sum)
+	}
+	le.PutUint32(b.sums[8*i:], p.Index)
+	le.PutUint32(b.sums[8*i+4:], sum)
+}
+
 // sparse encodes a delta batch with CodecDeltaSparse, unless that does not
 // make it smaller than the pages (then it reports false, having set only
 // the head).
 func (b *batch) sparse(n int) bool {
 	out := getBuf(n * PageSize)[:0]
 	for i, p := range b.pages {
-		sum := crc(p.Data)
-		le.PutUint32(b.head[4+4*i:], p.Index)
-		le.PutUint32(b.head[4+pageRefSize*n+4*i:], sum)
-		le.PutUint32(b.sums[8*i:], p.Index)
-		le.PutUint32(b.sums[8*i+4:], sum)
+		b.list(i, p)
 		var ok bool
 		if out, ok = appendSparse(out, p.Data, p.Base, n*PageSize-1); !ok {
 			putBuf(out)
