@@ -91,6 +91,9 @@ type Devices struct {
 	preopens  []Preopen
 	fds       Table
 	stdin     io.Reader
+	// stdinOwn is stdin's host descriptor as the guest reads it when the
+	// device layer opened it itself (privateStdin), -1 otherwise.
+	stdinOwn  int
 	stdout    io.Writer
 	stderr    io.Writer
 	tap       InputTap
@@ -152,7 +155,7 @@ func newBase(cfg Config) (*Devices, error) {
 		args: cfg.Args, env: cfg.Env, preopens: append([]Preopen(nil), cfg.Preopens...),
 		stdin: cfg.Stdin, stdout: cfg.Stdout, stderr: cfg.Stderr,
 		tap: cfg.Tap, gate: cfg.Gate, safePoint: cfg.SafePoint, onWake: cfg.OnWake, onIdle: cfg.OnIdle, rand: cfg.Rand,
-		wake: -1,
+		wake: -1, stdinOwn: -1,
 	}
 	if d.stdin == nil {
 		d.stdin = os.Stdin
@@ -181,6 +184,11 @@ func newBase(cfg Config) (*Devices, error) {
 		}
 		f := &FD{Kind: KindStdio, Stdio: i, Host: host, Root: -1, Filetype: stdioFiletype(host),
 			Readable: i == 0, Writable: i != 0}
+		if i == 0 && host >= 0 {
+			if own := privateStdin(host); own >= 0 {
+				f.Host, d.stdinOwn = own, own
+			}
+		}
 		f.RightsBase = RightsTTY
 		if f.Filetype == FiletypeRegularFile {
 			f.RightsBase = RightsRegularFile &^ (RightFdSeek | RightFdTell)
@@ -200,6 +208,34 @@ func validEnv(e string) bool {
 		}
 	}
 	return false
+}
+
+// privateStdin opens, for a stdin that is a pipe, a FIFO or a terminal, a
+// non-blocking open file description of its own (through /proc/self/fd),
+// or returns -1. The guest's reads then never block in the kernel, and no
+// one else's view of stdin changes: the descriptor ftvm was given may be
+// shared with other processes, and another reader can take the bytes
+// between a readiness check and a read, which on the shared, blocking
+// description then sleeps out of reach of pauses and stops. A socket
+// cannot be reopened so (and a regular file never blocks).
+func privateStdin(host int) int {
+	var st unix.Stat_t
+	if unix.Fstat(host, &st) != nil {
+		return -1
+	}
+	if m := st.Mode & unix.S_IFMT; m != unix.S_IFIFO && m != unix.S_IFCHR {
+		return -1
+	}
+	fd, err := unix.Open(fmt.Sprintf("/proc/self/fd/%d", host), unix.O_RDONLY|unix.O_NONBLOCK|unix.O_CLOEXEC|unix.O_NOCTTY, 0)
+	if err != nil {
+		return -1
+	}
+	var st2 unix.Stat_t
+	if unix.Fstat(fd, &st2) != nil || st2.Dev != st.Dev || st2.Ino != st.Ino {
+		unix.Close(fd) // not the same file after all
+		return -1
+	}
+	return fd
 }
 
 func stdioFiletype(host int) Filetype {
@@ -349,6 +385,13 @@ func (d *Devices) Close() error {
 	}
 	if d.wake >= 0 {
 		unix.Close(d.wake)
+	}
+	if d.stdinOwn >= 0 {
+		if d.idle != nil {
+			d.idle.forget(d.stdinOwn)
+		}
+		unix.Close(d.stdinOwn)
+		d.stdinOwn = -1
 	}
 	return nil
 }

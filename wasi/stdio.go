@@ -12,22 +12,31 @@ import (
 // blocking read stays interruptible and a non-blocking one never blocks.
 func (d *Devices) stdinRead(f *FD, iovs [][]byte) (uint32, Errno) {
 	if f.Host >= 0 {
-		if f.Flags&FdflagNonblock != 0 {
-			// The host descriptor itself stays blocking (it may be shared,
-			// a terminal say), so the read happens only once it is ready.
-			// A signal interrupting the check (Go preempts with SIGURG) is
-			// not readiness: taken for it, the read blocked for good.
-			if errno := readyNow(f.Host, unix.POLLIN); errno != ESUCCESS {
+		own := f.Host == d.stdinOwn // non-blocking: a read may find nothing
+		for {
+			if f.Flags&FdflagNonblock != 0 {
+				// A descriptor ftvm was given stays blocking (it may be
+				// shared, a terminal say), so the read happens only once
+				// it is ready. A signal interrupting the check (Go
+				// preempts with SIGURG) is not readiness: taken for it,
+				// the read blocked for good.
+				if !own {
+					if errno := readyNow(f.Host, unix.POLLIN); errno != ESUCCESS {
+						return 0, errno
+					}
+				}
+			} else if errno := d.waitFd(f.Host, unix.POLLIN, true); errno != ESUCCESS {
 				return 0, errno
 			}
-		} else if errno := d.waitFd(f.Host, unix.POLLIN, true); errno != ESUCCESS {
-			return 0, errno
+			n, err := rwv(unix.SYS_READV, f.Host, iovs, 0)
+			if err == unix.EAGAIN && own && f.Flags&FdflagNonblock == 0 {
+				continue // another reader took what woke the wait
+			}
+			if err != nil {
+				return 0, errnoOf(err)
+			}
+			return uint32(n), ESUCCESS
 		}
-		n, err := rwv(unix.SYS_READV, f.Host, iovs, 0)
-		if err != nil {
-			return 0, errnoOf(err)
-		}
-		return uint32(n), ESUCCESS
 	}
 	total := uint32(0)
 	for _, b := range iovs {

@@ -92,3 +92,90 @@ func TestNonblockingStdinNeverBlocks(t *testing.T) {
 		}
 	}
 }
+
+// TestStdinSharedWithAnotherReader: ftvm's stdin may be a pipe another
+// process reads too. Its bytes can go to that reader between the guest's
+// wait for stdin and its read, and a read of the shared, blocking
+// description then slept in the kernel until more came, where no pause or
+// stop could reach it. The guest reads a description of its own, opened
+// non-blocking, so a lost race means waiting again, pausably; the shared
+// description is left as it was.
+func TestStdinSharedWithAnotherReader(t *testing.T) {
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	defer w.Close()
+	d, err := newBase(Config{Stdin: r, Stdout: io.Discard, Stderr: io.Discard})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	f, errno := d.fds.Get(0)
+	if errno != ESUCCESS {
+		t.Fatal(errno)
+	}
+	if f.Host == int(r.Fd()) {
+		t.Fatal("the guest reads the descriptor ftvm was given")
+	}
+	if fl, err := unix.FcntlInt(r.Fd(), unix.F_GETFL, 0); err != nil || fl&unix.O_NONBLOCK != 0 {
+		t.Fatalf("the shared description's flags changed: %#x %v", fl, err)
+	}
+	// The other reader: blocking reads of a byte, on the same description.
+	other, err := unix.Dup(int(r.Fd()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(other)
+	var taken atomic.Int64
+	go func() {
+		b := make([]byte, 1)
+		for {
+			if n, err := unix.Read(other, b); n <= 0 || err != nil {
+				return
+			}
+			taken.Add(1)
+		}
+	}()
+	lost := 0
+	for i := 0; i < 40; i++ {
+		done := make(chan Errno, 1)
+		go func() {
+			_, errno := d.stdinRead(f, [][]byte{make([]byte, 1)})
+			done <- errno
+		}()
+		time.Sleep(5 * time.Millisecond) // both waiting by now, most likely
+		before := taken.Load()
+		w.Write([]byte{'x'})
+		select {
+		case errno := <-done:
+			if errno != ESUCCESS {
+				t.Fatalf("read %d: %v", i, errno)
+			}
+			continue
+		case <-time.After(100 * time.Millisecond):
+		}
+		if taken.Load() == before {
+			t.Fatalf("read %d: neither reader got the byte", i)
+		}
+		lost++
+		// The other reader took it: the guest's read must still give way
+		// to a pause.
+		d.RequestPause()
+		select {
+		case errno := <-done:
+			if errno != errRestart {
+				t.Fatalf("read %d, paused: %v, want errRestart", i, errno)
+			}
+		case <-time.After(5 * time.Second):
+			w.Write(make([]byte, 64)) // let a stuck read return
+			t.Fatalf("read %d: blocked in the host after another reader took its byte", i)
+		}
+		d.ClearPause()
+	}
+	t.Logf("the other reader won %d of 40 races", lost)
+	if lost == 0 {
+		t.Skip("the other reader never won a race: nothing was tested")
+	}
+}
