@@ -93,7 +93,10 @@ type Devices struct {
 	stdin     io.Reader
 	// stdinOwn is stdin's host descriptor as the guest reads it when the
 	// device layer opened it itself (privateStdin), -1 otherwise.
-	stdinOwn  int
+	stdinOwn int
+	// stdinSock is stdin's host descriptor if it is a socket, read with
+	// MSG_DONTWAIT (a socket cannot be reopened), -1 otherwise.
+	stdinSock int
 	stdout    io.Writer
 	stderr    io.Writer
 	tap       InputTap
@@ -155,7 +158,7 @@ func newBase(cfg Config) (*Devices, error) {
 		args: cfg.Args, env: cfg.Env, preopens: append([]Preopen(nil), cfg.Preopens...),
 		stdin: cfg.Stdin, stdout: cfg.Stdout, stderr: cfg.Stderr,
 		tap: cfg.Tap, gate: cfg.Gate, safePoint: cfg.SafePoint, onWake: cfg.OnWake, onIdle: cfg.OnIdle, rand: cfg.Rand,
-		wake: -1, stdinOwn: -1,
+		wake: -1, stdinOwn: -1, stdinSock: -1,
 	}
 	if d.stdin == nil {
 		d.stdin = os.Stdin
@@ -187,6 +190,8 @@ func newBase(cfg Config) (*Devices, error) {
 		if i == 0 && host >= 0 {
 			if own := privateStdin(host); own >= 0 {
 				f.Host, d.stdinOwn = own, own
+			} else if f.Filetype == FiletypeSocketStream || f.Filetype == FiletypeSocketDgram {
+				d.stdinSock = host
 			}
 		}
 		f.RightsBase = RightsTTY
@@ -217,7 +222,8 @@ func validEnv(e string) bool {
 // shared with other processes, and another reader can take the bytes
 // between a readiness check and a read, which on the shared, blocking
 // description then sleeps out of reach of pauses and stops. A socket
-// cannot be reopened so (and a regular file never blocks).
+// cannot be reopened so (it is read with MSG_DONTWAIT instead), and a
+// regular file never blocks.
 func privateStdin(host int) int {
 	var st unix.Stat_t
 	if unix.Fstat(host, &st) != nil {

@@ -12,7 +12,9 @@ import (
 // blocking read stays interruptible and a non-blocking one never blocks.
 func (d *Devices) stdinRead(f *FD, iovs [][]byte) (uint32, Errno) {
 	if f.Host >= 0 {
-		own := f.Host == d.stdinOwn // non-blocking: a read may find nothing
+		// Non-blocking reads, which may find nothing: a description of
+		// ftvm's own, or a socket read with MSG_DONTWAIT.
+		own := f.Host == d.stdinOwn || f.Host == d.stdinSock
 		for {
 			if f.Flags&FdflagNonblock != 0 {
 				// A descriptor ftvm was given stays blocking (it may be
@@ -28,7 +30,13 @@ func (d *Devices) stdinRead(f *FD, iovs [][]byte) (uint32, Errno) {
 			} else if errno := d.waitFd(f.Host, unix.POLLIN, true); errno != ESUCCESS {
 				return 0, errno
 			}
-			n, err := rwv(unix.SYS_READV, f.Host, iovs, 0)
+			var n int
+			var err error
+			if f.Host == d.stdinSock {
+				n, _, _, _, err = unix.RecvmsgBuffers(f.Host, iovs, nil, unix.MSG_DONTWAIT)
+			} else {
+				n, err = rwv(unix.SYS_READV, f.Host, iovs, 0)
+			}
 			if err == unix.EAGAIN && own && f.Flags&FdflagNonblock == 0 {
 				continue // another reader took what woke the wait
 			}

@@ -93,18 +93,35 @@ func TestNonblockingStdinNeverBlocks(t *testing.T) {
 	}
 }
 
-// TestStdinSharedWithAnotherReader: ftvm's stdin may be a pipe another
-// process reads too. Its bytes can go to that reader between the guest's
-// wait for stdin and its read, and a read of the shared, blocking
-// description then slept in the kernel until more came, where no pause or
-// stop could reach it. The guest reads a description of its own, opened
-// non-blocking, so a lost race means waiting again, pausably; the shared
+// TestStdinSharedWithAnotherReader: ftvm's stdin may be a pipe (or a
+// socket) another process reads too. Its bytes can go to that reader
+// between the guest's wait for stdin and its read, and a read of the
+// shared, blocking description then slept in the kernel until more came,
+// where no pause or stop could reach it. The guest reads a pipe through a
+// description of its own, opened non-blocking, and a socket with
+// MSG_DONTWAIT, so a lost race means waiting again, pausably; the shared
 // description is left as it was.
 func TestStdinSharedWithAnotherReader(t *testing.T) {
-	r, w, err := os.Pipe()
-	if err != nil {
-		t.Fatal(err)
-	}
+	t.Run("pipe", func(t *testing.T) {
+		r, w, err := os.Pipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		testStdinShared(t, r, w, true)
+	})
+	t.Run("socket", func(t *testing.T) {
+		fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		testStdinShared(t, os.NewFile(uintptr(fds[0]), "stdin"), os.NewFile(uintptr(fds[1]), "peer"), false)
+	})
+}
+
+// testStdinShared races the guest's blocking reads of stdin r against
+// another reader of the same description, one byte written to w at a time.
+// reopened says whether the guest must read a description of its own.
+func testStdinShared(t *testing.T, r, w *os.File, reopened bool) {
 	defer r.Close()
 	defer w.Close()
 	d, err := newBase(Config{Stdin: r, Stdout: io.Discard, Stderr: io.Discard})
@@ -116,8 +133,8 @@ func TestStdinSharedWithAnotherReader(t *testing.T) {
 	if errno != ESUCCESS {
 		t.Fatal(errno)
 	}
-	if f.Host == int(r.Fd()) {
-		t.Fatal("the guest reads the descriptor ftvm was given")
+	if (f.Host != int(r.Fd())) != reopened {
+		t.Fatalf("the guest reads host descriptor %d, stdin is %d: reopened should be %v", f.Host, r.Fd(), reopened)
 	}
 	if fl, err := unix.FcntlInt(r.Fd(), unix.F_GETFL, 0); err != nil || fl&unix.O_NONBLOCK != 0 {
 		t.Fatalf("the shared description's flags changed: %#x %v", fl, err)
