@@ -122,6 +122,9 @@ func FuzzBackup(f *testing.F) {
 	f.Add([]byte{0, 1, 1, 0x11, 1, 0x02, 1, 0x04, 3, 0, 0, 2, 1, 0x25, 4, 255, 0, 1})
 	f.Add([]byte{0, 1, 2, 0, 4, 90, 4, 90, 0, 2, 1, 0x13, 2, 9, 4, 255, 4, 255, 0, 3})
 	f.Add([]byte{0, 0x41, 0, 0x03, 1, 0x11, 1, 0x12, 1, 0x14, 1, 0x13, 3, 1, 0, 2})
+	// A full checkpoint, then its commit fails; a second session's full
+	// one, an incremental after it whose commit fails, then silence.
+	f.Add([]byte{0, 1, 1, 0x55, 5, 0, 4, 20, 0, 2, 1, 0x5a, 1, 0x1e, 5, 0, 4, 255, 4, 255})
 	f.Fuzz(func(t *testing.T, data []byte) {
 		b, _ := NewBackup(testCfg, "vm1", 0)
 		var (
@@ -132,9 +135,14 @@ func FuzzBackup(f *testing.F) {
 			full       = map[uint64]bool{}
 			acked      = map[uint64]uint64{}
 			failed     bool
+			// The last step's commit, which the next may report as
+			// failed (CommitFailed), and what was committed before it.
+			justSess, justSeq uint64
+			prevHas           bool
+			prevSeq           uint64
 		)
 		for i := 0; i+1 < len(data); i += 2 {
-			op, arg := data[i]%5, data[i+1]
+			op, arg := data[i]%6, data[i+1]
 			var ev BackupEvent
 			s := uint64(arg&3) + uint64(arg>>7) // sessions 0-4
 			switch op {
@@ -145,7 +153,10 @@ func FuzzBackup(f *testing.F) {
 				}
 				ev = Hello{now, s, vm, uint64(arg>>2) & 3}
 			case 1:
-				ev = Checkpoint{now, s, uint64(arg>>2) & 15, arg&0x20 != 0}
+				// Bits 2-5 the sequence number, bit 6 full (bit 5
+				// was, which made every full one 8 or more and every
+				// incremental 7 or less: no chain ever committed).
+				ev = Checkpoint{now, s, uint64(arg>>2) & 15, arg&0x40 != 0}
 			case 2:
 				ev = Heartbeat{now, s}
 			case 3:
@@ -153,7 +164,20 @@ func FuzzBackup(f *testing.F) {
 			case 4:
 				now += Time(arg) * ms
 				ev = Tick{now}
+			case 5:
+				if justSeq == 0 {
+					ev = Tick{now}
+					break
+				}
+				// The driver could not apply the commit just made.
+				held := uint64(0)
+				if prevHas {
+					held = prevSeq
+				}
+				ev = CommitFailed{now, justSess, justSeq, held}
+				has, seq = prevHas, prevSeq
 			}
+			justSeq = 0
 			now += 100 * time.Microsecond
 			if err := b.Step(ev); err != nil {
 				t.Fatal(err)
@@ -182,7 +206,9 @@ func FuzzBackup(f *testing.F) {
 				} else if !full[ck.Session] || !has || seq != c-1 {
 					t.Fatalf("incremental %d on %v %d", c, has, seq)
 				}
+				prevHas, prevSeq = has, seq
 				has, seq = true, c
+				justSess, justSeq = ck.Session, c
 			}
 			for _, m := range rd.Messages {
 				if m.Kind == MsgAck {
