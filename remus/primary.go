@@ -974,13 +974,7 @@ func (s *session) receiver(p *Primary) {
 			return
 		}
 		now := p.now()
-		if _, ack := msg.(*wire.Ack); !ack {
-			// An ack counts as hearing from the backup by itself: one
-			// event, so that the loop steps it first, not after the
-			// heartbeat and whatever that Ready does (the walk of the
-			// page tables before a pause, say).
-			p.send(engine.Heartbeat{Now: now, Session: s.id})
-		}
+		p.send(engine.Heartbeat{Now: now, Session: s.id})
 		switch m := msg.(type) {
 		case *wire.Ack:
 			if done := s.exitDone.Load(); done != nil {
