@@ -232,6 +232,11 @@ func privateStdin(host int) int {
 	if m := st.Mode & unix.S_IFMT; m != unix.S_IFIFO && m != unix.S_IFCHR {
 		return -1
 	}
+	// Only a stdin open for reading: reopening a pipe's write end for
+	// reading would let the guest read what is written to it.
+	if fl, err := unix.FcntlInt(uintptr(host), unix.F_GETFL, 0); err != nil || fl&unix.O_ACCMODE == unix.O_WRONLY {
+		return -1
+	}
 	fd, err := unix.Open(fmt.Sprintf("/proc/self/fd/%d", host), unix.O_RDONLY|unix.O_NONBLOCK|unix.O_CLOEXEC|unix.O_NOCTTY, 0)
 	if err != nil {
 		return -1

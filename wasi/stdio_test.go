@@ -204,3 +204,32 @@ func testStdinShared(t *testing.T, r, w *os.File, reopened bool) {
 		t.Skip("the other reader never won a race: nothing was tested")
 	}
 }
+
+// TestStdinWriteEndNotReopened: a stdin that is a pipe's write end (a
+// mistake of the caller's) is not reopened for reading, which would let the
+// guest read what is written into that pipe.
+func TestStdinWriteEndNotReopened(t *testing.T) {
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	defer w.Close()
+	d, err := newBase(Config{Stdin: w, Stdout: io.Discard, Stderr: io.Discard})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	f, errno := d.fds.Get(0)
+	if errno != ESUCCESS {
+		t.Fatal(errno)
+	}
+	if f.Host != int(w.Fd()) || d.stdinOwn != -1 {
+		t.Fatalf("the write end was reopened: host %d, own %d", f.Host, d.stdinOwn)
+	}
+	w.Write([]byte("not for the guest"))
+	f.Flags |= FdflagNonblock
+	if n, errno := d.stdinRead(f, [][]byte{make([]byte, 32)}); errno == ESUCCESS && n > 0 {
+		t.Fatalf("the guest read %d bytes written into the pipe", n)
+	}
+}
