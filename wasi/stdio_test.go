@@ -25,15 +25,7 @@ func TestNonblockingStdinNeverBlocks(t *testing.T) {
 	}
 	defer r.Close()
 	defer w.Close()
-	d, err := newBase(Config{Stdin: r, Stdout: io.Discard, Stderr: io.Discard})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer d.Close()
-	f, errno := d.fds.Get(0)
-	if errno != ESUCCESS {
-		t.Fatal(errno)
-	}
+	d, f := stdinDevices(t, r)
 	f.Flags |= FdflagNonblock
 
 	const reads = 200000
@@ -118,21 +110,29 @@ func TestStdinSharedWithAnotherReader(t *testing.T) {
 	})
 }
 
+// stdinDevices is a device layer whose stdin is file, closed when t ends,
+// and its stdin descriptor.
+func stdinDevices(t *testing.T, file *os.File) (*Devices, *FD) {
+	t.Helper()
+	d, err := newBase(Config{Stdin: file, Stdout: io.Discard, Stderr: io.Discard})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { d.Close() })
+	f, errno := d.fds.Get(0)
+	if errno != ESUCCESS {
+		t.Fatal(errno)
+	}
+	return d, f
+}
+
 // testStdinShared races the guest's blocking reads of stdin r against
 // another reader of the same description, one byte written to w at a time.
 // reopened says whether the guest must read a description of its own.
 func testStdinShared(t *testing.T, r, w *os.File, reopened bool) {
 	defer r.Close()
 	defer w.Close()
-	d, err := newBase(Config{Stdin: r, Stdout: io.Discard, Stderr: io.Discard})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer d.Close()
-	f, errno := d.fds.Get(0)
-	if errno != ESUCCESS {
-		t.Fatal(errno)
-	}
+	d, f := stdinDevices(t, r)
 	if (f.Host != int(r.Fd())) != reopened {
 		t.Fatalf("the guest reads host descriptor %d, stdin is %d: reopened should be %v", f.Host, r.Fd(), reopened)
 	}
@@ -215,15 +215,7 @@ func TestStdinWriteEndNotReopened(t *testing.T) {
 	}
 	defer r.Close()
 	defer w.Close()
-	d, err := newBase(Config{Stdin: w, Stdout: io.Discard, Stderr: io.Discard})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer d.Close()
-	f, errno := d.fds.Get(0)
-	if errno != ESUCCESS {
-		t.Fatal(errno)
-	}
+	d, f := stdinDevices(t, w)
 	if f.Host != int(w.Fd()) || d.stdinOwn != -1 {
 		t.Fatalf("the write end was reopened: host %d, own %d", f.Host, d.stdinOwn)
 	}
