@@ -52,7 +52,7 @@ type Config struct {
 	Gate     wasi.OutputGate
 	// OnIdle is called when the guest is about to sleep in a blocking
 	// call (see wasi.Config.OnIdle).
-	OnIdle func()
+	OnIdle func() bool
 	// Instrument applies Asyncify (machine/instrument) so that the VM can be
 	// paused, captured and restored at any host call. InstrumentCacheDir
 	// keeps instrumented modules ("" = instrument.DefaultCacheDir()).

@@ -295,6 +295,8 @@ type slot struct {
 	// applying are the commits whose copies into img may be pending, in
 	// order, each done closed when its copy is done (loop only).
 	applying []applyingCopy
+	// pages recycles the memory of small checkpoints' pages.
+	pages pagePool
 	// heard maps a session to when its receiver read messages since the
 	// loop last looked (heardLog, heardSince).
 	heardMu  sync.Mutex
@@ -336,6 +338,9 @@ type staged struct {
 	// decoder round trip) per byte.
 	tail []byte
 	snap *snapshot.Snapshot
+	// mem holds snap's pages if they are in the slot's pool (nil if not):
+	// this checkpoint's hold on it is passed on as it commits.
+	mem  *pageMem
 	ops  []wire.FsOp
 	tree []wire.DiskFile
 	// begun is when its CheckpointBegin arrived (for the debug log).
@@ -542,7 +547,7 @@ func (s *slot) receive(id uint64, c *transport.Conn, hello *wire.Hello) {
 				snap, err = cur.stream.finish()
 				cur.stream = nil
 			} else {
-				snap, err = s.decode(cur.raw.bytes(), &hello.Module)
+				snap, cur.mem, err = s.decode(cur.raw.bytes(), &hello.Module, !cur.full)
 			}
 			stopKeepAlive()
 			if err != nil {
@@ -574,33 +579,43 @@ func (s *slot) receive(id uint64, c *transport.Conn, hello *wire.Hello) {
 // keepAlive tells the slot, every quarter of the timeout until the
 // returned function is called, that session id is still heard from.
 func (s *slot) keepAlive(id uint64) (stop func()) {
+	// A timer, not a goroutine: nearly every checkpoint decodes in far
+	// less than the period, and a goroutine started and waited for per
+	// checkpoint cost its acknowledgement a hand-off between threads.
+	every := max(s.b.cfg.Engine.Timeout/4, time.Millisecond)
 	done := make(chan struct{})
-	finished := make(chan struct{})
-	go func() {
-		defer close(finished)
-		t := time.NewTicker(max(s.b.cfg.Engine.Timeout/4, time.Millisecond))
-		defer t.Stop()
-		for {
-			select {
-			case <-t.C:
-				select {
-				case s.events <- engine.Heartbeat{Now: s.b.now(), Session: id}:
-				case <-done:
-					return
-				}
-			case <-done:
-				return
-			}
+	var mu sync.Mutex // held by a beat while it sends: stop waits for it
+	stopped := false
+	var t *time.Timer
+	t = time.AfterFunc(every, func() {
+		mu.Lock()
+		defer mu.Unlock()
+		if stopped {
+			return
 		}
-	}()
-	return func() { close(done); <-finished }
+		select {
+		case s.events <- engine.Heartbeat{Now: s.b.now(), Session: id}:
+			t.Reset(every)
+		case <-done:
+		}
+	})
+	return func() {
+		close(done) // a beat waiting for room in the queue gives up
+		mu.Lock()
+		stopped = true
+		mu.Unlock()
+		t.Stop()
+	}
 }
 
 // decode is snapshot.DecodeBytes, slowed down in tests by testDecodeDelay.
 // A large checkpoint is decompressed on all cores: its acknowledgement, and
 // the primary's output, wait for it (the final epoch of a long computation,
 // 9,797 pages: 145 ms on one core here).
-func (s *slot) decode(raw []byte, module *snapshot.Hash) (*snapshot.Snapshot, error) {
+// decode decodes a checkpoint that arrived whole; pooled puts its pages in
+// the slot's pool memory (mem; not for a full checkpoint, whose pages
+// become the program's memory).
+func (s *slot) decode(raw []byte, module *snapshot.Hash, pooled bool) (*snapshot.Snapshot, *pageMem, error) {
 	if testDecodeDelay > 0 {
 		time.Sleep(testDecodeDelay)
 	}
@@ -608,7 +623,17 @@ func (s *slot) decode(raw []byte, module *snapshot.Hash) (*snapshot.Snapshot, er
 	if len(raw) >= parallelDecodeFrom {
 		workers = runtime.GOMAXPROCS(0)
 	}
-	return snapshot.DecodeBytesWorkers(raw, module, workers)
+	if !pooled {
+		snap, err := snapshot.DecodeBytesWorkers(raw, module, workers)
+		return snap, nil, err
+	}
+	mem := s.pages.newMem()
+	snap, err := snapshot.DecodeBytesInto(raw, module, workers, mem.alloc)
+	if err != nil {
+		mem.release() // nothing refers to it
+		return nil, nil, err
+	}
+	return snap, mem, nil
 }
 
 // parallelDecodeFrom is the checkpoint size from which decode uses every
@@ -859,7 +884,8 @@ func (s *slot) do(ctx context.Context, rd engine.BackupReady) (failover bool, fa
 			prev = s.applying[n-1].done
 		}
 		done := make(chan struct{})
-		s.applying = append(s.applying, applyingCopy{done: done, snap: st.snap})
+		st.mem.hold() // the copy's, until pruned: deltas resolve against its pages
+		s.applying = append(s.applying, applyingCopy{done: done, snap: st.snap, mem: st.mem})
 		s.b.wg.Add(1)
 		go func() {
 			defer s.b.wg.Done()
@@ -968,7 +994,9 @@ func (s *slot) commit(seq uint64) (finish func(), err error) {
 		if st.full {
 			s.prepare(st.snap)
 		}
-		s.persistQ.push(persistJob{seq: seq, full: st.full, raw: st.raw, snap: st.snap, ops: st.ops, tree: st.tree})
+		st.mem.hold() // the disk's
+		s.persistQ.push(persistJob{seq: seq, full: st.full, raw: st.raw, snap: st.snap, mem: st.mem, ops: st.ops, tree: st.tree})
+		st.mem.release() // the staged checkpoint's
 	}, nil
 }
 
@@ -981,6 +1009,7 @@ const maxApplying = 4
 type applyingCopy struct {
 	done chan struct{}
 	snap *snapshot.Snapshot
+	mem  *pageMem
 }
 
 // baseOf is the backup's copy of page idx as of the last commit: in the
@@ -1015,6 +1044,7 @@ func (s *slot) fullApplying() bool {
 func (s *slot) pruneApplied() {
 	n := 0
 	for n < len(s.applying) && isClosed(s.applying[n].done) {
+		s.applying[n].mem.release()
 		n++
 	}
 	m := copy(s.applying, s.applying[n:])
@@ -1047,6 +1077,9 @@ func (s *slot) waitApply() {
 		stop := s.heartbeatWhileBusy()
 		<-last
 		stop()
+	}
+	for _, a := range s.applying {
+		a.mem.release()
 	}
 	clear(s.applying)
 	s.applying = s.applying[:0]
@@ -1171,6 +1204,7 @@ type persistJob struct {
 	full bool
 	raw  chunks
 	snap *snapshot.Snapshot // decoded raw
+	mem  *pageMem           // snap's pages' pool memory (or nil): released once stored
 	ops  []wire.FsOp
 	tree []wire.DiskFile
 }
@@ -1207,6 +1241,10 @@ func (q *persistQueue) push(j persistJob) {
 	q.mu.Lock()
 	if j.full {
 		// A full checkpoint supersedes everything queued before it.
+		for _, old := range q.jobs {
+			old.mem.release()
+		}
+		clear(q.jobs)
 		q.jobs, q.pending = q.jobs[:0], 0
 	}
 	q.jobs = append(q.jobs, j)
@@ -1286,48 +1324,61 @@ func (s *slot) persister() {
 		if !ok {
 			return
 		}
-		// A full checkpoint starts a new chain; the queue dropped what
-		// came before it.
-		if jobs[0].full {
-			j := jobs[0]
-			t0 := time.Now()
-			err := s.store.CommitFullDecoded(j.seq, j.raw.bytes(), j.snap, toStoreTree(j.tree), toStoreOps(j.ops))
-			s.log.Debug("full checkpoint stored", "seq", j.seq, "took", time.Since(t0), "err", err)
-			if !s.stored(err, "a full checkpoint", j.seq) {
-				continue
-			}
-			storeSeq, tip = j.seq, j.snap.ID
-			s.persisted(j.seq)
-			s.mu.Lock()
-			s.diskBehind = false
-			s.mu.Unlock()
-			jobs = jobs[1:]
-		}
-		if len(jobs) == 0 {
-			continue
-		}
-		if tip.IsZero() {
-			s.persistFailed()
-			continue
-		}
-		raw, merged, err := mergeIncrementals(jobs, storeSeq+1, tip)
-		var ops []wire.FsOp
+		spaced := s.persistBatch(jobs, &storeSeq, &tip)
 		for _, j := range jobs {
-			ops = append(ops, j.ops...)
+			j.mem.release()
 		}
-		if err != nil {
-			s.log.Error("merging checkpoints for the disk failed", "err", err)
-			s.persistFailed()
-			continue
+		if spaced {
+			s.persistQ.space(persistSpacing)
 		}
-		err = s.store.CommitIncrementalDecoded(storeSeq+1, raw, merged, toStoreOps(ops))
-		if !s.stored(err, fmt.Sprintf("checkpoints %d-%d", jobs[0].seq, jobs[len(jobs)-1].seq), storeSeq+1) {
-			continue
-		}
-		storeSeq, tip = storeSeq+1, merged.ID
-		s.persisted(jobs[len(jobs)-1].seq)
-		s.persistQ.space(persistSpacing)
 	}
+}
+
+// persistBatch stores one batch of committed checkpoints (persister's);
+// it reports whether it committed incremental ones, after which the
+// persister spaces its commits.
+func (s *slot) persistBatch(jobs []persistJob, storeSeq *uint64, tip *snapshot.Hash) (spaced bool) {
+	// A full checkpoint starts a new chain; the queue dropped what came
+	// before it.
+	if jobs[0].full {
+		j := jobs[0]
+		t0 := time.Now()
+		err := s.store.CommitFullDecoded(j.seq, j.raw.bytes(), j.snap, toStoreTree(j.tree), toStoreOps(j.ops))
+		s.log.Debug("full checkpoint stored", "seq", j.seq, "took", time.Since(t0), "err", err)
+		if !s.stored(err, "a full checkpoint", j.seq) {
+			return false
+		}
+		*storeSeq, *tip = j.seq, j.snap.ID
+		s.persisted(j.seq)
+		s.mu.Lock()
+		s.diskBehind = false
+		s.mu.Unlock()
+		jobs = jobs[1:]
+	}
+	if len(jobs) == 0 {
+		return false
+	}
+	if tip.IsZero() {
+		s.persistFailed()
+		return false
+	}
+	raw, merged, err := mergeIncrementals(jobs, *storeSeq+1, *tip)
+	var ops []wire.FsOp
+	for _, j := range jobs {
+		ops = append(ops, j.ops...)
+	}
+	if err != nil {
+		s.log.Error("merging checkpoints for the disk failed", "err", err)
+		s.persistFailed()
+		return false
+	}
+	err = s.store.CommitIncrementalDecoded(*storeSeq+1, raw, merged, toStoreOps(ops))
+	if !s.stored(err, fmt.Sprintf("checkpoints %d-%d", jobs[0].seq, jobs[len(jobs)-1].seq), *storeSeq+1) {
+		return false
+	}
+	*storeSeq, *tip = *storeSeq+1, merged.ID
+	s.persisted(jobs[len(jobs)-1].seq)
+	return true
 }
 
 // persistSpacing is the least time between two commits to the slot's

@@ -15,7 +15,6 @@ import (
 	"crypto/rand"
 	"crypto/tls"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"hash/crc32"
@@ -156,11 +155,15 @@ func NewPrimary(cfg PrimaryConfig) (*Primary, error) {
 func (p *Primary) Gate() wasi.OutputGate { return p.gate }
 
 // OnIdle goes into the machine's Config (OnIdle): when the guest goes to
-// sleep with output of this epoch held, the epoch ends at once.
-func (p *Primary) OnIdle() {
+// sleep with output of this epoch held, the epoch ends at once. It reports
+// whether it told the loop so (which then asks for the pause, unless
+// checkpoints are held back).
+func (p *Primary) OnIdle() bool {
 	if p.gate.outputWaiting() {
 		p.event(engine.GuestIdle{Now: p.now()})
+		return true
 	}
+	return false
 }
 
 func (p *Primary) now() engine.Time { return time.Since(p.t0) }
@@ -738,6 +741,7 @@ type session struct {
 	uncompressed bool
 	lastID       snapshot.Hash
 	bases        pageBases // owned by the sender goroutine
+	devices      devicesJSON
 	closed       atomic.Bool
 	exitOnce     sync.Once
 	exitDone     atomic.Pointer[chan struct{}] // set before an Exit is sent (by Finish); closed by its ack
@@ -829,7 +833,7 @@ const chunk = 256 << 10
 func (s *session) stream(p *Primary, cp *checkpoint, buf *bytes.Buffer) error {
 	snap := cp.snap
 	if snap.Devices == nil {
-		devs, err := json.Marshal(cp.devices)
+		devs, err := s.devices.encode(cp.devices)
 		if err != nil {
 			return fmt.Errorf("device state: %w", err)
 		}

@@ -34,9 +34,19 @@ func DecodeBytes(b []byte, module *Hash) (*Snapshot, error) {
 // acknowledgement, and so the primary's output, waits for its decoding.
 // Everything is verified as by DecodeBytes, and the result is the same.
 func DecodeBytesWorkers(b []byte, module *Hash, workers int) (*Snapshot, error) {
+	return DecodeBytesInto(b, module, workers, nil)
+}
+
+// DecodeBytesInto is DecodeBytesWorkers with the pages' memory from alloc
+// (nil: fresh memory), which must return n bytes of any content: the
+// decoder writes every byte of them. A Remus backup decodes hundreds of
+// small checkpoints a second: fresh memory for each cost it more (the
+// runtime clearing it, the kernel faulting it in, the collector freeing
+// it) than the decoding itself.
+func DecodeBytesInto(b []byte, module *Hash, workers int, alloc func(n int) []byte) (*Snapshot, error) {
 	br := bytes.NewReader(b)
 	d := newDecoder(br, module)
-	d.workers = workers
+	d.workers, d.alloc = workers, alloc
 	s, err := d.run()
 	if err != nil {
 		return nil, err
@@ -93,6 +103,8 @@ type decoder struct {
 	workers int
 	sem     chan struct{}
 	pending []*batchJob
+	// alloc, if set, gives the page batches' memory (DecodeBytesInto).
+	alloc func(n int) []byte
 }
 
 // batchJob is one page batch decompressed off the decoder's goroutine.
@@ -494,7 +506,18 @@ func (d *decoder) pageBatch(f frame, b []byte) error {
 	}
 	// Only now, with the indices known good, is page memory allocated,
 	// and the decompressor may fill exactly that.
-	data := hugeBuf(n * PageSize)
+	var data []byte
+	if d.alloc != nil {
+		if data = d.alloc(n * PageSize); len(data) != n*PageSize {
+			return d.fail(ErrCorrupt, "page memory of %d bytes for %d pages", len(data), n) // a broken alloc
+		}
+		data = data[:len(data):len(data)]
+	} else {
+		data = hugeBuf(n * PageSize)
+	}
+	// Sparse deltas write only their runs: into memory that may hold
+	// anything, the rest must be zeroed first.
+	dirty := d.alloc != nil && f.codec == CodecDeltaSparse
 	first := len(s.Pages)
 	delta := f.codec.delta()
 	var sums []byte // a delta batch's checksums of the resolved pages
@@ -511,7 +534,11 @@ func (d *decoder) pageBatch(f frame, b []byte) error {
 	d.pages += uint32(n)
 	src := b[4+n*pageRefSize+len(sums):]
 	if d.workers <= 1 {
-		populateBatch(data)
+		if dirty {
+			clear(data)
+		} else if d.alloc == nil {
+			populateBatch(data)
+		}
 		if err := decompressBatch(f.codec, src, data); err != nil {
 			return d.fail(ErrCorrupt, "%v", err)
 		}
@@ -531,7 +558,11 @@ func (d *decoder) pageBatch(f frame, b []byte) error {
 	go func() {
 		defer close(j.done)
 		defer func() { <-d.sem }()
-		populateBatch(data)
+		if dirty {
+			clear(data)
+		} else if d.alloc == nil {
+			populateBatch(data)
+		}
 		if j.err = decompressBatch(j.codec, j.src, data); j.err != nil {
 			return
 		}

@@ -82,6 +82,11 @@ func TestDeltaPages(t *testing.T) {
 			}
 		}
 		got := mustDecode(t, enc, workers)
+		// Into reused memory (DecodeBytesInto), whatever it held: the
+		// same pages, deltas and whole ones.
+		for _, b := range [][]byte{enc, plain} {
+			sameDecoding(t, mustDecode(t, b, workers), b, workers)
+		}
 		n := 0
 		for _, p := range got.Pages {
 			if p.Delta {
@@ -241,6 +246,31 @@ func TestSparseCodec(t *testing.T) {
 		// Two pages: a run past the first must not spill into the second.
 		if err := decodeSparse(append(bad, 0, 0), dst); err == nil {
 			t.Errorf("%s: decoded", name)
+		}
+	}
+}
+
+// sameDecoding checks that b decoded into memory full of garbage
+// (DecodeBytesInto) gives the pages of want, its plain decoding.
+func sameDecoding(t *testing.T, want *Snapshot, b []byte, workers int) {
+	t.Helper()
+	allocs := 0
+	garbage := func(n int) []byte {
+		allocs++
+		return bytes.Repeat([]byte{0xa5}, n)
+	}
+	got, err := DecodeBytesInto(b, nil, workers, garbage)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if allocs == 0 || got.ID != want.ID || len(got.Pages) != len(want.Pages) {
+		t.Fatalf("decoded into reused memory: %d allocations, ID %s, %d pages; want ID %s, %d pages",
+			allocs, got.ID.Short(), len(got.Pages), want.ID.Short(), len(want.Pages))
+	}
+	for i, p := range got.Pages {
+		w := want.Pages[i]
+		if p.Index != w.Index || p.Delta != w.Delta || p.Sum != w.Sum || !bytes.Equal(p.Data, w.Data) {
+			t.Fatalf("page %d decoded into reused memory differs (delta %v)", p.Index, w.Delta)
 		}
 	}
 }

@@ -67,8 +67,9 @@ type Config struct {
 	// blocking call (poll_oneoff, or a blocking read, accept or write):
 	// it has nothing to do until input arrives. A Remus primary takes
 	// that moment to end an epoch whose output is waiting, since pausing
-	// an idle guest costs it nothing.
-	OnIdle func()
+	// an idle guest costs it nothing. It reports whether it asked for a
+	// pause (Devices.idle).
+	OnIdle func() bool
 	// Rand is the source of random_get; crypto/rand when nil.
 	Rand io.Reader
 	// Clock supplies host time; the real clocks when nil.
@@ -103,7 +104,7 @@ type Devices struct {
 	gate      OutputGate
 	safePoint func(ctx context.Context, mod api.Module, c Call) bool
 	onWake    func()
-	onIdle    func()
+	onIdle    func() bool
 	rand      io.Reader
 	clock     *Clock
 	counters  Counters

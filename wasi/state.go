@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 
 	"golang.org/x/sys/unix"
 )
@@ -63,6 +64,15 @@ type FDState struct {
 	Addr             string   `json:"addr,omitempty"`
 	Stdio            int      `json:"stdio,omitempty"`
 	Shut             uint8    `json:"shut,omitempty"`
+}
+
+// SameButClock reports whether st and o are the same device state but for
+// the clock (Monotonic): a Remus primary re-encodes only the clock of a
+// state that did not change since its last checkpoint.
+func (st *State) SameButClock(o *State) bool {
+	return slices.Equal(st.Args, o.Args) && slices.Equal(st.Env, o.Env) && slices.Equal(st.Preopens, o.Preopens) &&
+		slices.Equal(st.FDs, o.FDs) && (st.Instrumentation == o.Instrumentation ||
+		st.Instrumentation != nil && o.Instrumentation != nil && *st.Instrumentation == *o.Instrumentation)
 }
 
 // Capture returns the device state. The guest must be stopped (not inside a

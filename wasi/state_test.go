@@ -6,6 +6,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"testing"
 )
@@ -120,5 +121,73 @@ func TestCaptureRestore(t *testing.T) {
 	// Preopens must match by guest path.
 	if _, err := Restore(Config{Preopens: []Preopen{{HostPath: copyDir, GuestPath: "/data"}}}, &st2); err == nil {
 		t.Error("restore with a different preopen succeeded")
+	}
+}
+
+// TestSameButClock: a change to any field of the device state but the
+// clock, at the top or in any descriptor, makes it another state. The
+// fields are found by reflection, so a field added later is checked too
+// (and SameButClock must then compare it).
+func TestSameButClock(t *testing.T) {
+	base := func() *State {
+		return &State{Args: []string{"app", "-x"}, Env: []string{"A=1"},
+			Preopens: []Preopen{{HostPath: "/srv", GuestPath: "/data"}}, Monotonic: 5,
+			FDs:             []FDState{{Num: 3, Kind: 1, Path: "f", Pos: 10}, {Num: 4, Kind: 2, Addr: "127.0.0.1:1"}},
+			Instrumentation: &Instrumentation{Module: "abc"}}
+	}
+	a := base()
+	if b := base(); !a.SameButClock(b) {
+		t.Fatal("equal states differ")
+	}
+	if b := base(); func() bool { b.Monotonic = 99; return !a.SameButClock(b) }() {
+		t.Fatal("states that differ in the clock only differ")
+	}
+	// mutate changes one field of v (a struct), whatever its kind.
+	mutate := func(f reflect.Value) {
+		switch f.Kind() {
+		case reflect.String:
+			f.SetString(f.String() + "'")
+		case reflect.Bool:
+			f.SetBool(!f.Bool())
+		case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64:
+			f.SetInt(f.Int() + 1)
+		case reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
+			f.SetUint(f.Uint() + 1)
+		case reflect.Slice:
+			f.Set(reflect.AppendSlice(f.Slice(0, f.Len()), f.Slice(0, 1)))
+		case reflect.Pointer:
+			n := reflect.New(f.Type().Elem())
+			n.Elem().Set(f.Elem())
+			n.Elem().Field(n.Elem().NumField() - 1).SetString("other")
+			f.Set(n)
+		default:
+			t.Fatalf("field kind %s: teach this test (and SameButClock) about it", f.Kind())
+		}
+	}
+	st := reflect.TypeFor[State]()
+	for i := range st.NumField() {
+		name := st.Field(i).Name
+		if name == "Monotonic" {
+			continue
+		}
+		b := base()
+		mutate(reflect.ValueOf(b).Elem().Field(i))
+		if a.SameButClock(b) {
+			t.Errorf("a change of %s goes unseen", name)
+		}
+	}
+	for _, sub := range []reflect.Type{reflect.TypeFor[FDState](), reflect.TypeFor[Preopen]()} {
+		for i := range sub.NumField() {
+			b := base()
+			switch sub {
+			case reflect.TypeFor[FDState]():
+				mutate(reflect.ValueOf(&b.FDs[1]).Elem().Field(i))
+			default:
+				mutate(reflect.ValueOf(&b.Preopens[0]).Elem().Field(i))
+			}
+			if a.SameButClock(b) {
+				t.Errorf("a change of %s.%s goes unseen", sub.Name(), sub.Field(i).Name)
+			}
+		}
 	}
 }
