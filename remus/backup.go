@@ -587,6 +587,8 @@ func (s *slot) keepAlive(id uint64) (stop func()) {
 	var mu sync.Mutex // held by a beat while it sends: stop waits for it
 	stopped := false
 	var t *time.Timer
+	mu.Lock() // the beat uses t: not before it is set
+	defer mu.Unlock()
 	t = time.AfterFunc(every, func() {
 		mu.Lock()
 		defer mu.Unlock()

@@ -20,6 +20,7 @@ import (
 	"hash/crc32"
 	"log/slog"
 	"os"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -32,6 +33,7 @@ import (
 	"github.com/ftvm/ftvm/snapshot"
 	"github.com/ftvm/ftvm/transport"
 	"github.com/ftvm/ftvm/wasi"
+	"golang.org/x/sys/unix"
 )
 
 // PrimaryConfig configures a protected primary.
@@ -87,8 +89,11 @@ type Primary struct {
 	// stalling: a back-pressure stall is queued or running.
 	stalling atomic.Bool
 	machine  atomic.Pointer[machine.Machine]
-	requests atomic.Uint64 // checkpoints asked of the machine so far
-	captures atomic.Uint64 // of those, captures begun (in their pause)
+	// idleTakes: the engine, as of its last Ready, would take a
+	// checkpoint for a guest going idle (a session, room in flight).
+	idleTakes atomic.Bool
+	requests  atomic.Uint64 // checkpoints asked of the machine so far
+	captures  atomic.Uint64 // of those, captures begun (in their pause)
 }
 
 // PrimaryStatus is what `ftvm status` shows of a protected primary.
@@ -156,26 +161,29 @@ func (p *Primary) Gate() wasi.OutputGate { return p.gate }
 
 // OnIdle goes into the machine's Config (OnIdle): when the guest goes to
 // sleep with output of this epoch held, the epoch ends at once. It reports
-// whether it told the loop so (which then asks for the pause, unless
-// checkpoints are held back).
+// whether the loop, told so, is to ask for the pause: not while a
+// checkpoint is being taken, none can be (no session, --max-inflight
+// unacknowledged), or the event did not get through.
 func (p *Primary) OnIdle() bool {
-	if p.gate.outputWaiting() {
-		p.event(engine.GuestIdle{Now: p.now()})
-		return true
+	if !p.gate.outputWaiting() {
+		return false
 	}
-	return false
+	sent := p.event(engine.GuestIdle{Now: p.now()})
+	return sent && p.idleTakes.Load() && p.requests.Load() == p.captures.Load()
 }
 
 func (p *Primary) now() engine.Time { return time.Since(p.t0) }
 
 // event hands an event to the driver loop without ever blocking the guest.
-func (p *Primary) event(ev engine.PrimaryEvent) {
+func (p *Primary) event(ev engine.PrimaryEvent) (sent bool) {
 	select {
 	case p.events <- ev:
+		return true
 	default:
 		// The loop is far behind; a lost Output or Heartbeat only delays
 		// an epoch end or refreshes liveness later. Other events are sent
 		// from goroutines that may block (see send).
+		return false
 	}
 }
 
@@ -587,6 +595,8 @@ func (p *Primary) publish() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	st := &p.status
+	p.idleTakes.Store(p.eng.Session() != 0 && p.eng.Inflight() < p.cfg.Engine.MaxInflight &&
+		(p.eng.State() == engine.Protected || p.eng.State() == engine.Syncing))
 	st.State = p.eng.State().String()
 	st.Session = p.eng.Session()
 	st.Epoch = p.eng.Seq() + 1
@@ -803,7 +813,11 @@ func (s *session) sender(p *Primary) {
 				}
 			}
 			rearmed := time.Now()
-			err = s.stream(p, it, &buf)
+			if it.dirty >= niceFrom {
+				err = s.streamNiced(p, it, &buf)
+			} else {
+				err = s.stream(p, it, &buf)
+			}
 			p.putStager(it.stager)
 			if err == nil && p.log.Enabled(context.Background(), slog.LevelDebug) {
 				p.log.Debug("checkpoint sent", "seq", it.seq, "full", it.full, "pages", it.dirty,
@@ -819,6 +833,29 @@ func (s *session) sender(p *Primary) {
 		}
 	}
 }
+
+// streamNiced streams a large checkpoint (a heap's growth) from a thread
+// of its own at nice encodeNice: its encoding (a C guest's 20 MB growth:
+// 50 ms of S2) runs beside the guest, which on a machine whose cores are
+// all busy it would slow down. The thread ends with its goroutine (it
+// stays locked), its priority with it.
+func (s *session) streamNiced(p *Primary, cp *checkpoint, buf *bytes.Buffer) error {
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		_ = unix.Setpriority(unix.PRIO_PROCESS, unix.Gettid(), encodeNice)
+		errc <- s.stream(p, cp, buf)
+	}()
+	return <-errc
+}
+
+// niceFrom is the checkpoint size, in dirty pages, streamed by
+// streamNiced; encodeNice its threads' niceness (a weight of 110 against
+// the guest's 1,024).
+const (
+	niceFrom   = 1024
+	encodeNice = 10
+)
 
 // chunk is the size of the pieces a checkpoint's snapshot is sent in. The
 // backup decodes a checkpoint of several pieces as they arrive

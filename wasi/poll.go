@@ -51,7 +51,8 @@ type pollSub struct {
 // of microseconds of every idle checkpoint's, so of the output's, delay.
 // It reports whether a pause is requested now.
 func (d *Devices) goingIdle() (pause bool) {
-	if d.onIdle == nil || !d.onIdle() {
+	if d.onIdle == nil || !d.onIdle() || d.pause.Load() {
+		// A pause asked before is the wait's to notice, as always.
 		return false
 	}
 	deadline := time.Now().Add(idleYield)
@@ -61,8 +62,8 @@ func (d *Devices) goingIdle() (pause bool) {
 	return d.pause.Load()
 }
 
-// idleYield bounds the yielding of goingIdle.
-const idleYield = 50 * time.Microsecond
+// idleYield bounds the yielding of goingIdle (a variable for tests).
+var idleYield = 50 * time.Microsecond
 
 // waitFd blocks until the host descriptor has one of events ready (or an
 // error or hangup, which the caller's next syscall reports), or the device
@@ -77,7 +78,11 @@ func (d *Devices) waitFd(host int, events int16, restartable bool) Errno {
 	}
 	fds := [2]unix.PollFd{{Fd: int32(host), Events: events}, {Fd: int32(d.wake), Events: unix.POLLIN}}
 	d.counters.PollWaits.Add(1)
-	d.goingIdle()
+	if restartable {
+		d.goingIdle()
+	} else if d.onIdle != nil {
+		d.onIdle()
+	}
 	for {
 		if d.closed.Load() {
 			return EINTR
@@ -199,6 +204,7 @@ func pollOneoffWait(d *Devices, m Mem, p []uint64) Errno {
 			d.publishWait(infinite)
 			d.counters.PollWaits.Add(1)
 			if d.goingIdle() && !stopping {
+				d.drainWake() // the pause's Interrupt: this wait is over
 				return errRestart // nothing happened: start again at the safe point
 			}
 		}

@@ -5,6 +5,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -382,5 +383,62 @@ func BenchmarkPollOneoffReady(b *testing.B) {
 	b.ReportAllocs()
 	for b.Loop() {
 		poll(v.d, v.m, params)
+	}
+}
+
+// TestPollIdlePause: a guest going to sleep in poll_oneoff whose OnIdle
+// hook asked for a pause (a Remus checkpoint) gets it before it sleeps,
+// through the wait's restart (errRestart), with nothing left to wake its
+// next wait; a hook that asked for nothing costs the wait nothing.
+func TestPollIdlePause(t *testing.T) {
+	// Long enough for the pausing goroutine to run on any machine.
+	defer func(d time.Duration) { idleYield = d }(idleYield)
+	idleYield = 5 * time.Second
+	var v *sockVM
+	var calls, wakes atomic.Int32
+	var requestPause atomic.Bool
+	v = newSockVM(t, Config{OnWake: func() { wakes.Add(1) }, OnIdle: func() bool {
+		calls.Add(1)
+		if !requestPause.Load() {
+			return true // asked, but no pause comes
+		}
+		go v.d.RequestPause() // as the Remus loop does, from its goroutine
+		return true
+	}})
+	_, cfd := v.dial()
+
+	// Nothing ready, no clock: only the pause can end this wait.
+	requestPause.Store(true)
+	done := make(chan Errno, 1)
+	go func() {
+		_, e := v.poll(readSub(1, cfd))
+		done <- e
+	}()
+	select {
+	case e := <-done:
+		if e != errRestart || calls.Load() != 1 {
+			t.Fatalf("poll with a pause asked at idle: %v after %d OnIdle calls, want the restart after 1", e, calls.Load())
+		}
+	case <-time.After(3 * time.Second):
+		t.Fatal("the pause asked when the guest went idle never ended its wait")
+	}
+	v.d.ClearPause()
+
+	if wakes.Load() != 0 {
+		t.Fatalf("the guest slept and was woken for the pause (%d wake-ups)", wakes.Load())
+	}
+
+	// The restarted call sleeps until its clock: the pause's wake-up was
+	// consumed (one wake-up: the clock's), and a hook that asks for
+	// nothing more is waited out.
+	idleYield = time.Millisecond
+	requestPause.Store(false)
+	t0 := time.Now()
+	evs, e := v.poll(readSub(1, cfd), clockSub(2, ClockMonotonic, 100*time.Millisecond, 0))
+	if el := time.Since(t0); e != ESUCCESS || len(evs) != 1 || evs[0].userdata != 2 || el < 100*time.Millisecond {
+		t.Fatalf("poll after the pause: %+v %v after %v, want its clock after 100ms", evs, e, el)
+	}
+	if wakes.Load() != 1 {
+		t.Fatalf("%d wake-ups for a wait that ends at its clock, want 1", wakes.Load())
 	}
 }

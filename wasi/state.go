@@ -70,10 +70,13 @@ type FDState struct {
 // the clock (Monotonic): a Remus primary re-encodes only the clock of a
 // state that did not change since its last checkpoint.
 func (st *State) SameButClock(o *State) bool {
-	return slices.Equal(st.Args, o.Args) && slices.Equal(st.Env, o.Env) && slices.Equal(st.Preopens, o.Preopens) &&
-		slices.Equal(st.FDs, o.FDs) && (st.Instrumentation == o.Instrumentation ||
+	return sameSlice(st.Args, o.Args) && sameSlice(st.Env, o.Env) && sameSlice(st.Preopens, o.Preopens) &&
+		sameSlice(st.FDs, o.FDs) && (st.Instrumentation == o.Instrumentation ||
 		st.Instrumentation != nil && o.Instrumentation != nil && *st.Instrumentation == *o.Instrumentation)
 }
+
+// sameSlice is slices.Equal telling nil from empty, which JSON does.
+func sameSlice[E comparable](a, b []E) bool { return (a == nil) == (b == nil) && slices.Equal(a, b) }
 
 // Capture returns the device state. The guest must be stopped (not inside a
 // host call) while it runs.
