@@ -204,7 +204,7 @@ func pollOneoffWait(d *Devices, m Mem, p []uint64) Errno {
 			d.publishWait(infinite)
 			d.counters.PollWaits.Add(1)
 			if d.goingIdle() && !stopping {
-				d.drainWake() // the pause's Interrupt: this wait is over
+				d.drainWake()     // the pause's Interrupt: this wait is over
 				return errRestart // nothing happened: start again at the safe point
 			}
 		}
