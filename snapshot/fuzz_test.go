@@ -31,6 +31,17 @@ func checkDecoded(t *testing.T, data []byte) {
 	} else {
 		sameSnapshot(t, ps, s)
 	}
+	// So does decoding into memory full of garbage (a Remus backup's
+	// recycled buffers), with and without workers.
+	for _, w := range []int{1, 3} {
+		gs, gerr := DecodeBytesInto(data, nil, w, func(n int) []byte { return bytes.Repeat([]byte{0x5a}, n) })
+		if (err == nil) != (gerr == nil) {
+			t.Fatalf("decoding into fresh memory: %v; into garbage (%d workers): %v", err, w, gerr)
+		}
+		if err == nil {
+			sameSnapshot(t, gs, s)
+		}
+	}
 	// So does decoding from a reader that hands out a few bytes at a time
 	// (a Remus backup decoding a checkpoint as it arrives).
 	rs, rerr := DecodeReaderWorkers(iotest.HalfReader(bytes.NewReader(data)), nil, 2)
