@@ -1203,6 +1203,7 @@ func (s *slot) hurryPrepare() {
 
 type persistJob struct {
 	seq  uint64
+	from uint64 // the first checkpoint it holds, if several (compact); 0: seq
 	full bool
 	raw  chunks
 	snap *snapshot.Snapshot // decoded raw
@@ -1213,6 +1214,14 @@ type persistJob struct {
 
 // size is about the bytes the job holds: its encoding as it arrived, or,
 // for one whose deltas were resolved (no encoding kept), its pages.
+// first is the first checkpoint the job holds.
+func (j persistJob) first() uint64 {
+	if j.from != 0 {
+		return j.from
+	}
+	return j.seq
+}
+
 func (j persistJob) size() int {
 	if j.raw != nil {
 		return j.raw.len()
@@ -1251,8 +1260,63 @@ func (q *persistQueue) push(j persistJob) {
 	}
 	q.jobs = append(q.jobs, j)
 	q.pending += j.size()
+	if q.pending > persistCompactAt {
+		q.compact()
+	}
 	q.cond.Broadcast()
 	q.mu.Unlock()
+}
+
+// persistCompactAt is the size of the queued checkpoints past which push
+// compacts them (a variable for tests).
+var persistCompactAt = 16 << 20
+
+// compact merges the queued incremental checkpoints (after a full one,
+// which stays as it is) into one that holds the latest copy of each of
+// their pages, in memory of its own, and lets go of theirs: a disk slower
+// than the epochs (a long fsync, say) then holds the queue to about the
+// guest's memory, not to every checkpoint since it fell behind. The
+// persister merges a batch the same way (mergeIncrementals); this is that
+// merge done early, without the encoding.
+func (q *persistQueue) compact() {
+	start := 0
+	if len(q.jobs) > 0 && q.jobs[0].full {
+		start = 1
+	}
+	inc := q.jobs[start:]
+	if len(inc) < 2 {
+		return
+	}
+	latest := map[uint32][]byte{}
+	var ops []wire.FsOp
+	for _, j := range inc {
+		for _, p := range j.snap.Pages {
+			latest[p.Index] = p.Data
+		}
+		ops = append(ops, j.ops...)
+	}
+	last := inc[len(inc)-1]
+	m := *last.snap // its CPU and device state; the pages are all of them
+	m.Pages = make([]snapshot.Page, 0, len(latest))
+	mem := make([]byte, len(latest)*snapshot.PageSize)
+	for idx, d := range latest {
+		page := mem[:snapshot.PageSize:snapshot.PageSize]
+		mem = mem[snapshot.PageSize:]
+		copy(page, d)
+		m.Pages = append(m.Pages, snapshot.Page{Index: idx, Data: page})
+	}
+	snapshot.SortPages(m.Pages)
+	merged := persistJob{seq: last.seq, from: inc[0].first(), snap: &m, ops: ops}
+	q.pending = 0
+	if start == 1 {
+		q.pending = q.jobs[0].size()
+	}
+	for _, j := range inc {
+		j.mem.release()
+	}
+	clear(inc)
+	q.jobs = append(q.jobs[:start], merged)
+	q.pending += merged.size()
 }
 
 // take waits for work and returns all of it.
@@ -1375,7 +1439,7 @@ func (s *slot) persistBatch(jobs []persistJob, storeSeq *uint64, tip *snapshot.H
 		return false
 	}
 	err = s.store.CommitIncrementalDecoded(*storeSeq+1, raw, merged, toStoreOps(ops))
-	if !s.stored(err, fmt.Sprintf("checkpoints %d-%d", jobs[0].seq, jobs[len(jobs)-1].seq), *storeSeq+1) {
+	if !s.stored(err, fmt.Sprintf("checkpoints %d-%d", jobs[0].first(), jobs[len(jobs)-1].seq), *storeSeq+1) {
 		return false
 	}
 	*storeSeq, *tip = *storeSeq+1, merged.ID
@@ -1408,7 +1472,7 @@ func mergeIncrementals(jobs []persistJob, seq uint64, parent snapshot.Hash) ([]b
 	m := &snapshot.Snapshot{Kind: snapshot.Incremental, Module: last.Module, Seq: seq, Parent: parent,
 		MemorySize: last.MemorySize, Globals: last.Globals, StackAddr: last.StackAddr, Stack: last.Stack,
 		Devices: last.Devices, Meta: last.Meta}
-	m.Meta.Reason = fmt.Sprintf("remus checkpoints %d-%d", jobs[0].seq, last.Seq)
+	m.Meta.Reason = fmt.Sprintf("remus checkpoints %d-%d", jobs[0].first(), jobs[len(jobs)-1].seq)
 	for i, d := range pages {
 		m.Pages = append(m.Pages, snapshot.Page{Index: i, Data: d})
 	}

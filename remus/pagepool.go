@@ -2,7 +2,6 @@ package remus
 
 import (
 	"fmt"
-	"math/bits"
 	"sync"
 	"sync/atomic"
 
@@ -17,8 +16,10 @@ import (
 // That time is on the path of every acknowledgement, so of the primary's
 // held output.
 //
-// Buffers come in power-of-two page counts up to poolMaxPages; the pool
-// keeps at most poolMaxBytes of free ones.
+// Buffers come in multiples of poolStep pages up to poolMaxPages (a
+// checkpoint's 131 pages take a buffer of 144: powers of two took 256, and
+// the queue for the disk holds dozens); the pool keeps at most
+// poolMaxBytes of free ones.
 type pagePool struct {
 	mu    sync.Mutex
 	free  [poolClasses][][]byte
@@ -26,20 +27,24 @@ type pagePool struct {
 }
 
 const (
-	poolClasses  = 9 // 1 to 256 pages
-	poolMaxPages = 1 << (poolClasses - 1)
+	poolStep     = 16
+	poolClasses  = 16
+	poolMaxPages = poolStep * poolClasses
 	poolMaxBytes = 32 << 20
 )
 
-// poolClass is the class of a buffer of n bytes (n > 0): the least power
-// of two pages that hold it; ok is false past poolMaxPages.
+// poolClass is the class of a buffer of n bytes (n > 0): it holds
+// (class+1)*poolStep pages; ok is false past poolMaxPages.
 func poolClass(n int) (class int, ok bool) {
 	pages := (n + snapshot.PageSize - 1) / snapshot.PageSize
 	if pages > poolMaxPages {
 		return 0, false
 	}
-	return bits.Len(uint(pages - 1)), true
+	return (pages+poolStep-1)/poolStep - 1, true
 }
+
+// classBytes is the size of the buffers of class c.
+func classBytes(c int) int { return (c + 1) * poolStep * snapshot.PageSize }
 
 // get returns n bytes, of any content; pooled reports whether they are the
 // pool's (to be put back).
@@ -57,7 +62,7 @@ func (p *pagePool) get(n int) (b []byte, pooled bool) {
 	}
 	p.mu.Unlock()
 	if b == nil {
-		b = make([]byte, snapshot.PageSize<<c)
+		b = make([]byte, classBytes(c))
 	}
 	return b[:n], true
 }
@@ -66,7 +71,7 @@ func (p *pagePool) get(n int) (b []byte, pooled bool) {
 // more.
 func (p *pagePool) put(b []byte) {
 	c, ok := poolClass(cap(b))
-	if !ok || cap(b) != snapshot.PageSize<<c {
+	if !ok || cap(b) != classBytes(c) {
 		return
 	}
 	p.mu.Lock()

@@ -1,9 +1,13 @@
 package remus
 
 import (
+	"fmt"
+	"maps"
+	"slices"
 	"strings"
 	"testing"
 
+	"github.com/ftvm/ftvm/remus/wire"
 	"github.com/ftvm/ftvm/snapshot"
 )
 
@@ -15,7 +19,7 @@ func TestPageMem(t *testing.T) {
 	m := p.newMem()
 	a := m.alloc(3 * snapshot.PageSize)
 	big := m.alloc((poolMaxPages + 1) * snapshot.PageSize) // not the pool's
-	if len(a) != 3*snapshot.PageSize || cap(a) != 4*snapshot.PageSize || len(m.bufs) != 1 {
+	if len(a) != 3*snapshot.PageSize || cap(a) != poolStep*snapshot.PageSize || len(m.bufs) != 1 {
 		t.Fatalf("alloc: len %d cap %d, %d pooled buffers", len(a), cap(a), len(m.bufs))
 	}
 	if len(big) != (poolMaxPages+1)*snapshot.PageSize {
@@ -29,12 +33,12 @@ func TestPageMem(t *testing.T) {
 	if p.bytes != 0 {
 		t.Fatalf("memory back in the pool with a holder left: %d bytes", p.bytes)
 	}
-	if b := p.newMem().alloc(4 * snapshot.PageSize); &b[0] == &a[0] {
+	if b := p.newMem().alloc(poolStep * snapshot.PageSize); &b[0] == &a[0] {
 		t.Fatal("memory still held was handed out again")
 	}
 	m.release()
-	if p.bytes != 4*snapshot.PageSize {
-		t.Fatalf("after the last release the pool holds %d bytes, want %d", p.bytes, 4*snapshot.PageSize)
+	if p.bytes != poolStep*snapshot.PageSize {
+		t.Fatalf("after the last release the pool holds %d bytes, want %d", p.bytes, poolStep*snapshot.PageSize)
 	}
 	if b := p.newMem().alloc(3 * snapshot.PageSize); &b[0] != &a[0] {
 		t.Fatal("released memory was not reused for a buffer of its class")
@@ -61,5 +65,76 @@ func TestPagePoolBound(t *testing.T) {
 	}
 	if p.bytes > poolMaxBytes {
 		t.Fatalf("the pool keeps %d bytes, more than %d", p.bytes, poolMaxBytes)
+	}
+}
+
+// TestPersistQueueCompacts: checkpoints queued for a disk that has fallen
+// behind are merged once they pass persistCompactAt: the queue then holds
+// the latest copy of each page (what the persister would have stored) and
+// the disk ops of all, in order, and gives the checkpoints' pool memory
+// back, so it stays about the size of the pages written, not of every
+// checkpoint queued.
+func TestPersistQueueCompacts(t *testing.T) {
+	defer func(n int) { persistCompactAt = n }(persistCompactAt)
+	persistCompactAt = 64 * snapshot.PageSize
+	var pool pagePool
+	q := newPersistQueue()
+	full := &snapshot.Snapshot{Kind: snapshot.Full, MemorySize: 1 << 20}
+	q.push(persistJob{seq: 1, full: true, snap: full})
+	want := map[uint32]byte{}
+	var wantOps []string
+	for seq := uint64(2); seq < 200; seq++ {
+		mem := pool.newMem()
+		const n = 10
+		buf := mem.alloc(n * snapshot.PageSize)
+		snap := &snapshot.Snapshot{Kind: snapshot.Incremental, Seq: seq, MemorySize: 1 << 20, Stack: []byte{byte(seq)}}
+		for i := range n {
+			idx := uint32((int(seq)*7 + i*13) % 50) // 50 pages written again and again
+			if slices.ContainsFunc(snap.Pages, func(p snapshot.Page) bool { return p.Index == idx }) {
+				continue
+			}
+			d := buf[i*snapshot.PageSize : (i+1)*snapshot.PageSize]
+			for k := range d {
+				d[k] = byte(seq)
+			}
+			snap.Pages = append(snap.Pages, snapshot.Page{Index: idx, Data: d})
+			want[idx] = byte(seq)
+		}
+		snapshot.SortPages(snap.Pages)
+		op := fmt.Sprintf("op%d", seq)
+		wantOps = append(wantOps, op)
+		q.push(persistJob{seq: seq, snap: snap, mem: mem, ops: []wire.FsOp{{Path: op}}})
+		if q.pending > persistCompactAt+n*snapshot.PageSize {
+			t.Fatalf("after checkpoint %d the queue holds %d bytes", seq, q.pending)
+		}
+	}
+	if pool.bytes == 0 {
+		t.Fatal("no checkpoint's memory went back to the pool")
+	}
+	jobs, _ := q.take()
+	if len(jobs) < 2 || !jobs[0].full || jobs[0].snap != full {
+		t.Fatalf("%d jobs; the full checkpoint first: %v", len(jobs), len(jobs) > 0 && jobs[0].full)
+	}
+	got := map[uint32]byte{}
+	var gotOps []string
+	for _, j := range jobs[1:] {
+		for _, p := range j.snap.Pages {
+			if slices.ContainsFunc(p.Data, func(b byte) bool { return b != p.Data[0] }) {
+				t.Fatalf("page %d mixes checkpoints", p.Index)
+			}
+			got[p.Index] = p.Data[0]
+		}
+		for _, op := range j.ops {
+			gotOps = append(gotOps, op.Path)
+		}
+	}
+	if !maps.Equal(got, want) {
+		t.Fatalf("queued pages: got %v, want %v", got, want)
+	}
+	if !slices.Equal(gotOps, wantOps) {
+		t.Fatalf("disk ops: got %d, want %d in order", len(gotOps), len(wantOps))
+	}
+	if last := jobs[len(jobs)-1]; last.seq != 199 || last.snap.Stack[0] != 199 || jobs[1].first() != 2 {
+		t.Fatalf("batch %d-%d with the state of %d, want 2-199 with 199's", jobs[1].first(), last.seq, last.snap.Stack[0])
 	}
 }
