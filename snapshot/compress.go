@@ -56,7 +56,7 @@ func decompressBatch(c Codec, src, dst []byte) error {
 		}
 		return nil
 	case CodecDeltaSparse:
-		return decodeSparse(src, dst)
+		return decodeSparse(src, dst, nil)
 	}
 	return fmt.Errorf("unknown codec %d", c)
 }

@@ -515,9 +515,9 @@ func (d *decoder) pageBatch(f frame, b []byte) error {
 	} else {
 		data = hugeBuf(n * PageSize)
 	}
-	// Sparse deltas write only their runs: into memory that may hold
-	// anything, the rest must be zeroed first.
-	dirty := d.alloc != nil && f.codec == CodecDeltaSparse
+	// Sparse deltas into memory that may hold anything are kept as their
+	// runs, checked here, for Resolve to apply onto the base.
+	keepRuns := d.alloc != nil && f.codec == CodecDeltaSparse
 	first := len(s.Pages)
 	delta := f.codec.delta()
 	var sums []byte // a delta batch's checksums of the resolved pages
@@ -533,10 +533,29 @@ func (d *decoder) pageBatch(f frame, b []byte) error {
 	}
 	d.pages += uint32(n)
 	src := b[4+n*pageRefSize+len(sums):]
+	if keepRuns {
+		runs := make([][]byte, n)
+		if err := decodeSparse(src, data, runs); err != nil {
+			return d.fail(ErrCorrupt, "%v", err)
+		}
+		var sums []byte
+		for i, r := range runs {
+			p := &s.Pages[first+i]
+			p.runs = r
+			sums = pageSums(sums, *p)
+		}
+		if d.workers <= 1 {
+			d.id.Write(sums)
+			return nil
+		}
+		// Hashed into the ID in order, after the batches before it.
+		j := &batchJob{pages: s.Pages[first:len(s.Pages):len(s.Pages)], at: d.secStart, sums: sums, done: make(chan struct{})}
+		close(j.done)
+		d.pending = append(d.pending, j)
+		return nil
+	}
 	if d.workers <= 1 {
-		if dirty {
-			clear(data)
-		} else if d.alloc == nil {
+		if d.alloc == nil {
 			populateBatch(data)
 		}
 		if err := decompressBatch(f.codec, src, data); err != nil {
@@ -558,9 +577,7 @@ func (d *decoder) pageBatch(f frame, b []byte) error {
 	go func() {
 		defer close(j.done)
 		defer func() { <-d.sem }()
-		if dirty {
-			clear(data)
-		} else if d.alloc == nil {
+		if d.alloc == nil {
 			populateBatch(data)
 		}
 		if j.err = decompressBatch(j.codec, j.src, data); j.err != nil {

@@ -1,6 +1,7 @@
 package snapshot
 
 import (
+	"crypto/subtle"
 	"encoding/binary"
 	"fmt"
 	"unsafe"
@@ -45,7 +46,19 @@ func (s *Snapshot) Resolve(base func(index uint32) []byte) error {
 		if !p.Delta {
 			continue
 		}
-		if b := base(p.Index); len(b) >= PageSize {
+		b := base(p.Index)
+		switch {
+		case p.runs != nil:
+			// Kept as its runs (DecodeBytesInto): the page is its base
+			// (zero if none) with them applied, written once.
+			if len(b) >= PageSize {
+				copy(p.Data[:PageSize], b)
+			} else {
+				clear(p.Data[:PageSize])
+			}
+			xorRuns(p.Data, p.runs)
+			p.runs = nil
+		case len(b) >= PageSize:
 			xorPage(p.Data, p.Data, b)
 		}
 		if got := crc(p.Data); got != p.Sum {
@@ -54,6 +67,18 @@ func (s *Snapshot) Resolve(base func(index uint32) []byte) error {
 		p.Delta, p.Sum = false, 0
 	}
 	return nil
+}
+
+// xorRuns XORs a page's runs, checked by decodeSparse, onto page.
+func xorRuns(page, runs []byte) {
+	at := 0
+	for len(runs) > 0 {
+		gap, n := int(le.Uint16(runs)), int(le.Uint16(runs[2:]))
+		at += gap
+		subtle.XORBytes(page[at:at+n], page[at:at+n], runs[4:4+n])
+		at += n
+		runs = runs[4+n:]
+	}
 }
 
 // maxSparseRuns bounds a page's runs in CodecDeltaSparse: the encoder's
@@ -104,10 +129,14 @@ func appendSparse(out, page, base []byte, limit int) (_ []byte, ok bool) {
 
 // decodeSparse fills dst (whole pages, all zero: fresh memory) from src in
 // CodecDeltaSparse's form, writing only the runs; src must be used up
-// exactly.
-func decodeSparse(src, dst []byte) error {
+// exactly. With keep (one per page of dst), it writes nothing: it checks
+// the runs and sets keep[i] to page i's, for Resolve to apply onto the
+// base (xorRuns) — one write of the page instead of three (clearing it,
+// the runs, the XOR with the base).
+func decodeSparse(src, dst []byte, keep [][]byte) error {
 	for p := 0; p < len(dst); p += PageSize {
 		page := dst[p : p+PageSize]
+		start := src
 		if len(src) < 2 {
 			return fmt.Errorf("sparse page %d: truncated run count", p/PageSize)
 		}
@@ -127,9 +156,14 @@ func decodeSparse(src, dst []byte) error {
 				return fmt.Errorf("sparse page %d: run %d (gap %d, %d bytes at byte %d) does not fit", p/PageSize, r, gap, n, at)
 			}
 			at += gap
-			copy(page[at:at+n], src[:n])
+			if keep == nil {
+				copy(page[at:at+n], src[:n])
+			}
 			at += n
 			src = src[n:]
+		}
+		if keep != nil {
+			keep[p/PageSize] = start[2 : len(start)-len(src) : len(start)-len(src)]
 		}
 	}
 	if len(src) != 0 {

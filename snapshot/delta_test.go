@@ -85,7 +85,7 @@ func TestDeltaPages(t *testing.T) {
 		// Into reused memory (DecodeBytesInto), whatever it held: the
 		// same pages, deltas and whole ones.
 		for _, b := range [][]byte{enc, plain} {
-			sameDecoding(t, mustDecode(t, b, workers), b, workers)
+			sameDecoding(t, b, workers, func(idx uint32) []byte { return img.Memory[int(idx)*PageSize : int(idx+1)*PageSize] })
 		}
 		n := 0
 		for _, p := range got.Pages {
@@ -126,9 +126,18 @@ func TestDeltaPages(t *testing.T) {
 			}
 		}
 		wrong[int(victim)*PageSize+100] ^= 1
-		err := got.Resolve(func(idx uint32) []byte { return wrong[int(idx)*PageSize : int(idx+1)*PageSize] })
+		wrongBase := func(idx uint32) []byte { return wrong[int(idx)*PageSize : int(idx+1)*PageSize] }
+		err := got.Resolve(wrongBase)
 		if !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), "page "+strconv.Itoa(int(victim))+" ") {
 			t.Fatalf("resolving against a different copy of page %d: %v", victim, err)
+		}
+		// So does one decoded into reused memory, its deltas kept as runs.
+		into, err := DecodeBytesInto(enc, nil, workers, func(n int) []byte { return make([]byte, n) })
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := into.Resolve(wrongBase); !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), "page "+strconv.Itoa(int(victim))+" ") {
+			t.Fatalf("resolving runs against a different copy of page %d: %v", victim, err)
 		}
 	}
 
@@ -196,7 +205,7 @@ func TestSparseCodec(t *testing.T) {
 		}
 		enc = enc[len("prefix"):]
 		got := make([]byte, PageSize)
-		if err := decodeSparse(enc, got); err != nil {
+		if err := decodeSparse(enc, got, nil); err != nil {
 			t.Fatalf("%s: %v", name, err)
 		}
 		want := make([]byte, PageSize)
@@ -244,16 +253,18 @@ func TestSparseCodec(t *testing.T) {
 		"too many runs":  tooMany,
 	} {
 		// Two pages: a run past the first must not spill into the second.
-		if err := decodeSparse(append(bad, 0, 0), dst); err == nil {
+		if err := decodeSparse(append(bad, 0, 0), dst, nil); err == nil {
 			t.Errorf("%s: decoded", name)
 		}
 	}
 }
 
 // sameDecoding checks that b decoded into memory full of garbage
-// (DecodeBytesInto) gives the pages of want, its plain decoding.
-func sameDecoding(t *testing.T, want *Snapshot, b []byte, workers int) {
+// (DecodeBytesInto) gives the pages of its plain decoding, once both are
+// resolved against base.
+func sameDecoding(t *testing.T, b []byte, workers int, base func(uint32) []byte) {
 	t.Helper()
+	want := mustDecode(t, b, workers)
 	allocs := 0
 	garbage := func(n int) []byte {
 		allocs++
@@ -269,8 +280,19 @@ func sameDecoding(t *testing.T, want *Snapshot, b []byte, workers int) {
 	}
 	for i, p := range got.Pages {
 		w := want.Pages[i]
-		if p.Index != w.Index || p.Delta != w.Delta || p.Sum != w.Sum || !bytes.Equal(p.Data, w.Data) {
+		if p.Index != w.Index || p.Delta != w.Delta || p.Sum != w.Sum {
 			t.Fatalf("page %d decoded into reused memory differs (delta %v)", p.Index, w.Delta)
+		}
+	}
+	if err := want.Resolve(base); err != nil {
+		t.Fatal(err)
+	}
+	if err := got.Resolve(base); err != nil {
+		t.Fatalf("resolving the decoding into reused memory: %v", err)
+	}
+	for i, p := range got.Pages {
+		if !bytes.Equal(p.Data, want.Pages[i].Data) {
+			t.Fatalf("page %d decoded into reused memory resolves to other bytes", p.Index)
 		}
 	}
 }

@@ -102,6 +102,10 @@ type Page struct {
 	// the page once resolved (Snapshot.Resolve).
 	Delta bool
 	Sum   uint32
+	// runs, for a sparse delta decoded into recycled memory
+	// (DecodeBytesInto), are its runs: Data holds anything until Resolve
+	// writes the page.
+	runs []byte
 }
 
 // ValType is a wasm value type, coded as in the wasm binary format.
