@@ -859,6 +859,18 @@ func (s *slot) do(ctx context.Context, rd engine.BackupReady) (failover bool, fa
 	// sent as deltas are resolved against those pages where they hold
 	// the page (baseOf), so they need not wait either, except behind a
 	// full checkpoint's copy.
+	// The copies start once this Ready's acks are out (or before a wait
+	// for them): starting a goroutine wakes a thread for it, and the ack
+	// need not wait for that.
+	var copies []func()
+	startCopies := func() {
+		for _, c := range copies {
+			s.b.wg.Add(1)
+			go c()
+		}
+		copies = nil
+	}
+	defer startCopies()
 	for _, seq := range rd.Commit {
 		if failed != nil {
 			delete(s.staged, seq) // nothing after a failed one applies
@@ -870,6 +882,7 @@ func (s *slot) do(ctx context.Context, rd engine.BackupReady) (failover bool, fa
 		// a full one is still being copied.
 		st := s.staged[seq]
 		if st == nil || st.full || len(s.applying) >= maxApplying || st.snap.HasDeltas() && s.fullApplying() {
+			startCopies()
 			s.waitApply()
 		}
 		f, err := s.commit(seq)
@@ -888,15 +901,14 @@ func (s *slot) do(ctx context.Context, rd engine.BackupReady) (failover bool, fa
 		done := make(chan struct{})
 		st.mem.hold() // the copy's, until pruned: deltas resolve against its pages
 		s.applying = append(s.applying, applyingCopy{done: done, snap: st.snap, mem: st.mem})
-		s.b.wg.Add(1)
-		go func() {
+		copies = append(copies, func() {
 			defer s.b.wg.Done()
 			defer close(done)
 			if prev != nil {
 				<-prev // in order: each copy builds on the one before
 			}
 			f()
-		}()
+		})
 	}
 	for _, seq := range rd.Discard {
 		delete(s.staged, seq)

@@ -904,12 +904,6 @@ func (s *session) stream(p *Primary, cp *checkpoint, buf *bytes.Buffer) error {
 		}
 		return fmt.Errorf("encoding checkpoint %d: %w", cp.seq, err)
 	}
-	if useDeltas {
-		// What the backup will hold once it has this checkpoint (a
-		// checkpoint that does not reach it ends the session, and the
-		// bases with it).
-		s.bases.keep(cp.seq, snap.Pages)
-	}
 	if err := cw.flush(); err != nil {
 		return err
 	}
@@ -946,6 +940,14 @@ func (s *session) stream(p *Primary, cp *checkpoint, buf *bytes.Buffer) error {
 	}
 	if err := wire.SendFlush(s.conn, &end); err != nil {
 		return err
+	}
+	if useDeltas {
+		// What the backup will hold once it has this checkpoint (a
+		// checkpoint that does not reach it ends the session, and the
+		// bases with it). Copied once the checkpoint is on its way: the
+		// copies are for the next one, and the backup's ack waits for
+		// nothing done here.
+		s.bases.keep(cp.seq, snap.Pages)
 	}
 	p.mu.Lock()
 	p.status.LastBytes = int(cw.off)
