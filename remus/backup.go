@@ -1224,8 +1224,6 @@ type persistJob struct {
 	tree []wire.DiskFile
 }
 
-// size is about the bytes the job holds: its encoding as it arrived, or,
-// for one whose deltas were resolved (no encoding kept), its pages.
 // first is the first checkpoint the job holds.
 func (j persistJob) first() uint64 {
 	if j.from != 0 {
@@ -1234,11 +1232,21 @@ func (j persistJob) first() uint64 {
 	return j.seq
 }
 
+// size is about the bytes the job holds: its encoding as it arrived, and
+// its pages (the pool's buffers, whole, if they are in them).
 func (j persistJob) size() int {
+	n := 0
 	if j.raw != nil {
-		return j.raw.len()
+		n = j.raw.len()
 	}
-	return len(j.snap.Pages) * snapshot.PageSize
+	if j.mem != nil {
+		for _, b := range j.mem.bufs {
+			n += cap(b)
+		}
+	} else {
+		n += len(j.snap.Pages) * snapshot.PageSize
+	}
+	return n
 }
 
 // persistQueue hands committed checkpoints to the persister. It never
@@ -1252,6 +1260,12 @@ type persistQueue struct {
 	busy    bool
 	closed  bool
 	pending int // bytes queued
+	// compactAt is the size past which push compacts: persistCompactAt,
+	// or twice what the last compaction left (0: persistCompactAt), so
+	// that a merged queue larger than that is not copied again at every
+	// push.
+	compactAt   int
+	compactions int // (tests)
 }
 
 func newPersistQueue() *persistQueue {
@@ -1268,12 +1282,14 @@ func (q *persistQueue) push(j persistJob) {
 			old.mem.release()
 		}
 		clear(q.jobs)
-		q.jobs, q.pending = q.jobs[:0], 0
+		q.jobs, q.pending, q.compactAt = q.jobs[:0], 0, 0
 	}
 	q.jobs = append(q.jobs, j)
 	q.pending += j.size()
-	if q.pending > persistCompactAt {
+	if q.pending > max(q.compactAt, persistCompactAt) {
 		q.compact()
+		q.compactions++
+		q.compactAt = 2 * q.pending
 	}
 	q.cond.Broadcast()
 	q.mu.Unlock()
@@ -1344,7 +1360,7 @@ func (q *persistQueue) take() ([]persistJob, bool) {
 		return nil, false
 	}
 	jobs := q.jobs
-	q.jobs, q.pending, q.busy = nil, 0, true
+	q.jobs, q.pending, q.busy, q.compactAt = nil, 0, true, 0
 	return jobs, true
 }
 

@@ -2,6 +2,7 @@ package remus
 
 import (
 	"fmt"
+	"math/bits"
 	"sync"
 	"sync/atomic"
 
@@ -16,10 +17,10 @@ import (
 // That time is on the path of every acknowledgement, so of the primary's
 // held output.
 //
-// Buffers come in multiples of poolStep pages up to poolMaxPages (a
-// checkpoint's 131 pages take a buffer of 144: powers of two took 256, and
-// the queue for the disk holds dozens); the pool keeps at most
-// poolMaxBytes of free ones.
+// Buffers hold 1, 2, 4, 8 or 16 pages, then multiples of poolStep pages up
+// to poolMaxPages (a checkpoint's 131 pages take a buffer of 144: powers
+// of two took 256, and the queue for the disk holds dozens); the pool
+// keeps at most poolMaxBytes of free ones.
 type pagePool struct {
 	mu    sync.Mutex
 	free  [poolClasses][][]byte
@@ -28,23 +29,32 @@ type pagePool struct {
 
 const (
 	poolStep     = 16
-	poolClasses  = 16
-	poolMaxPages = poolStep * poolClasses
+	poolSmall    = 5 // classes of 1 to 16 pages, powers of two
+	poolMaxPages = 256
+	poolClasses  = poolSmall + poolMaxPages/poolStep - 1
 	poolMaxBytes = 32 << 20
 )
 
-// poolClass is the class of a buffer of n bytes (n > 0): it holds
-// (class+1)*poolStep pages; ok is false past poolMaxPages.
+// poolClass is the class of a buffer of n bytes (n > 0); ok is false past
+// poolMaxPages.
 func poolClass(n int) (class int, ok bool) {
 	pages := (n + snapshot.PageSize - 1) / snapshot.PageSize
-	if pages > poolMaxPages {
+	switch {
+	case pages > poolMaxPages:
 		return 0, false
+	case pages <= poolStep:
+		return bits.Len(uint(pages - 1)), true
 	}
-	return (pages+poolStep-1)/poolStep - 1, true
+	return poolSmall - 2 + (pages+poolStep-1)/poolStep, true
 }
 
 // classBytes is the size of the buffers of class c.
-func classBytes(c int) int { return (c + 1) * poolStep * snapshot.PageSize }
+func classBytes(c int) int {
+	if c < poolSmall {
+		return snapshot.PageSize << c
+	}
+	return (c - poolSmall + 2) * poolStep * snapshot.PageSize
+}
 
 // get returns n bytes, of any content; pooled reports whether they are the
 // pool's (to be put back).

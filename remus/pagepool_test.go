@@ -19,7 +19,7 @@ func TestPageMem(t *testing.T) {
 	m := p.newMem()
 	a := m.alloc(3 * snapshot.PageSize)
 	big := m.alloc((poolMaxPages + 1) * snapshot.PageSize) // not the pool's
-	if len(a) != 3*snapshot.PageSize || cap(a) != poolStep*snapshot.PageSize || len(m.bufs) != 1 {
+	if len(a) != 3*snapshot.PageSize || cap(a) != 4*snapshot.PageSize || len(m.bufs) != 1 {
 		t.Fatalf("alloc: len %d cap %d, %d pooled buffers", len(a), cap(a), len(m.bufs))
 	}
 	if len(big) != (poolMaxPages+1)*snapshot.PageSize {
@@ -33,12 +33,12 @@ func TestPageMem(t *testing.T) {
 	if p.bytes != 0 {
 		t.Fatalf("memory back in the pool with a holder left: %d bytes", p.bytes)
 	}
-	if b := p.newMem().alloc(poolStep * snapshot.PageSize); &b[0] == &a[0] {
+	if b := p.newMem().alloc(4 * snapshot.PageSize); &b[0] == &a[0] {
 		t.Fatal("memory still held was handed out again")
 	}
 	m.release()
-	if p.bytes != poolStep*snapshot.PageSize {
-		t.Fatalf("after the last release the pool holds %d bytes, want %d", p.bytes, poolStep*snapshot.PageSize)
+	if p.bytes != 4*snapshot.PageSize {
+		t.Fatalf("after the last release the pool holds %d bytes, want %d", p.bytes, 4*snapshot.PageSize)
 	}
 	if b := p.newMem().alloc(3 * snapshot.PageSize); &b[0] != &a[0] {
 		t.Fatal("released memory was not reused for a buffer of its class")
@@ -49,6 +49,31 @@ func TestPageMem(t *testing.T) {
 		}
 	}()
 	m.release()
+}
+
+// TestPoolClasses: every size up to poolMaxPages pages gets the smallest
+// class that holds it, and the classes grow.
+func TestPoolClasses(t *testing.T) {
+	prev := 0
+	for pages := 1; pages <= poolMaxPages; pages++ {
+		c, ok := poolClass(pages * snapshot.PageSize)
+		if !ok || c >= poolClasses || classBytes(c) < pages*snapshot.PageSize {
+			t.Fatalf("%d pages: class %d (%v) of %d bytes", pages, c, ok, classBytes(c))
+		}
+		if c > 0 && classBytes(c-1) >= pages*snapshot.PageSize {
+			t.Fatalf("%d pages: class %d, but class %d holds them", pages, c, c-1)
+		}
+		if classBytes(c) < prev {
+			t.Fatalf("class sizes shrink at %d pages", pages)
+		}
+		prev = classBytes(c)
+		if back, _ := poolClass(classBytes(c)); back != c {
+			t.Fatalf("a buffer of class %d is put back as class %d", c, back)
+		}
+	}
+	if _, ok := poolClass((poolMaxPages + 1) * snapshot.PageSize); ok {
+		t.Fatal("a buffer past poolMaxPages is pooled")
+	}
 }
 
 // TestPagePoolBound: the pool keeps at most poolMaxBytes of free memory.
@@ -104,9 +129,16 @@ func TestPersistQueueCompacts(t *testing.T) {
 		op := fmt.Sprintf("op%d", seq)
 		wantOps = append(wantOps, op)
 		q.push(persistJob{seq: seq, snap: snap, mem: mem, ops: []wire.FsOp{{Path: op}}})
-		if q.pending > persistCompactAt+n*snapshot.PageSize {
-			t.Fatalf("after checkpoint %d the queue holds %d bytes", seq, q.pending)
+		// At most the threshold, or twice the 50 pages a compaction
+		// leaves, and one more checkpoint (in a buffer of 16 pages).
+		if bound := max(persistCompactAt, 2*50*snapshot.PageSize) + poolStep*snapshot.PageSize; q.pending > bound {
+			t.Fatalf("after checkpoint %d the queue holds %d bytes, more than %d", seq, q.pending, bound)
 		}
+	}
+	// Not at every push: a compacted queue past the threshold doubles
+	// before it is compacted again.
+	if q.compactions == 0 || q.compactions > 100 {
+		t.Fatalf("%d compactions for 198 checkpoints", q.compactions)
 	}
 	if pool.bytes == 0 {
 		t.Fatal("no checkpoint's memory went back to the pool")

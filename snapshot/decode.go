@@ -38,8 +38,9 @@ func DecodeBytesWorkers(b []byte, module *Hash, workers int) (*Snapshot, error) 
 }
 
 // DecodeBytesInto is DecodeBytesWorkers with the pages' memory from alloc
-// (nil: fresh memory), which must return n bytes of any content: the
-// decoder writes every byte of them. A Remus backup decodes hundreds of
+// (nil: fresh memory), which must return n bytes of any content. The
+// decoder writes every byte of them, except for pages sent as sparse
+// deltas: those keep their runs, and Resolve writes the page. A Remus backup decodes hundreds of
 // small checkpoints a second: fresh memory for each cost it more (the
 // runtime clearing it, the kernel faulting it in, the collector freeing
 // it) than the decoding itself.
