@@ -1183,9 +1183,8 @@ func (s *slot) prepare(snap *snapshot.Snapshot) {
 // restores the thread's priority (hurryPrepare). The thread ends with the
 // goroutine (it stays locked), its priority with it.
 func (s *slot) lowerPriority(done chan struct{}) {
-	runtime.LockOSThread()
-	tid := unix.Gettid()
-	if err := unix.Setpriority(unix.PRIO_PROCESS, tid, prepareNice); err != nil {
+	tid, ok := niceThread(prepareNice)
+	if !ok {
 		return // not lowered: nothing to restore
 	}
 	s.mu.Lock()

@@ -842,11 +842,19 @@ func (s *session) sender(p *Primary) {
 func (s *session) streamNiced(p *Primary, cp *checkpoint, buf *bytes.Buffer) error {
 	errc := make(chan error, 1)
 	go func() {
-		runtime.LockOSThread()
-		_ = unix.Setpriority(unix.PRIO_PROCESS, unix.Gettid(), encodeNice)
+		niceThread(encodeNice)
 		errc <- s.stream(p, cp, buf)
 	}()
 	return <-errc
+}
+
+// niceThread locks the calling goroutine to its thread for good and sets
+// the thread's niceness; the thread ends with the goroutine, its priority
+// with it. It reports the thread and whether the niceness was set.
+func niceThread(nice int) (tid int, ok bool) {
+	runtime.LockOSThread()
+	tid = unix.Gettid()
+	return tid, unix.Setpriority(unix.PRIO_PROCESS, tid, nice) == nil
 }
 
 // niceFrom is the checkpoint size, in dirty pages, streamed by
