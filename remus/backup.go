@@ -610,13 +610,12 @@ func (s *slot) keepAlive(id uint64) (stop func()) {
 	}
 }
 
-// decode is snapshot.DecodeBytes, slowed down in tests by testDecodeDelay.
-// A large checkpoint is decompressed on all cores: its acknowledgement, and
-// the primary's output, wait for it (the final epoch of a long computation,
-// 9,797 pages: 145 ms on one core here).
-// decode decodes a checkpoint that arrived whole; pooled puts its pages in
-// the slot's pool memory (mem; not for a full checkpoint, whose pages
-// become the program's memory).
+// decode decodes a checkpoint that arrived whole, slowed down in tests by
+// testDecodeDelay. A large checkpoint is decompressed on all cores: its
+// acknowledgement, and the primary's output, wait for it (the final epoch
+// of a long computation, 9,797 pages: 145 ms on one core here). pooled
+// puts its pages in the slot's pool memory (mem; not for a full
+// checkpoint, whose pages become the program's memory).
 func (s *slot) decode(raw []byte, module *snapshot.Hash, pooled bool) (*snapshot.Snapshot, *pageMem, error) {
 	if testDecodeDelay > 0 {
 		time.Sleep(testDecodeDelay)
@@ -1314,26 +1313,16 @@ func (q *persistQueue) compact() {
 	if len(inc) < 2 {
 		return
 	}
-	latest := map[uint32][]byte{}
-	var ops []wire.FsOp
-	for _, j := range inc {
-		for _, p := range j.snap.Pages {
-			latest[p.Index] = p.Data
-		}
-		ops = append(ops, j.ops...)
-	}
 	last := inc[len(inc)-1]
 	m := *last.snap // its CPU and device state; the pages are all of them
-	m.Pages = make([]snapshot.Page, 0, len(latest))
-	mem := make([]byte, len(latest)*snapshot.PageSize)
-	for idx, d := range latest {
-		page := mem[:snapshot.PageSize:snapshot.PageSize]
-		mem = mem[snapshot.PageSize:]
-		copy(page, d)
-		m.Pages = append(m.Pages, snapshot.Page{Index: idx, Data: page})
+	m.Pages = latestPages(inc)
+	mem := make([]byte, len(m.Pages)*snapshot.PageSize)
+	for i := range m.Pages {
+		page := mem[i*snapshot.PageSize : (i+1)*snapshot.PageSize : (i+1)*snapshot.PageSize]
+		copy(page, m.Pages[i].Data)
+		m.Pages[i].Data = page
 	}
-	snapshot.SortPages(m.Pages)
-	merged := persistJob{seq: last.seq, from: inc[0].first(), snap: &m, ops: ops}
+	merged := persistJob{seq: last.seq, from: inc[0].first(), snap: &m, ops: jobOps(inc)}
 	q.pending = 0
 	if start == 1 {
 		q.pending = q.jobs[0].size()
@@ -1456,10 +1445,7 @@ func (s *slot) persistBatch(jobs []persistJob, storeSeq *uint64, tip *snapshot.H
 		return false
 	}
 	raw, merged, err := mergeIncrementals(jobs, *storeSeq+1, *tip)
-	var ops []wire.FsOp
-	for _, j := range jobs {
-		ops = append(ops, j.ops...)
-	}
+	ops := jobOps(jobs)
 	if err != nil {
 		s.log.Error("merging checkpoints for the disk failed", "err", err)
 		s.persistFailed()
@@ -1480,6 +1466,32 @@ func (s *slot) persistBatch(jobs []persistJob, storeSeq *uint64, tip *snapshot.H
 // rate, while a failover's drain still waits for at most one commit.
 const persistSpacing = 100 * time.Millisecond
 
+// latestPages is every page jobs carry, in their latest copy (the jobs'
+// memory), sorted: what a merge of them holds.
+func latestPages(jobs []persistJob) []snapshot.Page {
+	latest := map[uint32][]byte{}
+	for _, j := range jobs {
+		for _, p := range j.snap.Pages {
+			latest[p.Index] = p.Data
+		}
+	}
+	pages := make([]snapshot.Page, 0, len(latest))
+	for idx, d := range latest {
+		pages = append(pages, snapshot.Page{Index: idx, Data: d})
+	}
+	snapshot.SortPages(pages)
+	return pages
+}
+
+// jobOps is the disk ops of jobs, in order.
+func jobOps(jobs []persistJob) []wire.FsOp {
+	var ops []wire.FsOp
+	for _, j := range jobs {
+		ops = append(ops, j.ops...)
+	}
+	return ops
+}
+
 // mergeIncrementals encodes one incremental snapshot with the state of the
 // last of jobs: every page any of them carries (the latest copy), and the
 // last one's memory size, globals, stack and devices; and that snapshot
@@ -1490,20 +1502,10 @@ func mergeIncrementals(jobs []persistJob, seq uint64, parent snapshot.Hash) ([]b
 	if len(jobs) == 1 && last.Seq == seq && last.Parent == parent && jobs[0].raw != nil {
 		return jobs[0].raw.bytes(), last, nil
 	}
-	pages := map[uint32][]byte{}
-	for _, j := range jobs {
-		for _, p := range j.snap.Pages {
-			pages[p.Index] = p.Data
-		}
-	}
 	m := &snapshot.Snapshot{Kind: snapshot.Incremental, Module: last.Module, Seq: seq, Parent: parent,
 		MemorySize: last.MemorySize, Globals: last.Globals, StackAddr: last.StackAddr, Stack: last.Stack,
-		Devices: last.Devices, Meta: last.Meta}
+		Devices: last.Devices, Meta: last.Meta, Pages: latestPages(jobs)}
 	m.Meta.Reason = fmt.Sprintf("remus checkpoints %d-%d", jobs[0].first(), jobs[len(jobs)-1].seq)
-	for i, d := range pages {
-		m.Pages = append(m.Pages, snapshot.Page{Index: i, Data: d})
-	}
-	snapshot.SortPages(m.Pages)
 	var buf bytes.Buffer
 	if err := m.EncodeOptions(&buf, snapshot.Options{Workers: 1}); err != nil {
 		return nil, nil, err

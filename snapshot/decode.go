@@ -40,10 +40,10 @@ func DecodeBytesWorkers(b []byte, module *Hash, workers int) (*Snapshot, error) 
 // DecodeBytesInto is DecodeBytesWorkers with the pages' memory from alloc
 // (nil: fresh memory), which must return n bytes of any content. The
 // decoder writes every byte of them, except for pages sent as sparse
-// deltas: those keep their runs, and Resolve writes the page. A Remus backup decodes hundreds of
-// small checkpoints a second: fresh memory for each cost it more (the
-// runtime clearing it, the kernel faulting it in, the collector freeing
-// it) than the decoding itself.
+// deltas: those keep their runs, and Resolve writes the page. A Remus
+// backup decodes hundreds of small checkpoints a second: fresh memory for
+// each cost it more (the runtime clearing it, the kernel faulting it in,
+// the collector freeing it) than the decoding itself.
 func DecodeBytesInto(b []byte, module *Hash, workers int, alloc func(n int) []byte) (*Snapshot, error) {
 	br := bytes.NewReader(b)
 	d := newDecoder(br, module)
