@@ -425,13 +425,7 @@ func remusCPU(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 				r.logf("remus: cpu %s run %d/%d, epoch %v, loop polls %v, scale %s", g.label, run+1, r.s.cpuRuns, epoch, c.polls, a)
 				var out remusCPURun
 				var err error
-				if epoch == 0 {
-					var cr runResult
-					cr, err = runCLI(ctx, r.ftvmBin, "run", "--cache-dir", r.cache, g.wasm, a)
-					out = remusCPURun{elapsed: cr.elapsed.Seconds(), stdout: cr.stdout}
-				} else {
-					out, err = r.protectedCPURun(ctx, g.wasm, a, epoch, c.polls)
-				}
+				out, err = r.cpuRun(ctx, g.wasm, a, epoch, c.polls)
 				if err != nil {
 					return fmt.Errorf("%s, epoch %v, scale %s: %w", g.label, epoch, a, err)
 				}
@@ -442,12 +436,13 @@ func remusCPU(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 	}
 
 	fmt.Fprintf(b, "### (a) CPU-bound guests: run time protected vs unprotected\n\n")
-	fmt.Fprintf(b, "Unprotected: `ftvm run --cache-dir CACHE GUEST.wasm %s`. Protected: a fresh `ftvm backup` (not timed), then "+
+	fmt.Fprintf(b, "Unprotected: `ftvm run --api-sock P.sock --cache-dir CACHE GUEST.wasm %s`. Protected: a fresh `ftvm backup` (not timed), then "+
 		"`ftvm run --protect 127.0.0.1:R --timeout %s --epoch E --api-sock P.sock --cache-dir CACHE GUEST.wasm %s` "+
 		"(default epoch policy, output), timed from fork to exit; the backup is stopped right after. %d run(s) per row, "+
 		"the order rotating every run; median with min–max. **Checkpoints** and **pauses** are the primary's `GET /status` "+
 		"and `GET /vm` as last polled (every 50 ms, so up to 50 ms before exit); the pause figures include the first, full, "+
-		"checkpoint. The guests checkpoint only at host calls (the safe points): a computation that makes none runs "+
+		"checkpoint. The unprotected runs are polled alike (the harness shares the 2 cores with the guest), so that "+
+		"the ratio holds no cost of the polling. The guests checkpoint only at host calls (the safe points): a computation that makes none runs "+
 		"as one epoch, and the first, full, checkpoint waits for the first host call after the backup session is up; "+
 		"the `--loop-polls` row adds safe points in the guest's loops, so epochs end on time (its ratio is against "+
 		"the unprotected run without loop polls, so it includes their own cost). "+
@@ -572,15 +567,22 @@ func fmtPaired(s sample) string {
 const longLonger = 5
 
 // protectedCPURun runs one protected CPU-bound guest with a fresh backup.
-func (r *remusEnv) protectedCPURun(ctx context.Context, wasm, arg string, epoch time.Duration, polls bool) (remusCPURun, error) {
+// cpuRun times one run of a CPU-bound guest: protected at epoch, with a
+// fresh backup, or unprotected (epoch 0). Both are polled alike on their
+// API sockets (the harness shares the cores with the guest), so that the
+// ratio is protection's cost, not the polling's.
+func (r *remusEnv) cpuRun(ctx context.Context, wasm, arg string, epoch time.Duration, polls bool) (remusCPURun, error) {
 	var out remusCPURun
-	bk, err := r.startBackup(ctx, r.s.timeout)
-	if err != nil {
-		return out, err
+	args := []string{"run"}
+	if epoch > 0 {
+		bk, err := r.startBackup(ctx, r.s.timeout)
+		if err != nil {
+			return out, err
+		}
+		defer bk.stop()
+		args = append(args, protectArgs(bk, r.s.timeout, epoch, "", false)...)
 	}
-	defer bk.stop()
 	sock := filepath.Join(r.work, r.tag("cpu")+".sock")
-	args := append([]string{"run"}, protectArgs(bk, r.s.timeout, epoch, "", false)...)
 	if polls {
 		args = append(args, "--loop-polls")
 	}
@@ -618,13 +620,13 @@ func (r *remusEnv) protectedCPURun(ctx context.Context, wasm, arg string, epoch 
 			mu.Unlock()
 		}
 	}()
-	err = cmd.Wait()
+	err := cmd.Wait()
 	out.elapsed = time.Since(t0).Seconds()
 	close(stop)
 	wg.Wait()
 	out.stdout = stdout.String()
 	if err != nil {
-		return out, fmt.Errorf("ftvm run --protect: %w; stderr: %s", err, tail(stderr.String()))
+		return out, fmt.Errorf("ftvm %s: %w; stderr: %s", strings.Join(args[:len(args)-2], " "), err, tail(stderr.String()))
 	}
 	return out, nil
 }

@@ -31,6 +31,11 @@ type Options struct {
 	// and copying them, at the price of disk space (the non-zero pages,
 	// uncompressed). Incremental snapshots ignore it.
 	Mappable bool
+	// WorkerInit, if set, runs first on each goroutine that compresses
+	// batches in parallel (Workers > 1): a Remus primary lowers those
+	// threads' priority there, as it does its encoding thread's, so that
+	// they take what CPU the guest leaves.
+	WorkerInit func()
 	// deltaS2 stores delta pages as version 3 did (CodecDeltaS2, S2 of
 	// the XOR) instead of as sparse runs: for tests of the decoder.
 	deltaS2 bool
@@ -429,6 +434,9 @@ func (e *encoder) pages(pages []Page, o Options) {
 		for _, b := range batches {
 			sem <- struct{}{}
 			go func() {
+				if o.WorkerInit != nil {
+					o.WorkerInit()
+				}
 				b.run()
 				close(b.done)
 			}()

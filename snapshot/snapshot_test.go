@@ -9,6 +9,7 @@ import (
 	"math/rand/v2"
 	"runtime"
 	"strings"
+	"sync/atomic"
 	"testing"
 )
 
@@ -48,6 +49,27 @@ func TestRoundTrip(t *testing.T) {
 				t.Fatalf("Describe says %d bytes, file has %d", sum.FileBytes, len(b))
 			}
 		})
+	}
+}
+
+// WorkerInit runs on every goroutine that compresses a batch in parallel,
+// and only then: the encoding is the same bytes with it.
+func TestWorkerInit(t *testing.T) {
+	rng := rand.New(rand.NewPCG(5, 6))
+	s := testSnapshot(rng, Full, 4<<20, 300) // 19 batches of 16 pages
+	want := encodeT(t, s, Options{BatchPages: 16, Workers: 1})
+	var calls atomic.Int32
+	init := func() { calls.Add(1) }
+	if got := encodeT(t, s, Options{BatchPages: 16, Workers: 2, WorkerInit: init}); !bytes.Equal(got, want) {
+		t.Fatal("WorkerInit changed the encoding")
+	}
+	if n := calls.Load(); n != 19 {
+		t.Fatalf("WorkerInit ran %d times for 19 batches on 2 workers", n)
+	}
+	calls.Store(0)
+	encodeT(t, s, Options{BatchPages: 16, Workers: 1, WorkerInit: init})
+	if n := calls.Load(); n != 0 {
+		t.Fatalf("WorkerInit ran %d times with one worker (no goroutine of its own)", n)
 	}
 }
 
