@@ -848,6 +848,10 @@ func (s *session) streamNiced(p *Primary, cp *checkpoint, buf *bytes.Buffer) err
 	return <-errc
 }
 
+// niceWorker is snapshot.Options.WorkerInit for streamNiced's compressing
+// goroutines.
+func niceWorker() { niceThread(encodeNice) }
+
 // niceThread locks the calling goroutine to its thread for good and sets
 // the thread's niceness; the thread ends with the goroutine, its priority
 // with it. It reports the thread and whether the niceness was set.
@@ -913,7 +917,7 @@ func (s *session) stream(p *Primary, cp *checkpoint, buf *bytes.Buffer, workers 
 	buf.Reset()
 	cw := &chunkWriter{s: s, seq: cp.seq, buf: buf}
 	if err := snap.EncodeOptions(cw, snapshot.Options{Workers: workers, Uncompressed: s.uncompressed,
-		WorkerInit: func() { niceThread(encodeNice) }}); err != nil {
+		WorkerInit: niceWorker}); err != nil {
 		if cw.err != nil {
 			return cw.err
 		}
