@@ -566,7 +566,6 @@ func fmtPaired(s sample) string {
 // longLonger is how many times longer the long CPU-bound runs compute.
 const longLonger = 5
 
-// protectedCPURun runs one protected CPU-bound guest with a fresh backup.
 // cpuRun times one run of a CPU-bound guest: protected at epoch, with a
 // fresh backup, or unprotected (epoch 0). Both are polled alike on their
 // API sockets (the harness shares the cores with the guest), so that the
