@@ -235,12 +235,7 @@ func TestPollSockets(t *testing.T) {
 }
 
 func TestPollFilesAndStdio(t *testing.T) {
-	pr, pw, err := os.Pipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pr.Close()
-	defer pw.Close()
+	pr, pw := testPipe(t)
 	v := newSockVM(t, Config{Stdin: pr})
 	// A regular file is always ready; nbytes is what is left after Pos.
 	path := filepath.Join(t.TempDir(), "f")

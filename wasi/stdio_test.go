@@ -19,12 +19,7 @@ import (
 // host's blocking readv, where the guest then hung for good (the machine
 // package's tests hung in CI that way).
 func TestNonblockingStdinNeverBlocks(t *testing.T) {
-	r, w, err := os.Pipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer r.Close()
-	defer w.Close()
+	r, w := testPipe(t)
 	d, f := stdinDevices(t, r)
 	f.Flags |= FdflagNonblock
 
@@ -112,6 +107,18 @@ func TestStdinSharedWithAnotherReader(t *testing.T) {
 
 // stdinDevices is a device layer whose stdin is file, closed when t ends,
 // and its stdin descriptor.
+// testPipe returns a pipe's read and write ends, closed when the test ends
+// (after the devices of stdinDevices, registered later, are).
+func testPipe(t *testing.T) (r, w *os.File) {
+	t.Helper()
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { r.Close(); w.Close() })
+	return r, w
+}
+
 func stdinDevices(t *testing.T, file *os.File) (*Devices, *FD) {
 	t.Helper()
 	d, err := newBase(Config{Stdin: file, Stdout: io.Discard, Stderr: io.Discard})
@@ -209,12 +216,7 @@ func testStdinShared(t *testing.T, r, w *os.File, reopened bool) {
 // mistake of the caller's) is not reopened for reading, which would let the
 // guest read what is written into that pipe.
 func TestStdinWriteEndNotReopened(t *testing.T) {
-	r, w, err := os.Pipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer r.Close()
-	defer w.Close()
+	_, w := testPipe(t)
 	d, f := stdinDevices(t, w)
 	if f.Host != int(w.Fd()) || d.stdinOwn != -1 {
 		t.Fatalf("the write end was reopened: host %d, own %d", f.Host, d.stdinOwn)
