@@ -127,6 +127,7 @@ func (m *Machine) safePoint(ctx context.Context, mod api.Module, c wasi.Call) bo
 				(*f)(d)
 			}
 		}
+		m.finishJobs()
 		return false // the call was counted when it unwound
 	}
 	if m.asy.startUnwind == nil {
@@ -276,9 +277,22 @@ func (m *Machine) stopped(ctx context.Context) (stop bool) {
 	c.mu.Unlock()
 	p := &Paused{m: m}
 	for _, j := range jobs {
-		j.finish(j.fn(p))
+		j.err = j.fn(p)
+		m.finished = append(m.finished, j)
 	}
 	return c.stop || ctx.Err() != nil
+}
+
+// finishJobs hands the results of the jobs that ran in the last pause to
+// their callers. It runs once the guest runs on (or the VM ends): waking a
+// WithPaused caller is a futex call and a thread's wake-up, which the guest
+// need not wait for.
+func (m *Machine) finishJobs() {
+	for i, j := range m.finished {
+		j.finish(j.err)
+		m.finished[i] = nil
+	}
+	m.finished = m.finished[:0]
 }
 
 // Paused is a VM stopped at a safe point, handed to the function given to
@@ -290,8 +304,9 @@ type Paused struct {
 // WithPaused stops the guest at its next safe point, runs fn on the stopped
 // VM, and lets the guest continue (or end, if fn called Stop). fn runs on the
 // guest's own goroutine, so the guest is stopped exactly as long as fn and
-// the unwind and rewind take. A VM that has not reached its first safe point
-// yet is waited for.
+// the unwind and rewind take. WithPaused returns fn's result once the pause
+// is over (the guest runs on, or has ended). A VM that has not reached its
+// first safe point yet is waited for.
 func (m *Machine) WithPaused(ctx context.Context, fn func(p *Paused) error) error {
 	if m.inst == nil {
 		return ErrNotInstrumented
@@ -368,6 +383,7 @@ func (m *Machine) endControl() {
 		j.finish(ErrNotRunning)
 	}
 	m.runAfterResume()
+	m.finishJobs()
 }
 
 // Stop makes the VM end once the pauser returns, without running the guest

@@ -138,8 +138,9 @@ type Machine struct {
 	calls           uint64 // safe points reached (host calls begun)
 	autoSnap        bool   // the current unwind is SnapshotAtCall's
 	pauseStart      time.Time
-	warm            func()   // WarmDirty's walk; guarded by mu
-	afterResume     []func() // Paused.AfterResume's, run when the pause is over
+	warm            func()      // WarmDirty's walk; guarded by mu
+	afterResume     []func()    // Paused.AfterResume's, run when the pause is over
+	finished        []*pauseJob // jobs run in the last pause, told once it is over (finishJobs)
 	onPaused        atomic.Pointer[func(time.Duration)]
 	trackerKind     string // under mu: Info reads it from other goroutines
 	pauses          pauseStats

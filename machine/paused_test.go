@@ -52,6 +52,38 @@ func TestPauseIncludesAfterResume(t *testing.T) {
 	}
 }
 
+// TestWithPausedReturnsAfterResume: the caller of WithPaused is told once
+// the pause is over (waking it is not part of the guest's stop), with fn's
+// own error, and the pause is counted by then; a Stop ends the VM.
+func TestWithPausedReturnsAfterResume(t *testing.T) {
+	ctx := context.Background()
+	m := newDirtier(t, "8", "1", "100000", "100")
+	done := make(chan error, 1)
+	go func() { _, err := m.Run(ctx); done <- err }()
+	boom := errors.New("the pauser's own error")
+	for i := 0; i < 5; i++ {
+		before := m.PauseStats().Count
+		err := m.WithPaused(ctx, func(p *Paused) error {
+			// The pause lasts until this has run: a caller told
+			// before that would find the pause not counted yet.
+			p.AfterResume(func() { time.Sleep(2 * time.Millisecond) })
+			return boom
+		})
+		if !errors.Is(err, boom) {
+			t.Fatalf("pause %d: WithPaused returned %v, not fn's error", i, err)
+		}
+		if got := m.PauseStats().Count; got != before+1 {
+			t.Fatalf("pause %d: WithPaused returned with %d pauses counted, want %d (told before the pause was over)", i, got, before+1)
+		}
+	}
+	if err := m.WithPaused(ctx, func(p *Paused) error { p.Stop(); return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; err != nil && !errors.Is(err, ErrStopped) {
+		t.Fatal(err)
+	}
+}
+
 // newDirtier is an instrumented VM of the dirtier test guest with args,
 // its output discarded, closed when the test ends; not started.
 func newDirtier(t *testing.T, args ...string) *Machine {
