@@ -413,6 +413,11 @@ func remusCPU(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 		}
 	}
 	res := map[key][]remusCPURun{}
+	// partner holds, for every row but the unprotected one, an unprotected
+	// run of the same computation taken right before or right after each
+	// of the row's runs (the order alternating): the pair the paired ratio
+	// is taken within.
+	partner := map[key][]remusCPURun{}
 	for run := 0; run < r.s.cpuRuns; run++ {
 		for gi, g := range guests {
 			for i := range configs {
@@ -422,15 +427,41 @@ func remusCPU(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 				if c.long {
 					a = longArg
 				}
-				r.logf("remus: cpu %s run %d/%d, epoch %v, loop polls %v, scale %s", g.label, run+1, r.s.cpuRuns, epoch, c.polls, a)
-				var out remusCPURun
-				var err error
-				out, err = r.cpuRun(ctx, g.wasm, a, epoch, c.polls)
-				if err != nil {
-					return fmt.Errorf("%s, epoch %v, scale %s: %w", g.label, epoch, a, err)
+				one := func(epoch time.Duration, polls bool) (remusCPURun, error) {
+					r.logf("remus: cpu %s run %d/%d, epoch %v, loop polls %v, scale %s", g.label, run+1, r.s.cpuRuns, epoch, polls, a)
+					out, err := r.cpuRun(ctx, g.wasm, a, epoch, polls)
+					if err != nil {
+						return out, fmt.Errorf("%s, epoch %v, scale %s: %w", g.label, epoch, a, err)
+					}
+					return out, nil
 				}
 				k := key{gi, epoch, c.polls, c.long, c.again}
+				if epoch == 0 && !c.again {
+					out, err := one(0, false)
+					if err != nil {
+						return err
+					}
+					res[k] = append(res[k], out)
+					continue
+				}
+				var out, pair remusCPURun
+				var err error
+				partnerFirst := (run+i)%2 == 0
+				if partnerFirst {
+					if pair, err = one(0, false); err != nil {
+						return err
+					}
+				}
+				if out, err = one(epoch, c.polls); err != nil {
+					return err
+				}
+				if !partnerFirst {
+					if pair, err = one(0, false); err != nil {
+						return err
+					}
+				}
 				res[k] = append(res[k], out)
+				partner[k] = append(partner[k], pair)
 			}
 		}
 	}
@@ -453,11 +484,13 @@ func remusCPU(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 		"unprotected and at 25 ms: what protection costs once (the backup session, the first full checkpoint, the heap's "+
 		"growth arriving in one checkpoint, the module prepared on the backup while the guest runs, all on this "+
 		"machine's 2 cores) against what it costs per second of computation; **added** is the protected run's time "+
-		"less the unprotected one's. **Paired** is the ratio taken within each round (this row's run over the "+
-		"unprotected run of the same round, at most about half a minute apart): median, min–max. The rows **unprotected, again** "+
-		"are a second unprotected run per round, the A/A control: their ratios are what this machine's drift alone "+
-		"makes of two identical runs (its speed steps by up to ×2 for seconds at a time, other tenants of the host), "+
-		"so a protected ratio within their spread is not told apart from ×1.\n\n", arg, r.s.timeout, arg, r.s.cpuRuns, longArg, longLonger)
+		"less the unprotected one's. **Paired** is the ratio within adjacent pairs: each run of a row is paired with "+
+		"an unprotected run of the same computation taken right before or right after it (the order alternating; these "+
+		"partner runs are not in the unprotected row), and the column gives the median of the pairs' ratios, min–max. "+
+		"The rows **unprotected, again** are an unprotected run paired the same way, the A/A control: their ratios are "+
+		"what this machine's drift alone makes of two identical runs side by side (its speed steps by up to ×2 for "+
+		"seconds at a time, other tenants of the host), so a protected ratio within their spread is not told apart "+
+		"from ×1.\n\n", arg, r.s.timeout, arg, r.s.cpuRuns, longArg, longLonger)
 	b.WriteString("| guest | epoch | run time | ÷ unprotected | paired | added | checkpoints | pause p50 | pause p99 | state at last poll | output |\n")
 	b.WriteString("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n")
 	for gi, g := range guests {
@@ -471,7 +504,7 @@ func remusCPU(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 			baseT := sampleOf(base, func(x remusCPURun) float64 { return x.elapsed })
 			runs := res[key{gi, epoch, c.polls, c.long, c.again}]
 			t := sampleOf(runs, func(x remusCPURun) float64 { return x.elapsed })
-			paired := pairedRatios(runs, base)
+			paired := pairedRatios(runs, partner[key{gi, epoch, c.polls, c.long, c.again}])
 			label := "unprotected"
 			if c.again {
 				label += ", again"
@@ -517,7 +550,7 @@ func remusCPU(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 					"checkpoints: %s; state at last poll: %s; output %s.",
 					g.label, longLonger, longArg, fmtSeconds(t.median()), fmtSeconds(baseT.median()),
 					fmtRatio(t.median(), baseT.median()), fmtSeconds(t.median()-baseT.median()), fmtPaired(paired),
-					fmtPaired(pairedRatios(res[key{gi, 0, false, true, true}], base)), fmtNum(cps.median()),
+					fmtPaired(pairedRatios(res[key{gi, 0, false, true, true}], partner[key{gi, 0, false, true, true}])), fmtNum(cps.median()),
 					fmtCounts(states), out)
 			} else if c.polls {
 				r.summarize("Remus, CPU-bound %s with `--loop-polls` at 25 ms epochs: %s vs %s unprotected (%s); checkpoints: %s "+
@@ -528,7 +561,7 @@ func remusCPU(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 				r.summarize("Remus, CPU-bound %s: `ftvm run --protect` at 25 ms epochs takes %s vs %s unprotected (%s; paired within rounds %s, "+
 					"against %s for a second unprotected run; target ≤ ×1.1); "+
 					"checkpoints: %s, pause p50 %s / p99 %s; primary's state at its last poll: %s; output %s.", g.label, fmtSeconds(t.median()), fmtSeconds(baseT.median()),
-					fmtRatio(t.median(), baseT.median()), fmtPaired(paired), fmtPaired(pairedRatios(res[key{gi, 0, false, false, true}], base)),
+					fmtRatio(t.median(), baseT.median()), fmtPaired(paired), fmtPaired(pairedRatios(res[key{gi, 0, false, false, true}], partner[key{gi, 0, false, false, true}])),
 					fmtNum(cps.median()), pause(p50), pause(p99),
 					fmtCounts(states), out)
 			}
@@ -538,15 +571,16 @@ func remusCPU(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 	return nil
 }
 
-// pairedRatios is each round's run time over the same round's unprotected
-// run (runs and base are in round order). The machine's speed drifts by up
-// to ×2 for seconds at a time, so a ratio within a round, of runs close in
-// time, is steadier than a ratio of medians taken across rounds.
-func pairedRatios(runs, base []remusCPURun) sample {
+// pairedRatios is each run's time over that of its partner, the
+// unprotected run taken right before or after it (runs and partners are in
+// the same order). The machine's speed drifts by up to ×2 for seconds at a
+// time, so a ratio of two runs side by side is steadier than a ratio of
+// medians taken across rounds.
+func pairedRatios(runs, partners []remusCPURun) sample {
 	var s sample
-	for i := range min(len(runs), len(base)) {
-		if base[i].elapsed > 0 {
-			s = append(s, runs[i].elapsed/base[i].elapsed)
+	for i := range min(len(runs), len(partners)) {
+		if partners[i].elapsed > 0 {
+			s = append(s, runs[i].elapsed/partners[i].elapsed)
 		}
 	}
 	return s
