@@ -80,7 +80,7 @@ func (r *remusEnv) tag(what string) string {
 func runRemus(ctx context.Context, e *env) (string, error) {
 	s := remusSettings{
 		epochs:   []time.Duration{10 * time.Millisecond, 25 * time.Millisecond, 50 * time.Millisecond, 100 * time.Millisecond},
-		cpuScale: 8, cpuRuns: min(e.runs, 5), kvRounds: min(e.runs, 2),
+		cpuScale: 8, cpuRuns: min(e.runs, 5), kvRounds: min(e.runs, 3),
 		kv: kvSettings{conns: 32, depth: 16, loadFor: 1500 * time.Millisecond, maxLoad: 20_000_000,
 			latencyFor: 1500 * time.Millisecond, maxLatency: 30000, keys: 1000},
 		kvWarm:     time.Second,
@@ -772,6 +772,12 @@ func remusKV(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 		configs = append(configs, remusKVConfig{key: "fixed-25ms-raw", epoch: 25 * time.Millisecond, policy: "fixed", raw: true})
 	}
 	res := map[string][]remusKVRound{}
+	// partner holds, for each output-policy configuration, an unprotected
+	// start measured right before or right after each of its starts (the
+	// order alternating): the pair its paired ratio is taken within, as
+	// the machine's speed drifts over the minute and more between a
+	// configuration and the round's own unprotected start.
+	partner := map[string][]remusKVRound{}
 	var echo []kvRound
 	for round := 0; round < r.s.kvRounds; round++ {
 		order := append([]remusKVConfig(nil), configs...)
@@ -780,13 +786,36 @@ func remusKV(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 				order[i], order[j] = order[j], order[i]
 			}
 		}
-		for _, c := range order {
-			r.logf("remus: kv round %d/%d: %s", round+1, r.s.kvRounds, c.label())
-			m, err := r.measureKV(ctx, wasm, c)
+		for i, c := range order {
+			measure := func(c remusKVConfig, what string) (remusKVRound, error) {
+				r.logf("remus: kv round %d/%d: %s%s", round+1, r.s.kvRounds, c.label(), what)
+				m, err := r.measureKV(ctx, wasm, c)
+				if err != nil {
+					return m, fmt.Errorf("%s: %w", c.label(), err)
+				}
+				return m, nil
+			}
+			paired := c.policy == "output"
+			partnerFirst := (round+i)%2 == 0
+			if paired && partnerFirst {
+				m, err := measure(configs[0], " (partner of "+c.label()+")")
+				if err != nil {
+					return err
+				}
+				partner[c.key] = append(partner[c.key], m)
+			}
+			m, err := measure(c, "")
 			if err != nil {
-				return fmt.Errorf("%s: %w", c.label(), err)
+				return err
 			}
 			res[c.key] = append(res[c.key], m)
+			if paired && !partnerFirst {
+				m, err := measure(configs[0], " (partner of "+c.label()+")")
+				if err != nil {
+					return err
+				}
+				partner[c.key] = append(partner[c.key], m)
+			}
 		}
 		es := r.s.kv
 		es.loadFor = 200 * time.Millisecond
@@ -809,7 +838,10 @@ func remusKV(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 		"(a warm-up: the guest's heap grows in its first second under load, and a protected primary's first checkpoints carry that growth "+
 		"and have no copies yet to send deltas against; its throughput is the **warm-up** column), then throughput for %s (the kv group's generator: 90%% GET / 10%% SET), then one "+
 		"sequential client for %s (at least %d requests), stop. %d round(s), configuration order reversed every other "+
-		"round; medians with min–max. Held output is released when the backup acknowledges the epoch's checkpoint, so "+
+		"round; medians with min–max. **Paired** (output policy): each start is paired with an unprotected start "+
+		"measured right before or right after it (the order alternating; these partner starts are not in the unprotected "+
+		"row), and the column gives the median of the pairs' throughput ratios, min–max: the machine's speed drifts over "+
+		"the minute and more between a configuration and its round's unprotected start. Held output is released when the backup acknowledges the epoch's checkpoint, so "+
 		"with the fixed policy a reply waits for its epoch to end. Checkpoints/s, bytes per checkpoint and mean pause are "+
 		"over the throughput run (`GET /status` deltas of checkpoints and bytes_replicated; `GET /vm` pauses total/count); "+
 		"**requests/checkpoint** = requests/s ÷ checkpoints/s; **dirty pages** and **commit p50/p99** are over every checkpoint of "+
@@ -818,22 +850,31 @@ func remusKV(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 		"backup's decoding and commit, and the ack's way back). "+
 		"CPU is each process's utime+stime over the run.\n\n",
 		r.s.timeout, r.s.kv.keys, r.s.kvWarm, r.s.kv.loadFor, r.s.kv.latencyFor, r.s.minLatency, r.s.kvRounds)
-	b.WriteString("| configuration | requests/s | ÷ unprotected | warm-up requests/s | ÷ unprotected | checkpoints/s | requests/checkpoint | bytes/checkpoint | dirty pages/checkpoint (median) | mean pause | commit p50 | commit p99 | primary CPU % | backup CPU % | stalls | full resyncs |\n")
-	b.WriteString("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+	b.WriteString("| configuration | requests/s | ÷ unprotected | paired | warm-up requests/s | ÷ unprotected | checkpoints/s | requests/checkpoint | bytes/checkpoint | dirty pages/checkpoint (median) | mean pause | commit p50 | commit p99 | primary CPU % | backup CPU % | stalls | full resyncs |\n")
+	b.WriteString("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+	pairedRPS := func(key string) sample {
+		var s sample
+		for i, x := range res[key] {
+			if i < len(partner[key]) && partner[key][i].rps > 0 {
+				s = append(s, x.rps/partner[key][i].rps)
+			}
+		}
+		return s
+	}
 	warmRPS := func(x remusKVRound) float64 { return x.warmRPS }
 	offWarm := pick("off", warmRPS).median()
 	for _, c := range configs {
 		x := pick(c.key, rps)
 		w := pick(c.key, warmRPS)
 		if c.epoch == 0 {
-			fmt.Fprintf(b, "| %s | %s | ×1 | %s | ×1 | — | — | — | — | — | — | — | %.0f | — | — | — |\n", c.label(), fmtNumRange(x), fmtNumRange(w),
+			fmt.Fprintf(b, "| %s | %s | ×1 | — | %s | ×1 | — | — | — | — | — | — | — | %.0f | — | — | — |\n", c.label(), fmtNumRange(x), fmtNumRange(w),
 				pick(c.key, func(x remusKVRound) float64 { return x.primCPU }).median())
 			continue
 		}
 		med := func(f func(remusKVRound) float64) float64 { return pick(c.key, f).median() }
 		cps := med(func(x remusKVRound) float64 { return x.cps })
-		fmt.Fprintf(b, "| %s | %s | %s | %s | %s | %.0f | %s | %s | %s | %s | %s | %s | %.0f | %.0f | %s | %s |\n", c.label(), fmtNumRange(x),
-			fmtRatio(x.median(), offRPS), fmtNumRange(w), fmtRatio(w.median(), offWarm), cps, fmtNum(perCheckpoint(x.median(), cps)),
+		fmt.Fprintf(b, "| %s | %s | %s | %s | %s | %s | %.0f | %s | %s | %s | %s | %s | %s | %.0f | %.0f | %s | %s |\n", c.label(), fmtNumRange(x),
+			fmtRatio(x.median(), offRPS), fmtPaired(pairedRPS(c.key)), fmtNumRange(w), fmtRatio(w.median(), offWarm), cps, fmtNum(perCheckpoint(x.median(), cps)),
 			fmtBytes(med(func(x remusKVRound) float64 { return x.bytesPerCP })),
 			fmtNum(med(func(x remusKVRound) float64 { return x.pagesPerCP })),
 			fmtNsDur(med(func(x remusKVRound) float64 { return x.meanPause })),
@@ -863,8 +904,12 @@ func remusKV(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 		if len(res[k]) > 0 {
 			x := pick(k, rps).median()
 			w := pick(k, warmRPS).median()
-			r.summarize("Remus, KV server, 512 outstanding requests, %s policy at 25 ms, after a warm-up: %s req/s vs %s unprotected (%s; target ≥ ×0.8); during the warm-up (the first %s under load) %s vs %s (%s).",
-				pol, fmtNum(x), fmtNum(offRPS), fmtRatio(x, offRPS), r.s.kvWarm, fmtNum(w), fmtNum(offWarm), fmtRatio(w, offWarm))
+			paired := ""
+			if ps := pairedRPS(k); len(ps) > 0 {
+				paired = fmt.Sprintf(", paired with an unprotected start right before or after %s", fmtPaired(ps))
+			}
+			r.summarize("Remus, KV server, 512 outstanding requests, %s policy at 25 ms, after a warm-up: %s req/s vs %s unprotected (%s%s; target ≥ ×0.8); during the warm-up (the first %s under load) %s vs %s (%s).",
+				pol, fmtNum(x), fmtNum(offRPS), fmtRatio(x, offRPS), paired, r.s.kvWarm, fmtNum(w), fmtNum(offWarm), fmtRatio(w, offWarm))
 		}
 	}
 
