@@ -93,7 +93,11 @@ type Primary struct {
 	// checkpoint for a guest going idle (a session, room in flight).
 	idleTakes atomic.Bool
 	requests  atomic.Uint64 // checkpoints asked of the machine so far
-	captures  atomic.Uint64 // of those, captures begun (in their pause)
+	// started is closed once a session is up and its first checkpoint
+	// requested, or the primary runs unprotected: WaitSession's end.
+	started     chan struct{}
+	startedOnce sync.Once
+	captures    atomic.Uint64 // of those, captures begun (in their pause)
 }
 
 // PrimaryStatus is what `ftvm status` shows of a protected primary.
@@ -145,7 +149,8 @@ func NewPrimary(cfg PrimaryConfig) (*Primary, error) {
 		cfg.Log = slog.Default()
 	}
 	p := &Primary{cfg: cfg, gate: newHoldGate(cfg.HoldLimit), log: cfg.Log.With("role", "primary", "vm", cfg.VM),
-		events: make(chan engine.PrimaryEvent, 256), release: make(chan struct{}, 1), stop: make(chan struct{})}
+		events: make(chan engine.PrimaryEvent, 256), release: make(chan struct{}, 1), stop: make(chan struct{}),
+		started: make(chan struct{})}
 	// The clock starts now, not in Run: the guest may produce output
 	// (an Output event) before the driver loop runs.
 	p.t0 = time.Now()
@@ -336,6 +341,9 @@ func (p *Primary) session(id uint64) *session {
 func (p *Primary) take(req engine.CheckpointRequest, module []byte, name string) {
 	sess := p.session(req.Session)
 	p.requests.Add(1)
+	if sess != nil {
+		p.markStarted()
+	}
 	m := p.machine.Load()
 	// Walked here, while the guest runs, the page tables are cached for
 	// the dirty-page walk in the pause (a third off it at 256 MiB).
@@ -435,21 +443,22 @@ func (p *Primary) paused(d time.Duration) {
 // and protects the guest from its first host call on, also a guest that
 // then computes for long without any (it cannot be checkpointed meanwhile).
 func (p *Primary) WaitSession(ctx context.Context) {
-	deadline := time.Now().Add(p.cfg.Engine.Timeout)
-	for time.Now().Before(deadline) && ctx.Err() == nil {
-		// Up means the first checkpoint is already requested: otherwise
-		// the guest's first host calls could pass before the request,
-		// and its first checkpoint wait for its next host call.
-		p.mu.Lock()
-		up := p.sess != nil && p.requests.Load() > 0
-		st := p.status.State
-		p.mu.Unlock()
-		if up || st == engine.Unprotected.String() {
-			return
-		}
-		time.Sleep(time.Millisecond)
+	// Up means the first checkpoint is already requested: otherwise the
+	// guest's first host calls could pass before the request, and its
+	// first checkpoint wait for its next host call. Told, not polled: a
+	// poll every millisecond started the guest half a millisecond late on
+	// average.
+	t := time.NewTimer(p.cfg.Engine.Timeout)
+	defer t.Stop()
+	select {
+	case <-p.started:
+	case <-t.C:
+	case <-ctx.Done():
 	}
 }
+
+// markStarted ends WaitSession.
+func (p *Primary) markStarted() { p.startedOnce.Do(func() { close(p.started) }) }
 
 // Finish is called once the guest has ended by itself (an exit, or a
 // trap): it waits until every checkpoint taken is acknowledged, tells the
@@ -598,6 +607,9 @@ func (p *Primary) publish() {
 	p.idleTakes.Store(p.eng.Session() != 0 && p.eng.Inflight() < p.cfg.Engine.MaxInflight &&
 		(p.eng.State() == engine.Protected || p.eng.State() == engine.Syncing))
 	st.State = p.eng.State().String()
+	if p.eng.State() == engine.Unprotected {
+		p.markStarted()
+	}
 	st.Session = p.eng.Session()
 	st.Epoch = p.eng.Seq() + 1
 	st.Acked = p.eng.Acked()
