@@ -97,7 +97,10 @@ type Primary struct {
 	// requested, or the primary runs unprotected: WaitSession's end.
 	started     chan struct{}
 	startedOnce sync.Once
-	captures    atomic.Uint64 // of those, captures begun (in their pause)
+	// published is signalled (without blocking) whenever the status is
+	// updated: Finish waits on it for the last acknowledgement.
+	published chan struct{}
+	captures  atomic.Uint64 // of those, captures begun (in their pause)
 }
 
 // PrimaryStatus is what `ftvm status` shows of a protected primary.
@@ -150,7 +153,7 @@ func NewPrimary(cfg PrimaryConfig) (*Primary, error) {
 	}
 	p := &Primary{cfg: cfg, gate: newHoldGate(cfg.HoldLimit), log: cfg.Log.With("role", "primary", "vm", cfg.VM),
 		events: make(chan engine.PrimaryEvent, 256), release: make(chan struct{}, 1), stop: make(chan struct{}),
-		started: make(chan struct{})}
+		started: make(chan struct{}), published: make(chan struct{}, 1)}
 	// The clock starts now, not in Run: the guest may produce output
 	// (an Output event) before the driver loop runs.
 	p.t0 = time.Now()
@@ -467,14 +470,23 @@ func (p *Primary) markStarted() { p.startedOnce.Do(func() { close(p.started) }) 
 // the timeout; an unprotected primary releases at once.
 func (p *Primary) Finish(code uint32) {
 	deadline := time.Now().Add(2 * p.cfg.Engine.Timeout)
+	expired := time.NewTimer(2 * p.cfg.Engine.Timeout)
+	defer expired.Stop()
 	var st PrimaryStatus
-	for time.Now().Before(deadline) {
+wait:
+	for {
 		st = p.Status()
 		if st.State == engine.Unprotected.String() || st.State == "" ||
 			(st.State == engine.Protected.String() && st.Acked+1 >= st.Epoch) {
 			break
 		}
-		time.Sleep(time.Millisecond)
+		// Told by publish, not polled: the guest's exit waited half a
+		// millisecond more on average when this looked every millisecond.
+		select {
+		case <-p.published:
+		case <-expired.C:
+			break wait
+		}
 	}
 	p.mu.Lock()
 	s := p.sess
@@ -622,6 +634,10 @@ func (p *Primary) publish() {
 	st.LastHeardMS = float64((p.now() - p.eng.LastHeard()).Microseconds()) / 1000
 	if p.sess != nil {
 		st.BytesSent = p.sess.base + p.sess.conn.Stats().BytesSent
+	}
+	select {
+	case p.published <- struct{}{}:
+	default:
 	}
 }
 
