@@ -311,9 +311,12 @@ type slot struct {
 	progErr  error
 	progDone chan struct{}
 	progTid  int // the thread preparing it, while it does (0: none)
-	vmRun    *machine.Machine
-	persSeq  uint64
-	bytesIn  uint64
+	// persistTid is the persister's thread, at nice persistNice (0: not
+	// lowered); a failover, which waits for its commit, raises it again.
+	persistTid int
+	vmRun      *machine.Machine
+	persSeq    uint64
+	bytesIn    uint64
 	// diskBehind: storing a checkpoint failed; until a full one is
 	// stored, the replica of the guest's files is older than the image.
 	diskBehind bool
@@ -1193,6 +1196,9 @@ func (s *slot) lowerPriority(done chan struct{}) {
 	s.mu.Unlock()
 }
 
+// persistNice is the niceness of the persister's thread.
+const persistNice = 10
+
 // prepareNice is the niceness of the thread that prepares the program:
 // when the cores are busy it gets about a tenth of one (a weight of 110
 // against 1,024), so it still finishes, in about a second and a half.
@@ -1399,6 +1405,21 @@ func (q *persistQueue) close() {
 // store's records therefore have their own sequence numbers (storeSeq),
 // consecutive, each naming the previous one's snapshot as its parent.
 func (s *slot) persister() {
+	// Nothing waits for the disk but a failover (which restores the
+	// thread's priority first): the merging, compressing and fsyncs of a
+	// batch take what the guest and the acknowledgements leave of the
+	// cores they may share, not a share of their own. The thread ends
+	// with the persister (it stays locked), its priority with it.
+	if tid, ok := niceThread(persistNice); ok {
+		s.mu.Lock()
+		s.persistTid = tid
+		s.mu.Unlock()
+		defer func() {
+			s.mu.Lock()
+			s.persistTid = 0 // the id may be another thread's once this one ends
+			s.mu.Unlock()
+		}()
+	}
 	var storeSeq uint64
 	var tip snapshot.Hash // the snapshot ID of the last record stored
 	for {
@@ -1594,6 +1615,13 @@ func (s *slot) failover(ctx context.Context) {
 		s.log.Error("failover: nothing committed to resume")
 		return
 	}
+	s.mu.Lock()
+	if s.persistTid != 0 {
+		// It is the thread the drain waits for.
+		_ = unix.Setpriority(unix.PRIO_PROCESS, s.persistTid, 0)
+		s.persistTid = 0
+	}
+	s.mu.Unlock()
 	s.drain()
 	tDrain := time.Since(t0)
 	s.mu.Lock()
