@@ -312,7 +312,8 @@ type slot struct {
 	progDone chan struct{}
 	progTid  int // the thread preparing it, while it does (0: none)
 	// persistTid is the persister's thread, at nice persistNice (0: not
-	// lowered); a failover, which waits for its commit, raises it again.
+	// lowered); a failover, which waits for its commit, raises it again
+	// (where the process may).
 	persistTid int
 	vmRun      *machine.Machine
 	persSeq    uint64

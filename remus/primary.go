@@ -93,6 +93,7 @@ type Primary struct {
 	// checkpoint for a guest going idle (a session, room in flight).
 	idleTakes atomic.Bool
 	requests  atomic.Uint64 // checkpoints asked of the machine so far
+	captures  atomic.Uint64 // of those, captures begun (in their pause)
 	// started is closed once a session is up and its first checkpoint
 	// requested, or the primary runs unprotected: WaitSession's end.
 	started     chan struct{}
@@ -100,7 +101,6 @@ type Primary struct {
 	// published is signalled (without blocking) whenever the status is
 	// updated: Finish waits on it for the last acknowledgement.
 	published chan struct{}
-	captures  atomic.Uint64 // of those, captures begun (in their pause)
 }
 
 // PrimaryStatus is what `ftvm status` shows of a protected primary.
