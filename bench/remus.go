@@ -546,7 +546,7 @@ func remusCPU(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 				pause(p50), pause(p99), fmtCounts(states), out)
 			if c.long {
 				r.summarize("Remus, CPU-bound %s, %d times longer (scale %s): `ftvm run --protect` at 25 ms epochs takes %s vs "+
-					"%s unprotected (%s, %s added; paired within rounds %s, against %s for a second unprotected run; target ≤ ×1.1); "+
+					"%s unprotected (%s, %s added; paired with an unprotected run right before or after %s, against %s for an unprotected run paired alike (A/A); target ≤ ×1.1); "+
 					"checkpoints: %s; state at last poll: %s; output %s.",
 					g.label, longLonger, longArg, fmtSeconds(t.median()), fmtSeconds(baseT.median()),
 					fmtRatio(t.median(), baseT.median()), fmtSeconds(t.median()-baseT.median()), fmtPaired(paired),
@@ -558,8 +558,8 @@ func remusCPU(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 					g.label, fmtSeconds(t.median()), fmtSeconds(baseT.median()), fmtRatio(t.median(), baseT.median()),
 					fmtNum(cps.median()), pause(p50), pause(p99), fmtCounts(states), out)
 			} else if epoch == 25*time.Millisecond {
-				r.summarize("Remus, CPU-bound %s: `ftvm run --protect` at 25 ms epochs takes %s vs %s unprotected (%s; paired within rounds %s, "+
-					"against %s for a second unprotected run; target ≤ ×1.1); "+
+				r.summarize("Remus, CPU-bound %s: `ftvm run --protect` at 25 ms epochs takes %s vs %s unprotected (%s; paired with an unprotected run right before or after %s, "+
+					"against %s for an unprotected run paired alike (A/A); target ≤ ×1.1); "+
 					"checkpoints: %s, pause p50 %s / p99 %s; primary's state at its last poll: %s; output %s.", g.label, fmtSeconds(t.median()), fmtSeconds(baseT.median()),
 					fmtRatio(t.median(), baseT.median()), fmtPaired(paired), fmtPaired(pairedRatios(res[key{gi, 0, false, false, true}], partner[key{gi, 0, false, false, true}])),
 					fmtNum(cps.median()), pause(p50), pause(p99),
