@@ -344,9 +344,6 @@ func (p *Primary) session(id uint64) *session {
 func (p *Primary) take(req engine.CheckpointRequest, module []byte, name string) {
 	sess := p.session(req.Session)
 	p.requests.Add(1)
-	if sess != nil {
-		p.markStarted()
-	}
 	m := p.machine.Load()
 	// Walked here, while the guest runs, the page tables are cached for
 	// the dirty-page walk in the pause (a third off it at 256 MiB).
@@ -421,6 +418,10 @@ func (p *Primary) take(req engine.CheckpointRequest, module []byte, name string)
 		pp.AfterResume(handOff)
 		return nil
 	})
+	if sess != nil {
+		// Queued: the guest, started now, stops at its first host call.
+		p.markStarted()
+	}
 }
 
 // paused learns, on the guest's goroutine, how long a pause stopped the
