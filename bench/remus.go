@@ -577,10 +577,16 @@ func remusCPU(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 // time, so a ratio of two runs side by side is steadier than a ratio of
 // medians taken across rounds.
 func pairedRatios(runs, partners []remusCPURun) sample {
+	return pairedBy(runs, partners, func(x remusCPURun) float64 { return x.elapsed })
+}
+
+// pairedBy is v of each run over v of its partner (same order), where the
+// partner's is positive.
+func pairedBy[T any](runs, partners []T, v func(T) float64) sample {
 	var s sample
 	for i := range min(len(runs), len(partners)) {
-		if partners[i].elapsed > 0 {
-			s = append(s, runs[i].elapsed/partners[i].elapsed)
+		if p := v(partners[i]); p > 0 {
+			s = append(s, v(runs[i])/p)
 		}
 	}
 	return s
@@ -852,15 +858,7 @@ func remusKV(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 		r.s.timeout, r.s.kv.keys, r.s.kvWarm, r.s.kv.loadFor, r.s.kv.latencyFor, r.s.minLatency, r.s.kvRounds)
 	b.WriteString("| configuration | requests/s | ÷ unprotected | paired | warm-up requests/s | ÷ unprotected | checkpoints/s | requests/checkpoint | bytes/checkpoint | dirty pages/checkpoint (median) | mean pause | commit p50 | commit p99 | primary CPU % | backup CPU % | stalls | full resyncs |\n")
 	b.WriteString("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
-	pairedRPS := func(key string) sample {
-		var s sample
-		for i, x := range res[key] {
-			if i < len(partner[key]) && partner[key][i].rps > 0 {
-				s = append(s, x.rps/partner[key][i].rps)
-			}
-		}
-		return s
-	}
+	pairedRPS := func(key string) sample { return pairedBy(res[key], partner[key], rps) }
 	warmRPS := func(x remusKVRound) float64 { return x.warmRPS }
 	offWarm := pick("off", warmRPS).median()
 	for _, c := range configs {
