@@ -423,6 +423,49 @@ func TestBackupPreparesAtLowPriority(t *testing.T) {
 	}
 }
 
+// TestBackupPersistsAtLowPriority: the slot's persister (merging,
+// compressing and fsyncing checkpoints for the disk, which nothing but a
+// failover waits for) runs on a thread at nice persistNice, and a failover,
+// which drains it, gives the thread its priority back first.
+func TestBackupPersistsAtLowPriority(t *testing.T) {
+	const timeout = 200 * time.Millisecond
+	b := serveBackup(t, timeout)
+	f := sendFirstCheckpoint(t, b)
+	if m, ok := f.next().(*wire.Ack); !ok || m.Seq != 1 {
+		t.Fatalf("the full checkpoint was answered with %v, want its ack", m)
+	}
+	b.mu.Lock()
+	var s *slot
+	for _, x := range b.slots {
+		s = x
+	}
+	b.mu.Unlock()
+	if s == nil {
+		t.Fatal("no slot after the first checkpoint")
+	}
+	var tid int
+	for deadline := time.Now().Add(10 * time.Second); tid == 0; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the persister did not lower its thread's priority")
+		}
+		s.mu.Lock()
+		tid = s.persistTid
+		s.mu.Unlock()
+	}
+	if n := threadNice(t, tid); n != persistNice {
+		t.Errorf("the persister's thread runs at nice %d, want %d", n, persistNice)
+	}
+	// The primary falls silent: after the timeout the slot fails over.
+	f.c.Close()
+	deadline := time.Now().Add(20 * timeout)
+	for threadNice(t, tid) != 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("the failover left the persister's thread at nice %d", threadNice(t, tid))
+		}
+		time.Sleep(timeout / 20)
+	}
+}
+
 // threadNice reads the niceness of this process's thread tid.
 func threadNice(t *testing.T, tid int) int {
 	t.Helper()
