@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -614,6 +615,44 @@ func TestRemusSmallMemoryGuest(t *testing.T) {
 	}
 	if got.String() != want.String() {
 		t.Errorf("output differs from the program's:\n%s", diffLines(want.String(), got.String()))
+	}
+}
+
+// TestRemusFirstCheckpointAtStart: a protected guest starts only once its
+// first, full, checkpoint is asked for, so that checkpoint is taken at the
+// guest's first host call and carries its memory before it ran, not what a
+// computation making no host call put there meanwhile (it would also run
+// unprotected until then). The dirtier's first host calls are libc's, for
+// its arguments; then it allocates 16 MiB and writes every page of it
+// before its next.
+func TestRemusFirstCheckpointAtStart(t *testing.T) {
+	wasm := guest.MustC(t, "dirtier", []string{"testdata/guests/dirtier/dirtier.c"})
+	instrumented(t, wasm)
+	args := []string{"16", "1", "3"} // 16 MiB, one page a round, three rounds
+	ref := runCLI(t, 2*time.Minute, "", append([]string{"run", wasm}, args...)...)
+	if ref.code != 0 {
+		t.Fatalf("unprotected: exit %d\n%s", ref.code, ref.stderr)
+	}
+	dir := t.TempDir()
+	repl, bSock := freeAddr(t), filepath.Join(dir, "b.sock")
+	backup := startProc(t, ftvmBinary(t), "backup", "--listen", repl, "--state", filepath.Join(dir, "state"),
+		"--timeout", "500ms", "--api-sock", bSock, "--log-level", "warn")
+	waitSocket(t, backup, bSock)
+	res := runCLI(t, 2*time.Minute, "", append([]string{"run", "--protect", repl, "--timeout", "500ms",
+		"--log-level", "debug", wasm}, args...)...)
+	if res.code != 0 {
+		t.Fatalf("protected: exit %d\n%s", res.code, res.stderr)
+	}
+	if res.stdout != ref.stdout {
+		t.Errorf("protected output %q, unprotected %q", res.stdout, ref.stdout)
+	}
+	m := regexp.MustCompile(`msg="checkpoint sent".* seq=1 full=true pages=([0-9]+)`).FindStringSubmatch(res.stderr)
+	if m == nil {
+		t.Fatalf("no full checkpoint 1 in the primary's log:\n%s", res.stderr)
+	}
+	// Taken after the buffer was written, it would hold its 4,096 pages.
+	if pages, _ := strconv.Atoi(m[1]); pages > 256 {
+		t.Errorf("the first, full, checkpoint carried %d pages: taken after the guest had run, not at its first host call", pages)
 	}
 }
 
