@@ -414,13 +414,7 @@ func TestBackupPreparesAtLowPriority(t *testing.T) {
 	// The primary falls silent: after the timeout the slot fails over,
 	// and waits for the program.
 	f.c.Close()
-	deadline := time.Now().Add(20 * timeout)
-	for threadNice(t, tid) != 0 {
-		if time.Now().After(deadline) {
-			t.Fatalf("the failover left the thread preparing its program at nice %d", threadNice(t, tid))
-		}
-		time.Sleep(timeout / 20)
-	}
+	waitNiceRaised(t, tid, timeout, "the thread preparing its program")
 }
 
 // TestBackupPersistsAtLowPriority: the slot's persister (merging,
@@ -457,10 +451,17 @@ func TestBackupPersistsAtLowPriority(t *testing.T) {
 	}
 	// The primary falls silent: after the timeout the slot fails over.
 	f.c.Close()
+	waitNiceRaised(t, tid, timeout, "the persister's thread")
+}
+
+// waitNiceRaised waits (up to 20 timeouts) for the failover that follows
+// a primary's silence to give thread tid (what) its priority back.
+func waitNiceRaised(t *testing.T, tid int, timeout time.Duration, what string) {
+	t.Helper()
 	deadline := time.Now().Add(20 * timeout)
 	for threadNice(t, tid) != 0 {
 		if time.Now().After(deadline) {
-			t.Fatalf("the failover left the persister's thread at nice %d", threadNice(t, tid))
+			t.Fatalf("the failover left %s at nice %d", what, threadNice(t, tid))
 		}
 		time.Sleep(timeout / 20)
 	}
