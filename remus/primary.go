@@ -471,7 +471,7 @@ func (p *Primary) markStarted() { p.startedOnce.Do(func() { close(p.started) }) 
 // the timeout; an unprotected primary releases at once.
 func (p *Primary) Finish(code uint32) {
 	deadline := time.Now().Add(2 * p.cfg.Engine.Timeout)
-	expired := time.NewTimer(2 * p.cfg.Engine.Timeout)
+	expired := time.NewTimer(time.Until(deadline))
 	defer expired.Stop()
 	var st PrimaryStatus
 wait:
