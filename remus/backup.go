@@ -1183,7 +1183,7 @@ func (s *slot) prepare(snap *snapshot.Snapshot) {
 // cache, still about 140 ms of CPU for a 3 MB Go module) runs while the
 // primary's guest does, and a backup sharing the primary's cores took them
 // from the guest (its thread waited twice as long to run). A failover
-// restores the thread's priority (hurryPrepare). The thread ends with the
+// restores the thread's priority (hurry). The thread ends with the
 // goroutine (it stays locked), its priority with it.
 func (s *slot) lowerPriority(done chan struct{}) {
 	tid, ok := niceThread(prepareNice)
@@ -1205,16 +1205,19 @@ const persistNice = 10
 // against 1,024), so it still finishes, in about a second and a half.
 const prepareNice = 10
 
-// hurryPrepare restores the preparing thread's priority: a failover is
-// waiting for it.
-func (s *slot) hurryPrepare() {
+// hurry restores the priority of the threads a failover waits for: the
+// persister's, whose last commit it drains, and the one preparing the
+// program, if it still is.
+func (s *slot) hurry() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.progTid != 0 {
-		// The thread is still preparing (it clears progTid under s.mu
-		// before it ends), so the id is still its.
-		_ = unix.Setpriority(unix.PRIO_PROCESS, s.progTid, 0)
-		s.progTid = 0
+	// Each thread clears its id under s.mu before it ends, so an id here
+	// is still its thread's.
+	for _, tid := range []*int{&s.persistTid, &s.progTid} {
+		if *tid != 0 {
+			_ = unix.Setpriority(unix.PRIO_PROCESS, *tid, 0)
+			*tid = 0
+		}
 	}
 }
 
@@ -1616,13 +1619,7 @@ func (s *slot) failover(ctx context.Context) {
 		s.log.Error("failover: nothing committed to resume")
 		return
 	}
-	s.mu.Lock()
-	if s.persistTid != 0 {
-		// It is the thread the drain waits for.
-		_ = unix.Setpriority(unix.PRIO_PROCESS, s.persistTid, 0)
-		s.persistTid = 0
-	}
-	s.mu.Unlock()
+	s.hurry()
 	s.drain()
 	tDrain := time.Since(t0)
 	s.mu.Lock()
@@ -1634,7 +1631,6 @@ func (s *slot) failover(ctx context.Context) {
 			"(ftvm restore its chain by hand)")
 		return
 	}
-	s.hurryPrepare()
 	s.mu.Lock()
 	done := s.progDone
 	s.mu.Unlock()
