@@ -436,6 +436,8 @@ func (p *Paused) DirtyPages(dst []uint32) ([]uint32, error) {
 	}
 	start := len(dst)
 	pages, err := p.m.tracker.Collect(dst, uint64(len(p.Memory())))
+	p.m.viewsMu.Lock()
+	defer p.m.viewsMu.Unlock()
 	return p.m.views.collected(viewSnapshots, pages, start, len(p.Memory()), err), err
 }
 
@@ -455,6 +457,8 @@ func (p *Paused) DirtyPagesDeferred(dst []uint32) (pages []uint32, gen uint64, e
 	} else {
 		pages, err = p.m.tracker.Collect(dst, uint64(len(p.Memory())))
 	}
+	p.m.viewsMu.Lock()
+	defer p.m.viewsMu.Unlock()
 	return p.m.views.collected(viewStream, pages, start, len(p.Memory()), err), gen, err
 }
 
@@ -535,6 +539,57 @@ func (m *Machine) WarmDirty() {
 	if w != nil {
 		w()
 	}
+}
+
+// CollectAhead starts the next checkpoint stream's collection
+// (DirtyPagesDeferred) while the guest runs: it finds the pages written so
+// far, re-arms tracking for them, and calls copy with the guest's memory
+// and those pages (sorted) so that the caller copies them now. The
+// DirtyPagesDeferred of the next pause then reports only the pages written
+// after, which are all the pause must copy: for a guest that writes many
+// pages an epoch, most of the copying moves out of the pause. Call it from
+// another goroutine, just before asking for a pause, and not twice before
+// it. ok is false when nothing was collected (the tracker cannot, or its
+// previous pages are not re-armed yet: RearmDirty). If copy fails, the
+// pages are reported again by the next DirtyPagesDeferred. The memory passed to
+// copy is valid only during the call; the guest writes it meanwhile, and
+// any page it writes after it was reported is reported again by the next
+// DirtyPagesDeferred.
+func (m *Machine) CollectAhead(dst []uint32, copy func(mem []byte, pages []uint32) error) (pages []uint32, ok bool, err error) {
+	a, isA := m.tracker.(dirty.Aheader)
+	lm := m.alloc.memory()
+	if !isA || lm == nil {
+		return dst, false, nil
+	}
+	used := lm.size.Load()
+	start := len(dst)
+	var all []uint32
+	var copyErr error
+	dst, ok, err = a.CollectAhead(dst, used, func(region []byte, got []uint32) {
+		m.viewsMu.Lock()
+		defer m.viewsMu.Unlock()
+		// As a collection of the stream's: a snapshot's next collection
+		// carries these pages, and pages a snapshot collected since the
+		// stream's last one come now.
+		all = m.views.collected(viewStream, got, 0, int(used), nil)
+		if copy == nil {
+			return
+		}
+		if copyErr = copy(region[:used], all); copyErr != nil {
+			// Not copied, and protected: the stream's next collection
+			// reports them.
+			for _, p := range all {
+				m.views[viewStream].carry = setBit(m.views[viewStream].carry, p)
+			}
+		}
+	})
+	if err == nil && copyErr != nil {
+		return dst[:start], false, copyErr
+	}
+	if ok {
+		dst = append(dst[:start], all...)
+	}
+	return dst, ok, err
 }
 
 // RearmDirty re-arms dirty tracking for the pages DirtyPagesDeferred gen

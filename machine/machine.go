@@ -133,7 +133,8 @@ type Machine struct {
 	rewindAddr      uint32
 	rewindSaved     []byte
 	tracker         dirty.Tracker
-	views           dirtyViews // per consumer of the tracker, on the guest goroutine
+	views           dirtyViews // per consumer of the tracker, under viewsMu
+	viewsMu         sync.Mutex // pauses and CollectAhead, which runs while the guest does
 	snaps           snapshotter
 	calls           uint64 // safe points reached (host calls begun)
 	autoSnap        bool   // the current unwind is SnapshotAtCall's

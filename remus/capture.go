@@ -48,7 +48,9 @@ func (cp *checkpoint) rearm(m *machine.Machine) error {
 var zeroPage [snapshot.PageSize]byte
 
 // captureCheckpoint runs while the guest is paused. It copies only what
-// must be copied now; encoding happens after the guest runs again.
+// must be copied now; encoding happens after the guest runs again. st may
+// hold pages staged before the pause (collectAhead); the checkpoint adds
+// to them.
 func captureCheckpoint(p *machine.Paused, seq uint64, full bool, st *snapshot.Stager, dirtyBuf []uint32,
 	module []byte, name string) (*checkpoint, []uint32, error) {
 	t0 := time.Now()
@@ -64,7 +66,14 @@ func captureCheckpoint(p *machine.Paused, seq uint64, full bool, st *snapshot.St
 	if full {
 		idx = snapshot.NonZeroPages(mem)
 	}
-	pages, err := st.Stage(mem, idx)
+	var pages []snapshot.Page
+	if st.Len() > 0 && !full {
+		// Most pages were staged ahead of the pause (collectAhead):
+		// only those written since are copied now.
+		pages, err = st.Add(mem, idx)
+	} else {
+		pages, err = st.Stage(mem, idx)
+	}
 	if err != nil {
 		return nil, dirtyPages, err
 	}

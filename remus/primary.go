@@ -69,6 +69,12 @@ type Primary struct {
 	release chan struct{} // wakes the releaser
 	stop    chan struct{}
 
+	// aheadBuf is the driver's, for collectAhead; lastDirty is the last
+	// checkpoint's page count: it decides whether the next is collected
+	// ahead.
+	aheadBuf  []uint32
+	lastDirty atomic.Int64
+
 	// Guest-goroutine state (touched only inside pauses).
 	dirtyBuf []uint32
 	// pausedSeq is the checkpoint whose pause OnPaused reports next.
@@ -123,6 +129,7 @@ type PrimaryStatus struct {
 	LastBytes       int     `json:"last_checkpoint_bytes"`
 	BytesSent       uint64  `json:"bytes_replicated"`
 	DeltaPages      uint64  `json:"delta_pages"` // pages sent as deltas against the backup's copies
+	AheadPages      uint64  `json:"ahead_pages"` // pages copied before their checkpoint's pause (CollectAhead)
 	HeldBytes       int     `json:"held_output_bytes"`
 	ReleasedBytes   uint64  `json:"released_output_bytes"`
 	BackupHealthy   bool    `json:"backup_healthy"`
@@ -345,14 +352,21 @@ func (p *Primary) take(req engine.CheckpointRequest, module []byte, name string)
 	sess := p.session(req.Session)
 	p.requests.Add(1)
 	m := p.machine.Load()
-	// Walked here, while the guest runs, the page tables are cached for
-	// the dirty-page walk in the pause (a third off it at 256 MiB).
-	m.WarmDirty()
+	st := p.getStager()
+	ahead := 0
+	if !req.Full && p.lastDirty.Load() >= aheadMinPages {
+		ahead = p.collectAhead(m, st)
+	}
+	if ahead == 0 {
+		// Walked here, while the guest runs, the page tables are cached
+		// for the dirty-page walk in the pause (a third off it at 256
+		// MiB). (Collecting ahead walked them.)
+		m.WarmDirty()
+	}
 	// Errors are logged by the job itself: nothing waits on PauseAsync's
 	// result, so the pause wakes no goroutine for it.
 	m.PauseAsync(func(pp *machine.Paused) error {
 		p.captures.Add(1)
-		st := p.getStager()
 		cp, dirty, err := captureCheckpoint(pp, req.Seq, req.Full, st, p.dirtyBuf, module, name)
 		p.dirtyBuf = dirty
 		if err != nil {
@@ -363,6 +377,7 @@ func (p *Primary) take(req engine.CheckpointRequest, module []byte, name string)
 		if !req.Full {
 			p.stage.Expect(cp.snap.Pages, cp.snap.MemorySize)
 		}
+		p.lastDirty.Store(int64(cp.dirty))
 		p.gate.setEpoch(req.Seq)
 		_, ops := p.gate.endEpoch()
 		if !req.Full {
@@ -381,12 +396,13 @@ func (p *Primary) take(req engine.CheckpointRequest, module []byte, name string)
 			// whole pause was (paused).
 			p.status.LastPauseUS = float64(cp.pause.Nanoseconds()) / 1000
 			p.status.LastDirtyPages = cp.dirty
+			p.status.AheadPages += uint64(ahead)
 			p.status.Checkpoints++
 			if req.Full {
 				p.status.FullCheckpoints++
 			}
 			p.recent.add(CheckpointRecord{Seq: req.Seq, Session: req.Session, Full: req.Full, At: time.Now(),
-				PauseUS: p.status.LastPauseUS, DirtyPages: cp.dirty})
+				PauseUS: p.status.LastPauseUS, DirtyPages: cp.dirty, AheadPages: ahead})
 			p.mu.Unlock()
 			p.pausedSeq = req.Seq
 			p.send(engine.CheckpointTaken{Now: p.now(), Seq: req.Seq})
@@ -422,6 +438,37 @@ func (p *Primary) take(req engine.CheckpointRequest, module []byte, name string)
 		// Queued: the guest, started now, stops at its first host call.
 		p.markStarted()
 	}
+}
+
+// aheadMinPages is the least number of pages in the last checkpoint for
+// the next to be collected ahead (collectAhead). Below it the pause's copy
+// is short (about 0.4–0.7 µs a page on the project's VMs, so under 200
+// µs), and collecting ahead would only walk the page tables twice and delay
+// the pause, which an epoch ended early for waiting output cannot afford.
+const aheadMinPages = 256
+
+// collectAhead copies into st, while the guest runs, the pages it has
+// written so far this epoch, and write-protects them (machine.CollectAhead):
+// the pause then copies only the pages written after, adding them to st.
+// A guest that writes many pages an epoch pays for most of the copying
+// while it runs, on another core, instead of stopped. It returns how many
+// pages it copied (0: none, and st is untouched).
+func (p *Primary) collectAhead(m *machine.Machine, st *snapshot.Stager) int {
+	pages, ok, err := m.CollectAhead(p.aheadBuf[:0], func(mem []byte, pages []uint32) error {
+		_, err := st.Stage(mem, pages)
+		return err
+	})
+	p.aheadBuf = pages
+	if err != nil {
+		// Pages not copied are reported by the pause's collection.
+		p.log.Error("collecting pages ahead of the pause failed", "err", err)
+		st.Release()
+		return 0
+	}
+	if !ok {
+		return 0
+	}
+	return len(pages)
 }
 
 // paused learns, on the guest's goroutine, how long a pause stopped the

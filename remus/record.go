@@ -26,6 +26,9 @@ type CheckpointRecord struct {
 	// back-pressure stall); the capture's alone until the guest resumed.
 	PauseUS    float64 `json:"pause_us"`
 	DirtyPages int     `json:"dirty_pages"`
+	// AheadPages of the DirtyPages were copied before the pause, while
+	// the guest ran (a checkpoint after one of many pages).
+	AheadPages int `json:"ahead_pages,omitempty"`
 	// CommitUS is from At to the backup's acknowledgement's arrival: how
 	// long the epoch's output waited beyond the pause (0: not
 	// acknowledged, yet or ever, if its session ended).

@@ -1,6 +1,7 @@
 package snapshot
 
 import (
+	"cmp"
 	"fmt"
 	"slices"
 	"sync"
@@ -25,6 +26,9 @@ type Stager struct {
 	chunks [][]byte
 	pages  []Page
 	idx    []uint32
+	slots  int // slots of the chunks in use: Stage's pages, then Add's
+	extra  []Page
+	merged []Page
 }
 
 // Stage copies the pages listed in indices (any order, duplicates allowed)
@@ -59,8 +63,70 @@ func (st *Stager) Stage(mem []byte, indices []uint32) ([]Page, error) {
 		copy(d, mem[int(x)*PageSize:])
 		st.pages = append(st.pages, Page{Index: x, Data: d})
 	}
+	st.slots = n
 	return st.pages, nil
 }
+
+// Add copies more pages (any order, duplicates allowed) out of mem into
+// the staging, keeping what Stage and earlier Adds staged: a page staged
+// already is copied again over its old copy, a new one takes the next
+// free slot. It returns every staged page, sorted (a slice returned by an
+// earlier Stage or Add is not valid afterwards; the pages' Data are). It is the pause's half of a
+// checkpoint whose pages were mostly staged while the guest ran
+// (machine.CollectAhead): the pause copies only the pages written since.
+// (The pages it adds do not lie back to back with their neighbours in
+// index order, so the encoder copies those batches once more.)
+func (st *Stager) Add(mem []byte, indices []uint32) ([]Page, error) {
+	if st.Pool == nil {
+		st.Pool = &StagePool{}
+	}
+	st.idx = append(st.idx[:0], indices...)
+	if !slices.IsSorted(st.idx) {
+		slices.Sort(st.idx)
+	}
+	st.idx = slices.Compact(st.idx)
+	if n := len(st.idx); n > 0 && (uint64(st.idx[n-1])+1)*PageSize > uint64(len(mem)) {
+		return nil, fmt.Errorf("snapshot: page %d is beyond the memory's %d bytes", st.idx[n-1], len(mem))
+	}
+	st.extra = st.extra[:0]
+	old := st.pages
+	for _, x := range st.idx {
+		src := mem[int(x)*PageSize : int(x+1)*PageSize]
+		if i, ok := slices.BinarySearchFunc(old, x, func(p Page, x uint32) int { return cmp.Compare(p.Index, x) }); ok {
+			copy(old[i].Data, src)
+			continue
+		}
+		for st.slots >= len(st.chunks)*stageChunkPages {
+			st.chunks = append(st.chunks, st.Pool.get())
+		}
+		c := st.chunks[st.slots/stageChunkPages]
+		o := (st.slots % stageChunkPages) * PageSize
+		d := c[o : o+PageSize]
+		copy(d, src)
+		st.extra = append(st.extra, Page{Index: x, Data: d})
+		st.slots++
+	}
+	if len(st.extra) == 0 {
+		return st.pages, nil
+	}
+	// Both sorted: merge.
+	st.merged = st.merged[:0]
+	i, j := 0, 0
+	for i < len(old) || j < len(st.extra) {
+		if j == len(st.extra) || (i < len(old) && old[i].Index < st.extra[j].Index) {
+			st.merged = append(st.merged, old[i])
+			i++
+		} else {
+			st.merged = append(st.merged, st.extra[j])
+			j++
+		}
+	}
+	st.pages, st.merged = st.merged, st.pages
+	return st.pages, nil
+}
+
+// Len is the number of pages staged.
+func (st *Stager) Len() int { return len(st.pages) }
 
 // Release gives the chunks back to the pool; the staged pages are invalid
 // afterwards.
@@ -72,6 +138,11 @@ func (st *Stager) Release() {
 	st.chunks = st.chunks[:0]
 	clear(st.pages)
 	st.pages = st.pages[:0]
+	clear(st.merged[:cap(st.merged)])
+	st.merged = st.merged[:0]
+	clear(st.extra)
+	st.extra = st.extra[:0]
+	st.slots = 0
 }
 
 // stageChunkPages is a staging chunk: one encoder batch.

@@ -656,6 +656,60 @@ func TestRemusFirstCheckpointAtStart(t *testing.T) {
 	}
 }
 
+// TestRemusCollectAheadFailover: a guest that writes hundreds of pages an
+// epoch has most of each checkpoint copied before its pause, while it runs
+// (the pause copies only what it wrote after). The backup, whose every
+// checkpoint was built that way, takes over after kill -9 of the primary
+// and finishes with the checksum of the guest's whole memory that an
+// uninterrupted run prints: no page was lost or stale.
+func TestRemusCollectAheadFailover(t *testing.T) {
+	wasm := guest.MustC(t, "dirtier", []string{"testdata/guests/dirtier/dirtier.c"})
+	instrumented(t, wasm)
+	// 32 MiB; 400 pages a round, then 2 ms asleep: about 3,000 pages an
+	// epoch, for 5 s.
+	args := []string{"32", "400", "2000", "2000"}
+	ref := runCLI(t, 2*time.Minute, "", append([]string{"run", wasm}, args...)...)
+	if ref.code != 0 || ref.stdout == "" {
+		t.Fatalf("unprotected: exit %d\n%s", ref.code, ref.stderr)
+	}
+	dir := t.TempDir()
+	repl, bSock, pSock := freeAddr(t), filepath.Join(dir, "b.sock"), filepath.Join(dir, "p.sock")
+	backup, bOut := startStdout(t, "backup", "backup", "--listen", repl, "--state", filepath.Join(dir, "state"),
+		"--timeout", "300ms", "--api-sock", bSock, "--log-level", "info")
+	waitSocket(t, backup, bSock)
+	primary, pOut := startStdout(t, "primary", append([]string{"run", "--protect", repl, "--timeout", "300ms",
+		"--epoch", "25ms", "--api-sock", pSock, "--log-level", "info", wasm}, args...)...)
+	waitSocket(t, primary, pSock)
+	var st map[string]any
+	for deadline := time.Now().Add(time.Minute); ; {
+		st = status(t, pSock)
+		if num(st, "ahead_pages") >= 10000 && num(st, "acked") >= 20 {
+			break
+		}
+		if time.Now().After(deadline) || pOut.String() != "" {
+			t.Fatalf("no checkpoints collected ahead: %v", st)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	primary.cmd.Process.Kill()
+	<-primary.done
+	deadline := time.Now().Add(2 * time.Minute)
+	for bOut.String() == "" {
+		if time.Now().After(deadline) {
+			t.Fatal("the backup did not finish the guest")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	time.Sleep(100 * time.Millisecond) // the whole line
+	if pOut.String() != "" {
+		t.Fatalf("the primary printed %q before it was killed: it finished too soon for the test", pOut.String())
+	}
+	if got := bOut.String(); got != ref.stdout {
+		t.Fatalf("after failover the guest printed %q, an uninterrupted run %q", got, ref.stdout)
+	}
+	t.Logf("killed after %v checkpoints, %v pages of them copied ahead of their pauses", num(st, "checkpoints"), num(st, "ahead_pages"))
+}
+
 // TestRemusLoopPollsFailoverMidComputation: a CPU-bound guest run with
 // --loop-polls is checkpointed inside its computation (epochs end at loop
 // polls, not at its rare host calls); kill -9 of the primary mid-phase

@@ -31,6 +31,9 @@
 //     protecting, copies the pages while the guest is paused, and protects
 //     them after it runs again, comparing each with its copy to catch a
 //     write in between. The pause keeps only the cheap read-only walk.
+//   - Collecting ahead (Aheader): a checkpoint with many dirty pages
+//     collects and copies most of them while the guest still runs, and
+//     the pause copies only the pages written after that.
 //
 // The baseline. New takes the region's contents as the starting point: the
 // first Options.Used bytes as they are, and every page past them as zero,
@@ -134,6 +137,27 @@ type Deferrer interface {
 	// does nothing (that Collect reported the pages again, still
 	// writable); so does one that never comes.
 	Rearm(gen uint64, copyOf func(page uint32) []byte) error
+}
+
+// Aheader is implemented by trackers that can collect while the region is
+// being written (the userfaultfd tracker): the pages written so far are
+// reported and write-protected in one walk, so a copy taken of them
+// afterwards is either final or superseded by the next Collect, which
+// reports every page written since. A checkpoint of a guest that writes
+// many pages an epoch thus copies most of them before the pause, and the
+// pause copies only the pages written in between.
+type Aheader interface {
+	// CollectAhead reports, like Collect, the pages written since the
+	// last Collect and protects them, except pages the next Collect
+	// watches by content (hot pages) and pages of memory grown since
+	// (those stay for the next Collect). It calls use with the region
+	// and the pages (appended to dst) while the region cannot be
+	// unmapped: use copies them. ok is false when it did nothing (a
+	// Deferrer's pages not re-armed yet, an earlier CollectAhead not
+	// followed by a Collect, hot pages in too many runs). The next
+	// Collect reports only what was written after; CollectAhead reports
+	// nothing it reported already.
+	CollectAhead(dst []uint32, usedBytes uint64, use func(region []byte, pages []uint32)) (pages []uint32, ok bool, err error)
 }
 
 // Options tune New.

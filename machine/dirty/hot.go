@@ -64,6 +64,7 @@ type hotState struct {
 	nstreak []streakPage
 	written []uint32
 	protect []uint32
+	merged  []uint32 // written and ahead, for classify
 	// stopPromoting is set while pages are reported again in the next
 	// Collect no more often than chance would have it: writes scattered
 	// at random over much of the memory, where a page written three
@@ -82,10 +83,18 @@ func (h *hotState) reset() {
 // report, collects in h.protect the pages to write-protect now, and builds
 // the next hot set and streaks. Hot pages whose idle count reached
 // coolAfter must already have been protected again (cooled) before the
-// kernel was asked. page returns a page's contents.
-func (h *hotState) classify(dst []uint32, limit uint64, page func(uint32) []byte) []uint32 {
+// kernel was asked. page returns a page's contents. ahead are the pages a
+// CollectAhead reported since the last Collect (sorted): written this
+// round too, so they count for streaks, but the caller has them already
+// and they are protected, so they are neither reported nor protected
+// again unless the kernel reports them as well.
+func (h *hotState) classify(dst []uint32, limit uint64, page func(uint32) []byte, ahead []uint32) []uint32 {
 	h.next, h.nstreak, h.protect = h.next[:0], h.nstreak[:0], h.protect[:0]
 	hot, written, streak := h.hot, h.written, h.streak
+	if len(ahead) > 0 {
+		h.merged = mergeAhead(h.merged[:0], written, ahead, limit)
+		written = h.merged
+	}
 	// Room for promotions: the hot pages that stay hot (unless they
 	// change, which only keeps them) come first.
 	staying := 0
@@ -101,14 +110,20 @@ func (h *hotState) classify(dst []uint32, limit uint64, page func(uint32) []byte
 	i, j, k := 0, 0, 0
 	cold, again := 0, 0 // pages reported outside the hot set; of them, reported last time too
 	for i < len(hot) || j < len(written) {
+		var p uint32
+		var onlyAhead bool
+		if j < len(written) {
+			p, onlyAhead = written[j]&^aheadOnly, written[j]&aheadOnly != 0
+		}
 		switch {
-		case j == len(written) || (i < len(hot) && hot[i].idx < written[j]):
+		case j == len(written) || (i < len(hot) && hot[i].idx < p):
 			dst = h.checkHot(dst, hot[i], false, limit, page)
 			i++
-		case i == len(hot) || written[j] < hot[i].idx:
-			p := written[j]
+		case i == len(hot) || p < hot[i].idx:
 			j++
-			dst = append(dst, p)
+			if !onlyAhead {
+				dst = append(dst, p)
+			}
 			for k < len(streak) && streak[k].idx < p {
 				k++
 			}
@@ -121,12 +136,23 @@ func (h *hotState) classify(dst []uint32, limit uint64, page func(uint32) []byte
 			if n >= promoteAfter && room > 0 {
 				room--
 				h.next = append(h.next, hotPage{idx: p, last: bytes.Clone(page(p))})
+				if onlyAhead {
+					// Reported after all: from now on the page is
+					// compared with this copy, so the caller's must
+					// be as new (a write since CollectAhead's copy
+					// that its protection did not see, racing with
+					// this Collect, would otherwise never be
+					// reported).
+					dst = append(dst, p)
+				}
 				continue
 			}
-			h.protect = append(h.protect, p)
+			if !onlyAhead {
+				h.protect = append(h.protect, p)
+			}
 			h.nstreak = append(h.nstreak, streakPage{idx: p, n: min(n, promoteAfter)})
 		default:
-			dst = h.checkHot(dst, hot[i], true, limit, page)
+			dst = h.checkHot(dst, hot[i], !onlyAhead, limit, page)
 			i++
 			j++
 		}
@@ -137,6 +163,34 @@ func (h *hotState) classify(dst []uint32, limit uint64, page func(uint32) []byte
 	h.stopPromoting = again > 0 && float64(again) < 4*chance
 	h.hot, h.next = h.next, h.hot
 	h.streak, h.nstreak = h.nstreak, h.streak
+	return dst
+}
+
+// aheadOnly marks, in classify's merged list, a page only CollectAhead
+// reported (page indices stay below 1<<20).
+const aheadOnly = 1 << 31
+
+// mergeAhead appends to dst the union of written and ahead (both sorted,
+// ahead's pages below limit only), marking with aheadOnly the pages in
+// ahead alone.
+func mergeAhead(dst, written, ahead []uint32, limit uint64) []uint32 {
+	i, j := 0, 0
+	for i < len(written) || j < len(ahead) {
+		switch {
+		case j == len(ahead) || (i < len(written) && written[i] < ahead[j]):
+			dst = append(dst, written[i])
+			i++
+		case i == len(written) || ahead[j] < written[i]:
+			if uint64(ahead[j]) < limit {
+				dst = append(dst, ahead[j]|aheadOnly)
+			}
+			j++
+		default:
+			dst = append(dst, written[i])
+			i++
+			j++
+		}
+	}
 	return dst
 }
 

@@ -220,6 +220,9 @@ type uffdTracker struct {
 	// collected is when the last Collect ended (Warm skips its walk
 	// shortly after one).
 	collected time.Time
+	// ahead are the pages the last CollectAhead reported (sorted), for
+	// the next Collect's hot-page streaks; the next Collect clears them.
+	ahead []uint32
 	// peekLo, peekHi span the pages Written was asked about since the
 	// last Collect: a pending page there may have been reported to a
 	// consumer that copied it then, so its Rearm must carry it whatever
@@ -313,6 +316,99 @@ func (t *uffdTracker) Collect(dst []uint32, usedBytes uint64) ([]uint32, error) 
 	return t.collect(dst, usedBytes, false)
 }
 
+// CollectAhead implements Aheader.
+func (t *uffdTracker) CollectAhead(dst []uint32, usedBytes uint64, use func(region []byte, pages []uint32)) ([]uint32, bool, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.closed {
+		return dst, false, ErrClosed
+	}
+	if len(t.pending) > 0 || t.ahead != nil {
+		return dst, false, nil
+	}
+	pages, err := checkUsed(usedBytes, len(t.region))
+	if err != nil {
+		return dst, false, err
+	}
+	limit := uint64(pages)
+	end := min(t.roundUp(limit*PageSize), t.armed)
+	start := len(dst)
+	emit := func(r []pageRegion) { dst = t.appendPages(dst, r, limit) }
+	if t.hot == nil {
+		err = t.scan(t.base, end, pageIsWritten, emit)
+	} else {
+		// Around the hot pages: they stay writable, compared by content
+		// at the next Collect.
+		var few bool
+		t.spans, few = t.hot.spansWithout(t.spans[:0], 0, uint32((end-t.base)/PageSize), maxProtectCalls)
+		if few {
+			for _, s := range t.spans {
+				if err = t.scan(t.base+uintptr(s[0])*PageSize, t.base+uintptr(s[1])*PageSize, pageIsWritten, emit); err != nil {
+					break
+				}
+			}
+		} else {
+			dst, err = t.aheadAmidHot(dst, end, limit)
+		}
+	}
+	if err != nil {
+		// What was reported is protected again: the next Collect must
+		// report it, as the caller does not copy it.
+		t.carry = append(t.carry, dst[start:]...)
+		return dst[:start], false, err
+	}
+	t.ahead = append(make([]uint32, 0, len(dst)-start), dst[start:]...)
+	t.collected = time.Now() // the page tables are cached now
+	if use != nil {
+		use(t.region, dst[start:])
+	}
+	return dst, true, nil
+}
+
+// aheadAmidHot is CollectAhead's walk when hot pages lie in too many runs
+// to walk around: one walk that only reports, then the pages it reported
+// that are not hot are protected, one run at a time if they form few runs,
+// else in one walk over their span, which also protects the hot pages
+// there (each faults once at its next write and stays hot) and reports
+// the pages written since the first walk, which are added. Pages are
+// copied only after all this, so a write after the first walk is either
+// in the copy or faults and is reported again.
+func (t *uffdTracker) aheadAmidHot(dst []uint32, end uintptr, limit uint64) ([]uint32, error) {
+	h := t.hot
+	start := len(dst)
+	h.written = h.written[:0]
+	if err := t.scanFlags(t.base, end, pmScanCheckWPAsync, pageIsWritten, func(r []pageRegion) {
+		h.written = t.appendPages(h.written, r, limit)
+	}); err != nil {
+		return dst, err // nothing protected
+	}
+	for _, p := range h.written {
+		if !h.isHot(p) {
+			dst = append(dst, p)
+		}
+	}
+	mine := dst[start:]
+	if len(mine) == 0 {
+		return dst, nil
+	}
+	if runs(mine) <= maxProtectCalls {
+		return dst, t.protectRuns(mine)
+	}
+	from, to := mine[0], mine[len(mine)-1]+1
+	n := len(dst)
+	err := t.scan(t.base+uintptr(from)*PageSize, t.base+uintptr(to)*PageSize, pageIsWritten, func(r []pageRegion) {
+		for _, p := range t.appendPages(nil, r, limit) {
+			if _, ok := slices.BinarySearch(dst[start:n], p); !ok && !h.isHot(p) {
+				dst = append(dst, p)
+			}
+		}
+	})
+	if len(dst) > n {
+		slices.Sort(dst[start:])
+	}
+	return dst, err
+}
+
 // CollectDeferred implements Deferrer.
 func (t *uffdTracker) CollectDeferred(dst []uint32, usedBytes uint64) ([]uint32, uint64, error) {
 	t.mu.Lock()
@@ -335,11 +431,13 @@ func (t *uffdTracker) collect(dst []uint32, usedBytes uint64, deferred bool) ([]
 	t.pending = t.pending[:0]
 	t.peekLo, t.peekHi = 0, 0
 	t.gen++
+	ahead := t.ahead
+	t.ahead = nil
 	start := len(dst)
 	limit := uint64(pages)
 	end := t.roundUp(limit * PageSize)
 	if t.hot != nil {
-		if dst, err = t.collectHot(dst, limit, min(end, t.armed), deferred); err != nil {
+		if dst, err = t.collectHot(dst, limit, min(end, t.armed), deferred, ahead); err != nil {
 			// Forgetting the hot pages is safe: left writable, they
 			// show as written until protected again.
 			t.hot.reset()
@@ -469,7 +567,7 @@ func (t *uffdTracker) Rearm(gen uint64, copyOf func(page uint32) []byte) error {
 // over everything at once, and protects afterwards only what it reported
 // and did not promote. Protecting after reporting loses nothing: a write
 // in between lands in a page the caller copies afterwards.
-func (t *uffdTracker) collectHot(dst []uint32, limit uint64, armedEnd uintptr, deferred bool) ([]uint32, error) {
+func (t *uffdTracker) collectHot(dst []uint32, limit uint64, armedEnd uintptr, deferred bool, ahead []uint32) ([]uint32, error) {
 	h := t.hot
 	start := len(dst)
 	h.protect = h.cooled(h.protect[:0])
@@ -497,12 +595,12 @@ func (t *uffdTracker) collectHot(dst []uint32, limit uint64, armedEnd uintptr, d
 		}
 		// All that classify would protect is protected (the pages it
 		// promotes too: each faults once more, then stays writable).
-		return h.classify(dst, limit, page), nil
+		return h.classify(dst, limit, page, ahead), nil
 	}
 	if err := t.scanFlags(t.base, armedEnd, pmScanCheckWPAsync, pageIsWritten, emit); err != nil {
 		return dst, err
 	}
-	dst = h.classify(dst, limit, page)
+	dst = h.classify(dst, limit, page, ahead)
 	if deferred {
 		t.pending = append(t.pending, h.protect...)
 		return dst, nil

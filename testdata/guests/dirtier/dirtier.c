@@ -2,7 +2,9 @@
 // mebibytes and, in every round, writes one byte into each of PAGES pages
 // (a different set each round), then makes a host call: the safe point
 // where a pause can land; with SLEEP_US it then sleeps that long (a
-// poll_oneoff wait). It runs ROUNDS rounds (0: forever).
+// poll_oneoff wait). It runs ROUNDS rounds (0: forever), then prints a
+// checksum of the whole buffer: a replica that lost a write prints
+// another.
 //
 // usage: dirtier MIB PAGES ROUNDS [SLEEP_US]
 #include <stdint.h>
@@ -39,6 +41,10 @@ int main(int argc, char **argv) {
 			nanosleep(&d, 0);
 		}
 	}
-	printf("%u\n", buf[x % (npages * 4096)]);
+	uint64_t h = 1469598103934665603ull; // FNV-1a over the words
+	const uint64_t *w = (const uint64_t *)buf;
+	for (size_t i = 0; i < npages * 4096 / 8; i++)
+		h = (h ^ w[i]) * 1099511628211ull;
+	printf("%u %016llx\n", buf[x % (npages * 4096)], (unsigned long long)h);
 	return 0;
 }

@@ -1,0 +1,263 @@
+package dirty
+
+import (
+	"errors"
+	"math/rand/v2"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+	"unsafe"
+)
+
+// TestCollectAheadWithConcurrentWriters: writers change pages all the time
+// while each round first collects ahead (copying what it reports at once)
+// and then collects as a pause would (copying again). The consumer's image
+// ends exact, every page written is reported by one or the other, and the
+// Collect after a CollectAhead reports only pages written since: with
+// writers stopped, a CollectAhead followed by a Collect reports nothing
+// twice.
+func TestCollectAheadWithConcurrentWriters(t *testing.T) {
+	for _, kind := range []string{KindUffd, kindHot, kindDeferred, kindHotDeferred} {
+		t.Run(kind, func(t *testing.T) {
+			if err := uffdOnce(); err != nil {
+				t.Skipf("kernel tracker unavailable: %v", err)
+			}
+			const pages = 2048
+			size := pages * PageSize
+			region := mapRegion(t, size)
+			image := make([]byte, size)
+			var tr Tracker
+			if kind == kindHot || kind == kindHotDeferred {
+				tr = newHotTracker(t, region, uint64(size))
+			} else {
+				tr = newTracker(t, region, uint64(size), KindUffd)
+			}
+			deferred := kind == kindDeferred || kind == kindHotDeferred
+			var stop atomic.Bool
+			var wg sync.WaitGroup
+			defer wg.Wait()
+			defer stop.Store(true)
+			written := make([][]bool, 2)
+			for w := range written {
+				written[w] = make([]bool, pages)
+				wg.Go(func() {
+					rng := rand.New(rand.NewPCG(uint64(w), 9))
+					for c := uint64(1); !stop.Load(); c++ {
+						// A working set in many runs (its pages
+						// become hot, too scattered to walk around)
+						// and writes at random.
+						p := rng.IntN(pages)
+						if c%2 == 0 {
+							p = rng.IntN(40) * 37
+						}
+						written[w][p] = true
+						off := p*PageSize + w*8*64 + int(c%64)*8
+						atomic.StoreUint64((*uint64)(unsafe.Pointer(&region[off])), c)
+					}
+				})
+			}
+			reported := make([]bool, pages)
+			aheads := 0
+			ahead := func() {
+				got, ok, err := tr.(Aheader).CollectAhead(nil, uint64(size), func(r []byte, ps []uint32) {
+					copyPages(image, r, ps)
+				})
+				if err != nil {
+					t.Fatal(err)
+				}
+				if ok {
+					aheads++
+				}
+				for _, p := range got {
+					reported[p] = true
+				}
+			}
+			take := func() {
+				var got []uint32
+				var gen uint64
+				if deferred {
+					var err error
+					if got, gen, err = tr.(Deferrer).CollectDeferred(nil, uint64(size)); err != nil {
+						t.Fatal(err)
+					}
+				} else {
+					got = collect(t, tr, size)
+				}
+				for _, p := range got {
+					reported[p] = true
+				}
+				copyPages(image, region, got)
+				if deferred {
+					if err := tr.(Deferrer).Rearm(gen, func(p uint32) []byte { return image[int(p)*PageSize : int(p+1)*PageSize] }); err != nil {
+						t.Fatal(err)
+					}
+				}
+			}
+			deadline := time.Now().Add(400 * time.Millisecond)
+			rounds := 0
+			for ; time.Now().Before(deadline); rounds++ {
+				ahead()
+				take()
+			}
+			stop.Store(true)
+			wg.Wait()
+			for range 3 { // what the last Rearm carried, and hot pages' last change
+				take()
+			}
+			if aheads < rounds/2 {
+				t.Fatalf("CollectAhead did its work in only %d of %d rounds", aheads, rounds)
+			}
+			t.Logf("%d rounds, %d collected ahead", rounds, aheads)
+			for w := range written {
+				for p, ok := range written[w] {
+					if ok && !reported[p] {
+						t.Fatalf("page %d written by writer %d never reported", p, w)
+					}
+				}
+			}
+			for p := range pages {
+				if string(image[p*PageSize:(p+1)*PageSize]) != string(region[p*PageSize:(p+1)*PageSize]) {
+					t.Fatalf("image of page %d stale: a write was lost", p)
+				}
+			}
+			// Quiet now: pages written, collected ahead, then nothing.
+			want := []uint32{3, 700, 701, 1500}
+			for _, p := range want {
+				stamp(region, p)
+			}
+			got, ok, err := tr.(Aheader).CollectAhead(nil, uint64(size), nil)
+			if err != nil || !ok {
+				t.Fatalf("CollectAhead: ok %v, err %v", ok, err)
+			}
+			// Hot pages are left to the Collect (not reported ahead).
+			if !isSubset(got, want) {
+				t.Fatalf("CollectAhead reported %v, want a subset of %v", head(got), want)
+			}
+			copyPages(image, region, got)
+			var again []uint32
+			if deferred {
+				again, _, err = tr.(Deferrer).CollectDeferred(nil, uint64(size))
+			} else {
+				again, err = tr.Collect(nil, uint64(size))
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, p := range again {
+				if slices.Contains(got, p) {
+					t.Fatalf("page %d reported by CollectAhead and again by the Collect after it, unwritten in between", p)
+				}
+			}
+			copyPages(image, region, again)
+			if !slices.Equal(image, region) {
+				t.Fatal("image stale after a quiet CollectAhead and Collect")
+			}
+		})
+	}
+}
+
+// TestCollectAheadKeepsHotPagesHot: pages written every round and always
+// collected ahead (so never by the Collect that follows) still become hot,
+// and once hot they are left to the Collect, which reports them when they
+// change; CollectAhead reports the others. Hot pages in a few runs are
+// walked around; in many, CollectAhead protects what it reports after one
+// walk that only reads.
+func TestCollectAheadKeepsHotPagesHot(t *testing.T) {
+	if err := uffdOnce(); err != nil {
+		t.Skipf("kernel tracker unavailable: %v", err)
+	}
+	var many []uint32
+	for i := range uint32(40) {
+		many = append(many, 20+23*i)
+	}
+	for _, c := range []struct {
+		name string
+		set  []uint32
+	}{{"few runs", []uint32{10, 11, 12, 500}}, {"many runs", many}} {
+		t.Run(c.name, func(t *testing.T) {
+			const pages = 1024
+			size := pages * PageSize
+			region := mapRegion(t, size)
+			image := make([]byte, size)
+			tr := newHotTracker(t, region, uint64(size))
+			for r := range promoteAfter + 1 {
+				for _, p := range c.set {
+					stamp(region, p)
+				}
+				_, ok, err := tr.CollectAhead(nil, uint64(size), func(r []byte, ps []uint32) { copyPages(image, r, ps) })
+				if err != nil || !ok {
+					t.Fatalf("round %d: CollectAhead: ok %v, err %v", r, ok, err)
+				}
+				copyPages(image, region, collect(t, tr, size))
+			}
+			if h := hotPagesOf(tr); !isSubset(c.set, h) {
+				t.Fatalf("hot pages %v, want all of %v: pages collected ahead did not count", head(h), head(c.set))
+			}
+			for r := range 3 {
+				changed := c.set[r]
+				cold := []uint32{1000 + 2*uint32(r), 900 - uint32(r), 2 + 3*uint32(r)}
+				stamp(region, changed)
+				for _, p := range cold {
+					stamp(region, p)
+				}
+				got, ok, err := tr.CollectAhead(nil, uint64(size), func(r []byte, ps []uint32) { copyPages(image, r, ps) })
+				if err != nil || !ok || !slices.Equal(got, slices.Sorted(slices.Values(cold))) {
+					t.Fatalf("round %d: CollectAhead: %v (ok %v, err %v), want the cold pages %v", r, got, ok, err, cold)
+				}
+				after := collect(t, tr, size)
+				if !slices.Equal(after, []uint32{changed}) {
+					t.Fatalf("round %d: Collect after CollectAhead: %v, want the changed hot page [%d]", r, after, changed)
+				}
+				copyPages(image, region, after)
+				if !slices.Equal(image, region) {
+					t.Fatalf("round %d: image stale", r)
+				}
+				if h := hotPagesOf(tr); !isSubset(c.set, h) {
+					t.Fatalf("round %d: hot pages lost: %v", r, head(h))
+				}
+			}
+		})
+	}
+}
+
+// TestCollectAheadRefuses: CollectAhead does nothing (ok false, nothing
+// reported, nothing protected) while a Deferrer's pages wait for Rearm or
+// after another CollectAhead with no Collect since, and fails once closed.
+func TestCollectAheadRefuses(t *testing.T) {
+	if err := uffdOnce(); err != nil {
+		t.Skipf("kernel tracker unavailable: %v", err)
+	}
+	const pages = 64
+	size := pages * PageSize
+	region := mapRegion(t, size)
+	tr := newTracker(t, region, uint64(size), KindUffd).(*uffdTracker)
+	stamp(region, 5)
+	if _, _, err := tr.CollectDeferred(nil, uint64(size)); err != nil {
+		t.Fatal(err)
+	}
+	stamp(region, 6)
+	if got, ok, err := tr.CollectAhead(nil, uint64(size), nil); ok || err != nil || len(got) != 0 {
+		t.Fatalf("with pages waiting for Rearm: %v, ok %v, err %v", got, ok, err)
+	}
+	// Not re-armed: the Collect reports 5 again, and 6.
+	if got := collect(t, tr, size); !slices.Equal(got, []uint32{5, 6}) {
+		t.Fatalf("Collect: %v, want [5 6]", got)
+	}
+	stamp(region, 7)
+	if got, ok, _ := tr.CollectAhead(nil, uint64(size), nil); !ok || !slices.Equal(got, []uint32{7}) {
+		t.Fatalf("CollectAhead: %v ok %v, want [7]", got, ok)
+	}
+	stamp(region, 8)
+	if got, ok, _ := tr.CollectAhead(nil, uint64(size), nil); ok || len(got) != 0 {
+		t.Fatalf("second CollectAhead: %v ok %v, want nothing", got, ok)
+	}
+	if got := collect(t, tr, size); !slices.Equal(got, []uint32{8}) {
+		t.Fatalf("Collect: %v, want [8]", got)
+	}
+	tr.Close()
+	if _, _, err := tr.CollectAhead(nil, uint64(size), nil); !errors.Is(err, ErrClosed) {
+		t.Fatalf("after Close: %v, want ErrClosed", err)
+	}
+}
