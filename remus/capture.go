@@ -28,6 +28,7 @@ type checkpoint struct {
 	tree    []wire.DiskFile
 	pause   time.Duration // how long the capture kept the guest stopped
 	dirty   int           // pages in the checkpoint
+	ahead   int           // of them, copied before the pause (collectAhead)
 	devices *wasi.State   // marshalled into snap.Devices when encoded
 	gen     uint64        // the dirty-page collection, for rearm
 }
