@@ -36,19 +36,23 @@ import (
 
 // remusSettings are the group's sizes.
 type remusSettings struct {
-	epochs       []time.Duration
-	cpuScale     int
-	cpuRuns      int
-	kvRounds     int
-	kv           kvSettings
-	kvWarm       time.Duration // the same load, unmeasured, before the throughput run
-	minLatency   int           // sequential requests at least, however long the epoch
-	dirty        []int
-	dirtyMiB     int
-	dirtyFor     time.Duration
-	failTimeouts []time.Duration
-	failRuns     int
-	timeout      time.Duration // detection timeout of the pairs in (a)-(e)
+	epochs   []time.Duration
+	cpuScale int
+	cpuRuns  int
+	// cpuTargetRuns is how many pairs the rows the target is about (25
+	// ms, both scales, and their A/A controls) get in all: extra rounds
+	// of those rows alone follow the cpuRuns rounds of every row.
+	cpuTargetRuns int
+	kvRounds      int
+	kv            kvSettings
+	kvWarm        time.Duration // the same load, unmeasured, before the throughput run
+	minLatency    int           // sequential requests at least, however long the epoch
+	dirty         []int
+	dirtyMiB      int
+	dirtyFor      time.Duration
+	failTimeouts  []time.Duration
+	failRuns      int
+	timeout       time.Duration // detection timeout of the pairs in (a)-(e)
 }
 
 // remusEnv is what the group's measurements share.
@@ -80,7 +84,7 @@ func (r *remusEnv) tag(what string) string {
 func runRemus(ctx context.Context, e *env) (string, error) {
 	s := remusSettings{
 		epochs:   []time.Duration{10 * time.Millisecond, 25 * time.Millisecond, 50 * time.Millisecond, 100 * time.Millisecond},
-		cpuScale: 8, cpuRuns: min(e.runs, 5), kvRounds: min(e.runs, 3),
+		cpuScale: 8, cpuRuns: min(e.runs, 5), cpuTargetRuns: 2*e.runs - 1, kvRounds: min(e.runs, 3),
 		kv: kvSettings{conns: 32, depth: 16, loadFor: 1500 * time.Millisecond, maxLoad: 20_000_000,
 			latencyFor: 1500 * time.Millisecond, maxLatency: 30000, keys: 1000},
 		kvWarm:     time.Second,
@@ -90,7 +94,7 @@ func runRemus(ctx context.Context, e *env) (string, error) {
 	}
 	if e.quick {
 		s.epochs = []time.Duration{25 * time.Millisecond}
-		s.cpuScale, s.cpuRuns, s.kvRounds = 1, 1, 1
+		s.cpuScale, s.cpuRuns, s.cpuTargetRuns, s.kvRounds = 1, 1, 1, 1
 		s.kv.loadFor, s.kv.latencyFor, s.kv.maxLatency, s.kvWarm = 500*time.Millisecond, 500*time.Millisecond, 5000, 200*time.Millisecond
 		s.minLatency, s.dirty, s.dirtyFor = 10, []int{100, 1000}, 700*time.Millisecond
 		s.failTimeouts, s.failRuns = []time.Duration{500 * time.Millisecond}, 1
@@ -418,10 +422,17 @@ func remusCPU(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 	// of the row's runs (the order alternating): the pair the paired ratio
 	// is taken within.
 	partner := map[key][]remusCPURun{}
-	for run := 0; run < r.s.cpuRuns; run++ {
+	// The target's rows: after the rounds of every row, these alone get
+	// rounds until they have cpuTargetRuns pairs each (the machine's
+	// drift makes a median of five pairs move by ±0.1).
+	target := func(c key) bool { return c.epoch == 25*time.Millisecond && !c.polls || c.again }
+	for run := 0; run < max(r.s.cpuRuns, r.s.cpuTargetRuns); run++ {
 		for gi, g := range guests {
 			for i := range configs {
 				c := configs[(i+run)%len(configs)]
+				if run >= r.s.cpuRuns && !target(c) {
+					continue
+				}
 				epoch := c.epoch
 				a := arg
 				if c.long {
@@ -469,7 +480,8 @@ func remusCPU(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 	fmt.Fprintf(b, "### (a) CPU-bound guests: run time protected vs unprotected\n\n")
 	fmt.Fprintf(b, "Unprotected: `ftvm run --api-sock P.sock --cache-dir CACHE GUEST.wasm %s`. Protected: a fresh `ftvm backup` (not timed), then "+
 		"`ftvm run --protect 127.0.0.1:R --timeout %s --epoch E --api-sock P.sock --cache-dir CACHE GUEST.wasm %s` "+
-		"(default epoch policy, output), timed from fork to exit; the backup is stopped right after. %d run(s) per row, "+
+		"(default epoch policy, output), timed from fork to exit; the backup is stopped right after. %d run(s) per row "+
+		"(%d for the 25 ms rows, the target's, and their A/A controls: extra rounds of those rows alone follow), "+
 		"the order rotating every run; median with min–max. **Checkpoints** and **pauses** are the primary's `GET /status` "+
 		"and `GET /vm` as last polled (every 50 ms, so up to 50 ms before exit); the pause figures include the first, full, "+
 		"checkpoint. The unprotected runs are polled alike (the harness shares the 2 cores with the guest), so that "+
@@ -490,7 +502,7 @@ func remusCPU(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 		"The rows **unprotected, again** are an unprotected run paired the same way, the A/A control: their ratios are "+
 		"what this machine's drift alone makes of two identical runs side by side (its speed steps by up to ×2 for "+
 		"seconds at a time, other tenants of the host), so a protected ratio within their spread is not told apart "+
-		"from ×1.\n\n", arg, r.s.timeout, arg, r.s.cpuRuns, longArg, longLonger)
+		"from ×1.\n\n", arg, r.s.timeout, arg, r.s.cpuRuns, max(r.s.cpuRuns, r.s.cpuTargetRuns), longArg, longLonger)
 	b.WriteString("| guest | epoch | run time | ÷ unprotected | paired | added | checkpoints | pause p50 | pause p99 | state at last poll | output |\n")
 	b.WriteString("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n")
 	for gi, g := range guests {
