@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -264,5 +265,142 @@ func TestScratchRegionSurvivesPauses(t *testing.T) {
 			}
 			t.Logf("%d pauses, the scratch region's bytes intact", pauses)
 		})
+	}
+}
+
+// TestIncrementalSnapshotsOfRestoredStreamedVM: a VM restored from a full
+// snapshot, whose pages a checkpoint stream collects too (a Remus primary
+// restored from a snapshot), takes incremental snapshots through Snapshot
+// (pages collected ahead, while it runs, then in the pause). Every page
+// the stream collected before the first of them is in it: the chain from
+// the restored snapshot, continued in a new VM, prints what an
+// uninterrupted run prints (the guest's checksum of its whole memory).
+func TestIncrementalSnapshotsOfRestoredStreamedVM(t *testing.T) {
+	wasm := guest.MustC(t, "dirtier", []string{"testdata/guests/dirtier/dirtier.c"})
+	mod, err := os.ReadFile(wasm)
+	if err != nil {
+		t.Fatal(err)
+	}
+	args := []string{"8", "300", "600", "1000"}
+	ctx := context.Background()
+	cache := t.TempDir()
+	var ref bytes.Buffer
+	if code, err := Run(ctx, Config{Module: mod, Name: "dirtier", Args: args, Stdout: &ref, Stderr: &ref,
+		CacheDir: cache}); err != nil || code != 0 {
+		t.Fatalf("uninterrupted: %d %v %s", code, err, ref.String())
+	}
+	hash := snapshot.ModuleHash(mod)
+	dir := t.TempDir()
+	run := func(cfg Config) (*Machine, chan error) {
+		t.Helper()
+		cfg.Module, cfg.Name, cfg.Stdout, cfg.Stderr, cfg.CacheDir, cfg.Instrument = mod, "dirtier", io.Discard, io.Discard, cache, true
+		m, err := New(ctx, cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { m.Close(ctx) })
+		done := make(chan error, 1)
+		go func() { _, err := m.Run(ctx); done <- err }()
+		return m, done
+	}
+	m1, done1 := run(Config{Args: args})
+	time.Sleep(100 * time.Millisecond)
+	chain := []string{filepath.Join(dir, "0.snap")}
+	if _, err := m1.Snapshot(ctx, chain[0], SnapshotOptions{Stop: true}); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done1; err != ErrStopped {
+		t.Fatalf("first VM ended with %v", err)
+	}
+	img, err := snapshot.Restore(&hash, chain...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m2, done2 := run(Config{Restore: img})
+	stream := func() {
+		t.Helper()
+		var gen uint64
+		var staged []snapshot.Page
+		var st snapshot.Stager
+		if err := m2.WithPaused(ctx, func(p *Paused) error {
+			pages, g, err := p.DirtyPagesDeferred(nil)
+			if err != nil {
+				return err
+			}
+			gen = g
+			staged, err = st.Stage(p.Memory(), pages)
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		if err := m2.RearmDirty(gen, func(i uint32) []byte { return snapshot.PageData(staged, i) }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ahead := 0
+	for i := 1; i <= 3; i++ {
+		for range 4 {
+			time.Sleep(5 * time.Millisecond)
+			stream()
+		}
+		time.Sleep(10 * time.Millisecond)
+		path := filepath.Join(dir, fmt.Sprintf("%d.snap", i))
+		// What Snapshot does, with the chain checked against the live
+		// memory in the same pause.
+		opt := SnapshotOptions{Incremental: true}
+		m2.snaps.mu.Lock()
+		m2.stageAhead(opt)
+		before := m2.snaps.stager.Len()
+		err := m2.WithPaused(ctx, func(p *Paused) error {
+			s, err := m2.capturePaused(p, opt)
+			if err != nil {
+				return err
+			}
+			if s.Kind != snapshot.Incremental {
+				return fmt.Errorf("snapshot %d is %v", i, s.Kind)
+			}
+			if err := snapshot.WriteFile(path, s); err != nil {
+				return err
+			}
+			m2.snaps.lastID, m2.snaps.seq = s.ID, s.Seq
+			img, err := snapshot.Restore(&hash, append(chain, path)...)
+			if err != nil {
+				return err
+			}
+			if !bytes.Equal(img.Memory, p.Memory()) {
+				for o := 0; o < len(img.Memory); o += 4096 {
+					if !bytes.Equal(img.Memory[o:o+4096], p.Memory()[o:o+4096]) {
+						return fmt.Errorf("snapshot %d: the chain's page %d differs from the live memory", i, o/4096)
+					}
+				}
+			}
+			if i == 3 {
+				p.Stop()
+			}
+			return nil
+		})
+		m2.snaps.mu.Unlock()
+		if err != nil {
+			t.Fatal(err)
+		}
+		ahead += before
+		chain = append(chain, path)
+	}
+	if err := <-done2; err != ErrStopped {
+		t.Fatalf("restored VM ended with %v", err)
+	}
+	if img, err = snapshot.Restore(&hash, chain...); err != nil {
+		t.Fatal(err)
+	}
+	var rest bytes.Buffer
+	if code, err := Run(ctx, Config{Module: mod, Name: "dirtier", Restore: img, Stdout: &rest, Stderr: &rest,
+		CacheDir: cache}); err != nil || code != 0 {
+		t.Fatalf("restored from the chain: %d %v %s", code, err, rest.String())
+	}
+	if rest.String() != ref.String() {
+		t.Fatalf("the chain's VM printed %q, an uninterrupted run %q", rest.String(), ref.String())
+	}
+	if ahead == 0 {
+		t.Fatal("no page of the incrementals was copied ahead of their pauses")
 	}
 }

@@ -556,6 +556,11 @@ func (m *Machine) WarmDirty() {
 // any page it writes after it was reported is reported again by the next
 // DirtyPagesDeferred.
 func (m *Machine) CollectAhead(dst []uint32, copy func(mem []byte, pages []uint32) error) (pages []uint32, ok bool, err error) {
+	return m.collectAhead(viewStream, dst, copy)
+}
+
+// collectAhead is CollectAhead for view's consumer.
+func (m *Machine) collectAhead(view int, dst []uint32, copy func(mem []byte, pages []uint32) error) (pages []uint32, ok bool, err error) {
 	a, isA := m.tracker.(dirty.Aheader)
 	lm := m.alloc.memory()
 	if !isA || lm == nil {
@@ -568,18 +573,18 @@ func (m *Machine) CollectAhead(dst []uint32, copy func(mem []byte, pages []uint3
 	dst, ok, err = a.CollectAhead(dst, used, func(region []byte, got []uint32) {
 		m.viewsMu.Lock()
 		defer m.viewsMu.Unlock()
-		// As a collection of the stream's: a snapshot's next collection
-		// carries these pages, and pages a snapshot collected since the
-		// stream's last one come now.
-		all = m.views.collected(viewStream, got, 0, int(used), nil)
+		// As a collection of the view's: the other consumer's next
+		// collection carries these pages, and pages it collected since
+		// this view's last one come now.
+		all = m.views.collected(view, got, 0, int(used), nil)
 		if copy == nil {
 			return
 		}
 		if copyErr = copy(region[:used], all); copyErr != nil {
-			// Not copied, and protected: the stream's next collection
+			// Not copied, and protected: the view's next collection
 			// reports them.
 			for _, p := range all {
-				m.views[viewStream].carry = setBit(m.views[viewStream].carry, p)
+				m.views[view].carry = setBit(m.views[view].carry, p)
 			}
 		}
 	})
@@ -669,6 +674,12 @@ func (m *Machine) startTracking() {
 	t, err := dirty.New(lm.region, dirty.Options{Used: lm.size.Load(), HotPages: true})
 	if err == nil {
 		m.tracker = t
+		// A restored VM's next incremental snapshot builds on the one it
+		// was restored from, whose memory is the tracker's baseline: the
+		// snapshots' view must hear of every page another consumer (a
+		// checkpoint stream) collects from now on, not only after its
+		// own first collection.
+		m.views[viewSnapshots].active = m.cfg.Restore != nil
 		lm.beforeFree = func() { t.Close() }
 		if r := t.Reason(); r != "" {
 			slog.Warn("dirty-page tracking falls back to page hashing", "reason", r)

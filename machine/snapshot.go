@@ -33,6 +33,9 @@ type snapshotter struct {
 	stager snapshot.Stager
 	pool   snapshot.StagePool
 	dirty  []uint32
+	// ahead says the stager holds pages stageAhead copied for the
+	// snapshot about to be captured (capturePaused adds to them).
+	ahead  bool
 	lastID snapshot.Hash
 	seq    uint64
 }
@@ -44,7 +47,7 @@ func (m *Machine) Capture(ctx context.Context, opt SnapshotOptions) (*snapshot.S
 	m.snaps.mu.Lock()
 	defer m.snaps.mu.Unlock()
 	var s *snapshot.Snapshot
-	m.WarmDirty()
+	m.stageAhead(opt)
 	err := m.WithPaused(ctx, func(p *Paused) error {
 		var err error
 		s, err = m.capturePaused(p, opt)
@@ -56,8 +59,34 @@ func (m *Machine) Capture(ctx context.Context, opt SnapshotOptions) (*snapshot.S
 	return s, err
 }
 
+// stageAhead prepares a snapshot's pause, with the snapshot lock held: for
+// an incremental, it copies the pages written since the last snapshot into
+// the stager while the guest runs (collectAhead), so that the pause copies
+// only those written after; otherwise it warms the page tables for the
+// pause's walk.
+func (m *Machine) stageAhead(opt SnapshotOptions) {
+	sn := &m.snaps
+	sn.stager.Pool = &sn.pool
+	sn.stager.Release()
+	sn.ahead = false
+	if parent, _ := m.parent(); !opt.Incremental || parent.IsZero() {
+		m.WarmDirty()
+		return
+	}
+	var stageErr error
+	sn.dirty, sn.ahead, _ = m.collectAhead(viewSnapshots, sn.dirty[:0], func(mem []byte, pages []uint32) error {
+		_, stageErr = sn.stager.Stage(mem, pages)
+		return stageErr
+	})
+	if stageErr != nil {
+		sn.stager.Release() // reported again by the pause's collection
+		sn.ahead = false
+	}
+}
+
 func (m *Machine) capturePaused(p *Paused, opt SnapshotOptions) (*snapshot.Snapshot, error) {
 	sn := &m.snaps
+	defer func() { sn.ahead = false }()
 	mem := p.Memory()
 	// Always collect, so the next incremental is relative to this snapshot.
 	dirtyPages, derr := p.DirtyPages(sn.dirty[:0])
@@ -68,8 +97,13 @@ func (m *Machine) capturePaused(p *Paused, opt SnapshotOptions) (*snapshot.Snaps
 	if !incremental {
 		idx = snapshot.NonZeroPages(mem)
 	}
-	sn.stager.Pool = &sn.pool
-	pages, err := sn.stager.Stage(mem, idx)
+	var pages []snapshot.Page
+	var err error
+	if incremental && sn.ahead {
+		pages, err = sn.stager.Add(mem, idx) // to the pages staged ahead
+	} else {
+		pages, err = sn.stager.Stage(mem, idx)
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -123,7 +157,7 @@ func (m *Machine) Snapshot(ctx context.Context, path string, opt SnapshotOptions
 	m.snaps.mu.Lock()
 	defer m.snaps.mu.Unlock()
 	var s *snapshot.Snapshot
-	m.WarmDirty()
+	m.stageAhead(opt)
 	err := m.WithPaused(ctx, func(p *Paused) error {
 		var err error
 		if s, err = m.capturePaused(p, opt); err != nil {
