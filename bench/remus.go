@@ -1184,6 +1184,7 @@ func fmtBytes(v float64) string {
 
 type remusDirtyRun struct {
 	pause, pages sample // every checkpoint of the window (GET /checkpoints)
+	ahead        sample // of each one's pages, those copied before its pause
 	// pauseUpTo: the pauses of the checkpoints of at most targetPages
 	// pages, the target's condition; over counts the others.
 	pauseUpTo  sample
@@ -1241,15 +1242,18 @@ func remusDirty(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 		"`GET /checkpoints?since=SEQ` (its pause — the guest's whole stop: unwind, capture, rewind and the hand-off to the sender — and dirty pages, as the primary recorded them; polled every 200 ms, and it keeps the last 1,024): "+
 		"**pause p50/p99** are over all of them (nearest rank); **p99 at ≤ %d pages** is over those that carried at most %d dirty pages, the target's "+
 		"condition (an epoch that ran long carries more: **over %d** counts those). **/vm mean** = the change of `GET /vm`'s pause "+
-		"total ÷ count over the same window (a cross-check). **Floor** = memcpy of "+
+		"total ÷ count over the same window (a cross-check). **Copied ahead** = the median of the pages of a checkpoint "+
+		"copied before its pause, while the guest ran (after a checkpoint of 256 pages or more, the primary collects and copies "+
+		"the next one's pages before asking for its pause, and the pause copies only those written after: README, "+
+		"\"Copying ahead of the pause\"). **Floor** = memcpy of "+
 		"the same number of random 4 KiB pages out of a 256 MiB buffer, measured here. A pause also carries the guest's "+
 		"scratch and stack pages and the device state. (%d MiB, not the snapshot group's 256: with 256 MiB the first, "+
 		"full, checkpoint often took longer than --timeout to encode, the backup dropped the session as silent and "+
 		"the pair resynchronised, with `--uncompressed` without end.)\n\n", r.s.dirtyMiB, rounds, r.s.timeout, epoch, r.s.dirtyMiB, rounds,
 		r.s.dirtyFor, targetPages, targetPages, targetPages, r.s.dirtyMiB)
-	fmt.Fprintf(b, "| N | dirty pages/checkpoint (median) | checkpoints | pause p50 | pause p99 | over %d pages | pause p99 at ≤ %d pages | /vm mean | memcpy floor | checkpoints/s | bytes/checkpoint | stalls | full resyncs | p99 ≤ 1 ms at ≤ %d pages |\n",
+	fmt.Fprintf(b, "| N | dirty pages/checkpoint (median) | copied ahead (median) | checkpoints | pause p50 | pause p99 | over %d pages | pause p99 at ≤ %d pages | /vm mean | memcpy floor | checkpoints/s | bytes/checkpoint | stalls | full resyncs | p99 ≤ 1 ms at ≤ %d pages |\n",
 		targetPages, targetPages, targetPages)
-	b.WriteString("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n")
+	b.WriteString("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n")
 	var rawRow, s2Row *row // N = 1000, for (e)
 	for i := range rows {
 		x := &rows[i]
@@ -1258,7 +1262,7 @@ func remusDirty(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 			if x.raw {
 				raw = " (--uncompressed)"
 			}
-			fmt.Fprintf(b, "| %d%s | **not measured:** %s ||||||||||||\n", x.n, raw, mdEscape(x.err.Error()))
+			fmt.Fprintf(b, "| %d%s | **not measured:** %s |||||||||||||\n", x.n, raw, mdEscape(x.err.Error()))
 			continue
 		}
 		if x.raw {
@@ -1282,12 +1286,12 @@ func remusDirty(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 				}
 			}
 		}
-		fmt.Fprintf(b, "| %d | %s | %d | %s | %s | %d | %s | %s | %s | %.0f | %s | %s | %d | %s |\n", x.n, fmtNum(x.res.pages.median()),
-			len(x.res.pause), fmtNsDur(x.res.pause.median()), fmtNsDur(p99), x.res.over, p99UpTo, fmtNsDur(x.res.meanPause),
+		fmt.Fprintf(b, "| %d | %s | %s | %d | %s | %s | %d | %s | %s | %s | %.0f | %s | %s | %d | %s |\n", x.n, fmtNum(x.res.pages.median()),
+			fmtNum(x.res.ahead.median()), len(x.res.pause), fmtNsDur(x.res.pause.median()), fmtNsDur(p99), x.res.over, p99UpTo, fmtNsDur(x.res.meanPause),
 			fmtNsDur(floor), x.res.cps, fmtBytes(x.res.bytesPerCP), fmtNum(x.res.stalls), x.res.resyncs, ok)
 		if x.n == 1000 {
-			r.summarize("Remus checkpoint pause at ~%d dirty pages per 25 ms epoch: p50 %s, p99 %s over %d checkpoints; p99 %s over the %d that carried at most %d pages (target p99 ≤ 1 ms there; memcpy floor %s).",
-				dn, fmtNsDur(x.res.pause.median()), fmtNsDur(p99), len(x.res.pause), p99UpTo, len(x.res.pauseUpTo), targetPages, fmtNsDur(floor))
+			r.summarize("Remus checkpoint pause at ~%d dirty pages per 25 ms epoch (a median %s of them copied ahead of the pause, while the guest ran): p50 %s, p99 %s over %d checkpoints; p99 %s over the %d that carried at most %d pages (target p99 ≤ 1 ms there; memcpy floor %s).",
+				dn, fmtNum(x.res.ahead.median()), fmtNsDur(x.res.pause.median()), fmtNsDur(p99), len(x.res.pause), p99UpTo, len(x.res.pauseUpTo), targetPages, fmtNsDur(floor))
 		}
 	}
 	missed := 0
@@ -1362,6 +1366,7 @@ func (r *remusEnv) dirtyRun(ctx context.Context, wasm string, n, rounds int, epo
 			since = c.Seq
 			out.pause = append(out.pause, c.PauseUS*1000)
 			out.pages = append(out.pages, float64(c.DirtyPages))
+			out.ahead = append(out.ahead, float64(c.AheadPages))
 			if c.DirtyPages <= targetPages {
 				out.pauseUpTo = append(out.pauseUpTo, c.PauseUS*1000)
 			} else {
