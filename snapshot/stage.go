@@ -37,18 +37,10 @@ type Stager struct {
 // next Stage or Release.
 func (st *Stager) Stage(mem []byte, indices []uint32) ([]Page, error) {
 	st.Release()
-	if st.Pool == nil {
-		st.Pool = &StagePool{}
+	if err := st.index(mem, indices); err != nil {
+		return nil, err
 	}
-	st.idx = append(st.idx[:0], indices...)
-	if !slices.IsSorted(st.idx) {
-		slices.Sort(st.idx)
-	}
-	st.idx = slices.Compact(st.idx)
 	n := len(st.idx)
-	if n > 0 && (uint64(st.idx[n-1])+1)*PageSize > uint64(len(mem)) {
-		return nil, fmt.Errorf("snapshot: page %d is beyond the memory's %d bytes", st.idx[n-1], len(mem))
-	}
 	for need := (n + stageChunkPages - 1) / stageChunkPages; len(st.chunks) < need; {
 		st.chunks = append(st.chunks, st.Pool.get())
 	}
@@ -77,16 +69,8 @@ func (st *Stager) Stage(mem []byte, indices []uint32) ([]Page, error) {
 // (The pages it adds do not lie back to back with their neighbours in
 // index order, so the encoder copies those batches once more.)
 func (st *Stager) Add(mem []byte, indices []uint32) ([]Page, error) {
-	if st.Pool == nil {
-		st.Pool = &StagePool{}
-	}
-	st.idx = append(st.idx[:0], indices...)
-	if !slices.IsSorted(st.idx) {
-		slices.Sort(st.idx)
-	}
-	st.idx = slices.Compact(st.idx)
-	if n := len(st.idx); n > 0 && (uint64(st.idx[n-1])+1)*PageSize > uint64(len(mem)) {
-		return nil, fmt.Errorf("snapshot: page %d is beyond the memory's %d bytes", st.idx[n-1], len(mem))
+	if err := st.index(mem, indices); err != nil {
+		return nil, err
 	}
 	st.extra = st.extra[:0]
 	old := st.pages
@@ -127,6 +111,23 @@ func (st *Stager) Add(mem []byte, indices []uint32) ([]Page, error) {
 
 // Len is the number of pages staged.
 func (st *Stager) Len() int { return len(st.pages) }
+
+// index sets st.idx to indices sorted, without repeats, checked against
+// mem, and gives the Stager a pool if it has none.
+func (st *Stager) index(mem []byte, indices []uint32) error {
+	if st.Pool == nil {
+		st.Pool = &StagePool{}
+	}
+	st.idx = append(st.idx[:0], indices...)
+	if !slices.IsSorted(st.idx) {
+		slices.Sort(st.idx)
+	}
+	st.idx = slices.Compact(st.idx)
+	if n := len(st.idx); n > 0 && (uint64(st.idx[n-1])+1)*PageSize > uint64(len(mem)) {
+		return fmt.Errorf("snapshot: page %d is beyond the memory's %d bytes", st.idx[n-1], len(mem))
+	}
+	return nil
+}
 
 // Release gives the chunks back to the pool; the staged pages are invalid
 // afterwards.

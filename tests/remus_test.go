@@ -672,14 +672,7 @@ func TestRemusCollectAheadFailover(t *testing.T) {
 	if ref.code != 0 || ref.stdout == "" {
 		t.Fatalf("unprotected: exit %d\n%s", ref.code, ref.stderr)
 	}
-	dir := t.TempDir()
-	repl, bSock, pSock := freeAddr(t), filepath.Join(dir, "b.sock"), filepath.Join(dir, "p.sock")
-	backup, bOut := startStdout(t, "backup", "backup", "--listen", repl, "--state", filepath.Join(dir, "state"),
-		"--timeout", "300ms", "--api-sock", bSock, "--log-level", "info")
-	waitSocket(t, backup, bSock)
-	primary, pOut := startStdout(t, "primary", append([]string{"run", "--protect", repl, "--timeout", "300ms",
-		"--epoch", "25ms", "--api-sock", pSock, "--log-level", "info", wasm}, args...)...)
-	waitSocket(t, primary, pSock)
+	_, bOut, primary, pOut, pSock := startStdoutPair(t, nil, append([]string{wasm}, args...)...)
 	var st map[string]any
 	for deadline := time.Now().Add(time.Minute); ; {
 		st = status(t, pSock)
@@ -728,14 +721,7 @@ func TestRemusLoopPollsFailoverMidComputation(t *testing.T) {
 	if res := runCLI(t, 2*time.Minute, "", "run", "--loop-polls", wasm, "1"); res.code != 0 {
 		t.Fatalf("warm-up: %d %s", res.code, res.stderr)
 	}
-	dir := t.TempDir()
-	repl, bSock, pSock := freeAddr(t), filepath.Join(dir, "b.sock"), filepath.Join(dir, "p.sock")
-	backup, bOut := startStdout(t, "backup", "backup", "--listen", repl, "--state", filepath.Join(dir, "state"),
-		"--timeout", "300ms", "--api-sock", bSock, "--log-level", "info")
-	waitSocket(t, backup, bSock)
-	primary, pOut := startStdout(t, "primary", "run", "--protect", repl, "--timeout", "300ms", "--epoch", "25ms",
-		"--loop-polls", "--api-sock", pSock, "--log-level", "info", wasm, scale)
-	waitSocket(t, primary, pSock)
+	backup, bOut, primary, pOut, pSock := startStdoutPair(t, []string{"--loop-polls"}, wasm, scale)
 	// Several checkpoints while the guest computes: it makes five host
 	// calls in all (one line per phase), so only loop polls can end these
 	// epochs.
@@ -768,6 +754,25 @@ func TestRemusLoopPollsFailoverMidComputation(t *testing.T) {
 		t.Fatalf("the client saw (primary %q, then backup %q):\n%s", seen, bOut.String(), diffLines(ref.stdout, got))
 	}
 	t.Logf("%v checkpoints before the kill; the primary had released %d bytes", cps, len(seen))
+}
+
+// startStdoutPair starts a backup and a primary protected by it (timeout
+// 300 ms, 25 ms epochs, then extra), each with its stdout kept apart
+// (startStdout), once both API sockets answer; guest is the module and its
+// arguments.
+func startStdoutPair(t *testing.T, extra []string, guest ...string) (backup *proc, bOut *syncBuffer, primary *proc, pOut *syncBuffer, pSock string) {
+	t.Helper()
+	dir := t.TempDir()
+	repl, bSock := freeAddr(t), filepath.Join(dir, "b.sock")
+	pSock = filepath.Join(dir, "p.sock")
+	backup, bOut = startStdout(t, "backup", "backup", "--listen", repl, "--state", filepath.Join(dir, "state"),
+		"--timeout", "300ms", "--api-sock", bSock, "--log-level", "info")
+	waitSocket(t, backup, bSock)
+	args := append([]string{"run", "--protect", repl, "--timeout", "300ms", "--epoch", "25ms"}, extra...)
+	args = append(append(args, "--api-sock", pSock, "--log-level", "info"), guest...)
+	primary, pOut = startStdout(t, "primary", args...)
+	waitSocket(t, primary, pSock)
+	return backup, bOut, primary, pOut, pSock
 }
 
 // startStdout starts ftvm with its stdout kept apart from its stderr (the

@@ -4,7 +4,6 @@ import (
 	"errors"
 	"math/rand/v2"
 	"slices"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -35,32 +34,26 @@ func TestCollectAheadWithConcurrentWriters(t *testing.T) {
 				tr = newTracker(t, region, uint64(size), KindUffd)
 			}
 			deferred := kind == kindDeferred || kind == kindHotDeferred
-			var stop atomic.Bool
-			var wg sync.WaitGroup
-			defer wg.Wait()
-			defer stop.Store(true)
 			written := make([][]bool, 2)
 			for w := range written {
 				written[w] = make([]bool, pages)
-				wg.Go(func() {
-					rng := rand.New(rand.NewPCG(uint64(w), 9))
-					for c := uint64(1); !stop.Load(); c++ {
-						// A working set in many runs (its pages
-						// become hot, too scattered to walk around)
-						// and writes at random.
-						p := rng.IntN(pages)
-						if c%2 == 0 {
-							p = rng.IntN(40) * 37
-						}
-						written[w][p] = true
-						off := p*PageSize + w*8*64 + int(c%64)*8
-						atomic.StoreUint64((*uint64)(unsafe.Pointer(&region[off])), c)
-					}
-				})
 			}
-			reported := make([]bool, pages)
+			stop := startWriters(t, len(written), 9, func(w int, c uint64, rng *rand.Rand) {
+				// A working set in many runs (its pages become hot,
+				// too scattered to walk around) and writes at random.
+				p := rng.IntN(pages)
+				if c%2 == 0 {
+					p = rng.IntN(40) * 37
+				}
+				written[w][p] = true
+				off := p*PageSize + w*8*64 + int(c%64)*8
+				atomic.StoreUint64((*uint64)(unsafe.Pointer(&region[off])), c)
+			})
+			k := &imageKeeper{t: t, tr: tr, region: region, image: image, reported: make([]bool, pages), deferred: deferred}
 			aheads := 0
-			ahead := func() {
+			deadline := time.Now().Add(400 * time.Millisecond)
+			rounds := 0
+			for ; time.Now().Before(deadline); rounds++ {
 				got, ok, err := tr.(Aheader).CollectAhead(nil, uint64(size), func(r []byte, ps []uint32) {
 					copyPages(image, r, ps)
 				})
@@ -70,58 +63,18 @@ func TestCollectAheadWithConcurrentWriters(t *testing.T) {
 				if ok {
 					aheads++
 				}
-				for _, p := range got {
-					reported[p] = true
-				}
+				k.saw(got)
+				k.take()
 			}
-			take := func() {
-				var got []uint32
-				var gen uint64
-				if deferred {
-					var err error
-					if got, gen, err = tr.(Deferrer).CollectDeferred(nil, uint64(size)); err != nil {
-						t.Fatal(err)
-					}
-				} else {
-					got = collect(t, tr, size)
-				}
-				for _, p := range got {
-					reported[p] = true
-				}
-				copyPages(image, region, got)
-				if deferred {
-					if err := tr.(Deferrer).Rearm(gen, func(p uint32) []byte { return image[int(p)*PageSize : int(p+1)*PageSize] }); err != nil {
-						t.Fatal(err)
-					}
-				}
-			}
-			deadline := time.Now().Add(400 * time.Millisecond)
-			rounds := 0
-			for ; time.Now().Before(deadline); rounds++ {
-				ahead()
-				take()
-			}
-			stop.Store(true)
-			wg.Wait()
+			stop()
 			for range 3 { // what the last Rearm carried, and hot pages' last change
-				take()
+				k.take()
 			}
 			if aheads < rounds/2 {
 				t.Fatalf("CollectAhead did its work in only %d of %d rounds", aheads, rounds)
 			}
 			t.Logf("%d rounds, %d collected ahead", rounds, aheads)
-			for w := range written {
-				for p, ok := range written[w] {
-					if ok && !reported[p] {
-						t.Fatalf("page %d written by writer %d never reported", p, w)
-					}
-				}
-			}
-			for p := range pages {
-				if string(image[p*PageSize:(p+1)*PageSize]) != string(region[p*PageSize:(p+1)*PageSize]) {
-					t.Fatalf("image of page %d stale: a write was lost", p)
-				}
-			}
+			k.check(written)
 			// Quiet now: pages written, collected ahead, then nothing.
 			want := []uint32{3, 700, 701, 1500}
 			for _, p := range want {

@@ -455,80 +455,117 @@ func TestConcurrentWriters(t *testing.T) {
 			tr = newTracker(t, region, uint64(size), kind)
 		}
 		deferred := kind == kindDeferred || kind == kindHotDeferred
-		var stop atomic.Bool
-		var wg sync.WaitGroup
-		// Writers must stop before the region is unmapped, failed or not.
-		defer wg.Wait()
-		defer stop.Store(true)
 		written := make([][]bool, 3)
 		for w := range written {
 			written[w] = make([]bool, pages)
-			wg.Go(func() {
-				rng := rand.New(rand.NewPCG(uint64(w), 7))
-				for c := uint64(1); !stop.Load(); c++ {
-					p := rng.IntN(pages)
-					written[w][p] = true
-					off := p*PageSize + w*8*64 + int(c%64)*8
-					if w == 2 {
-						unix.Getrandom(region[off:off+8], 0)
-						continue
-					}
-					// A counter that only grows: every store changes
-					// the page.
-					atomic.StoreUint64((*uint64)(unsafe.Pointer(&region[off])), c)
-				}
-			})
 		}
-		reported := make([]bool, pages)
-		take := func() int {
-			var got []uint32
-			var gen uint64
-			if deferred {
-				var err error
-				if got, gen, err = tr.(Deferrer).CollectDeferred(nil, uint64(size)); err != nil {
-					t.Fatal(err)
-				}
-			} else {
-				got = collect(t, tr, size)
+		stop := startWriters(t, len(written), 7, func(w int, c uint64, rng *rand.Rand) {
+			p := rng.IntN(pages)
+			written[w][p] = true
+			off := p*PageSize + w*8*64 + int(c%64)*8
+			if w == 2 {
+				unix.Getrandom(region[off:off+8], 0)
+				return
 			}
-			for _, p := range got {
-				reported[p] = true
-			}
-			copyPages(image, region, got)
-			if deferred {
-				// Re-armed after the copy, while the writers go on.
-				if err := tr.(Deferrer).Rearm(gen, func(p uint32) []byte { return image[int(p)*PageSize : int(p+1)*PageSize] }); err != nil {
-					t.Fatal(err)
-				}
-			}
-			return len(got)
-		}
+			// A counter that only grows: every store changes the page.
+			atomic.StoreUint64((*uint64)(unsafe.Pointer(&region[off])), c)
+		})
+		k := &imageKeeper{t: t, tr: tr, region: region, image: image, reported: make([]bool, pages), deferred: deferred}
 		deadline := time.Now().Add(500 * time.Millisecond)
 		rounds, total := 0, 0
 		for time.Now().Before(deadline) {
-			total += take()
+			total += k.take()
 			rounds++
 		}
-		stop.Store(true)
-		wg.Wait()
-		total += take()
+		stop()
+		total += k.take()
 		if deferred {
-			total += take() // what the last Rearm carried over
+			total += k.take() // what the last Rearm carried over
 		}
 		t.Logf("%d Collects, %d pages reported", rounds+1, total)
-		for w := range written {
-			for p, ok := range written[w] {
-				if ok && !reported[p] {
-					t.Fatalf("page %d written by writer %d never reported", p, w)
-				}
-			}
-		}
-		for p := range pages {
-			if string(image[p*PageSize:(p+1)*PageSize]) != string(region[p*PageSize:(p+1)*PageSize]) {
-				t.Fatalf("image of page %d stale: a write was lost", p)
-			}
-		}
+		k.check(written)
 	})
+}
+
+// imageKeeper is a tracker's consumer in tests: it keeps an image of the
+// region by copying the pages each collection reports, and remembers which
+// pages were ever reported.
+type imageKeeper struct {
+	t             *testing.T
+	tr            Tracker
+	region, image []byte
+	reported      []bool
+	deferred      bool // collect with CollectDeferred, re-arm after the copy
+}
+
+// take collects, copies what was reported and, if deferred, re-arms; it
+// returns how many pages were reported.
+func (k *imageKeeper) take() int {
+	k.t.Helper()
+	var got []uint32
+	var gen uint64
+	if k.deferred {
+		var err error
+		if got, gen, err = k.tr.(Deferrer).CollectDeferred(nil, uint64(len(k.region))); err != nil {
+			k.t.Fatal(err)
+		}
+	} else {
+		got = collect(k.t, k.tr, len(k.region))
+	}
+	k.saw(got)
+	copyPages(k.image, k.region, got)
+	if k.deferred {
+		// Re-armed after the copy, while any writers go on.
+		if err := k.tr.(Deferrer).Rearm(gen, func(p uint32) []byte { return k.image[int(p)*PageSize : int(p+1)*PageSize] }); err != nil {
+			k.t.Fatal(err)
+		}
+	}
+	return len(got)
+}
+
+func (k *imageKeeper) saw(pages []uint32) {
+	for _, p := range pages {
+		k.reported[p] = true
+	}
+}
+
+// check fails the test unless every page in written (per writer) was
+// reported and the image equals the region.
+func (k *imageKeeper) check(written [][]bool) {
+	k.t.Helper()
+	for w := range written {
+		for p, ok := range written[w] {
+			if ok && !k.reported[p] {
+				k.t.Fatalf("page %d written by writer %d never reported", p, w)
+			}
+		}
+	}
+	for p := 0; p < len(k.region); p += PageSize {
+		if string(k.image[p:p+PageSize]) != string(k.region[p:p+PageSize]) {
+			k.t.Fatalf("image of page %d stale: a write was lost", p/PageSize)
+		}
+	}
+}
+
+// startWriters runs write(w, c, rng) over and over on n goroutines (w is
+// the goroutine's number, c counts its calls from 1, rng is its own,
+// seeded with w and seed) until stop, which waits for them. They are
+// stopped at the test's end in any case, before the region they write is
+// unmapped (a cleanup registered after mapRegion's runs before it).
+func startWriters(t *testing.T, n int, seed uint64, write func(w int, c uint64, rng *rand.Rand)) (stop func()) {
+	var quit atomic.Bool
+	var wg sync.WaitGroup
+	for w := range n {
+		wg.Go(func() {
+			rng := rand.New(rand.NewPCG(uint64(w), seed))
+			for c := uint64(1); !quit.Load(); c++ {
+				write(w, c, rng)
+			}
+		})
+	}
+	stop = func() { quit.Store(true); wg.Wait() }
+	t.Cleanup(stop)
+	return stop
 }
 
 // TestHugePageAdvice: a region advised MADV_HUGEPAGE still tracks 4 KiB
