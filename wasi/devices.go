@@ -123,8 +123,11 @@ type Devices struct {
 	pollWait atomic.Pointer[PollWait]
 	// pause is set by RequestPause: a call blocked in a wait that has had no
 	// effect yet gives up and restarts from its safe point.
-	pause    atomic.Bool
-	released atomic.Bool
+	pause atomic.Bool
+	// pauseAsked and pauseWoken count RequestPause calls begun and done
+	// (their wake-up written): drainPauseWake waits for the two to meet.
+	pauseAsked, pauseWoken atomic.Uint64
+	released               atomic.Bool
 
 	iovs [][]byte // scratch for iovec resolution
 
@@ -366,9 +369,18 @@ func (d *Devices) Interrupt() {
 // again at its safe point, where the machine can pause it. Safe from any
 // goroutine.
 func (d *Devices) RequestPause() {
+	d.pauseAsked.Add(1)
 	d.pause.Store(true)
+	if testAfterPauseFlag != nil {
+		testAfterPauseFlag()
+	}
 	d.Interrupt()
+	d.pauseWoken.Add(1)
 }
+
+// testAfterPauseFlag, if set, runs in RequestPause between the flag and the
+// Interrupt: tests widen that window, which a busy machine may too.
+var testAfterPauseFlag func()
 
 // Waiting reports whether the guest is blocked in poll_oneoff now, so
 // neither running its own code nor about to (until an event or its timeout).

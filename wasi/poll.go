@@ -127,6 +127,22 @@ func (d *Devices) drainWake() {
 	unix.Read(d.wake, buf[:])
 }
 
+// drainPauseWake consumes the Interrupt of a RequestPause whose flag was
+// seen before the wait slept (goingIdle). RequestPause raises the flag and
+// then writes the wake-up: on a busy machine its goroutine may be held up
+// in between, and a write landing after a plain drain would wake the next
+// wait for nothing. So the drain waits until every RequestPause begun has
+// written (yielding; at most pauseWakeWait).
+func (d *Devices) drainPauseWake() {
+	for deadline := time.Now().Add(pauseWakeWait); d.pauseWoken.Load() != d.pauseAsked.Load() && time.Now().Before(deadline); {
+		runtime.Gosched()
+	}
+	d.drainWake()
+}
+
+// pauseWakeWait bounds drainPauseWake's wait for RequestPause's write.
+const pauseWakeWait = 10 * time.Millisecond
+
 // clockNow reads a guest clock for poll_oneoff deadlines. The CPU-time clocks
 // are the monotonic clock, as in clock_time_get.
 func (d *Devices) clockNow(id uint32) (uint64, bool) {
@@ -204,8 +220,8 @@ func pollOneoffWait(d *Devices, m Mem, p []uint64) Errno {
 			d.publishWait(infinite)
 			d.counters.PollWaits.Add(1)
 			if d.goingIdle() && !stopping {
-				d.drainWake()     // the pause's Interrupt: this wait is over
-				return errRestart // nothing happened: start again at the safe point
+				d.drainPauseWake() // the pause's Interrupt: this wait is over
+				return errRestart  // nothing happened: start again at the safe point
 			}
 		}
 		clearRevents(s.pfds)

@@ -384,11 +384,15 @@ func BenchmarkPollOneoffReady(b *testing.B) {
 // TestPollIdlePause: a guest going to sleep in poll_oneoff whose OnIdle
 // hook asked for a pause (a Remus checkpoint) gets it before it sleeps,
 // through the wait's restart (errRestart), with nothing left to wake its
-// next wait; a hook that asked for nothing costs the wait nothing.
+// next wait — even when the pausing goroutine is held up between raising
+// the flag and writing the wake-up, as a busy machine may do; a hook that
+// asked for nothing costs the wait nothing.
 func TestPollIdlePause(t *testing.T) {
 	// Long enough for the pausing goroutine to run on any machine.
 	defer func(d time.Duration) { idleYield = d }(idleYield)
 	idleYield = 5 * time.Second
+	testAfterPauseFlag = func() { time.Sleep(50 * time.Microsecond) }
+	defer func() { testAfterPauseFlag = nil }()
 	var v *sockVM
 	var calls, wakes atomic.Int32
 	var requestPause atomic.Bool
