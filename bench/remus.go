@@ -439,7 +439,7 @@ func remusCPU(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 					a = longArg
 				}
 				one := func(epoch time.Duration, polls bool) (remusCPURun, error) {
-					r.logf("remus: cpu %s run %d/%d, epoch %v, loop polls %v, scale %s", g.label, run+1, r.s.cpuRuns, epoch, polls, a)
+					r.logf("remus: cpu %s run %d/%d, epoch %v, loop polls %v, scale %s", g.label, run+1, max(r.s.cpuRuns, r.s.cpuTargetRuns), epoch, polls, a)
 					out, err := r.cpuRun(ctx, g.wasm, a, epoch, polls)
 					if err != nil {
 						return out, fmt.Errorf("%s, epoch %v, scale %s: %w", g.label, epoch, a, err)
