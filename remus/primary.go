@@ -375,9 +375,6 @@ func (p *Primary) take(req engine.CheckpointRequest, module []byte, name string)
 		p.lastWait.Store(int64(time.Since(asked)))
 		cp, dirty, err := captureCheckpoint(pp, req.Seq, req.Full, st, p.dirtyBuf, module, name)
 		p.dirtyBuf = dirty
-		if cp != nil {
-			cp.ahead = ahead
-		}
 		if err != nil {
 			p.putStager(st)
 			p.log.Error("checkpoint failed", "seq", req.Seq, "err", err)
@@ -386,6 +383,7 @@ func (p *Primary) take(req engine.CheckpointRequest, module []byte, name string)
 		if !req.Full {
 			p.stage.Expect(cp.snap.Pages, cp.snap.MemorySize)
 		}
+		cp.ahead = ahead
 		p.lastDirty.Store(int64(cp.dirty))
 		p.gate.setEpoch(req.Seq)
 		_, ops := p.gate.endEpoch()
@@ -405,13 +403,13 @@ func (p *Primary) take(req engine.CheckpointRequest, module []byte, name string)
 			// whole pause was (paused).
 			p.status.LastPauseUS = float64(cp.pause.Nanoseconds()) / 1000
 			p.status.LastDirtyPages = cp.dirty
-			p.status.AheadPages += uint64(ahead)
+			p.status.AheadPages += uint64(cp.ahead)
 			p.status.Checkpoints++
 			if req.Full {
 				p.status.FullCheckpoints++
 			}
 			p.recent.add(CheckpointRecord{Seq: req.Seq, Session: req.Session, Full: req.Full, At: time.Now(),
-				PauseUS: p.status.LastPauseUS, DirtyPages: cp.dirty, AheadPages: ahead})
+				PauseUS: p.status.LastPauseUS, DirtyPages: cp.dirty, AheadPages: cp.ahead})
 			p.mu.Unlock()
 			p.pausedSeq = req.Seq
 			p.send(engine.CheckpointTaken{Now: p.now(), Seq: req.Seq})
