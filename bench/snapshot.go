@@ -89,21 +89,14 @@ func benchPause(ctx context.Context, e *env, mod []byte, b *strings.Builder) err
 			return err
 		}
 		for _, n := range counts {
-			m, err := machine.New(ctx, machine.Config{Module: mod, Name: "dirtier",
-				Args: []string{fmt.Sprint(mib), fmt.Sprint(n), "0", "20000"}, Stdout: io.Discard, Stderr: io.Discard,
-				Stdin: strings.NewReader(""), CacheDir: filepath.Join(e.cache, "ftvm-compiled"), Instrument: true})
+			m, stop, err := startDirtier(ctx, e, mod, mib, n)
 			if err != nil {
 				return err
 			}
-			runCtx, cancel := context.WithCancel(ctx)
-			var wg sync.WaitGroup
-			wg.Add(1)
-			go func() { defer wg.Done(); m.Run(runCtx) }()
 			var pool snapshot.StagePool
 			stager := snapshot.Stager{Pool: &pool}
 			var idx []uint32
 			var dirtyCounts sample
-			time.Sleep(300 * time.Millisecond) // let it allocate and touch its memory
 			m.WithPaused(ctx, func(p *machine.Paused) error {
 				idx, _ = p.DirtyPages(idx[:0])
 				_, err := stager.Stage(p.Memory(), snapshot.NonZeroPages(p.Memory()))
@@ -137,18 +130,13 @@ func benchPause(ctx context.Context, e *env, mod []byte, b *strings.Builder) err
 					pool.Refill()
 				}
 				if err != nil {
-					cancel()
-					wg.Wait()
-					m.Close(ctx)
+					stop()
 					return err
 				}
 			}
 			time.Sleep(5 * time.Millisecond)
 			ps := m.PauseStats()
-			cancel()
-			m.WithPaused(ctx, func(p *machine.Paused) error { p.Stop(); return nil })
-			wg.Wait()
-			m.Close(ctx)
+			stop()
 			var pause sample
 			for _, d := range ps.Recent[len(ps.Recent)-int(ps.Count-before):] {
 				pause = append(pause, float64(d.Nanoseconds()))
@@ -194,22 +182,10 @@ func benchIncremental(ctx context.Context, e *env, mod []byte, b *strings.Builde
 		"(`PauseStats`); pages = the snapshot's (ahead: the pages copied ahead and in the pause together).\n\n", each)
 	fmt.Fprintf(b, "| pages written per round | pages per snapshot, ahead / in the pause | pause p50, ahead | pause p99, ahead | pause p50, in the pause | pause p99, in the pause | p50 ratio |\n|---:|---:|---:|---:|---:|---:|---:|\n")
 	for _, n := range counts {
-		m, err := machine.New(ctx, machine.Config{Module: mod, Name: "dirtier",
-			Args: []string{"64", fmt.Sprint(n), "0", "20000"}, Stdout: io.Discard, Stderr: io.Discard,
-			Stdin: strings.NewReader(""), CacheDir: filepath.Join(e.cache, "ftvm-compiled"), Instrument: true})
+		m, stop, err := startDirtier(ctx, e, mod, 64, n)
 		if err != nil {
 			return err
 		}
-		runCtx, cancel := context.WithCancel(ctx)
-		var wg sync.WaitGroup
-		wg.Go(func() { m.Run(runCtx) })
-		stop := func() {
-			cancel()
-			m.WithPaused(ctx, func(p *machine.Paused) error { p.Stop(); return nil })
-			wg.Wait()
-			m.Close(ctx)
-		}
-		time.Sleep(300 * time.Millisecond) // let it allocate and touch its memory
 		dir := filepath.Join(e.work, fmt.Sprintf("incremental-%d", n))
 		if err := os.MkdirAll(dir, 0o755); err != nil {
 			stop()
@@ -274,6 +250,29 @@ func benchIncremental(ctx context.Context, e *env, mod []byte, b *strings.Builde
 	}
 	b.WriteString("\n")
 	return nil
+}
+
+// startDirtier runs the dirtier guest, instrumented (mib MiB, n pages
+// written a round, a round per 20 ms), and returns once it has had time
+// to allocate and touch its memory; stop ends it and closes it.
+func startDirtier(ctx context.Context, e *env, mod []byte, mib, n int) (m *machine.Machine, stop func(), err error) {
+	m, err = machine.New(ctx, machine.Config{Module: mod, Name: "dirtier",
+		Args: []string{fmt.Sprint(mib), fmt.Sprint(n), "0", "20000"}, Stdout: io.Discard, Stderr: io.Discard,
+		Stdin: strings.NewReader(""), CacheDir: filepath.Join(e.cache, "ftvm-compiled"), Instrument: true})
+	if err != nil {
+		return nil, nil, err
+	}
+	runCtx, cancel := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	wg.Go(func() { m.Run(runCtx) })
+	stop = func() {
+		cancel()
+		m.WithPaused(ctx, func(p *machine.Paused) error { p.Stop(); return nil })
+		wg.Wait()
+		m.Close(ctx)
+	}
+	time.Sleep(300 * time.Millisecond)
+	return m, stop, nil
 }
 
 // walkAlone is the kernel tracker's collection of a fully used region of
