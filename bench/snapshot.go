@@ -354,7 +354,7 @@ func benchRestore(ctx context.Context, e *env, mod []byte, b *strings.Builder) e
 		"**Decode** = from the file into a `machine.MemoryImage` (what `ftvm restore` does): for the compressed "+
 		"snapshot, checksumming and decompressing every page into it; for the mappable one (`ftvm snapshot "+
 		"--mappable`), mapping the file's page-aligned memory copy-on-write (`MAP_PRIVATE`) and checksumming every "+
-		"non-zero page through the mapping (on all cores). **VM** = `machine.New` to the guest's first host call: "+
+		"non-zero page, read with pread(2) on all cores (the guest later faults in only what it touches). **VM** = `machine.New` to the guest's first host call: "+
 		"instantiation, taking the image's pages over with mremap(2), rewinding. **Page cache dropped** = the same "+
 		"after `posix_fadvise(DONTNEED)` on the file, so its pages come from the disk. **Adopted** = a Remus "+
 		"backup's failover: the image already in memory. Floor: memcpy of the whole memory. Loading the compiled "+
