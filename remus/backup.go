@@ -443,6 +443,10 @@ func (s *slot) receive(id uint64, c *transport.Conn, hello *wire.Hello) {
 		case *wire.Heartbeat, *wire.Hello:
 			// Liveness only (a primary waiting for its Welcome sends these).
 		case *wire.Exit:
+			// A checkpoint the primary abandoned mid-stream (the guest
+			// ended: Finish) is dropped.
+			abandon()
+			cur = nil
 			s.events <- exitEv{session: id, seq: m.Seq, code: m.Code, conn: c}
 		case *wire.CheckpointBegin:
 			if m.SnapshotSize > maxSnapshot {

@@ -48,6 +48,12 @@ func (cp *checkpoint) rearm(m *machine.Machine) error {
 
 var zeroPage [snapshot.PageSize]byte
 
+// abandonable reports whether the checkpoint holds nothing but the guest's
+// memory and CPU and device state: once the guest has ended, nothing needs
+// it (a full checkpoint carries the directories' contents, an incremental
+// one its epoch's disk operations).
+func (cp *checkpoint) abandonable() bool { return !cp.full && len(cp.ops) == 0 }
+
 // captureCheckpoint runs while the guest is paused. It copies only what
 // must be copied now; encoding happens after the guest runs again. st may
 // hold pages staged before the pause (collectAhead); the checkpoint adds

@@ -83,6 +83,9 @@ type Primary struct {
 	dirtyBuf []uint32
 	// pausedSeq is the checkpoint whose pause OnPaused reports next.
 	pausedSeq uint64
+	// captured is the last checkpoint captured (set in its pause): the
+	// guest, once ended, ended in epoch captured+1 (Finish).
+	captured atomic.Uint64
 	// stage is the staging memory, kept faulted in for the pauses; each
 	// checkpoint has a stager of its own on it until it is sent.
 	stage     snapshot.StagePool
@@ -372,6 +375,7 @@ func (p *Primary) take(req engine.CheckpointRequest, module []byte, name string)
 	asked := time.Now()
 	m.PauseAsync(func(pp *machine.Paused) error {
 		p.captures.Add(1)
+		p.captured.Store(req.Seq)
 		p.lastWait.Store(int64(time.Since(asked)))
 		cp, dirty, err := captureCheckpoint(pp, req.Seq, req.Full, st, p.dirtyBuf, module, name)
 		p.dirtyBuf = dirty
@@ -528,40 +532,50 @@ func (p *Primary) WaitSession(ctx context.Context) {
 func (p *Primary) markStarted() { p.startedOnce.Do(func() { close(p.started) }) }
 
 // Finish is called once the guest has ended by itself (an exit, or a
-// trap): it waits until every checkpoint taken is acknowledged, tells the
-// backup the guest ended (so that it does not resume it), and then
-// releases the output of the guest's last moments. It is bounded by twice
-// the timeout; an unprotected primary releases at once.
+// trap): it tells the backup the guest ended, so that it never resumes it,
+// and once the backup has acknowledged that, releases all output still
+// held. Checkpoints taken but not yet acknowledged carry state that no
+// failover will ever resume, so those of only memory are abandoned, even
+// mid-stream, rather than waited for: a computing guest's last checkpoint
+// carries the growth of its heap since the one before (a C guest's 8 MB:
+// 20–45 ms of encoding, streaming and decoding between its exit and its
+// last line's release). One with disk operations or files is still sent
+// first, and the backup commits it before it hears of the exit, so its
+// copy of the guest's files is as complete as before. It is bounded by
+// twice the timeout; an unprotected primary releases at once.
 func (p *Primary) Finish(code uint32) {
 	deadline := time.Now().Add(2 * p.cfg.Engine.Timeout)
 	expired := time.NewTimer(time.Until(deadline))
 	defer expired.Stop()
-	var st PrimaryStatus
+	// Without a session (connecting), output is held and a backup may
+	// still follow an older session of this VM: wait until a session is
+	// up to tell it, or protection is given up.
+	st := p.Status()
 wait:
-	for {
-		st = p.Status()
-		if st.State == engine.Unprotected.String() || st.State == "" ||
-			(st.State == engine.Protected.String() && st.Acked+1 >= st.Epoch) {
-			break
-		}
-		// Told by publish, not polled: the guest's exit waited half a
-		// millisecond more on average when this looked every millisecond.
+	for st.State == engine.Connecting.String() {
+		// Told by publish, not polled.
 		select {
 		case <-p.published:
 		case <-expired.C:
 			break wait
 		}
+		st = p.Status()
 	}
 	p.mu.Lock()
 	s := p.sess
 	p.mu.Unlock()
 	// Any backup that follows this VM, even one still syncing, must hear
 	// that it ended, or it would resume an older checkpoint later.
-	if s != nil && st.State != engine.Unprotected.String() {
+	if s != nil && st.State != engine.Unprotected.String() && st.State != "" {
+		// The epoch the guest ended in: no checkpoint has its number,
+		// so the backup's ack of it is told apart from theirs.
+		seq := p.captured.Load() + 1
 		done := make(chan struct{})
+		s.exitSeq.Store(seq)
 		s.exitDone.Store(&done)
+		s.exiting.Store(true)
 		select {
-		case s.queue <- wire.Message(&wire.Exit{Seq: st.Acked, Code: code}):
+		case s.queue <- wire.Message(&wire.Exit{Seq: seq, Code: code}):
 			select {
 			case <-done:
 			case <-s.done:
@@ -847,6 +861,10 @@ type session struct {
 	closed       atomic.Bool
 	exitOnce     sync.Once
 	exitDone     atomic.Pointer[chan struct{}] // set before an Exit is sent (by Finish); closed by its ack
+	exitSeq      atomic.Uint64                 // that Exit's seq, which its ack carries
+	// exiting: the guest ended (Finish); the sender abandons checkpoints
+	// of only memory (abandonable), even one it is streaming.
+	exiting atomic.Bool
 }
 
 func (s *session) close() {
@@ -898,6 +916,11 @@ func (s *session) sender(p *Primary) {
 		case wire.Message:
 			err = wire.SendFlush(s.conn, it)
 		case *checkpoint:
+			if s.exiting.Load() && it.abandonable() {
+				p.putStager(it.stager)
+				p.log.Debug("checkpoint abandoned: the guest ended", "seq", it.seq, "sent", false)
+				break
+			}
 			t0 := time.Now()
 			if m := p.machine.Load(); m != nil {
 				if err := it.rearm(m); err != nil && !errors.Is(err, dirty.ErrClosed) {
@@ -911,6 +934,12 @@ func (s *session) sender(p *Primary) {
 				err = s.stream(p, it, &buf, 1)
 			}
 			p.putStager(it.stager)
+			if errors.Is(err, errAbandoned) {
+				// The backup drops the part it has when the Exit comes.
+				p.log.Debug("checkpoint abandoned: the guest ended", "seq", it.seq, "sent", "in part")
+				err = nil
+				break
+			}
 			if err == nil && p.log.Enabled(context.Background(), slog.LevelDebug) {
 				p.log.Debug("checkpoint sent", "seq", it.seq, "full", it.full, "pages", it.dirty, "ahead", it.ahead,
 					"capture", it.pause, "rearm", rearmed.Sub(t0), "encode_and_send", time.Since(rearmed))
@@ -1007,7 +1036,7 @@ func (s *session) stream(p *Primary, cp *checkpoint, buf *bytes.Buffer, workers 
 		deltas = s.bases.attach(snap.Pages)
 	}
 	buf.Reset()
-	cw := &chunkWriter{s: s, seq: cp.seq, buf: buf}
+	cw := &chunkWriter{s: s, seq: cp.seq, buf: buf, abandonable: cp.abandonable()}
 	if err := snap.EncodeOptions(cw, snapshot.Options{Workers: workers, Uncompressed: s.uncompressed,
 		WorkerInit: niceWorker}); err != nil {
 		if cw.err != nil {
@@ -1076,7 +1105,14 @@ type chunkWriter struct {
 	off uint64
 	crc uint32
 	err error
+	// abandonable: the checkpoint is dropped (errAbandoned) at its next
+	// piece once the guest has ended (session.exiting).
+	abandonable bool
 }
+
+// errAbandoned ends the stream of a checkpoint of only memory once the
+// guest has ended: no failover will resume it (Finish).
+var errAbandoned = errors.New("checkpoint abandoned: the guest ended")
 
 func (w *chunkWriter) Write(b []byte) (int, error) {
 	if w.err != nil {
@@ -1098,6 +1134,10 @@ func (w *chunkWriter) Write(b []byte) (int, error) {
 
 func (w *chunkWriter) flush() error {
 	if w.err != nil || w.buf.Len() == 0 {
+		return w.err
+	}
+	if w.abandonable && w.s.exiting.Load() {
+		w.err = errAbandoned
 		return w.err
 	}
 	data := w.buf.Bytes()
@@ -1131,7 +1171,7 @@ func (s *session) receiver(p *Primary) {
 		p.send(engine.Heartbeat{Now: now, Session: s.id})
 		switch m := msg.(type) {
 		case *wire.Ack:
-			if done := s.exitDone.Load(); done != nil {
+			if done := s.exitDone.Load(); done != nil && m.Seq == s.exitSeq.Load() {
 				s.exitOnce.Do(func() { close(*done) })
 				continue
 			}

@@ -656,6 +656,58 @@ func TestRemusFirstCheckpointAtStart(t *testing.T) {
 	}
 }
 
+// TestRemusExitAbandonsMemory: a guest that fills 64 MiB with random
+// words without a host call (longer than its 5 ms epoch), then prints a
+// checksum and exits. The
+// checkpoint taken at that print carries every page (tens of milliseconds
+// to encode and send), and the exit does not wait for it: no failover
+// will resume a guest that ended, so once the backup acknowledges the
+// Exit, the line is released and the checkpoint abandoned. The output is
+// the unprotected run's, and the backup closes the slot, never committing
+// the abandoned checkpoint and never resuming the guest.
+func TestRemusExitAbandonsMemory(t *testing.T) {
+	wasm := cGuest(t, "bigexit", []string{"bigexit.c"})
+	instrumented(t, wasm)
+	ref := runCLI(t, 2*time.Minute, "", "run", wasm, "64")
+	if ref.code != 0 {
+		t.Fatalf("unprotected: exit %d\n%s", ref.code, ref.stderr)
+	}
+	dir := t.TempDir()
+	repl, bSock := freeAddr(t), filepath.Join(dir, "b.sock")
+	backup := startProc(t, ftvmBinary(t), "backup", "--listen", repl, "--state", filepath.Join(dir, "state"),
+		"--timeout", "500ms", "--api-sock", bSock, "--log-level", "info")
+	waitSocket(t, backup, bSock)
+	res := runCLI(t, 2*time.Minute, "", "run", "--protect", repl, "--timeout", "500ms", "--epoch", "5ms",
+		"--log-level", "debug", wasm, "64")
+	if res.code != 0 {
+		t.Fatalf("protected: exit %d\n%s", res.code, res.stderr)
+	}
+	if res.stdout != ref.stdout {
+		t.Errorf("protected output %q, unprotected %q", res.stdout, ref.stdout)
+	}
+	m := regexp.MustCompile(`msg="checkpoint abandoned: the guest ended" .*seq=([0-9]+).*`).FindStringSubmatch(res.stderr)
+	if m == nil {
+		t.Fatalf("the exit waited for every checkpoint: none abandoned in the primary's log:\n%s", res.stderr)
+	}
+	time.Sleep(time.Second) // past the timeout: a backup that took the exit for silence would resume
+	st := status(t, bSock)
+	slots, _ := st["slots"].([]any)
+	if len(slots) != 1 {
+		t.Fatalf("backup status: %v", st)
+	}
+	s := slots[0].(map[string]any)
+	if s["state"] != "exited" {
+		t.Errorf("the backup's slot after the guest exited: %v", s)
+	}
+	t.Logf("abandoned: %s", m[0])
+	if abandoned, _ := strconv.ParseFloat(m[1], 64); num(s, "committed") >= abandoned {
+		t.Errorf("the backup committed %v, the abandoned checkpoint %s included", s["committed"], m[1])
+	}
+	if strings.Contains(backup.out.String(), "FAILOVER") {
+		t.Errorf("the backup resumed a guest that had exited:\n%s", backup.out.String())
+	}
+}
+
 // TestRemusCollectAheadFailover: a guest that writes hundreds of pages an
 // epoch has most of each checkpoint copied before its pause, while it runs
 // (the pause copies only what it wrote after). The backup, whose every

@@ -196,9 +196,11 @@ type Ack struct{ Seq uint64 }
 // (backup) seq.
 type Heartbeat struct{ Seq uint64 }
 
-// Exit says the guest ended by itself after checkpoint Seq, with Code:
-// the backup must not resume it. The backup answers with an Ack of Seq;
-// then the primary releases the output of the guest's last moments.
+// Exit says the guest ended by itself in epoch Seq, with Code: the backup
+// must not resume it. No checkpoint has that number (the last one taken
+// is Seq-1, and the primary may have abandoned those not yet acknowledged,
+// even mid-stream: the backup drops a part it holds). The backup answers
+// with an Ack of Seq; then the primary releases all output still held.
 type Exit struct {
 	Seq  uint64
 	Code uint32

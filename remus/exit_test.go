@@ -1,0 +1,184 @@
+package remus
+
+import (
+	"bytes"
+	"math/rand/v2"
+	"net"
+	"testing"
+	"time"
+
+	"github.com/ftvm/ftvm/remus/wire"
+	"github.com/ftvm/ftvm/snapshot"
+	"github.com/ftvm/ftvm/transport"
+	"github.com/ftvm/ftvm/wasi"
+)
+
+// senderOverTCP starts p's sender for a session over a loopback
+// connection and returns the session and the far end, which reads what
+// the sender writes.
+func senderOverTCP(t *testing.T, p *Primary) (*session, *transport.Conn) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	near, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	far, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &session{id: 1, conn: transport.NewConn(near, transport.Options{}), queue: make(chan any, 16),
+		done: make(chan struct{}), lastID: snapshot.Hash{1}}
+	go s.sender(p)
+	fc := transport.NewConn(far, transport.Options{})
+	t.Cleanup(func() { s.close(); fc.Close() })
+	return s, fc
+}
+
+// memoryCheckpoint is an incremental checkpoint of n random pages (S2
+// cannot shrink them: each of its pieces on the wire is a chunk), with
+// ops as its epoch's disk operations.
+func memoryCheckpoint(seq uint64, n int, ops []wire.FsOp) *checkpoint {
+	rng := rand.New(rand.NewPCG(seq, 3))
+	mem := make([]byte, (n*snapshot.PageSize+65535)&^65535) // whole wasm pages
+	for i := range mem {
+		mem[i] = byte(rng.Uint32())
+	}
+	var st snapshot.Stager
+	idx := make([]uint32, n)
+	for i := range idx {
+		idx[i] = uint32(i)
+	}
+	pages, err := st.Stage(mem, idx)
+	if err != nil {
+		panic(err)
+	}
+	snap := &snapshot.Snapshot{Kind: snapshot.Incremental, Seq: seq, MemorySize: uint64(len(mem)), Pages: pages,
+		Devices: []byte("{}")}
+	return &checkpoint{seq: seq, snap: snap, stager: &st, dirty: n, ops: ops}
+}
+
+// TestExitAbandonsMemoryOnlyCheckpoints: once the guest has ended
+// (session.exiting, set by Finish), no failover will resume it, so the
+// sender stops streaming a checkpoint of only memory at its next piece and
+// skips the next such one, while one with disk operations still goes
+// whole, before the Exit; and only the ack of the Exit's own seq, not a
+// checkpoint's, tells Finish the backup knows.
+func TestExitAbandonsMemoryOnlyCheckpoints(t *testing.T) {
+	p, err := NewPrimary(PrimaryConfig{Backup: "127.0.0.1:1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, far := senderOverTCP(t, p)
+	far.SetReadDeadline(time.Now().Add(30 * time.Second))
+	recv := func() wire.Message {
+		t.Helper()
+		m, err := wire.Recv(far)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return m
+	}
+	// 48 MiB of random pages: far more than the connection buffers, so
+	// the sender is still streaming when the guest ends.
+	const pages = 12288
+	s.queue <- memoryCheckpoint(5, pages, nil)
+	if m, ok := recv().(*wire.CheckpointBegin); !ok || m.Seq != 5 {
+		t.Fatalf("first message %v, want the begin of checkpoint 5", m)
+	}
+	if _, ok := recv().(*wire.CheckpointData); !ok {
+		t.Fatal("no data of checkpoint 5")
+	}
+	s.exiting.Store(true)
+	withOps := []wire.FsOp{{Op: uint8(wasi.FsWrite), Path: "out.txt", Data: []byte("result"), Size: 6}}
+	s.queue <- memoryCheckpoint(6, 8, nil)     // of only memory: skipped
+	s.queue <- memoryCheckpoint(7, 8, withOps) // with disk operations: sent whole
+	s.queue <- wire.Message(&wire.Exit{Seq: 8, Code: 3})
+	var data int
+	var ends []uint64
+	var begins []uint64
+	for done := false; !done; {
+		switch m := recv().(type) {
+		case *wire.CheckpointData:
+			if m.Seq == 5 {
+				data += len(m.Data)
+			}
+		case *wire.CheckpointBegin:
+			begins = append(begins, m.Seq)
+		case *wire.CheckpointEnd:
+			ends = append(ends, m.Seq)
+		case *wire.DiskOps:
+			if m.Seq != 7 || len(m.Ops) != 1 || !bytes.Equal(m.Ops[0].Data, []byte("result")) {
+				t.Errorf("disk operations %+v, want checkpoint 7's", m)
+			}
+		case *wire.Exit:
+			if m.Seq != 8 || m.Code != 3 {
+				t.Errorf("exit %+v", m)
+			}
+			done = true
+		}
+	}
+	if len(begins) != 1 || begins[0] != 7 || len(ends) != 1 || ends[0] != 7 {
+		t.Errorf("after the guest ended: begun %v, ended %v; want checkpoint 7 alone, whole", begins, ends)
+	}
+	if whole := pages * snapshot.PageSize; data >= whole/2 {
+		t.Errorf("%d bytes of checkpoint 5's %d sent after the guest ended: it was not abandoned", data, whole)
+	}
+	// The Exit's ack, not an earlier checkpoint's, releases the output.
+	exited := make(chan struct{})
+	s.exitSeq.Store(8)
+	s.exitDone.Store(&exited)
+	go s.receiver(p)
+	wire.SendFlush(far, &wire.Ack{Seq: 7})
+	select {
+	case <-exited:
+		t.Fatal("the ack of checkpoint 7 was taken for the exit's")
+	case <-time.After(100 * time.Millisecond):
+	}
+	wire.SendFlush(far, &wire.Ack{Seq: 8})
+	select {
+	case <-exited:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the exit's ack did not release the output")
+	}
+}
+
+// TestBackupDropsAPartialCheckpointAtExit: an Exit that comes in the
+// middle of a checkpoint (the primary abandoned it: the guest ended) is
+// acknowledged, the part received is dropped, never committed, and the
+// slot is closed for good.
+func TestBackupDropsAPartialCheckpointAtExit(t *testing.T) {
+	b := serveBackup(t, time.Hour)
+	module, hash := fakeModule()
+	full := &snapshot.Snapshot{Kind: snapshot.Full, Module: hash, Seq: 1, MemorySize: 1 << 20,
+		Pages: []snapshot.Page{{Index: 0, Data: onePage(7)}}, Devices: []byte("{}"), ModuleCode: module, ModuleName: "fake"}
+	f := dialBackup(t, b.Addr().String(), hash)
+	f.checkpoint(1, true, encodeSnap(t, full), nil)
+	f.ack(1)
+	var pages []snapshot.Page
+	for i := range uint32(200) {
+		pages = append(pages, snapshot.Page{Index: i, Data: onePage(byte(i))})
+	}
+	inc := encodeSnap(t, &snapshot.Snapshot{Kind: snapshot.Incremental, Module: hash, Seq: 2, Parent: full.ID,
+		MemorySize: 1 << 20, Pages: pages, Devices: []byte("{}")})
+	f.send(&wire.CheckpointBegin{Seq: 2})
+	f.send(&wire.CheckpointData{Seq: 2, Data: inc[:len(inc)/2]})
+	f.send(&wire.Exit{Seq: 3, Code: 0})
+	f.ack(3)
+	if c := committedOn(b); c != 1 {
+		t.Errorf("committed %d after the exit, want 1: the partial checkpoint 2 was applied", c)
+	}
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		st := b.Status().Slots
+		if len(st) == 1 && st[0].State == "exited" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("slots after the exit: %+v, want one, exited", st)
+		}
+	}
+}
