@@ -618,6 +618,32 @@ func TestRemusSmallMemoryGuest(t *testing.T) {
 	}
 }
 
+// protectedLikeUnprotected runs wasm with args unprotected, then protected
+// (with --log-level debug and runFlags) by a fresh backup whose log is at
+// backupLog; it fails the test unless both exit 0 with the same output, and
+// returns the protected run, the backup and the backup's API socket.
+func protectedLikeUnprotected(t *testing.T, wasm, backupLog string, runFlags []string, args ...string) (cliResult, *proc, string) {
+	t.Helper()
+	ref := runCLI(t, 2*time.Minute, "", append([]string{"run", wasm}, args...)...)
+	if ref.code != 0 {
+		t.Fatalf("unprotected: exit %d\n%s", ref.code, ref.stderr)
+	}
+	dir := t.TempDir()
+	repl, bSock := freeAddr(t), filepath.Join(dir, "b.sock")
+	backup := startProc(t, ftvmBinary(t), "backup", "--listen", repl, "--state", filepath.Join(dir, "state"),
+		"--timeout", "500ms", "--api-sock", bSock, "--log-level", backupLog)
+	waitSocket(t, backup, bSock)
+	run := append([]string{"run", "--protect", repl, "--timeout", "500ms", "--log-level", "debug"}, runFlags...)
+	res := runCLI(t, 2*time.Minute, "", append(append(run, wasm), args...)...)
+	if res.code != 0 {
+		t.Fatalf("protected: exit %d\n%s", res.code, res.stderr)
+	}
+	if res.stdout != ref.stdout {
+		t.Errorf("protected output %q, unprotected %q", res.stdout, ref.stdout)
+	}
+	return res, backup, bSock
+}
+
 // TestRemusFirstCheckpointAtStart: a protected guest starts only once its
 // first, full, checkpoint is asked for, so that checkpoint is taken at the
 // guest's first host call and carries its memory before it ran, not what a
@@ -628,24 +654,8 @@ func TestRemusSmallMemoryGuest(t *testing.T) {
 func TestRemusFirstCheckpointAtStart(t *testing.T) {
 	wasm := guest.MustC(t, "dirtier", []string{"testdata/guests/dirtier/dirtier.c"})
 	instrumented(t, wasm)
-	args := []string{"16", "1", "3"} // 16 MiB, one page a round, three rounds
-	ref := runCLI(t, 2*time.Minute, "", append([]string{"run", wasm}, args...)...)
-	if ref.code != 0 {
-		t.Fatalf("unprotected: exit %d\n%s", ref.code, ref.stderr)
-	}
-	dir := t.TempDir()
-	repl, bSock := freeAddr(t), filepath.Join(dir, "b.sock")
-	backup := startProc(t, ftvmBinary(t), "backup", "--listen", repl, "--state", filepath.Join(dir, "state"),
-		"--timeout", "500ms", "--api-sock", bSock, "--log-level", "warn")
-	waitSocket(t, backup, bSock)
-	res := runCLI(t, 2*time.Minute, "", append([]string{"run", "--protect", repl, "--timeout", "500ms",
-		"--log-level", "debug", wasm}, args...)...)
-	if res.code != 0 {
-		t.Fatalf("protected: exit %d\n%s", res.code, res.stderr)
-	}
-	if res.stdout != ref.stdout {
-		t.Errorf("protected output %q, unprotected %q", res.stdout, ref.stdout)
-	}
+	// 16 MiB, one page a round, three rounds.
+	res, _, _ := protectedLikeUnprotected(t, wasm, "warn", nil, "16", "1", "3")
 	m := regexp.MustCompile(`msg="checkpoint sent".* seq=1 full=true pages=([0-9]+)`).FindStringSubmatch(res.stderr)
 	if m == nil {
 		t.Fatalf("no full checkpoint 1 in the primary's log:\n%s", res.stderr)
@@ -668,23 +678,7 @@ func TestRemusFirstCheckpointAtStart(t *testing.T) {
 func TestRemusExitAbandonsMemory(t *testing.T) {
 	wasm := cGuest(t, "bigexit", []string{"bigexit.c"})
 	instrumented(t, wasm)
-	ref := runCLI(t, 2*time.Minute, "", "run", wasm, "64")
-	if ref.code != 0 {
-		t.Fatalf("unprotected: exit %d\n%s", ref.code, ref.stderr)
-	}
-	dir := t.TempDir()
-	repl, bSock := freeAddr(t), filepath.Join(dir, "b.sock")
-	backup := startProc(t, ftvmBinary(t), "backup", "--listen", repl, "--state", filepath.Join(dir, "state"),
-		"--timeout", "500ms", "--api-sock", bSock, "--log-level", "info")
-	waitSocket(t, backup, bSock)
-	res := runCLI(t, 2*time.Minute, "", "run", "--protect", repl, "--timeout", "500ms", "--epoch", "5ms",
-		"--log-level", "debug", wasm, "64")
-	if res.code != 0 {
-		t.Fatalf("protected: exit %d\n%s", res.code, res.stderr)
-	}
-	if res.stdout != ref.stdout {
-		t.Errorf("protected output %q, unprotected %q", res.stdout, ref.stdout)
-	}
+	res, backup, bSock := protectedLikeUnprotected(t, wasm, "info", []string{"--epoch", "5ms"}, "64")
 	m := regexp.MustCompile(`msg="checkpoint abandoned: the guest ended" .*seq=([0-9]+).*`).FindStringSubmatch(res.stderr)
 	if m == nil {
 		t.Fatalf("the exit waited for every checkpoint: none abandoned in the primary's log:\n%s", res.stderr)
