@@ -44,6 +44,11 @@ type remusSettings struct {
 	// of those rows alone follow the cpuRuns rounds of every row.
 	cpuTargetRuns int
 	kvRounds      int
+	// kvTargetPairs is how many pairs (a start and its unprotected
+	// partner) the row the target is about (output policy, 25 ms) gets in
+	// all: extra pairs of it alone follow the kvRounds rounds. A median of
+	// three pairs moved by a quarter between rows of the same setting.
+	kvTargetPairs int
 	kv            kvSettings
 	kvWarm        time.Duration // the same load, unmeasured, before the throughput run
 	minLatency    int           // sequential requests at least, however long the epoch
@@ -85,6 +90,7 @@ func runRemus(ctx context.Context, e *env) (string, error) {
 	s := remusSettings{
 		epochs:   []time.Duration{10 * time.Millisecond, 25 * time.Millisecond, 50 * time.Millisecond, 100 * time.Millisecond},
 		cpuScale: 8, cpuRuns: min(e.runs, 5), cpuTargetRuns: 2*e.runs - 1, kvRounds: min(e.runs, 3),
+		kvTargetPairs: 2*e.runs - 1,
 		kv: kvSettings{conns: 32, depth: 16, loadFor: 1500 * time.Millisecond, maxLoad: 20_000_000,
 			latencyFor: 1500 * time.Millisecond, maxLatency: 30000, keys: 1000},
 		kvWarm:     time.Second,
@@ -94,7 +100,7 @@ func runRemus(ctx context.Context, e *env) (string, error) {
 	}
 	if e.quick {
 		s.epochs = []time.Duration{25 * time.Millisecond}
-		s.cpuScale, s.cpuRuns, s.cpuTargetRuns, s.kvRounds = 1, 1, 1, 1
+		s.cpuScale, s.cpuRuns, s.cpuTargetRuns, s.kvRounds, s.kvTargetPairs = 1, 1, 1, 1, 1
 		s.kv.loadFor, s.kv.latencyFor, s.kv.maxLatency, s.kvWarm = 500*time.Millisecond, 500*time.Millisecond, 5000, 200*time.Millisecond
 		s.minLatency, s.dirty, s.dirtyFor = 10, []int{100, 1000}, 700*time.Millisecond
 		s.failTimeouts, s.failRuns = []time.Duration{500 * time.Millisecond}, 1
@@ -771,6 +777,10 @@ type remusKVRound struct {
 	latCPS           float64 // checkpoints per second during the latency run
 }
 
+// kvTargetKey is the KV configuration the throughput target is
+// about: the output policy at 25 ms epochs.
+const kvTargetKey = "output-25ms"
+
 func remusKV(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 	wasmPath, err := guest.Go("testdata/guests/kvserver")
 	if err != nil {
@@ -797,6 +807,39 @@ func remusKV(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 	// configuration and the round's own unprotected start.
 	partner := map[string][]remusKVRound{}
 	var echo []kvRound
+	// start measures configuration c once, and, under the output policy,
+	// an unprotected partner right before (partnerFirst) or after it.
+	start := func(what string, c remusKVConfig, partnerFirst bool) error {
+		measure := func(c remusKVConfig, role string) (remusKVRound, error) {
+			r.logf("remus: kv %s: %s%s", what, c.label(), role)
+			m, err := r.measureKV(ctx, wasm, c)
+			if err != nil {
+				return m, fmt.Errorf("%s: %w", c.label(), err)
+			}
+			return m, nil
+		}
+		paired := c.policy == "output"
+		if paired && partnerFirst {
+			m, err := measure(configs[0], " (partner of "+c.label()+")")
+			if err != nil {
+				return err
+			}
+			partner[c.key] = append(partner[c.key], m)
+		}
+		m, err := measure(c, "")
+		if err != nil {
+			return err
+		}
+		res[c.key] = append(res[c.key], m)
+		if paired && !partnerFirst {
+			m, err := measure(configs[0], " (partner of "+c.label()+")")
+			if err != nil {
+				return err
+			}
+			partner[c.key] = append(partner[c.key], m)
+		}
+		return nil
+	}
 	for round := 0; round < r.s.kvRounds; round++ {
 		order := append([]remusKVConfig(nil), configs...)
 		if round%2 == 1 {
@@ -805,34 +848,8 @@ func remusKV(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 			}
 		}
 		for i, c := range order {
-			measure := func(c remusKVConfig, what string) (remusKVRound, error) {
-				r.logf("remus: kv round %d/%d: %s%s", round+1, r.s.kvRounds, c.label(), what)
-				m, err := r.measureKV(ctx, wasm, c)
-				if err != nil {
-					return m, fmt.Errorf("%s: %w", c.label(), err)
-				}
-				return m, nil
-			}
-			paired := c.policy == "output"
-			partnerFirst := (round+i)%2 == 0
-			if paired && partnerFirst {
-				m, err := measure(configs[0], " (partner of "+c.label()+")")
-				if err != nil {
-					return err
-				}
-				partner[c.key] = append(partner[c.key], m)
-			}
-			m, err := measure(c, "")
-			if err != nil {
+			if err := start(fmt.Sprintf("round %d/%d", round+1, r.s.kvRounds), c, (round+i)%2 == 0); err != nil {
 				return err
-			}
-			res[c.key] = append(res[c.key], m)
-			if paired && !partnerFirst {
-				m, err := measure(configs[0], " (partner of "+c.label()+")")
-				if err != nil {
-					return err
-				}
-				partner[c.key] = append(partner[c.key], m)
 			}
 		}
 		es := r.s.kv
@@ -842,6 +859,17 @@ func remusKV(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 			return fmt.Errorf("loopback echo: %w", err)
 		}
 		echo = append(echo, ev)
+	}
+	// The target's row alone, until it has kvTargetPairs pairs.
+	for _, c := range configs {
+		if c.key != kvTargetKey {
+			continue
+		}
+		for n := len(partner[c.key]); n < r.s.kvTargetPairs; n++ {
+			if err := start(fmt.Sprintf("target pair %d/%d", n+1, r.s.kvTargetPairs), c, n%2 == 0); err != nil {
+				return err
+			}
+		}
 	}
 	pick := func(key string, f func(remusKVRound) float64) sample { return sampleOf(res[key], f) }
 	rps := func(x remusKVRound) float64 { return x.rps }
@@ -856,7 +884,8 @@ func remusKV(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 		"(a warm-up: the guest's heap grows in its first second under load, and a protected primary's first checkpoints carry that growth "+
 		"and have no copies yet to send deltas against; its throughput is the **warm-up** column), then throughput for %s (the kv group's generator: 90%% GET / 10%% SET), then one "+
 		"sequential client for %s (at least %d requests), stop. %d round(s), configuration order reversed every other "+
-		"round; medians with min–max. **Paired** (output policy): each start is paired with an unprotected start "+
+		"round, then pairs of the target's row (output, 25 ms) alone until it has %d (a median of three pairs moved by a "+
+		"quarter between rows of one setting); medians with min–max. **Paired** (output policy): each start is paired with an unprotected start "+
 		"measured right before or right after it (the order alternating; these partner starts are not in the unprotected "+
 		"row), and the column gives the median of the pairs' throughput ratios, min–max: the machine's speed drifts over "+
 		"the minute and more between a configuration and its round's unprotected start. Held output is released when the backup acknowledges the epoch's checkpoint, so "+
@@ -867,7 +896,7 @@ func remusKV(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 		"the backup's acknowledgement, the time the epoch's output waits beyond the pause (the encoding, the stream, the "+
 		"backup's decoding and commit, and the ack's way back). "+
 		"CPU is each process's utime+stime over the run.\n\n",
-		r.s.timeout, r.s.kv.keys, r.s.kvWarm, r.s.kv.loadFor, r.s.kv.latencyFor, r.s.minLatency, r.s.kvRounds)
+		r.s.timeout, r.s.kv.keys, r.s.kvWarm, r.s.kv.loadFor, r.s.kv.latencyFor, r.s.minLatency, r.s.kvRounds, r.s.kvTargetPairs)
 	b.WriteString("| configuration | requests/s | ÷ unprotected | paired | warm-up requests/s | ÷ unprotected | checkpoints/s | requests/checkpoint | bytes/checkpoint | dirty pages/checkpoint (median) | mean pause | commit p50 | commit p99 | primary CPU % | backup CPU % | stalls | full resyncs |\n")
 	b.WriteString("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 	pairedRPS := func(key string) sample { return pairedBy(res[key], partner[key], rps) }
@@ -916,7 +945,11 @@ func remusKV(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 			w := pick(k, warmRPS).median()
 			paired := ""
 			if ps := pairedRPS(k); len(ps) > 0 {
-				paired = fmt.Sprintf(", paired with an unprotected start right before or after %s", fmtPaired(ps))
+				pairs := fmt.Sprintf("%d pairs", len(ps))
+				if len(ps) == 1 {
+					pairs = "1 pair"
+				}
+				paired = fmt.Sprintf(", in %s with an unprotected start right before or after %s", pairs, fmtPaired(ps))
 			}
 			r.summarize("Remus, KV server, 512 outstanding requests, %s policy at 25 ms, after a warm-up: %s req/s vs %s unprotected (%s%s; target ≥ ×0.8); during the warm-up (the first %s under load) %s vs %s (%s).",
 				pol, fmtNum(x), fmtNum(offRPS), fmtRatio(x, offRPS), paired, r.s.kvWarm, fmtNum(w), fmtNum(offWarm), fmtRatio(w, offWarm))
@@ -925,14 +958,18 @@ func remusKV(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 
 	fmt.Fprintf(b, "\n### (c) KV latency: 1 sequential client\n\n")
 	b.WriteString("Same starts as (b): after the throughput run, one client sends a request and waits for the reply, repeatedly. " +
-		"**Added p50** = the configuration's p50 minus the unprotected p50 of the same round (median over rounds). The " +
+		"**Added p50** = the configuration's p50 minus the unprotected p50 of the same round (for the target row's extra " +
+		"pairs, of its partner; median over them). The " +
 		"floors: the unprotected guest, and a raw loopback round trip (an in-process Go echo server, the kv group's floor).\n\n")
 	b.WriteString("| configuration | p50 | p99 | mean | added p50 | requests | checkpoints/s |\n|---|---:|---:|---:|---:|---:|---:|\n")
 	addedOf := func(key string) sample {
 		var s sample
 		for i, x := range res[key] {
-			if i < len(res["off"]) {
+			switch {
+			case i < len(res["off"]):
 				s = append(s, x.p50-res["off"][i].p50)
+			case i < len(partner[key]): // the target row's extra pairs
+				s = append(s, x.p50-partner[key][i].p50)
 			}
 		}
 		return s
