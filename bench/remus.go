@@ -818,13 +818,18 @@ func remusKV(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 			}
 			return m, nil
 		}
+		measurePartner := func() error {
+			m, err := measure(configs[0], " (partner of "+c.label()+")")
+			if err == nil {
+				partner[c.key] = append(partner[c.key], m)
+			}
+			return err
+		}
 		paired := c.policy == "output"
 		if paired && partnerFirst {
-			m, err := measure(configs[0], " (partner of "+c.label()+")")
-			if err != nil {
+			if err := measurePartner(); err != nil {
 				return err
 			}
-			partner[c.key] = append(partner[c.key], m)
 		}
 		m, err := measure(c, "")
 		if err != nil {
@@ -832,11 +837,7 @@ func remusKV(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 		}
 		res[c.key] = append(res[c.key], m)
 		if paired && !partnerFirst {
-			m, err := measure(configs[0], " (partner of "+c.label()+")")
-			if err != nil {
-				return err
-			}
-			partner[c.key] = append(partner[c.key], m)
+			return measurePartner()
 		}
 		return nil
 	}
@@ -995,11 +996,11 @@ func remusKV(ctx context.Context, r *remusEnv, b *strings.Builder) error {
 	fmt.Fprintf(b, "| loopback echo in Go (floor: raw TCP round trip) | %s | %s | %s | — | %s | — |\n\n",
 		fmtSecRange(ep50), fmtSecRange(ep99), fmtSeconds(sampleOf(echo, func(x kvRound) float64 { return x.mean }).median()),
 		fmtNum(sampleOf(echo, func(x kvRound) float64 { return float64(x.latencyN) }).median()))
-	if len(res["output-25ms"]) > 0 {
+	if len(res[kvTargetKey]) > 0 {
 		p50 := func(x remusKVRound) float64 { return x.p50 }
 		p99 := func(x remusKVRound) float64 { return x.p99 }
 		line := fmt.Sprintf("Remus, KV server, 1 sequential client at 25 ms epochs: output policy p50/p99 %s/%s (added p50 %s; target ≤ 2 ms)",
-			fmtSeconds(pick("output-25ms", p50).median()), fmtSeconds(pick("output-25ms", p99).median()), fmtSeconds(addedOf("output-25ms").median()))
+			fmtSeconds(pick(kvTargetKey, p50).median()), fmtSeconds(pick(kvTargetKey, p99).median()), fmtSeconds(addedOf(kvTargetKey).median()))
 		if len(res["fixed-25ms"]) > 0 {
 			line += fmt.Sprintf(", fixed policy %s/%s (added %s)", fmtSeconds(pick("fixed-25ms", p50).median()),
 				fmtSeconds(pick("fixed-25ms", p99).median()), fmtSeconds(addedOf("fixed-25ms").median()))
