@@ -202,6 +202,14 @@ func (b *Backup) slot(ctx context.Context, vm string, roots int) (*slot, error) 
 		conns: map[uint64]*transport.Conn{}, hellos: map[uint64]*wire.Hello{}, staged: map[uint64]*staged{}, heard: map[uint64][]engine.Time{},
 		persistQ: newPersistQueue(), log: b.log.With("vm", vm)}
 	s.img = &snapshot.Image{Resize: mi.Resize}
+	if code, ok := st.Exited(); ok {
+		// The VM exited on its primary before this process started:
+		// nothing to follow or resume.
+		s.exited = true
+		s.status.VM, s.status.State = vm, "exited"
+		s.status.Committed, s.status.Persisted = st.Committed(), st.Committed()
+		s.status.Reason = fmt.Sprintf("the VM exited with code %d on its primary", code)
+	}
 	b.slots[vm] = s
 	b.wg.Add(1)
 	go func() {
@@ -287,11 +295,12 @@ type slot struct {
 	events chan any
 	log    *slog.Logger
 
-	exited bool                       // loop only: the guest ended on its primary
-	conns  map[uint64]*transport.Conn // loop only
-	hellos map[uint64]*wire.Hello
-	staged map[uint64]*staged
-	hello  *wire.Hello // of the session that committed last
+	exited  bool                       // loop only: the guest ended on its primary
+	exiting *exitEv                    // loop only: an Exit heard, to finish once the Ready before it is done
+	conns   map[uint64]*transport.Conn // loop only
+	hellos  map[uint64]*wire.Hello
+	staged  map[uint64]*staged
+	hello   *wire.Hello // of the session that committed last
 	// applying are the commits whose copies into img may be pending, in
 	// order, each done closed when its copy is done (loop only).
 	applying []applyingCopy
@@ -364,6 +373,7 @@ type (
 		session uint64
 		seq     uint64
 		code    uint32
+		ops     []wire.FsOp // of the epoch the guest ended in
 		conn    *transport.Conn
 	}
 	stagedEv struct {
@@ -390,6 +400,11 @@ func (s *slot) receive(id uint64, c *transport.Conn, hello *wire.Hello) {
 	var want wire.CheckpointBegin
 	var opsMsgs, fileMsgs uint32
 	var diskBytes uint64 // disk ops and files of the checkpoint being received
+	// The disk ops of the epoch the guest ended in, which come right
+	// before its Exit (exitOpsSeq 0: none yet).
+	var exitOps []wire.FsOp
+	var exitOpsSeq uint64
+	var exitOpsMsgs uint32
 	abandon := func() {
 		if cur != nil && cur.stream != nil {
 			cur.stream.abort()
@@ -447,8 +462,54 @@ func (s *slot) receive(id uint64, c *transport.Conn, hello *wire.Hello) {
 			// ended: Finish) is dropped.
 			abandon()
 			cur = nil
-			s.events <- exitEv{session: id, seq: m.Seq, code: m.Code, conn: c}
+			if m.DiskOps != exitOpsMsgs || (exitOpsMsgs > 0 && exitOpsSeq != m.Seq) {
+				fail("exit %d: %d disk ops messages arrived (of epoch %d), %d announced", m.Seq, exitOpsMsgs, exitOpsSeq, m.DiskOps)
+				return
+			}
+			s.events <- exitEv{session: id, seq: m.Seq, code: m.Code, ops: exitOps, conn: c}
+			exitOps, exitOpsSeq, exitOpsMsgs = nil, 0, 0
+		case *wire.DiskOps:
+			if cur != nil && m.Seq == cur.seq {
+				if cur.full {
+					fail("disk ops out of place (seq %d)", m.Seq)
+					return
+				}
+				for _, op := range m.Ops {
+					diskBytes += uint64(len(op.Data) + len(op.Path) + len(op.Path2))
+				}
+				if diskBytes > maxDiskBytes {
+					fail("checkpoint %d carries more than %d bytes of disk data", m.Seq, uint64(maxDiskBytes))
+					return
+				}
+				cur.ops = append(cur.ops, m.Ops...)
+				opsMsgs++
+				break
+			}
+			// The last epoch's, before an Exit. A checkpoint being
+			// received was abandoned (it holds no ops, or the primary
+			// would have finished it), unless it is of a later epoch.
+			if (cur != nil && m.Seq < cur.seq) || (exitOpsSeq != 0 && m.Seq != exitOpsSeq) {
+				fail("disk ops out of place (seq %d)", m.Seq)
+				return
+			}
+			if exitOpsSeq == 0 {
+				abandon()
+				cur, diskBytes = nil, 0
+			}
+			for _, op := range m.Ops {
+				diskBytes += uint64(len(op.Data) + len(op.Path) + len(op.Path2))
+			}
+			if diskBytes > maxDiskBytes {
+				fail("the guest's last epoch %d carries more than %d bytes of disk data", m.Seq, uint64(maxDiskBytes))
+				return
+			}
+			exitOps, exitOpsSeq = append(exitOps, m.Ops...), m.Seq
+			exitOpsMsgs++
 		case *wire.CheckpointBegin:
+			if exitOpsSeq != 0 {
+				fail("checkpoint %d begins after the disk ops of the guest's last epoch %d", m.Seq, exitOpsSeq)
+				return
+			}
 			if m.SnapshotSize > maxSnapshot {
 				fail("checkpoint %d declares %d bytes", m.Seq, m.SnapshotSize)
 				return
@@ -486,20 +547,6 @@ func (s *slot) receive(id uint64, c *transport.Conn, hello *wire.Hello) {
 			case cur.size > streamDecodeFrom:
 				cur.stream = startDecodeStream(cur.raw, &hello.Module)
 			}
-		case *wire.DiskOps:
-			if cur == nil || m.Seq != cur.seq || cur.full {
-				fail("disk ops out of place (seq %d)", m.Seq)
-				return
-			}
-			for _, op := range m.Ops {
-				diskBytes += uint64(len(op.Data) + len(op.Path) + len(op.Path2))
-			}
-			if diskBytes > maxDiskBytes {
-				fail("checkpoint %d carries more than %d bytes of disk data", m.Seq, uint64(maxDiskBytes))
-				return
-			}
-			cur.ops = append(cur.ops, m.Ops...)
-			opsMsgs++
 		case *wire.DiskFile:
 			if cur == nil || m.Seq != cur.seq || !cur.full {
 				fail("disk file out of place (seq %d)", m.Seq)
@@ -694,6 +741,16 @@ func (s *slot) loop(ctx context.Context) {
 		rd := s.eng.Ready()
 		failover, failed := s.do(ctx, rd)
 		s.eng.Advance()
+		// An Exit is finished once every checkpoint before it is
+		// committed: all were handled before it, so this Ready had them.
+		if e := s.exiting; e != nil {
+			s.exiting = nil
+			if failed == nil && !failover {
+				s.finishExit(*e)
+				continue
+			}
+			e.conn.Close()
+		}
 		if failed != nil {
 			// What was heard while the commit ran counts first, as
 			// before every event: a slow apply must not look like the
@@ -802,7 +859,8 @@ func (s *slot) handle(ev any) {
 	if s.exited {
 		// The guest ended on its primary: nothing to follow or resume.
 		if a, ok := ev.(attachEv); ok {
-			wire.SendFlush(a.conn, &wire.Reject{Reason: "slot failed over: the VM exited on its primary"})
+			wire.SendFlush(a.conn, &wire.Reject{Reason: fmt.Sprintf(
+				"VM %q exited on its primary; run it again under another VM id, or remove the slot's state", s.vm)})
 			a.conn.Close()
 		}
 		return
@@ -813,17 +871,9 @@ func (s *slot) handle(ev any) {
 			e.conn.Close()
 			return
 		}
-		s.exited = true
-		s.log.Info("the protected VM exited on its primary: closing the slot", "exit_code", e.code, "seq", e.seq)
-		e.conn.SetWriteDeadline(time.Now().Add(s.b.cfg.Engine.Timeout))
-		wire.SendFlush(e.conn, &wire.Ack{Seq: e.seq})
-		s.mu.Lock()
-		s.status.State = "exited"
-		s.status.Reason = fmt.Sprintf("the VM exited with code %d on its primary", e.code)
-		s.mu.Unlock()
-		for _, c := range s.conns {
-			c.Close()
-		}
+		// Checkpoints that arrived before it may still wait in the
+		// engine's Ready: the loop commits them first (finishExit).
+		s.exiting = &e
 	case attachEv:
 		s.conns[e.session] = e.conn
 		s.hellos[e.session] = e.hello
@@ -840,6 +890,42 @@ func (s *slot) handle(ev any) {
 		s.step(e)
 	case engine.BackupEvent:
 		s.step(e)
+	}
+}
+
+// finishExit closes the slot for good once the guest exited on its
+// primary (the loop's, after it committed every checkpoint that came
+// before the Exit).
+func (s *slot) finishExit(e exitEv) {
+	s.publish() // what it committed
+	s.exited = true
+	s.log.Info("the protected VM exited on its primary: closing the slot", "exit_code", e.code, "seq", e.seq,
+		"last_epoch_disk_ops", len(e.ops))
+	// Its last epoch's disk ops follow every committed checkpoint to
+	// the disk: the persister's queue is in order, and each checkpoint
+	// joins it when its copy into the image is done, the copies in
+	// order. Like a checkpoint, the exit is acknowledged once it is
+	// held here, not once it is on disk.
+	job := persistJob{exit: true, seq: e.seq, code: e.code, ops: e.ops}
+	if n := len(s.applying); n > 0 && !isClosed(s.applying[n-1].done) {
+		last := s.applying[n-1].done
+		s.b.wg.Add(1)
+		go func() {
+			defer s.b.wg.Done()
+			<-last
+			s.persistQ.push(job)
+		}()
+	} else {
+		s.persistQ.push(job)
+	}
+	e.conn.SetWriteDeadline(time.Now().Add(s.b.cfg.Engine.Timeout))
+	wire.SendFlush(e.conn, &wire.Ack{Seq: e.seq})
+	s.mu.Lock()
+	s.status.State = "exited"
+	s.status.Reason = fmt.Sprintf("the VM exited with code %d on its primary", e.code)
+	s.mu.Unlock()
+	for _, c := range s.conns {
+		c.Close()
 	}
 }
 
@@ -1234,6 +1320,10 @@ type persistJob struct {
 	mem  *pageMem           // snap's pages' pool memory (or nil): released once stored
 	ops  []wire.FsOp
 	tree []wire.DiskFile
+	// exit: the guest ended on its primary in epoch seq, with code; ops
+	// are that epoch's (no snapshot). Always the last job.
+	exit bool
+	code uint32
 }
 
 // first is the first checkpoint the job holds.
@@ -1255,8 +1345,11 @@ func (j persistJob) size() int {
 		for _, b := range j.mem.bufs {
 			n += cap(b)
 		}
-	} else {
+	} else if j.snap != nil {
 		n += len(j.snap.Pages) * snapshot.PageSize
+	}
+	for _, op := range j.ops {
+		n += len(op.Data)
 	}
 	return n
 }
@@ -1319,11 +1412,16 @@ var persistCompactAt = 16 << 20
 // persister merges a batch the same way (mergeIncrementals); this is that
 // merge done early, without the encoding.
 func (q *persistQueue) compact() {
-	start := 0
+	start, end := 0, len(q.jobs)
 	if len(q.jobs) > 0 && q.jobs[0].full {
 		start = 1
 	}
-	inc := q.jobs[start:]
+	var exit []persistJob
+	if end > start && q.jobs[end-1].exit {
+		end--
+		exit = []persistJob{q.jobs[end]}
+	}
+	inc := q.jobs[start:end]
 	if len(inc) < 2 {
 		return
 	}
@@ -1345,8 +1443,11 @@ func (q *persistQueue) compact() {
 		j.mem.release()
 	}
 	clear(inc)
-	q.jobs = append(q.jobs[:start], merged)
+	q.jobs = append(append(q.jobs[:start], merged), exit...)
 	q.pending += merged.size()
+	for _, j := range exit {
+		q.pending += j.size()
+	}
 }
 
 // take waits for work and returns all of it.
@@ -1445,10 +1546,49 @@ func (s *slot) persister() {
 	}
 }
 
-// persistBatch stores one batch of committed checkpoints (persister's);
-// it reports whether it committed incremental ones, after which the
-// persister spaces its commits.
+// persistBatch stores one batch of committed checkpoints (persister's),
+// and the guest's exit if it ends the batch; it reports whether it
+// committed incremental ones, after which the persister spaces its
+// commits.
 func (s *slot) persistBatch(jobs []persistJob, storeSeq *uint64, tip *snapshot.Hash) (spaced bool) {
+	n := len(jobs)
+	if !jobs[n-1].exit {
+		spaced, _ = s.persistCheckpoints(jobs, storeSeq, tip)
+		return spaced
+	}
+	ok := true
+	if n > 1 {
+		spaced, ok = s.persistCheckpoints(jobs[:n-1], storeSeq, tip)
+	}
+	s.persistExit(jobs[n-1], ok && !tip.IsZero())
+	return spaced
+}
+
+// persistExit records the guest's exit in the slot and applies its last
+// epoch's disk ops to the replica, if the disk holds the checkpoint
+// before it (stored: every checkpoint of the session up to the exit is
+// stored; a disk behind would take the ops onto older files).
+func (s *slot) persistExit(j persistJob, stored bool) {
+	s.mu.Lock()
+	behind := s.diskBehind
+	s.mu.Unlock()
+	if !stored || behind {
+		s.log.Error("the guest's last epoch's disk ops are not stored: the disk does not hold the checkpoint before it",
+			"seq", j.seq, "ops", len(j.ops))
+		return
+	}
+	t0 := time.Now()
+	if err := s.store.CommitExit(j.code, toStoreOps(j.ops)); err != nil {
+		s.stored(err, "the guest's exit", j.seq)
+		return
+	}
+	s.log.Info("the guest's exit stored", "seq", j.seq, "exit_code", j.code, "last_epoch_disk_ops", len(j.ops),
+		"took", time.Since(t0))
+}
+
+// persistCheckpoints stores checkpoints (persistBatch); ok says whether
+// all of them are stored.
+func (s *slot) persistCheckpoints(jobs []persistJob, storeSeq *uint64, tip *snapshot.Hash) (spaced, ok bool) {
 	// A full checkpoint starts a new chain; the queue dropped what came
 	// before it.
 	if jobs[0].full {
@@ -1457,7 +1597,7 @@ func (s *slot) persistBatch(jobs []persistJob, storeSeq *uint64, tip *snapshot.H
 		err := s.store.CommitFullDecoded(j.seq, j.raw.bytes(), j.snap, toStoreTree(j.tree), toStoreOps(j.ops))
 		s.log.Debug("full checkpoint stored", "seq", j.seq, "took", time.Since(t0), "err", err)
 		if !s.stored(err, "a full checkpoint", j.seq) {
-			return false
+			return false, false
 		}
 		*storeSeq, *tip = j.seq, j.snap.ID
 		s.persisted(j.seq)
@@ -1467,26 +1607,26 @@ func (s *slot) persistBatch(jobs []persistJob, storeSeq *uint64, tip *snapshot.H
 		jobs = jobs[1:]
 	}
 	if len(jobs) == 0 {
-		return false
+		return false, true
 	}
 	if tip.IsZero() {
 		s.persistFailed()
-		return false
+		return false, false
 	}
 	raw, merged, err := mergeIncrementals(jobs, *storeSeq+1, *tip)
 	ops := jobOps(jobs)
 	if err != nil {
 		s.log.Error("merging checkpoints for the disk failed", "err", err)
 		s.persistFailed()
-		return false
+		return false, false
 	}
 	err = s.store.CommitIncrementalDecoded(*storeSeq+1, raw, merged, toStoreOps(ops))
 	if !s.stored(err, fmt.Sprintf("checkpoints %d-%d", jobs[0].first(), jobs[len(jobs)-1].seq), *storeSeq+1) {
-		return false
+		return false, false
 	}
 	*storeSeq, *tip = *storeSeq+1, merged.ID
 	s.persisted(jobs[len(jobs)-1].seq)
-	return true
+	return true, true
 }
 
 // persistSpacing is the least time between two commits to the slot's
@@ -1594,6 +1734,9 @@ func (s *slot) persistFailed() {
 	s.diskBehind = true
 	s.mu.Unlock()
 }
+
+// closeDrainWait bounds how long closing a slot waits for its disk.
+const closeDrainWait = 5 * time.Second
 
 // drain waits until everything queued for the disk is there.
 func (s *slot) drain() { s.persistQ.drain() }
@@ -1741,6 +1884,18 @@ func (s *slot) close() {
 	}
 	s.closed = true
 	s.mu.Unlock()
+	// What is queued for the disk (the last checkpoints, a guest's exit)
+	// goes there first, unless the disk takes too long.
+	drained := make(chan struct{})
+	go func() {
+		s.persistQ.drain()
+		close(drained)
+	}()
+	select {
+	case <-drained:
+	case <-time.After(closeDrainWait):
+		s.log.Warn("closing the slot before the disk caught up: it keeps an older checkpoint", "waited", closeDrainWait)
+	}
 	s.persistQ.close()
 	s.store.Close()
 	s.mi.Close()

@@ -28,13 +28,19 @@ type fakePrimary struct {
 
 func dialBackup(t *testing.T, addr string, module snapshot.Hash) *fakePrimary {
 	t.Helper()
+	return dialBackupHello(t, addr, &wire.Hello{Version: wire.Version, VM: "vm1", Term: 1, Module: module, Name: "fake"})
+}
+
+// dialBackupHello is dialBackup with a Hello of the caller's.
+func dialBackupHello(t *testing.T, addr string, hello *wire.Hello) *fakePrimary {
+	t.Helper()
 	c, err := transport.Dial(context.Background(), addr, nil, transport.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { c.Close() })
 	f := &fakePrimary{t: t, c: c}
-	f.send(&wire.Hello{Version: wire.Version, VM: "vm1", Term: 1, Module: module, Name: "fake"})
+	f.send(hello)
 	if m := f.next(); m == nil || m.Type() != wire.TypeWelcome {
 		t.Fatalf("handshake answered %v", m)
 	}

@@ -2,11 +2,16 @@ package remus
 
 import (
 	"bytes"
+	"hash/crc32"
+	"maps"
 	"math/rand/v2"
 	"net"
+	"os"
+	"path/filepath"
 	"testing"
 	"time"
 
+	"github.com/ftvm/ftvm/remus/store"
 	"github.com/ftvm/ftvm/remus/wire"
 	"github.com/ftvm/ftvm/snapshot"
 	"github.com/ftvm/ftvm/transport"
@@ -180,5 +185,108 @@ func TestBackupDropsAPartialCheckpointAtExit(t *testing.T) {
 		if time.Now().After(deadline) {
 			t.Fatalf("slots after the exit: %+v, want one, exited", st)
 		}
+	}
+}
+
+// TestBackupStoresTheLastEpochsDiskOps: the file operations of the epoch a
+// guest ended in come with its Exit, after a checkpoint abandoned
+// mid-stream, and reach the backup's replica of its directory after those
+// of every committed checkpoint. An Exit that announces more of them than
+// arrived drops the session unacknowledged.
+func TestBackupStoresTheLastEpochsDiskOps(t *testing.T) {
+	creat := uint32(wasi.OflagCreat | wasi.OflagTrunc)
+	write := func(path string, off int64, data string) wire.FsOp {
+		return wire.FsOp{Op: uint8(wasi.FsWrite), Path: path, Offset: off, Data: []byte(data)}
+	}
+	create := func(path string) wire.FsOp { return wire.FsOp{Op: uint8(wasi.FsCreate), Path: path, Flags: creat} }
+	for _, tc := range []struct {
+		name     string
+		announce uint32 // DiskOps messages the Exit announces; 1 are sent
+	}{{"whole", 1}, {"missing", 2}} {
+		t.Run(tc.name, func(t *testing.T) {
+			// Copies into the image that take a while: the disk gets
+			// a checkpoint once its copy is done, and the exit after.
+			b := serveSlowBackup(t, time.Hour, 30*time.Millisecond)
+			module, hash := fakeModule()
+			full := &snapshot.Snapshot{Kind: snapshot.Full, Module: hash, Seq: 1, MemorySize: 1 << 20,
+				Pages: []snapshot.Page{{Index: 0, Data: onePage(7)}}, Devices: []byte("{}"), ModuleCode: module, ModuleName: "fake"}
+			f := dialBackupHello(t, b.Addr().String(), &wire.Hello{Version: wire.Version, VM: "vm1", Term: 1,
+				Module: hash, Name: "fake", Preopens: []string{"/data"}})
+			f.checkpoint(1, true, encodeSnap(t, full), nil)
+			f.ack(1)
+			// Checkpoint 2 writes log.txt.
+			inc := &snapshot.Snapshot{Kind: snapshot.Incremental, Module: hash, Seq: 2, Parent: full.ID,
+				MemorySize: 1 << 20, Pages: []snapshot.Page{{Index: 1, Data: onePage(1)}}, Devices: []byte("{}")}
+			raw := encodeSnap(t, inc)
+			f.send(&wire.CheckpointBegin{Seq: 2})
+			f.send(&wire.CheckpointData{Seq: 2, Data: raw})
+			f.send(&wire.DiskOps{Seq: 2, Ops: []wire.FsOp{create("log.txt"), write("log.txt", 0, "one\n")}})
+			f.send(&wire.CheckpointEnd{Seq: 2, SnapshotSize: uint64(len(raw)), SnapshotCRC: crc32.Checksum(raw, castagnoli), DiskOps: 1})
+			f.ack(2)
+			// Checkpoint 3, of memory only, is cut off by the exit in
+			// epoch 4, which appended to log.txt and wrote result.txt.
+			raw3 := encodeSnap(t, &snapshot.Snapshot{Kind: snapshot.Incremental, Module: hash, Seq: 3, Parent: inc.ID,
+				MemorySize: 1 << 20, Pages: []snapshot.Page{{Index: 2, Data: onePage(2)}}, Devices: []byte("{}")})
+			f.send(&wire.CheckpointBegin{Seq: 3})
+			f.send(&wire.CheckpointData{Seq: 3, Data: raw3[:len(raw3)/2]})
+			f.send(&wire.DiskOps{Seq: 4, Ops: []wire.FsOp{write("log.txt", -1, "two\n"), create("result.txt"),
+				write("result.txt", 0, "42\n")}})
+			f.send(&wire.Exit{Seq: 4, Code: 3, DiskOps: tc.announce})
+			replica := filepath.Join(b.cfg.StateDir, "slots", "vm1", "disk", "0")
+			if tc.announce != 1 {
+				if m := f.next(); m != nil {
+					t.Fatalf("an exit missing disk ops was answered with %v", m)
+				}
+				if _, err := os.Stat(filepath.Join(replica, "result.txt")); err == nil {
+					t.Errorf("the replica has the ops of an exit that lacked some")
+				}
+				return
+			}
+			f.ack(4)
+			if c := committedOn(b); c != 2 {
+				t.Errorf("committed %d after the exit, want 2", c)
+			}
+			want := map[string]string{"log.txt": "one\ntwo\n", "result.txt": "42\n"}
+			for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+				got := map[string]string{}
+				for name := range want {
+					if d, err := os.ReadFile(filepath.Join(replica, name)); err == nil {
+						got[name] = string(d)
+					}
+				}
+				if maps.Equal(got, want) {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("the backup's replica after the exit: %q, want %q", got, want)
+				}
+			}
+			// The exit is durable: the slot, reopened, says so and keeps
+			// checkpoint 2's memory.
+			b.mu.Lock()
+			st := b.slots["vm1"].store
+			b.mu.Unlock()
+			for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+				if _, ok := st.Exited(); ok {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatal("the store does not say the VM exited")
+				}
+			}
+			dir := t.TempDir()
+			if err := os.CopyFS(dir, os.DirFS(filepath.Join(b.cfg.StateDir, "slots", "vm1"))); err != nil {
+				t.Fatal(err)
+			}
+			os.Remove(filepath.Join(dir, "LOCK"))
+			re, err := store.Open(dir, store.Options{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer re.Close()
+			if code, ok := re.Exited(); !ok || code != 3 || re.Committed() != 2 {
+				t.Errorf("reopened: exited %v code %d, committed %d; want exited, 3, 2", ok, code, re.Committed())
+			}
+		})
 	}
 }

@@ -540,9 +540,12 @@ func (p *Primary) markStarted() { p.startedOnce.Do(func() { close(p.started) }) 
 // carries the growth of its heap since the one before (a C guest's 8 MB:
 // 20–45 ms of encoding, streaming and decoding between its exit and its
 // last line's release). One with disk operations or files is still sent
-// first, and the backup commits it before it hears of the exit, so its
-// copy of the guest's files is as complete as before. It is bounded by
-// twice the timeout; an unprotected primary releases at once.
+// first, and the backup commits it before it hears of the exit; the
+// Exit itself carries the disk operations of the epoch the guest ended in,
+// which the backup applies after them, so its copy of the guest's files
+// ends as the primary's. It is bounded by twice the timeout; an
+// unprotected primary releases at once. It must run once the guest has
+// ended, on no goroutine that may still run a pause.
 func (p *Primary) Finish(code uint32) {
 	deadline := time.Now().Add(2 * p.cfg.Engine.Timeout)
 	expired := time.NewTimer(time.Until(deadline))
@@ -570,12 +573,13 @@ wait:
 		// The epoch the guest ended in: no checkpoint has its number,
 		// so the backup's ack of it is told apart from theirs.
 		seq := p.captured.Load() + 1
+		_, ops := p.gate.endEpoch()
 		done := make(chan struct{})
 		s.exitSeq.Store(seq)
 		s.exitDone.Store(&done)
 		s.exiting.Store(true)
 		select {
-		case s.queue <- wire.Message(&wire.Exit{Seq: seq, Code: code}):
+		case s.queue <- &exitItem{exit: wire.Exit{Seq: seq, Code: code}, ops: ops}:
 			select {
 			case <-done:
 			case <-s.done:
@@ -850,7 +854,7 @@ func (p *Primary) connect(ctx context.Context) (*session, error) {
 type session struct {
 	id           uint64
 	conn         *transport.Conn
-	queue        chan any // *checkpoint or wire.Message
+	queue        chan any // *checkpoint, wire.Message or *exitItem
 	done         chan struct{}
 	once         sync.Once
 	base         uint64
@@ -915,6 +919,10 @@ func (s *session) sender(p *Primary) {
 		switch it := item.(type) {
 		case wire.Message:
 			err = wire.SendFlush(s.conn, it)
+		case *exitItem:
+			if it.exit.DiskOps, err = sendDiskOps(s.conn, it.exit.Seq, it.ops); err == nil {
+				err = wire.SendFlush(s.conn, &it.exit)
+			}
 		case *checkpoint:
 			if s.exiting.Load() && it.abandonable() {
 				p.putStager(it.stager)
@@ -996,6 +1004,31 @@ const (
 	nicedWorkers = 2
 )
 
+// sendDiskOps sends the disk operations of epoch seq in messages of at most
+// about a chunk each, and says how many.
+func sendDiskOps(conn *transport.Conn, seq uint64, ops []wire.FsOp) (n uint32, err error) {
+	for i := 0; i < len(ops); {
+		size, j := 0, i
+		for j < len(ops) && (j == i || size+len(ops[j].Data) < chunk) {
+			size += len(ops[j].Data) + 64
+			j++
+		}
+		if err := wire.Send(conn, &wire.DiskOps{Seq: seq, Ops: ops[i:j]}); err != nil {
+			return n, err
+		}
+		n++
+		i = j
+	}
+	return n, nil
+}
+
+// exitItem is the sender's last item: the Exit, after the disk operations
+// of the epoch the guest ended in.
+type exitItem struct {
+	exit wire.Exit
+	ops  []wire.FsOp
+}
+
 // chunk is the size of the pieces a checkpoint's snapshot is sent in. The
 // backup decodes a checkpoint of several pieces as they arrive
 // (decodeStream), so smaller pieces start it sooner; a checkpoint of a few
@@ -1049,19 +1082,11 @@ func (s *session) stream(p *Primary, cp *checkpoint, buf *bytes.Buffer, workers 
 	}
 	s.lastID = snap.ID
 	end := wire.CheckpointEnd{Seq: cp.seq, SnapshotSize: cw.off, SnapshotCRC: cw.crc}
-	// Disk ops in messages of at most about a chunk.
-	for i := 0; i < len(cp.ops); {
-		size, j := 0, i
-		for j < len(cp.ops) && (j == i || size+len(cp.ops[j].Data) < chunk) {
-			size += len(cp.ops[j].Data) + 64
-			j++
-		}
-		if err := wire.Send(s.conn, &wire.DiskOps{Seq: cp.seq, Ops: cp.ops[i:j]}); err != nil {
-			return err
-		}
-		end.DiskOps++
-		i = j
+	n, err := sendDiskOps(s.conn, cp.seq, cp.ops)
+	if err != nil {
+		return err
 	}
+	end.DiskOps = n
 	for _, f := range cp.tree {
 		f.Seq = cp.seq
 		data := f.Data

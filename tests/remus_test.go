@@ -84,6 +84,18 @@ func (r *remusPair) startPrimary(t *testing.T, name string, extra ...string) (p 
 	return p, kvAddr, sock, data
 }
 
+// waitLog waits until p's output has text in it.
+func waitLog(t *testing.T, p *proc, text string, within time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for !strings.Contains(p.out.String(), text) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%q not in the log within %v:\n%s", text, within, p.out.String())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
 func waitSocket(t *testing.T, p *proc, path string) {
 	t.Helper()
 	deadline := time.Now().Add(time.Minute)
@@ -525,36 +537,61 @@ var _ = exec.Command
 
 // TestRemusGuestExits: a protected guest that ends by itself prints all its
 // output (released after the backup learned of the exit), exits with its
-// code, and its backup closes the slot instead of resuming it later.
+// code, and its backup closes the slot instead of resuming it later. The
+// backup's replica of the guest's directory ends as the primary's: the
+// file operations of the epoch the guest ended in, after its last
+// checkpoint, travel with its Exit. With fixed epochs of a minute, every
+// operation of the run is in that epoch (the only checkpoint is the first,
+// of the empty directory); with the default policy, which checkpoints at
+// the guest's output, most of them reach the backup with checkpoints and
+// the rest with the Exit.
 func TestRemusGuestExits(t *testing.T) {
 	wasm := cGuest(t, "fileio", []string{"fileio.c"})
 	instrumented(t, wasm)
 	native := fileioNative(t)
-	dir := t.TempDir()
-	repl, bSock := freeAddr(t), filepath.Join(dir, "b.sock")
-	backup := startProc(t, ftvmBinary(t), "backup", "--listen", repl, "--state", filepath.Join(dir, "state"),
-		"--timeout", "300ms", "--api-sock", bSock, "--log-level", "info")
-	waitSocket(t, backup, bSock)
-	data := filepath.Join(dir, "data")
-	os.MkdirAll(data, 0o755)
-	res := runCLI(t, time.Minute, "", "run", "--protect", repl, "--timeout", "300ms", "--dir", data+":/data", wasm, "/data")
-	if res.code != 0 {
-		t.Fatalf("exit %d\nstderr:\n%s", res.code, res.stderr)
-	}
-	checkFileioOutput(t, res.stdout, native)
-	checkFileioTree(t, data)
-	// Well past the timeout: the backup must not have resumed the guest.
-	time.Sleep(time.Second)
-	st := status(t, bSock)
-	slots, _ := st["slots"].([]any)
-	if len(slots) != 1 {
-		t.Fatalf("backup status: %v", st)
-	}
-	if s := slots[0].(map[string]any); s["state"] != "exited" {
-		t.Errorf("the backup's slot after the guest exited: %v", s)
-	}
-	if strings.Contains(backup.out.String(), "FAILOVER") {
-		t.Errorf("the backup resumed a guest that had exited:\n%s", backup.out.String())
+	for _, tc := range []struct {
+		name  string
+		flags []string
+	}{
+		{"one-epoch", []string{"--epoch-policy", "fixed", "--epoch", "1m"}},
+		{"output-policy", nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			repl, bSock, state := freeAddr(t), filepath.Join(dir, "b.sock"), filepath.Join(dir, "state")
+			backup := startProc(t, ftvmBinary(t), "backup", "--listen", repl, "--state", state,
+				"--timeout", "300ms", "--api-sock", bSock, "--log-level", "info")
+			waitSocket(t, backup, bSock)
+			data := filepath.Join(dir, "data")
+			os.MkdirAll(data, 0o755)
+			run := append([]string{"run", "--protect", repl, "--timeout", "300ms", "--dir", data + ":/data"}, tc.flags...)
+			res := runCLI(t, time.Minute, "", append(run, wasm, "/data")...)
+			if res.code != 0 {
+				t.Fatalf("exit %d\nstderr:\n%s", res.code, res.stderr)
+			}
+			checkFileioOutput(t, res.stdout, native)
+			checkFileioTree(t, data)
+			// The backup stores the exit off its ack's path: wait for it.
+			waitLog(t, backup, "the guest's exit stored", 10*time.Second)
+			replicas, _ := filepath.Glob(filepath.Join(state, "slots", "*", "disk", "0"))
+			if len(replicas) != 1 {
+				t.Fatalf("replicas of /data on the backup: %v", replicas)
+			}
+			checkFileioTree(t, replicas[0])
+			// Well past the timeout: the backup must not have resumed the guest.
+			time.Sleep(time.Second)
+			st := status(t, bSock)
+			slots, _ := st["slots"].([]any)
+			if len(slots) != 1 {
+				t.Fatalf("backup status: %v", st)
+			}
+			if s := slots[0].(map[string]any); s["state"] != "exited" {
+				t.Errorf("the backup's slot after the guest exited: %v", s)
+			}
+			if strings.Contains(backup.out.String(), "FAILOVER") {
+				t.Errorf("the backup resumed a guest that had exited:\n%s", backup.out.String())
+			}
+		})
 	}
 }
 

@@ -14,7 +14,7 @@ import (
 )
 
 type step struct {
-	kind string // "full", "inc", "compact"
+	kind string // "full", "inc", "compact", "exit"
 	seq  uint64
 	snap []byte
 	tree []TreeEntry
@@ -28,8 +28,8 @@ const scenarioRoots = 2
 // scenario is a slot's life: a full checkpoint, incrementals with every
 // kind of fs op (including the ones replay must be careful with), an
 // automatic compaction (MaxRecords 3), an explicit one, a second full
-// checkpoint and more incrementals on it. want[i] is the image after step
-// i.
+// checkpoint and more incrementals on it, then the guest's exit with the
+// ops of its last epoch. want[i] is the image after step i.
 func scenario(t testing.TB) (steps []step, want []*snapshot.Image) {
 	v := newVMSim(1, 2*snapshot.WasmPageSize)
 	big := strings.Repeat("0123456789abcdef", 640)
@@ -76,6 +76,11 @@ func scenario(t testing.TB) (steps []step, want []*snapshot.Image) {
 		opA(0, "only", "+1"), opCr(0, "z/q", creat|excl))
 	add("inc", 9, nil,
 		opRn(0, "only", 0, "z/only"), opLn(0, "z/only", 0, "z/o2"), opA(0, "z/o2", "+hl"), opA(0, "z/only", "+x"))
+	// The exit: no snapshot, Committed stays 9; the result file written
+	// and renamed into place in the last epoch must reach the replica.
+	add("exit", 9, nil,
+		opCr(0, "result.tmp", creat|trunc), opW(0, "result.tmp", 0, "forty-two"), opA(0, "z/only", "+bye"),
+		opRn(0, "result.tmp", 0, "result"), opUl(0, "z/o2"))
 	return steps, want
 }
 
@@ -85,6 +90,8 @@ func runStep(s *Slot, st step) error {
 		return s.CommitFull(st.seq, st.snap, st.tree, st.ops)
 	case "inc":
 		return s.CommitIncremental(st.seq, st.snap, st.ops)
+	case "exit":
+		return s.CommitExit(exitCode, st.ops)
 	}
 	img, err := s.Image()
 	if err != nil {
@@ -93,10 +100,14 @@ func runStep(s *Slot, st step) error {
 	return s.Compact(img)
 }
 
+// exitCode is the scenario's exit's.
+const exitCode = 3
+
 type expected struct {
-	seq  uint64
-	img  *snapshot.Image
-	tree map[string]string
+	seq    uint64
+	exited bool
+	img    *snapshot.Image
+	tree   map[string]string
 	// COMMIT's rename in this step and the directory fsync after it
 	// (operation numbers); 0 if the step writes no COMMIT.
 	commitRename, commitSync int
@@ -129,10 +140,11 @@ func reference(t *testing.T, steps []step, want []*snapshot.Image) ([]expected, 
 		switch st.kind {
 		case "full":
 			o.full(st.tree, st.ops)
-		case "inc":
+		case "inc", "exit":
 			o.apply(st.ops)
 		}
-		e := expected{seq: s.Committed(), img: want[i], tree: captureTree(t, filepath.Join(dir, diskName), scenarioRoots)}
+		e := expected{seq: s.Committed(), exited: st.kind == "exit", img: want[i],
+			tree: captureTree(t, filepath.Join(dir, diskName), scenarioRoots)}
 		for k := start; k < c.n; k++ {
 			if c.trace[k] == "rename .COMMIT.tmp COMMIT" {
 				e.commitRename, e.commitSync = k+1, k+2
@@ -144,6 +156,9 @@ func reference(t *testing.T, steps []step, want []*snapshot.Image) ([]expected, 
 		}
 		if e.seq != st.seq {
 			t.Fatalf("step %d (%s): committed %d", i, st, e.seq)
+		}
+		if code, ok := s.Exited(); ok != e.exited || ok && code != exitCode {
+			t.Fatalf("step %d (%s): exited %v (code %d)", i, st, ok, code)
 		}
 		img, err := s.Image()
 		if err != nil {
@@ -173,6 +188,9 @@ func TestReference(t *testing.T) {
 func checkState(t *testing.T, s *Slot, dir string, e *expected) error {
 	if got := s.Committed(); got != e.seq {
 		return fmt.Errorf("committed %d, want %d", got, e.seq)
+	}
+	if code, ok := s.Exited(); ok != e.exited || ok && code != exitCode {
+		return fmt.Errorf("exited %v (code %d), want %v", ok, code, e.exited)
 	}
 	if e.seq == 0 {
 		if _, err := os.Stat(filepath.Join(dir, diskName)); err == nil {
@@ -281,17 +299,19 @@ func crashEverywhere(t *testing.T, mode crashMode, steps []step, exp []expected,
 				prev = &exp[crashed-1]
 			}
 			got := s.Committed()
+			_, exited := s.Exited()
 			var e *expected
 			switch {
-			case got == next.seq && (next.commitRename == 0 || k > next.commitRename):
+			case got == next.seq && exited == next.exited && (next.commitRename == 0 || k > next.commitRename):
 				e = next
-			case got == prev.seq && (next.commitSync == 0 || k <= next.commitSync):
+			case got == prev.seq && exited == prev.exited && (next.commitSync == 0 || k <= next.commitSync):
 				e = prev
 			default:
 				t.Fatalf("%s during step %d (%s): recovered %d; the step goes from %d to %d (COMMIT renamed at %d, durable at %d)",
 					label, crashed, steps[crashed], got, prev.seq, next.seq, next.commitRename, next.commitSync)
 			}
-			if mode == crashDrop && next.commitSync != 0 && k <= next.commitSync && e != prev && prev.seq != next.seq {
+			if mode == crashDrop && next.commitSync != 0 && k <= next.commitSync && e != prev &&
+				(prev.seq != next.seq || prev.exited != next.exited) {
 				t.Fatalf("%s: recovered a commit whose COMMIT was not durable", label)
 			}
 			if mode == crashKeep && next.commitRename != 0 && k > next.commitRename && e != next {

@@ -8,12 +8,14 @@
 //
 //	LOCK                         flock: one process per slot
 //	COMMIT                       the commit point: generation, base seq, last committed
-//	                             seq, tree seq, module, base ID, primary's base ID
+//	                             seq, tree seq, module, base ID, primary's base ID;
+//	                             after the guest's exit, the exit's record and code
 //	APPLIED                      how far the records' fs ops reached disk/
 //	base-<seq>-g<gen>.snap       a full snapshot (snapshot.Encode output)
 //	rec-<seq>-g<gen>.snap        an incremental snapshot, readable on its own:
 //	                             `ftvm restore base-… rec-… …` works (see Paths)
-//	rec-<seq>-g<gen>.ops         that checkpoint's fs ops, checksummed
+//	rec-<seq>-g<gen>.ops         that checkpoint's fs ops, checksummed (the exit's
+//	                             record is an ops file alone)
 //	disk/TREE                    which generation the tree is
 //	disk/<i>/                    the replica of preopen i
 //	disk.new/, disk.old/         a full commit's tree being built / being dropped
@@ -46,6 +48,14 @@
 // whose ops are applied partly, in ways the file system chose (unsynced
 // data and directory entries are lost in any combination). Recovery must
 // replay them onto that disk/ and reach exactly the state of the commit.
+//
+// CommitExit records that the guest exited after the committed checkpoint
+// C: it writes a record of only the fs ops of the epoch the guest ended in
+// (no snapshot: nothing resumes that epoch), then COMMIT naming it and the
+// exit code (format version 2; a COMMIT without an exit stays version 1),
+// then applies the ops like a checkpoint's. The memory state stays C's;
+// disk/ is then the primary's files at its exit. An exited slot takes no
+// incremental checkpoint and no compaction; a CommitFull starts over.
 //
 // # Why replay is correct
 //

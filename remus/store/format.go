@@ -26,6 +26,11 @@ const (
 	treeMagic     = "FTVMTRE\x00"
 	fileVersion   = 1
 	frameOverhead = 8 + 4 + 4 + 4
+	// commitVersionExit is COMMIT's version when it records the guest's
+	// exit (commitRec.ExitSeq): a build that predates it then names the
+	// version it cannot read rather than calling the file corrupt. A
+	// COMMIT without an exit is still written as fileVersion.
+	commitVersionExit = 2
 )
 
 var (
@@ -67,37 +72,50 @@ func corrupt(path string, format string, args ...any) error {
 	return fmt.Errorf("store: %s: %w: %s", path, ErrCorrupt, fmt.Sprintf(format, args...))
 }
 
-func frame(magic string, body []byte) []byte {
+func frame(magic string, body []byte) []byte { return frameVersion(magic, fileVersion, body) }
+
+func frameVersion(magic string, version uint32, body []byte) []byte {
 	b := make([]byte, 0, frameOverhead+len(body))
 	b = append(b, magic...)
-	b = le.AppendUint32(b, fileVersion)
+	b = le.AppendUint32(b, version)
 	b = le.AppendUint32(b, uint32(len(body)))
 	b = append(b, body...)
 	return le.AppendUint32(b, crc(b))
 }
 
-// unframe checks a whole file and returns its body.
+// unframe checks a whole file of version fileVersion and returns its body.
 func unframe(path, magic string, b []byte) ([]byte, error) {
+	body, _, err := unframeUpTo(path, magic, fileVersion, b)
+	return body, err
+}
+
+// unframeUpTo checks a whole file of a version from fileVersion to newest
+// and returns its body and version.
+func unframeUpTo(path, magic string, newest uint32, b []byte) ([]byte, uint32, error) {
 	if len(b) < frameOverhead {
-		return nil, corrupt(path, "truncated: %d bytes", len(b))
+		return nil, 0, corrupt(path, "truncated: %d bytes", len(b))
 	}
 	if string(b[:8]) != magic {
-		return nil, corrupt(path, "bad magic %q", b[:8])
+		return nil, 0, corrupt(path, "bad magic %q", b[:8])
 	}
 	n := uint64(le.Uint32(b[12:]))
 	if uint64(len(b)) != frameOverhead+n {
 		if uint64(len(b)) < frameOverhead+n {
-			return nil, corrupt(path, "truncated: %d bytes of %d", len(b), frameOverhead+n)
+			return nil, 0, corrupt(path, "truncated: %d bytes of %d", len(b), frameOverhead+n)
 		}
-		return nil, corrupt(path, "%d bytes after the end", uint64(len(b))-frameOverhead-n)
+		return nil, 0, corrupt(path, "%d bytes after the end", uint64(len(b))-frameOverhead-n)
 	}
 	if got, want := crc(b[:len(b)-4]), le.Uint32(b[len(b)-4:]); got != want {
-		return nil, corrupt(path, "checksum mismatch")
+		return nil, 0, corrupt(path, "checksum mismatch")
 	}
-	if v := le.Uint32(b[8:]); v != fileVersion {
-		return nil, corrupt(path, "format version %d, this build reads %d", v, fileVersion)
+	v := le.Uint32(b[8:])
+	if v < fileVersion || v > newest {
+		if newest == fileVersion {
+			return nil, 0, corrupt(path, "format version %d, this build reads %d", v, fileVersion)
+		}
+		return nil, 0, corrupt(path, "format version %d, this build reads %d to %d", v, fileVersion, newest)
 	}
-	return b[16 : len(b)-4], nil
+	return b[16 : len(b)-4], v, nil
 }
 
 // reader reads a body, remembering the first overrun.
@@ -135,6 +153,20 @@ type commitRec struct {
 	// BasePeer is the primary's ID of checkpoint BaseSeq: the base's own
 	// ID unless the base is a compaction (see Slot.Compact).
 	BasePeer snapshot.Hash
+	// ExitSeq, if not 0, is Seq+1: the guest exited, with ExitCode, and
+	// record ExitSeq holds only the fs ops of the epoch it ended in (an
+	// ops file, no snapshot: nothing will resume that epoch). Version
+	// commitVersionExit.
+	ExitSeq  uint64
+	ExitCode uint32
+}
+
+// tip is the last record whose ops reach disk/: the exit's, if any.
+func (c *commitRec) tip() uint64 {
+	if c.ExitSeq != 0 {
+		return c.ExitSeq
+	}
+	return c.Seq
 }
 
 func (c *commitRec) encode() []byte {
@@ -146,11 +178,16 @@ func (c *commitRec) encode() []byte {
 	b = append(b, c.Module[:]...)
 	b = append(b, c.BaseID[:]...)
 	b = append(b, c.BasePeer[:]...)
-	return frame(commitMagic, b)
+	if c.ExitSeq == 0 {
+		return frame(commitMagic, b)
+	}
+	b = le.AppendUint64(b, c.ExitSeq)
+	b = le.AppendUint32(b, c.ExitCode)
+	return frameVersion(commitMagic, commitVersionExit, b)
 }
 
 func decodeCommit(path string, b []byte) (*commitRec, error) {
-	body, err := unframe(path, commitMagic, b)
+	body, v, err := unframeUpTo(path, commitMagic, commitVersionExit, b)
 	if err != nil {
 		return nil, err
 	}
@@ -159,11 +196,14 @@ func decodeCommit(path string, b []byte) (*commitRec, error) {
 	pad := r.u32()
 	c.Gen, c.BaseSeq, c.Seq, c.TreeSeq = r.u64(), r.u64(), r.u64(), r.u64()
 	c.Module, c.BaseID, c.BasePeer = r.hash(), r.hash(), r.hash()
+	if v == commitVersionExit {
+		c.ExitSeq, c.ExitCode = r.u64(), r.u32()
+	}
 	switch {
 	case r.bad || len(r.b) != 0:
 		return nil, corrupt(path, "body of %d bytes", len(body))
 	case pad != 0 || c.Gen == 0 || c.BaseSeq == 0 || c.Seq < c.BaseSeq || c.TreeSeq > c.BaseSeq ||
-		c.TreeSeq == 0 || c.Roots > maxRoots:
+		c.TreeSeq == 0 || c.Roots > maxRoots || (v == commitVersionExit && c.ExitSeq != c.Seq+1):
 		return nil, corrupt(path, "impossible values %+v", *c)
 	}
 	return c, nil

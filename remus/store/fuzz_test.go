@@ -13,6 +13,7 @@ import (
 func FuzzDecodeJournal(f *testing.F) {
 	seeds := [][]byte{
 		(&commitRec{Roots: 1, Gen: 2, BaseSeq: 3, Seq: 4, TreeSeq: 3}).encode(),
+		(&commitRec{Roots: 1, Gen: 2, BaseSeq: 3, Seq: 4, TreeSeq: 3, ExitSeq: 5, ExitCode: 1}).encode(),
 		(&appliedRec{Seq: 4}).encode(),
 		(&opsRec{Seq: 4, Gen: 2, Ops: []FsOp{{Op: 1, Path: "a", Data: []byte("x")}, {Op: 9, Path: "a", Root2: 0, Path2: "b"}}}).encode(),
 		(&treeRec{}).encode(),

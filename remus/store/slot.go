@@ -162,13 +162,13 @@ func (s *Slot) recover() error {
 		return fmt.Errorf("store: %w", err)
 	}
 	switch {
-	case fresh && c.Seq != c.TreeSeq:
+	case fresh && c.tip() != c.TreeSeq:
 		// A full commit writes APPLIED before it returns, and nothing
 		// commits on top of it before that.
-		return corrupt(s.path(appliedName), "missing for generation %d, committed %d..%d", c.Gen, c.BaseSeq, c.Seq)
-	case a.Seq < c.BaseSeq || a.Seq > c.Seq || (a.Op > 0 && a.Seq == c.Seq):
+		return corrupt(s.path(appliedName), "missing for generation %d, committed %d..%d", c.Gen, c.BaseSeq, c.tip())
+	case a.Seq < c.BaseSeq || a.Seq > c.tip() || (a.Op > 0 && a.Seq == c.tip()):
 		// Compaction drops only applied records.
-		return corrupt(s.path(appliedName), "applied to %d (op %d), committed %d..%d", a.Seq, a.Op, c.BaseSeq, c.Seq)
+		return corrupt(s.path(appliedName), "applied to %d (op %d), committed %d..%d", a.Seq, a.Op, c.BaseSeq, c.tip())
 	}
 	s.c, s.applied, s.diverged = c, *a, a.Diverged
 
@@ -195,7 +195,7 @@ func (s *Slot) recover() error {
 			}
 		}
 	} else if fresh {
-		if err := s.writeApplied(&appliedRec{Gen: c.Gen, Seq: c.Seq, Diverged: s.diverged}); err != nil {
+		if err := s.writeApplied(&appliedRec{Gen: c.Gen, Seq: c.tip(), Diverged: s.diverged}); err != nil {
 			return err
 		}
 	}
@@ -298,6 +298,18 @@ func (s *Slot) loadChain(c *commitRec, applied uint64) ([]*opsRec, error) {
 		}
 	}
 	s.localTip = prevID
+	if c.ExitSeq != 0 {
+		o, _, err := s.readOps(c.ExitSeq, c.Gen)
+		if err != nil {
+			return nil, err
+		}
+		if !o.Snap.IsZero() || !o.Peer.IsZero() {
+			return nil, corrupt(s.path(opsName(c.ExitSeq, c.Gen)), "the exit's record names snapshot %s", o.Snap.Short())
+		}
+		if c.ExitSeq > applied {
+			pending = append(pending, o)
+		}
+	}
 	return pending, nil
 }
 
@@ -389,6 +401,8 @@ func (s *Slot) cleanup() {
 			switch kind {
 			case "base":
 				keep = seq == c.BaseSeq
+			case "ops":
+				keep = seq > c.BaseSeq && seq <= c.tip()
 			default:
 				keep = seq > c.BaseSeq && seq <= c.Seq
 			}
@@ -508,6 +522,75 @@ func (s *Slot) Committed() uint64 {
 	return s.c.Seq
 }
 
+// Exited reports whether the slot's VM exited on its primary (CommitExit),
+// and its exit code. A CommitFull clears it.
+func (s *Slot) Exited() (code uint32, ok bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.c == nil || s.c.ExitSeq == 0 {
+		return 0, false
+	}
+	return s.c.ExitCode, true
+}
+
+// CommitExit records that the VM exited with code after the committed
+// checkpoint, and applies ops, the fs mutations of the epoch it ended in,
+// to the replica: a guest that writes its result and exits leaves that
+// result on its backup too. That epoch has no snapshot (nothing will
+// resume it): the memory state stays the committed checkpoint's, which
+// Image, Paths and Committed still give. The ops go into a record of
+// their own that COMMIT names (the commit point), then are applied as a
+// checkpoint's are; recovery finishes applying them after a crash. The
+// slot then takes only a CommitFull (a new run).
+func (s *Slot) CommitExit(code uint32, ops []FsOp) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err := s.usable(); err != nil {
+		return err
+	}
+	switch {
+	case s.c == nil:
+		return invalid("an exit on an empty slot")
+	case s.c.ExitSeq != 0:
+		return invalid("the VM already exited (code %d)", s.c.ExitCode)
+	case s.diverged:
+		return fmt.Errorf("store: exit: %w: the replica no longer mirrors the primary's files", ErrDiverged)
+	}
+	seq := s.c.Seq + 1
+	nops, err := normalizeOps(ops, s.roots, s.opts.MaxFileSize)
+	if err != nil {
+		return err
+	}
+	ap, err := newApplier(&s.d, s.path(diskName), s.roots, s.opts.MaxFileSize)
+	if err != nil {
+		return err
+	}
+	defer ap.close()
+	end, offs, err := ap.plan(nops, 0)
+	if err != nil {
+		return err
+	}
+	for _, o := range offs {
+		nops[o.Op].Offset = o.Offset
+	}
+	o := &opsRec{Seq: seq, Gen: s.c.Gen, Seg0End: uint32(end), Ops: nops}
+	if err := s.writeFiles(journalFile{name: opsName(seq, s.c.Gen), data: o.encode()}); err != nil {
+		return err
+	}
+	c := *s.c
+	c.ExitSeq, c.ExitCode = seq, code
+	if err := s.writeCommit(&c); err != nil {
+		return s.fail(err)
+	}
+	if err := s.applyRecord(ap, o, nil); err != nil {
+		if isDivergence(err) {
+			return err
+		}
+		return s.fail(err)
+	}
+	return nil
+}
+
 // Diverged reports whether an fs op could not be applied to the replica
 // (see ErrDiverged); a CommitFull clears it.
 func (s *Slot) Diverged() bool {
@@ -625,6 +708,8 @@ func (s *Slot) commitIncremental(seq uint64, snap []byte, decoded *snapshot.Snap
 	switch {
 	case s.c == nil:
 		return invalid("incremental checkpoint %d on an empty slot", seq)
+	case s.c.ExitSeq != 0:
+		return invalid("incremental checkpoint %d: the VM exited (code %d)", seq, s.c.ExitCode)
 	case s.diverged:
 		return fmt.Errorf("store: incremental checkpoint %d: %w: the slot needs a full checkpoint", seq, ErrDiverged)
 	case seq != s.c.Seq+1:
@@ -845,6 +930,8 @@ func (s *Slot) compact(img *snapshot.Image) error {
 	switch {
 	case s.c == nil:
 		return invalid("compaction of an empty slot")
+	case s.c.ExitSeq != 0:
+		return invalid("compaction of a slot whose VM exited")
 	case img.Seq != s.c.Seq || img.Module != s.c.Module || (img.ID != s.localTip && img.ID != s.peerTip):
 		return invalid("the image is %s at seq %d of module %s, the committed checkpoint %s at %d of %s",
 			img.ID.Short(), img.Seq, img.Module.Short(), s.peerTip.Short(), s.c.Seq, s.c.Module.Short())

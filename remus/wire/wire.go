@@ -32,8 +32,9 @@ import (
 // Version is the protocol version this build speaks, carried in Hello.
 // Version 2: incremental checkpoints may carry pages as deltas against the
 // backup's copies (snapshot format version 3). Version 3: as sparse runs
-// (snapshot format version 4, CodecDeltaSparse).
-const Version = 3
+// (snapshot format version 4, CodecDeltaSparse). Version 4: an Exit
+// carries the disk operations of the epoch the guest ended in.
+const Version = 4
 
 // Limits on strings, enforced by Validate and Unmarshal.
 const (
@@ -199,11 +200,16 @@ type Heartbeat struct{ Seq uint64 }
 // Exit says the guest ended by itself in epoch Seq, with Code: the backup
 // must not resume it. No checkpoint has that number (the last one taken
 // is Seq-1, and the primary may have abandoned those not yet acknowledged,
-// even mid-stream: the backup drops a part it holds). The backup answers
-// with an Ack of Seq; then the primary releases all output still held.
+// even mid-stream: the backup drops a part it holds). DiskOps messages of
+// Seq, as many as DiskOps says, come right before it: the file system
+// operations of that last epoch, which the backup applies to its replica
+// of the guest's files after every checkpoint it committed. The backup
+// answers with an Ack of Seq; then the primary releases all output still
+// held.
 type Exit struct {
-	Seq  uint64
-	Code uint32
+	Seq     uint64
+	Code    uint32
+	DiskOps uint32 // DiskOps messages sent for Seq
 }
 
 // NeedFull refuses checkpoint Seq and asks the primary for a full one.

@@ -117,7 +117,7 @@ func (g gen) message(t Type) Message {
 	case TypeNeedFull:
 		return &NeedFull{Seq: g.u64(), Reason: g.str(300, false)}
 	case TypeExit:
-		return &Exit{Seq: g.u64(), Code: uint32(g.u64())}
+		return &Exit{Seq: g.u64(), Code: uint32(g.u64()), DiskOps: uint32(g.u64())}
 	}
 	panic(t)
 }
@@ -242,7 +242,7 @@ func TestDecodeErrors(t *testing.T) {
 		{"short crc", TypeCheckpointEnd, cat(v(1), v(2), []byte{0, 0}), "wire: CheckpointEnd.SnapshotCRC at byte 2: truncated: needs 4 bytes, 2 left"},
 		{"reason utf8", TypeReject, cat(v(2), []byte{0xc3, 0x28}), "wire: Reject.Reason at byte 1: not valid UTF-8"},
 		{"reason limit", TypeNeedFull, cat(v(7), v(MaxReason+1)), "wire: NeedFull.Reason at byte 1: 65537 bytes, limit 65536"},
-		{"hello version", TypeHello, helloNext, "wire: Hello.Version at byte 0: protocol version 4, this build speaks 3"},
+		{"hello version", TypeHello, helloNext, fmt.Sprintf("wire: Hello.Version at byte 0: protocol version %d, this build speaks %d", Version+1, Version)},
 		{"hello short", TypeHello, []byte{1, 0}, "wire: Hello.Version at byte 0: truncated: needs 4 bytes, 2 left"},
 		{"path NUL", TypeDiskOps, cat(v(1), v(1), []byte{7}, v(0), str("a\x00b"), v(0), v(0), v(0), v(0), v(0), v(0)), "wire: DiskOps.Ops[0].Path at byte 5: a path with a NUL byte"},
 		{"path limit", TypeDiskFile, cat(v(1), v(0), v(MaxPath+1)), "wire: DiskFile.Path at byte 2: 4097 bytes, limit 4096"},
@@ -299,7 +299,7 @@ func TestValidate(t *testing.T) {
 		m    Message
 		want string
 	}{
-		{&Hello{Version: Version + 1}, "wire: Hello.Version: protocol version 4, this build speaks 3"},
+		{&Hello{Version: Version + 1}, fmt.Sprintf("wire: Hello.Version: protocol version %d, this build speaks %d", Version+1, Version)},
 		{&Hello{Version: Version, Host: "\xff"}, "wire: Hello.Host: not valid UTF-8"},
 		{&Hello{Version: Version, Preopens: []string{"/ok", "/a\x00"}}, "wire: Hello.Preopens[1]: a path with a NUL byte"},
 		{&DiskOps{Ops: []FsOp{{}, {Path2: long}}}, "wire: DiskOps.Ops[1].Path2: 4097 bytes, limit 4096"},
