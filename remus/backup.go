@@ -14,6 +14,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -202,14 +203,6 @@ func (b *Backup) slot(ctx context.Context, vm string, roots int) (*slot, error) 
 		conns: map[uint64]*transport.Conn{}, hellos: map[uint64]*wire.Hello{}, staged: map[uint64]*staged{}, heard: map[uint64][]engine.Time{},
 		persistQ: newPersistQueue(), log: b.log.With("vm", vm)}
 	s.img = &snapshot.Image{Resize: mi.Resize}
-	if code, ok := st.Exited(); ok {
-		// The VM exited on its primary before this process started:
-		// nothing to follow or resume.
-		s.exited = true
-		s.status.VM, s.status.State = vm, "exited"
-		s.status.Committed, s.status.Persisted = st.Committed(), st.Committed()
-		s.status.Reason = fmt.Sprintf("the VM exited with code %d on its primary", code)
-	}
 	b.slots[vm] = s
 	b.wg.Add(1)
 	go func() {
@@ -295,12 +288,14 @@ type slot struct {
 	events chan any
 	log    *slog.Logger
 
-	exited  bool                       // loop only: the guest ended on its primary
-	exiting *exitEv                    // loop only: an Exit heard, to finish once the Ready before it is done
-	conns   map[uint64]*transport.Conn // loop only
-	hellos  map[uint64]*wire.Hello
-	staged  map[uint64]*staged
-	hello   *wire.Hello // of the session that committed last
+	exiting *exitEv // loop only: an Exit heard, to finish once the Ready before it is done
+	// exitPush, if not nil, is closed once an exit's job is in the
+	// persister's queue, behind the copies before it (finishExit).
+	exitPush chan struct{}
+	conns    map[uint64]*transport.Conn // loop only
+	hellos   map[uint64]*wire.Hello
+	staged   map[uint64]*staged
+	hello    *wire.Hello // of the session that committed last
 	// applying are the commits whose copies into img may be pending, in
 	// order, each done closed when its copy is done (loop only).
 	applying []applyingCopy
@@ -729,15 +724,6 @@ func (s *slot) loop(ctx context.Context) {
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
 	for {
-		if s.exited {
-			select {
-			case ev := <-s.events:
-				s.handle(ev)
-			case <-ctx.Done():
-				return
-			}
-			continue
-		}
 		rd := s.eng.Ready()
 		failover, failed := s.do(ctx, rd)
 		s.eng.Advance()
@@ -747,7 +733,7 @@ func (s *slot) loop(ctx context.Context) {
 			s.exiting = nil
 			if failed == nil && !failover {
 				s.finishExit(*e)
-				continue
+				continue // its Ready (the ack, the session's end) at once
 			}
 			e.conn.Close()
 		}
@@ -856,21 +842,8 @@ func (s *slot) step(ev engine.BackupEvent) {
 }
 
 func (s *slot) handle(ev any) {
-	if s.exited {
-		// The guest ended on its primary: nothing to follow or resume.
-		if a, ok := ev.(attachEv); ok {
-			wire.SendFlush(a.conn, &wire.Reject{Reason: fmt.Sprintf(
-				"VM %q exited on its primary; run it again under another VM id, or remove the slot's state", s.vm)})
-			a.conn.Close()
-		}
-		return
-	}
 	switch e := ev.(type) {
 	case exitEv:
-		if e.session != s.eng.Session() || s.eng.State() != engine.Following {
-			e.conn.Close()
-			return
-		}
 		// Checkpoints that arrived before it may still wait in the
 		// engine's Ready: the loop commits them first (finishExit).
 		s.exiting = &e
@@ -893,40 +866,35 @@ func (s *slot) handle(ev any) {
 	}
 }
 
-// finishExit closes the slot for good once the guest exited on its
-// primary (the loop's, after it committed every checkpoint that came
-// before the Exit).
+// finishExit ends the run of the VM once its guest exited on its primary
+// (the loop's, after it committed every checkpoint that came before the
+// Exit): the engine acknowledges the Exit, drops the session and never
+// fails over to the run; a later primary of the VM starts a new one.
 func (s *slot) finishExit(e exitEv) {
-	s.publish() // what it committed
-	s.exited = true
-	s.log.Info("the protected VM exited on its primary: closing the slot", "exit_code", e.code, "seq", e.seq,
-		"last_epoch_disk_ops", len(e.ops))
-	// Its last epoch's disk ops follow every committed checkpoint to
-	// the disk: the persister's queue is in order, and each checkpoint
-	// joins it when its copy into the image is done, the copies in
-	// order. Like a checkpoint, the exit is acknowledged once it is
-	// held here, not once it is on disk.
-	job := persistJob{exit: true, seq: e.seq, code: e.code, ops: e.ops}
-	if n := len(s.applying); n > 0 && !isClosed(s.applying[n-1].done) {
-		last := s.applying[n-1].done
-		s.b.wg.Add(1)
-		go func() {
-			defer s.b.wg.Done()
-			<-last
+	if e.session == s.eng.Session() && s.eng.State() == engine.Following {
+		s.log.Info("the protected VM exited on its primary", "exit_code", e.code, "seq", e.seq,
+			"last_epoch_disk_ops", len(e.ops))
+		// Its last epoch's disk ops follow every committed checkpoint
+		// to the disk: the persister's queue is in order, and each
+		// checkpoint joins it once its copy into the image is done,
+		// the copies in order. Like a checkpoint, the exit is
+		// acknowledged once it is held here, not once it is on disk.
+		job := persistJob{exit: true, seq: e.seq, code: e.code, ops: e.ops}
+		if n := len(s.applying); n > 0 && !isClosed(s.applying[n-1].done) {
+			last, pushed := s.applying[n-1].done, make(chan struct{})
+			s.exitPush = pushed // a full checkpoint's commit waits for it (waitApply)
+			s.b.wg.Add(1)
+			go func() {
+				defer s.b.wg.Done()
+				defer close(pushed)
+				<-last
+				s.persistQ.push(job)
+			}()
+		} else {
 			s.persistQ.push(job)
-		}()
-	} else {
-		s.persistQ.push(job)
+		}
 	}
-	e.conn.SetWriteDeadline(time.Now().Add(s.b.cfg.Engine.Timeout))
-	wire.SendFlush(e.conn, &wire.Ack{Seq: e.seq})
-	s.mu.Lock()
-	s.status.State = "exited"
-	s.status.Reason = fmt.Sprintf("the VM exited with code %d on its primary", e.code)
-	s.mu.Unlock()
-	for _, c := range s.conns {
-		c.Close()
-	}
+	s.step(engine.Exit{Now: s.b.now(), Session: e.session, Seq: e.seq, Code: e.code})
 }
 
 // do carries out one Ready; it reports whether to fail over, and a commit
@@ -1026,6 +994,8 @@ func (s *slot) do(ctx context.Context, rd engine.BackupReady) (failover bool, fa
 			msg = &wire.Heartbeat{Seq: s.eng.Committed()}
 		case engine.MsgNeedFull:
 			msg = &wire.NeedFull{Reason: m.Reason, Seq: m.Seq}
+		case engine.MsgExited:
+			msg = &wire.Ack{Seq: m.Seq}
 		default:
 			continue
 		}
@@ -1171,8 +1141,13 @@ func isClosed(c chan struct{}) bool {
 // waitApply waits for the copies of the committed checkpoints into the
 // image (do), sending the primary heartbeats meanwhile: on this project's
 // VM a page the image never held costs ~12 µs to write (64 MiB, 200 ms),
-// and only the loop sends them.
+// and only the loop sends them. A guest's exit queued for the disk behind
+// them (finishExit) is queued when it returns.
 func (s *slot) waitApply() {
+	if s.exitPush != nil {
+		<-s.exitPush // right behind the copies
+		s.exitPush = nil
+	}
 	n := len(s.applying)
 	if n == 0 {
 		return
@@ -1551,16 +1526,23 @@ func (s *slot) persister() {
 // committed incremental ones, after which the persister spaces its
 // commits.
 func (s *slot) persistBatch(jobs []persistJob, storeSeq *uint64, tip *snapshot.Hash) (spaced bool) {
-	n := len(jobs)
-	if !jobs[n-1].exit {
-		spaced, _ = s.persistCheckpoints(jobs, storeSeq, tip)
-		return spaced
+	for len(jobs) > 0 {
+		i := slices.IndexFunc(jobs, func(j persistJob) bool { return j.exit })
+		if i < 0 {
+			i = len(jobs)
+		}
+		ok := true
+		if i > 0 {
+			var sp bool
+			sp, ok = s.persistCheckpoints(jobs[:i], storeSeq, tip)
+			spaced = spaced || sp
+		}
+		if i < len(jobs) {
+			s.persistExit(jobs[i], ok && !tip.IsZero())
+			i++
+		}
+		jobs = jobs[i:]
 	}
-	ok := true
-	if n > 1 {
-		spaced, ok = s.persistCheckpoints(jobs[:n-1], storeSeq, tip)
-	}
-	s.persistExit(jobs[n-1], ok && !tip.IsZero())
 	return spaced
 }
 

@@ -595,6 +595,59 @@ func TestRemusGuestExits(t *testing.T) {
 	}
 }
 
+// TestRemusRunAgainAfterExit: a guest that exited under one --vm-id can
+// be run again under it, protected, on the backup that saw it exit and on
+// one restarted from that backup's state (which recorded the exit). Each
+// run starts over from a full checkpoint; the one that ended is never
+// resumed.
+func TestRemusRunAgainAfterExit(t *testing.T) {
+	wasm := cGuest(t, "fileio", []string{"fileio.c"})
+	instrumented(t, wasm)
+	dir := t.TempDir()
+	repl, bSock, state := freeAddr(t), filepath.Join(dir, "b.sock"), filepath.Join(dir, "state")
+	startBackup := func() *proc {
+		os.Remove(bSock)
+		b := startProc(t, ftvmBinary(t), "backup", "--listen", repl, "--state", state,
+			"--timeout", "300ms", "--api-sock", bSock, "--log-level", "info")
+		waitSocket(t, b, bSock)
+		return b
+	}
+	backup := startBackup()
+	runOnce := func(run int, backup *proc) {
+		t.Helper()
+		data := filepath.Join(dir, fmt.Sprintf("data%d", run))
+		os.MkdirAll(data, 0o755)
+		const stored = "the guest's exit stored"
+		before := strings.Count(backup.out.String(), stored)
+		res := runCLI(t, time.Minute, "", "run", "--protect", repl, "--timeout", "300ms", "--vm-id", "job1",
+			"--dir", data+":/data", wasm, "/data")
+		if res.code != 0 || strings.Contains(res.stderr, "NOT PROTECTED") {
+			t.Fatalf("run %d: exit %d, protected: %v\n%s", run, res.code, !strings.Contains(res.stderr, "NOT PROTECTED"), res.stderr)
+		}
+		for deadline := time.Now().Add(10 * time.Second); strings.Count(backup.out.String(), stored) == before; {
+			if time.Now().After(deadline) {
+				t.Fatalf("run %d: its exit not stored within 10 s:\n%s", run, backup.out.String())
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		checkFileioTree(t, filepath.Join(state, "slots", "job1", "disk", "0"))
+	}
+	runOnce(1, backup)
+	// Again, on the backup that saw the first run exit.
+	runOnce(2, backup)
+	if !strings.Contains(backup.out.String(), "a new run of the VM") {
+		t.Errorf("the backup did not take the second run as a new one:\n%s", backup.out.String())
+	}
+	// And on a backup restarted from that state after kill -9.
+	backup.cmd.Process.Kill()
+	<-backup.done
+	backup = startBackup()
+	runOnce(3, backup)
+	if strings.Contains(backup.out.String(), "FAILOVER") {
+		t.Errorf("a backup resumed a run that had exited:\n%s", backup.out.String())
+	}
+}
+
 // TestRemusSmallMemoryGuest: a C guest whose memory stays at its first
 // 128 KiB is protected like any other. It used to be unable to pause (a
 // pause borrowed 256 KiB of memory and waited for a bigger one), so it was

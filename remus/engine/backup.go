@@ -20,6 +20,10 @@ const (
 	// FailedOver: terminal. The driver runs the last committed
 	// checkpoint; every Hello is rejected.
 	FailedOver
+	// Exited: the VM ended by itself on its primary (Exit). Nothing is
+	// resumed and no timer runs; a Hello of the slot's term or a later
+	// one starts a new run of the VM, from a full checkpoint.
+	Exited
 )
 
 func (s BackupState) String() string {
@@ -32,6 +36,8 @@ func (s BackupState) String() string {
 		return "waiting"
 	case FailedOver:
 		return "failed-over"
+	case Exited:
+		return "exited"
 	}
 	return fmt.Sprintf("BackupState(%d)", uint8(s))
 }
@@ -61,6 +67,9 @@ const (
 	// MsgNeedFull refuses checkpoint Seq of Session for Reason and asks
 	// for a full one: the primary steps NeedFull.
 	MsgNeedFull
+	// MsgExited acknowledges the Exit of Session in epoch Seq; the
+	// session is over (DropSession follows).
+	MsgExited
 )
 
 func (k MessageKind) String() string {
@@ -75,6 +84,8 @@ func (k MessageKind) String() string {
 		return "heartbeat"
 	case MsgNeedFull:
 		return "need-full"
+	case MsgExited:
+		return "exited"
 	}
 	return fmt.Sprintf("MessageKind(%d)", uint8(k))
 }
@@ -211,6 +222,8 @@ func (b *Backup) Step(ev BackupEvent) error {
 		if b.live(e.Session) {
 			b.endSession(fmt.Sprintf("session %d lost", e.Session))
 		}
+	case Exit:
+		b.exit(e)
 	default:
 		panic(fmt.Sprintf("remus: unknown backup event %T", ev))
 	}
@@ -279,12 +292,37 @@ func (b *Backup) hello(h Hello) {
 	case b.state == Following:
 		reject(fmt.Sprintf("duplicate: session %d is live (heard %v ago)", b.session, b.now-b.lastHeard))
 	default:
+		why := fmt.Sprintf("session %d accepted, term %d", h.Session, h.Term)
+		if b.state == Exited {
+			// A new run: the last one ended, and what it committed
+			// must never be resumed, even if this session fails
+			// before its first (full) checkpoint.
+			b.committed = 0
+			why += "; a new run of the VM"
+		}
 		b.term = h.Term
 		b.session = h.Session
 		b.lastHeard = b.now
 		b.send(Message{Kind: MsgAccept, Session: h.Session})
-		b.setState(Following, fmt.Sprintf("session %d accepted, term %d", h.Session, h.Term))
+		b.setState(Following, why)
 	}
+}
+
+// exit ends the run of the VM: its primary's guest ended by itself, so no
+// failover will ever resume it. Only the live session's Exit counts (a
+// stale or late one is dropped). What was committed stays, for status and
+// for the disk, but a later session starts from nothing (hello).
+func (b *Backup) exit(e Exit) {
+	if !b.live(e.Session) || b.state != Following {
+		b.pend.DropSession = append(b.pend.DropSession, Drop{e.Session, "exit of a session that is not live"})
+		return
+	}
+	b.lastHeard = b.now
+	b.send(Message{Kind: MsgExited, Session: e.Session, Seq: e.Seq})
+	reason := fmt.Sprintf("the VM exited with code %d on its primary (session %d, epoch %d)", e.Code, e.Session, e.Seq)
+	b.pend.DropSession = append(b.pend.DropSession, Drop{e.Session, reason})
+	b.clearSession()
+	b.setState(Exited, reason)
 }
 
 // checkpoint commits c if it extends this session's chain: a full one

@@ -4,6 +4,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 )
 
 // bh drives a Backup in tests, checking what must hold after every step.
@@ -409,5 +410,63 @@ func TestBackupCommitFailed(t *testing.T) {
 	h.step(CommitFailed{3 * ms, 1, 1, 0})
 	if rd := h.step(Tick{200 * ms}); rd.Failover || h.b.State() != Idle || h.b.Committed() != 0 {
 		t.Fatalf("failed first commit: %v, committed %d, %+v", h.b.State(), h.b.Committed(), rd)
+	}
+}
+
+// TestBackupExit: the live session's Exit is acknowledged and ends the run
+// for good: no timer, no failover however long nothing is heard. A stale
+// Exit changes nothing. A later run of the VM is accepted (a term below
+// the slot's is not), starts from nothing — if it dies before its first
+// checkpoint, the slot is idle, never resuming the run that ended — and
+// is followed as any other.
+func TestBackupExit(t *testing.T) {
+	h := following(t)
+	h.step(Checkpoint{3 * ms, 1, 6, false})
+	// An Exit naming another session is dropped.
+	rd := h.step(Exit{4 * ms, 2, 7, 0})
+	if len(msgs(rd, MsgExited)) != 0 || h.b.State() != Following || len(rd.DropSession) != 1 || rd.DropSession[0].Session != 2 {
+		t.Fatalf("stale exit: %v %+v", h.b.State(), rd)
+	}
+	rd = h.step(Exit{5 * ms, 1, 7, 3})
+	if e := msgs(rd, MsgExited); len(e) != 1 || e[0] != (Message{Kind: MsgExited, Session: 1, Seq: 7}) {
+		t.Fatalf("exit answered %+v", rd)
+	}
+	if h.b.State() != Exited || len(rd.DropSession) != 1 || rd.DropSession[0].Session != 1 || rd.Wake != Never {
+		t.Fatalf("after the exit: %v %+v", h.b.State(), rd)
+	}
+	if !strings.Contains(rd.StateChanges[0].Reason, "code 3") {
+		t.Errorf("reason %q", rd.StateChanges[0].Reason)
+	}
+	if h.b.Committed() != 6 {
+		t.Errorf("committed %d after the exit, want 6 (kept for status)", h.b.Committed())
+	}
+	// Silence, and late messages of the ended session, change nothing.
+	for _, ev := range []BackupEvent{Tick{time.Hour}, Checkpoint{time.Hour + ms, 1, 7, false}, Heartbeat{time.Hour + 2*ms, 1},
+		Exit{time.Hour + 3*ms, 1, 7, 3}} {
+		rd := h.step(ev)
+		if h.b.State() != Exited || len(rd.Commit) != 0 || len(msgs(rd, MsgAck)) != 0 || len(msgs(rd, MsgExited)) != 0 {
+			t.Fatalf("%#v after the exit: %v %+v", ev, h.b.State(), rd)
+		}
+	}
+	// A primary of an older term is stale.
+	if rd := h.hello(2*time.Hour, 2, 2); len(msgs(rd, MsgReject)) != 1 || h.b.State() != Exited {
+		t.Fatalf("older term after the exit: %v %+v", h.b.State(), rd)
+	}
+	// A new run: accepted, and nothing of the old one is kept to resume.
+	rd = h.hello(2*time.Hour+ms, 3, 3)
+	if len(msgs(rd, MsgAccept)) != 1 || h.b.State() != Following || h.b.Committed() != 0 {
+		t.Fatalf("new run: %v, committed %d, %+v", h.b.State(), h.b.Committed(), rd)
+	}
+	if rd := h.step(Disconnected{2*time.Hour + 2*ms, 3}); h.b.State() != Idle || rd.Failover {
+		t.Fatalf("the new run's session lost before its first checkpoint: %v %+v", h.b.State(), rd)
+	}
+	// Another run commits from its full checkpoint (numbered afresh) and
+	// is protected as usual: its silence fails it over.
+	h.hello(3*time.Hour, 4, 3)
+	if rd := h.step(Checkpoint{3*time.Hour + ms, 4, 1, true}); !slices.Equal(rd.Commit, []uint64{1}) {
+		t.Fatalf("the new run's full checkpoint: %+v", rd)
+	}
+	if rd := h.step(Tick{4 * time.Hour}); !rd.Failover || h.b.Committed() != 1 {
+		t.Fatalf("the new run's primary silent: %v %+v", h.b.State(), rd)
 	}
 }

@@ -69,4 +69,9 @@
 //     split-brain guard. A partition that silences both sides for Timeout
 //     still makes two primaries, as in Remus; fencing them is the cluster
 //     layer's (leases), the Term is what it has to work with.
+//   - A guest that ends by itself ends its run: the backup acknowledges the
+//     live session's Exit, drops the session and never fails over to that
+//     run (Exited, no timer). A later Hello of the slot's term or above is
+//     a new run of the VM: accepted, with nothing committed until its own
+//     full checkpoint, so that it cannot fail over to the run that ended.
 package engine

@@ -98,6 +98,18 @@ type Checkpoint struct {
 	Full    bool
 }
 
+// Exit reports that the primary of Session said its guest ended by itself
+// in epoch Seq, with Code, and that the driver did with it what must come
+// first (the disk ops of that epoch are queued behind every commit).
+// Nothing will resume that run: the slot acknowledges the Exit and never
+// fails over to it.
+type Exit struct {
+	Now     Time
+	Session uint64
+	Seq     uint64
+	Code    uint32
+}
+
 func (e Tick) primaryAt() Time            { return e.Now }
 func (e Tick) backupAt() Time             { return e.Now }
 func (e Heartbeat) primaryAt() Time       { return e.Now }
@@ -114,6 +126,7 @@ func (e NeedFull) primaryAt() Time        { return e.Now }
 func (e Hello) backupAt() Time            { return e.Now }
 func (e Checkpoint) backupAt() Time       { return e.Now }
 func (e CommitFailed) backupAt() Time     { return e.Now }
+func (e Exit) backupAt() Time             { return e.Now }
 
 // Drop asks the driver to close Session's connection, saying Reason.
 type Drop struct {

@@ -142,7 +142,7 @@ func FuzzBackup(f *testing.F) {
 			prevSeq           uint64
 		)
 		for i := 0; i+1 < len(data); i += 2 {
-			op, arg := data[i]%6, data[i+1]
+			op, arg := data[i]%7, data[i+1]
 			var ev BackupEvent
 			s := uint64(arg&3) + uint64(arg>>7) // sessions 0-4
 			switch op {
@@ -176,6 +176,8 @@ func FuzzBackup(f *testing.F) {
 				}
 				ev = CommitFailed{now, justSess, justSeq, held}
 				has, seq = prevHas, prevSeq
+			case 6:
+				ev = Exit{now, s, uint64(arg>>2) & 15, uint32(arg)}
 			}
 			justSeq = 0
 			now += 100 * time.Microsecond
@@ -194,6 +196,16 @@ func FuzzBackup(f *testing.F) {
 				if c.From != state || c.From == c.To || state == FailedOver {
 					t.Fatalf("change %+v from %v", c, state)
 				}
+				if _, isExit := ev.(Exit); c.To == Exited && (!isExit || c.From != Following) {
+					t.Fatalf("change %+v on %#v", c, ev)
+				}
+				if c.From == Exited {
+					// A new run: the one that ended is never resumed.
+					if _, ok := ev.(Hello); !ok || c.To != Following {
+						t.Fatalf("change %+v on %#v", c, ev)
+					}
+					has, seq = false, 0
+				}
 				state = c.To
 			}
 			for _, c := range rd.Commit {
@@ -211,6 +223,11 @@ func FuzzBackup(f *testing.F) {
 				justSess, justSeq = ck.Session, c
 			}
 			for _, m := range rd.Messages {
+				if m.Kind == MsgExited {
+					if e, ok := ev.(Exit); !ok || m.Session != e.Session || m.Seq != e.Seq || b.State() != Exited {
+						t.Fatalf("exit ack %+v on %#v in %v", m, ev, b.State())
+					}
+				}
 				if m.Kind == MsgAck {
 					if !has || m.Seq != seq || m.Seq < acked[m.Session] || !full[m.Session] {
 						t.Fatalf("ack %+v, committed %d", m, seq)
