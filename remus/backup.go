@@ -923,15 +923,23 @@ func (s *slot) do(ctx context.Context, rd engine.BackupReady) (failover bool, fa
 	// The copies start once this Ready's acks are out (or before a wait
 	// for them): starting a goroutine wakes a thread for it, and the ack
 	// need not wait for that.
-	var copies []func()
-	startCopies := func() {
+	var copies []pendingCopy
+	// startCopies starts the copies; once the acks are out (inline), a
+	// small one whose predecessor is done runs right here instead: its
+	// goroutine would cost a thread's wake-up, more than its copy.
+	startCopies := func(inline bool) {
 		for _, c := range copies {
 			s.b.wg.Add(1)
-			go c()
+			// (testApplyDelay makes every copy a long one.)
+			if inline && c.pages <= inlineCopyPages && testApplyDelay == 0 && (c.prev == nil || isClosed(c.prev)) {
+				c.run()
+				continue
+			}
+			go c.run()
 		}
 		copies = nil
 	}
-	defer startCopies()
+	defer startCopies(true)
 	for _, seq := range rd.Commit {
 		if failed != nil {
 			delete(s.staged, seq) // nothing after a failed one applies
@@ -943,7 +951,7 @@ func (s *slot) do(ctx context.Context, rd engine.BackupReady) (failover bool, fa
 		// a full one is still being copied.
 		st := s.staged[seq]
 		if st == nil || st.full || len(s.applying) >= maxApplying || st.snap.HasDeltas() && s.fullApplying() {
-			startCopies()
+			startCopies(false)
 			s.waitApply()
 		}
 		f, err := s.commit(seq)
@@ -962,14 +970,14 @@ func (s *slot) do(ctx context.Context, rd engine.BackupReady) (failover bool, fa
 		done := make(chan struct{})
 		st.mem.hold() // the copy's, until pruned: deltas resolve against its pages
 		s.applying = append(s.applying, applyingCopy{done: done, snap: st.snap, mem: st.mem})
-		copies = append(copies, func() {
+		copies = append(copies, pendingCopy{pages: len(st.snap.Pages), prev: prev, run: func() {
 			defer s.b.wg.Done()
 			defer close(done)
 			if prev != nil {
 				<-prev // in order: each copy builds on the one before
 			}
 			f()
-		})
+		}})
 	}
 	for _, seq := range rd.Discard {
 		delete(s.staged, seq)
@@ -1076,6 +1084,18 @@ func (s *slot) commit(seq uint64) (finish func(), err error) {
 		st.mem.release() // the staged checkpoint's
 	}, nil
 }
+
+// pendingCopy is a committed checkpoint's copy into the image, not started
+// yet (do).
+type pendingCopy struct {
+	run   func()
+	pages int
+	prev  chan struct{} // the copy before it, if any: closed when done
+}
+
+// inlineCopyPages is the largest copy the loop makes itself, once the acks
+// are out (about 0.1 ms of copying here).
+const inlineCopyPages = 256
 
 // maxApplying bounds the committed checkpoints whose copies into the image
 // may be pending at once (do).

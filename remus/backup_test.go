@@ -139,9 +139,11 @@ func serveBackup(t *testing.T, timeout time.Duration) *Backup {
 // image slowed down by delay.
 func serveSlowBackup(t *testing.T, timeout, delay time.Duration) *Backup {
 	t.Helper()
+	// Registered first, so run last: once the backup and its copies
+	// have stopped.
+	t.Cleanup(func() { testApplyDelay = 0 })
 	b := serveBackup(t, timeout)
 	testApplyDelay = delay
-	t.Cleanup(func() { testApplyDelay = 0 })
 	return b
 }
 
