@@ -1017,7 +1017,11 @@ func (s *slot) do(ctx context.Context, rd engine.BackupReady) (failover bool, fa
 	}
 	for _, d := range rd.DropSession {
 		if c := s.conns[d.Session]; c != nil {
-			s.log.Warn("dropping primary session", "session", d.Session, "reason", d.Reason)
+			level := slog.LevelWarn
+			if s.eng.State() == engine.Exited {
+				level = slog.LevelInfo // the run's normal end
+			}
+			s.log.Log(context.Background(), level, "dropping primary session", "session", d.Session, "reason", d.Reason)
 			c.Close()
 		}
 	}
