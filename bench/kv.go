@@ -385,16 +385,33 @@ func copyFile(src, dst string) error {
 	return os.WriteFile(dst, b, 0o644)
 }
 
-// freeAddr finds a free loopback port (the usual bind-and-close race is
-// acceptable here).
+// freeAddr finds a free loopback port (the usual bind-and-close race with
+// other programs is acceptable here). It never hands out a port twice in
+// one run: two calls in a row (a KV server's address, then its backup's)
+// were once given the same port by the kernel, and the server, started
+// second, could not bind it.
 func freeAddr() (string, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return "", err
+	handedMu.Lock()
+	defer handedMu.Unlock()
+	for range 100 {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return "", err
+		}
+		addr := ln.Addr().String()
+		ln.Close()
+		if !handed[addr] {
+			handed[addr] = true
+			return addr, nil
+		}
 	}
-	defer ln.Close()
-	return ln.Addr().String(), nil
+	return "", errors.New("no loopback port not handed out before")
 }
+
+var (
+	handedMu sync.Mutex
+	handed   = map[string]bool{} // addresses freeAddr returned
+)
 
 // startChild starts a server process with its output in a log file.
 func startChild(ctx context.Context, e *env, tag, bin string, args ...string) (*child, error) {
