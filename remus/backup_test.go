@@ -147,7 +147,7 @@ func serveSlowBackup(t *testing.T, timeout, delay time.Duration) *Backup {
 	return b
 }
 
-func encodeSnap(t *testing.T, s *snapshot.Snapshot) []byte {
+func encodeSnap(t testing.TB, s *snapshot.Snapshot) []byte {
 	t.Helper()
 	var b bytes.Buffer
 	if err := s.Encode(&b); err != nil {
