@@ -37,6 +37,7 @@ FUZZFLAGS = -run '^$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s
 fuzz: deps
 	$(GO) test ./machine $(FUZZFLAGS) -fuzz FuzzScanModule
 	$(GO) test ./machine/instrument $(FUZZFLAGS) -fuzz FuzzExportGlobals
+	$(GO) test ./machine/instrument $(FUZZFLAGS) -fuzz FuzzInsertPolls
 	$(GO) test ./snapshot $(FUZZFLAGS) -fuzz 'FuzzDecode$$'
 	$(GO) test ./snapshot $(FUZZFLAGS) -fuzz FuzzDecodeResigned
 	$(GO) test ./wasi $(FUZZFLAGS) -fuzz FuzzDevices
@@ -45,6 +46,7 @@ fuzz: deps
 	$(GO) test ./remus/engine $(FUZZFLAGS) -fuzz FuzzPrimary
 	$(GO) test ./remus/engine $(FUZZFLAGS) -fuzz FuzzBackup
 	$(GO) test ./remus/store $(FUZZFLAGS) -fuzz FuzzDecodeJournal
+	$(GO) test ./remus $(FUZZFLAGS) -fuzz FuzzBackupStream
 
 clean:
 	rm -rf bin
