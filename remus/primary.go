@@ -111,6 +111,9 @@ type Primary struct {
 	// requested, or the primary runs unprotected: WaitSession's end.
 	started     chan struct{}
 	startedOnce sync.Once
+	// finished: Finish is done (the backup knows the guest ended, or
+	// protection was given up); the dialer stops.
+	finished atomic.Bool
 	// published is signalled (without blocking) whenever the status is
 	// updated: Finish waits on it for the last acknowledgement.
 	published chan struct{}
@@ -593,6 +596,10 @@ wait:
 	for _, h := range p.gate.take(0, true) {
 		h.perform(h.data)
 	}
+	// The backup knows, or protection was given up: a new session now
+	// would be a new run of the VM to the backup, one that never sends a
+	// checkpoint.
+	p.finished.Store(true)
 }
 
 // getStager returns a stager drawing on the primary's pool (in a pause).
@@ -744,7 +751,7 @@ func (p *Primary) CheckpointsSince(seq uint64) (recs []CheckpointRecord, missed 
 func (p *Primary) dialer(ctx context.Context, module []byte, name string) {
 	backoff := 100 * time.Millisecond
 	var sent uint64
-	for ctx.Err() == nil {
+	for ctx.Err() == nil && !p.finished.Load() {
 		s, err := p.connect(ctx)
 		if err != nil {
 			var rej *rejectedError
@@ -778,6 +785,10 @@ func (p *Primary) dialer(ctx context.Context, module []byte, name string) {
 		}
 		p.mu.Unlock()
 		p.send(engine.Disconnected{Now: p.now(), Session: s.id})
+		if p.finished.Load() {
+			p.log.Debug("the guest ended and its backup was told: not redialing")
+			return
+		}
 		select {
 		case <-time.After(50 * time.Millisecond):
 		case <-ctx.Done():
