@@ -469,10 +469,7 @@ func (s *slot) receive(id uint64, c *transport.Conn, hello *wire.Hello) {
 					fail("disk ops out of place (seq %d)", m.Seq)
 					return
 				}
-				for _, op := range m.Ops {
-					diskBytes += uint64(len(op.Data) + len(op.Path) + len(op.Path2))
-				}
-				if diskBytes > maxDiskBytes {
+				if diskBytes += opsBytes(m.Ops); diskBytes > maxDiskBytes {
 					fail("checkpoint %d carries more than %d bytes of disk data", m.Seq, uint64(maxDiskBytes))
 					return
 				}
@@ -491,10 +488,7 @@ func (s *slot) receive(id uint64, c *transport.Conn, hello *wire.Hello) {
 				abandon()
 				cur, diskBytes = nil, 0
 			}
-			for _, op := range m.Ops {
-				diskBytes += uint64(len(op.Data) + len(op.Path) + len(op.Path2))
-			}
-			if diskBytes > maxDiskBytes {
+			if diskBytes += opsBytes(m.Ops); diskBytes > maxDiskBytes {
 				fail("the guest's last epoch %d carries more than %d bytes of disk data", m.Seq, uint64(maxDiskBytes))
 				return
 			}
@@ -624,6 +618,14 @@ func (s *slot) receive(id uint64, c *transport.Conn, hello *wire.Hello) {
 			return
 		}
 	}
+}
+
+// opsBytes is what disk ops hold in memory, for maxDiskBytes.
+func opsBytes(ops []wire.FsOp) (n uint64) {
+	for _, op := range ops {
+		n += uint64(len(op.Data) + len(op.Path) + len(op.Path2))
+	}
+	return n
 }
 
 // keepAlive tells the slot, every quarter of the timeout until the
@@ -1320,7 +1322,8 @@ type persistJob struct {
 	ops  []wire.FsOp
 	tree []wire.DiskFile
 	// exit: the guest ended on its primary in epoch seq, with code; ops
-	// are that epoch's (no snapshot). Always the last job.
+	// are that epoch's (no snapshot). Nothing of its run follows it (a
+	// new run starts with a full checkpoint, which empties the queue).
 	exit bool
 	code uint32
 }
