@@ -578,19 +578,7 @@ func TestRemusGuestExits(t *testing.T) {
 				t.Fatalf("replicas of /data on the backup: %v", replicas)
 			}
 			checkFileioTree(t, replicas[0])
-			// Well past the timeout: the backup must not have resumed the guest.
-			time.Sleep(time.Second)
-			st := status(t, bSock)
-			slots, _ := st["slots"].([]any)
-			if len(slots) != 1 {
-				t.Fatalf("backup status: %v", st)
-			}
-			if s := slots[0].(map[string]any); s["state"] != "exited" {
-				t.Errorf("the backup's slot after the guest exited: %v", s)
-			}
-			if strings.Contains(backup.out.String(), "FAILOVER") {
-				t.Errorf("the backup resumed a guest that had exited:\n%s", backup.out.String())
-			}
+			exitedNotResumed(t, backup, bSock)
 		})
 	}
 }
@@ -773,7 +761,20 @@ func TestRemusExitAbandonsMemory(t *testing.T) {
 	if m == nil {
 		t.Fatalf("the exit waited for every checkpoint: none abandoned in the primary's log:\n%s", res.stderr)
 	}
-	time.Sleep(time.Second) // past the timeout: a backup that took the exit for silence would resume
+	s := exitedNotResumed(t, backup, bSock)
+	t.Logf("abandoned: %s", m[0])
+	if abandoned, _ := strconv.ParseFloat(m[1], 64); num(s, "committed") >= abandoned {
+		t.Errorf("the backup committed %v, the abandoned checkpoint %s included", s["committed"], m[1])
+	}
+}
+
+// exitedNotResumed checks, well past the timeout (a backup that took the
+// exit for silence would have resumed the guest by then), that the
+// backup's one slot is exited and never failed over; it returns the
+// slot's status.
+func exitedNotResumed(t *testing.T, backup *proc, bSock string) map[string]any {
+	t.Helper()
+	time.Sleep(time.Second)
 	st := status(t, bSock)
 	slots, _ := st["slots"].([]any)
 	if len(slots) != 1 {
@@ -783,13 +784,10 @@ func TestRemusExitAbandonsMemory(t *testing.T) {
 	if s["state"] != "exited" {
 		t.Errorf("the backup's slot after the guest exited: %v", s)
 	}
-	t.Logf("abandoned: %s", m[0])
-	if abandoned, _ := strconv.ParseFloat(m[1], 64); num(s, "committed") >= abandoned {
-		t.Errorf("the backup committed %v, the abandoned checkpoint %s included", s["committed"], m[1])
-	}
 	if strings.Contains(backup.out.String(), "FAILOVER") {
 		t.Errorf("the backup resumed a guest that had exited:\n%s", backup.out.String())
 	}
+	return s
 }
 
 // TestRemusCollectAheadFailover: a guest that writes hundreds of pages an

@@ -557,22 +557,11 @@ func (s *Slot) CommitExit(code uint32, ops []FsOp) error {
 		return fmt.Errorf("store: exit: %w: the replica no longer mirrors the primary's files", ErrDiverged)
 	}
 	seq := s.c.Seq + 1
-	nops, err := normalizeOps(ops, s.roots, s.opts.MaxFileSize)
-	if err != nil {
-		return err
-	}
-	ap, err := newApplier(&s.d, s.path(diskName), s.roots, s.opts.MaxFileSize)
+	nops, end, ap, err := s.planOps(ops)
 	if err != nil {
 		return err
 	}
 	defer ap.close()
-	end, offs, err := ap.plan(nops, 0)
-	if err != nil {
-		return err
-	}
-	for _, o := range offs {
-		nops[o.Op].Offset = o.Offset
-	}
 	o := &opsRec{Seq: seq, Gen: s.c.Gen, Seg0End: uint32(end), Ops: nops}
 	if err := s.writeFiles(journalFile{name: opsName(seq, s.c.Gen), data: o.encode()}); err != nil {
 		return err
@@ -729,24 +718,11 @@ func (s *Slot) commitIncremental(seq uint64, snap []byte, decoded *snapshot.Snap
 		return fmt.Errorf("store: %w: %w: a %s snapshot at seq %d after %s, for checkpoint %d after %s", ErrInvalid,
 			snapshot.ErrChain, sn.Kind, sn.Seq, sn.Parent.Short(), seq, s.peerTip.Short())
 	}
-	nops, err := normalizeOps(ops, s.roots, s.opts.MaxFileSize)
-	if err != nil {
-		return err
-	}
-	ap, err := newApplier(&s.d, s.path(diskName), s.roots, s.opts.MaxFileSize)
+	nops, end, ap, err := s.planOps(ops)
 	if err != nil {
 		return err
 	}
 	defer ap.close()
-	// The first segment is planned now, on disk/ as it is: exactly the
-	// state before these ops. Its appends become writes at offsets.
-	end, offs, err := ap.plan(nops, 0)
-	if err != nil {
-		return err
-	}
-	for _, o := range offs {
-		nops[o.Op].Offset = o.Offset
-	}
 	peer, local := sn.ID, sn.ID
 	data := snap
 	if s.localTip != s.peerTip {
@@ -792,6 +768,28 @@ func (s *Slot) commitIncremental(seq uint64, snap []byte, decoded *snapshot.Snap
 		}
 	}
 	return nil
+}
+
+// planOps checks and normalizes a record's ops and plans its first
+// segment now, on disk/ as it is: exactly the state before these ops. Its
+// appends become writes at offsets; end is where it ends. The caller
+// closes the applier, which applies the record once it is committed.
+func (s *Slot) planOps(ops []FsOp) (nops []FsOp, end int, ap *applier, err error) {
+	if nops, err = normalizeOps(ops, s.roots, s.opts.MaxFileSize); err != nil {
+		return nil, 0, nil, err
+	}
+	if ap, err = newApplier(&s.d, s.path(diskName), s.roots, s.opts.MaxFileSize); err != nil {
+		return nil, 0, nil, err
+	}
+	end, offs, err := ap.plan(nops, 0)
+	if err != nil {
+		ap.close()
+		return nil, 0, nil, err
+	}
+	for _, o := range offs {
+		nops[o.Op].Offset = o.Offset
+	}
+	return nops, end, ap, nil
 }
 
 // applyRecord applies a committed record's ops to disk/ segment by
