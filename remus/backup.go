@@ -288,9 +288,10 @@ type slot struct {
 	events chan any
 	log    *slog.Logger
 
-	exiting *exitEv // loop only: an Exit heard, to finish once the Ready before it is done
+	exiting *exitEv     // loop only: an Exit heard, to finish once the Ready before it is done
+	exitJob *persistJob // loop only: a finished exit's disk job, queued after its ack (queueExit)
 	// exitPush, if not nil, is closed once an exit's job is in the
-	// persister's queue, behind the copies before it (finishExit).
+	// persister's queue, behind the copies before it (queueExit).
 	exitPush chan struct{}
 	conns    map[uint64]*transport.Conn // loop only
 	hellos   map[uint64]*wire.Hello
@@ -739,6 +740,13 @@ func (s *slot) loop(ctx context.Context) {
 			}
 			e.conn.Close()
 		}
+		// The exit's disk job is queued once its ack is out: the
+		// persister starts on it at once, and its fsyncs need not
+		// compete with the ack for the cores.
+		if j := s.exitJob; j != nil {
+			s.exitJob = nil
+			s.queueExit(*j)
+		}
 		if failed != nil {
 			// What was heard while the commit ran counts first, as
 			// before every event: a slow apply must not look like the
@@ -876,27 +884,32 @@ func (s *slot) finishExit(e exitEv) {
 	if e.session == s.eng.Session() && s.eng.State() == engine.Following {
 		s.log.Info("the protected VM exited on its primary", "exit_code", e.code, "seq", e.seq,
 			"last_epoch_disk_ops", len(e.ops))
-		// Its last epoch's disk ops follow every committed checkpoint
-		// to the disk: the persister's queue is in order, and each
-		// checkpoint joins it once its copy into the image is done,
-		// the copies in order. Like a checkpoint, the exit is
-		// acknowledged once it is held here, not once it is on disk.
-		job := persistJob{exit: true, seq: e.seq, code: e.code, ops: e.ops}
-		if n := len(s.applying); n > 0 && !isClosed(s.applying[n-1].done) {
-			last, pushed := s.applying[n-1].done, make(chan struct{})
-			s.exitPush = pushed // a full checkpoint's commit waits for it (waitApply)
-			s.b.wg.Add(1)
-			go func() {
-				defer s.b.wg.Done()
-				defer close(pushed)
-				<-last
-				s.persistQ.push(job)
-			}()
-		} else {
-			s.persistQ.push(job)
-		}
+		// Like a checkpoint, the exit is acknowledged once it is held
+		// here, not once it is on disk (queueExit, after the ack).
+		s.exitJob = &persistJob{exit: true, seq: e.seq, code: e.code, ops: e.ops}
 	}
 	s.step(engine.Exit{Now: s.b.now(), Session: e.session, Seq: e.seq, Code: e.code})
+}
+
+// queueExit queues an exit's disk job (loop's). Its last epoch's disk ops
+// follow every committed checkpoint to the disk: the persister's queue is
+// in order, and each checkpoint joins it once its copy into the image is
+// done, the copies in order, so the job goes in behind the last of them.
+func (s *slot) queueExit(job persistJob) {
+	n := len(s.applying)
+	if n == 0 || isClosed(s.applying[n-1].done) {
+		s.persistQ.push(job)
+		return
+	}
+	last, pushed := s.applying[n-1].done, make(chan struct{})
+	s.exitPush = pushed // a full checkpoint's commit waits for it (waitApply)
+	s.b.wg.Add(1)
+	go func() {
+		defer s.b.wg.Done()
+		defer close(pushed)
+		<-last
+		s.persistQ.push(job)
+	}()
 }
 
 // do carries out one Ready; it reports whether to fail over, and a commit
