@@ -28,8 +28,6 @@ import (
 	"github.com/ftvm/ftvm/snapshot"
 	"github.com/ftvm/ftvm/transport"
 	"github.com/ftvm/ftvm/wasi"
-
-	"golang.org/x/sys/unix"
 )
 
 // BackupConfig configures a backup process.
@@ -1319,7 +1317,7 @@ func (s *slot) hurry() {
 	// is still its thread's.
 	for _, tid := range []*int{&s.persistTid, &s.progTid} {
 		if *tid != 0 {
-			_ = unix.Setpriority(unix.PRIO_PROCESS, *tid, 0)
+			raiseThread(*tid)
 			*tid = 0
 		}
 	}

@@ -416,8 +416,8 @@ func TestBackupPreparesAtLowPriority(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("the backup did not start preparing the module of its full checkpoint")
 	}
-	if n := threadNice(t, tid); n != prepareNice {
-		t.Errorf("the thread preparing the program runs at nice %d, want %d", n, prepareNice)
+	if n, policy := threadPriority(t, tid); n != prepareNice || policy != unix.SCHED_IDLE {
+		t.Errorf("the thread preparing the program runs at nice %d, policy %d; want %d, SCHED_IDLE", n, policy, prepareNice)
 	}
 	// The primary falls silent: after the timeout the slot fails over,
 	// and waits for the program.
@@ -454,8 +454,8 @@ func TestBackupPersistsAtLowPriority(t *testing.T) {
 		tid = s.persistTid
 		s.mu.Unlock()
 	}
-	if n := threadNice(t, tid); n != persistNice {
-		t.Errorf("the persister's thread runs at nice %d, want %d", n, persistNice)
+	if n, policy := threadPriority(t, tid); n != persistNice || policy != unix.SCHED_IDLE {
+		t.Errorf("the persister's thread runs at nice %d, policy %d; want %d, SCHED_IDLE", n, policy, persistNice)
 	}
 	// The primary falls silent: after the timeout the slot fails over.
 	f.c.Close()
@@ -467,29 +467,36 @@ func TestBackupPersistsAtLowPriority(t *testing.T) {
 func waitNiceRaised(t *testing.T, tid int, timeout time.Duration, what string) {
 	t.Helper()
 	deadline := time.Now().Add(20 * timeout)
-	for threadNice(t, tid) != 0 {
+	for {
+		n, policy := threadPriority(t, tid)
+		if n == 0 && policy == unix.SCHED_NORMAL {
+			return
+		}
 		if time.Now().After(deadline) {
-			t.Fatalf("the failover left %s at nice %d", what, threadNice(t, tid))
+			t.Fatalf("the failover left %s at nice %d, policy %d", what, n, policy)
 		}
 		time.Sleep(timeout / 20)
 	}
 }
 
-// threadNice reads the niceness of this process's thread tid.
-func threadNice(t *testing.T, tid int) int {
+// threadPriority reads the niceness and the scheduling policy of this
+// process's thread tid.
+func threadPriority(t *testing.T, tid int) (nice, policy int) {
 	t.Helper()
 	b, err := os.ReadFile(fmt.Sprintf("/proc/self/task/%d/stat", tid))
 	if err != nil {
 		t.Fatal(err)
 	}
 	// Fields after the command's closing parenthesis: state is the
-	// first, nice the 17th.
+	// first (the file's third), nice the 17th (19th), policy the 39th
+	// (41st).
 	f := strings.Fields(string(b[bytes.LastIndexByte(b, ')')+1:]))
-	n, err := strconv.Atoi(f[16])
-	if err != nil {
-		t.Fatal(err)
+	nice, err1 := strconv.Atoi(f[16])
+	policy, err2 := strconv.Atoi(f[38])
+	if err1 != nil || err2 != nil {
+		t.Fatalf("stat of thread %d: %q", tid, b)
 	}
-	return n
+	return nice, policy
 }
 
 // TestBackupFullCheckpointWaitsForCopies: the copies of committed

@@ -992,13 +992,28 @@ func (s *session) streamNiced(p *Primary, cp *checkpoint, buf *bytes.Buffer) err
 // goroutines.
 func niceWorker() { niceThread(encodeNice) }
 
-// niceThread locks the calling goroutine to its thread for good and sets
-// the thread's niceness; the thread ends with the goroutine, its priority
-// with it. It reports the thread and whether the niceness was set.
+// niceThread locks the calling goroutine to its thread for good and makes
+// the thread background work: niceness nice, and the policy SCHED_IDLE,
+// under which any other thread that wakes preempts it at once (at nice
+// 10 alone, a woken thread of the guest's or of the replication's could
+// wait for the rest of its slice). The policy is best effort. The thread
+// ends with the goroutine, its priority with it. It reports the thread
+// and whether the niceness was set.
 func niceThread(nice int) (tid int, ok bool) {
 	runtime.LockOSThread()
 	tid = unix.Gettid()
+	attr := unix.SchedAttr{Size: unix.SizeofSchedAttr, Policy: unix.SCHED_IDLE}
+	_ = unix.SchedSetAttr(tid, &attr, 0)
 	return tid, unix.Setpriority(unix.PRIO_PROCESS, tid, nice) == nil
+}
+
+// raiseThread puts thread tid back to the normal policy and niceness 0
+// (it needs CAP_SYS_NICE or a permissive RLIMIT_NICE; it is best effort).
+func raiseThread(tid int) {
+	attr := unix.SchedAttr{Size: unix.SizeofSchedAttr, Policy: unix.SCHED_NORMAL}
+	if unix.SchedSetAttr(tid, &attr, 0) != nil {
+		_ = unix.Setpriority(unix.PRIO_PROCESS, tid, 0)
+	}
 }
 
 // niceFrom is the checkpoint size, in dirty pages, streamed by
