@@ -26,6 +26,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/ftvm/ftvm/internal/sysmon"
 	"github.com/ftvm/ftvm/machine"
 	"github.com/ftvm/ftvm/machine/dirty"
 	"github.com/ftvm/ftvm/remus/engine"
@@ -996,16 +997,31 @@ func niceWorker() { niceThread(encodeNice) }
 // the thread background work: niceness nice, and the policy SCHED_IDLE,
 // under which any other thread that wakes preempts it at once (at nice
 // 10 alone, a woken thread of the guest's or of the replication's could
-// wait for the rest of its slice). The policy is best effort. The thread
+// wait for the rest of its slice). The policy only where the process may
+// raise the thread again (canRaise): a failover hurries such threads,
+// and without CAP_SYS_NICE a thread cannot leave SCHED_IDLE. The thread
 // ends with the goroutine, its priority with it. It reports the thread
 // and whether the niceness was set.
 func niceThread(nice int) (tid int, ok bool) {
 	runtime.LockOSThread()
 	tid = unix.Gettid()
-	attr := unix.SchedAttr{Size: unix.SizeofSchedAttr, Policy: unix.SCHED_IDLE}
-	_ = unix.SchedSetAttr(tid, &attr, 0)
+	if canRaise() {
+		attr := unix.SchedAttr{Size: unix.SizeofSchedAttr, Policy: unix.SCHED_IDLE}
+		_ = unix.SchedSetAttr(tid, &attr, 0)
+	}
 	return tid, unix.Setpriority(unix.PRIO_PROCESS, tid, nice) == nil
 }
+
+// canRaise reports whether this process may give a thread back nice 0
+// and the normal policy: it has CAP_SYS_NICE, or its RLIMIT_NICE allows
+// nice 0.
+var canRaise = sync.OnceValue(func() bool {
+	var r unix.Rlimit
+	if unix.Getrlimit(unix.RLIMIT_NICE, &r) == nil && r.Cur >= 20 {
+		return true
+	}
+	return sysmon.CanSetSlack() // CAP_SYS_NICE
+})
 
 // raiseThread puts thread tid back to the normal policy and niceness 0
 // (it needs CAP_SYS_NICE or a permissive RLIMIT_NICE; it is best effort).
