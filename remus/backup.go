@@ -879,14 +879,16 @@ func (s *slot) handle(ev any) {
 // Exit): the engine acknowledges the Exit, drops the session and never
 // fails over to the run; a later primary of the VM starts a new one.
 func (s *slot) finishExit(e exitEv) {
-	if e.session == s.eng.Session() && s.eng.State() == engine.Following {
+	before := s.eng.State()
+	s.step(engine.Exit{Now: s.b.now(), Session: e.session, Seq: e.seq, Code: e.code})
+	// The engine took it (a stale or late Exit leaves it as it was).
+	if before != engine.Exited && s.eng.State() == engine.Exited {
 		s.log.Info("the protected VM exited on its primary", "exit_code", e.code, "seq", e.seq,
 			"last_epoch_disk_ops", len(e.ops))
 		// Like a checkpoint, the exit is acknowledged once it is held
 		// here, not once it is on disk (queueExit, after the ack).
 		s.exitJob = &persistJob{exit: true, seq: e.seq, code: e.code, ops: e.ops}
 	}
-	s.step(engine.Exit{Now: s.b.now(), Session: e.session, Seq: e.seq, Code: e.code})
 }
 
 // queueExit queues an exit's disk job (loop's). Its last epoch's disk ops
