@@ -5,7 +5,7 @@ export GOTOOLCHAIN ?= auto
 GO ?= go
 BIN := bin/ftvm
 
-.PHONY: all deps build test test-short demo bench fuzz vet clean
+.PHONY: all deps build test demo bench fuzz vet clean
 
 all: build
 
@@ -15,13 +15,16 @@ deps:
 build: deps
 	$(GO) build -o $(BIN) ./cmd/ftvm
 
+# go vet, then staticcheck (pinned in go.mod as a tool).
 vet: deps
 	$(GO) vet ./...
+	$(GO) tool staticcheck ./...
 
 # Every test: unit, device-level, WASI testsuite, end-to-end with real guests,
 # sockets and processes, fuzz seeds.
 test: deps
 	$(GO) vet ./...
+	$(GO) tool staticcheck ./...
 	$(GO) test -count=1 -timeout 30m ./...
 
 demo: build

@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"math"
 	"sort"
-	"time"
 )
 
 // sample is a set of measurements of one quantity.
@@ -77,8 +76,6 @@ func fmtSeconds(sec float64) string {
 	}
 	return fmt.Sprintf("%.3g ns", sec*1e9)
 }
-
-func fmtDur(d time.Duration) string { return fmtSeconds(d.Seconds()) }
 
 // fmtRatio formats a/b as "×1.23".
 func fmtRatio(a, b float64) string {

@@ -1,7 +1,6 @@
 package instrument
 
 import (
-	"errors"
 	"fmt"
 	"unicode/utf8"
 )
@@ -97,8 +96,6 @@ type FormatError struct {
 func (e *FormatError) Error() string {
 	return fmt.Sprintf("malformed wasm module at offset %#x: %s", e.Offset, e.Msg)
 }
-
-var errEOF = errors.New("unexpected end")
 
 // decoder reads the binary format with a bounds check on every read. base is
 // the offset of b[0] in the module, for error messages.
