@@ -44,6 +44,7 @@ fuzz: deps
 	$(GO) test ./snapshot $(FUZZFLAGS) -fuzz 'FuzzDecode$$'
 	$(GO) test ./snapshot $(FUZZFLAGS) -fuzz FuzzDecodeResigned
 	$(GO) test ./wasi $(FUZZFLAGS) -fuzz FuzzDevices
+	$(GO) test ./wasi $(FUZZFLAGS) -fuzz FuzzRestore
 	$(GO) test ./transport $(FUZZFLAGS) -fuzz FuzzRecv
 	$(GO) test ./remus/wire $(FUZZFLAGS) -fuzz FuzzUnmarshal
 	$(GO) test ./remus/engine $(FUZZFLAGS) -fuzz FuzzPrimary

@@ -399,6 +399,7 @@ func (s *slot) receive(id uint64, c *transport.Conn, hello *wire.Hello) {
 	var exitOps []wire.FsOp
 	var exitOpsSeq uint64
 	var exitOpsMsgs uint32
+	var devs deviceCheck // the device state of the session's checkpoints
 	abandon := func() {
 		if cur != nil && cur.stream != nil {
 			cur.stream.abort()
@@ -599,6 +600,10 @@ func (s *slot) receive(id uint64, c *transport.Conn, hello *wire.Hello) {
 			}
 			if snap.Seq != cur.seq || (snap.Kind == snapshot.Full) != cur.full {
 				fail("checkpoint %d: the snapshot inside is seq %d (%s)", m.Seq, snap.Seq, snap.Kind)
+				return
+			}
+			if err := devs.check(snap.Devices, hello.Preopens); err != nil {
+				fail("checkpoint %d: device state: %v", m.Seq, err)
 				return
 			}
 			cur.snap = snap

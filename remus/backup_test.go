@@ -199,6 +199,22 @@ func TestBackupVerifiesStreams(t *testing.T) {
 		t.Fatalf("a corrupt snapshot: answered %v, committed %d", m, committed())
 	}
 
+	// Device states a failover could not restore: dropped before any
+	// ack, since the failover would fail on them after it. A table of
+	// 2^32 descriptors, and a preopen the Hello did not name.
+	for _, devs := range []string{
+		`{"fds":[{"num":4294967295,"kind":3,"root":0,"path":"x"}],"monotonic_ns":1}`,
+		`{"preopens":[{"HostPath":"/","GuestPath":"/"}],"monotonic_ns":1}`,
+	} {
+		hostile := *full
+		hostile.Devices = []byte(devs)
+		f = dialBackup(t, addr, hash)
+		f.checkpoint(1, true, encodeSnap(t, &hostile), nil)
+		if m := f.next(); m != nil || committed() != 0 {
+			t.Fatalf("device state %s: answered %v, committed %d", devs, m, committed())
+		}
+	}
+
 	// A whole, valid full checkpoint is acknowledged.
 	f = dialBackup(t, addr, hash)
 	f.checkpoint(1, true, fullRaw, nil)
@@ -211,6 +227,21 @@ func TestBackupVerifiesStreams(t *testing.T) {
 	}
 	if committed() != 1 {
 		t.Fatalf("committed %d after the ack", committed())
+	}
+
+	// An incremental whose device state turned impossible after valid
+	// ones (no shortcut for a state not seen before): dropped, and the
+	// primary's next session starts over.
+	bad2 := &snapshot.Snapshot{Kind: snapshot.Incremental, Module: hash, Seq: 2, Parent: full.ID, MemorySize: 65536,
+		Devices: []byte(`{"fds":[{"num":1,"kind":1,"stdio":7}],"monotonic_ns":2}`)}
+	f.checkpoint(2, false, encodeSnap(t, bad2), nil)
+	if m := f.next(); m != nil || committed() != 1 {
+		t.Fatalf("an incremental with an impossible device state: answered %v, committed %d", m, committed())
+	}
+	f = dialBackup(t, addr, hash)
+	f.checkpoint(1, true, fullRaw, nil)
+	if m, ok := f.next().(*wire.Ack); !ok || m.Seq != 1 {
+		t.Fatalf("a valid full checkpoint after a dropped session was answered with %v", m)
 	}
 
 	// An incremental that skips a checkpoint: a full one is asked for.

@@ -51,3 +51,98 @@ func TestDevicesJSON(t *testing.T) {
 		t.Fatalf("%d templates encoded for %d changes of the state: the unchanged state was encoded again", c.built, changes)
 	}
 }
+
+// TestDeviceCheck: the backup validates every checkpoint's device state,
+// parsing only a state that is not the last valid one with another clock
+// (the primary's encoder, whose output it checks here, re-encodes only the
+// clock of a state that did not change); a state that changed is parsed
+// and validated again, and a bad one is never taken for the last good one.
+func TestDeviceCheck(t *testing.T) {
+	st := &wasi.State{Args: []string{"kv"}, Preopens: []wasi.Preopen{{HostPath: "/h", GuestPath: "/g"}},
+		FDs: []wasi.FDState{{Num: 3, Kind: wasi.KindListener, Addr: "127.0.0.1:7"}}}
+	var enc devicesJSON
+	var c deviceCheck
+	encode := func() []byte {
+		t.Helper()
+		b, err := enc.encode(st)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	for i := range 100 {
+		st.Monotonic = uint64(i) * 999_983
+		if err := c.check(encode(), []string{"/g"}); err != nil {
+			t.Fatalf("tick %d: %v", i, err)
+		}
+	}
+	if c.parsed != 1 {
+		t.Errorf("%d parses for one state at 100 clocks, want 1", c.parsed)
+	}
+	// A connection comes: parsed again, valid.
+	st.FDs = append(st.FDs, wasi.FDState{Num: 4, Kind: wasi.KindConn, Addr: "127.0.0.1:9"})
+	if err := c.check(encode(), []string{"/g"}); err != nil || c.parsed != 2 {
+		t.Fatalf("a new connection: %v, %d parses", err, c.parsed)
+	}
+	// One number twice: refused, then again at the next clock (no
+	// shortcut to a state that failed).
+	st.FDs = append(st.FDs, wasi.FDState{Num: 4, Kind: wasi.KindConn, Addr: "127.0.0.1:10"})
+	for i := range 2 {
+		st.Monotonic++
+		if err := c.check(encode(), []string{"/g"}); err == nil {
+			t.Fatalf("try %d: a descriptor given twice passed", i)
+		}
+	}
+	st.FDs = st.FDs[:2]
+	// Preopens other than the Hello's.
+	for _, hello := range [][]string{nil, {"/other"}, {"/g", "/h"}} {
+		if err := c.check(encode(), hello); err == nil {
+			t.Errorf("preopens %q against a state of [/g]: passed", hello)
+		}
+	}
+	// Not JSON, and a state without a clock: parsed, refused or checked
+	// in full.
+	if err := c.check([]byte(`{"fds":[`), []string{"/g"}); err == nil {
+		t.Error("truncated JSON passed")
+	}
+	if err := c.check([]byte(`{"preopens":[{"GuestPath":"/g"}]}`), []string{"/g"}); err != nil {
+		t.Errorf("a state without a clock: %v", err)
+	}
+}
+
+// BenchmarkDeviceCheck: the backup's check of a KV server's device state
+// (32 connections) at a checkpoint: "clock" is the usual case, a state
+// that changed only its clock; "changed" parses and validates it.
+func BenchmarkDeviceCheck(b *testing.B) {
+	st := &wasi.State{Args: []string{"kv"}, Preopens: []wasi.Preopen{{HostPath: "/h", GuestPath: "/g"}},
+		FDs: []wasi.FDState{{Num: 3, Kind: wasi.KindListener, Addr: "127.0.0.1:7"}}}
+	for i := range 32 {
+		st.FDs = append(st.FDs, wasi.FDState{Num: uint32(4 + i), Kind: wasi.KindConn, Addr: "127.0.0.1:40000",
+			RightsBase: 0x1ffffff, Readable: true, Writable: true})
+	}
+	var enc devicesJSON
+	states := make([][]byte, 64)
+	for i := range states {
+		st.Monotonic = uint64(i) * 25_000_000
+		s, err := enc.encode(st)
+		if err != nil {
+			b.Fatal(err)
+		}
+		states[i] = s
+	}
+	b.Logf("%d bytes of device state", len(states[0]))
+	for _, changed := range []bool{false, true} {
+		name := map[bool]string{false: "clock", true: "changed"}[changed]
+		b.Run(name, func(b *testing.B) {
+			var c deviceCheck
+			for i := 0; b.Loop(); i++ {
+				if changed {
+					c.ok = false
+				}
+				if err := c.check(states[i%len(states)], []string{"/g"}); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}

@@ -208,15 +208,18 @@ func TestBackupStoresTheLastEpochsDiskOps(t *testing.T) {
 			// a checkpoint once its copy is done, and the exit after.
 			b := serveSlowBackup(t, time.Hour, 30*time.Millisecond)
 			module, hash := fakeModule()
+			// The device state names the Hello's one preopen, as a
+			// primary's does (the backup checks it before its ack).
+			devs := []byte(`{"preopens":[{"HostPath":"/srv/data","GuestPath":"/data"}],"monotonic_ns":5}`)
 			full := &snapshot.Snapshot{Kind: snapshot.Full, Module: hash, Seq: 1, MemorySize: 1 << 20,
-				Pages: []snapshot.Page{{Index: 0, Data: onePage(7)}}, Devices: []byte("{}"), ModuleCode: module, ModuleName: "fake"}
+				Pages: []snapshot.Page{{Index: 0, Data: onePage(7)}}, Devices: devs, ModuleCode: module, ModuleName: "fake"}
 			f := dialBackupHello(t, b.Addr().String(), &wire.Hello{Version: wire.Version, VM: "vm1", Term: 1,
 				Module: hash, Name: "fake", Preopens: []string{"/data"}})
 			f.checkpoint(1, true, encodeSnap(t, full), nil)
 			f.ack(1)
 			// Checkpoint 2 writes log.txt.
 			inc := &snapshot.Snapshot{Kind: snapshot.Incremental, Module: hash, Seq: 2, Parent: full.ID,
-				MemorySize: 1 << 20, Pages: []snapshot.Page{{Index: 1, Data: onePage(1)}}, Devices: []byte("{}")}
+				MemorySize: 1 << 20, Pages: []snapshot.Page{{Index: 1, Data: onePage(1)}}, Devices: devs}
 			raw := encodeSnap(t, inc)
 			f.send(&wire.CheckpointBegin{Seq: 2})
 			f.send(&wire.CheckpointData{Seq: 2, Data: raw})

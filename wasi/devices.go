@@ -317,7 +317,7 @@ func (d *Devices) openListener(l Listener) error {
 		}
 		return nil
 	}
-	if l.Fd > maxFds {
+	if l.Fd >= maxFds {
 		unix.Close(host)
 		return fmt.Errorf("listen %s: descriptor %d out of range", addr, l.Fd)
 	}

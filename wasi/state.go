@@ -103,6 +103,9 @@ func (d *Devices) Capture() *State {
 // Connections cannot move between processes yet: the guest keeps their
 // descriptors, and sees a reset on its next use.
 func Restore(cfg Config, st *State) (*Devices, error) {
+	if err := st.Validate(); err != nil {
+		return nil, fmt.Errorf("restore: %w", err)
+	}
 	preopens, err := matchPreopens(cfg.Preopens, st.Preopens)
 	if err != nil {
 		return nil, err
@@ -152,6 +155,44 @@ func Restore(cfg Config, st *State) (*Devices, error) {
 		d.fds.Set(fs.Num, f)
 	}
 	return d, nil
+}
+
+// Validate refuses a state no guest could have left: a state comes from a
+// snapshot file or a primary's checkpoint, and is checked before anything
+// is opened (Restore), or before a backup acknowledges the checkpoint that
+// carries it, so that its failover cannot fail on it. A descriptor number
+// past the table's bound would have the table grow to it (2^32 entries:
+// 32 GiB); one given twice would leak the first one's host file; a file's
+// root must be one of the state's preopens, a standard stream one of the
+// three. (Paths are confined where they are opened: beneath their root.)
+func (st *State) Validate() error {
+	if len(st.FDs) > maxFds {
+		return fmt.Errorf("%d descriptors, more than the table's %d", len(st.FDs), maxFds)
+	}
+	seen := make(map[uint32]bool, len(st.FDs))
+	for _, fs := range st.FDs {
+		if fs.Num >= maxFds {
+			return fmt.Errorf("guest fd %d out of range (the table holds %d)", fs.Num, maxFds)
+		}
+		if seen[fs.Num] {
+			return fmt.Errorf("guest fd %d given twice", fs.Num)
+		}
+		seen[fs.Num] = true
+		switch fs.Kind {
+		case KindStdio:
+			if fs.Stdio < 0 || fs.Stdio > 2 {
+				return fmt.Errorf("guest fd %d: standard stream %d", fs.Num, fs.Stdio)
+			}
+		case KindDir, KindFile:
+			if fs.Root < 0 || fs.Root >= len(st.Preopens) {
+				return fmt.Errorf("guest fd %d: preopen index %d out of range (%d preopens)", fs.Num, fs.Root, len(st.Preopens))
+			}
+		case KindListener, KindConn:
+		default:
+			return fmt.Errorf("guest fd %d: unknown descriptor kind %d", fs.Num, fs.Kind)
+		}
+	}
+	return nil
 }
 
 func describeFD(fs FDState) string {

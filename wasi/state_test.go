@@ -3,6 +3,7 @@ package wasi
 import (
 	"bytes"
 	"encoding/json"
+	"math"
 	"net"
 	"os"
 	"path/filepath"
@@ -190,4 +191,68 @@ func TestSameButClock(t *testing.T) {
 			}
 		}
 	}
+}
+
+// TestRestoreRefusesImpossibleTables: a state from a corrupt or hostile
+// snapshot or checkpoint that no guest could have left (a descriptor number
+// past the table's bound or given twice, a root or stream that does not
+// exist, an unknown kind) is a clear error before anything is opened, not a
+// table grown to 2^32 entries (32 GiB), a leaked file or a panic.
+func TestRestoreRefusesImpossibleTables(t *testing.T) {
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, "f"), []byte("x"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cfg := Config{Preopens: []Preopen{{HostPath: dir, GuestPath: "/"}},
+		Stdin: strings.NewReader(""), Stdout: &bytes.Buffer{}, Stderr: &bytes.Buffer{}}
+	file := func(num uint32) FDState {
+		return FDState{Num: num, Kind: KindFile, Filetype: FiletypeRegularFile, Root: 0, Path: "f", Readable: true}
+	}
+	pre := []Preopen{{HostPath: dir, GuestPath: "/"}}
+	for _, c := range []struct {
+		name string
+		fds  []FDState
+		want string
+	}{
+		{"past the bound", []FDState{file(4), file(math.MaxUint32)}, "out of range"},
+		{"at the bound", []FDState{file(maxFds)}, "out of range"},
+		{"twice", []FDState{file(4), file(5), file(4)}, "given twice"},
+		{"root past the preopens", []FDState{file(4), {Num: 5, Kind: KindFile, Root: 1, Path: "f"}}, "preopen index 1"},
+		{"no such stream", []FDState{{Num: 1, Kind: KindStdio, Stdio: 3}}, "standard stream 3"},
+		{"unknown kind", []FDState{{Num: 6, Kind: 77}}, "unknown descriptor kind"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			before := openFiles(t)
+			d, err := Restore(cfg, &State{Preopens: pre, FDs: c.fds})
+			if err == nil {
+				d.Close()
+				t.Fatal("restored")
+			}
+			if !strings.Contains(err.Error(), c.want) {
+				t.Errorf("error %q, want one saying %q", err, c.want)
+			}
+			if after := openFiles(t); after != before {
+				t.Errorf("%d host descriptors open after the refused restore, %d before", after, before)
+			}
+		})
+	}
+	// The largest number the table holds is restored.
+	d, err := Restore(cfg, &State{Preopens: pre, FDs: []FDState{file(maxFds - 1)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	if _, errno := d.fds.Get(maxFds - 1); errno != ESUCCESS {
+		t.Errorf("fd %d after restore: %v", maxFds-1, errno)
+	}
+}
+
+// openFiles counts this process's open descriptors.
+func openFiles(t *testing.T) int {
+	t.Helper()
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(ents)
 }
