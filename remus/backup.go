@@ -182,6 +182,13 @@ func (b *Backup) slot(ctx context.Context, vm string, roots int) (*slot, error) 
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if s, ok := b.slots[vm]; ok {
+		if s.roots != roots {
+			// Its store keeps a replica of each: their number is the
+			// slot's for good (a backup restarted on this state refuses
+			// the same way, in store.Open).
+			return nil, fmt.Errorf("VM %s is protected here with %d preopened directories, this primary has %d "+
+				"(give it another --vm-id, or start the backup on a fresh --state)", vm, s.roots, roots)
+		}
 		return s, nil
 	}
 	eng, err := engine.NewBackup(b.cfg.Engine, vm, b.now())
@@ -461,6 +468,10 @@ func (s *slot) receive(id uint64, c *transport.Conn, hello *wire.Hello) {
 				fail("exit %d: %d disk ops messages arrived (of epoch %d), %d announced", m.Seq, exitOpsMsgs, exitOpsSeq, m.DiskOps)
 				return
 			}
+			if err := s.checkDisk(nil, exitOps); err != nil {
+				fail("exit %d: %v", m.Seq, err)
+				return
+			}
 			s.events <- exitEv{session: id, seq: m.Seq, code: m.Code, ops: exitOps, conn: c}
 			exitOps, exitOpsSeq, exitOpsMsgs = nil, 0, 0
 		case *wire.DiskOps:
@@ -573,6 +584,10 @@ func (s *slot) receive(id uint64, c *transport.Conn, hello *wire.Hello) {
 				fail("checkpoint %d: %d/%d disk messages arrived, %d/%d announced", m.Seq, opsMsgs, fileMsgs, m.DiskOps, m.DiskFiles)
 				return
 			}
+			if err := s.checkDisk(cur.tree, cur.ops); err != nil {
+				fail("checkpoint %d: %v", m.Seq, err)
+				return
+			}
 			if len(cur.tail) > 0 {
 				cur.raw, cur.tail = append(cur.raw, cur.tail), nil
 				if cur.stream != nil {
@@ -622,6 +637,21 @@ func (s *slot) receive(id uint64, c *transport.Conn, hello *wire.Hello) {
 			return
 		}
 	}
+}
+
+// checkDisk checks a checkpoint's (or an exit's) disk changes as the
+// slot's store will when it commits them, before they are acknowledged:
+// the commit to disk comes after the ack, and must not refuse them then
+// (a primary's device layer never makes such ops; a faulty or hostile
+// peer might).
+func (s *slot) checkDisk(tree []wire.DiskFile, ops []wire.FsOp) error {
+	if len(tree) == 0 && len(ops) == 0 {
+		return nil
+	}
+	if err := store.Validate(toStoreTree(tree), toStoreOps(ops), store.Options{Roots: s.roots}); err != nil {
+		return fmt.Errorf("disk changes: %w", err)
+	}
+	return nil
 }
 
 // opsBytes is what disk ops hold in memory, for maxDiskBytes.

@@ -2,12 +2,14 @@ package remus
 
 import (
 	"bytes"
+	"context"
 	"hash/crc32"
 	"maps"
 	"math/rand/v2"
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -291,5 +293,84 @@ func TestBackupStoresTheLastEpochsDiskOps(t *testing.T) {
 				t.Errorf("reopened: exited %v code %d, committed %d; want exited, 3, 2", ok, code, re.Committed())
 			}
 		})
+	}
+}
+
+// TestBackupRefusesBadDiskChanges: the backup checks a checkpoint's or an
+// exit's file operations as its store will when it commits them, before it
+// acknowledges them (the commit to disk comes after the ack, and must not
+// refuse them then): an op that escapes the directory, names a directory
+// the VM does not have, or an exit with such an op is never acknowledged,
+// and the replica gets nothing of it. A primary of that VM id with another
+// number of directories is refused at its Hello, with the reason.
+func TestBackupRefusesBadDiskChanges(t *testing.T) {
+	b := serveBackup(t, time.Hour)
+	module, hash := fakeModule()
+	devs := []byte(`{"preopens":[{"HostPath":"/srv/data","GuestPath":"/data"}],"monotonic_ns":5}`)
+	full := &snapshot.Snapshot{Kind: snapshot.Full, Module: hash, Seq: 1, MemorySize: 1 << 20,
+		Pages: []snapshot.Page{{Index: 0, Data: onePage(7)}}, Devices: devs, ModuleCode: module, ModuleName: "fake"}
+	fullRaw := encodeSnap(t, full) // sets full.ID
+	inc := &snapshot.Snapshot{Kind: snapshot.Incremental, Module: hash, Seq: 2, Parent: full.ID,
+		MemorySize: 1 << 20, Pages: []snapshot.Page{{Index: 1, Data: onePage(1)}}, Devices: devs}
+	hello := &wire.Hello{Version: wire.Version, VM: "vm1", Term: 1, Module: hash, Name: "fake", Preopens: []string{"/data"}}
+	replica := filepath.Join(b.cfg.StateDir, "slots", "vm1", "disk", "0")
+	creat := uint32(wasi.OflagCreat | wasi.OflagTrunc)
+	op := func(root uint32, path string) wire.FsOp {
+		return wire.FsOp{Op: uint8(wasi.FsCreate), Root: root, Path: path, Flags: creat}
+	}
+	for _, c := range []struct {
+		name string
+		op   wire.FsOp
+		exit bool
+	}{
+		{"escape", op(0, "../escaped.txt"), false},
+		{"absolute", op(0, "/etc/escaped.txt"), false},
+		{"unknown directory", op(1, "escaped.txt"), false},
+		{"exit escaping", op(0, "../escaped.txt"), true},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			f := dialBackupHello(t, b.Addr().String(), hello)
+			f.checkpoint(1, true, fullRaw, nil)
+			f.ack(1)
+			if c.exit {
+				f.send(&wire.DiskOps{Seq: 2, Ops: []wire.FsOp{op(0, "fine.txt"), c.op}})
+				f.send(&wire.Exit{Seq: 2, Code: 0, DiskOps: 1})
+			} else {
+				raw := encodeSnap(t, inc)
+				f.send(&wire.CheckpointBegin{Seq: 2})
+				f.send(&wire.CheckpointData{Seq: 2, Data: raw})
+				f.send(&wire.DiskOps{Seq: 2, Ops: []wire.FsOp{op(0, "fine.txt"), c.op}})
+				f.send(&wire.CheckpointEnd{Seq: 2, SnapshotSize: uint64(len(raw)), SnapshotCRC: crc32.Checksum(raw, castagnoli), DiskOps: 1})
+			}
+			if m := f.next(); m != nil {
+				t.Fatalf("answered with %v", m)
+			}
+			// The status follows the ack: wait for checkpoint 1's.
+			for deadline := time.Now().Add(5 * time.Second); committedOn(b) != 1 && time.Now().Before(deadline); {
+				time.Sleep(time.Millisecond)
+			}
+			if st := b.Status().Slots; len(st) != 1 || st[0].Committed != 1 || st[0].State == "exited" {
+				t.Fatalf("slot after the refused changes: %+v, want committed 1 and not exited", st)
+			}
+			time.Sleep(50 * time.Millisecond) // a persister that took them would have written by now
+			for _, p := range []string{filepath.Join(replica, "fine.txt"), filepath.Join(replica, "..", "escaped.txt")} {
+				if _, err := os.Stat(p); err == nil {
+					t.Errorf("%s exists", p)
+				}
+			}
+		})
+	}
+	// Another number of directories for the same VM id.
+	two := *hello
+	two.Preopens = []string{"/data", "/logs"}
+	c, err := transport.Dial(context.Background(), b.Addr().String(), nil, transport.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	f := &fakePrimary{t: t, c: c}
+	f.send(&two)
+	if m, ok := f.next().(*wire.Reject); !ok || !strings.Contains(m.Reason, "preopened directories") {
+		t.Fatalf("a Hello with two directories for a VM of one was answered with %v", m)
 	}
 }

@@ -353,3 +353,30 @@ func checkTree(tree []TreeEntry, roots uint32, maxSize int64) error {
 	}
 	return nil
 }
+
+// Validate checks a checkpoint's disk changes (a full checkpoint's tree, or
+// an incremental's or an exit's ops) as a slot opened with opts would when
+// it commits them, without a slot: a backup checks them before it
+// acknowledges the checkpoint, so that its commit to disk cannot refuse
+// them after the ack. (Whether ops fit the files on disk, a replica that
+// diverged, is known only at the commit.)
+func Validate(tree []TreeEntry, ops []FsOp, opts Options) error {
+	if opts.Roots < 0 || opts.Roots > maxRoots {
+		return invalid("%d roots", opts.Roots)
+	}
+	if opts.MaxFileSize <= 0 {
+		opts.MaxFileSize = DefaultMaxFileSize
+	}
+	if err := checkTree(tree, uint32(opts.Roots), opts.MaxFileSize); err != nil {
+		return err
+	}
+	if len(ops) > maxOps {
+		return invalid("%d ops in one checkpoint (at most %d)", len(ops), maxOps)
+	}
+	for i, op := range ops {
+		if _, err := normalize(op, uint32(opts.Roots), opts.MaxFileSize, time.Time{}); err != nil {
+			return fmt.Errorf("op %d: %w", i, err)
+		}
+	}
+	return nil
+}

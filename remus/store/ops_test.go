@@ -274,6 +274,17 @@ func TestOpValidation(t *testing.T) {
 		if !errors.Is(err, ErrInvalid) {
 			t.Errorf("%s: %v, want ErrInvalid", op.String(), err)
 		}
+		// Validate, which a backup runs before its ack, refuses it too.
+		if err := Validate(nil, []FsOp{opW(0, "a", 0, "ok"), op}, Options{Roots: 2}); !errors.Is(err, ErrInvalid) {
+			t.Errorf("Validate %s: %v, want ErrInvalid", op.String(), err)
+		}
+	}
+	if err := Validate([]TreeEntry{fileE(0, "a", "a"), fileE(1, "b", "b")},
+		[]FsOp{opW(0, "a", 0, "ok"), opCr(1, "c", creat), opRn(0, "a", 1, "d")}, Options{Roots: 2}); err != nil {
+		t.Errorf("Validate of good changes: %v", err)
+	}
+	if err := Validate([]TreeEntry{fileE(2, "a", "a")}, nil, Options{Roots: 2}); !errors.Is(err, ErrInvalid) {
+		t.Errorf("Validate of a tree entry under root 2 of 2: %v", err)
 	}
 	if s.Committed() != 1 {
 		t.Fatalf("committed %d", s.Committed())
