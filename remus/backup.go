@@ -177,17 +177,21 @@ func (b *Backup) handshake(ctx context.Context, c *transport.Conn) {
 	s.attach(c, hello)
 }
 
+// rootsMismatch refuses a primary of vm with want preopened directories
+// where its slot has have: the slot's store keeps a replica of each, and
+// their number is the slot's for good.
+func rootsMismatch(vm string, have, want int) error {
+	return fmt.Errorf("VM %s is protected here with %d preopened directories, this primary has %d "+
+		"(give it another --vm-id, or start the backup on a fresh --state)", vm, have, want)
+}
+
 // slot returns the slot of vm, creating it.
 func (b *Backup) slot(ctx context.Context, vm string, roots int) (*slot, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if s, ok := b.slots[vm]; ok {
 		if s.roots != roots {
-			// Its store keeps a replica of each: their number is the
-			// slot's for good (a backup restarted on this state refuses
-			// the same way, in store.Open).
-			return nil, fmt.Errorf("VM %s is protected here with %d preopened directories, this primary has %d "+
-				"(give it another --vm-id, or start the backup on a fresh --state)", vm, s.roots, roots)
+			return nil, rootsMismatch(vm, s.roots, roots)
 		}
 		return s, nil
 	}
@@ -198,6 +202,12 @@ func (b *Backup) slot(ctx context.Context, vm string, roots int) (*slot, error) 
 	st, err := store.Open(filepath.Join(b.cfg.StateDir, "slots", vm), store.Options{Roots: roots})
 	if err != nil {
 		return nil, fmt.Errorf("slot state: %w", err)
+	}
+	if have := st.Roots(); have != roots {
+		// A slot with a checkpoint and 0 asked for: the store took the
+		// committed value.
+		st.Close()
+		return nil, rootsMismatch(vm, have, roots)
 	}
 	mi, err := machine.NewMemoryImage(0)
 	if err != nil {

@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ftvm/ftvm/remus/engine"
 	"github.com/ftvm/ftvm/remus/store"
 	"github.com/ftvm/ftvm/remus/wire"
 	"github.com/ftvm/ftvm/snapshot"
@@ -373,4 +374,50 @@ func TestBackupRefusesBadDiskChanges(t *testing.T) {
 	if m, ok := f.next().(*wire.Reject); !ok || !strings.Contains(m.Reason, "preopened directories") {
 		t.Fatalf("a Hello with two directories for a VM of one was answered with %v", m)
 	}
+}
+
+// TestBackupRestartedRefusesOtherDirectories: a backup restarted on the
+// state of a VM with one directory refuses a primary of that VM id with
+// none (the store would have taken the slot's one, and the session none),
+// as a running one does; a primary with the one directory is welcome.
+func TestBackupRestartedRefusesOtherDirectories(t *testing.T) {
+	state := t.TempDir()
+	start := func() (*Backup, func()) {
+		b, err := ListenBackup(BackupConfig{Listen: "127.0.0.1:0", StateDir: state,
+			Engine: engine.Config{Timeout: time.Hour}, CacheDir: "-", InstrumentCacheDir: filepath.Join(t.TempDir(), "i")})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan struct{})
+		go func() { b.Serve(ctx); close(done) }()
+		return b, func() { cancel(); <-done }
+	}
+	module, hash := fakeModule()
+	devs := []byte(`{"preopens":[{"HostPath":"/srv/data","GuestPath":"/data"}],"monotonic_ns":5}`)
+	full := &snapshot.Snapshot{Kind: snapshot.Full, Module: hash, Seq: 1, MemorySize: 1 << 20,
+		Pages: []snapshot.Page{{Index: 0, Data: onePage(7)}}, Devices: devs, ModuleCode: module, ModuleName: "fake"}
+	hello := &wire.Hello{Version: wire.Version, VM: "vm1", Term: 1, Module: hash, Name: "fake", Preopens: []string{"/data"}}
+	b, stop := start()
+	f := dialBackupHello(t, b.Addr().String(), hello)
+	f.checkpoint(1, true, encodeSnap(t, full), nil)
+	f.ack(1)
+	f.c.Close()
+	stop() // waits for the disk
+
+	b, stop = start()
+	defer stop()
+	none := *hello
+	none.Preopens = nil
+	c, err := transport.Dial(context.Background(), b.Addr().String(), nil, transport.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	g := &fakePrimary{t: t, c: c}
+	g.send(&none)
+	if m, ok := g.next().(*wire.Reject); !ok || !strings.Contains(m.Reason, "1 preopened directories, this primary has 0") {
+		t.Fatalf("a Hello without the VM's directory was answered with %v", m)
+	}
+	dialBackupHello(t, b.Addr().String(), hello) // welcome
 }

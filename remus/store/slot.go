@@ -884,6 +884,14 @@ func (s *Slot) image() (*snapshot.Image, error) {
 	return img, nil
 }
 
+// Roots is the number of preopened directories the slot keeps a replica
+// of (Options.Roots, or the committed value where that was 0).
+func (s *Slot) Roots() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return int(s.roots)
+}
+
 // DiskDir is the replica of preopen root: what a restored guest gets as
 // that preopen. It is "" for a root the slot does not have.
 func (s *Slot) DiskDir(root int) string {
