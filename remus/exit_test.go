@@ -364,16 +364,28 @@ func TestBackupRefusesBadDiskChanges(t *testing.T) {
 	// Another number of directories for the same VM id.
 	two := *hello
 	two.Preopens = []string{"/data", "/logs"}
-	c, err := transport.Dial(context.Background(), b.Addr().String(), nil, transport.Options{})
+	if why := refusedHello(t, b.Addr().String(), &two); !strings.Contains(why, "1 preopened directories, this primary has 2") {
+		t.Fatalf("a Hello with two directories for a VM of one: refused with %q", why)
+	}
+}
+
+// refusedHello sends hello to the backup at addr and returns the reason
+// of its Reject (the test fails on any other answer).
+func refusedHello(t *testing.T, addr string, hello *wire.Hello) string {
+	t.Helper()
+	c, err := transport.Dial(context.Background(), addr, nil, transport.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c.Close()
 	f := &fakePrimary{t: t, c: c}
-	f.send(&two)
-	if m, ok := f.next().(*wire.Reject); !ok || !strings.Contains(m.Reason, "preopened directories") {
-		t.Fatalf("a Hello with two directories for a VM of one was answered with %v", m)
+	f.send(hello)
+	msg := f.next()
+	r, ok := msg.(*wire.Reject)
+	if !ok {
+		t.Fatalf("the Hello was answered with %v, want a Reject", msg)
 	}
+	return r.Reason
 }
 
 // TestBackupRestartedRefusesOtherDirectories: a backup restarted on the
@@ -409,15 +421,8 @@ func TestBackupRestartedRefusesOtherDirectories(t *testing.T) {
 	defer stop()
 	none := *hello
 	none.Preopens = nil
-	c, err := transport.Dial(context.Background(), b.Addr().String(), nil, transport.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	g := &fakePrimary{t: t, c: c}
-	g.send(&none)
-	if m, ok := g.next().(*wire.Reject); !ok || !strings.Contains(m.Reason, "1 preopened directories, this primary has 0") {
-		t.Fatalf("a Hello without the VM's directory was answered with %v", m)
+	if why := refusedHello(t, b.Addr().String(), &none); !strings.Contains(why, "1 preopened directories, this primary has 0") {
+		t.Fatalf("a Hello without the VM's directory: refused with %q", why)
 	}
 	dialBackupHello(t, b.Addr().String(), hello) // welcome
 }
