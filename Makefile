@@ -51,6 +51,7 @@ fuzz: deps
 	$(GO) test ./remus/engine $(FUZZFLAGS) -fuzz FuzzBackup
 	$(GO) test ./remus/store $(FUZZFLAGS) -fuzz FuzzDecodeJournal
 	$(GO) test ./remus $(FUZZFLAGS) -fuzz FuzzBackupStream
+	$(GO) test ./remus $(FUZZFLAGS) -fuzz FuzzDeviceCheck
 
 clean:
 	rm -rf bin

@@ -61,20 +61,24 @@ func (c *devicesJSON) encode(st *wasi.State) ([]byte, error) {
 // deviceCheck is the backup's side: it validates the device state each
 // checkpoint carries before the checkpoint is acknowledged (a failover
 // restores that state, and must not fail on it then; the primary is a
-// network peer like any other). A state equal to the last one validated
-// but for its clock, as most are, is compared with it, not parsed again.
+// network peer like any other). A state that differs from the last one
+// validated only in its clock and its files' positions, as most do, is
+// compared with it (maskState), not parsed again: parsing a server's 33
+// descriptors costs about 57 µs here, on the path of the ack.
 type deviceCheck struct {
-	prefix, suffix []byte // the last state validated, around its clock's digits
-	ok             bool
-	parsed         int // states parsed (tests)
+	masked []byte // the last state validated, masked
+	ok     bool
+	buf    []byte
+	parsed int // states parsed (tests)
 }
 
 // check validates state, the JSON of a checkpoint's device state, for a
 // primary whose Hello named preopens (the guest paths, in order: the
 // backup keeps a replica of each).
 func (c *deviceCheck) check(state []byte, preopens []string) error {
-	pre, suf, found := splitClock(state)
-	if found && c.ok && bytes.Equal(pre, c.prefix) && bytes.Equal(suf, c.suffix) {
+	masked, maskable := maskState(c.buf[:0], state)
+	c.buf = masked
+	if maskable && c.ok && bytes.Equal(masked, c.masked) {
 		return nil
 	}
 	c.ok = false
@@ -94,28 +98,59 @@ func (c *deviceCheck) check(state []byte, preopens []string) error {
 			return fmt.Errorf("preopen %d is %q, the session's Hello named %q", i, p.GuestPath, preopens[i])
 		}
 	}
-	if found {
-		c.prefix, c.suffix, c.ok = append(c.prefix[:0], pre...), append(c.suffix[:0], suf...), true
+	if maskable {
+		c.masked, c.ok = append(c.masked[:0], masked...), true
 	}
 	return nil
 }
 
-// splitClock splits a device state's JSON around the digits of its clock
-// (found: the field is there, followed by digits). The field's name with
-// its quotes occurs once: a string's quotes are escaped.
-func splitClock(state []byte) (pre, suf []byte, found bool) {
-	const field = `"monotonic_ns":`
-	i := bytes.Index(state, []byte(field))
-	if i < 0 {
-		return nil, nil, false
+// maskedFields are the numbers maskState masks, each with the most digits
+// it keeps (so that the number fits its field with either sign): the
+// clock (uint64) and a file's position (int64).
+var maskedFields = [...]struct {
+	key    []byte
+	digits int
+}{{[]byte(`"monotonic_ns":`), 19}, {[]byte(`"pos":`), 18}}
+
+// maskState appends to dst the JSON of a device state with the digits of
+// each number that follows a masked field's key replaced by '#'. Two
+// states with the same mask are, if either is valid JSON, the same state
+// but for those numbers, which no check reads: a key with its quotes, and
+// the colon, occur only where an object's key ends (a string's quotes are
+// escaped), and what was a plain non-negative integer stays one. maskable
+// is false, and the state must be parsed, where such a number is not one
+// that fits: a leading zero or too many digits.
+func maskState(dst, state []byte) (masked []byte, maskable bool) {
+	var next [len(maskedFields)]int
+	for k, f := range maskedFields {
+		next[k] = bytes.Index(state, f.key)
 	}
-	at := i + len(field)
-	end := at
-	for end < len(state) && state[end] >= '0' && state[end] <= '9' {
-		end++
+	at := 0
+	for {
+		k := -1
+		for j, n := range next {
+			if n >= 0 && (k < 0 || n < next[k]) {
+				k = j
+			}
+		}
+		if k < 0 {
+			return append(dst, state[at:]...), true
+		}
+		f := maskedFields[k]
+		start := next[k] + len(f.key)
+		end := start
+		for end < len(state) && state[end] >= '0' && state[end] <= '9' {
+			end++
+		}
+		if n := end - start; n == 0 || n > f.digits || (n > 1 && state[start] == '0') {
+			return dst, false
+		}
+		dst = append(append(dst, state[at:start]...), '#')
+		at = end
+		if i := bytes.Index(state[end:], f.key); i >= 0 {
+			next[k] = end + i
+		} else {
+			next[k] = -1
+		}
 	}
-	if end == at {
-		return nil, nil, false
-	}
-	return state[:at], state[end:], true
 }

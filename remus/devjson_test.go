@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"math/rand/v2"
+	"strings"
 	"testing"
 
 	"github.com/ftvm/ftvm/wasi"
@@ -53,13 +54,17 @@ func TestDevicesJSON(t *testing.T) {
 }
 
 // TestDeviceCheck: the backup validates every checkpoint's device state,
-// parsing only a state that is not the last valid one with another clock
-// (the primary's encoder, whose output it checks here, re-encodes only the
-// clock of a state that did not change); a state that changed is parsed
-// and validated again, and a bad one is never taken for the last good one.
+// parsing only a state that differs from the last valid one in more than
+// its clock and its files' positions (the primary's encoder, whose output
+// it checks here, re-encodes such a state's JSON only where those
+// numbers changed); a state that changed otherwise is parsed and validated
+// again, a bad one is never taken for the last good one, and a number that
+// would not parse as its field (a leading zero, too many digits) is never
+// taken for a position or a clock.
 func TestDeviceCheck(t *testing.T) {
 	st := &wasi.State{Args: []string{"kv"}, Preopens: []wasi.Preopen{{HostPath: "/h", GuestPath: "/g"}},
-		FDs: []wasi.FDState{{Num: 3, Kind: wasi.KindListener, Addr: "127.0.0.1:7"}}}
+		FDs: []wasi.FDState{{Num: 3, Kind: wasi.KindListener, Addr: "127.0.0.1:7"},
+			{Num: 4, Kind: wasi.KindFile, Root: 0, Path: "log", Writable: true, Pos: 10}}}
 	var enc devicesJSON
 	var c deviceCheck
 	encode := func() []byte {
@@ -72,32 +77,57 @@ func TestDeviceCheck(t *testing.T) {
 	}
 	for i := range 100 {
 		st.Monotonic = uint64(i) * 999_983
+		st.FDs[1].Pos += int64(i) * 4099 // a log that grows
 		if err := c.check(encode(), []string{"/g"}); err != nil {
 			t.Fatalf("tick %d: %v", i, err)
 		}
 	}
 	if c.parsed != 1 {
-		t.Errorf("%d parses for one state at 100 clocks, want 1", c.parsed)
+		t.Errorf("%d parses for one state at 100 clocks and positions, want 1", c.parsed)
 	}
 	// A connection comes: parsed again, valid.
-	st.FDs = append(st.FDs, wasi.FDState{Num: 4, Kind: wasi.KindConn, Addr: "127.0.0.1:9"})
+	st.FDs = append(st.FDs, wasi.FDState{Num: 5, Kind: wasi.KindConn, Addr: "127.0.0.1:9"})
 	if err := c.check(encode(), []string{"/g"}); err != nil || c.parsed != 2 {
 		t.Fatalf("a new connection: %v, %d parses", err, c.parsed)
 	}
 	// One number twice: refused, then again at the next clock (no
 	// shortcut to a state that failed).
-	st.FDs = append(st.FDs, wasi.FDState{Num: 4, Kind: wasi.KindConn, Addr: "127.0.0.1:10"})
+	st.FDs = append(st.FDs, wasi.FDState{Num: 5, Kind: wasi.KindConn, Addr: "127.0.0.1:10"})
 	for i := range 2 {
 		st.Monotonic++
 		if err := c.check(encode(), []string{"/g"}); err == nil {
 			t.Fatalf("try %d: a descriptor given twice passed", i)
 		}
 	}
-	st.FDs = st.FDs[:2]
+	st.FDs = st.FDs[:3]
 	// Preopens other than the Hello's.
 	for _, hello := range [][]string{nil, {"/other"}, {"/g", "/h"}} {
 		if err := c.check(encode(), hello); err == nil {
 			t.Errorf("preopens %q against a state of [/g]: passed", hello)
+		}
+	}
+	// Valid again; then the same state with numbers no field takes: a
+	// leading zero is not JSON, 20 digits overflow the clock, 19 may
+	// overflow a position.
+	good := encode()
+	if err := c.check(good, []string{"/g"}); err != nil {
+		t.Fatal(err)
+	}
+	for _, bad := range []struct{ key, num string }{
+		{`"pos":`, "0123"}, {`"monotonic_ns":`, "012"}, {`"monotonic_ns":`, "18446744073709551616"},
+		{`"pos":`, "9223372036854775808"},
+	} {
+		i := bytes.Index(good, []byte(bad.key)) + len(bad.key)
+		j := i
+		for good[j] >= '0' && good[j] <= '9' {
+			j++
+		}
+		mangled := append(append(append([]byte(nil), good[:i]...), bad.num...), good[j:]...)
+		if err := c.check(mangled, []string{"/g"}); err == nil {
+			t.Errorf("%s%s passed", bad.key, bad.num)
+		}
+		if err := c.check(good, []string{"/g"}); err != nil {
+			t.Fatal(err)
 		}
 	}
 	// Not JSON, and a state without a clock: parsed, refused or checked
@@ -108,6 +138,41 @@ func TestDeviceCheck(t *testing.T) {
 	if err := c.check([]byte(`{"preopens":[{"GuestPath":"/g"}]}`), []string{"/g"}); err != nil {
 		t.Errorf("a state without a clock: %v", err)
 	}
+}
+
+// FuzzDeviceCheck: whatever a primary sends, the backup's check passes a
+// device state only if it parses as a state that is valid: json.Unmarshal
+// and wasi.State.Validate, what a failover runs, agree with it on every
+// state it passes, the shortcut's included. Each input is a valid state's
+// JSON and a mutation of it, checked in turn.
+func FuzzDeviceCheck(f *testing.F) {
+	base := `{"args":["kv"],"env":null,"preopens":[{"HostPath":"/h","GuestPath":"/g"}],"monotonic_ns":123,` +
+		`"fds":[{"num":3,"kind":4,"filetype":6,"rights_base":0,"root":0,"addr":"127.0.0.1:7"},` +
+		`{"num":4,"kind":3,"filetype":4,"rights_base":0,"root":0,"path":"log","writable":true,"pos":4096}]}`
+	f.Add([]byte(base), []byte(strings.Replace(base, `"pos":4096`, `"pos":8192`, 1)))
+	f.Add([]byte(base), []byte(strings.Replace(base, `"pos":4096`, `"pos":04096`, 1)))
+	f.Add([]byte(base), []byte(strings.Replace(base, `"monotonic_ns":123`, `"monotonic_ns":99999999999999999999`, 1)))
+	f.Add([]byte(base), []byte(strings.Replace(base, `"num":4`, `"num":3`, 1)))
+	f.Add([]byte(base), []byte(strings.Replace(base, `"path":"log"`, `"path":"a"pos":1`, 1)))
+	f.Fuzz(func(t *testing.T, first, second []byte) {
+		var c deviceCheck
+		for _, state := range [][]byte{first, second} {
+			err := c.check(state, []string{"/g"})
+			if err != nil {
+				continue
+			}
+			var st wasi.State
+			if uerr := json.Unmarshal(state, &st); uerr != nil {
+				t.Fatalf("passed %q, which does not parse: %v", state, uerr)
+			}
+			if verr := st.Validate(); verr != nil {
+				t.Fatalf("passed %q, which is not valid: %v", state, verr)
+			}
+			if len(st.Preopens) != 1 || st.Preopens[0].GuestPath != "/g" {
+				t.Fatalf("passed %q, whose preopens are %v", state, st.Preopens)
+			}
+		}
+	})
 }
 
 // BenchmarkDeviceCheck: the backup's check of a KV server's device state
