@@ -370,13 +370,6 @@ func Validate(tree []TreeEntry, ops []FsOp, opts Options) error {
 	if err := checkTree(tree, uint32(opts.Roots), opts.MaxFileSize); err != nil {
 		return err
 	}
-	if len(ops) > maxOps {
-		return invalid("%d ops in one checkpoint (at most %d)", len(ops), maxOps)
-	}
-	for i, op := range ops {
-		if _, err := normalize(op, uint32(opts.Roots), opts.MaxFileSize, time.Time{}); err != nil {
-			return fmt.Errorf("op %d: %w", i, err)
-		}
-	}
-	return nil
+	_, err := normalizeOps(ops, uint32(opts.Roots), opts.MaxFileSize)
+	return err
 }
