@@ -174,6 +174,10 @@ func (b *Backup) handshake(ctx context.Context, c *transport.Conn) {
 		reject(err.Error())
 		return
 	}
+	if why := s.refuseModule(hello.Module); why != "" {
+		reject(why)
+		return
+	}
 	s.attach(c, hello)
 }
 
@@ -285,8 +289,11 @@ type SlotStatus struct {
 	LastApplyUS   float64 `json:"last_apply_us"`
 	LastHeardMS   float64 `json:"primary_last_heard_ms"`
 	ProgramReady  bool    `json:"program_ready"`
-	FailoverMS    float64 `json:"failover_ms,omitempty"`
-	Reason        string  `json:"reason,omitempty"`
+	// ProgramError is why the module could not be prepared for failover
+	// (the slot refuses its primaries meanwhile: refuseModule).
+	ProgramError string  `json:"program_error,omitempty"`
+	FailoverMS   float64 `json:"failover_ms,omitempty"`
+	Reason       string  `json:"reason,omitempty"`
 }
 
 // slot is the backup side of one protected VM. Its loop goroutine owns
@@ -330,7 +337,8 @@ type slot struct {
 	progHash snapshot.Hash
 	progErr  error
 	progDone chan struct{}
-	progTid  int // the thread preparing it, while it does (0: none)
+	progTid  int       // the thread preparing it, while it does (0: none)
+	progFail time.Time // when preparing progHash last failed (refuseModule)
 	// persistTid is the persister's thread, at nice persistNice (0: not
 	// lowered); a failover, which waits for its commit, raises it again
 	// (where the process may).
@@ -629,6 +637,12 @@ func (s *slot) receive(id uint64, c *transport.Conn, hello *wire.Hello) {
 			}
 			if err := devs.check(snap.Devices, hello.Preopens); err != nil {
 				fail("checkpoint %d: device state: %v", m.Seq, err)
+				return
+			}
+			if why := s.refuseModule(hello.Module); why != "" {
+				// Learnt since the session began: not acknowledged, so
+				// that the primary does not count on this backup.
+				fail("checkpoint %d: %s", m.Seq, why)
 				return
 			}
 			cur.snap = snap
@@ -1291,8 +1305,8 @@ func (s *slot) heartbeatWhileBusy() (stop func()) {
 func (s *slot) prepare(snap *snapshot.Snapshot) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.progDone != nil && s.progHash == snap.Module {
-		return
+	if s.progDone != nil && s.progHash == snap.Module && (s.progErr == nil || time.Since(s.progFail) < prepareRetryAfter) {
+		return // prepared, being prepared, or failed lately
 	}
 	code, name := snap.ModuleCode, snap.ModuleName
 	done := make(chan struct{})
@@ -1320,11 +1334,34 @@ func (s *slot) prepare(snap *snapshot.Snapshot) {
 			return
 		}
 		s.prog, s.progErr, s.progTid = prog, err, 0
-		s.status.ProgramReady = err == nil
+		s.status.ProgramReady, s.status.ProgramError = err == nil, ""
 		if err != nil {
-			s.log.Error("preparing the module for failover failed", "err", err)
+			s.progFail = time.Now()
+			s.status.ProgramError = err.Error()
+			s.log.Error("preparing the module for failover failed: the primary is refused until it is prepared "+
+				"(tried again at a full checkpoint after "+prepareRetryAfter.String()+")", "err", err)
 		}
 	}()
+}
+
+// prepareRetryAfter is how long after a failed preparation of a module
+// the backup refuses its primaries (refuseModule) before it tries again.
+var prepareRetryAfter = 30 * time.Second
+
+// refuseModule says why the backup refuses a primary of module, "" if it
+// does not: a backup that failed to prepare the module for failover (its
+// instrumentation or compilation failed: binaryen missing on this host, a
+// module wasm-opt rejects, a full cache directory) cannot resume the VM,
+// and a primary that took it for protection would be wrong. The primary
+// then stays unprotected and says why; the backup tries again after
+// prepareRetryAfter. A preparation still under way is not a refusal.
+func (s *slot) refuseModule(module snapshot.Hash) string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.progHash != module || s.progErr == nil || time.Since(s.progFail) >= prepareRetryAfter {
+		return ""
+	}
+	return "this backup cannot resume the VM: preparing its module for failover failed: " + s.progErr.Error()
 }
 
 // lowerPriority runs the calling goroutine, which prepares the program of

@@ -7,6 +7,7 @@ import (
 	"hash/crc32"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -99,11 +100,23 @@ func (f *fakePrimary) ack(seq uint64) {
 	}
 }
 
-// fakeModule is a module a backup accepts but cannot run, and its hash.
+// fakeModule is the least module a backup prepares for failover (a WASI
+// command: a memory and a _start that returns), and its hash. A backup
+// that cannot prepare a primary's module refuses it, so the tests' module
+// must be one it can.
 func fakeModule() ([]byte, snapshot.Hash) {
-	m := []byte("\x00asm\x01\x00\x00\x00")
+	m := slices.Clone(minimalCommand)
 	return m, snapshot.ModuleHash(m)
 }
+
+// minimalCommand is (module (memory (export "memory") 1) (func (export
+// "_start"))), encoded by hand.
+var minimalCommand = []byte("\x00asm\x01\x00\x00\x00" +
+	"\x01\x04\x01\x60\x00\x00" + // type section: () -> ()
+	"\x03\x02\x01\x00" + // function section: one, of type 0
+	"\x05\x03\x01\x00\x01" + // memory section: one, at least 1 page
+	"\x07\x13\x02\x06_start\x00\x00\x06memory\x02\x00" + // exports
+	"\x0a\x04\x01\x02\x00\x0b") // code section: an empty body
 
 // onePage is a page of byte v.
 func onePage(v byte) []byte { return bytes.Repeat([]byte{v}, snapshot.PageSize) }
@@ -161,8 +174,7 @@ func encodeSnap(t testing.TB, s *snapshot.Snapshot) []byte {
 // does not follow the chain, is never committed, and the session is
 // dropped or a full checkpoint asked for.
 func TestBackupVerifiesStreams(t *testing.T) {
-	module := []byte("\x00asm\x01\x00\x00\x00") // never run: failover is not under test
-	hash := snapshot.ModuleHash(module)
+	module, hash := fakeModule() // never run: failover is not under test
 	b := serveBackup(t, time.Hour)
 	addr := b.Addr().String()
 	committed := func() uint64 { return committedOn(b) }
@@ -272,8 +284,7 @@ func TestBackupVerifiesStreams(t *testing.T) {
 // sends its full checkpoint 1.
 func sendFirstCheckpoint(t *testing.T, b *Backup) *fakePrimary {
 	t.Helper()
-	module := []byte("\x00asm\x01\x00\x00\x00")
-	hash := snapshot.ModuleHash(module)
+	module, hash := fakeModule()
 	full := &snapshot.Snapshot{Kind: snapshot.Full, Module: hash, Seq: 1, MemorySize: 65536,
 		Pages: []snapshot.Page{{Index: 0, Data: bytes.Repeat([]byte{7}, snapshot.PageSize)}}, Devices: []byte("{}"),
 		ModuleCode: module, ModuleName: "fake"}
@@ -315,8 +326,7 @@ func TestBackupHeartbeatsWhileApplying(t *testing.T) {
 	b := serveBackup(t, timeout)
 	testApplyDelay = 11 * timeout
 	defer func() { testApplyDelay = 0 }()
-	module := []byte("\x00asm\x01\x00\x00\x00")
-	hash := snapshot.ModuleHash(module)
+	module, hash := fakeModule()
 	full := &snapshot.Snapshot{Kind: snapshot.Full, Module: hash, Seq: 1, MemorySize: 65536,
 		Pages: []snapshot.Page{{Index: 0, Data: bytes.Repeat([]byte{7}, snapshot.PageSize)}}, Devices: []byte("{}"),
 		ModuleCode: module, ModuleName: "fake"}

@@ -19,7 +19,7 @@ import (
 func largeSnapshot(t *testing.T, seed uint64, n int) (*snapshot.Snapshot, []byte) {
 	t.Helper()
 	rng := rand.New(rand.NewPCG(seed, 1))
-	module := []byte("\x00asm\x01\x00\x00\x00")
+	module, _ := fakeModule()
 	s := &snapshot.Snapshot{Kind: snapshot.Full, Module: snapshot.ModuleHash(module), Seq: 1,
 		MemorySize: uint64(2*n) * snapshot.PageSize, Devices: []byte("{}"), ModuleCode: module, ModuleName: "fake"}
 	for i := 0; i < n; i++ {

@@ -426,3 +426,51 @@ func TestBackupRestartedRefusesOtherDirectories(t *testing.T) {
 	}
 	dialBackupHello(t, b.Addr().String(), hello) // welcome
 }
+
+// TestBackupRefusesAModuleItCannotPrepare: once preparing the module for
+// failover failed (here: a module without _start), the backup does not
+// acknowledge the session's next checkpoint, drops it, and refuses the
+// primary's Hellos with the reason, for prepareRetryAfter; then it takes
+// the primary again, to try once more.
+func TestBackupRefusesAModuleItCannotPrepare(t *testing.T) {
+	old := prepareRetryAfter
+	prepareRetryAfter = 2 * time.Second
+	t.Cleanup(func() { prepareRetryAfter = old })
+	b := serveBackup(t, time.Hour)
+	module := []byte("\x00asm\x01\x00\x00\x00") // no _start: not a WASI command
+	hash := snapshot.ModuleHash(module)
+	full := &snapshot.Snapshot{Kind: snapshot.Full, Module: hash, Seq: 1, MemorySize: 1 << 16,
+		Pages: []snapshot.Page{{Index: 0, Data: onePage(7)}}, Devices: []byte("{}"), ModuleCode: module, ModuleName: "nostart"}
+	fullRaw := encodeSnap(t, full)
+	inc := &snapshot.Snapshot{Kind: snapshot.Incremental, Module: hash, Seq: 2, Parent: full.ID, MemorySize: 1 << 16,
+		Devices: []byte("{}")}
+	f := dialBackup(t, b.Addr().String(), hash)
+	f.checkpoint(1, true, fullRaw, nil)
+	f.ack(1) // acknowledged before the module is prepared
+	var slot SlotStatus
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		if st := b.Status().Slots; len(st) == 1 && st[0].ProgramError != "" {
+			slot = st[0]
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the module was never found unpreparable: %+v", b.Status().Slots)
+		}
+	}
+	failedAt := time.Now()
+	if slot.ProgramReady || !strings.Contains(slot.ProgramError, "_start") {
+		t.Fatalf("slot status after the failure: %+v", slot)
+	}
+	f.checkpoint(2, false, encodeSnap(t, inc), nil)
+	if m := f.next(); m != nil {
+		t.Fatalf("a checkpoint after the failure was answered with %v", m)
+	}
+	hello := &wire.Hello{Version: wire.Version, VM: "vm1", Term: 1, Module: hash, Name: "nostart"}
+	if why := refusedHello(t, b.Addr().String(), hello); !strings.Contains(why, "preparing its module for failover failed") ||
+		!strings.Contains(why, "_start") {
+		t.Fatalf("refused with %q", why)
+	}
+	// After the window, taken again.
+	time.Sleep(time.Until(failedAt.Add(prepareRetryAfter + 100*time.Millisecond)))
+	dialBackupHello(t, b.Addr().String(), hello)
+}

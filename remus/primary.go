@@ -146,7 +146,10 @@ type PrimaryStatus struct {
 	BackupHealthy   bool    `json:"backup_healthy"`
 	LastHeardMS     float64 `json:"backup_last_heard_ms"`
 	Reason          string  `json:"reason,omitempty"`
-	Stalls          uint64  `json:"stalls"`
+	// BackupRefused is why the backup refused this primary's last
+	// Hello ("" once a session is up).
+	BackupRefused string `json:"backup_refused,omitempty"`
+	Stalls        uint64 `json:"stalls"`
 }
 
 // NewPrimary prepares a primary; its Gate goes into the machine's Config.
@@ -760,7 +763,18 @@ func (p *Primary) dialer(ctx context.Context, module []byte, name string) {
 				p.log.Error("the backup rejected this primary as stale: it runs this VM now; not redialing", "reason", rej.reason)
 				return
 			}
-			p.log.Debug("backup not reachable", "addr", p.cfg.Backup, "err", err)
+			if errors.As(err, &rej) {
+				// Said once per reason, not at every redial.
+				p.mu.Lock()
+				again := p.status.BackupRefused == rej.reason
+				p.status.BackupRefused = rej.reason
+				p.mu.Unlock()
+				if !again {
+					p.log.Warn("the backup refused this primary; the guest is not protected while it does", "reason", rej.reason)
+				}
+			} else {
+				p.log.Debug("backup not reachable", "addr", p.cfg.Backup, "err", err)
+			}
 			select {
 			case <-time.After(backoff):
 			case <-ctx.Done():
@@ -773,6 +787,7 @@ func (p *Primary) dialer(ctx context.Context, module []byte, name string) {
 		s.base = sent
 		p.mu.Lock()
 		p.sess = s
+		p.status.BackupRefused = ""
 		p.mu.Unlock()
 		p.log.Info("backup session up", "session", s.id, "addr", p.cfg.Backup)
 		go s.sender(p)

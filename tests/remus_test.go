@@ -934,3 +934,63 @@ func startStdout(t *testing.T, what string, args ...string) (*proc, *syncBuffer)
 	})
 	return p, stdout
 }
+
+// TestRemusBackupCannotPrepare: a backup host without binaryen cannot
+// prepare the guest's module for failover (it instruments it itself, and
+// its cache is empty). Such a backup could never resume the VM, so the
+// primary must not count it as protection: the backup drops the session
+// once preparing failed and refuses the primary's Hellos with the reason,
+// and the primary says so (log, status) and serves on unprotected.
+func TestRemusBackupCannotPrepare(t *testing.T) {
+	bin := ftvmBinary(t)
+	dir := t.TempDir()
+	replAddr, bSock, pSock := freeAddr(t), filepath.Join(dir, "b.sock"), filepath.Join(dir, "p.sock")
+	noTools := filepath.Join(dir, "empty-path")
+	os.MkdirAll(noTools, 0o755)
+	cmd := exec.Command(bin, "backup", "--listen", replAddr, "--state", filepath.Join(dir, "state"),
+		"--timeout", "300ms", "--api-sock", bSock, "--log-level", "info")
+	cmd.Env = append(os.Environ(), "PATH="+noTools, "FTVM_INSTRUMENT_CACHE="+filepath.Join(dir, "icache"))
+	backup := startCmd(t, cmd, "backup without binaryen")
+	waitSocket(t, backup, bSock)
+
+	kvAddr, data := freeAddr(t), filepath.Join(dir, "data")
+	os.MkdirAll(data, 0o755)
+	primary := startProc(t, bin, "run", "--protect", replAddr, "--timeout", "300ms", "--api-sock", pSock,
+		"--listen", "4="+kvAddr, "--dir", data+":/data", "--log-level", "info", kvInstrumented(t), "--fd", "4")
+	waitKV(t, primary, kvAddr)
+
+	var st map[string]any
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		st = status(t, pSock)
+		if r, _ := st["backup_refused"].(string); strings.Contains(r, "preparing its module for failover failed") &&
+			strings.Contains(r, "binaryen") && st["state"] == "unprotected" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the primary's status never said the backup refused it for its module: %v", st)
+		}
+	}
+	waitLog(t, primary, "the backup refused this primary", 5*time.Second)
+	// It serves, its output no longer held for a backup.
+	k, err := dialKV(kvAddr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer k.c.Close()
+	if got, err := k.do("SET a 1", 5*time.Second); err != nil || got != "OK" {
+		t.Fatalf("SET on the unprotected primary: %q, %v", got, err)
+	}
+	// The backup says why too, and never reports the program ready.
+	var bst map[string]any
+	if err := api.NewClient(bSock).Get(context.Background(), "/status", &bst); err != nil {
+		t.Fatal(err)
+	}
+	slots, _ := bst["slots"].([]any)
+	if len(slots) != 1 {
+		t.Fatalf("backup status: %v", bst)
+	}
+	slot := slots[0].(map[string]any)
+	if r, _ := slot["program_error"].(string); slot["program_ready"] != false || !strings.Contains(r, "binaryen") {
+		t.Fatalf("backup slot status: %v", slot)
+	}
+}

@@ -254,6 +254,9 @@ func printStatus(st map[string]any) {
 				fmt.Printf(" (%s)", r)
 			}
 			fmt.Println()
+			if e, ok := m["program_error"].(string); ok && e != "" {
+				fmt.Printf("  CANNOT FAIL OVER: preparing the module failed: %s\n", e)
+			}
 		}
 		return
 	}
@@ -264,6 +267,9 @@ func printStatus(st map[string]any) {
 	}
 	fmt.Println()
 	fmt.Printf("backup:      %v, healthy %v, heard %.1f ms ago\n", st["backup"], st["backup_healthy"], st["backup_last_heard_ms"])
+	if r, ok := st["backup_refused"].(string); ok && r != "" {
+		fmt.Printf("refused:     %s\n", r)
+	}
 	fmt.Printf("epoch:       %s (acked %s, released %s, lag %s, in flight %s)\n", num(st["epoch"]), num(st["acked"]),
 		num(st["released_epoch"]), num(st["lag_epochs"]), num(st["inflight"]))
 	fmt.Printf("last pause:  %.0f µs, %s dirty pages, %s bytes\n", st["last_pause_us"], num(st["last_dirty_pages"]),
