@@ -388,7 +388,9 @@ type (
 		conn    *transport.Conn
 		hello   *wire.Hello
 	}
-	exitEv struct {
+	// unresumableEv: the module could not be prepared for failover.
+	unresumableEv struct{ reason string }
+	exitEv        struct {
 		session uint64
 		seq     uint64
 		code    uint32
@@ -914,6 +916,8 @@ func (s *slot) handle(ev any) {
 		// Checkpoints that arrived before it may still wait in the
 		// engine's Ready: the loop commits them first (finishExit).
 		s.exiting = &e
+	case unresumableEv:
+		s.step(engine.Unresumable{Now: s.b.now(), Reason: e.reason})
 	case attachEv:
 		s.conns[e.session] = e.conn
 		s.hellos[e.session] = e.hello
@@ -1325,23 +1329,38 @@ func (s *slot) prepare(snap *snapshot.Snapshot) {
 		}
 		prog, err := machine.Prepare(context.Background(), machine.Config{Module: code, Name: name, Instrument: true,
 			LoopPolls: polls, CacheDir: s.b.cfg.CacheDir, InstrumentCacheDir: s.b.cfg.InstrumentCacheDir})
-		s.mu.Lock()
-		defer s.mu.Unlock()
-		if s.progDone != done {
-			if prog != nil {
-				prog.Close(context.Background())
-			}
+		if !s.prepared(done, prog, err) || err == nil {
 			return
 		}
-		s.prog, s.progErr, s.progTid = prog, err, 0
-		s.status.ProgramReady, s.status.ProgramError = err == nil, ""
-		if err != nil {
-			s.progFail = time.Now()
-			s.status.ProgramError = err.Error()
-			s.log.Error("preparing the module for failover failed: the primary is refused until it is prepared "+
-				"(tried again at a full checkpoint after "+prepareRetryAfter.String()+")", "err", err)
+		s.log.Error("preparing the module for failover failed: the primary is refused until it is prepared "+
+			"(tried again at a full checkpoint after "+prepareRetryAfter.String()+")", "err", err)
+		// What the slot committed cannot be resumed: the loop lets the
+		// session go and keeps nothing to fail over to.
+		select {
+		case s.events <- unresumableEv{reason: "preparing the module for failover failed: " + err.Error()}:
+		case <-s.b.ctx.Done():
 		}
 	}()
+}
+
+// prepared records the outcome of preparation done, unless a newer one
+// replaced it (false).
+func (s *slot) prepared(done chan struct{}, prog *machine.Program, err error) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.progDone != done {
+		if prog != nil {
+			prog.Close(context.Background())
+		}
+		return false
+	}
+	s.prog, s.progErr, s.progTid = prog, err, 0
+	s.status.ProgramReady, s.status.ProgramError = err == nil, ""
+	if err != nil {
+		s.progFail = time.Now()
+		s.status.ProgramError = err.Error()
+	}
+	return true
 }
 
 // prepareRetryAfter is how long after a failed preparation of a module

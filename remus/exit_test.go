@@ -428,10 +428,10 @@ func TestBackupRestartedRefusesOtherDirectories(t *testing.T) {
 }
 
 // TestBackupRefusesAModuleItCannotPrepare: once preparing the module for
-// failover failed (here: a module without _start), the backup does not
-// acknowledge the session's next checkpoint, drops it, and refuses the
-// primary's Hellos with the reason, for prepareRetryAfter; then it takes
-// the primary again, to try once more.
+// failover failed (here: a module without _start), the backup drops the
+// session, keeps nothing to fail over to, and refuses the primary's Hellos
+// with the reason, for prepareRetryAfter; then it takes the primary again,
+// to try once more.
 func TestBackupRefusesAModuleItCannotPrepare(t *testing.T) {
 	old := prepareRetryAfter
 	prepareRetryAfter = 2 * time.Second
@@ -461,9 +461,23 @@ func TestBackupRefusesAModuleItCannotPrepare(t *testing.T) {
 	if slot.ProgramReady || !strings.Contains(slot.ProgramError, "_start") {
 		t.Fatalf("slot status after the failure: %+v", slot)
 	}
-	f.checkpoint(2, false, encodeSnap(t, inc), nil)
+	// The session is dropped; a checkpoint sent meanwhile is not
+	// acknowledged.
+	raw := encodeSnap(t, inc)
+	f.sendErr(&wire.CheckpointBegin{Seq: 2})
+	f.sendErr(&wire.CheckpointData{Seq: 2, Data: raw})
+	f.sendErr(&wire.CheckpointEnd{Seq: 2, SnapshotSize: uint64(len(raw)), SnapshotCRC: crc32.Checksum(raw, castagnoli)})
 	if m := f.next(); m != nil {
-		t.Fatalf("a checkpoint after the failure was answered with %v", m)
+		t.Fatalf("the session went on after the failure: %v", m)
+	}
+	// Nothing kept to fail over to (engine.Unresumable).
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		if st := b.Status().Slots; len(st) == 1 && st[0].State == "idle" && st[0].Committed == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("slot after the failure: %+v, want idle with nothing committed", b.Status().Slots)
+		}
 	}
 	hello := &wire.Hello{Version: wire.Version, VM: "vm1", Term: 1, Module: hash, Name: "nostart"}
 	if why := refusedHello(t, b.Addr().String(), hello); !strings.Contains(why, "preparing its module for failover failed") ||

@@ -224,6 +224,8 @@ func (b *Backup) Step(ev BackupEvent) error {
 		}
 	case Exit:
 		b.exit(e)
+	case Unresumable:
+		b.unresumable(e)
 	default:
 		panic(fmt.Sprintf("remus: unknown backup event %T", ev))
 	}
@@ -323,6 +325,21 @@ func (b *Backup) exit(e Exit) {
 	b.pend.DropSession = append(b.pend.DropSession, Drop{e.Session, reason})
 	b.clearSession()
 	b.setState(Exited, reason)
+}
+
+// unresumable forgets what the slot committed, which the driver cannot
+// resume (Unresumable). After a failover, or an exit, there is nothing to
+// take back.
+func (b *Backup) unresumable(e Unresumable) {
+	if b.state == FailedOver || b.state == Exited {
+		return
+	}
+	if b.session != 0 {
+		b.pend.DropSession = append(b.pend.DropSession, Drop{b.session, e.Reason})
+	}
+	b.clearSession()
+	b.committed = 0
+	b.setState(Idle, e.Reason+"; nothing here can be resumed")
 }
 
 // checkpoint commits c if it extends this session's chain: a full one

@@ -470,3 +470,46 @@ func TestBackupExit(t *testing.T) {
 		t.Fatalf("the new run's primary silent: %v %+v", h.b.State(), rd)
 	}
 }
+
+// TestBackupUnresumable: once the driver reports it cannot resume what the
+// slot committed (its module could not be prepared), the live session
+// ends, nothing is kept to fail over to (so the primary's silence fails
+// nothing over, however long), and a later Hello starts afresh from a
+// full checkpoint; after a failover, or an exit, it changes nothing.
+func TestBackupUnresumable(t *testing.T) {
+	h := following(t)
+	h.step(Checkpoint{3 * ms, 1, 6, false})
+	rd := h.step(Unresumable{4 * ms, "no wasm-opt"})
+	if h.b.State() != Idle || h.b.Committed() != 0 || h.b.Session() != 0 || len(rd.DropSession) != 1 ||
+		rd.DropSession[0] != (Drop{1, "no wasm-opt"}) || rd.Wake != Never {
+		t.Fatalf("after Unresumable: %v committed %d session %d %+v", h.b.State(), h.b.Committed(), h.b.Session(), rd)
+	}
+	if !strings.Contains(rd.StateChanges[0].Reason, "no wasm-opt") {
+		t.Errorf("reason %q", rd.StateChanges[0].Reason)
+	}
+	// Silence, and the ended session's late messages: nothing.
+	for _, ev := range []BackupEvent{Tick{time.Hour}, Checkpoint{time.Hour + ms, 1, 7, false}, Heartbeat{time.Hour + 2*ms, 1}} {
+		rd := h.step(ev)
+		if h.b.State() != Idle || rd.Failover || len(rd.Commit) != 0 || len(msgs(rd, MsgAck)) != 0 {
+			t.Fatalf("%#v after Unresumable: %v %+v", ev, h.b.State(), rd)
+		}
+	}
+	// A new session: an incremental does not extend anything.
+	if rd := h.hello(2*time.Hour, 2, 3); len(msgs(rd, MsgAccept)) != 1 || h.b.State() != Following {
+		t.Fatalf("hello after Unresumable: %v %+v", h.b.State(), rd)
+	}
+	if rd := h.step(Checkpoint{2*time.Hour + ms, 2, 7, false}); len(rd.Commit) != 0 {
+		t.Fatalf("an incremental committed over nothing: %+v", rd)
+	}
+	if rd := h.step(Checkpoint{2*time.Hour + 2*ms, 2, 1, true}); !slices.Equal(rd.Commit, []uint64{1}) {
+		t.Fatalf("a full checkpoint after Unresumable: %+v", rd)
+	}
+	// After a failover it changes nothing: the VM runs already.
+	rd = h.step(Tick{3 * time.Hour})
+	if !rd.Failover || h.b.State() != FailedOver {
+		t.Fatalf("silence: %v %+v", h.b.State(), rd)
+	}
+	if rd := h.step(Unresumable{3*time.Hour + ms, "late"}); h.b.State() != FailedOver || h.b.Committed() != 1 || len(rd.StateChanges) != 0 {
+		t.Fatalf("Unresumable after a failover: %v %d %+v", h.b.State(), h.b.Committed(), rd)
+	}
+}

@@ -110,6 +110,16 @@ type Exit struct {
 	Code    uint32
 }
 
+// Unresumable reports that the driver cannot resume what the slot
+// committed (it could not prepare the VM's module for failover): a
+// failover would run nothing, and a primary that counted on this backup
+// would be wrong. The live session ends, and the slot keeps nothing to fail
+// over to; a later Hello starts from a full checkpoint, as on a new slot.
+type Unresumable struct {
+	Now    Time
+	Reason string
+}
+
 func (e Tick) primaryAt() Time            { return e.Now }
 func (e Tick) backupAt() Time             { return e.Now }
 func (e Heartbeat) primaryAt() Time       { return e.Now }
@@ -127,6 +137,7 @@ func (e Hello) backupAt() Time            { return e.Now }
 func (e Checkpoint) backupAt() Time       { return e.Now }
 func (e CommitFailed) backupAt() Time     { return e.Now }
 func (e Exit) backupAt() Time             { return e.Now }
+func (e Unresumable) backupAt() Time      { return e.Now }
 
 // Drop asks the driver to close Session's connection, saying Reason.
 type Drop struct {

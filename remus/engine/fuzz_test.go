@@ -125,6 +125,9 @@ func FuzzBackup(f *testing.F) {
 	// A full checkpoint, then its commit fails; a second session's full
 	// one, an incremental after it whose commit fails, then silence.
 	f.Add([]byte{0, 1, 1, 0x55, 5, 0, 4, 20, 0, 2, 1, 0x5a, 1, 0x1e, 5, 0, 4, 255, 4, 255})
+	// A full checkpoint and an incremental, then the driver cannot resume
+	// them; silence; a new session.
+	f.Add([]byte{0, 1, 1, 0x45, 1, 0x0a, 7, 0, 4, 255, 4, 255, 0, 2, 1, 0x0e, 1, 0x46})
 	f.Fuzz(func(t *testing.T, data []byte) {
 		b, _ := NewBackup(testCfg, "vm1", 0)
 		var (
@@ -142,7 +145,7 @@ func FuzzBackup(f *testing.F) {
 			prevSeq           uint64
 		)
 		for i := 0; i+1 < len(data); i += 2 {
-			op, arg := data[i]%7, data[i+1]
+			op, arg := data[i]%8, data[i+1]
 			var ev BackupEvent
 			s := uint64(arg&3) + uint64(arg>>7) // sessions 0-4
 			switch op {
@@ -178,6 +181,9 @@ func FuzzBackup(f *testing.F) {
 				has, seq = prevHas, prevSeq
 			case 6:
 				ev = Exit{now, s, uint64(arg>>2) & 15, uint32(arg)}
+			case 7:
+				// The driver cannot resume what was committed.
+				ev = Unresumable{now, "unresumable"}
 			}
 			justSeq = 0
 			now += 100 * time.Microsecond
@@ -186,6 +192,18 @@ func FuzzBackup(f *testing.F) {
 			}
 			if h, ok := ev.(Hello); (!ok || h.VM == "vm1" && h.Term == b.Term()) && op <= 2 && b.Session() != 0 && b.Session() == s {
 				heard = b.Now()
+			}
+			if _, ok := ev.(Unresumable); ok {
+				// Nothing is kept to resume, and no session goes on,
+				// unless the VM failed over or exited already.
+				switch st := b.State(); {
+				case b.Session() != 0:
+					t.Fatalf("session %d after Unresumable", b.Session())
+				case st == Idle:
+					has, seq = false, 0
+				case st != FailedOver && st != Exited:
+					t.Fatalf("%v after Unresumable", st)
+				}
 			}
 			if !b.HasReady() {
 				continue
@@ -197,6 +215,9 @@ func FuzzBackup(f *testing.F) {
 					t.Fatalf("change %+v from %v", c, state)
 				}
 				if _, isExit := ev.(Exit); c.To == Exited && (!isExit || c.From != Following) {
+					t.Fatalf("change %+v on %#v", c, ev)
+				}
+				if _, isU := ev.(Unresumable); isU && c.To != Idle && c.To != FailedOver {
 					t.Fatalf("change %+v on %#v", c, ev)
 				}
 				if c.From == Exited {
