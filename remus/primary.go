@@ -115,6 +115,10 @@ type Primary struct {
 	// finished: Finish is done (the backup knows the guest ended, or
 	// protection was given up); the dialer stops.
 	finished atomic.Bool
+	// ending is set once Finish tells the backup the guest ended: the
+	// session's end that follows is the run's, not news (do logs the loss
+	// of protection then at debug).
+	ending atomic.Bool
 	// published is signalled (without blocking) whenever the status is
 	// updated: Finish waits on it for the last acknowledgement.
 	published chan struct{}
@@ -314,6 +318,9 @@ func (p *Primary) do(ctx context.Context, rd engine.PrimaryReady, module []byte,
 		msg := "protection state"
 		if sc.To == engine.Unprotected {
 			msg = "NOT PROTECTED: running without a backup"
+		}
+		if p.ending.Load() && (sc.To == engine.Connecting || sc.To == engine.Unprotected) {
+			lvl = slog.LevelDebug // the guest ended: its session's end follows
 		}
 		p.log.Log(ctx, lvl, msg, "from", sc.From.String(), "to", sc.To.String(), "reason", sc.Reason)
 		p.mu.Lock()
@@ -585,6 +592,7 @@ wait:
 		s.exitSeq.Store(seq)
 		s.exitDone.Store(&done)
 		s.exiting.Store(true)
+		p.ending.Store(true)
 		select {
 		case s.queue <- &exitItem{exit: wire.Exit{Seq: seq, Code: code}, ops: ops}:
 			select {
