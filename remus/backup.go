@@ -1309,7 +1309,7 @@ func (s *slot) heartbeatWhileBusy() (stop func()) {
 func (s *slot) prepare(snap *snapshot.Snapshot) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.progDone != nil && s.progHash == snap.Module && (s.progErr == nil || time.Since(s.progFail) < prepareRetryAfter) {
+	if s.progDone != nil && s.progHash == snap.Module && (s.progErr == nil || s.failedLately()) {
 		return // prepared, being prepared, or failed lately
 	}
 	code, name := snap.ModuleCode, snap.ModuleName
@@ -1363,6 +1363,12 @@ func (s *slot) prepared(done chan struct{}, prog *machine.Program, err error) bo
 	return true
 }
 
+// failedLately: preparing progHash failed less than prepareRetryAfter ago
+// (s.mu held).
+func (s *slot) failedLately() bool {
+	return s.progErr != nil && time.Since(s.progFail) < prepareRetryAfter
+}
+
 // prepareRetryAfter is how long after a failed preparation of a module
 // the backup refuses its primaries (refuseModule) before it tries again.
 var prepareRetryAfter = 30 * time.Second
@@ -1377,7 +1383,7 @@ var prepareRetryAfter = 30 * time.Second
 func (s *slot) refuseModule(module snapshot.Hash) string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.progHash != module || s.progErr == nil || time.Since(s.progFail) >= prepareRetryAfter {
+	if s.progHash != module || s.progErr == nil || !s.failedLately() {
 		return ""
 	}
 	return "this backup cannot resume the VM: preparing its module for failover failed: " + s.progErr.Error()

@@ -136,7 +136,16 @@ func slotImage(b *Backup) *snapshot.Image {
 // until the test ends.
 func serveBackup(t *testing.T, timeout time.Duration) *Backup {
 	t.Helper()
-	b, err := ListenBackup(BackupConfig{Listen: "127.0.0.1:0", StateDir: t.TempDir(),
+	b, stop := startBackup(t, t.TempDir(), timeout)
+	t.Cleanup(stop)
+	return b
+}
+
+// startBackup runs a backup on a loopback port with its state in
+// stateDir, until stop.
+func startBackup(t *testing.T, stateDir string, timeout time.Duration) (b *Backup, stop func()) {
+	t.Helper()
+	b, err := ListenBackup(BackupConfig{Listen: "127.0.0.1:0", StateDir: stateDir,
 		Engine: engine.Config{Timeout: timeout}, CacheDir: "-", InstrumentCacheDir: filepath.Join(t.TempDir(), "i")})
 	if err != nil {
 		t.Fatal(err)
@@ -144,8 +153,7 @@ func serveBackup(t *testing.T, timeout time.Duration) *Backup {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { b.Serve(ctx); close(done) }()
-	t.Cleanup(func() { cancel(); <-done })
-	return b
+	return b, func() { cancel(); <-done }
 }
 
 // serveSlowBackup is serveBackup with every copy of a checkpoint into the

@@ -29,9 +29,17 @@ type devicesJSON struct {
 	built  int // templates encoded (tests)
 }
 
+// clockKey and posKey are the JSON keys, with their quotes and colon, of
+// the numbers a state's encoding changes in place (devicesJSON) and the
+// backup compares around (maskState): the clock and a file's position.
+const (
+	clockKey = `"monotonic_ns":`
+	posKey   = `"pos":`
+)
+
 // clockMark is the clock the template is encoded with: its digits, after
 // the field's name, occur nowhere else (a string's quotes are escaped).
-const clockMark = `"monotonic_ns":18446744073709551615`
+const clockMark = clockKey + `18446744073709551615`
 
 // posMark is the position the template gives its k-th templated
 // descriptor: all of them 19 digits long, so none is the start of another.
@@ -99,15 +107,15 @@ func (c *devicesJSON) template(st *wasi.State) bool {
 	if i < 0 {
 		return false
 	}
-	c.parts = append(c.parts[:0], b[:i+len(`"monotonic_ns":`)])
+	c.parts = append(c.parts[:0], b[:i+len(clockKey)])
 	rest := i + len(clockMark)
 	for k := range c.posFDs {
-		mark := `"pos":` + strconv.FormatInt(posMark(k), 10)
+		mark := posKey + strconv.FormatInt(posMark(k), 10)
 		j := bytes.Index(b[rest:], []byte(mark))
 		if j < 0 {
 			return false
 		}
-		c.parts = append(c.parts, b[rest:rest+j+len(`"pos":`)])
+		c.parts = append(c.parts, b[rest:rest+j+len(posKey)])
 		rest += j + len(mark)
 	}
 	c.parts = append(c.parts, b[rest:])
@@ -173,7 +181,7 @@ func (c *deviceCheck) check(state []byte, preopens []string) error {
 var maskedFields = [...]struct {
 	key    []byte
 	digits int
-}{{[]byte(`"monotonic_ns":`), 19}, {[]byte(`"pos":`), 18}}
+}{{[]byte(clockKey), 19}, {[]byte(posKey), 18}}
 
 // maskState appends to dst the JSON of a device state with the digits of
 // each number that follows a masked field's key replaced by '#'. Two

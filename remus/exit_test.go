@@ -13,7 +13,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/ftvm/ftvm/remus/engine"
 	"github.com/ftvm/ftvm/remus/store"
 	"github.com/ftvm/ftvm/remus/wire"
 	"github.com/ftvm/ftvm/snapshot"
@@ -394,17 +393,7 @@ func refusedHello(t *testing.T, addr string, hello *wire.Hello) string {
 // as a running one does; a primary with the one directory is welcome.
 func TestBackupRestartedRefusesOtherDirectories(t *testing.T) {
 	state := t.TempDir()
-	start := func() (*Backup, func()) {
-		b, err := ListenBackup(BackupConfig{Listen: "127.0.0.1:0", StateDir: state,
-			Engine: engine.Config{Timeout: time.Hour}, CacheDir: "-", InstrumentCacheDir: filepath.Join(t.TempDir(), "i")})
-		if err != nil {
-			t.Fatal(err)
-		}
-		ctx, cancel := context.WithCancel(context.Background())
-		done := make(chan struct{})
-		go func() { b.Serve(ctx); close(done) }()
-		return b, func() { cancel(); <-done }
-	}
+	start := func() (*Backup, func()) { return startBackup(t, state, time.Hour) }
 	module, hash := fakeModule()
 	devs := []byte(`{"preopens":[{"HostPath":"/srv/data","GuestPath":"/data"}],"monotonic_ns":5}`)
 	full := &snapshot.Snapshot{Kind: snapshot.Full, Module: hash, Seq: 1, MemorySize: 1 << 20,

@@ -2,7 +2,6 @@ package wasi
 
 import (
 	"encoding/json"
-	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -232,17 +231,12 @@ func (d *Devices) restoreFD(fs FDState, roots []int, listen map[uint32]Listener,
 	f := &FD{Kind: fs.Kind, Filetype: fs.Filetype, Host: -1, Flags: fs.Flags, RightsBase: fs.RightsBase,
 		RightsInheriting: fs.RightsInheriting, Preopen: fs.Preopen, Root: fs.Root, Path: fs.Path,
 		Readable: fs.Readable, Writable: fs.Writable, Pos: fs.Pos, Addr: fs.Addr, Stdio: fs.Stdio}
+	// Restore validated fs (State.Validate): its stream and root exist.
 	switch fs.Kind {
 	case KindStdio:
-		if fs.Stdio < 0 || fs.Stdio > 2 {
-			return nil, errors.New("bad stdio number")
-		}
 		f.Host = stdio[fs.Stdio].Host
 		return f, nil
 	case KindDir, KindFile:
-		if fs.Root < 0 || fs.Root >= len(roots) {
-			return nil, fmt.Errorf("preopen index %d out of range", fs.Root)
-		}
 		flags := unix.O_CLOEXEC | unix.O_NOFOLLOW
 		switch {
 		case fs.Kind == KindDir:
