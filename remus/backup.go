@@ -312,6 +312,7 @@ type slot struct {
 
 	exiting *exitEv     // loop only: an Exit heard, to finish once the Ready before it is done
 	exitJob *persistJob // loop only: a finished exit's disk job, queued after its ack (queueExit)
+	exitOps []wire.FsOp // loop only: the disk ops of the Exit being stepped (finishExit)
 	// exitPush, if not nil, is closed once an exit's job is in the
 	// persister's queue, behind the copies before it (queueExit).
 	exitPush chan struct{}
@@ -394,7 +395,8 @@ type (
 		session uint64
 		seq     uint64
 		code    uint32
-		ops     []wire.FsOp // of the epoch the guest ended in
+		after   uint64      // the checkpoint ops follow (wire.Exit.After)
+		ops     []wire.FsOp // of the epochs after it, through the one the guest ended in
 		conn    *transport.Conn
 	}
 	stagedEv struct {
@@ -492,7 +494,7 @@ func (s *slot) receive(id uint64, c *transport.Conn, hello *wire.Hello) {
 				fail("exit %d: %v", m.Seq, err)
 				return
 			}
-			s.events <- exitEv{session: id, seq: m.Seq, code: m.Code, ops: exitOps, conn: c}
+			s.events <- exitEv{session: id, seq: m.Seq, code: m.Code, after: m.After, ops: exitOps, conn: c}
 			exitOps, exitOpsSeq, exitOpsMsgs = nil, 0, 0
 		case *wire.DiskOps:
 			if cur != nil && m.Seq == cur.seq {
@@ -789,6 +791,7 @@ func (s *slot) loop(ctx context.Context) {
 		rd := s.eng.Ready()
 		failover, failed := s.do(ctx, rd)
 		s.eng.Advance()
+		s.exitOps = nil // taken by this Ready, or the Exit was refused
 		// An Exit is finished once every checkpoint before it is
 		// committed: all were handled before it, so this Ready had them.
 		if e := s.exiting; e != nil {
@@ -942,16 +945,26 @@ func (s *slot) handle(ev any) {
 // Exit): the engine acknowledges the Exit, drops the session and never
 // fails over to the run; a later primary of the VM starts a new one.
 func (s *slot) finishExit(e exitEv) {
-	before := s.eng.State()
-	s.step(engine.Exit{Now: s.b.now(), Session: e.session, Seq: e.seq, Code: e.code})
-	// The engine took it (a stale or late Exit leaves it as it was).
-	if before != engine.Exited && s.eng.State() == engine.Exited {
-		s.log.Info("the protected VM exited on its primary", "exit_code", e.code, "seq", e.seq,
-			"last_epoch_disk_ops", len(e.ops))
-		// Like a checkpoint, the exit is acknowledged once it is held
-		// here, not once it is on disk (queueExit, after the ack).
-		s.exitJob = &persistJob{exit: true, seq: e.seq, code: e.code, ops: e.ops}
+	s.exitOps = e.ops // for the Ready that takes it (exitTaken)
+	s.step(engine.Exit{Now: s.b.now(), Session: e.session, Seq: e.seq, Code: e.code, After: e.after})
+}
+
+// exitTaken records an Exit the engine took (its Ready's): its disk job,
+// with the Exit's disk operations if they follow the session's last
+// commit. Like a checkpoint, the exit is acknowledged once it is held
+// here, not once it is on disk (queueExit, after the ack).
+func (s *slot) exitTaken(x *engine.ExitTaken) {
+	ops := s.exitOps
+	s.exitOps = nil
+	s.log.Info("the protected VM exited on its primary", "exit_code", x.Code, "seq", x.Seq, "last_epochs_disk_ops", len(ops))
+	if !x.OpsFollow {
+		// Not from a primary of this build: it sends a checkpoint
+		// after one the backup lacks only as operations of the Exit.
+		s.log.Error("the guest's last disk operations do not follow the last checkpoint committed here: not applied; its files here are as of that checkpoint, not as it left them",
+			"seq", x.Seq, "committed", x.Committed, "ops", len(ops))
+		ops = nil
 	}
+	s.exitJob = &persistJob{exit: true, seq: x.Seq, code: x.Code, ops: ops}
 }
 
 // queueExit queues an exit's disk job (loop's). Its last epoch's disk ops
@@ -978,6 +991,9 @@ func (s *slot) queueExit(job persistJob) {
 // do carries out one Ready; it reports whether to fail over, and a commit
 // that failed, to be stepped once the Ready is advanced.
 func (s *slot) do(ctx context.Context, rd engine.BackupReady) (failover bool, failed *engine.CommitFailed) {
+	if rd.Exit != nil {
+		s.exitTaken(rd.Exit)
+	}
 	for _, sc := range rd.StateChanges {
 		s.log.Info("slot state", "from", sc.From.String(), "to", sc.To.String(), "reason", sc.Reason)
 		s.mu.Lock()

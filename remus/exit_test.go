@@ -1,7 +1,6 @@
 package remus
 
 import (
-	"bytes"
 	"context"
 	"hash/crc32"
 	"maps"
@@ -9,6 +8,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -72,9 +72,13 @@ func memoryCheckpoint(seq uint64, n int, ops []wire.FsOp) *checkpoint {
 // TestExitAbandonsMemoryOnlyCheckpoints: once the guest has ended
 // (session.exiting, set by Finish), no failover will resume it, so the
 // sender stops streaming a checkpoint of only memory at its next piece and
-// skips the next such one, while one with disk operations still goes
-// whole, before the Exit; and only the ack of the Exit's own seq, not a
-// checkpoint's, tells Finish the backup knows.
+// skips the next such one. An incremental checkpoint with disk operations
+// after those cannot be sent (the backup lacks its base: it refused such
+// a checkpoint for a gap, and applied the Exit's operations without it's,
+// so its copy of the files lost them): its operations go with the Exit's,
+// in order, and the Exit names the last checkpoint sent whole. Only the
+// ack of the Exit's own seq, not a checkpoint's, tells Finish the backup
+// knows.
 func TestExitAbandonsMemoryOnlyCheckpoints(t *testing.T) {
 	p, err := NewPrimary(PrimaryConfig{Backup: "127.0.0.1:1"})
 	if err != nil {
@@ -93,21 +97,27 @@ func TestExitAbandonsMemoryOnlyCheckpoints(t *testing.T) {
 	// 48 MiB of random pages: far more than the connection buffers, so
 	// the sender is still streaming when the guest ends.
 	const pages = 12288
+	write := func(data string) []wire.FsOp {
+		return []wire.FsOp{{Op: uint8(wasi.FsWrite), Path: "out.txt", Offset: -1, Data: []byte(data)}}
+	}
+	s.queue <- memoryCheckpoint(4, 8, write("four\n")) // sent whole before the guest ends
 	s.queue <- memoryCheckpoint(5, pages, nil)
-	if m, ok := recv().(*wire.CheckpointBegin); !ok || m.Seq != 5 {
-		t.Fatalf("first message %v, want the begin of checkpoint 5", m)
+	for { // checkpoint 4 first
+		if b, ok := recv().(*wire.CheckpointBegin); ok && b.Seq == 5 {
+			break
+		}
 	}
 	if _, ok := recv().(*wire.CheckpointData); !ok {
 		t.Fatal("no data of checkpoint 5")
 	}
 	s.exiting.Store(true)
-	withOps := []wire.FsOp{{Op: uint8(wasi.FsWrite), Path: "out.txt", Data: []byte("result"), Size: 6}}
-	s.queue <- memoryCheckpoint(6, 8, nil)     // of only memory: skipped
-	s.queue <- memoryCheckpoint(7, 8, withOps) // with disk operations: sent whole
-	s.queue <- wire.Message(&wire.Exit{Seq: 8, Code: 3})
+	s.queue <- memoryCheckpoint(6, 8, nil)              // of only memory: skipped
+	s.queue <- memoryCheckpoint(7, 8, write("seven\n")) // with disk operations, after a gap
+	s.queue <- &exitItem{exit: wire.Exit{Seq: 8, Code: 3}, ops: write("eight\n")}
 	var data int
 	var ends []uint64
 	var begins []uint64
+	var ops []string
 	for done := false; !done; {
 		switch m := recv().(type) {
 		case *wire.CheckpointData:
@@ -119,18 +129,24 @@ func TestExitAbandonsMemoryOnlyCheckpoints(t *testing.T) {
 		case *wire.CheckpointEnd:
 			ends = append(ends, m.Seq)
 		case *wire.DiskOps:
-			if m.Seq != 7 || len(m.Ops) != 1 || !bytes.Equal(m.Ops[0].Data, []byte("result")) {
-				t.Errorf("disk operations %+v, want checkpoint 7's", m)
+			if m.Seq != 8 {
+				t.Errorf("disk operations of epoch %d, want them all with the exit's (8)", m.Seq)
+			}
+			for _, op := range m.Ops {
+				ops = append(ops, string(op.Data))
 			}
 		case *wire.Exit:
-			if m.Seq != 8 || m.Code != 3 {
-				t.Errorf("exit %+v", m)
+			if m.Seq != 8 || m.Code != 3 || m.After != 4 || m.DiskOps != 1 {
+				t.Errorf("exit %+v, want seq 8, code 3, 1 message of disk ops following checkpoint 4", m)
 			}
 			done = true
 		}
 	}
-	if len(begins) != 1 || begins[0] != 7 || len(ends) != 1 || ends[0] != 7 {
-		t.Errorf("after the guest ended: begun %v, ended %v; want checkpoint 7 alone, whole", begins, ends)
+	if len(begins) != 0 || len(ends) != 0 {
+		t.Errorf("after the guest ended: begun %v, ended %v; want none", begins, ends)
+	}
+	if want := []string{"seven\n", "eight\n"}; !slices.Equal(ops, want) {
+		t.Errorf("the exit's disk operations write %q, want %q", ops, want)
 	}
 	if whole := pages * snapshot.PageSize; data >= whole/2 {
 		t.Errorf("%d bytes of checkpoint 5's %d sent after the guest ended: it was not abandoned", data, whole)
@@ -194,7 +210,10 @@ func TestBackupDropsAPartialCheckpointAtExit(t *testing.T) {
 // guest ended in come with its Exit, after a checkpoint abandoned
 // mid-stream, and reach the backup's replica of its directory after those
 // of every committed checkpoint. An Exit that announces more of them than
-// arrived drops the session unacknowledged.
+// arrived drops the session unacknowledged. One whose operations follow a
+// checkpoint the backup never committed is acknowledged (the run is over)
+// but its operations are not applied: the replica stays as of the last
+// commit, a state the guest's files had, and the backup says so.
 func TestBackupStoresTheLastEpochsDiskOps(t *testing.T) {
 	creat := uint32(wasi.OflagCreat | wasi.OflagTrunc)
 	write := func(path string, off int64, data string) wire.FsOp {
@@ -204,7 +223,8 @@ func TestBackupStoresTheLastEpochsDiskOps(t *testing.T) {
 	for _, tc := range []struct {
 		name     string
 		announce uint32 // DiskOps messages the Exit announces; 1 are sent
-	}{{"whole", 1}, {"missing", 2}} {
+		after    uint64 // the checkpoint the Exit says they follow
+	}{{"whole", 1, 2}, {"missing", 2, 2}, {"after a checkpoint not committed", 1, 3}} {
 		t.Run(tc.name, func(t *testing.T) {
 			// Copies into the image that take a while: the disk gets
 			// a checkpoint once its copy is done, and the exit after.
@@ -236,7 +256,7 @@ func TestBackupStoresTheLastEpochsDiskOps(t *testing.T) {
 			f.send(&wire.CheckpointData{Seq: 3, Data: raw3[:len(raw3)/2]})
 			f.send(&wire.DiskOps{Seq: 4, Ops: []wire.FsOp{write("log.txt", -1, "two\n"), create("result.txt"),
 				write("result.txt", 0, "42\n")}})
-			f.send(&wire.Exit{Seq: 4, Code: 3, DiskOps: tc.announce})
+			f.send(&wire.Exit{Seq: 4, Code: 3, DiskOps: tc.announce, After: tc.after})
 			replica := filepath.Join(b.cfg.StateDir, "slots", "vm1", "disk", "0")
 			if tc.announce != 1 {
 				if m := f.next(); m != nil {
@@ -252,25 +272,29 @@ func TestBackupStoresTheLastEpochsDiskOps(t *testing.T) {
 				t.Errorf("committed %d after the exit, want 2", c)
 			}
 			want := map[string]string{"log.txt": "one\ntwo\n", "result.txt": "42\n"}
-			for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+			if tc.after != 2 {
+				want = map[string]string{"log.txt": "one\n"} // checkpoint 2's
+			}
+			replicaFiles := func() map[string]string {
 				got := map[string]string{}
-				for name := range want {
+				for _, name := range []string{"log.txt", "result.txt"} {
 					if d, err := os.ReadFile(filepath.Join(replica, name)); err == nil {
 						got[name] = string(d)
 					}
 				}
-				if maps.Equal(got, want) {
-					break
-				}
+				return got
+			}
+			for deadline := time.Now().Add(5 * time.Second); !maps.Equal(replicaFiles(), want); time.Sleep(10 * time.Millisecond) {
 				if time.Now().After(deadline) {
-					t.Fatalf("the backup's replica after the exit: %q, want %q", got, want)
+					t.Fatalf("the backup's replica after the exit: %q, want %q", replicaFiles(), want)
 				}
 			}
 			// The exit is durable: the slot, reopened, says so and keeps
 			// checkpoint 2's memory.
 			b.mu.Lock()
-			st := b.slots["vm1"].store
+			sl := b.slots["vm1"]
 			b.mu.Unlock()
+			st := sl.store
 			for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
 				if _, ok := st.Exited(); ok {
 					break
@@ -278,6 +302,12 @@ func TestBackupStoresTheLastEpochsDiskOps(t *testing.T) {
 				if time.Now().After(deadline) {
 					t.Fatal("the store does not say the VM exited")
 				}
+			}
+			if got := replicaFiles(); !maps.Equal(got, want) {
+				t.Errorf("the backup's replica once the exit is stored: %q, want %q", got, want)
+			}
+			if why := b.Status().Slots[0].Reason; (tc.after != 2) != strings.Contains(why, "files here are as of") {
+				t.Errorf("the slot's reason: %q", why)
 			}
 			dir := t.TempDir()
 			if err := os.CopyFS(dir, os.DirFS(filepath.Join(b.cfg.StateDir, "slots", "vm1"))); err != nil {

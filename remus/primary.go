@@ -554,10 +554,13 @@ func (p *Primary) markStarted() { p.startedOnce.Do(func() { close(p.started) }) 
 // carries the growth of its heap since the one before (a C guest's 8 MB:
 // 20–45 ms of encoding, streaming and decoding between its exit and its
 // last line's release). One with disk operations or files is still sent
-// first, and the backup commits it before it hears of the exit; the
-// Exit itself carries the disk operations of the epoch the guest ended in,
-// which the backup applies after them, so its copy of the guest's files
-// ends as the primary's. It is bounded by twice the timeout; an
+// first, and the backup commits it before it hears of the exit, unless one
+// before it was abandoned: the backup lacks its base then, so its disk
+// operations go with the Exit instead. The Exit carries those and the
+// disk operations of the epoch the guest ended in, and names the last
+// checkpoint sent whole, which they follow; the backup applies them on
+// top of that commit, so its copy of the guest's files ends as the
+// primary's. It is bounded by twice the timeout; an
 // unprotected primary releases at once. It must run once the guest has
 // ended, on no goroutine that may still run a pause.
 func (p *Primary) Finish(code uint32) {
@@ -943,6 +946,15 @@ func (s *session) sender(p *Primary) {
 	// for.
 	var buf bytes.Buffer
 	buf.Grow(chunk)
+	// Once the guest has ended, checkpoints of only memory are
+	// abandoned; an incremental one after that cannot be sent (the
+	// backup lacks its base), so its disk operations go with the Exit
+	// (folded), which names the last checkpoint sent whole (after).
+	var (
+		after  uint64
+		broken bool
+		folded []wire.FsOp
+	)
 	for {
 		var item any
 		select {
@@ -955,13 +967,16 @@ func (s *session) sender(p *Primary) {
 		case wire.Message:
 			err = wire.SendFlush(s.conn, it)
 		case *exitItem:
-			if it.exit.DiskOps, err = sendDiskOps(s.conn, it.exit.Seq, it.ops); err == nil {
+			it.exit.After = after
+			if it.exit.DiskOps, err = sendDiskOps(s.conn, it.exit.Seq, append(folded, it.ops...)); err == nil {
 				err = wire.SendFlush(s.conn, &it.exit)
 			}
 		case *checkpoint:
-			if s.exiting.Load() && it.abandonable() {
+			if s.exiting.Load() && (it.abandonable() || broken && !it.full) {
 				p.putStager(it.stager)
-				p.log.Debug("checkpoint abandoned: the guest ended", "seq", it.seq, "sent", false)
+				folded = append(folded, it.ops...)
+				broken = true
+				p.log.Debug("checkpoint abandoned: the guest ended", "seq", it.seq, "sent", false, "disk_ops_with_the_exit", len(it.ops))
 				break
 			}
 			t0 := time.Now()
@@ -980,8 +995,14 @@ func (s *session) sender(p *Primary) {
 			if errors.Is(err, errAbandoned) {
 				// The backup drops the part it has when the Exit comes.
 				p.log.Debug("checkpoint abandoned: the guest ended", "seq", it.seq, "sent", "in part")
-				err = nil
+				broken, err = true, nil
 				break
+			}
+			if err == nil {
+				after = it.seq
+				if it.full { // a whole state: nothing before it is needed
+					broken, folded = false, nil
+				}
 			}
 			if err == nil && p.log.Enabled(context.Background(), slog.LevelDebug) {
 				p.log.Debug("checkpoint sent", "seq", it.seq, "full", it.full, "pages", it.dirty, "ahead", it.ahead,

@@ -114,7 +114,7 @@ func FuzzBackupStream(f *testing.F) {
 				}
 				m = end
 			case 5:
-				m = &wire.Exit{Seq: seq, Code: uint32(arg & 1), DiskOps: uint32(arg & 3)}
+				m = &wire.Exit{Seq: seq, Code: uint32(arg & 1), DiskOps: uint32(arg & 3), After: seq - uint64(arg>>2&1)}
 			case 6:
 				m = &wire.Heartbeat{Seq: binary.LittleEndian.Uint64([]byte{arg, 0, 0, 0, 0, 0, 0, 0})}
 			case 7:

@@ -125,8 +125,24 @@ type BackupReady struct {
 	Failover bool
 	// StateChanges lists the transitions since the last Advance.
 	StateChanges []BackupStateChange
+	// Exit is set when the engine took an Exit: the driver records for
+	// good that the run ended (it is never resumed).
+	Exit *ExitTaken
 	// Wake is when the engine wants its next Tick (Never: no timer).
 	Wake Time
+}
+
+// ExitTaken is an Exit the slot acknowledged. Its disk operations are
+// those of the epochs after the checkpoint the Exit names (Exit.After):
+// applied to the replica on top of anything else, they would make files
+// the guest never had. So OpsFollow says whether that checkpoint is the
+// session's last commit; if not (a checkpoint of the session was refused,
+// or none was committed), the replica stays as of Committed.
+type ExitTaken struct {
+	Seq       uint64
+	Code      uint32
+	OpsFollow bool
+	Committed uint64 // the session's last commit (0: none)
 }
 
 // Backup is the backup side of Remus for one protected VM slot: which
@@ -322,6 +338,12 @@ func (b *Backup) exit(e Exit) {
 	b.lastHeard = b.now
 	b.send(Message{Kind: MsgExited, Session: e.Session, Seq: e.Seq})
 	reason := fmt.Sprintf("the VM exited with code %d on its primary (session %d, epoch %d)", e.Code, e.Session, e.Seq)
+	follow := e.After != 0 && e.After == b.sessCommitted && e.Seq > e.After
+	b.pend.Exit = &ExitTaken{Seq: e.Seq, Code: e.Code, OpsFollow: follow, Committed: b.sessCommitted}
+	if !follow {
+		reason += fmt.Sprintf("; its last disk operations follow checkpoint %d, not this session's last commit %d: its files here are as of that commit",
+			e.After, b.sessCommitted)
+	}
 	b.pend.DropSession = append(b.pend.DropSession, Drop{e.Session, reason})
 	b.clearSession()
 	b.setState(Exited, reason)
@@ -472,6 +494,7 @@ func (b *Backup) Ready() BackupReady {
 		DropSession:  slices.Clone(b.pend.DropSession),
 		Failover:     b.pend.Failover,
 		StateChanges: slices.Clone(b.pend.StateChanges),
+		Exit:         b.pend.Exit,
 		Wake:         b.Wake(),
 	}
 	b.handed = &rd
@@ -492,6 +515,9 @@ func (b *Backup) Advance() {
 	b.pend.StateChanges = slices.Delete(b.pend.StateChanges, 0, len(h.StateChanges))
 	if h.Failover {
 		b.pend.Failover = false
+	}
+	if h.Exit != nil {
+		b.pend.Exit = nil
 	}
 	b.advWak = h.Wake
 }

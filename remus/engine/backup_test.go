@@ -413,6 +413,50 @@ func TestBackupCommitFailed(t *testing.T) {
 	}
 }
 
+// TestBackupExitOpsFollowTheLastCommit: an Exit's disk operations are
+// those of the epochs after the checkpoint it names, so they apply only on
+// top of that checkpoint, committed in this session. An Exit naming
+// another one (the backup refused a checkpoint in between: a gap), or
+// coming before any commit of its session, is still acknowledged — the
+// run is over — but its operations are not to be applied.
+func TestBackupExitOpsFollowTheLastCommit(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		after  uint64
+		follow bool
+	}{
+		{"the last commit", 6, true},
+		{"an older commit", 5, false},
+		{"a refused checkpoint", 7, false},
+		{"none", 0, false},
+		{"the exit's own epoch", 8, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := following(t)
+			h.step(Checkpoint{3 * ms, 1, 6, false})
+			if rd := h.step(Checkpoint{4 * ms, 1, 8, false}); len(msgs(rd, MsgNeedFull)) != 1 {
+				t.Fatalf("gap not refused: %+v", rd)
+			}
+			rd := h.step(Exit{5 * ms, 1, 8, 0, tc.after})
+			if h.b.State() != Exited || len(msgs(rd, MsgExited)) != 1 {
+				t.Fatalf("exit not taken: %v %+v", h.b.State(), rd)
+			}
+			if rd.Exit == nil || rd.Exit.OpsFollow != tc.follow || rd.Exit.Committed != 6 {
+				t.Fatalf("exit after %d: %+v, want ops follow %v over commit 6", tc.after, rd.Exit, tc.follow)
+			}
+			if why := rd.StateChanges[0].Reason; tc.follow == strings.Contains(why, "files here are as of") {
+				t.Errorf("reason %q", why)
+			}
+		})
+	}
+	// A session that committed nothing: nothing for the ops to follow.
+	h := newBH(t)
+	h.hello(1*ms, 1, 3)
+	if rd := h.step(Exit{2 * ms, 1, 1, 0, 0}); rd.Exit == nil || rd.Exit.OpsFollow {
+		t.Errorf("exit before any commit: %+v", rd.Exit)
+	}
+}
+
 // TestBackupExit: the live session's Exit is acknowledged and ends the run
 // for good: no timer, no failover however long nothing is heard. A stale
 // Exit changes nothing. A later run of the VM is accepted (a term below
@@ -423,13 +467,16 @@ func TestBackupExit(t *testing.T) {
 	h := following(t)
 	h.step(Checkpoint{3 * ms, 1, 6, false})
 	// An Exit naming another session is dropped.
-	rd := h.step(Exit{4 * ms, 2, 7, 0})
+	rd := h.step(Exit{4 * ms, 2, 7, 0, 6})
 	if len(msgs(rd, MsgExited)) != 0 || h.b.State() != Following || len(rd.DropSession) != 1 || rd.DropSession[0].Session != 2 {
 		t.Fatalf("stale exit: %v %+v", h.b.State(), rd)
 	}
-	rd = h.step(Exit{5 * ms, 1, 7, 3})
+	rd = h.step(Exit{5 * ms, 1, 7, 3, 6})
 	if e := msgs(rd, MsgExited); len(e) != 1 || e[0] != (Message{Kind: MsgExited, Session: 1, Seq: 7}) {
 		t.Fatalf("exit answered %+v", rd)
+	}
+	if rd.Exit == nil || *rd.Exit != (ExitTaken{Seq: 7, Code: 3, OpsFollow: true, Committed: 6}) {
+		t.Errorf("exit taken: %+v, want its ops to follow commit 6", rd.Exit)
 	}
 	if h.b.State() != Exited || len(rd.DropSession) != 1 || rd.DropSession[0].Session != 1 || rd.Wake != Never {
 		t.Fatalf("after the exit: %v %+v", h.b.State(), rd)
@@ -442,9 +489,9 @@ func TestBackupExit(t *testing.T) {
 	}
 	// Silence, and late messages of the ended session, change nothing.
 	for _, ev := range []BackupEvent{Tick{time.Hour}, Checkpoint{time.Hour + ms, 1, 7, false}, Heartbeat{time.Hour + 2*ms, 1},
-		Exit{time.Hour + 3*ms, 1, 7, 3}} {
+		Exit{time.Hour + 3*ms, 1, 7, 3, 6}} {
 		rd := h.step(ev)
-		if h.b.State() != Exited || len(rd.Commit) != 0 || len(msgs(rd, MsgAck)) != 0 || len(msgs(rd, MsgExited)) != 0 {
+		if h.b.State() != Exited || len(rd.Commit) != 0 || len(msgs(rd, MsgAck)) != 0 || len(msgs(rd, MsgExited)) != 0 || rd.Exit != nil {
 			t.Fatalf("%#v after the exit: %v %+v", ev, h.b.State(), rd)
 		}
 	}

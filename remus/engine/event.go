@@ -99,15 +99,16 @@ type Checkpoint struct {
 }
 
 // Exit reports that the primary of Session said its guest ended by itself
-// in epoch Seq, with Code, and that the driver did with it what must come
-// first (the disk ops of that epoch are queued behind every commit).
-// Nothing will resume that run: the slot acknowledges the Exit and never
-// fails over to it.
+// in epoch Seq, with Code, once every checkpoint heard before it was
+// handled. Its disk operations are those of the epochs after checkpoint
+// After (0: none was sent whole). Nothing will resume that run: the slot
+// acknowledges the Exit and never fails over to it (BackupReady.Exit).
 type Exit struct {
 	Now     Time
 	Session uint64
 	Seq     uint64
 	Code    uint32
+	After   uint64
 }
 
 // Unresumable reports that the driver cannot resume what the slot

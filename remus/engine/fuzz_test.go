@@ -143,6 +143,9 @@ func FuzzBackup(f *testing.F) {
 			justSess, justSeq uint64
 			prevHas           bool
 			prevSeq           uint64
+			// The session of the last commit (seq), and of the one
+			// before it.
+			seqSess, prevSess uint64
 		)
 		for i := 0; i+1 < len(data); i += 2 {
 			op, arg := data[i]%8, data[i+1]
@@ -178,9 +181,15 @@ func FuzzBackup(f *testing.F) {
 					held = prevSeq
 				}
 				ev = CommitFailed{now, justSess, justSeq, held}
-				has, seq = prevHas, prevSeq
+				has, seq, seqSess = prevHas, prevSeq, prevSess
 			case 6:
-				ev = Exit{now, s, uint64(arg>>2) & 15, uint32(arg)}
+				// Bit 6: its ops follow the last commit, else the
+				// epoch before its own.
+				e := Exit{now, s, uint64(arg>>2) & 15, uint32(arg), 0}
+				if e.After = max(e.Seq, 1) - 1; arg&0x40 != 0 {
+					e.After = seq
+				}
+				ev = e
 			case 7:
 				// The driver cannot resume what was committed.
 				ev = Unresumable{now, "unresumable"}
@@ -239,13 +248,20 @@ func FuzzBackup(f *testing.F) {
 				} else if !full[ck.Session] || !has || seq != c-1 {
 					t.Fatalf("incremental %d on %v %d", c, has, seq)
 				}
-				prevHas, prevSeq = has, seq
-				has, seq = true, c
+				prevHas, prevSeq, prevSess = has, seq, seqSess
+				has, seq, seqSess = true, c, ck.Session
 				justSess, justSeq = ck.Session, c
+			}
+			if x := rd.Exit; x != nil {
+				e, ok := ev.(Exit)
+				follow := ok && e.After != 0 && e.Seq > e.After && has && e.After == seq && seqSess == e.Session
+				if !ok || x.Seq != e.Seq || x.Code != e.Code || x.OpsFollow != follow {
+					t.Fatalf("exit taken %+v on %#v, last commit %d (%v) of session %d", *x, ev, seq, has, seqSess)
+				}
 			}
 			for _, m := range rd.Messages {
 				if m.Kind == MsgExited {
-					if e, ok := ev.(Exit); !ok || m.Session != e.Session || m.Seq != e.Seq || b.State() != Exited {
+					if e, ok := ev.(Exit); !ok || m.Session != e.Session || m.Seq != e.Seq || b.State() != Exited || rd.Exit == nil {
 						t.Fatalf("exit ack %+v on %#v in %v", m, ev, b.State())
 					}
 				}

@@ -696,15 +696,17 @@ func (m *Heartbeat) check(*checker)           {}
 func (m *Heartbeat) sizeHint() int            { return 10 }
 
 func (m *Exit) appendTo(b []byte) []byte {
-	return binary.AppendUvarint(binary.AppendUvarint(binary.AppendUvarint(b, m.Seq), uint64(m.Code)), uint64(m.DiskOps))
+	b = binary.AppendUvarint(binary.AppendUvarint(b, m.Seq), uint64(m.Code))
+	return binary.AppendUvarint(binary.AppendUvarint(b, uint64(m.DiskOps)), m.After)
 }
 func (m *Exit) decode(d *decoder) {
 	m.Seq = d.uvarint("Seq")
 	m.Code = d.u32("Code")
 	m.DiskOps = d.u32("DiskOps")
+	m.After = d.uvarint("After")
 }
 func (m *Exit) check(*checker) {}
-func (m *Exit) sizeHint() int  { return 20 }
+func (m *Exit) sizeHint() int  { return 30 }
 
 func (m *NeedFull) appendTo(b []byte) []byte {
 	return appendString(binary.AppendUvarint(b, m.Seq), m.Reason)

@@ -33,8 +33,9 @@ import (
 // Version 2: incremental checkpoints may carry pages as deltas against the
 // backup's copies (snapshot format version 3). Version 3: as sparse runs
 // (snapshot format version 4, CodecDeltaSparse). Version 4: an Exit
-// carries the disk operations of the epoch the guest ended in.
-const Version = 4
+// carries the disk operations of the epoch the guest ended in. Version 5:
+// an Exit names the checkpoint its disk operations follow (After).
+const Version = 5
 
 // Limits on strings, enforced by Validate and Unmarshal.
 const (
@@ -202,14 +203,17 @@ type Heartbeat struct{ Seq uint64 }
 // is Seq-1, and the primary may have abandoned those not yet acknowledged,
 // even mid-stream: the backup drops a part it holds). DiskOps messages of
 // Seq, as many as DiskOps says, come right before it: the file system
-// operations of that last epoch, which the backup applies to its replica
-// of the guest's files after every checkpoint it committed. The backup
-// answers with an Ack of Seq; then the primary releases all output still
-// held.
+// operations of every epoch after checkpoint After, the last one the
+// primary sent whole, in order. Checkpoints after an abandoned one are
+// never sent (the backup lacks their base), so their operations travel
+// here. The backup applies them to its replica of the guest's files only
+// on top of checkpoint After, its last commit of the session. It answers
+// with an Ack of Seq; then the primary releases all output still held.
 type Exit struct {
 	Seq     uint64
 	Code    uint32
 	DiskOps uint32 // DiskOps messages sent for Seq
+	After   uint64 // the checkpoint the disk operations follow (0: none was sent whole)
 }
 
 // NeedFull refuses checkpoint Seq and asks the primary for a full one.

@@ -117,7 +117,7 @@ func (g gen) message(t Type) Message {
 	case TypeNeedFull:
 		return &NeedFull{Seq: g.u64(), Reason: g.str(300, false)}
 	case TypeExit:
-		return &Exit{Seq: g.u64(), Code: uint32(g.u64()), DiskOps: uint32(g.u64())}
+		return &Exit{Seq: g.u64(), Code: uint32(g.u64()), DiskOps: uint32(g.u64()), After: g.u64()}
 	}
 	panic(t)
 }
