@@ -465,8 +465,8 @@ func TestBackupPreparesAtLowPriority(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("the backup did not start preparing the module of its full checkpoint")
 	}
-	if n, policy := threadPriority(t, tid); n != prepareNice || policy != unix.SCHED_IDLE {
-		t.Errorf("the thread preparing the program runs at nice %d, policy %d; want %d, SCHED_IDLE", n, policy, prepareNice)
+	if n, policy := threadPriority(t, tid); n != prepareNice || policy != unix.SCHED_NORMAL {
+		t.Errorf("the thread preparing the program runs at nice %d, policy %d; want %d, SCHED_NORMAL (niceThread)", n, policy, prepareNice)
 	}
 	// The primary falls silent: after the timeout the slot fails over,
 	// and waits for the program.
@@ -503,8 +503,8 @@ func TestBackupPersistsAtLowPriority(t *testing.T) {
 		tid = s.persistTid
 		s.mu.Unlock()
 	}
-	if n, policy := threadPriority(t, tid); n != persistNice || policy != unix.SCHED_IDLE {
-		t.Errorf("the persister's thread runs at nice %d, policy %d; want %d, SCHED_IDLE", n, policy, persistNice)
+	if n, policy := threadPriority(t, tid); n != persistNice || policy != unix.SCHED_NORMAL {
+		t.Errorf("the persister's thread runs at nice %d, policy %d; want %d, SCHED_NORMAL (niceThread)", n, policy, persistNice)
 	}
 	// The primary falls silent: after the timeout the slot fails over.
 	f.c.Close()

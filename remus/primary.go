@@ -26,7 +26,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/ftvm/ftvm/internal/sysmon"
 	"github.com/ftvm/ftvm/machine"
 	"github.com/ftvm/ftvm/machine/dirty"
 	"github.com/ftvm/ftvm/remus/engine"
@@ -338,7 +337,7 @@ func (p *Primary) do(ctx context.Context, rd engine.PrimaryReady, module []byte,
 	}
 	if rd.SendHeartbeat != 0 {
 		if s := p.session(rd.SendHeartbeat); s != nil {
-			s.control(&wire.Heartbeat{Seq: p.eng.Seq()})
+			s.heartbeat(p.eng.Seq())
 		}
 	}
 	p.gate.setPass(rd.PassThrough)
@@ -802,6 +801,7 @@ func (p *Primary) dialer(ctx context.Context, module []byte, name string) {
 		p.mu.Unlock()
 		p.log.Info("backup session up", "session", s.id, "addr", p.cfg.Backup)
 		go s.sender(p)
+		go s.heartbeater()
 		p.send(engine.Connected{Now: p.now(), Session: s.id})
 		s.receiver(p) // until the connection ends
 		s.close()
@@ -877,7 +877,7 @@ func (p *Primary) connect(ctx context.Context) (*session, error) {
 		id := p.nextSess
 		p.mu.Unlock()
 		return &session{id: id, conn: c, queue: make(chan any, p.cfg.Engine.MaxInflight+8),
-			done: make(chan struct{}), uncompressed: p.cfg.Uncompressed}, nil
+			hb: make(chan struct{}, 1), done: make(chan struct{}), uncompressed: p.cfg.Uncompressed}, nil
 	case *wire.Reject:
 		c.Close()
 		return nil, &rejectedError{reason: m.Reason, stale: isStaleReason(m.Reason)}
@@ -888,11 +888,14 @@ func (p *Primary) connect(ctx context.Context) (*session, error) {
 }
 
 // session is one connection to the backup. Checkpoints and control
-// messages go through one queue, so they leave in order.
+// messages go through one queue, so they leave in order; heartbeats go
+// beside it (heartbeater).
 type session struct {
 	id           uint64
 	conn         *transport.Conn
 	queue        chan any // *checkpoint, wire.Message or *exitItem
+	hb           chan struct{}
+	hbSeq        atomic.Uint64 // the seq the next heartbeat carries
 	done         chan struct{}
 	once         sync.Once
 	base         uint64
@@ -927,13 +930,32 @@ func (s *session) enqueue(cp *checkpoint) {
 	}
 }
 
-// control sends a small message, never blocking the driver loop: if the
-// queue is full the heartbeat is dropped (the checkpoints in it are proof
-// of life enough).
-func (s *session) control(m wire.Message) {
+// heartbeat has a heartbeat sent, never blocking the driver loop.
+func (s *session) heartbeat(seq uint64) {
+	s.hbSeq.Store(seq)
 	select {
-	case s.queue <- m:
-	default:
+	case s.hb <- struct{}{}:
+	default: // one is on its way
+	}
+}
+
+// heartbeater sends the session's heartbeats, between the sender's frames
+// (the connection writes each frame whole). They used to go through the
+// sender's queue, behind the checkpoint being streamed: a large one,
+// encoded at low priority while other processes kept the cores busy,
+// silenced the primary for longer than the timeout, and the backup
+// failed over a live primary (a guest filling 64 MiB, two busy loops
+// beside it: 3 runs in 3). Liveness must not wait for the data.
+func (s *session) heartbeater() {
+	for {
+		select {
+		case <-s.hb:
+			if wire.SendFlush(s.conn, &wire.Heartbeat{Seq: s.hbSeq.Load()}) != nil {
+				return // the sender or the receiver sees it too
+			}
+		case <-s.done:
+			return
+		}
 	}
 }
 
@@ -1038,43 +1060,28 @@ func (s *session) streamNiced(p *Primary, cp *checkpoint, buf *bytes.Buffer) err
 func niceWorker() { niceThread(encodeNice) }
 
 // niceThread locks the calling goroutine to its thread for good and makes
-// the thread background work: niceness nice, and the policy SCHED_IDLE,
-// under which any other thread that wakes preempts it at once (at nice
-// 10 alone, a woken thread of the guest's or of the replication's could
-// wait for the rest of its slice). The policy only where the process may
-// raise the thread again (canRaise): a failover hurries such threads,
-// and without CAP_SYS_NICE a thread cannot leave SCHED_IDLE. The thread
-// ends with the goroutine, its priority with it. It reports the thread
-// and whether the niceness was set.
+// the thread background work: niceness nice. The thread ends with the
+// goroutine, its priority with it. It reports the thread and whether the
+// niceness was set.
+//
+// Not the policy SCHED_IDLE, which such threads took for a while (a woken
+// thread preempts one at once): a Go thread holds one of the process's
+// few Ps while it runs, and a guest's goroutine holds another for as long
+// as it computes, so a SCHED_IDLE thread that other processes starve
+// (its weight is 3 against 1,024) stalls every goroutine waiting for a P,
+// and any stop of the world, for as long as they keep the cores busy. A
+// primary encoding a 64 MiB checkpoint so, with two busy loops beside it,
+// fell silent for 0.5–0.9 s and its backup failed over (4 runs in 4);
+// at nice 10 (weight 110), 0 in 6, the longest stop 10 ms.
 func niceThread(nice int) (tid int, ok bool) {
 	runtime.LockOSThread()
 	tid = unix.Gettid()
-	if canRaise() {
-		attr := unix.SchedAttr{Size: unix.SizeofSchedAttr, Policy: unix.SCHED_IDLE}
-		_ = unix.SchedSetAttr(tid, &attr, 0)
-	}
 	return tid, unix.Setpriority(unix.PRIO_PROCESS, tid, nice) == nil
 }
 
-// canRaise reports whether this process may give a thread back nice 0
-// and the normal policy: it has CAP_SYS_NICE, or its RLIMIT_NICE allows
-// nice 0.
-var canRaise = sync.OnceValue(func() bool {
-	var r unix.Rlimit
-	if unix.Getrlimit(unix.RLIMIT_NICE, &r) == nil && r.Cur >= 20 {
-		return true
-	}
-	return sysmon.CanSetSlack() // CAP_SYS_NICE
-})
-
-// raiseThread puts thread tid back to the normal policy and niceness 0
-// (it needs CAP_SYS_NICE or a permissive RLIMIT_NICE; it is best effort).
-func raiseThread(tid int) {
-	attr := unix.SchedAttr{Size: unix.SizeofSchedAttr, Policy: unix.SCHED_NORMAL}
-	if unix.SchedSetAttr(tid, &attr, 0) != nil {
-		_ = unix.Setpriority(unix.PRIO_PROCESS, tid, 0)
-	}
-}
+// raiseThread gives thread tid niceness 0 back (it needs CAP_SYS_NICE or
+// a permissive RLIMIT_NICE; it is best effort).
+func raiseThread(tid int) { _ = unix.Setpriority(unix.PRIO_PROCESS, tid, 0) }
 
 // niceFrom is the checkpoint size, in dirty pages, streamed by
 // streamNiced; encodeNice its threads' niceness (a weight of 110 against

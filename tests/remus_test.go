@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -772,6 +773,44 @@ func TestRemusExitAbandonsMemory(t *testing.T) {
 	if abandoned, _ := strconv.ParseFloat(m[1], 64); num(s, "committed") >= abandoned {
 		t.Errorf("the backup committed %v, the abandoned checkpoint %s included", s["committed"], m[1])
 	}
+}
+
+// TestRemusPrimaryUnderCPUContention: other processes that keep every core
+// busy slow a protected primary down but must not silence it: the backup
+// must not take it for dead. The guest fills 64 MiB without a host call,
+// so the checkpoint at its print carries them all, and the primary encodes
+// it on threads of low priority while two busy loops per core compete.
+// Those threads took the policy SCHED_IDLE once: starved by the loops,
+// each held one of the process's Ps (the guest's goroutine holds the
+// other) and every goroutine stood still behind them, heartbeats
+// included; the backup failed over a live primary in 4 runs of 4.
+func TestRemusPrimaryUnderCPUContention(t *testing.T) {
+	wasm := cGuest(t, "bigexit", []string{"bigexit.c"})
+	instrumented(t, wasm)
+	ref := runCLI(t, 2*time.Minute, "", "run", wasm, "64")
+	if ref.code != 0 {
+		t.Fatalf("unprotected: exit %d\n%s", ref.code, ref.stderr)
+	}
+	for range 2 * runtime.NumCPU() {
+		busy := exec.Command("sh", "-c", "while :; do :; done")
+		if err := busy.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { busy.Process.Kill(); busy.Wait() })
+	}
+	dir := t.TempDir()
+	repl, bSock := freeAddr(t), filepath.Join(dir, "b.sock")
+	backup := startProc(t, ftvmBinary(t), "backup", "--listen", repl, "--state", filepath.Join(dir, "state"),
+		"--timeout", "500ms", "--api-sock", bSock, "--log-level", "info")
+	waitSocket(t, backup, bSock)
+	res := runCLI(t, 2*time.Minute, "", "run", "--protect", repl, "--timeout", "500ms", "--log-level", "info", wasm, "64")
+	if res.code != 0 || res.stdout != ref.stdout {
+		t.Fatalf("protected: exit %d, output %q (unprotected %q)\n%s", res.code, res.stdout, ref.stdout, res.stderr)
+	}
+	if strings.Contains(res.stderr, "NOT PROTECTED") || strings.Contains(res.stderr, "stale") {
+		t.Errorf("the primary lost its backup under load:\n%s", res.stderr)
+	}
+	exitedNotResumed(t, backup, bSock)
 }
 
 // exitedNotResumed checks, well past the timeout (a backup that took the
