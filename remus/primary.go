@@ -121,6 +121,10 @@ type Primary struct {
 	// published is signalled (without blocking) whenever the status is
 	// updated: Finish waits on it for the last acknowledgement.
 	published chan struct{}
+	// fenced is closed once the backup said it runs the VM (the engine's
+	// Fenced): the guest must stop, its held output with it.
+	fenced     chan struct{}
+	fencedOnce sync.Once
 }
 
 // PrimaryStatus is what `ftvm status` shows of a protected primary.
@@ -177,7 +181,7 @@ func NewPrimary(cfg PrimaryConfig) (*Primary, error) {
 	}
 	p := &Primary{cfg: cfg, gate: newHoldGate(cfg.HoldLimit), log: cfg.Log.With("role", "primary", "vm", cfg.VM),
 		events: make(chan engine.PrimaryEvent, 256), release: make(chan struct{}, 1), stop: make(chan struct{}),
-		started: make(chan struct{}), published: make(chan struct{}, 1)}
+		started: make(chan struct{}), published: make(chan struct{}, 1), fenced: make(chan struct{})}
 	// The clock starts now, not in Run: the guest may produce output
 	// (an Output event) before the driver loop runs.
 	p.t0 = time.Now()
@@ -321,10 +325,17 @@ func (p *Primary) do(ctx context.Context, rd engine.PrimaryReady, module []byte,
 		if p.ending.Load() && (sc.To == engine.Connecting || sc.To == engine.Unprotected) {
 			lvl = slog.LevelDebug // the guest ended: its session's end follows
 		}
+		if sc.To == engine.Fenced {
+			lvl, msg = slog.LevelError, "FENCED: the backup runs this VM now; stopping it here, its held output never released"
+		}
 		p.log.Log(ctx, lvl, msg, "from", sc.From.String(), "to", sc.To.String(), "reason", sc.Reason)
 		p.mu.Lock()
 		p.status.Reason = sc.Reason
 		p.mu.Unlock()
+	}
+	if rd.StoodStill != 0 {
+		p.log.Warn("this primary stood still, its heartbeats with it: the backup may have failed over; output stays held until the backup is heard from",
+			"for", rd.StoodStill)
 	}
 	for _, d := range rd.DropSession {
 		p.mu.Lock()
@@ -354,7 +365,15 @@ func (p *Primary) do(ctx context.Context, rd engine.PrimaryReady, module []byte,
 	if req := rd.TakeCheckpoint; req != nil {
 		p.take(*req, module, name)
 	}
+	if p.eng.State() == engine.Fenced {
+		p.fencedOnce.Do(func() { close(p.fenced) })
+	}
 }
+
+// Fenced is closed once the backup has said it runs this VM now: it failed
+// over while this primary stood still or was cut off from it. The guest
+// must be stopped; its held output is never released.
+func (p *Primary) Fenced() <-chan struct{} { return p.fenced }
 
 func (p *Primary) session(id uint64) *session {
 	p.mu.Lock()
@@ -563,6 +582,11 @@ func (p *Primary) markStarted() { p.startedOnce.Do(func() { close(p.started) }) 
 // unprotected primary releases at once. It must run once the guest has
 // ended, on no goroutine that may still run a pause.
 func (p *Primary) Finish(code uint32) {
+	select {
+	case <-p.fenced:
+		return // the VM is the backup's: nothing of this run leaves
+	default:
+	}
 	deadline := time.Now().Add(2 * p.cfg.Engine.Timeout)
 	expired := time.NewTimer(time.Until(deadline))
 	defer expired.Stop()
@@ -605,6 +629,11 @@ wait:
 			}
 		case <-s.done:
 		}
+	}
+	select {
+	case <-p.fenced:
+		return
+	default:
 	}
 	p.gate.setPass(true)
 	for _, h := range p.gate.take(0, true) {
@@ -771,6 +800,7 @@ func (p *Primary) dialer(ctx context.Context, module []byte, name string) {
 			var rej *rejectedError
 			if errors.As(err, &rej) && rej.stale {
 				p.log.Error("the backup rejected this primary as stale: it runs this VM now; not redialing", "reason", rej.reason)
+				p.send(engine.Stale{Now: p.now(), Reason: rej.reason})
 				return
 			}
 			if errors.As(err, &rej) {

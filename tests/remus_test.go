@@ -16,6 +16,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -933,6 +934,76 @@ func TestRemusLoopPollsFailoverMidComputation(t *testing.T) {
 		t.Fatalf("the client saw (primary %q, then backup %q):\n%s", seen, bOut.String(), diffLines(ref.stdout, got))
 	}
 	t.Logf("%v checkpoints before the kill; the primary had released %d bytes", cps, len(seen))
+}
+
+// TestRemusStoppedPrimaryIsFenced: a primary that stands still for longer
+// than the timeout (kill -STOP, as a starved or swapped-out host would)
+// is failed over by its backup. When it runs again it must not release
+// the output it held, nor go on: the backup runs the VM now. It waits to
+// hear from the backup instead of giving it up, learns from the redial
+// that it is stale, and stops its guest (exit 69). The guest's lines, the
+// primary's then the backup's, are one history: each line once, none
+// missing. Before, the primary woke, took the backup for dead, released
+// the lines it held — the backup printed them again — and printed on.
+func TestRemusStoppedPrimaryIsFenced(t *testing.T) {
+	wasm := cGuest(t, "small", []string{"small.c"})
+	instrumented(t, wasm)
+	const lines = 400 // 10 ms apart: 4 s
+	backup, bOut, primary, pOut, pSock := startStdoutPair(t, nil, wasm, fmt.Sprint(lines), "10")
+	waitState(t, pSock, "protected", 30*time.Second)
+	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(pOut.String(), "line 20 "); time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("no line 20 from the primary: %q", pOut.String())
+		}
+	}
+	primary.cmd.Process.Signal(syscall.SIGSTOP)
+	time.Sleep(time.Second) // the backup fails over after 300 ms
+	if !strings.Contains(backup.out.String(), "FAILOVER") {
+		primary.cmd.Process.Signal(syscall.SIGCONT)
+		t.Fatalf("the backup did not fail over a primary stopped for 1 s")
+	}
+	primary.cmd.Process.Signal(syscall.SIGCONT)
+	select {
+	case <-primary.done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the fenced primary did not stop")
+	}
+	if code := primary.cmd.ProcessState.ExitCode(); code != 69 || !strings.Contains(primary.out.String(), "FENCED") {
+		t.Errorf("the primary exited %d, want 69 (fenced)", code)
+	}
+	select {
+	case <-backup.done:
+		t.Fatal("the backup ended")
+	default:
+	}
+	// The failed-over guest finishes its lines on the backup.
+	last := fmt.Sprintf("line %d ", lines-1)
+	for deadline := time.Now().Add(20 * time.Second); !strings.Contains(bOut.String(), last); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the backup's guest did not finish: %q", bOut.String())
+		}
+	}
+	var got []int
+	for _, out := range []string{pOut.String(), bOut.String()} {
+		for _, l := range strings.Split(strings.TrimSpace(out), "\n") {
+			var n int
+			var h string
+			if _, err := fmt.Sscanf(l, "line %d %s", &n, &h); err != nil {
+				t.Fatalf("unexpected output line %q", l)
+			}
+			got = append(got, n)
+		}
+	}
+	for i, n := range got {
+		if n != i {
+			t.Fatalf("lines %v…: line %d where %d was due (the primary printed %d lines)", got[max(0, i-3):min(len(got), i+3)],
+				n, i, strings.Count(pOut.String(), "\n"))
+		}
+	}
+	if len(got) != lines {
+		t.Errorf("%d lines in all, want %d", len(got), lines)
+	}
+	t.Logf("the primary printed %d lines, the backup the other %d", strings.Count(pOut.String(), "\n"), strings.Count(bOut.String(), "\n"))
 }
 
 // startStdoutPair starts a backup and a primary protected by it (timeout

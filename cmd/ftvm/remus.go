@@ -120,7 +120,31 @@ func runProtected(ctx context.Context, p *remus.Primary, m *machine.Machine, mod
 	f.routes = append(f.routes, api.Route{Pattern: "GET /status", Handler: api.JSON(func() any { return p.Status() })},
 		api.Route{Pattern: "GET /metrics", Handler: p.MetricsHandler()},
 		api.Route{Pattern: "GET /checkpoints", Handler: p.CheckpointsHandler()})
-	return serveAndRun(ctx, m, f, sig, limit)
+	// A fenced primary stops its guest: the backup runs the VM now.
+	vctx, stopVM := context.WithCancel(ctx)
+	defer stopVM()
+	go func() {
+		select {
+		case <-p.Fenced():
+			stopVM()
+			// A guest computing without host calls does not see it.
+			select {
+			case <-time.After(stopGrace):
+				slog.Error("the fenced guest did not reach a host call; exiting", "grace", stopGrace)
+				os.Exit(exitFenced)
+			case <-done:
+			}
+		case <-done:
+		case <-vctx.Done():
+		}
+	}()
+	err := serveAndRun(vctx, m, f, sig, limit)
+	select {
+	case <-p.Fenced():
+		return &exitError{code: exitFenced, err: errors.New("fenced: the backup failed this VM over (this primary stood still, or was cut off from it, for longer than --timeout) and runs it now; this copy was stopped")}
+	default:
+	}
+	return err
 }
 
 func newBackupCmd() *cobra.Command {

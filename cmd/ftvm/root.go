@@ -14,6 +14,7 @@ const (
 	exitUsage   = 125 // bad flags, or ftvm could not set the VM up
 	exitModule  = 126 // the module cannot be run (invalid, unsupported, missing imports)
 	exitTrap    = 134 // the guest trapped (as a native program that aborts)
+	exitFenced  = 69  // a protected primary stopped: its backup runs the VM now (EX_UNAVAILABLE)
 	exitSigint  = 130
 	exitSigterm = 143
 )

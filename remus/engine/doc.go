@@ -68,7 +68,14 @@
 //     to the failover term is told it is stale (Message.Fenced), the
 //     split-brain guard. A partition that silences both sides for Timeout
 //     still makes two primaries, as in Remus; fencing them is the cluster
-//     layer's (leases), the Term is what it has to work with.
+//     layer's (leases), the Term is what it has to work with. A primary
+//     told it is stale (Stale) is Fenced: nothing more of it leaves.
+//   - A primary whose engine was not stepped for most of a Timeout with a
+//     session up stood still, its heartbeats with it: the backup may have
+//     failed over. It does not give the backup up for that silence (which
+//     would release output the backup never had) but waits a Timeout more
+//     to hear from it; a failover then shows as the session's end and a
+//     Stale answer to the redial.
 //   - A guest that ends by itself ends its run: the backup acknowledges the
 //     live session's Exit, drops the session and never fails over to that
 //     run (Exited, no timer). A later Hello of the slot's term or above is

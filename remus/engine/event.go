@@ -1,7 +1,7 @@
 package engine
 
 // PrimaryEvent is an input of the Primary: Tick, Output, Connected,
-// Disconnected, CheckpointTaken, Ack, Heartbeat or NeedFull. The interface
+// Disconnected, CheckpointTaken, Ack, Heartbeat, NeedFull or Stale. The interface
 // is sealed so that feeding a backup's event to a primary does not compile.
 type PrimaryEvent interface{ primaryAt() Time }
 
@@ -44,6 +44,13 @@ type GuestIdle struct{ Now Time }
 // primary's limit: under any policy the epoch ends as soon as a checkpoint
 // may be taken, so that acknowledgements can release it (back-pressure).
 type HoldFull struct{ Now Time }
+
+// Stale reports that the backup refused this primary's Hello because it
+// runs the VM itself now (it failed over): the primary is fenced.
+type Stale struct {
+	Now    Time
+	Reason string
+}
 
 // Connected reports that a backup accepted the handshake of Session.
 // Sessions must increase over the life of a Primary, so that a late
@@ -129,6 +136,7 @@ func (e Disconnected) primaryAt() Time    { return e.Now }
 func (e Disconnected) backupAt() Time     { return e.Now }
 func (e Output) primaryAt() Time          { return e.Now }
 func (e Connected) primaryAt() Time       { return e.Now }
+func (e Stale) primaryAt() Time           { return e.Now }
 func (e GuestIdle) primaryAt() Time       { return e.Now }
 func (e HoldFull) primaryAt() Time        { return e.Now }
 func (e CheckpointTaken) primaryAt() Time { return e.Now }

@@ -56,6 +56,9 @@ func FuzzPrimary(f *testing.F) {
 				ev = Connected{now, sessions}
 			case 3:
 				ev = Disconnected{now, pick()}
+				if arg%16 == 15 {
+					ev = Stale{now, "stale primary"}
+				}
 			case 4:
 				if out == nil {
 					continue
@@ -81,8 +84,11 @@ func FuzzPrimary(f *testing.F) {
 			p.Advance()
 			unprot := false
 			for _, c := range rd.StateChanges {
-				if c.From != state || c.From == c.To {
+				if c.From != state || c.From == c.To || c.From == Fenced {
 					t.Fatalf("change %+v from %v", c, state)
+				}
+				if _, stale := ev.(Stale); c.To == Fenced && !stale {
+					t.Fatalf("change %+v on %#v", c, ev)
 				}
 				state = c.To
 				unprot = unprot || c.To == Unprotected
@@ -100,6 +106,11 @@ func FuzzPrimary(f *testing.F) {
 				floor = rd.Release
 			} else if rd.Release > max(p.Acked(), floor) {
 				t.Fatalf("release %d beyond ack %d", rd.Release, p.Acked())
+			}
+			if state == Fenced && (rd.PassThrough || rd.Release != rel && !unprot || rd.TakeCheckpoint != nil) {
+				// (A Stale stepped while Unprotected fences with
+				// everything released already.)
+				t.Fatalf("fenced: %+v, released %d before", rd, rel)
 			}
 			rel = rd.Release
 			if r := rd.TakeCheckpoint; r != nil {

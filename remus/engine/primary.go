@@ -23,6 +23,11 @@ const (
 	// Unprotected: the backup was declared failed (or never reached);
 	// output passes at once while the driver keeps redialing.
 	Unprotected
+	// Fenced: the backup said it runs this VM now (it failed over while
+	// this primary stood still, or was cut off from it: Stale). The VM
+	// is the backup's: output still held never leaves, nothing more is
+	// checkpointed, and the driver stops the guest. For good.
+	Fenced
 )
 
 func (s PrimaryState) String() string {
@@ -35,6 +40,8 @@ func (s PrimaryState) String() string {
 		return "protected"
 	case Unprotected:
 		return "unprotected"
+	case Fenced:
+		return "fenced"
 	}
 	return fmt.Sprintf("PrimaryState(%d)", uint8(s))
 }
@@ -78,6 +85,12 @@ type PrimaryReady struct {
 	DropSession []Drop
 	// StateChanges lists the transitions since the last Advance.
 	StateChanges []PrimaryStateChange
+	// StoodStill, if not 0, says the engine was not stepped for that long
+	// with a session up (the primary's process or loop stood still, and
+	// its heartbeats with it): the backup may have failed over, so the
+	// engine waits up to Timeout to hear from it before it would give it
+	// up and release held output (for the log).
+	StoodStill Time
 	// Wake is when the engine wants its next Tick (Never: no timer).
 	Wake Time
 }
@@ -119,6 +132,10 @@ type Primary struct {
 	acked       uint64 // highest ack of any session
 	lastHeard   Time   // last message from a backup (or start, or Connected)
 	lastSession uint64 // highest session ever connected
+	stepped     Time   // the last event's time
+	// woke is when the engine was stepped after standing still with a
+	// session up: the backup is not given up before woke+Timeout.
+	woke Time
 
 	// The current session; all zero when there is none.
 	session   uint64
@@ -142,7 +159,7 @@ func NewPrimary(cfg Config, now Time) (*Primary, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	return &Primary{cfg: cfg, now: now, epochStart: now, lastHeard: now, adv: PrimaryReady{Wake: Never}}, nil
+	return &Primary{cfg: cfg, now: now, epochStart: now, lastHeard: now, stepped: now, adv: PrimaryReady{Wake: Never}}, nil
 }
 
 // Config returns the configuration in force, defaults applied.
@@ -197,6 +214,8 @@ func (p *Primary) Step(ev PrimaryEvent) error {
 		}
 	}
 	p.now = max(p.now, ev.primaryAt())
+	p.stoodStill(p.now - p.stepped)
+	p.stepped = p.now
 	p.expire()
 	switch e := ev.(type) {
 	case Tick:
@@ -230,6 +249,8 @@ func (p *Primary) Step(ev PrimaryEvent) error {
 		if e.Session == p.session && p.session != 0 {
 			p.lastHeard = p.now
 		}
+	case Stale:
+		p.fence(e.Reason)
 	default:
 		panic(fmt.Sprintf("remus: unknown primary event %T", ev))
 	}
@@ -244,13 +265,45 @@ func (p *Primary) requested() string {
 	return fmt.Sprintf("%d was requested", p.outstanding.Seq)
 }
 
+// stoodStill notes a gap of gap since the last event. With a session up
+// the engine is stepped at least every HeartbeatInterval (Wake), so a gap
+// that, with the heartbeat interval before it, reaches Timeout means this
+// primary's loop stood still — a process stopped, or starved — and sent
+// no heartbeat meanwhile: the backup may have taken the silence for its
+// death and failed over. Giving the backup up now would release output of
+// epochs it never had while it runs the VM from an older one (two
+// histories before the clients). So the backup gets a Timeout from now:
+// its messages, queued while this one stood still, keep protection; a
+// failover shows as the session's end, and the redial's answer (Stale)
+// fences this primary.
+func (p *Primary) stoodStill(gap Time) {
+	if p.session == 0 || p.state == Fenced || p.state == Unprotected || gap < p.cfg.Timeout-p.cfg.HeartbeatInterval {
+		return
+	}
+	p.woke = p.now
+	p.pend.StoodStill = gap
+}
+
+// fence hands the VM to the backup that says it runs it (Stale).
+func (p *Primary) fence(reason string) {
+	if p.state == Fenced {
+		return
+	}
+	if p.session != 0 {
+		p.pend.DropSession = append(p.pend.DropSession, Drop{p.session, reason})
+	}
+	p.clearSession()
+	p.passThrough = false
+	p.setState(Fenced, reason)
+}
+
 // expire fires the deadlines that passed, before the event at now is
 // handled: a message arriving after Timeout of silence is too late.
 func (p *Primary) expire() {
-	if p.state == Unprotected {
+	if p.state == Unprotected || p.state == Fenced {
 		return
 	}
-	if p.now >= p.lastHeard+p.cfg.Timeout {
+	if p.now >= max(p.lastHeard, p.woke)+p.cfg.Timeout {
 		p.unprotect(fmt.Sprintf("backup not heard for %v", p.now-p.lastHeard))
 		return
 	}
@@ -327,6 +380,9 @@ func (p *Primary) taken() {
 	p.epochStart = p.now
 	p.outputWaiting, p.outputNext = p.outputNext, false
 	p.idle, p.urgent = false, false
+	if p.state == Fenced {
+		return // its output is the backup's now
+	}
 	if p.state == Unprotected {
 		p.release = max(p.release, p.seq) // nothing to protect it for
 		return
@@ -345,6 +401,10 @@ func (p *Primary) taken() {
 
 func (p *Primary) connected(s uint64) {
 	p.lastSession = s
+	if p.state == Fenced {
+		p.pend.DropSession = append(p.pend.DropSession, Drop{s, "fenced: the backup runs this VM"})
+		return
+	}
 	if p.session != 0 {
 		p.pend.DropSession = append(p.pend.DropSession, Drop{p.session, fmt.Sprintf("superseded by session %d", s)})
 	}
@@ -453,10 +513,10 @@ func (p *Primary) setState(to PrimaryState, reason string) {
 
 // Wake returns when the engine wants its next Tick (Never: no timer).
 func (p *Primary) Wake() Time {
-	if p.state == Unprotected {
+	if p.state == Unprotected || p.state == Fenced {
 		return Never
 	}
-	w := p.lastHeard + p.cfg.Timeout
+	w := max(p.lastHeard, p.woke) + p.cfg.Timeout
 	if p.session != 0 {
 		w = min(w, p.lastHB+p.cfg.HeartbeatInterval, p.epochDeadline())
 		if len(p.flight) > 0 {
@@ -469,7 +529,7 @@ func (p *Primary) Wake() Time {
 // HasReady reports whether Ready has anything new since the last Advance.
 func (p *Primary) HasReady() bool {
 	r := &p.pend
-	return r.TakeCheckpoint != nil || r.SendHeartbeat != 0 || len(r.DropSession) > 0 || len(r.StateChanges) > 0 ||
+	return r.TakeCheckpoint != nil || r.SendHeartbeat != 0 || len(r.DropSession) > 0 || len(r.StateChanges) > 0 || r.StoodStill != 0 ||
 		p.release != p.adv.Release || p.passThrough != p.adv.PassThrough || p.Wake() != p.adv.Wake
 }
 
@@ -482,6 +542,7 @@ func (p *Primary) Ready() PrimaryReady {
 		PassThrough:   p.passThrough,
 		DropSession:   slices.Clone(p.pend.DropSession),
 		StateChanges:  slices.Clone(p.pend.StateChanges),
+		StoodStill:    p.pend.StoodStill,
 		Wake:          p.Wake(),
 	}
 	if r := p.pend.TakeCheckpoint; r != nil {
@@ -507,5 +568,8 @@ func (p *Primary) Advance() {
 	}
 	p.pend.DropSession = slices.Delete(p.pend.DropSession, 0, len(h.DropSession))
 	p.pend.StateChanges = slices.Delete(p.pend.StateChanges, 0, len(h.StateChanges))
+	if h.StoodStill == p.pend.StoodStill {
+		p.pend.StoodStill = 0
+	}
 	p.adv = PrimaryReady{Release: h.Release, PassThrough: h.PassThrough, Wake: h.Wake}
 }

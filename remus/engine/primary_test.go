@@ -323,6 +323,10 @@ func TestPrimaryTimeoutUnprotects(t *testing.T) {
 	h.taken(12*ms, 2)
 	h.step(Heartbeat{50 * ms, 1})
 	h.step(Output{51 * ms})
+	// The driver ticks at Wake (a heartbeat every 20 ms).
+	for now := 60 * ms; now < 149*ms; now += 20 * ms {
+		h.step(Tick{now})
+	}
 	if rd := h.step(Tick{149 * ms}); h.p.State() != Protected || rd.Release != 1 {
 		t.Fatalf("before Timeout: %v %+v", h.p.State(), rd)
 	}
@@ -343,10 +347,80 @@ func TestPrimaryTimeoutUnprotects(t *testing.T) {
 	}
 	// A message after Timeout of silence is too late, even without a Tick.
 	h2 := protected(t, testCfg)
+	for now := 20 * ms; now < 100*ms; now += 20 * ms {
+		h2.step(Tick{now})
+	}
 	rd = h2.step(Ack{103 * ms, 1, 1})
 	if h2.p.State() != Unprotected || !rd.PassThrough {
 		t.Fatalf("late ack: %v", h2.p.State())
 	}
+}
+
+// TestPrimaryStoodStill: a primary whose engine was not stepped for most
+// of a Timeout (its process stopped or starved: no heartbeat left it
+// either) does not take the backup's silence over that time for its
+// death: the backup may have failed over, and giving it up would release
+// output of epochs it never had. The backup's messages queued meanwhile
+// keep protection; a failover shows as the session's end and a Stale
+// answer to the redial, which fences the primary: held output never
+// leaves, and no checkpoint, session or release follows. Silence for a
+// Timeout after the primary woke still gives the backup up.
+func TestPrimaryStoodStill(t *testing.T) {
+	stood := func(t *testing.T) (*ph, PrimaryReady) {
+		h := protected(t, testCfg) // ack 1 at 3 ms
+		h.step(Tick{12 * ms})
+		h.taken(12*ms, 2)
+		h.step(Output{13 * ms}) // epoch 3's output: held
+		// Stopped from 13 ms to 400 ms.
+		rd := h.step(Tick{400 * ms})
+		if h.p.State() != Protected || rd.PassThrough || rd.Release != 1 || rd.StoodStill != 387*ms {
+			t.Fatalf("after standing still: %v %+v", h.p.State(), rd)
+		}
+		return h, rd
+	}
+	t.Run("the backup is still there", func(t *testing.T) {
+		h, _ := stood(t)
+		// Its ack, queued meanwhile, keeps protection and releases.
+		if rd := h.step(Ack{401 * ms, 1, 2}); h.p.State() != Protected || rd.Release != 2 || rd.PassThrough {
+			t.Fatalf("ack after standing still: %v %+v", h.p.State(), rd)
+		}
+	})
+	t.Run("the backup failed over", func(t *testing.T) {
+		h, _ := stood(t)
+		h.step(Disconnected{401 * ms, 1})
+		if h.p.State() != Connecting {
+			t.Fatalf("session's end: %v", h.p.State())
+		}
+		rd := h.step(Stale{402 * ms, "stale primary: term 1 failed over"})
+		if h.p.State() != Fenced || rd.PassThrough || rd.Release != 1 || rd.Wake != Never {
+			t.Fatalf("stale answer: %v %+v", h.p.State(), rd)
+		}
+		// Nothing ever leaves or is taken again.
+		for _, ev := range []PrimaryEvent{Tick{time.Hour}, Output{time.Hour + ms}, GuestIdle{time.Hour + 2*ms},
+			Connected{time.Hour + 3*ms, 2}, Ack{time.Hour + 4*ms, 2, 3}} {
+			rd := h.step(ev)
+			if h.p.State() != Fenced || rd.PassThrough || rd.Release != 1 || rd.TakeCheckpoint != nil || h.p.Session() != 0 {
+				t.Fatalf("%#v when fenced: %v %+v", ev, h.p.State(), rd)
+			}
+		}
+	})
+	t.Run("the backup is silent", func(t *testing.T) {
+		h, _ := stood(t)
+		for now := 420 * ms; now < 500*ms; now += 20 * ms {
+			if h.step(Tick{now}); h.p.State() != Protected {
+				t.Fatalf("at %v: %v", now, h.p.State())
+			}
+		}
+		if rd := h.step(Tick{500 * ms}); h.p.State() != Unprotected || !rd.PassThrough {
+			t.Fatalf("a Timeout after waking: %v %+v", h.p.State(), rd)
+		}
+	})
+	t.Run("a shorter gap", func(t *testing.T) {
+		h := protected(t, testCfg)
+		if rd := h.step(Tick{3*ms + 79*ms}); rd.StoodStill != 0 {
+			t.Fatalf("a gap under Timeout less a heartbeat interval: %+v", rd)
+		}
+	})
 }
 
 // TestPrimaryReconnectAfterDisconnect: output stays held across the gap,
