@@ -994,6 +994,10 @@ func (s *slot) do(ctx context.Context, rd engine.BackupReady) (failover bool, fa
 	if rd.Exit != nil {
 		s.exitTaken(rd.Exit)
 	}
+	if rd.StoodStill != 0 {
+		s.log.Warn("this backup stood still: the primary's silence meanwhile is not its failure; failing over only if it stays silent for the timeout",
+			"for", rd.StoodStill)
+	}
 	for _, sc := range rd.StateChanges {
 		s.log.Info("slot state", "from", sc.From.String(), "to", sc.To.String(), "reason", sc.Reason)
 		s.mu.Lock()

@@ -983,8 +983,56 @@ func TestRemusStoppedPrimaryIsFenced(t *testing.T) {
 			t.Fatalf("the backup's guest did not finish: %q", bOut.String())
 		}
 	}
+	checkLineHistory(t, lines, pOut.String(), bOut.String())
+	t.Logf("the primary printed %d lines, the backup the other %d", strings.Count(pOut.String(), "\n"), strings.Count(bOut.String(), "\n"))
+}
+
+// TestRemusStoppedBackupDoesNotFailOver: a backup that stands still for
+// longer than the timeout (kill -STOP) heard nothing only because it did
+// not listen: when it runs again it must not resume its last checkpoint
+// beside the live primary (which meanwhile gave it up and printed on). It
+// takes the primary back instead: the primary redials, resyncs and is
+// protected again, and the guest's lines are the primary's alone, each
+// once. Before, the backup woke and failed over at once, printing from an
+// older checkpoint lines the primary had printed.
+func TestRemusStoppedBackupDoesNotFailOver(t *testing.T) {
+	wasm := cGuest(t, "small", []string{"small.c"})
+	instrumented(t, wasm)
+	const lines = 400 // 10 ms apart: 4 s
+	backup, bOut, primary, pOut, pSock := startStdoutPair(t, nil, wasm, fmt.Sprint(lines), "10")
+	waitState(t, pSock, "protected", 30*time.Second)
+	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(pOut.String(), "line 20 "); time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("no line 20 from the primary: %q", pOut.String())
+		}
+	}
+	backup.cmd.Process.Signal(syscall.SIGSTOP)
+	time.Sleep(time.Second) // the primary gives it up after 300 ms
+	backup.cmd.Process.Signal(syscall.SIGCONT)
+	waitState(t, pSock, "protected", 10*time.Second)
+	select {
+	case <-primary.done:
+	case <-time.After(20 * time.Second):
+		t.Fatal("the primary did not finish")
+	}
+	if code := primary.cmd.ProcessState.ExitCode(); code != 0 {
+		t.Errorf("the primary exited %d", code)
+	}
+	if strings.Contains(backup.out.String(), "FAILOVER") || bOut.String() != "" {
+		t.Errorf("the backup failed over after standing still; it printed %q", bOut.String())
+	}
+	if !strings.Contains(backup.out.String(), "this backup stood still") {
+		t.Errorf("the backup did not say it stood still")
+	}
+	checkLineHistory(t, lines, pOut.String())
+}
+
+// checkLineHistory checks that outs, one after the other, hold small.c's
+// lines 0 to lines-1, each once, in order.
+func checkLineHistory(t *testing.T, lines int, outs ...string) {
+	t.Helper()
 	var got []int
-	for _, out := range []string{pOut.String(), bOut.String()} {
+	for _, out := range outs {
 		for _, l := range strings.Split(strings.TrimSpace(out), "\n") {
 			var n int
 			var h string
@@ -996,14 +1044,13 @@ func TestRemusStoppedPrimaryIsFenced(t *testing.T) {
 	}
 	for i, n := range got {
 		if n != i {
-			t.Fatalf("lines %v…: line %d where %d was due (the primary printed %d lines)", got[max(0, i-3):min(len(got), i+3)],
-				n, i, strings.Count(pOut.String(), "\n"))
+			t.Fatalf("lines %v…: line %d where %d was due (the first output has %d lines)", got[max(0, i-3):min(len(got), i+3)],
+				n, i, strings.Count(outs[0], "\n"))
 		}
 	}
 	if len(got) != lines {
 		t.Errorf("%d lines in all, want %d", len(got), lines)
 	}
-	t.Logf("the primary printed %d lines, the backup the other %d", strings.Count(pOut.String(), "\n"), strings.Count(bOut.String(), "\n"))
 }
 
 // startStdoutPair starts a backup and a primary protected by it (timeout

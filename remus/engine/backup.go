@@ -128,6 +128,12 @@ type BackupReady struct {
 	// Exit is set when the engine took an Exit: the driver records for
 	// good that the run ended (it is never resumed).
 	Exit *ExitTaken
+	// StoodStill, if not 0, says the engine was not stepped for that long
+	// while following a session (the backup's process or loop stood
+	// still): the primary's silence over that time is not its failure, so
+	// the engine waits up to Timeout to hear from it before failing over
+	// (for the log).
+	StoodStill Time
 	// Wake is when the engine wants its next Tick (Never: no timer).
 	Wake Time
 }
@@ -163,6 +169,10 @@ type Backup struct {
 	sessCommitted uint64 // its last commit; 0: no full checkpoint yet
 	lastHeard     Time   // last message of a session
 	lastSent      Time
+	stepped       Time // the last event's time
+	// woke is when the engine was stepped after standing still while
+	// following: the primary is not failed before woke+Timeout.
+	woke Time
 	// closed is the newest session that ended: it and every session
 	// before it are over, and a Hello naming one (a late copy) is
 	// refused. The driver numbers sessions in increasing order.
@@ -183,7 +193,7 @@ func NewBackup(cfg Config, vm string, now Time) (*Backup, error) {
 	if vm == "" {
 		return nil, errors.New("remus: empty VM name")
 	}
-	return &Backup{cfg: cfg, vm: vm, now: now, lastHeard: now, advWak: Never}, nil
+	return &Backup{cfg: cfg, vm: vm, now: now, lastHeard: now, stepped: now, advWak: Never}, nil
 }
 
 // Config returns the configuration in force, defaults applied.
@@ -219,6 +229,8 @@ func (b *Backup) Step(ev BackupEvent) error {
 		return errors.New("remus: nil event")
 	}
 	b.now = max(b.now, ev.backupAt())
+	b.stoodStill(b.now - b.stepped)
+	b.stepped = b.now
 	b.expire()
 	switch e := ev.(type) {
 	case Tick:
@@ -257,12 +269,30 @@ func (b *Backup) Step(ev BackupEvent) error {
 
 func (b *Backup) live(s uint64) bool { return s != 0 && s == b.session }
 
+// stoodStill notes a gap of gap since the last event. While following, the
+// engine is stepped at least every HeartbeatInterval (Wake), so a gap that
+// with the heartbeat interval reaches Timeout means this backup stood
+// still (a process stopped or starved) and heard nothing only because it
+// did not listen: the primary's messages wait in the connection. Failing
+// over now would resume an older checkpoint beside a live primary, which,
+// not hearing this backup either, may have given it up and released
+// output since. So the primary gets a Timeout from now: its queued
+// messages keep the session, its redial (it dropped the session) finds
+// this backup still following, and only silence after waking fails it.
+func (b *Backup) stoodStill(gap Time) {
+	if b.state != Following || gap < b.cfg.Timeout-b.cfg.HeartbeatInterval {
+		return
+	}
+	b.woke = b.now
+	b.pend.StoodStill = gap
+}
+
 // expire fires the failure detector before the event at now is handled,
 // so that a message arriving after Timeout of silence is too late, as on
 // the primary. With something committed, silence is the primary's
 // failure; with nothing, there is nothing to run, so the slot resets.
 func (b *Backup) expire() {
-	if (b.state != Following && b.state != Waiting) || b.now < b.lastHeard+b.cfg.Timeout {
+	if (b.state != Following && b.state != Waiting) || b.now < max(b.lastHeard, b.woke)+b.cfg.Timeout {
 		return
 	}
 	reason := fmt.Sprintf("primary not heard for %v", b.now-b.lastHeard)
@@ -470,9 +500,9 @@ func (b *Backup) setState(to BackupState, reason string) {
 func (b *Backup) Wake() Time {
 	switch b.state {
 	case Following:
-		return min(b.lastHeard+b.cfg.Timeout, b.lastSent+b.cfg.HeartbeatInterval)
+		return min(max(b.lastHeard, b.woke)+b.cfg.Timeout, b.lastSent+b.cfg.HeartbeatInterval)
 	case Waiting:
-		return b.lastHeard + b.cfg.Timeout
+		return max(b.lastHeard, b.woke) + b.cfg.Timeout
 	}
 	return Never
 }
@@ -481,7 +511,7 @@ func (b *Backup) Wake() Time {
 func (b *Backup) HasReady() bool {
 	r := &b.pend
 	return len(r.Commit) > 0 || len(r.Discard) > 0 || len(r.Messages) > 0 || len(r.DropSession) > 0 ||
-		r.Failover || len(r.StateChanges) > 0 || b.Wake() != b.advWak
+		r.Failover || len(r.StateChanges) > 0 || r.Exit != nil || r.StoodStill != 0 || b.Wake() != b.advWak
 }
 
 // Ready returns what the driver must do. Events may be stepped before the
@@ -495,6 +525,7 @@ func (b *Backup) Ready() BackupReady {
 		Failover:     b.pend.Failover,
 		StateChanges: slices.Clone(b.pend.StateChanges),
 		Exit:         b.pend.Exit,
+		StoodStill:   b.pend.StoodStill,
 		Wake:         b.Wake(),
 	}
 	b.handed = &rd
@@ -518,6 +549,9 @@ func (b *Backup) Advance() {
 	}
 	if h.Exit != nil {
 		b.pend.Exit = nil
+	}
+	if h.StoodStill == b.pend.StoodStill {
+		b.pend.StoodStill = 0
 	}
 	b.advWak = h.Wake
 }

@@ -62,6 +62,22 @@ func (h *bh) step(ev BackupEvent) BackupReady {
 	return rd
 }
 
+// silence ticks at each Wake, as the driver does, with nothing heard,
+// until the engine changes state or until; it returns that step's Ready.
+// (A single Tick far ahead is a backup that stood still: StoodStill.)
+func (h *bh) silence(until Time) BackupReady {
+	h.t.Helper()
+	for {
+		w := h.b.Wake()
+		if w == Never || w >= until {
+			return h.step(Tick{until})
+		}
+		if rd := h.step(Tick{w}); len(rd.StateChanges) > 0 {
+			return rd
+		}
+	}
+}
+
 func msgs(rd BackupReady, k MessageKind) []Message {
 	var out []Message
 	for _, m := range rd.Messages {
@@ -233,11 +249,11 @@ func TestBackupFailover(t *testing.T) {
 		}
 		h.step(Heartbeat{now, 7}) // another session: not heard
 	}
-	rd := h.step(Tick{359 * ms}) // heard at 260ms
+	rd := h.silence(359 * ms) // heard at 260ms
 	if rd.Failover || h.b.State() != Following {
 		t.Fatalf("early failover")
 	}
-	rd = h.step(Tick{360 * ms})
+	rd = h.silence(360 * ms)
 	if !rd.Failover || h.b.State() != FailedOver || len(rd.DropSession) != 1 || rd.Wake != Never {
 		t.Fatalf("no failover: %v %+v", h.b.State(), rd)
 	}
@@ -264,6 +280,50 @@ func TestBackupFailover(t *testing.T) {
 	}
 }
 
+// TestBackupStoodStill: a backup whose engine was not stepped for most of
+// a Timeout while following (its process stopped or starved) heard
+// nothing because it did not listen: it does not fail over for that
+// silence, which would resume an older checkpoint beside a live primary.
+// The primary's messages queued meanwhile keep the session; if the
+// primary dropped it (it gave this backup up), its redial is accepted;
+// only silence for a Timeout after waking fails it over.
+func TestBackupStoodStill(t *testing.T) {
+	stood := func(t *testing.T) *bh {
+		h := following(t) // heard at 2 ms
+		rd := h.step(Tick{500 * ms})
+		if rd.Failover || h.b.State() != Following || rd.StoodStill != 498*ms {
+			t.Fatalf("after standing still: %v %+v", h.b.State(), rd)
+		}
+		return h
+	}
+	t.Run("queued messages", func(t *testing.T) {
+		h := stood(t)
+		h.step(Heartbeat{501 * ms, 1})
+		if rd := h.silence(600 * ms); rd.Failover || h.b.State() != Following {
+			t.Fatalf("heard after waking: %v %+v", h.b.State(), rd)
+		}
+	})
+	t.Run("the primary redials", func(t *testing.T) {
+		h := stood(t)
+		h.step(Disconnected{501 * ms, 1})
+		if rd := h.silence(590 * ms); rd.Failover || h.b.State() != Waiting {
+			t.Fatalf("before the redial: %v %+v", h.b.State(), rd)
+		}
+		if rd := h.hello(591*ms, 2, 3); len(msgs(rd, MsgAccept)) != 1 || h.b.State() != Following {
+			t.Fatalf("the redial: %v %+v", h.b.State(), rd)
+		}
+	})
+	t.Run("silence after waking", func(t *testing.T) {
+		h := stood(t)
+		if rd := h.silence(599 * ms); rd.Failover {
+			t.Fatal("failed over within a Timeout of waking")
+		}
+		if rd := h.silence(600 * ms); !rd.Failover {
+			t.Fatalf("silent a Timeout after waking: %v %+v", h.b.State(), rd)
+		}
+	})
+}
+
 const time1h = 3600 * 1000 * ms
 
 func TestBackupFailoverFromWaiting(t *testing.T) {
@@ -281,11 +341,12 @@ func TestBackupFailoverFromWaiting(t *testing.T) {
 	h.step(Disconnected{30 * ms, 1})
 	h.hello(50*ms, 2, 3)
 	h.step(Checkpoint{60 * ms, 2, 9, false}) // refused, but heard
-	if rd := h.step(Tick{160 * ms}); !rd.Failover || h.b.Committed() != 5 {
+	if rd := h.silence(160 * ms); !rd.Failover || h.b.Committed() != 5 {
 		t.Fatalf("%+v", rd)
 	}
 	// A message after Timeout of silence comes too late.
 	h = following(t)
+	h.silence(100 * ms)
 	if rd := h.step(Heartbeat{102 * ms, 1}); !rd.Failover {
 		t.Fatal("late heartbeat prevented failover")
 	}
@@ -295,7 +356,7 @@ func TestBackupSilenceWithNothingCommitted(t *testing.T) {
 	h := newBH(t)
 	h.hello(1*ms, 1, 1)
 	h.step(Checkpoint{2 * ms, 1, 3, false}) // refused
-	rd := h.step(Tick{102 * ms})
+	rd := h.silence(102 * ms)
 	if rd.Failover || h.b.State() != Idle || len(rd.DropSession) != 1 || rd.Wake != Never {
 		t.Fatalf("%v %+v", h.b.State(), rd)
 	}
@@ -396,7 +457,7 @@ func TestBackupCommitFailed(t *testing.T) {
 	// first, and the number is set right after it.
 	h = following(t)
 	h.step(Checkpoint{3 * ms, 1, 6, false})
-	if rd := h.step(Tick{200 * ms}); !rd.Failover {
+	if rd := h.silence(200 * ms); !rd.Failover {
 		t.Fatal("no failover")
 	}
 	h.step(CommitFailed{201 * ms, 1, 6, 5})
@@ -513,7 +574,7 @@ func TestBackupExit(t *testing.T) {
 	if rd := h.step(Checkpoint{3*time.Hour + ms, 4, 1, true}); !slices.Equal(rd.Commit, []uint64{1}) {
 		t.Fatalf("the new run's full checkpoint: %+v", rd)
 	}
-	if rd := h.step(Tick{4 * time.Hour}); !rd.Failover || h.b.Committed() != 1 {
+	if rd := h.silence(4 * time.Hour); !rd.Failover || h.b.Committed() != 1 {
 		t.Fatalf("the new run's primary silent: %v %+v", h.b.State(), rd)
 	}
 }
@@ -552,7 +613,7 @@ func TestBackupUnresumable(t *testing.T) {
 		t.Fatalf("a full checkpoint after Unresumable: %+v", rd)
 	}
 	// After a failover it changes nothing: the VM runs already.
-	rd = h.step(Tick{3 * time.Hour})
+	rd = h.silence(3 * time.Hour)
 	if !rd.Failover || h.b.State() != FailedOver {
 		t.Fatalf("silence: %v %+v", h.b.State(), rd)
 	}

@@ -75,7 +75,9 @@
 //     failed over. It does not give the backup up for that silence (which
 //     would release output the backup never had) but waits a Timeout more
 //     to hear from it; a failover then shows as the session's end and a
-//     Stale answer to the redial.
+//     Stale answer to the redial. A backup that stood still while
+//     following likewise does not fail over for the silence it slept
+//     through, but a Timeout after it woke.
 //   - A guest that ends by itself ends its run: the backup acknowledges the
 //     live session's Exit, drops the session and never fails over to that
 //     run (Exited, no timer). A later Hello of the slot's term or above is
