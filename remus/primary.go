@@ -971,11 +971,10 @@ func (s *session) heartbeat(seq uint64) {
 
 // heartbeater sends the session's heartbeats, between the sender's frames
 // (the connection writes each frame whole). They used to go through the
-// sender's queue, behind the checkpoint being streamed: a large one,
-// encoded at low priority while other processes kept the cores busy,
-// silenced the primary for longer than the timeout, and the backup
-// failed over a live primary (a guest filling 64 MiB, two busy loops
-// beside it: 3 runs in 3). Liveness must not wait for the data.
+// sender's queue, behind the checkpoint being streamed, whose encoding at
+// low priority (niceThread) slows down as much as other processes keep
+// the cores busy, and whose pieces may wait on it: liveness must not
+// wait for the data.
 func (s *session) heartbeater() {
 	for {
 		select {

@@ -273,6 +273,63 @@ func TestRemusNetnsFailover(t *testing.T) {
 	showLogs(t, map[string]*proc{"primary": primary, "backup": backup})
 }
 
+// TestRemusNetnsPartitionFencesThePrimary: a partition between the
+// primary's and the backup's hosts that lasts longer than the timeout
+// makes each side decide alone, as in Remus: the primary runs on
+// unprotected, the backup fails over and serves on its host. Once the
+// partition heals, the primary reaches the backup again, is told it is
+// stale, and is fenced: it stops its guest and exits 69, so that only the
+// backup's copy of the VM serves. (Before, the primary stopped redialing
+// and served on beside the backup for good.)
+func TestRemusNetnsPartitionFencesThePrimary(t *testing.T) {
+	if err := netns.Available(); err != nil {
+		t.Skipf("netns: %v", err)
+	}
+	if testing.Short() {
+		t.Skip("starts three hosts and two ftvm processes; -short")
+	}
+	bin := ftvmBinary(t)
+	wasm := kvInstrumented(t)
+	instrumented(t, wasm)
+	n := netns.New(t, "part", "primary", "backup", "client")
+	ph, bh, ch := n.Host("primary"), n.Host("backup"), n.Host("client")
+	const kvPort, replPort = 7000, 7100
+	dir := t.TempDir()
+	pSock, bSock := filepath.Join(dir, "p.sock"), filepath.Join(dir, "b.sock")
+	backup := startNSProc(t, bh, bin, "backup", "--listen", bh.Addr(replPort), "--state", filepath.Join(dir, "state"),
+		"--timeout", "500ms", "--api-sock", bSock, "--log-level", "info")
+	waitSocket(t, backup, bSock)
+	primary := startNSProc(t, ph, bin, "run", "--protect", bh.Addr(replPort), "--timeout", "500ms",
+		"--api-sock", pSock, "--listen", fmt.Sprintf("3=0.0.0.0:%d", kvPort), "--log-level", "info", wasm, "--fd", "3")
+	waitState(t, pSock, "protected", time.Minute)
+	if !kvAnswers(ch.DialContext, ph.Addr(kvPort), 5*time.Second) {
+		t.Fatalf("the primary does not answer from the client host")
+	}
+	n.Partition("primary", "backup")
+	waitAnswers(t, ch.DialContext, bh.Addr(kvPort), 30*time.Second) // the backup failed over
+	if st := status(t, pSock); st["state"] != "unprotected" {
+		t.Errorf("the primary cut off from its backup: %v, want unprotected", st["state"])
+	}
+	if !kvAnswers(ch.DialContext, ph.Addr(kvPort), 5*time.Second) {
+		t.Errorf("the primary stopped serving while cut off from its backup")
+	}
+	healed := time.Now()
+	n.Heal("primary", "backup")
+	select {
+	case <-primary.done:
+	case <-time.After(15 * time.Second):
+		t.Fatalf("the primary still runs 15 s after the partition healed, beside the backup's copy")
+	}
+	t.Logf("the primary stopped %v after the partition healed", time.Since(healed).Round(time.Millisecond))
+	if code := primary.cmd.ProcessState.ExitCode(); code != 69 || !strings.Contains(primary.out.String(), "FENCED") {
+		t.Errorf("the primary exited %d, want 69 (fenced)", code)
+	}
+	if !kvAnswers(ch.DialContext, bh.Addr(kvPort), 5*time.Second) {
+		t.Errorf("the backup does not serve after the primary was fenced")
+	}
+	showLogs(t, map[string]*proc{"primary": primary, "backup": backup})
+}
+
 // startNSProc is startProc for a program in a test host's namespace.
 func startNSProc(t *testing.T, h *netns.Host, bin string, args ...string) *proc {
 	t.Helper()
