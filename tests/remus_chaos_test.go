@@ -27,6 +27,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -327,6 +328,72 @@ func TestRemusNetnsPartitionFencesThePrimary(t *testing.T) {
 	if !kvAnswers(ch.DialContext, bh.Addr(kvPort), 5*time.Second) {
 		t.Errorf("the backup does not serve after the primary was fenced")
 	}
+	showLogs(t, map[string]*proc{"primary": primary, "backup": backup})
+}
+
+// TestRemusNetnsStoppedPrimary: the primary's process is stopped (kill
+// -STOP) under load for longer than the timeout, as a starved or frozen
+// host would be, on three hosts as in TestRemusNetnsFailover. The backup
+// fails over and the clients move to it. When the primary runs again it
+// must not release the replies it held — writes the backup never had —
+// nor serve on: it is fenced (exit 69). The history must be linearizable
+// with every acknowledged write on the backup. Before, the primary woke,
+// took its backup for dead and released its held replies.
+func TestRemusNetnsStoppedPrimary(t *testing.T) {
+	if err := netns.Available(); err != nil {
+		t.Skipf("netns: %v", err)
+	}
+	if testing.Short() {
+		t.Skip("starts three hosts and two ftvm processes; -short")
+	}
+	seed := chaosSeed(t)
+	rng := rand.New(rand.NewPCG(uint64(seed), 2))
+	bin := ftvmBinary(t)
+	wasm := kvInstrumented(t)
+	instrumented(t, wasm)
+	n := netns.New(t, "stop", "primary", "backup", "client")
+	ph, bh, ch := n.Host("primary"), n.Host("backup"), n.Host("client")
+	const kvPort, replPort = 7000, 7100
+	dir := t.TempDir()
+	pSock, bSock := filepath.Join(dir, "p.sock"), filepath.Join(dir, "b.sock")
+	backup := startNSProc(t, bh, bin, "backup", "--listen", bh.Addr(replPort), "--state", filepath.Join(dir, "state"),
+		"--timeout", "500ms", "--api-sock", bSock, "--log-level", "info")
+	waitSocket(t, backup, bSock)
+	primary := startNSProc(t, ph, bin, "run", "--protect", bh.Addr(replPort), "--timeout", "500ms",
+		"--api-sock", pSock, "--listen", fmt.Sprintf("3=0.0.0.0:%d", kvPort), "--log-level", "info", wasm, "--fd", "3")
+	waitState(t, pSock, "protected", time.Minute)
+	if !kvAnswers(ch.DialContext, ph.Addr(kvPort), 5*time.Second) {
+		t.Fatalf("the primary does not answer from the client host")
+	}
+	w := &kvcheck.Workload{Addrs: []string{ph.Addr(kvPort), bh.Addr(kvPort)}, Dial: ch.DialContext, Clients: 8,
+		Keys: 16, Seed: seed, Logf: t.Logf}
+	ctx, stop := context.WithCancel(context.Background())
+	defer stop()
+	hist := make(chan *kvcheck.History, 1)
+	go func() { hist <- w.Run(ctx) }()
+	time.Sleep(300*time.Millisecond + time.Duration(rng.Int64N(int64(time.Second))))
+	if err := primary.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	stopped := time.Now()
+	waitAnswers(t, ch.DialContext, bh.Addr(kvPort), 30*time.Second) // failed over
+	time.Sleep(300 * time.Millisecond)
+	primary.cmd.Process.Signal(syscall.SIGCONT)
+	t.Logf("the primary stood still for %v", time.Since(stopped).Round(time.Millisecond))
+	select {
+	case <-primary.done:
+	case <-time.After(15 * time.Second):
+		t.Fatal("the primary still runs 15 s after it was let go on, beside the backup's copy")
+	}
+	if code := primary.cmd.ProcessState.ExitCode(); code != 69 || !strings.Contains(primary.out.String(), "FENCED") {
+		t.Errorf("the primary exited %d, want 69 (fenced)", code)
+	}
+	time.Sleep(time.Second) // the clients work on against the backup
+	stop()
+	h := <-hist
+	c := h.Counts()
+	t.Logf("history: %v", c)
+	checkAfterFailover(t, w, h)
 	showLogs(t, map[string]*proc{"primary": primary, "backup": backup})
 }
 
