@@ -397,6 +397,69 @@ func TestRemusNetnsStoppedPrimary(t *testing.T) {
 	showLogs(t, map[string]*proc{"primary": primary, "backup": backup})
 }
 
+// TestRemusNetnsStoppedBackup: the backup's process is stopped (kill
+// -STOP) under load for longer than the timeout. The primary gives it up
+// and serves on unprotected, acknowledging writes the backup never gets.
+// When the backup runs again it must not resume its older checkpoint
+// beside the live primary (the clients would lose those writes when the
+// primary, told it is stale, is fenced): it takes the primary back, which
+// resyncs and is protected again. The history must be linearizable with
+// every acknowledged write on the primary, and the backup serves nothing.
+func TestRemusNetnsStoppedBackup(t *testing.T) {
+	if err := netns.Available(); err != nil {
+		t.Skipf("netns: %v", err)
+	}
+	if testing.Short() {
+		t.Skip("starts three hosts and two ftvm processes; -short")
+	}
+	seed := chaosSeed(t)
+	bin := ftvmBinary(t)
+	wasm := kvInstrumented(t)
+	instrumented(t, wasm)
+	n := netns.New(t, "bstop", "primary", "backup", "client")
+	ph, bh, ch := n.Host("primary"), n.Host("backup"), n.Host("client")
+	const kvPort, replPort = 7000, 7100
+	dir := t.TempDir()
+	pSock, bSock := filepath.Join(dir, "p.sock"), filepath.Join(dir, "b.sock")
+	backup := startNSProc(t, bh, bin, "backup", "--listen", bh.Addr(replPort), "--state", filepath.Join(dir, "state"),
+		"--timeout", "500ms", "--api-sock", bSock, "--log-level", "info")
+	waitSocket(t, backup, bSock)
+	primary := startNSProc(t, ph, bin, "run", "--protect", bh.Addr(replPort), "--timeout", "500ms",
+		"--api-sock", pSock, "--listen", fmt.Sprintf("3=0.0.0.0:%d", kvPort), "--log-level", "info", wasm, "--fd", "3")
+	waitState(t, pSock, "protected", time.Minute)
+	w := &kvcheck.Workload{Addrs: []string{ph.Addr(kvPort), bh.Addr(kvPort)}, Dial: ch.DialContext, Clients: 8,
+		Keys: 16, Seed: seed, Logf: t.Logf}
+	ctx, stop := context.WithCancel(context.Background())
+	defer stop()
+	hist := make(chan *kvcheck.History, 1)
+	go func() { hist <- w.Run(ctx) }()
+	time.Sleep(500 * time.Millisecond)
+	if err := backup.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	waitState(t, pSock, "unprotected", 10*time.Second)
+	time.Sleep(500 * time.Millisecond) // the primary acknowledges writes unprotected
+	backup.cmd.Process.Signal(syscall.SIGCONT)
+	waitState(t, pSock, "protected", 20*time.Second)
+	time.Sleep(500 * time.Millisecond)
+	stop()
+	h := <-hist
+	t.Logf("history: %v", h.Counts())
+	if strings.Contains(backup.out.String(), "FAILOVER") {
+		t.Errorf("the backup failed over after standing still")
+	}
+	select {
+	case <-primary.done:
+		t.Fatalf("the primary ended: exit %d", primary.cmd.ProcessState.ExitCode())
+	default:
+	}
+	if kvAnswers(ch.DialContext, bh.Addr(kvPort), time.Second) {
+		t.Errorf("the backup's host serves the VM")
+	}
+	checkAfterFailover(t, w, h)
+	showLogs(t, map[string]*proc{"primary": primary, "backup": backup})
+}
+
 // startNSProc is startProc for a program in a test host's namespace.
 func startNSProc(t *testing.T, h *netns.Host, bin string, args ...string) *proc {
 	t.Helper()
