@@ -129,7 +129,7 @@ type BackupReady struct {
 	// good that the run ended (it is never resumed).
 	Exit *ExitTaken
 	// StoodStill, if not 0, says the engine was not stepped for that long
-	// while following a session (the backup's process or loop stood
+	// while following or waiting (the backup's process or loop stood
 	// still): the primary's silence over that time is not its failure, so
 	// the engine waits up to Timeout to hear from it before failing over
 	// (for the log).
@@ -171,7 +171,7 @@ type Backup struct {
 	lastSent      Time
 	stepped       Time // the last event's time
 	// woke is when the engine was stepped after standing still while
-	// following: the primary is not failed before woke+Timeout.
+	// following or waiting: the primary is not failed before woke+Timeout.
 	woke Time
 	// closed is the newest session that ended: it and every session
 	// before it are over, and a Hello naming one (a late copy) is
@@ -269,8 +269,8 @@ func (b *Backup) Step(ev BackupEvent) error {
 
 func (b *Backup) live(s uint64) bool { return s != 0 && s == b.session }
 
-// stoodStill notes a gap of gap since the last event. While following, the
-// engine is stepped at least every HeartbeatInterval (Wake), so a gap that
+// stoodStill notes a gap of gap since the last event. While following or
+// waiting, the engine is stepped at least every HeartbeatInterval (Wake), so a gap that
 // with the heartbeat interval reaches Timeout means this backup stood
 // still (a process stopped or starved) and heard nothing only because it
 // did not listen: the primary's messages wait in the connection. Failing
@@ -280,7 +280,7 @@ func (b *Backup) live(s uint64) bool { return s != 0 && s == b.session }
 // messages keep the session, its redial (it dropped the session) finds
 // this backup still following, and only silence after waking fails it.
 func (b *Backup) stoodStill(gap Time) {
-	if b.state != Following || gap < b.cfg.Timeout-b.cfg.HeartbeatInterval {
+	if (b.state != Following && b.state != Waiting) || gap < b.cfg.Timeout-b.cfg.HeartbeatInterval {
 		return
 	}
 	b.woke = b.now
@@ -502,7 +502,9 @@ func (b *Backup) Wake() Time {
 	case Following:
 		return min(max(b.lastHeard, b.woke)+b.cfg.Timeout, b.lastSent+b.cfg.HeartbeatInterval)
 	case Waiting:
-		return max(b.lastHeard, b.woke) + b.cfg.Timeout
+		// Ticked every HeartbeatInterval, as when following, so that a
+		// longer gap is the backup's own standing still (stoodStill).
+		return min(max(b.lastHeard, b.woke)+b.cfg.Timeout, b.stepped+b.cfg.HeartbeatInterval)
 	}
 	return Never
 }

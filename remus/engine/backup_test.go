@@ -313,6 +313,18 @@ func TestBackupStoodStill(t *testing.T) {
 			t.Fatalf("the redial: %v %+v", h.b.State(), rd)
 		}
 	})
+	t.Run("waiting", func(t *testing.T) {
+		// The session had ended (the primary redials) when the backup
+		// stood still: the redial waits in its listener.
+		h := following(t)
+		h.step(Disconnected{3 * ms, 1})
+		if rd := h.step(Tick{500 * ms}); rd.Failover || h.b.State() != Waiting || rd.StoodStill == 0 {
+			t.Fatalf("waiting, after standing still: %v %+v", h.b.State(), rd)
+		}
+		if rd := h.hello(501*ms, 2, 3); len(msgs(rd, MsgAccept)) != 1 {
+			t.Fatalf("the redial: %v %+v", h.b.State(), rd)
+		}
+	})
 	t.Run("silence after waking", func(t *testing.T) {
 		h := stood(t)
 		if rd := h.silence(599 * ms); rd.Failover {
@@ -330,10 +342,10 @@ func TestBackupFailoverFromWaiting(t *testing.T) {
 	h := following(t)
 	h.step(Heartbeat{20 * ms, 1})
 	h.step(Disconnected{30 * ms, 1})
-	if rd := h.step(Tick{119 * ms}); rd.Failover {
+	if rd := h.silence(119 * ms); rd.Failover {
 		t.Fatal("early")
 	}
-	if rd := h.step(Tick{120 * ms}); !rd.Failover || len(rd.DropSession) != 0 {
+	if rd := h.silence(120 * ms); !rd.Failover || len(rd.DropSession) != 0 {
 		t.Fatalf("%+v", rd)
 	}
 	// A new session that never committed does not cancel the old commit.
@@ -441,7 +453,7 @@ func TestBackupCommitFailed(t *testing.T) {
 	h = following(t)
 	h.step(Checkpoint{3 * ms, 1, 6, false})
 	h.step(CommitFailed{4 * ms, 1, 6, 5})
-	if rd := h.step(Tick{104 * ms}); !rd.Failover || h.b.Committed() != 5 {
+	if rd := h.silence(104 * ms); !rd.Failover || h.b.Committed() != 5 {
 		t.Fatalf("failover: committed %d, %+v", h.b.Committed(), rd)
 	}
 	// A restarted primary numbers afresh: its full checkpoint 1 fails

@@ -70,14 +70,16 @@
 //     still makes two primaries, as in Remus; fencing them is the cluster
 //     layer's (leases), the Term is what it has to work with. A primary
 //     told it is stale (Stale) is Fenced: nothing more of it leaves.
-//   - A primary whose engine was not stepped for most of a Timeout with a
-//     session up stood still, its heartbeats with it: the backup may have
-//     failed over. It does not give the backup up for that silence (which
-//     would release output the backup never had) but waits a Timeout more
-//     to hear from it; a failover then shows as the session's end and a
-//     Stale answer to the redial. A backup that stood still while
-//     following likewise does not fail over for the silence it slept
-//     through, but a Timeout after it woke.
+//   - Both engines want a Tick at least every HeartbeatInterval while they
+//     protect (the primary connecting, syncing or protected; the backup
+//     following or waiting), so a gap that with one interval reaches
+//     Timeout is the engine's own process standing still, its heartbeats
+//     with it. A primary that stood still does not give the backup up for
+//     that silence (the backup may have failed over: giving it up would
+//     release output it never had) but waits a Timeout more to hear from
+//     it; a failover then shows as the session's end and a Stale answer to
+//     the redial. A backup that stood still likewise does not fail over for
+//     the silence it slept through, but a Timeout after it woke.
 //   - A guest that ends by itself ends its run: the backup acknowledges the
 //     live session's Exit, drops the session and never fails over to that
 //     run (Exited, no timer). A later Hello of the slot's term or above is

@@ -86,7 +86,7 @@ type PrimaryReady struct {
 	// StateChanges lists the transitions since the last Advance.
 	StateChanges []PrimaryStateChange
 	// StoodStill, if not 0, says the engine was not stepped for that long
-	// with a session up (the primary's process or loop stood still, and
+	// while protecting (the primary's process or loop stood still, and
 	// its heartbeats with it): the backup may have failed over, so the
 	// engine waits up to Timeout to hear from it before it would give it
 	// up and release held output (for the log).
@@ -133,8 +133,8 @@ type Primary struct {
 	lastHeard   Time   // last message from a backup (or start, or Connected)
 	lastSession uint64 // highest session ever connected
 	stepped     Time   // the last event's time
-	// woke is when the engine was stepped after standing still with a
-	// session up: the backup is not given up before woke+Timeout.
+	// woke is when the engine was stepped after standing still while
+	// protecting: the backup is not given up before woke+Timeout.
 	woke Time
 
 	// The current session; all zero when there is none.
@@ -265,8 +265,8 @@ func (p *Primary) requested() string {
 	return fmt.Sprintf("%d was requested", p.outstanding.Seq)
 }
 
-// stoodStill notes a gap of gap since the last event. With a session up
-// the engine is stepped at least every HeartbeatInterval (Wake), so a gap
+// stoodStill notes a gap of gap since the last event. Protecting, the
+// engine is stepped at least every HeartbeatInterval (Wake), so a gap
 // that, with the heartbeat interval before it, reaches Timeout means this
 // primary's loop stood still — a process stopped, or starved — and sent
 // no heartbeat meanwhile: the backup may have taken the silence for its
@@ -277,7 +277,7 @@ func (p *Primary) requested() string {
 // failover shows as the session's end, and the redial's answer (Stale)
 // fences this primary.
 func (p *Primary) stoodStill(gap Time) {
-	if p.session == 0 || p.state == Fenced || p.state == Unprotected || gap < p.cfg.Timeout-p.cfg.HeartbeatInterval {
+	if p.state == Fenced || p.state == Unprotected || gap < p.cfg.Timeout-p.cfg.HeartbeatInterval {
 		return
 	}
 	p.woke = p.now
@@ -516,7 +516,10 @@ func (p *Primary) Wake() Time {
 	if p.state == Unprotected || p.state == Fenced {
 		return Never
 	}
-	w := max(p.lastHeard, p.woke) + p.cfg.Timeout
+	// At least every HeartbeatInterval, even without a session (a redial
+	// under way, the backup perhaps still following the last one): a
+	// longer gap is then the loop's own standing still (stoodStill).
+	w := min(max(p.lastHeard, p.woke)+p.cfg.Timeout, p.stepped+p.cfg.HeartbeatInterval)
 	if p.session != 0 {
 		w = min(w, p.lastHB+p.cfg.HeartbeatInterval, p.epochDeadline())
 		if len(p.flight) > 0 {

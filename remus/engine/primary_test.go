@@ -45,6 +45,22 @@ func (h *ph) step(ev PrimaryEvent) PrimaryReady {
 	return h.ready()
 }
 
+// silence ticks at each Wake, as the driver does, with nothing heard,
+// until the engine changes state or until; it returns that step's Ready.
+// (A single Tick far ahead is a primary that stood still: StoodStill.)
+func (h *ph) silence(until Time) PrimaryReady {
+	h.t.Helper()
+	for {
+		w := h.p.Wake()
+		if w == Never || w >= until {
+			return h.step(Tick{until})
+		}
+		if rd := h.step(Tick{w}); len(rd.StateChanges) > 0 {
+			return rd
+		}
+	}
+}
+
 func (h *ph) ready() PrimaryReady {
 	h.t.Helper()
 	p := h.p
@@ -163,14 +179,15 @@ func TestConfig(t *testing.T) {
 func TestPrimaryStartsConnectingThenUnprotected(t *testing.T) {
 	h := newPH(t, testCfg)
 	rd := h.ready()
-	if h.p.State() != Connecting || rd.Wake != 100*ms || rd.PassThrough {
+	// Ticked every heartbeat interval, a session or not (stoodStill).
+	if h.p.State() != Connecting || rd.Wake != 20*ms || rd.PassThrough {
 		t.Fatalf("start: %v %+v", h.p.State(), rd)
 	}
 	h.step(Output{5 * ms})
-	if rd = h.step(Tick{99 * ms}); h.p.State() != Connecting || rd.TakeCheckpoint != nil {
+	if rd = h.silence(99 * ms); h.p.State() != Connecting || rd.TakeCheckpoint != nil {
 		t.Fatalf("no session, yet %v %+v", h.p.State(), rd)
 	}
-	rd = h.step(Tick{100 * ms})
+	rd = h.silence(100 * ms)
 	if h.p.State() != Unprotected || !rd.PassThrough || rd.Wake != Never || len(rd.DropSession) != 0 {
 		t.Fatalf("after Timeout: %v %+v", h.p.State(), rd)
 	}
@@ -415,6 +432,20 @@ func TestPrimaryStoodStill(t *testing.T) {
 			t.Fatalf("a Timeout after waking: %v %+v", h.p.State(), rd)
 		}
 	})
+	t.Run("between sessions", func(t *testing.T) {
+		// The session ended (a redial under way) when the primary stood
+		// still: the backup, waiting, may have failed over meanwhile.
+		h := protected(t, testCfg)
+		h.step(Output{4 * ms})
+		h.step(Disconnected{5 * ms, 1})
+		rd := h.step(Tick{400 * ms})
+		if h.p.State() != Connecting || rd.PassThrough || rd.StoodStill == 0 {
+			t.Fatalf("connecting, after standing still: %v %+v", h.p.State(), rd)
+		}
+		if rd := h.step(Stale{401 * ms, "stale primary"}); h.p.State() != Fenced || rd.PassThrough {
+			t.Fatalf("stale answer: %v %+v", h.p.State(), rd)
+		}
+	})
 	t.Run("a shorter gap", func(t *testing.T) {
 		h := protected(t, testCfg)
 		if rd := h.step(Tick{3*ms + 79*ms}); rd.StoodStill != 0 {
@@ -440,7 +471,7 @@ func TestPrimaryReconnectAfterDisconnect(t *testing.T) {
 	if h.p.State() != Connecting || rd.PassThrough || rd.Release != 2 || len(rd.DropSession) != 0 {
 		t.Fatalf("disconnected: %v %+v", h.p.State(), rd)
 	}
-	if rd.Wake != 123*ms { // Timeout after the ack at 23ms
+	if rd.Wake != 45*ms { // a heartbeat interval on (the Timeout after the ack: 123 ms)
 		t.Fatalf("Wake %v", rd.Wake)
 	}
 	if rd = h.step(Tick{40 * ms}); rd.TakeCheckpoint != nil {
@@ -463,7 +494,7 @@ func TestPrimaryReconnectAfterDisconnect(t *testing.T) {
 
 func TestPrimaryReconnectAfterUnprotected(t *testing.T) {
 	h := newPH(t, testCfg)
-	h.step(Tick{100 * ms})
+	h.silence(100 * ms)
 	if h.p.State() != Unprotected {
 		t.Fatal(h.p.State())
 	}
