@@ -957,11 +957,15 @@ func TestRemusStoppedPrimaryIsFenced(t *testing.T) {
 		}
 	}
 	primary.cmd.Process.Signal(syscall.SIGSTOP)
-	time.Sleep(time.Second) // the backup fails over after 300 ms
-	if !strings.Contains(backup.out.String(), "FAILOVER") {
-		primary.cmd.Process.Signal(syscall.SIGCONT)
-		t.Fatalf("the backup did not fail over a primary stopped for 1 s")
+	// The backup fails over after 300 ms of silence (later on a busy
+	// machine); the primary stays stopped until it has.
+	for deadline := time.Now().Add(20 * time.Second); !strings.Contains(backup.out.String(), "FAILOVER"); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			primary.cmd.Process.Signal(syscall.SIGCONT)
+			t.Fatalf("the backup did not fail over a primary stopped for 20 s")
+		}
 	}
+	time.Sleep(200 * time.Millisecond)
 	primary.cmd.Process.Signal(syscall.SIGCONT)
 	select {
 	case <-primary.done:
@@ -1007,7 +1011,8 @@ func TestRemusStoppedBackupDoesNotFailOver(t *testing.T) {
 		}
 	}
 	backup.cmd.Process.Signal(syscall.SIGSTOP)
-	time.Sleep(time.Second) // the primary gives it up after 300 ms
+	waitState(t, pSock, "unprotected", 20*time.Second) // after 300 ms of silence
+	time.Sleep(500 * time.Millisecond)                 // the backup stands still for longer than its timeout
 	backup.cmd.Process.Signal(syscall.SIGCONT)
 	waitState(t, pSock, "protected", 10*time.Second)
 	select {
