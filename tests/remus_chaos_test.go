@@ -283,35 +283,16 @@ func TestRemusNetnsFailover(t *testing.T) {
 // backup's copy of the VM serves. (Before, the primary stopped redialing
 // and served on beside the backup for good.)
 func TestRemusNetnsPartitionFencesThePrimary(t *testing.T) {
-	if err := netns.Available(); err != nil {
-		t.Skipf("netns: %v", err)
-	}
-	if testing.Short() {
-		t.Skip("starts three hosts and two ftvm processes; -short")
-	}
-	bin := ftvmBinary(t)
-	wasm := kvInstrumented(t)
-	instrumented(t, wasm)
-	n := netns.New(t, "part", "primary", "backup", "client")
-	ph, bh, ch := n.Host("primary"), n.Host("backup"), n.Host("client")
-	const kvPort, replPort = 7000, 7100
-	dir := t.TempDir()
-	pSock, bSock := filepath.Join(dir, "p.sock"), filepath.Join(dir, "b.sock")
-	backup := startNSProc(t, bh, bin, "backup", "--listen", bh.Addr(replPort), "--state", filepath.Join(dir, "state"),
-		"--timeout", "500ms", "--api-sock", bSock, "--log-level", "info")
-	waitSocket(t, backup, bSock)
-	primary := startNSProc(t, ph, bin, "run", "--protect", bh.Addr(replPort), "--timeout", "500ms",
-		"--api-sock", pSock, "--listen", fmt.Sprintf("3=0.0.0.0:%d", kvPort), "--log-level", "info", wasm, "--fd", "3")
-	waitState(t, pSock, "protected", time.Minute)
-	if !kvAnswers(ch.DialContext, ph.Addr(kvPort), 5*time.Second) {
+	n, ph, bh, ch, primary, backup, pSock := startNetnsPair(t, "part")
+	if !kvAnswers(ch.DialContext, ph.Addr(nsKVPort), 5*time.Second) {
 		t.Fatalf("the primary does not answer from the client host")
 	}
 	n.Partition("primary", "backup")
-	waitAnswers(t, ch.DialContext, bh.Addr(kvPort), 30*time.Second) // the backup failed over
+	waitAnswers(t, ch.DialContext, bh.Addr(nsKVPort), 30*time.Second) // the backup failed over
 	if st := status(t, pSock); st["state"] != "unprotected" {
 		t.Errorf("the primary cut off from its backup: %v, want unprotected", st["state"])
 	}
-	if !kvAnswers(ch.DialContext, ph.Addr(kvPort), 5*time.Second) {
+	if !kvAnswers(ch.DialContext, ph.Addr(nsKVPort), 5*time.Second) {
 		t.Errorf("the primary stopped serving while cut off from its backup")
 	}
 	healed := time.Now()
@@ -325,7 +306,7 @@ func TestRemusNetnsPartitionFencesThePrimary(t *testing.T) {
 	if code := primary.cmd.ProcessState.ExitCode(); code != 69 || !strings.Contains(primary.out.String(), "FENCED") {
 		t.Errorf("the primary exited %d, want 69 (fenced)", code)
 	}
-	if !kvAnswers(ch.DialContext, bh.Addr(kvPort), 5*time.Second) {
+	if !kvAnswers(ch.DialContext, bh.Addr(nsKVPort), 5*time.Second) {
 		t.Errorf("the backup does not serve after the primary was fenced")
 	}
 	showLogs(t, map[string]*proc{"primary": primary, "backup": backup})
@@ -340,43 +321,20 @@ func TestRemusNetnsPartitionFencesThePrimary(t *testing.T) {
 // with every acknowledged write on the backup. Before, the primary woke,
 // took its backup for dead and released its held replies.
 func TestRemusNetnsStoppedPrimary(t *testing.T) {
-	if err := netns.Available(); err != nil {
-		t.Skipf("netns: %v", err)
-	}
-	if testing.Short() {
-		t.Skip("starts three hosts and two ftvm processes; -short")
-	}
 	seed := chaosSeed(t)
 	rng := rand.New(rand.NewPCG(uint64(seed), 2))
-	bin := ftvmBinary(t)
-	wasm := kvInstrumented(t)
-	instrumented(t, wasm)
-	n := netns.New(t, "stop", "primary", "backup", "client")
-	ph, bh, ch := n.Host("primary"), n.Host("backup"), n.Host("client")
-	const kvPort, replPort = 7000, 7100
-	dir := t.TempDir()
-	pSock, bSock := filepath.Join(dir, "p.sock"), filepath.Join(dir, "b.sock")
-	backup := startNSProc(t, bh, bin, "backup", "--listen", bh.Addr(replPort), "--state", filepath.Join(dir, "state"),
-		"--timeout", "500ms", "--api-sock", bSock, "--log-level", "info")
-	waitSocket(t, backup, bSock)
-	primary := startNSProc(t, ph, bin, "run", "--protect", bh.Addr(replPort), "--timeout", "500ms",
-		"--api-sock", pSock, "--listen", fmt.Sprintf("3=0.0.0.0:%d", kvPort), "--log-level", "info", wasm, "--fd", "3")
-	waitState(t, pSock, "protected", time.Minute)
-	if !kvAnswers(ch.DialContext, ph.Addr(kvPort), 5*time.Second) {
+	_, ph, bh, ch, primary, backup, _ := startNetnsPair(t, "stop")
+	if !kvAnswers(ch.DialContext, ph.Addr(nsKVPort), 5*time.Second) {
 		t.Fatalf("the primary does not answer from the client host")
 	}
-	w := &kvcheck.Workload{Addrs: []string{ph.Addr(kvPort), bh.Addr(kvPort)}, Dial: ch.DialContext, Clients: 8,
-		Keys: 16, Seed: seed, Logf: t.Logf}
-	ctx, stop := context.WithCancel(context.Background())
+	w, stop, hist := runNetnsWorkload(t, ph, bh, ch, seed)
 	defer stop()
-	hist := make(chan *kvcheck.History, 1)
-	go func() { hist <- w.Run(ctx) }()
 	time.Sleep(300*time.Millisecond + time.Duration(rng.Int64N(int64(time.Second))))
 	if err := primary.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
 		t.Fatal(err)
 	}
 	stopped := time.Now()
-	waitAnswers(t, ch.DialContext, bh.Addr(kvPort), 30*time.Second) // failed over
+	waitAnswers(t, ch.DialContext, bh.Addr(nsKVPort), 30*time.Second) // failed over
 	time.Sleep(300 * time.Millisecond)
 	primary.cmd.Process.Signal(syscall.SIGCONT)
 	t.Logf("the primary stood still for %v", time.Since(stopped).Round(time.Millisecond))
@@ -406,33 +364,10 @@ func TestRemusNetnsStoppedPrimary(t *testing.T) {
 // resyncs and is protected again. The history must be linearizable with
 // every acknowledged write on the primary, and the backup serves nothing.
 func TestRemusNetnsStoppedBackup(t *testing.T) {
-	if err := netns.Available(); err != nil {
-		t.Skipf("netns: %v", err)
-	}
-	if testing.Short() {
-		t.Skip("starts three hosts and two ftvm processes; -short")
-	}
 	seed := chaosSeed(t)
-	bin := ftvmBinary(t)
-	wasm := kvInstrumented(t)
-	instrumented(t, wasm)
-	n := netns.New(t, "bstop", "primary", "backup", "client")
-	ph, bh, ch := n.Host("primary"), n.Host("backup"), n.Host("client")
-	const kvPort, replPort = 7000, 7100
-	dir := t.TempDir()
-	pSock, bSock := filepath.Join(dir, "p.sock"), filepath.Join(dir, "b.sock")
-	backup := startNSProc(t, bh, bin, "backup", "--listen", bh.Addr(replPort), "--state", filepath.Join(dir, "state"),
-		"--timeout", "500ms", "--api-sock", bSock, "--log-level", "info")
-	waitSocket(t, backup, bSock)
-	primary := startNSProc(t, ph, bin, "run", "--protect", bh.Addr(replPort), "--timeout", "500ms",
-		"--api-sock", pSock, "--listen", fmt.Sprintf("3=0.0.0.0:%d", kvPort), "--log-level", "info", wasm, "--fd", "3")
-	waitState(t, pSock, "protected", time.Minute)
-	w := &kvcheck.Workload{Addrs: []string{ph.Addr(kvPort), bh.Addr(kvPort)}, Dial: ch.DialContext, Clients: 8,
-		Keys: 16, Seed: seed, Logf: t.Logf}
-	ctx, stop := context.WithCancel(context.Background())
+	_, ph, bh, ch, primary, backup, pSock := startNetnsPair(t, "bstop")
+	w, stop, hist := runNetnsWorkload(t, ph, bh, ch, seed)
 	defer stop()
-	hist := make(chan *kvcheck.History, 1)
-	go func() { hist <- w.Run(ctx) }()
 	time.Sleep(500 * time.Millisecond)
 	if err := backup.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
 		t.Fatal(err)
@@ -453,12 +388,57 @@ func TestRemusNetnsStoppedBackup(t *testing.T) {
 		t.Fatalf("the primary ended: exit %d", primary.cmd.ProcessState.ExitCode())
 	default:
 	}
-	if kvAnswers(ch.DialContext, bh.Addr(kvPort), time.Second) {
+	if kvAnswers(ch.DialContext, bh.Addr(nsKVPort), time.Second) {
 		t.Errorf("the backup's host serves the VM")
 	}
 	checkAfterFailover(t, w, h)
 	showLogs(t, map[string]*proc{"primary": primary, "backup": backup})
 }
+
+// startNetnsPair starts three hosts (network namespaces) named after
+// name — primary, backup and client — a backup on its host and a KV
+// primary on its own, protected by it (timeouts 500 ms, the guest on
+// 0.0.0.0:nsKVPort), and returns once the primary is protected. It skips
+// the test without network namespaces, and under -short.
+func startNetnsPair(t *testing.T, name string) (n *netns.Net, ph, bh, ch *netns.Host, primary, backup *proc, pSock string) {
+	t.Helper()
+	if err := netns.Available(); err != nil {
+		t.Skipf("netns: %v", err)
+	}
+	if testing.Short() {
+		t.Skip("starts three hosts and two ftvm processes; -short")
+	}
+	bin := ftvmBinary(t)
+	wasm := kvInstrumented(t)
+	instrumented(t, wasm)
+	n = netns.New(t, name, "primary", "backup", "client")
+	ph, bh, ch = n.Host("primary"), n.Host("backup"), n.Host("client")
+	dir := t.TempDir()
+	bSock := filepath.Join(dir, "b.sock")
+	pSock = filepath.Join(dir, "p.sock")
+	backup = startNSProc(t, bh, bin, "backup", "--listen", bh.Addr(nsReplPort), "--state", filepath.Join(dir, "state"),
+		"--timeout", "500ms", "--api-sock", bSock, "--log-level", "info")
+	waitSocket(t, backup, bSock)
+	primary = startNSProc(t, ph, bin, "run", "--protect", bh.Addr(nsReplPort), "--timeout", "500ms",
+		"--api-sock", pSock, "--listen", fmt.Sprintf("3=0.0.0.0:%d", nsKVPort), "--log-level", "info", wasm, "--fd", "3")
+	waitState(t, pSock, "protected", time.Minute)
+	return n, ph, bh, ch, primary, backup, pSock
+}
+
+// runNetnsWorkload starts eight kvcheck clients on ch against the guest
+// on ph, moving to bh's when it stops answering; stop ends them, and the
+// history then comes on hist.
+func runNetnsWorkload(t *testing.T, ph, bh, ch *netns.Host, seed int64) (w *kvcheck.Workload, stop func(), hist <-chan *kvcheck.History) {
+	w = &kvcheck.Workload{Addrs: []string{ph.Addr(nsKVPort), bh.Addr(nsKVPort)}, Dial: ch.DialContext, Clients: 8,
+		Keys: 16, Seed: seed, Logf: t.Logf}
+	ctx, cancel := context.WithCancel(context.Background())
+	h := make(chan *kvcheck.History, 1)
+	go func() { h <- w.Run(ctx) }()
+	return w, cancel, h
+}
+
+// The ports of startNetnsPair's guest and backup.
+const nsKVPort, nsReplPort = 7000, 7100
 
 // startNSProc is startProc for a program in a test host's namespace.
 func startNSProc(t *testing.T, h *netns.Host, bin string, args ...string) *proc {

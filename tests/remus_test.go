@@ -946,16 +946,8 @@ func TestRemusLoopPollsFailoverMidComputation(t *testing.T) {
 // missing. Before, the primary woke, took the backup for dead, released
 // the lines it held — the backup printed them again — and printed on.
 func TestRemusStoppedPrimaryIsFenced(t *testing.T) {
-	wasm := cGuest(t, "small", []string{"small.c"})
-	instrumented(t, wasm)
 	const lines = 400 // 10 ms apart: 4 s
-	backup, bOut, primary, pOut, pSock := startStdoutPair(t, nil, wasm, fmt.Sprint(lines), "10")
-	waitState(t, pSock, "protected", 30*time.Second)
-	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(pOut.String(), "line 20 "); time.Sleep(5 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatalf("no line 20 from the primary: %q", pOut.String())
-		}
-	}
+	backup, bOut, primary, pOut, _ := startLinesPair(t, lines)
 	primary.cmd.Process.Signal(syscall.SIGSTOP)
 	// The backup fails over after 300 ms of silence (later on a busy
 	// machine); the primary stays stopped until it has.
@@ -1000,16 +992,8 @@ func TestRemusStoppedPrimaryIsFenced(t *testing.T) {
 // once. Before, the backup woke and failed over at once, printing from an
 // older checkpoint lines the primary had printed.
 func TestRemusStoppedBackupDoesNotFailOver(t *testing.T) {
-	wasm := cGuest(t, "small", []string{"small.c"})
-	instrumented(t, wasm)
 	const lines = 400 // 10 ms apart: 4 s
-	backup, bOut, primary, pOut, pSock := startStdoutPair(t, nil, wasm, fmt.Sprint(lines), "10")
-	waitState(t, pSock, "protected", 30*time.Second)
-	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(pOut.String(), "line 20 "); time.Sleep(5 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatalf("no line 20 from the primary: %q", pOut.String())
-		}
-	}
+	backup, bOut, primary, pOut, pSock := startLinesPair(t, lines)
 	backup.cmd.Process.Signal(syscall.SIGSTOP)
 	waitState(t, pSock, "unprotected", 20*time.Second) // after 300 ms of silence
 	time.Sleep(500 * time.Millisecond)                 // the backup stands still for longer than its timeout
@@ -1030,6 +1014,22 @@ func TestRemusStoppedBackupDoesNotFailOver(t *testing.T) {
 		t.Errorf("the backup did not say it stood still")
 	}
 	checkLineHistory(t, lines, pOut.String())
+}
+
+// startLinesPair starts small.c printing lines lines, protected
+// (startStdoutPair), and returns once it is protected and has printed 20.
+func startLinesPair(t *testing.T, lines int) (backup *proc, bOut *syncBuffer, primary *proc, pOut *syncBuffer, pSock string) {
+	t.Helper()
+	wasm := cGuest(t, "small", []string{"small.c"})
+	instrumented(t, wasm)
+	backup, bOut, primary, pOut, pSock = startStdoutPair(t, nil, wasm, fmt.Sprint(lines), "10")
+	waitState(t, pSock, "protected", 30*time.Second)
+	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(pOut.String(), "line 20 "); time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("no line 20 from the primary: %q", pOut.String())
+		}
+	}
+	return backup, bOut, primary, pOut, pSock
 }
 
 // checkLineHistory checks that outs, one after the other, hold small.c's
