@@ -780,7 +780,7 @@ func TestRemusExitAbandonsMemory(t *testing.T) {
 // busy slow a protected primary down but must not silence it: the backup
 // must not take it for dead. The guest fills 64 MiB without a host call,
 // so the checkpoint at its print carries them all, and the primary encodes
-// it on threads of low priority while two busy loops per core compete.
+// it on threads of low priority while a busy loop per core competes.
 // Those threads took the policy SCHED_IDLE once: starved by the loops,
 // each held one of the process's Ps (the guest's goroutine holds the
 // other) and every goroutine stood still behind them, heartbeats
@@ -792,7 +792,7 @@ func TestRemusPrimaryUnderCPUContention(t *testing.T) {
 	if ref.code != 0 {
 		t.Fatalf("unprotected: exit %d\n%s", ref.code, ref.stderr)
 	}
-	for range 2 * runtime.NumCPU() {
+	for range runtime.NumCPU() {
 		busy := exec.Command("sh", "-c", "while :; do :; done")
 		if err := busy.Start(); err != nil {
 			t.Fatal(err)
