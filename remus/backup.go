@@ -294,6 +294,9 @@ type SlotStatus struct {
 	ProgramError string  `json:"program_error,omitempty"`
 	FailoverMS   float64 `json:"failover_ms,omitempty"`
 	Reason       string  `json:"reason,omitempty"`
+	// StoodStill counts the times the slot's loop stood still for most
+	// of the timeout (engine StoodStill) while it protected.
+	StoodStill uint64 `json:"stood_still"`
 }
 
 // slot is the backup side of one protected VM. Its loop goroutine owns
@@ -997,6 +1000,9 @@ func (s *slot) do(ctx context.Context, rd engine.BackupReady) (failover bool, fa
 	if rd.StoodStill != 0 {
 		s.log.Warn("this backup stood still: the primary's silence meanwhile is not its failure; failing over only if it stays silent for the timeout",
 			"for", rd.StoodStill)
+		s.mu.Lock()
+		s.status.StoodStill++
+		s.mu.Unlock()
 	}
 	for _, sc := range rd.StateChanges {
 		s.log.Info("slot state", "from", sc.From.String(), "to", sc.To.String(), "reason", sc.Reason)

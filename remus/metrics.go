@@ -40,6 +40,8 @@ func (p *Primary) MetricsHandler() http.Handler {
 		func(s PrimaryStatus) float64 { return float64(s.ReleasedBytes) })
 	c("stalls_total", "Times the guest was stopped because held output exceeded the limit.",
 		func(s PrimaryStatus) float64 { return float64(s.Stalls) })
+	c("stood_still_total", "Times the primary's process stood still for most of the timeout (its backup may have failed over meanwhile).",
+		func(s PrimaryStatus) float64 { return float64(s.StoodStill) })
 	return promhttp.HandlerFor(reg, promhttp.HandlerOpts{})
 }
 
@@ -58,10 +60,12 @@ var (
 	descReceived   = prometheus.NewDesc("ftvm_remus_backup_received_bytes_total", "Checkpoint bytes received.", []string{"vm"}, nil)
 	descFollowing  = prometheus.NewDesc("ftvm_remus_backup_following", "1 while a primary streams to the slot.", []string{"vm"}, nil)
 	descFailedOver = prometheus.NewDesc("ftvm_remus_backup_failed_over", "1 once the slot's VM runs here.", []string{"vm"}, nil)
+	descStoodStill = prometheus.NewDesc("ftvm_remus_backup_stood_still_total",
+		"Times the slot's loop stood still for most of the timeout while it protected (no failover for that silence).", []string{"vm"}, nil)
 )
 
 func (backupCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descCommitted, descPersisted, descReceived, descFollowing, descFailedOver} {
+	for _, d := range []*prometheus.Desc{descCommitted, descPersisted, descReceived, descFollowing, descFailedOver, descStoodStill} {
 		ch <- d
 	}
 }
@@ -73,6 +77,7 @@ func (c backupCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descReceived, prometheus.CounterValue, float64(s.BytesReceived), s.VM)
 		ch <- prometheus.MustNewConstMetric(descFollowing, prometheus.GaugeValue, b2f(s.State == "following"), s.VM)
 		ch <- prometheus.MustNewConstMetric(descFailedOver, prometheus.GaugeValue, b2f(s.FailoverMS > 0), s.VM)
+		ch <- prometheus.MustNewConstMetric(descStoodStill, prometheus.CounterValue, float64(s.StoodStill), s.VM)
 	}
 }
 

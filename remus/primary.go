@@ -157,6 +157,10 @@ type PrimaryStatus struct {
 	// Hello ("" once a session is up).
 	BackupRefused string `json:"backup_refused,omitempty"`
 	Stalls        uint64 `json:"stalls"`
+	// StoodStill counts the times this primary's loop stood still for
+	// most of the timeout (engine StoodStill): a stopped or starved
+	// process, whose backup may have failed over meanwhile.
+	StoodStill uint64 `json:"stood_still"`
 }
 
 // NewPrimary prepares a primary; its Gate goes into the machine's Config.
@@ -336,6 +340,9 @@ func (p *Primary) do(ctx context.Context, rd engine.PrimaryReady, module []byte,
 	if rd.StoodStill != 0 {
 		p.log.Warn("this primary stood still, its heartbeats with it: the backup may have failed over; output stays held until the backup is heard from",
 			"for", rd.StoodStill)
+		p.mu.Lock()
+		p.status.StoodStill++
+		p.mu.Unlock()
 	}
 	for _, d := range rd.DropSession {
 		p.mu.Lock()

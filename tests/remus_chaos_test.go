@@ -283,7 +283,7 @@ func TestRemusNetnsFailover(t *testing.T) {
 // backup's copy of the VM serves. (Before, the primary stopped redialing
 // and served on beside the backup for good.)
 func TestRemusNetnsPartitionFencesThePrimary(t *testing.T) {
-	n, ph, bh, ch, primary, backup, pSock := startNetnsPair(t, "part")
+	n, ph, bh, ch, primary, backup, pSock, _ := startNetnsPair(t, "part")
 	if !kvAnswers(ch.DialContext, ph.Addr(nsKVPort), 5*time.Second) {
 		t.Fatalf("the primary does not answer from the client host")
 	}
@@ -323,7 +323,7 @@ func TestRemusNetnsPartitionFencesThePrimary(t *testing.T) {
 func TestRemusNetnsStoppedPrimary(t *testing.T) {
 	seed := chaosSeed(t)
 	rng := rand.New(rand.NewPCG(uint64(seed), 2))
-	_, ph, bh, ch, primary, backup, _ := startNetnsPair(t, "stop")
+	_, ph, bh, ch, primary, backup, _, _ := startNetnsPair(t, "stop")
 	if !kvAnswers(ch.DialContext, ph.Addr(nsKVPort), 5*time.Second) {
 		t.Fatalf("the primary does not answer from the client host")
 	}
@@ -365,7 +365,7 @@ func TestRemusNetnsStoppedPrimary(t *testing.T) {
 // every acknowledged write on the primary, and the backup serves nothing.
 func TestRemusNetnsStoppedBackup(t *testing.T) {
 	seed := chaosSeed(t)
-	_, ph, bh, ch, primary, backup, pSock := startNetnsPair(t, "bstop")
+	_, ph, bh, ch, primary, backup, pSock, bSock := startNetnsPair(t, "bstop")
 	w, stop, hist := runNetnsWorkload(t, ph, bh, ch, seed)
 	defer stop()
 	time.Sleep(500 * time.Millisecond)
@@ -382,6 +382,9 @@ func TestRemusNetnsStoppedBackup(t *testing.T) {
 	t.Logf("history: %v", h.Counts())
 	if strings.Contains(backup.out.String(), "FAILOVER") {
 		t.Errorf("the backup failed over after standing still")
+	}
+	if n := num(backupSlot(t, bSock), "stood_still"); n < 1 {
+		t.Errorf("the backup's slot says it stood still %v times", n)
 	}
 	select {
 	case <-primary.done:
@@ -400,7 +403,7 @@ func TestRemusNetnsStoppedBackup(t *testing.T) {
 // primary on its own, protected by it (timeouts 500 ms, the guest on
 // 0.0.0.0:nsKVPort), and returns once the primary is protected. It skips
 // the test without network namespaces, and under -short.
-func startNetnsPair(t *testing.T, name string) (n *netns.Net, ph, bh, ch *netns.Host, primary, backup *proc, pSock string) {
+func startNetnsPair(t *testing.T, name string) (n *netns.Net, ph, bh, ch *netns.Host, primary, backup *proc, pSock, bSock string) {
 	t.Helper()
 	if err := netns.Available(); err != nil {
 		t.Skipf("netns: %v", err)
@@ -414,15 +417,14 @@ func startNetnsPair(t *testing.T, name string) (n *netns.Net, ph, bh, ch *netns.
 	n = netns.New(t, name, "primary", "backup", "client")
 	ph, bh, ch = n.Host("primary"), n.Host("backup"), n.Host("client")
 	dir := t.TempDir()
-	bSock := filepath.Join(dir, "b.sock")
-	pSock = filepath.Join(dir, "p.sock")
+	pSock, bSock = filepath.Join(dir, "p.sock"), filepath.Join(dir, "b.sock")
 	backup = startNSProc(t, bh, bin, "backup", "--listen", bh.Addr(nsReplPort), "--state", filepath.Join(dir, "state"),
 		"--timeout", "500ms", "--api-sock", bSock, "--log-level", "info")
 	waitSocket(t, backup, bSock)
 	primary = startNSProc(t, ph, bin, "run", "--protect", bh.Addr(nsReplPort), "--timeout", "500ms",
 		"--api-sock", pSock, "--listen", fmt.Sprintf("3=0.0.0.0:%d", nsKVPort), "--log-level", "info", wasm, "--fd", "3")
 	waitState(t, pSock, "protected", time.Minute)
-	return n, ph, bh, ch, primary, backup, pSock
+	return n, ph, bh, ch, primary, backup, pSock, bSock
 }
 
 // runNetnsWorkload starts eight kvcheck clients on ch against the guest

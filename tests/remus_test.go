@@ -967,6 +967,9 @@ func TestRemusStoppedPrimaryIsFenced(t *testing.T) {
 	if code := primary.cmd.ProcessState.ExitCode(); code != 69 || !strings.Contains(primary.out.String(), "FENCED") {
 		t.Errorf("the primary exited %d, want 69 (fenced)", code)
 	}
+	if !strings.Contains(primary.out.String(), "this primary stood still") {
+		t.Errorf("the primary did not say it stood still")
+	}
 	select {
 	case <-backup.done:
 		t.Fatal("the backup ended")

@@ -274,6 +274,9 @@ func printStatus(st map[string]any) {
 			if fo, ok := m["failover_ms"].(float64); ok && fo > 0 {
 				fmt.Printf(", FAILED OVER in %.1f ms", fo)
 			}
+			if n, ok := m["stood_still"].(float64); ok && n > 0 {
+				fmt.Printf(", stood still %s times", num(n))
+			}
 			if r, ok := m["reason"].(string); ok && r != "" {
 				fmt.Printf(" (%s)", r)
 			}
@@ -302,6 +305,9 @@ func printStatus(st map[string]any) {
 		num(st["checkpoints"]), num(st["full_checkpoints"]), num(st["delta_pages"]))
 	fmt.Printf("output:      %s bytes held, %s released, %s stalls\n", num(st["held_output_bytes"]),
 		num(st["released_output_bytes"]), num(st["stalls"]))
+	if n, ok := st["stood_still"].(float64); ok && n > 0 {
+		fmt.Printf("stood still: %s times (the process stopped or starved for most of the timeout)\n", num(n))
+	}
 }
 
 // printRecent prints a primary's recent checkpoints in brief.
