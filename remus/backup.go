@@ -961,8 +961,9 @@ func (s *slot) exitTaken(x *engine.ExitTaken) {
 	s.exitOps = nil
 	s.log.Info("the protected VM exited on its primary", "exit_code", x.Code, "seq", x.Seq, "last_epochs_disk_ops", len(ops))
 	if !x.OpsFollow {
-		// Not from a primary of this build: it sends a checkpoint
-		// after one the backup lacks only as operations of the Exit.
+		// A checkpoint of the session was refused here (NeedFull),
+		// or none was committed: a primary of this build sends none
+		// after one it abandoned (their operations come with the Exit).
 		s.log.Error("the guest's last disk operations do not follow the last checkpoint committed here: not applied; its files here are as of that checkpoint, not as it left them",
 			"seq", x.Seq, "committed", x.Committed, "ops", len(ops))
 		ops = nil
