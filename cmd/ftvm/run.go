@@ -52,7 +52,8 @@ func newRunCmd() *cobra.Command {
 		Long: `Run a WASI preview1 command module on ftvm's own device layer.
 
 The guest's exit code becomes ftvm's. ftvm's own failures use 125 (bad
-flags or setup), 126 (the module cannot run) and 134 (the guest trapped).`,
+flags or setup), 126 (the module cannot run), 134 (the guest trapped) and,
+protected, 69 (fenced: the backup failed the VM over and runs it now).`,
 		Args: cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error { return run(cmd.Context(), f, args) },
 	}
