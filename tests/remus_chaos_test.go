@@ -289,7 +289,7 @@ func TestRemusNetnsPartitionFencesThePrimary(t *testing.T) {
 	}
 	n.Partition("primary", "backup")
 	waitAnswers(t, ch.DialContext, bh.Addr(nsKVPort), 30*time.Second) // the backup failed over
-	waitState(t, pSock, "unprotected", 10*time.Second) // the primary, cut off, gave its backup up
+	waitState(t, pSock, "unprotected", 10*time.Second)                // the primary, cut off, gave its backup up
 	if !kvAnswers(ch.DialContext, ph.Addr(nsKVPort), 5*time.Second) {
 		t.Errorf("the primary stopped serving while cut off from its backup")
 	}
