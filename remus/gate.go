@@ -64,7 +64,17 @@ func newHoldGate(limit int) *holdGate {
 func (g *holdGate) Output(e wasi.Effect, perform wasi.Perform) (uint32, wasi.Errno) {
 	if e.Kind == wasi.EffectFs {
 		n, errno := perform(e.Data)
-		if errno == wasi.ESUCCESS {
+		g.mu.Lock()
+		pass := g.pass
+		g.mu.Unlock()
+		switch {
+		case pass:
+			// Unprotected: the next checkpoint, of the next session,
+			// is full and carries the directories whole. A journal kept
+			// meanwhile would only grow: every byte the guest writes,
+			// for as long as the backup is away.
+			g.ops, g.opsBytes = nil, 0
+		case errno == wasi.ESUCCESS:
 			g.journal(e, n)
 		}
 		return n, errno

@@ -109,6 +109,37 @@ func TestGatePassThrough(t *testing.T) {
 	}
 }
 
+// TestGateNoJournalUnprotected: while the primary runs unprotected
+// (pass-through) the next checkpoint is a session's first, full one, so
+// filesystem effects are performed but not journaled, and what the
+// journal held is dropped: it grew with every byte the guest wrote for as
+// long as the backup was away (a guest appending to a log, unprotected
+// for an hour, kept the whole hour's writes in memory).
+func TestGateNoJournalUnprotected(t *testing.T) {
+	g := newHoldGate(0)
+	performed := 0
+	perf := func(b []byte) (uint32, wasi.Errno) { performed++; return uint32(len(b)), 0 }
+	write := func() {
+		g.Output(wasi.Effect{Kind: wasi.EffectFs, Op: wasi.FsWrite, Path: "log", Data: make([]byte, 4096)}, perf)
+	}
+	write()
+	if len(g.ops) != 1 {
+		t.Fatalf("protected: %d ops journaled, want 1", len(g.ops))
+	}
+	g.setPass(true)
+	for range 1000 {
+		write()
+	}
+	if performed != 1001 || len(g.ops) != 0 || g.opsBytes != 0 {
+		t.Fatalf("unprotected: %d performed, %d ops (%d bytes) journaled; want 1001, none", performed, len(g.ops), g.opsBytes)
+	}
+	g.setPass(false) // a new session: journaled again
+	write()
+	if _, ops := g.endEpoch(); len(ops) != 1 {
+		t.Fatalf("protected again: %d ops journaled, want 1", len(ops))
+	}
+}
+
 // TestGateBackPressure: over the limit with output of a checkpointed
 // epoch held, the guest stalls until that output is released.
 func TestGateBackPressure(t *testing.T) {
