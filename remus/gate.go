@@ -2,6 +2,7 @@ package remus
 
 import (
 	"sync"
+	"sync/atomic"
 
 	"github.com/ftvm/ftvm/remus/wire"
 	"github.com/ftvm/ftvm/wasi"
@@ -34,6 +35,8 @@ type holdGate struct {
 	// ops is the current epoch's disk journal; guest goroutine only.
 	ops      []wire.FsOp
 	opsBytes int
+	// journaled is opsBytes for other goroutines (the stall's end).
+	journaled atomic.Int64
 
 	// onOutput is told of the first held output of each epoch (the output
 	// epoch policy ends the epoch early); onOverLimit when held bytes pass
@@ -74,8 +77,15 @@ func (g *holdGate) Output(e wasi.Effect, perform wasi.Perform) (uint32, wasi.Err
 			// meanwhile would only grow: every byte the guest writes,
 			// for as long as the backup is away.
 			g.ops, g.opsBytes = nil, 0
+			g.journaled.Store(0)
 		case errno == wasi.ESUCCESS:
 			g.journal(e, n)
+			// The journal is held like output until its checkpoint is
+			// taken: past the limit, end the epoch, and stall the guest
+			// until one can be (a slow backup holds epochs open).
+			if g.limit > 0 && g.opsBytes > g.limit && g.onOverLimit != nil {
+				g.onOverLimit()
+			}
 		}
 		return n, errno
 	}
@@ -122,7 +132,11 @@ func (g *holdGate) journal(e wasi.Effect, n uint32) {
 	}
 	g.ops = append(g.ops, op)
 	g.opsBytes += len(op.Data) + len(op.Path) + len(op.Path2) + 48
+	g.journaled.Store(int64(g.opsBytes))
 }
+
+// journalBytes is the size of the running epoch's disk journal.
+func (g *holdGate) journalBytes() int { return int(g.journaled.Load()) }
 
 // endEpoch closes the current epoch (the guest is paused) and returns its
 // number and disk journal; outputs from now on belong to the next epoch.
@@ -133,6 +147,7 @@ func (g *holdGate) endEpoch() (epoch uint64, ops []wire.FsOp) {
 	g.waiting = false
 	g.mu.Unlock()
 	ops, g.ops, g.opsBytes = g.ops, nil, 0
+	g.journaled.Store(0)
 	return epoch, ops
 }
 

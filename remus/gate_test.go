@@ -140,6 +140,30 @@ func TestGateNoJournalUnprotected(t *testing.T) {
 	}
 }
 
+// TestGateJournalBackPressure: the running epoch's disk journal counts
+// against the limit like held output: past it the gate calls onOverLimit
+// (the primary ends the epoch and stalls the guest until a checkpoint can
+// take the journal), and a checkpoint's end empties it.
+func TestGateJournalBackPressure(t *testing.T) {
+	g := newHoldGate(64 << 10)
+	over := 0
+	g.onOverLimit = func() { over++ }
+	perf := func(b []byte) (uint32, wasi.Errno) { return uint32(len(b)), 0 }
+	for range 15 { // 15 × 4 KiB: under 64 KiB
+		g.Output(wasi.Effect{Kind: wasi.EffectFs, Op: wasi.FsWrite, Path: "log", Data: make([]byte, 4096)}, perf)
+	}
+	if over != 0 || g.journalBytes() == 0 || g.journalBytes() > 64<<10 {
+		t.Fatalf("under the limit: %d calls, journal %d bytes", over, g.journalBytes())
+	}
+	g.Output(wasi.Effect{Kind: wasi.EffectFs, Op: wasi.FsWrite, Path: "log", Data: make([]byte, 4096)}, perf)
+	if over != 1 {
+		t.Fatalf("past the limit (journal %d bytes): onOverLimit called %d times, want 1", g.journalBytes(), over)
+	}
+	if _, ops := g.endEpoch(); len(ops) != 16 || g.journalBytes() != 0 {
+		t.Fatalf("after the epoch's end: %d ops taken, journal %d bytes", len(ops), g.journalBytes())
+	}
+}
+
 // TestGateBackPressure: over the limit with output of a checkpointed
 // epoch held, the guest stalls until that output is released.
 func TestGateBackPressure(t *testing.T) {

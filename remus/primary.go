@@ -717,7 +717,8 @@ func (p *Primary) overLimit() {
 }
 
 // stallOver reports whether a back-pressure stall may let the guest go
-// on: output fell under the limit, protection was given up, or a
+// on: held output and the running epoch's disk journal are under the
+// limit, protection was given up, or a
 // checkpoint is asked for and not captured yet. That capture runs at this
 // safe point or the next (its pause waits for acks if need be); it may be
 // queued behind the stall, or be queued only once the loop has walked the
@@ -727,7 +728,8 @@ func (p *Primary) overLimit() {
 func (p *Primary) stallOver() bool {
 	held, _, _, _ := p.gate.stats()
 	st := p.Status()
-	return held <= p.cfg.HoldLimit || st.State != engine.Protected.String() && st.State != engine.Syncing.String() ||
+	return held <= p.cfg.HoldLimit && p.gate.journalBytes() <= p.cfg.HoldLimit ||
+		st.State != engine.Protected.String() && st.State != engine.Syncing.String() ||
 		p.requests.Load() != p.captures.Load()
 }
 
