@@ -33,9 +33,9 @@ type holdGate struct {
 	closed    bool
 
 	// ops is the current epoch's disk journal; guest goroutine only.
-	ops      []wire.FsOp
-	opsBytes int
-	// journaled is opsBytes for other goroutines (the stall's end).
+	// journaled is its size, read by other goroutines too (the stall's
+	// end).
+	ops       []wire.FsOp
 	journaled atomic.Int64
 
 	// onOutput is told of the first held output of each epoch (the output
@@ -76,14 +76,14 @@ func (g *holdGate) Output(e wasi.Effect, perform wasi.Perform) (uint32, wasi.Err
 			// is full and carries the directories whole. A journal kept
 			// meanwhile would only grow: every byte the guest writes,
 			// for as long as the backup is away.
-			g.ops, g.opsBytes = nil, 0
+			g.ops = nil
 			g.journaled.Store(0)
 		case errno == wasi.ESUCCESS:
 			g.journal(e, n)
 			// The journal is held like output until its checkpoint is
 			// taken: past the limit, end the epoch, and stall the guest
 			// until one can be (a slow backup holds epochs open).
-			if g.limit > 0 && g.opsBytes > g.limit && g.onOverLimit != nil {
+			if g.limit > 0 && g.journalBytes() > g.limit && g.onOverLimit != nil {
 				g.onOverLimit()
 			}
 		}
@@ -131,8 +131,7 @@ func (g *holdGate) journal(e wasi.Effect, n uint32) {
 		op.Size = int64(len(op.Data))
 	}
 	g.ops = append(g.ops, op)
-	g.opsBytes += len(op.Data) + len(op.Path) + len(op.Path2) + 48
-	g.journaled.Store(int64(g.opsBytes))
+	g.journaled.Add(int64(len(op.Data) + len(op.Path) + len(op.Path2) + 48))
 }
 
 // journalBytes is the size of the running epoch's disk journal.
@@ -146,7 +145,7 @@ func (g *holdGate) endEpoch() (epoch uint64, ops []wire.FsOp) {
 	g.epoch++
 	g.waiting = false
 	g.mu.Unlock()
-	ops, g.ops, g.opsBytes = g.ops, nil, 0
+	ops, g.ops = g.ops, nil
 	g.journaled.Store(0)
 	return epoch, ops
 }

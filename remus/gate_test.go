@@ -130,8 +130,8 @@ func TestGateNoJournalUnprotected(t *testing.T) {
 	for range 1000 {
 		write()
 	}
-	if performed != 1001 || len(g.ops) != 0 || g.opsBytes != 0 {
-		t.Fatalf("unprotected: %d performed, %d ops (%d bytes) journaled; want 1001, none", performed, len(g.ops), g.opsBytes)
+	if performed != 1001 || len(g.ops) != 0 || g.journalBytes() != 0 {
+		t.Fatalf("unprotected: %d performed, %d ops (%d bytes) journaled; want 1001, none", performed, len(g.ops), g.journalBytes())
 	}
 	g.setPass(false) // a new session: journaled again
 	write()

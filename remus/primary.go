@@ -329,8 +329,9 @@ func (p *Primary) do(ctx context.Context, rd engine.PrimaryReady, module []byte,
 		if p.ending.Load() && (sc.To == engine.Connecting || sc.To == engine.Unprotected) {
 			lvl = slog.LevelDebug // the guest ended: its session's end follows
 		}
-		if sc.To == engine.Fenced {
+		if sc.To == engine.Fenced { // for good: the state is never left
 			lvl, msg = slog.LevelError, "FENCED: the backup runs this VM now; stopping it here, its held output never released"
+			p.fencedOnce.Do(func() { close(p.fenced) })
 		}
 		p.log.Log(ctx, lvl, msg, "from", sc.From.String(), "to", sc.To.String(), "reason", sc.Reason)
 		p.mu.Lock()
@@ -372,15 +373,22 @@ func (p *Primary) do(ctx context.Context, rd engine.PrimaryReady, module []byte,
 	if req := rd.TakeCheckpoint; req != nil {
 		p.take(*req, module, name)
 	}
-	if p.eng.State() == engine.Fenced {
-		p.fencedOnce.Do(func() { close(p.fenced) })
-	}
 }
 
 // Fenced is closed once the backup has said it runs this VM now: it failed
 // over while this primary stood still or was cut off from it. The guest
 // must be stopped; its held output is never released.
 func (p *Primary) Fenced() <-chan struct{} { return p.fenced }
+
+// isFenced says whether Fenced is closed.
+func (p *Primary) isFenced() bool {
+	select {
+	case <-p.fenced:
+		return true
+	default:
+		return false
+	}
+}
 
 func (p *Primary) session(id uint64) *session {
 	p.mu.Lock()
@@ -589,10 +597,8 @@ func (p *Primary) markStarted() { p.startedOnce.Do(func() { close(p.started) }) 
 // unprotected primary releases at once. It must run once the guest has
 // ended, on no goroutine that may still run a pause.
 func (p *Primary) Finish(code uint32) {
-	select {
-	case <-p.fenced:
+	if p.isFenced() {
 		return // the VM is the backup's: nothing of this run leaves
-	default:
 	}
 	deadline := time.Now().Add(2 * p.cfg.Engine.Timeout)
 	expired := time.NewTimer(time.Until(deadline))
@@ -637,10 +643,8 @@ wait:
 		case <-s.done:
 		}
 	}
-	select {
-	case <-p.fenced:
+	if p.isFenced() {
 		return
-	default:
 	}
 	p.gate.setPass(true)
 	for _, h := range p.gate.take(0, true) {
@@ -932,7 +936,7 @@ func (p *Primary) connect(ctx context.Context) (*session, error) {
 type session struct {
 	id           uint64
 	conn         *transport.Conn
-	queue        chan any // *checkpoint, wire.Message or *exitItem
+	queue        chan any // *checkpoint or *exitItem
 	hb           chan struct{}
 	hbSeq        atomic.Uint64 // the seq the next heartbeat carries
 	done         chan struct{}
@@ -1024,8 +1028,6 @@ func (s *session) sender(p *Primary) {
 		}
 		var err error
 		switch it := item.(type) {
-		case wire.Message:
-			err = wire.SendFlush(s.conn, it)
 		case *exitItem:
 			it.exit.After = after
 			if it.exit.DiskOps, err = sendDiskOps(s.conn, it.exit.Seq, append(folded, it.ops...)); err == nil {

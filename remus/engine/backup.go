@@ -280,7 +280,7 @@ func (b *Backup) live(s uint64) bool { return s != 0 && s == b.session }
 // messages keep the session, its redial (it dropped the session) finds
 // this backup still following, and only silence after waking fails it.
 func (b *Backup) stoodStill(gap Time) {
-	if (b.state != Following && b.state != Waiting) || gap < b.cfg.Timeout-b.cfg.HeartbeatInterval {
+	if (b.state != Following && b.state != Waiting) || !b.cfg.stoodStill(gap) {
 		return
 	}
 	b.woke = b.now

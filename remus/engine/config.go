@@ -71,6 +71,11 @@ type Config struct {
 	MaxInflight int
 }
 
+// stoodStill says whether an engine not stepped for gap, though it wants
+// a Tick every HeartbeatInterval, stood still long enough for its peer to
+// have heard nothing for Timeout (its heartbeats did not leave either).
+func (c Config) stoodStill(gap Time) bool { return gap >= c.Timeout-c.HeartbeatInterval }
+
 // WithDefaults returns c with every zero field set to its default.
 func (c Config) WithDefaults() Config {
 	if c.Epoch == 0 {

@@ -277,7 +277,7 @@ func (p *Primary) requested() string {
 // failover shows as the session's end, and the redial's answer (Stale)
 // fences this primary.
 func (p *Primary) stoodStill(gap Time) {
-	if p.state == Fenced || p.state == Unprotected || gap < p.cfg.Timeout-p.cfg.HeartbeatInterval {
+	if p.state == Fenced || p.state == Unprotected || !p.cfg.stoodStill(gap) {
 		return
 	}
 	p.woke = p.now
