@@ -192,18 +192,22 @@ func TestIncrementalChain(t *testing.T) {
 // TestScratchRegionSurvivesPauses: a guest that writes to the region the
 // machine borrows for Asyncify's stack, between host calls, finds its bytes
 // intact however often it is paused (the machine refreshes its copy of the
-// region by the pages written since the last pause). Both ways of
-// collecting: as a snapshot does (re-armed in the pause), and as Remus's
+// region by the pages written since the last pause). Three ways of
+// collecting: as a snapshot does (re-armed in the pause); as Remus's
 // primary does (re-armed after the guest runs again, so the guest writes
-// pages before they are protected: the copy must still learn of them).
+// pages before they are protected: the copy must still learn of them);
+// and as its primary does for a guest that writes many pages an epoch
+// (most collected ahead of the pause and protected again while the guest
+// runs: written all the same since the last pause).
 func TestScratchRegionSurvivesPauses(t *testing.T) {
 	wasm := guest.MustC(t, "scratchtop", []string{"testdata/guests/scratchtop/scratchtop.c"})
 	mod, err := os.ReadFile(wasm)
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, deferred := range []bool{false, true} {
-		t.Run(fmt.Sprintf("deferred=%v", deferred), func(t *testing.T) {
+	for _, mode := range []string{"collect", "deferred", "ahead"} {
+		t.Run(mode, func(t *testing.T) {
+			deferred := mode != "collect"
 			ctx := context.Background()
 			var out bytes.Buffer
 			// The guest would run for a very long time: it is paused until
@@ -227,6 +231,14 @@ func TestScratchRegionSurvivesPauses(t *testing.T) {
 				case <-done:
 					t.Fatalf("the guest ended after %d pauses: %s", pauses, out.String())
 				default:
+				}
+				if mode == "ahead" {
+					// As Remus's sender for a busy guest: after the guest ran
+					// a little, take what it wrote, while it runs.
+					time.Sleep(time.Duration(rng.IntN(300)) * time.Microsecond)
+					if _, _, err := m.CollectAhead(nil, func([]byte, []uint32) error { return nil }); err != nil {
+						t.Fatal(err)
+					}
 				}
 				var gen uint64
 				err := m.WithPaused(ctx, func(p *Paused) error {

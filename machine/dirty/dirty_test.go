@@ -1195,3 +1195,43 @@ func TestGrowthWithManyRegions(t *testing.T) {
 	expect(t, "grown", collect(t, tr, pages*PageSize), want)
 	_ = sink
 }
+
+// TestWrittenSeesPagesCollectedAhead: CollectAhead reports the pages
+// written so far and protects them again while the guest runs; Written
+// (the machine's refresh of its copy of the region Asyncify borrows)
+// must still report them until the next Collect, or that copy stays
+// stale and is written back over the guest's data at the next pause.
+func TestWrittenSeesPagesCollectedAhead(t *testing.T) {
+	eachKernelTracker(t, 64, func(t *testing.T, region, image []byte, tr Tracker) {
+		size := len(region)
+		a, pk := tr.(Aheader), tr.(Peeker)
+		tr.Collect(nil, uint64(size))
+		for _, set := range [][]uint32{{40}, {40, 41, 42, 50, 51, 60}} {
+			for _, p := range set {
+				stamp(region, p)
+			}
+			got, ok, err := a.CollectAhead(nil, uint64(size), nil)
+			if err != nil || !ok {
+				t.Fatalf("CollectAhead: ok %v, %v", ok, err)
+			}
+			expect(t, "collected ahead", got, set)
+			w, ok := pk.Written(nil, 32*PageSize, uint64(size))
+			if !ok {
+				t.Fatal("Written could not tell")
+			}
+			expect(t, "Written after CollectAhead", w, set)
+			// Written before the range: nothing there.
+			if w, _ := pk.Written(nil, 0, 32*PageSize); len(w) != 0 {
+				t.Fatalf("Written of pages [0, 32): %v, want none", w)
+			}
+			got, err = tr.Collect(nil, uint64(size))
+			if err != nil {
+				t.Fatal(err)
+			}
+			expect(t, "Collect after it", got, nil)
+			if w, _ := pk.Written(nil, 32*PageSize, uint64(size)); len(w) != 0 {
+				t.Fatalf("Written after the Collect: %v, want none", w)
+			}
+		}
+	})
+}

@@ -687,8 +687,8 @@ func (t *uffdTracker) scan(start, end uintptr, returnMask uint64, emit func([]pa
 }
 
 // Written implements Peeker: every page of [from, to) that may have been
-// written since the last Collect — written to the kernel, carried by a
-// Rearm, or hot — without protecting anything (PAGEMAP_SCAN with no
+// written since the last Collect — written to the kernel, collected ahead,
+// carried by a Rearm, or hot — without protecting anything (PAGEMAP_SCAN with no
 // write-protect flag).
 func (t *uffdTracker) Written(dst []uint32, from, to uint64) ([]uint32, bool) {
 	t.mu.Lock()
@@ -714,6 +714,13 @@ func (t *uffdTracker) Written(dst []uint32, from, to uint64) ([]uint32, bool) {
 		t.peekLo, t.peekHi = min(t.peekLo, lo), max(t.peekHi, hi)
 	}
 	added := false
+	// Pages a CollectAhead reported and protected again since the last
+	// Collect: written since it all the same.
+	i, _ := slices.BinarySearch(t.ahead, lo)
+	for ; i < len(t.ahead) && uint64(t.ahead[i]) < limit; i++ {
+		dst = append(dst, t.ahead[i])
+		added = true
+	}
 	for _, p := range t.carry {
 		if p >= lo && uint64(p) < limit {
 			dst = append(dst, p)
