@@ -1,12 +1,14 @@
 package machine
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
 	stdbits "math/bits"
+	"os"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -190,6 +192,9 @@ func (m *Machine) saveScratch(addr, size uint32) {
 					off := p*dirty.PageSize - addr
 					copy(m.scratchSaved[off:off+dirty.PageSize], mem[p*dirty.PageSize:])
 				}
+				if checkScratch {
+					m.verifyScratch(addr, size)
+				}
 				return
 			}
 		}
@@ -197,6 +202,32 @@ func (m *Machine) saveScratch(addr, size uint32) {
 	m.scratchAddr = addr
 	m.scratchSaved = append(m.scratchSaved[:0], mem[addr:addr+size]...)
 	m.scratchValid = true
+}
+
+// checkScratch (FTVM_CHECK_SCRATCH=1; make test sets it) makes every
+// pause compare the copy of the scratch region, refreshed by the pages
+// the tracker says were written, with the region itself. A page missing
+// from the tracker's answer would have its stale copy written back over
+// the guest's data: silent corruption of the guest and of every
+// checkpoint after it, which tests rarely see as such. The check costs a
+// comparison of 256 KiB a pause.
+var checkScratch = os.Getenv("FTVM_CHECK_SCRATCH") == "1"
+
+// verifyScratch panics, naming the pages, if the refreshed copy of the
+// scratch region differs from the region.
+func (m *Machine) verifyScratch(addr, size uint32) {
+	mem := m.alloc.memory().Bytes()[addr : addr+size]
+	if bytes.Equal(mem, m.scratchSaved) {
+		return
+	}
+	var stale []uint32
+	for off := uint32(0); off < size; off += dirty.PageSize {
+		if !bytes.Equal(mem[off:off+dirty.PageSize], m.scratchSaved[off:off+dirty.PageSize]) {
+			stale = append(stale, (addr+off)/dirty.PageSize)
+		}
+	}
+	panic(fmt.Sprintf("FTVM_CHECK_SCRATCH: pages %v of the scratch region changed since the last pause, "+
+		"but the %s tracker reported only %v as written", stale, m.tracker.Kind(), m.scratchPages))
 }
 
 // returnScratch puts back the first n bytes of the borrowed region (all
