@@ -383,11 +383,22 @@ func killAll(ns string) []int {
 		return nil
 	}
 	var killed []int
+	empty := 0
 	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); {
 		pids := inNamespace(ns, st.Dev, st.Ino)
 		if len(pids) == 0 {
-			break
+			// Twice in a row, 10 ms apart: a process seen by neither
+			// test for the instant of a scan (one sleep outlived a
+			// cleanup that stopped at its first empty scan, once in
+			// many runs; a process mid-exec is the likely moment) is
+			// seen by the next.
+			if empty++; empty == 2 {
+				break
+			}
+			time.Sleep(10 * time.Millisecond)
+			continue
 		}
+		empty = 0
 		for _, pid := range pids {
 			if !slices.Contains(killed, pid) {
 				killed = append(killed, pid)
