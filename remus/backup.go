@@ -927,7 +927,7 @@ func (s *slot) handle(ev any) {
 	case attachEv:
 		s.conns[e.session] = e.conn
 		s.hellos[e.session] = e.hello
-		s.step(engine.Hello{Now: s.b.now(), Session: e.session, VM: e.hello.VM, Term: e.hello.Term})
+		s.step(engine.Hello{Now: s.b.now(), Session: e.session, VM: e.hello.VM, Term: e.hello.Term, PeerTimeout: e.hello.Timeout})
 	case stagedEv:
 		s.staged[e.cp.seq] = e.cp
 		s.step(engine.Checkpoint{Now: e.now, Session: e.cp.session, Seq: e.cp.seq, Full: e.cp.full})
@@ -1095,7 +1095,7 @@ func (s *slot) do(ctx context.Context, rd engine.BackupReady) (failover bool, fa
 		var msg wire.Message
 		switch m.Kind {
 		case engine.MsgAccept:
-			msg = &wire.Welcome{Session: m.Session, Committed: s.eng.Committed()}
+			msg = &wire.Welcome{Session: m.Session, Committed: s.eng.Committed(), Timeout: s.b.cfg.Engine.Timeout}
 		case engine.MsgReject:
 			msg = &wire.Reject{Reason: m.Reason}
 		case engine.MsgAck:
@@ -1296,8 +1296,8 @@ func (s *slot) waitApply() {
 	s.applying = s.applying[:0]
 }
 
-// heartbeatWhileBusy sends the current session's primary a heartbeat every
-// HeartbeatInterval until the returned function is called. The loop sends
+// heartbeatWhileBusy sends the current session's primary a heartbeat at
+// the engine's pace until the returned function is called. The loop sends
 // heartbeats only between events: while it applies a large checkpoint it
 // is silent, and once that took longer than the timeout the primary took
 // its backup for dead and resynchronised — with a full checkpoint as slow
@@ -1310,7 +1310,7 @@ func (s *slot) heartbeatWhileBusy() (stop func()) {
 		return func() {}
 	}
 	seq := s.eng.Committed()
-	every := s.eng.Config().HeartbeatInterval
+	every := s.eng.HeartbeatInterval()
 	done, finished := make(chan struct{}), make(chan struct{})
 	go func() {
 		defer close(finished)

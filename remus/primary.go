@@ -149,10 +149,14 @@ type PrimaryStatus struct {
 	DeltaPages      uint64  `json:"delta_pages"` // pages sent as deltas against the backup's copies
 	AheadPages      uint64  `json:"ahead_pages"` // pages copied before their checkpoint's pause (CollectAhead)
 	HeldBytes       int     `json:"held_output_bytes"`
-	ReleasedBytes   uint64  `json:"released_output_bytes"`
-	BackupHealthy   bool    `json:"backup_healthy"`
-	LastHeardMS     float64 `json:"backup_last_heard_ms"`
-	Reason          string  `json:"reason,omitempty"`
+	// JournalBytes is the running epoch's disk journal: file writes the
+	// guest made since the last checkpoint, counted against --hold-limit
+	// with held output.
+	JournalBytes  int     `json:"journal_bytes"`
+	ReleasedBytes uint64  `json:"released_output_bytes"`
+	BackupHealthy bool    `json:"backup_healthy"`
+	LastHeardMS   float64 `json:"backup_last_heard_ms"`
+	Reason        string  `json:"reason,omitempty"`
 	// BackupRefused is why the backup refused this primary's last
 	// Hello ("" once a session is up).
 	BackupRefused string `json:"backup_refused,omitempty"`
@@ -256,7 +260,7 @@ func (p *Primary) Run(ctx context.Context, m *machine.Machine, module []byte, na
 	p.eng = eng
 	info := m.Info()
 	p.hello = wire.Hello{Version: wire.Version, VM: p.cfg.VM, Term: p.cfg.Term, Module: snapshot.ModuleHash(module),
-		Name: name}
+		Name: name, Timeout: p.cfg.Engine.Timeout}
 	p.hello.Host, _ = os.Hostname()
 	for fd, addr := range info.Listeners {
 		p.hello.Listen = append(p.hello.Listen, wire.Listener{Fd: fd, Addr: addr})
@@ -774,6 +778,7 @@ func (p *Primary) publish() {
 	st.Lag = p.eng.Seq() - min(p.eng.Acked(), p.eng.Seq())
 	st.Inflight = p.eng.Inflight()
 	st.HeldBytes = held
+	st.JournalBytes = p.gate.journalBytes()
 	st.ReleasedBytes = released
 	st.BackupHealthy = p.eng.State() == engine.Protected
 	st.LastHeardMS = float64((p.now() - p.eng.LastHeard()).Microseconds()) / 1000
@@ -845,7 +850,11 @@ func (p *Primary) dialer(ctx context.Context, module []byte, name string) {
 		p.log.Info("backup session up", "session", s.id, "addr", p.cfg.Backup)
 		go s.sender(p)
 		go s.heartbeater()
-		p.send(engine.Connected{Now: p.now(), Session: s.id})
+		if s.peerTimeout > 0 && s.peerTimeout < p.cfg.Engine.Timeout {
+			p.log.Info("the backup's --timeout is shorter than this primary's: heartbeats go at its pace",
+				"backup_timeout", s.peerTimeout, "timeout", p.cfg.Engine.Timeout)
+		}
+		p.send(engine.Connected{Now: p.now(), Session: s.id, PeerTimeout: s.peerTimeout})
 		s.receiver(p) // until the connection ends
 		s.close()
 		sent += s.conn.Stats().BytesSent
@@ -920,7 +929,8 @@ func (p *Primary) connect(ctx context.Context) (*session, error) {
 		id := p.nextSess
 		p.mu.Unlock()
 		return &session{id: id, conn: c, queue: make(chan any, p.cfg.Engine.MaxInflight+8),
-			hb: make(chan struct{}, 1), done: make(chan struct{}), uncompressed: p.cfg.Uncompressed}, nil
+			hb: make(chan struct{}, 1), done: make(chan struct{}), uncompressed: p.cfg.Uncompressed,
+			peerTimeout: m.Timeout}, nil
 	case *wire.Reject:
 		c.Close()
 		return nil, &rejectedError{reason: m.Reason, stale: isStaleReason(m.Reason)}
@@ -943,6 +953,7 @@ type session struct {
 	once         sync.Once
 	base         uint64
 	uncompressed bool
+	peerTimeout  time.Duration // the backup's --timeout, from its Welcome
 	lastID       snapshot.Hash
 	bases        pageBases // owned by the sender goroutine
 	devices      devicesJSON

@@ -45,11 +45,15 @@ type remusPair struct {
 	wasm              string
 	dir               string
 	primaryArgs       []string // the primary's command line, to start it again
+	protectAddr       string   // what primaries dial for the backup: replAddr or a proxy's
 }
 
 // remusOpts are extra flags for either side.
 type remusOpts struct {
 	primary, backup []string
+	// protect, if set, gives the address the primaries dial for the
+	// backup's (a proxy's, say).
+	protect func(replAddr string) string
 }
 
 // startRemus starts a backup and a protected primary running the KV guest
@@ -68,6 +72,9 @@ func startRemus(t *testing.T, opts ...remusOpts) *remusPair {
 	r.backup = startProc(t, bin, append([]string{"backup", "--listen", r.replAddr, "--state", r.stateDir,
 		"--timeout", "300ms", "--api-sock", r.bSock, "--log-level", "info"}, o.backup...)...)
 	waitSocket(t, r.backup, r.bSock)
+	if r.protectAddr = r.replAddr; o.protect != nil {
+		r.protectAddr = o.protect(r.replAddr)
+	}
 	r.primary, r.kvAddr, r.pSock, r.dataDir = r.startPrimary(t, "p", o.primary...)
 	return r
 }
@@ -77,7 +84,11 @@ func (r *remusPair) startPrimary(t *testing.T, name string, extra ...string) (p 
 	t.Helper()
 	kvAddr, sock, data = freeAddr(t), filepath.Join(r.dir, name+".sock"), filepath.Join(r.dir, name+"-data")
 	os.MkdirAll(data, 0o755)
-	args := append([]string{"run", "--protect", r.replAddr, "--timeout", "300ms", "--api-sock", sock,
+	protect := r.protectAddr
+	if protect == "" {
+		protect = r.replAddr
+	}
+	args := append([]string{"run", "--protect", protect, "--timeout", "300ms", "--api-sock", sock,
 		"--listen", "4=" + kvAddr, "--dir", data + ":/data", "--log-level", "info"}, extra...)
 	r.primaryArgs = args
 	p = startProc(t, ftvmBinary(t), append(args, r.wasm, "--fd", "4", "--wal", "/data/wal.log")...)

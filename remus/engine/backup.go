@@ -157,6 +157,7 @@ type ExitTaken struct {
 // use.
 type Backup struct {
 	cfg   Config
+	pace  pace // heartbeat timing against the peer's timeout
 	vm    string
 	now   Time
 	state BackupState
@@ -193,11 +194,15 @@ func NewBackup(cfg Config, vm string, now Time) (*Backup, error) {
 	if vm == "" {
 		return nil, errors.New("remus: empty VM name")
 	}
-	return &Backup{cfg: cfg, vm: vm, now: now, lastHeard: now, stepped: now, advWak: Never}, nil
+	return &Backup{cfg: cfg, pace: cfg.paceFor(0), vm: vm, now: now, lastHeard: now, stepped: now, advWak: Never}, nil
 }
 
 // Config returns the configuration in force, defaults applied.
 func (b *Backup) Config() Config { return b.cfg }
+
+// HeartbeatInterval is how often heartbeats go now: the configured
+// interval, or a fifth of the peer's Timeout if that is shorter.
+func (b *Backup) HeartbeatInterval() Time { return b.pace.every }
 
 // VM returns the slot's VM.
 func (b *Backup) VM() string { return b.vm }
@@ -257,7 +262,7 @@ func (b *Backup) Step(ev BackupEvent) error {
 	default:
 		panic(fmt.Sprintf("remus: unknown backup event %T", ev))
 	}
-	if b.state == Following && b.now >= b.lastSent+b.cfg.HeartbeatInterval {
+	if b.state == Following && b.now >= b.lastSent+b.pace.every {
 		if b.sessCommitted != 0 { // repeat the ack: it heals a lost one
 			b.send(Message{Kind: MsgAck, Session: b.session, Seq: b.sessCommitted})
 		} else {
@@ -280,7 +285,7 @@ func (b *Backup) live(s uint64) bool { return s != 0 && s == b.session }
 // messages keep the session, its redial (it dropped the session) finds
 // this backup still following, and only silence after waking fails it.
 func (b *Backup) stoodStill(gap Time) {
-	if (b.state != Following && b.state != Waiting) || !b.cfg.stoodStill(gap) {
+	if (b.state != Following && b.state != Waiting) || !b.pace.stoodStill(gap) {
 		return
 	}
 	b.woke = b.now
@@ -351,6 +356,7 @@ func (b *Backup) hello(h Hello) {
 		b.term = h.Term
 		b.session = h.Session
 		b.lastHeard = b.now
+		b.pace = b.cfg.paceFor(h.PeerTimeout)
 		b.send(Message{Kind: MsgAccept, Session: h.Session})
 		b.setState(Following, why)
 	}
@@ -500,11 +506,11 @@ func (b *Backup) setState(to BackupState, reason string) {
 func (b *Backup) Wake() Time {
 	switch b.state {
 	case Following:
-		return min(max(b.lastHeard, b.woke)+b.cfg.Timeout, b.lastSent+b.cfg.HeartbeatInterval)
+		return min(max(b.lastHeard, b.woke)+b.cfg.Timeout, b.lastSent+b.pace.every)
 	case Waiting:
 		// Ticked every HeartbeatInterval, as when following, so that a
 		// longer gap is the backup's own standing still (stoodStill).
-		return min(max(b.lastHeard, b.woke)+b.cfg.Timeout, b.stepped+b.cfg.HeartbeatInterval)
+		return min(max(b.lastHeard, b.woke)+b.cfg.Timeout, b.stepped+b.pace.every)
 	}
 	return Never
 }

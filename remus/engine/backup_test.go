@@ -154,7 +154,7 @@ func TestBackupCheckpointChain(t *testing.T) {
 
 func TestBackupAcksCoalesce(t *testing.T) {
 	b, _ := NewBackup(testCfg, "vm1", 0)
-	b.Step(Hello{1 * ms, 1, "vm1", 1})
+	b.Step(Hello{1 * ms, 1, "vm1", 1, 0})
 	b.Step(Checkpoint{2 * ms, 1, 1, true})
 	b.Step(Checkpoint{2 * ms, 1, 2, false})
 	rd := b.Ready()
@@ -189,7 +189,7 @@ func TestBackupHello(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			h := following(t)
-			rd := h.step(Hello{50 * ms, tc.second.sess, tc.second.vm, tc.second.term})
+			rd := h.step(Hello{50 * ms, tc.second.sess, tc.second.vm, tc.second.term, 0})
 			if tc.reject == "-" {
 				if len(msgs(rd, MsgReject))+len(msgs(rd, MsgAccept)) != 0 || h.b.LastHeard() != 50*ms {
 					t.Fatalf("%+v", rd)
@@ -212,7 +212,7 @@ func TestBackupHello(t *testing.T) {
 		t.Fatalf("%v", h.b.State())
 	}
 	for _, hl := range []hello{{"vm1", 2, 2}, {"vm1", 1, 3}} {
-		if rd := h.step(Hello{11 * ms, hl.sess, hl.vm, hl.term}); len(msgs(rd, MsgReject)) != 1 {
+		if rd := h.step(Hello{11 * ms, hl.sess, hl.vm, hl.term, 0}); len(msgs(rd, MsgReject)) != 1 {
 			t.Fatalf("%+v accepted", hl)
 		}
 	}
@@ -232,7 +232,7 @@ func TestBackupHello(t *testing.T) {
 	h.step(Checkpoint{14 * ms, 2, 7, true})
 	h.step(Disconnected{15 * ms, 2})
 	for _, sess := range []uint64{1, 2} {
-		if rd := h.step(Hello{16 * ms, sess, "vm1", 3}); len(msgs(rd, MsgReject)) != 1 || h.b.State() != Waiting {
+		if rd := h.step(Hello{16 * ms, sess, "vm1", 3, 0}); len(msgs(rd, MsgReject)) != 1 || h.b.State() != Waiting {
 			t.Fatalf("a Hello for ended session %d: %v %+v", sess, h.b.State(), rd)
 		}
 	}
@@ -266,7 +266,7 @@ func TestBackupFailover(t *testing.T) {
 	if r := msgs(rd, MsgReject); len(r) != 1 || r[0].Fenced {
 		t.Fatalf("higher term: %+v", rd)
 	}
-	rd = h.step(Hello{401 * ms, 4, "vm2", 1})
+	rd = h.step(Hello{401 * ms, 4, "vm2", 1, 0})
 	if r := msgs(rd, MsgReject); len(r) != 1 || r[0].Fenced {
 		t.Fatalf("another VM: %+v", rd)
 	}

@@ -71,10 +71,33 @@ type Config struct {
 	MaxInflight int
 }
 
+// pace is an engine's heartbeat timing against its peer. Each side has
+// its own Timeout, and says it in the handshake (Hello, and the backup's
+// Welcome, which the primary steps as Connected): a peer's shorter one
+// sets the pace. Heartbeats then go every fifth of it, or a backup with
+// a 300 ms timeout would fail over a live primary that heartbeats every
+// 4 s for its own 20 s while nothing else flows (a stalled guest); and a
+// step gap counts as standing still once that peer may have given this
+// side up.
+type pace struct {
+	every Time // heartbeats and Ticks at least this often
+	still Time // a step gap at least this long is standing still
+}
+
+// paceFor is the pace against a peer whose Timeout is peer (0: not
+// known, own timing).
+func (c Config) paceFor(peer Time) pace {
+	every, timeout := c.HeartbeatInterval, c.Timeout
+	if peer > 0 {
+		every, timeout = min(every, max(peer/5, 1)), min(timeout, peer)
+	}
+	return pace{every: every, still: timeout - every}
+}
+
 // stoodStill says whether an engine not stepped for gap, though it wants
-// a Tick every HeartbeatInterval, stood still long enough for its peer to
-// have heard nothing for Timeout (its heartbeats did not leave either).
-func (c Config) stoodStill(gap Time) bool { return gap >= c.Timeout-c.HeartbeatInterval }
+// a Tick every heartbeat interval, stood still long enough for its peer to
+// have heard nothing for its timeout (its heartbeats did not leave either).
+func (p pace) stoodStill(gap Time) bool { return gap >= p.still }
 
 // WithDefaults returns c with every zero field set to its default.
 func (c Config) WithDefaults() Config {

@@ -62,6 +62,9 @@
 //     stream would hold output forever while heartbeats say all is well.
 //   - The backup's heartbeat repeats its last ack once it has one, so a
 //     lost ack heals within HeartbeatInterval.
+//   - Each side says its Timeout in the handshake (Hello, Connected); a
+//     peer's shorter one sets the pace: heartbeats (and Ticks) every fifth
+//     of it, and standing still is judged against it.
 //   - Deadlines fire before the event that carries a later time: a message
 //     arriving after Timeout of silence is too late, on both sides alike.
 //   - After failing over, the backup rejects every Hello: one of a term up

@@ -58,6 +58,9 @@ type Stale struct {
 type Connected struct {
 	Now     Time
 	Session uint64
+	// PeerTimeout is the backup's Timeout, from its Welcome (0: not
+	// said): heartbeats go at least every fifth of it.
+	PeerTimeout Time
 }
 
 // CheckpointTaken reports that the pause for the requested checkpoint Seq
@@ -93,6 +96,9 @@ type Hello struct {
 	Session uint64
 	VM      string
 	Term    uint64
+	// PeerTimeout is the primary's Timeout (0: not said): once the
+	// session is accepted, heartbeats go at least every fifth of it.
+	PeerTimeout Time
 }
 
 // Checkpoint reports that every part of checkpoint Seq of Session arrived

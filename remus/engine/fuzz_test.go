@@ -53,7 +53,7 @@ func FuzzPrimary(f *testing.F) {
 			case 2:
 				sessions++
 				current = sessions
-				ev = Connected{now, sessions}
+				ev = Connected{now, sessions, Time(arg>>4&3) * 40 * ms} // 0: not said
 			case 3:
 				ev = Disconnected{now, pick()}
 				if arg%16 == 15 {
@@ -168,7 +168,7 @@ func FuzzBackup(f *testing.F) {
 				if arg&0x40 != 0 {
 					vm = "vm2"
 				}
-				ev = Hello{now, s, vm, uint64(arg>>2) & 3}
+				ev = Hello{now, s, vm, uint64(arg>>2) & 3, Time(arg>>7&1) * 60 * ms}
 			case 1:
 				// Bits 2-5 the sequence number, bit 6 full (bit 5
 				// was, which made every full one 8 or more and every

@@ -108,6 +108,7 @@ type inflight struct {
 // and Advance. Not safe for concurrent use.
 type Primary struct {
 	cfg   Config
+	pace  pace // heartbeat timing against the peer's timeout
 	now   Time
 	state PrimaryState
 
@@ -159,11 +160,15 @@ func NewPrimary(cfg Config, now Time) (*Primary, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	return &Primary{cfg: cfg, now: now, epochStart: now, lastHeard: now, stepped: now, adv: PrimaryReady{Wake: Never}}, nil
+	return &Primary{cfg: cfg, pace: cfg.paceFor(0), now: now, epochStart: now, lastHeard: now, stepped: now, adv: PrimaryReady{Wake: Never}}, nil
 }
 
 // Config returns the configuration in force, defaults applied.
 func (p *Primary) Config() Config { return p.cfg }
+
+// HeartbeatInterval is how often heartbeats go now: the configured
+// interval, or a fifth of the peer's Timeout if that is shorter.
+func (p *Primary) HeartbeatInterval() Time { return p.pace.every }
 
 // State returns the current state.
 func (p *Primary) State() PrimaryState { return p.state }
@@ -234,7 +239,7 @@ func (p *Primary) Step(ev PrimaryEvent) error {
 			p.urgent = true
 		}
 	case Connected:
-		p.connected(e.Session)
+		p.connected(e.Session, e.PeerTimeout)
 	case Disconnected:
 		if e.Session == p.session && p.session != 0 {
 			p.endSession(Connecting, fmt.Sprintf("session %d lost; backup last heard %v ago", e.Session, p.now-p.lastHeard))
@@ -277,7 +282,7 @@ func (p *Primary) requested() string {
 // failover shows as the session's end, and the redial's answer (Stale)
 // fences this primary.
 func (p *Primary) stoodStill(gap Time) {
-	if p.state == Fenced || p.state == Unprotected || !p.cfg.stoodStill(gap) {
+	if p.state == Fenced || p.state == Unprotected || !p.pace.stoodStill(gap) {
 		return
 	}
 	p.woke = p.now
@@ -320,7 +325,7 @@ func (p *Primary) poll() {
 	if p.outstanding == nil && p.epochDue() {
 		p.take()
 	}
-	if p.now >= p.lastHB+p.cfg.HeartbeatInterval {
+	if p.now >= p.lastHB+p.pace.every {
 		p.pend.SendHeartbeat = p.session
 		p.lastHB = p.now
 	}
@@ -399,8 +404,11 @@ func (p *Primary) taken() {
 	p.flight = append(p.flight, inflight{r.Seq, p.now})
 }
 
-func (p *Primary) connected(s uint64) {
+func (p *Primary) connected(s uint64, peerTimeout Time) {
 	p.lastSession = s
+	// The backup's timing, kept past the session: a backup that lost it
+	// may still be following it, and judges silence by its own timeout.
+	p.pace = p.cfg.paceFor(peerTimeout)
 	if p.state == Fenced {
 		p.pend.DropSession = append(p.pend.DropSession, Drop{s, "fenced: the backup runs this VM"})
 		return
@@ -519,9 +527,9 @@ func (p *Primary) Wake() Time {
 	// At least every HeartbeatInterval, even without a session (a redial
 	// under way, the backup perhaps still following the last one): a
 	// longer gap is then the loop's own standing still (stoodStill).
-	w := min(max(p.lastHeard, p.woke)+p.cfg.Timeout, p.stepped+p.cfg.HeartbeatInterval)
+	w := min(max(p.lastHeard, p.woke)+p.cfg.Timeout, p.stepped+p.pace.every)
 	if p.session != 0 {
-		w = min(w, p.lastHB+p.cfg.HeartbeatInterval, p.epochDeadline())
+		w = min(w, p.lastHB+p.pace.every, p.epochDeadline())
 		if len(p.flight) > 0 {
 			w = min(w, p.flight[0].at+p.cfg.AckTimeout)
 		}

@@ -1,6 +1,7 @@
 package engine
 
 import (
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -114,7 +115,7 @@ func (h *ph) taken(now Time, seq uint64) PrimaryReady {
 func protected(t *testing.T, cfg Config) *ph {
 	t.Helper()
 	h := newPH(t, cfg)
-	rd := h.step(Connected{1 * ms, 1})
+	rd := h.step(Connected{1 * ms, 1, 0})
 	if r := rd.TakeCheckpoint; r == nil || *r != (CheckpointRequest{Seq: 1, Full: true, Session: 1}) {
 		t.Fatalf("first checkpoint %+v", rd.TakeCheckpoint)
 	}
@@ -198,7 +199,7 @@ func TestPrimaryStartsConnectingThenUnprotected(t *testing.T) {
 
 func TestPrimaryFirstCheckpointFullAndProtected(t *testing.T) {
 	h := newPH(t, testCfg)
-	rd := h.step(Connected{30 * ms, 1})
+	rd := h.step(Connected{30 * ms, 1, 0})
 	if h.p.State() != Syncing || rd.TakeCheckpoint == nil || !rd.TakeCheckpoint.Full || rd.TakeCheckpoint.Seq != 1 {
 		t.Fatalf("Connected: %v %+v", h.p.State(), rd)
 	}
@@ -414,7 +415,7 @@ func TestPrimaryStoodStill(t *testing.T) {
 		}
 		// Nothing ever leaves or is taken again.
 		for _, ev := range []PrimaryEvent{Tick{time.Hour}, Output{time.Hour + ms}, GuestIdle{time.Hour + 2*ms},
-			Connected{time.Hour + 3*ms, 2}, Ack{time.Hour + 4*ms, 2, 3}} {
+			Connected{time.Hour + 3*ms, 2, 0}, Ack{time.Hour + 4*ms, 2, 3}} {
 			rd := h.step(ev)
 			if h.p.State() != Fenced || rd.PassThrough || rd.Release != 1 || rd.TakeCheckpoint != nil || h.p.Session() != 0 {
 				t.Fatalf("%#v when fenced: %v %+v", ev, h.p.State(), rd)
@@ -481,7 +482,7 @@ func TestPrimaryReconnectAfterDisconnect(t *testing.T) {
 	if h.p.Release() != 2 {
 		t.Fatal("stale ack released")
 	}
-	rd = h.step(Connected{50 * ms, 2})
+	rd = h.step(Connected{50 * ms, 2, 0})
 	if r := rd.TakeCheckpoint; r == nil || *r != (CheckpointRequest{Seq: 4, Full: true, Session: 2}) {
 		t.Fatalf("resync %+v", r)
 	}
@@ -498,7 +499,7 @@ func TestPrimaryReconnectAfterUnprotected(t *testing.T) {
 	if h.p.State() != Unprotected {
 		t.Fatal(h.p.State())
 	}
-	rd := h.step(Connected{300 * ms, 5})
+	rd := h.step(Connected{300 * ms, 5, 0})
 	if h.p.State() != Syncing || rd.PassThrough || rd.TakeCheckpoint == nil || !rd.TakeCheckpoint.Full {
 		t.Fatalf("reconnect: %v %+v", h.p.State(), rd)
 	}
@@ -511,7 +512,7 @@ func TestPrimaryReconnectAfterUnprotected(t *testing.T) {
 
 func TestPrimaryRejectsDriverMistakes(t *testing.T) {
 	h := protected(t, testCfg)
-	for _, ev := range []PrimaryEvent{nil, Connected{5 * ms, 0}, Connected{5 * ms, 1}, CheckpointTaken{5 * ms, 2}} {
+	for _, ev := range []PrimaryEvent{nil, Connected{5 * ms, 0, 0}, Connected{5 * ms, 1, 0}, CheckpointTaken{5 * ms, 2}} {
 		if err := h.p.Step(ev); err == nil {
 			t.Errorf("%#v accepted", ev)
 		}
@@ -553,14 +554,14 @@ func TestPrimaryProtocolViolations(t *testing.T) {
 	// An ack of a checkpoint before the session's first one.
 	h := protected(t, testCfg)
 	h.step(Disconnected{4 * ms, 1})
-	h.step(Connected{5 * ms, 2})
+	h.step(Connected{5 * ms, 2, 0})
 	h.taken(6*ms, 2)
 	if rd := h.step(Ack{7 * ms, 2, 1}); len(rd.DropSession) != 1 {
 		t.Fatalf("ack of an older session's checkpoint: %+v", rd)
 	}
 	// An ack before the session has any checkpoint taken.
 	h = newPH(t, testCfg)
-	h.step(Connected{5 * ms, 2})
+	h.step(Connected{5 * ms, 2, 0})
 	if rd := h.step(Ack{6 * ms, 2, 1}); len(rd.DropSession) != 1 {
 		t.Fatalf("ack before any checkpoint: %+v", rd)
 	}
@@ -648,7 +649,7 @@ func TestPrimaryAckTimeout(t *testing.T) {
 func TestPrimaryOrphanCheckpoint(t *testing.T) {
 	h := protected(t, testCfg)
 	h.step(Tick{12 * ms}) // checkpoint 2 for session 1
-	rd := h.step(Connected{13 * ms, 2})
+	rd := h.step(Connected{13 * ms, 2, 0})
 	if rd.TakeCheckpoint != nil || len(rd.DropSession) != 1 || rd.DropSession[0].Session != 1 {
 		t.Fatalf("superseding: %+v", rd)
 	}
@@ -668,7 +669,7 @@ func TestPrimaryOrphanCheckpoint(t *testing.T) {
 // Steps between Ready and Advance keep what they add for the next Ready.
 func TestPrimaryReadyAdvanceInterleave(t *testing.T) {
 	p, _ := NewPrimary(testCfg, 0)
-	p.Step(Connected{1 * ms, 1})
+	p.Step(Connected{1 * ms, 1, 0})
 	rd1 := p.Ready()
 	p.Step(CheckpointTaken{2 * ms, 1})
 	p.Step(Ack{3 * ms, 1, 1})
@@ -773,5 +774,83 @@ func TestPrimaryHoldFullEndsEpoch(t *testing.T) {
 		if rd := h.step(HoldFull{3 * ms}); rd.TakeCheckpoint == nil {
 			t.Fatalf("%v: held output over the limit did not end the epoch", pol)
 		}
+	}
+}
+
+// TestHeartbeatsAtThePeersPace: each side says its timeout in the
+// handshake, and heartbeats go often enough for the shorter one. A backup
+// with a 100 ms timeout must hear a primary configured for 1 s at least
+// every 20 ms when nothing else flows (no checkpoint: the guest stalled,
+// say), or it fails over a live primary; and the other way round. A step
+// gap that the peer's timeout would not survive is standing still.
+func TestHeartbeatsAtThePeersPace(t *testing.T) {
+	cfg := testCfg
+	cfg.Timeout, cfg.HeartbeatInterval, cfg.Epoch = time.Second, 200*ms, time.Hour
+	for _, peer := range []Time{0, 100 * ms, 5 * time.Second} {
+		want := 200 * ms
+		if peer == 100*ms {
+			want = 20 * ms
+		}
+		t.Run(fmt.Sprintf("primary, backup's timeout %v", peer), func(t *testing.T) {
+			h := newPH(t, cfg)
+			rd := h.step(Connected{1 * ms, 1, peer})
+			h.taken(2*ms, rd.TakeCheckpoint.Seq)
+			h.step(Ack{3 * ms, 1, 1})
+			if got := h.p.HeartbeatInterval(); got != want {
+				t.Fatalf("HeartbeatInterval %v, want %v", got, want)
+			}
+			// Ticked at each Wake, the backup heard.
+			var sent []Time
+			for now := h.p.Wake(); now <= 3*ms+4*want; now = h.p.Wake() {
+				for _, rd := range []PrimaryReady{h.step(Heartbeat{now, 1}), h.step(Tick{now})} {
+					if rd.SendHeartbeat == 1 {
+						sent = append(sent, now)
+					}
+				}
+			}
+			if len(sent) < 4 || sent[0] > 1*ms+want {
+				t.Fatalf("heartbeats at %v, want one every %v", sent, want)
+			}
+			for i := 1; i < len(sent); i++ {
+				if sent[i]-sent[i-1] > want {
+					t.Fatalf("heartbeats at %v: a gap over %v", sent, want)
+				}
+			}
+			// A gap of 90 ms outlives a 100 ms peer's patience less a
+			// heartbeat interval; not a 1 s one's.
+			last := sent[len(sent)-1]
+			h.step(Heartbeat{last, 1})
+			rd = h.step(Tick{last + 90*ms})
+			if stood := rd.StoodStill != 0; stood != (peer == 100*ms) {
+				t.Fatalf("a 90 ms gap: StoodStill %v, with the backup's timeout %v", rd.StoodStill, peer)
+			}
+		})
+		t.Run(fmt.Sprintf("backup, primary's timeout %v", peer), func(t *testing.T) {
+			b, err := NewBackup(cfg, "vm1", 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			h := &bh{t: t, b: b}
+			h.step(Hello{1 * ms, 1, "vm1", 1, peer})
+			if got := b.HeartbeatInterval(); got != want {
+				t.Fatalf("HeartbeatInterval %v, want %v", got, want)
+			}
+			var sent []Time
+			for now := b.Wake(); now <= 1*ms+4*want; now = b.Wake() {
+				for _, rd := range []BackupReady{h.step(Heartbeat{now, 1}), h.step(Tick{now})} {
+					if len(msgs(rd, MsgHeartbeat)) > 0 {
+						sent = append(sent, now)
+					}
+				}
+			}
+			if len(sent) < 4 || sent[0] > 1*ms+want {
+				t.Fatalf("heartbeats at %v, want one every %v", sent, want)
+			}
+			for i := 1; i < len(sent); i++ {
+				if sent[i]-sent[i-1] > want {
+					t.Fatalf("heartbeats at %v: a gap over %v", sent, want)
+				}
+			}
+		})
 	}
 }

@@ -561,7 +561,7 @@ func (s *sim) deliverB2P(c *simConn, m Message) {
 	case MsgAccept:
 		if current && !c.accepted {
 			c.accepted = true
-			s.pstep(Connected{s.now, c.session})
+			s.pstep(Connected{s.now, c.session, 0})
 		}
 	case MsgReject:
 		if current {
@@ -784,7 +784,7 @@ func (s *sim) deliverP2B(c *simConn, m p2b) {
 	followed := b.e.Session() == c.session
 	switch m.kind {
 	case p2bHello:
-		s.bstep(Hello{s.now, c.session, s.vm, 1})
+		s.bstep(Hello{s.now, c.session, s.vm, 1, 0})
 	case p2bCkpt:
 		ck := Checkpoint{s.now, c.session, m.seq, m.full}
 		b.staged = &ck

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math"
 	"strings"
+	"time"
 	"unicode/utf8"
 )
 
@@ -269,6 +270,30 @@ func (d *decoder) uvarint(field string) uint64 {
 	return v
 }
 
+// MaxTimeout bounds Hello.Timeout and Welcome.Timeout: a day.
+const MaxTimeout = 24 * time.Hour
+
+// duration decodes a timeout: a uvarint of nanoseconds, at most
+// MaxTimeout (0: not said).
+func (d *decoder) duration(field string) time.Duration {
+	at := d.off
+	v := d.uvarint(field)
+	if d.err == nil && v > uint64(MaxTimeout) {
+		d.off = at
+		d.fail(field, "%d ns is above the limit of %v", v, MaxTimeout)
+		return 0
+	}
+	return time.Duration(v)
+}
+
+// durationProblem says what is wrong with a timeout, or "".
+func durationProblem(t time.Duration) string {
+	if t < 0 || t > MaxTimeout {
+		return fmt.Sprintf("%v is outside [0, %v]", t, MaxTimeout)
+	}
+	return ""
+}
+
 func (d *decoder) varint(field string) int64 {
 	n := d.varintLen(field)
 	if n == 0 {
@@ -424,7 +449,7 @@ func (m *Hello) appendTo(b []byte) []byte {
 	for _, p := range m.Preopens {
 		b = appendString(b, p)
 	}
-	return b
+	return binary.AppendUvarint(b, uint64(m.Timeout))
 }
 
 func (m *Hello) decode(d *decoder) {
@@ -467,6 +492,7 @@ func (m *Hello) decode(d *decoder) {
 		}
 		d.leave()
 	}
+	m.Timeout = d.duration("Timeout")
 }
 
 func (m *Hello) check(c *checker) {
@@ -490,6 +516,7 @@ func (m *Hello) check(c *checker) {
 	if total > MaxListBytes {
 		c.fail("Preopens", fmt.Sprintf("the list's paths total %d bytes, limit %d", total, MaxListBytes))
 	}
+	c.fail("Timeout", durationProblem(m.Timeout))
 }
 
 func (m *Hello) sizeHint() int {
@@ -505,16 +532,18 @@ func (m *Hello) sizeHint() int {
 
 func (m *Welcome) appendTo(b []byte) []byte {
 	b = binary.AppendUvarint(b, m.Session)
-	return binary.AppendUvarint(b, m.Committed)
+	b = binary.AppendUvarint(b, m.Committed)
+	return binary.AppendUvarint(b, uint64(m.Timeout))
 }
 
 func (m *Welcome) decode(d *decoder) {
 	m.Session = d.uvarint("Session")
 	m.Committed = d.uvarint("Committed")
+	m.Timeout = d.duration("Timeout")
 }
 
-func (m *Welcome) check(*checker) {}
-func (m *Welcome) sizeHint() int  { return 20 }
+func (m *Welcome) check(c *checker) { c.fail("Timeout", durationProblem(m.Timeout)) }
+func (m *Welcome) sizeHint() int    { return 30 }
 
 func (m *Reject) appendTo(b []byte) []byte { return appendString(b, m.Reason) }
 func (m *Reject) decode(d *decoder)        { m.Reason = d.string("Reason", MaxReason, false) }

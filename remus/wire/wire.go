@@ -25,6 +25,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"time"
 
 	"github.com/ftvm/ftvm/snapshot"
 )
@@ -35,7 +36,9 @@ import (
 // (snapshot format version 4, CodecDeltaSparse). Version 4: an Exit
 // carries the disk operations of the epoch the guest ended in. Version 5:
 // an Exit names the checkpoint its disk operations follow (After).
-const Version = 5
+// Version 6: Hello and Welcome carry each side's failure-detection
+// timeout, so that each sends heartbeats often enough for the other.
+const Version = 6
 
 // Limits on strings, enforced by Validate and Unmarshal.
 const (
@@ -104,6 +107,10 @@ type Hello struct {
 	Host     string
 	Listen   []Listener
 	Preopens []string
+	// Timeout is how long this primary waits to hear from its backup
+	// before it gives it up: the backup heartbeats at least every fifth
+	// of it.
+	Timeout time.Duration
 }
 
 // Listener is a listening socket of the guest: its fd and address.
@@ -116,6 +123,10 @@ type Listener struct {
 type Welcome struct {
 	Session   uint64
 	Committed uint64
+	// Timeout is how long this backup waits to hear from the primary
+	// before it fails over: the primary heartbeats at least every fifth
+	// of it.
+	Timeout time.Duration
 }
 
 // Reject refuses a Hello.

@@ -12,6 +12,7 @@ import (
 	"runtime"
 	"strings"
 	"testing"
+	"time"
 	"unicode/utf8"
 
 	"github.com/ftvm/ftvm/transport"
@@ -81,9 +82,10 @@ func (g gen) message(t Type) Message {
 		for range g.r.IntN(4) {
 			m.Preopens = append(m.Preopens, g.str(MaxPath, true))
 		}
+		m.Timeout = time.Duration(g.r.Int64N(int64(MaxTimeout) + 1))
 		return m
 	case TypeWelcome:
-		return &Welcome{Session: g.u64(), Committed: g.u64()}
+		return &Welcome{Session: g.u64(), Committed: g.u64(), Timeout: time.Duration(g.r.Int64N(int64(MaxTimeout) + 1))}
 	case TypeReject:
 		return &Reject{Reason: g.str(300, false)}
 	case TypeCheckpointBegin:
@@ -215,7 +217,7 @@ func TestTruncation(t *testing.T) {
 
 func hello() *Hello {
 	return &Hello{Version: Version, VM: "kv", Term: 3, Name: "kv-1", Host: "primary",
-		Listen: []Listener{{Fd: 3, Addr: "0.0.0.0:8080"}}, Preopens: []string{"/data"}}
+		Listen: []Listener{{Fd: 3, Addr: "0.0.0.0:8080"}}, Preopens: []string{"/data"}, Timeout: 300 * time.Millisecond}
 }
 
 func TestDecodeErrors(t *testing.T) {
@@ -224,6 +226,7 @@ func TestDecodeErrors(t *testing.T) {
 	str := func(s string) []byte { return appendString(nil, s) }
 	helloNext := Marshal(hello())
 	helloNext[0] = Version + 1
+	emptyHello := Marshal(&Hello{Version: Version})
 	for _, tc := range []struct {
 		name string
 		typ  Type
@@ -252,8 +255,10 @@ func TestDecodeErrors(t *testing.T) {
 		{"file kind", TypeDiskFile, cat(v(1), v(0), str("f"), []byte{4}, v(0), v(0), v(0), v(0)), "wire: DiskFile.Kind at byte 4: unknown file kind 4"},
 		{"dir data", TypeDiskFile, cat(v(1), v(0), str("d"), []byte{FileDir}, v(0), v(0), str("x"), v(0)), "wire: DiskFile.Data at byte 7: only a regular file carries data"},
 		{"symlink target", TypeDiskFile, cat(v(1), v(0), str("l"), []byte{FileSymlink}, v(0), v(0), v(0), v(0)), "wire: DiskFile.Target at byte 8: a symlink needs a target"},
-		{"preopen", TypeHello, cat(Marshal(&Hello{Version: Version})[:len(Marshal(&Hello{Version: Version}))-1], v(2), str("/a"), str("\xff")), "wire: Hello.Preopens[1] at byte 46: not valid UTF-8"},
-		{"listen addr", TypeHello, cat(Marshal(&Hello{Version: Version})[:len(Marshal(&Hello{Version: Version}))-2], v(1), v(3), str("\x80"), v(0)), "wire: Hello.Listen[0].Addr at byte 43: not valid UTF-8"},
+		{"preopen", TypeHello, cat(emptyHello[:len(emptyHello)-2], v(2), str("/a"), str("\xff"), v(0)), "wire: Hello.Preopens[1] at byte 46: not valid UTF-8"},
+		{"listen addr", TypeHello, cat(emptyHello[:len(emptyHello)-3], v(1), v(3), str("\x80"), v(0), v(0)), "wire: Hello.Listen[0].Addr at byte 43: not valid UTF-8"},
+		{"hello timeout", TypeHello, cat(emptyHello[:len(emptyHello)-1], v(uint64(MaxTimeout)+1)), fmt.Sprintf("wire: Hello.Timeout at byte %d: %d ns is above the limit of 24h0m0s", len(emptyHello)-1, uint64(MaxTimeout)+1)},
+		{"welcome timeout", TypeWelcome, cat(v(1), v(2), v(uint64(MaxTimeout)+1)), fmt.Sprintf("wire: Welcome.Timeout at byte 2: %d ns is above the limit of 24h0m0s", uint64(MaxTimeout)+1)},
 	} {
 		m, err := Unmarshal(tc.typ, tc.b)
 		var e *Error
@@ -302,6 +307,8 @@ func TestValidate(t *testing.T) {
 		{&Hello{Version: Version + 1}, fmt.Sprintf("wire: Hello.Version: protocol version %d, this build speaks %d", Version+1, Version)},
 		{&Hello{Version: Version, Host: "\xff"}, "wire: Hello.Host: not valid UTF-8"},
 		{&Hello{Version: Version, Preopens: []string{"/ok", "/a\x00"}}, "wire: Hello.Preopens[1]: a path with a NUL byte"},
+		{&Hello{Version: Version, Timeout: -1}, "wire: Hello.Timeout: -1ns is outside [0, 24h0m0s]"},
+		{&Welcome{Timeout: MaxTimeout + 1}, "wire: Welcome.Timeout: 24h0m0.000000001s is outside [0, 24h0m0s]"},
 		{&DiskOps{Ops: []FsOp{{}, {Path2: long}}}, "wire: DiskOps.Ops[1].Path2: 4097 bytes, limit 4096"},
 		{&DiskFile{Kind: FileDir, Offset: 5}, "wire: DiskFile.Offset: only a regular file has an offset"},
 		{&DiskFile{Kind: FileRegular, Target: "x"}, "wire: DiskFile.Target: only a symlink has a target"},
