@@ -469,7 +469,7 @@ func (p *Paused) DirtyPages(dst []uint32) ([]uint32, error) {
 	pages, err := p.m.tracker.Collect(dst, uint64(len(p.Memory())))
 	p.m.viewsMu.Lock()
 	defer p.m.viewsMu.Unlock()
-	return p.m.views.collected(viewSnapshots, pages, start, len(p.Memory()), err), err
+	return p.m.views.collected(viewSnapshots, pages, start, len(p.Memory()), err, true), err
 }
 
 // DirtyPagesDeferred is DirtyPages for a caller that copies the pages
@@ -490,7 +490,7 @@ func (p *Paused) DirtyPagesDeferred(dst []uint32) (pages []uint32, gen uint64, e
 	}
 	p.m.viewsMu.Lock()
 	defer p.m.viewsMu.Unlock()
-	return p.m.views.collected(viewStream, pages, start, len(p.Memory()), err), gen, err
+	return p.m.views.collected(viewStream, pages, start, len(p.Memory()), err, true), gen, err
 }
 
 // Two consumers collect dirty pages from the one tracker: snapshots
@@ -512,10 +512,15 @@ type dirtyViews [numViews]struct {
 }
 
 // collected records the pages view own just collected (pages[start:]) for
-// the other views and adds its own carried pages to them, sorted and
-// without repeats. A failed collection leaves the tracking unknown: the
-// other views then carry every page of the memory (memBytes).
-func (v *dirtyViews) collected(own int, pages []uint32, start, memBytes int, err error) []uint32 {
+// the other views and, if takeCarry, adds its own carried pages to them,
+// sorted and without repeats. A failed collection leaves the tracking
+// unknown: the other views then carry every page of the memory (memBytes).
+//
+// Only a collection in a pause takes the carry: a carried page may be hot
+// (left writable, compared by content at the next Collect), and a copy of
+// it taken while the guest runs, then changed back by the guest to what it
+// held at that Collect, would never be reported again.
+func (v *dirtyViews) collected(own int, pages []uint32, start, memBytes int, err error, takeCarry bool) []uint32 {
 	for i := range v {
 		if i == own || !v[i].active {
 			continue
@@ -532,7 +537,7 @@ func (v *dirtyViews) collected(own int, pages []uint32, start, memBytes int, err
 	}
 	me := &v[own]
 	me.active = true
-	if err != nil {
+	if err != nil || !takeCarry {
 		return pages
 	}
 	n := len(pages)
@@ -577,7 +582,8 @@ func (m *Machine) WarmDirty() {
 // far, re-arms tracking for them, and calls copy with the guest's memory
 // and those pages (sorted) so that the caller copies them now. The
 // DirtyPagesDeferred of the next pause then reports only the pages written
-// after, which are all the pause must copy: for a guest that writes many
+// after (and those a snapshot collected meanwhile, which may be hot pages:
+// copied in the pause only), which are all the pause must copy: for a guest that writes many
 // pages an epoch, most of the copying moves out of the pause. Call it from
 // another goroutine, just before asking for a pause, and not twice before
 // it. ok is false when nothing was collected (the tracker cannot, or its
@@ -605,9 +611,10 @@ func (m *Machine) collectAhead(view int, dst []uint32, copy func(mem []byte, pag
 		m.viewsMu.Lock()
 		defer m.viewsMu.Unlock()
 		// As a collection of the view's: the other consumer's next
-		// collection carries these pages, and pages it collected since
-		// this view's last one come now.
-		all = m.views.collected(view, got, 0, int(used), nil)
+		// collection carries these pages. Pages the other collected
+		// since this view's last collection stay carried, for the
+		// pause's.
+		all = m.views.collected(view, got, 0, int(used), nil, false)
 		if copy == nil {
 			return
 		}

@@ -34,10 +34,36 @@ type snapshotter struct {
 	pool   snapshot.StagePool
 	dirty  []uint32
 	// ahead says the stager holds pages stageAhead copied for the
-	// snapshot about to be captured (capturePaused adds to them).
-	ahead  bool
-	lastID snapshot.Hash
-	seq    uint64
+	// snapshot about to be captured (capturePaused adds to them);
+	// aheadPages are those pages.
+	ahead      bool
+	aheadPages []uint32
+	// collected says capturePaused collected dirty (sn.dirty) for the
+	// snapshot under way.
+	collected bool
+	lastID    snapshot.Hash
+	seq       uint64
+}
+
+// unconsumed hands the pages collected for a snapshot that did not become
+// the chain's tip (it failed, or was only captured: Capture) back to the
+// snapshots' view: they were protected again, so the kernel no longer
+// reports them, and the next incremental, built on the same parent, must
+// hold them.
+func (m *Machine) unconsumed() {
+	sn := &m.snaps
+	m.viewsMu.Lock()
+	v := &m.views[viewSnapshots]
+	for _, p := range sn.aheadPages {
+		v.carry = setBit(v.carry, p)
+	}
+	if sn.collected {
+		for _, p := range sn.dirty {
+			v.carry = setBit(v.carry, p)
+		}
+	}
+	m.viewsMu.Unlock()
+	sn.aheadPages, sn.collected = sn.aheadPages[:0], false
 }
 
 // Capture stops the guest at its next safe point and returns its state as a
@@ -53,6 +79,9 @@ func (m *Machine) Capture(ctx context.Context, opt SnapshotOptions) (*snapshot.S
 		s, err = m.capturePaused(p, opt)
 		return err
 	})
+	// Not written, so not the chain's tip: the next incremental builds
+	// on the same parent.
+	m.unconsumed()
 	if err == nil {
 		m.snaps.pool.Refill() // the guest runs: staging memory for the next pause
 	}
@@ -68,13 +97,13 @@ func (m *Machine) stageAhead(opt SnapshotOptions) {
 	sn := &m.snaps
 	sn.stager.Pool = &sn.pool
 	sn.stager.Release()
-	sn.ahead = false
+	sn.ahead, sn.aheadPages, sn.collected = false, sn.aheadPages[:0], false
 	if parent, _ := m.parent(); !opt.Incremental || parent.IsZero() {
 		m.WarmDirty()
 		return
 	}
 	var stageErr error
-	sn.dirty, sn.ahead, _ = m.collectAhead(viewSnapshots, sn.dirty[:0], func(mem []byte, pages []uint32) error {
+	sn.aheadPages, sn.ahead, _ = m.collectAhead(viewSnapshots, sn.aheadPages[:0], func(mem []byte, pages []uint32) error {
 		_, stageErr = sn.stager.Stage(mem, pages)
 		return stageErr
 	})
@@ -90,7 +119,7 @@ func (m *Machine) capturePaused(p *Paused, opt SnapshotOptions) (*snapshot.Snaps
 	mem := p.Memory()
 	// Always collect, so the next incremental is relative to this snapshot.
 	dirtyPages, derr := p.DirtyPages(sn.dirty[:0])
-	sn.dirty = dirtyPages
+	sn.dirty, sn.collected = dirtyPages, derr == nil
 	parentID, parentSeq := m.parent()
 	incremental := opt.Incremental && !parentID.IsZero() && derr == nil
 	idx := dirtyPages
@@ -174,6 +203,7 @@ func (m *Machine) Snapshot(ctx context.Context, path string, opt SnapshotOptions
 		return nil
 	})
 	if err != nil {
+		m.unconsumed()
 		return nil, err
 	}
 	if !opt.Stop {
@@ -181,10 +211,12 @@ func (m *Machine) Snapshot(ctx context.Context, path string, opt SnapshotOptions
 		// The guest runs on; the pages are copies, so encoding happens
 		// off the pause.
 		if err := snapshot.WriteFileOptions(path, s, snapshot.Options{Mappable: opt.Mappable}); err != nil {
+			m.unconsumed()
 			return nil, err
 		}
 	}
 	m.snaps.lastID, m.snaps.seq = s.ID, s.Seq
+	m.snaps.aheadPages, m.snaps.collected = m.snaps.aheadPages[:0], false
 	return s, nil
 }
 
