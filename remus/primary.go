@@ -129,26 +129,29 @@ type Primary struct {
 
 // PrimaryStatus is what `ftvm status` shows of a protected primary.
 type PrimaryStatus struct {
-	Role            string  `json:"role"`
-	State           string  `json:"state"`
-	Backup          string  `json:"backup"`
-	VM              string  `json:"vm"`
-	Term            uint64  `json:"term"`
-	Session         uint64  `json:"session"`
-	Epoch           uint64  `json:"epoch"`
-	Acked           uint64  `json:"acked"`
-	Released        uint64  `json:"released_epoch"`
-	Lag             uint64  `json:"lag_epochs"`
-	Inflight        int     `json:"inflight"`
-	Checkpoints     uint64  `json:"checkpoints"`
-	FullCheckpoints uint64  `json:"full_checkpoints"`
-	LastPauseUS     float64 `json:"last_pause_us"`
-	LastDirtyPages  int     `json:"last_dirty_pages"`
-	LastBytes       int     `json:"last_checkpoint_bytes"`
-	BytesSent       uint64  `json:"bytes_replicated"`
-	DeltaPages      uint64  `json:"delta_pages"` // pages sent as deltas against the backup's copies
-	AheadPages      uint64  `json:"ahead_pages"` // pages copied before their checkpoint's pause (CollectAhead)
-	HeldBytes       int     `json:"held_output_bytes"`
+	Role            string `json:"role"`
+	State           string `json:"state"`
+	Backup          string `json:"backup"`
+	VM              string `json:"vm"`
+	Term            uint64 `json:"term"`
+	Session         uint64 `json:"session"`
+	Epoch           uint64 `json:"epoch"`
+	Acked           uint64 `json:"acked"`
+	Released        uint64 `json:"released_epoch"`
+	Lag             uint64 `json:"lag_epochs"`
+	Inflight        int    `json:"inflight"`
+	Checkpoints     uint64 `json:"checkpoints"`
+	FullCheckpoints uint64 `json:"full_checkpoints"`
+	// FailedCheckpoints counts pauses that could not capture their
+	// checkpoint (each logged; the next checkpoint is full).
+	FailedCheckpoints uint64  `json:"failed_checkpoints"`
+	LastPauseUS       float64 `json:"last_pause_us"`
+	LastDirtyPages    int     `json:"last_dirty_pages"`
+	LastBytes         int     `json:"last_checkpoint_bytes"`
+	BytesSent         uint64  `json:"bytes_replicated"`
+	DeltaPages        uint64  `json:"delta_pages"` // pages sent as deltas against the backup's copies
+	AheadPages        uint64  `json:"ahead_pages"` // pages copied before their checkpoint's pause (CollectAhead)
+	HeldBytes         int     `json:"held_output_bytes"`
 	// JournalBytes is the running epoch's disk journal: file writes the
 	// guest made since the last checkpoint, counted against --hold-limit
 	// with held output.
@@ -432,7 +435,11 @@ func (p *Primary) take(req engine.CheckpointRequest, module []byte, name string)
 		p.dirtyBuf = dirty
 		if err != nil {
 			p.putStager(st)
-			p.log.Error("checkpoint failed", "seq", req.Seq, "err", err)
+			p.log.Error("checkpoint failed; the next one is full", "seq", req.Seq, "err", err)
+			p.mu.Lock()
+			p.status.FailedCheckpoints++
+			p.mu.Unlock()
+			pp.AfterResume(func() { p.send(engine.CheckpointFailed{Now: p.now(), Seq: req.Seq, Reason: err.Error()}) })
 			return err
 		}
 		if !req.Full {

@@ -306,6 +306,9 @@ func printStatus(st map[string]any) {
 	fmt.Printf("output:      %s bytes held, %s released, %s stalls\n", num(st["held_output_bytes"]),
 		num(st["released_output_bytes"]), num(st["stalls"]))
 	fmt.Printf("disk:        %s bytes of file writes in this epoch's journal\n", num(st["journal_bytes"]))
+	if n, ok := st["failed_checkpoints"].(float64); ok && n > 0 {
+		fmt.Printf("failed:      %s checkpoints could not be captured (logged; each time the next was full)\n", num(n))
+	}
 	if n, ok := st["stood_still"].(float64); ok && n > 0 {
 		fmt.Printf("stood still: %s times (the process stopped or starved for most of the timeout)\n", num(n))
 	}

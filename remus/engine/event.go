@@ -1,7 +1,8 @@
 package engine
 
 // PrimaryEvent is an input of the Primary: Tick, Output, Connected,
-// Disconnected, CheckpointTaken, Ack, Heartbeat, NeedFull or Stale. The interface
+// Disconnected, CheckpointTaken, CheckpointFailed, Ack, Heartbeat,
+// NeedFull or Stale. The interface
 // is sealed so that feeding a backup's event to a primary does not compile.
 type PrimaryEvent interface{ primaryAt() Time }
 
@@ -71,6 +72,16 @@ type CheckpointTaken struct {
 	Seq uint64
 }
 
+// CheckpointFailed reports that the pause for the requested checkpoint Seq
+// could not capture it (the driver logs why). Nothing of it was streamed;
+// the pages it collected are lost to the stream, so the next checkpoint is
+// full, and its number is Seq again.
+type CheckpointFailed struct {
+	Now    Time
+	Seq    uint64
+	Reason string
+}
+
 // Ack is the backup's cumulative acknowledgement: it committed every
 // checkpoint of Session up to Seq.
 type Ack struct {
@@ -134,25 +145,26 @@ type Unresumable struct {
 	Reason string
 }
 
-func (e Tick) primaryAt() Time            { return e.Now }
-func (e Tick) backupAt() Time             { return e.Now }
-func (e Heartbeat) primaryAt() Time       { return e.Now }
-func (e Heartbeat) backupAt() Time        { return e.Now }
-func (e Disconnected) primaryAt() Time    { return e.Now }
-func (e Disconnected) backupAt() Time     { return e.Now }
-func (e Output) primaryAt() Time          { return e.Now }
-func (e Connected) primaryAt() Time       { return e.Now }
-func (e Stale) primaryAt() Time           { return e.Now }
-func (e GuestIdle) primaryAt() Time       { return e.Now }
-func (e HoldFull) primaryAt() Time        { return e.Now }
-func (e CheckpointTaken) primaryAt() Time { return e.Now }
-func (e Ack) primaryAt() Time             { return e.Now }
-func (e NeedFull) primaryAt() Time        { return e.Now }
-func (e Hello) backupAt() Time            { return e.Now }
-func (e Checkpoint) backupAt() Time       { return e.Now }
-func (e CommitFailed) backupAt() Time     { return e.Now }
-func (e Exit) backupAt() Time             { return e.Now }
-func (e Unresumable) backupAt() Time      { return e.Now }
+func (e Tick) primaryAt() Time             { return e.Now }
+func (e CheckpointFailed) primaryAt() Time { return e.Now }
+func (e Tick) backupAt() Time              { return e.Now }
+func (e Heartbeat) primaryAt() Time        { return e.Now }
+func (e Heartbeat) backupAt() Time         { return e.Now }
+func (e Disconnected) primaryAt() Time     { return e.Now }
+func (e Disconnected) backupAt() Time      { return e.Now }
+func (e Output) primaryAt() Time           { return e.Now }
+func (e Connected) primaryAt() Time        { return e.Now }
+func (e Stale) primaryAt() Time            { return e.Now }
+func (e GuestIdle) primaryAt() Time        { return e.Now }
+func (e HoldFull) primaryAt() Time         { return e.Now }
+func (e CheckpointTaken) primaryAt() Time  { return e.Now }
+func (e Ack) primaryAt() Time              { return e.Now }
+func (e NeedFull) primaryAt() Time         { return e.Now }
+func (e Hello) backupAt() Time             { return e.Now }
+func (e Checkpoint) backupAt() Time        { return e.Now }
+func (e CommitFailed) backupAt() Time      { return e.Now }
+func (e Exit) backupAt() Time              { return e.Now }
+func (e Unresumable) backupAt() Time       { return e.Now }
 
 // Drop asks the driver to close Session's connection, saying Reason.
 type Drop struct {

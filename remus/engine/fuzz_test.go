@@ -27,6 +27,7 @@ func FuzzPrimary(f *testing.F) {
 			last, rel, floor  uint64
 			state             PrimaryState
 			got               = map[uint64]bool{}
+			mustFull          = map[uint64]bool{} // a failed checkpoint's session
 			sessions, current uint64
 		)
 		for i := 0; i+1 < len(data); i += 2 {
@@ -64,6 +65,12 @@ func FuzzPrimary(f *testing.F) {
 					continue
 				}
 				ev = CheckpointTaken{now, out.Seq}
+				if arg%8 == 7 {
+					// Its number comes again, full if its session lives.
+					ev = CheckpointFailed{now, out.Seq, "injected"}
+					last = out.Seq - 1
+					mustFull[out.Session] = true
+				}
 				out = nil
 			case 5:
 				ev = Ack{now, pick(), p.Seq() - min(p.Seq(), arg%3)}
@@ -114,9 +121,11 @@ func FuzzPrimary(f *testing.F) {
 			}
 			rel = rd.Release
 			if r := rd.TakeCheckpoint; r != nil {
-				if out != nil || r.Seq != last+1 || r.Session != p.Session() || r.Session == 0 || !got[r.Session] && !r.Full {
+				if out != nil || r.Seq != last+1 || r.Session != p.Session() || r.Session == 0 || !got[r.Session] && !r.Full ||
+					mustFull[r.Session] && !r.Full {
 					t.Fatalf("checkpoint %+v, outstanding %+v, last %d", *r, out, last)
 				}
+				delete(mustFull, r.Session)
 				got[r.Session] = true
 				c := *r
 				out, last = &c, r.Seq

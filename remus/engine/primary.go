@@ -217,6 +217,10 @@ func (p *Primary) Step(ev PrimaryEvent) error {
 		if p.outstanding == nil || e.Seq != p.outstanding.Seq {
 			return fmt.Errorf("remus: checkpoint %d taken, but %s", e.Seq, p.requested())
 		}
+	case CheckpointFailed:
+		if p.outstanding == nil || e.Seq != p.outstanding.Seq {
+			return fmt.Errorf("remus: checkpoint %d failed, but %s", e.Seq, p.requested())
+		}
 	}
 	p.now = max(p.now, ev.primaryAt())
 	p.stoodStill(p.now - p.stepped)
@@ -246,6 +250,8 @@ func (p *Primary) Step(ev PrimaryEvent) error {
 		}
 	case CheckpointTaken:
 		p.taken()
+	case CheckpointFailed:
+		p.failed()
 	case Ack:
 		p.ack(e.Session, e.Seq)
 	case NeedFull:
@@ -402,6 +408,19 @@ func (p *Primary) taken() {
 		p.syncSeq = r.Seq
 	}
 	p.flight = append(p.flight, inflight{r.Seq, p.now})
+}
+
+// failed forgets the outstanding request, which left nothing behind but
+// held output (still the open epoch's) and pages the stream no longer
+// holds: the next checkpoint of its session is full. Without this the
+// request stayed outstanding for good: no checkpoint again, output held
+// until the guest stalled.
+func (p *Primary) failed() {
+	r := p.outstanding
+	p.outstanding = nil
+	if r.Session == p.session && p.session != 0 {
+		p.needFull = true
+	}
 }
 
 func (p *Primary) connected(s uint64, peerTimeout Time) {

@@ -854,3 +854,42 @@ func TestHeartbeatsAtThePeersPace(t *testing.T) {
 		})
 	}
 }
+
+// TestCheckpointFailedIsTakenAgainFull: a pause that could not capture its
+// checkpoint leaves nothing outstanding; the next checkpoint has the same
+// number and is full (the stream lost the pages that one collected), and
+// the epoch's output waits for its ack. Before, the request stayed
+// outstanding for good: no checkpoint again, output held until the guest
+// stalled.
+func TestCheckpointFailedIsTakenAgainFull(t *testing.T) {
+	h := protected(t, testCfg) // checkpoint 1 acked at 3ms
+	var req *CheckpointRequest
+	for now := 4 * ms; now < 20*ms && req == nil; now += ms {
+		req = h.step(Output{now}).TakeCheckpoint
+		if req == nil {
+			req = h.step(Tick{now}).TakeCheckpoint
+		}
+	}
+	if req == nil || req.Seq != 2 || req.Full {
+		t.Fatalf("checkpoint 2: %+v", req)
+	}
+	h.out = false // the harness's record of an outstanding request
+	rd := h.step(CheckpointFailed{14 * ms, 2, "injected"})
+	if rd.Release != 1 {
+		t.Fatalf("released %d after a failed checkpoint 2", rd.Release)
+	}
+	next := rd.TakeCheckpoint
+	for now := 15 * ms; now < 40*ms && next == nil; now += ms {
+		next = h.step(Tick{now}).TakeCheckpoint
+	}
+	if next == nil || next.Seq != 2 || !next.Full || next.Session != 1 {
+		t.Fatalf("after the failure: %+v, want checkpoint 2 again, full", next)
+	}
+	h.taken(40*ms, 2)
+	if rd := h.step(Ack{41 * ms, 1, 2}); rd.Release != 2 || h.p.State() != Protected {
+		t.Fatalf("after its ack: release %d, %v", rd.Release, h.p.State())
+	}
+	if err := h.p.Step(CheckpointFailed{42 * ms, 3, "not asked for"}); err == nil {
+		t.Fatal("a failure of a checkpoint not asked for was taken")
+	}
+}
