@@ -31,6 +31,11 @@ type holdGate struct {
 	pass      bool // unprotected: outputs leave at once
 	waiting   bool // output is waiting in the current epoch (reported once)
 	closed    bool
+	// draining says a drain is performing outputs it took: new output
+	// queues behind them even in pass-through. performMu makes drains
+	// take turns, so that outputs leave one at a time, in order.
+	draining  bool
+	performMu sync.Mutex
 
 	// ops is the current epoch's disk journal; guest goroutine only.
 	// journaled is its size, read by other goroutines too (the stall's
@@ -44,7 +49,10 @@ type holdGate struct {
 	// release enough).
 	onOutput    func()
 	onOverLimit func()
-	limit       int
+	// onQueued is told of output queued in pass-through behind a drain
+	// or held outputs: a drain must take it (the driver's releaser).
+	onQueued func()
+	limit    int
 
 	// Counters, under mu.
 	releasedBytes uint64
@@ -90,18 +98,26 @@ func (g *holdGate) Output(e wasi.Effect, perform wasi.Perform) (uint32, wasi.Err
 		return n, errno
 	}
 	g.mu.Lock()
-	if g.pass && len(g.held) == 0 {
+	if g.pass && len(g.held) == 0 && !g.draining {
 		g.mu.Unlock()
 		return perform(e.Data)
 	}
+	later := perform
+	if e.Later != nil {
+		later = e.Later
+	}
 	data := append([]byte(nil), e.Data...)
-	g.held = append(g.held, heldOutput{epoch: g.epoch, data: data, perform: perform})
+	g.held = append(g.held, heldOutput{epoch: g.epoch, data: data, perform: later})
 	g.heldBytes += len(data)
 	g.heldTotal += uint64(len(data))
 	first := !g.waiting && !g.pass
 	g.waiting = true
 	over := g.limit > 0 && g.heldBytes > g.limit
+	queued := g.pass
 	g.mu.Unlock()
+	if queued && g.onQueued != nil {
+		g.onQueued()
+	}
 	if first && g.onOutput != nil {
 		g.onOutput()
 	}
@@ -158,11 +174,38 @@ func (g *holdGate) setEpoch(n uint64) {
 	g.mu.Unlock()
 }
 
+// drain performs the held outputs of epochs up to upTo (all of them with
+// all), in order, and those queued meanwhile, until none is left to take.
+// Drains take turns, and while one runs, output in pass-through queues
+// behind it: a write sent at once on the guest's goroutine would overtake
+// the ones being sent (or its close cut them short, or the descriptor's
+// number, reused, send their rest to another client).
+func (g *holdGate) drain(upTo uint64, all bool) {
+	g.performMu.Lock()
+	defer g.performMu.Unlock()
+	for {
+		g.mu.Lock()
+		out := g.takeLocked(upTo, all)
+		g.draining = len(out) > 0
+		g.mu.Unlock()
+		if len(out) == 0 {
+			return
+		}
+		for _, h := range out {
+			h.perform(h.data)
+		}
+	}
+}
+
 // take removes and returns the held outputs of epochs up to upTo (all of
-// them with all), in order, for the releaser to perform.
+// them with all), in order (tests; the driver drains).
 func (g *holdGate) take(upTo uint64, all bool) []heldOutput {
 	g.mu.Lock()
 	defer g.mu.Unlock()
+	return g.takeLocked(upTo, all)
+}
+
+func (g *holdGate) takeLocked(upTo uint64, all bool) []heldOutput {
 	i := 0
 	for i < len(g.held) && (all || g.held[i].epoch <= upTo) {
 		g.heldBytes -= len(g.held[i].data)
@@ -198,11 +241,12 @@ func (g *holdGate) overLimitOldLocked() bool {
 	return g.limit > 0 && !g.pass && !g.closed && g.heldBytes > g.limit && len(g.held) > 0 && g.held[0].epoch < g.epoch
 }
 
-// waitBelow blocks (the guest is paused) while overLimitOld holds.
-func (g *holdGate) waitBelow(stop <-chan struct{}) {
+// waitBelow blocks (the guest is paused) while overLimitOld holds, until
+// stop, or until over says to stop waiting (checked at each nudge).
+func (g *holdGate) waitBelow(stop <-chan struct{}, over func() bool) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	for g.overLimitOldLocked() {
+	for g.overLimitOldLocked() && (over == nil || !over()) {
 		select {
 		case <-stop:
 			return
@@ -210,6 +254,13 @@ func (g *holdGate) waitBelow(stop <-chan struct{}) {
 		}
 		g.cond.Wait()
 	}
+}
+
+// nudge wakes waitBelow to check its over again.
+func (g *holdGate) nudge() {
+	g.mu.Lock()
+	g.cond.Broadcast()
+	g.mu.Unlock()
 }
 
 func (g *holdGate) close() {

@@ -1,9 +1,12 @@
 package remus
 
 import (
+	"context"
 	"fmt"
 	"math/rand"
+	"sync"
 	"testing"
+	"time"
 
 	"github.com/ftvm/ftvm/wasi"
 )
@@ -183,7 +186,7 @@ func TestGateBackPressure(t *testing.T) {
 		t.Fatal("a checkpointed epoch's output over the limit should stall the guest")
 	}
 	done := make(chan struct{})
-	go func() { g.waitBelow(nil); close(done) }()
+	go func() { g.waitBelow(nil, nil); close(done) }()
 	select {
 	case <-done:
 		t.Fatal("waitBelow returned while over the limit")
@@ -191,4 +194,125 @@ func TestGateBackPressure(t *testing.T) {
 	}
 	g.take(1, false)
 	<-done
+}
+
+// TestGatePassThroughQueuesBehindADrain: output the guest makes while a
+// drain is still performing released output — the backup just given up,
+// a held reply still going out to a slow client — waits its turn even in
+// pass-through. Sent at once on the guest's goroutine it overtook the
+// reply, and its close cut the reply short (or, the descriptor's number
+// reused by an accept, sent the rest of it to another client).
+func TestGatePassThroughQueuesBehindADrain(t *testing.T) {
+	p, err := NewPrimary(PrimaryConfig{Backup: "127.0.0.1:1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.gate.onOutput, p.gate.onOverLimit = nil, nil
+	var mu sync.Mutex
+	var order []string
+	record := func(s string) { mu.Lock(); order = append(order, s); mu.Unlock() }
+	sending, unblock, sent := make(chan struct{}), make(chan struct{}), make(chan struct{})
+	p.gate.Output(wasi.Effect{Kind: wasi.EffectWrite, Fd: 5, Data: []byte("A")}, func([]byte) (uint32, wasi.Errno) {
+		close(sending)
+		<-unblock // the client reads slowly
+		record("A")
+		return 1, wasi.ESUCCESS
+	})
+	// Unprotected: pass-through, everything held released.
+	p.gate.setPass(true)
+	p.mu.Lock()
+	p.relAll = true
+	p.mu.Unlock()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go p.releaser(ctx)
+	p.release <- struct{}{}
+	<-sending
+	p.gate.Output(wasi.Effect{Kind: wasi.EffectWrite, Fd: 5, Data: []byte("B")}, func([]byte) (uint32, wasi.Errno) {
+		record("B")
+		close(sent)
+		return 1, wasi.ESUCCESS
+	})
+	p.gate.Output(wasi.Effect{Kind: wasi.EffectClose, Fd: 5}, func([]byte) (uint32, wasi.Errno) { record("close"); return 0, wasi.ESUCCESS })
+	close(unblock)
+	select {
+	case <-sent:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the output queued behind the drain never left")
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		mu.Lock()
+		got := fmt.Sprint(order)
+		mu.Unlock()
+		if got == "[A B close]" {
+			break
+		}
+		if len(got) > len("[A B close]") || time.Now().After(deadline) {
+			t.Fatalf("performed %s, the guest made [A B close]", got)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	// Drained: pass-through performs at once again.
+	now := false
+	p.gate.Output(wasi.Effect{Kind: wasi.EffectWrite, Fd: 6, Data: []byte("C")}, func([]byte) (uint32, wasi.Errno) { now = true; return 1, wasi.ESUCCESS })
+	if !now {
+		t.Fatal("with nothing held or draining, pass-through output was not performed at once")
+	}
+}
+
+// TestGateHeldOutputIsPerformedLater: a held output is performed with the
+// effect's Later (a socket write sends all of it, polling, off the guest's
+// call), never with the in-call perform, even when a drain takes it
+// before Output has returned (pass-through, older output still held).
+// The in-call send from the releaser's goroutine sent what the socket took
+// and dropped the rest, the guest already told all of it went.
+func TestGateHeldOutputIsPerformedLater(t *testing.T) {
+	g := newHoldGate(1)
+	g.onOutput = nil
+	g.Output(wasi.Effect{Kind: wasi.EffectWrite, Fd: 5, Data: []byte("A")}, func([]byte) (uint32, wasi.Errno) { return 1, wasi.ESUCCESS })
+	g.setPass(true)                             // unprotected, the releaser not yet at work
+	g.onOverLimit = func() { g.drain(0, true) } // it is now, before Output returns
+	var how []string
+	g.Output(wasi.Effect{Kind: wasi.EffectWrite, Fd: 5, Data: []byte("BB"),
+		Later: func([]byte) (uint32, wasi.Errno) { how = append(how, "later"); return 2, wasi.ESUCCESS }},
+		func([]byte) (uint32, wasi.Errno) { how = append(how, "in call"); return 2, wasi.ESUCCESS })
+	if fmt.Sprint(how) != "[later]" {
+		t.Fatalf("the held write was performed %v, want [later]", how)
+	}
+}
+
+// TestStallGivesWayToANewCheckpoint: a pause stalled for back-pressure
+// (held output over the limit, acks awaited) ends when another checkpoint
+// is asked for: its capture is the next pause, queued behind this one. A
+// backup that restarted within the timeout asked for a full checkpoint,
+// whose ack is what would release the output: the stall waited for ever.
+func TestStallGivesWayToANewCheckpoint(t *testing.T) {
+	p, err := NewPrimary(PrimaryConfig{Backup: "127.0.0.1:1", HoldLimit: 100})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.gate.onOutput, p.gate.onOverLimit = nil, nil
+	p.gate.Output(wasi.Effect{Kind: wasi.EffectWrite, Fd: 3, Data: make([]byte, 200)},
+		func([]byte) (uint32, wasi.Errno) { return 200, wasi.ESUCCESS })
+	p.gate.endEpoch() // checkpointed, not acknowledged
+	p.requests.Add(1)
+	p.captures.Add(1) // this pause's capture
+	done := make(chan struct{})
+	go func() {
+		p.gate.waitBelow(p.stop, func() bool { return p.requests.Load() != p.captures.Load() })
+		close(done)
+	}()
+	select {
+	case <-done:
+		t.Fatal("the stall ended with 200 bytes held over a limit of 100 and no checkpoint asked for")
+	case <-time.After(50 * time.Millisecond):
+	}
+	p.requests.Add(1) // as take does
+	p.gate.nudge()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the stall went on with another checkpoint asked for")
+	}
 }

@@ -200,6 +200,12 @@ func NewPrimary(cfg PrimaryConfig) (*Primary, error) {
 	p.recent = newCheckpointLog()
 	p.gate.onOutput = func() { p.event(engine.Output{Now: p.now()}) }
 	p.gate.onOverLimit = p.overLimit
+	p.gate.onQueued = func() {
+		select {
+		case p.release <- struct{}{}:
+		default:
+		}
+	}
 	return p, nil
 }
 
@@ -412,6 +418,7 @@ func (p *Primary) session(id uint64) *session {
 func (p *Primary) take(req engine.CheckpointRequest, module []byte, name string) {
 	sess := p.session(req.Session)
 	p.requests.Add(1)
+	p.gate.nudge() // a stalled pause lets the guest go on to this capture
 	m := p.machine.Load()
 	st := p.getStager()
 	ahead := 0
@@ -493,7 +500,12 @@ func (p *Primary) take(req engine.CheckpointRequest, module []byte, name string)
 			p.mu.Lock()
 			p.status.Stalls++
 			p.mu.Unlock()
-			p.gate.waitBelow(p.stop)
+			// Until acks release enough, or another checkpoint is
+			// asked for: its capture is a pause queued behind this
+			// one (a resync's full checkpoint, say, whose ack is
+			// what would release the output; waiting for it here
+			// waited for ever).
+			p.gate.waitBelow(p.stop, func() bool { return p.requests.Load() != p.captures.Load() })
 			return nil
 		}
 		if p.stalling.Load() {
@@ -658,9 +670,7 @@ wait:
 		return
 	}
 	p.gate.setPass(true)
-	for _, h := range p.gate.take(0, true) {
-		h.perform(h.data)
-	}
+	p.gate.drain(0, true)
 	// The backup knows, or protection was given up: a new session now
 	// would be a new run of the VM to the backup, one that never sends a
 	// checkpoint.
@@ -761,9 +771,7 @@ func (p *Primary) releaser(ctx context.Context) {
 		p.mu.Lock()
 		upTo, all := p.relUpTo, p.relAll
 		p.mu.Unlock()
-		for _, h := range p.gate.take(upTo, all) {
-			h.perform(h.data)
-		}
+		p.gate.drain(upTo, all)
 	}
 }
 

@@ -107,6 +107,12 @@ type Effect struct {
 	Offset int64
 	Size   int64
 	Flags  uint32
+	// Later, if not nil, is how the effect is performed when a gate holds
+	// it and performs it after the guest's call, from another goroutine:
+	// a socket write then sends all of it, waiting as long as it takes,
+	// where perform, within the call, sends what the socket takes now
+	// and tells the guest. nil: perform serves both.
+	Later Perform
 }
 
 // Perform carries out an effect with the given data and returns what the
@@ -115,8 +121,10 @@ type Perform func(data []byte) (uint32, Errno)
 
 // OutputGate decides when each effect happens. The plain gate performs it at
 // once. A gate that holds outputs (Remus's output commit) copies e.Data,
-// returns the result the guest should see now, and calls perform with the
-// copy, later and possibly from another goroutine, when the effect may leave.
+// returns the result the guest should see now, and calls e.Later (or
+// perform, if nil) with the copy, later and possibly from another goroutine,
+// when the effect may leave; one at a time, in the order the guest made
+// them.
 //
 // Filesystem effects (EffectFs) are different: the guest must see its own
 // writes, and perform uses descriptors that live only for the call, so a gate

@@ -1,7 +1,6 @@
 package wasi
 
 import (
-	"sync/atomic"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -334,15 +333,9 @@ func (d *Devices) send(c Call, fd uint32, f *FD, data []byte) (uint32, Errno) {
 	}
 	host := f.Host
 	blocking := f.Flags&FdflagNonblock == 0
-	var returned atomic.Bool
-	n, errno := d.output(Effect{Kind: EffectWrite, Call: c, Fd: int32(fd), Data: data},
-		func(data []byte) (uint32, Errno) {
-			if returned.Load() {
-				return d.sendDetached(host, data)
-			}
-			return d.sendNow(host, data, blocking)
-		})
-	returned.Store(true)
+	n, errno := d.output(Effect{Kind: EffectWrite, Call: c, Fd: int32(fd), Data: data,
+		Later: func(data []byte) (uint32, Errno) { return d.sendDetached(host, data) }},
+		func(data []byte) (uint32, Errno) { return d.sendNow(host, data, blocking) })
 	if errno != ESUCCESS || n != uint32(len(data)) {
 		d.input(Input{Kind: InputResult, Call: c, Fd: int32(fd), Errno: errno, Value: uint64(n)})
 	}

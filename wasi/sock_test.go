@@ -462,6 +462,9 @@ type holdGate struct {
 
 func (g *holdGate) Output(e Effect, perform Perform) (uint32, Errno) {
 	data := append([]byte(nil), e.Data...)
+	if e.Later != nil {
+		perform = e.Later
+	}
 	g.mu.Lock()
 	g.held = append(g.held, func() { perform(data) })
 	g.mu.Unlock()
