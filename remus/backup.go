@@ -19,6 +19,7 @@ import (
 	"strings"
 	"sync"
 	"time"
+	"unsafe"
 
 	"github.com/ftvm/ftvm/internal/sysmon"
 	"github.com/ftvm/ftvm/machine"
@@ -189,6 +190,10 @@ func rootsMismatch(vm string, have, want int) error {
 		"(give it another --vm-id, or start the backup on a fresh --state)", vm, have, want)
 }
 
+// testStoreFS, if set, is where slots keep their journals: tests make
+// the disk fail.
+var testStoreFS store.FS
+
 // slot returns the slot of vm, creating it.
 func (b *Backup) slot(ctx context.Context, vm string, roots int) (*slot, error) {
 	b.mu.Lock()
@@ -203,7 +208,7 @@ func (b *Backup) slot(ctx context.Context, vm string, roots int) (*slot, error) 
 	if err != nil {
 		return nil, err
 	}
-	st, err := store.Open(filepath.Join(b.cfg.StateDir, "slots", vm), store.Options{Roots: roots})
+	st, err := store.Open(filepath.Join(b.cfg.StateDir, "slots", vm), store.Options{Roots: roots, FS: testStoreFS})
 	if err != nil {
 		return nil, fmt.Errorf("slot state: %w", err)
 	}
@@ -219,7 +224,7 @@ func (b *Backup) slot(ctx context.Context, vm string, roots int) (*slot, error) 
 		return nil, err
 	}
 	s := &slot{b: b, vm: vm, eng: eng, store: st, mi: mi, roots: roots, dir: filepath.Join(b.cfg.StateDir, "slots", vm), events: make(chan any, 64),
-		conns: map[uint64]*transport.Conn{}, hellos: map[uint64]*wire.Hello{}, staged: map[uint64]*staged{}, heard: map[uint64][]engine.Time{},
+		conns: map[uint64]*transport.Conn{}, hellos: map[uint64]*wire.Hello{}, staged: map[engine.Staged]*staged{}, heard: map[uint64][]engine.Time{},
 		persistQ: newPersistQueue(), log: b.log.With("vm", vm)}
 	s.img = &snapshot.Image{Resize: mi.Resize}
 	b.slots[vm] = s
@@ -321,8 +326,8 @@ type slot struct {
 	exitPush chan struct{}
 	conns    map[uint64]*transport.Conn // loop only
 	hellos   map[uint64]*wire.Hello
-	staged   map[uint64]*staged
-	hello    *wire.Hello // of the session that committed last
+	staged   map[engine.Staged]*staged // by session and number
+	hello    *wire.Hello               // of the session that committed last
 	// applying are the commits whose copies into img may be pending, in
 	// order, each done closed when its copy is done (loop only).
 	applying []applyingCopy
@@ -506,7 +511,7 @@ func (s *slot) receive(id uint64, c *transport.Conn, hello *wire.Hello) {
 					return
 				}
 				if diskBytes += opsBytes(m.Ops); diskBytes > maxDiskBytes {
-					fail("checkpoint %d carries more than %d bytes of disk data", m.Seq, uint64(maxDiskBytes))
+					fail("checkpoint %d carries more than %d bytes of disk data", m.Seq, maxDiskBytes)
 					return
 				}
 				cur.ops = append(cur.ops, m.Ops...)
@@ -525,7 +530,7 @@ func (s *slot) receive(id uint64, c *transport.Conn, hello *wire.Hello) {
 				cur, diskBytes = nil, 0
 			}
 			if diskBytes += opsBytes(m.Ops); diskBytes > maxDiskBytes {
-				fail("the guest's last epoch %d carries more than %d bytes of disk data", m.Seq, uint64(maxDiskBytes))
+				fail("the guest's last epoch %d carries more than %d bytes of disk data", m.Seq, maxDiskBytes)
 				return
 			}
 			exitOps, exitOpsSeq = append(exitOps, m.Ops...), m.Seq
@@ -577,8 +582,8 @@ func (s *slot) receive(id uint64, c *transport.Conn, hello *wire.Hello) {
 				fail("disk file out of place (seq %d)", m.Seq)
 				return
 			}
-			if diskBytes += uint64(len(m.Data) + len(m.Path) + len(m.Target)); diskBytes > maxDiskBytes {
-				fail("checkpoint %d carries more than %d bytes of disk data", m.Seq, uint64(maxDiskBytes))
+			if diskBytes += uint64(len(m.Data)+len(m.Path)+len(m.Target)) + entryBytes; diskBytes > maxDiskBytes {
+				fail("checkpoint %d carries more than %d bytes of disk data", m.Seq, maxDiskBytes)
 				return
 			}
 			if n := len(cur.tree); m.Offset > 0 {
@@ -685,13 +690,20 @@ func (s *slot) checkDisk(tree []wire.DiskFile, ops []wire.FsOp) error {
 	return nil
 }
 
-// opsBytes is what disk ops hold in memory, for maxDiskBytes.
+// opsBytes is what disk ops hold in memory, for maxDiskBytes: their data
+// and paths, and each op's own size (an op with empty paths and no data,
+// nine bytes on the wire, is a hundred in memory, and a stream of them
+// counted as nothing grew the backup by ten times what it sent).
 func opsBytes(ops []wire.FsOp) (n uint64) {
 	for _, op := range ops {
-		n += uint64(len(op.Data) + len(op.Path) + len(op.Path2))
+		n += uint64(len(op.Data)+len(op.Path)+len(op.Path2)) + entryBytes
 	}
 	return n
 }
+
+// entryBytes is what a disk op or disk file costs in memory beyond its
+// data and names.
+const entryBytes = uint64(unsafe.Sizeof(wire.FsOp{}))
 
 // keepAlive tells the slot, every quarter of the timeout until the
 // returned function is called, that session id is still heard from.
@@ -779,8 +791,9 @@ var testPreparing func()
 
 // maxDiskBytes bounds the file data one checkpoint may carry (a full
 // sync's directory contents, or an epoch's writes): the primary is a peer,
-// and what it sends is held in memory until the checkpoint commits.
-const maxDiskBytes = 1 << 30
+// and what it sends is held in memory until the checkpoint commits. (A
+// variable for tests.)
+var maxDiskBytes uint64 = 1 << 30
 
 // maxSnapshot bounds a checkpoint's declared size: 4 GiB of memory plus
 // the format's overhead.
@@ -929,7 +942,7 @@ func (s *slot) handle(ev any) {
 		s.hellos[e.session] = e.hello
 		s.step(engine.Hello{Now: s.b.now(), Session: e.session, VM: e.hello.VM, Term: e.hello.Term, PeerTimeout: e.hello.Timeout})
 	case stagedEv:
-		s.staged[e.cp.seq] = e.cp
+		s.staged[engine.Staged{Session: e.cp.session, Seq: e.cp.seq}] = e.cp
 		s.step(engine.Checkpoint{Now: e.now, Session: e.cp.session, Seq: e.cp.seq, Full: e.cp.full})
 	case engine.Disconnected:
 		if c := s.conns[e.Session]; c != nil {
@@ -1045,24 +1058,25 @@ func (s *slot) do(ctx context.Context, rd engine.BackupReady) (failover bool, fa
 		copies = nil
 	}
 	defer startCopies(true)
-	for _, seq := range rd.Commit {
+	for _, ref := range rd.Commit {
+		seq := ref.Seq
 		if failed != nil {
-			delete(s.staged, seq) // nothing after a failed one applies
+			delete(s.staged, ref) // nothing after a failed one applies
 			continue
 		}
 		s.pruneApplied()
 		// A checkpoint with pages sent as deltas is resolved against
 		// the checkpoints before it (baseOf), which cannot be done while
 		// a full one is still being copied.
-		st := s.staged[seq]
+		st := s.staged[ref]
 		if st == nil || st.full || len(s.applying) >= maxApplying || st.snap.HasDeltas() && s.fullApplying() {
 			startCopies(false)
 			s.waitApply()
 		}
-		f, err := s.commit(seq)
+		f, err := s.commit(ref)
 		if err != nil {
 			s.log.Error("applying checkpoint failed: dropping the session", "seq", seq, "err", err)
-			failed = &engine.CommitFailed{Now: s.b.now(), Session: st.session, Seq: seq, Committed: s.img.Seq}
+			failed = &engine.CommitFailed{Now: s.b.now(), Session: ref.Session, Seq: seq, Committed: s.img.Seq}
 			for _, c := range s.conns {
 				c.Close()
 			}
@@ -1084,8 +1098,8 @@ func (s *slot) do(ctx context.Context, rd engine.BackupReady) (failover bool, fa
 			f()
 		}})
 	}
-	for _, seq := range rd.Discard {
-		delete(s.staged, seq)
+	for _, ref := range rd.Discard {
+		delete(s.staged, ref)
 	}
 	for _, m := range rd.Messages {
 		c := s.conns[m.Session]
@@ -1131,9 +1145,9 @@ func (s *slot) do(ctx context.Context, rd engine.BackupReady) (failover bool, fa
 		}
 	}
 	// A session that ended leaves nothing staged behind.
-	for seq := range s.staged {
-		if seq <= s.eng.Committed() {
-			delete(s.staged, seq)
+	for ref := range s.staged {
+		if ref.Seq <= s.eng.Committed() || ref.Session != s.eng.Session() {
+			delete(s.staged, ref)
 		}
 	}
 	return rd.Failover, failed
@@ -1145,11 +1159,12 @@ func (s *slot) do(ctx context.Context, rd engine.BackupReady) (failover bool, fa
 // finish, which cannot fail, copies the pages and queues the checkpoint.
 // The image must not be used between the two; finish may run on another
 // goroutine (it touches nothing else of the loop's).
-func (s *slot) commit(seq uint64) (finish func(), err error) {
-	st := s.staged[seq]
-	delete(s.staged, seq)
+func (s *slot) commit(ref engine.Staged) (finish func(), err error) {
+	seq := ref.Seq
+	st := s.staged[ref]
+	delete(s.staged, ref)
 	if st == nil {
-		return nil, fmt.Errorf("checkpoint %d is not staged", seq)
+		return nil, fmt.Errorf("checkpoint %d of session %d is not staged", seq, ref.Session)
 	}
 	if st.snap.HasDeltas() {
 		// Pages the primary sent as deltas against what it sent before.
@@ -1765,6 +1780,17 @@ func (s *slot) persistCheckpoints(jobs []persistJob, storeSeq *uint64, tip *snap
 	if len(jobs) == 0 {
 		return false, true
 	}
+	s.mu.Lock()
+	behind := s.diskBehind
+	s.mu.Unlock()
+	if behind {
+		// The disk holds an older checkpoint than these build on:
+		// merged onto it they would make a state that never existed.
+		// It keeps that older one, whole, until a full checkpoint.
+		s.log.Debug("checkpoints not stored: the disk waits for a full checkpoint",
+			"from", jobs[0].first(), "to", jobs[len(jobs)-1].seq)
+		return false, false
+	}
 	if tip.IsZero() {
 		s.persistFailed()
 		return false, false
@@ -1858,7 +1884,7 @@ func (s *slot) stored(err error, what string, seq uint64) bool {
 		s.log.Error("the slot's state directory failed; reopening it", "what", what, "err", err)
 		s.persistFailed()
 		s.store.Close()
-		st, oerr := store.Open(s.dir, store.Options{Roots: s.roots})
+		st, oerr := store.Open(s.dir, store.Options{Roots: s.roots, FS: testStoreFS})
 		if oerr != nil {
 			s.log.Error("reopening the slot failed; nothing more is stored", "err", oerr)
 			return false
@@ -1883,12 +1909,22 @@ func (s *slot) persisted(seq uint64) {
 
 // persistFailed: the disk keeps an older checkpoint. It stays consistent
 // (one complete checkpoint), but a failover would now pair the newer
-// memory image with older files, so the slot refuses to resume until a
-// full checkpoint has been stored again.
+// memory image with older files, so the slot refuses to resume, and
+// stores no incremental checkpoint (they build on what the disk lacks),
+// until a full checkpoint has been stored again; the engine asks the
+// primary for one (WantFull).
 func (s *slot) persistFailed() {
 	s.mu.Lock()
+	was := s.diskBehind
 	s.diskBehind = true
 	s.mu.Unlock()
+	if was {
+		return
+	}
+	select {
+	case s.events <- engine.WantFull{Now: s.b.now(), Reason: "storing a checkpoint on the backup's disk failed"}:
+	case <-s.b.ctx.Done():
+	}
 }
 
 // closeDrainWait bounds how long closing a slot waits for its disk.

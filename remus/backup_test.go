@@ -10,10 +10,12 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/ftvm/ftvm/remus/engine"
+	"github.com/ftvm/ftvm/remus/store"
 	"github.com/ftvm/ftvm/remus/wire"
 	"github.com/ftvm/ftvm/snapshot"
 	"github.com/ftvm/ftvm/transport"
@@ -660,5 +662,158 @@ func TestBackupResolvesDeltas(t *testing.T) {
 			t.Fatalf("after the failed commit of 4 the slot reports committed %d, state %q; want 3, waiting", st().Committed, st().State)
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// flakyFS is the OS's file system, made to fail on demand (a full disk).
+type flakyFS struct {
+	store.FS
+	fail atomic.Bool
+}
+
+func (f *flakyFS) Create(name string) (store.File, error) {
+	if f.fail.Load() {
+		return nil, unix.ENOSPC
+	}
+	return f.FS.Create(name)
+}
+
+// TestBackupDiskFailureWaitsForAFullCheckpoint: once storing a checkpoint
+// fails, the slot's disk keeps the older checkpoint whole: the later
+// incremental ones, which build on the one it lacks, are not merged onto
+// it (that made a state that never existed, and a restore of the slot's
+// chain restored it), and the backup asks its primary for a full
+// checkpoint, which stores the whole state again.
+func TestBackupDiskFailureWaitsForAFullCheckpoint(t *testing.T) {
+	disk := &flakyFS{FS: store.OS()}
+	testStoreFS = disk
+	defer func() { testStoreFS = nil }()
+	module, hash := fakeModule()
+	b := serveBackup(t, time.Hour)
+	slotOf := func() *slot {
+		b.mu.Lock()
+		defer b.mu.Unlock()
+		return b.slots["vm1"]
+	}
+	waitFor := func(what string, ok func(s *slot) bool) {
+		t.Helper()
+		for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+			if s := slotOf(); s != nil {
+				s.mu.Lock()
+				done := ok(s)
+				s.mu.Unlock()
+				if done {
+					return
+				}
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("never %s", what)
+			}
+		}
+	}
+	pageOf := func(b byte) []snapshot.Page {
+		return []snapshot.Page{{Index: 0, Data: bytes.Repeat([]byte{b}, snapshot.PageSize)}}
+	}
+	full := &snapshot.Snapshot{Kind: snapshot.Full, Module: hash, Seq: 1, MemorySize: 65536, Pages: pageOf(1),
+		Devices: []byte("{}"), ModuleCode: module, ModuleName: "fake"}
+	f := dialBackup(t, b.Addr().String(), hash)
+	f.checkpoint(1, true, encodeSnap(t, full), nil)
+	if m, ok := f.next().(*wire.Ack); !ok || m.Seq != 1 {
+		t.Fatalf("full checkpoint 1: %v", m)
+	}
+	waitFor("stored checkpoint 1", func(s *slot) bool { return s.persSeq == 1 })
+
+	// The disk fails for checkpoint 2: acknowledged (it is in memory),
+	// not stored.
+	disk.fail.Store(true)
+	parent := full.ID
+	inc := func(seq uint64, b byte) []byte {
+		s := &snapshot.Snapshot{Kind: snapshot.Incremental, Module: hash, Seq: seq, Parent: parent, MemorySize: 65536,
+			Pages: pageOf(b), Devices: []byte("{}")}
+		raw := encodeSnap(t, s)
+		parent = s.ID
+		return raw
+	}
+	f.checkpoint(2, false, inc(2, 2), nil)
+	if m, ok := f.next().(*wire.Ack); !ok || m.Seq != 2 {
+		t.Fatalf("checkpoint 2: %v", m)
+	}
+	waitFor("saw the disk fail", func(s *slot) bool { return s.diskBehind })
+	disk.fail.Store(false)
+
+	// The disk works again. Incrementals are refused until a full one
+	// (the first may still be taken in memory, before the loop heard of
+	// the failure; the disk must not take it).
+	refused := false
+	for seq := uint64(3); seq <= 4 && !refused; seq++ {
+		f.checkpoint(seq, false, inc(seq, byte(seq)), nil)
+		switch m := f.next().(type) {
+		case *wire.NeedFull:
+			refused = true
+		case *wire.Ack:
+		default:
+			t.Fatalf("checkpoint %d: %v", seq, m)
+		}
+	}
+	if !refused {
+		t.Fatal("incrementals after a failed store were taken without a full checkpoint")
+	}
+	time.Sleep(200 * time.Millisecond) // the persister's turn (spaced 100 ms)
+	s := slotOf()
+	s.mu.Lock()
+	st := s.store
+	s.mu.Unlock()
+	if got := st.Committed(); got != 1 {
+		t.Fatalf("the disk holds record %d: incrementals were stored over the failed one", got)
+	}
+	img, err := st.Image()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := img.Memory[0]; got != 1 {
+		t.Fatalf("the disk's memory holds page 0 of checkpoint %d's bytes, want checkpoint 1's", got)
+	}
+
+	// The full checkpoint the primary then sends is stored.
+	full5 := *full
+	full5.Seq, full5.Pages = 5, pageOf(5)
+	f.checkpoint(5, true, encodeSnap(t, &full5), nil)
+	if m, ok := f.next().(*wire.Ack); !ok || m.Seq != 5 {
+		t.Fatalf("full checkpoint 5: %v", m)
+	}
+	waitFor("stored the full checkpoint", func(s *slot) bool { return s.persSeq == 5 && !s.diskBehind })
+}
+
+// TestBackupBoundsDiskOpsInMemory: the disk operations a checkpoint
+// carries are held until it commits, and count against maxDiskBytes at
+// what they cost in memory: an op with no path and no data, nine bytes on
+// the wire, counted as nothing, so a peer could grow the backup without
+// bound (ten times what it sent). Past the bound the backup drops the
+// session.
+func TestBackupBoundsDiskOpsInMemory(t *testing.T) {
+	saved := maxDiskBytes
+	maxDiskBytes = 1 << 20
+	defer func() { maxDiskBytes = saved }()
+	b := serveBackup(t, time.Hour)
+	f := sendFirstCheckpoint(t, b)
+	if m, ok := f.next().(*wire.Ack); !ok || m.Seq != 1 {
+		t.Fatalf("checkpoint 1: %v", m)
+	}
+	f.send(&wire.CheckpointBegin{Seq: 2})
+	ops := make([]wire.FsOp, 1000) // empty: 9 bytes each on the wire
+	const msgs = 400               // 400,000 ops: 3.6 MB sent, 40 MB held
+	sent := 0
+	for ; sent < msgs; sent++ {
+		f.c.SetWriteDeadline(time.Now().Add(5 * time.Second))
+		if err := f.sendErr(&wire.DiskOps{Seq: 2, Ops: ops}); err != nil {
+			break
+		}
+	}
+	if sent == msgs {
+		t.Fatalf("the backup took %d empty disk ops (%d bytes in memory) for one checkpoint, limit %d",
+			msgs*len(ops), uint64(msgs*len(ops))*entryBytes, maxDiskBytes)
+	}
+	if m := f.next(); m != nil {
+		t.Fatalf("after %d messages of empty disk ops the backup answered %s", sent, m.Type())
 	}
 }

@@ -102,6 +102,11 @@ type Message struct {
 	Fenced bool
 }
 
+// Staged names a checkpoint the driver staged (stepped as Checkpoint): two
+// sessions' checkpoints may have the same number (a restarted primary
+// numbers afresh), and only one of them is to be applied.
+type Staged struct{ Session, Seq uint64 }
+
 // BackupReady is what the driver must do now, in this order: apply Commit,
 // drop Discard, send Messages, close DropSession, then fail over. Commit
 // comes first because an ack in Messages promises the commit happened; a
@@ -112,10 +117,10 @@ type BackupReady struct {
 	// Commit lists staged checkpoints to apply atomically, in order. If
 	// one cannot be applied, the driver applies none after it, withholds
 	// the acks from it on (Messages), and steps CommitFailed.
-	Commit []uint64
+	Commit []Staged
 	// Discard lists staged checkpoints refused: drop their data. When a
 	// session ends the driver drops its partial and staged data unasked.
-	Discard []uint64
+	Discard []Staged
 	// Messages lists messages to send, in order.
 	Messages []Message
 	// DropSession lists connections to close.
@@ -156,11 +161,14 @@ type ExitTaken struct {
 // fails over. A pure state machine like Primary. Not safe for concurrent
 // use.
 type Backup struct {
-	cfg   Config
-	pace  pace // heartbeat timing against the peer's timeout
-	vm    string
-	now   Time
-	state BackupState
+	cfg Config
+	// wantFull, if not "", is why incrementals are refused until a full
+	// checkpoint commits (WantFull).
+	wantFull string
+	pace     pace // heartbeat timing against the peer's timeout
+	vm       string
+	now      Time
+	state    BackupState
 
 	term      uint64 // highest term accepted; after failover, the failover term
 	committed uint64 // last checkpoint committed, any session (0: none)
@@ -259,6 +267,8 @@ func (b *Backup) Step(ev BackupEvent) error {
 		b.exit(e)
 	case Unresumable:
 		b.unresumable(e)
+	case WantFull:
+		b.wantFull = e.Reason
 	default:
 		panic(fmt.Sprintf("remus: unknown backup event %T", ev))
 	}
@@ -407,27 +417,33 @@ func (b *Backup) unresumable(e Unresumable) {
 // but its predecessor it would make a state that never existed.
 func (b *Backup) checkpoint(c Checkpoint) {
 	if !b.live(c.Session) || b.state != Following {
-		b.pend.Discard = append(b.pend.Discard, c.Seq)
+		b.pend.Discard = append(b.pend.Discard, Staged{c.Session, c.Seq})
 		return
 	}
 	b.lastHeard = b.now
 	switch {
 	case c.Seq == 0:
-		b.pend.Discard = append(b.pend.Discard, c.Seq)
+		b.pend.Discard = append(b.pend.Discard, Staged{c.Session, c.Seq})
 		b.pend.DropSession = append(b.pend.DropSession, Drop{c.Session, "protocol violation: checkpoint 0"})
 		b.endSession(fmt.Sprintf("session %d: protocol violation", c.Session))
 	case c.Seq <= b.sessCommitted:
-		b.pend.Discard = append(b.pend.Discard, c.Seq) // a copy of one committed
-	case c.Full || c.Seq == b.sessCommitted+1 && b.sessCommitted != 0:
+		b.pend.Discard = append(b.pend.Discard, Staged{c.Session, c.Seq}) // a copy of one committed
+	case c.Full || c.Seq == b.sessCommitted+1 && b.sessCommitted != 0 && b.wantFull == "":
 		b.committed, b.sessCommitted = c.Seq, c.Seq
-		b.pend.Commit = append(b.pend.Commit, c.Seq)
+		if c.Full {
+			b.wantFull = ""
+		}
+		b.pend.Commit = append(b.pend.Commit, Staged{c.Session, c.Seq})
 		b.ack(c.Session, c.Seq)
 	default:
 		why := fmt.Sprintf("incremental %d without a full checkpoint in session %d", c.Seq, c.Session)
-		if b.sessCommitted != 0 {
+		switch {
+		case b.wantFull != "":
+			why = fmt.Sprintf("incremental %d refused: %s", c.Seq, b.wantFull)
+		case b.sessCommitted != 0:
 			why = fmt.Sprintf("incremental %d after %d: gap", c.Seq, b.sessCommitted)
 		}
-		b.pend.Discard = append(b.pend.Discard, c.Seq)
+		b.pend.Discard = append(b.pend.Discard, Staged{c.Session, c.Seq})
 		b.send(Message{Kind: MsgNeedFull, Session: c.Session, Seq: c.Seq, Reason: why})
 	}
 }

@@ -103,7 +103,7 @@ func following(t *testing.T) *bh {
 		t.Fatalf("hello: %v %+v", h.b.State(), rd)
 	}
 	rd = h.step(Checkpoint{2 * ms, 1, 5, true})
-	if !slices.Equal(rd.Commit, []uint64{5}) || len(rd.Discard) != 0 {
+	if !slices.Equal(seqs(rd.Commit), []uint64{5}) || len(rd.Discard) != 0 {
 		t.Fatalf("full: %+v", rd)
 	}
 	if a := msgs(rd, MsgAck); len(a) != 1 || a[0] != (Message{Kind: MsgAck, Session: 1, Seq: 5}) {
@@ -116,7 +116,7 @@ func TestBackupCheckpointChain(t *testing.T) {
 	h := newBH(t)
 	h.hello(1*ms, 1, 3)
 	rd := h.step(Checkpoint{2 * ms, 1, 4, false})
-	if n := msgs(rd, MsgNeedFull); len(rd.Commit) != 0 || !slices.Equal(rd.Discard, []uint64{4}) || len(n) != 1 || n[0].Seq != 4 {
+	if n := msgs(rd, MsgNeedFull); len(rd.Commit) != 0 || !slices.Equal(seqs(rd.Discard), []uint64{4}) || len(n) != 1 || n[0].Seq != 4 {
 		t.Fatalf("incremental first: %+v", rd)
 	}
 	h.step(Checkpoint{3 * ms, 1, 5, true})
@@ -138,7 +138,7 @@ func TestBackupCheckpointChain(t *testing.T) {
 		if len(rd.Commit) == 1 != tc.commit || len(rd.Discard) == 1 != tc.discrd || len(msgs(rd, MsgNeedFull)) == 1 != tc.needFull {
 			t.Fatalf("%+v: %+v", tc.c, rd)
 		}
-		if tc.commit && (rd.Commit[0] != tc.c.Seq || h.b.Committed() != tc.c.Seq || msgs(rd, MsgAck)[0].Seq != tc.c.Seq) {
+		if tc.commit && (rd.Commit[0].Seq != tc.c.Seq || h.b.Committed() != tc.c.Seq || msgs(rd, MsgAck)[0].Seq != tc.c.Seq) {
 			t.Fatalf("%+v: %+v", tc.c, rd)
 		}
 		if !tc.commit && len(msgs(rd, MsgAck)) != 0 {
@@ -158,14 +158,14 @@ func TestBackupAcksCoalesce(t *testing.T) {
 	b.Step(Checkpoint{2 * ms, 1, 1, true})
 	b.Step(Checkpoint{2 * ms, 1, 2, false})
 	rd := b.Ready()
-	if !slices.Equal(rd.Commit, []uint64{1, 2}) || len(msgs(rd, MsgAck)) != 1 || msgs(rd, MsgAck)[0].Seq != 2 {
+	if !slices.Equal(seqs(rd.Commit), []uint64{1, 2}) || len(msgs(rd, MsgAck)) != 1 || msgs(rd, MsgAck)[0].Seq != 2 {
 		t.Fatalf("%+v", rd)
 	}
 	b.Step(Checkpoint{3 * ms, 1, 3, false}) // after Ready: its own ack
 	b.Advance()
 	rd = b.Ready()
 	b.Advance()
-	if !slices.Equal(rd.Commit, []uint64{3}) || len(rd.Messages) != 1 || rd.Messages[0].Seq != 3 {
+	if !slices.Equal(seqs(rd.Commit), []uint64{3}) || len(rd.Messages) != 1 || rd.Messages[0].Seq != 3 {
 		t.Fatalf("%+v", rd)
 	}
 }
@@ -446,7 +446,7 @@ func TestBackupCommitFailed(t *testing.T) {
 	if rd := h.step(Checkpoint{101 * ms, 2, 8, false}); len(msgs(rd, MsgNeedFull)) != 1 || len(rd.Commit) != 0 {
 		t.Fatalf("incremental after the failed commit: %+v", rd)
 	}
-	if rd := h.step(Checkpoint{102 * ms, 2, 9, true}); !slices.Equal(rd.Commit, []uint64{9}) || h.b.Committed() != 9 {
+	if rd := h.step(Checkpoint{102 * ms, 2, 9, true}); !slices.Equal(seqs(rd.Commit), []uint64{9}) || h.b.Committed() != 9 {
 		t.Fatalf("full after the failed commit: %+v", rd)
 	}
 	// Without a primary, the failover resumes the copy as it is.
@@ -583,7 +583,7 @@ func TestBackupExit(t *testing.T) {
 	// Another run commits from its full checkpoint (numbered afresh) and
 	// is protected as usual: its silence fails it over.
 	h.hello(3*time.Hour, 4, 3)
-	if rd := h.step(Checkpoint{3*time.Hour + ms, 4, 1, true}); !slices.Equal(rd.Commit, []uint64{1}) {
+	if rd := h.step(Checkpoint{3*time.Hour + ms, 4, 1, true}); !slices.Equal(seqs(rd.Commit), []uint64{1}) {
 		t.Fatalf("the new run's full checkpoint: %+v", rd)
 	}
 	if rd := h.silence(4 * time.Hour); !rd.Failover || h.b.Committed() != 1 {
@@ -621,7 +621,7 @@ func TestBackupUnresumable(t *testing.T) {
 	if rd := h.step(Checkpoint{2*time.Hour + ms, 2, 7, false}); len(rd.Commit) != 0 {
 		t.Fatalf("an incremental committed over nothing: %+v", rd)
 	}
-	if rd := h.step(Checkpoint{2*time.Hour + 2*ms, 2, 1, true}); !slices.Equal(rd.Commit, []uint64{1}) {
+	if rd := h.step(Checkpoint{2*time.Hour + 2*ms, 2, 1, true}); !slices.Equal(seqs(rd.Commit), []uint64{1}) {
 		t.Fatalf("a full checkpoint after Unresumable: %+v", rd)
 	}
 	// After a failover it changes nothing: the VM runs already.
@@ -632,4 +632,13 @@ func TestBackupUnresumable(t *testing.T) {
 	if rd := h.step(Unresumable{3*time.Hour + ms, "late"}); h.b.State() != FailedOver || h.b.Committed() != 1 || len(rd.StateChanges) != 0 {
 		t.Fatalf("Unresumable after a failover: %v %d %+v", h.b.State(), h.b.Committed(), rd)
 	}
+}
+
+// seqs is the checkpoint numbers of a Ready's Commit or Discard.
+func seqs(l []Staged) []uint64 {
+	out := make([]uint64, len(l))
+	for i, c := range l {
+		out[i] = c.Seq
+	}
+	return out
 }

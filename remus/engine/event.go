@@ -7,7 +7,7 @@ package engine
 type PrimaryEvent interface{ primaryAt() Time }
 
 // BackupEvent is an input of the Backup: Tick, Hello, Checkpoint,
-// CommitFailed, Heartbeat or Disconnected.
+// CommitFailed, Heartbeat, Disconnected, Exit, Unresumable or WantFull.
 type BackupEvent interface{ backupAt() Time }
 
 // Tick tells an engine the time; the driver sends one at each Wake.
@@ -145,6 +145,15 @@ type Unresumable struct {
 	Reason string
 }
 
+// WantFull reports that the driver can no longer build on the chain it
+// holds (storing a checkpoint on disk failed: the disk keeps an older one,
+// and the memory image must not pair with it): every incremental
+// checkpoint is refused with NeedFull until a full one is committed.
+type WantFull struct {
+	Now    Time
+	Reason string
+}
+
 func (e Tick) primaryAt() Time             { return e.Now }
 func (e CheckpointFailed) primaryAt() Time { return e.Now }
 func (e Tick) backupAt() Time              { return e.Now }
@@ -165,6 +174,7 @@ func (e Checkpoint) backupAt() Time        { return e.Now }
 func (e CommitFailed) backupAt() Time      { return e.Now }
 func (e Exit) backupAt() Time              { return e.Now }
 func (e Unresumable) backupAt() Time       { return e.Now }
+func (e WantFull) backupAt() Time          { return e.Now }
 
 // Drop asks the driver to close Session's connection, saying Reason.
 type Drop struct {

@@ -258,10 +258,11 @@ func FuzzBackup(f *testing.F) {
 				}
 				state = c.To
 			}
-			for _, c := range rd.Commit {
+			for _, cr := range rd.Commit {
+				c := cr.Seq
 				ck, ok := ev.(Checkpoint)
-				if !ok || ck.Seq != c || len(rd.Commit) != 1 {
-					t.Fatalf("commit %d on %#v", c, ev)
+				if !ok || ck.Seq != c || ck.Session != cr.Session || len(rd.Commit) != 1 {
+					t.Fatalf("commit %+v on %#v", cr, ev)
 				}
 				if ck.Full {
 					full[ck.Session] = true

@@ -845,10 +845,11 @@ func (s *sim) backupReady() {
 		s.failf("backup %v, changes say %v", b.e.State(), b.state)
 	}
 	var failed *CommitFailed
-	for _, seq := range rd.Commit {
+	for _, cr := range rd.Commit {
+		seq := cr.Seq
 		ck := b.staged
-		if ck == nil || ck.Seq != seq {
-			s.failf("commit %d, staged %+v", seq, ck)
+		if ck == nil || ck.Seq != seq || ck.Session != cr.Session {
+			s.failf("commit %+v, staged %+v", cr, ck)
 			return
 		}
 		if failed != nil || s.now < s.quiet && s.chance(s.prof.commitFails) {
@@ -878,9 +879,9 @@ func (s *sim) backupReady() {
 		b.has, b.seq, b.staged = true, seq, nil
 		s.maxCommitted = max(s.maxCommitted, seq)
 	}
-	for _, seq := range rd.Discard {
-		if b.staged == nil || b.staged.Seq != seq {
-			s.failf("discard %d, staged %+v", seq, b.staged)
+	for _, d := range rd.Discard {
+		if b.staged == nil || b.staged.Seq != d.Seq || b.staged.Session != d.Session {
+			s.failf("discard %+v, staged %+v", d, b.staged)
 		}
 		b.staged = nil
 	}
