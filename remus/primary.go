@@ -616,55 +616,86 @@ func (p *Primary) markStarted() { p.startedOnce.Do(func() { close(p.started) }) 
 // disk operations of the epoch the guest ended in, and names the last
 // checkpoint sent whole, which they follow; the backup applies them on
 // top of that commit, so its copy of the guest's files ends as the
-// primary's. It is bounded by twice the timeout; an
-// unprotected primary releases at once. It must run once the guest has
-// ended, on no goroutine that may still run a pause.
+// primary's. An unprotected primary releases at once.
+//
+// Output held is released only once the backup has acknowledged the exit,
+// or protection is given up (the backup not heard for the timeout). A
+// session lost before the acknowledgement is waited out: the Exit goes
+// again to the next session, if one comes up. Until 7 December the output
+// left whenever the session ended or twice the timeout passed: a backup
+// that had not heard of the exit then resumed its last checkpoint, after
+// clients had seen output of epochs it never had. If no verdict comes
+// within twice the timeout and the ack timeout, nothing is released: the
+// backup, not hearing from this process any more, resumes the VM from its
+// last checkpoint, and its run makes that output again. It must run once
+// the guest has ended, on no goroutine that may still run a pause.
 func (p *Primary) Finish(code uint32) {
-	if p.isFenced() {
-		return // the VM is the backup's: nothing of this run leaves
-	}
-	deadline := time.Now().Add(2 * p.cfg.Engine.Timeout)
-	expired := time.NewTimer(time.Until(deadline))
-	defer expired.Stop()
-	// Without a session (connecting), output is held and a backup may
-	// still follow an older session of this VM: wait until a session is
-	// up to tell it, or protection is given up.
-	st := p.Status()
-wait:
-	for st.State == engine.Connecting.String() {
-		// Told by publish, not polled.
-		select {
-		case <-p.published:
-		case <-expired.C:
-			break wait
+	giveUp := time.NewTimer(2*p.cfg.Engine.Timeout + p.cfg.Engine.AckTimeout)
+	defer giveUp.Stop()
+	var (
+		told     *session // the session the Exit went to last
+		ackd     chan struct{}
+		seq      uint64
+		ops      []wire.FsOp
+		epochEnd bool
+	)
+	for {
+		if p.isFenced() {
+			return // the VM is the backup's: nothing of this run leaves
 		}
-		st = p.Status()
-	}
-	p.mu.Lock()
-	s := p.sess
-	p.mu.Unlock()
-	// Any backup that follows this VM, even one still syncing, must hear
-	// that it ended, or it would resume an older checkpoint later.
-	if s != nil && st.State != engine.Unprotected.String() && st.State != "" {
-		// The epoch the guest ended in: no checkpoint has its number,
-		// so the backup's ack of it is told apart from theirs.
-		seq := p.captured.Load() + 1
-		_, ops := p.gate.endEpoch()
-		done := make(chan struct{})
-		s.exitSeq.Store(seq)
-		s.exitDone.Store(&done)
-		s.exiting.Store(true)
-		p.ending.Store(true)
-		select {
-		case s.queue <- &exitItem{exit: wire.Exit{Seq: seq, Code: code}, ops: ops}:
-			select {
-			case <-done:
-			case <-s.done:
-			case <-time.After(time.Until(deadline) + p.cfg.Engine.Timeout):
-				p.log.Warn("the backup did not acknowledge the guest's exit")
+		st := p.Status()
+		if st.State == engine.Unprotected.String() || st.State == "" {
+			break // no backup to tell: this copy is the only one
+		}
+		p.mu.Lock()
+		s := p.sess
+		p.mu.Unlock()
+		if s != nil && s != told && (st.State == engine.Syncing.String() || st.State == engine.Protected.String()) {
+			// Any backup that follows this VM, even one still syncing,
+			// must hear that it ended, or it would resume an older
+			// checkpoint later.
+			if !epochEnd {
+				// The epoch the guest ended in: no checkpoint has its
+				// number, so the backup's ack of it is told apart from
+				// theirs.
+				seq = p.captured.Load() + 1
+				_, ops = p.gate.endEpoch()
+				epochEnd = true
 			}
-		case <-s.done:
+			done := make(chan struct{})
+			s.exitSeq.Store(seq)
+			s.exitDone.Store(&done)
+			s.exiting.Store(true)
+			p.ending.Store(true)
+			select {
+			case s.queue <- &exitItem{exit: wire.Exit{Seq: seq, Code: code}, ops: ops}:
+				told, ackd = s, done
+			case <-s.done:
+			}
 		}
+		var lost <-chan struct{}
+		if told != nil {
+			lost = told.done
+		}
+		select {
+		case <-ackd:
+			p.log.Info("the backup acknowledged the guest's exit", "session", told.id)
+		case <-lost:
+			select {
+			case <-ackd: // acknowledged just before the session ended
+			default:
+				ackd = nil // wait for the verdict, or for a next session to tell
+				continue
+			}
+		case <-p.published:
+			continue
+		case <-giveUp.C:
+			p.log.Error("the backup did not acknowledge the guest's exit and was not given up: the output still held " +
+				"is not released (the backup resumes the VM from its last checkpoint)")
+			p.finished.Store(true)
+			return
+		}
+		break
 	}
 	if p.isFenced() {
 		return

@@ -1,0 +1,138 @@
+package remus
+
+import (
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/ftvm/ftvm/remus/engine"
+	"github.com/ftvm/ftvm/wasi"
+)
+
+// finishRig is a primary whose guest ended with output held, protected by
+// a session whose messages the test reads: Finish runs against it.
+type finishRig struct {
+	p        *Primary
+	released atomic.Bool
+	finished chan struct{}
+}
+
+func newFinishRig(t *testing.T, timeout time.Duration) *finishRig {
+	t.Helper()
+	p, err := NewPrimary(PrimaryConfig{Backup: "127.0.0.1:1",
+		Engine: engine.Config{Timeout: timeout, AckTimeout: timeout}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := &finishRig{p: p, finished: make(chan struct{})}
+	p.gate.onOutput, p.gate.onOverLimit, p.gate.onQueued = nil, nil, nil
+	p.gate.Output(wasi.Effect{Kind: wasi.EffectWrite, Fd: 1, Data: []byte("last line\n")},
+		func([]byte) (uint32, wasi.Errno) { r.released.Store(true); return 10, wasi.ESUCCESS })
+	r.state(engine.Protected)
+	return r
+}
+
+func (r *finishRig) state(s engine.PrimaryState) {
+	r.p.mu.Lock()
+	r.p.status.State = s.String()
+	r.p.mu.Unlock()
+	select {
+	case r.p.published <- struct{}{}:
+	default:
+	}
+}
+
+func (r *finishRig) session(id uint64) *session {
+	s := &session{id: id, queue: make(chan any, 8), done: make(chan struct{})}
+	r.p.mu.Lock()
+	r.p.sess = s
+	r.p.mu.Unlock()
+	return s
+}
+
+func (r *finishRig) start() { go func() { r.p.Finish(0); close(r.finished) }() }
+
+// exitTold waits for the Exit Finish queues on s.
+func exitTold(t *testing.T, s *session) *exitItem {
+	t.Helper()
+	select {
+	case it := <-s.queue:
+		return it.(*exitItem)
+	case <-time.After(10 * time.Second):
+		t.Fatal("no Exit sent")
+		return nil
+	}
+}
+
+func (r *finishRig) quiet(t *testing.T, what string) {
+	t.Helper()
+	time.Sleep(50 * time.Millisecond)
+	if r.released.Load() {
+		t.Fatalf("the held output was released %s", what)
+	}
+}
+
+// TestFinishReleasesOnlyWhatTheBackupCannotResume: after the guest's exit
+// the output still held leaves only once the backup acknowledged the exit
+// (it will never resume the VM) or was given up (no backup). A session
+// lost before the ack is not a verdict: the Exit goes to the next session,
+// and only its ack releases. Until 7 December the output left when the
+// session ended, and a backup that never heard of the exit resumed its last
+// checkpoint after clients had seen what came after it.
+func TestFinishReleasesOnlyWhatTheBackupCannotResume(t *testing.T) {
+	t.Run("acknowledged after a lost session", func(t *testing.T) {
+		r := newFinishRig(t, time.Minute)
+		s1 := r.session(1)
+		r.start()
+		x := exitTold(t, s1)
+		close(s1.done) // lost before the ack
+		r.quiet(t, "when the session was lost before acknowledging the exit")
+		s2 := r.session(2)
+		r.state(engine.Syncing) // a new session is up
+		if y := exitTold(t, s2); y.exit.Seq != x.exit.Seq {
+			t.Fatalf("the Exit told to the next session is %d, the first %d", y.exit.Seq, x.exit.Seq)
+		}
+		r.quiet(t, "before the next session acknowledged the exit")
+		close(*s2.exitDone.Load()) // its ack
+		select {
+		case <-r.finished:
+		case <-time.After(10 * time.Second):
+			t.Fatal("Finish did not return after the ack")
+		}
+		if !r.released.Load() {
+			t.Fatal("the held output was not released after the backup acknowledged the exit")
+		}
+	})
+	t.Run("given up", func(t *testing.T) {
+		r := newFinishRig(t, time.Minute)
+		s1 := r.session(1)
+		r.start()
+		exitTold(t, s1)
+		close(s1.done)
+		r.p.mu.Lock()
+		r.p.sess = nil
+		r.p.mu.Unlock()
+		r.state(engine.Connecting)
+		r.quiet(t, "while connecting")
+		r.state(engine.Unprotected) // the backup not heard for the timeout
+		<-r.finished
+		if !r.released.Load() {
+			t.Fatal("an unprotected primary kept its output held after the guest's exit")
+		}
+	})
+	t.Run("no verdict", func(t *testing.T) {
+		r := newFinishRig(t, 20*time.Millisecond)
+		s1 := r.session(1)
+		r.start()
+		exitTold(t, s1)
+		close(s1.done)
+		select {
+		case <-r.finished:
+		case <-time.After(10 * time.Second):
+			t.Fatal("Finish did not give up")
+		}
+		if r.released.Load() {
+			t.Fatal("output released without the backup's ack or its being given up")
+		}
+	})
+}
