@@ -2,6 +2,7 @@ package remus
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/tls"
 	"encoding/json"
@@ -52,7 +53,15 @@ type BackupConfig struct {
 	// OnFailover is called with each VM a failover started, e.g. to serve
 	// its API. The backup runs it until ctx ends or the guest exits.
 	OnFailover func(vm string, m *machine.Machine)
+	// MaxSlots bounds the VMs one backup protects (0: DefaultMaxSlots).
+	// Each slot reserves address space for a memory image, keeps a state
+	// directory and runs goroutines: a peer naming a new VM id in every
+	// Hello must not make them without end.
+	MaxSlots int
 }
+
+// DefaultMaxSlots is MaxSlots unless set.
+const DefaultMaxSlots = 64
 
 // Backup is a passive backup: it keeps the last committed checkpoint of
 // each primary that protects itself with it, and runs none of them until
@@ -203,6 +212,9 @@ func (b *Backup) slot(ctx context.Context, vm string, roots int) (*slot, error) 
 			return nil, rootsMismatch(vm, s.roots, roots)
 		}
 		return s, nil
+	}
+	if limit := cmp.Or(b.cfg.MaxSlots, DefaultMaxSlots); len(b.slots) >= limit {
+		return nil, fmt.Errorf("this backup protects %d VMs already, its limit (--max-slots %d)", len(b.slots), limit)
 	}
 	eng, err := engine.NewBackup(b.cfg.Engine, vm, b.now())
 	if err != nil {

@@ -817,3 +817,24 @@ func TestBackupBoundsDiskOpsInMemory(t *testing.T) {
 		t.Fatalf("after %d messages of empty disk ops the backup answered %s", sent, m.Type())
 	}
 }
+
+// TestBackupBoundsItsSlots: every VM id a Hello names makes a slot (a
+// memory image's address space, a state directory, goroutines); past
+// --max-slots a primary of yet another VM is refused, saying why, and one
+// of a VM already protected is still welcome.
+func TestBackupBoundsItsSlots(t *testing.T) {
+	_, hash := fakeModule()
+	b := serveBackup(t, time.Hour)
+	b.cfg.MaxSlots = 2
+	addr := b.Addr().String()
+	for _, vm := range []string{"vm1", "vm2"} {
+		dialBackupHello(t, addr, &wire.Hello{Version: wire.Version, VM: vm, Term: 1, Module: hash, Name: "fake"})
+	}
+	why := refusedHello(t, addr, &wire.Hello{Version: wire.Version, VM: "vm3", Term: 1, Module: hash, Name: "fake"})
+	if !strings.Contains(why, "--max-slots 2") {
+		t.Fatalf("a third VM was refused for %q", why)
+	}
+	if n := len(b.Status().Slots); n != 2 {
+		t.Fatalf("%d slots", n)
+	}
+}

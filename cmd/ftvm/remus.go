@@ -151,6 +151,7 @@ func newBackupCmd() *cobra.Command {
 	var rf replFlags
 	var listen, state, apiSock, cacheDir string
 	var rebind []string
+	var maxSlots int
 	cmd := &cobra.Command{
 		Use:   "backup --listen ADDR --state DIR",
 		Short: "Run a passive Remus backup for protected primaries",
@@ -164,6 +165,9 @@ addresses (or --rebind FD=HOST:PORT), and runs it until ftvm is stopped.`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if listen == "" || state == "" {
 				return usage("backup needs --listen and --state")
+			}
+			if maxSlots < 1 {
+				return usage("--max-slots must be at least 1")
 			}
 			ecfg, err := rf.engine()
 			if err != nil {
@@ -181,7 +185,7 @@ addresses (or --rebind FD=HOST:PORT), and runs it until ftvm is stopped.`,
 			var srv *api.Server
 			var b *remus.Backup
 			b, err = remus.ListenBackup(remus.BackupConfig{Listen: listen, StateDir: state, Engine: ecfg, TLS: tcfg,
-				Rebind: rb, CacheDir: cacheDir,
+				Rebind: rb, CacheDir: cacheDir, MaxSlots: maxSlots,
 				OnFailover: func(vm string, m *machine.Machine) {
 					slog.Warn("failed over", "vm", vm)
 					if apiSock != "" && srv != nil {
@@ -209,6 +213,7 @@ addresses (or --rebind FD=HOST:PORT), and runs it until ftvm is stopped.`,
 	cmd.Flags().StringVar(&apiSock, "api-sock", "", "serve status (GET /status) and, after a failover, the VM's API on this unix socket")
 	cmd.Flags().StringVar(&cacheDir, "cache-dir", "", "compiled-code cache")
 	cmd.Flags().StringArrayVar(&rebind, "rebind", nil, "on failover, bind guest listener FD to this address instead of the primary's (FD=HOST:PORT)")
+	cmd.Flags().IntVar(&maxSlots, "max-slots", remus.DefaultMaxSlots, "most VMs this backup protects at once; a primary of another VM is refused")
 	rf.register(cmd.Flags(), false)
 	return cmd
 }
