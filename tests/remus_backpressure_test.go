@@ -75,15 +75,7 @@ func TestRemusBackPressure(t *testing.T) {
 			maxHeld = max(maxHeld, st["held_output_bytes"].(float64))
 		}
 	}
-	if n := got.Load(); n != 0 {
-		t.Fatalf("%d replies reached the client while the backup's acks were frozen", n)
-	}
-	if st == nil || st["state"] != "protected" {
-		t.Fatalf("primary while frozen: %v", st)
-	}
-	if st["stalls"].(float64) < 1 {
-		t.Errorf("the guest was never stalled: %v", st)
-	}
+	checkHeldBack(t, got.Load(), st)
 	// What the guest writes in the host calls before its next safe point
 	// may come on top of the limit: a few replies, not megabytes.
 	if maxHeld > 2*limit {
@@ -178,15 +170,7 @@ func TestRemusDiskJournalBackPressure(t *testing.T) {
 		}
 	}
 	endSize := walSize() - before
-	if n := got.Load(); n != 0 {
-		t.Fatalf("%d replies reached the client while the backup's acks were frozen", n)
-	}
-	if st == nil || st["state"] != "protected" {
-		t.Fatalf("primary while frozen: %v", st)
-	}
-	if st["stalls"].(float64) < 1 {
-		t.Errorf("the guest was never stalled: %v", st)
-	}
+	checkHeldBack(t, got.Load(), st)
 	// One SET may land on top of the limit before the next safe point.
 	if maxJournal > 2*limit {
 		t.Errorf("the epoch's journal reached %.0f bytes with --hold-limit %d", maxJournal, limit)
@@ -228,5 +212,21 @@ func TestRemusDiskJournalBackPressure(t *testing.T) {
 		if err != nil || reply != "VALUE "+val {
 			t.Fatalf("after failover, GET k%d: %.40q %v", i, reply, err)
 		}
+	}
+}
+
+// checkHeldBack fails unless, with the backup's acks frozen, no reply
+// reached the client (got), and the primary, by its last status st, was
+// still protected and had stalled its guest.
+func checkHeldBack(t *testing.T, got int64, st map[string]any) {
+	t.Helper()
+	if got != 0 {
+		t.Fatalf("%d replies reached the client while the backup's acks were frozen", got)
+	}
+	if st == nil || st["state"] != "protected" {
+		t.Fatalf("primary while frozen: %v", st)
+	}
+	if st["stalls"].(float64) < 1 {
+		t.Errorf("the guest was never stalled: %v", st)
 	}
 }

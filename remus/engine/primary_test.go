@@ -808,14 +808,7 @@ func TestHeartbeatsAtThePeersPace(t *testing.T) {
 					}
 				}
 			}
-			if len(sent) < 4 || sent[0] > 1*ms+want {
-				t.Fatalf("heartbeats at %v, want one every %v", sent, want)
-			}
-			for i := 1; i < len(sent); i++ {
-				if sent[i]-sent[i-1] > want {
-					t.Fatalf("heartbeats at %v: a gap over %v", sent, want)
-				}
-			}
+			checkPace(t, sent, want)
 			// A gap of 90 ms outlives a 100 ms peer's patience less a
 			// heartbeat interval; not a 1 s one's.
 			last := sent[len(sent)-1]
@@ -843,14 +836,7 @@ func TestHeartbeatsAtThePeersPace(t *testing.T) {
 					}
 				}
 			}
-			if len(sent) < 4 || sent[0] > 1*ms+want {
-				t.Fatalf("heartbeats at %v, want one every %v", sent, want)
-			}
-			for i := 1; i < len(sent); i++ {
-				if sent[i]-sent[i-1] > want {
-					t.Fatalf("heartbeats at %v: a gap over %v", sent, want)
-				}
-			}
+			checkPace(t, sent, want)
 		})
 	}
 }
@@ -891,5 +877,19 @@ func TestCheckpointFailedIsTakenAgainFull(t *testing.T) {
 	}
 	if err := h.p.Step(CheckpointFailed{42 * ms, 3, "not asked for"}); err == nil {
 		t.Fatal("a failure of a checkpoint not asked for was taken")
+	}
+}
+
+// checkPace fails unless heartbeats went at least every want, from a
+// session that began at 1 ms, four or more of them.
+func checkPace(t *testing.T, sent []Time, want Time) {
+	t.Helper()
+	if len(sent) < 4 || sent[0] > 1*ms+want {
+		t.Fatalf("heartbeats at %v, want one every %v", sent, want)
+	}
+	for i := 1; i < len(sent); i++ {
+		if sent[i]-sent[i-1] > want {
+			t.Fatalf("heartbeats at %v: a gap over %v", sent, want)
+		}
 	}
 }
