@@ -270,3 +270,10 @@ const (
 // maxIovecs bounds the number of iovecs one call may pass (Linux's IOV_MAX), so
 // that a hostile length cannot make the host allocate without bound.
 const maxIovecs = 1024
+
+// maxIOBytes bounds the bytes one read or write moves, its iovecs cut there
+// (a partial read or write, as POSIX allows; Linux cuts at 2 GiB). Iovecs
+// may overlap: 1,024 of them each naming the whole memory asked a write to
+// gather 1,024 times the guest's memory into one host buffer (and the
+// count returned wrapped at 4 GiB).
+const maxIOBytes = 16 << 20

@@ -16,8 +16,9 @@ type Mem struct {
 // NewMem wraps a linear-memory buffer (for tests and fuzzing).
 func NewMem(b []byte) Mem { return Mem{b: b} }
 
-// Len is the size of guest memory in bytes.
-func (m Mem) Len() uint32 { return uint32(len(m.b)) }
+// Len is the size of guest memory in bytes (4 GiB at most, which does not
+// fit a uint32).
+func (m Mem) Len() uint64 { return uint64(len(m.b)) }
 
 // Slice returns the n bytes at ptr, aliased to guest memory.
 func (m Mem) Slice(ptr, n uint32) ([]byte, bool) {
@@ -121,7 +122,8 @@ func (m Mem) PutU64(ptr uint32, v uint64) bool {
 // Iovecs resolves an array of n iovec/ciovec structs at ptr into byte slices
 // aliased to guest memory, appending to dst (so callers can reuse a buffer).
 // Every buffer is checked; a bad one fails the whole call with EFAULT, too many
-// with EINVAL.
+// with EINVAL. Past maxIOBytes in all they are cut short (and dropped): the
+// call moves that much at most.
 func (m Mem) Iovecs(dst [][]byte, ptr, n uint32) ([][]byte, Errno) {
 	if n > maxIovecs {
 		return dst, EINVAL
@@ -130,6 +132,7 @@ func (m Mem) Iovecs(dst [][]byte, ptr, n uint32) ([][]byte, Errno) {
 	if !ok {
 		return dst, EFAULT
 	}
+	left := uint32(maxIOBytes)
 	for i := uint32(0); i < n; i++ {
 		p := binary.LittleEndian.Uint32(vec[i*sizeIovec:])
 		l := binary.LittleEndian.Uint32(vec[i*sizeIovec+4:])
@@ -137,7 +140,11 @@ func (m Mem) Iovecs(dst [][]byte, ptr, n uint32) ([][]byte, Errno) {
 		if !ok {
 			return dst, EFAULT
 		}
-		dst = append(dst, b)
+		if left > 0 {
+			b = b[:min(uint32(len(b)), left)]
+			left -= uint32(len(b))
+			dst = append(dst, b)
+		}
 	}
 	return dst, ESUCCESS
 }

@@ -170,7 +170,7 @@ func pollOneoffWait(d *Devices, m Mem, p []uint64) Errno {
 	}
 	// Check every buffer before waiting, so a bad pointer never costs a wait
 	// or loses an event.
-	if uint64(n)*sizeSubscription > uint64(m.Len()) {
+	if uint64(n)*sizeSubscription > m.Len() {
 		return EFAULT
 	}
 	in, ok := m.Slice(inPtr, n*sizeSubscription)
