@@ -38,6 +38,9 @@ type FD struct {
 	Path string
 	// Readable/Writable record the access mode the file was opened with.
 	Readable, Writable bool
+	// Follow: the guest opened it following a symlink at the end of Path
+	// (a restore re-opens it the same way).
+	Follow bool
 	// Pos is the file offset of a regular file. The device layer keeps it
 	// (reads and writes are positional) so that it is plain data a snapshot
 	// can carry, and so that fd_seek and fd_tell need no system call.

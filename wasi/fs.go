@@ -916,7 +916,8 @@ func pathOpen(d *Devices, m Mem, p []uint64) Errno {
 	}
 	var newFd uint32
 	if errno == ESUCCESS {
-		newFd, errno = d.addOpened(host, dir, rel, base, inheriting, fdflags, readable, writable)
+		newFd, errno = d.addOpened(host, dir, rel, base, inheriting, fdflags, readable, writable,
+			lookup&LookupSymlinkFollow != 0)
 	}
 	if d.tap != nil {
 		d.tap.Input(Input{Kind: InputResult, Call: CallPathOpen, Fd: int32(fd), Errno: errno, Value: uint64(newFd)})
@@ -930,14 +931,14 @@ func pathOpen(d *Devices, m Mem, p []uint64) Errno {
 
 // addOpened makes a host descriptor just opened beneath dir a guest one.
 func (d *Devices) addOpened(host int, dir *FD, rel string, base, inheriting uint64, fdflags uint16,
-	readable, writable bool) (uint32, Errno) {
+	readable, writable, follow bool) (uint32, Errno) {
 	var st unix.Stat_t
 	if err := unix.Fstat(host, &st); err != nil {
 		unix.Close(host)
 		return 0, errnoOf(err)
 	}
 	f := &FD{Kind: KindFile, Filetype: filetypeOfMode(st.Mode), Host: host, Flags: fdflags, Root: dir.Root,
-		Path: rel, Readable: readable, Writable: writable, RightsInheriting: inheriting}
+		Path: rel, Readable: readable, Writable: writable, RightsInheriting: inheriting, Follow: follow}
 	switch f.Filetype {
 	case FiletypeDirectory:
 		f.Kind = KindDir

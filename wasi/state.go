@@ -3,6 +3,7 @@ package wasi
 import (
 	"encoding/json"
 	"fmt"
+	"math"
 	"net"
 	"os"
 	"path/filepath"
@@ -63,6 +64,7 @@ type FDState struct {
 	Addr             string   `json:"addr,omitempty"`
 	Stdio            int      `json:"stdio,omitempty"`
 	Shut             uint8    `json:"shut,omitempty"`
+	Follow           bool     `json:"follow,omitempty"`
 }
 
 // SameButClock reports whether st and o are the same device state but for
@@ -84,7 +86,7 @@ func (d *Devices) Capture() *State {
 	d.fds.Each(func(fd uint32, f *FD) {
 		fs := FDState{Num: fd, Kind: f.Kind, Filetype: f.Filetype, Flags: f.Flags, RightsBase: f.RightsBase,
 			RightsInheriting: f.RightsInheriting, Preopen: f.Preopen, Root: f.Root, Path: f.Path,
-			Readable: f.Readable, Writable: f.Writable, Pos: f.Pos, Addr: f.Addr, Stdio: f.Stdio}
+			Readable: f.Readable, Writable: f.Writable, Pos: f.Pos, Addr: f.Addr, Stdio: f.Stdio, Follow: f.Follow}
 		if f.conn != nil {
 			fs.Shut = f.conn.shut
 		}
@@ -165,6 +167,9 @@ func Restore(cfg Config, st *State) (*Devices, error) {
 // root must be one of the state's preopens, a standard stream one of the
 // three. (Paths are confined where they are opened: beneath their root.)
 func (st *State) Validate() error {
+	if st.Monotonic > math.MaxInt64 {
+		return fmt.Errorf("monotonic clock %d ns is past the clock's range", st.Monotonic)
+	}
 	if len(st.FDs) > maxFds {
 		return fmt.Errorf("%d descriptors, more than the table's %d", len(st.FDs), maxFds)
 	}
@@ -185,6 +190,9 @@ func (st *State) Validate() error {
 		case KindDir, KindFile:
 			if fs.Root < 0 || fs.Root >= len(st.Preopens) {
 				return fmt.Errorf("guest fd %d: preopen index %d out of range (%d preopens)", fs.Num, fs.Root, len(st.Preopens))
+			}
+			if fs.Pos < 0 {
+				return fmt.Errorf("guest fd %d: negative offset %d", fs.Num, fs.Pos)
 			}
 		case KindListener, KindConn:
 		default:
@@ -230,14 +238,20 @@ func matchPreopens(given, saved []Preopen) ([]Preopen, error) {
 func (d *Devices) restoreFD(fs FDState, roots []int, listen map[uint32]Listener, stdio [3]*FD) (*FD, error) {
 	f := &FD{Kind: fs.Kind, Filetype: fs.Filetype, Host: -1, Flags: fs.Flags, RightsBase: fs.RightsBase,
 		RightsInheriting: fs.RightsInheriting, Preopen: fs.Preopen, Root: fs.Root, Path: fs.Path,
-		Readable: fs.Readable, Writable: fs.Writable, Pos: fs.Pos, Addr: fs.Addr, Stdio: fs.Stdio}
+		Readable: fs.Readable, Writable: fs.Writable, Pos: fs.Pos, Addr: fs.Addr, Stdio: fs.Stdio, Follow: fs.Follow}
 	// Restore validated fs (State.Validate): its stream and root exist.
 	switch fs.Kind {
 	case KindStdio:
 		f.Host = stdio[fs.Stdio].Host
 		return f, nil
 	case KindDir, KindFile:
-		flags := unix.O_CLOEXEC | unix.O_NOFOLLOW
+		// Always non-blocking to open: a FIFO found where a regular file
+		// was must not wait for a writer (checked and made blocking again
+		// below).
+		flags := unix.O_CLOEXEC | unix.O_NONBLOCK
+		if !fs.Follow {
+			flags |= unix.O_NOFOLLOW
+		}
 		switch {
 		case fs.Kind == KindDir:
 			flags |= unix.O_RDONLY | unix.O_DIRECTORY
@@ -251,10 +265,11 @@ func (d *Devices) restoreFD(fs FDState, roots []int, listen map[uint32]Listener,
 		if fs.Flags&FdflagAppend != 0 {
 			flags |= unix.O_APPEND
 		}
-		if fs.Kind == KindFile && fs.Filetype != FiletypeRegularFile {
-			// A FIFO or device, non-blocking as path_open leaves it: the
-			// open itself must not wait for a FIFO's other end.
-			flags |= unix.O_NONBLOCK
+		if fs.Flags&FdflagDsync != 0 {
+			flags |= unix.O_DSYNC
+		}
+		if fs.Flags&(FdflagSync|FdflagRsync) != 0 {
+			flags |= unix.O_SYNC
 		}
 		path := fs.Path
 		if path == "" {
@@ -263,6 +278,23 @@ func (d *Devices) restoreFD(fs FDState, roots []int, listen map[uint32]Listener,
 		host, errno := openBeneath(roots[fs.Root], path, flags, 0)
 		if errno != ESUCCESS {
 			return nil, errno
+		}
+		var st unix.Stat_t
+		if err := unix.Fstat(host, &st); err != nil {
+			unix.Close(host)
+			return nil, err
+		}
+		if got := filetypeOfMode(st.Mode); got != fs.Filetype {
+			unix.Close(host)
+			return nil, fmt.Errorf("its file type is %d now, it was %d", got, fs.Filetype)
+		}
+		if fs.Filetype == FiletypeRegularFile || fs.Kind == KindDir {
+			// Blocking as path_open leaves a file; a FIFO or device stays
+			// non-blocking (its waits are the device layer's).
+			if _, err := unix.FcntlInt(uintptr(host), unix.F_SETFL, flags&unix.O_APPEND); err != nil {
+				unix.Close(host)
+				return nil, err
+			}
 		}
 		f.Host = host
 		return f, nil

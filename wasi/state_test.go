@@ -10,6 +10,9 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // TestCaptureRestore captures a device table with open files (at offsets, in
@@ -220,6 +223,8 @@ func TestRestoreRefusesImpossibleTables(t *testing.T) {
 		{"root past the preopens", []FDState{file(4), {Num: 5, Kind: KindFile, Root: 1, Path: "f"}}, "preopen index 1"},
 		{"no such stream", []FDState{{Num: 1, Kind: KindStdio, Stdio: 3}}, "standard stream 3"},
 		{"unknown kind", []FDState{{Num: 6, Kind: 77}}, "unknown descriptor kind"},
+		{"negative offset", []FDState{{Num: 4, Kind: KindFile, Filetype: FiletypeRegularFile, Path: "f", Writable: true, Pos: -1}},
+			"negative offset"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			before := openFiles(t)
@@ -255,4 +260,82 @@ func openFiles(t *testing.T) int {
 		t.Fatal(err)
 	}
 	return len(ents)
+}
+
+// TestRestoreRefusesAClockPastItsRange: a monotonic clock past the int64
+// nanoseconds it is kept in read 0 after a restore (the guest's clock went
+// back to its start).
+func TestRestoreRefusesAClockPastItsRange(t *testing.T) {
+	cfg := Config{Stdin: strings.NewReader(""), Stdout: &bytes.Buffer{}, Stderr: &bytes.Buffer{}}
+	if d, err := Restore(cfg, &State{Monotonic: math.MaxInt64 + 5}); err == nil {
+		d.Close()
+		t.Fatal("restored a clock past its range")
+	}
+}
+
+// TestRestoreReopensFilesAsOpened: a file the guest opened through a
+// symlink is re-opened through it (it was re-opened without following
+// symlinks: ELOOP, a state a guest could leave that no restore took); its
+// sync flags are the host descriptor's again; and a FIFO found where a
+// regular file was is an error, not a restore that waits for ever for the
+// FIFO's writer.
+func TestRestoreReopensFilesAsOpened(t *testing.T) {
+	dir := t.TempDir()
+	os.WriteFile(filepath.Join(dir, "target"), []byte("0123456789"), 0o644)
+	os.Symlink("target", filepath.Join(dir, "link"))
+	os.WriteFile(filepath.Join(dir, "log"), nil, 0o644)
+	g := newGuest(t, dir, nil)
+	r, errno := g.open(preopenFd, LookupSymlinkFollow, "link", 0, RightFdRead|RightFdSeek|RightFdTell, 0)
+	if errno != ESUCCESS {
+		t.Fatal(errno)
+	}
+	if s, _ := g.read(r, 4); s != "0123" {
+		t.Fatalf("read %q", s)
+	}
+	w, errno := g.open(preopenFd, 0, "log", 0, RightFdWrite, FdflagDsync|FdflagAppend)
+	if errno != ESUCCESS {
+		t.Fatal(errno)
+	}
+	st := g.d.Capture()
+	cfg := Config{Preopens: []Preopen{{HostPath: dir, GuestPath: "/"}},
+		Stdin: strings.NewReader(""), Stdout: &bytes.Buffer{}, Stderr: &bytes.Buffer{}}
+	d2, err := Restore(cfg, st)
+	if err != nil {
+		t.Fatalf("restore of a file opened through a symlink: %v", err)
+	}
+	g2 := &guest{t: t, d: d2, mem: make([]byte, 1<<20), top: 64}
+	if s, _ := g2.read(r, 4); s != "4567" {
+		t.Fatalf("after the restore the file opened through the link reads %q, want \"4567\"", s)
+	}
+	f, _ := d2.fds.Get(w)
+	fl, err := unix.FcntlInt(uintptr(f.Host), unix.F_GETFL, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fl&unix.O_DSYNC == 0 || fl&unix.O_APPEND == 0 || fl&unix.O_NONBLOCK != 0 {
+		t.Fatalf("the restored log's host flags %#x: want O_DSYNC and O_APPEND, blocking", fl)
+	}
+	d2.Close()
+
+	// The link's target is a FIFO now, with no writer: refused at once.
+	os.Remove(filepath.Join(dir, "target"))
+	if err := unix.Mkfifo(filepath.Join(dir, "target"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		d3, err := Restore(cfg, st)
+		if err == nil {
+			d3.Close()
+		}
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if err == nil || !strings.Contains(err.Error(), "file type") {
+			t.Fatalf("restore with a FIFO where the file was: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the restore waited for the FIFO's writer")
+	}
 }
