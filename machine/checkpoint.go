@@ -763,10 +763,25 @@ func (m *Machine) restoreState(ctx context.Context, mod api.Module, img *snapsho
 	for _, g := range m.globals {
 		byIndex[g.Index] = g
 	}
+	// Every mutable global is in the state, with its type: one missing
+	// would keep its initial value (a Go guest then trapped at once), one
+	// of another type would restore, and fail every later capture.
+	given := make(map[uint32]bool, len(img.Globals))
+	for _, sg := range img.Globals {
+		given[sg.Index] = true
+	}
+	for _, g := range m.globals {
+		if g.Mutable && !given[g.Index] {
+			return fmt.Errorf("the snapshot lacks mutable global %d of the module", g.Index)
+		}
+	}
 	for _, sg := range img.Globals {
 		g, ok := byIndex[sg.Index]
 		if !ok {
 			return fmt.Errorf("the snapshot has global %d, which the module does not", sg.Index)
+		}
+		if snapshot.ValType(g.Type) != sg.Type {
+			return fmt.Errorf("global %d is of type %v in the snapshot, %v in the module", sg.Index, sg.Type, snapshot.ValType(g.Type))
 		}
 		if !g.Mutable {
 			if g.value.Get() != sg.Value {

@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -182,5 +183,70 @@ func TestRestoreChecksInstrumentation(t *testing.T) {
 	var me *machine.ModuleError
 	if !errors.As(err, &me) || !strings.Contains(err.Error(), "instrumented") {
 		t.Fatalf("another instrumentation: %v", err)
+	}
+}
+
+// TestRestoreChecksGlobals: a state lacking one of the module's mutable
+// globals, or giving one another type, is refused with a clear error. The
+// first restored (the global kept its initial value) and the Go guest
+// trapped at once; the second restored, and every later capture of the VM
+// failed (a Remus primary restored so could never checkpoint).
+func TestRestoreChecksGlobals(t *testing.T) {
+	mod := hello(t)
+	ctx := context.Background()
+	stdinR, stdinW, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stdinW.Close()
+	m, err := machine.New(ctx, machine.Config{Module: mod, Name: "hello", Args: []string{"stdin"},
+		Stdin: stdinR, Stdout: io.Discard, Stderr: io.Discard, CacheDir: t.TempDir(), Instrument: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close(ctx)
+	go m.Run(ctx)
+	s, err := m.Capture(ctx, machine.SnapshotOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var buf bytes.Buffer
+	if err := s.Encode(&buf); err != nil {
+		t.Fatal(err)
+	}
+	restore := func(edit func(g []snapshot.Global) []snapshot.Global) error {
+		s2, err := snapshot.DecodeBytes(buf.Bytes(), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		s2.Globals = edit(slices.Clone(s2.Globals))
+		s2.ID = snapshot.Hash{1} // edited: Prepare wants an ID
+		var img snapshot.Image
+		if err := snapshot.Apply(&img, s2); err != nil {
+			return err
+		}
+		rm, err := machine.New(ctx, machine.Config{Module: mod, Name: "hello", Restore: &img, Stdin: strings.NewReader("x\n"),
+			Stdout: io.Discard, Stderr: io.Discard, CacheDir: t.TempDir()})
+		if err == nil {
+			_, err = rm.Run(ctx)
+			rm.Close(ctx)
+		}
+		return err
+	}
+	if err := restore(func(g []snapshot.Global) []snapshot.Global { return g }); err != nil {
+		t.Fatalf("the state as captured: %v", err)
+	}
+	if len(s.Globals) == 0 {
+		t.Fatal("no globals captured")
+	}
+	if err := restore(func(g []snapshot.Global) []snapshot.Global { return g[1:] }); err == nil ||
+		!strings.Contains(err.Error(), "lacks mutable global") {
+		t.Fatalf("a state without global %d: %v", s.Globals[0].Index, err)
+	}
+	if err := restore(func(g []snapshot.Global) []snapshot.Global {
+		g[0].Type = snapshot.ValType(0x7e) + snapshot.ValType(0x7f) - g[0].Type // i32 <-> i64
+		return g
+	}); err == nil || !strings.Contains(err.Error(), "of type") {
+		t.Fatalf("a state with global %d of another type: %v", s.Globals[0].Index, err)
 	}
 }

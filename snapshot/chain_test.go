@@ -209,6 +209,9 @@ func TestBrokenChains(t *testing.T) {
 		{"wrong order", []string{paths[0], paths[2], paths[1]}, ErrChain},
 		{"applied twice", []string{paths[0], paths[1], paths[1]}, ErrChain},
 		{"starts with an incremental", paths[1:], ErrChain},
+		// Two chains given as one: the second's full snapshot would
+		// replace all the first one's state.
+		{"a full snapshot mid-chain", []string{paths[0], paths[1], paths[0], paths[1]}, ErrChain},
 		{"other module's incremental", []string{paths[0], otherPaths[1]}, ErrModuleMismatch},
 		{"other module's chain, expected ours", otherPaths, ErrModuleMismatch},
 		{"other module's full after ours", []string{paths[0], otherPaths[0]}, ErrModuleMismatch},

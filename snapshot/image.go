@@ -34,10 +34,13 @@ type Image struct {
 	// first file (a snapshot written with Options.Mappable) instead of
 	// reading it: it maps n bytes of f at off (page aligned) copy-on-write
 	// as the image's memory, replacing what was there, and returns them.
-	// The checksums are verified through that mapping, and the file must
-	// then stay as it is (it may be renamed or replaced, not truncated)
-	// for as long as the memory is in use. If the restore fails, the
-	// image must be discarded.
+	// The checksums are verified by reading the file (pread) before it is
+	// mapped, so the file must stay as it is from then on, for as long as
+	// the memory is in use: a private mapping shows later writes to the
+	// file in every page the guest has not written itself, unchecked, and
+	// a truncation makes the guest's next touch a SIGBUS. (It may be
+	// renamed, or replaced by a new file.) If the restore fails, the image
+	// must be discarded.
 	Map func(f *os.File, off int64, n int) ([]byte, error)
 }
 
@@ -197,6 +200,10 @@ func RestoreInto(img *Image, module *Hash, paths ...string) error {
 		if i == 0 && s.Kind != Full {
 			return &Error{Kind: ErrChain, Path: p, Offset: -1,
 				Msg: fmt.Sprintf("the chain starts with an incremental snapshot (seq %d): restore needs its full snapshot first", s.Seq)}
+		}
+		if i > 0 && s.Kind == Full {
+			return &Error{Kind: ErrChain, Path: p, Offset: -1,
+				Msg: fmt.Sprintf("a full snapshot (seq %d) after the chain's first: a chain is one full snapshot, then its incrementals", s.Seq)}
 		}
 		if err := Apply(img, s); err != nil {
 			return withPath(err, p)
