@@ -12,6 +12,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"sync"
 	"sync/atomic"
 
 	"github.com/tetratelabs/wazero"
@@ -128,6 +129,11 @@ type Devices struct {
 	// (their wake-up written): drainPauseWake waits for the two to meet.
 	pauseAsked, pauseWoken atomic.Uint64
 	released               atomic.Bool
+	// detached is held (read) by outputs a gate performs off the guest's
+	// call while they check released and use a host descriptor, and
+	// (write) by Close while it sets released: no such output uses a
+	// number Close freed.
+	detached sync.RWMutex
 
 	iovs [][]byte // scratch for iovec resolution
 
@@ -399,7 +405,10 @@ func (d *Devices) Stop() {
 // Close releases every host resource. Safe to call once the guest has stopped.
 func (d *Devices) Close() error {
 	d.closed.Store(true)
-	if d.released.Swap(true) {
+	d.detached.Lock()
+	already := d.released.Swap(true)
+	d.detached.Unlock()
+	if already {
 		return nil
 	}
 	d.fds.Each(func(fd uint32, f *FD) { d.closeHost(f) })

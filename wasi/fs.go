@@ -587,7 +587,7 @@ func fdReaddir(d *Devices, m Mem, p []uint64) Errno {
 		return EFAULT
 	}
 	if cookie == 0 || f.dir == nil {
-		if errno := loadDir(f); errno != ESUCCESS {
+		if errno := d.loadDir(f); errno != ESUCCESS {
 			d.tapStat(CallFdReaddir, fd, errno, nil)
 			return errno
 		}
@@ -613,7 +613,7 @@ func fdReaddir(d *Devices, m Mem, p []uint64) Errno {
 // loadDir snapshots the directory's entries: "." and ".." first, then the
 // rest sorted by name, so that the listing (and so every cookie) is the same
 // on any host holding the same tree.
-func loadDir(f *FD) Errno {
+func (d *Devices) loadDir(f *FD) Errno {
 	if _, err := unix.Seek(f.Host, 0, unix.SEEK_SET); err != nil {
 		return errnoOf(err)
 	}
@@ -666,14 +666,32 @@ func loadDir(f *FD) Errno {
 			entries = append(entries, e)
 		}
 	}
-	if f.Path == "." {
-		// The parent of a preopen is outside: the guest learns nothing of it.
+	if d.isRoot(f, &self) {
+		// The parent of a preopen is outside: the guest learns nothing of
+		// it. (Told by the directory itself, not its path: "sub/.." is
+		// the root too.)
 		dotdot.ino = self.Ino
 	}
 	slices.SortFunc(entries, func(a, b dirEntry) int { return strings.Compare(a.name, b.name) })
 	entries = slices.Insert(entries, 0, dirEntry{name: ".", ino: self.Ino, typ: FiletypeDirectory}, dotdot)
 	f.dir.entries = entries
 	return ESUCCESS
+}
+
+// isRoot says whether the directory of f, whose status is self, is its
+// preopen's host directory.
+func (d *Devices) isRoot(f *FD, self *unix.Stat_t) bool {
+	if f.Path == "." {
+		return true
+	}
+	if f.Root < 0 || f.Root >= len(d.preopens) {
+		return false
+	}
+	var root unix.Stat_t
+	if err := unix.Stat(d.preopens[f.Root].HostPath, &root); err != nil {
+		return true // unknown: hide the parent
+	}
+	return root.Dev == self.Dev && root.Ino == self.Ino
 }
 
 func le64get(b []byte, off int) uint64 {

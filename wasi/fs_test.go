@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // Device-level tests of the filesystem calls: a hostile guest must not reach
@@ -742,5 +744,37 @@ func BenchmarkFdSeek(b *testing.B) {
 	p := []uint64{uint64(f), 0, uint64(WhenceCur), uint64(res)}
 	for b.Loop() {
 		fdSeek(g.d, m, p)
+	}
+}
+
+// TestReaddirHidesThePreopensParent: a directory listing's ".." names its
+// parent by inode, and a preopen's parent is outside the sandbox: it is
+// hidden (the preopen's own inode instead), whatever path names the
+// preopen ("sub/.." did not, and told the guest the host's inode).
+func TestReaddirHidesThePreopensParent(t *testing.T) {
+	outer := t.TempDir()
+	sandbox := filepath.Join(outer, "sandbox")
+	os.MkdirAll(filepath.Join(sandbox, "sub"), 0o755)
+	g := newGuest(t, sandbox, nil)
+	dotdot := func(fd uint32) uint64 {
+		buf, res := g.alloc(256), g.alloc(4)
+		if errno := g.call(fdReaddir, uint64(fd), uint64(buf), 256, 0, uint64(res)); errno != ESUCCESS {
+			t.Fatal(errno)
+		}
+		// The first entry is ".", 24 bytes and its name; the second "..":
+		// its inode 8 bytes into its header.
+		return binary.LittleEndian.Uint64(g.mem[buf+24+1+8:])
+	}
+	var outside, root unix.Stat_t
+	unix.Stat(outer, &outside)
+	unix.Stat(sandbox, &root)
+	for _, path := range []string{".", "sub/.."} {
+		fd, errno := g.open(preopenFd, 0, path, OflagDirectory, dirRights, 0)
+		if errno != ESUCCESS {
+			t.Fatal(errno)
+		}
+		if ino := dotdot(fd); ino == outside.Ino || ino != root.Ino {
+			t.Errorf("%q: \"..\" has inode %d; the sandbox's is %d, its parent's (outside) %d", path, ino, root.Ino, outside.Ino)
+		}
 	}
 }

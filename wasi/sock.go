@@ -188,7 +188,16 @@ func sockShutdown(d *Devices, m Mem, p []uint64) Errno {
 	f.conn.shut |= how
 	host := f.Host
 	_, errno = d.output(Effect{Kind: EffectShutdown, Call: CallSockShutdown, Fd: int32(fd), Size: int64(how)},
-		func([]byte) (uint32, Errno) { return 0, errnoOf(unix.Shutdown(host, sh)) })
+		func([]byte) (uint32, Errno) {
+			// Held, it may be performed after the devices were released:
+			// the number may be another socket's by then.
+			d.detached.RLock()
+			defer d.detached.RUnlock()
+			if d.released.Load() {
+				return 0, EBADF
+			}
+			return 0, errnoOf(unix.Shutdown(host, sh))
+		})
 	return errno
 }
 
@@ -382,11 +391,15 @@ func (d *Devices) sendDetached(host int, data []byte) (uint32, Errno) {
 	sent := 0
 	for sent < len(data) {
 		// Once the devices are released the descriptor number may belong
-		// to something else: never write to it.
+		// to something else: never write to it (detached holds Close off
+		// between the check and the write).
+		d.detached.RLock()
 		if d.released.Load() {
+			d.detached.RUnlock()
 			return uint32(sent), EBADF
 		}
 		n, err := sendOnce(host, data[sent:])
+		d.detached.RUnlock()
 		switch err {
 		case 0:
 			sent += n

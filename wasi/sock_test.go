@@ -565,3 +565,36 @@ func TestSockRecvAllocs(t *testing.T) {
 		t.Fatalf("sock_recv allocates %v times per call", n)
 	}
 }
+
+// TestHeldShutdownAfterRelease: a shutdown held by the gate and performed
+// once the devices are released (the VM ended first) must not reach the
+// socket its descriptor number belongs to by then: it shut down whatever
+// the host had opened under that number since.
+func TestHeldShutdownAfterRelease(t *testing.T) {
+	g := &holdGate{}
+	v := newSockVM(t, Config{Gate: g})
+	_, fd := v.dial()
+	if e := v.call(CallSockShutdown, uint64(fd), uint64(SdflagWr)); e != ESUCCESS {
+		t.Fatal(e)
+	}
+	f, _ := v.d.fds.Get(fd)
+	host := f.Host
+	v.d.Close()
+	// The host's next socket likely takes the freed number; make sure.
+	pair, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(pair[0])
+	defer unix.Close(pair[1])
+	if pair[0] != host {
+		if err := unix.Dup2(pair[0], host); err != nil {
+			t.Fatal(err)
+		}
+		defer unix.Close(host)
+	}
+	g.release()
+	if _, err := unix.Write(host, []byte("x")); err != nil {
+		t.Fatalf("the socket now numbered %d was shut down by the VM's held shutdown: %v", host, err)
+	}
+}
