@@ -41,6 +41,8 @@ type FD struct {
 	// Follow: the guest opened it following a symlink at the end of Path
 	// (a restore re-opens it the same way).
 	Follow bool
+	// dev and ino identify a file's host object (ghost.go).
+	dev, ino uint64
 	// Pos is the file offset of a regular file. The device layer keeps it
 	// (reads and writes are positional) so that it is plain data a snapshot
 	// can carry, and so that fd_seek and fd_tell need no system call.

@@ -657,6 +657,9 @@ func (d *Devices) loadDir(f *FD) Errno {
 				dotdot.ino = e.ino
 				continue
 			}
+			if e.name == ghostDir && d.isRoot(f, &self) {
+				continue // files the guest let go of while it held them (ghost.go)
+			}
 			if e.typ == FiletypeUnknown && rec[18] == unix.DT_UNKNOWN {
 				var st unix.Stat_t
 				if unix.Fstatat(f.Host, e.name, &st, unix.AT_SYMLINK_NOFOLLOW) == nil {
@@ -956,7 +959,8 @@ func (d *Devices) addOpened(host int, dir *FD, rel string, base, inheriting uint
 		return 0, errnoOf(err)
 	}
 	f := &FD{Kind: KindFile, Filetype: filetypeOfMode(st.Mode), Host: host, Flags: fdflags, Root: dir.Root,
-		Path: rel, Readable: readable, Writable: writable, RightsInheriting: inheriting, Follow: follow}
+		Path: rel, Readable: readable, Writable: writable, RightsInheriting: inheriting, Follow: follow,
+		dev: uint64(st.Dev), ino: st.Ino}
 	switch f.Filetype {
 	case FiletypeDirectory:
 		f.Kind = KindDir
@@ -1035,6 +1039,11 @@ func (d *Devices) remove(m Mem, p []uint64, c Call, right uint64, op FsOp, flags
 		return errno
 	}
 	defer t.close()
+	if op == FsUnlink && !t.slash && !t.dot() {
+		if errno := d.keepOpenFiles(c, fd, dir.Root, &t); errno != ESUCCESS {
+			return errno
+		}
+	}
 	_, errno = d.output(Effect{Kind: EffectFs, Call: c, Fd: int32(fd), Op: op, Root: dir.Root, Path: t.rel},
 		func([]byte) (uint32, Errno) { return 0, errnoOf(unix.Unlinkat(t.dir, t.arg(), flags)) })
 	return errno
@@ -1068,6 +1077,11 @@ func pathRename(d *Devices, m Mem, p []uint64) Errno {
 		return errno
 	}
 	defer dst.close()
+	if !dst.slash && !dst.dot() {
+		if errno := d.keepOpenFiles(CallPathRename, oldFd, newDir.Root, &dst); errno != ESUCCESS {
+			return errno
+		}
+	}
 	_, errno = d.output(Effect{Kind: EffectFs, Call: CallPathRename, Fd: int32(oldFd), Op: FsRename,
 		Root: oldDir.Root, Path: src.rel, Root2: newDir.Root, Path2: dst.rel},
 		func([]byte) (uint32, Errno) {

@@ -175,7 +175,9 @@ func fdClose(d *Devices, m Mem, p []uint64) Errno {
 		// The VM's own stdio stays open; the guest just loses its descriptor.
 		return ESUCCESS
 	}
-	return errnoOf(d.closeHost(f))
+	errno = errnoOf(d.closeHost(f))
+	d.dropGhost(fd, f)
+	return errno
 }
 
 func fdFdstatGet(d *Devices, m Mem, p []uint64) Errno {
@@ -266,6 +268,7 @@ func fdRenumber(d *Devices, m Mem, p []uint64) Errno {
 	}
 	d.fds.Set(to, f)
 	d.fds.Remove(from)
+	d.dropGhost(to, old)
 	return ESUCCESS
 }
 

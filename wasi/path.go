@@ -55,6 +55,8 @@ func checkPath(s string) Errno {
 		return EINVAL
 	case !utf8.ValidString(s):
 		return EILSEQ
+	case reservedPath(s):
+		return ENOENT // the device layer's own (ghost.go)
 	}
 	return ESUCCESS
 }

@@ -288,6 +288,7 @@ func (d *Devices) restoreFD(fs FDState, roots []int, listen map[uint32]Listener,
 			unix.Close(host)
 			return nil, fmt.Errorf("its file type is %d now, it was %d", got, fs.Filetype)
 		}
+		f.dev, f.ino = uint64(st.Dev), st.Ino
 		if fs.Filetype == FiletypeRegularFile || fs.Kind == KindDir {
 			// Blocking as path_open leaves a file; a FIFO or device stays
 			// non-blocking (its waits are the device layer's).
