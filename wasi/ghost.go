@@ -102,6 +102,10 @@ func (d *Devices) dropGhost(fd uint32, f *FD) {
 	defer unix.Close(rootFd)
 	d.output(Effect{Kind: EffectFs, Call: CallFdClose, Fd: int32(fd), Op: FsUnlink, Root: f.Root, Path: f.Path},
 		func([]byte) (uint32, Errno) { return 0, errnoOf(unix.Unlinkat(rootFd, f.Path, 0)) })
+	// The directory too, once empty (it fails, and is not journaled,
+	// while other ghosts live).
+	d.output(Effect{Kind: EffectFs, Call: CallFdClose, Fd: int32(fd), Op: FsRmdir, Root: f.Root, Path: ghostDir},
+		func([]byte) (uint32, Errno) { return 0, errnoOf(unix.Unlinkat(rootFd, ghostDir, unix.AT_REMOVEDIR)) })
 }
 
 // rootDir opens preopen root's host directory (O_PATH; the caller closes
