@@ -129,6 +129,8 @@ type Devices struct {
 	// (their wake-up written): drainPauseWake waits for the two to meet.
 	pauseAsked, pauseWoken atomic.Uint64
 	released               atomic.Bool
+	// dirBytes is what all descriptors' cached listings hold (fd.go).
+	dirBytes int
 	// detached is held (read) by outputs a gate performs off the guest's
 	// call while they check released and use a host descriptor, and
 	// (write) by Close while it sets released: no such output uses a

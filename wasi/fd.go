@@ -72,6 +72,22 @@ type FD struct {
 // cookie 0.
 type dirCache struct {
 	entries []dirEntry
+	bytes   int // what entries hold, counted in Devices.dirBytes
+}
+
+// maxDirBytes bounds the directory listings all of a VM's descriptors
+// keep at once (fd_readdir's cookies index them). Past it the others' are
+// dropped, and re-read, the same (sorted), when next asked for: a guest
+// opening one directory thousands of times and reading one entry of each
+// kept that many copies of its listing.
+const maxDirBytes = 16 << 20
+
+// dropDir forgets f's cached listing.
+func (d *Devices) dropDir(f *FD) {
+	if f.dir != nil {
+		d.dirBytes -= f.dir.bytes
+		f.dir = nil
+	}
 }
 
 // writeArgs carries a write's parameters to the descriptor's perform closure.

@@ -678,6 +678,19 @@ func (d *Devices) loadDir(f *FD) Errno {
 	slices.SortFunc(entries, func(a, b dirEntry) int { return strings.Compare(a.name, b.name) })
 	entries = slices.Insert(entries, 0, dirEntry{name: ".", ino: self.Ino, typ: FiletypeDirectory}, dotdot)
 	f.dir.entries = entries
+	n := 0
+	for _, e := range entries {
+		n += len(e.name) + int(unsafe.Sizeof(e))
+	}
+	d.dirBytes += n - f.dir.bytes
+	f.dir.bytes = n
+	if d.dirBytes > maxDirBytes {
+		d.fds.Each(func(_ uint32, o *FD) {
+			if o != f {
+				d.dropDir(o)
+			}
+		})
+	}
 	return ESUCCESS
 }
 

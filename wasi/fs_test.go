@@ -3,6 +3,7 @@ package wasi
 import (
 	"bytes"
 	"encoding/binary"
+	"fmt"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -782,5 +783,44 @@ func TestReaddirHidesThePreopensParent(t *testing.T) {
 		if ino := dotdot(fd); ino == outside.Ino || ino != root.Ino {
 			t.Errorf("%q: \"..\" has inode %d; the sandbox's is %d, its parent's (outside) %d", path, ino, root.Ino, outside.Ino)
 		}
+	}
+}
+
+// TestReaddirCachesAreBounded: each directory descriptor keeps its listing
+// for fd_readdir's cookies; a guest opening one large directory hundreds
+// of times and reading one entry of each kept hundreds of copies (the
+// host's memory, not the guest's). Past maxDirBytes in all, the others'
+// listings are dropped, and a descriptor whose listing was dropped reads
+// on from its cookie as if nothing happened.
+func TestReaddirCachesAreBounded(t *testing.T) {
+	dir := t.TempDir()
+	for i := range 500 {
+		os.WriteFile(filepath.Join(dir, fmt.Sprintf("%0200d", i)), nil, 0o644)
+	}
+	g := newGuest(t, dir, nil)
+	first := func(fd uint32, cookie uint64) (string, uint64) {
+		buf, res := g.alloc(4096), g.alloc(4)
+		if errno := g.call(fdReaddir, uint64(fd), uint64(buf), 4096, cookie, uint64(res)); errno != ESUCCESS {
+			t.Fatal(errno)
+		}
+		n := binary.LittleEndian.Uint32(g.mem[buf+16:])
+		return string(g.mem[buf+sizeDirent : buf+sizeDirent+n]), binary.LittleEndian.Uint64(g.mem[buf:])
+	}
+	var fds []uint32
+	for range 300 { // 300 listings of ~130 KiB: 39 MiB unbounded
+		fd, errno := g.open(preopenFd, 0, ".", OflagDirectory, dirRights, 0)
+		if errno != ESUCCESS {
+			t.Fatal(errno)
+		}
+		first(fd, 0)
+		fds = append(fds, fd)
+	}
+	if g.d.dirBytes > maxDirBytes+200<<10 {
+		t.Fatalf("the descriptors' listings hold %d bytes, bound %d", g.d.dirBytes, maxDirBytes)
+	}
+	// The first descriptor's listing was dropped: it reads on.
+	name, next := first(fds[0], 5)
+	if want := fmt.Sprintf("%0200d", 3); name != want || next != 6 {
+		t.Fatalf("from cookie 5 after its listing was dropped: %.12s… (next %d), want %.12s… (next 6)", name, next, want)
 	}
 }

@@ -176,6 +176,7 @@ func fdClose(d *Devices, m Mem, p []uint64) Errno {
 		return ESUCCESS
 	}
 	errno = errnoOf(d.closeHost(f))
+	d.dropDir(f)
 	d.dropGhost(fd, f)
 	return errno
 }
@@ -268,6 +269,7 @@ func fdRenumber(d *Devices, m Mem, p []uint64) Errno {
 	}
 	d.fds.Set(to, f)
 	d.fds.Remove(from)
+	d.dropDir(old)
 	d.dropGhost(to, old)
 	return ESUCCESS
 }
