@@ -133,24 +133,8 @@ func TestSnapshotBeforeFirstSafePoint(t *testing.T) {
 // instrumentation differs (another wasm-opt, other options) is a clear
 // error, not a guest rewound into code its stack does not describe.
 func TestRestoreChecksInstrumentation(t *testing.T) {
-	mod := hello(t)
 	ctx := context.Background()
-	stdinR, stdinW, err := os.Pipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer stdinW.Close()
-	m, err := machine.New(ctx, machine.Config{Module: mod, Name: "hello", Args: []string{"stdin"},
-		Stdin: stdinR, Stdout: io.Discard, Stderr: io.Discard, CacheDir: t.TempDir(), Instrument: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close(ctx)
-	go m.Run(ctx)
-	s, err := m.Capture(ctx, machine.SnapshotOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	mod, s := captureHello(t)
 	if !bytes.Contains(s.Devices, []byte(`"instrumented_sha256":"`)) {
 		t.Fatalf("the device state does not record the instrumented module: %s", s.Devices)
 	}
@@ -179,7 +163,7 @@ func TestRestoreChecksInstrumentation(t *testing.T) {
 		t.Fatalf("the same instrumentation: %v", err)
 	}
 	forged := bytes.Replace(s.Devices, []byte(`"instrumented_sha256":"`), []byte(`"instrumented_sha256":"0`), 1)
-	err = restore(forged)
+	err := restore(forged)
 	var me *machine.ModuleError
 	if !errors.As(err, &me) || !strings.Contains(err.Error(), "instrumented") {
 		t.Fatalf("another instrumentation: %v", err)
@@ -192,24 +176,8 @@ func TestRestoreChecksInstrumentation(t *testing.T) {
 // trapped at once; the second restored, and every later capture of the VM
 // failed (a Remus primary restored so could never checkpoint).
 func TestRestoreChecksGlobals(t *testing.T) {
-	mod := hello(t)
 	ctx := context.Background()
-	stdinR, stdinW, err := os.Pipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer stdinW.Close()
-	m, err := machine.New(ctx, machine.Config{Module: mod, Name: "hello", Args: []string{"stdin"},
-		Stdin: stdinR, Stdout: io.Discard, Stderr: io.Discard, CacheDir: t.TempDir(), Instrument: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close(ctx)
-	go m.Run(ctx)
-	s, err := m.Capture(ctx, machine.SnapshotOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	mod, s := captureHello(t)
 	var buf bytes.Buffer
 	if err := s.Encode(&buf); err != nil {
 		t.Fatal(err)
@@ -249,4 +217,29 @@ func TestRestoreChecksGlobals(t *testing.T) {
 	}); err == nil || !strings.Contains(err.Error(), "of type") {
 		t.Fatalf("a state with global %d of another type: %v", s.Globals[0].Index, err)
 	}
+}
+
+// captureHello captures the hello guest waiting on its stdin (a pipe kept
+// open until the test ends) and returns its module and the snapshot.
+func captureHello(t *testing.T) ([]byte, *snapshot.Snapshot) {
+	t.Helper()
+	mod := hello(t)
+	ctx := context.Background()
+	stdinR, stdinW, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { stdinW.Close() })
+	m, err := machine.New(ctx, machine.Config{Module: mod, Name: "hello", Args: []string{"stdin"},
+		Stdin: stdinR, Stdout: io.Discard, Stderr: io.Discard, CacheDir: t.TempDir(), Instrument: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close(ctx) })
+	go m.Run(ctx)
+	s, err := m.Capture(ctx, machine.SnapshotOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return mod, s
 }

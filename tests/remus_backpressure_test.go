@@ -40,24 +40,7 @@ func TestRemusBackPressure(t *testing.T) {
 	const requests = 2000 // 16 MB of replies
 	px.freeze()
 	var got atomic.Int64
-	readDone := make(chan error, 1)
-	go func() {
-		r := bufio.NewReaderSize(k.c, 64<<10)
-		for i := 0; i < requests; i++ {
-			k.c.SetReadDeadline(time.Now().Add(60 * time.Second))
-			line, err := r.ReadString('\n')
-			if err != nil {
-				readDone <- err
-				return
-			}
-			if line != "VALUE "+val+"\n" {
-				readDone <- fmt.Errorf("reply %d: %.40q...", i, line)
-				return
-			}
-			got.Add(1)
-		}
-		readDone <- nil
-	}()
+	readDone := readReplies(k, requests, "VALUE "+val+"\n", &got)
 	go func() {
 		w := bufio.NewWriter(k.c)
 		for i := 0; i < requests; i++ {
@@ -133,23 +116,7 @@ func TestRemusDiskJournalBackPressure(t *testing.T) {
 
 	px.freeze()
 	var got atomic.Int64
-	readDone := make(chan error, 1)
-	go func() {
-		for i := 0; i < writes; i++ {
-			k.c.SetReadDeadline(time.Now().Add(60 * time.Second))
-			line, err := k.r.ReadString('\n')
-			if err != nil {
-				readDone <- err
-				return
-			}
-			if line != "OK\n" {
-				readDone <- fmt.Errorf("reply %d: %.40q", i, line)
-				return
-			}
-			got.Add(1)
-		}
-		readDone <- nil
-	}()
+	readDone := readReplies(k, writes, "OK\n", &got)
 	go func() {
 		w := bufio.NewWriter(k.c)
 		for i := 0; i < writes; i++ {
@@ -229,4 +196,28 @@ func checkHeldBack(t *testing.T, got int64, st map[string]any) {
 	if st["stalls"].(float64) < 1 {
 		t.Errorf("the guest was never stalled: %v", st)
 	}
+}
+
+// readReplies reads n reply lines from k in the background, each of which
+// must be want, counting them in got. The channel gets the first error, or
+// nil after the last.
+func readReplies(k *kvConn, n int, want string, got *atomic.Int64) <-chan error {
+	done := make(chan error, 1)
+	go func() {
+		for i := 0; i < n; i++ {
+			k.c.SetReadDeadline(time.Now().Add(60 * time.Second))
+			line, err := k.r.ReadString('\n')
+			if err != nil {
+				done <- err
+				return
+			}
+			if line != want {
+				done <- fmt.Errorf("reply %d: %.40q", i, line)
+				return
+			}
+			got.Add(1)
+		}
+		done <- nil
+	}()
+	return done
 }
