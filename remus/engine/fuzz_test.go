@@ -166,6 +166,9 @@ func FuzzBackup(f *testing.F) {
 			// The session of the last commit (seq), and of the one
 			// before it.
 			seqSess, prevSess uint64
+			// wantFull: WantFull was stepped and no full checkpoint
+			// committed since.
+			wantFull bool
 		)
 		for i := 0; i+1 < len(data); i += 2 {
 			op, arg := data[i]%8, data[i+1]
@@ -211,6 +214,12 @@ func FuzzBackup(f *testing.F) {
 				}
 				ev = e
 			case 7:
+				if arg&1 == 0 {
+					// The driver's disk failed: a full checkpoint next.
+					ev = WantFull{now, "disk"}
+					wantFull = true
+					break
+				}
 				// The driver cannot resume what was committed.
 				ev = Unresumable{now, "unresumable"}
 			}
@@ -266,8 +275,9 @@ func FuzzBackup(f *testing.F) {
 				}
 				if ck.Full {
 					full[ck.Session] = true
-				} else if !full[ck.Session] || !has || seq != c-1 {
-					t.Fatalf("incremental %d on %v %d", c, has, seq)
+					wantFull = false
+				} else if !full[ck.Session] || !has || seq != c-1 || wantFull {
+					t.Fatalf("incremental %d on %v %d (a full one wanted: %v)", c, has, seq, wantFull)
 				}
 				prevHas, prevSeq, prevSess = has, seq, seqSess
 				has, seq, seqSess = true, c, ck.Session
