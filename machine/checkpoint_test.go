@@ -3,6 +3,7 @@ package machine_test
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"io"
 	"os"
@@ -167,6 +168,20 @@ func TestRestoreChecksInstrumentation(t *testing.T) {
 	var me *machine.ModuleError
 	if !errors.As(err, &me) || !strings.Contains(err.Error(), "instrumented") {
 		t.Fatalf("another instrumentation: %v", err)
+	}
+	// A state that does not say (made by another tool): refused too, as
+	// its stack cannot be checked; it was restored unchecked.
+	var devs map[string]any
+	if err := json.Unmarshal(s.Devices, &devs); err != nil {
+		t.Fatal(err)
+	}
+	delete(devs, "instrumentation")
+	unsaid, _ := json.Marshal(devs)
+	if bytes.Contains(unsaid, []byte("instrumented_sha256")) {
+		t.Fatalf("the record is elsewhere in %s", unsaid)
+	}
+	if err := restore(unsaid); !errors.As(err, &me) || !strings.Contains(err.Error(), "does not record") {
+		t.Fatalf("no instrumentation recorded: %v", err)
 	}
 }
 

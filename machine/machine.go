@@ -211,6 +211,11 @@ func (p *Program) instrumentation() *wasi.Instrumentation {
 	return &wasi.Instrumentation{LoopPolls: p.inst.LoopPolls, Module: p.instrumentedHash()}
 }
 
+// noInstrumentation is why a state that does not name the instrumented
+// module it was captured from is refused: its stack could be of any code.
+const noInstrumentation = "the snapshot does not record the instrumented module it was captured from, " +
+	"so its saved stack cannot be checked against this one (made by another tool?)"
+
 func instrumentationMismatch(want *wasi.Instrumentation, p *Program) string {
 	return fmt.Sprintf("was captured running an instrumented module (sha256 %.12s, loop polls %v) that differs from "+
 		"the one instrumented here (sha256 %.12s, loop polls %v): the wasm-opt version or the instrumentation options "+
@@ -273,9 +278,11 @@ func Prepare(ctx context.Context, cfg Config) (*Program, error) {
 		polls := cfg.LoopPolls
 		var want *wasi.Instrumentation
 		if cfg.Restore != nil {
-			if want = wasi.InstrumentationOf(cfg.Restore.Devices); want != nil {
-				polls = want.LoopPolls
+			if want = wasi.InstrumentationOf(cfg.Restore.Devices); want == nil {
+				notice.Stop()
+				return nil, &ModuleError{Module: cfg.Name, Reason: noInstrumentation}
 			}
+			polls = want.LoopPolls
 		}
 		p.inst, err = instrument.InstrumentWith(ctx, cfg.Module, dir, instrument.Options{LoopPolls: polls})
 		notice.Stop()
@@ -338,7 +345,11 @@ func New(ctx context.Context, cfg Config) (*Machine, error) {
 	} else if cfg.Restore != nil {
 		// A program prepared in advance (a Remus backup's) must be the
 		// instrumented code the state was captured from.
-		if want := wasi.InstrumentationOf(cfg.Restore.Devices); want != nil && want.Module != prog.instrumentedHash() {
+		want := wasi.InstrumentationOf(cfg.Restore.Devices)
+		if want == nil {
+			return nil, &ModuleError{Module: prog.name, Reason: noInstrumentation}
+		}
+		if want.Module != prog.instrumentedHash() {
 			return nil, &ModuleError{Module: prog.name, Reason: instrumentationMismatch(want, prog)}
 		}
 	}

@@ -1,12 +1,17 @@
 package remus
 
 import (
+	"context"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/ftvm/ftvm/remus/engine"
+	"github.com/ftvm/ftvm/remus/wire"
+	"github.com/ftvm/ftvm/transport"
 	"github.com/ftvm/ftvm/wasi"
+
+	"golang.org/x/sys/unix"
 )
 
 // finishRig is a primary whose guest ended with output held, protected by
@@ -113,7 +118,15 @@ func TestFinishReleasesOnlyWhatTheBackupCannotResume(t *testing.T) {
 		r.p.sess = nil
 		r.p.mu.Unlock()
 		r.state(engine.Connecting)
+		// Waiting for the verdict, not spinning: a closed channel of the
+		// lost session kept waking the loop (a core at 100% for up to
+		// twice the timeout and the ack timeout).
+		before := cpuTime(t)
 		r.quiet(t, "while connecting")
+		time.Sleep(250 * time.Millisecond)
+		if used := cpuTime(t) - before; used > 150*time.Millisecond {
+			t.Fatalf("Finish used %v of CPU in 300 ms of waiting for a verdict", used)
+		}
 		r.state(engine.Unprotected) // the backup not heard for the timeout
 		<-r.finished
 		if !r.released.Load() {
@@ -135,4 +148,78 @@ func TestFinishReleasesOnlyWhatTheBackupCannotResume(t *testing.T) {
 			t.Fatal("output released without the backup's ack or its being given up")
 		}
 	})
+}
+
+// cpuTime is this process's user and system time so far.
+func cpuTime(t *testing.T) time.Duration {
+	t.Helper()
+	var ru unix.Rusage
+	if err := unix.Getrusage(unix.RUSAGE_SELF, &ru); err != nil {
+		t.Fatal(err)
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// TestStoppedPrimaryEndsItsSession: when Run stops, the backup session
+// ends with it. Its receiver waited on the connection, and the sender and
+// heartbeater with it, for as long as the backup kept the connection open
+// (for ever, for a backup or proxy that does).
+func TestStoppedPrimaryEndsItsSession(t *testing.T) {
+	ln, err := transport.Listen("127.0.0.1:0", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	ended := make(chan error, 1)
+	go func() {
+		nc, err := ln.Accept()
+		if err != nil {
+			ended <- err
+			return
+		}
+		c := transport.NewConn(nc, transport.Options{})
+		defer c.Close()
+		if _, err := wire.Recv(c); err != nil { // the Hello
+			ended <- err
+			return
+		}
+		wire.SendFlush(c, &wire.Welcome{Session: 1, Timeout: time.Minute})
+		for { // then only reads, keeping the connection open
+			if _, err := wire.Recv(c); err != nil {
+				ended <- err
+				return
+			}
+		}
+	}()
+	p, err := NewPrimary(PrimaryConfig{Backup: ln.Addr().String(), Engine: engine.Config{Timeout: time.Minute}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.hello = wire.Hello{Version: wire.Version, VM: p.cfg.VM, Term: 1, Timeout: time.Minute}
+	ctx, cancel := context.WithCancel(context.Background())
+	dialed := make(chan struct{})
+	go func() { p.dialer(ctx, nil, "fake"); close(dialed) }()
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		p.mu.Lock()
+		up := p.sess != nil
+		p.mu.Unlock()
+		if up {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("no session")
+		}
+	}
+	cancel() // as Run's end does
+	close(p.stop)
+	select {
+	case <-ended:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the backup's connection stayed open after the primary stopped")
+	}
+	select {
+	case <-dialed:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the dialer went on after the primary stopped")
+	}
 }

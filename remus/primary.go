@@ -634,6 +634,7 @@ func (p *Primary) Finish(code uint32) {
 	defer giveUp.Stop()
 	var (
 		told     *session // the session the Exit went to last
+		toldLost bool     // and it ended before acknowledging it
 		ackd     chan struct{}
 		seq      uint64
 		ops      []wire.FsOp
@@ -669,13 +670,14 @@ func (p *Primary) Finish(code uint32) {
 			p.ending.Store(true)
 			select {
 			case s.queue <- &exitItem{exit: wire.Exit{Seq: seq, Code: code}, ops: ops}:
-				told, ackd = s, done
+				told, toldLost, ackd = s, false, done
 			case <-s.done:
+				told, toldLost = s, true // ended already: wait for the next
 			}
 		}
 		var lost <-chan struct{}
-		if told != nil {
-			lost = told.done
+		if told != nil && !toldLost {
+			lost = told.done // closed for good once it ends: watched once
 		}
 		select {
 		case <-ackd:
@@ -684,7 +686,7 @@ func (p *Primary) Finish(code uint32) {
 			select {
 			case <-ackd: // acknowledged just before the session ended
 			default:
-				ackd = nil // wait for the verdict, or for a next session to tell
+				ackd, toldLost = nil, true // wait for the verdict, or for a next session to tell
 				continue
 			}
 		case <-p.published:
@@ -901,7 +903,12 @@ func (p *Primary) dialer(ctx context.Context, module []byte, name string) {
 				"backup_timeout", s.peerTimeout, "timeout", p.cfg.Engine.Timeout)
 		}
 		p.send(engine.Connected{Now: p.now(), Session: s.id, PeerTimeout: s.peerTimeout})
+		// Run stopping ends the session: its receiver would otherwise
+		// wait on a backup that keeps the connection open, with the
+		// sender and heartbeater, for ever.
+		unwatch := context.AfterFunc(ctx, s.close)
 		s.receiver(p) // until the connection ends
+		unwatch()
 		s.close()
 		sent += s.conn.Stats().BytesSent
 		p.mu.Lock()
