@@ -299,17 +299,42 @@ func (m *Machine) pauseWanted() bool { return m.ctl.want.Load() > 0 }
 // the queued pausers' work on the stopped VM, and reports whether the VM
 // must end here.
 func (m *Machine) stopped(ctx context.Context) (stop bool) {
-	m.dev.ClearPause()
 	c := &m.ctl
+	// The device's pause flag is raised and cleared under c.mu, with the
+	// queue: cleared outside it, a request queued meanwhile and taken in
+	// this pause left the flag up with nothing queued, and a guest blocked
+	// in a wait woke, restarted and woke again at 100% of a core.
 	c.mu.Lock()
+	m.dev.ClearPause()
 	jobs := c.queue
 	c.queue = nil
 	c.want.Add(-int32(len(jobs)))
 	c.mu.Unlock()
 	p := &Paused{m: m}
+	var panicked any
 	for _, j := range jobs {
-		j.err = j.fn(p)
+		// A job that panics fails the VM (below), but its caller and
+		// those of the jobs after it are answered (endControl answers
+		// the finished), not left waiting for ever.
+		func() {
+			defer func() {
+				if r := recover(); r != nil {
+					j.err = fmt.Errorf("the pause's work failed: %v", r)
+					if panicked == nil {
+						panicked = r
+					}
+				}
+			}()
+			if panicked != nil {
+				j.err = ErrNotRunning
+				return
+			}
+			j.err = j.fn(p)
+		}()
 		m.finished = append(m.finished, j)
+	}
+	if panicked != nil {
+		panic(panicked)
 	}
 	return c.stop || ctx.Err() != nil
 }
@@ -358,6 +383,9 @@ func (m *Machine) WithPaused(ctx context.Context, fn func(p *Paused) error) erro
 		if q == job {
 			c.queue = append(c.queue[:i], c.queue[i+1:]...)
 			c.want.Add(-1)
+			if len(c.queue) == 0 {
+				m.dev.ClearPause() // nothing left to pause for
+			}
 			c.mu.Unlock()
 			return ctx.Err()
 		}
@@ -377,8 +405,8 @@ func (m *Machine) queuePause(job *pauseJob) error {
 	}
 	c.queue = append(c.queue, job)
 	c.want.Add(1)
+	m.dev.RequestPause() // under c.mu: see stopped
 	c.mu.Unlock()
-	m.dev.RequestPause()
 	return nil
 }
 
@@ -598,7 +626,10 @@ func (m *Machine) CollectAhead(dst []uint32, copy func(mem []byte, pages []uint3
 
 // collectAhead is CollectAhead for view's consumer.
 func (m *Machine) collectAhead(view int, dst []uint32, copy func(mem []byte, pages []uint32) error) (pages []uint32, ok bool, err error) {
-	a, isA := m.tracker.(dirty.Aheader)
+	m.mu.Lock()
+	tracker := m.tracker
+	m.mu.Unlock()
+	a, isA := tracker.(dirty.Aheader)
 	lm := m.alloc.memory()
 	if !isA || lm == nil {
 		return dst, false, nil
@@ -711,18 +742,22 @@ func (m *Machine) startTracking() {
 	// paused, which is what they require.
 	t, err := dirty.New(lm.region, dirty.Options{Used: lm.size.Load(), HotPages: true})
 	if err == nil {
-		m.tracker = t
 		// A restored VM's next incremental snapshot builds on the one it
 		// was restored from, whose memory is the tracker's baseline: the
 		// snapshots' view must hear of every page another consumer (a
 		// checkpoint stream) collects from now on, not only after its
 		// own first collection.
+		m.viewsMu.Lock()
 		m.views[viewSnapshots].active = m.cfg.Restore != nil
+		m.viewsMu.Unlock()
 		lm.beforeFree = func() { t.Close() }
 		if r := t.Reason(); r != "" {
 			slog.Warn("dirty-page tracking falls back to page hashing", "reason", r)
 		}
 		m.mu.Lock()
+		// Under m.mu: CollectAhead, on another goroutine (an API
+		// snapshot request), may ask for it as the VM starts.
+		m.tracker = t
 		m.trackerKind = t.Kind()
 		m.warm = nil
 		if w, ok := t.(dirty.Warmer); ok {

@@ -8,10 +8,13 @@ import (
 	"io"
 	"os"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/ftvm/ftvm/internal/guest"
+
+	"golang.org/x/sys/unix"
 )
 
 // TestPauseIncludesAfterResume: the guest waits for what a pauser queued
@@ -197,5 +200,107 @@ func TestCollectAheadKeepsEveryViewExact(t *testing.T) {
 	m.WithPaused(ctx, func(p *Paused) error { p.Stop(); return nil })
 	if err := <-done; err != nil && !errors.Is(err, ErrStopped) {
 		t.Fatal(err)
+	}
+}
+
+// TestPauseFlagNotLeftRaised: many goroutines asking for pauses of a guest
+// blocked reading its stdin. The device's pause flag was raised after the
+// request was queued, outside the lock, so a pause could take the job
+// first and the flag stayed up with nothing to pause for: the blocked
+// guest woke, restarted its read and woke again, at 100% of a core.
+func TestPauseFlagNotLeftRaised(t *testing.T) {
+	mod, err := os.ReadFile(guest.MustGo(t, "testdata/guests/hello"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := New(context.Background(), Config{Module: mod, Name: "hello", Args: []string{"stdin"}, Stdout: io.Discard,
+		Stderr: io.Discard, Stdin: r, CacheDir: t.TempDir(), Instrument: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { _, err := m.Run(context.Background()); done <- err }()
+	defer func() { w.Write([]byte("x\n")); w.Close(); <-done; m.Close(context.Background()); r.Close() }()
+	for deadline := time.Now().Add(time.Minute); !m.dev.Waiting(); time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the guest never waited on its stdin")
+		}
+	}
+	for round := range 60 {
+		var wg sync.WaitGroup
+		for range 8 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				var chs []<-chan error
+				for range 200 {
+					chs = append(chs, m.PauseAsync(func(*Paused) error { return nil }))
+				}
+				for _, c := range chs {
+					<-c
+				}
+			}()
+		}
+		wg.Wait()
+		time.Sleep(2 * time.Millisecond)
+		if m.ctl.want.Load() == 0 && m.dev.PauseRequested() {
+			before := cpuTime(t)
+			time.Sleep(100 * time.Millisecond)
+			t.Fatalf("round %d: the pause flag is up with no pause wanted; the blocked guest used %v of CPU in 100 ms",
+				round, cpuTime(t)-before)
+		}
+	}
+}
+
+// cpuTime is this process's user and system time so far.
+func cpuTime(t *testing.T) time.Duration {
+	t.Helper()
+	var ru unix.Rusage
+	if err := unix.Getrusage(unix.RUSAGE_SELF, &ru); err != nil {
+		t.Fatal(err)
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// TestPauseJobThatPanics: work done in a pause that panics fails the VM,
+// and its caller, and those of the other work queued in that pause, are
+// answered with an error instead of waiting for ever (a WithPaused whose
+// job was taken waits for it whatever its context says; an API snapshot
+// held the snapshot lock meanwhile, and every later one hung too).
+func TestPauseJobThatPanics(t *testing.T) {
+	ctx := context.Background()
+	m := newDirtier(t, "8", "1", "100000", "100")
+	ran := make(chan error, 1)
+	go func() { _, err := m.Run(ctx); ran <- err }()
+	if err := m.WithPaused(ctx, func(*Paused) error { return nil }); err != nil {
+		t.Fatal(err)
+	}
+	after := m.PauseAsync(func(*Paused) error { return nil })
+	answered := make(chan error, 1)
+	go func() { answered <- m.WithPaused(ctx, func(*Paused) error { panic("boom") }) }()
+	select {
+	case err := <-answered:
+		if err == nil {
+			t.Fatal("the panicking job's caller was told it succeeded")
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the panicking job's caller was never answered")
+	}
+	select {
+	case <-after:
+	case <-time.After(10 * time.Second):
+		t.Fatal("a job queued beside it was never answered")
+	}
+	select {
+	case err := <-ran:
+		if err == nil || !strings.Contains(err.Error(), "boom") {
+			t.Fatalf("the VM ended with %v, want the panic", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the VM went on after its pause's work panicked")
 	}
 }

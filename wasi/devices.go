@@ -397,6 +397,10 @@ func (d *Devices) Waiting() bool { return d.waiting.Load() }
 // ClearPause ends a RequestPause.
 func (d *Devices) ClearPause() { d.pause.Store(false) }
 
+// PauseRequested says whether the pause flag is up (RequestPause, not yet
+// ClearPause).
+func (d *Devices) PauseRequested() bool { return d.pause.Load() }
+
 // Stop makes every blocking wait return at once and forever after (EINTR),
 // so that a VM being shut down never waits on guest I/O.
 func (d *Devices) Stop() {
