@@ -176,6 +176,18 @@ func TestIncrementalChain(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// A restore refused by a check leaves the image whole, for another
+	// try (it was taken over before the checks: its memory then unmapped).
+	globals := kept.Globals
+	kept.Globals = globals[1:]
+	if _, err := Run(ctx, Config{Program: prog, Restore: kept, RestoreMemory: mi, Stdout: io.Discard, Stderr: io.Discard}); err == nil ||
+		!strings.Contains(err.Error(), "lacks mutable global") {
+		t.Fatalf("a state without a global: %v", err)
+	}
+	kept.Globals = globals
+	if !bytes.Equal(kept.Memory, img.Memory) {
+		t.Fatal("a refused restore spent the memory image")
+	}
 	var adopted bytes.Buffer
 	code, err = Run(ctx, Config{Program: prog, Restore: kept, RestoreMemory: mi, Stdout: &adopted, Stderr: &adopted})
 	if err != nil || code != 0 {

@@ -784,16 +784,8 @@ func (m *Machine) restoreState(ctx context.Context, mod api.Module, img *snapsho
 	if uint64(len(buf)) != uint64(len(img.Memory)) {
 		return fmt.Errorf("memory is %s, the snapshot's %s", FormatSize(uint64(len(buf))), FormatSize(uint64(len(img.Memory))))
 	}
-	if im := m.cfg.RestoreMemory; im != nil {
-		if len(im.Bytes()) != len(img.Memory) || (len(buf) > 0 && &im.Bytes()[0] != &img.Memory[0]) {
-			return errors.New("the restore memory image is not the snapshot image's memory")
-		}
-		if err := im.moveInto(buf); err != nil {
-			return err
-		}
-	} else {
-		copy(buf, img.Memory)
-	}
+	// Everything is checked before the memory is taken: a failed check
+	// must leave the image (a Remus backup's, kept for another try) whole.
 	byIndex := map[uint32]global{}
 	for _, g := range m.globals {
 		byIndex[g.Index] = g
@@ -818,19 +810,30 @@ func (m *Machine) restoreState(ctx context.Context, mod api.Module, img *snapsho
 		if snapshot.ValType(g.Type) != sg.Type {
 			return fmt.Errorf("global %d is of type %v in the snapshot, %v in the module", sg.Index, sg.Type, snapshot.ValType(g.Type))
 		}
-		if !g.Mutable {
-			if g.value.Get() != sg.Value {
-				return fmt.Errorf("immutable global %d differs from the snapshot's", sg.Index)
-			}
-			continue
+		if !g.Mutable && g.value.Get() != sg.Value {
+			return fmt.Errorf("immutable global %d differs from the snapshot's", sg.Index)
 		}
-		g.value.(api.MutableGlobal).Set(sg.Value)
 	}
 	// The region was the top of memory, of the size borrowed in a memory
 	// of this length.
 	size := uint64(scratchFor(len(buf)))
 	if size == 0 || img.StackAddr != uint64(len(buf))-size {
 		return fmt.Errorf("the snapshot's stack address %#x is not where a pause in %d bytes of memory puts it", img.StackAddr, len(buf))
+	}
+	if im := m.cfg.RestoreMemory; im != nil {
+		if len(im.Bytes()) != len(img.Memory) || (len(buf) > 0 && &im.Bytes()[0] != &img.Memory[0]) {
+			return errors.New("the restore memory image is not the snapshot image's memory")
+		}
+		if err := im.moveInto(buf); err != nil {
+			return err
+		}
+	} else {
+		copy(buf, img.Memory)
+	}
+	for _, sg := range img.Globals {
+		if g := byIndex[sg.Index]; g.Mutable {
+			g.value.(api.MutableGlobal).Set(sg.Value)
+		}
 	}
 	m.stack = stackState{addr: uint32(img.StackAddr), end: uint32(len(buf)),
 		blob: append([]byte(nil), img.Stack...)}
