@@ -188,6 +188,10 @@ func TestIncrementalChain(t *testing.T) {
 	if !bytes.Equal(kept.Memory, img.Memory) {
 		t.Fatal("a refused restore spent the memory image")
 	}
+	// (The refused VM owned the program: a new one.)
+	if prog, err = Prepare(ctx, Config{Module: mod, Name: "dirtier", Instrument: true, CacheDir: t.TempDir()}); err != nil {
+		t.Fatal(err)
+	}
 	var adopted bytes.Buffer
 	code, err = Run(ctx, Config{Program: prog, Restore: kept, RestoreMemory: mi, Stdout: &adopted, Stderr: &adopted})
 	if err != nil || code != 0 {
