@@ -13,6 +13,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"path/filepath"
 	"sync/atomic"
 	"time"
 
@@ -153,12 +154,8 @@ func Listen(path string, vm VM, routes ...Route) (*Server, error) {
 		}
 		os.Remove(path)
 	}
-	ln, err := net.Listen("unix", path)
+	ln, err := listenPrivate(path)
 	if err != nil {
-		return nil, fmt.Errorf("api socket: %w", err)
-	}
-	if err := os.Chmod(path, 0o600); err != nil {
-		ln.Close()
 		return nil, fmt.Errorf("api socket: %w", err)
 	}
 	if vm == nil {
@@ -166,13 +163,46 @@ func Listen(path string, vm VM, routes ...Route) (*Server, error) {
 	}
 	sw := &swapVM{}
 	sw.vm.Store(vmBox{vm})
-	s := &Server{path: path, ln: ln, vm: sw, srv: &http.Server{Handler: Handler(sw, routes...), ReadHeaderTimeout: 5 * time.Second}}
+	// A client that trickles its request, or idles between requests,
+	// must not hold a goroutine and a descriptor for ever. (No write
+	// timeout: a snapshot's response comes once its file is written.)
+	s := &Server{path: path, ln: ln, vm: sw, srv: &http.Server{Handler: Handler(sw, routes...),
+		ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 30 * time.Second, IdleTimeout: 2 * time.Minute}}
 	go func() {
 		if err := s.srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			slog.Error("api server stopped", "err", err)
 		}
 	}()
 	return s, nil
+}
+
+// listenPrivate binds a unix socket at path that only this user can reach
+// from the moment it exists: it is bound in a new directory of mode 0700
+// beside path, made 0600, then renamed into place (bound at path, then
+// chmodded, it was open to other users in between under a lax umask).
+func listenPrivate(path string) (net.Listener, error) {
+	dir, err := os.MkdirTemp(filepath.Dir(path), ".api-sock-")
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(dir)
+	tmp := filepath.Join(dir, "s")
+	ln, err := net.Listen("unix", tmp)
+	if err != nil {
+		return nil, err
+	}
+	// The name it was bound at is gone once renamed: Close must not
+	// unlink whatever has that name then (Server.Close removes path).
+	ln.(*net.UnixListener).SetUnlinkOnClose(false)
+	if err := os.Chmod(tmp, 0o600); err != nil {
+		ln.Close()
+		return nil, err
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		ln.Close()
+		return nil, err
+	}
+	return ln, nil
 }
 
 // SetVM makes the server serve vm from now on.

@@ -3,8 +3,10 @@ package api_test
 import (
 	"context"
 	"io"
+	"net"
 	"os"
 	"path/filepath"
+	"syscall"
 	"testing"
 	"time"
 
@@ -73,5 +75,40 @@ func TestVMInfo(t *testing.T) {
 	// A second server on the same live socket is refused.
 	if _, err := api.Listen(sock, m); err == nil {
 		t.Error("second API server on a live socket was allowed")
+	}
+}
+
+// TestSocketIsPrivateFromTheStart: under a lax umask the API socket is
+// the user's alone (it is now made so before it gets its name: bound there,
+// then chmodded, it was open to other users in between, a window no test
+// can watch), nothing of its making is left beside it, it serves, and
+// Close removes it.
+func TestSocketIsPrivateFromTheStart(t *testing.T) {
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "vm.sock")
+	old := syscall.Umask(0)
+	srv, err := api.Listen(sock, nil)
+	syscall.Umask(old)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fi, err := os.Lstat(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi.Mode()&os.ModeSocket == 0 || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("the socket is %v, want a socket of mode 0600", fi.Mode())
+	}
+	if ents, _ := os.ReadDir(dir); len(ents) != 1 {
+		t.Fatalf("%d entries beside the socket's directory, want the socket alone", len(ents))
+	}
+	c, err := net.Dial("unix", sock)
+	if err != nil {
+		t.Fatalf("the socket does not serve: %v", err)
+	}
+	c.Close()
+	srv.Close()
+	if _, err := os.Lstat(sock); !os.IsNotExist(err) {
+		t.Fatalf("the socket after Close: %v", err)
 	}
 }
