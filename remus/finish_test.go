@@ -223,3 +223,60 @@ func TestStoppedPrimaryEndsItsSession(t *testing.T) {
 		t.Fatal("the dialer went on after the primary stopped")
 	}
 }
+
+// TestFlappingBackupIsRedialedLessOften: a backup that welcomes the primary
+// and drops it at once, again and again, was redialed every 50 ms: each
+// session asked for a full checkpoint, and hearing from the backup kept the
+// primary from giving it up, so output stayed held for ever. Sessions that
+// end within the timeout now double the wait before the next, past the
+// timeout, which then gives the backup up.
+func TestFlappingBackupIsRedialedLessOften(t *testing.T) {
+	ln, err := transport.Listen("127.0.0.1:0", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	var accepted atomic.Int64
+	go func() {
+		for {
+			nc, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			accepted.Add(1)
+			c := transport.NewConn(nc, transport.Options{})
+			if _, err := wire.Recv(c); err == nil {
+				wire.SendFlush(c, &wire.Welcome{Session: 1, Timeout: 200 * time.Millisecond})
+			}
+			c.Close()
+		}
+	}()
+	const timeout = 200 * time.Millisecond
+	p, err := NewPrimary(PrimaryConfig{Backup: ln.Addr().String(), Engine: engine.Config{Timeout: timeout}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.hello = wire.Hello{Version: wire.Version, VM: p.cfg.VM, Term: 1, Timeout: timeout}
+	ctx, cancel := context.WithCancel(context.Background())
+	dialed := make(chan struct{})
+	go func() { p.dialer(ctx, nil, "fake"); close(dialed) }()
+	go func() { // the driver's side of p.events
+		for {
+			select {
+			case <-p.events:
+			case <-dialed:
+				return
+			}
+		}
+	}()
+	time.Sleep(2 * time.Second)
+	cancel()
+	close(p.stop)
+	<-dialed
+	// At 50 ms a session, about 40; doubling from 100 ms to 400 ms
+	// (twice the timeout), about 7.
+	if n := accepted.Load(); n > 12 || n < 2 {
+		t.Fatalf("%d sessions in 2 s with a backup that drops each at once", n)
+	}
+	t.Logf("%d sessions in 2 s", accepted.Load())
+}

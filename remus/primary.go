@@ -859,6 +859,7 @@ func (p *Primary) CheckpointsSince(seq uint64) (recs []CheckpointRecord, missed 
 // session ends, dials again (with a pause, so a dead backup costs little).
 func (p *Primary) dialer(ctx context.Context, module []byte, name string) {
 	backoff := 100 * time.Millisecond
+	flaps := 0 // sessions in a row that ended within the timeout
 	var sent uint64
 	for ctx.Err() == nil && !p.finished.Load() {
 		s, err := p.connect(ctx)
@@ -907,6 +908,7 @@ func (p *Primary) dialer(ctx context.Context, module []byte, name string) {
 		// wait on a backup that keeps the connection open, with the
 		// sender and heartbeater, for ever.
 		unwatch := context.AfterFunc(ctx, s.close)
+		up := time.Now()
 		s.receiver(p) // until the connection ends
 		unwatch()
 		s.close()
@@ -921,8 +923,20 @@ func (p *Primary) dialer(ctx context.Context, module []byte, name string) {
 			p.log.Debug("the guest ended and its backup was told: not redialing")
 			return
 		}
+		// A backup that welcomes and drops us again and again must not
+		// be redialed at once for ever: each new session asks for a full
+		// checkpoint, and its hearing from the backup keeps protection
+		// from being given up, so output stayed held. Waits double
+		// past the timeout, which then gives it up (loudly).
+		wait := 50 * time.Millisecond
+		if time.Since(up) < p.cfg.Engine.Timeout {
+			flaps++
+			wait = min(wait<<min(flaps, 6), 2*p.cfg.Engine.Timeout)
+		} else {
+			flaps = 0
+		}
 		select {
-		case <-time.After(50 * time.Millisecond):
+		case <-time.After(wait):
 		case <-ctx.Done():
 			return
 		}
