@@ -13,8 +13,7 @@ import (
 	"time"
 
 	"github.com/ftvm/ftvm/internal/guest"
-
-	"golang.org/x/sys/unix"
+	"github.com/ftvm/ftvm/internal/rusage"
 )
 
 // TestPauseIncludesAfterResume: the guest waits for what a pauser queued
@@ -248,23 +247,14 @@ func TestPauseFlagNotLeftRaised(t *testing.T) {
 		wg.Wait()
 		time.Sleep(2 * time.Millisecond)
 		if m.ctl.want.Load() == 0 && m.dev.PauseRequested() {
-			before := cpuTime(t)
+			before := rusage.CPU(t)
 			time.Sleep(100 * time.Millisecond)
 			t.Fatalf("round %d: the pause flag is up with no pause wanted; the blocked guest used %v of CPU in 100 ms",
-				round, cpuTime(t)-before)
+				round, rusage.CPU(t)-before)
 		}
 	}
 }
 
-// cpuTime is this process's user and system time so far.
-func cpuTime(t *testing.T) time.Duration {
-	t.Helper()
-	var ru unix.Rusage
-	if err := unix.Getrusage(unix.RUSAGE_SELF, &ru); err != nil {
-		t.Fatal(err)
-	}
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
-}
 
 // TestPauseJobThatPanics: work done in a pause that panics fails the VM,
 // and its caller, and those of the other work queued in that pause, are

@@ -6,12 +6,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ftvm/ftvm/internal/rusage"
 	"github.com/ftvm/ftvm/remus/engine"
 	"github.com/ftvm/ftvm/remus/wire"
 	"github.com/ftvm/ftvm/transport"
 	"github.com/ftvm/ftvm/wasi"
-
-	"golang.org/x/sys/unix"
 )
 
 // finishRig is a primary whose guest ended with output held, protected by
@@ -121,10 +120,10 @@ func TestFinishReleasesOnlyWhatTheBackupCannotResume(t *testing.T) {
 		// Waiting for the verdict, not spinning: a closed channel of the
 		// lost session kept waking the loop (a core at 100% for up to
 		// twice the timeout and the ack timeout).
-		before := cpuTime(t)
+		before := rusage.CPU(t)
 		r.quiet(t, "while connecting")
 		time.Sleep(250 * time.Millisecond)
-		if used := cpuTime(t) - before; used > 150*time.Millisecond {
+		if used := rusage.CPU(t) - before; used > 150*time.Millisecond {
 			t.Fatalf("Finish used %v of CPU in 300 ms of waiting for a verdict", used)
 		}
 		r.state(engine.Unprotected) // the backup not heard for the timeout
@@ -150,15 +149,6 @@ func TestFinishReleasesOnlyWhatTheBackupCannotResume(t *testing.T) {
 	})
 }
 
-// cpuTime is this process's user and system time so far.
-func cpuTime(t *testing.T) time.Duration {
-	t.Helper()
-	var ru unix.Rusage
-	if err := unix.Getrusage(unix.RUSAGE_SELF, &ru); err != nil {
-		t.Fatal(err)
-	}
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
-}
 
 // TestStoppedPrimaryEndsItsSession: when Run stops, the backup session
 // ends with it. Its receiver waited on the connection, and the sender and
