@@ -255,7 +255,6 @@ func TestPauseFlagNotLeftRaised(t *testing.T) {
 	}
 }
 
-
 // TestPauseJobThatPanics: work done in a pause that panics fails the VM,
 // and its caller, and those of the other work queued in that pause, are
 // answered with an error instead of waiting for ever (a WithPaused whose

@@ -149,7 +149,6 @@ func TestFinishReleasesOnlyWhatTheBackupCannotResume(t *testing.T) {
 	})
 }
 
-
 // TestStoppedPrimaryEndsItsSession: when Run stops, the backup session
 // ends with it. Its receiver waited on the connection, and the sender and
 // heartbeater with it, for as long as the backup kept the connection open
