@@ -147,7 +147,7 @@ func (g *holdGate) journal(e wasi.Effect, n uint32) {
 		op.Size = int64(len(op.Data))
 	}
 	g.ops = append(g.ops, op)
-	g.journaled.Add(int64(len(op.Data) + len(op.Path) + len(op.Path2) + 48))
+	g.journaled.Add(int64(op.HeldBytes()))
 }
 
 // journalBytes is the size of the running epoch's disk journal.
@@ -185,7 +185,7 @@ func (g *holdGate) drain(upTo uint64, all bool) {
 	defer g.performMu.Unlock()
 	for {
 		g.mu.Lock()
-		out := g.takeLocked(upTo, all)
+		out := g.take(upTo, all)
 		g.draining = len(out) > 0
 		g.mu.Unlock()
 		if len(out) == 0 {
@@ -198,14 +198,8 @@ func (g *holdGate) drain(upTo uint64, all bool) {
 }
 
 // take removes and returns the held outputs of epochs up to upTo (all of
-// them with all), in order (tests; the driver drains).
+// them with all), in order, for drain to perform. g.mu is held.
 func (g *holdGate) take(upTo uint64, all bool) []heldOutput {
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	return g.takeLocked(upTo, all)
-}
-
-func (g *holdGate) takeLocked(upTo uint64, all bool) []heldOutput {
 	i := 0
 	for i < len(g.held) && (all || g.held[i].epoch <= upTo) {
 		g.heldBytes -= len(g.held[i].data)

@@ -68,16 +68,12 @@ func TestGateOutputCommit(t *testing.T) {
 				if released+1 < g.epoch {
 					released += uint64(1 + rng.Intn(int(g.epoch-released-1)))
 				}
-				for _, h := range g.take(released, false) {
-					h.perform(h.data)
-				}
+				g.drain(released, false)
 			}
 		}
 		// Everything released at the end leaves, in order.
 		released = g.epoch
-		for _, h := range g.take(0, true) {
-			h.perform(h.data)
-		}
+		g.drain(0, true)
 		if fmt.Sprint(performed) != fmt.Sprint(made) {
 			t.Fatalf("seed %d: performed %d outputs out of order or lost (made %d)", seed, len(performed), len(made))
 		}
@@ -103,9 +99,7 @@ func TestGatePassThrough(t *testing.T) {
 	if len(order) != 0 {
 		t.Fatalf("output overtook held output: %v", order)
 	}
-	for _, h := range g.take(0, true) {
-		h.perform(h.data)
-	}
+	g.drain(0, true)
 	g.Output(wasi.Effect{Kind: wasi.EffectWrite, Data: []byte("direct")}, perf)
 	if fmt.Sprint(order) != "[held queued behind direct]" {
 		t.Fatalf("order %v", order)
@@ -192,7 +186,7 @@ func TestGateBackPressure(t *testing.T) {
 		t.Fatal("waitBelow returned while over the limit")
 	default:
 	}
-	g.take(1, false)
+	g.drain(1, false)
 	<-done
 }
 

@@ -200,12 +200,7 @@ func NewPrimary(cfg PrimaryConfig) (*Primary, error) {
 	p.recent = newCheckpointLog()
 	p.gate.onOutput = func() { p.event(engine.Output{Now: p.now()}) }
 	p.gate.onOverLimit = p.overLimit
-	p.gate.onQueued = func() {
-		select {
-		case p.release <- struct{}{}:
-		default:
-		}
-	}
+	p.gate.onQueued = p.wakeReleaser
 	return p, nil
 }
 
@@ -378,10 +373,7 @@ func (p *Primary) do(ctx context.Context, rd engine.PrimaryReady, module []byte,
 	p.relUpTo, p.relAll = max(p.relUpTo, rd.Release), rd.PassThrough
 	p.mu.Unlock()
 	if changed {
-		select {
-		case p.release <- struct{}{}:
-		default:
-		}
+		p.wakeReleaser()
 	}
 	if req := rd.TakeCheckpoint; req != nil {
 		p.take(*req, module, name)
@@ -789,6 +781,15 @@ func (p *Primary) stallOver() bool {
 	return held <= p.cfg.HoldLimit && p.gate.journalBytes() <= p.cfg.HoldLimit ||
 		st.State != engine.Protected.String() && st.State != engine.Syncing.String() ||
 		p.requests.Load() != p.captures.Load()
+}
+
+// wakeReleaser has the releaser drain what may leave now (it was told
+// already if a wake is pending).
+func (p *Primary) wakeReleaser() {
+	select {
+	case p.release <- struct{}{}:
+	default:
+	}
 }
 
 // releaser performs released output in order, off the guest goroutine.

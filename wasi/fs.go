@@ -621,6 +621,7 @@ func (d *Devices) loadDir(f *FD) Errno {
 	if err := unix.Fstat(f.Host, &self); err != nil {
 		return errnoOf(err)
 	}
+	atRoot := d.isRoot(f, &self)
 	if f.dir == nil {
 		f.dir = &dirCache{}
 	}
@@ -657,7 +658,7 @@ func (d *Devices) loadDir(f *FD) Errno {
 				dotdot.ino = e.ino
 				continue
 			}
-			if e.name == ghostDir && d.isRoot(f, &self) {
+			if e.name == ghostDir && atRoot {
 				continue // files the guest let go of while it held them (ghost.go)
 			}
 			if e.typ == FiletypeUnknown && rec[18] == unix.DT_UNKNOWN {
@@ -669,7 +670,7 @@ func (d *Devices) loadDir(f *FD) Errno {
 			entries = append(entries, e)
 		}
 	}
-	if d.isRoot(f, &self) {
+	if atRoot {
 		// The parent of a preopen is outside: the guest learns nothing of
 		// it. (Told by the directory itself, not its path: "sub/.." is
 		// the root too.)
