@@ -20,7 +20,6 @@ import (
 	"strings"
 	"sync"
 	"time"
-	"unsafe"
 
 	"github.com/ftvm/ftvm/internal/sysmon"
 	"github.com/ftvm/ftvm/machine"
@@ -594,7 +593,7 @@ func (s *slot) receive(id uint64, c *transport.Conn, hello *wire.Hello) {
 				fail("disk file out of place (seq %d)", m.Seq)
 				return
 			}
-			if diskBytes += uint64(len(m.Data)+len(m.Path)+len(m.Target)) + entryBytes; diskBytes > maxDiskBytes {
+			if diskBytes += m.HeldBytes(); diskBytes > maxDiskBytes {
 				fail("checkpoint %d carries more than %d bytes of disk data", m.Seq, maxDiskBytes)
 				return
 			}
@@ -702,20 +701,15 @@ func (s *slot) checkDisk(tree []wire.DiskFile, ops []wire.FsOp) error {
 	return nil
 }
 
-// opsBytes is what disk ops hold in memory, for maxDiskBytes: their data
-// and paths, and each op's own size (an op with empty paths and no data,
-// nine bytes on the wire, is a hundred in memory, and a stream of them
-// counted as nothing grew the backup by ten times what it sent).
+// opsBytes is what disk ops hold in memory, for maxDiskBytes (each op's
+// own size too: a stream of empty ops, counted as nothing, grew the backup
+// by ten times what it sent).
 func opsBytes(ops []wire.FsOp) (n uint64) {
-	for _, op := range ops {
-		n += uint64(len(op.Data)+len(op.Path)+len(op.Path2)) + entryBytes
+	for i := range ops {
+		n += ops[i].HeldBytes()
 	}
 	return n
 }
-
-// entryBytes is what a disk op or disk file costs in memory beyond its
-// data and names.
-const entryBytes = uint64(unsafe.Sizeof(wire.FsOp{}))
 
 // keepAlive tells the slot, every quarter of the timeout until the
 // returned function is called, that session id is still heard from.

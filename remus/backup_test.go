@@ -811,7 +811,7 @@ func TestBackupBoundsDiskOpsInMemory(t *testing.T) {
 	}
 	if sent == msgs {
 		t.Fatalf("the backup took %d empty disk ops (%d bytes in memory) for one checkpoint, limit %d",
-			msgs*len(ops), uint64(msgs*len(ops))*entryBytes, maxDiskBytes)
+			msgs*len(ops), uint64(msgs*len(ops))*ops[0].HeldBytes(), maxDiskBytes)
 	}
 	if m := f.next(); m != nil {
 		t.Fatalf("after %d messages of empty disk ops the backup answered %s", sent, m.Type())

@@ -26,6 +26,7 @@ import (
 	"fmt"
 	"strings"
 	"time"
+	"unsafe"
 
 	"github.com/ftvm/ftvm/snapshot"
 )
@@ -169,6 +170,14 @@ type FsOp struct {
 	Data   []byte
 }
 
+// HeldBytes is what o holds in memory: its data, its paths and itself.
+// The primary's journal (bounded by --hold-limit) and the backup (bounded
+// by what one checkpoint may carry) count it alike: an op with empty
+// paths and no data, nine bytes on the wire, is a hundred in memory.
+func (o *FsOp) HeldBytes() uint64 {
+	return uint64(len(o.Data)+len(o.Path)+len(o.Path2)) + uint64(unsafe.Sizeof(*o))
+}
+
 // DiskFile kinds.
 const (
 	FileRegular uint8 = iota + 1
@@ -189,6 +198,11 @@ type DiskFile struct {
 	Offset uint64
 	Data   []byte
 	Target string
+}
+
+// HeldBytes is what f holds in memory: its data, its names and itself.
+func (f *DiskFile) HeldBytes() uint64 {
+	return uint64(len(f.Data)+len(f.Path)+len(f.Target)) + uint64(unsafe.Sizeof(*f))
 }
 
 // CheckpointEnd closes checkpoint Seq: the snapshot's size and CRC-32C,
