@@ -149,29 +149,72 @@ func TestFinishReleasesOnlyWhatTheBackupCannotResume(t *testing.T) {
 	})
 }
 
+// fakeBackup accepts connections until the test ends, reads each one's
+// Hello and hands it to serve; it returns its address.
+func fakeBackup(t *testing.T, serve func(c *transport.Conn)) string {
+	t.Helper()
+	ln, err := transport.Listen("127.0.0.1:0", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			nc, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c := transport.NewConn(nc, transport.Options{})
+			if _, err := wire.Recv(c); err == nil { // the Hello
+				serve(c)
+			}
+			c.Close()
+		}
+	}()
+	return ln.Addr().String()
+}
+
+// startDialer runs a primary's dialer against the backup at addr, the
+// driver's end of its events drained. stop does what the end of Run does
+// and says whether the dialer then returned.
+func startDialer(t *testing.T, addr string, timeout time.Duration) (p *Primary, stop func() bool) {
+	t.Helper()
+	p, err := NewPrimary(PrimaryConfig{Backup: addr, Engine: engine.Config{Timeout: timeout}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.hello = wire.Hello{Version: wire.Version, VM: p.cfg.VM, Term: 1, Timeout: timeout}
+	ctx, cancel := context.WithCancel(context.Background())
+	dialed := make(chan struct{})
+	go func() { p.dialer(ctx, nil, "fake"); close(dialed) }()
+	go func() {
+		for {
+			select {
+			case <-p.events:
+			case <-dialed:
+				return
+			}
+		}
+	}()
+	return p, func() bool {
+		cancel()
+		close(p.stop)
+		select {
+		case <-dialed:
+			return true
+		case <-time.After(5 * time.Second):
+			return false
+		}
+	}
+}
+
 // TestStoppedPrimaryEndsItsSession: when Run stops, the backup session
 // ends with it. Its receiver waited on the connection, and the sender and
 // heartbeater with it, for as long as the backup kept the connection open
 // (for ever, for a backup or proxy that does).
 func TestStoppedPrimaryEndsItsSession(t *testing.T) {
-	ln, err := transport.Listen("127.0.0.1:0", nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
 	ended := make(chan error, 1)
-	go func() {
-		nc, err := ln.Accept()
-		if err != nil {
-			ended <- err
-			return
-		}
-		c := transport.NewConn(nc, transport.Options{})
-		defer c.Close()
-		if _, err := wire.Recv(c); err != nil { // the Hello
-			ended <- err
-			return
-		}
+	addr := fakeBackup(t, func(c *transport.Conn) {
 		wire.SendFlush(c, &wire.Welcome{Session: 1, Timeout: time.Minute})
 		for { // then only reads, keeping the connection open
 			if _, err := wire.Recv(c); err != nil {
@@ -179,15 +222,8 @@ func TestStoppedPrimaryEndsItsSession(t *testing.T) {
 				return
 			}
 		}
-	}()
-	p, err := NewPrimary(PrimaryConfig{Backup: ln.Addr().String(), Engine: engine.Config{Timeout: time.Minute}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	p.hello = wire.Hello{Version: wire.Version, VM: p.cfg.VM, Term: 1, Timeout: time.Minute}
-	ctx, cancel := context.WithCancel(context.Background())
-	dialed := make(chan struct{})
-	go func() { p.dialer(ctx, nil, "fake"); close(dialed) }()
+	})
+	p, stop := startDialer(t, addr, time.Minute)
 	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) {
 		p.mu.Lock()
 		up := p.sess != nil
@@ -199,16 +235,13 @@ func TestStoppedPrimaryEndsItsSession(t *testing.T) {
 			t.Fatal("no session")
 		}
 	}
-	cancel() // as Run's end does
-	close(p.stop)
+	stopped := stop()
 	select {
 	case <-ended:
 	case <-time.After(5 * time.Second):
 		t.Fatal("the backup's connection stayed open after the primary stopped")
 	}
-	select {
-	case <-dialed:
-	case <-time.After(5 * time.Second):
+	if !stopped {
 		t.Fatal("the dialer went on after the primary stopped")
 	}
 }
@@ -220,48 +253,17 @@ func TestStoppedPrimaryEndsItsSession(t *testing.T) {
 // end within the timeout now double the wait before the next, past the
 // timeout, which then gives the backup up.
 func TestFlappingBackupIsRedialedLessOften(t *testing.T) {
-	ln, err := transport.Listen("127.0.0.1:0", nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	var accepted atomic.Int64
-	go func() {
-		for {
-			nc, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			accepted.Add(1)
-			c := transport.NewConn(nc, transport.Options{})
-			if _, err := wire.Recv(c); err == nil {
-				wire.SendFlush(c, &wire.Welcome{Session: 1, Timeout: 200 * time.Millisecond})
-			}
-			c.Close()
-		}
-	}()
 	const timeout = 200 * time.Millisecond
-	p, err := NewPrimary(PrimaryConfig{Backup: ln.Addr().String(), Engine: engine.Config{Timeout: timeout}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	p.hello = wire.Hello{Version: wire.Version, VM: p.cfg.VM, Term: 1, Timeout: timeout}
-	ctx, cancel := context.WithCancel(context.Background())
-	dialed := make(chan struct{})
-	go func() { p.dialer(ctx, nil, "fake"); close(dialed) }()
-	go func() { // the driver's side of p.events
-		for {
-			select {
-			case <-p.events:
-			case <-dialed:
-				return
-			}
-		}
-	}()
+	var accepted atomic.Int64
+	addr := fakeBackup(t, func(c *transport.Conn) {
+		accepted.Add(1)
+		wire.SendFlush(c, &wire.Welcome{Session: 1, Timeout: timeout})
+	})
+	_, stop := startDialer(t, addr, timeout)
 	time.Sleep(2 * time.Second)
-	cancel()
-	close(p.stop)
-	<-dialed
+	if !stop() {
+		t.Fatal("the dialer went on after the primary stopped")
+	}
 	// At 50 ms a session, about 40; doubling from 100 ms to 400 ms
 	// (twice the timeout), about 7.
 	if n := accepted.Load(); n > 12 || n < 2 {

@@ -275,38 +275,3 @@ func TestGateHeldOutputIsPerformedLater(t *testing.T) {
 		t.Fatalf("the held write was performed %v, want [later]", how)
 	}
 }
-
-// TestStallGivesWayToANewCheckpoint: a pause stalled for back-pressure
-// (held output over the limit, acks awaited) ends when another checkpoint
-// is asked for: its capture is the next pause, queued behind this one. A
-// backup that restarted within the timeout asked for a full checkpoint,
-// whose ack is what would release the output: the stall waited for ever.
-func TestStallGivesWayToANewCheckpoint(t *testing.T) {
-	p, err := NewPrimary(PrimaryConfig{Backup: "127.0.0.1:1", HoldLimit: 100})
-	if err != nil {
-		t.Fatal(err)
-	}
-	p.gate.onOutput, p.gate.onOverLimit = nil, nil
-	p.gate.Output(wasi.Effect{Kind: wasi.EffectWrite, Fd: 3, Data: make([]byte, 200)},
-		func([]byte) (uint32, wasi.Errno) { return 200, wasi.ESUCCESS })
-	p.gate.endEpoch() // checkpointed, not acknowledged
-	p.requests.Add(1)
-	p.captures.Add(1) // this pause's capture
-	done := make(chan struct{})
-	go func() {
-		p.gate.waitBelow(p.stop, func() bool { return p.requests.Load() != p.captures.Load() })
-		close(done)
-	}()
-	select {
-	case <-done:
-		t.Fatal("the stall ended with 200 bytes held over a limit of 100 and no checkpoint asked for")
-	case <-time.After(50 * time.Millisecond):
-	}
-	p.requests.Add(1) // as take does
-	p.gate.nudge()
-	select {
-	case <-done:
-	case <-time.After(10 * time.Second):
-		t.Fatal("the stall went on with another checkpoint asked for")
-	}
-}

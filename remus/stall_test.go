@@ -2,6 +2,7 @@ package remus
 
 import (
 	"testing"
+	"time"
 
 	"github.com/ftvm/ftvm/remus/engine"
 	"github.com/ftvm/ftvm/wasi"
@@ -13,13 +14,7 @@ import (
 // behind the stall, and a stall that waited for a later request kept the
 // guest stopped for ever (TestRemusBackPressure hung under load).
 func TestStallEndsForACheckpointAskedBefore(t *testing.T) {
-	p, err := NewPrimary(PrimaryConfig{Backup: "127.0.0.1:1", HoldLimit: 100})
-	if err != nil {
-		t.Fatal(err)
-	}
-	p.gate.onOutput, p.gate.onOverLimit = nil, nil
-	p.gate.Output(wasi.Effect{Kind: wasi.EffectWrite, Fd: 3, Data: make([]byte, 200)},
-		func([]byte) (uint32, wasi.Errno) { return 200, wasi.ESUCCESS })
+	p := heldOverLimit(t)
 	state := func(s engine.PrimaryState) {
 		p.mu.Lock()
 		p.status.State = s.String()
@@ -41,4 +36,47 @@ func TestStallEndsForACheckpointAskedBefore(t *testing.T) {
 	if !p.stallOver() {
 		t.Fatal("the stall goes on with protection given up")
 	}
+}
+
+// TestStallGivesWayToANewCheckpoint: a pause stalled for back-pressure
+// (held output over the limit, acks awaited) ends when another checkpoint
+// is asked for: its capture is the next pause, queued behind this one. A
+// backup that restarted within the timeout asked for a full checkpoint,
+// whose ack is what would release the output: the stall waited for ever.
+func TestStallGivesWayToANewCheckpoint(t *testing.T) {
+	p := heldOverLimit(t)
+	p.gate.endEpoch() // checkpointed, not acknowledged
+	p.requests.Add(1)
+	p.captures.Add(1) // this pause's capture
+	done := make(chan struct{})
+	go func() {
+		p.gate.waitBelow(p.stop, func() bool { return p.requests.Load() != p.captures.Load() })
+		close(done)
+	}()
+	select {
+	case <-done:
+		t.Fatal("the stall ended with 200 bytes held over a limit of 100 and no checkpoint asked for")
+	case <-time.After(50 * time.Millisecond):
+	}
+	p.requests.Add(1) // as take does
+	p.gate.nudge()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the stall went on with another checkpoint asked for")
+	}
+}
+
+// heldOverLimit is a primary holding 200 bytes of output over a hold
+// limit of 100, its gate telling no driver.
+func heldOverLimit(t *testing.T) *Primary {
+	t.Helper()
+	p, err := NewPrimary(PrimaryConfig{Backup: "127.0.0.1:1", HoldLimit: 100})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.gate.onOutput, p.gate.onOverLimit = nil, nil
+	p.gate.Output(wasi.Effect{Kind: wasi.EffectWrite, Fd: 3, Data: make([]byte, 200)},
+		func([]byte) (uint32, wasi.Errno) { return 200, wasi.ESUCCESS })
+	return p
 }

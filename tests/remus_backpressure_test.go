@@ -67,14 +67,7 @@ func TestRemusBackPressure(t *testing.T) {
 	t.Logf("while frozen: at most %.0f bytes held (limit %d), %v stalls", maxHeld, limit, st["stalls"])
 
 	px.thaw()
-	select {
-	case err := <-readDone:
-		if err != nil {
-			t.Fatal(err)
-		}
-	case <-time.After(90 * time.Second):
-		t.Fatalf("only %d of %d replies after the thaw", got.Load(), requests)
-	}
+	waitReplies(t, readDone, &got, requests)
 }
 
 // TestRemusDiskJournalBackPressure: with the backup's acknowledgements
@@ -154,14 +147,7 @@ func TestRemusDiskJournalBackPressure(t *testing.T) {
 		maxJournal, limit, endSize, writes*(len(val)+8), st["stalls"])
 
 	px.thaw()
-	select {
-	case err := <-readDone:
-		if err != nil {
-			t.Fatal(err)
-		}
-	case <-time.After(90 * time.Second):
-		t.Fatalf("only %d of %d writes acknowledged after the thaw", got.Load(), writes)
-	}
+	waitReplies(t, readDone, &got, writes)
 	if n := walSize() - before; n < int64(writes*len(val)) {
 		t.Errorf("the log holds %d bytes after %d acknowledged writes of %d", n, writes, len(val))
 	}
@@ -220,4 +206,17 @@ func readReplies(k *kvConn, n int, want string, got *atomic.Int64) <-chan error 
 		done <- nil
 	}()
 	return done
+}
+
+// waitReplies waits for readReplies's n replies once acks flow again.
+func waitReplies(t *testing.T, readDone <-chan error, got *atomic.Int64, n int) {
+	t.Helper()
+	select {
+	case err := <-readDone:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(90 * time.Second):
+		t.Fatalf("only %d of %d replies after the thaw", got.Load(), n)
+	}
 }
