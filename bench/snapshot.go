@@ -12,6 +12,7 @@ import (
 	"sync"
 	"syscall"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -74,17 +75,27 @@ func benchPause(ctx context.Context, e *env, mod []byte, b *strings.Builder) err
 		"end of rewind. **Floor** = copying the same number of 4 KiB pages from a 256 MiB buffer (memcpy), measured "+
 		"in the same run. Each pause also borrows the top 256 KiB of the guest's memory for the unwound stack: it "+
 		"saves the pages of it written since the last pause (usually one or two) and puts back what the unwind "+
-		"overwrote. Most of a pause with few pages is the walk of the memory's page tables (`PAGEMAP_SCAN`: about 140 µs "+
-		"for 256 MiB here even right after the walk while the guest ran, a quarter of that for 64 MiB): the kernel reads "+
-		"every page-table entry of the memory in the pause, however few pages were written, so the pause's floor grows with "+
+		"overwrote. Much of a pause with few pages is the walk of the memory's page tables (`PAGEMAP_SCAN`), which "+
+		"reads every entry of the memory however few pages were written, so the pause's floor grows with the memory's "+
+		"size, which is why both sizes are here. The memory is in transparent huge pages (`MADV_HUGEPAGE`, "+
+		"README, \"Dirty tracking\"): a write to a write-protected one splits it into 4 KiB entries, so tracking "+
+		"stays per 4 KiB, and one nobody wrote since it was protected is a single entry to the walk instead of 512 "+
+		"(the rows with few pages written keep most of theirs; with 100 or more random pages a round every one is "+
+		"split after a few rounds). "+
 		"the memory's size, which is why both sizes are here.\n\n", pauses)
 	fmt.Fprintf(b, "**Walk alone** = the same walk with nothing else: a region of the memory's size, every page in use, "+
 		"tracked the same way; before each of %d collections one page is written, then 5 ms pass and the tables are "+
 		"walked once (`Warm`), as in the rows' pauses; p50/p99 of the collection (`Collect`) alone, measured in this run: "+
-		"the part of an empty pause no copying removes.\n\n", pauses)
-	fmt.Fprintf(b, "| memory | pages written per round | dirty pages per pause (median) | pause p50 | pause p99 | memcpy floor p50 | walk alone p50 / p99 | p99 ÷ (2×floor + 200 µs) |\n|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+		"the part of an empty pause no copying removes. In huge pages as the guest's memory is, and the same page written "+
+		"each time, as the dirtier's own few pages are at N = 0 (**split** = the same in 4 KiB pages, every huge page "+
+		"split: the walk when every part of the memory has been written since the start).\n\n", pauses)
+	fmt.Fprintf(b, "| memory | pages written per round | dirty pages per pause (median) | pause p50 | pause p99 | memcpy floor p50 | walk alone p50 / p99 | walk alone, split, p50 / p99 | p99 ÷ (2×floor + 200 µs) |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 	for _, mib := range mems {
-		walk50, walk99, err := walkAlone(mib, pauses)
+		walk50, walk99, err := walkAlone(mib, pauses, true)
+		if err != nil {
+			return err
+		}
+		split50, split99, err := walkAlone(mib, pauses, false)
 		if err != nil {
 			return err
 		}
@@ -144,13 +155,13 @@ func benchPause(ctx context.Context, e *env, mod []byte, b *strings.Builder) err
 			dn := int(dirtyCounts.median())
 			floor := memcpyFloor(dn, 200)
 			p99 := pause.quantile(0.99)
-			fmt.Fprintf(b, "| %d MiB | %d | %d | %s | %s | %s | %s / %s | %.2f |\n", mib, n, dn, fmtNsDur(pause.median()), fmtNsDur(p99),
-				fmtNsDur(floor), fmtNsDur(walk50), fmtNsDur(walk99), p99/(2*floor+200e3))
+			fmt.Fprintf(b, "| %d MiB | %d | %d | %s | %s | %s | %s / %s | %s / %s | %.2f |\n", mib, n, dn, fmtNsDur(pause.median()), fmtNsDur(p99),
+				fmtNsDur(floor), fmtNsDur(walk50), fmtNsDur(walk99), fmtNsDur(split50), fmtNsDur(split99), p99/(2*floor+200e3))
 			if n == 0 || n == 1000 {
 				e.summarize("Checkpoint pause of a %d MiB guest at ~%d dirty pages: p50 %s, p99 %s (memcpy floor %s; target p99 ≤ 2×floor + 200 µs = %s; "+
-					"the page-table walk of %d MiB alone: p50 %s, p99 %s).",
+					"the page-table walk of %d MiB alone: p50 %s, p99 %s; in 4 KiB pages, every huge page split, p50 %s, p99 %s).",
 					mib, dn, fmtNsDur(pause.median()), fmtNsDur(p99), fmtNsDur(floor), fmtNsDur(2*floor+200e3), mib,
-					fmtNsDur(walk50), fmtNsDur(walk99))
+					fmtNsDur(walk50), fmtNsDur(walk99), fmtNsDur(split50), fmtNsDur(split99))
 			}
 		}
 	}
@@ -277,14 +288,28 @@ func startDirtier(ctx context.Context, e *env, mod []byte, mib, n int) (m *machi
 
 // walkAlone is the kernel tracker's collection of a fully used region of
 // mib MiB with one page written, after a 5 ms wait and a Warm walk, as the
-// pauses above see it: its p50 and p99 over reps collections.
-func walkAlone(mib, reps int) (p50, p99 float64, err error) {
+// pauses above see it: its p50 and p99 over reps collections. With huge,
+// the region is in transparent huge pages, as a guest's memory is, and the
+// same page is written each time (as the dirtier's own pages are); without,
+// it is in 4 KiB pages and a random page is written: the walk of a memory
+// whose every huge page has been split.
+func walkAlone(mib, reps int, huge bool) (p50, p99 float64, err error) {
 	size := mib << 20
-	region, err := unix.Mmap(-1, 0, size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
+	const hugeSize = 2 << 20
+	raw, err := unix.Mmap(-1, 0, size+hugeSize, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
 	if err != nil {
 		return 0, 0, err
 	}
-	defer unix.Munmap(region)
+	defer unix.Munmap(raw)
+	off := (hugeSize - int(uintptr(unsafe.Pointer(&raw[0]))%hugeSize)) % hugeSize
+	region := raw[off : off+size : off+size]
+	advice := unix.MADV_NOHUGEPAGE
+	if huge && !dirty.HugePagesCoarsen() {
+		advice = unix.MADV_HUGEPAGE
+	}
+	if err := unix.Madvise(region, advice); err != nil {
+		return 0, 0, err
+	}
 	for i := 0; i < size; i += dirty.PageSize {
 		region[i] = 1
 	}
@@ -298,8 +323,12 @@ func walkAlone(mib, reps int) (p50, p99 float64, err error) {
 	}
 	var s sample
 	var dst []uint32
+	page := size / dirty.PageSize / 2
 	for range reps {
-		region[rand.IntN(size/dirty.PageSize)*dirty.PageSize]++
+		if !huge {
+			page = rand.IntN(size / dirty.PageSize)
+		}
+		region[page*dirty.PageSize]++
 		time.Sleep(dirty.WarmAfter)
 		tr.(dirty.Warmer).Warm(uint64(size))
 		t0 := time.Now()

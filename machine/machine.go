@@ -239,6 +239,9 @@ func (p *Program) Close(ctx context.Context) error {
 // compiles cfg.Module. Only Module, Name, MemoryLimit, CacheDir,
 // Instrument and InstrumentCacheDir matter here.
 func Prepare(ctx context.Context, cfg Config) (*Program, error) {
+	// The memory's allocation asks it (newLinearMemory); found out
+	// meanwhile, it costs no VM the 0.4 ms it takes.
+	go dirty.HugePagesCoarsen()
 	info, err := ScanModule(cfg.Module)
 	if err != nil {
 		return nil, &ModuleError{Module: cfg.Name, Reason: "is invalid: " + err.Error()}

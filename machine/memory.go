@@ -7,6 +7,7 @@ import (
 	"sync/atomic"
 	"unsafe"
 
+	"github.com/ftvm/ftvm/machine/dirty"
 	"github.com/tetratelabs/wazero/experimental"
 	"golang.org/x/sys/unix"
 )
@@ -45,6 +46,17 @@ func newLinearMemory(max, limit uint64) *linearMemory {
 		return m
 	}
 	m.region = region
+	// Transparent huge pages where the kernel grants them and they keep
+	// the dirty tracker's 4 KiB granularity (a write to a protected huge
+	// page splits it): on a VM with shadow paging a guest's first touch of
+	// its memory costs 7-14 µs a 4 KiB page in small pages, about 0.3 in
+	// huge ones (256 MiB: 31 ms instead of 143), and a checkpoint's walk
+	// of the page tables passes a huge page nobody wrote since the last
+	// one in one step instead of 512 (256 MiB with one page written: 34
+	// µs instead of 174).
+	if !dirty.HugePagesCoarsen() {
+		_ = unix.Madvise(region, unix.MADV_HUGEPAGE)
+	}
 	return m
 }
 

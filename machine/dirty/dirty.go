@@ -180,15 +180,21 @@ type Options struct {
 	// failAt makes the uffd setup fail at the named step, to test the
 	// fallback and its clean-up.
 	failAt string
+	// keepHuge leaves the region's huge pages alone (HugePagesCoarsen's
+	// own probe).
+	keepHuge bool
 }
 
 // New returns a tracker for region, the kernel's (KindUffd) where it
 // works, else the hash fallback (KindHash) with Reason saying why. It
 // fails only for arguments no tracker can take. For KindUffd, region must
 // be a page-aligned part of a private anonymous mapping (as unix.Mmap
-// returns), tracked by no other Tracker; New then also marks it
-// MADV_NOHUGEPAGE, because on a transparent huge page the kernel tracks
-// writes per 2 MiB, not per 4 KiB.
+// returns), tracked by no other Tracker. Transparent huge pages in it
+// are fine where the kernel splits one at the first write after
+// protection, as Linux does: tracking stays per 4 KiB, and a huge page
+// nobody writes costs the walk one entry instead of 512. Where a kernel
+// would track them per 2 MiB instead (HugePagesCoarsen), New marks the
+// region MADV_NOHUGEPAGE.
 func New(region []byte, opts Options) (Tracker, error) {
 	if len(region) == 0 {
 		return nil, errors.New("dirty: empty region")

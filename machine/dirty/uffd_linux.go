@@ -34,6 +34,7 @@ const (
 	pageIsPresent = 1 << 3
 	pageIsSwapped = 1 << 4
 	pageIsPFNZero = 1 << 5
+	pageIsHuge    = 1 << 6
 
 	pmScanWPMatching   = 1 << 0 // write-protect the pages reported
 	pmScanCheckWPAsync = 1 << 1 // fail (EPERM) on a VMA without async WP
@@ -255,9 +256,11 @@ func newUffd(region []byte, opts Options) (_ *uffdTracker, err error) {
 	if t.uffd, err = openUffd(openers); err != nil {
 		return nil, fmt.Errorf("userfaultfd: %w", err)
 	}
-	// Ignored if it fails: huge pages only coarsen the tracking. (The
-	// kernel rounds the length up to whole pages.)
-	unix.Madvise(region, unix.MADV_NOHUGEPAGE)
+	if !opts.keepHuge && HugePagesCoarsen() {
+		// Ignored if it fails: huge pages only coarsen the tracking.
+		// (The kernel rounds the length up to whole pages.)
+		unix.Madvise(region, unix.MADV_NOHUGEPAGE)
+	}
 	reg := uffdioRegisterArg{rng: uffdioRange{uint64(base), length}, mode: uffdioRegisterModeWP}
 	if opts.failAt == "register" {
 		reg.rng.start++ // EINVAL: unaligned
@@ -834,4 +837,75 @@ func probe() error {
 		return fmt.Errorf("PAGEMAP_SCAN reported pages %v after a write to page 1", got)
 	}
 	return nil
+}
+
+// HugePagesCoarsen reports whether transparent huge pages would coarsen the
+// kernel tracker here: whether a write to a write-protected huge page
+// leaves the whole 2 MiB writable, and reported, rather than only the
+// 4 KiB page written. Linux splits the huge page at such a write under
+// asynchronous write protection, and tracking stays per 4 KiB (6.18 does);
+// a kernel that did not would have New mark its regions MADV_NOHUGEPAGE,
+// and the machine leave its memory in small pages. It is found out once
+// per process, on a mapping of its own; false where the kernel tracker
+// does not work or grants no huge page (nothing to coarsen).
+func HugePagesCoarsen() bool {
+	hugeOnce.Do(func() { hugeCoarse, hugeWhy = probeHuge() })
+	return hugeCoarse
+}
+
+var (
+	hugeOnce   sync.Once
+	hugeCoarse bool
+	hugeWhy    string // what probeHuge saw, for tests
+)
+
+// probeHuge write-protects one transparent huge page with the kernel
+// tracker, writes a byte into its fourth 4 KiB page and reports whether
+// more than that page came back as written.
+func probeHuge() (coarse bool, why string) {
+	const huge = 2 << 20
+	raw, err := unix.Mmap(-1, 0, 2*huge, unix.PROT_READ|unix.PROT_WRITE,
+		unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_NORESERVE)
+	if err != nil {
+		return false, "mmap: " + err.Error()
+	}
+	defer unix.Munmap(raw)
+	off := (huge - int(uintptr(unsafe.Pointer(&raw[0]))%huge)) % huge
+	m := raw[off : off+huge : off+huge]
+	if err := unix.Madvise(m, unix.MADV_HUGEPAGE); err != nil {
+		return false, "MADV_HUGEPAGE: " + err.Error()
+	}
+	m[0] = 1 // faulted in whole, if the kernel grants a huge page
+	t, err := newUffd(m, Options{Used: huge, keepHuge: true})
+	if err != nil {
+		return false, err.Error()
+	}
+	defer t.Close()
+	// Armed now: nothing is written, so a scan for present pages (no
+	// write-protect flag) tells whether the page is huge.
+	var isHuge bool
+	t.arg = pmScanArg{size: uint64(unsafe.Sizeof(pmScanArg{})), start: uint64(t.base), end: uint64(t.base) + huge,
+		vec: uint64(uintptr(unsafe.Pointer(unsafe.SliceData(t.buf)))), vecLen: uint64(len(t.buf)),
+		categoryMask: pageIsPresent, returnMask: pageIsHuge}
+	n, err := ioctl(t.pagemap, pagemapScan, unsafe.Pointer(&t.arg))
+	runtime.KeepAlive(t.buf)
+	if err != nil {
+		return false, "PAGEMAP_SCAN: " + err.Error()
+	}
+	for _, r := range t.buf[:n] {
+		isHuge = isHuge || r.categories&pageIsHuge != 0
+	}
+	clear(t.buf[:n])
+	if !isHuge {
+		return false, "no transparent huge page granted"
+	}
+	m[3*PageSize] = 1
+	got, err := t.Collect(nil, huge)
+	if err != nil {
+		return false, "Collect: " + err.Error()
+	}
+	if len(got) == 1 && got[0] == 3 {
+		return false, "a write splits the huge page: tracked per 4 KiB"
+	}
+	return true, fmt.Sprintf("a write to one 4 KiB page of a write-protected huge page reported %d pages", len(got))
 }
