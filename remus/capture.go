@@ -31,6 +31,9 @@ type checkpoint struct {
 	ahead   int           // of them, copied before the pause (collectAhead)
 	devices *wasi.State   // marshalled into snap.Devices when encoded
 	gen     uint64        // the dirty-page collection, for rearm
+	// counted: enqueue counted it in the session's whole (not
+	// abandonable); the sender uncounts it once sent whole.
+	counted bool
 }
 
 // rearm re-arms dirty tracking for the pages this checkpoint's collection

@@ -48,6 +48,7 @@ func (r *finishRig) state(s engine.PrimaryState) {
 
 func (r *finishRig) session(id uint64) *session {
 	s := &session{id: id, queue: make(chan any, 8), done: make(chan struct{})}
+	s.whole.Store(1) // as if a checkpoint with disk operations were queued: the Exit goes through the queue, read here
 	r.p.mu.Lock()
 	r.p.sess = s
 	r.p.mu.Unlock()

@@ -660,11 +660,17 @@ func (p *Primary) Finish(code uint32) {
 			s.exitDone.Store(&done)
 			s.exiting.Store(true)
 			p.ending.Store(true)
-			select {
-			case s.queue <- &exitItem{exit: wire.Exit{Seq: seq, Code: code}, ops: ops}:
+			it := &exitItem{exit: wire.Exit{Seq: seq, Code: code}, ops: ops}
+			if s.sendExit(it) {
 				told, toldLost, ackd = s, false, done
-			case <-s.done:
-				told, toldLost = s, true // ended already: wait for the next
+				p.log.Debug("the guest's exit sent past the checkpoints being streamed", "seq", seq, "after", it.exit.After)
+			} else {
+				select {
+				case s.queue <- it:
+					told, toldLost, ackd = s, false, done
+				case <-s.done:
+					told, toldLost = s, true // ended already: wait for the next
+				}
 			}
 		}
 		var lost <-chan struct{}
@@ -1032,6 +1038,21 @@ type session struct {
 	// exiting: the guest ended (Finish); the sender abandons checkpoints
 	// of only memory (abandonable), even one it is streaming.
 	exiting atomic.Bool
+	// emu orders the Exit, when Finish sends it itself (sendExit), with
+	// the stream: an abandonable checkpoint's pieces go under it, and not
+	// once exiting is set; so does each checkpoint's end, with after.
+	emu sync.Mutex
+	// after is the last checkpoint sent whole (its CheckpointEnd sent):
+	// the one an Exit's disk operations follow.
+	after atomic.Uint64
+	// whole counts the checkpoints queued or being streamed that must
+	// reach the backup before an Exit (not abandonable: disk operations,
+	// files, or a full state), and any whose disk operations the sender
+	// folded into its Exit: while there are any, the Exit goes through
+	// the queue, behind them.
+	whole atomic.Int64
+	// exitSent: Finish sent the Exit itself; the sender sends none.
+	exitSent atomic.Bool
 }
 
 func (s *session) close() {
@@ -1046,6 +1067,10 @@ func (s *session) close() {
 // MaxInflight, so this blocks only if the session is wedged — then the
 // session is given up.
 func (s *session) enqueue(cp *checkpoint) {
+	if !cp.abandonable() {
+		cp.counted = true
+		s.whole.Add(1)
+	}
 	select {
 	case s.queue <- cp:
 	case <-s.done:
@@ -1094,7 +1119,6 @@ func (s *session) sender(p *Primary) {
 	// backup lacks its base), so its disk operations go with the Exit
 	// (folded), which names the last checkpoint sent whole (after).
 	var (
-		after  uint64
 		broken bool
 		folded []wire.FsOp
 	)
@@ -1108,7 +1132,10 @@ func (s *session) sender(p *Primary) {
 		var err error
 		switch it := item.(type) {
 		case *exitItem:
-			it.exit.After = after
+			if s.exitSent.Load() {
+				break // Finish sent it (sendExit)
+			}
+			it.exit.After = s.after.Load()
 			if it.exit.DiskOps, err = sendDiskOps(s.conn, it.exit.Seq, append(folded, it.ops...)); err == nil {
 				err = wire.SendFlush(s.conn, &it.exit)
 			}
@@ -1140,7 +1167,9 @@ func (s *session) sender(p *Primary) {
 				break
 			}
 			if err == nil {
-				after = it.seq
+				if it.counted {
+					s.whole.Add(-1)
+				}
 				if it.full { // a whole state: nothing before it is needed
 					broken, folded = false, nil
 				}
@@ -1176,7 +1205,16 @@ func (s *session) streamNiced(p *Primary, cp *checkpoint, buf *bytes.Buffer) err
 
 // niceWorker is snapshot.Options.WorkerInit for streamNiced's compressing
 // goroutines.
-func niceWorker() { niceThread(encodeNice) }
+func niceWorker() {
+	niceThread(encodeNice)
+	if testEncodeWorker != nil {
+		testEncodeWorker()
+	}
+}
+
+// testEncodeWorker, if set, runs as each of streamNiced's compressing
+// goroutines starts: tests hold the encoding there.
+var testEncodeWorker func()
 
 // niceThread locks the calling goroutine to its thread for good and makes
 // the thread background work: niceness nice. The thread ends with the
@@ -1267,7 +1305,7 @@ func (s *session) stream(p *Primary, cp *checkpoint, buf *bytes.Buffer, workers 
 		snap.Parent = s.lastID
 	}
 	// SnapshotSize 0: the size is known only at the end (CheckpointEnd).
-	if err := wire.Send(s.conn, &wire.CheckpointBegin{Seq: cp.seq, Full: cp.full}); err != nil {
+	if err := s.sendPart(&wire.CheckpointBegin{Seq: cp.seq, Full: cp.full}, cp.abandonable(), nil); err != nil {
 		return err
 	}
 	useDeltas, deltas := !cp.full && !s.uncompressed, 0
@@ -1315,7 +1353,7 @@ func (s *session) stream(p *Primary, cp *checkpoint, buf *bytes.Buffer, workers 
 			}
 		}
 	}
-	if err := wire.SendFlush(s.conn, &end); err != nil {
+	if err := s.sendPart(&end, cp.abandonable(), func() { s.after.Store(cp.seq) }); err != nil {
 		return err
 	}
 	if useDeltas {
@@ -1373,19 +1411,70 @@ func (w *chunkWriter) flush() error {
 	if w.err != nil || w.buf.Len() == 0 {
 		return w.err
 	}
-	if w.abandonable && w.s.exiting.Load() {
-		w.err = errAbandoned
+	data := w.buf.Bytes()
+	w.err = w.s.sendPart(&wire.CheckpointData{Seq: w.seq, Offset: w.off, Data: data}, w.abandonable, nil)
+	if w.err != nil {
 		return w.err
 	}
-	data := w.buf.Bytes()
 	w.crc = crc32.Update(w.crc, castagnoli, data)
-	w.err = wire.Send(w.s.conn, &wire.CheckpointData{Seq: w.seq, Offset: w.off, Data: data})
 	w.off += uint64(len(data))
 	w.buf.Reset()
 	return w.err
 }
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+// sendPart sends a message of a checkpoint's stream. One of an abandonable
+// checkpoint is not sent once the guest has ended (errAbandoned): that is
+// checked under emu, which sendExit holds, so none follows an Exit Finish
+// sent. A CheckpointEnd (sent is then set) flushes, and sent runs under
+// emu too, so the Exit names the right checkpoint whichever goes first.
+func (s *session) sendPart(m wire.Message, abandonable bool, sent func()) error {
+	end := sent != nil
+	if !abandonable && !end {
+		return wire.Send(s.conn, m)
+	}
+	s.emu.Lock()
+	defer s.emu.Unlock()
+	if abandonable && s.exiting.Load() {
+		return errAbandoned
+	}
+	if !end {
+		return wire.Send(s.conn, m)
+	}
+	if err := wire.SendFlush(s.conn, m); err != nil {
+		return err
+	}
+	sent()
+	return nil
+}
+
+// sendExit sends the Exit from Finish's goroutine, between the sender's
+// messages, when nothing queued or being streamed must reach the backup
+// before it: only checkpoints of memory, which are abandoned (sendPart).
+// The sender's queue would have it wait for the checkpoint being encoded to
+// reach its next piece: a computing guest's last one, taken at its last
+// output, carries the memory it wrote since the one before (cpu.c 8: 2,000
+// pages, 11–23 ms of compressing on low-priority threads before the
+// abandoning). It reports whether it sent it (or tried: an error ends the
+// session, which Finish sees).
+func (s *session) sendExit(it *exitItem) bool {
+	s.emu.Lock()
+	defer s.emu.Unlock()
+	if s.whole.Load() > 0 || s.exitSent.Load() {
+		return false
+	}
+	s.exitSent.Store(true)
+	it.exit.After = s.after.Load()
+	var err error
+	if it.exit.DiskOps, err = sendDiskOps(s.conn, it.exit.Seq, it.ops); err == nil {
+		err = wire.SendFlush(s.conn, &it.exit)
+	}
+	if err != nil {
+		s.close()
+	}
+	return true
+}
 
 // receiver turns the backup's messages into engine events.
 func (s *session) receiver(p *Primary) {

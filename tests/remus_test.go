@@ -768,22 +768,29 @@ func TestRemusFirstCheckpointAtStart(t *testing.T) {
 // checksum and exits. The
 // checkpoint taken at that print carries every page (tens of milliseconds
 // to encode and send), and the exit does not wait for it: no failover
-// will resume a guest that ended, so once the backup acknowledges the
-// Exit, the line is released and the checkpoint abandoned. The output is
-// the unprotected run's, and the backup closes the slot, never committing
-// the abandoned checkpoint and never resuming the guest.
+// will resume a guest that ended, so the Exit goes to the backup past it
+// (the primary sends it between the sender's messages), and once the
+// backup acknowledges the Exit the line is released and the checkpoint
+// abandoned. The output is the unprotected run's, and the backup closes
+// the slot, never committing the abandoned checkpoint (the one before the
+// Exit's number) and never resuming the guest.
 func TestRemusExitAbandonsMemory(t *testing.T) {
 	wasm := cGuest(t, "bigexit", []string{"bigexit.c"})
 	instrumented(t, wasm)
 	res, backup, bSock := protectedLikeUnprotected(t, wasm, "info", []string{"--epoch", "5ms"}, "64")
-	m := regexp.MustCompile(`msg="checkpoint abandoned: the guest ended" .*seq=([0-9]+).*`).FindStringSubmatch(res.stderr)
+	m := regexp.MustCompile(`msg="the guest's exit sent past the checkpoints being streamed" .*seq=([0-9]+) after=([0-9]+)`).FindStringSubmatch(res.stderr)
 	if m == nil {
-		t.Fatalf("the exit waited for every checkpoint: none abandoned in the primary's log:\n%s", res.stderr)
+		t.Fatalf("the exit waited for the checkpoints being streamed:\n%s", res.stderr)
 	}
+	exitSeq, _ := strconv.Atoi(m[1])
+	after, _ := strconv.ParseFloat(m[2], 64)
 	s := exitedNotResumed(t, backup, bSock)
-	t.Logf("abandoned: %s", m[0])
-	if abandoned, _ := strconv.ParseFloat(m[1], 64); num(s, "committed") >= abandoned {
-		t.Errorf("the backup committed %v, the abandoned checkpoint %s included", s["committed"], m[1])
+	t.Logf("%s; backup: %v", m[0], s)
+	if num(s, "committed") != after {
+		t.Errorf("the backup committed %v, the Exit followed checkpoint %v", s["committed"], after)
+	}
+	if regexp.MustCompile(fmt.Sprintf(`msg="checkpoint sent" .* seq=%d `, exitSeq-1)).MatchString(res.stderr) {
+		t.Errorf("checkpoint %d, taken at the print, was sent whole before the exit:\n%s", exitSeq-1, res.stderr)
 	}
 }
 
