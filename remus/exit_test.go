@@ -519,14 +519,6 @@ func TestBackupRefusesAModuleItCannotPrepare(t *testing.T) {
 // checkpoint sent whole. A checkpoint with disk operations, queued or being
 // streamed, keeps the Exit behind it.
 func TestFinishSendsTheExitPastTheEncoding(t *testing.T) {
-	hold := make(chan struct{})
-	var started sync.Once
-	encoding := make(chan struct{})
-	testEncodeWorker = func() {
-		started.Do(func() { close(encoding) })
-		<-hold
-	}
-	defer func() { testEncodeWorker = nil }()
 	write := func(data string) []wire.FsOp {
 		return []wire.FsOp{{Op: uint8(wasi.FsWrite), Path: "out.txt", Offset: -1, Data: []byte(data)}}
 	}
@@ -535,7 +527,14 @@ func TestFinishSendsTheExitPastTheEncoding(t *testing.T) {
 		ops  []wire.FsOp // of the checkpoint held in its encoding
 	}{{"memory only", nil}, {"disk operations", write("five\n")}} {
 		t.Run(tc.name, func(t *testing.T) {
-			hold, encoding, started = make(chan struct{}), make(chan struct{}), sync.Once{}
+			hold, encoding := make(chan struct{}), make(chan struct{})
+			var started sync.Once
+			hook := func() {
+				started.Do(func() { close(encoding) })
+				<-hold
+			}
+			testEncodeWorker.Store(&hook)
+			defer testEncodeWorker.Store(nil)
 			p, err := NewPrimary(PrimaryConfig{Backup: "127.0.0.1:1"})
 			if err != nil {
 				t.Fatal(err)
@@ -567,7 +566,9 @@ func TestFinishSendsTheExitPastTheEncoding(t *testing.T) {
 					break
 				}
 			}
-			s.enqueue(memoryCheckpoint(5, niceFrom, tc.ops)) // streamed niced: held
+			// Streamed niced, in two batches or more (a single batch is
+			// compressed without workers): held.
+			s.enqueue(memoryCheckpoint(5, 2*niceFrom, tc.ops))
 			<-encoding
 			s.exiting.Store(true)
 			it := &exitItem{exit: wire.Exit{Seq: 6, Code: 3}, ops: write("six\n")}
@@ -615,5 +616,40 @@ func TestFinishSendsTheExitPastTheEncoding(t *testing.T) {
 			}
 			t.Logf("messages: %v", msgs)
 		})
+	}
+}
+
+// TestFinishSendsTheExitItself: Finish itself sends the Exit on a session
+// with nothing queued that must precede it, and releases the held output
+// once the backup acknowledges it.
+func TestFinishSendsTheExitItself(t *testing.T) {
+	r := newFinishRig(t, time.Minute)
+	s, far := senderOverTCP(t, r.p)
+	r.p.mu.Lock()
+	r.p.sess = s
+	r.p.mu.Unlock()
+	r.start()
+	far.SetReadDeadline(time.Now().Add(10 * time.Second))
+	for {
+		m, err := wire.Recv(far)
+		if err != nil {
+			t.Fatalf("no Exit: %v", err)
+		}
+		if _, ok := m.(*wire.Exit); ok {
+			break
+		}
+	}
+	if !s.exitSent.Load() {
+		t.Fatal("the Exit went through the sender's queue")
+	}
+	r.quiet(t, "before the backup acknowledged the exit")
+	close(*s.exitDone.Load())
+	select {
+	case <-r.finished:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Finish did not return after the ack")
+	}
+	if !r.released.Load() {
+		t.Fatal("the held output was not released after the backup acknowledged the exit")
 	}
 }

@@ -663,7 +663,7 @@ func (p *Primary) Finish(code uint32) {
 			it := &exitItem{exit: wire.Exit{Seq: seq, Code: code}, ops: ops}
 			if s.sendExit(it) {
 				told, toldLost, ackd = s, false, done
-				p.log.Debug("the guest's exit sent past the checkpoints being streamed", "seq", seq, "after", it.exit.After)
+				p.log.Debug("the guest's exit sent at once, not behind the sender's queue", "seq", seq, "after", it.exit.After)
 			} else {
 				select {
 				case s.queue <- it:
@@ -1051,7 +1051,7 @@ type session struct {
 	// folded into its Exit: while there are any, the Exit goes through
 	// the queue, behind them.
 	whole atomic.Int64
-	// exitSent: Finish sent the Exit itself; the sender sends none.
+	// exitSent: Finish sent the Exit itself (once a session).
 	exitSent atomic.Bool
 }
 
@@ -1132,9 +1132,6 @@ func (s *session) sender(p *Primary) {
 		var err error
 		switch it := item.(type) {
 		case *exitItem:
-			if s.exitSent.Load() {
-				break // Finish sent it (sendExit)
-			}
 			it.exit.After = s.after.Load()
 			if it.exit.DiskOps, err = sendDiskOps(s.conn, it.exit.Seq, append(folded, it.ops...)); err == nil {
 				err = wire.SendFlush(s.conn, &it.exit)
@@ -1207,14 +1204,14 @@ func (s *session) streamNiced(p *Primary, cp *checkpoint, buf *bytes.Buffer) err
 // goroutines.
 func niceWorker() {
 	niceThread(encodeNice)
-	if testEncodeWorker != nil {
-		testEncodeWorker()
+	if f := testEncodeWorker.Load(); f != nil {
+		(*f)()
 	}
 }
 
 // testEncodeWorker, if set, runs as each of streamNiced's compressing
 // goroutines starts: tests hold the encoding there.
-var testEncodeWorker func()
+var testEncodeWorker atomic.Pointer[func()]
 
 // niceThread locks the calling goroutine to its thread for good and makes
 // the thread background work: niceness nice. The thread ends with the

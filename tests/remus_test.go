@@ -778,7 +778,7 @@ func TestRemusExitAbandonsMemory(t *testing.T) {
 	wasm := cGuest(t, "bigexit", []string{"bigexit.c"})
 	instrumented(t, wasm)
 	res, backup, bSock := protectedLikeUnprotected(t, wasm, "info", []string{"--epoch", "5ms"}, "64")
-	m := regexp.MustCompile(`msg="the guest's exit sent past the checkpoints being streamed" .*seq=([0-9]+) after=([0-9]+)`).FindStringSubmatch(res.stderr)
+	m := regexp.MustCompile(`msg="the guest's exit sent at once, not behind the sender's queue" .*seq=([0-9]+) after=([0-9]+)`).FindStringSubmatch(res.stderr)
 	if m == nil {
 		t.Fatalf("the exit waited for the checkpoints being streamed:\n%s", res.stderr)
 	}
