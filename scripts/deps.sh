@@ -5,8 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # clang/lld/wasi-libc/libclang-rt-dev-wasm32 build the C test guests; binaryen
-# provides wasm-opt (Asyncify instrumentation).
-pkgs=(clang lld wasi-libc libclang-rt-dev-wasm32 binaryen make)
+# provides wasm-opt (Asyncify instrumentation); gcc and libc6-dev are cgo's,
+# which the race detector in make test needs.
+pkgs=(clang lld wasi-libc libclang-rt-dev-wasm32 binaryen make gcc libc6-dev)
 command -v go >/dev/null 2>&1 || [ -x /usr/local/go/bin/go ] || pkgs+=(golang-go)
 
 missing=()
