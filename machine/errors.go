@@ -29,10 +29,22 @@ type TrapError struct {
 	// Instrumented says the module ran instrumented: the optimizer that
 	// follows Asyncify inlines functions, so frames may be missing.
 	Instrumented bool
+	// PausedAt is set when the trap came from ftvm pausing the guest, not
+	// from the guest: Asyncify, unwinding the guest's wasm call stack at
+	// that host call, ran past the Borrowed bytes at the top of the
+	// memory it saves the stack in (a stack deeper than ftvm can pause).
+	PausedAt string
+	Borrowed uint32
 }
 
 func (e *TrapError) Error() string {
 	var b strings.Builder
+	if e.PausedAt != "" {
+		fmt.Fprintf(&b, "the VM was lost pausing it at %s: its wasm call stack there is deeper than the %s "+
+			"at the top of its memory that ftvm saves a paused stack in (a limit of ftvm, not a fault of the guest), "+
+			"and saving it ran out of the memory (%s)", e.PausedAt, FormatSize(uint64(e.Borrowed)), e.Message)
+		return b.String()
+	}
 	b.WriteString("guest trapped: ")
 	b.WriteString(e.Message)
 	if e.MemoryRefused > 0 {

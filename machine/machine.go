@@ -518,6 +518,14 @@ func (m *Machine) exit(ctx context.Context, err error) (uint32, error) {
 func (m *Machine) runError(err error) error {
 	te := newTrapError(err)
 	te.Instrumented = m.inst != nil
+	if m.unwinding {
+		// Asyncify writes the stack upward from the borrowed region's
+		// start and checks no bound: the end of the memory is the guard.
+		te.PausedAt = m.pausedAt.String()
+		if mem := m.alloc.memory(); mem != nil {
+			te.Borrowed = scratchFor(len(mem.Bytes()))
+		}
+	}
 	if m.alloc.memory() != nil {
 		te.MemoryRefused = m.alloc.memory().refused.Load()
 	}

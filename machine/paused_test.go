@@ -293,3 +293,49 @@ func TestPauseJobThatPanics(t *testing.T) {
 		t.Fatal("the VM went on after its pause's work panicked")
 	}
 }
+
+// TestPauseTooDeepIsNamed: a guest paused under a wasm call stack deeper
+// than the region Asyncify saves it in (the top 256 KiB of its memory) is
+// lost: the unwind runs off the end of the memory. The error says it was
+// ftvm's pause, where, and how much room there was, not that the guest
+// trapped. A stack that fits pauses, and the guest runs on.
+func TestPauseTooDeepIsNamed(t *testing.T) {
+	// An 8 MiB C stack (wasm-ld's default, 64 KiB, overflows first).
+	wasm := guest.MustC(t, "deepstack", []string{"testdata/guests/c/deepstack.c"}, "-Wl,-z,stack-size=8388608")
+	mod, err := os.ReadFile(wasm)
+	if err != nil {
+		t.Fatal(err)
+	}
+	run := func(depth string) (stack int, runErr error) {
+		m, err := New(context.Background(), Config{Module: mod, Name: "deepstack", Args: []string{depth, "1000000000"},
+			Stdout: io.Discard, Stderr: io.Discard, Stdin: strings.NewReader(""), CacheDir: t.TempDir(), Instrument: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer m.Close(context.Background())
+		done := make(chan error, 1)
+		go func() { _, err := m.Run(context.Background()); done <- err }()
+		time.Sleep(100 * time.Millisecond) // deep down by now, reading the clock
+		for range 2 {
+			if err := m.WithPaused(context.Background(), func(p *Paused) error {
+				_, blob := p.Stack()
+				stack = len(blob)
+				return nil
+			}); err != nil {
+				return stack, <-done
+			}
+		}
+		m.WithPaused(context.Background(), func(p *Paused) error { p.Stop(); return nil })
+		return stack, <-done
+	}
+	if stack, err := run("1000"); !errors.Is(err, ErrStopped) || stack < 20000 {
+		t.Fatalf("1,000 calls deep: stack %d bytes, run ended with %v; want it paused twice, then stopped", stack, err)
+	}
+	_, err = run("20000")
+	var te *TrapError
+	if !errors.As(err, &te) || te.PausedAt != "clock_time_get" || te.Borrowed != scratchSize ||
+		!strings.Contains(err.Error(), "deeper than the "+FormatSize(scratchSize)) {
+		t.Fatalf("20,000 calls deep: %v (%#v); want the pause named as what lost the VM", err, te)
+	}
+	t.Log(err)
+}
