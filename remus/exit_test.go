@@ -643,13 +643,5 @@ func TestFinishSendsTheExitItself(t *testing.T) {
 		t.Fatal("the Exit went through the sender's queue")
 	}
 	r.quiet(t, "before the backup acknowledged the exit")
-	close(*s.exitDone.Load())
-	select {
-	case <-r.finished:
-	case <-time.After(10 * time.Second):
-		t.Fatal("Finish did not return after the ack")
-	}
-	if !r.released.Load() {
-		t.Fatal("the held output was not released after the backup acknowledged the exit")
-	}
+	r.ackReleases(t, s)
 }

@@ -69,6 +69,21 @@ func exitTold(t *testing.T, s *session) *exitItem {
 	}
 }
 
+// ackReleases acknowledges the Exit told to s, as its backup does, and
+// checks that Finish then returns and releases the held output.
+func (r *finishRig) ackReleases(t *testing.T, s *session) {
+	t.Helper()
+	close(*s.exitDone.Load())
+	select {
+	case <-r.finished:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Finish did not return after the ack")
+	}
+	if !r.released.Load() {
+		t.Fatal("the held output was not released after the backup acknowledged the exit")
+	}
+}
+
 func (r *finishRig) quiet(t *testing.T, what string) {
 	t.Helper()
 	time.Sleep(50 * time.Millisecond)
@@ -98,15 +113,7 @@ func TestFinishReleasesOnlyWhatTheBackupCannotResume(t *testing.T) {
 			t.Fatalf("the Exit told to the next session is %d, the first %d", y.exit.Seq, x.exit.Seq)
 		}
 		r.quiet(t, "before the next session acknowledged the exit")
-		close(*s2.exitDone.Load()) // its ack
-		select {
-		case <-r.finished:
-		case <-time.After(10 * time.Second):
-			t.Fatal("Finish did not return after the ack")
-		}
-		if !r.released.Load() {
-			t.Fatal("the held output was not released after the backup acknowledged the exit")
-		}
+		r.ackReleases(t, s2)
 	})
 	t.Run("given up", func(t *testing.T) {
 		r := newFinishRig(t, time.Minute)
