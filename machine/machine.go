@@ -179,6 +179,7 @@ type Program struct {
 	rt             wazero.Runtime
 	cache          wazero.CompilationCache
 	compiled       wazero.CompiledModule
+	host           *wasi.Host // the device layer's host modules, no devices attached yet
 	compileTime    time.Duration
 	instrumentTime time.Duration
 	limit          uint64
@@ -328,6 +329,12 @@ func Prepare(ctx context.Context, cfg Config) (*Program, error) {
 		p.Close(ctx)
 		return nil, &ModuleError{Module: cfg.Name, Reason: "does not compile: " + err.Error()}
 	}
+	// The host modules too, here rather than when the VM is set up: a
+	// restore's or a failover's VM then only attaches its devices.
+	if p.host, err = wasi.RegisterHost(ctx, p.rt); err != nil {
+		p.Close(ctx)
+		return nil, fmt.Errorf("registering the device layer: %w", err)
+	}
 	return p, nil
 }
 
@@ -402,10 +409,7 @@ func New(ctx context.Context, cfg Config) (*Machine, error) {
 		return nil, err
 	}
 	m.listeners = m.dev.ListenerAddrs()
-	if err := m.dev.Register(ctx, m.rt); err != nil {
-		m.closeFailed(ctx, given)
-		return nil, fmt.Errorf("registering devices: %w", err)
-	}
+	prog.host.Attach(m.dev)
 	return m, nil
 }
 
