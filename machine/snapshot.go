@@ -139,6 +139,14 @@ func (m *Machine) capturePaused(p *Paused, opt SnapshotOptions) (*snapshot.Snaps
 	if incremental {
 		sn.pool.Expect(pages, uint64(len(mem)))
 	}
+	return m.snapshotOf(p, opt, pages, incremental, parentID, parentSeq)
+}
+
+// snapshotOf makes the snapshot of paused VM p with pages (its memory's,
+// copied or aliased): an incremental one on the given parent, or a full one.
+func (m *Machine) snapshotOf(p *Paused, opt SnapshotOptions, pages []snapshot.Page, incremental bool,
+	parentID snapshot.Hash, parentSeq uint64) (*snapshot.Snapshot, error) {
+	mem := p.Memory()
 	devs, err := json.Marshal(p.Devices())
 	if err != nil {
 		return nil, fmt.Errorf("device state: %w", err)
@@ -223,9 +231,24 @@ func (m *Machine) Snapshot(ctx context.Context, path string, opt SnapshotOptions
 // Version is ftvm's version, recorded in snapshots.
 var Version = "dev"
 
-// writeAutoSnapshot writes SnapshotAtCall's snapshot; the guest is stopped.
+// writeAutoSnapshot writes SnapshotAtCall's snapshot, a full one; the
+// guest is stopped for good. It runs on the guest goroutine without the
+// snapshots' lock, which an API snapshot may hold while it waits for a
+// pause this stop ends, so it touches none of their state (their staging,
+// their dirty-page view: no incremental follows a VM that ends here). It
+// used capturePaused's, and a snapshot asked for through the API while the
+// guest ran to that host call staged its pages into the same stager.
 func (m *Machine) writeAutoSnapshot() error {
-	s, err := m.capturePaused(&Paused{m: m}, SnapshotOptions{Reason: fmt.Sprintf("host call %d", m.calls)})
+	p := &Paused{m: m}
+	mem := p.Memory()
+	// The memory stays as it is until the VM is closed: its pages are
+	// taken as they are, not copied.
+	var pages []snapshot.Page
+	for _, i := range snapshot.NonZeroPages(mem) {
+		off := int(i) * snapshot.PageSize
+		pages = append(pages, snapshot.Page{Index: i, Data: mem[off : off+snapshot.PageSize : off+snapshot.PageSize]})
+	}
+	s, err := m.snapshotOf(p, SnapshotOptions{Reason: fmt.Sprintf("host call %d", m.calls)}, pages, false, snapshot.Hash{}, 0)
 	if err != nil {
 		return err
 	}
