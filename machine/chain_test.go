@@ -27,11 +27,7 @@ import (
 // one. Finally a VM restored from the whole chain runs to the end and
 // prints what an uninterrupted run prints.
 func TestIncrementalChain(t *testing.T) {
-	wasm := guest.MustC(t, "dirtier", []string{"testdata/guests/dirtier/dirtier.c"})
-	mod, err := os.ReadFile(wasm)
-	if err != nil {
-		t.Fatal(err)
-	}
+	mod := dirtierModule(t)
 	args := []string{"64", "1", "4000", "100"}
 	ctx := context.Background()
 	var ref bytes.Buffer
@@ -311,11 +307,7 @@ func TestScratchRegionSurvivesPauses(t *testing.T) {
 // the restored snapshot, continued in a new VM, prints what an
 // uninterrupted run prints (the guest's checksum of its whole memory).
 func TestIncrementalSnapshotsOfRestoredStreamedVM(t *testing.T) {
-	wasm := guest.MustC(t, "dirtier", []string{"testdata/guests/dirtier/dirtier.c"})
-	mod, err := os.ReadFile(wasm)
-	if err != nil {
-		t.Fatal(err)
-	}
+	mod := dirtierModule(t)
 	args := []string{"8", "300", "600", "1000"}
 	ctx := context.Background()
 	cache := t.TempDir()

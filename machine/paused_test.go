@@ -88,15 +88,21 @@ func TestWithPausedReturnsAfterResume(t *testing.T) {
 	}
 }
 
+// dirtierModule is the dirtier test guest's module.
+func dirtierModule(t *testing.T) []byte {
+	t.Helper()
+	mod, err := os.ReadFile(guest.MustC(t, "dirtier", []string{"testdata/guests/dirtier/dirtier.c"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return mod
+}
+
 // newDirtier is an instrumented VM of the dirtier test guest with args,
 // its output discarded, closed when the test ends; not started.
 func newDirtier(t *testing.T, args ...string) *Machine {
 	t.Helper()
-	wasm := guest.MustC(t, "dirtier", []string{"testdata/guests/dirtier/dirtier.c"})
-	mod, err := os.ReadFile(wasm)
-	if err != nil {
-		t.Fatal(err)
-	}
+	mod := dirtierModule(t)
 	m, err := New(context.Background(), Config{Module: mod, Name: "dirtier", Args: args, Stdout: io.Discard,
 		Stderr: io.Discard, Stdin: strings.NewReader(""), CacheDir: t.TempDir(), Instrument: true})
 	if err != nil {

@@ -5,12 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 
-	"github.com/ftvm/ftvm/internal/guest"
 	"github.com/ftvm/ftvm/snapshot"
 )
 
@@ -22,11 +20,7 @@ import (
 // showed it; make test runs this test so). The snapshot at the call is a
 // full one of that call, and decodes.
 func TestAutoSnapshotBesideAPISnapshots(t *testing.T) {
-	wasm := guest.MustC(t, "dirtier", []string{"testdata/guests/dirtier/dirtier.c"})
-	mod, err := os.ReadFile(wasm)
-	if err != nil {
-		t.Fatal(err)
-	}
+	mod := dirtierModule(t)
 	dir := t.TempDir()
 	at := filepath.Join(dir, "at.snap")
 	const call = 300

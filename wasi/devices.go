@@ -466,7 +466,7 @@ func RegisterHost(ctx context.Context, r wazero.Runtime) (*Host, error) {
 		var fn api.GoModuleFunc
 		var results []api.ValueType
 		if c == CallProcExit {
-			fn = func(ctx context.Context, mod api.Module, stack []uint64) { h.dev.Load().procExit(ctx, mod, stack) }
+			fn = h.via((*Devices).procExit)
 		} else {
 			fn = h.bind(c, handlers[c])
 			results = []api.ValueType{i32}
@@ -477,16 +477,17 @@ func RegisterHost(ctx context.Context, r wazero.Runtime) (*Host, error) {
 		return nil, err
 	}
 	pb := r.NewHostModuleBuilder(PollModule)
-	pb.NewFunctionBuilder().WithGoModuleFunction(api.GoModuleFunc(func(ctx context.Context, mod api.Module, stack []uint64) {
-		h.dev.Load().poll(ctx, mod, stack)
-	}), nil, nil).WithName(PollName).Export(PollName)
-	pb.NewFunctionBuilder().WithGoModuleFunction(api.GoModuleFunc(func(ctx context.Context, mod api.Module, stack []uint64) {
-		h.dev.Load().yield(ctx, mod, stack)
-	}), nil, nil).WithName(YieldName).Export(YieldName)
+	pb.NewFunctionBuilder().WithGoModuleFunction(h.via((*Devices).poll), nil, nil).WithName(PollName).Export(PollName)
+	pb.NewFunctionBuilder().WithGoModuleFunction(h.via((*Devices).yield), nil, nil).WithName(YieldName).Export(YieldName)
 	if _, err := pb.Instantiate(ctx); err != nil {
 		return nil, err
 	}
 	return h, nil
+}
+
+// via is the host function that calls method fn of the attached devices.
+func (h *Host) via(fn func(*Devices, context.Context, api.Module, []uint64)) api.GoModuleFunc {
+	return func(ctx context.Context, mod api.Module, stack []uint64) { fn(h.dev.Load(), ctx, mod, stack) }
 }
 
 // yield is the leaf loops' visit to the host (YieldName): entering Go code
