@@ -17,6 +17,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ftvm/ftvm/internal/guest"
+	"github.com/ftvm/ftvm/internal/sysmon"
 	"github.com/ftvm/ftvm/machine"
 	"github.com/ftvm/ftvm/machine/dirty"
 	"github.com/ftvm/ftvm/snapshot"
@@ -36,6 +37,13 @@ func runSnapshot(ctx context.Context, e *env) (string, error) {
 	if err != nil {
 		return "", err
 	}
+	// The pauses below run in this process: its Go runtime monitor is
+	// relaxed as ftvm's own is (cmd/ftvm, FTVM_SYSMON_SLACK), else its
+	// wake-ups every 20 µs preempt pauses that ftvm's would not. The
+	// groups before this one (CPU, calls, KV) compare in-process guests
+	// with wazero's and so leave it alone; the Remus group after it runs
+	// ftvm processes.
+	sysmon.Relax(0)
 	var b strings.Builder
 	if err := benchPause(ctx, e, mod, &b); err != nil {
 		return "", err
@@ -73,16 +81,17 @@ func benchPause(ctx context.Context, e *env, mod []byte, b *strings.Builder) err
 		"memory for the next pause (`snapshot.StagePool.Refill`, as the snapshotter and Remus do); %d pauses per row, "+
 		"after a first one that stages every non-zero page, as the full snapshot or checkpoint that starts a chain does. **Pause** = the guest's stopped time, unwind to "+
 		"end of rewind. **Floor** = copying the same number of 4 KiB pages from a 256 MiB buffer (memcpy), measured "+
-		"in the same run. Each pause also borrows the top 256 KiB of the guest's memory for the unwound stack: it "+
+		"in the same run. The harness's process relaxes the Go runtime's monitor as `ftvm` does (`FTVM_SYSMON_SLACK`). "+
+		"Each pause also borrows the top 256 KiB of the guest's memory for the unwound stack: it "+
 		"saves the pages of it written since the last pause (usually one or two) and puts back what the unwind "+
-		"overwrote. Much of a pause with few pages is the walk of the memory's page tables (`PAGEMAP_SCAN`), which "+
+		"overwrote; the tracker keeps the pages the stack uses writable and compares them by content "+
+		"(`dirty.Keeper`), so that writing them never faults. Much of a pause with few pages is the walk of the memory's page tables (`PAGEMAP_SCAN`), which "+
 		"reads every entry of the memory however few pages were written, so the pause's floor grows with the memory's "+
 		"size, which is why both sizes are here. The memory is in transparent huge pages (`MADV_HUGEPAGE`, "+
 		"README, \"Dirty tracking\"): a write to a write-protected one splits it into 4 KiB entries, so tracking "+
 		"stays per 4 KiB, and one nobody wrote since it was protected is a single entry to the walk instead of 512 "+
 		"(the rows with few pages written keep most of theirs; with 100 or more random pages a round every one is "+
-		"split after a few rounds). "+
-		"the memory's size, which is why both sizes are here.\n\n", pauses)
+		"split after a few rounds).\n\n", pauses)
 	fmt.Fprintf(b, "**Walk alone** = the same walk with nothing else: a region of the memory's size, every page in use, "+
 		"tracked the same way; before each of %d collections one page is written, then 5 ms pass and the tables are "+
 		"walked once (`Warm`), as in the rows' pauses; p50/p99 of the collection (`Collect`) alone, measured in this run: "+

@@ -132,6 +132,7 @@ type Machine struct {
 	scratchPages    []uint32
 	rewindAddr      uint32
 	rewindSaved     []byte
+	keptLo, keptHi  uint32 // the scratch pages the tracker keeps hot (keepScratchHot)
 	tracker         dirty.Tracker
 	views           dirtyViews // per consumer of the tracker, under viewsMu
 	viewsMu         sync.Mutex // pauses and CollectAhead, which runs while the guest does

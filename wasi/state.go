@@ -83,6 +83,11 @@ func sameSlice[E comparable](a, b []E) bool { return (a == nil) == (b == nil) &&
 // host call) while it runs.
 func (d *Devices) Capture() *State {
 	st := &State{Args: d.args, Env: d.env, Preopens: d.preopens, Monotonic: d.clock.Monotonic()}
+	// One allocation, sized (it runs in every pause: a slice grown by
+	// appends took fresh memory several times, each page a fault).
+	if n := d.fds.Len(); n > 0 {
+		st.FDs = make([]FDState, 0, n)
+	}
 	d.fds.Each(func(fd uint32, f *FD) {
 		fs := FDState{Num: fd, Kind: f.Kind, Filetype: f.Filetype, Flags: f.Flags, RightsBase: f.RightsBase,
 			RightsInheriting: f.RightsInheriting, Preopen: f.Preopen, Root: f.Root, Path: f.Path,

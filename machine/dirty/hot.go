@@ -72,7 +72,14 @@ type hotState struct {
 	// add hashing to every Collect (and walks around it). A guest with a
 	// working set repeats far more often than chance.
 	stopPromoting bool
+	// keepLo, keepHi are the pages [keepLo, keepHi) the caller writes
+	// itself before every Collect (Keeper): promoted the first time they
+	// are reported, and never cooled while kept.
+	keepLo, keepHi uint32
 }
+
+// kept reports whether page p is in the range the caller keeps hot.
+func (h *hotState) kept(p uint32) bool { return p >= h.keepLo && p < h.keepHi }
 
 func (h *hotState) reset() {
 	h.hot, h.streak = h.hot[:0], h.streak[:0]
@@ -133,7 +140,7 @@ func (h *hotState) classify(dst []uint32, limit uint64, page func(uint32) []byte
 				again++
 			}
 			cold++
-			if n >= promoteAfter && room > 0 {
+			if n >= promoteAfter && room > 0 || h.kept(p) {
 				room--
 				h.next = append(h.next, hotPage{idx: p, last: bytes.Clone(page(p))})
 				if onlyAhead {
@@ -217,7 +224,7 @@ func (h *hotState) checkHot(dst []uint32, p hotPage, written bool, limit uint64,
 		dst = append(dst, p.idx)
 		copy(p.last, now)
 		p.idle = 0
-	} else {
+	} else if !h.kept(p.idx) {
 		p.idle++
 	}
 	h.next = append(h.next, p)

@@ -287,6 +287,16 @@ func newUffd(region []byte, opts Options) (_ *uffdTracker, err error) {
 	return t, nil
 }
 
+// KeepHot implements Keeper.
+func (t *uffdTracker) KeepHot(from, to uint32) {
+	if t.hot == nil {
+		return
+	}
+	t.mu.Lock()
+	t.hot.keepLo, t.hot.keepHi = from, max(from, to)
+	t.mu.Unlock()
+}
+
 // roundUp is the address that ends the first n bytes, in system pages.
 func (t *uffdTracker) roundUp(n uint64) uintptr {
 	return t.base + uintptr((n+t.sysPage-1)&^(t.sysPage-1))
