@@ -309,7 +309,13 @@ type SlotStatus struct {
 	// (the slot refuses its primaries meanwhile: refuseModule).
 	ProgramError string  `json:"program_error,omitempty"`
 	FailoverMS   float64 `json:"failover_ms,omitempty"`
-	Reason       string  `json:"reason,omitempty"`
+	// FailoverError is why the failover could not resume the VM: the
+	// engine has failed over, so nothing runs it, and the last committed
+	// state stays in the slot's directory for a restore by hand.
+	FailoverError string `json:"failover_error,omitempty"`
+	// RestoreCommand, after a failed failover, resumes the VM by hand.
+	RestoreCommand string `json:"restore_command,omitempty"`
+	Reason         string `json:"reason,omitempty"`
 	// StoodStill counts the times the slot's loop stood still for most
 	// of the timeout (engine StoodStill) while it protected.
 	StoodStill uint64 `json:"stood_still"`
@@ -1961,7 +1967,7 @@ func toStoreTree(tree []wire.DiskFile) []store.TreeEntry {
 func (s *slot) failover(ctx context.Context) {
 	t0 := time.Now()
 	if s.img.ID.IsZero() {
-		s.log.Error("failover: nothing committed to resume")
+		s.failoverFailed(errors.New("nothing committed to resume"))
 		return
 	}
 	s.hurry()
@@ -1971,9 +1977,8 @@ func (s *slot) failover(ctx context.Context) {
 	behind := s.diskBehind
 	s.mu.Unlock()
 	if behind {
-		s.log.Error("failover refused: storing a checkpoint failed, so the replica of the guest's files is older " +
-			"than its memory image; resuming would pair them. The last consistent state is in the slot's directory " +
-			"(ftvm restore its chain by hand)")
+		s.failoverFailed(errors.New("refused: storing a checkpoint failed, so the replica of the guest's files is " +
+			"older than its memory image; resuming would pair them"))
 		return
 	}
 	s.mu.Lock()
@@ -1988,12 +1993,13 @@ func (s *slot) failover(ctx context.Context) {
 	s.prog = nil
 	s.mu.Unlock()
 	if prog == nil {
-		s.log.Error("failover: the module could not be prepared", "err", perr)
+		s.failoverFailed(fmt.Errorf("the module could not be prepared: %v", perr))
 		return
 	}
 	var st wasi.State
 	if err := json.Unmarshal(s.img.Devices, &st); err != nil {
-		s.log.Error("failover: device state", "err", err)
+		prog.Close(context.Background())
+		s.failoverFailed(fmt.Errorf("device state: %w", err))
 		return
 	}
 	var dirs []wasi.Preopen
@@ -2030,7 +2036,7 @@ func (s *slot) failover(ctx context.Context) {
 	}
 	if err != nil {
 		prog.Close(context.Background())
-		s.log.Error("failover failed", "err", err)
+		s.failoverFailed(err)
 		return
 	}
 	elapsed := time.Since(t0)
@@ -2051,6 +2057,44 @@ func (s *slot) failover(ctx context.Context) {
 		code, err := m.Run(ctx)
 		s.log.Info("failed-over VM ended", "exit_code", code, "err", err)
 	}()
+}
+
+// failoverFailed reports a failover that could not resume the VM: in the
+// log, the slot's status (failover_error, restore_command, reason) and its
+// metric (ftvm_remus_backup_failover_failed), so an operator sees that
+// nothing runs the guest, and how to resume it by hand from the slot's
+// last committed checkpoint.
+func (s *slot) failoverFailed(err error) {
+	cmd := s.restoreCommand()
+	s.log.Error("FAILOVER FAILED: the protected VM is not running anywhere; resume its last committed checkpoint "+
+		"by hand", "err", err, "dir", s.dir, "restore_command", cmd)
+	s.mu.Lock()
+	s.status.FailoverError = err.Error()
+	s.status.RestoreCommand = cmd
+	s.status.Reason = fmt.Sprintf("failover failed: %v", err)
+	s.mu.Unlock()
+}
+
+// restoreCommand is the ftvm restore command line that resumes the slot's
+// committed chain, its preopens mapped to the slot's replicas ("" if
+// nothing is committed). Nothing commits after a failover, so the files
+// stay as named.
+func (s *slot) restoreCommand() string {
+	base, recs := s.store.Paths()
+	if base == "" {
+		return ""
+	}
+	args := []string{"ftvm", "restore"}
+	var st wasi.State
+	if json.Unmarshal(s.img.Devices, &st) == nil {
+		for i, p := range st.Preopens {
+			args = append(args, "--dir", s.store.DiskDir(i)+":"+p.GuestPath)
+		}
+	}
+	// The listeners bind the primary's addresses unless --listen says
+	// otherwise (the operator's choice: --rebind may be what failed).
+	args = append(append(args, base), recs...)
+	return strings.Join(args, " ")
 }
 
 func isAddrInUse(err error) bool {

@@ -55,17 +55,19 @@ func (b *Backup) MetricsHandler() http.Handler {
 type backupCollector struct{ b *Backup }
 
 var (
-	descCommitted  = prometheus.NewDesc("ftvm_remus_backup_committed_epoch", "Last committed checkpoint.", []string{"vm"}, nil)
-	descPersisted  = prometheus.NewDesc("ftvm_remus_backup_persisted_epoch", "Last checkpoint on disk.", []string{"vm"}, nil)
-	descReceived   = prometheus.NewDesc("ftvm_remus_backup_received_bytes_total", "Checkpoint bytes received.", []string{"vm"}, nil)
-	descFollowing  = prometheus.NewDesc("ftvm_remus_backup_following", "1 while a primary streams to the slot.", []string{"vm"}, nil)
-	descFailedOver = prometheus.NewDesc("ftvm_remus_backup_failed_over", "1 once the slot's VM runs here.", []string{"vm"}, nil)
+	descCommitted      = prometheus.NewDesc("ftvm_remus_backup_committed_epoch", "Last committed checkpoint.", []string{"vm"}, nil)
+	descPersisted      = prometheus.NewDesc("ftvm_remus_backup_persisted_epoch", "Last checkpoint on disk.", []string{"vm"}, nil)
+	descReceived       = prometheus.NewDesc("ftvm_remus_backup_received_bytes_total", "Checkpoint bytes received.", []string{"vm"}, nil)
+	descFollowing      = prometheus.NewDesc("ftvm_remus_backup_following", "1 while a primary streams to the slot.", []string{"vm"}, nil)
+	descFailedOver     = prometheus.NewDesc("ftvm_remus_backup_failed_over", "1 once the slot's VM runs here.", []string{"vm"}, nil)
+	descFailoverFailed = prometheus.NewDesc("ftvm_remus_backup_failover_failed",
+		"1 once a failover of the slot could not resume its VM (status failover_error says why).", []string{"vm"}, nil)
 	descStoodStill = prometheus.NewDesc("ftvm_remus_backup_stood_still_total",
 		"Times the slot's loop stood still for most of the timeout while it protected (no failover for that silence).", []string{"vm"}, nil)
 )
 
 func (backupCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descCommitted, descPersisted, descReceived, descFollowing, descFailedOver, descStoodStill} {
+	for _, d := range []*prometheus.Desc{descCommitted, descPersisted, descReceived, descFollowing, descFailedOver, descFailoverFailed, descStoodStill} {
 		ch <- d
 	}
 }
@@ -77,6 +79,7 @@ func (c backupCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descReceived, prometheus.CounterValue, float64(s.BytesReceived), s.VM)
 		ch <- prometheus.MustNewConstMetric(descFollowing, prometheus.GaugeValue, b2f(s.State == "following"), s.VM)
 		ch <- prometheus.MustNewConstMetric(descFailedOver, prometheus.GaugeValue, b2f(s.FailoverMS > 0), s.VM)
+		ch <- prometheus.MustNewConstMetric(descFailoverFailed, prometheus.GaugeValue, b2f(s.FailoverError != ""), s.VM)
 		ch <- prometheus.MustNewConstMetric(descStoodStill, prometheus.CounterValue, float64(s.StoodStill), s.VM)
 	}
 }

@@ -1200,3 +1200,74 @@ func TestRemusBackupCannotPrepare(t *testing.T) {
 		t.Fatalf("GET on the primary a second later: %q, %v", got, err)
 	}
 }
+
+// TestRemusFailoverThatCannotResume: a failover whose VM cannot start here
+// (its --rebind address belongs to no interface of this host) says so in
+// the backup's status, `ftvm status` and a metric, and the restore command
+// it gives resumes the slot's last committed checkpoint by hand, with
+// every acknowledged write.
+func TestRemusFailoverThatCannotResume(t *testing.T) {
+	r := startRemus(t, remusOpts{backup: []string{"--rebind", "4=192.0.2.1:9"}}) // TEST-NET-1
+	k, err := dialKV(r.kvAddr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const keys = 40
+	for i := range keys {
+		if got, err := k.do(fmt.Sprintf("SET k%d v%d", i, i), 5*time.Second); err != nil || got != "OK" {
+			t.Fatalf("SET k%d: %q, %v", i, got, err)
+		}
+	}
+	k.c.Close()
+	r.primary.cmd.Process.Kill() // kill -9
+	<-r.primary.done
+
+	var slot map[string]any
+	for deadline := time.Now().Add(20 * time.Second); ; {
+		if slots, _ := status(t, r.bSock)["slots"].([]any); len(slots) == 1 {
+			slot, _ = slots[0].(map[string]any)
+			if e, _ := slot["failover_error"].(string); e != "" {
+				break
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no failover_error in the backup's status 20s after the kill: %v", slot)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Logf("backup slot after the failed failover: %v", slot)
+	if e := slot["failover_error"].(string); !strings.Contains(e, "192.0.2.1") {
+		t.Errorf("failover_error %q does not name the address that could not be bound", e)
+	}
+	if fo, _ := slot["failover_ms"].(float64); fo != 0 {
+		t.Errorf("failover_ms %v for a failover that did not resume the VM", fo)
+	}
+	cmd, _ := slot["restore_command"].(string)
+	if !strings.HasPrefix(cmd, "ftvm restore ") {
+		t.Fatalf("restore_command %q", cmd)
+	}
+	res := runCLI(t, 30*time.Second, "", "status", "--api-sock", r.bSock)
+	for _, w := range []string{"FAILOVER FAILED", "192.0.2.1", cmd} {
+		if !strings.Contains(res.stdout, w) {
+			t.Errorf("ftvm status of the backup lacks %q:\n%s%s", w, res.stdout, res.stderr)
+		}
+	}
+	if m := getText(t, r.bSock, "/metrics"); !strings.Contains(m, fmt.Sprintf("ftvm_remus_backup_failover_failed{vm=%q} 1", slot["vm"])) {
+		t.Errorf("/metrics lacks ftvm_remus_backup_failover_failed 1:\n%s", m)
+	}
+
+	// By hand, as the status says, with the listener somewhere of ours.
+	addr := freeAddr(t)
+	args := append([]string{"restore", "--listen", "4=" + addr}, strings.Fields(cmd)[2:]...)
+	p := startProc(t, ftvmBinary(t), args...)
+	waitKV(t, p, addr)
+	if k, err = dialKV(addr); err != nil {
+		t.Fatal(err)
+	}
+	defer k.c.Close()
+	for i := range keys {
+		if got, err := k.do(fmt.Sprintf("GET k%d", i), 5*time.Second); err != nil || got != fmt.Sprintf("VALUE v%d", i) {
+			t.Errorf("GET k%d after the restore by hand: %q, %v", i, got, err)
+		}
+	}
+}

@@ -289,6 +289,12 @@ func printStatus(st map[string]any) {
 			if e, ok := m["program_error"].(string); ok && e != "" {
 				fmt.Printf("  CANNOT FAIL OVER: preparing the module failed: %s\n", e)
 			}
+			if e, ok := m["failover_error"].(string); ok && e != "" {
+				fmt.Printf("  FAILOVER FAILED, the VM runs nowhere: %s\n", e)
+				if c, ok := m["restore_command"].(string); ok && c != "" {
+					fmt.Printf("  resume it by hand (add --listen FD=HOST:PORT to bind elsewhere):\n    %s\n", c)
+				}
+			}
 		}
 		return
 	}
