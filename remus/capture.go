@@ -31,6 +31,7 @@ type checkpoint struct {
 	ahead   int           // of them, copied before the pause (collectAhead)
 	devices *wasi.State   // marshalled into snap.Devices when encoded
 	gen     uint64        // the dirty-page collection, for rearm
+	queued  time.Time     // when it was given to the sender
 	// counted: enqueue counted it in the session's whole (not
 	// abandonable); the sender uncounts it once sent whole.
 	counted bool
