@@ -106,7 +106,16 @@ type Primary struct {
 	// checkpoint for a guest going idle (a session, room in flight).
 	idleTakes atomic.Bool
 	requests  atomic.Uint64 // checkpoints asked of the machine so far
-	captures  atomic.Uint64 // of those, captures begun (in their pause)
+	// queued: of those, captures queued on the machine (PauseAsync), so
+	// that the guest's very next safe point takes them. A stall ends for
+	// a queued capture, not for a request: between the two the loop
+	// walks page tables or collects pages ahead, and waited for the
+	// gate's lock, and a guest let go at the request wrote on unstalled
+	// meanwhile (TestRemusBackPressure saw 1.3 MB held at a limit of 256
+	// KiB, about one run in five under load). Counted after the queueing:
+	// captures may be ahead of it for a moment.
+	queued   atomic.Uint64
+	captures atomic.Uint64 // of those, captures begun (in their pause)
 	// started is closed once a session is up and its first checkpoint
 	// requested, or the primary runs unprotected: WaitSession's end.
 	started     chan struct{}
@@ -410,7 +419,6 @@ func (p *Primary) session(id uint64) *session {
 func (p *Primary) take(req engine.CheckpointRequest, module []byte, name string) {
 	sess := p.session(req.Session)
 	p.requests.Add(1)
-	p.gate.nudge() // a stalled pause lets the guest go on to this capture
 	m := p.machine.Load()
 	st := p.getStager()
 	ahead := 0
@@ -497,7 +505,7 @@ func (p *Primary) take(req engine.CheckpointRequest, module []byte, name string)
 			// one (a resync's full checkpoint, say, whose ack is
 			// what would release the output; waiting for it here
 			// waited for ever).
-			p.gate.waitBelow(p.stop, func() bool { return p.requests.Load() != p.captures.Load() })
+			p.gate.waitBelow(p.stop, func() bool { return p.queued.Load() > p.captures.Load() })
 			return nil
 		}
 		if p.stalling.Load() {
@@ -507,6 +515,16 @@ func (p *Primary) take(req engine.CheckpointRequest, module []byte, name string)
 		pp.AfterResume(handOff)
 		return nil
 	})
+	// Counted once queued (its capture may have begun already, hence
+	// queued > captures where it is read), then a stalled pause is told:
+	// it lets the guest go on to this capture. Nothing may come between
+	// the request and the queueing that a stalled guest waits for: the
+	// gate's lock, which the nudge takes and the guest's every output
+	// too, was 6 ms away once on this VM, and a stall that ended for the
+	// request meanwhile let the guest write on (1.3 MB held at a limit of
+	// 256 KiB).
+	p.queued.Add(1)
+	p.gate.nudge()
 	if sess != nil {
 		// Queued: the guest, started now, stops at its first host call.
 		p.markStarted()
@@ -774,19 +792,21 @@ func (p *Primary) overLimit() {
 
 // stallOver reports whether a back-pressure stall may let the guest go
 // on: held output and the running epoch's disk journal are under the
-// limit, protection was given up, or a
-// checkpoint is asked for and not captured yet. That capture runs at this
-// safe point or the next (its pause waits for acks if need be); it may be
-// queued behind the stall, or be queued only once the loop has walked the
-// page tables (take), so waiting for it here would wait for ever.
-// (Counting only the requests made after the stall began missed one made,
-// by the stall's own HoldFull, between the two: the guest stayed stopped.)
+// limit, protection was given up, or a checkpoint's capture is queued and
+// not begun. That capture runs at the guest's next safe point (its pause
+// waits for acks if need be); it may be queued behind the stall, so
+// waiting for it here would wait for ever. A request alone is not enough:
+// the loop queues its capture only after walking the page tables or
+// collecting pages ahead (take), and a guest let go at the request wrote
+// on unstalled meanwhile. (Counting only the captures queued after the
+// stall began missed one queued, for the stall's own HoldFull, between
+// the two: the guest stayed stopped.)
 func (p *Primary) stallOver() bool {
 	held, _, _, _ := p.gate.stats()
 	st := p.Status()
 	return held <= p.cfg.HoldLimit && p.gate.journalBytes() <= p.cfg.HoldLimit ||
 		st.State != engine.Protected.String() && st.State != engine.Syncing.String() ||
-		p.requests.Load() != p.captures.Load()
+		p.queued.Load() > p.captures.Load()
 }
 
 // wakeReleaser has the releaser drain what may leave now (it was told
@@ -1187,7 +1207,8 @@ func (s *session) sender(p *Primary) {
 			}
 			if err == nil && p.log.Enabled(context.Background(), slog.LevelDebug) {
 				p.log.Debug("checkpoint sent", "seq", it.seq, "full", it.full, "pages", it.dirty, "ahead", it.ahead,
-					"capture", it.pause, "rearm_first", rearmFirst, "rearm", rearmed.Sub(t0), "encode_and_send", streamed.Sub(rearmed), "rearm_after", time.Since(streamed), "queued", t0.Sub(it.queued))
+					"capture", it.pause, "queued", t0.Sub(it.queued), "rearm_first", rearmFirst, "rearm", rearmed.Sub(t0),
+					"encode_and_send", streamed.Sub(rearmed), "rearm_after", time.Since(streamed))
 			}
 		}
 		if err != nil {

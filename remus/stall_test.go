@@ -9,10 +9,13 @@ import (
 )
 
 // TestStallEndsForACheckpointAskedBefore: a back-pressure stall lets the
-// guest go on while a checkpoint is asked for and not captured yet, one
-// asked for before the stall began included: that capture may be queued
-// behind the stall, and a stall that waited for a later request kept the
-// guest stopped for ever (TestRemusBackPressure hung under load).
+// guest go on while a capture is queued and not begun, one queued before
+// the stall began included: that capture may be queued behind the stall,
+// and a stall that waited for a later one kept the guest stopped for ever
+// (TestRemusBackPressure hung under load). A checkpoint asked for but not
+// queued yet does not end it: take may collect pages ahead for a
+// millisecond first, and the guest wrote on unstalled meanwhile
+// (TestRemusBackPressure held 1.2 MB at a limit of 256 KiB).
 func TestStallEndsForACheckpointAskedBefore(t *testing.T) {
 	p := heldOverLimit(t)
 	state := func(s engine.PrimaryState) {
@@ -25,12 +28,27 @@ func TestStallEndsForACheckpointAskedBefore(t *testing.T) {
 		t.Fatal("the stall ended with 200 bytes held over a limit of 100, protected, no checkpoint asked for")
 	}
 	p.requests.Add(1) // take counted a checkpoint; its capture is not queued yet
+	if p.stallOver() {
+		t.Fatal("the stall ended for a checkpoint asked for but not queued: the guest would write on until take queues it")
+	}
+	p.queued.Add(1) // queued on the machine: the next safe point takes it
 	if !p.stallOver() {
-		t.Fatal("the stall goes on while a checkpoint asked for before it is not captured")
+		t.Fatal("the stall goes on while a capture queued before it is not begun")
 	}
 	p.captures.Add(1)
 	if p.stallOver() {
 		t.Fatal("the stall ended once that checkpoint was captured, output still held over the limit")
+	}
+	// A capture that begins before take has counted it as queued
+	// (captures ahead of queued for a moment) does not end it either.
+	p.requests.Add(1)
+	p.captures.Add(1)
+	if p.stallOver() {
+		t.Fatal("the stall ended for a capture that had begun, counted as queued only after")
+	}
+	p.queued.Add(1)
+	if p.stallOver() {
+		t.Fatal("the stall ended once that capture was counted, output still held over the limit")
 	}
 	state(engine.Unprotected)
 	if !p.stallOver() {
@@ -47,10 +65,11 @@ func TestStallGivesWayToANewCheckpoint(t *testing.T) {
 	p := heldOverLimit(t)
 	p.gate.endEpoch() // checkpointed, not acknowledged
 	p.requests.Add(1)
+	p.queued.Add(1)
 	p.captures.Add(1) // this pause's capture
 	done := make(chan struct{})
 	go func() {
-		p.gate.waitBelow(p.stop, func() bool { return p.requests.Load() != p.captures.Load() })
+		p.gate.waitBelow(p.stop, func() bool { return p.queued.Load() > p.captures.Load() })
 		close(done)
 	}()
 	select {
@@ -59,6 +78,7 @@ func TestStallGivesWayToANewCheckpoint(t *testing.T) {
 	case <-time.After(50 * time.Millisecond):
 	}
 	p.requests.Add(1) // as take does
+	p.queued.Add(1)
 	p.gate.nudge()
 	select {
 	case <-done:
