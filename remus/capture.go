@@ -20,18 +20,18 @@ import (
 // checkpoint, every non-zero page and the whole contents of the preopened
 // directories.
 type checkpoint struct {
-	seq     uint64
-	full    bool
-	snap    *snapshot.Snapshot // pages alias stager; Parent and ID set when encoded
-	stager  *snapshot.Stager
-	ops     []wire.FsOp
-	tree    []wire.DiskFile
-	pause   time.Duration // how long the capture kept the guest stopped
-	dirty   int           // pages in the checkpoint
-	ahead   int           // of them, copied before the pause (collectAhead)
-	devices *wasi.State   // marshalled into snap.Devices when encoded
-	gen     uint64        // the dirty-page collection, for rearm
-	queued  time.Time     // when it was given to the sender
+	seq      uint64
+	full     bool
+	snap     *snapshot.Snapshot // pages alias stager; Parent and ID set when encoded
+	stager   *snapshot.Stager
+	ops      []wire.FsOp
+	tree     []wire.DiskFile
+	pause    time.Duration // how long the capture kept the guest stopped
+	dirty    int           // pages in the checkpoint
+	ahead    int           // of them, copied before the pause (collectAhead)
+	devices  *wasi.State   // marshalled into snap.Devices when encoded
+	gen      uint64        // the dirty-page collection, for rearm
+	enqueued time.Time     // when it was given to the sender
 	// counted: enqueue counted it in the session's whole (not
 	// abandonable); the sender uncounts it once sent whole.
 	counted bool

@@ -1087,7 +1087,7 @@ func (s *session) close() {
 // MaxInflight, so this blocks only if the session is wedged — then the
 // session is given up.
 func (s *session) enqueue(cp *checkpoint) {
-	cp.queued = time.Now()
+	cp.enqueued = time.Now()
 	if !cp.abandonable() {
 		cp.counted = true
 		s.whole.Add(1)
@@ -1207,7 +1207,7 @@ func (s *session) sender(p *Primary) {
 			}
 			if err == nil && p.log.Enabled(context.Background(), slog.LevelDebug) {
 				p.log.Debug("checkpoint sent", "seq", it.seq, "full", it.full, "pages", it.dirty, "ahead", it.ahead,
-					"capture", it.pause, "queued", t0.Sub(it.queued), "rearm_first", rearmFirst, "rearm", rearmed.Sub(t0),
+					"capture", it.pause, "queued", t0.Sub(it.enqueued), "rearm_first", rearmFirst, "rearm", rearmed.Sub(t0),
 					"encode_and_send", streamed.Sub(rearmed), "rearm_after", time.Since(streamed))
 			}
 		}
