@@ -13,13 +13,15 @@ trap cleanup EXIT
 
 # ready waits until the KV server answers a request.
 ready() {
-	for _ in $(seq 1200); do
+	# Every 10 ms for up to two minutes: the time to the backup's first
+	# answer after the kill is measured with it.
+	for _ in $(seq 12000); do
 		if exec 3<>"/dev/tcp/127.0.0.1/$port" 2>/dev/null; then
 			printf 'COUNT\n' >&3
 			if read -r -t 5 reply <&3 && [ -n "$reply" ]; then exec 3<&-; return 0; fi
 			exec 3<&-
 		fi
-		sleep 0.1
+		sleep 0.01
 	done
 	echo "the KV server did not answer" >&2
 	return 1
