@@ -19,6 +19,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/ftvm/ftvm/internal/sysmon"
@@ -794,12 +795,13 @@ const streamDecodeFrom = chunk
 // testDecodeDelay makes every checkpoint's decoding take that much longer.
 var testDecodeDelay time.Duration
 
-// testApplyDelay makes every commit of a checkpoint take that much longer.
-var testApplyDelay time.Duration
+// testApplyDelay makes every commit of a checkpoint take that many
+// nanoseconds longer (atomic: slots of earlier tests may still read it).
+var testApplyDelay atomic.Int64
 
 // testPreparing, if set, runs on the thread that prepares a slot's
 // program, before it does.
-var testPreparing func()
+var testPreparing atomic.Pointer[func()]
 
 // maxDiskBytes bounds the file data one checkpoint may carry (a full
 // sync's directory contents, or an epoch's writes): the primary is a peer,
@@ -1061,7 +1063,7 @@ func (s *slot) do(ctx context.Context, rd engine.BackupReady) (failover bool, fa
 		for _, c := range copies {
 			s.b.wg.Add(1)
 			// (testApplyDelay makes every copy a long one.)
-			if inline && c.pages <= inlineCopyPages && testApplyDelay == 0 && (c.prev == nil || isClosed(c.prev)) {
+			if inline && c.pages <= inlineCopyPages && testApplyDelay.Load() == 0 && (c.prev == nil || isClosed(c.prev)) {
 				c.run()
 				continue
 			}
@@ -1201,8 +1203,8 @@ func (s *slot) commit(ref engine.Staged) (finish func(), err error) {
 	}
 	return func() {
 		t0 := time.Now() // the copy's own time, not its wait in the queue
-		if testApplyDelay > 0 {
-			time.Sleep(testApplyDelay)
+		if d := time.Duration(testApplyDelay.Load()); d > 0 {
+			time.Sleep(d)
 		}
 		apply()
 		if s.log.Enabled(context.Background(), slog.LevelDebug) {
@@ -1372,8 +1374,8 @@ func (s *slot) prepare(snap *snapshot.Snapshot) {
 	go func() {
 		defer close(done)
 		s.lowerPriority(done)
-		if testPreparing != nil {
-			testPreparing()
+		if f := testPreparing.Load(); f != nil {
+			(*f)()
 		}
 		// Instrumented as the primary's module was (its loop polls, say),
 		// which the checkpoint's device state records.
@@ -1387,7 +1389,7 @@ func (s *slot) prepare(snap *snapshot.Snapshot) {
 			return
 		}
 		s.log.Error("preparing the module for failover failed: the primary is refused until it is prepared "+
-			"(tried again at a full checkpoint after "+prepareRetryAfter.String()+")", "err", err)
+			"(tried again at a full checkpoint after "+retryAfter().String()+")", "err", err)
 		// What the slot committed cannot be resumed: the loop lets the
 		// session go and keeps nothing to fail over to.
 		select {
@@ -1420,12 +1422,19 @@ func (s *slot) prepared(done chan struct{}, prog *machine.Program, err error) bo
 // failedLately: preparing progHash failed less than prepareRetryAfter ago
 // (s.mu held).
 func (s *slot) failedLately() bool {
-	return s.progErr != nil && time.Since(s.progFail) < prepareRetryAfter
+	return s.progErr != nil && time.Since(s.progFail) < retryAfter()
 }
 
-// prepareRetryAfter is how long after a failed preparation of a module
-// the backup refuses its primaries (refuseModule) before it tries again.
-var prepareRetryAfter = 30 * time.Second
+// prepareRetryAfter is how long, in nanoseconds, after a failed
+// preparation of a module the backup refuses its primaries (refuseModule)
+// before it tries again: 30 s. Atomic, since a test shortens it while
+// preparations of earlier tests' backups may still be running (go test
+// -race saw one read it).
+var prepareRetryAfter atomic.Int64
+
+func init() { prepareRetryAfter.Store(int64(30 * time.Second)) }
+
+func retryAfter() time.Duration { return time.Duration(prepareRetryAfter.Load()) }
 
 // refuseModule says why the backup refuses a primary of module, "" if it
 // does not: a backup that failed to prepare the module for failover (its

@@ -164,9 +164,9 @@ func serveSlowBackup(t *testing.T, timeout, delay time.Duration) *Backup {
 	t.Helper()
 	// Registered first, so run last: once the backup and its copies
 	// have stopped.
-	t.Cleanup(func() { testApplyDelay = 0 })
+	t.Cleanup(func() { testApplyDelay.Store(0) })
 	b := serveBackup(t, timeout)
-	testApplyDelay = delay
+	testApplyDelay.Store(int64(delay))
 	return b
 }
 
@@ -334,8 +334,8 @@ func TestBackupSlowDecodeIsNotSilence(t *testing.T) {
 func TestBackupHeartbeatsWhileApplying(t *testing.T) {
 	const timeout = 150 * time.Millisecond
 	b := serveBackup(t, timeout)
-	testApplyDelay = 11 * timeout
-	defer func() { testApplyDelay = 0 }()
+	testApplyDelay.Store(int64(11 * timeout))
+	defer testApplyDelay.Store(0)
 	module, hash := fakeModule()
 	full := &snapshot.Snapshot{Kind: snapshot.Full, Module: hash, Seq: 1, MemorySize: 65536,
 		Pages: []snapshot.Page{{Index: 0, Data: bytes.Repeat([]byte{7}, snapshot.PageSize)}}, Devices: []byte("{}"),
@@ -388,9 +388,9 @@ func TestBackupHeartbeatsWhileApplying(t *testing.T) {
 			case a.Seq != acked+1:
 				t.Fatalf("ack of %d after %d", a.Seq, acked)
 			case applied() >= int(a.Seq):
-				t.Errorf("the ack of %d came after its copy (%v): it should not wait for it", a.Seq, testApplyDelay)
+				t.Errorf("the ack of %d came after its copy (%v): it should not wait for it", a.Seq, time.Duration(testApplyDelay.Load()))
 			case a.Seq == 2 && applied() >= 1:
-				t.Errorf("the ack of 2 waited for the copy of 1 (%v)", testApplyDelay)
+				t.Errorf("the ack of 2 waited for the copy of 1 (%v)", time.Duration(testApplyDelay.Load()))
 			default:
 				acked = a.Seq
 				if acked == 1 {
@@ -399,7 +399,7 @@ func TestBackupHeartbeatsWhileApplying(t *testing.T) {
 					// that copy, when the reader has long been feeding
 					// the loop's queue heartbeats (it must leave room).
 					f.checkpoint(2, false, incRaw, nil)
-					time.AfterFunc(testApplyDelay*7/8, func() {
+					time.AfterFunc(time.Duration(testApplyDelay.Load())*7/8, func() {
 						f.sendErr(&wire.CheckpointBegin{Seq: 3})
 						f.sendErr(&wire.CheckpointData{Seq: 3, Data: inc3Raw})
 						f.sendErr(&wire.CheckpointEnd{Seq: 3, SnapshotSize: uint64(len(inc3Raw)), SnapshotCRC: crc32.Checksum(inc3Raw, castagnoli)})
@@ -411,10 +411,10 @@ func TestBackupHeartbeatsWhileApplying(t *testing.T) {
 		}
 	}
 	if longest >= timeout/2 {
-		t.Errorf("the backup was silent for %v while copying for %v three times (timeout %v, %d heartbeats)", longest, testApplyDelay, timeout, beats)
+		t.Errorf("the backup was silent for %v while copying for %v three times (timeout %v, %d heartbeats)", longest, time.Duration(testApplyDelay.Load()), timeout, beats)
 	}
 	if beats < 10 {
-		t.Errorf("%d heartbeats during three copies of %v (timeout %v)", beats, testApplyDelay, timeout)
+		t.Errorf("%d heartbeats during three copies of %v (timeout %v)", beats, time.Duration(testApplyDelay.Load()), timeout)
 	}
 	// Nor did the backup take its primary's heartbeats, queued meanwhile,
 	// for silence.
@@ -450,11 +450,12 @@ func expectFollowing(t *testing.T, b *Backup, after string) {
 func TestBackupPreparesAtLowPriority(t *testing.T) {
 	const timeout = 200 * time.Millisecond
 	started, release := make(chan int, 1), make(chan struct{})
-	testPreparing = func() {
+	hook := func() {
 		started <- unix.Gettid()
 		<-release
 	}
-	defer func() { testPreparing = nil }()
+	testPreparing.Store(&hook)
+	defer testPreparing.Store(nil)
 	b := serveBackup(t, timeout)
 	defer close(release)
 	f := sendFirstCheckpoint(t, b)
@@ -572,7 +573,7 @@ func TestBackupFullCheckpointWaitsForCopies(t *testing.T) {
 	f.checkpoint(2, false, encodeSnap(t, inc), nil)
 	f.ack(2)
 	if n := applied(); n >= 2 {
-		t.Fatalf("the ack of 2 came after %d copies of %v: it should not wait for them", n, testApplyDelay)
+		t.Fatalf("the ack of 2 came after %d copies of %v: it should not wait for them", n, time.Duration(testApplyDelay.Load()))
 	}
 	f.checkpoint(3, true, encodeSnap(t, full3), nil)
 	f.ack(3)

@@ -454,9 +454,8 @@ func TestBackupRestartedRefusesOtherDirectories(t *testing.T) {
 // with the reason, for prepareRetryAfter; then it takes the primary again,
 // to try once more.
 func TestBackupRefusesAModuleItCannotPrepare(t *testing.T) {
-	old := prepareRetryAfter
-	prepareRetryAfter = 2 * time.Second
-	t.Cleanup(func() { prepareRetryAfter = old })
+	old := prepareRetryAfter.Swap(int64(2 * time.Second))
+	t.Cleanup(func() { prepareRetryAfter.Store(old) })
 	b := serveBackup(t, time.Hour)
 	module := []byte("\x00asm\x01\x00\x00\x00") // no _start: not a WASI command
 	hash := snapshot.ModuleHash(module)
@@ -506,7 +505,7 @@ func TestBackupRefusesAModuleItCannotPrepare(t *testing.T) {
 		t.Fatalf("refused with %q", why)
 	}
 	// After the window, taken again.
-	time.Sleep(time.Until(failedAt.Add(prepareRetryAfter + 100*time.Millisecond)))
+	time.Sleep(time.Until(failedAt.Add(retryAfter() + 100*time.Millisecond)))
 	dialBackupHello(t, b.Addr().String(), hello)
 }
 
