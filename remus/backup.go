@@ -200,8 +200,16 @@ func rootsMismatch(vm string, have, want int) error {
 }
 
 // testStoreFS, if set, is where slots keep their journals: tests make
-// the disk fail.
-var testStoreFS store.FS
+// the disk fail (atomic, as testApplyDelay).
+var testStoreFS atomic.Pointer[store.FS]
+
+// storeFS is testStoreFS's file system, nil (the real one) if unset.
+func storeFS() store.FS {
+	if f := testStoreFS.Load(); f != nil {
+		return *f
+	}
+	return nil
+}
 
 // slot returns the slot of vm, creating it.
 func (b *Backup) slot(ctx context.Context, vm string, roots int) (*slot, error) {
@@ -220,7 +228,7 @@ func (b *Backup) slot(ctx context.Context, vm string, roots int) (*slot, error) 
 	if err != nil {
 		return nil, err
 	}
-	st, err := store.Open(filepath.Join(b.cfg.StateDir, "slots", vm), store.Options{Roots: roots, FS: testStoreFS})
+	st, err := store.Open(filepath.Join(b.cfg.StateDir, "slots", vm), store.Options{Roots: roots, FS: storeFS()})
 	if err != nil {
 		return nil, fmt.Errorf("slot state: %w", err)
 	}
@@ -759,8 +767,8 @@ func (s *slot) keepAlive(id uint64) (stop func()) {
 // puts its pages in the slot's pool memory (mem; not for a full
 // checkpoint, whose pages become the program's memory).
 func (s *slot) decode(raw []byte, module *snapshot.Hash, pooled bool) (*snapshot.Snapshot, *pageMem, error) {
-	if testDecodeDelay > 0 {
-		time.Sleep(testDecodeDelay)
+	if d := time.Duration(testDecodeDelay.Load()); d > 0 {
+		time.Sleep(d)
 	}
 	workers := 1
 	if len(raw) >= parallelDecodeFrom {
@@ -792,8 +800,9 @@ const minPiece = 64 << 10
 // soon as a second one comes.
 const streamDecodeFrom = chunk
 
-// testDecodeDelay makes every checkpoint's decoding take that much longer.
-var testDecodeDelay time.Duration
+// testDecodeDelay makes every checkpoint's decoding take that many
+// nanoseconds longer (atomic, as testApplyDelay).
+var testDecodeDelay atomic.Int64
 
 // testApplyDelay makes every commit of a checkpoint take that many
 // nanoseconds longer (atomic: slots of earlier tests may still read it).
@@ -1905,7 +1914,7 @@ func (s *slot) stored(err error, what string, seq uint64) bool {
 		s.log.Error("the slot's state directory failed; reopening it", "what", what, "err", err)
 		s.persistFailed()
 		s.store.Close()
-		st, oerr := store.Open(s.dir, store.Options{Roots: s.roots, FS: testStoreFS})
+		st, oerr := store.Open(s.dir, store.Options{Roots: s.roots, FS: storeFS()})
 		if oerr != nil {
 			s.log.Error("reopening the slot failed; nothing more is stored", "err", oerr)
 			return false

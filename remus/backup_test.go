@@ -311,11 +311,11 @@ func sendFirstCheckpoint(t *testing.T, b *Backup) *fakePrimary {
 func TestBackupSlowDecodeIsNotSilence(t *testing.T) {
 	const timeout = 200 * time.Millisecond
 	b := serveBackup(t, timeout)
-	testDecodeDelay = 4 * timeout
-	defer func() { testDecodeDelay = 0 }()
+	testDecodeDelay.Store(int64(4 * timeout))
+	defer testDecodeDelay.Store(0)
 	f := sendFirstCheckpoint(t, b)
 	if m, ok := f.next().(*wire.Ack); !ok || m.Seq != 1 {
-		t.Fatalf("a checkpoint decoded for %v (timeout %v) was answered with %v, want its ack", testDecodeDelay, timeout, m)
+		t.Fatalf("a checkpoint decoded for %v (timeout %v) was answered with %v, want its ack", time.Duration(testDecodeDelay.Load()), timeout, m)
 	}
 	expectFollowing(t, b, "a slow decode")
 }
@@ -687,8 +687,9 @@ func (f *flakyFS) Create(name string) (store.File, error) {
 // checkpoint, which stores the whole state again.
 func TestBackupDiskFailureWaitsForAFullCheckpoint(t *testing.T) {
 	disk := &flakyFS{FS: store.OS()}
-	testStoreFS = disk
-	defer func() { testStoreFS = nil }()
+	var fs store.FS = disk
+	testStoreFS.Store(&fs)
+	defer testStoreFS.Store(nil)
 	module, hash := fakeModule()
 	b := serveBackup(t, time.Hour)
 	slotOf := func() *slot {
