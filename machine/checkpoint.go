@@ -546,6 +546,23 @@ func (p *Paused) DirtyPagesDeferred(dst []uint32) (pages []uint32, gen uint64, e
 	return p.m.views.collected(viewStream, pages, start, len(p.Memory()), err, true), gen, err
 }
 
+// NonZeroPages lists the pages of the paused guest's memory that a full
+// copy must hold, those not all zeros, without reading the parts that hold
+// no memory yet (dirty.Holer): on a VM with shadow paging, reading them
+// makes the kernel allocate each page, 7–30 µs apiece, and the guest's
+// memory resident in full.
+func (p *Paused) NonZeroPages() []uint32 {
+	mem := p.Memory()
+	var holes [][2]uint32
+	if h, ok := p.m.tracker.(dirty.Holer); ok {
+		var err error
+		if holes, err = h.Holes(nil, uint64(len(mem))); err != nil {
+			holes = nil // read it all
+		}
+	}
+	return snapshot.NonZeroPagesBut(mem, holes)
+}
+
 // Two consumers collect dirty pages from the one tracker: snapshots
 // (DirtyPages: an incremental is relative to the VM's previous snapshot)
 // and checkpoint streams (DirtyPagesDeferred: Remus). A collection re-arms
@@ -765,7 +782,7 @@ func (m *Machine) startTracking() {
 	}
 	// Hot pages: the machine collects and copies only while the guest is
 	// paused, which is what they require.
-	t, err := dirty.New(lm.region, dirty.Options{Used: lm.size.Load(), HotPages: true})
+	t, err := dirty.New(lm.region, dirty.Options{Used: lm.size.Load(), HotPages: true, FileBacked: lm.fileBacked})
 	if err == nil {
 		// A restored VM's next incremental snapshot builds on the one it
 		// was restored from, whose memory is the tracker's baseline: the
@@ -849,8 +866,12 @@ func (m *Machine) restoreState(ctx context.Context, mod api.Module, img *snapsho
 		if len(im.Bytes()) != len(img.Memory) || (len(buf) > 0 && &im.Bytes()[0] != &img.Memory[0]) {
 			return errors.New("the restore memory image is not the snapshot image's memory")
 		}
+		mapped := im.mapped
 		if err := im.moveInto(buf); err != nil {
 			return err
+		}
+		if lm := m.alloc.memory(); lm != nil {
+			lm.fileBacked = uint64(mapped)
 		}
 	} else {
 		copy(buf, img.Memory)

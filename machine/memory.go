@@ -30,6 +30,9 @@ type linearMemory struct {
 	beforeFree func()
 	// onGrow, if set, is told of every growth (Machine.OnMemoryGrow).
 	onGrow *atomic.Pointer[func(oldBytes, newBytes uint64)]
+	// fileBacked is how many bytes at the start are a private mapping of
+	// a snapshot file (a mappable restore), for the dirty tracker.
+	fileBacked uint64
 }
 
 func newLinearMemory(max, limit uint64) *linearMemory {

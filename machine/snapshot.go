@@ -124,7 +124,7 @@ func (m *Machine) capturePaused(p *Paused, opt SnapshotOptions) (*snapshot.Snaps
 	incremental := opt.Incremental && !parentID.IsZero() && derr == nil
 	idx := dirtyPages
 	if !incremental {
-		idx = snapshot.NonZeroPages(mem)
+		idx = p.NonZeroPages()
 	}
 	var pages []snapshot.Page
 	var err error
@@ -244,7 +244,7 @@ func (m *Machine) writeAutoSnapshot() error {
 	// The memory stays as it is until the VM is closed: its pages are
 	// taken as they are, not copied.
 	var pages []snapshot.Page
-	for _, i := range snapshot.NonZeroPages(mem) {
+	for _, i := range p.NonZeroPages() {
 		off := int(i) * snapshot.PageSize
 		pages = append(pages, snapshot.Page{Index: i, Data: mem[off : off+snapshot.PageSize : off+snapshot.PageSize]})
 	}

@@ -75,7 +75,7 @@ func captureCheckpoint(p *machine.Paused, seq uint64, full bool, st *snapshot.St
 	}
 	idx := dirtyPages
 	if full {
-		idx = snapshot.NonZeroPages(mem)
+		idx = p.NonZeroPages()
 	}
 	var pages []snapshot.Page
 	if st.Len() > 0 && !full {

@@ -226,12 +226,24 @@ func (img *Image) Snapshot(meta Meta) *Snapshot {
 }
 
 // NonZeroPages lists the pages of mem that a full snapshot must hold.
-func NonZeroPages(mem []byte) []uint32 {
+func NonZeroPages(mem []byte) []uint32 { return NonZeroPagesBut(mem, nil) }
+
+// NonZeroPagesBut is NonZeroPages taking the pages of the ranges in skip
+// ([lo, hi), sorted by lo) as zeros, without reading them: memory that
+// holds nothing yet, which reading would make the kernel allocate.
+func NonZeroPagesBut(mem []byte, skip [][2]uint32) []uint32 {
 	var out []uint32
-	for i := 0; i+PageSize <= len(mem); i += PageSize {
-		if !isZero(mem[i : i+PageSize]) {
-			out = append(out, uint32(i/PageSize))
+	n := uint32(len(mem) / PageSize)
+	for p := uint32(0); p < n; {
+		if len(skip) > 0 && p >= skip[0][0] {
+			p = max(p, skip[0][1])
+			skip = skip[1:]
+			continue
 		}
+		if !isZero(mem[int(p)*PageSize:][:PageSize]) {
+			out = append(out, p)
+		}
+		p++
 	}
 	return out
 }

@@ -47,7 +47,7 @@ func (f *replFlags) register(fs *pflag.FlagSet, primary bool) {
 		fs.StringVar(&f.holdLimit, "hold-limit", "64MiB", "output held for acknowledgement beyond which the guest is stopped until acks release it (back-pressure)")
 		fs.BoolVar(&f.raw, "uncompressed", false, "send checkpoint pages uncompressed and whole, not as deltas (fast links; measuring compression)")
 	}
-	fs.DurationVar(&f.timeout, "timeout", 500*time.Millisecond, "silence after which the peer is declared failed (same on both sides)")
+	fs.DurationVar(&f.timeout, "timeout", 500*time.Millisecond, "silence after which the peer is declared failed (each side its own: both send heartbeats at a fifth of the shorter timeout)")
 	fs.DurationVar(&f.heartbeat, "heartbeat", 0, "heartbeat interval (default --timeout/5)")
 	fs.StringVar(&f.tlsCert, "tls-cert", "", "mutual TLS: this side's certificate (PEM)")
 	fs.StringVar(&f.tlsKey, "tls-key", "", "mutual TLS: this side's key (PEM)")

@@ -34,6 +34,10 @@
 //   - Collecting ahead (Aheader): a checkpoint with many dirty pages
 //     collects and copies most of them while the guest still runs, and
 //     the pause copies only the pages written after that.
+//   - Fresh slots (fresh_linux.go): memory that holds nothing yet, in
+//     whole 2 MiB slots, is left unprotected until it does, so that a
+//     growing heap's first writes fault once per huge page rather than
+//     twice per 4 KiB page; a full copy skips it (Holer).
 //
 // The baseline. New takes the region's contents as the starting point: the
 // first Options.Used bytes as they are, and every page past them as zero,
@@ -116,6 +120,16 @@ type Warmer interface {
 	Warm(usedBytes uint64)
 }
 
+// Holer is implemented by trackers that know parts of the region that hold
+// no memory at all (the kernel tracker's fresh slots): they read as zeros,
+// and reading them would only make the kernel allocate memory for them
+// (on a VM with shadow paging, 7–30 µs a page). Holes appends those ranges
+// of pages, [lo, hi), below usedBytes, as they are at the call: a full copy
+// of a paused guest's memory skips them.
+type Holer interface {
+	Holes(dst [][2]uint32, usedBytes uint64) ([][2]uint32, error)
+}
+
 // WarmAfter is how long after a Collect a Warm starts doing its walk.
 const WarmAfter = 5 * time.Millisecond
 
@@ -191,6 +205,13 @@ type Options struct {
 	// anything writes the region again (a paused guest). The hash
 	// fallback ignores it.
 	HotPages bool
+	// FileBacked is how many bytes at the start of the region may be a
+	// private mapping of a file (a restore that maps a snapshot): a page
+	// there that holds no memory holds the file's data, not zeros, and
+	// reading it maps the file's page. The kernel tracker leaves only
+	// memory past it unprotected while it holds nothing (fresh slots,
+	// fresh_linux.go).
+	FileBacked uint64
 
 	// failAt makes the uffd setup fail at the named step, to test the
 	// fallback and its clean-up.

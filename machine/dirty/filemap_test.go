@@ -53,7 +53,7 @@ func TestUffdTracksPrivateFileMapping(t *testing.T) {
 		unix.MREMAP_MAYMOVE|unix.MREMAP_FIXED, uintptr(unsafe.Pointer(&region[0])), 0); e != 0 {
 		t.Fatal(e)
 	}
-	tr, err := New(region, Options{Used: size})
+	tr, err := New(region, Options{Used: size, FileBacked: size})
 	if err != nil {
 		t.Fatal(err)
 	}

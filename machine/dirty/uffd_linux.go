@@ -229,6 +229,19 @@ type uffdTracker struct {
 	// consumer that copied it then, so its Rearm must carry it whatever
 	// the Collect's copy says (peekHi == 0: none).
 	peekLo, peekHi uint32
+	// fresh are the ranges of pages [lo, hi) of [0, armed), sorted, made
+	// of whole huge-page slots, that held no memory when they came into
+	// use and are not protected (fresh.go); slotOff is the first page on
+	// a slot boundary, and hasFresh says whether slots are tracked so
+	// (4 KiB system pages). freshNext, armedBuf and runBuf are scratch.
+	fresh     [][2]uint32
+	freshNext [][2]uint32
+	armedBuf  [][2]uint32
+	runBuf    [][2]uint32
+	slotOff   uint32
+	hasFresh  bool
+	// anonFrom is the first page past Options.FileBacked.
+	anonFrom uint32
 }
 
 func newUffd(region []byte, opts Options) (_ *uffdTracker, err error) {
@@ -271,13 +284,21 @@ func newUffd(region []byte, opts Options) (_ *uffdTracker, err error) {
 	if t.pagemap, err = unix.Open("/proc/self/pagemap", unix.O_RDONLY|unix.O_CLOEXEC, 0); err != nil {
 		return nil, fmt.Errorf("PAGEMAP_SCAN: /proc/self/pagemap: %w", err)
 	}
-	// The baseline: protect what is in use now, reporting nothing. This
-	// is also the probe for PAGEMAP_SCAN (ENOTTY before Linux 6.7).
-	start, end := base, t.roundUp(opts.Used)
-	if opts.failAt == "scan" {
-		start, end = base+1, base+uintptr(sysPage) // EINVAL: unaligned
+	if sysPage == PageSize {
+		t.hasFresh = true
+		t.slotOff = uint32((slotSize-base%slotSize)%slotSize) / PageSize
+		t.anonFrom = uint32(min((opts.FileBacked+PageSize-1)/PageSize, uint64(len(region)/PageSize)))
 	}
-	if err = t.scan(start, end, pageIsWritten, nil); err != nil {
+	// The baseline: protect what is in use now, reporting nothing, but
+	// for the slots that hold no memory yet. This is also the probe for
+	// PAGEMAP_SCAN (ENOTTY before Linux 6.7).
+	end := t.roundUp(opts.Used)
+	if opts.failAt == "scan" {
+		err = t.scan(base+1, base+uintptr(sysPage), pageIsWritten, nil) // EINVAL: unaligned
+	} else {
+		err = t.arm(0, t.page(end), pageIsWritten, nil)
+	}
+	if err != nil {
 		return nil, fmt.Errorf("PAGEMAP_SCAN: %w", err)
 	}
 	t.armed = end
@@ -348,7 +369,7 @@ func (t *uffdTracker) CollectAhead(dst []uint32, usedBytes uint64, use func(regi
 	start := len(dst)
 	emit := func(r []pageRegion) { dst = t.appendPages(dst, r, limit) }
 	if t.hot == nil {
-		err = t.scan(t.base, end, pageIsWritten, emit)
+		err = t.scanArmed(0, t.page(end), pmScanWPMatching|pmScanCheckWPAsync, pageIsWritten, emit)
 	} else {
 		// Around the hot pages: they stay writable, compared by content
 		// at the next Collect.
@@ -356,12 +377,20 @@ func (t *uffdTracker) CollectAhead(dst []uint32, usedBytes uint64, use func(regi
 		t.spans, few = t.hot.spansWithout(t.spans[:0], 0, uint32((end-t.base)/PageSize), maxProtectCalls)
 		if few {
 			for _, s := range t.spans {
-				if err = t.scan(t.base+uintptr(s[0])*PageSize, t.base+uintptr(s[1])*PageSize, pageIsWritten, emit); err != nil {
+				if err = t.scanArmed(s[0], s[1], pmScanWPMatching|pmScanCheckWPAsync, pageIsWritten, emit); err != nil {
 					break
 				}
 			}
 		} else {
 			dst, err = t.aheadAmidHot(dst, end, limit)
+		}
+	}
+	if err == nil {
+		// Fresh slots the guest wrote since the last Collect, armed now
+		// and copied ahead with the rest.
+		n := len(dst)
+		if dst, err = t.absorb(dst, uint32(limit)); len(dst) > n {
+			slices.Sort(dst[start:])
 		}
 	}
 	if err != nil {
@@ -390,7 +419,7 @@ func (t *uffdTracker) aheadAmidHot(dst []uint32, end uintptr, limit uint64) ([]u
 	h := t.hot
 	start := len(dst)
 	h.written = h.written[:0]
-	if err := t.scanFlags(t.base, end, pmScanCheckWPAsync, pageIsWritten, func(r []pageRegion) {
+	if err := t.scanArmed(0, t.page(end), pmScanCheckWPAsync, pageIsWritten, func(r []pageRegion) {
 		h.written = t.appendPages(h.written, r, limit)
 	}); err != nil {
 		return dst, err // nothing protected
@@ -409,7 +438,7 @@ func (t *uffdTracker) aheadAmidHot(dst []uint32, end uintptr, limit uint64) ([]u
 	}
 	from, to := mine[0], mine[len(mine)-1]+1
 	n := len(dst)
-	err := t.scan(t.base+uintptr(from)*PageSize, t.base+uintptr(to)*PageSize, pageIsWritten, func(r []pageRegion) {
+	err := t.scanArmed(from, to, pmScanWPMatching|pmScanCheckWPAsync, pageIsWritten, func(r []pageRegion) {
 		for _, p := range t.appendPages(nil, r, limit) {
 			if _, ok := slices.BinarySearch(dst[start:n], p); !ok && !h.isHot(p) {
 				dst = append(dst, p)
@@ -463,7 +492,7 @@ func (t *uffdTracker) collect(dst []uint32, usedBytes uint64, deferred bool) ([]
 		if deferred {
 			flags = pmScanCheckWPAsync
 		}
-		if err := t.scanFlags(t.base, min(end, t.armed), flags, pageIsWritten, func(r []pageRegion) {
+		if err := t.scanArmed(0, t.page(min(end, t.armed)), flags, pageIsWritten, func(r []pageRegion) {
 			dst = t.appendPages(dst, r, limit)
 		}); err != nil {
 			return dst, err
@@ -472,8 +501,13 @@ func (t *uffdTracker) collect(dst []uint32, usedBytes uint64, deferred bool) ([]
 			t.pending = append(t.pending, dst[start:]...)
 		}
 	}
-	if len(t.carry) > 0 {
-		// Written while a Rearm protected them: reported now.
+	n := len(dst)
+	if dst, err = t.absorb(dst, uint32(limit)); err != nil {
+		return dst, err
+	}
+	if len(t.carry) > 0 || len(dst) > n {
+		// Written while a Rearm protected them, or in fresh slots:
+		// reported now, in order.
 		dst = append(dst, t.carry...)
 		slices.Sort(dst[start:])
 		dst = dst[:start+len(slices.Compact(dst[start:]))]
@@ -486,13 +520,10 @@ func (t *uffdTracker) collect(dst []uint32, usedBytes uint64, deferred bool) ([]
 	// the kernel. Report only pages that hold memory other than the shared
 	// zero page (the rest read as zeros, as the baseline says), and
 	// protect them all, holes included, in the same walk (not deferred:
-	// it happens only when the memory grows).
-	err = t.scan(t.armed, end, pageIsWritten|pageIsPresent|pageIsSwapped|pageIsPFNZero, func(r []pageRegion) {
-		for _, x := range r {
-			if x.categories&(pageIsPresent|pageIsSwapped) != 0 && x.categories&pageIsPFNZero == 0 {
-				dst = t.appendPages(dst, []pageRegion{x}, limit)
-			}
-		}
+	// it happens only when the memory grows), but for the slots that hold
+	// no memory at all, which stay fresh.
+	err = t.arm(t.page(t.armed), t.page(end), holdsMask, func(r []pageRegion) {
+		dst = t.appendHolding(dst, r, limit)
 	})
 	if err == nil {
 		t.armed = end
@@ -517,7 +548,7 @@ func (t *uffdTracker) Warm(usedBytes uint64) {
 		return
 	}
 	end := min(t.roundUp(uint64(pages)*PageSize), t.armed)
-	_ = t.scanFlags(t.base, end, pmScanCheckWPAsync, pageIsWritten, func([]pageRegion) {})
+	_ = t.scanArmed(0, t.page(end), pmScanCheckWPAsync, pageIsWritten, func([]pageRegion) {})
 }
 
 // Rearm implements Deferrer.
@@ -540,7 +571,7 @@ func (t *uffdTracker) Rearm(gen uint64, copyOf func(page uint32) []byte) error {
 		// there: a page it finds that is neither pending nor hot was
 		// written since the Collect, and is reported next time.
 		from, to := pend[0], pend[len(pend)-1]+1
-		err = t.scan(t.base+uintptr(from)*PageSize, t.base+uintptr(to)*PageSize, pageIsWritten, func(r []pageRegion) {
+		err = t.scanArmed(from, to, pmScanWPMatching|pmScanCheckWPAsync, pageIsWritten, func(r []pageRegion) {
 			for _, x := range r {
 				lo, hi := uint32((x.start-uint64(t.base))/PageSize), uint32((x.end-uint64(t.base))/PageSize)
 				for p := lo; p < hi; p++ {
@@ -602,7 +633,7 @@ func (t *uffdTracker) collectHot(dst []uint32, limit uint64, armedEnd uintptr, d
 	}
 	if few {
 		for _, s := range t.spans {
-			if err := t.scan(t.base+uintptr(s[0])*PageSize, t.base+uintptr(s[1])*PageSize, pageIsWritten, emit); err != nil {
+			if err := t.scanArmed(s[0], s[1], pmScanWPMatching|pmScanCheckWPAsync, pageIsWritten, emit); err != nil {
 				return dst, err
 			}
 		}
@@ -610,7 +641,7 @@ func (t *uffdTracker) collectHot(dst []uint32, limit uint64, armedEnd uintptr, d
 		// promotes too: each faults once more, then stays writable).
 		return h.classify(dst, limit, page, ahead), nil
 	}
-	if err := t.scanFlags(t.base, armedEnd, pmScanCheckWPAsync, pageIsWritten, emit); err != nil {
+	if err := t.scanArmed(0, t.page(armedEnd), pmScanCheckWPAsync, pageIsWritten, emit); err != nil {
 		return dst, err
 	}
 	dst = h.classify(dst, limit, page, ahead)
@@ -633,7 +664,7 @@ func (t *uffdTracker) collectHot(dst []uint32, limit uint64, armedEnd uintptr, d
 	from, to := h.protect[0], h.protect[len(h.protect)-1]+1
 	reported := dst[start:]
 	h.written = h.written[:0]
-	err := t.scan(t.base+uintptr(from)*PageSize, t.base+uintptr(to)*PageSize, pageIsWritten, func(r []pageRegion) {
+	err := t.scanArmed(from, to, pmScanWPMatching|pmScanCheckWPAsync, pageIsWritten, func(r []pageRegion) {
 		for _, p := range t.appendPages(nil, r, limit) {
 			if _, ok := slices.BinarySearch(reported, p); !ok && !h.isHot(p) {
 				h.written = append(h.written, p)
@@ -756,14 +787,21 @@ func (t *uffdTracker) Written(dst []uint32, from, to uint64) ([]uint32, bool) {
 }
 
 func (t *uffdTracker) scanFlags(start, end uintptr, flags, returnMask uint64, emit func([]pageRegion)) error {
+	return t.scanCat(start, end, flags, pageIsWritten, 0, returnMask, emit)
+}
+
+// scanCat is PAGEMAP_SCAN over [start, end) for the pages in every category
+// of all and (if any is not 0) in one of any.
+func (t *uffdTracker) scanCat(start, end uintptr, flags, all, any, returnMask uint64, emit func([]pageRegion)) error {
 	for start < end {
 		t.arg = pmScanArg{
-			size:         uint64(unsafe.Sizeof(pmScanArg{})),
-			flags:        flags,
-			start:        uint64(start),
-			end:          uint64(end),
-			categoryMask: pageIsWritten,
-			returnMask:   returnMask,
+			size:              uint64(unsafe.Sizeof(pmScanArg{})),
+			flags:             flags,
+			start:             uint64(start),
+			end:               uint64(end),
+			categoryMask:      all,
+			categoryAnyofMask: any,
+			returnMask:        returnMask,
 		}
 		if emit != nil {
 			t.arg.vec = uint64(uintptr(unsafe.Pointer(unsafe.SliceData(t.buf))))
