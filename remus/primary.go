@@ -88,7 +88,10 @@ type Primary struct {
 	captured atomic.Uint64
 	// stage is the staging memory, kept faulted in for the pauses; each
 	// checkpoint has a stager of its own on it until it is sent.
-	stage     snapshot.StagePool
+	stage snapshot.StagePool
+	// stagers are released stagers kept for reuse (getStager).
+	stagersMu sync.Mutex
+	stagers   []*snapshot.Stager
 	refilling atomic.Bool
 
 	mu       sync.Mutex
@@ -726,11 +729,33 @@ func (p *Primary) Finish(code uint32) {
 	p.finished.Store(true)
 }
 
-// getStager returns a stager drawing on the primary's pool (in a pause).
-func (p *Primary) getStager() *snapshot.Stager { return &snapshot.Stager{Pool: &p.stage} }
+// getStager returns a stager drawing on the primary's pool, one released
+// before if there is one: its lists keep their room, so that the pause's
+// Add allocates nothing (snapshot.Stager.Add).
+func (p *Primary) getStager() *snapshot.Stager {
+	p.stagersMu.Lock()
+	defer p.stagersMu.Unlock()
+	if n := len(p.stagers); n > 0 {
+		st := p.stagers[n-1]
+		p.stagers = p.stagers[:n-1]
+		return st
+	}
+	return &snapshot.Stager{Pool: &p.stage}
+}
 
-// putStager gives a sent checkpoint's chunks back to the pool.
-func (p *Primary) putStager(st *snapshot.Stager) { st.Release() }
+// putStager gives a sent checkpoint's chunks back to the pool, and keeps
+// the stager for the next checkpoint (a few: as many as are in flight).
+func (p *Primary) putStager(st *snapshot.Stager) {
+	st.Release()
+	p.stagersMu.Lock()
+	defer p.stagersMu.Unlock()
+	if len(p.stagers) < maxIdleStagers {
+		p.stagers = append(p.stagers, st)
+	}
+}
+
+// maxIdleStagers bounds the stagers kept for reuse.
+const maxIdleStagers = 8
 
 // refillStagers tops up the staging pool on another goroutine, so that
 // pauses do not allocate (snapshot.StagePool.Refill).

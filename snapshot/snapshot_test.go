@@ -141,6 +141,16 @@ func TestStagerIsZeroCopyAndCorrect(t *testing.T) {
 // others their own; the result encodes and decodes to the same snapshot.
 // Added pages past a chunk take more chunks.
 func TestStagerAddKeepsAndUpdates(t *testing.T) {
+	// Few pages added fit the room Stage leaves (merged in place); more
+	// than a chunk's worth do not.
+	for _, count := range []int{addRoom(5) - 3, stageChunkPages + 10} {
+		t.Run(fmt.Sprint(count), func(t *testing.T) {
+			stagerAdd(t, count)
+		})
+	}
+}
+
+func stagerAdd(t *testing.T, count int) {
 	rng := rand.New(rand.NewPCG(7, 8))
 	mem := make([]byte, (4*stageChunkPages+4096)*PageSize)
 	for i := 0; i < len(mem); i += PageSize {
@@ -153,9 +163,9 @@ func TestStagerAddKeepsAndUpdates(t *testing.T) {
 	}
 	before := bytes.Clone(mem)
 	// Written after the early copy: two of the staged pages and many new
-	// ones (more than a chunk's worth).
+	// ones.
 	var added []uint32
-	for i := range uint32(stageChunkPages + 10) {
+	for i := range uint32(count) {
 		added = append(added, 1000+3*i)
 	}
 	added = append(added, 900, 7, 7)

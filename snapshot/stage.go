@@ -44,8 +44,15 @@ func (st *Stager) Stage(mem []byte, indices []uint32) ([]Page, error) {
 	for need := (n + stageChunkPages - 1) / stageChunkPages; len(st.chunks) < need; {
 		st.chunks = append(st.chunks, st.Pool.get())
 	}
-	if cap(st.pages) < n {
-		st.pages = make([]Page, 0, n)
+	// Room for what an Add in the pause may bring (addRoom): growing
+	// the slice there would allocate fresh memory, faulting a page per
+	// 64 pages listed (a checkpoint of 770 pages copied ahead of its
+	// pause spent about 300 of its 600 µs in that).
+	if want := n + addRoom(n); cap(st.pages) < want {
+		st.pages = make([]Page, 0, want)
+	}
+	if room := addRoom(n); cap(st.extra) < room {
+		st.extra = make([]Page, 0, room)
 	}
 	st.pages = st.pages[:0]
 	for i, x := range st.idx {
@@ -93,8 +100,23 @@ func (st *Stager) Add(mem []byte, indices []uint32) ([]Page, error) {
 	if len(st.extra) == 0 {
 		return st.pages, nil
 	}
-	// Both sorted: merge.
-	st.merged = st.merged[:0]
+	// Both sorted: merge, from the back, in place when Stage left the
+	// room.
+	if n, k := len(old), len(st.extra); cap(old) >= n+k {
+		all := old[:n+k]
+		for i, j, w := n-1, k-1, n+k-1; j >= 0; w-- {
+			if i >= 0 && old[i].Index > st.extra[j].Index {
+				all[w] = old[i]
+				i--
+			} else {
+				all[w] = st.extra[j]
+				j--
+			}
+		}
+		st.pages = all
+		return st.pages, nil
+	}
+	st.merged = slices.Grow(st.merged[:0], len(old)+len(st.extra))
 	i, j := 0, 0
 	for i < len(old) || j < len(st.extra) {
 		if j == len(st.extra) || (i < len(old) && old[i].Index < st.extra[j].Index) {
@@ -108,6 +130,10 @@ func (st *Stager) Add(mem []byte, indices []uint32) ([]Page, error) {
 	st.pages, st.merged = st.merged, st.pages
 	return st.pages, nil
 }
+
+// addRoom is the room Stage leaves after n pages for an Add's: as many
+// again (a guest can write that many while its pause is asked for).
+func addRoom(n int) int { return max(64, n) }
 
 // Len is the number of pages staged.
 func (st *Stager) Len() int { return len(st.pages) }
