@@ -104,6 +104,13 @@ func Handler(vm VM, routes ...Route) http.Handler {
 			writeJSON(w, http.StatusBadRequest, errorBody{"snapshot_path is required"})
 			return
 		}
+		if !filepath.IsAbs(req.Path) {
+			// The VM's process opens it, in a working directory the
+			// client does not see: a relative path would land wherever
+			// that happens to be.
+			writeJSON(w, http.StatusBadRequest, errorBody{fmt.Sprintf("snapshot_path must be absolute (the VM's process writes it; got %q)", req.Path)})
+			return
+		}
 		t0 := time.Now()
 		s, err := vm.Snapshot(r.Context(), req.Path, machine.SnapshotOptions{Incremental: req.Incremental,
 			Stop: req.Stop, Mappable: req.Mappable, Reason: "api"})

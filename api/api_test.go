@@ -4,8 +4,10 @@ import (
 	"context"
 	"io"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -110,5 +112,45 @@ func TestSocketIsPrivateFromTheStart(t *testing.T) {
 	srv.Close()
 	if _, err := os.Lstat(sock); !os.IsNotExist(err) {
 		t.Fatalf("the socket after Close: %v", err)
+	}
+}
+
+// TestSnapshotPathMustBeAbsolute: a relative snapshot_path is refused with
+// a clear error before anything is written (the VM's process would resolve
+// it against its own working directory, which the client does not know).
+func TestSnapshotPathMustBeAbsolute(t *testing.T) {
+	mod, err := os.ReadFile(guest.MustGo(t, "testdata/guests/hello"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	m, err := machine.New(ctx, machine.Config{Module: mod, Name: "hello.wasm", Stdout: io.Discard, Stderr: io.Discard, CacheDir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close(ctx)
+	sock := filepath.Join(t.TempDir(), "vm.sock")
+	srv, err := api.Listen(sock, m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	dir := t.TempDir()
+	t.Chdir(dir)
+	hc := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		return (&net.Dialer{}).DialContext(ctx, "unix", sock)
+	}}}
+	req, _ := http.NewRequest(http.MethodPut, "http://vm/snapshot/create", strings.NewReader(`{"snapshot_path": "kv.snap"}`))
+	resp, err := hc.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusBadRequest || !strings.Contains(string(body), "must be absolute") {
+		t.Fatalf("relative snapshot_path: %d %s", resp.StatusCode, body)
+	}
+	if ents, _ := os.ReadDir(dir); len(ents) != 0 {
+		t.Fatalf("files written in the working directory: %v", ents)
 	}
 }
