@@ -43,6 +43,13 @@ var ErrNotInstrumented = errors.New("the VM was started without instrumentation 
 // ErrNotRunning is returned when a pause is asked of a VM that has ended.
 var ErrNotRunning = errors.New("the VM is not running")
 
+// ErrClosed is Run's error after Close: the VM's resources are gone.
+var ErrClosed = errors.New("the VM is closed")
+
+// ErrRan is Run's error the second time: a Machine runs its guest once
+// (restore a snapshot into a new one to run it again).
+var ErrRan = errors.New("the VM has run already")
+
 // asyncify are the instrumented module's control functions.
 type asyncify struct {
 	startUnwind, stopUnwind, startRewind, stopRewind api.Function

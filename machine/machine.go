@@ -115,6 +115,11 @@ type Machine struct {
 	// running is true while Run runs; runDone is closed when it returns.
 	running atomic.Bool
 	runDone chan struct{}
+	// life orders Run's start against Close: ran and closed say whether
+	// each has begun (a Machine runs once, and not after Close).
+	life   sync.Mutex
+	ran    bool
+	closed bool
 	// pausedAt is the call the guest last unwound at.
 	pausedAt wasi.Call
 	// instrumentation identifies the instrumented module, recorded in
@@ -418,7 +423,18 @@ func New(ctx context.Context, cfg Config) (*Machine, error) {
 // error: *TrapError when the guest trapped, a context error when ctx ended
 // first, ErrStopped when a pauser stopped it.
 func (m *Machine) Run(ctx context.Context) (code uint32, err error) {
+	m.life.Lock()
+	switch {
+	case m.closed:
+		m.life.Unlock()
+		return 0, ErrClosed
+	case m.ran:
+		m.life.Unlock()
+		return 0, ErrRan
+	}
+	m.ran = true
 	m.running.Store(true)
+	m.life.Unlock()
 	guestRunning(m, true)
 	defer func() {
 		guestRunning(m, false)
@@ -495,8 +511,8 @@ func (m *Machine) Run(ctx context.Context) (code uint32, err error) {
 	}
 }
 
-// ErrStopped says the VM was stopped at a safe point (after a snapshot with
-// --stop) rather than ending by itself.
+// ErrStopped says the VM was stopped (at a safe point after a snapshot with
+// --stop, or by Close) rather than ending by itself.
 var ErrStopped = errors.New("the VM was stopped at a safe point")
 
 func (m *Machine) exit(ctx context.Context, err error) (uint32, error) {
@@ -508,9 +524,16 @@ func (m *Machine) exit(ctx context.Context, err error) (uint32, error) {
 	if errors.As(err, &ee) {
 		switch ee.ExitCode() {
 		case sys.ExitCodeContextCanceled, sys.ExitCodeDeadlineExceeded:
-			m.finish(StateFailed, 0)
 			if ctx.Err() != nil {
+				m.finish(StateFailed, 0)
 				return 0, ctx.Err()
+			}
+			if ee.ExitCode() == sys.ExitCodeContextCanceled && m.dev.Stopping() {
+				// Ended by Stop or Close where it had no safe point to
+				// stop at (uninstrumented, or computing): stopped,
+				// not exited.
+				m.finish(StateStopped, 0)
+				return 0, ErrStopped
 			}
 		}
 		m.finish(StateExited, ee.ExitCode())
@@ -584,7 +607,11 @@ func (m *Machine) closeFailed(ctx context.Context, keepProgram bool) {
 // within closeWait (it computes without host calls), or ctx ends first,
 // Close returns an error and leaves the VM's resources allocated.
 func (m *Machine) Close(ctx context.Context) error {
-	if m.dev != nil && m.running.Load() {
+	m.life.Lock()
+	m.closed = true
+	running := m.running.Load()
+	m.life.Unlock()
+	if m.dev != nil && running {
 		m.dev.Stop()
 		t := time.NewTimer(closeWait)
 		defer t.Stop()

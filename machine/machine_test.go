@@ -3,10 +3,12 @@ package machine_test
 import (
 	"bytes"
 	"context"
+	"errors"
 	"os"
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/ftvm/ftvm/internal/guest"
 	"github.com/ftvm/ftvm/machine"
@@ -113,5 +115,65 @@ func TestParseSize(t *testing.T) {
 		if _, err := machine.ParseSize(bad); err == nil {
 			t.Errorf("ParseSize(%q) succeeded", bad)
 		}
+	}
+}
+
+// TestRunOnceAndNotAfterClose: a Machine runs its guest once; Run after
+// Close, or a second time, says so instead of failing somewhere inside; a
+// Close while the guest runs (blocked reading stdin) stops it, and Run
+// returns ErrStopped.
+func TestRunOnceAndNotAfterClose(t *testing.T) {
+	mod := hello(t)
+	ctx := context.Background()
+	cache := t.TempDir()
+	m, err := machine.New(ctx, machine.Config{Module: mod, Name: "hello", CacheDir: cache})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.Run(ctx); !errors.Is(err, machine.ErrClosed) {
+		t.Fatalf("Run after Close: %v, want ErrClosed", err)
+	}
+
+	m, err = machine.New(ctx, machine.Config{Module: mod, Name: "hello", CacheDir: cache})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close(ctx)
+	if code, err := m.Run(ctx); err != nil || code != 0 {
+		t.Fatalf("first Run: %d, %v", code, err)
+	}
+	if _, err := m.Run(ctx); !errors.Is(err, machine.ErrRan) {
+		t.Fatalf("second Run: %v, want ErrRan", err)
+	}
+
+	stdinR, stdinW, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stdinR.Close()
+	defer stdinW.Close()
+	m, err = machine.New(ctx, machine.Config{Module: mod, Name: "hello", Args: []string{"stdin"}, Stdin: stdinR, CacheDir: cache})
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { _, err := m.Run(ctx); done <- err }()
+	deadline := time.Now().Add(10 * time.Second)
+	for m.Info().Counters.Calls["fd_read"] == 0 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if err := m.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-done:
+		if !errors.Is(err, machine.ErrStopped) {
+			t.Fatalf("Run closed while blocked on stdin: %v, want ErrStopped", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close returned but Run did not")
 	}
 }

@@ -408,6 +408,10 @@ func (d *Devices) Stop() {
 	d.Interrupt()
 }
 
+// Stopping reports whether Stop (or Close) was called: a guest that ended
+// with sys.ExitCodeContextCanceled since was ended by it.
+func (d *Devices) Stopping() bool { return d.closed.Load() }
+
 // Close releases every host resource. Safe to call once the guest has stopped.
 func (d *Devices) Close() error {
 	d.closed.Store(true)
