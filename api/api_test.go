@@ -17,31 +17,41 @@ import (
 	"github.com/ftvm/ftvm/machine"
 )
 
-// TestVMInfo serves the API of a real VM blocked reading stdin, and checks
-// what GET /vm reports while it runs and after it exits.
-func TestVMInfo(t *testing.T) {
+// serveHello makes a VM of the hello guest with cfg (module, name, output
+// and cache filled in) and serves its API; both are closed at the test's
+// end.
+func serveHello(t *testing.T, cfg machine.Config) (*machine.Machine, string) {
+	t.Helper()
 	mod, err := os.ReadFile(guest.MustGo(t, "testdata/guests/hello"))
 	if err != nil {
 		t.Fatal(err)
 	}
+	cfg.Module, cfg.Name, cfg.Stdout, cfg.Stderr, cfg.CacheDir = mod, "hello.wasm", io.Discard, io.Discard, t.TempDir()
+	ctx := context.Background()
+	m, err := machine.New(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close(ctx) })
+	sock := filepath.Join(t.TempDir(), "vm.sock")
+	srv, err := api.Listen(sock, m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { srv.Close() })
+	return m, sock
+}
+
+// TestVMInfo serves the API of a real VM blocked reading stdin, and checks
+// what GET /vm reports while it runs and after it exits.
+func TestVMInfo(t *testing.T) {
 	stdinR, stdinW, err := os.Pipe()
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer stdinR.Close()
 	ctx := context.Background()
-	m, err := machine.New(ctx, machine.Config{Module: mod, Name: "hello.wasm", Args: []string{"stdin"},
-		Stdin: stdinR, Stdout: io.Discard, Stderr: io.Discard, CacheDir: t.TempDir()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close(ctx)
-	sock := filepath.Join(t.TempDir(), "vm.sock")
-	srv, err := api.Listen(sock, m)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer srv.Close()
+	m, sock := serveHello(t, machine.Config{Args: []string{"stdin"}, Stdin: stdinR})
 	done := make(chan error, 1)
 	go func() { _, err := m.Run(ctx); done <- err }()
 
@@ -119,22 +129,7 @@ func TestSocketIsPrivateFromTheStart(t *testing.T) {
 // a clear error before anything is written (the VM's process would resolve
 // it against its own working directory, which the client does not know).
 func TestSnapshotPathMustBeAbsolute(t *testing.T) {
-	mod, err := os.ReadFile(guest.MustGo(t, "testdata/guests/hello"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx := context.Background()
-	m, err := machine.New(ctx, machine.Config{Module: mod, Name: "hello.wasm", Stdout: io.Discard, Stderr: io.Discard, CacheDir: t.TempDir()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close(ctx)
-	sock := filepath.Join(t.TempDir(), "vm.sock")
-	srv, err := api.Listen(sock, m)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer srv.Close()
+	_, sock := serveHello(t, machine.Config{})
 	dir := t.TempDir()
 	t.Chdir(dir)
 	hc := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
