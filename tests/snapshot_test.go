@@ -358,3 +358,59 @@ func TestLoopPollsSnapshotMidComputation(t *testing.T) {
 		})
 	}
 }
+
+// TestFullSnapshotOfMappedRestore: a VM restored from a mappable snapshot
+// maps its memory from the file, so a page its guest has not touched since
+// holds the file's data, not zeros. A full snapshot of it must carry those
+// pages (the dirty tracker leaves nothing that may be the file's out as
+// empty memory: dirty.Options.FileBacked). The dirtier writes every page of
+// its 32 MiB, then random ones in rounds, and prints a checksum of all of
+// it: run to its end through snapshot --mappable, restore, a full snapshot
+// at once, and a restore of that, it prints what an uninterrupted run does.
+func TestFullSnapshotOfMappedRestore(t *testing.T) {
+	wasm := guest.MustC(t, "dirtier", []string{"testdata/guests/dirtier/dirtier.c"})
+	instrumented(t, wasm)
+	args := []string{wasm, "32", "200", "40", "20000"}
+	whole := runCLI(t, time.Minute, "", append([]string{"run"}, args...)...)
+	if whole.code != 0 || whole.stdout == "" {
+		t.Fatalf("uninterrupted run: %d %q %s", whole.code, whole.stdout, whole.stderr)
+	}
+	dir := t.TempDir()
+	snapshotWhenRunning := func(p *proc, sock, out string, extra ...string) {
+		t.Helper()
+		time.Sleep(150 * time.Millisecond) // a few rounds
+		res := runCLI(t, time.Minute, "", append([]string{"snapshot", "--api-sock", sock, "--out", out, "--stop"}, extra...)...)
+		if res.code != 0 {
+			t.Fatalf("ftvm snapshot %v: %d %s", extra, res.code, res.stderr)
+		}
+		select {
+		case <-p.done:
+		case <-time.After(10 * time.Second):
+			t.Fatal("the VM did not stop after snapshot --stop")
+		}
+	}
+	sock := filepath.Join(dir, "a.sock")
+	mapped := filepath.Join(dir, "a.snap")
+	snapshotWhenRunning(startProc(t, ftvmBinary(t), append([]string{"run", "--api-sock", sock}, args...)...), sock, mapped, "--mappable")
+	sock2 := filepath.Join(dir, "b.sock")
+	full := filepath.Join(dir, "b.snap")
+	p2 := startProc(t, ftvmBinary(t), "restore", "--api-sock", sock2, mapped)
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+		if _, err := os.Stat(sock2); err == nil {
+			break
+		}
+	}
+	res := runCLI(t, time.Minute, "", "snapshot", "--api-sock", sock2, "--out", full, "--stop")
+	if res.code != 0 {
+		t.Fatalf("ftvm snapshot of the mapped restore: %d %s", res.code, res.stderr)
+	}
+	select {
+	case <-p2.done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the mapped restore did not stop")
+	}
+	end := runCLI(t, time.Minute, "", "restore", full)
+	if end.code != 0 || end.stdout != whole.stdout {
+		t.Fatalf("restored from a full snapshot of a mapped restore: %d %q, want %q (%s)", end.code, end.stdout, whole.stdout, end.stderr)
+	}
+}
