@@ -332,9 +332,13 @@ func TestBackupSlowDecodeIsNotSilence(t *testing.T) {
 // the backup for dead after the timeout and resynchronises, without end
 // if every checkpoint is as slow to apply.
 func TestBackupHeartbeatsWhileApplying(t *testing.T) {
-	const timeout = 150 * time.Millisecond
+	// 300 ms, heartbeats every 60: a stall of the whole process for 100
+	// ms, which a loaded two-core CI machine gives now and then (it failed
+	// a clean-clone run at 150 ms, silent 102 ms), is the machine's; a
+	// loop that waits for a copy is silent for the copy, 1.8 s.
+	const timeout = 300 * time.Millisecond
 	b := serveBackup(t, timeout)
-	testApplyDelay.Store(int64(11 * timeout))
+	testApplyDelay.Store(int64(6 * timeout))
 	defer testApplyDelay.Store(0)
 	module, hash := fakeModule()
 	full := &snapshot.Snapshot{Kind: snapshot.Full, Module: hash, Seq: 1, MemorySize: 65536,
