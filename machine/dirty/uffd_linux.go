@@ -231,7 +231,7 @@ type uffdTracker struct {
 	peekLo, peekHi uint32
 	// fresh are the ranges of pages [lo, hi) of [0, armed), sorted, made
 	// of whole huge-page slots, that held no memory when they came into
-	// use and are not protected (fresh.go); slotOff is the first page on
+	// use and are not protected (fresh_linux.go); slotOff is the first page on
 	// a slot boundary, and hasFresh says whether slots are tracked so
 	// (4 KiB system pages). freshNext, armedBuf and runBuf are scratch.
 	fresh     [][2]uint32
