@@ -376,9 +376,16 @@ func TestFullSnapshotOfMappedRestore(t *testing.T) {
 		t.Fatalf("uninterrupted run: %d %q %s", whole.code, whole.stdout, whole.stderr)
 	}
 	dir := t.TempDir()
-	snapshotWhenRunning := func(p *proc, sock, out string, extra ...string) {
+	// snapshotAndStop waits for p's API socket, lets the guest run a few
+	// rounds, and snapshots it with --stop.
+	snapshotAndStop := func(p *proc, sock, out string, extra ...string) {
 		t.Helper()
-		time.Sleep(150 * time.Millisecond) // a few rounds
+		for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+			if _, err := os.Stat(sock); err == nil {
+				break
+			}
+		}
+		time.Sleep(100 * time.Millisecond)
 		res := runCLI(t, time.Minute, "", append([]string{"snapshot", "--api-sock", sock, "--out", out, "--stop"}, extra...)...)
 		if res.code != 0 {
 			t.Fatalf("ftvm snapshot %v: %d %s", extra, res.code, res.stderr)
@@ -391,24 +398,10 @@ func TestFullSnapshotOfMappedRestore(t *testing.T) {
 	}
 	sock := filepath.Join(dir, "a.sock")
 	mapped := filepath.Join(dir, "a.snap")
-	snapshotWhenRunning(startProc(t, ftvmBinary(t), append([]string{"run", "--api-sock", sock}, args...)...), sock, mapped, "--mappable")
+	snapshotAndStop(startProc(t, ftvmBinary(t), append([]string{"run", "--api-sock", sock}, args...)...), sock, mapped, "--mappable")
 	sock2 := filepath.Join(dir, "b.sock")
 	full := filepath.Join(dir, "b.snap")
-	p2 := startProc(t, ftvmBinary(t), "restore", "--api-sock", sock2, mapped)
-	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
-		if _, err := os.Stat(sock2); err == nil {
-			break
-		}
-	}
-	res := runCLI(t, time.Minute, "", "snapshot", "--api-sock", sock2, "--out", full, "--stop")
-	if res.code != 0 {
-		t.Fatalf("ftvm snapshot of the mapped restore: %d %s", res.code, res.stderr)
-	}
-	select {
-	case <-p2.done:
-	case <-time.After(10 * time.Second):
-		t.Fatal("the mapped restore did not stop")
-	}
+	snapshotAndStop(startProc(t, ftvmBinary(t), "restore", "--api-sock", sock2, mapped), sock2, full)
 	end := runCLI(t, time.Minute, "", "restore", full)
 	if end.code != 0 || end.stdout != whole.stdout {
 		t.Fatalf("restored from a full snapshot of a mapped restore: %d %q, want %q (%s)", end.code, end.stdout, whole.stdout, end.stderr)
