@@ -1,7 +1,5 @@
 package dirty
 
-import "slices"
-
 // Fresh memory. Protecting a page that holds no memory yet (no page-table
 // entry) leaves a marker in its place (UFFD_FEATURE_WP_UNPOPULATED), so
 // that a later write is seen: the first write then faults twice, once to
@@ -80,21 +78,26 @@ func (t *uffdTracker) appendHolding(dst []uint32, runs []pageRegion, limit uint6
 
 // armedSpans appends the parts of pages [from, to) outside fresh slots.
 func (t *uffdTracker) armedSpans(dst [][2]uint32, from, to uint32) [][2]uint32 {
-	i, _ := slices.BinarySearchFunc(t.fresh, from, func(f [2]uint32, p uint32) int {
-		if f[1] <= p {
-			return -1
+	return minus(dst, [][2]uint32{{from, to}}, t.fresh)
+}
+
+// minus appends to dst the parts of the ranges of a outside those of b
+// (each sorted, its ranges disjoint).
+func minus(dst, a, b [][2]uint32) [][2]uint32 {
+	j := 0
+	for _, r := range a {
+		lo := r[0]
+		for ; j < len(b) && b[j][1] <= lo; j++ {
 		}
-		return 1
-	})
-	lo := from
-	for ; i < len(t.fresh) && t.fresh[i][0] < to; i++ {
-		if f := t.fresh[i][0]; f > lo {
-			dst = append(dst, [2]uint32{lo, f})
+		for k := j; k < len(b) && b[k][0] < r[1]; k++ {
+			if b[k][0] > lo {
+				dst = append(dst, [2]uint32{lo, b[k][0]})
+			}
+			lo = max(lo, b[k][1])
 		}
-		lo = max(lo, t.fresh[i][1])
-	}
-	if lo < to {
-		dst = append(dst, [2]uint32{lo, to})
+		if lo < r[1] {
+			dst = append(dst, [2]uint32{lo, r[1]})
+		}
 	}
 	return dst
 }
@@ -162,16 +165,8 @@ func (t *uffdTracker) absorb(dst []uint32, limit uint32) ([]uint32, error) {
 	if len(t.fresh) == 0 || limit < t.slotOff {
 		return dst, nil
 	}
-	top := t.slotDown(limit)
-	t.runBuf = t.runBuf[:0]
-	for _, f := range t.fresh {
-		if f[0] >= top {
-			break
-		}
-		var err error
-		if t.runBuf, err = t.occupied(t.runBuf, f[0], min(f[1], top)); err != nil {
-			return dst, err
-		}
+	if err := t.freshRuns(t.slotDown(limit)); err != nil {
+		return dst, err
 	}
 	if len(t.runBuf) == 0 {
 		return dst, nil
@@ -198,24 +193,24 @@ func (t *uffdTracker) absorb(dst []uint32, limit uint32) ([]uint32, error) {
 		}
 	}
 	// The fresh ranges less the slots armed.
-	next := t.freshNext[:0]
-	j := 0
+	t.fresh, t.freshNext = minus(t.freshNext[:0], t.fresh, touched), t.fresh[:0]
+	return dst, nil
+}
+
+// freshRuns sets runBuf to the runs of pages that hold memory in the
+// fresh ranges, up to page limit.
+func (t *uffdTracker) freshRuns(limit uint32) error {
+	t.runBuf = t.runBuf[:0]
 	for _, f := range t.fresh {
-		lo := f[0]
-		for ; j < len(touched) && touched[j][1] <= lo; j++ {
+		if f[0] >= limit {
+			break
 		}
-		for k := j; k < len(touched) && touched[k][0] < f[1]; k++ {
-			if touched[k][0] > lo {
-				next = append(next, [2]uint32{lo, touched[k][0]})
-			}
-			lo = max(lo, touched[k][1])
-		}
-		if lo < f[1] {
-			next = append(next, [2]uint32{lo, f[1]})
+		var err error
+		if t.runBuf, err = t.occupied(t.runBuf, f[0], min(f[1], limit)); err != nil {
+			return err
 		}
 	}
-	t.fresh, t.freshNext = next, t.fresh[:0]
-	return dst, nil
+	return nil
 }
 
 // Holes implements Holer: the fresh slots below usedBytes, less any part
@@ -231,23 +226,18 @@ func (t *uffdTracker) Holes(dst [][2]uint32, usedBytes uint64) ([][2]uint32, err
 		return dst, err
 	}
 	limit := uint32(pages)
-	for _, f := range t.fresh {
-		if f[0] >= limit {
+	if err := t.freshRuns(limit); err != nil {
+		return dst, err
+	}
+	n := len(dst)
+	dst = minus(dst, t.fresh, t.runBuf)
+	k := n
+	for _, h := range dst[n:] {
+		if h[0] >= limit {
 			break
 		}
-		lo, hi := f[0], min(f[1], limit)
-		if t.runBuf, err = t.occupied(t.runBuf[:0], lo, hi); err != nil {
-			return dst, err
-		}
-		for _, r := range t.runBuf {
-			if r[0] > lo {
-				dst = append(dst, [2]uint32{lo, r[0]})
-			}
-			lo = max(lo, r[1])
-		}
-		if lo < hi {
-			dst = append(dst, [2]uint32{lo, hi})
-		}
+		dst[k] = [2]uint32{h[0], min(h[1], limit)}
+		k++
 	}
-	return dst, nil
+	return dst[:k], nil
 }

@@ -188,3 +188,21 @@ func freshModel(t *testing.T, kind string, seed uint64) {
 }
 
 var zeroPageForTest [PageSize]byte
+
+// TestMinus: the range subtraction behind the walks around fresh slots,
+// absorbing slots and Holes.
+func TestMinus(t *testing.T) {
+	type rs = [][2]uint32
+	for _, c := range []struct{ a, b, want rs }{
+		{rs{{0, 10}}, nil, rs{{0, 10}}},
+		{rs{{0, 10}}, rs{{0, 10}}, nil},
+		{rs{{0, 10}}, rs{{2, 4}, {6, 8}}, rs{{0, 2}, {4, 6}, {8, 10}}},
+		{rs{{0, 10}, {20, 30}}, rs{{5, 25}}, rs{{0, 5}, {25, 30}}},
+		{rs{{10, 20}}, rs{{0, 5}, {30, 40}}, rs{{10, 20}}},
+		{rs{{0, 4}, {8, 12}, {16, 20}}, rs{{0, 4}, {10, 18}}, rs{{8, 10}, {18, 20}}},
+	} {
+		if got := minus(nil, c.a, c.b); !slices.Equal(got, c.want) {
+			t.Errorf("%v minus %v = %v, want %v", c.a, c.b, got, c.want)
+		}
+	}
+}
