@@ -294,7 +294,7 @@ func newUffd(region []byte, opts Options) (_ *uffdTracker, err error) {
 	// PAGEMAP_SCAN (ENOTTY before Linux 6.7).
 	end := t.roundUp(opts.Used)
 	if opts.failAt == "scan" {
-		err = t.scan(base+1, base+uintptr(sysPage), pageIsWritten, nil) // EINVAL: unaligned
+		err = t.scanFlags(base+1, base+uintptr(sysPage), pmScanWPMatching|pmScanCheckWPAsync, pageIsWritten, nil) // EINVAL: unaligned
 	} else {
 		err = t.arm(0, t.page(end), pageIsWritten, nil)
 	}
@@ -719,17 +719,6 @@ func (t *uffdTracker) appendPages(dst []uint32, runs []pageRegion, limit uint64)
 	return dst
 }
 
-// scan runs PAGEMAP_SCAN over [start, end): it reports the pages written
-// since they were last write-protected, with the categories in
-// returnMask, and protects them in the same walk under the page-table
-// lock, so a concurrent write either happened before (and is reported) or
-// faults after (and is reported next time). emit gets each batch; with a
-// nil emit the scan only protects. The walk stops early when the buffer
-// fills and resumes from walk_end.
-func (t *uffdTracker) scan(start, end uintptr, returnMask uint64, emit func([]pageRegion)) error {
-	return t.scanFlags(start, end, pmScanWPMatching|pmScanCheckWPAsync, returnMask, emit)
-}
-
 // Written implements Peeker: every page of [from, to) that may have been
 // written since the last Collect — written to the kernel, collected ahead,
 // carried by a Rearm, or hot — without protecting anything (PAGEMAP_SCAN with no
@@ -786,6 +775,13 @@ func (t *uffdTracker) Written(dst []uint32, from, to uint64) ([]uint32, bool) {
 	return dst, err == nil
 }
 
+// scanFlags runs PAGEMAP_SCAN over [start, end) for the pages written
+// since they were last write-protected, with the categories in returnMask.
+// With pmScanWPMatching it protects them in the same walk under the
+// page-table lock, so a concurrent write either happened before (and is
+// reported) or faults after (and is reported next time). emit gets each
+// batch; with a nil emit the scan only protects. The walk stops early when
+// the buffer fills and resumes from walk_end.
 func (t *uffdTracker) scanFlags(start, end uintptr, flags, returnMask uint64, emit func([]pageRegion)) error {
 	return t.scanCat(start, end, flags, pageIsWritten, 0, returnMask, emit)
 }
