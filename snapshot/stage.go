@@ -55,13 +55,15 @@ func (st *Stager) Stage(mem []byte, indices []uint32) ([]Page, error) {
 		st.extra = make([]Page, 0, room)
 	}
 	st.pages = st.pages[:0]
+	pc := newPageCopier(mem)
 	for i, x := range st.idx {
 		c := st.chunks[i/stageChunkPages]
 		o := (i % stageChunkPages) * PageSize
 		d := c[o : o+PageSize] // capped at the chunk's end: a batch is one chunk
-		copy(d, mem[int(x)*PageSize:])
+		pc.add(d, x)
 		st.pages = append(st.pages, Page{Index: x, Data: d})
 	}
+	pc.flush()
 	st.slots = n
 	return st.pages, nil
 }
@@ -81,10 +83,10 @@ func (st *Stager) Add(mem []byte, indices []uint32) ([]Page, error) {
 	}
 	st.extra = st.extra[:0]
 	old := st.pages
+	pc := newPageCopier(mem)
 	for _, x := range st.idx {
-		src := mem[int(x)*PageSize : int(x+1)*PageSize]
 		if i, ok := slices.BinarySearchFunc(old, x, func(p Page, x uint32) int { return cmp.Compare(p.Index, x) }); ok {
-			copy(old[i].Data, src)
+			pc.add(old[i].Data, x)
 			continue
 		}
 		for st.slots >= len(st.chunks)*stageChunkPages {
@@ -93,10 +95,11 @@ func (st *Stager) Add(mem []byte, indices []uint32) ([]Page, error) {
 		c := st.chunks[st.slots/stageChunkPages]
 		o := (st.slots % stageChunkPages) * PageSize
 		d := c[o : o+PageSize]
-		copy(d, src)
+		pc.add(d, x)
 		st.extra = append(st.extra, Page{Index: x, Data: d})
 		st.slots++
 	}
+	pc.flush()
 	if len(st.extra) == 0 {
 		return st.pages, nil
 	}
