@@ -360,6 +360,9 @@ func (t *uffdTracker) CollectAhead(dst []uint32, usedBytes uint64, use func(regi
 	if len(t.pending) > 0 || t.ahead != nil {
 		return dst, false, nil
 	}
+	if t.hot != nil {
+		t.hot.refill() // as Warm does
+	}
 	pages, err := checkUsed(usedBytes, len(t.region))
 	if err != nil {
 		return dst, false, err
@@ -540,7 +543,13 @@ func (t *uffdTracker) Warm(usedBytes uint64) {
 		return
 	}
 	defer t.mu.Unlock()
-	if t.closed || time.Since(t.collected) < WarmAfter {
+	if t.closed {
+		return
+	}
+	if t.hot != nil {
+		t.hot.refill() // while the guest runs: the pause's promotions take these
+	}
+	if time.Since(t.collected) < WarmAfter {
 		return
 	}
 	pages, err := checkUsed(usedBytes, len(t.region))
