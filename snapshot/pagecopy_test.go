@@ -30,29 +30,22 @@ func randomMemory(pages int, seed uint64) []byte {
 	return mem
 }
 
-// TestCopierTakesTheKernelRoadWhileSlow: one slow group alone changes
-// nothing; two in a row send the next kernelRun pages through the kernel,
-// then memcpy is tried again; every page arrives intact either way.
-func TestCopierTakesTheKernelRoadWhileSlow(t *testing.T) {
+// copyThrough copies 8×kernelRun pages of random memory with a copier
+// whose clock times every page at perPage, changed to pace[i] from page i
+// on, checks the copy, and returns how many pages went through the kernel.
+func copyThrough(t *testing.T, seed uint64, perPage time.Duration, pace map[int]time.Duration) uint64 {
+	t.Helper()
 	if !kernelCopyWorks() {
 		t.Skip("process_vm_readv of this process is refused here")
 	}
-	fast, slow := 300*time.Nanosecond, 5*time.Microsecond
-	perPage := fast
 	slowClock(t, &perPage)
 	const pages = 8 * kernelRun
-	mem := randomMemory(pages, 1)
+	mem := randomMemory(pages, seed)
 	dst := make([]byte, len(mem))
 	before := KernelCopiedPages()
 	c := newPageCopier(mem)
-	// The clock is read at the end of each group of probeEvery pages:
-	// the group of pages [16, 32) is timed slow alone, then, past the
-	// run a switch there would have made, [1024, 1056) two in a row;
-	// after the run through the kernel that follows, the groups are fast
-	// again.
-	slowFrom := map[int]time.Duration{probeEvery: slow, 2 * probeEvery: fast, 4 * kernelRun: slow, 4*kernelRun + 2*probeEvery: fast}
 	for i := 0; i < pages; i++ {
-		if d, ok := slowFrom[i]; ok {
+		if d, ok := pace[i]; ok {
 			perPage = d
 		}
 		c.add(dst[i*PageSize:(i+1)*PageSize], uint32(i))
@@ -61,7 +54,21 @@ func TestCopierTakesTheKernelRoadWhileSlow(t *testing.T) {
 	if !bytes.Equal(dst, mem) {
 		t.Fatal("the copy differs from the memory")
 	}
-	if got := KernelCopiedPages() - before; got != kernelRun {
+	return KernelCopiedPages() - before
+}
+
+// TestCopierTakesTheKernelRoadWhileSlow: one slow group alone changes
+// nothing; two in a row send the next kernelRun pages through the kernel,
+// then memcpy is tried again; every page arrives intact either way.
+func TestCopierTakesTheKernelRoadWhileSlow(t *testing.T) {
+	fast, slow := 300*time.Nanosecond, 5*time.Microsecond
+	// The clock is read at the end of each group of probeEvery pages:
+	// the group of pages [16, 32) is timed slow alone, then, past the
+	// run a switch there would have made, [1024, 1056) two in a row;
+	// after the run through the kernel that follows, the groups are fast
+	// again.
+	got := copyThrough(t, 1, fast, map[int]time.Duration{probeEvery: slow, 2 * probeEvery: fast, 4 * kernelRun: slow, 4*kernelRun + 2*probeEvery: fast})
+	if got != kernelRun {
 		t.Fatalf("%d pages went through the kernel, want %d (one run after two slow groups, then memcpy again)", got, kernelRun)
 	}
 }
@@ -116,27 +123,11 @@ func TestStagerThroughTheKernel(t *testing.T) {
 // TestCopierStaysOnTheKernelRoadWhileSlow: within a slow stretch, one
 // slow group after a run through the kernel is enough for the next run.
 func TestCopierStaysOnTheKernelRoadWhileSlow(t *testing.T) {
-	if !kernelCopyWorks() {
-		t.Skip("process_vm_readv of this process is refused here")
-	}
-	perPage := 5 * time.Microsecond
-	slowClock(t, &perPage)
-	const pages = 8 * kernelRun
-	mem := randomMemory(pages, 4)
-	dst := make([]byte, len(mem))
-	before := KernelCopiedPages()
-	c := newPageCopier(mem)
-	for i := 0; i < pages; i++ {
-		c.add(dst[i*PageSize:(i+1)*PageSize], uint32(i))
-	}
-	c.flush()
-	if !bytes.Equal(dst, mem) {
-		t.Fatal("the copy differs from the memory")
-	}
+	got := copyThrough(t, 4, 5*time.Microsecond, nil)
 	// Two probe groups before the first run, one before each of the
 	// next, which double: 32 by memcpy, 256 through the kernel, 16, 512,
 	// 16, 1024, 16, and the last 176 through the kernel.
-	if got, want := KernelCopiedPages()-before, uint64(pages-2*probeEvery-3*probeEvery); got != want {
+	if want := uint64(8*kernelRun - 2*probeEvery - 3*probeEvery); got != want {
 		t.Fatalf("%d pages went through the kernel, want %d", got, want)
 	}
 }
