@@ -743,8 +743,11 @@ func (p *Paused) Stack() (addr uint64, blob []byte) {
 }
 
 // Devices is the device state.
-func (p *Paused) Devices() *wasi.State {
-	st := p.m.dev.Capture()
+func (p *Paused) Devices() *wasi.State { return p.DevicesInto(nil) }
+
+// DevicesInto is Devices into st, reusing its memory (wasi.CaptureInto).
+func (p *Paused) DevicesInto(st *wasi.State) *wasi.State {
+	st = p.m.dev.CaptureInto(st)
 	st.Instrumentation = p.m.instrumentation
 	return st
 }

@@ -62,7 +62,7 @@ func (cp *checkpoint) abandonable() bool { return !cp.full && len(cp.ops) == 0 }
 // must be copied now; encoding happens after the guest runs again. st may
 // hold pages staged before the pause (collectAhead); the checkpoint adds
 // to them.
-func captureCheckpoint(p *machine.Paused, seq uint64, full bool, st *snapshot.Stager, dirtyBuf []uint32,
+func captureCheckpoint(p *machine.Paused, seq uint64, full bool, st *snapshot.Stager, dev *wasi.State, dirtyBuf []uint32,
 	module []byte, name string) (*checkpoint, []uint32, error) {
 	t0 := time.Now()
 	mem := p.Memory()
@@ -88,8 +88,9 @@ func captureCheckpoint(p *machine.Paused, seq uint64, full bool, st *snapshot.St
 	if err != nil {
 		return nil, dirtyPages, err
 	}
-	// The device state is a copy; it is turned into JSON after the pause.
-	devState := p.Devices()
+	// The device state is a copy (into dev's memory, if not nil); it is
+	// turned into JSON after the pause.
+	devState := p.DevicesInto(dev)
 	addr, blob := p.Stack()
 	s := &snapshot.Snapshot{Kind: snapshot.Incremental, Module: p.ModuleHash(), Seq: seq, MemorySize: uint64(len(mem)),
 		Pages: pages, Globals: p.Globals(), StackAddr: addr, Stack: bytes.Clone(blob),

@@ -2,6 +2,7 @@ package remus
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"hash/crc32"
 	"maps"
@@ -643,4 +644,55 @@ func TestFinishSendsTheExitItself(t *testing.T) {
 	}
 	r.quiet(t, "before the backup acknowledged the exit")
 	r.ackReleases(t, s)
+}
+
+// TestSentCheckpointGivesItsDeviceStateBack: once the sender has encoded a
+// checkpoint's device state, the state goes back for a later pause to
+// capture into (getDevState), so that pauses reuse its descriptor table
+// instead of allocating one, and what went out is the state as captured.
+func TestSentCheckpointGivesItsDeviceStateBack(t *testing.T) {
+	p, err := NewPrimary(PrimaryConfig{Backup: "127.0.0.1:1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, far := senderOverTCP(t, p)
+	far.SetReadDeadline(time.Now().Add(30 * time.Second))
+	dev := &wasi.State{Monotonic: 42, FDs: []wasi.FDState{{Num: 3, Path: "a.txt", Pos: 7}, {Num: 4, Addr: "127.0.0.1:80"}}}
+	cp := memoryCheckpoint(1, 2, nil)
+	cp.snap.Devices, cp.devices = nil, dev
+	s.queue <- cp
+	var raw []byte
+	for {
+		m, err := wire.Recv(far)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if d, ok := m.(*wire.CheckpointData); ok {
+			raw = append(raw, d.Data...)
+		}
+		if _, ok := m.(*wire.CheckpointEnd); ok {
+			break
+		}
+	}
+	snap, err := snapshot.DecodeBytes(raw, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got wasi.State
+	if err := json.Unmarshal(snap.Devices, &got); err != nil {
+		t.Fatal(err)
+	}
+	if got.Monotonic != 42 || len(got.FDs) != 2 || got.FDs[0].Pos != 7 || got.FDs[1].Addr != "127.0.0.1:80" {
+		t.Fatalf("the checkpoint carried device state %+v", got)
+	}
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
+		if st := p.getDevState(); st == dev {
+			break
+		} else if st != nil {
+			t.Fatalf("getDevState gave %p, not the sent checkpoint's state %p", st, dev)
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the sent checkpoint's device state did not come back for reuse")
+		}
+	}
 }

@@ -89,9 +89,11 @@ type Primary struct {
 	// stage is the staging memory, kept faulted in for the pauses; each
 	// checkpoint has a stager of its own on it until it is sent.
 	stage snapshot.StagePool
-	// stagers are released stagers kept for reuse (getStager).
+	// stagers are released stagers kept for reuse (getStager), and
+	// devStates device states whose encoding is done (getDevState).
 	stagersMu sync.Mutex
 	stagers   []*snapshot.Stager
+	devStates []*wasi.State
 	refilling atomic.Bool
 
 	mu       sync.Mutex
@@ -441,7 +443,7 @@ func (p *Primary) take(req engine.CheckpointRequest, module []byte, name string)
 		p.captures.Add(1)
 		p.captured.Store(req.Seq)
 		p.lastWait.Store(int64(time.Since(asked)))
-		cp, dirty, err := captureCheckpoint(pp, req.Seq, req.Full, st, p.dirtyBuf, module, name)
+		cp, dirty, err := captureCheckpoint(pp, req.Seq, req.Full, st, p.getDevState(), p.dirtyBuf, module, name)
 		p.dirtyBuf = dirty
 		if err != nil {
 			p.putStager(st)
@@ -751,6 +753,35 @@ func (p *Primary) putStager(st *snapshot.Stager) {
 	defer p.stagersMu.Unlock()
 	if len(p.stagers) < maxIdleStagers {
 		p.stagers = append(p.stagers, st)
+	}
+}
+
+// getDevState returns a device state for a pause to capture into: one
+// whose encoding is done (putDevState), so that the pause reuses its
+// descriptor table rather than allocate one (wasi.CaptureInto); nil, for a
+// new one, if there is none.
+func (p *Primary) getDevState() *wasi.State {
+	p.stagersMu.Lock()
+	defer p.stagersMu.Unlock()
+	n := len(p.devStates)
+	if n == 0 {
+		return nil
+	}
+	st := p.devStates[n-1]
+	p.devStates = p.devStates[:n-1]
+	return st
+}
+
+// putDevState keeps a checkpoint's device state, encoded and no longer
+// referred to, for a later pause (as many as stagers).
+func (p *Primary) putDevState(st *wasi.State) {
+	if st == nil {
+		return
+	}
+	p.stagersMu.Lock()
+	defer p.stagersMu.Unlock()
+	if len(p.devStates) < maxIdleStagers {
+		p.devStates = append(p.devStates, st)
 	}
 }
 
@@ -1364,6 +1395,10 @@ func (s *session) stream(p *Primary, cp *checkpoint, buf *bytes.Buffer, workers 
 			return fmt.Errorf("device state: %w", err)
 		}
 		snap.Devices = devs
+		// Encoded (the encoder keeps copies of what it templates): the
+		// next pauses may capture into it.
+		p.putDevState(cp.devices)
+		cp.devices = nil
 	}
 	if !cp.full {
 		if s.lastID.IsZero() {

@@ -339,3 +339,53 @@ func TestRestoreReopensFilesAsOpened(t *testing.T) {
 		t.Fatal("the restore waited for the FIFO's writer")
 	}
 }
+
+// TestCaptureIntoReusesTheTable: capturing into a state captured before
+// reuses its descriptor table — a Remus primary does it in every pause,
+// where a fresh table cost page faults — and gives what a fresh capture
+// gives, as the table grows past the memory it had and shrinks again.
+func TestCaptureIntoReusesTheTable(t *testing.T) {
+	dir := t.TempDir()
+	for _, name := range []string{"a", "b", "c", "d", "e", "f", "g", "h", "i", "j"} {
+		os.WriteFile(filepath.Join(dir, name), []byte(name), 0o644)
+	}
+	g := newGuest(t, dir, nil)
+	open := func(name string) uint32 {
+		fd, errno := g.open(preopenFd, 0, name, 0, RightFdRead|RightFdSeek|RightFdTell, 0)
+		if errno != ESUCCESS {
+			t.Fatal(errno)
+		}
+		return fd
+	}
+	open("a")
+	same := func(got *State) {
+		t.Helper()
+		want := g.d.Capture()
+		got.Monotonic, want.Monotonic = 0, 0
+		if !reflect.DeepEqual(got, want) {
+			t.Fatalf("captured into a reused state:\n%+v\nwant\n%+v", got.FDs, want.FDs)
+		}
+	}
+	st := g.d.Capture()
+	if n := testing.AllocsPerRun(100, func() { st = g.d.CaptureInto(st) }); n != 0 {
+		t.Fatalf("CaptureInto a state with room allocated %v times", n)
+	}
+	same(st)
+	// More descriptors than it has room for, then fewer again.
+	var fds []uint32
+	for _, name := range []string{"b", "c", "d", "e", "f", "g", "h", "i", "j"} {
+		fds = append(fds, open(name))
+	}
+	st = g.d.CaptureInto(st)
+	same(st)
+	for _, fd := range fds[2:] {
+		if errno := g.call(fdClose, uint64(fd)); errno != ESUCCESS {
+			t.Fatal(errno)
+		}
+	}
+	st = g.d.CaptureInto(st)
+	same(st)
+	if n := testing.AllocsPerRun(100, func() { st = g.d.CaptureInto(st) }); n != 0 {
+		t.Fatalf("CaptureInto a state with room allocated %v times", n)
+	}
+}
