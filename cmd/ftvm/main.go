@@ -3,6 +3,7 @@ package main
 
 import (
 	"fmt"
+	"io"
 	"os"
 	"runtime/pprof"
 	"runtime/trace"
@@ -35,46 +36,34 @@ func main() {
 // startProfiling starts what the profiling variables ask for (either may be
 // empty) and returns what stops them and writes the files out.
 func startProfiling(cpuPath, tracePath string) (stop func(), err error) {
-	var files []*os.File
 	var stops []func()
 	stop = func() {
 		for _, s := range stops {
 			s()
 		}
-		for _, f := range files {
-			f.Close()
-		}
 	}
-	create := func(what, path string) (*os.File, error) {
-		f, err := os.Create(path)
+	for _, p := range []struct {
+		name, path string
+		start      func(io.Writer) error
+		end        func()
+	}{
+		{"FTVM_CPUPROFILE", cpuPath, pprof.StartCPUProfile, pprof.StopCPUProfile},
+		{"FTVM_TRACE", tracePath, trace.Start, trace.Stop},
+	} {
+		if p.path == "" {
+			continue
+		}
+		f, err := os.Create(p.path)
+		if err == nil {
+			if err = p.start(f); err != nil {
+				f.Close()
+			}
+		}
 		if err != nil {
 			stop()
-			return nil, fmt.Errorf("%s: %w", what, err)
+			return nil, fmt.Errorf("%s: %w", p.name, err)
 		}
-		files = append(files, f)
-		return f, nil
-	}
-	if cpuPath != "" {
-		f, err := create("FTVM_CPUPROFILE", cpuPath)
-		if err != nil {
-			return nil, err
-		}
-		if err := pprof.StartCPUProfile(f); err != nil {
-			stop()
-			return nil, fmt.Errorf("FTVM_CPUPROFILE: %w", err)
-		}
-		stops = append(stops, pprof.StopCPUProfile)
-	}
-	if tracePath != "" {
-		f, err := create("FTVM_TRACE", tracePath)
-		if err != nil {
-			return nil, err
-		}
-		if err := trace.Start(f); err != nil {
-			stop()
-			return nil, fmt.Errorf("FTVM_TRACE: %w", err)
-		}
-		stops = append(stops, trace.Stop)
+		stops = append(stops, func() { p.end(); f.Close() })
 	}
 	return stop, nil
 }
