@@ -30,6 +30,10 @@ import (
 // changed back before the next one, would be missed.)
 const (
 	promoteAfter = 3
+	// randomAfter is promoteAfter where writes looked random lately,
+	// and randomMemory how many Collects "lately" is.
+	randomAfter  = 2 * promoteAfter
+	randomMemory = 3
 	coolAfter    = 16
 	// maxHot bounds the comparing a Collect does (about 0.35 µs a page).
 	maxHot = 512
@@ -72,6 +76,17 @@ type hotState struct {
 	// add hashing to every Collect (and walks around it). A guest with a
 	// working set repeats far more often than chance.
 	stopPromoting bool
+	// randomLately counts down the Collects since one looked random
+	// (stopPromoting's test, with at least a page expected again by
+	// chance); while it is not 0 a page must be reported randomAfter
+	// times in a row to be promoted, not promoteAfter. A guest writing
+	// runs of pages from random starts (testdata/guests/dirtier)
+	// repeats no page in most Collects and hundreds in a few, when two
+	// runs happen to overlap: a single Collect's test passed after two
+	// such overlaps in a row, and whole runs were promoted at once
+	// (2 -> 39 ... 182 hot pages, each compared in every pause until it
+	// cooled).
+	randomLately uint8
 	// keepLo, keepHi are the pages [keepLo, keepHi) the caller writes
 	// itself before every Collect (Keeper): promoted the first time they
 	// are reported, and never cooled while kept.
@@ -163,6 +178,10 @@ func (h *hotState) classify(dst []uint32, limit uint64, page func(uint32) []byte
 	if h.stopPromoting {
 		room = 0
 	}
+	need := uint8(promoteAfter)
+	if h.randomLately > 0 {
+		need = randomAfter
+	}
 	i, j, k := 0, 0, 0
 	cold, again := 0, 0 // pages reported outside the hot set; of them, reported last time too
 	for i < len(hot) || j < len(written) {
@@ -189,7 +208,7 @@ func (h *hotState) classify(dst []uint32, limit uint64, page func(uint32) []byte
 				again++
 			}
 			cold++
-			if n >= promoteAfter && room > 0 || h.kept(p) {
+			if n >= need && room > 0 || h.kept(p) {
 				room--
 				h.next = append(h.next, hotPage{idx: p, last: h.copyOf(page(p))})
 				if onlyAhead {
@@ -206,7 +225,7 @@ func (h *hotState) classify(dst []uint32, limit uint64, page func(uint32) []byte
 			if !onlyAhead {
 				h.protect = append(h.protect, p)
 			}
-			h.nstreak = append(h.nstreak, streakPage{idx: p, n: min(n, promoteAfter)})
+			h.nstreak = append(h.nstreak, streakPage{idx: p, n: min(n, randomAfter)})
 		default:
 			dst = h.checkHot(dst, hot[i], !onlyAhead, limit, page)
 			i++
@@ -217,6 +236,12 @@ func (h *hotState) classify(dst []uint32, limit uint64, page func(uint32) []byte
 	// were reported last time. A pattern: four times that, or more.
 	chance := float64(cold) * float64(len(streak)) / float64(max(limit, 1))
 	h.stopPromoting = again > 0 && float64(again) < 4*chance
+	switch {
+	case chance >= 1 && float64(again) < 4*chance:
+		h.randomLately = randomMemory
+	case h.randomLately > 0:
+		h.randomLately--
+	}
 	h.hot, h.next = h.next, h.hot
 	h.streak, h.nstreak = h.nstreak, h.streak
 	return dst
