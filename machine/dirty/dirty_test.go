@@ -87,6 +87,24 @@ func newHotTracker(t testing.TB, region []byte, used uint64) *uffdTracker {
 	return u
 }
 
+// writtenHotTracker maps a region of pages pages, writes every one of them,
+// and tracks it with hot pages from a first Collect on (skipping the test
+// where the kernel tracker is unavailable).
+func writtenHotTracker(t *testing.T, pages int) (region []byte, tr *uffdTracker) {
+	t.Helper()
+	if err := uffdOnce(); err != nil {
+		t.Skipf("kernel tracker unavailable: %v", err)
+	}
+	size := pages * PageSize
+	region = mapRegion(t, size)
+	for p := range uint32(pages) {
+		stamp(region, p)
+	}
+	tr = newHotTracker(t, region, uint64(size))
+	collect(t, tr, size)
+	return region, tr
+}
+
 // eachKernelTracker runs test with the kernel tracker over a fresh region
 // of pages pages (and a zeroed image of it for the test's copies), without
 // hot pages and with them; it skips where the kernel tracker is missing.

@@ -15,17 +15,9 @@ import (
 // Collect until it cooled). Before randomLately, the Collect after two such
 // overlaps in a row promoted the run.
 func TestRunsAtRandomAreNotHot(t *testing.T) {
-	if err := uffdOnce(); err != nil {
-		t.Skipf("kernel tracker unavailable: %v", err)
-	}
 	const pages, run = 16384, 333
 	size := pages * PageSize
-	region := mapRegion(t, size)
-	for p := range uint32(pages) {
-		stamp(region, p)
-	}
-	hot := newHotTracker(t, region, uint64(size))
-	collect(t, hot, size)
+	region, hot := writtenHotTracker(t, pages)
 	rng := rand.New(rand.NewPCG(5, 6))
 	write := func(start uint32) {
 		for i := range uint32(run) {

@@ -12,17 +12,9 @@ import (
 // in the pause (fresh heap pages fault there), and pages that cool give
 // theirs back.
 func TestPromotionsTakeSpareCopies(t *testing.T) {
-	if err := uffdOnce(); err != nil {
-		t.Skipf("kernel tracker unavailable: %v", err)
-	}
 	const pages, written = 1024, 40 // few of many: a pattern, not chance
 	size := pages * PageSize
-	region := mapRegion(t, size)
-	for p := range uint32(pages) {
-		stamp(region, p)
-	}
-	tr := newHotTracker(t, region, uint64(size))
-	collect(t, tr, size)
+	region, tr := writtenHotTracker(t, pages)
 	writeAll := func() {
 		for p := range uint32(written) {
 			stamp(region, p)
