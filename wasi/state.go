@@ -88,7 +88,7 @@ func (d *Devices) Capture() *State { return d.CaptureInto(nil) }
 // every pause, and a table allocated there took fresh heap pages, each a
 // page fault (10-45 µs on a VM with shadow paging): a KV server's 40
 // descriptors cost 25-29 µs of a capture of about 140, against 2 µs
-// reused (docs/MEASUREMENTS.md, "What bounds the KV throughput").
+// reused (docs/MEASUREMENTS.md, "What a round of replies waits for").
 func (d *Devices) CaptureInto(st *State) *State {
 	var fds []FDState
 	if st == nil {

@@ -235,9 +235,10 @@ func (h *hotState) classify(dst []uint32, limit uint64, page func(uint32) []byte
 	// Chance: of cold pages now, the share of the pages in use that
 	// were reported last time. A pattern: four times that, or more.
 	chance := float64(cold) * float64(len(streak)) / float64(max(limit, 1))
-	h.stopPromoting = again > 0 && float64(again) < 4*chance
+	likeChance := float64(again) < 4*chance
+	h.stopPromoting = again > 0 && likeChance
 	switch {
-	case chance >= 1 && float64(again) < 4*chance:
+	case chance >= 1 && likeChance:
 		h.randomLately = randomMemory
 	case h.randomLately > 0:
 		h.randomLately--
