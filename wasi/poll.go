@@ -51,10 +51,12 @@ type pollSub struct {
 // of microseconds of every idle checkpoint's, so of the output's, delay.
 // It reports whether a pause is requested now.
 func (d *Devices) goingIdle() (pause bool) {
-	if d.onIdle == nil || !d.onIdle() || d.pause.Load() {
-		// A pause asked before is the wait's to notice, as always.
+	if d.onIdle == nil || !d.onIdle() {
 		return false
 	}
+	// The flag may be up already: the goroutine the hook woke can run on
+	// another CPU before this line. That pause is as much this wait's end
+	// as one that comes while yielding; the wait must not sleep for it.
 	deadline := time.Now().Add(idleYield)
 	for !d.pause.Load() && time.Now().Before(deadline) {
 		runtime.Gosched()
@@ -79,7 +81,10 @@ func (d *Devices) waitFd(host int, events int16, restartable bool) Errno {
 	fds := [2]unix.PollFd{{Fd: int32(host), Events: events}, {Fd: int32(d.wake), Events: unix.POLLIN}}
 	d.counters.PollWaits.Add(1)
 	if restartable {
-		d.goingIdle()
+		if d.goingIdle() {
+			d.drainPauseWake() // the pause's Interrupt: this wait is over
+			return errRestart
+		}
 	} else if d.onIdle != nil {
 		d.onIdle()
 	}

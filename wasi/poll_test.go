@@ -387,6 +387,31 @@ func BenchmarkPollOneoffReady(b *testing.B) {
 // next wait — even when the pausing goroutine is held up between raising
 // the flag and writing the wake-up, as a busy machine may do; a hook that
 // asked for nothing costs the wait nothing.
+// TestPollIdlePauseAskedAtOnce: the goroutine the hook wakes may raise the
+// flag before the hook has even returned (another CPU); the wait must end
+// there too, not sleep and be woken.
+func TestPollIdlePauseAskedAtOnce(t *testing.T) {
+	var v *sockVM
+	var wakes atomic.Int32
+	v = newSockVM(t, Config{OnWake: func() { wakes.Add(1) }, OnIdle: func() bool {
+		v.d.RequestPause() // done before the hook returns
+		return true
+	}})
+	_, cfd := v.dial()
+	_, e := v.poll(readSub(1, cfd))
+	if e != errRestart || wakes.Load() != 0 {
+		t.Fatalf("poll with the pause asked within the hook: %v after %d wake-ups, want the restart after none", e, wakes.Load())
+	}
+	v.d.ClearPause()
+	// The pause's wake-up was consumed: a wait for a clock sleeps to it.
+	v.d.onIdle = nil
+	t0 := time.Now()
+	evs, e := v.poll(readSub(1, cfd), clockSub(2, ClockMonotonic, 50*time.Millisecond, 0))
+	if el := time.Since(t0); e != ESUCCESS || len(evs) != 1 || evs[0].userdata != 2 || el < 50*time.Millisecond || wakes.Load() != 1 {
+		t.Fatalf("poll after the pause: %+v %v after %v and %d wake-ups, want its clock after 50ms and one", evs, e, el, wakes.Load())
+	}
+}
+
 func TestPollIdlePause(t *testing.T) {
 	// Long enough for the pausing goroutine to run on any machine.
 	defer func(d time.Duration) { idleYield = d }(idleYield)
