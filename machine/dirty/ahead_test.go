@@ -171,6 +171,26 @@ func TestCollectAheadKeepsHotPagesHot(t *testing.T) {
 					t.Fatalf("round %d: hot pages lost: %v", r, head(h))
 				}
 			}
+			// Left alone, the hot pages cool: none is reported, ahead or
+			// not, on the way (one cooled but not yet protected again
+			// is the Collect's to protect, not written), and once cool
+			// they are protected, so a write shows ahead again.
+			for r := range coolAfter + 1 {
+				got, ok, err := tr.CollectAhead(nil, uint64(size), nil)
+				if err != nil || !ok || len(got) != 0 {
+					t.Fatalf("quiet round %d: CollectAhead: %v (ok %v, err %v), want nothing", r, got, ok, err)
+				}
+				if after := collect(t, tr, size); len(after) != 0 {
+					t.Fatalf("quiet round %d: Collect: %v, want nothing", r, after)
+				}
+			}
+			if h := hotPagesOf(tr); len(h) != 0 {
+				t.Fatalf("hot pages %v after %d quiet Collects, want none", head(h), coolAfter+1)
+			}
+			stamp(region, c.set[0])
+			if got, ok, err := tr.CollectAhead(nil, uint64(size), nil); err != nil || !ok || !slices.Equal(got, c.set[:1]) {
+				t.Fatalf("a cooled page written: CollectAhead %v (ok %v, err %v), want %v", got, ok, err, c.set[:1])
+			}
 		})
 	}
 }

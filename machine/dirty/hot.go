@@ -318,13 +318,16 @@ func (h *hotState) cooled(dst []uint32) []uint32 {
 }
 
 // spansWithout appends to dst the [lo, hi) page spans of [from, to) that
-// hold no hot page (cooled ones do not count: they are protected again),
-// and reports whether there are at most max of them.
-func (h *hotState) spansWithout(dst [][2]uint32, from, to uint32, max int) ([][2]uint32, bool) {
+// hold no hot page, and reports whether there are at most max of them.
+// Cooled pages count only if cooledToo: a Collect has protected them
+// again before it walks, a CollectAhead has not (they are still
+// writable, so would read as written, though unchanged since the Collect
+// compared them: they are the next Collect's to protect).
+func (h *hotState) spansWithout(dst [][2]uint32, from, to uint32, max int, cooledToo bool) ([][2]uint32, bool) {
 	i, _ := h.find(from)
 	lo := from
 	for ; i < len(h.hot) && h.hot[i].idx < to; i++ {
-		if h.hot[i].idle >= coolAfter {
+		if h.hot[i].idle >= coolAfter && !cooledToo {
 			continue
 		}
 		if x := h.hot[i].idx; x > lo {

@@ -377,7 +377,7 @@ func (t *uffdTracker) CollectAhead(dst []uint32, usedBytes uint64, use func(regi
 		// Around the hot pages: they stay writable, compared by content
 		// at the next Collect.
 		var few bool
-		t.spans, few = t.hot.spansWithout(t.spans[:0], 0, uint32((end-t.base)/PageSize), maxProtectCalls)
+		t.spans, few = t.hot.spansWithout(t.spans[:0], 0, uint32((end-t.base)/PageSize), maxProtectCalls, true)
 		if few {
 			for _, s := range t.spans {
 				if err = t.scanArmed(s[0], s[1], pmScanWPMatching|pmScanCheckWPAsync, pageIsWritten, emit); err != nil {
@@ -638,7 +638,7 @@ func (t *uffdTracker) collectHot(dst []uint32, limit uint64, armedEnd uintptr, d
 	emit := func(r []pageRegion) { h.written = t.appendPages(h.written, r, limit) }
 	var few bool
 	if !deferred {
-		t.spans, few = h.spansWithout(t.spans[:0], 0, uint32((armedEnd-t.base)/PageSize), maxProtectCalls)
+		t.spans, few = h.spansWithout(t.spans[:0], 0, uint32((armedEnd-t.base)/PageSize), maxProtectCalls, false)
 	}
 	if few {
 		for _, s := range t.spans {
