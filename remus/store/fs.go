@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"slices"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -94,12 +95,28 @@ func (osFS) SyncDir(name string) error {
 	return err
 }
 
+// Lock takes an exclusive flock of name. A lock that is busy is tried
+// again for up to lockWait: a slot closed and opened again in one process
+// (a backup restarting a slot, reopening a broken one) finds its own old
+// lock still held for a moment if any goroutine of the process forked a
+// child meanwhile (to run wasm-opt, say) — the child holds a copy of every
+// descriptor until it execs, close-on-exec or not, and the lock lives as
+// long as any copy does. A slot open in another process stays locked, and
+// is refused once the wait is over.
 func (osFS) Lock(name string) (io.Closer, error) {
 	f, err := os.OpenFile(name, os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
 		return nil, err
 	}
-	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+	deadline := time.Now().Add(lockWait)
+	for {
+		err = unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
+		if !errors.Is(err, unix.EWOULDBLOCK) || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(lockRetry)
+	}
+	if err != nil {
 		f.Close()
 		if errors.Is(err, unix.EWOULDBLOCK) {
 			return nil, fmt.Errorf("store: %s is locked: the slot is open in another process", name)
@@ -108,3 +125,10 @@ func (osFS) Lock(name string) (io.Closer, error) {
 	}
 	return f, nil // closing the file releases the lock
 }
+
+// lockWait bounds Lock's retrying of a busy lock (a fork's exec takes a
+// few milliseconds, more on a loaded machine); lockRetry is its pace.
+const (
+	lockWait  = 500 * time.Millisecond
+	lockRetry = 2 * time.Millisecond
+)
