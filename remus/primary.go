@@ -262,6 +262,7 @@ func (p *Primary) send(ev engine.PrimaryEvent) {
 // the guest for the backup.
 func (p *Primary) Run(ctx context.Context, m *machine.Machine, module []byte, name string) error {
 	p.machine.Store(m)
+	go warmDeviceJSON() // while the session comes up
 	// A heap that grows is staged whole at the next checkpoint: fault the
 	// staging memory in now, while the guest runs, not in that pause.
 	m.OnMemoryGrow(func(oldBytes, newBytes uint64) {
