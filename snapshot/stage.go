@@ -203,6 +203,7 @@ type StagePool struct {
 	memKnown bool
 	growth   int // pages grown and not staged yet, which stagings may carry
 	idle     int // stagings in a row that carried none of them
+	made     int // chunks allocated, ever
 }
 
 func (sp *StagePool) maxFree() int {
@@ -223,6 +224,7 @@ func (sp *StagePool) get() []byte {
 		sp.free = sp.free[:n-1]
 		return c
 	}
+	sp.made++
 	return newChunk()
 }
 
@@ -316,6 +318,19 @@ func (sp *StagePool) ExpectGrowth(pages int) {
 // keep.
 func (sp *StagePool) Short() bool { return sp.freeChunks() < sp.want() }
 
+// Dry reports whether the pool holds no free chunk: the next staging would
+// allocate one in its pause. (Chunks lent out come back once what was
+// staged in them is sent: a pool that is only Short gets them back.)
+func (sp *StagePool) Dry() bool { return sp.freeChunks() == 0 }
+
+// Made is how many chunks the pool has allocated so far, in stagings
+// (get) and in Refill.
+func (sp *StagePool) Made() int {
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	return sp.made
+}
+
 // want is how many chunks Refill keeps free.
 func (sp *StagePool) want() int {
 	sp.mu.Lock()
@@ -330,6 +345,9 @@ func (sp *StagePool) want() int {
 // while the guest runs, never in a pause.
 func (sp *StagePool) Refill() {
 	for sp.freeChunks() < sp.want() { // the target may rise meanwhile (ExpectGrowth)
+		sp.mu.Lock()
+		sp.made++
+		sp.mu.Unlock()
 		c := newChunk()
 		for i := 0; i < len(c); i += PageSize {
 			c[i] = 1 // and have the hypervisor map it now, too
