@@ -115,7 +115,7 @@ func (b *Backup) now() engine.Time { return time.Since(b.t0) }
 // (which end with ctx too).
 func (b *Backup) Serve(ctx context.Context) error {
 	b.ctx = ctx
-	go warmDeviceJSON() // for the first failover
+	go warmDeviceJSON() // for the first checkpoint's check, and failover
 	go func() {
 		<-ctx.Done()
 		b.ln.Close()
