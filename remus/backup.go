@@ -1393,8 +1393,15 @@ func (s *slot) prepare(snap *snapshot.Snapshot) {
 		if in := wasi.InstrumentationOf(snap.Devices); in != nil {
 			polls = in.LoopPolls
 		}
-		prog, err := machine.Prepare(context.Background(), machine.Config{Module: code, Name: name, Instrument: true,
+		// Under the backup's context: a backup that stops does not wait
+		// for a compile whose result it will not keep (close waits for
+		// this goroutine).
+		ctx := cmp.Or(s.b.ctx, context.Background())
+		prog, err := machine.Prepare(ctx, machine.Config{Module: code, Name: name, Instrument: true,
 			LoopPolls: polls, CacheDir: s.b.cfg.CacheDir, InstrumentCacheDir: s.b.cfg.InstrumentCacheDir})
+		if err != nil && ctx.Err() != nil {
+			return // stopping: not a failure of the module
+		}
 		if !s.prepared(done, prog, err) || err == nil {
 			return
 		}
@@ -2160,4 +2167,23 @@ func (s *slot) close() {
 	s.persistQ.close()
 	s.store.Close()
 	s.mi.Close()
+	// A preparation under way writes to the cache directories: it ends
+	// (cancelled with the backup's context) before Serve returns, and
+	// what it made is let go.
+	s.mu.Lock()
+	done := s.progDone
+	s.mu.Unlock()
+	if done != nil {
+		select {
+		case <-done:
+		case <-time.After(closeDrainWait):
+			s.log.Warn("closing the slot while its module is still being prepared", "waited", closeDrainWait)
+		}
+	}
+	s.mu.Lock()
+	if s.prog != nil {
+		s.prog.Close(context.Background())
+		s.prog = nil
+	}
+	s.mu.Unlock()
 }

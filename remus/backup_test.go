@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"hash/crc32"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"slices"
@@ -843,4 +844,75 @@ func TestBackupBoundsItsSlots(t *testing.T) {
 	if n := len(b.Status().Slots); n != 2 {
 		t.Fatalf("%d slots", n)
 	}
+}
+
+// TestBackupStopsAfterItsPreparation: a backup told to stop while it
+// prepares a module for failover returns from Serve only once that
+// preparation is over, so that nothing writes to its cache directories
+// afterwards (a test's temporary directory failed to be removed, and a
+// library user's could be deleted under it), and without calling the
+// module unpreparable.
+func TestBackupStopsAfterItsPreparation(t *testing.T) {
+	started, release := make(chan struct{}, 1), make(chan struct{})
+	hook := func() {
+		started <- struct{}{}
+		<-release
+	}
+	testPreparing.Store(&hook)
+	defer testPreparing.Store(nil)
+	cache := filepath.Join(t.TempDir(), "i")
+	b, err := ListenBackup(BackupConfig{Listen: "127.0.0.1:0", StateDir: t.TempDir(),
+		Engine: engine.Config{Timeout: time.Hour}, CacheDir: "-", InstrumentCacheDir: cache})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	served := make(chan struct{})
+	go func() { b.Serve(ctx); close(served) }()
+	f := sendFirstCheckpoint(t, b)
+	if m, ok := f.next().(*wire.Ack); !ok || m.Seq != 1 {
+		t.Fatalf("the full checkpoint was answered with %v, want its ack", m)
+	}
+	select {
+	case <-started:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the backup did not start preparing the module of its full checkpoint")
+	}
+	f.c.Close()
+	cancel()
+	select {
+	case <-served:
+		t.Fatal("Serve returned while the module was still being prepared")
+	case <-time.After(200 * time.Millisecond):
+	}
+	close(release)
+	select {
+	case <-served:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Serve did not return once the preparation could end")
+	}
+	before := listTree(t, cache)
+	time.Sleep(200 * time.Millisecond)
+	if after := listTree(t, cache); !slices.Equal(before, after) {
+		t.Fatalf("the cache directory changed after Serve returned: %v, then %v", before, after)
+	}
+	if st := b.Status().Slots; len(st) != 1 || st[0].ProgramError != "" {
+		t.Fatalf("slot after the stop: %+v, want no preparation error", st)
+	}
+}
+
+// listTree lists the paths under dir (none if it does not exist).
+func listTree(t *testing.T, dir string) []string {
+	t.Helper()
+	var out []string
+	err := filepath.WalkDir(dir, func(p string, _ fs.DirEntry, err error) error {
+		if err == nil {
+			out = append(out, p)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
 }
