@@ -127,8 +127,12 @@ func (osFS) Lock(name string) (io.Closer, error) {
 }
 
 // lockWait bounds Lock's retrying of a busy lock (a fork's exec takes a
-// few milliseconds, more on a loaded machine); lockRetry is its pace.
+// few milliseconds, more on a loaded machine). It stays well under a
+// replication timeout: a backup refuses a primary whose slot another
+// process holds after this wait, and the primary, which waits that long
+// for an answer, must get the reason, not a timeout. lockRetry is its
+// pace.
 const (
-	lockWait  = 500 * time.Millisecond
+	lockWait  = 100 * time.Millisecond
 	lockRetry = 2 * time.Millisecond
 )
