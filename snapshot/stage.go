@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"slices"
 	"sync"
+	"sync/atomic"
 
 	"golang.org/x/sys/unix"
 )
@@ -201,9 +202,9 @@ type StagePool struct {
 	// 0: the machine announces a memory's first allocation as a growth
 	// from nothing, and then every page is a grown one at first.)
 	memKnown bool
-	growth   int // pages grown and not staged yet, which stagings may carry
-	idle     int // stagings in a row that carried none of them
-	made     int // chunks allocated, ever
+	growth   int          // pages grown and not staged yet, which stagings may carry
+	idle     int          // stagings in a row that carried none of them
+	made     atomic.Int64 // chunks allocated, ever
 }
 
 func (sp *StagePool) maxFree() int {
@@ -224,7 +225,7 @@ func (sp *StagePool) get() []byte {
 		sp.free = sp.free[:n-1]
 		return c
 	}
-	sp.made++
+	sp.made.Add(1)
 	return newChunk()
 }
 
@@ -325,11 +326,7 @@ func (sp *StagePool) Dry() bool { return sp.freeChunks() == 0 }
 
 // Made is how many chunks the pool has allocated so far, in stagings
 // (get) and in Refill.
-func (sp *StagePool) Made() int {
-	sp.mu.Lock()
-	defer sp.mu.Unlock()
-	return sp.made
-}
+func (sp *StagePool) Made() int { return int(sp.made.Load()) }
 
 // want is how many chunks Refill keeps free.
 func (sp *StagePool) want() int {
@@ -345,9 +342,7 @@ func (sp *StagePool) want() int {
 // while the guest runs, never in a pause.
 func (sp *StagePool) Refill() {
 	for sp.freeChunks() < sp.want() { // the target may rise meanwhile (ExpectGrowth)
-		sp.mu.Lock()
-		sp.made++
-		sp.mu.Unlock()
+		sp.made.Add(1)
 		c := newChunk()
 		for i := 0; i < len(c); i += PageSize {
 			c[i] = 1 // and have the hypervisor map it now, too
