@@ -49,6 +49,19 @@ func senderOverTCP(t *testing.T, p *Primary) (*session, *transport.Conn) {
 	return s, fc
 }
 
+// primaryOverTCP is a primary whose sender writes to a loopback
+// connection (senderOverTCP); the far end's reads give up after 30 s.
+func primaryOverTCP(t *testing.T) (*Primary, *session, *transport.Conn) {
+	t.Helper()
+	p, err := NewPrimary(PrimaryConfig{Backup: "127.0.0.1:1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, far := senderOverTCP(t, p)
+	far.SetReadDeadline(time.Now().Add(30 * time.Second))
+	return p, s, far
+}
+
 // memoryCheckpoint is an incremental checkpoint of n random pages (S2
 // cannot shrink them: each of its pieces on the wire is a chunk), with
 // ops as its epoch's disk operations.
@@ -83,12 +96,7 @@ func memoryCheckpoint(seq uint64, n int, ops []wire.FsOp) *checkpoint {
 // ack of the Exit's own seq, not a checkpoint's, tells Finish the backup
 // knows.
 func TestExitAbandonsMemoryOnlyCheckpoints(t *testing.T) {
-	p, err := NewPrimary(PrimaryConfig{Backup: "127.0.0.1:1"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	s, far := senderOverTCP(t, p)
-	far.SetReadDeadline(time.Now().Add(30 * time.Second))
+	p, s, far := primaryOverTCP(t)
 	recv := func() wire.Message {
 		t.Helper()
 		m, err := wire.Recv(far)
@@ -535,12 +543,7 @@ func TestFinishSendsTheExitPastTheEncoding(t *testing.T) {
 			}
 			testEncodeWorker.Store(&hook)
 			defer testEncodeWorker.Store(nil)
-			p, err := NewPrimary(PrimaryConfig{Backup: "127.0.0.1:1"})
-			if err != nil {
-				t.Fatal(err)
-			}
-			s, far := senderOverTCP(t, p)
-			far.SetReadDeadline(time.Now().Add(30 * time.Second))
+			_, s, far := primaryOverTCP(t)
 			var msgs []string
 			recv := func() wire.Message {
 				t.Helper()
@@ -651,12 +654,7 @@ func TestFinishSendsTheExitItself(t *testing.T) {
 // capture into (getDevState), so that pauses reuse its descriptor table
 // instead of allocating one, and what went out is the state as captured.
 func TestSentCheckpointGivesItsDeviceStateBack(t *testing.T) {
-	p, err := NewPrimary(PrimaryConfig{Backup: "127.0.0.1:1"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	s, far := senderOverTCP(t, p)
-	far.SetReadDeadline(time.Now().Add(30 * time.Second))
+	p, s, far := primaryOverTCP(t)
 	dev := &wasi.State{Monotonic: 42, FDs: []wasi.FDState{{Num: 3, Path: "a.txt", Pos: 7}, {Num: 4, Addr: "127.0.0.1:80"}}}
 	cp := memoryCheckpoint(1, 2, nil)
 	cp.snap.Devices, cp.devices = nil, dev

@@ -14,16 +14,11 @@ import (
 // allocated for them. A pause that leaves it dry tops it up at once, while
 // its chunks are still out.
 func TestStagingChunksComeBackBeforeRefill(t *testing.T) {
-	p, err := NewPrimary(PrimaryConfig{Backup: "127.0.0.1:1"})
-	if err != nil {
-		t.Fatal(err)
-	}
+	p, s, far := primaryOverTCP(t)
 	p.stage.Refill()
 	if p.stage.Made() != 2 || p.stage.Short() {
 		t.Fatalf("the pool made %d chunks and is short %v, want its two", p.stage.Made(), p.stage.Short())
 	}
-	s, far := senderOverTCP(t, p)
-	far.SetReadDeadline(time.Now().Add(30 * time.Second))
 	mem := make([]byte, 1<<20)
 	staged := func(seq uint64) *checkpoint {
 		st := p.getStager()
