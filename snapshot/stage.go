@@ -24,7 +24,7 @@ import (
 type Stager struct {
 	// Pool supplies the chunks; nil: a pool of the Stager's own.
 	Pool   *StagePool
-	chunks [][]byte
+	chunks []stageChunk
 	pages  []Page
 	idx    []uint32
 	slots  int // slots of the chunks in use: Stage's pages, then Add's
@@ -58,7 +58,7 @@ func (st *Stager) Stage(mem []byte, indices []uint32) ([]Page, error) {
 	st.pages = st.pages[:0]
 	pc := newPageCopier(mem)
 	for i, x := range st.idx {
-		c := st.chunks[i/stageChunkPages]
+		c := st.chunks[i/stageChunkPages].b
 		o := (i % stageChunkPages) * PageSize
 		d := c[o : o+PageSize] // capped at the chunk's end: a batch is one chunk
 		pc.add(d, x)
@@ -93,7 +93,7 @@ func (st *Stager) Add(mem []byte, indices []uint32) ([]Page, error) {
 		for st.slots >= len(st.chunks)*stageChunkPages {
 			st.chunks = append(st.chunks, st.Pool.get())
 		}
-		c := st.chunks[st.slots/stageChunkPages]
+		c := st.chunks[st.slots/stageChunkPages].b
 		o := (st.slots % stageChunkPages) * PageSize
 		d := c[o : o+PageSize]
 		pc.add(d, x)
@@ -162,7 +162,10 @@ func (st *Stager) index(mem []byte, indices []uint32) error {
 // Release gives the chunks back to the pool; the staged pages are invalid
 // afterwards.
 func (st *Stager) Release() {
-	for _, c := range st.chunks {
+	for k, c := range st.chunks {
+		// The pages staged in it are faulted in now, whatever it was.
+		used := min(stageChunkPages, max(0, st.slots-k*stageChunkPages))
+		c.ready = max(c.ready, used*PageSize)
 		st.Pool.put(c)
 	}
 	clear(st.chunks)
@@ -195,7 +198,7 @@ type StagePool struct {
 	MaxFree int
 
 	mu   sync.Mutex
-	free [][]byte
+	free []stageChunk
 	high int    // the recent largest Expect, in pages, decaying
 	mem  uint64 // the memory size below which staged pages are steady
 	// memKnown is set by the first Expect, which learns mem. (mem may be
@@ -205,6 +208,18 @@ type StagePool struct {
 	growth   int          // pages grown and not staged yet, which stagings may carry
 	idle     int          // stagings in a row that carried none of them
 	made     atomic.Int64 // chunks allocated, ever
+	// memPages is the memory's size as told (growths, Expect's memBytes);
+	// 0: not known. No staging carries more pages than it holds.
+	memPages uint64
+	faulted  atomic.Int64 // bytes of chunks faulted in, ever
+}
+
+// stageChunk is a staging chunk and how far from its start it is faulted
+// in: a small memory's stagings never reach past its size, so its chunks
+// are faulted in only that far (readyBytes).
+type stageChunk struct {
+	b     []byte
+	ready int
 }
 
 func (sp *StagePool) maxFree() int {
@@ -214,28 +229,65 @@ func (sp *StagePool) maxFree() int {
 	return DefaultMaxFreeChunks
 }
 
-// get takes a chunk, or allocates one (in a pause: only when the pool ran
-// dry).
-func (sp *StagePool) get() []byte {
+// get takes a chunk as it is (one not faulted in far enough faults in the
+// staging), or allocates one (in a pause: only when the pool ran dry).
+func (sp *StagePool) get() stageChunk {
 	sp.mu.Lock()
-	defer sp.mu.Unlock()
 	if n := len(sp.free); n > 0 {
 		c := sp.free[n-1]
-		sp.free[n-1] = nil
+		sp.free[n-1] = stageChunk{}
 		sp.free = sp.free[:n-1]
+		sp.mu.Unlock()
 		return c
 	}
-	sp.made.Add(1)
-	return newChunk()
+	ready := sp.readyBytes()
+	sp.mu.Unlock()
+	return sp.newChunk(ready, false)
 }
 
-// newChunk allocates a staging chunk, faulted in: on this project's VM a
-// 4 KiB page first touched by a copy costs about 13 µs, one populated
-// first about 7.5 µs (the hypervisor's shadow page table filling on first
-// access), so the chunk is made of transparent huge pages where the kernel
-// grants them (hugeAlloc): 1–2.4 ms a chunk instead of 8.5–10, and a pause
-// copying a heap's growth into it (2,000 pages) took 1 ms instead of 7.
-func newChunk() []byte { return hugeAlloc(stageChunkBytes) }
+// newChunk allocates a staging chunk, faulted in up to ready: on this
+// project's VM a 4 KiB page first touched by a copy costs about 13 µs, one
+// populated first about 7.5 µs (the hypervisor's shadow page table filling
+// on first access), so the chunk is made of transparent huge pages where
+// the kernel grants them (hugeBuf): 1–2.4 ms a chunk instead of 8.5–10,
+// and a pause copying a heap's growth into it (2,000 pages) took 1 ms
+// instead of 7.
+func (sp *StagePool) newChunk(ready int, touch bool) stageChunk {
+	sp.made.Add(1)
+	c := stageChunk{b: hugeBuf(stageChunkBytes)}
+	sp.faultIn(&c, ready, touch)
+	return c
+}
+
+// faultIn faults c in from its ready length up to ready, populating, and
+// then touching each page if touch (to have the hypervisor map it now,
+// too).
+func (sp *StagePool) faultIn(c *stageChunk, ready int, touch bool) {
+	if ready <= c.ready {
+		return
+	}
+	b := c.b[c.ready:ready] // starts on a page: the chunk is 2 MiB-aligned
+	populate(b)
+	if touch {
+		for i := 0; i < len(b); i += PageSize {
+			b[i] = 1
+		}
+	}
+	sp.faulted.Add(int64(len(b)))
+	c.ready = ready
+}
+
+// readyBytes is how far Refill faults chunks in: as far as a staging of
+// the whole memory reaches, in whole huge pages (THP faults those whole
+// anyway). A 128 KiB guest had 12 MiB faulted in at its start (3–7 ms of
+// CPU in a 50 ms run) for stagings that never went past 128 KiB. Called
+// with sp.mu held.
+func (sp *StagePool) readyBytes() int {
+	if sp.memPages == 0 {
+		return stageChunkBytes
+	}
+	return int(min(stageChunkBytes, (sp.memPages*PageSize+hugeSize-1)&^(hugeSize-1)))
+}
 
 // populate faults b in for writing with one madvise, where that is cheaper
 // than faulting page by page as it is filled: b must start on a page (a
@@ -250,11 +302,22 @@ func populate(b []byte) {
 // syscall costs about what it saves.
 const populateMin = 16 * PageSize
 
-func (sp *StagePool) put(c []byte) {
+func (sp *StagePool) put(c stageChunk) {
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
 	if len(sp.free) < sp.maxFree() {
 		sp.free = append(sp.free, c)
+		return
+	}
+	// Full: keep the chunks faulted in furthest.
+	low := 0
+	for i := range sp.free {
+		if sp.free[i].ready < sp.free[low].ready {
+			low = i
+		}
+	}
+	if sp.free[low].ready < c.ready {
+		sp.free[low] = c
 	}
 }
 
@@ -281,6 +344,7 @@ func (sp *StagePool) Expect(staged []Page, memBytes uint64) {
 		sp.mem = memBytes - min(memBytes, uint64(sp.growth)*PageSize)
 		sp.memKnown = true
 	}
+	sp.memPages = max(sp.memPages, memBytes/PageSize)
 	n := pagesBelow(staged, uint32(sp.mem/PageSize))
 	grown := len(staged) - n
 	sp.high = max(n, sp.high-sp.high/32)
@@ -313,11 +377,27 @@ func (sp *StagePool) ExpectGrowth(pages int) {
 	defer sp.mu.Unlock()
 	sp.growth += pages
 	sp.idle = 0
+	sp.memPages += uint64(max(0, pages))
 }
 
 // Short reports whether the pool holds fewer free chunks than Refill would
-// keep.
-func (sp *StagePool) Short() bool { return sp.freeChunks() < sp.want() }
+// keep, or one not faulted in as far as Refill would (the memory grew).
+func (sp *StagePool) Short() bool {
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	return len(sp.free) < sp.wantLocked() || sp.unready(sp.readyBytes()) >= 0
+}
+
+// unready returns the index of a free chunk faulted in less than ready
+// bytes, or -1. Called with sp.mu held.
+func (sp *StagePool) unready(ready int) int {
+	for i := range sp.free {
+		if sp.free[i].ready < ready {
+			return i
+		}
+	}
+	return -1
+}
 
 // Dry reports whether the pool holds no free chunk: the next staging would
 // allocate one in its pause. (Chunks lent out come back once what was
@@ -332,21 +412,48 @@ func (sp *StagePool) Made() int { return int(sp.made.Load()) }
 func (sp *StagePool) want() int {
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
-	steady := max(2, 2*((sp.high+stageChunkPages-1)/stageChunkPages))
-	return min(steady+(sp.growth+stageChunkPages-1)/stageChunkPages, sp.maxFree())
+	return sp.wantLocked()
 }
 
-// Refill makes sure the pool holds enough chunks, faulted in, for the next
-// stagings (the Expect target twice over, at least two chunks, plus the
-// growth ExpectGrowth announced), allocating and touching them now. Call it
-// while the guest runs, never in a pause.
+// wantLocked is want, called with sp.mu held: never more than two
+// stagings of the whole memory fill, once its size is known (a 128 KiB
+// guest was kept 3 chunks, where a staging fills at most 32 pages of one).
+func (sp *StagePool) wantLocked() int {
+	steady := max(2, 2*((sp.high+stageChunkPages-1)/stageChunkPages))
+	w := min(steady+(sp.growth+stageChunkPages-1)/stageChunkPages, sp.maxFree())
+	if sp.memPages > 0 {
+		w = min(w, int(2*((sp.memPages+stageChunkPages-1)/stageChunkPages)))
+	}
+	return w
+}
+
+// Refill makes sure the pool holds enough chunks, faulted in as far as the
+// memory reaches, for the next stagings (the Expect target twice over, at
+// least two chunks, plus the growth ExpectGrowth announced, but no more
+// than two stagings of the whole memory fill), allocating and touching
+// them now, and faulting in further the chunks it holds if the memory
+// grew. Call it while the guest runs, never in a pause.
 func (sp *StagePool) Refill() {
-	for sp.freeChunks() < sp.want() { // the target may rise meanwhile (ExpectGrowth)
-		sp.made.Add(1)
-		c := newChunk()
-		for i := 0; i < len(c); i += PageSize {
-			c[i] = 1 // and have the hypervisor map it now, too
+	for { // the targets may rise meanwhile (ExpectGrowth)
+		sp.mu.Lock()
+		ready := sp.readyBytes()
+		if len(sp.free) < sp.wantLocked() {
+			sp.mu.Unlock()
+			sp.put(sp.newChunk(ready, true))
+			continue
 		}
+		i := sp.unready(ready)
+		if i < 0 {
+			sp.mu.Unlock()
+			return
+		}
+		// Out of the pool while it is touched: a staging taking it
+		// meanwhile would race with the touching.
+		c, last := sp.free[i], len(sp.free)-1
+		sp.free[i], sp.free[last] = sp.free[last], stageChunk{}
+		sp.free = sp.free[:last]
+		sp.mu.Unlock()
+		sp.faultIn(&c, ready, true)
 		sp.put(c)
 	}
 }
