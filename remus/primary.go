@@ -11,6 +11,7 @@ package remus
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/rand"
 	"crypto/tls"
@@ -21,6 +22,7 @@ import (
 	"log/slog"
 	"os"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -121,6 +123,17 @@ type Primary struct {
 	// captures may be ahead of it for a moment.
 	queued   atomic.Uint64
 	captures atomic.Uint64 // of those, captures begun (in their pause)
+	// startOnce starts the driver (Start); cancel ends it, loopDone is
+	// closed once it has ended, with loopErr. attached is closed once Run
+	// has the machine; until then the loop keeps the checkpoint the
+	// engine asked for in pendingTake. guest describes the guest.
+	startOnce   sync.Once
+	cancel      context.CancelFunc
+	loopDone    chan struct{}
+	loopErr     error
+	attached    chan struct{}
+	pendingTake *engine.CheckpointRequest
+	guest       Guest
 	// started is closed once a session is up and its first checkpoint
 	// requested, or the primary runs unprotected: WaitSession's end.
 	started     chan struct{}
@@ -206,7 +219,7 @@ func NewPrimary(cfg PrimaryConfig) (*Primary, error) {
 	}
 	p := &Primary{cfg: cfg, gate: newHoldGate(cfg.HoldLimit), log: cfg.Log.With("role", "primary", "vm", cfg.VM),
 		events: make(chan engine.PrimaryEvent, 256), release: make(chan struct{}, 1), stop: make(chan struct{}),
-		started: make(chan struct{}), published: make(chan struct{}, 1), fenced: make(chan struct{})}
+		started: make(chan struct{}), loopDone: make(chan struct{}), attached: make(chan struct{}), published: make(chan struct{}, 1), fenced: make(chan struct{})}
 	// The clock starts now, not in Run: the guest may produce output
 	// (an Output event) before the driver loop runs.
 	p.t0 = time.Now()
@@ -257,12 +270,74 @@ func (p *Primary) send(ev engine.PrimaryEvent) {
 	}
 }
 
+// Guest describes the guest to the backup, in the session's Hello.
+type Guest struct {
+	// Module is the module as given to the machine (its hash names it to
+	// the backup; the first full checkpoint carries it), Name its name.
+	Module []byte
+	Name   string
+	// Preopens are the guest paths of its preopened directories, in
+	// order (the backup keeps a replica of each).
+	Preopens []string
+	// Listen are its listeners: as bound (GuestOf), or as asked for
+	// before the machine binds them (Fd 0: the next free descriptor).
+	// The backup does not depend on them (failover binds what the
+	// checkpoint's device state holds).
+	Listen []wire.Listener
+}
+
+// GuestOf describes m's guest (Start's argument, once m exists).
+func GuestOf(m *machine.Machine, module []byte, name string) Guest {
+	g := Guest{Module: module, Name: name}
+	for fd, addr := range m.Info().Listeners {
+		g.Listen = append(g.Listen, wire.Listener{Fd: fd, Addr: addr})
+	}
+	slices.SortFunc(g.Listen, func(a, b wire.Listener) int { return cmp.Compare(a.Fd, b.Fd) })
+	for _, pre := range m.Devices().Capture().Preopens {
+		g.Preopens = append(g.Preopens, pre.GuestPath)
+	}
+	return g
+}
+
+// Start brings replication up before the machine exists: the driver loop
+// runs, and the session with the backup comes up (the backup creates the
+// VM's slot: about 3 ms here) while the caller builds the machine (about
+// 9 ms: its compiled code loaded, the host modules compiled), which it
+// then hands to Run. A checkpoint the engine asks for meanwhile is taken
+// once Run has the machine. Start is optional (Run starts what it has
+// not); a second call does nothing. ctx bounds the driver, as Run's does.
+func (p *Primary) Start(ctx context.Context, g Guest) {
+	p.startOnce.Do(func() {
+		ctx, cancel := context.WithCancel(ctx)
+		p.cancel = cancel
+		eng, err := engine.NewPrimary(p.cfg.Engine, p.now())
+		if err != nil { // NewPrimary validated the config
+			p.loopErr = err
+			cancel()
+			close(p.loopDone)
+			return
+		}
+		p.eng = eng
+		p.guest = g
+		p.hello = wire.Hello{Version: wire.Version, VM: p.cfg.VM, Term: p.cfg.Term, Module: snapshot.ModuleHash(g.Module),
+			Name: g.Name, Timeout: p.cfg.Engine.Timeout, Listen: g.Listen, Preopens: g.Preopens}
+		p.hello.Host, _ = os.Hostname()
+		go warmDeviceJSON() // while the session comes up
+		go func() {
+			defer close(p.loopDone)
+			defer cancel()
+			p.loop(ctx)
+		}()
+	})
+}
+
 // Run drives replication for m until ctx ends or the VM does (the caller
-// runs m.Run; Run returns when told by Close). name and module describe
-// the guest for the backup.
+// runs m.Run; Run returns when told by Close). module and name describe
+// the guest for the backup, unless Start did already.
 func (p *Primary) Run(ctx context.Context, m *machine.Machine, module []byte, name string) error {
-	p.machine.Store(m)
-	go warmDeviceJSON() // while the session comes up
+	p.Start(ctx, GuestOf(m, module, name))
+	stop := context.AfterFunc(ctx, p.cancel)
+	defer stop()
 	// A heap that grows is staged whole at the next checkpoint: fault the
 	// staging memory in now, while the guest runs, not in that pause.
 	m.OnMemoryGrow(func(oldBytes, newBytes uint64) {
@@ -272,34 +347,32 @@ func (p *Primary) Run(ctx context.Context, m *machine.Machine, module []byte, na
 	defer m.OnMemoryGrow(nil)
 	m.OnPaused(p.paused)
 	defer m.OnPaused(nil)
-	eng, err := engine.NewPrimary(p.cfg.Engine, p.now())
-	if err != nil {
-		return err
-	}
-	p.eng = eng
-	info := m.Info()
-	p.hello = wire.Hello{Version: wire.Version, VM: p.cfg.VM, Term: p.cfg.Term, Module: snapshot.ModuleHash(module),
-		Name: name, Timeout: p.cfg.Engine.Timeout}
-	p.hello.Host, _ = os.Hostname()
-	for fd, addr := range info.Listeners {
-		p.hello.Listen = append(p.hello.Listen, wire.Listener{Fd: fd, Addr: addr})
-	}
-	for _, pre := range m.Devices().Capture().Preopens {
-		p.hello.Preopens = append(p.hello.Preopens, pre.GuestPath)
-	}
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
+	p.machine.Store(m)
+	p.refillStagers() // buffers ready before the first pause
+	close(p.attached)
+	<-p.loopDone
+	return p.loopErr
+}
+
+// loop is the driver: it feeds the engine events and carries out its
+// Ready (Start's goroutine).
+func (p *Primary) loop(ctx context.Context) {
 	defer close(p.stop)
 	defer p.gate.close()
 	go p.releaser(ctx)
-	p.refillStagers() // buffers ready before the first pause
-	go p.dialer(ctx, module, name)
+	go p.dialer(ctx, p.guest.Module, p.guest.Name)
 
+	attached := p.attached // nil once Run has the machine
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
 	for {
+		if attached == nil && p.pendingTake != nil {
+			req := *p.pendingTake
+			p.pendingTake = nil
+			p.take(req, p.guest.Module, p.guest.Name)
+		}
 		rd := p.eng.Ready()
-		p.do(ctx, rd, module, name)
+		p.do(ctx, rd, p.guest.Module, p.guest.Name)
 		p.eng.Advance()
 		p.publish()
 		if rd.Wake != engine.Never {
@@ -314,8 +387,10 @@ func (p *Primary) Run(ctx context.Context, m *machine.Machine, module []byte, na
 			// them must count before the timeout is checked.
 			p.stepQueued()
 			p.step(engine.Tick{Now: p.now()})
+		case <-attached:
+			attached = nil
 		case <-ctx.Done():
-			return nil
+			return
 		}
 	}
 }
@@ -391,7 +466,12 @@ func (p *Primary) do(ctx context.Context, rd engine.PrimaryReady, module []byte,
 		p.wakeReleaser()
 	}
 	if req := rd.TakeCheckpoint; req != nil {
-		p.take(*req, module, name)
+		if p.machine.Load() == nil {
+			// Started before the machine (Start): taken once Run has it.
+			p.pendingTake = req
+		} else {
+			p.take(*req, module, name)
+		}
 	}
 }
 

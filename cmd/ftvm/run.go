@@ -18,6 +18,7 @@ import (
 	"github.com/ftvm/ftvm/api"
 	"github.com/ftvm/ftvm/machine"
 	"github.com/ftvm/ftvm/remus"
+	"github.com/ftvm/ftvm/remus/wire"
 	"github.com/ftvm/ftvm/wasi"
 )
 
@@ -121,6 +122,24 @@ func parseListen(specs []string) ([]wasi.Listener, error) {
 	return out, nil
 }
 
+// guestPaths are the preopens' guest paths, in order.
+func guestPaths(dirs []wasi.Preopen) []string {
+	var out []string
+	for _, d := range dirs {
+		out = append(out, d.GuestPath)
+	}
+	return out
+}
+
+// askedListeners are the listeners as --listen asks for them.
+func askedListeners(ls []wasi.Listener) []wire.Listener {
+	var out []wire.Listener
+	for _, l := range ls {
+		out = append(out, wire.Listener{Fd: l.Fd, Addr: l.Addr})
+	}
+	return out
+}
+
 func splitHostPort(addr string) (string, string, error) {
 	i := strings.LastIndex(addr, ":")
 	if i < 0 {
@@ -194,6 +213,13 @@ func run(ctx context.Context, f runFlags, args []string) error {
 		cfg.Gate, cfg.OnIdle = primary.Gate(), primary.OnIdle
 	}
 	ctx, sig := withSignals(ctx)
+	if primary != nil {
+		// The session with the backup comes up while the machine is
+		// built (its compiled code loaded, host modules compiled).
+		rctx, stopRepl := context.WithCancel(ctx)
+		defer stopRepl()
+		primary.Start(rctx, remus.Guest{Module: module, Name: path, Preopens: guestPaths(dirs), Listen: askedListeners(listen)})
+	}
 	m, err := machine.New(ctx, cfg)
 	if err != nil {
 		return setupError(err)
