@@ -1,0 +1,5 @@
+//go:build !race
+
+package remus
+
+const raceEnabled = false
