@@ -205,6 +205,16 @@ func rootsMismatch(vm string, have, want int) error {
 var testStoreFS atomic.Pointer[store.FS]
 
 // storeFS is testStoreFS's file system, nil (the real one) if unset.
+// storeOptions are a slot's store's: its encoding goroutines at the
+// persister's priority, unless a failover hurried it (hurried).
+func storeOptions(roots int, hurried *atomic.Bool) store.Options {
+	return store.Options{Roots: roots, FS: storeFS(), EncodeWorkerInit: func() {
+		if !hurried.Load() {
+			niceThread(persistNice)
+		}
+	}}
+}
+
 func storeFS() store.FS {
 	if f := testStoreFS.Load(); f != nil {
 		return *f
@@ -229,7 +239,8 @@ func (b *Backup) slot(ctx context.Context, vm string, roots int) (*slot, error) 
 	if err != nil {
 		return nil, err
 	}
-	st, err := store.Open(filepath.Join(b.cfg.StateDir, "slots", vm), store.Options{Roots: roots, FS: storeFS()})
+	hurried := new(atomic.Bool)
+	st, err := store.Open(filepath.Join(b.cfg.StateDir, "slots", vm), storeOptions(roots, hurried))
 	if err != nil {
 		return nil, fmt.Errorf("slot state: %w", err)
 	}
@@ -244,7 +255,7 @@ func (b *Backup) slot(ctx context.Context, vm string, roots int) (*slot, error) 
 		st.Close()
 		return nil, err
 	}
-	s := &slot{b: b, vm: vm, eng: eng, store: st, mi: mi, roots: roots, dir: filepath.Join(b.cfg.StateDir, "slots", vm), events: make(chan any, 64),
+	s := &slot{b: b, vm: vm, eng: eng, store: st, mi: mi, hurried: hurried, roots: roots, dir: filepath.Join(b.cfg.StateDir, "slots", vm), events: make(chan any, 64),
 		conns: map[uint64]*transport.Conn{}, hellos: map[uint64]*wire.Hello{}, staged: map[engine.Staged]*staged{}, heard: map[uint64][]engine.Time{},
 		persistQ: newPersistQueue(), log: b.log.With("vm", vm)}
 	s.img = &snapshot.Image{Resize: mi.Resize}
@@ -382,9 +393,12 @@ type slot struct {
 	// lowered); a failover, which waits for its commit, raises it again
 	// (where the process may).
 	persistTid int
-	vmRun      *machine.Machine
-	persSeq    uint64
-	bytesIn    uint64
+	// hurried is set once a failover hurried the persister: its store's
+	// encoding goroutines then keep their priority (storeOptions).
+	hurried *atomic.Bool
+	vmRun   *machine.Machine
+	persSeq uint64
+	bytesIn uint64
 	// diskBehind: storing a checkpoint failed; until a full one is
 	// stored, the replica of the guest's files is older than the image.
 	diskBehind bool
@@ -1503,6 +1517,7 @@ const prepareNice = 10
 // persister's, whose last commit it drains, and the one preparing the
 // program, if it still is.
 func (s *slot) hurry() {
+	s.hurried.Store(true)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	// Each thread clears its id under s.mu before it ends, so an id here
@@ -1939,7 +1954,7 @@ func (s *slot) stored(err error, what string, seq uint64) bool {
 		s.log.Error("the slot's state directory failed; reopening it", "what", what, "err", err)
 		s.persistFailed()
 		s.store.Close()
-		st, oerr := store.Open(s.dir, store.Options{Roots: s.roots, FS: storeFS()})
+		st, oerr := store.Open(s.dir, storeOptions(s.roots, s.hurried))
 		if oerr != nil {
 			s.log.Error("reopening the slot failed; nothing more is stored", "err", oerr)
 			return false

@@ -4,7 +4,10 @@ import (
 	"bytes"
 	"math/rand/v2"
 	"runtime"
+	"sync/atomic"
 	"testing"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/ftvm/ftvm/snapshot"
 )
@@ -85,5 +88,31 @@ func TestMergeReusesItsBuffer(t *testing.T) {
 		if a.Pages[i].Index != b.Pages[i].Index || !bytes.Equal(a.Pages[i].Data, b.Pages[i].Data) {
 			t.Fatalf("page %d differs between the merges", i)
 		}
+	}
+}
+
+// TestStoreEncodesAtThePersistersPriority: the goroutines that compress
+// what a slot's store encodes (a compaction's base, records re-encoded
+// onto it) run at the persister's niceness, not at the guests' (the store
+// compressed on normal-priority threads beside the niced persister);
+// once a failover hurried the persister, at its priority again.
+func TestStoreEncodesAtThePersistersPriority(t *testing.T) {
+	hurried := new(atomic.Bool)
+	opts := storeOptions(0, hurried)
+	nice := func() int {
+		got := make(chan int)
+		go func() { // its thread, if locked, ends with it
+			opts.EncodeWorkerInit()
+			n, _ := threadPriority(t, unix.Gettid())
+			got <- n
+		}()
+		return <-got
+	}
+	if n := nice(); n != persistNice {
+		t.Errorf("the store's encoding goroutine runs at nice %d, want the persister's %d", n, persistNice)
+	}
+	hurried.Store(true)
+	if n := nice(); n != 0 {
+		t.Errorf("after a failover hurried the persister, the store's encoding goroutine runs at nice %d, want 0", n)
 	}
 }

@@ -34,6 +34,13 @@ type Options struct {
 	// MaxFileSize bounds every offset and size an op may reach (0:
 	// DefaultMaxFileSize).
 	MaxFileSize int64
+	// EncodeWorkerInit runs first on each goroutine that compresses a
+	// snapshot the slot encodes (a compaction's base, a record re-encoded
+	// after one) in parallel (snapshot.Options.WorkerInit): a backup whose
+	// persister runs at a low priority lowers theirs too, or its commits
+	// would take normal-priority threads from the guests it shares cores
+	// with.
+	EncodeWorkerInit func()
 
 	// Test hooks: see disk.
 	diskHook   func(op string) error
@@ -731,7 +738,7 @@ func (s *Slot) commitIncremental(seq uint64, snap []byte, decoded *snapshot.Snap
 		re := *sn // the caller's is not ours to change
 		re.Parent = s.localTip
 		var buf bytes.Buffer
-		if err := re.Encode(&buf); err != nil {
+		if err := re.EncodeOptions(&buf, s.encodeOptions()); err != nil {
 			return fmt.Errorf("store: re-encoding checkpoint %d: %w", seq, err)
 		}
 		data, local = buf.Bytes(), re.ID
@@ -950,7 +957,8 @@ func (s *Slot) compact(img *snapshot.Image) error {
 	meta.Reason = fmt.Sprintf("remus compaction at %d", img.Seq)
 	sn := img.Snapshot(meta)
 	name := baseName(img.Seq, s.c.Gen)
-	if err := s.writeFiles(journalFile{name: name, write: sn.Encode}); err != nil {
+	write := func(w io.Writer) error { return sn.EncodeOptions(w, s.encodeOptions()) }
+	if err := s.writeFiles(journalFile{name: name, write: write}); err != nil {
 		return err // nothing names it yet
 	}
 	c := *s.c
@@ -961,6 +969,11 @@ func (s *Slot) compact(img *snapshot.Image) error {
 	s.recs, s.recBytes, s.localTip = nil, 0, sn.ID
 	s.cleanup()
 	return nil
+}
+
+// encodeOptions are the options of the snapshots the slot encodes.
+func (s *Slot) encodeOptions() snapshot.Options {
+	return snapshot.Options{WorkerInit: s.opts.EncodeWorkerInit}
 }
 
 // Close releases the slot. It writes nothing: everything committed is
