@@ -1851,7 +1851,10 @@ func (s *slot) persistCheckpoints(jobs []persistJob, storeSeq *uint64, tip *snap
 		s.persistFailed()
 		return false, false
 	}
-	raw, merged, err := mergeIncrementals(&s.mergeBuf, jobs, *storeSeq+1, *tip)
+	// Merged records are encoded onto the slot's own files (Tip), which
+	// after a compaction have IDs of their own: encoded onto the last
+	// record as this persister named it, they were encoded again there.
+	raw, merged, err := mergeIncrementals(&s.mergeBuf, jobs, *storeSeq+1, s.store.Tip())
 	ops := jobOps(jobs)
 	if err != nil {
 		s.log.Error("merging checkpoints for the disk failed", "err", err)

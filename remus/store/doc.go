@@ -130,11 +130,13 @@
 // # Compaction
 //
 // Compact writes the image of the committed checkpoint as a new full base
-// and drops the records. That base has its own snapshot ID, so later
-// records are re-encoded with it as parent (same pages, same nonce): the
-// chain on disk always restores with snapshot.Restore, and the slot keeps
-// the primary's ID of its tip (COMMIT, ops files) to check incoming
-// incrementals against.
+// and drops the records. That base has its own snapshot ID, so a later
+// record that names the primary's ID of its parent is re-encoded with the
+// slot's as parent (same pages, same nonce): the chain on disk always
+// restores with snapshot.Restore, and the slot keeps the primary's ID of
+// its tip (COMMIT, ops files) to check incoming incrementals against. A
+// record encoded onto the slot's own tip (Tip: the backup's merges of
+// several checkpoints) is stored as it comes.
 //
 // # What is not replicated exactly
 //

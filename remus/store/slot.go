@@ -721,7 +721,10 @@ func (s *Slot) commitIncremental(seq uint64, snap []byte, decoded *snapshot.Snap
 		return fmt.Errorf("store: %w: %w: checkpoint %d is of module %s, the slot of %s", ErrInvalid,
 			snapshot.ErrModuleMismatch, seq, sn.Module.Short(), s.c.Module.Short())
 	}
-	if sn.Kind != snapshot.Incremental || sn.Seq != seq || sn.Parent != s.peerTip {
+	// Its parent names the committed checkpoint as the primary does, or
+	// as the slot's files do (Tip: a record its caller merged and encoded
+	// onto them, which needs no re-encoding).
+	if sn.Kind != snapshot.Incremental || sn.Seq != seq || (sn.Parent != s.peerTip && sn.Parent != s.localTip) {
 		return fmt.Errorf("store: %w: %w: a %s snapshot at seq %d after %s, for checkpoint %d after %s", ErrInvalid,
 			snapshot.ErrChain, sn.Kind, sn.Seq, sn.Parent.Short(), seq, s.peerTip.Short())
 	}
@@ -732,7 +735,7 @@ func (s *Slot) commitIncremental(seq uint64, snap []byte, decoded *snapshot.Snap
 	defer ap.close()
 	peer, local := sn.ID, sn.ID
 	data := snap
-	if s.localTip != s.peerTip {
+	if sn.Parent != s.localTip {
 		// After a compaction the chain's files have their own IDs: the
 		// record is re-encoded to follow them (same content and nonce).
 		re := *sn // the caller's is not ours to change
@@ -889,6 +892,18 @@ func (s *Slot) image() (*snapshot.Image, error) {
 		}
 	}
 	return img, nil
+}
+
+// Tip is the ID of the committed checkpoint as the slot's files name it:
+// an incremental checkpoint whose parent it is is stored as it comes,
+// while one naming the primary's ID of the committed checkpoint is
+// re-encoded onto it after a compaction (which gives the chain's files
+// their own IDs). A caller that encodes records itself (a Remus backup
+// merging checkpoints) encodes them onto Tip, once.
+func (s *Slot) Tip() snapshot.Hash {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.localTip
 }
 
 // Roots is the number of preopened directories the slot keeps a replica
