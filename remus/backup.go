@@ -1925,8 +1925,12 @@ func mergeIncrementals(buf *bytes.Buffer, jobs []persistJob, seq uint64, parent 
 		*buf = bytes.Buffer{} // a burst's: not kept for ever
 	}
 	buf.Reset()
-	// At most the pages uncompressed, with their frames, and the state.
-	buf.Grow(len(m.Pages)*(snapshot.PageSize+8) + len(m.Stack) + len(m.Devices) + 64<<10)
+	// At most the pages uncompressed, with their frames, and the state;
+	// in huge pages: a heap's growth (8 MB) faulted into 4 KiB pages cost
+	// the backup about 30 ms of CPU here.
+	if need := len(m.Pages)*(snapshot.PageSize+8) + len(m.Stack) + len(m.Devices) + 64<<10; buf.Cap() < need {
+		*buf = *bytes.NewBuffer(snapshot.HugeBuffer(need)[:0])
+	}
 	if err := m.EncodeOptions(buf, snapshot.Options{Workers: 1}); err != nil {
 		return nil, nil, err
 	}

@@ -6,6 +6,7 @@ import (
 	"runtime"
 	"sync/atomic"
 	"testing"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -114,5 +115,20 @@ func TestStoreEncodesAtThePersistersPriority(t *testing.T) {
 	hurried.Store(true)
 	if n := nice(); n != 0 {
 		t.Errorf("after a failover hurried the persister, the store's encoding goroutine runs at nice %d, want 0", n)
+	}
+}
+
+// TestMergeBufferInHugePages: a merge of a heap's growth (here 1,200
+// pages) encodes into a buffer of whole 2 MiB-aligned huge pages
+// (snapshot.HugeBuffer): faulted in 4 KiB at a time, the first merge's
+// buffer cost the backup about 30 ms of CPU per 8 MB on this project's VM.
+func TestMergeBufferInHugePages(t *testing.T) {
+	var buf bytes.Buffer
+	raw, _, err := mergeIncrementals(&buf, mergeJobs(600, 9), 3, snapshot.Hash{2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if addr := uintptr(unsafe.Pointer(&raw[0])); addr%(2<<20) != 0 {
+		t.Fatalf("the merge's %d bytes are encoded at %#x, not at the start of a huge page", len(raw), addr)
 	}
 }

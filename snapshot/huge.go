@@ -23,6 +23,11 @@ func hugeAlloc(n int) []byte {
 	return b
 }
 
+// HugeBuffer returns n bytes in transparent huge pages where the kernel
+// grants them (n of a huge page or more), not faulted in: for a large
+// buffer its user fills at once (hugeBuf).
+func HugeBuffer(n int) []byte { return hugeBuf(n) }
+
 // hugeBuf is hugeAlloc without the faulting in, for a caller that fills
 // the memory on another goroutine (populate there, or let the writes fault
 // it in).
