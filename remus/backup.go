@@ -1796,6 +1796,10 @@ func (s *slot) persistBatch(jobs []persistJob, storeSeq *uint64, tip *snapshot.H
 // before it (stored: every checkpoint of the session up to the exit is
 // stored; a disk behind would take the ops onto older files).
 func (s *slot) persistExit(j persistJob, stored bool) {
+	// The run is over: no merge follows until a new one's full
+	// checkpoint, and the slot stays (exited) for as long as the backup
+	// runs.
+	s.mergeBuf = bytes.Buffer{}
 	s.mu.Lock()
 	behind := s.diskBehind
 	s.mu.Unlock()

@@ -307,35 +307,40 @@ func GuestOf(m *machine.Machine, module []byte, name string) Guest {
 // once Run has the machine. Start is optional (Run starts what it has
 // not); a second call does nothing. ctx bounds the driver, as Run's does.
 func (p *Primary) Start(ctx context.Context, g Guest) {
-	p.startOnce.Do(func() {
-		ctx, cancel := context.WithCancel(ctx)
-		p.cancel = cancel
-		eng, err := engine.NewPrimary(p.cfg.Engine, p.now())
-		if err != nil { // NewPrimary validated the config
-			p.loopErr = err
-			cancel()
-			close(p.loopDone)
-			return
-		}
-		p.eng = eng
-		p.guest = g
-		p.hello = wire.Hello{Version: wire.Version, VM: p.cfg.VM, Term: p.cfg.Term, Module: snapshot.ModuleHash(g.Module),
-			Name: g.Name, Timeout: p.cfg.Engine.Timeout, Listen: g.Listen, Preopens: g.Preopens}
-		p.hello.Host, _ = os.Hostname()
-		go warmDeviceJSON() // while the session comes up
-		go func() {
-			defer close(p.loopDone)
-			defer cancel()
-			p.loop(ctx)
-		}()
-	})
+	p.startOnce.Do(func() { p.start(ctx, g) })
+}
+
+// start is Start's, once.
+func (p *Primary) start(ctx context.Context, g Guest) {
+	ctx, cancel := context.WithCancel(ctx)
+	p.cancel = cancel
+	eng, err := engine.NewPrimary(p.cfg.Engine, p.now())
+	if err != nil { // NewPrimary validated the config
+		p.loopErr = err
+		cancel()
+		close(p.loopDone)
+		return
+	}
+	p.eng = eng
+	p.guest = g
+	p.hello = wire.Hello{Version: wire.Version, VM: p.cfg.VM, Term: p.cfg.Term, Module: snapshot.ModuleHash(g.Module),
+		Name: g.Name, Timeout: p.cfg.Engine.Timeout, Listen: g.Listen, Preopens: g.Preopens}
+	p.hello.Host, _ = os.Hostname()
+	go warmDeviceJSON() // while the session comes up
+	go func() {
+		defer close(p.loopDone)
+		defer cancel()
+		p.loop(ctx)
+	}()
 }
 
 // Run drives replication for m until ctx ends or the VM does (the caller
 // runs m.Run; Run returns when told by Close). module and name describe
 // the guest for the backup, unless Start did already.
 func (p *Primary) Run(ctx context.Context, m *machine.Machine, module []byte, name string) error {
-	p.Start(ctx, GuestOf(m, module, name))
+	// Described only if Start was not called: GuestOf reads the
+	// device state, which the guest, started already, may be changing.
+	p.startOnce.Do(func() { p.start(ctx, GuestOf(m, module, name)) })
 	stop := context.AfterFunc(ctx, p.cancel)
 	defer stop()
 	// A heap that grows is staged whole at the next checkpoint: fault the
@@ -687,6 +692,15 @@ func (p *Primary) WaitSession(ctx context.Context) {
 	// average.
 	t := time.NewTimer(p.cfg.Engine.Timeout)
 	defer t.Stop()
+	// Not before Run has the machine: its hooks (memory growth for the
+	// staging, the pauses' report) must be in place before the guest
+	// starts, and since Start, protection may be given up (started
+	// closed) before Run is called.
+	select {
+	case <-p.attached:
+	case <-ctx.Done():
+		return
+	}
 	select {
 	case <-p.started:
 	case <-t.C:

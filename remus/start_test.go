@@ -49,3 +49,41 @@ func TestStartKeepsTheSessionBeforeTheMachine(t *testing.T) {
 		t.Fatalf("a checkpoint was taken without a machine: %+v", st)
 	}
 }
+
+// TestWaitSessionWaitsForRun: with the session started before the machine
+// (Start), protection can be given up (no backup within the timeout) while
+// the machine is still being built. The guest must still not start before
+// Run has the machine: Run registers the hooks its pauses and its memory's
+// growth report to, and reading the device state for the Hello (Run
+// without Start) must not race with a running guest.
+func TestWaitSessionWaitsForRun(t *testing.T) {
+	const timeout = 100 * time.Millisecond
+	p, err := NewPrimary(PrimaryConfig{Backup: "127.0.0.1:1", Engine: engine.Config{Timeout: timeout}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	p.Start(ctx, Guest{Name: "no backup"})
+	for deadline := time.Now().Add(10 * time.Second); p.Status().State != engine.Unprotected.String(); time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("protection not given up without a backup: %+v", p.Status())
+		}
+	}
+	done := make(chan struct{})
+	go func() {
+		p.WaitSession(ctx)
+		close(done)
+	}()
+	select {
+	case <-done:
+		t.Fatal("WaitSession returned before Run had the machine")
+	case <-time.After(3 * timeout):
+	}
+	close(p.attached) // what Run does once it has the machine
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("WaitSession did not return once Run had the machine")
+	}
+}
