@@ -186,6 +186,9 @@ func (b *Backup) handshake(ctx context.Context, c *transport.Conn) {
 		return
 	}
 	if why := s.refuseModule(hello.Module); why != "" {
+		b.mu.Lock()
+		s.attaching--
+		b.mu.Unlock()
 		reject(why)
 		return
 	}
@@ -204,7 +207,6 @@ func rootsMismatch(vm string, have, want int) error {
 // the disk fail (atomic, as testApplyDelay).
 var testStoreFS atomic.Pointer[store.FS]
 
-// storeFS is testStoreFS's file system, nil (the real one) if unset.
 // storeOptions are a slot's store's: its encoding goroutines at the
 // persister's priority, unless a failover hurried it (hurried).
 func storeOptions(roots int, hurried *atomic.Bool) store.Options {
@@ -215,6 +217,7 @@ func storeOptions(roots int, hurried *atomic.Bool) store.Options {
 	}}
 }
 
+// storeFS is testStoreFS's file system, nil (the real one) if unset.
 func storeFS() store.FS {
 	if f := testStoreFS.Load(); f != nil {
 		return *f
@@ -230,6 +233,7 @@ func (b *Backup) slot(ctx context.Context, vm string, roots int) (*slot, error) 
 		if s.roots != roots {
 			return nil, rootsMismatch(vm, s.roots, roots)
 		}
+		s.attaching++
 		return s, nil
 	}
 	if limit := cmp.Or(b.cfg.MaxSlots, DefaultMaxSlots); len(b.slots) >= limit {
@@ -259,6 +263,7 @@ func (b *Backup) slot(ctx context.Context, vm string, roots int) (*slot, error) 
 		conns: map[uint64]*transport.Conn{}, hellos: map[uint64]*wire.Hello{}, staged: map[engine.Staged]*staged{}, heard: map[uint64][]engine.Time{},
 		persistQ: newPersistQueue(), log: b.log.With("vm", vm)}
 	s.img = &snapshot.Image{Resize: mi.Resize}
+	s.attaching = 1
 	b.slots[vm] = s
 	b.wg.Add(1)
 	go func() {
@@ -393,6 +398,12 @@ type slot struct {
 	// lowered); a failover, which waits for its commit, raises it again
 	// (where the process may).
 	persistTid int
+	// attaching counts the handshakes given this slot (Backup.slot) whose
+	// connection the loop has not taken yet (under b.mu): a slot is let
+	// go only without any. idleSince is when the loop last found the slot
+	// idle (evictable), zero while it is not.
+	attaching int
+	idleSince time.Time
 	// hurried is set once a failover hurried the persister: its store's
 	// encoding goroutines then keep their priority (storeOptions).
 	hurried *atomic.Bool
@@ -844,6 +855,8 @@ const maxSnapshot = 4<<30 + 64<<20
 func (s *slot) loop(ctx context.Context) {
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
+	linger := time.NewTimer(time.Hour)
+	defer linger.Stop()
 	for {
 		rd := s.eng.Ready()
 		failover, failed := s.do(ctx, rd)
@@ -897,7 +910,20 @@ func (s *slot) loop(ctx context.Context) {
 		if rd.Wake != engine.Never {
 			timer.Reset(max(rd.Wake-s.b.now(), 0))
 		}
+		if s.evictable() {
+			if s.idleSince.IsZero() {
+				s.idleSince = time.Now()
+			}
+			if wait := lingerFor() - time.Since(s.idleSince); wait > 0 {
+				linger.Reset(wait)
+			} else if s.evict() {
+				return
+			}
+		} else {
+			s.idleSince = time.Time{}
+		}
 		select {
+		case <-linger.C: // evictable long enough, unless something came
 		case ev := <-s.events:
 			s.heardSince()
 			s.handle(ev)
@@ -919,8 +945,81 @@ func (s *slot) loop(ctx context.Context) {
 	}
 }
 
-// handleQueued handles every event already queued, without waiting for
-// more.
+// slotLinger is how long a slot stays idle (no session, and either
+// nothing committed or its VM exited) before the backup lets it go: its
+// memory image, store and goroutines. The slots of short runs, each with
+// a VM id of its own, otherwise stayed for as long as the backup ran, and
+// after --max-slots of them it refused every new primary.
+const slotLinger = time.Minute
+
+// testSlotLinger, if set, replaces slotLinger (tests; atomic, as
+// testApplyDelay).
+var testSlotLinger atomic.Int64
+
+func lingerFor() time.Duration {
+	if d := testSlotLinger.Load(); d > 0 {
+		return time.Duration(d)
+	}
+	return slotLinger
+}
+
+// evictable reports whether the slot is idle (loop's): no session or
+// handshake, no failover, and either nothing committed in this process
+// (the engine Idle) or its VM's exit stored, with nothing left for the
+// disk or the module's preparation.
+func (s *slot) evictable() bool {
+	if len(s.conns) > 0 || s.exiting != nil || s.exitJob != nil || !s.persistQ.idle() {
+		return false
+	}
+	switch s.eng.State() {
+	case engine.Idle:
+	case engine.Exited:
+		if _, ok := s.store.Exited(); !ok {
+			return false
+		}
+	default:
+		return false
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.vmRun != nil {
+		return false
+	}
+	if s.progDone != nil {
+		select {
+		case <-s.progDone:
+		default:
+			return false
+		}
+	}
+	return true
+}
+
+// evict lets the idle slot go (loop's; it returns true if it did, and the
+// loop ends): out of the backup's slots, closed, and its directory removed
+// if it holds no checkpoint (a primary gone before its first, or whose
+// machine failed to build after its Hello). A slot with a stored
+// checkpoint or exit keeps its directory: a primary of the VM reopens it.
+func (s *slot) evict() bool {
+	b := s.b
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if s.attaching > 0 || len(s.events) > 0 || b.slots[s.vm] != s {
+		return false // a primary is on its way in
+	}
+	delete(b.slots, s.vm)
+	_, exited := s.store.Exited()
+	empty := s.store.Committed() == 0 && !exited
+	s.close()
+	if empty {
+		if err := os.RemoveAll(s.dir); err != nil {
+			s.log.Warn("removing the empty slot's directory", "dir", s.dir, "err", err)
+		}
+	}
+	s.log.Info("slot let go: idle", "for", lingerFor(), "exited", exited, "directory_removed", empty)
+	return true
+}
+
 // heardLog records that session id's receiver read a message at now,
 // keeping one time per eighth of the timeout: the loop replays them
 // (heardSince), so that after a stretch busy for longer than the timeout
@@ -953,6 +1052,8 @@ func (s *slot) heardSince() {
 	}
 }
 
+// handleQueued handles every event already queued, without waiting for
+// more.
 func (s *slot) handleQueued() {
 	for {
 		select {
@@ -979,6 +1080,9 @@ func (s *slot) handle(ev any) {
 	case unresumableEv:
 		s.step(engine.Unresumable{Now: s.b.now(), Reason: e.reason})
 	case attachEv:
+		s.b.mu.Lock()
+		s.attaching--
+		s.b.mu.Unlock()
 		s.conns[e.session] = e.conn
 		s.hellos[e.session] = e.hello
 		s.step(engine.Hello{Now: s.b.now(), Session: e.session, VM: e.hello.VM, Term: e.hello.Term, PeerTimeout: e.hello.Timeout})
@@ -1697,6 +1801,13 @@ func (q *persistQueue) space(d time.Duration) {
 	case <-t.C:
 	case <-q.hurry:
 	}
+}
+
+// idle reports whether nothing is queued or being stored.
+func (q *persistQueue) idle() bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return len(q.jobs) == 0 && !q.busy
 }
 
 // drain waits until everything queued is on disk.
