@@ -1908,8 +1908,8 @@ func (s *slot) persistBatch(jobs []persistJob, storeSeq *uint64, tip *snapshot.H
 // stored; a disk behind would take the ops onto older files).
 func (s *slot) persistExit(j persistJob, stored bool) {
 	// The run is over: no merge follows until a new one's full
-	// checkpoint, and the slot stays (exited) for as long as the backup
-	// runs.
+	// checkpoint, which may be long in coming (the slot, exited, is let go
+	// only after a minute idle).
 	s.mergeBuf = bytes.Buffer{}
 	s.mu.Lock()
 	behind := s.diskBehind
