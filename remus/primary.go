@@ -59,7 +59,9 @@ type PrimaryConfig struct {
 }
 
 // Primary drives a protected VM: make the gate, give it to the machine's
-// Config (Gate), create the machine, then Run the driver beside m.Run.
+// Config (Gate), Start the driver (the session with the backup comes up
+// meanwhile), create the machine, then Run the driver with it beside
+// m.Run, the guest started once WaitSession returns.
 type Primary struct {
 	cfg  PrimaryConfig
 	gate *holdGate
