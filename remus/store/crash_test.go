@@ -1,6 +1,7 @@
 package store
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -19,6 +20,10 @@ type step struct {
 	snap []byte
 	tree []TreeEntry
 	ops  []FsOp
+	// ontoTip: the incremental is encoded, when committed, onto the
+	// slot's Tip (as a Remus backup's merges are) instead of naming the
+	// primary's ID of its parent.
+	ontoTip bool
 }
 
 func (s step) String() string { return fmt.Sprintf("%s %d", s.kind, s.seq) }
@@ -72,6 +77,7 @@ func scenario(t testing.TB) (steps []step, want []*snapshot.Image) {
 		opSl(0, "s2", "big"), opW(0, "s2", 200, "far"), opA(0, "big", "tail"),
 		opMk(0, "h"), opCr(0, "h/i", creat), opA(0, "h/i", "x"),
 		opA(0, "h/i", "y"))
+	steps[len(steps)-1].ontoTip = true // after a compaction: the slot's own IDs
 	add("full", 8, []TreeEntry{fileE(0, "only", "one"), dirE(0, "z"), root1},
 		opA(0, "only", "+1"), opCr(0, "z/q", creat|excl))
 	add("inc", 9, nil,
@@ -89,7 +95,20 @@ func runStep(s *Slot, st step) error {
 	case "full":
 		return s.CommitFull(st.seq, st.snap, st.tree, st.ops)
 	case "inc":
-		return s.CommitIncremental(st.seq, st.snap, st.ops)
+		snap := st.snap
+		if st.ontoTip {
+			sn, err := snapshot.DecodeBytes(snap, nil)
+			if err != nil {
+				return err
+			}
+			sn.Parent = s.Tip()
+			var b bytes.Buffer
+			if err := sn.Encode(&b); err != nil {
+				return err
+			}
+			snap = b.Bytes()
+		}
+		return s.CommitIncremental(st.seq, snap, st.ops)
 	case "exit":
 		return s.CommitExit(exitCode, st.ops)
 	}
