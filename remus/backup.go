@@ -918,6 +918,10 @@ func (s *slot) loop(ctx context.Context) {
 				linger.Reset(wait)
 			} else if s.evict() {
 				return
+			} else {
+				// A handshake holds it: attached, the loop hears of
+				// it; refused, it does not, so look again.
+				linger.Reset(min(time.Second, lingerFor()))
 			}
 		} else {
 			s.idleSince = time.Time{}

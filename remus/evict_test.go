@@ -89,3 +89,43 @@ func TestBackupLetsIdleSlotsGo(t *testing.T) {
 		t.Fatalf("%d slots with two primaries connected, want 2: a slot in use was let go", n)
 	}
 }
+
+// TestIdleSlotOutlivesARefusedHandshake: a handshake given an idle slot
+// keeps it (it may attach), and one refused afterwards (its module
+// unpreparable, say) leaves the slot to go after all, though the loop
+// hears nothing of the refusal.
+func TestIdleSlotOutlivesARefusedHandshake(t *testing.T) {
+	const linger = 100 * time.Millisecond
+	testSlotLinger.Store(int64(linger))
+	t.Cleanup(func() { testSlotLinger.Store(0) })
+	b := serveBackup(t, time.Hour)
+	_, hash := fakeModule()
+	f := dialBackupHello(t, b.Addr().String(), &wire.Hello{Version: wire.Version, VM: "vm1", Term: 1, Module: hash, Name: "fake"})
+	b.mu.Lock()
+	s := b.slots["vm1"]
+	b.mu.Unlock()
+	// A second handshake is under way while the first primary leaves.
+	b.mu.Lock()
+	s.attaching++
+	b.mu.Unlock()
+	f.c.Close()
+	time.Sleep(5 * linger)
+	b.mu.Lock()
+	_, held := b.slots["vm1"]
+	s.attaching-- // refused: handshake's way out, no event for the loop
+	b.mu.Unlock()
+	if !held {
+		t.Fatal("a slot a handshake was given was let go")
+	}
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		b.mu.Lock()
+		_, held = b.slots["vm1"]
+		b.mu.Unlock()
+		if !held {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the idle slot was kept after the refused handshake")
+		}
+	}
+}
