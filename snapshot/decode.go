@@ -514,7 +514,7 @@ func (d *decoder) pageBatch(f frame, b []byte) error {
 		}
 		data = data[:len(data):len(data)]
 	} else {
-		data = hugeBuf(n * PageSize)
+		data = HugeBuffer(n * PageSize)
 	}
 	// Sparse deltas into memory that may hold anything are kept as their
 	// runs, checked here, for Resolve to apply onto the base.

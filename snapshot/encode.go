@@ -300,7 +300,7 @@ func hasBase(pages []Page) bool {
 var bufPool sync.Pool // *[]byte, for batch raw and compressed data
 
 // getBuf returns a pooled buffer of n bytes, or a new one in transparent
-// huge pages (hugeBuf) where n is a huge page or more: the pool is emptied
+// huge pages (HugeBuffer) where n is a huge page or more: the pool is emptied
 // at garbage collections, so a guest's few large checkpoints (a heap's
 // growth) fill fresh buffers, and in 4 KiB pages that cost the encoder a
 // fault per page (2,100 faults of a 0.6 s CPU-bound Go guest's run).
@@ -308,7 +308,7 @@ func getBuf(n int) []byte {
 	if p, ok := bufPool.Get().(*[]byte); ok && cap(*p) >= n {
 		return (*p)[:n]
 	}
-	return hugeBuf(n)
+	return HugeBuffer(n)
 }
 
 func putBuf(b []byte) { bufPool.Put(&b) }

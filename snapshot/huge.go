@@ -6,32 +6,18 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// hugeAlloc returns n bytes faulted in for writing, in transparent huge
-// pages where the kernel grants them (THP in "madvise" mode, as on
-// Debian). On a VM with shadow paging a fresh 4 KiB page costs 7–14 µs to
-// fault in, populated or touched, while a 2 MiB page costs about 0.25 µs
-// per 4 KiB of it (measured on this project's machine, 64 MiB each way):
-// staging a heap's growth, or decoding it on a backup, is dominated by
-// those faults otherwise. The memory is an ordinary Go allocation, aligned
-// inside a larger one and marked MADV_HUGEPAGE, so the garbage collector
-// still owns it; memory the heap reuses is resident already and is not
-// faulted at all. Below hugeMin, or where the kernel declines huge pages,
-// it is populated in small pages (populate), as before.
-func hugeAlloc(n int) []byte {
-	b := hugeBuf(n)
-	populate(b)
-	return b
-}
-
 // HugeBuffer returns n bytes in transparent huge pages where the kernel
-// grants them (n of a huge page or more), not faulted in: for a large
-// buffer its user fills at once (hugeBuf).
-func HugeBuffer(n int) []byte { return hugeBuf(n) }
-
-// hugeBuf is hugeAlloc without the faulting in, for a caller that fills
-// the memory on another goroutine (populate there, or let the writes fault
-// it in).
-func hugeBuf(n int) []byte {
+// grants them (THP in "madvise" mode, as on Debian), not faulted in: its
+// caller populates them (populate) or lets its writes fault them in. On a
+// VM with shadow paging a fresh 4 KiB page costs 7–14 µs to fault in,
+// populated or touched, while a 2 MiB page costs about 0.25 µs per 4 KiB of
+// it (measured on this project's machine, 64 MiB each way): staging a
+// heap's growth, or decoding it on a backup, is dominated by those faults
+// otherwise. The memory is an ordinary Go allocation, aligned inside a
+// larger one and marked MADV_HUGEPAGE, so the garbage collector still owns
+// it; memory the heap reuses is resident already and is not faulted at
+// all. Below hugeMin it is an ordinary slice.
+func HugeBuffer(n int) []byte {
 	if n < hugeMin {
 		return make([]byte, n)
 	}
@@ -46,5 +32,5 @@ func hugeBuf(n int) []byte {
 // pages).
 const hugeSize = 2 << 20
 
-// hugeMin is the least hugeAlloc puts in huge pages: one whole huge page.
+// hugeMin is the least HugeBuffer puts in huge pages: one whole huge page.
 const hugeMin = hugeSize

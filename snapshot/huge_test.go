@@ -9,16 +9,16 @@ import (
 	"github.com/ftvm/ftvm/internal/procmaps"
 )
 
-// TestHugeAllocIsEligibleForHugePages: staging chunks and large decoded
+// TestHugeBufferIsEligibleForHugePages: staging chunks and large decoded
 // batches are whole 2 MiB-aligned huge pages of a mapping the kernel may
 // back with transparent huge pages (where THP is not off), and exactly as
 // long as asked.
-func TestHugeAllocIsEligibleForHugePages(t *testing.T) {
+func TestHugeBufferIsEligibleForHugePages(t *testing.T) {
 	mode, err := os.ReadFile("/sys/kernel/mm/transparent_hugepage/enabled")
 	if err != nil || strings.Contains(string(mode), "[never]") {
 		t.Skip("transparent huge pages are off here")
 	}
-	b := hugeAlloc(stageChunkBytes)
+	b := new(StagePool).newChunk(stageChunkBytes, false).b
 	if len(b) != stageChunkBytes || cap(b) != stageChunkBytes {
 		t.Fatalf("len %d cap %d, want %d", len(b), cap(b), stageChunkBytes)
 	}
@@ -29,7 +29,7 @@ func TestHugeAllocIsEligibleForHugePages(t *testing.T) {
 	if !thpEligible(t, addr) {
 		t.Fatalf("the mapping holding the chunk at %#x is not THP-eligible", addr)
 	}
-	if small := hugeAlloc(PageSize * 16); len(small) != PageSize*16 {
+	if small := HugeBuffer(PageSize * 16); len(small) != PageSize*16 {
 		t.Fatalf("a small buffer has %d bytes", len(small))
 	}
 }

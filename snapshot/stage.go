@@ -249,12 +249,12 @@ func (sp *StagePool) get() stageChunk {
 // project's VM a 4 KiB page first touched by a copy costs about 13 µs, one
 // populated first about 7.5 µs (the hypervisor's shadow page table filling
 // on first access), so the chunk is made of transparent huge pages where
-// the kernel grants them (hugeBuf): 1–2.4 ms a chunk instead of 8.5–10,
+// the kernel grants them (HugeBuffer): 1–2.4 ms a chunk instead of 8.5–10,
 // and a pause copying a heap's growth into it (2,000 pages) took 1 ms
 // instead of 7.
 func (sp *StagePool) newChunk(ready int, touch bool) stageChunk {
 	sp.made.Add(1)
-	c := stageChunk{b: hugeBuf(stageChunkBytes)}
+	c := stageChunk{b: HugeBuffer(stageChunkBytes)}
 	sp.faultIn(&c, ready, touch)
 	return c
 }
@@ -408,16 +408,10 @@ func (sp *StagePool) Dry() bool { return sp.freeChunks() == 0 }
 // (get) and in Refill.
 func (sp *StagePool) Made() int { return int(sp.made.Load()) }
 
-// want is how many chunks Refill keeps free.
-func (sp *StagePool) want() int {
-	sp.mu.Lock()
-	defer sp.mu.Unlock()
-	return sp.wantLocked()
-}
-
-// wantLocked is want, called with sp.mu held: never more than two
-// stagings of the whole memory fill, once its size is known (a 128 KiB
-// guest was kept 3 chunks, where a staging fills at most 32 pages of one).
+// wantLocked is how many chunks Refill keeps free, called with sp.mu
+// held: never more than two stagings of the whole memory fill, once its
+// size is known (a 128 KiB guest was kept 3 chunks, where a staging fills
+// at most 32 pages of one).
 func (sp *StagePool) wantLocked() int {
 	steady := max(2, 2*((sp.high+stageChunkPages-1)/stageChunkPages))
 	w := min(steady+(sp.growth+stageChunkPages-1)/stageChunkPages, sp.maxFree())

@@ -114,3 +114,10 @@ func TestStagePoolChunkKeepsReadyLength(t *testing.T) {
 		}
 	}
 }
+
+// want is how many chunks Refill keeps free (wantLocked, for tests).
+func (sp *StagePool) want() int {
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	return sp.wantLocked()
+}
