@@ -467,6 +467,18 @@ func TestWriteErrors(t *testing.T) {
 		if s.Committed() != 1 {
 			t.Fatal("committed")
 		}
+		// A failed write leaves no temporary file: on a full disk it
+		// held the space the next try needs, for as long as the slot
+		// stayed open.
+		names, err := m.ReadDir(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, n := range names {
+			if strings.HasSuffix(n, tmpSuffix) {
+				t.Fatalf("failing %q left %s", op, n)
+			}
+		}
 	}
 	if err := runStep(s, steps[1]); err != nil {
 		t.Fatalf("retry: %v", err)

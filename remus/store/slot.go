@@ -448,15 +448,19 @@ func (s *Slot) fail(err error) error {
 
 // writeFiles writes each file under its temporary name and fsyncs it, then
 // renames them all and fsyncs the directory: each name holds its old
-// content or all of its new content, whatever crashes when.
+// content or all of its new content, whatever crashes when. A failure
+// removes the temporary files it leaves: on a full disk they would hold
+// the space the next try needs, and only the slot's next Open removed them.
 func (s *Slot) writeFiles(files ...journalFile) error {
-	for _, f := range files {
+	for i, f := range files {
 		if err := s.writeTemp(f); err != nil {
+			s.removeTemps(files[:i])
 			return err
 		}
 	}
-	for _, f := range files {
+	for i, f := range files {
 		if err := s.fs.Rename(s.path(tmpName(f.name)), s.path(f.name)); err != nil {
+			s.removeTemps(files[i:])
 			return fmt.Errorf("store: %w", err)
 		}
 	}
@@ -472,15 +476,27 @@ type journalFile struct {
 	write func(io.Writer) error // instead of data
 }
 
+// removeTemps removes the temporary files of files, best effort (what
+// stays is removed at the next Open).
+func (s *Slot) removeTemps(files []journalFile) {
+	for _, f := range files {
+		s.fs.Remove(s.path(tmpName(f.name)))
+	}
+}
+
+// writeTemp writes jf under its temporary name and fsyncs it; on failure
+// the temporary file is gone.
 func (s *Slot) writeTemp(jf journalFile) (err error) {
 	tmp := s.path(tmpName(jf.name))
 	f, err := s.fs.Create(tmp)
 	if err != nil {
+		s.fs.Remove(tmp) // a create that failed half-way may leave it
 		return fmt.Errorf("store: %w", err)
 	}
 	defer func() {
 		if err != nil {
 			f.Close()
+			s.fs.Remove(tmp)
 		}
 	}()
 	if jf.write != nil {
