@@ -345,6 +345,12 @@ type SlotStatus struct {
 	// StoodStill counts the times the slot's loop stood still for most
 	// of the timeout (engine StoodStill) while it protected.
 	StoodStill uint64 `json:"stood_still"`
+	// DiskBehind: storing a checkpoint failed, and no full one was stored
+	// since. The slot acknowledges nothing meanwhile (its failover would
+	// be refused), so its primary holds its output, then, once a full
+	// checkpoint fails too, runs unprotected. DiskError says why.
+	DiskBehind bool   `json:"disk_behind"`
+	DiskError  string `json:"disk_error,omitempty"`
 }
 
 // slot is the backup side of one protected VM. Its loop goroutine owns
@@ -413,6 +419,13 @@ type slot struct {
 	// diskBehind: storing a checkpoint failed; until a full one is
 	// stored, the replica of the guest's files is older than the image.
 	diskBehind bool
+	// diskErr is why storing last failed, diskFailed when; diskWait is
+	// how long after a full checkpoint failed to store the slot refuses
+	// primaries (refusal): diskRetryFirst, doubled by each such failure
+	// up to diskRetryMax, 0 again once a full checkpoint is stored.
+	diskErr    error
+	diskFailed time.Time
+	diskWait   time.Duration
 	closed     bool
 }
 
@@ -452,9 +465,13 @@ type (
 		conn    *transport.Conn
 		hello   *wire.Hello
 	}
-	// unresumableEv: the module could not be prepared for failover.
+	// unresumableEv: the module could not be prepared for failover, or
+	// a full checkpoint could not be stored.
 	unresumableEv struct{ reason string }
-	exitEv        struct {
+	// diskCaughtUpEv: a full checkpoint was stored after storing had
+	// failed: the acknowledgements withheld meanwhile may go.
+	diskCaughtUpEv struct{}
+	exitEv         struct {
 		session uint64
 		seq     uint64
 		code    uint32
@@ -1083,6 +1100,8 @@ func (s *slot) handle(ev any) {
 		s.exiting = &e
 	case unresumableEv:
 		s.step(engine.Unresumable{Now: s.b.now(), Reason: e.reason})
+	case diskCaughtUpEv:
+		s.ackWithheld()
 	case attachEv:
 		s.b.mu.Lock()
 		s.attaching--
@@ -1250,6 +1269,9 @@ func (s *slot) do(ctx context.Context, rd engine.BackupReady) (failover bool, fa
 	for _, ref := range rd.Discard {
 		delete(s.staged, ref)
 	}
+	s.mu.Lock()
+	behind := s.diskBehind
+	s.mu.Unlock()
 	for _, m := range rd.Messages {
 		c := s.conns[m.Session]
 		if c == nil {
@@ -1264,6 +1286,14 @@ func (s *slot) do(ctx context.Context, rd engine.BackupReady) (failover bool, fa
 		case engine.MsgAck:
 			if failed != nil {
 				continue // every connection is closed: none is acked
+			}
+			if behind {
+				// The disk lacks what this acknowledges, and the
+				// failover would be refused: the primary must not count
+				// on it. It hears a heartbeat instead; the ack goes
+				// once a full checkpoint is stored (ackWithheld).
+				msg = &wire.Heartbeat{Seq: s.eng.Committed()}
+				break
 			}
 			msg = &wire.Ack{Seq: m.Seq}
 		case engine.MsgHeartbeat:
@@ -1579,15 +1609,22 @@ func init() { prepareRetryAfter.Store(int64(30 * time.Second)) }
 func retryAfter() time.Duration { return time.Duration(prepareRetryAfter.Load()) }
 
 // refuseModule says why the backup refuses a primary of module, "" if it
-// does not: a backup that failed to prepare the module for failover (its
+// does not. A backup that failed to prepare the module for failover (its
 // instrumentation or compilation failed: binaryen missing on this host, a
 // module wasm-opt rejects, a full cache directory) cannot resume the VM,
-// and a primary that took it for protection would be wrong. The primary
-// then stays unprotected and says why; the backup tries again after
-// prepareRetryAfter. A preparation still under way is not a refusal.
+// nor can one whose disk could not store the VM's full checkpoint lately
+// (persistFailed), and a primary that took it for protection would be
+// wrong. The primary then stays unprotected and says why; the backup tries
+// again after prepareRetryAfter (diskWait for the disk). A preparation
+// still under way is not a refusal.
 func (s *slot) refuseModule(module snapshot.Hash) string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.diskWait > 0 && s.diskErr != nil && time.Since(s.diskFailed) < s.diskWait {
+		// persistFailed: a full checkpoint could not be stored lately.
+		return fmt.Sprintf("this backup cannot protect the VM now: storing its full checkpoint on the backup's disk "+
+			"failed (%v); it tries again %s after the failure", s.diskErr, s.diskWait)
+	}
 	if s.progHash != module || s.progErr == nil || !s.failedLately() {
 		return ""
 	}
@@ -1925,7 +1962,7 @@ func (s *slot) persistExit(j persistJob, stored bool) {
 	}
 	t0 := time.Now()
 	if err := s.store.CommitExit(j.code, toStoreOps(j.ops)); err != nil {
-		s.stored(err, "the guest's exit", j.seq)
+		s.stored(err, "the guest's exit", false)
 		return
 	}
 	s.log.Info("the guest's exit stored", "seq", j.seq, "exit_code", j.code, "last_epoch_disk_ops", len(j.ops),
@@ -1942,14 +1979,12 @@ func (s *slot) persistCheckpoints(jobs []persistJob, storeSeq *uint64, tip *snap
 		t0 := time.Now()
 		err := s.store.CommitFullDecoded(j.seq, j.raw.bytes(), j.snap, toStoreTree(j.tree), toStoreOps(j.ops))
 		s.log.Debug("full checkpoint stored", "seq", j.seq, "took", time.Since(t0), "err", err)
-		if !s.stored(err, "a full checkpoint", j.seq) {
+		if !s.stored(err, "a full checkpoint", true) {
 			return false, false
 		}
 		*storeSeq, *tip = j.seq, j.snap.ID
 		s.persisted(j.seq)
-		s.mu.Lock()
-		s.diskBehind = false
-		s.mu.Unlock()
+		s.diskCaughtUp()
 		jobs = jobs[1:]
 	}
 	if len(jobs) == 0 {
@@ -1967,7 +2002,7 @@ func (s *slot) persistCheckpoints(jobs []persistJob, storeSeq *uint64, tip *snap
 		return false, false
 	}
 	if tip.IsZero() {
-		s.persistFailed()
+		s.persistFailed(errors.New("no stored checkpoint to merge these onto"), false)
 		return false, false
 	}
 	// Merged records are encoded onto the slot's own files (Tip), which
@@ -1977,11 +2012,11 @@ func (s *slot) persistCheckpoints(jobs []persistJob, storeSeq *uint64, tip *snap
 	ops := jobOps(jobs)
 	if err != nil {
 		s.log.Error("merging checkpoints for the disk failed", "err", err)
-		s.persistFailed()
+		s.persistFailed(fmt.Errorf("merging checkpoints for the disk: %w", err), false)
 		return false, false
 	}
 	err = s.store.CommitIncrementalDecoded(*storeSeq+1, raw, merged, toStoreOps(ops))
-	if !s.stored(err, fmt.Sprintf("checkpoints %d-%d", jobs[0].first(), jobs[len(jobs)-1].seq), *storeSeq+1) {
+	if !s.stored(err, fmt.Sprintf("checkpoints %d-%d", jobs[0].first(), jobs[len(jobs)-1].seq), false) {
 		return false, false
 	}
 	*storeSeq, *tip = *storeSeq+1, merged.ID
@@ -2065,7 +2100,7 @@ const mergeBufKeep = 32 << 20
 // is only logged; a replica that diverged marks the disk behind (the memory
 // state is stored, the files are not); a broken slot is reopened (Open
 // recovers what is durable) and waits for the next full checkpoint.
-func (s *slot) stored(err error, what string, seq uint64) bool {
+func (s *slot) stored(err error, what string, full bool) bool {
 	switch {
 	case err == nil:
 		return true
@@ -2074,11 +2109,11 @@ func (s *slot) stored(err error, what string, seq uint64) bool {
 		return true
 	case errors.Is(err, store.ErrDiverged):
 		s.log.Error("the replica of the guest's files diverged; it is rebuilt at the next full checkpoint", "what", what, "err", err)
-		s.persistFailed()
+		s.persistFailed(err, false)
 		return true
 	case errors.Is(err, store.ErrBroken):
 		s.log.Error("the slot's state directory failed; reopening it", "what", what, "err", err)
-		s.persistFailed()
+		s.persistFailed(err, full)
 		s.store.Close()
 		st, oerr := store.Open(s.dir, storeOptions(s.roots, s.hurried))
 		if oerr != nil {
@@ -2092,36 +2127,105 @@ func (s *slot) stored(err error, what string, seq uint64) bool {
 	default:
 		s.log.Error("storing a checkpoint failed; the disk keeps the previous state until the next full checkpoint",
 			"what", what, "err", err)
-		s.persistFailed()
+		s.persistFailed(err, full)
 		return false
 	}
 }
 
 func (s *slot) persisted(seq uint64) {
 	s.mu.Lock()
-	s.persSeq = seq
+	s.persSeq, s.status.Persisted = seq, seq
 	s.mu.Unlock()
 }
 
 // persistFailed: the disk keeps an older checkpoint. It stays consistent
 // (one complete checkpoint), but a failover would now pair the newer
-// memory image with older files, so the slot refuses to resume, and
-// stores no incremental checkpoint (they build on what the disk lacks),
-// until a full checkpoint has been stored again; the engine asks the
-// primary for one (WantFull).
-func (s *slot) persistFailed() {
+// memory image with older files, so the slot refuses to resume, stores no
+// incremental checkpoint (they build on what the disk lacks), and
+// acknowledges nothing (the primary must not count on a failover that
+// would be refused), until a full checkpoint has been stored again; the
+// engine asks the primary for one (WantFull). A full checkpoint that fails
+// to store leaves the slot nothing it could resume: the session goes
+// (Unresumable), so that the primary runs unprotected and says so instead
+// of holding its output for ever, and primaries are refused for diskWait
+// (refusal) before the next try, a full checkpoint whose acknowledgement
+// waits until it is stored.
+func (s *slot) persistFailed(err error, full bool) {
 	s.mu.Lock()
 	was := s.diskBehind
 	s.diskBehind = true
+	s.diskErr, s.diskFailed = err, time.Now()
+	if full {
+		s.diskWait = min(max(2*s.diskWait, diskRetryFirst()), diskRetryMax)
+	}
+	s.status.DiskBehind, s.status.DiskError = true, err.Error()
+	wait := s.diskWait
 	s.mu.Unlock()
-	if was {
+	var ev any
+	switch {
+	case full:
+		s.log.Error("a full checkpoint could not be stored: the slot lets its primary go, which runs unprotected; "+
+			"primaries are refused until the next try", "retry_in", wait, "err", err)
+		ev = unresumableEv{reason: "storing a full checkpoint on the backup's disk failed: " + err.Error()}
+	case !was:
+		ev = engine.WantFull{Now: s.b.now(), Reason: "storing a checkpoint on the backup's disk failed"}
+	default:
 		return
 	}
 	select {
-	case s.events <- engine.WantFull{Now: s.b.now(), Reason: "storing a checkpoint on the backup's disk failed"}:
+	case s.events <- ev:
 	case <-s.b.ctx.Done():
 	}
 }
+
+// diskCaughtUp: a full checkpoint is stored. If storing had failed, the
+// slot may acknowledge again, and primaries are no longer refused.
+func (s *slot) diskCaughtUp() {
+	s.mu.Lock()
+	was := s.diskBehind
+	s.diskBehind, s.diskErr, s.diskWait = false, nil, 0
+	s.status.DiskBehind, s.status.DiskError = false, ""
+	s.mu.Unlock()
+	if !was {
+		return
+	}
+	s.log.Info("a full checkpoint is stored again: the slot acknowledges checkpoints again")
+	select {
+	case s.events <- diskCaughtUpEv{}:
+	case <-s.b.ctx.Done():
+	}
+}
+
+// ackWithheld sends the live session the acknowledgement withheld while
+// the disk was behind (loop's): the engine's next one may be a heartbeat
+// away, and the primary holds its output until it comes.
+func (s *slot) ackWithheld() {
+	s.mu.Lock()
+	behind := s.diskBehind
+	s.mu.Unlock()
+	seq := s.eng.SessionCommitted()
+	c := s.conns[s.eng.Session()]
+	if behind || seq == 0 || c == nil || s.eng.State() != engine.Following {
+		return
+	}
+	c.SetWriteDeadline(time.Now().Add(s.b.cfg.Engine.Timeout))
+	if err := wire.SendFlush(c, &wire.Ack{Seq: seq}); err != nil {
+		c.Close()
+	}
+}
+
+// diskRetryMax bounds how long a slot whose full checkpoint could not be
+// stored refuses primaries before it tries again.
+const diskRetryMax = time.Minute
+
+// diskRetryAfter is how long, in nanoseconds, a slot refuses primaries
+// after the first full checkpoint that could not be stored (doubled by
+// each one after it): 1 s. Atomic: tests shorten it.
+var diskRetryAfter atomic.Int64
+
+func init() { diskRetryAfter.Store(int64(time.Second)) }
+
+func diskRetryFirst() time.Duration { return time.Duration(diskRetryAfter.Load()) }
 
 // closeDrainWait bounds how long closing a slot waits for its disk.
 const closeDrainWait = 5 * time.Second

@@ -3,9 +3,12 @@ package remus
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"hash/crc32"
 	"io/fs"
+	"net"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"slices"
@@ -72,6 +75,24 @@ func (f *fakePrimary) next() wire.Message {
 		}
 		if m.Type() != wire.TypeHeartbeat {
 			return m
+		}
+	}
+}
+
+// within returns the next message that is not a heartbeat to arrive within
+// d: nil and closed false if none did, nil and closed true once the backup
+// closed the connection.
+func (f *fakePrimary) within(d time.Duration) (m wire.Message, closed bool) {
+	f.c.SetReadDeadline(time.Now().Add(d))
+	defer f.c.SetReadDeadline(time.Time{})
+	for {
+		m, err := wire.Recv(f.c)
+		if err != nil {
+			var ne net.Error
+			return nil, !errors.As(err, &ne) || !ne.Timeout()
+		}
+		if m.Type() != wire.TypeHeartbeat {
+			return m, false
 		}
 	}
 }
@@ -750,16 +771,17 @@ func TestBackupDiskFailureWaitsForAFullCheckpoint(t *testing.T) {
 
 	// The disk works again. Incrementals are refused until a full one
 	// (the first may still be taken in memory, before the loop heard of
-	// the failure; the disk must not take it).
+	// the failure; the disk must not take it, and its acknowledgement is
+	// withheld: the slot would refuse to fail over to it).
 	refused := false
 	for seq := uint64(3); seq <= 4 && !refused; seq++ {
 		f.checkpoint(seq, false, inc(seq, byte(seq)), nil)
-		switch m := f.next().(type) {
+		switch m, _ := f.within(time.Second); m := m.(type) {
 		case *wire.NeedFull:
 			refused = true
-		case *wire.Ack:
+		case nil:
 		default:
-			t.Fatalf("checkpoint %d: %v", seq, m)
+			t.Fatalf("checkpoint %d, sent once the slot knew its disk behind: %v", seq, m)
 		}
 	}
 	if !refused {
@@ -789,6 +811,134 @@ func TestBackupDiskFailureWaitsForAFullCheckpoint(t *testing.T) {
 		t.Fatalf("full checkpoint 5: %v", m)
 	}
 	waitFor("stored the full checkpoint", func(s *slot) bool { return s.persSeq == 5 && !s.diskBehind })
+}
+
+// TestBackupFullDiskStopsProtection: a backup whose disk cannot store the
+// VM's checkpoints must not acknowledge them: its failover would be
+// refused (the replica of the guest's files lags the image), so a primary
+// that released output on those acks would lose it with its host. Once
+// storing fails, no ack leaves the slot; when the full checkpoint the
+// slot then asks for cannot be stored either, the slot lets the session
+// go (its primary runs unprotected and says so, rather than holding its
+// output for ever) and refuses primaries for a while; after that, a full
+// checkpoint is acknowledged once it is stored. (The disk, before: every
+// ack went, the slot refused to fail over, and the leftover temporary
+// file of the failed write kept the disk full.)
+func TestBackupFullDiskStopsProtection(t *testing.T) {
+	disk := &flakyFS{FS: store.OS()}
+	var fs store.FS = disk
+	testStoreFS.Store(&fs)
+	defer testStoreFS.Store(nil)
+	defer diskRetryAfter.Store(diskRetryAfter.Load())
+	diskRetryAfter.Store(int64(300 * time.Millisecond))
+	module, hash := fakeModule()
+	b := serveBackup(t, time.Hour)
+	status := func() SlotStatus {
+		for _, s := range b.Status().Slots {
+			if s.VM == "vm1" {
+				return s
+			}
+		}
+		return SlotStatus{}
+	}
+	waitFor := func(what string, ok func(SlotStatus) bool) {
+		t.Helper()
+		for deadline := time.Now().Add(10 * time.Second); !ok(status()); time.Sleep(5 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("never %s: %+v", what, status())
+			}
+		}
+	}
+	pageOf := func(b byte) []snapshot.Page {
+		return []snapshot.Page{{Index: 0, Data: bytes.Repeat([]byte{b}, snapshot.PageSize)}}
+	}
+	var lastFull snapshot.Hash
+	fullAt := func(seq uint64) []byte {
+		s := &snapshot.Snapshot{Kind: snapshot.Full, Module: hash, Seq: seq, MemorySize: 65536,
+			Pages: pageOf(byte(seq)), Devices: []byte("{}"), ModuleCode: module, ModuleName: "fake"}
+		raw := encodeSnap(t, s)
+		lastFull = s.ID
+		return raw
+	}
+	f := dialBackup(t, b.Addr().String(), hash)
+	f.checkpoint(1, true, fullAt(1), nil)
+	if m, ok := f.next().(*wire.Ack); !ok || m.Seq != 1 {
+		t.Fatalf("full checkpoint 1: %v", m)
+	}
+	waitFor("stored checkpoint 1", func(s SlotStatus) bool { return s.Persisted == 1 })
+
+	// The disk fills up. Checkpoint 2 is acknowledged from memory before
+	// the disk is tried (the window a failure of the disk cannot close);
+	// from the failure on, nothing is.
+	disk.fail.Store(true)
+	raw2 := encodeSnap(t, &snapshot.Snapshot{Kind: snapshot.Incremental, Module: hash, Seq: 2, Parent: lastFull,
+		MemorySize: 65536, Pages: pageOf(2), Devices: []byte("{}")})
+	f.checkpoint(2, false, raw2, nil)
+	if m, ok := f.next().(*wire.Ack); !ok || m.Seq != 2 {
+		t.Fatalf("checkpoint 2: %v", m)
+	}
+	waitFor("saw the disk fail", func(s SlotStatus) bool {
+		return s.DiskBehind && strings.Contains(s.DiskError, "no space left")
+	})
+	rec := httptest.NewRecorder()
+	b.MetricsHandler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+	if m := rec.Body.String(); !strings.Contains(m, `ftvm_remus_backup_disk_behind{vm="vm1"} 1`) {
+		t.Errorf("/metrics lacks ftvm_remus_backup_disk_behind 1:\n%s", m)
+	}
+
+	// It asks for a full checkpoint, which cannot be stored either: no
+	// ack, and the session goes.
+	f.checkpoint(3, true, fullAt(3), nil)
+	for {
+		m, closed := f.within(5 * time.Second)
+		if closed {
+			break
+		}
+		if a, ok := m.(*wire.Ack); ok {
+			t.Fatalf("the slot acknowledged checkpoint %d with its disk full", a.Seq)
+		}
+		if m == nil {
+			t.Fatal("the slot kept the session of a primary it cannot protect")
+		}
+	}
+
+	// A primary is refused while the slot waits to try again.
+	c, err := transport.Dial(context.Background(), b.Addr().String(), nil, transport.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := wire.SendFlush(c, &wire.Hello{Version: wire.Version, VM: "vm1", Term: 1, Module: hash, Name: "fake"}); err != nil {
+		t.Fatal(err)
+	}
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if m, err := wire.Recv(c); err != nil {
+		t.Fatal(err)
+	} else if r, ok := m.(*wire.Reject); !ok || !strings.Contains(r.Reason, "disk") {
+		t.Fatalf("a primary of a slot whose disk is full was answered %v", m)
+	}
+	names, err := os.ReadDir(filepath.Join(b.cfg.StateDir, "slots", "vm1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range names {
+		if strings.HasSuffix(n.Name(), ".tmp") {
+			t.Errorf("a failed write left %s", n.Name())
+		}
+	}
+
+	// The disk has room again: once the wait is over, a new session's
+	// full checkpoint is acknowledged, after it is stored.
+	disk.fail.Store(false)
+	time.Sleep(400 * time.Millisecond)
+	f = dialBackup(t, b.Addr().String(), hash)
+	f.checkpoint(5, true, fullAt(5), nil)
+	if m, ok := f.next().(*wire.Ack); !ok || m.Seq != 5 {
+		t.Fatalf("full checkpoint 5, the disk working again: %v", m)
+	}
+	if s := status(); s.Persisted != 5 || s.DiskBehind || s.DiskError != "" {
+		t.Fatalf("acknowledged before stored, or the slot still says its disk is behind: %+v", s)
+	}
 }
 
 // TestBackupBoundsDiskOpsInMemory: the disk operations a checkpoint

@@ -64,10 +64,12 @@ var (
 		"1 once a failover of the slot could not resume its VM (status failover_error says why).", []string{"vm"}, nil)
 	descStoodStill = prometheus.NewDesc("ftvm_remus_backup_stood_still_total",
 		"Times the slot's loop stood still for most of the timeout while it protected (no failover for that silence).", []string{"vm"}, nil)
+	descDiskBehind = prometheus.NewDesc("ftvm_remus_backup_disk_behind",
+		"1 while storing the slot's checkpoints fails: it acknowledges nothing and would not fail over (status disk_error says why).", []string{"vm"}, nil)
 )
 
 func (backupCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descCommitted, descPersisted, descReceived, descFollowing, descFailedOver, descFailoverFailed, descStoodStill} {
+	for _, d := range []*prometheus.Desc{descCommitted, descPersisted, descReceived, descFollowing, descFailedOver, descFailoverFailed, descStoodStill, descDiskBehind} {
 		ch <- d
 	}
 }
@@ -81,6 +83,7 @@ func (c backupCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descFailedOver, prometheus.GaugeValue, b2f(s.FailoverMS > 0), s.VM)
 		ch <- prometheus.MustNewConstMetric(descFailoverFailed, prometheus.GaugeValue, b2f(s.FailoverError != ""), s.VM)
 		ch <- prometheus.MustNewConstMetric(descStoodStill, prometheus.CounterValue, float64(s.StoodStill), s.VM)
+		ch <- prometheus.MustNewConstMetric(descDiskBehind, prometheus.GaugeValue, b2f(s.DiskBehind), s.VM)
 	}
 }
 

@@ -289,6 +289,9 @@ func printStatus(st map[string]any) {
 			if e, ok := m["program_error"].(string); ok && e != "" {
 				fmt.Printf("  CANNOT FAIL OVER: preparing the module failed: %s\n", e)
 			}
+			if b, _ := m["disk_behind"].(bool); b {
+				fmt.Printf("  CANNOT FAIL OVER, acknowledging nothing: storing a checkpoint failed (%v); waiting for a full checkpoint to store\n", m["disk_error"])
+			}
 			if e, ok := m["failover_error"].(string); ok && e != "" {
 				fmt.Printf("  FAILOVER FAILED, the VM runs nowhere: %s\n", e)
 				if c, ok := m["restore_command"].(string); ok && c != "" {

@@ -228,6 +228,10 @@ func (b *Backup) Committed() uint64 { return b.committed }
 // Session returns the current session (0: none).
 func (b *Backup) Session() uint64 { return b.session }
 
+// SessionCommitted returns the last checkpoint the current session
+// committed (0: none yet), which its acknowledgements carry.
+func (b *Backup) SessionCommitted() uint64 { return b.sessCommitted }
+
 // LastHeard returns when a primary was last heard on a session.
 func (b *Backup) LastHeard() Time { return b.lastHeard }
 
