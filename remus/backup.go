@@ -30,6 +30,8 @@ import (
 	"github.com/ftvm/ftvm/snapshot"
 	"github.com/ftvm/ftvm/transport"
 	"github.com/ftvm/ftvm/wasi"
+
+	"golang.org/x/sys/unix"
 )
 
 // BackupConfig configures a backup process.
@@ -67,11 +69,12 @@ const DefaultMaxSlots = 64
 // each primary that protects itself with it, and runs none of them until
 // their primary falls silent.
 type Backup struct {
-	cfg BackupConfig
-	ln  net.Listener
-	log *slog.Logger
-	t0  time.Time
-	ctx context.Context
+	cfg  BackupConfig
+	ln   net.Listener
+	lock io.Closer // the state directory's (lockStateDir), until Serve returns
+	log  *slog.Logger
+	t0   time.Time
+	ctx  context.Context
 
 	mu    sync.Mutex
 	slots map[string]*slot
@@ -90,6 +93,10 @@ func ListenBackup(cfg BackupConfig) (*Backup, error) {
 	if err := os.MkdirAll(filepath.Join(cfg.StateDir, "slots"), 0o755); err != nil {
 		return nil, fmt.Errorf("state directory: %w", err)
 	}
+	lock, err := lockStateDir(cfg.StateDir)
+	if err != nil {
+		return nil, err
+	}
 	if cfg.Log == nil {
 		cfg.Log = slog.Default()
 	}
@@ -101,10 +108,41 @@ func ListenBackup(cfg BackupConfig) (*Backup, error) {
 	}
 	ln, err := transport.Listen(cfg.Listen, cfg.TLS)
 	if err != nil {
+		lock.Close()
 		return nil, err
 	}
-	return &Backup{cfg: cfg, ln: ln, log: cfg.Log.With("role", "backup"), t0: time.Now(), slots: map[string]*slot{}}, nil
+	return &Backup{cfg: cfg, ln: ln, lock: lock, log: cfg.Log.With("role", "backup"), t0: time.Now(), slots: map[string]*slot{}}, nil
 }
+
+// lockStateDir takes dir's lock (an flock of dir/LOCK) for one backup
+// process: a second backup on the same state would start, listen, and
+// show its misconfiguration only once a primary of a VM the first holds
+// came to it (each slot has its own lock). A fork of this process holds
+// the lock until it execs, so a busy lock is retried briefly.
+func lockStateDir(dir string) (io.Closer, error) {
+	name := filepath.Join(dir, "LOCK")
+	f, err := os.OpenFile(name, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("state directory: %w", err)
+	}
+	for deadline := time.Now().Add(stateLockWait); ; time.Sleep(5 * time.Millisecond) {
+		err = unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
+		if !errors.Is(err, unix.EWOULDBLOCK) || time.Now().After(deadline) {
+			break
+		}
+	}
+	if err != nil {
+		f.Close()
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return nil, fmt.Errorf("state directory %s is in use by another backup process", dir)
+		}
+		return nil, fmt.Errorf("state directory: lock %s: %w", name, err)
+	}
+	return f, nil // closing it releases the lock
+}
+
+// stateLockWait bounds lockStateDir's retries.
+const stateLockWait = 200 * time.Millisecond
 
 // Addr is the replication address actually bound.
 func (b *Backup) Addr() net.Addr { return b.ln.Addr() }
@@ -138,6 +176,7 @@ func (b *Backup) Serve(ctx context.Context) error {
 		s.close()
 	}
 	b.mu.Unlock()
+	b.lock.Close()
 	return nil
 }
 

@@ -813,6 +813,22 @@ func TestBackupDiskFailureWaitsForAFullCheckpoint(t *testing.T) {
 	waitFor("stored the full checkpoint", func(s *slot) bool { return s.persSeq == 5 && !s.diskBehind })
 }
 
+// TestBackupStateDirIsItsOwn: a second backup on a state directory that a
+// running one uses is refused at once, with the reason, rather than
+// starting and refusing primaries of the VMs the first holds; once the
+// first stops, the directory is free.
+func TestBackupStateDirIsItsOwn(t *testing.T) {
+	state := t.TempDir()
+	_, stop := startBackup(t, state, time.Hour)
+	_, err := ListenBackup(BackupConfig{Listen: "127.0.0.1:0", StateDir: state, Engine: engine.Config{Timeout: time.Hour}})
+	if err == nil || !strings.Contains(err.Error(), "in use by another backup") {
+		t.Fatalf("a second backup on the same state directory: %v", err)
+	}
+	stop()
+	_, stop = startBackup(t, state, time.Hour)
+	stop()
+}
+
 // TestBackupFullDiskStopsProtection: a backup whose disk cannot store the
 // VM's checkpoints must not acknowledge them: its failover would be
 // refused (the replica of the guest's files lags the image), so a primary
