@@ -846,7 +846,7 @@ func TestBackupFullDiskStopsProtection(t *testing.T) {
 	testStoreFS.Store(&fs)
 	defer testStoreFS.Store(nil)
 	defer diskRetryAfter.Store(diskRetryAfter.Load())
-	diskRetryAfter.Store(int64(300 * time.Millisecond))
+	diskRetryAfter.Store(int64(time.Hour)) // the wait ends when the test says (below)
 	module, hash := fakeModule()
 	b := serveBackup(t, time.Hour)
 	status := func() SlotStatus {
@@ -946,7 +946,15 @@ func TestBackupFullDiskStopsProtection(t *testing.T) {
 	// The disk has room again: once the wait is over, a new session's
 	// full checkpoint is acknowledged, after it is stored.
 	disk.fail.Store(false)
-	time.Sleep(400 * time.Millisecond)
+	b.mu.Lock()
+	s := b.slots["vm1"]
+	b.mu.Unlock()
+	s.mu.Lock()
+	if s.diskWait != diskRetryMax {
+		t.Errorf("the slot waits %s after its failed full checkpoint, want %s (the first wait, bounded)", s.diskWait, diskRetryMax)
+	}
+	s.diskFailed = time.Now().Add(-s.diskWait) // as if the wait were over
+	s.mu.Unlock()
 	f = dialBackup(t, b.Addr().String(), hash)
 	f.checkpoint(5, true, fullAt(5), nil)
 	if m, ok := f.next().(*wire.Ack); !ok || m.Seq != 5 {
