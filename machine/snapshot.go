@@ -6,6 +6,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
@@ -191,6 +193,9 @@ func (m *Machine) parent() (snapshot.Hash, uint64) {
 // (temp file, fsync, rename). With opt.Stop the VM ends at that safe point,
 // but only once the file is safely written: a failed write leaves it running.
 func (m *Machine) Snapshot(ctx context.Context, path string, opt SnapshotOptions) (*snapshot.Snapshot, error) {
+	if err := m.outsideGuestDirs(path); err != nil {
+		return nil, err
+	}
 	m.snaps.mu.Lock()
 	defer m.snaps.mu.Unlock()
 	var s *snapshot.Snapshot
@@ -226,6 +231,32 @@ func (m *Machine) Snapshot(ctx context.Context, path string, opt SnapshotOptions
 	m.snaps.lastID, m.snaps.seq = s.ID, s.Seq
 	m.snaps.aheadPages, m.snaps.collected = m.snaps.aheadPages[:0], false
 	return s, nil
+}
+
+// outsideGuestDirs refuses a snapshot path inside a directory the guest
+// was given (--dir): the file would appear among the guest's files, which
+// the guest did not write (nor would a Remus backup's replica of them
+// hold it), and its rename could replace a file the guest holds open (its
+// log, say), whose later writes would then go to a file nobody can open.
+func (m *Machine) outsideGuestDirs(path string) error {
+	if m.dev == nil {
+		return nil
+	}
+	dir, err := filepath.EvalSymlinks(filepath.Dir(path))
+	if err != nil {
+		return nil // the write reports the missing directory
+	}
+	for _, host := range m.dev.PreopenHostPaths() {
+		root, err := filepath.EvalSymlinks(host)
+		if err != nil {
+			continue
+		}
+		if rel, err := filepath.Rel(root, dir); err == nil && rel != ".." && !strings.HasPrefix(rel, "../") {
+			return fmt.Errorf("snapshot: %s is in %s, a directory the guest was given (--dir): its files are the guest's; "+
+				"write the snapshot elsewhere", path, host)
+		}
+	}
+	return nil
 }
 
 // Version is ftvm's version, recorded in snapshots.

@@ -2,6 +2,7 @@ package tests
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"fmt"
 	"net"
@@ -132,6 +133,94 @@ func TestKVSnapshotRestore(t *testing.T) {
 	instrumented(t, wasm)
 	for _, mappable := range []bool{false, true} {
 		t.Run(fmt.Sprintf("mappable=%v", mappable), func(t *testing.T) { kvSnapshotRestore(t, wasm, mappable) })
+	}
+}
+
+// TestSnapshotOutAndRestoreListenAreChecked: `ftvm snapshot --out` refuses
+// a path that is not a file of its own to replace: the VM's API socket, a
+// directory, a file in a directory the guest was given (its WAL, here,
+// which the rename replaced while the guest kept writing to the unlinked
+// one). Each refusal says why, leaves the thing there as it was and the
+// VM running; a snapshot elsewhere is then taken as usual. Its restore
+// refuses a --listen it would ignore (a descriptor that is no listener of
+// the snapshot's, none, one given twice), then restores with the right one.
+func TestSnapshotOutAndRestoreListenAreChecked(t *testing.T) {
+	wasm := guest.MustGo(t, "testdata/guests/kvserver")
+	instrumented(t, wasm)
+	dir, data := t.TempDir(), t.TempDir()
+	addr := freeAddr(t)
+	sock := filepath.Join(dir, "vm.sock")
+	p := startProc(t, ftvmBinary(t), "run", "--listen", "4="+addr, "--api-sock", sock, "--dir", data+":/data",
+		wasm, "-fd", "4", "-wal", "/data/wal.log")
+	waitKV(t, p, addr)
+	for i := 0; i < 20; i++ {
+		if got := request(t, addr, fmt.Sprintf("SET key%d value%d", i, i)); got != "OK" {
+			t.Fatalf("SET: %q", got)
+		}
+	}
+	wal := filepath.Join(data, "wal.log")
+	before, err := os.ReadFile(wal)
+	if err != nil || len(before) == 0 {
+		t.Fatalf("the guest's WAL: %d bytes, %v", len(before), err)
+	}
+	if err := os.Mkdir(filepath.Join(data, "snaps"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct{ out, says string }{
+		{wal, "a directory the guest was given"},
+		{filepath.Join(data, "snaps", "kv.snap"), "a directory the guest was given"},
+		{sock, "a socket"},
+		{dir, "is a directory"},
+	} {
+		res := runCLI(t, time.Minute, "", "snapshot", "--api-sock", sock, "--out", c.out, "--stop")
+		if res.code == 0 || !strings.Contains(res.stderr, c.says) {
+			t.Errorf("snapshot --out %s: exit %d, %q; want a refusal saying %q", c.out, res.code, res.stderr, c.says)
+		}
+	}
+	if after, err := os.ReadFile(wal); err != nil || !bytes.Equal(after, before) {
+		t.Fatalf("the guest's WAL after the refused snapshots: %d bytes (%v), was %d", len(after), err, len(before))
+	}
+	if fi, err := os.Lstat(sock); err != nil || fi.Mode().Type() != os.ModeSocket {
+		t.Fatalf("the VM's API socket after the refused snapshot: %v, %v", fi, err)
+	}
+	if got := request(t, addr, "SET after refusals"); got != "OK" {
+		t.Fatalf("the VM after the refused snapshots: %q", got)
+	}
+	snap := filepath.Join(dir, "kv.snap")
+	if res := runCLI(t, time.Minute, "", "snapshot", "--api-sock", sock, "--out", snap, "--stop"); res.code != 0 {
+		t.Fatalf("snapshot elsewhere: %d %s", res.code, res.stderr)
+	}
+	select {
+	case <-p.done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the VM did not stop after snapshot --stop")
+	}
+
+	// A restore's --listen that would not be used is refused: the guest
+	// would bind its recorded address instead.
+	addr2 := freeAddr(t)
+	for _, c := range []struct {
+		listen []string
+		says   string
+	}{
+		{[]string{"7=" + addr2}, "not a listener in the snapshot (its listeners: 4=" + addr},
+		{[]string{"3=" + addr2}, "not a listener"}, // fd 3 is the preopened directory
+		{[]string{addr2}, "give the guest descriptor"},
+		{[]string{"4=" + addr2, "4=" + freeAddr(t)}, "re-mapped twice"},
+	} {
+		args := []string{"restore", "--dir", data + ":/data"}
+		for _, l := range c.listen {
+			args = append(args, "--listen", l)
+		}
+		res := runCLI(t, time.Minute, "", append(args, snap)...)
+		if res.code != 125 || !strings.Contains(res.stderr, c.says) {
+			t.Errorf("restore --listen %v: exit %d, %q; want 125 saying %q", c.listen, res.code, res.stderr, c.says)
+		}
+	}
+	p2 := startProc(t, ftvmBinary(t), "restore", "--dir", data+":/data", "--listen", "4="+addr2, snap)
+	waitKV(t, p2, addr2)
+	if got := request(t, addr2, "GET key7"); got != "VALUE value7" {
+		t.Fatalf("the restored VM: GET key7 = %q", got)
 	}
 }
 

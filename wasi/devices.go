@@ -365,6 +365,17 @@ func (d *Devices) Counters() *Counters { return &d.counters }
 // the guest runs; for tests and snapshots.
 func (d *Devices) OpenFds() int { return d.fds.Len() }
 
+// PreopenHostPaths returns the host directories the guest was given
+// (absolute), in preopen order. They are set when the devices are made or
+// restored and do not change after.
+func (d *Devices) PreopenHostPaths() []string {
+	out := make([]string, len(d.preopens))
+	for i, p := range d.preopens {
+		out[i] = p.HostPath
+	}
+	return out
+}
+
 // Interrupt wakes any blocking wait inside a host call. Safe from any goroutine.
 func (d *Devices) Interrupt() {
 	var one [8]byte

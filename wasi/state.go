@@ -47,6 +47,22 @@ func InstrumentationOf(stateJSON []byte) *Instrumentation {
 	return st.Instrumentation
 }
 
+// ListenersOf reads the listening sockets of a captured state's JSON:
+// each one's guest descriptor and the address it was bound to.
+func ListenersOf(stateJSON []byte) (map[uint32]string, error) {
+	var st State
+	if err := json.Unmarshal(stateJSON, &st); err != nil {
+		return nil, fmt.Errorf("device state: %w", err)
+	}
+	out := map[uint32]string{}
+	for _, f := range st.FDs {
+		if f.Kind == KindListener {
+			out[f.Num] = f.Addr
+		}
+	}
+	return out, nil
+}
+
 // FDState is one open descriptor.
 type FDState struct {
 	Num              uint32   `json:"num"`

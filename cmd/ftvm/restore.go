@@ -2,13 +2,18 @@ package main
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
+	"io/fs"
 	"os"
+	"slices"
+	"strings"
 
 	"github.com/spf13/cobra"
 
 	"github.com/ftvm/ftvm/machine"
 	"github.com/ftvm/ftvm/snapshot"
+	"github.com/ftvm/ftvm/wasi"
 )
 
 func newRestoreCmd() *cobra.Command {
@@ -38,7 +43,11 @@ the same host directories); --listen re-maps listeners by guest descriptor
 			// (verified through the mapping), not read.
 			img := &snapshot.Image{Resize: mi.Resize, Map: mi.MapFile}
 			if err := snapshot.RestoreInto(img, nil, args...); err != nil {
-				return &exitError{code: exitModule, err: err}
+				code := exitModule // a snapshot that cannot be restored
+				if errors.Is(err, fs.ErrNotExist) || errors.Is(err, fs.ErrPermission) {
+					code = exitUsage // a file it cannot open, as for --dir
+				}
+				return &exitError{code: code, err: err}
 			}
 			module, name, err := restoreModule(img, modulePath)
 			if err != nil {
@@ -50,6 +59,9 @@ the same host directories); --listen re-maps listeners by guest descriptor
 			}
 			listen, err := parseListen(f.listen)
 			if err != nil {
+				return err
+			}
+			if err := checkRestoreListen(listen, f.listen, img.Devices); err != nil {
 				return err
 			}
 			ctx, sig := withSignals(cmd.Context())
@@ -68,6 +80,40 @@ the same host directories); --listen re-maps listeners by guest descriptor
 	cmd.Flags().StringVar(&f.apiSock, "api-sock", "", "serve the VM's HTTP API on this unix socket")
 	cmd.Flags().StringVar(&f.cacheDir, "cache-dir", "", "compiled-code cache")
 	return cmd
+}
+
+// checkRestoreListen refuses a --listen of a restore that would not be
+// used: one without its guest descriptor, one given twice, or one whose
+// descriptor is not a listener in the snapshot. The guest would bind its
+// recorded address instead, so the mistake showed only if that address
+// was taken.
+func checkRestoreListen(listen []wasi.Listener, specs []string, devices []byte) error {
+	have, err := wasi.ListenersOf(devices)
+	if err != nil {
+		return &exitError{code: exitModule, err: err}
+	}
+	var list []string
+	for fd, addr := range have {
+		list = append(list, fmt.Sprintf("%d=%s", fd, addr))
+	}
+	slices.Sort(list)
+	its := "it has none"
+	if len(list) > 0 {
+		its = "its listeners: " + strings.Join(list, ", ")
+	}
+	seen := map[uint32]bool{}
+	for i, l := range listen {
+		switch {
+		case l.Fd == 0:
+			return usage("--listen %q: give the guest descriptor it re-maps (FD=HOST:PORT; %s)", specs[i], its)
+		case seen[l.Fd]:
+			return usage("--listen %q: guest descriptor %d is re-mapped twice", specs[i], l.Fd)
+		case have[l.Fd] == "":
+			return usage("--listen %q: guest descriptor %d is not a listener in the snapshot (%s)", specs[i], l.Fd, its)
+		}
+		seen[l.Fd] = true
+	}
+	return nil
 }
 
 // restoreModule finds the module a snapshot chain was taken of: the file
