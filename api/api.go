@@ -143,6 +143,7 @@ func writeJSON(w http.ResponseWriter, code int, v any) {
 type Server struct {
 	vm   *swapVM
 	path string
+	own  os.FileInfo // the socket file as bound: Close removes path only if it is still this
 	srv  *http.Server
 	ln   net.Listener
 }
@@ -165,6 +166,11 @@ func Listen(path string, vm VM, routes ...Route) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("api socket: %w", err)
 	}
+	own, err := os.Lstat(path)
+	if err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("api socket: %w", err)
+	}
 	if vm == nil {
 		vm = noVM{}
 	}
@@ -173,7 +179,7 @@ func Listen(path string, vm VM, routes ...Route) (*Server, error) {
 	// A client that trickles its request, or idles between requests,
 	// must not hold a goroutine and a descriptor for ever. (No write
 	// timeout: a snapshot's response comes once its file is written.)
-	s := &Server{path: path, ln: ln, vm: sw, srv: &http.Server{Handler: Handler(sw, routes...),
+	s := &Server{path: path, own: own, ln: ln, vm: sw, srv: &http.Server{Handler: Handler(sw, routes...),
 		ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 30 * time.Second, IdleTimeout: 2 * time.Minute}}
 	go func() {
 		if err := s.srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
@@ -215,12 +221,16 @@ func listenPrivate(path string) (net.Listener, error) {
 // SetVM makes the server serve vm from now on.
 func (s *Server) SetVM(vm VM) { s.vm.vm.Store(vmBox{vm}) }
 
-// Close stops the server and removes the socket.
+// Close stops the server and removes the socket, if its path still names
+// it: another VM may have bound the path since (after someone removed
+// this one's), and must keep its socket.
 func (s *Server) Close() error {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	defer cancel()
 	err := s.srv.Shutdown(ctx)
-	os.Remove(s.path)
+	if fi, lerr := os.Lstat(s.path); lerr == nil && os.SameFile(fi, s.own) {
+		os.Remove(s.path)
+	}
 	return err
 }
 

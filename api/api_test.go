@@ -125,6 +125,30 @@ func TestSocketIsPrivateFromTheStart(t *testing.T) {
 	}
 }
 
+// TestCloseLeavesAnotherServersSocket: a server whose socket path was
+// taken over (its file removed, another VM bound there) leaves the new
+// socket alone when it closes: it removed whatever had its path, so the
+// other VM could no longer be reached.
+func TestCloseLeavesAnotherServersSocket(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "vm.sock")
+	a, err := api.Listen(sock, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.Remove(sock)
+	b, err := api.Listen(sock, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	a.Close()
+	c, err := net.Dial("unix", sock)
+	if err != nil {
+		t.Fatalf("the second server's socket after the first closed: %v", err)
+	}
+	c.Close()
+}
+
 // TestSnapshotPathMustBeAbsolute: a relative snapshot_path is refused with
 // a clear error before anything is written (the VM's process would resolve
 // it against its own working directory, which the client does not know).
