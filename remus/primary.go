@@ -72,6 +72,9 @@ type Primary struct {
 	events  chan engine.PrimaryEvent
 	release chan struct{} // wakes the releaser
 	stop    chan struct{}
+	// peerTimeout is the backup's --timeout as its last Welcome said (a
+	// time.Duration; 0 until one did): it bounds the redials (redialMax).
+	peerTimeout atomic.Int64
 
 	// aheadBuf is the driver's, for collectAhead; lastDirty is the last
 	// checkpoint's page count: it decides whether the next is collected
@@ -1047,10 +1050,26 @@ func (p *Primary) CheckpointsSince(seq uint64) (recs []CheckpointRecord, missed 
 	return p.recent.since(seq)
 }
 
+// redialMax bounds the pause between two tries to reach the backup: a
+// second, so that a dead backup costs little, but under a quarter of the
+// shorter of the two timeouts. A backup that stood still (a stopped
+// process, a frozen VM) and wakes gives its primary one timeout to come
+// back before it fails over: with a try every 1.5 s (the handshake's
+// timeout, then a second) the woken backup failed a live primary over,
+// and the primary, fenced, lost every write acknowledged since the backup
+// stopped.
+func (p *Primary) redialMax() time.Duration {
+	t := p.cfg.Engine.Timeout
+	if pt := time.Duration(p.peerTimeout.Load()); pt > 0 {
+		t = min(t, pt)
+	}
+	return max(min(time.Second, t/4), 10*time.Millisecond)
+}
+
 // dialer keeps a session to the backup: it dials, handshakes, and once a
 // session ends, dials again (with a pause, so a dead backup costs little).
 func (p *Primary) dialer(ctx context.Context, module []byte, name string) {
-	backoff := 100 * time.Millisecond
+	backoff := min(100*time.Millisecond, p.redialMax())
 	flaps := 0 // sessions in a row that ended within the timeout
 	var sent uint64
 	for ctx.Err() == nil && !p.finished.Load() {
@@ -1079,10 +1098,11 @@ func (p *Primary) dialer(ctx context.Context, module []byte, name string) {
 			case <-ctx.Done():
 				return
 			}
-			backoff = min(backoff*2, time.Second)
+			backoff = min(backoff*2, p.redialMax())
 			continue
 		}
-		backoff = 100 * time.Millisecond
+		backoff = min(100*time.Millisecond, p.redialMax())
+		p.peerTimeout.Store(int64(s.peerTimeout))
 		s.base = sent
 		p.mu.Lock()
 		p.sess = s

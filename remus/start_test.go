@@ -2,6 +2,8 @@ package remus
 
 import (
 	"context"
+	"net"
+	"slices"
 	"testing"
 	"time"
 
@@ -85,5 +87,72 @@ func TestWaitSessionWaitsForRun(t *testing.T) {
 	case <-done:
 	case <-time.After(5 * time.Second):
 		t.Fatal("WaitSession did not return once Run had the machine")
+	}
+}
+
+// TestRedialsWithinTheBackupsGrace: a backup that stood still (a stopped
+// process: the kernel still completes connections to it, and nothing
+// answers) and wakes gives its primary one timeout to reach it before it
+// fails over. The primary's tries must come closer together than that, or
+// a woken backup resumed an old checkpoint beside the live primary, which
+// its next try found fenced (backoff grew to a second, plus the
+// handshake's wait; seen with a backup stopped for 8 s under load).
+func TestRedialsWithinTheBackupsGrace(t *testing.T) {
+	const timeout = 400 * time.Millisecond
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	type try struct{ from, to time.Time }
+	tries := make(chan try, 100)
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() { // a stopped backup: nothing is read, nothing answered
+				from := time.Now()
+				c.SetReadDeadline(time.Now().Add(10 * time.Second))
+				var b [1]byte
+				for {
+					if _, err := c.Read(b[:]); err != nil {
+						break
+					}
+				}
+				tries <- try{from, time.Now()}
+				c.Close()
+			}()
+		}
+	}()
+	p, err := NewPrimary(PrimaryConfig{Backup: ln.Addr().String(), Engine: engine.Config{Timeout: timeout}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer func() {
+		cancel()
+		<-p.loopDone
+	}()
+	p.Start(ctx, Guest{Name: "stopped backup"})
+	var got []try
+	for deadline := time.After(6 * time.Second); ; {
+		select {
+		case tr := <-tries:
+			got = append(got, tr)
+			continue
+		case <-deadline:
+		}
+		break
+	}
+	slices.SortFunc(got, func(a, b try) int { return a.from.Compare(b.from) })
+	if len(got) < 5 {
+		t.Fatalf("%d tries in 6 s", len(got))
+	}
+	for i := 1; i < len(got); i++ {
+		if gap := got[i].from.Sub(got[i-1].to); gap >= timeout {
+			t.Errorf("try %d came %s after the one before ended: a backup waking in between waits only %s", i, gap, timeout)
+		}
 	}
 }
