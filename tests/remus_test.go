@@ -602,6 +602,28 @@ func TestRemusGuestExits(t *testing.T) {
 	}
 }
 
+// TestRemusTrapIsRecordedAsAnAbort: a protected guest that traps ends
+// ftvm with 134, and its backup records that code as the VM's exit (it
+// recorded 0, a success, for a run that crashed).
+func TestRemusTrapIsRecordedAsAnAbort(t *testing.T) {
+	wasm := cGuest(t, "fail", []string{"fail.c"})
+	instrumented(t, wasm)
+	dir := t.TempDir()
+	repl, bSock, state := freeAddr(t), filepath.Join(dir, "b.sock"), filepath.Join(dir, "state")
+	backup := startProc(t, ftvmBinary(t), "backup", "--listen", repl, "--state", state, "--timeout", "300ms", "--api-sock", bSock,
+		"--log-level", "info")
+	waitSocket(t, backup, bSock)
+	res := runCLI(t, time.Minute, "", "run", "--protect", repl, "--timeout", "300ms", wasm, "trap")
+	if res.code != 134 || !strings.Contains(res.stdout, "about to trap") {
+		t.Fatalf("exit %d, stdout %q\nstderr:\n%s", res.code, res.stdout, res.stderr)
+	}
+	waitLog(t, backup, "the guest's exit stored", 10*time.Second)
+	if !strings.Contains(backup.out.String(), "exit_code=134") {
+		t.Fatalf("the backup did not record the trap's 134:\n%s", backup.out.String())
+	}
+	exitedNotResumed(t, backup, bSock)
+}
+
 // TestRemusRunAgainAfterExit: a guest that exited under one --vm-id can
 // be run again under it, protected, on the backup that saw it exit and on
 // one restarted from that backup's state (which recorded the exit). Each

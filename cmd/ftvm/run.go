@@ -258,7 +258,7 @@ func serveAndRun(ctx context.Context, m *machine.Machine, f runFlags, sig *caugh
 	}
 	code, err := m.Run(ctx)
 	if f.afterRun != nil {
-		f.afterRun(code, err)
+		f.afterRun(exitCodeOf(code, err), err)
 	}
 	if err != nil {
 		var te *machine.TrapError
@@ -280,6 +280,23 @@ func serveAndRun(ctx context.Context, m *machine.Machine, f runFlags, sig *caugh
 		code = 255
 	}
 	return exitOrNil(int(code))
+}
+
+// exitCodeOf is the code ftvm exits with for a run that ended with the
+// guest's code and err (but for a signal, whose code the caller knows): a
+// protected primary records it on its backup as the VM's exit, so a trap
+// must be 134 there as here, not the 0 a trapped guest never returned.
+func exitCodeOf(code uint32, err error) uint32 {
+	var te *machine.TrapError
+	switch {
+	case err == nil:
+		return min(code, 255)
+	case errors.As(err, &te):
+		return exitTrap
+	case errors.Is(err, machine.ErrStopped):
+		return 0
+	}
+	return exitUsage
 }
 
 func exitOrNil(code int) error {
