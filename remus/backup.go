@@ -1147,7 +1147,8 @@ func (s *slot) handle(ev any) {
 		s.b.mu.Unlock()
 		s.conns[e.session] = e.conn
 		s.hellos[e.session] = e.hello
-		s.step(engine.Hello{Now: s.b.now(), Session: e.session, VM: e.hello.VM, Term: e.hello.Term, PeerTimeout: e.hello.Timeout})
+		s.step(engine.Hello{Now: s.b.now(), Session: e.session, VM: e.hello.VM, Term: e.hello.Term, PeerTimeout: e.hello.Timeout,
+			Run: e.hello.Run})
 	case stagedEv:
 		s.staged[engine.Staged{Session: e.cp.session, Seq: e.cp.seq}] = e.cp
 		s.step(engine.Checkpoint{Now: e.now, Session: e.cp.session, Seq: e.cp.seq, Full: e.cp.full})

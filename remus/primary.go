@@ -15,6 +15,7 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/tls"
+	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -236,6 +237,17 @@ func NewPrimary(cfg PrimaryConfig) (*Primary, error) {
 	return p, nil
 }
 
+// newRun is a Hello's Run: random and nonzero, one per primary.
+func newRun() uint64 {
+	for {
+		var b [8]byte
+		rand.Read(b[:])
+		if r := binary.LittleEndian.Uint64(b[:]); r != 0 {
+			return r
+		}
+	}
+}
+
 // Gate is the output gate the machine must use.
 func (p *Primary) Gate() wasi.OutputGate { return p.gate }
 
@@ -329,7 +341,7 @@ func (p *Primary) start(ctx context.Context, g Guest) {
 	p.eng = eng
 	p.guest = g
 	p.hello = wire.Hello{Version: wire.Version, VM: p.cfg.VM, Term: p.cfg.Term, Module: snapshot.ModuleHash(g.Module),
-		Name: g.Name, Timeout: p.cfg.Engine.Timeout, Listen: g.Listen, Preopens: g.Preopens}
+		Name: g.Name, Timeout: p.cfg.Engine.Timeout, Listen: g.Listen, Preopens: g.Preopens, Run: newRun()}
 	p.hello.Host, _ = os.Hostname()
 	go warmDeviceJSON() // while the session comes up
 	go func() {
@@ -1754,7 +1766,8 @@ func (s *session) receiver(p *Primary) {
 }
 
 // isStaleReason recognises a backup's refusal of a primary whose VM it
-// runs now (engine.Backup's wording): such a primary stops redialing.
+// runs now, or will unless an earlier run of the VM comes back (engine.
+// Backup's wording): such a primary stops redialing and is fenced.
 func isStaleReason(r string) bool {
 	return strings.HasPrefix(r, "stale primary") || strings.HasPrefix(r, "slot failed over")
 }

@@ -172,6 +172,10 @@ type Backup struct {
 
 	term      uint64 // highest term accepted; after failover, the failover term
 	committed uint64 // last checkpoint committed, any session (0: none)
+	// run is the primary process whose session was accepted last (its
+	// Hello's Run; 0: not known, as after a restart from disk): while
+	// what it committed waits for it, another run's Hello is refused.
+	run uint64
 
 	// The current session; zero when there is none.
 	session       uint64
@@ -358,6 +362,17 @@ func (b *Backup) hello(h Hello) {
 		reject(fmt.Sprintf("session %d is closed", h.Session))
 	case b.state == Following:
 		reject(fmt.Sprintf("duplicate: session %d is live (heard %v ago)", b.session, b.now-b.lastHeard))
+	case b.state == Waiting && b.committed != 0 && b.run != 0 && h.Run != b.run:
+		// A new run of the VM (a restarted primary, or a second one
+		// under its id) while what the last run committed, which did
+		// not exit, waits for it: starting over would throw away what
+		// that run's clients were told is saved. The slot fails over
+		// to it unless that run comes back within the timeout; this
+		// run is fenced.
+		b.send(Message{Kind: MsgReject, Session: h.Session, Fenced: true,
+			Reason: fmt.Sprintf("stale primary: another run of VM %s holds checkpoint %d here and did not exit: "+
+				"this backup resumes it unless that run comes back within %v; a new run must not start over it",
+				b.vm, b.committed, b.cfg.Timeout)})
 	default:
 		why := fmt.Sprintf("session %d accepted, term %d", h.Session, h.Term)
 		if b.state == Exited {
@@ -369,6 +384,7 @@ func (b *Backup) hello(h Hello) {
 		}
 		b.term = h.Term
 		b.session = h.Session
+		b.run = h.Run
 		b.lastHeard = b.now
 		b.pace = b.cfg.paceFor(h.PeerTimeout)
 		b.send(Message{Kind: MsgAccept, Session: h.Session})

@@ -154,7 +154,7 @@ func TestBackupCheckpointChain(t *testing.T) {
 
 func TestBackupAcksCoalesce(t *testing.T) {
 	b, _ := NewBackup(testCfg, "vm1", 0)
-	b.Step(Hello{1 * ms, 1, "vm1", 1, 0})
+	b.Step(Hello{1 * ms, 1, "vm1", 1, 0, 0})
 	b.Step(Checkpoint{2 * ms, 1, 1, true})
 	b.Step(Checkpoint{2 * ms, 1, 2, false})
 	rd := b.Ready()
@@ -189,7 +189,7 @@ func TestBackupHello(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			h := following(t)
-			rd := h.step(Hello{50 * ms, tc.second.sess, tc.second.vm, tc.second.term, 0})
+			rd := h.step(Hello{50 * ms, tc.second.sess, tc.second.vm, tc.second.term, 0, 0})
 			if tc.reject == "-" {
 				if len(msgs(rd, MsgReject))+len(msgs(rd, MsgAccept)) != 0 || h.b.LastHeard() != 50*ms {
 					t.Fatalf("%+v", rd)
@@ -212,7 +212,7 @@ func TestBackupHello(t *testing.T) {
 		t.Fatalf("%v", h.b.State())
 	}
 	for _, hl := range []hello{{"vm1", 2, 2}, {"vm1", 1, 3}} {
-		if rd := h.step(Hello{11 * ms, hl.sess, hl.vm, hl.term, 0}); len(msgs(rd, MsgReject)) != 1 {
+		if rd := h.step(Hello{11 * ms, hl.sess, hl.vm, hl.term, 0, 0}); len(msgs(rd, MsgReject)) != 1 {
 			t.Fatalf("%+v accepted", hl)
 		}
 	}
@@ -232,7 +232,7 @@ func TestBackupHello(t *testing.T) {
 	h.step(Checkpoint{14 * ms, 2, 7, true})
 	h.step(Disconnected{15 * ms, 2})
 	for _, sess := range []uint64{1, 2} {
-		if rd := h.step(Hello{16 * ms, sess, "vm1", 3, 0}); len(msgs(rd, MsgReject)) != 1 || h.b.State() != Waiting {
+		if rd := h.step(Hello{16 * ms, sess, "vm1", 3, 0, 0}); len(msgs(rd, MsgReject)) != 1 || h.b.State() != Waiting {
 			t.Fatalf("a Hello for ended session %d: %v %+v", sess, h.b.State(), rd)
 		}
 	}
@@ -266,7 +266,7 @@ func TestBackupFailover(t *testing.T) {
 	if r := msgs(rd, MsgReject); len(r) != 1 || r[0].Fenced {
 		t.Fatalf("higher term: %+v", rd)
 	}
-	rd = h.step(Hello{401 * ms, 4, "vm2", 1, 0})
+	rd = h.step(Hello{401 * ms, 4, "vm2", 1, 0, 0})
 	if r := msgs(rd, MsgReject); len(r) != 1 || r[0].Fenced {
 		t.Fatalf("another VM: %+v", rd)
 	}
@@ -641,4 +641,60 @@ func seqs(l []Staged) []uint64 {
 		out[i] = c.Seq
 	}
 	return out
+}
+
+// TestBackupRefusesANewRunOverWhatItHolds: a slot waiting for the primary
+// whose committed checkpoint it holds (the session lost, the VM not
+// exited) takes that primary's redials (the same Run) but fences a new run
+// of the VM (another Run: a restarted primary, or a second one under the
+// same id). Accepting it let its first full checkpoint replace what the
+// last run's clients were told is saved. Once the slot fails over, the
+// new run is fenced as any other; a slot with nothing committed, or whose
+// VM exited, takes a new run.
+func TestBackupRefusesANewRunOverWhatItHolds(t *testing.T) {
+	const runA, runB = 11, 22
+	h := newBH(t)
+	h.step(Hello{Now: 1 * ms, Session: 1, VM: "vm1", Term: 1, Run: runA})
+	h.step(Checkpoint{2 * ms, 1, 5, true})
+	h.step(Disconnected{3 * ms, 1})
+	if h.b.State() != Waiting || h.b.Committed() != 5 {
+		t.Fatalf("after the session was lost: %v, committed %d", h.b.State(), h.b.Committed())
+	}
+	rd := h.step(Hello{Now: 4 * ms, Session: 2, VM: "vm1", Term: 1, Run: runB})
+	if r := msgs(rd, MsgReject); len(r) != 1 || !r[0].Fenced || !strings.Contains(r[0].Reason, "another run") {
+		t.Fatalf("a new run's Hello over checkpoint 5: %+v", rd)
+	}
+	if h.b.State() != Waiting || h.b.Committed() != 5 {
+		t.Fatalf("after the new run's Hello: %v, committed %d", h.b.State(), h.b.Committed())
+	}
+	rd = h.step(Hello{Now: 5 * ms, Session: 3, VM: "vm1", Term: 1, Run: runA})
+	if a := msgs(rd, MsgAccept); len(a) != 1 || h.b.State() != Following {
+		t.Fatalf("the run's own redial: %+v, %v", rd, h.b.State())
+	}
+	// Silent for the timeout: the slot fails over; the new run is
+	// fenced as stale.
+	h.step(Disconnected{6 * ms, 3})
+	for h.b.State() == Waiting && h.b.Now() < 10*testCfg.Timeout {
+		h.step(Tick{h.b.Wake()})
+	}
+	if h.b.State() != FailedOver {
+		t.Fatalf("after the timeout: %v", h.b.State())
+	}
+	if r := msgs(h.step(Hello{Now: time1h, Session: 4, VM: "vm1", Term: 1, Run: runB}), MsgReject); len(r) != 1 || !r[0].Fenced {
+		t.Fatalf("the new run after the failover: %+v", r)
+	}
+
+	// Nothing committed: a new run is welcome.
+	h = newBH(t)
+	h.step(Hello{Now: 1 * ms, Session: 1, VM: "vm1", Term: 1, Run: runA})
+	h.step(Disconnected{2 * ms, 1})
+	if a := msgs(h.step(Hello{Now: 3 * ms, Session: 2, VM: "vm1", Term: 1, Run: runB}), MsgAccept); len(a) != 1 {
+		t.Fatal("a new run refused by a slot holding nothing")
+	}
+	// The VM exited: a new run is welcome.
+	h.step(Checkpoint{4 * ms, 2, 1, true})
+	h.step(Exit{5 * ms, 2, 2, 0, 1})
+	if a := msgs(h.step(Hello{Now: 6 * ms, Session: 3, VM: "vm1", Term: 1, Run: runA}), MsgAccept); len(a) != 1 {
+		t.Fatal("a new run refused after the VM exited")
+	}
 }

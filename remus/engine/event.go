@@ -110,6 +110,9 @@ type Hello struct {
 	// PeerTimeout is the primary's Timeout (0: not said): once the
 	// session is accepted, heartbeats go at least every fifth of it.
 	PeerTimeout Time
+	// Run identifies the primary's process (0: not said): the same for
+	// its redials, another for a new run of the VM.
+	Run uint64
 }
 
 // Checkpoint reports that every part of checkpoint Seq of Session arrived

@@ -180,7 +180,7 @@ func FuzzBackup(f *testing.F) {
 				if arg&0x40 != 0 {
 					vm = "vm2"
 				}
-				ev = Hello{now, s, vm, uint64(arg>>2) & 3, Time(arg>>7&1) * 60 * ms}
+				ev = Hello{now, s, vm, uint64(arg>>2) & 3, Time(arg>>7&1) * 60 * ms, uint64(arg >> 4 & 1)}
 			case 1:
 				// Bits 2-5 the sequence number, bit 6 full (bit 5
 				// was, which made every full one 8 or more and every

@@ -824,7 +824,7 @@ func TestHeartbeatsAtThePeersPace(t *testing.T) {
 				t.Fatal(err)
 			}
 			h := &bh{t: t, b: b}
-			h.step(Hello{1 * ms, 1, "vm1", 1, peer})
+			h.step(Hello{1 * ms, 1, "vm1", 1, peer, 0})
 			if got := b.HeartbeatInterval(); got != want {
 				t.Fatalf("HeartbeatInterval %v, want %v", got, want)
 			}

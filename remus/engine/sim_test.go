@@ -784,7 +784,7 @@ func (s *sim) deliverP2B(c *simConn, m p2b) {
 	followed := b.e.Session() == c.session
 	switch m.kind {
 	case p2bHello:
-		s.bstep(Hello{s.now, c.session, s.vm, 1, 0})
+		s.bstep(Hello{Now: s.now, Session: c.session, VM: s.vm, Term: 1, Run: 1})
 	case p2bCkpt:
 		ck := Checkpoint{s.now, c.session, m.seq, m.full}
 		b.staged = &ck

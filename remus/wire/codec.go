@@ -449,7 +449,8 @@ func (m *Hello) appendTo(b []byte) []byte {
 	for _, p := range m.Preopens {
 		b = appendString(b, p)
 	}
-	return binary.AppendUvarint(b, uint64(m.Timeout))
+	b = binary.AppendUvarint(b, uint64(m.Timeout))
+	return binary.AppendUvarint(b, m.Run)
 }
 
 func (m *Hello) decode(d *decoder) {
@@ -493,6 +494,7 @@ func (m *Hello) decode(d *decoder) {
 		d.leave()
 	}
 	m.Timeout = d.duration("Timeout")
+	m.Run = d.uvarint("Run")
 }
 
 func (m *Hello) check(c *checker) {

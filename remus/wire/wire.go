@@ -39,7 +39,9 @@ import (
 // an Exit names the checkpoint its disk operations follow (After).
 // Version 6: Hello and Welcome carry each side's failure-detection
 // timeout, so that each sends heartbeats often enough for the other.
-const Version = 6
+// Version 7: Hello carries the primary's Run, so that a backup tells a
+// redial of the run whose checkpoints it holds from a new run of the VM.
+const Version = 7
 
 // Limits on strings, enforced by Validate and Unmarshal.
 const (
@@ -112,6 +114,9 @@ type Hello struct {
 	// before it gives it up: the backup heartbeats at least every fifth
 	// of it.
 	Timeout time.Duration
+	// Run identifies the primary's process (random, nonzero): its
+	// redials carry the same, a new run of the VM another.
+	Run uint64
 }
 
 // Listener is a listening socket of the guest: its fd and address.

@@ -83,6 +83,7 @@ func (g gen) message(t Type) Message {
 			m.Preopens = append(m.Preopens, g.str(MaxPath, true))
 		}
 		m.Timeout = time.Duration(g.r.Int64N(int64(MaxTimeout) + 1))
+		m.Run = g.u64()
 		return m
 	case TypeWelcome:
 		return &Welcome{Session: g.u64(), Committed: g.u64(), Timeout: time.Duration(g.r.Int64N(int64(MaxTimeout) + 1))}
@@ -217,7 +218,7 @@ func TestTruncation(t *testing.T) {
 
 func hello() *Hello {
 	return &Hello{Version: Version, VM: "kv", Term: 3, Name: "kv-1", Host: "primary",
-		Listen: []Listener{{Fd: 3, Addr: "0.0.0.0:8080"}}, Preopens: []string{"/data"}, Timeout: 300 * time.Millisecond}
+		Listen: []Listener{{Fd: 3, Addr: "0.0.0.0:8080"}}, Preopens: []string{"/data"}, Timeout: 300 * time.Millisecond, Run: 1<<40 + 7}
 }
 
 func TestDecodeErrors(t *testing.T) {
@@ -255,9 +256,9 @@ func TestDecodeErrors(t *testing.T) {
 		{"file kind", TypeDiskFile, cat(v(1), v(0), str("f"), []byte{4}, v(0), v(0), v(0), v(0)), "wire: DiskFile.Kind at byte 4: unknown file kind 4"},
 		{"dir data", TypeDiskFile, cat(v(1), v(0), str("d"), []byte{FileDir}, v(0), v(0), str("x"), v(0)), "wire: DiskFile.Data at byte 7: only a regular file carries data"},
 		{"symlink target", TypeDiskFile, cat(v(1), v(0), str("l"), []byte{FileSymlink}, v(0), v(0), v(0), v(0)), "wire: DiskFile.Target at byte 8: a symlink needs a target"},
-		{"preopen", TypeHello, cat(emptyHello[:len(emptyHello)-2], v(2), str("/a"), str("\xff"), v(0)), "wire: Hello.Preopens[1] at byte 46: not valid UTF-8"},
-		{"listen addr", TypeHello, cat(emptyHello[:len(emptyHello)-3], v(1), v(3), str("\x80"), v(0), v(0)), "wire: Hello.Listen[0].Addr at byte 43: not valid UTF-8"},
-		{"hello timeout", TypeHello, cat(emptyHello[:len(emptyHello)-1], v(uint64(MaxTimeout)+1)), fmt.Sprintf("wire: Hello.Timeout at byte %d: %d ns is above the limit of 24h0m0s", len(emptyHello)-1, uint64(MaxTimeout)+1)},
+		{"preopen", TypeHello, cat(emptyHello[:len(emptyHello)-3], v(2), str("/a"), str("\xff"), v(0), v(0)), "wire: Hello.Preopens[1] at byte 46: not valid UTF-8"},
+		{"listen addr", TypeHello, cat(emptyHello[:len(emptyHello)-4], v(1), v(3), str("\x80"), v(0), v(0), v(0)), "wire: Hello.Listen[0].Addr at byte 43: not valid UTF-8"},
+		{"hello timeout", TypeHello, cat(emptyHello[:len(emptyHello)-2], v(uint64(MaxTimeout)+1), v(0)), fmt.Sprintf("wire: Hello.Timeout at byte %d: %d ns is above the limit of 24h0m0s", len(emptyHello)-2, uint64(MaxTimeout)+1)},
 		{"welcome timeout", TypeWelcome, cat(v(1), v(2), v(uint64(MaxTimeout)+1)), fmt.Sprintf("wire: Welcome.Timeout at byte 2: %d ns is above the limit of 24h0m0s", uint64(MaxTimeout)+1)},
 	} {
 		m, err := Unmarshal(tc.typ, tc.b)
