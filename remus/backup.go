@@ -2371,6 +2371,8 @@ func (s *slot) failover(ctx context.Context) {
 	s.mu.Lock()
 	s.vmRun = m
 	s.status.FailoverMS = float64(elapsed.Microseconds()) / 1000
+	// A wait for the guest's address said so in the reason: it is over.
+	s.status.Reason = fmt.Sprintf("failed over: running checkpoint %d since %s", s.img.Seq, time.Now().UTC().Format(time.RFC3339))
 	s.mu.Unlock()
 	s.log.Warn("FAILOVER: resuming the protected VM from its last committed checkpoint",
 		"seq", s.img.Seq, "listeners", m.Info().Listeners, "setup", elapsed, "disk_catch_up", tDrain,

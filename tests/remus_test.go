@@ -985,6 +985,45 @@ func TestRemusLoopPollsFailoverMidComputation(t *testing.T) {
 	t.Logf("%v checkpoints before the kill; the primary had released %d bytes", cps, len(seen))
 }
 
+// TestRemusFailoverAfterItsAddressFrees: a backup failing over a primary
+// that still holds the guest's address (stopped, not dead) waits for it and
+// says so in its status; once the address is free it resumes the VM, and
+// its status says that, not the wait (it kept "failover waiting: ...
+// address already in use" for good).
+func TestRemusFailoverAfterItsAddressFrees(t *testing.T) {
+	r := startRemus(t)
+	if got := request(t, r.kvAddr, "SET before stop"); got != "OK" {
+		t.Fatalf("SET: %q", got)
+	}
+	reason := func() string {
+		var st struct {
+			Slots []struct {
+				Reason string `json:"reason"`
+			} `json:"slots"`
+		}
+		if err := json.Unmarshal([]byte(getText(t, r.bSock, "/status")), &st); err != nil || len(st.Slots) != 1 {
+			t.Fatalf("backup status: %v", err)
+		}
+		return st.Slots[0].Reason
+	}
+	r.primary.cmd.Process.Signal(syscall.SIGSTOP)
+	for deadline := time.Now().Add(20 * time.Second); !strings.Contains(reason(), "failover waiting"); time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			r.primary.cmd.Process.Kill()
+			t.Fatalf("the backup did not say it waits for the guest's address: %q", reason())
+		}
+	}
+	r.primary.cmd.Process.Kill()
+	waitLog(t, r.backup, "FAILOVER: resuming", 20*time.Second)
+	waitKV(t, r.backup, r.kvAddr)
+	if got := request(t, r.kvAddr, "GET before"); got != "VALUE stop" {
+		t.Errorf("after the failover: GET before = %q", got)
+	}
+	if got := reason(); strings.Contains(got, "waiting") || !strings.Contains(got, "failed over") {
+		t.Errorf("the backup's status after the failover: reason %q", got)
+	}
+}
+
 // TestRemusStoppedPrimaryIsFenced: a primary that stands still for longer
 // than the timeout (kill -STOP, as a starved or swapped-out host would)
 // is failed over by its backup. When it runs again it must not release
