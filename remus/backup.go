@@ -465,7 +465,13 @@ type slot struct {
 	diskErr    error
 	diskFailed time.Time
 	diskWait   time.Duration
-	closed     bool
+	// fullCommits counts the full checkpoints the loop committed
+	// (persistJob.fullNo); withheld is the last ack the loop kept back
+	// while the disk was behind (session 0: none), which ackWithheld
+	// sends once a full checkpoint is stored. Both the loop's.
+	fullCommits uint64
+	withheld    struct{ session, seq uint64 }
+	closed      bool
 }
 
 // staged is a checkpoint that arrived whole and verified, awaiting the
@@ -506,7 +512,10 @@ type (
 	}
 	// unresumableEv: the module could not be prepared for failover, or
 	// a full checkpoint could not be stored.
-	unresumableEv struct{ reason string }
+	unresumableEv struct {
+		reason string
+		fullNo uint64 // the full checkpoint whose store failed (0: not the disk)
+	}
 	// diskCaughtUpEv: a full checkpoint was stored after storing had
 	// failed: the acknowledgements withheld meanwhile may go.
 	diskCaughtUpEv struct{}
@@ -1138,6 +1147,12 @@ func (s *slot) handle(ev any) {
 		// engine's Ready: the loop commits them first (finishExit).
 		s.exiting = &e
 	case unresumableEv:
+		if e.fullNo != 0 && s.fullCommits > e.fullNo {
+			// A later full checkpoint was committed since: it is
+			// stored, or fails, on its own.
+			s.log.Debug("a full checkpoint's failed store is stale", "full", e.fullNo, "fulls", s.fullCommits)
+			break
+		}
 		s.step(engine.Unresumable{Now: s.b.now(), Reason: e.reason})
 	case diskCaughtUpEv:
 		s.ackWithheld()
@@ -1333,8 +1348,10 @@ func (s *slot) do(ctx context.Context, rd engine.BackupReady) (failover bool, fa
 				// on it. It hears a heartbeat instead; the ack goes
 				// once a full checkpoint is stored (ackWithheld).
 				msg = &wire.Heartbeat{Seq: s.eng.Committed()}
+				s.withheld.session, s.withheld.seq = m.Session, m.Seq
 				break
 			}
+			s.withheld.session = 0
 			msg = &wire.Ack{Seq: m.Seq}
 		case engine.MsgHeartbeat:
 			msg = &wire.Heartbeat{Seq: s.eng.Committed()}
@@ -1401,6 +1418,11 @@ func (s *slot) commit(ref engine.Staged) (finish func(), err error) {
 	if err != nil {
 		return nil, err
 	}
+	var fullNo uint64
+	if st.full {
+		s.fullCommits++
+		fullNo = s.fullCommits
+	}
 	for sess, h := range s.hellos {
 		if sess == s.eng.Session() {
 			s.hello = h
@@ -1423,7 +1445,7 @@ func (s *slot) commit(ref engine.Staged) (finish func(), err error) {
 			s.prepare(st.snap)
 		}
 		st.mem.hold() // the disk's
-		s.persistQ.push(persistJob{seq: seq, full: st.full, raw: st.raw, snap: st.snap, mem: st.mem, ops: st.ops, tree: st.tree})
+		s.persistQ.push(persistJob{seq: seq, full: st.full, fullNo: fullNo, raw: st.raw, snap: st.snap, mem: st.mem, ops: st.ops, tree: st.tree})
 		st.mem.release() // the staged checkpoint's
 	}, nil
 }
@@ -1719,11 +1741,15 @@ type persistJob struct {
 	seq  uint64
 	from uint64 // the first checkpoint it holds, if several (compact); 0: seq
 	full bool
-	raw  chunks
-	snap *snapshot.Snapshot // decoded raw
-	mem  *pageMem           // snap's pages' pool memory (or nil): released once stored
-	ops  []wire.FsOp
-	tree []wire.DiskFile
+	// fullNo numbers a full checkpoint among the slot's (fullCommits at
+	// its commit): a failure to store it is stale once a later one was
+	// committed, which is stored, or fails, on its own.
+	fullNo uint64
+	raw    chunks
+	snap   *snapshot.Snapshot // decoded raw
+	mem    *pageMem           // snap's pages' pool memory (or nil): released once stored
+	ops    []wire.FsOp
+	tree   []wire.DiskFile
 	// exit: the guest ended on its primary in epoch seq, with code; ops
 	// are that epoch's (no snapshot). Nothing of its run follows it (a
 	// new run starts with a full checkpoint, which empties the queue).
@@ -2002,7 +2028,7 @@ func (s *slot) persistExit(j persistJob, stored bool) {
 	}
 	t0 := time.Now()
 	if err := s.store.CommitExit(j.code, toStoreOps(j.ops)); err != nil {
-		s.stored(err, "the guest's exit", false)
+		s.stored(err, "the guest's exit", 0)
 		return
 	}
 	s.log.Info("the guest's exit stored", "seq", j.seq, "exit_code", j.code, "last_epoch_disk_ops", len(j.ops),
@@ -2019,7 +2045,7 @@ func (s *slot) persistCheckpoints(jobs []persistJob, storeSeq *uint64, tip *snap
 		t0 := time.Now()
 		err := s.store.CommitFullDecoded(j.seq, j.raw.bytes(), j.snap, toStoreTree(j.tree), toStoreOps(j.ops))
 		s.log.Debug("full checkpoint stored", "seq", j.seq, "took", time.Since(t0), "err", err)
-		if !s.stored(err, "a full checkpoint", true) {
+		if !s.stored(err, "a full checkpoint", j.fullNo) {
 			return false, false
 		}
 		*storeSeq, *tip = j.seq, j.snap.ID
@@ -2042,7 +2068,7 @@ func (s *slot) persistCheckpoints(jobs []persistJob, storeSeq *uint64, tip *snap
 		return false, false
 	}
 	if tip.IsZero() {
-		s.persistFailed(errors.New("no stored checkpoint to merge these onto"), false)
+		s.persistFailed(errors.New("no stored checkpoint to merge these onto"), 0)
 		return false, false
 	}
 	// Merged records are encoded onto the slot's own files (Tip), which
@@ -2052,11 +2078,11 @@ func (s *slot) persistCheckpoints(jobs []persistJob, storeSeq *uint64, tip *snap
 	ops := jobOps(jobs)
 	if err != nil {
 		s.log.Error("merging checkpoints for the disk failed", "err", err)
-		s.persistFailed(fmt.Errorf("merging checkpoints for the disk: %w", err), false)
+		s.persistFailed(fmt.Errorf("merging checkpoints for the disk: %w", err), 0)
 		return false, false
 	}
 	err = s.store.CommitIncrementalDecoded(*storeSeq+1, raw, merged, toStoreOps(ops))
-	if !s.stored(err, fmt.Sprintf("checkpoints %d-%d", jobs[0].first(), jobs[len(jobs)-1].seq), false) {
+	if !s.stored(err, fmt.Sprintf("checkpoints %d-%d", jobs[0].first(), jobs[len(jobs)-1].seq), 0) {
 		return false, false
 	}
 	*storeSeq, *tip = *storeSeq+1, merged.ID
@@ -2140,7 +2166,7 @@ const mergeBufKeep = 32 << 20
 // is only logged; a replica that diverged marks the disk behind (the memory
 // state is stored, the files are not); a broken slot is reopened (Open
 // recovers what is durable) and waits for the next full checkpoint.
-func (s *slot) stored(err error, what string, full bool) bool {
+func (s *slot) stored(err error, what string, fullNo uint64) bool {
 	switch {
 	case err == nil:
 		return true
@@ -2149,11 +2175,11 @@ func (s *slot) stored(err error, what string, full bool) bool {
 		return true
 	case errors.Is(err, store.ErrDiverged):
 		s.log.Error("the replica of the guest's files diverged; it is rebuilt at the next full checkpoint", "what", what, "err", err)
-		s.persistFailed(err, false)
+		s.persistFailed(err, 0)
 		return true
 	case errors.Is(err, store.ErrBroken):
 		s.log.Error("the slot's state directory failed; reopening it", "what", what, "err", err)
-		s.persistFailed(err, full)
+		s.persistFailed(err, fullNo)
 		s.store.Close()
 		st, oerr := store.Open(s.dir, storeOptions(s.roots, s.hurried))
 		if oerr != nil {
@@ -2167,7 +2193,7 @@ func (s *slot) stored(err error, what string, full bool) bool {
 	default:
 		s.log.Error("storing a checkpoint failed; the disk keeps the previous state until the next full checkpoint",
 			"what", what, "err", err)
-		s.persistFailed(err, full)
+		s.persistFailed(err, fullNo)
 		return false
 	}
 }
@@ -2190,7 +2216,11 @@ func (s *slot) persisted(seq uint64) {
 // of holding its output for ever, and primaries are refused for diskWait
 // (refusal) before the next try, a full checkpoint whose acknowledgement
 // waits until it is stored.
-func (s *slot) persistFailed(err error, full bool) {
+//
+// fullNo is the full checkpoint whose store failed (persistJob.fullNo), 0
+// if what failed was not one.
+func (s *slot) persistFailed(err error, fullNo uint64) {
+	full := fullNo != 0
 	s.mu.Lock()
 	was := s.diskBehind
 	s.diskBehind = true
@@ -2206,7 +2236,7 @@ func (s *slot) persistFailed(err error, full bool) {
 	case full:
 		s.log.Error("a full checkpoint could not be stored: the slot lets its primary go, which runs unprotected; "+
 			"primaries are refused until the next try", "retry_in", wait, "err", err)
-		ev = unresumableEv{reason: "storing a full checkpoint on the backup's disk failed: " + err.Error()}
+		ev = unresumableEv{reason: "storing a full checkpoint on the backup's disk failed: " + err.Error(), fullNo: fullNo}
 	case !was:
 		ev = engine.WantFull{Now: s.b.now(), Reason: "storing a checkpoint on the backup's disk failed"}
 	default:
@@ -2239,17 +2269,22 @@ func (s *slot) diskCaughtUp() {
 // ackWithheld sends the live session the acknowledgement withheld while
 // the disk was behind (loop's): the engine's next one may be a heartbeat
 // away, and the primary holds its output until it comes.
+//
+// It sends the ack the loop kept back (withheld), not the engine's latest
+// commit: a checkpoint stepped into the engine since may not be applied
+// yet (do), and its apply may still fail.
 func (s *slot) ackWithheld() {
 	s.mu.Lock()
 	behind := s.diskBehind
 	s.mu.Unlock()
-	seq := s.eng.SessionCommitted()
-	c := s.conns[s.eng.Session()]
-	if behind || seq == 0 || c == nil || s.eng.State() != engine.Following {
+	w := s.withheld
+	c := s.conns[w.session]
+	if behind || w.session == 0 || c == nil || w.session != s.eng.Session() || s.eng.State() != engine.Following {
 		return
 	}
+	s.withheld.session = 0
 	c.SetWriteDeadline(time.Now().Add(s.b.cfg.Engine.Timeout))
-	if err := wire.SendFlush(c, &wire.Ack{Seq: seq}); err != nil {
+	if err := wire.SendFlush(c, &wire.Ack{Seq: w.seq}); err != nil {
 		c.Close()
 	}
 }
