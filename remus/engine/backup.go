@@ -362,13 +362,15 @@ func (b *Backup) hello(h Hello) {
 		reject(fmt.Sprintf("session %d is closed", h.Session))
 	case b.state == Following:
 		reject(fmt.Sprintf("duplicate: session %d is live (heard %v ago)", b.session, b.now-b.lastHeard))
-	case b.state == Waiting && b.committed != 0 && b.run != 0 && h.Run != b.run:
+	case b.state == Waiting && b.committed != 0 && b.run != 0 && h.Run != 0 && h.Run != b.run && h.Term <= b.term:
 		// A new run of the VM (a restarted primary, or a second one
 		// under its id) while what the last run committed, which did
 		// not exit, waits for it: starting over would throw away what
 		// that run's clients were told is saved. The slot fails over
 		// to it unless that run comes back within the timeout; this
-		// run is fenced.
+		// run is fenced. (A run that says nothing of itself, Run 0, is
+		// not told apart; one of a higher term is the operator's word
+		// that it supersedes the last.)
 		b.send(Message{Kind: MsgReject, Session: h.Session, Fenced: true,
 			Reason: fmt.Sprintf("stale primary: another run of VM %s holds checkpoint %d here and did not exit: "+
 				"this backup resumes it unless that run comes back within %v; a new run must not start over it",

@@ -684,6 +684,15 @@ func TestBackupRefusesANewRunOverWhatItHolds(t *testing.T) {
 		t.Fatalf("the new run after the failover: %+v", r)
 	}
 
+	// A new run of a higher term supersedes the one the slot waits for.
+	h = newBH(t)
+	h.step(Hello{Now: 1 * ms, Session: 1, VM: "vm1", Term: 1, Run: runA})
+	h.step(Checkpoint{2 * ms, 1, 5, true})
+	h.step(Disconnected{3 * ms, 1})
+	if a := msgs(h.step(Hello{Now: 4 * ms, Session: 2, VM: "vm1", Term: 2, Run: runB}), MsgAccept); len(a) != 1 {
+		t.Fatal("a new run of a higher term refused")
+	}
+
 	// Nothing committed: a new run is welcome.
 	h = newBH(t)
 	h.step(Hello{Now: 1 * ms, Session: 1, VM: "vm1", Term: 1, Run: runA})
