@@ -225,13 +225,14 @@ func (s *Server) SetVM(vm VM) { s.vm.vm.Store(vmBox{vm}) }
 // it: another VM may have bound the path since (after someone removed
 // this one's), and must keep its socket.
 func (s *Server) Close() error {
-	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-	defer cancel()
-	err := s.srv.Shutdown(ctx)
-	if fi, lerr := os.Lstat(s.path); lerr == nil && os.SameFile(fi, s.own) {
+	// Before Shutdown closes the listener: while it is open the socket's
+	// inode cannot be reused by another socket bound at the path.
+	if fi, err := os.Lstat(s.path); err == nil && os.SameFile(fi, s.own) {
 		os.Remove(s.path)
 	}
-	return err
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	return s.srv.Shutdown(ctx)
 }
 
 // Client talks to a VM's API socket.

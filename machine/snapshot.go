@@ -242,7 +242,11 @@ func (m *Machine) outsideGuestDirs(path string) error {
 	if m.dev == nil {
 		return nil
 	}
-	dir, err := filepath.EvalSymlinks(filepath.Dir(path))
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return fmt.Errorf("snapshot: %w", err)
+	}
+	dir, err := filepath.EvalSymlinks(filepath.Dir(abs))
 	if err != nil {
 		return nil // the write reports the missing directory
 	}
@@ -270,6 +274,9 @@ var Version = "dev"
 // used capturePaused's, and a snapshot asked for through the API while the
 // guest ran to that host call staged its pages into the same stager.
 func (m *Machine) writeAutoSnapshot() error {
+	if err := m.outsideGuestDirs(m.cfg.SnapshotPath); err != nil {
+		return err
+	}
 	p := &Paused{m: m}
 	mem := p.Memory()
 	// The memory stays as it is until the VM is closed: its pages are
