@@ -985,6 +985,39 @@ func TestRemusLoopPollsFailoverMidComputation(t *testing.T) {
 	t.Logf("%v checkpoints before the kill; the primary had released %d bytes", cps, len(seen))
 }
 
+// TestRemusRestartedPrimaryDoesNotStartOver: a primary killed and started
+// again at once under the same --vm-id (a supervisor's restart) must not
+// have its fresh VM replace what the backup holds of the run before: that
+// lost every write the clients were told was saved. The new run is fenced
+// (exit 69, saying why), and the backup resumes the earlier run's state.
+func TestRemusRestartedPrimaryDoesNotStartOver(t *testing.T) {
+	r := startRemus(t, remusOpts{primary: []string{"--vm-id", "kv"}})
+	const n = 50
+	for i := 0; i < n; i++ {
+		if got := request(t, r.kvAddr, fmt.Sprintf("SET key%d value%d", i, i)); got != "OK" {
+			t.Fatalf("SET: %q", got)
+		}
+	}
+	r.primary.cmd.Process.Kill()
+	<-r.primary.done
+	again := startProc(t, ftvmBinary(t), append(r.primaryArgs, r.wasm, "--fd", "4", "--wal", "/data/wal.log")...)
+	select {
+	case <-again.done:
+	case <-time.After(20 * time.Second):
+		t.Fatal("the new run of the VM was not stopped")
+	}
+	if code := again.cmd.ProcessState.ExitCode(); code != 69 || !strings.Contains(again.out.String(), "earlier run") {
+		t.Fatalf("the new run exited %d, want 69 (fenced) saying why:\n%s", code, again.out.String())
+	}
+	waitLog(t, r.backup, "FAILOVER: resuming", 20*time.Second)
+	waitKV(t, r.backup, r.kvAddr)
+	for i := 0; i < n; i++ {
+		if got, want := request(t, r.kvAddr, fmt.Sprintf("GET key%d", i)), fmt.Sprintf("VALUE value%d", i); got != want {
+			t.Fatalf("after the failover GET key%d = %q, want %q", i, got, want)
+		}
+	}
+}
+
 // TestRemusFailoverAfterItsAddressFrees: a backup failing over a primary
 // that still holds the guest's address (stopped, not dead) waits for it and
 // says so in its status; once the address is free it resumes the VM, and

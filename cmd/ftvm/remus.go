@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -141,10 +142,29 @@ func runProtected(ctx context.Context, p *remus.Primary, m *machine.Machine, mod
 	err := serveAndRun(vctx, m, f, sig, limit)
 	select {
 	case <-p.Fenced():
-		return &exitError{code: exitFenced, err: errors.New("fenced: the backup failed this VM over (this primary stood still, or was cut off from it, for longer than --timeout) and runs it now; this copy was stopped")}
+		return fencedError(p)
 	default:
 	}
 	return err
+}
+
+func isFenced(p *remus.Primary) bool {
+	select {
+	case <-p.Fenced():
+		return true
+	default:
+		return false
+	}
+}
+
+// fencedError is how a fenced primary ends: exit 69, saying why.
+func fencedError(p *remus.Primary) error {
+	why := "the backup failed this VM over (this primary stood still, or was cut off from it, for longer than --timeout) and runs it now"
+	if strings.Contains(p.Status().Reason, "another run") {
+		why = "the backup holds this VM's checkpoint from an earlier run of it that did not exit, and resumes that unless " +
+			"the earlier run comes back; this new run would have started over it"
+	}
+	return &exitError{code: exitFenced, err: fmt.Errorf("fenced: %s; this copy was stopped", why)}
 }
 
 func newBackupCmd() *cobra.Command {

@@ -221,6 +221,16 @@ func run(ctx context.Context, f runFlags, args []string) error {
 		primary.Start(rctx, remus.Guest{Module: module, Name: path, Preopens: guestPaths(dirs), Listen: askedListeners(listen)})
 	}
 	m, err := machine.New(ctx, cfg)
+	if primary != nil && isFenced(primary) {
+		// Fenced while the machine was built (the backup said so in
+		// the handshake): that, not what the build met since (the
+		// guest's address taken by the backup's failover, say), is why
+		// this run stops.
+		if err == nil {
+			m.Close(ctx)
+		}
+		return fencedError(primary)
+	}
 	if err != nil {
 		return setupError(err)
 	}
