@@ -497,13 +497,14 @@ func (p *Primary) do(ctx context.Context, rd engine.PrimaryReady, module []byte,
 	}
 }
 
-// Fenced is closed once the backup has said it runs this VM now: it failed
-// over while this primary stood still or was cut off from it. The guest
-// must be stopped; its held output is never released.
+// Fenced is closed once the backup has said it runs this VM now (it failed
+// over while this primary stood still or was cut off from it), or will
+// unless an earlier run of the VM comes back. The guest must be stopped;
+// its held output is never released.
 func (p *Primary) Fenced() <-chan struct{} { return p.fenced }
 
-// isFenced says whether Fenced is closed.
-func (p *Primary) isFenced() bool {
+// IsFenced says whether Fenced is closed.
+func (p *Primary) IsFenced() bool {
 	select {
 	case <-p.fenced:
 		return true
@@ -768,7 +769,7 @@ func (p *Primary) Finish(code uint32) {
 		epochEnd bool
 	)
 	for {
-		if p.isFenced() {
+		if p.IsFenced() {
 			return // the VM is the backup's: nothing of this run leaves
 		}
 		st := p.Status()
@@ -832,7 +833,7 @@ func (p *Primary) Finish(code uint32) {
 		}
 		break
 	}
-	if p.isFenced() {
+	if p.IsFenced() {
 		return
 	}
 	p.gate.setPass(true)

@@ -148,15 +148,6 @@ func runProtected(ctx context.Context, p *remus.Primary, m *machine.Machine, mod
 	return err
 }
 
-func isFenced(p *remus.Primary) bool {
-	select {
-	case <-p.Fenced():
-		return true
-	default:
-		return false
-	}
-}
-
 // fencedError is how a fenced primary ends: exit 69, saying why.
 func fencedError(p *remus.Primary) error {
 	why := "the backup failed this VM over (this primary stood still, or was cut off from it, for longer than --timeout) and runs it now"

@@ -221,7 +221,7 @@ func run(ctx context.Context, f runFlags, args []string) error {
 		primary.Start(rctx, remus.Guest{Module: module, Name: path, Preopens: guestPaths(dirs), Listen: askedListeners(listen)})
 	}
 	m, err := machine.New(ctx, cfg)
-	if primary != nil && isFenced(primary) {
+	if primary != nil && primary.IsFenced() {
 		// Fenced while the machine was built (the backup said so in
 		// the handshake): that, not what the build met since (the
 		// guest's address taken by the backup's failover, say), is why
