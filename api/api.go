@@ -104,6 +104,12 @@ func Handler(vm VM, routes ...Route) http.Handler {
 			writeJSON(w, http.StatusBadRequest, errorBody{"snapshot_path is required"})
 			return
 		}
+		if req.Incremental && req.Mappable {
+			// Not silently one of the two.
+			writeJSON(w, http.StatusBadRequest, errorBody{"mappable applies to a full snapshot's memory; " +
+				"an incremental one holds only the pages written since the last, which a restore reads"})
+			return
+		}
 		if !filepath.IsAbs(req.Path) {
 			// The VM's process opens it, in a working directory the
 			// client does not see: a relative path would land wherever

@@ -173,3 +173,18 @@ func TestSnapshotPathMustBeAbsolute(t *testing.T) {
 		t.Fatalf("files written in the working directory: %v", ents)
 	}
 }
+
+// TestIncrementalIsNotMappable: a request for an incremental, mappable
+// snapshot is refused, with why, and nothing is written: the VM wrote an
+// incremental one and dropped mappable without a word.
+func TestIncrementalIsNotMappable(t *testing.T) {
+	_, sock := serveHello(t, machine.Config{})
+	out := filepath.Join(t.TempDir(), "kv.snap")
+	_, err := api.NewClient(sock).Snapshot(context.Background(), api.SnapshotRequest{Path: out, Incremental: true, Mappable: true})
+	if err == nil || !strings.Contains(err.Error(), "mappable applies to a full snapshot") {
+		t.Fatalf("incremental and mappable: %v", err)
+	}
+	if _, err := os.Stat(out); !os.IsNotExist(err) {
+		t.Fatalf("the refused snapshot was written: %v", err)
+	}
+}

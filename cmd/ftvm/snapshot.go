@@ -31,6 +31,9 @@ the disk space of the memory's non-zero pages.`,
 			if sock == "" || out == "" {
 				return usage("--api-sock and --out are required")
 			}
+			if incremental && mappable {
+				return usage("%s", errMappableIncremental)
+			}
 			abs, err := filepath.Abs(out)
 			if err != nil {
 				return usage("--out: %v", err)
@@ -98,3 +101,8 @@ func humanBytes(n int64) string {
 	}
 	return fmt.Sprintf("%d B", n)
 }
+
+// errMappableIncremental refuses --mappable with --incremental, which
+// dropped --mappable without a word.
+const errMappableIncremental = "--mappable applies to a full snapshot's memory; an incremental one holds only " +
+	"the pages written since the last, which a restore reads (take a full snapshot with --mappable)"
