@@ -190,8 +190,13 @@ func Restore(cfg Config, st *State) (*Devices, error) {
 	for _, fs := range st.FDs {
 		f, err := d.restoreFD(fs, roots, listen, stdio)
 		if err != nil {
+			what := describeFD(fs)
+			if (fs.Kind == KindFile || fs.Kind == KindDir) && fs.Root >= 0 && fs.Root < len(d.preopens) {
+				// The host's name for it, which the operator can look at.
+				what += ", on the host " + filepath.Join(d.preopens[fs.Root].HostPath, fs.Path)
+			}
 			d.Close()
-			return nil, fmt.Errorf("restore: guest fd %d (%s): %w", fs.Num, describeFD(fs), err)
+			return nil, fmt.Errorf("restore: guest fd %d (%s): %w", fs.Num, what, err)
 		}
 		d.fds.Set(fs.Num, f)
 	}

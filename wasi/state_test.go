@@ -119,8 +119,8 @@ func TestCaptureRestore(t *testing.T) {
 	if _, err := Restore(Config{Preopens: []Preopen{{HostPath: copyDir, GuestPath: "/"}},
 		Listen: []Listener{{Fd: listenerFd, Addr: "127.0.0.1:0"}},
 		Stdin:  strings.NewReader(""), Stdout: &bytes.Buffer{}, Stderr: &bytes.Buffer{}}, &st2); err == nil ||
-		!strings.Contains(err.Error(), "sub/r.txt") {
-		t.Errorf("restore with a missing file: %v", err)
+		!strings.Contains(err.Error(), "on the host "+filepath.Join(copyDir, "sub", "r.txt")) {
+		t.Errorf("restore with a missing file: %v, want it named as the host names it", err)
 	}
 	// Preopens must match by guest path.
 	if _, err := Restore(Config{Preopens: []Preopen{{HostPath: copyDir, GuestPath: "/data"}}}, &st2); err == nil {
