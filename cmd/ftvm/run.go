@@ -267,35 +267,30 @@ func serveAndRun(ctx context.Context, m *machine.Machine, f runFlags, sig *caugh
 		f.beforeRun()
 	}
 	code, err := m.Run(ctx)
+	exit := exitCodeOf(code, err)
 	if f.afterRun != nil {
-		f.afterRun(exitCodeOf(code, err), err)
+		f.afterRun(exit, err)
 	}
-	if err != nil {
-		var te *machine.TrapError
-		switch {
-		case errors.As(err, &te):
-			return &exitError{code: exitTrap, err: err}
-		case errors.Is(err, machine.ErrStopped):
-			return nil // stopped at a snapshot's safe point, as asked
-		case errors.Is(err, context.Canceled):
-			return &exitError{code: sig.exitCode()}
-		}
-		return &exitError{code: exitUsage, err: err}
+	switch {
+	case errors.Is(err, context.Canceled):
+		return &exitError{code: sig.exitCode()}
+	case errors.Is(err, machine.ErrStopped):
+		return nil // stopped at a snapshot's safe point, as asked
+	case err != nil:
+		return &exitError{code: int(exit), err: err}
 	}
 	if refused := m.MemoryRefused(); refused > 0 && code != 0 {
 		fmt.Fprintf(os.Stderr, "ftvm: the guest was refused memory growth to %s by --memory-limit %s\n",
 			machine.FormatSize(refused), machine.FormatSize(limit))
 	}
-	if code > 255 {
-		code = 255
-	}
-	return exitOrNil(int(code))
+	return exitOrNil(int(exit))
 }
 
 // exitCodeOf is the code ftvm exits with for a run that ended with the
-// guest's code and err (but for a signal, whose code the caller knows): a
-// protected primary records it on its backup as the VM's exit, so a trap
-// must be 134 there as here, not the 0 a trapped guest never returned.
+// guest's code and err (but for a signal, whose code serveAndRun knows):
+// serveAndRun exits with it, and a protected primary records it on its
+// backup as the VM's exit, so a trap is 134 there as here, not the 0 a
+// trapped guest never returned.
 func exitCodeOf(code uint32, err error) uint32 {
 	var te *machine.TrapError
 	switch {
