@@ -30,8 +30,6 @@ import (
 	"github.com/ftvm/ftvm/snapshot"
 	"github.com/ftvm/ftvm/transport"
 	"github.com/ftvm/ftvm/wasi"
-
-	"golang.org/x/sys/unix"
 )
 
 // BackupConfig configures a backup process.
@@ -114,35 +112,20 @@ func ListenBackup(cfg BackupConfig) (*Backup, error) {
 	return &Backup{cfg: cfg, ln: ln, lock: lock, log: cfg.Log.With("role", "backup"), t0: time.Now(), slots: map[string]*slot{}}, nil
 }
 
-// lockStateDir takes dir's lock (an flock of dir/LOCK) for one backup
-// process: a second backup on the same state would start, listen, and
-// show its misconfiguration only once a primary of a VM the first holds
-// came to it (each slot has its own lock). A fork of this process holds
-// the lock until it execs, so a busy lock is retried briefly.
+// lockStateDir takes dir's lock (the store's lock on dir/LOCK) for one
+// backup process: a second backup on the same state would start, listen,
+// and show its misconfiguration only once a primary of a VM the first
+// holds came to it (each slot has its own lock).
 func lockStateDir(dir string) (io.Closer, error) {
-	name := filepath.Join(dir, "LOCK")
-	f, err := os.OpenFile(name, os.O_RDWR|os.O_CREATE, 0o600)
-	if err != nil {
+	lock, err := store.OS().Lock(filepath.Join(dir, "LOCK"))
+	switch {
+	case errors.Is(err, store.ErrLocked):
+		return nil, fmt.Errorf("state directory %s is in use by another backup process", dir)
+	case err != nil:
 		return nil, fmt.Errorf("state directory: %w", err)
 	}
-	for deadline := time.Now().Add(stateLockWait); ; time.Sleep(5 * time.Millisecond) {
-		err = unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
-		if !errors.Is(err, unix.EWOULDBLOCK) || time.Now().After(deadline) {
-			break
-		}
-	}
-	if err != nil {
-		f.Close()
-		if errors.Is(err, unix.EWOULDBLOCK) {
-			return nil, fmt.Errorf("state directory %s is in use by another backup process", dir)
-		}
-		return nil, fmt.Errorf("state directory: lock %s: %w", name, err)
-	}
-	return f, nil // closing it releases the lock
+	return lock, nil
 }
-
-// stateLockWait bounds lockStateDir's retries.
-const stateLockWait = 200 * time.Millisecond
 
 // Addr is the replication address actually bound.
 func (b *Backup) Addr() net.Addr { return b.ln.Addr() }
@@ -224,7 +207,7 @@ func (b *Backup) handshake(ctx context.Context, c *transport.Conn) {
 		reject(err.Error())
 		return
 	}
-	if why := s.refuseModule(hello.Module); why != "" {
+	if why := s.refusal(hello.Module); why != "" {
 		b.mu.Lock()
 		s.attaching--
 		b.mu.Unlock()
@@ -371,7 +354,7 @@ type SlotStatus struct {
 	LastHeardMS   float64 `json:"primary_last_heard_ms"`
 	ProgramReady  bool    `json:"program_ready"`
 	// ProgramError is why the module could not be prepared for failover
-	// (the slot refuses its primaries meanwhile: refuseModule).
+	// (the slot refuses its primaries meanwhile: refusal).
 	ProgramError string  `json:"program_error,omitempty"`
 	FailoverMS   float64 `json:"failover_ms,omitempty"`
 	// FailoverError is why the failover could not resume the VM: the
@@ -438,7 +421,7 @@ type slot struct {
 	progErr  error
 	progDone chan struct{}
 	progTid  int       // the thread preparing it, while it does (0: none)
-	progFail time.Time // when preparing progHash last failed (refuseModule)
+	progFail time.Time // when preparing progHash last failed (refusal)
 	// persistTid is the persister's thread, at nice persistNice (0: not
 	// lowered); a failover, which waits for its commit, raises it again
 	// (where the process may).
@@ -771,7 +754,7 @@ func (s *slot) receive(id uint64, c *transport.Conn, hello *wire.Hello) {
 				fail("checkpoint %d: device state: %v", m.Seq, err)
 				return
 			}
-			if why := s.refuseModule(hello.Module); why != "" {
+			if why := s.refusal(hello.Module); why != "" {
 				// Learnt since the session began: not acknowledged, so
 				// that the primary does not count on this backup.
 				fail("checkpoint %d: %s", m.Seq, why)
@@ -1362,10 +1345,7 @@ func (s *slot) do(ctx context.Context, rd engine.BackupReady) (failover bool, fa
 		default:
 			continue
 		}
-		c.SetWriteDeadline(time.Now().Add(s.b.cfg.Engine.Timeout))
-		if err := wire.SendFlush(c, msg); err != nil {
-			c.Close()
-		}
+		s.sendTo(c, msg)
 		if m.Kind == engine.MsgReject {
 			c.Close()
 		}
@@ -1660,7 +1640,7 @@ func (s *slot) failedLately() bool {
 }
 
 // prepareRetryAfter is how long, in nanoseconds, after a failed
-// preparation of a module the backup refuses its primaries (refuseModule)
+// preparation of a module the backup refuses its primaries (refusal)
 // before it tries again: 30 s. Atomic, since a test shortens it while
 // preparations of earlier tests' backups may still be running (go test
 // -race saw one read it).
@@ -1670,7 +1650,7 @@ func init() { prepareRetryAfter.Store(int64(30 * time.Second)) }
 
 func retryAfter() time.Duration { return time.Duration(prepareRetryAfter.Load()) }
 
-// refuseModule says why the backup refuses a primary of module, "" if it
+// refusal says why the backup refuses a primary of module, "" if it
 // does not. A backup that failed to prepare the module for failover (its
 // instrumentation or compilation failed: binaryen missing on this host, a
 // module wasm-opt rejects, a full cache directory) cannot resume the VM,
@@ -1679,7 +1659,7 @@ func retryAfter() time.Duration { return time.Duration(prepareRetryAfter.Load())
 // wrong. The primary then stays unprotected and says why; the backup tries
 // again after prepareRetryAfter (diskWait for the disk). A preparation
 // still under way is not a refusal.
-func (s *slot) refuseModule(module snapshot.Hash) string {
+func (s *slot) refusal(module snapshot.Hash) string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.diskWait > 0 && s.diskErr != nil && time.Since(s.diskFailed) < s.diskWait {
@@ -2283,8 +2263,14 @@ func (s *slot) ackWithheld() {
 		return
 	}
 	s.withheld.session = 0
+	s.sendTo(c, &wire.Ack{Seq: w.seq})
+}
+
+// sendTo sends the loop's message m on c within the timeout; a connection
+// that cannot take it is closed (its reader then reports it lost).
+func (s *slot) sendTo(c *transport.Conn, m wire.Message) {
 	c.SetWriteDeadline(time.Now().Add(s.b.cfg.Engine.Timeout))
-	if err := wire.SendFlush(c, &wire.Ack{Seq: w.seq}); err != nil {
+	if err := wire.SendFlush(c, m); err != nil {
 		c.Close()
 	}
 }

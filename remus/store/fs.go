@@ -119,12 +119,16 @@ func (osFS) Lock(name string) (io.Closer, error) {
 	if err != nil {
 		f.Close()
 		if errors.Is(err, unix.EWOULDBLOCK) {
-			return nil, fmt.Errorf("store: %s is locked: the slot is open in another process", name)
+			return nil, fmt.Errorf("store: %s is locked: %w", name, ErrLocked)
 		}
 		return nil, fmt.Errorf("store: lock %s: %w", name, err)
 	}
 	return f, nil // closing the file releases the lock
 }
+
+// ErrLocked is the cause of Lock's error when another process holds the
+// lock (test with errors.Is).
+var ErrLocked = errors.New("the slot is open in another process")
 
 // lockWait bounds Lock's retrying of a busy lock (a fork's exec takes a
 // few milliseconds, more on a loaded machine). It stays well under a
