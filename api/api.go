@@ -37,6 +37,21 @@ type SnapshotRequest struct {
 	Mappable bool `json:"mappable,omitempty"`
 }
 
+// ErrMappableIncremental refuses a request for a snapshot both
+// incremental and mappable, which wrote an incremental one and dropped
+// mappable without a word.
+var ErrMappableIncremental = errors.New("mappable applies to a full snapshot's memory; " +
+	"an incremental one holds only the pages written since the last, which a restore reads")
+
+// Check refuses a request no snapshot can honour as asked (the server
+// checks it; a client may, before asking).
+func (r SnapshotRequest) Check() error {
+	if r.Incremental && r.Mappable {
+		return ErrMappableIncremental
+	}
+	return nil
+}
+
 // SnapshotResponse describes the snapshot written.
 type SnapshotResponse struct {
 	Path    string           `json:"snapshot_path"`
@@ -104,10 +119,8 @@ func Handler(vm VM, routes ...Route) http.Handler {
 			writeJSON(w, http.StatusBadRequest, errorBody{"snapshot_path is required"})
 			return
 		}
-		if req.Incremental && req.Mappable {
-			// Not silently one of the two.
-			writeJSON(w, http.StatusBadRequest, errorBody{"mappable applies to a full snapshot's memory; " +
-				"an incremental one holds only the pages written since the last, which a restore reads"})
+		if err := req.Check(); err != nil {
+			writeJSON(w, http.StatusBadRequest, errorBody{err.Error()})
 			return
 		}
 		if !filepath.IsAbs(req.Path) {

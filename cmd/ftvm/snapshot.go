@@ -31,15 +31,16 @@ the disk space of the memory's non-zero pages.`,
 			if sock == "" || out == "" {
 				return usage("--api-sock and --out are required")
 			}
-			if incremental && mappable {
-				return usage("%s", errMappableIncremental)
-			}
+
 			abs, err := filepath.Abs(out)
 			if err != nil {
 				return usage("--out: %v", err)
 			}
-			resp, err := api.NewClient(sock).Snapshot(cmd.Context(),
-				api.SnapshotRequest{Path: abs, Stop: stop, Incremental: incremental, Mappable: mappable})
+			req := api.SnapshotRequest{Path: abs, Stop: stop, Incremental: incremental, Mappable: mappable}
+			if err := req.Check(); err != nil {
+				return usage("--mappable, --incremental: %v (take a full snapshot with --mappable)", err)
+			}
+			resp, err := api.NewClient(sock).Snapshot(cmd.Context(), req)
 			if err != nil {
 				return &exitError{code: 1, err: err}
 			}
@@ -101,8 +102,3 @@ func humanBytes(n int64) string {
 	}
 	return fmt.Sprintf("%d B", n)
 }
-
-// errMappableIncremental refuses --mappable with --incremental, which
-// dropped --mappable without a word.
-const errMappableIncremental = "--mappable applies to a full snapshot's memory; an incremental one holds only " +
-	"the pages written since the last, which a restore reads (take a full snapshot with --mappable)"
