@@ -947,10 +947,11 @@ func (s *slot) loop(ctx context.Context) {
 			// Nothing commits into the image any more, and the last
 			// commit's copy is done.
 			s.waitApply()
+			committed := s.eng.Committed()
 			s.b.wg.Add(1)
 			go func() {
 				defer s.b.wg.Done()
-				s.failover(ctx)
+				s.failover(ctx, committed)
 			}()
 			// The slot's engine is terminal now; keep answering (stale
 			// primaries get rejected) until ctx ends.
@@ -1146,7 +1147,7 @@ func (s *slot) handle(ev any) {
 		s.conns[e.session] = e.conn
 		s.hellos[e.session] = e.hello
 		s.step(engine.Hello{Now: s.b.now(), Session: e.session, VM: e.hello.VM, Term: e.hello.Term, PeerTimeout: e.hello.Timeout,
-			Run: e.hello.Run})
+			Run: e.hello.Run, Released: e.hello.Released, GiveUp: e.hello.GiveUp, Dial: e.hello.Dial})
 	case stagedEv:
 		s.staged[engine.Staged{Session: e.cp.session, Seq: e.cp.seq}] = e.cp
 		s.step(engine.Checkpoint{Now: e.now, Session: e.cp.session, Seq: e.cp.seq, Full: e.cp.full})
@@ -1320,7 +1321,14 @@ func (s *slot) do(ctx context.Context, rd engine.BackupReady) (failover bool, fa
 		case engine.MsgAccept:
 			msg = &wire.Welcome{Session: m.Session, Committed: s.eng.Committed(), Timeout: s.b.cfg.Engine.Timeout}
 		case engine.MsgReject:
-			msg = &wire.Reject{Reason: m.Reason}
+			code := wire.RejectRefused
+			if m.Fenced {
+				code = wire.RejectFenced
+			}
+			msg = &wire.Reject{Reason: m.Reason, Code: code}
+		case engine.MsgReleased:
+			s.log.Warn("the primary gave this backup up: it runs unprotected, and nothing here is resumed", "reason", m.Reason)
+			msg = &wire.Reject{Reason: m.Reason, Code: wire.RejectReleased}
 		case engine.MsgAck:
 			if failed != nil {
 				continue // every connection is closed: none is acked
@@ -1346,7 +1354,7 @@ func (s *slot) do(ctx context.Context, rd engine.BackupReady) (failover bool, fa
 			continue
 		}
 		s.sendTo(c, msg)
-		if m.Kind == engine.MsgReject {
+		if m.Kind == engine.MsgReject || m.Kind == engine.MsgReleased {
 			c.Close()
 		}
 	}
@@ -2313,10 +2321,17 @@ func toStoreTree(tree []wire.DiskFile) []store.TreeEntry {
 // failover resumes the last committed checkpoint: the module compiled in
 // advance, the memory image taken over without a copy, the directories
 // from the slot's replica, the guest's listen addresses bound here.
-func (s *slot) failover(ctx context.Context) {
+func (s *slot) failover(ctx context.Context, committed uint64) {
 	t0 := time.Now()
 	if s.img.ID.IsZero() {
 		s.failoverFailed(errors.New("nothing committed to resume"))
+		return
+	}
+	if committed == 0 {
+		// The engine failed over to a commit that then failed to apply,
+		// and what the image holds instead is a state it had dropped (a
+		// given-up slot's, say): resuming it would take back output.
+		s.failoverFailed(fmt.Errorf("the checkpoint it failed over to could not be applied, and checkpoint %d the image holds is not to be resumed", s.img.Seq))
 		return
 	}
 	s.hurry()

@@ -40,6 +40,8 @@ func (p *Primary) MetricsHandler() http.Handler {
 		func(s PrimaryStatus) float64 { return float64(s.ReleasedBytes) })
 	c("stalls_total", "Times the guest was stopped because held output exceeded the limit.",
 		func(s PrimaryStatus) float64 { return float64(s.Stalls) })
+	c("gave_up_backup_total", "Times the primary gave up a backup that accepted sessions and acknowledged none (it let the VM go first).",
+		func(s PrimaryStatus) float64 { return float64(s.GaveUp) })
 	c("stood_still_total", "Times the primary's process stood still for most of the timeout (its backup may have failed over meanwhile).",
 		func(s PrimaryStatus) float64 { return float64(s.StoodStill) })
 	return promhttp.HandlerFor(reg, promhttp.HandlerOpts{})

@@ -24,7 +24,6 @@ import (
 	"os"
 	"runtime"
 	"slices"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -112,6 +111,14 @@ type Primary struct {
 	relUpTo  uint64
 	relAll   bool
 	hello    wire.Hello
+	// left and giveUp are what the next Hello says beside hello (the
+	// engine's Left and Ready.GiveUp, as of its last Ready); protections
+	// counts the engine's entries into Protected (the dialer's backoff
+	// after a give-up ends with one).
+	left        atomic.Uint64
+	giveUp      atomic.Bool
+	dials       atomic.Uint64 // Hello.Dial of the last connection
+	protections atomic.Uint64
 	// stalling: a back-pressure stall is queued or running.
 	stalling atomic.Bool
 	machine  atomic.Pointer[machine.Machine]
@@ -201,6 +208,10 @@ type PrimaryStatus struct {
 	// most of the timeout (engine StoodStill): a stopped or starved
 	// process, whose backup may have failed over meanwhile.
 	StoodStill uint64 `json:"stood_still"`
+	// GaveUp counts the times this primary gave its backup up through a
+	// Hello (engine GiveUp): the backup accepted sessions and acked none
+	// for the timeout, and let the VM go before output was released.
+	GaveUp uint64 `json:"gave_up_backup"`
 }
 
 // NewPrimary prepares a primary; its Gate goes into the machine's Config.
@@ -453,6 +464,9 @@ func (p *Primary) do(ctx context.Context, rd engine.PrimaryReady, module []byte,
 			lvl, msg = slog.LevelError, "FENCED: the backup runs this VM now; stopping it here, its held output never released"
 			p.fencedOnce.Do(func() { close(p.fenced) })
 		}
+		if sc.To == engine.Protected {
+			p.protections.Add(1)
+		}
 		p.log.Log(ctx, lvl, msg, "from", sc.From.String(), "to", sc.To.String(), "reason", sc.Reason)
 		p.mu.Lock()
 		p.status.Reason = sc.Reason
@@ -487,6 +501,9 @@ func (p *Primary) do(ctx context.Context, rd engine.PrimaryReady, module []byte,
 	if changed {
 		p.wakeReleaser()
 	}
+	// What the next Hello says (the dialer's): see wire.Hello.
+	p.left.Store(p.eng.Left())
+	p.giveUp.Store(rd.GiveUp)
 	if req := rd.TakeCheckpoint; req != nil {
 		if p.machine.Load() == nil {
 			// Started before the machine (Start): taken once Run has it.
@@ -1079,20 +1096,52 @@ func (p *Primary) redialMax() time.Duration {
 	return max(min(time.Second, t/4), 10*time.Millisecond)
 }
 
+// pause waits d, or until ctx ends (false).
+func (p *Primary) pause(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
 // dialer keeps a session to the backup: it dials, handshakes, and once a
 // session ends, dials again (with a pause, so a dead backup costs little).
 func (p *Primary) dialer(ctx context.Context, module []byte, name string) {
 	backoff := min(100*time.Millisecond, p.redialMax())
 	flaps := 0 // sessions in a row that ended within the timeout
+	// After a give-up, the next try waits this long (doubling, up to a
+	// minute, until the engine is protected again): the backup holds
+	// nothing to resume, and each try holds output while it syncs.
+	releasedWait, protections := time.Second, p.protections.Load()
 	var sent uint64
 	for ctx.Err() == nil && !p.finished.Load() {
 		s, err := p.connect(ctx)
 		if err != nil {
 			var rej *rejectedError
-			if errors.As(err, &rej) && rej.stale {
+			if errors.As(err, &rej) && rej.code == wire.RejectFenced {
 				p.log.Error("the backup rejected this primary as stale: it runs this VM now; not redialing", "reason", rej.reason)
 				p.send(engine.Stale{Now: p.now(), Reason: rej.reason})
 				return
+			}
+			if errors.As(err, &rej) && rej.code == wire.RejectReleased {
+				// The backup holds nothing of the VM now: the engine
+				// releases, and the backup, with nothing to resume,
+				// can wait for the next try as long as it likes.
+				p.log.Error("gave the backup up: it accepted session after session and acknowledged none; running unprotected",
+					"reason", rej.reason, "next_try_in", releasedWait)
+				p.mu.Lock()
+				p.status.GaveUp++
+				p.mu.Unlock()
+				p.send(engine.Released{Now: p.now(), Reason: rej.reason})
+				if !p.pause(ctx, releasedWait) {
+					return
+				}
+				releasedWait = min(2*releasedWait, time.Minute)
+				continue
 			}
 			if errors.As(err, &rej) {
 				// Said once per reason, not at every redial.
@@ -1128,7 +1177,7 @@ func (p *Primary) dialer(ctx context.Context, module []byte, name string) {
 			p.log.Info("the backup's --timeout is shorter than this primary's: heartbeats go at its pace",
 				"backup_timeout", s.peerTimeout, "timeout", p.cfg.Engine.Timeout)
 		}
-		p.send(engine.Connected{Now: p.now(), Session: s.id, PeerTimeout: s.peerTimeout})
+		p.send(engine.Connected{Now: p.now(), Session: s.id, PeerTimeout: s.peerTimeout, Said: s.said})
 		// Run stopping ends the session: its receiver would otherwise
 		// wait on a backup that keeps the connection open, with the
 		// sender and heartbeater, for ever.
@@ -1148,21 +1197,24 @@ func (p *Primary) dialer(ctx context.Context, module []byte, name string) {
 			p.log.Debug("the guest ended and its backup was told: not redialing")
 			return
 		}
-		// A backup that welcomes and drops us again and again must not
-		// be redialed at once for ever: each new session asks for a full
-		// checkpoint, and its hearing from the backup keeps protection
-		// from being given up, so output stayed held. Waits double
-		// past the timeout, which then gives it up (loudly).
+		if n := p.protections.Load(); n != protections {
+			protections, releasedWait = n, time.Second
+		}
+		// A backup that welcomes and drops us again and again is not
+		// redialed at once for ever (each new session asks for a full
+		// checkpoint), but never later than a backup holding our
+		// checkpoints waits before it fails over (redialMax): waits
+		// that grew to twice the timeout let it fail over while this
+		// primary, not hearing it either, released output. Giving up
+		// such a backup is the engine's (GiveUp): through it.
 		wait := 50 * time.Millisecond
 		if time.Since(up) < p.cfg.Engine.Timeout {
 			flaps++
-			wait = min(wait<<min(flaps, 6), 2*p.cfg.Engine.Timeout)
+			wait = min(wait<<min(flaps, 6), p.redialMax())
 		} else {
 			flaps = 0
 		}
-		select {
-		case <-time.After(wait):
-		case <-ctx.Done():
+		if !p.pause(ctx, wait) {
 			return
 		}
 	}
@@ -1170,7 +1222,7 @@ func (p *Primary) dialer(ctx context.Context, module []byte, name string) {
 
 type rejectedError struct {
 	reason string
-	stale  bool
+	code   wire.RejectCode
 }
 
 func (e *rejectedError) Error() string { return "rejected by the backup: " + e.reason }
@@ -1185,9 +1237,13 @@ func (p *Primary) connect(ctx context.Context) (*session, error) {
 	}
 	c.SetDeadline(time.Now().Add(p.cfg.Engine.Timeout))
 	hello := p.hello
+	hello.Released, hello.GiveUp, hello.Dial = p.left.Load(), p.giveUp.Load(), p.dials.Add(1)
 	if err := wire.SendFlush(c, &hello); err != nil {
 		c.Close()
 		return nil, err
+	}
+	if hello.GiveUp {
+		p.send(engine.GiveUpSent{Now: p.now()})
 	}
 	// While the answer is on its way, keep the backup hearing from us: a
 	// backup that accepted the session but whose Welcome is delayed must
@@ -1222,10 +1278,10 @@ func (p *Primary) connect(ctx context.Context) (*session, error) {
 		p.mu.Unlock()
 		return &session{id: id, conn: c, queue: make(chan any, p.cfg.Engine.MaxInflight+8),
 			hb: make(chan struct{}, 1), done: make(chan struct{}), uncompressed: p.cfg.Uncompressed,
-			peerTimeout: m.Timeout}, nil
+			peerTimeout: m.Timeout, said: hello.Released}, nil
 	case *wire.Reject:
 		c.Close()
-		return nil, &rejectedError{reason: m.Reason, stale: isStaleReason(m.Reason)}
+		return nil, &rejectedError{reason: m.Reason, code: m.Code}
 	default:
 		c.Close()
 		return nil, fmt.Errorf("handshake: unexpected %s", msg.Type())
@@ -1246,6 +1302,7 @@ type session struct {
 	base         uint64
 	uncompressed bool
 	peerTimeout  time.Duration // the backup's --timeout, from its Welcome
+	said         uint64        // its Hello's Released (engine.Connected.Said)
 	lastID       snapshot.Hash
 	bases        pageBases // owned by the sender goroutine
 	devices      devicesJSON
@@ -1764,13 +1821,6 @@ func (s *session) receiver(p *Primary) {
 			return
 		}
 	}
-}
-
-// isStaleReason recognises a backup's refusal of a primary whose VM it
-// runs now, or will unless an earlier run of the VM comes back (engine.
-// Backup's wording): such a primary stops redialing and is fenced.
-func isStaleReason(r string) bool {
-	return strings.HasPrefix(r, "stale primary") || strings.HasPrefix(r, "slot failed over")
 }
 
 // pageBases keeps a copy of each page a session sent in its recent

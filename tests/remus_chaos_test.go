@@ -149,6 +149,25 @@ func killProc(t *testing.T, p *proc) time.Time {
 	return at
 }
 
+// killProtected kills (-9) a primary that is protected, waiting first
+// until it has heard its backup within a quarter of timeout. One that gave
+// a stalled backup up (a busy machine) released output that backup lacks,
+// and the backup rightly refuses to resume an older state after it (a
+// double failure): a kill then tests that, not a failover.
+func killProtected(t *testing.T, p *proc, sock string, timeout time.Duration) time.Time {
+	t.Helper()
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		st := status(t, sock)
+		if st["state"] == "protected" && num(st, "backup_last_heard_ms") < float64(timeout/time.Millisecond)/4 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the primary was not protected, its backup heard within a quarter of %v: %s", timeout, jsonString(st))
+		}
+	}
+	return killProc(t, p)
+}
+
 // checkAfterFailover adds a final read of every key to the history, checks
 // that it is linearizable (writes with unknown outcomes may or may not have
 // happened) and reads every key once more to name any acknowledged write
@@ -687,7 +706,7 @@ func TestRemusBackupRestart(t *testing.T) {
 		protAt.Sub(restartAt).Round(time.Millisecond), full0, pst["full_checkpoints"])
 	time.Sleep(time.Second) // protected again, serving
 
-	pKilled := killProc(t, r.primary)
+	pKilled := killProtected(t, r.primary, r.pSock, timeout)
 	waitServing(t, r.kvAddr, 30*time.Second)
 	failover := time.Since(pKilled)
 	checkFailoverTime(t, failover, timeout, r.backup)

@@ -337,6 +337,9 @@ func printStatus(st map[string]any) {
 	if n, ok := st["stood_still"].(float64); ok && n > 0 {
 		fmt.Printf("stood still: %s times (the process stopped or starved for most of the timeout)\n", num(n))
 	}
+	if n, ok := st["gave_up_backup"].(float64); ok && n > 0 {
+		fmt.Printf("gave up:     the backup %s times (it accepted sessions and acknowledged none; it let the VM go first)\n", num(n))
+	}
 }
 
 // printRecent prints a primary's recent checkpoints in brief.

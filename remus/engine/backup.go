@@ -70,6 +70,11 @@ const (
 	// MsgExited acknowledges the Exit of Session in epoch Seq; the
 	// session is over (DropSession follows).
 	MsgExited
+	// MsgReleased answers a Hello that gives the slot up (Hello.GiveUp):
+	// the slot dropped what it held, so its primary may release output
+	// (it steps Released). The driver sends it and closes that
+	// connection, as for MsgReject.
+	MsgReleased
 )
 
 func (k MessageKind) String() string {
@@ -86,6 +91,8 @@ func (k MessageKind) String() string {
 		return "need-full"
 	case MsgExited:
 		return "exited"
+	case MsgReleased:
+		return "released"
 	}
 	return fmt.Sprintf("MessageKind(%d)", uint8(k))
 }
@@ -176,6 +183,19 @@ type Backup struct {
 	// Hello's Run; 0: not known, as after a restart from disk): while
 	// what it committed waits for it, another run's Hello is refused.
 	run uint64
+	// released is the newest epoch whose output that run said had left
+	// (Hello.Released): a commit older than it is not resumed.
+	released uint64
+	// dial is the highest Hello.Dial of that run handled: an older one,
+	// handled late, must not supersede a newer session or give it up.
+	dial uint64
+	// kept lists the commits made since the copy was last dropped (the
+	// slot given up, a new run, a stale state), newest last: a failed
+	// commit leaves the copy at one of them, or at something dropped,
+	// which must not come back (commitFailed).
+	kept []commit
+	// copyRun is the run whose checkpoint the copy holds (committed).
+	copyRun uint64
 
 	// The current session; zero when there is none.
 	session       uint64
@@ -319,10 +339,15 @@ func (b *Backup) expire() {
 		return
 	}
 	reason := fmt.Sprintf("primary not heard for %v", b.now-b.lastHeard)
-	if b.committed == 0 {
+	if !b.resumable() {
 		b.pend.DropSession = append(b.pend.DropSession, Drop{b.session, reason})
 		b.clearSession()
-		b.setState(Idle, reason+"; nothing committed to fail over to")
+		if b.committed == 0 {
+			b.setState(Idle, reason+"; nothing committed to fail over to")
+		} else {
+			b.setState(Idle, fmt.Sprintf("%s; checkpoint %d is older than output its primary released (epoch %d): not resumed", reason, b.committed, b.released))
+			b.dropCopy()
+		}
 		return
 	}
 	if b.session != 0 {
@@ -339,6 +364,12 @@ func (b *Backup) expire() {
 // Timeout: expire ended it otherwise).
 func (b *Backup) hello(h Hello) {
 	reject := func(why string) { b.send(Message{Kind: MsgReject, Session: h.Session, Reason: why}) }
+	if !b.live(h.Session) && h.VM == b.vm && h.Run == b.run && h.Term == b.term && b.state != FailedOver && b.state != Exited {
+		// Heard even from a Hello refused below: the run's numbers are
+		// the slot's (a run that says nothing of itself, Run 0, is
+		// taken for the same).
+		b.released = max(b.released, h.Released)
+	}
 	switch {
 	case b.live(h.Session):
 		// A copy of the Hello that opened the session refreshes it; any
@@ -353,14 +384,19 @@ func (b *Backup) hello(h Hello) {
 		b.send(Message{Kind: MsgReject, Session: h.Session, Fenced: true,
 			Reason: fmt.Sprintf("stale primary: term %d failed over at term %d", h.Term, b.term)})
 	case b.state == FailedOver:
-		reject("slot failed over: it runs the VM now")
+		// A higher term, but the VM runs here: it too must stop.
+		b.send(Message{Kind: MsgReject, Session: h.Session, Fenced: true, Reason: "slot failed over: it runs the VM now"})
 	case h.Session == 0:
 		reject("session 0")
 	case h.Term < b.term:
 		reject(fmt.Sprintf("stale term %d: slot is at term %d", h.Term, b.term))
 	case h.Session <= b.closed:
 		reject(fmt.Sprintf("session %d is closed", h.Session))
-	case b.state == Following:
+	case b.sameRun(h) && h.Dial != 0 && h.Dial <= b.dial:
+		// Handled late (its handshake stalled): its primary has moved
+		// on to a newer connection, which it must not end or give up.
+		reject(fmt.Sprintf("late hello: connection %d of its primary, after %d", h.Dial, b.dial))
+	case b.state == Following && !b.sameRun(h):
 		reject(fmt.Sprintf("duplicate: session %d is live (heard %v ago)", b.session, b.now-b.lastHeard))
 	case b.state == Waiting && b.committed != 0 && b.run != 0 && h.Run != 0 && h.Run != b.run && h.Term <= b.term:
 		// A new run of the VM (a restarted primary, or a second one
@@ -375,23 +411,109 @@ func (b *Backup) hello(h Hello) {
 			Reason: fmt.Sprintf("stale primary: another run of VM %s holds checkpoint %d here and did not exit: "+
 				"this backup resumes it unless that run comes back within %v; a new run must not start over it",
 				b.vm, b.committed, b.cfg.Timeout)})
-	default:
-		why := fmt.Sprintf("session %d accepted, term %d", h.Session, h.Term)
-		if b.state == Exited {
-			// A new run: the last one ended, and what it committed
-			// must never be resumed, even if this session fails
-			// before its first (full) checkpoint.
-			b.committed = 0
-			why += "; a new run of the VM"
+	case h.GiveUp:
+		b.supersede(h)
+		// The primary goes on without a backup: what the slot holds
+		// falls behind the output about to leave, so it is dropped
+		// before the primary hears it may release (MsgReleased). A
+		// primary that let output go unanswered instead gave the slot
+		// a silence, and the slot resumed its older state beside it.
+		why := fmt.Sprintf("its primary (term %d) gives this backup up and runs unprotected", h.Term)
+		if b.committed != 0 {
+			why += fmt.Sprintf("; checkpoint %d is no longer resumed", b.committed)
 		}
+		b.dropCopy()
+		if b.sameRun(h) {
+			b.released = max(b.released, h.Released)
+		} else {
+			b.released = h.Released
+		}
+		b.dial = h.Dial
+		b.term = h.Term
+		b.run = h.Run
+		b.closed = max(b.closed, h.Session)
+		b.send(Message{Kind: MsgReleased, Session: h.Session, Reason: why})
+		if b.state == Waiting {
+			b.setState(Idle, why)
+		}
+	default:
+		b.supersede(h)
+		why := fmt.Sprintf("session %d accepted, term %d", h.Session, h.Term)
+		exited := b.state == Exited
+		if h.Run != b.run || h.Term != b.term {
+			b.released = h.Released // its own numbers (resumable)
+		}
+		b.dial = h.Dial
 		b.term = h.Term
 		b.session = h.Session
 		b.run = h.Run
+		switch {
+		case exited:
+			// A new run: the last one ended, and what it committed
+			// must never be resumed, even if this session fails
+			// before its first (full) checkpoint.
+			b.dropCopy()
+			why += "; a new run of the VM"
+		case b.committed != 0 && !b.resumable():
+			// Its primary let output go while it ran without this
+			// backup that the checkpoint lacks: resuming it would
+			// take back what clients were shown.
+			why += fmt.Sprintf("; checkpoint %d is older than the output its primary released (epoch %d), so it is no longer resumed", b.committed, b.released)
+			b.dropCopy()
+		}
 		b.lastHeard = b.now
 		b.pace = b.cfg.paceFor(h.PeerTimeout)
 		b.send(Message{Kind: MsgAccept, Session: h.Session})
 		b.setState(Following, why)
 	}
+}
+
+// sameRun reports whether h comes from the primary process whose session
+// the slot accepted last, under the same term: its checkpoint numbers are
+// the slot's, and a session of it that the slot still follows is one it
+// has left (a primary has one session at a time).
+func (b *Backup) sameRun(h Hello) bool {
+	return h.Run != 0 && h.Run == b.run && h.Term == b.term && h.VM == b.vm
+}
+
+// supersede ends the session the slot follows, if any, for h's: the same
+// run's newer connection (sameRun). Rejecting it as a duplicate instead
+// kept the slot on a connection its primary had closed (its close not
+// seen yet) until the timeout, and then failed over while that primary,
+// refused, could neither be protected nor release.
+func (b *Backup) supersede(h Hello) {
+	if b.state != Following {
+		return
+	}
+	b.pend.DropSession = append(b.pend.DropSession, Drop{b.session, fmt.Sprintf("superseded by session %d of the same primary", h.Session)})
+	b.endSession(fmt.Sprintf("session %d superseded by %d", b.session, h.Session))
+}
+
+// dropCopy forgets the last commit: nothing the copy holds now, nor what
+// a failed commit leaves it at, is to be resumed.
+func (b *Backup) dropCopy() {
+	b.committed = 0
+	b.kept = b.kept[:0]
+	b.copyRun = 0
+}
+
+// commit is a checkpoint the slot committed, and the run it came from.
+type commit struct{ run, seq uint64 }
+
+// resumable reports whether the last commit may be run at a failover: it
+// exists and is not older than output its primary said it released
+// (Hello.Released) while it ran without this backup.
+// A copy of another run than the one the slot follows now (accepted over
+// it with a higher term) is resumable only while the new run says none of
+// its output left: its numbers say nothing of the copy's.
+func (b *Backup) resumable() bool {
+	switch {
+	case b.committed == 0:
+		return false
+	case b.copyRun != b.run:
+		return b.released == 0
+	}
+	return b.committed >= b.released
 }
 
 // exit ends the run of the VM: its primary's guest ended by itself, so no
@@ -428,7 +550,7 @@ func (b *Backup) unresumable(e Unresumable) {
 		b.pend.DropSession = append(b.pend.DropSession, Drop{b.session, e.Reason})
 	}
 	b.clearSession()
-	b.committed = 0
+	b.dropCopy()
 	b.setState(Idle, e.Reason+"; nothing here can be resumed")
 }
 
@@ -452,6 +574,10 @@ func (b *Backup) checkpoint(c Checkpoint) {
 		b.pend.Discard = append(b.pend.Discard, Staged{c.Session, c.Seq}) // a copy of one committed
 	case c.Full || c.Seq == b.sessCommitted+1 && b.sessCommitted != 0 && b.wantFull == "":
 		b.committed, b.sessCommitted = c.Seq, c.Seq
+		b.copyRun = b.run
+		if b.kept = append(b.kept, commit{b.run, c.Seq}); len(b.kept) > 64 {
+			b.kept = slices.Delete(b.kept, 0, len(b.kept)-64)
+		}
 		if c.Full {
 			b.wantFull = ""
 		}
@@ -480,6 +606,23 @@ func (b *Backup) checkpoint(c Checkpoint) {
 func (b *Backup) commitFailed(e CommitFailed) error {
 	if e.Seq == 0 || e.Seq > b.committed && b.state != FailedOver {
 		return fmt.Errorf("remus: commit of %d failed, but %d is the last committed", e.Seq, b.committed)
+	}
+	// The failed commit and those after it never took; what the copy
+	// holds is resumable only if it is a commit made since the copy was
+	// last dropped (a given-up slot's image, say, stays in memory).
+	if i := slices.IndexFunc(b.kept, func(c commit) bool { return c.seq == e.Seq }); i >= 0 {
+		b.kept = b.kept[:i]
+	}
+	b.copyRun = 0
+	found := false
+	for i := len(b.kept) - 1; i >= 0 && e.Committed != 0; i-- {
+		if b.kept[i].seq == e.Committed {
+			b.copyRun, found = b.kept[i].run, true
+			break
+		}
+	}
+	if !found {
+		e.Committed = 0
 	}
 	b.committed = e.Committed
 	if b.state == FailedOver {

@@ -154,7 +154,7 @@ func TestBackupCheckpointChain(t *testing.T) {
 
 func TestBackupAcksCoalesce(t *testing.T) {
 	b, _ := NewBackup(testCfg, "vm1", 0)
-	b.Step(Hello{1 * ms, 1, "vm1", 1, 0, 0})
+	b.Step(Hello{1 * ms, 1, "vm1", 1, 0, 0, 0, false, 0})
 	b.Step(Checkpoint{2 * ms, 1, 1, true})
 	b.Step(Checkpoint{2 * ms, 1, 2, false})
 	rd := b.Ready()
@@ -189,7 +189,7 @@ func TestBackupHello(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			h := following(t)
-			rd := h.step(Hello{50 * ms, tc.second.sess, tc.second.vm, tc.second.term, 0, 0})
+			rd := h.step(Hello{50 * ms, tc.second.sess, tc.second.vm, tc.second.term, 0, 0, 0, false, 0})
 			if tc.reject == "-" {
 				if len(msgs(rd, MsgReject))+len(msgs(rd, MsgAccept)) != 0 || h.b.LastHeard() != 50*ms {
 					t.Fatalf("%+v", rd)
@@ -212,7 +212,7 @@ func TestBackupHello(t *testing.T) {
 		t.Fatalf("%v", h.b.State())
 	}
 	for _, hl := range []hello{{"vm1", 2, 2}, {"vm1", 1, 3}} {
-		if rd := h.step(Hello{11 * ms, hl.sess, hl.vm, hl.term, 0, 0}); len(msgs(rd, MsgReject)) != 1 {
+		if rd := h.step(Hello{11 * ms, hl.sess, hl.vm, hl.term, 0, 0, 0, false, 0}); len(msgs(rd, MsgReject)) != 1 {
 			t.Fatalf("%+v accepted", hl)
 		}
 	}
@@ -232,7 +232,7 @@ func TestBackupHello(t *testing.T) {
 	h.step(Checkpoint{14 * ms, 2, 7, true})
 	h.step(Disconnected{15 * ms, 2})
 	for _, sess := range []uint64{1, 2} {
-		if rd := h.step(Hello{16 * ms, sess, "vm1", 3, 0, 0}); len(msgs(rd, MsgReject)) != 1 || h.b.State() != Waiting {
+		if rd := h.step(Hello{16 * ms, sess, "vm1", 3, 0, 0, 0, false, 0}); len(msgs(rd, MsgReject)) != 1 || h.b.State() != Waiting {
 			t.Fatalf("a Hello for ended session %d: %v %+v", sess, h.b.State(), rd)
 		}
 	}
@@ -262,11 +262,12 @@ func TestBackupFailover(t *testing.T) {
 	if r := msgs(rd, MsgReject); len(r) != 1 || !r[0].Fenced || !strings.Contains(r[0].Reason, "stale primary") {
 		t.Fatalf("stale primary: %+v", rd)
 	}
+	// A higher term is refused too, and fenced: the VM runs here.
 	rd = h.hello(401*ms, 3, 4)
-	if r := msgs(rd, MsgReject); len(r) != 1 || r[0].Fenced {
+	if r := msgs(rd, MsgReject); len(r) != 1 || !r[0].Fenced || !strings.Contains(r[0].Reason, "slot failed over") {
 		t.Fatalf("higher term: %+v", rd)
 	}
-	rd = h.step(Hello{401 * ms, 4, "vm2", 1, 0, 0})
+	rd = h.step(Hello{401 * ms, 4, "vm2", 1, 0, 0, 0, false, 0})
 	if r := msgs(rd, MsgReject); len(r) != 1 || r[0].Fenced {
 		t.Fatalf("another VM: %+v", rd)
 	}
@@ -705,5 +706,186 @@ func TestBackupRefusesANewRunOverWhatItHolds(t *testing.T) {
 	h.step(Exit{5 * ms, 2, 2, 0, 1})
 	if a := msgs(h.step(Hello{Now: 6 * ms, Session: 3, VM: "vm1", Term: 1, Run: runA}), MsgAccept); len(a) != 1 {
 		t.Fatal("a new run refused after the VM exited")
+	}
+}
+
+// waitOut ticks at each Wake until the slot leaves Waiting (or an hour).
+func (h *bh) waitOut() {
+	h.t.Helper()
+	for h.b.State() == Waiting && h.b.Now() < time1h {
+		h.step(Tick{h.b.Wake()})
+	}
+}
+
+// A primary that gives the slot up (Hello.GiveUp) is answered MsgReleased
+// once the slot dropped what it held: no failover can then resume a
+// state older than the output the primary goes on to release.
+func TestBackupReleasesOnGiveUp(t *testing.T) {
+	const run = 7
+	h := newBH(t)
+	h.step(Hello{Now: 1 * ms, Session: 1, VM: "vm1", Term: 1, Run: run})
+	h.step(Checkpoint{2 * ms, 1, 5, true})
+	h.step(Disconnected{3 * ms, 1})
+	rd := h.step(Hello{Now: 4 * ms, Session: 2, VM: "vm1", Term: 1, Run: run, Released: 5, GiveUp: true})
+	if m := msgs(rd, MsgReleased); len(m) != 1 || m[0].Session != 2 || len(msgs(rd, MsgAccept)) != 0 {
+		t.Fatalf("give-up: %+v", rd)
+	}
+	if h.b.State() != Idle || h.b.Committed() != 0 || h.b.Session() != 0 {
+		t.Fatalf("after the give-up: %v, committed %d, session %d", h.b.State(), h.b.Committed(), h.b.Session())
+	}
+	if rd = h.silence(time1h); rd.Failover || h.failovers != 0 {
+		t.Fatal("failed over after being given up")
+	}
+	// The same primary comes back: a new session, from a full checkpoint.
+	rd = h.step(Hello{Now: time1h + ms, Session: 3, VM: "vm1", Term: 1, Run: run, Released: 6})
+	if len(msgs(rd, MsgAccept)) != 1 {
+		t.Fatalf("redial after the give-up: %+v", rd)
+	}
+	if rd = h.step(Checkpoint{time1h + 2*ms, 3, 7, false}); len(msgs(rd, MsgNeedFull)) != 1 {
+		t.Fatalf("an incremental after the give-up: %+v", rd)
+	}
+
+	// A slot following a session when the same run gives it up on a new
+	// connection (its close of the old one not seen yet) lets it go too.
+	h = newBH(t)
+	h.step(Hello{Now: 1 * ms, Session: 1, VM: "vm1", Term: 1, Run: run})
+	h.step(Checkpoint{2 * ms, 1, 5, true})
+	rd = h.step(Hello{Now: 4 * ms, Session: 2, VM: "vm1", Term: 1, Run: run, Released: 5, GiveUp: true})
+	if len(msgs(rd, MsgReleased)) != 1 || len(rd.DropSession) != 1 || rd.DropSession[0].Session != 1 || h.b.Committed() != 0 {
+		t.Fatalf("give-up over a live session: %+v, committed %d", rd, h.b.Committed())
+	}
+	// Another run may not give up what this one holds.
+	h = newBH(t)
+	h.step(Hello{Now: 1 * ms, Session: 1, VM: "vm1", Term: 1, Run: run})
+	h.step(Checkpoint{2 * ms, 1, 5, true})
+	h.step(Disconnected{3 * ms, 1})
+	rd = h.step(Hello{Now: 4 * ms, Session: 2, VM: "vm1", Term: 1, Run: run + 1, GiveUp: true})
+	if r := msgs(rd, MsgReject); len(r) != 1 || !r[0].Fenced || h.b.Committed() != 5 {
+		t.Fatalf("another run's give-up: %+v, committed %d", rd, h.b.Committed())
+	}
+}
+
+// A primary that released output without the slot (unprotected) says so
+// in its Hello (Released): a checkpoint older than that output is not
+// resumed, even if the session that follows fails before its first.
+func TestBackupDoesNotResumeWhatIsOlderThanReleasedOutput(t *testing.T) {
+	const run = 7
+	for _, tc := range []struct {
+		name     string
+		released uint64
+		failover bool
+	}{
+		{"released what it holds", 5, true},
+		{"released a later epoch", 6, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := newBH(t)
+			h.step(Hello{Now: 1 * ms, Session: 1, VM: "vm1", Term: 1, Run: run})
+			h.step(Checkpoint{2 * ms, 1, 5, true})
+			h.step(Disconnected{3 * ms, 1})
+			if rd := h.step(Hello{Now: 4 * ms, Session: 2, VM: "vm1", Term: 1, Run: run, Released: tc.released}); len(msgs(rd, MsgAccept)) != 1 {
+				t.Fatalf("redial: %+v", rd)
+			}
+			h.step(Disconnected{5 * ms, 2})
+			h.waitOut()
+			if got := h.failovers == 1; got != tc.failover {
+				t.Fatalf("failover %v, want %v (%v)", got, tc.failover, h.b.State())
+			}
+		})
+	}
+	// A Hello of the same run that the slot refuses (here a late one,
+	// naming a closed session) still tells it what was released.
+	h := newBH(t)
+	h.step(Hello{Now: 1 * ms, Session: 2, VM: "vm1", Term: 1, Run: run})
+	h.step(Checkpoint{2 * ms, 2, 5, true})
+	h.step(Disconnected{3 * ms, 2})
+	if rd := h.step(Hello{Now: 4 * ms, Session: 1, VM: "vm1", Term: 1, Run: run, Released: 9}); len(msgs(rd, MsgReject)) != 1 {
+		t.Fatalf("a closed session's Hello: %+v", rd)
+	}
+	h.waitOut()
+	if h.failovers != 0 || h.b.State() != Idle {
+		t.Fatalf("resumed checkpoint 5 after its primary said it released epoch 9: %v", h.b.State())
+	}
+}
+
+// The same run's new connection supersedes the session the slot still
+// follows: the primary has one session at a time, so that one is over.
+func TestBackupSupersedesTheSameRunsSession(t *testing.T) {
+	h := newBH(t)
+	h.step(Hello{Now: 1 * ms, Session: 1, VM: "vm1", Term: 1, Run: 7})
+	h.step(Checkpoint{2 * ms, 1, 5, true})
+	rd := h.step(Hello{Now: 3 * ms, Session: 2, VM: "vm1", Term: 1, Run: 7})
+	if len(msgs(rd, MsgAccept)) != 1 || h.b.Session() != 2 || len(rd.DropSession) != 1 || rd.DropSession[0].Session != 1 || h.b.Committed() != 5 {
+		t.Fatalf("same run: %+v, session %d, committed %d", rd, h.b.Session(), h.b.Committed())
+	}
+	// Another run's is a duplicate.
+	rd = h.step(Hello{Now: 4 * ms, Session: 3, VM: "vm1", Term: 1, Run: 8})
+	if r := msgs(rd, MsgReject); len(r) != 1 || !strings.Contains(r[0].Reason, "duplicate") || h.b.Session() != 2 {
+		t.Fatalf("another run: %+v", rd)
+	}
+}
+
+// A Hello of the slot's run handled after a newer one (its handshake
+// stalled) neither supersedes the newer session nor gives the slot up.
+func TestBackupRefusesALateHelloOfItsRun(t *testing.T) {
+	h := newBH(t)
+	h.step(Hello{Now: 1 * ms, Session: 2, VM: "vm1", Term: 1, Run: 7, Dial: 2})
+	h.step(Checkpoint{2 * ms, 2, 5, true})
+	rd := h.step(Hello{Now: 3 * ms, Session: 3, VM: "vm1", Term: 1, Run: 7, Dial: 1, Released: 4, GiveUp: true})
+	if r := msgs(rd, MsgReject); len(r) != 1 || !strings.Contains(r[0].Reason, "late hello") || r[0].Fenced {
+		t.Fatalf("late give-up: %+v", rd)
+	}
+	if h.b.State() != Following || h.b.Session() != 2 || h.b.Committed() != 5 || len(rd.DropSession) != 0 {
+		t.Fatalf("after the late Hello: %v, session %d, committed %d", h.b.State(), h.b.Session(), h.b.Committed())
+	}
+	// A newer one supersedes it.
+	if rd = h.step(Hello{Now: 4 * ms, Session: 4, VM: "vm1", Term: 1, Run: 7, Dial: 3, Released: 5}); len(msgs(rd, MsgAccept)) != 1 || h.b.Session() != 4 {
+		t.Fatalf("newer Hello: %+v", rd)
+	}
+}
+
+// A commit that fails leaves the copy as it was; if what it holds is a
+// state the slot dropped (given up, here), that is not brought back by
+// the failure: nothing is resumed.
+func TestBackupFailedCommitDoesNotBringBackWhatWasDropped(t *testing.T) {
+	h := newBH(t)
+	h.step(Hello{Now: 1 * ms, Session: 1, VM: "vm1", Term: 1, Run: 7, Dial: 1})
+	h.step(Checkpoint{2 * ms, 1, 5, true})
+	h.step(Disconnected{3 * ms, 1})
+	h.step(Hello{Now: 4 * ms, Session: 2, VM: "vm1", Term: 1, Run: 7, Dial: 2, Released: 6, GiveUp: true})
+	h.step(Hello{Now: 5 * ms, Session: 3, VM: "vm1", Term: 1, Run: 8, Dial: 1})
+	h.step(Checkpoint{6 * ms, 3, 1, true})
+	h.step(CommitFailed{Now: 7 * ms, Session: 3, Seq: 1, Committed: 5}) // the copy still holds run 7's 5
+	if h.b.Committed() != 0 || h.b.State() != Idle {
+		t.Fatalf("after the failed commit: %v, committed %d", h.b.State(), h.b.Committed())
+	}
+	if rd := h.silence(time1h); rd.Failover || h.failovers != 0 {
+		t.Fatal("failed over to the state its primary gave up")
+	}
+}
+
+// A run accepted over another run's checkpoint (a higher term) keeps it
+// resumable only while it says none of its own output left: its numbers
+// say nothing of that checkpoint's.
+func TestBackupAnotherRunsCheckpointAndReleasedOutput(t *testing.T) {
+	for _, tc := range []struct {
+		released uint64
+		failover bool
+	}{{0, true}, {7, false}} {
+		h := newBH(t)
+		h.step(Hello{Now: 1 * ms, Session: 1, VM: "vm1", Term: 1, Run: 11, Dial: 1})
+		h.step(Checkpoint{2 * ms, 1, 500, true})
+		h.step(Disconnected{3 * ms, 1})
+		h.step(Hello{Now: 4 * ms, Session: 2, VM: "vm1", Term: 2, Run: 22, Dial: 1})
+		h.step(Disconnected{5 * ms, 2})
+		rd := h.step(Hello{Now: 6 * ms, Session: 3, VM: "vm1", Term: 2, Run: 22, Dial: 2, Released: tc.released})
+		if len(msgs(rd, MsgAccept)) != 1 {
+			t.Fatalf("released %d: %+v", tc.released, rd)
+		}
+		h.step(Disconnected{7 * ms, 3})
+		h.waitOut()
+		if got := h.failovers == 1; got != tc.failover {
+			t.Fatalf("run 22 said %d released: failover %v, want %v (%v)", tc.released, got, tc.failover, h.b.State())
+		}
 	}
 }

@@ -47,7 +47,8 @@
 //     Connecting, output held, and has until Timeout after the backup was
 //     last heard to reconnect and resynchronize with a full checkpoint. The
 //     backup, symmetric, keeps its last commit (Waiting) and fails over
-//     Timeout after it last heard the primary. Only silence fails a peer.
+//     Timeout after it last heard the primary. Only silence fails a peer,
+//     but for a backup that acks nothing (GiveUp, below).
 //   - A session's first checkpoint is requested at once, not at the end of
 //     the epoch: until it is acknowledged output is held and the guest is
 //     unprotected. Output that passed while Unprotected is never held back:
@@ -88,4 +89,17 @@
 //     run (Exited, no timer). A later Hello of the slot's term or above is
 //     a new run of the VM: accepted, with nothing committed until its own
 //     full checkpoint, so that it cannot fail over to the run that ended.
+//   - A backup heard but acking nothing (sessions that come up and end
+//     before an ack) would keep the silence rule from ever firing, output
+//     held for good. Timeout after its last ack, with no session up, the
+//     primary gives it up through it: Ready.GiveUp puts it in the next
+//     Hello, the backup drops what it holds and answers MsgReleased, and
+//     only then (Released) is held output released. Letting a silence of
+//     the primary's own making give it up instead let the backup fail
+//     over beside a live primary. Unanswered for one more Timeout, the
+//     primary gives the backup up without its word, as by silence.
+//   - Every Hello says the newest epoch some of whose output left the
+//     primary (Primary.Left): a backup never resumes a checkpoint of that
+//     run older than it, since clients saw what that state lacks. A Hello
+//     of the same run supersedes the session the backup still follows.
 package engine

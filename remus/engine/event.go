@@ -2,7 +2,7 @@ package engine
 
 // PrimaryEvent is an input of the Primary: Tick, Output, Connected,
 // Disconnected, CheckpointTaken, CheckpointFailed, Ack, Heartbeat,
-// NeedFull or Stale. The interface
+// NeedFull, Stale, GiveUpSent or Released. The interface
 // is sealed so that feeding a backup's event to a primary does not compile.
 type PrimaryEvent interface{ primaryAt() Time }
 
@@ -53,6 +53,20 @@ type Stale struct {
 	Reason string
 }
 
+// GiveUpSent reports that a Hello carrying GiveUp left for the backup (the
+// engine's GiveUp was up when the driver sent it): a backup that answers
+// it neither with Released nor otherwise within Timeout is given up
+// without its word. A Hello without it, accepted, proves nothing.
+type GiveUpSent struct{ Now Time }
+
+// Released reports that the backup answered a Hello that gave it up
+// (Ready.GiveUp) by dropping what it held for this VM: nothing it has can
+// be resumed now, so held output may leave. The primary is Unprotected.
+type Released struct {
+	Now    Time
+	Reason string
+}
+
 // Connected reports that a backup accepted the handshake of Session.
 // Sessions must increase over the life of a Primary, so that a late
 // message of an old session can never pass for a new one.
@@ -62,6 +76,10 @@ type Connected struct {
 	// PeerTimeout is the backup's Timeout, from its Welcome (0: not
 	// said): heartbeats go at least every fifth of it.
 	PeerTimeout Time
+	// Said is the Released its Hello carried (Primary.Left when it was
+	// sent): below Left now, the session is dropped for a redial that
+	// tells the backup.
+	Said uint64
 }
 
 // CheckpointTaken reports that the pause for the requested checkpoint Seq
@@ -113,6 +131,17 @@ type Hello struct {
 	// Run identifies the primary's process (0: not said): the same for
 	// its redials, another for a new run of the VM.
 	Run uint64
+	// Released is the newest epoch some of whose output has left the
+	// primary (Primary.Left): a committed checkpoint older than that is
+	// not what the clients saw, and is never resumed.
+	Released uint64
+	// GiveUp: the primary gives this backup up (PrimaryReady.GiveUp). The
+	// slot drops what it holds and answers MsgReleased instead of
+	// accepting a session.
+	GiveUp bool
+	// Dial numbers the run's connections (0: not said): a Hello handled
+	// after a later one of its run is refused.
+	Dial uint64
 }
 
 // Checkpoint reports that every part of checkpoint Seq of Session arrived
@@ -167,6 +196,8 @@ func (e Disconnected) backupAt() Time      { return e.Now }
 func (e Output) primaryAt() Time           { return e.Now }
 func (e Connected) primaryAt() Time        { return e.Now }
 func (e Stale) primaryAt() Time            { return e.Now }
+func (e Released) primaryAt() Time         { return e.Now }
+func (e GiveUpSent) primaryAt() Time       { return e.Now }
 func (e GuestIdle) primaryAt() Time        { return e.Now }
 func (e HoldFull) primaryAt() Time         { return e.Now }
 func (e CheckpointTaken) primaryAt() Time  { return e.Now }

@@ -1,6 +1,7 @@
 package engine
 
 import (
+	"strings"
 	"testing"
 	"time"
 )
@@ -54,11 +55,24 @@ func FuzzPrimary(f *testing.F) {
 			case 2:
 				sessions++
 				current = sessions
-				ev = Connected{now, sessions, Time(arg>>4&3) * 40 * ms} // 0: not said
+				// Timeout 0: not said. Its Hello said what had left
+				// then (bit 0 clear), or nothing.
+				said := uint64(0)
+				if arg&1 == 0 {
+					said = p.Left()
+				}
+				ev = Connected{now, sessions, Time(arg>>4&3) * 40 * ms, said}
 			case 3:
 				ev = Disconnected{now, pick()}
-				if arg%16 == 15 {
+				switch {
+				case arg%16 == 15:
 					ev = Stale{now, "stale primary"}
+				case arg%16 == 14:
+					// The backup's answer to a Hello that gave it up
+					// (or a late one, or one never asked for).
+					ev = Released{now, "released"}
+				case arg%16 == 13:
+					ev = GiveUpSent{now}
 				}
 			case 4:
 				if out == nil {
@@ -97,6 +111,9 @@ func FuzzPrimary(f *testing.F) {
 				if _, stale := ev.(Stale); c.To == Fenced && !stale {
 					t.Fatalf("change %+v on %#v", c, ev)
 				}
+				if _, r := ev.(Released); r && (c.To != Unprotected || c.From == Fenced) {
+					t.Fatalf("change %+v on %#v", c, ev)
+				}
 				state = c.To
 				unprot = unprot || c.To == Unprotected
 			}
@@ -129,6 +146,9 @@ func FuzzPrimary(f *testing.F) {
 				got[r.Session] = true
 				c := *r
 				out, last = &c, r.Seq
+			}
+			if rd.GiveUp && (state != Connecting || p.Session() != 0) {
+				t.Fatalf("GiveUp in %v, session %d", state, p.Session())
 			}
 			if rd.Wake <= p.Now() || p.Inflight() > testCfg.MaxInflight {
 				t.Fatalf("wake %v now %v inflight %d", rd.Wake, p.Now(), p.Inflight())
@@ -169,6 +189,9 @@ func FuzzBackup(f *testing.F) {
 			// wantFull: WantFull was stepped and no full checkpoint
 			// committed since.
 			wantFull bool
+			// The highest Released of any Hello: a commit may be
+			// dropped as older than that.
+			maxReleased uint64
 		)
 		for i := 0; i+1 < len(data); i += 2 {
 			op, arg := data[i]%8, data[i+1]
@@ -180,7 +203,7 @@ func FuzzBackup(f *testing.F) {
 				if arg&0x40 != 0 {
 					vm = "vm2"
 				}
-				ev = Hello{now, s, vm, uint64(arg>>2) & 3, Time(arg>>7&1) * 60 * ms, uint64(arg >> 4 & 1)}
+				ev = Hello{now, s, vm, uint64(arg>>2) & 3, Time(arg>>7&1) * 60 * ms, uint64(arg >> 4 & 1), 0, false, 0}
 			case 1:
 				// Bits 2-5 the sequence number, bit 6 full (bit 5
 				// was, which made every full one 8 or more and every
@@ -214,14 +237,25 @@ func FuzzBackup(f *testing.F) {
 				}
 				ev = e
 			case 7:
-				if arg&1 == 0 {
+				switch arg & 3 {
+				case 0:
 					// The driver's disk failed: a full checkpoint next.
 					ev = WantFull{now, "disk"}
 					wantFull = true
-					break
+				case 1:
+					// The driver cannot resume what was committed.
+					ev = Unresumable{now, "unresumable"}
+				default:
+					// A Hello of run 1, term 1, saying which epoch's
+					// output it released (bits 4-7), giving the slot
+					// up if bit 0 is clear.
+					ev = Hello{Now: now, Session: uint64(arg>>2)&3 + 1, VM: "vm1", Term: 1, Run: 1,
+						Released: uint64(arg >> 4), GiveUp: arg&1 == 0}
 				}
-				// The driver cannot resume what was committed.
-				ev = Unresumable{now, "unresumable"}
+			}
+			wasHas, wasSeq := has, seq
+			if h, ok := ev.(Hello); ok {
+				maxReleased = max(maxReleased, h.Released)
 			}
 			justSeq = 0
 			now += 100 * time.Microsecond
@@ -230,6 +264,15 @@ func FuzzBackup(f *testing.F) {
 			}
 			if h, ok := ev.(Hello); (!ok || h.VM == "vm1" && h.Term == b.Term()) && op <= 2 && b.Session() != 0 && b.Session() == s {
 				heard = b.Now()
+			}
+			if h, ok := ev.(Hello); ok && wasHas && b.Committed() == 0 && b.State() != FailedOver {
+				// Dropped only for a primary that gives the slot up or
+				// released output of a later epoch (or a new run, after
+				// an exit: below).
+				if !h.GiveUp && maxReleased <= wasSeq && b.State() != Exited && state != Exited {
+					t.Fatalf("committed %d dropped on %#v", wasSeq, h)
+				}
+				has, seq = false, 0
 			}
 			if _, ok := ev.(Unresumable); ok {
 				// Nothing is kept to resume, and no session goes on,
@@ -264,6 +307,9 @@ func FuzzBackup(f *testing.F) {
 						t.Fatalf("change %+v on %#v", c, ev)
 					}
 					has, seq = false, 0
+				}
+				if c.To == Idle && strings.HasSuffix(c.Reason, "not resumed") {
+					has, seq = false, 0 // older than output its primary released
 				}
 				state = c.To
 			}

@@ -91,6 +91,15 @@ type PrimaryReady struct {
 	// engine waits up to Timeout to hear from it before it would give it
 	// up and release held output (for the log).
 	StoodStill Time
+	// GiveUp: no session is up, and the backup made no progress (an ack)
+	// for Timeout while it was heard (sessions that came up and ended
+	// again). The next Hello gives the backup up: it drops what it holds,
+	// so that no failover can resume a state older than the output about
+	// to leave, and says so (the primary steps Released), and only then
+	// is held output released. Waiting longer between redials instead, so
+	// that the silence rule gave it up, let the backup fail over a live
+	// primary meanwhile. A level, as Release.
+	GiveUp bool
 	// Wake is when the engine wants its next Tick (Never: no timer).
 	Wake Time
 }
@@ -132,6 +141,22 @@ type Primary struct {
 	passThrough bool
 	acked       uint64 // highest ack of any session
 	lastHeard   Time   // last message from a backup (or start, or Connected)
+	// progress is the last sign the backup protects: an ack, or a
+	// session up after running unprotected (or the start). A backup
+	// heard, but that made none for Timeout with no session up, is given
+	// up (GiveUp). A session that ends without an ack is none, however
+	// long it lasted: a backup that heartbeats and never acks (its disk
+	// behind, a full checkpoint longer than AckTimeout) is given up too.
+	progress Time
+	// asked: a Hello that gives the backup up left at askedAt
+	// (GiveUpSent); unanswered for Timeout after that (or after the
+	// engine woke from standing still), the backup is given up without
+	// its word (giveUpUnanswered).
+	asked   bool
+	askedAt Time
+	// left is the newest epoch some of whose output has left (Left): it
+	// never decreases, though Release may lag it after passing through.
+	left        uint64
 	lastSession uint64 // highest session ever connected
 	stepped     Time   // the last event's time
 	// woke is when the engine was stepped after standing still while
@@ -160,7 +185,7 @@ func NewPrimary(cfg Config, now Time) (*Primary, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	return &Primary{cfg: cfg, pace: cfg.paceFor(0), now: now, epochStart: now, lastHeard: now, stepped: now, adv: PrimaryReady{Wake: Never}}, nil
+	return &Primary{cfg: cfg, pace: cfg.paceFor(0), now: now, epochStart: now, lastHeard: now, progress: now, stepped: now, adv: PrimaryReady{Wake: Never}}, nil
 }
 
 // Config returns the configuration in force, defaults applied.
@@ -243,7 +268,7 @@ func (p *Primary) Step(ev PrimaryEvent) error {
 			p.urgent = true
 		}
 	case Connected:
-		p.connected(e.Session, e.PeerTimeout)
+		p.connected(e.Session, e.PeerTimeout, e.Said)
 	case Disconnected:
 		if e.Session == p.session && p.session != 0 {
 			p.endSession(Connecting, fmt.Sprintf("session %d lost; backup last heard %v ago", e.Session, p.now-p.lastHeard))
@@ -262,8 +287,20 @@ func (p *Primary) Step(ev PrimaryEvent) error {
 		}
 	case Stale:
 		p.fence(e.Reason)
+	case GiveUpSent:
+		if !p.asked && p.giveUp() {
+			p.asked, p.askedAt = true, p.now
+		}
+	case Released:
+		if p.state != Fenced && p.state != Unprotected {
+			p.unprotect("the backup let this VM go (it holds nothing to fail over to): " + e.Reason)
+		}
 	default:
 		panic(fmt.Sprintf("remus: unknown primary event %T", ev))
+	}
+	p.giveUpUnanswered()
+	if p.passThrough {
+		p.left = max(p.left, p.seq+1)
 	}
 	p.poll()
 	return nil
@@ -318,8 +355,24 @@ func (p *Primary) expire() {
 		p.unprotect(fmt.Sprintf("backup not heard for %v", p.now-p.lastHeard))
 		return
 	}
+	p.giveUpUnanswered()
 	if p.session != 0 && len(p.flight) > 0 && p.now >= p.flight[0].at+p.cfg.AckTimeout {
 		p.drop(fmt.Sprintf("checkpoint %d not acknowledged within %v", p.flight[0].seq, p.cfg.AckTimeout))
+	}
+}
+
+// giveUpUnanswered gives the backup up without its word once GiveUp went
+// unanswered for another Timeout: a backup that keeps accepting sessions
+// but neither acks nor lets the VM go must not hold output for ever. One
+// that works answers within a round trip; one that heard nothing of this
+// primary for Timeout fails over on its own, as under the silence rule.
+// Checked before an event and after it (a session's end, in Connecting),
+// from when a Hello giving the backup up left (GiveUpSent): never before
+// the backup could have heard it, nor before it had a Timeout after this
+// primary stood still (the backup may have failed over meanwhile).
+func (p *Primary) giveUpUnanswered() {
+	if p.state == Connecting && p.asked && p.now >= max(p.askedAt, p.woke)+p.cfg.Timeout {
+		p.unprotect(fmt.Sprintf("backup acknowledged nothing for %v, nor let the VM go when given up %v ago", p.now-p.progress, p.now-p.askedAt))
 	}
 }
 
@@ -423,7 +476,7 @@ func (p *Primary) failed() {
 	}
 }
 
-func (p *Primary) connected(s uint64, peerTimeout Time) {
+func (p *Primary) connected(s uint64, peerTimeout Time, said uint64) {
 	p.lastSession = s
 	// The backup's timing, kept past the session: a backup that lost it
 	// may still be following it, and judges silence by its own timeout.
@@ -432,8 +485,19 @@ func (p *Primary) connected(s uint64, peerTimeout Time) {
 		p.pend.DropSession = append(p.pend.DropSession, Drop{s, "fenced: the backup runs this VM"})
 		return
 	}
+	if said < p.Left() {
+		// Output of a later epoch left while its Hello was on the way:
+		// the backup must hear it (a checkpoint older than that is
+		// not to be resumed), so this session goes and the redial's
+		// Hello says it.
+		p.pend.DropSession = append(p.pend.DropSession, Drop{s, fmt.Sprintf("its Hello said epoch %d released; epoch %d has been since", said, p.Left())})
+		return
+	}
 	if p.session != 0 {
 		p.pend.DropSession = append(p.pend.DropSession, Drop{p.session, fmt.Sprintf("superseded by session %d", s)})
+	}
+	if p.state == Unprotected {
+		p.progressed() // a new try: the backup has Timeout to ack
 	}
 	p.clearSession()
 	p.session = s
@@ -462,6 +526,7 @@ func (p *Primary) ack(s, seq uint64) {
 		return
 	}
 	p.lastHeard = p.now
+	p.progressed()
 	if seq <= p.sessAcked {
 		return
 	}
@@ -534,6 +599,9 @@ func (p *Primary) setState(to PrimaryState, reason string) {
 	if to == p.state {
 		return
 	}
+	if to != Connecting && to != Syncing {
+		p.asked = false // a session a GiveUp Hello raced keeps it
+	}
 	p.pend.StateChanges = append(p.pend.StateChanges, PrimaryStateChange{p.now, p.state, to, reason})
 	p.state = to
 }
@@ -547,6 +615,13 @@ func (p *Primary) Wake() Time {
 	// under way, the backup perhaps still following the last one): a
 	// longer gap is then the loop's own standing still (stoodStill).
 	w := min(max(p.lastHeard, p.woke)+p.cfg.Timeout, p.stepped+p.pace.every)
+	if p.state == Connecting {
+		if p.asked {
+			w = min(w, max(p.askedAt, p.woke)+p.cfg.Timeout)
+		} else if g := p.giveUpAt(); g > p.now {
+			w = min(w, g) // GiveUp goes up then
+		}
+	}
 	if p.session != 0 {
 		w = min(w, p.lastHB+p.pace.every, p.epochDeadline())
 		if len(p.flight) > 0 {
@@ -560,7 +635,32 @@ func (p *Primary) Wake() Time {
 func (p *Primary) HasReady() bool {
 	r := &p.pend
 	return r.TakeCheckpoint != nil || r.SendHeartbeat != 0 || len(r.DropSession) > 0 || len(r.StateChanges) > 0 || r.StoodStill != 0 ||
-		p.release != p.adv.Release || p.passThrough != p.adv.PassThrough || p.Wake() != p.adv.Wake
+		p.release != p.adv.Release || p.passThrough != p.adv.PassThrough || p.giveUp() != p.adv.GiveUp || p.Wake() != p.adv.Wake
+}
+
+// progressed notes a sign that the backup protects (progress): a GiveUp
+// asked before it is void.
+func (p *Primary) progressed() {
+	p.progress = p.now
+	p.asked = false
+}
+
+// giveUpAt is when a backup that acks nothing is given up (GiveUp).
+func (p *Primary) giveUpAt() Time { return max(p.progress, p.woke) + p.cfg.Timeout }
+
+// giveUp reports whether the next Hello is to give the backup up: no
+// session, and no ack for Timeout. The backup was heard meanwhile, or the
+// silence rule (expire) would have given it up already.
+func (p *Primary) giveUp() bool { return p.state == Connecting && p.now >= p.giveUpAt() }
+
+// Left returns the newest epoch some of whose output has left: Release,
+// or, passing output through, the open epoch. A backup holding an older
+// checkpoint than that must not resume it (Hello.Released).
+func (p *Primary) Left() uint64 {
+	if p.passThrough {
+		return max(p.left, p.seq+1)
+	}
+	return max(p.left, p.release)
 }
 
 // Ready returns what the driver must do. Events may be stepped before the
@@ -573,6 +673,7 @@ func (p *Primary) Ready() PrimaryReady {
 		DropSession:   slices.Clone(p.pend.DropSession),
 		StateChanges:  slices.Clone(p.pend.StateChanges),
 		StoodStill:    p.pend.StoodStill,
+		GiveUp:        p.giveUp(),
 		Wake:          p.Wake(),
 	}
 	if r := p.pend.TakeCheckpoint; r != nil {
@@ -601,5 +702,5 @@ func (p *Primary) Advance() {
 	if h.StoodStill == p.pend.StoodStill {
 		p.pend.StoodStill = 0
 	}
-	p.adv = PrimaryReady{Release: h.Release, PassThrough: h.PassThrough, Wake: h.Wake}
+	p.adv = PrimaryReady{Release: h.Release, PassThrough: h.PassThrough, GiveUp: h.GiveUp, Wake: h.Wake}
 }

@@ -40,6 +40,11 @@ func newPH(t *testing.T, cfg Config) *ph {
 
 func (h *ph) step(ev PrimaryEvent) PrimaryReady {
 	h.t.Helper()
+	if c, ok := ev.(Connected); ok && c.Said == 0 {
+		// As the driver: its Hello said what had left when sent.
+		c.Said = h.p.Left()
+		ev = c
+	}
 	if err := h.p.Step(ev); err != nil {
 		h.t.Fatalf("Step(%#v): %v", ev, err)
 	}
@@ -115,7 +120,7 @@ func (h *ph) taken(now Time, seq uint64) PrimaryReady {
 func protected(t *testing.T, cfg Config) *ph {
 	t.Helper()
 	h := newPH(t, cfg)
-	rd := h.step(Connected{1 * ms, 1, 0})
+	rd := h.step(Connected{1 * ms, 1, 0, 0})
 	if r := rd.TakeCheckpoint; r == nil || *r != (CheckpointRequest{Seq: 1, Full: true, Session: 1}) {
 		t.Fatalf("first checkpoint %+v", rd.TakeCheckpoint)
 	}
@@ -199,7 +204,7 @@ func TestPrimaryStartsConnectingThenUnprotected(t *testing.T) {
 
 func TestPrimaryFirstCheckpointFullAndProtected(t *testing.T) {
 	h := newPH(t, testCfg)
-	rd := h.step(Connected{30 * ms, 1, 0})
+	rd := h.step(Connected{30 * ms, 1, 0, 0})
 	if h.p.State() != Syncing || rd.TakeCheckpoint == nil || !rd.TakeCheckpoint.Full || rd.TakeCheckpoint.Seq != 1 {
 		t.Fatalf("Connected: %v %+v", h.p.State(), rd)
 	}
@@ -415,7 +420,7 @@ func TestPrimaryStoodStill(t *testing.T) {
 		}
 		// Nothing ever leaves or is taken again.
 		for _, ev := range []PrimaryEvent{Tick{time.Hour}, Output{time.Hour + ms}, GuestIdle{time.Hour + 2*ms},
-			Connected{time.Hour + 3*ms, 2, 0}, Ack{time.Hour + 4*ms, 2, 3}} {
+			Connected{time.Hour + 3*ms, 2, 0, 0}, Ack{time.Hour + 4*ms, 2, 3}} {
 			rd := h.step(ev)
 			if h.p.State() != Fenced || rd.PassThrough || rd.Release != 1 || rd.TakeCheckpoint != nil || h.p.Session() != 0 {
 				t.Fatalf("%#v when fenced: %v %+v", ev, h.p.State(), rd)
@@ -482,7 +487,7 @@ func TestPrimaryReconnectAfterDisconnect(t *testing.T) {
 	if h.p.Release() != 2 {
 		t.Fatal("stale ack released")
 	}
-	rd = h.step(Connected{50 * ms, 2, 0})
+	rd = h.step(Connected{50 * ms, 2, 0, 0})
 	if r := rd.TakeCheckpoint; r == nil || *r != (CheckpointRequest{Seq: 4, Full: true, Session: 2}) {
 		t.Fatalf("resync %+v", r)
 	}
@@ -499,7 +504,7 @@ func TestPrimaryReconnectAfterUnprotected(t *testing.T) {
 	if h.p.State() != Unprotected {
 		t.Fatal(h.p.State())
 	}
-	rd := h.step(Connected{300 * ms, 5, 0})
+	rd := h.step(Connected{300 * ms, 5, 0, 0})
 	if h.p.State() != Syncing || rd.PassThrough || rd.TakeCheckpoint == nil || !rd.TakeCheckpoint.Full {
 		t.Fatalf("reconnect: %v %+v", h.p.State(), rd)
 	}
@@ -512,7 +517,7 @@ func TestPrimaryReconnectAfterUnprotected(t *testing.T) {
 
 func TestPrimaryRejectsDriverMistakes(t *testing.T) {
 	h := protected(t, testCfg)
-	for _, ev := range []PrimaryEvent{nil, Connected{5 * ms, 0, 0}, Connected{5 * ms, 1, 0}, CheckpointTaken{5 * ms, 2}} {
+	for _, ev := range []PrimaryEvent{nil, Connected{5 * ms, 0, 0, 0}, Connected{5 * ms, 1, 0, 0}, CheckpointTaken{5 * ms, 2}} {
 		if err := h.p.Step(ev); err == nil {
 			t.Errorf("%#v accepted", ev)
 		}
@@ -554,14 +559,14 @@ func TestPrimaryProtocolViolations(t *testing.T) {
 	// An ack of a checkpoint before the session's first one.
 	h := protected(t, testCfg)
 	h.step(Disconnected{4 * ms, 1})
-	h.step(Connected{5 * ms, 2, 0})
+	h.step(Connected{5 * ms, 2, 0, 0})
 	h.taken(6*ms, 2)
 	if rd := h.step(Ack{7 * ms, 2, 1}); len(rd.DropSession) != 1 {
 		t.Fatalf("ack of an older session's checkpoint: %+v", rd)
 	}
 	// An ack before the session has any checkpoint taken.
 	h = newPH(t, testCfg)
-	h.step(Connected{5 * ms, 2, 0})
+	h.step(Connected{5 * ms, 2, 0, 0})
 	if rd := h.step(Ack{6 * ms, 2, 1}); len(rd.DropSession) != 1 {
 		t.Fatalf("ack before any checkpoint: %+v", rd)
 	}
@@ -649,7 +654,7 @@ func TestPrimaryAckTimeout(t *testing.T) {
 func TestPrimaryOrphanCheckpoint(t *testing.T) {
 	h := protected(t, testCfg)
 	h.step(Tick{12 * ms}) // checkpoint 2 for session 1
-	rd := h.step(Connected{13 * ms, 2, 0})
+	rd := h.step(Connected{13 * ms, 2, 0, 0})
 	if rd.TakeCheckpoint != nil || len(rd.DropSession) != 1 || rd.DropSession[0].Session != 1 {
 		t.Fatalf("superseding: %+v", rd)
 	}
@@ -669,7 +674,7 @@ func TestPrimaryOrphanCheckpoint(t *testing.T) {
 // Steps between Ready and Advance keep what they add for the next Ready.
 func TestPrimaryReadyAdvanceInterleave(t *testing.T) {
 	p, _ := NewPrimary(testCfg, 0)
-	p.Step(Connected{1 * ms, 1, 0})
+	p.Step(Connected{1 * ms, 1, 0, 0})
 	rd1 := p.Ready()
 	p.Step(CheckpointTaken{2 * ms, 1})
 	p.Step(Ack{3 * ms, 1, 1})
@@ -793,7 +798,7 @@ func TestHeartbeatsAtThePeersPace(t *testing.T) {
 		}
 		t.Run(fmt.Sprintf("primary, backup's timeout %v", peer), func(t *testing.T) {
 			h := newPH(t, cfg)
-			rd := h.step(Connected{1 * ms, 1, peer})
+			rd := h.step(Connected{1 * ms, 1, peer, 0})
 			h.taken(2*ms, rd.TakeCheckpoint.Seq)
 			h.step(Ack{3 * ms, 1, 1})
 			if got := h.p.HeartbeatInterval(); got != want {
@@ -824,7 +829,7 @@ func TestHeartbeatsAtThePeersPace(t *testing.T) {
 				t.Fatal(err)
 			}
 			h := &bh{t: t, b: b}
-			h.step(Hello{1 * ms, 1, "vm1", 1, peer, 0})
+			h.step(Hello{1 * ms, 1, "vm1", 1, peer, 0, 0, false, 0})
 			if got := b.HeartbeatInterval(); got != want {
 				t.Fatalf("HeartbeatInterval %v, want %v", got, want)
 			}
@@ -891,5 +896,178 @@ func checkPace(t *testing.T, sent []Time, want Time) {
 		if sent[i]-sent[i-1] > want {
 			t.Fatalf("heartbeats at %v: a gap over %v", sent, want)
 		}
+	}
+}
+
+// A backup that accepts session after session and drops each before it
+// acks (a flapping backup) keeps being heard, so the silence rule never
+// gives it up. Timeout after its last ack with no session up, the engine
+// asks for it to be given up through the next Hello (GiveUp), and releases
+// held output only once the backup says it let the VM go (Released):
+// until then a failover could still resume a state without that output.
+func TestPrimaryGivesUpAFlappingBackup(t *testing.T) {
+	h := protected(t, testCfg) // acked at 3 ms
+	if rd := h.step(Output{4 * ms}); rd.TakeCheckpoint != nil {
+		h.taken(4*ms, rd.TakeCheckpoint.Seq) // epoch 2's, never acked
+	}
+	h.step(Disconnected{5 * ms, 1})
+	sess := uint64(2)
+	now := 5 * ms
+	for ; now < 95*ms; now += 15 * ms {
+		rd := h.step(Connected{now, sess, 0, 0})
+		if rd.GiveUp || rd.PassThrough {
+			t.Fatalf("at %v: %+v", now, rd)
+		}
+		if r := rd.TakeCheckpoint; r != nil {
+			h.taken(now+ms, r.Seq)
+		}
+		rd = h.step(Disconnected{now + 2*ms, sess})
+		if rd.GiveUp || rd.PassThrough || rd.Release != 1 || h.p.State() != Connecting {
+			t.Fatalf("at %v: %v %+v", now+2*ms, h.p.State(), rd)
+		}
+		sess++
+	}
+	if w := h.p.Wake(); w > 103*ms {
+		t.Fatalf("Wake %v, after the give-up time 103ms", w)
+	}
+	rd := h.step(Tick{103 * ms})
+	if !rd.GiveUp || rd.PassThrough || h.p.State() != Connecting || rd.Release != 1 {
+		t.Fatalf("at the give-up time: %v %+v", h.p.State(), rd)
+	}
+	left := h.p.Left()
+	rd = h.step(Released{110 * ms, "let go"})
+	if rd.GiveUp || !rd.PassThrough || h.p.State() != Unprotected {
+		t.Fatalf("released: %v %+v", h.p.State(), rd)
+	}
+	if h.p.Left() <= left || h.p.Left() != h.p.Seq()+1 {
+		t.Fatalf("Left %d then %d, seq %d", left, h.p.Left(), h.p.Seq())
+	}
+	// A session that reaches Protected again resets the count: a later
+	// flap waits Timeout from its last ack once more.
+	rd = h.step(Connected{120 * ms, sess, 0, 0})
+	if rd.TakeCheckpoint == nil {
+		t.Fatalf("no full checkpoint asked: %v %+v", h.p.State(), rd)
+	}
+	h.taken(121*ms, rd.TakeCheckpoint.Seq)
+	h.step(Ack{122 * ms, sess, rd.TakeCheckpoint.Seq})
+	if rd = h.step(Disconnected{130 * ms, sess}); rd.GiveUp || h.p.State() != Connecting {
+		t.Fatalf("after a protected session: %v %+v", h.p.State(), rd)
+	}
+}
+
+// A backup that stops answering altogether is given up by the silence
+// rule, as before: no Hello could carry GiveUp to it.
+func TestPrimaryGiveUpIsNotTheSilenceRule(t *testing.T) {
+	h := protected(t, testCfg)
+	h.step(Disconnected{5 * ms, 1})
+	rd := h.silence(104 * ms)
+	if h.p.State() != Unprotected || !rd.PassThrough || rd.GiveUp {
+		t.Fatalf("%v %+v", h.p.State(), rd)
+	}
+	// A Released that comes late changes nothing.
+	if rd = h.step(Released{105 * ms, "late"}); len(rd.StateChanges) != 0 {
+		t.Fatalf("%+v", rd)
+	}
+}
+
+// A backup that keeps accepting sessions but neither acks nor answers a
+// Hello that gives it up (Released) holds output for one more Timeout at
+// most after that Hello left: then the primary runs unprotected, as under
+// the silence rule. Sessions of Hellos without GiveUp prove nothing.
+func TestPrimaryGiveUpUnansweredUnprotects(t *testing.T) {
+	h := protected(t, testCfg) // acked at 3 ms
+	rd := h.step(Disconnected{5 * ms, 1})
+	sess := uint64(2)
+	sentAt := Time(-1)
+	for now := 10 * ms; now < 400*ms && h.p.State() != Unprotected; now += 10 * ms {
+		if rd.GiveUp && now >= 150*ms && sentAt < 0 {
+			h.step(GiveUpSent{now - ms}) // and the backup accepts it
+			sentAt = now - ms
+		}
+		rd = h.step(Connected{now, sess, 0, 0})
+		if r := rd.TakeCheckpoint; r != nil {
+			h.taken(now+ms, r.Seq)
+		}
+		rd = h.step(Disconnected{now + 2*ms, sess})
+		sess++
+	}
+	if h.p.State() != Unprotected || !rd.PassThrough || h.p.Now() > sentAt+112*ms || h.p.Now() < sentAt+100*ms {
+		t.Fatalf("at %v (GiveUp sent at %v): %v %+v", h.p.Now(), sentAt, h.p.State(), rd)
+	}
+}
+
+// A primary that stood still after its GiveUp Hello left gives the backup
+// a Timeout from when it woke before giving it up unanswered: the backup,
+// not hearing it, may have failed over meanwhile, and its redial's answer
+// (Stale) must come first.
+func TestPrimaryGiveUpUnansweredWaitsAfterStandingStill(t *testing.T) {
+	h := protected(t, testCfg) // acked at 3 ms
+	h.step(Disconnected{5 * ms, 1})
+	sess := uint64(2)
+	for now := 5 * ms; now < 100*ms; now += 15 * ms { // flapping
+		if r := h.step(Connected{now, sess, 0, 0}).TakeCheckpoint; r != nil {
+			h.taken(now+ms, r.Seq)
+		}
+		h.step(Disconnected{now + 2*ms, sess})
+		sess++
+	}
+	if rd := h.step(Tick{103 * ms}); !rd.GiveUp {
+		t.Fatalf("%+v", rd)
+	}
+	h.step(GiveUpSent{104 * ms})
+	h.step(Tick{120 * ms})
+	rd := h.step(Tick{205 * ms}) // stood still from 120
+	if rd.StoodStill == 0 || h.p.State() != Connecting || rd.PassThrough {
+		t.Fatalf("woken at 205ms: %v %+v", h.p.State(), rd)
+	}
+	if rd = h.step(Stale{210 * ms, "stale primary"}); h.p.State() != Fenced || rd.PassThrough {
+		t.Fatalf("the redial's answer: %v %+v", h.p.State(), rd)
+	}
+}
+
+// Output that left while a Hello was on its way (a silence gave the
+// backup up meanwhile): the Hello told the backup less than has left, so
+// the session is dropped and the redial says it all. And Left never goes
+// back, though Release may trail it once protection resumes.
+func TestPrimaryDropsASessionWhoseHelloSaidLess(t *testing.T) {
+	h := protected(t, testCfg) // release 1
+	said := h.p.Left()
+	h.step(Disconnected{5 * ms, 1})
+	h.silence(110 * ms)
+	if h.p.State() != Unprotected || h.p.Left() != 2 {
+		t.Fatalf("%v, Left %d", h.p.State(), h.p.Left())
+	}
+	rd := h.step(Connected{120 * ms, 2, 0, said})
+	if len(rd.DropSession) != 1 || rd.DropSession[0].Session != 2 || h.p.State() != Unprotected || !rd.PassThrough {
+		t.Fatalf("a Hello that said %d: %v %+v", said, h.p.State(), rd)
+	}
+	rd = h.step(Connected{130 * ms, 3, 0, h.p.Left()})
+	if h.p.State() != Syncing || h.p.Left() != 2 || rd.Release != 1 {
+		t.Fatalf("the redial: %v, Left %d, %+v", h.p.State(), h.p.Left(), rd)
+	}
+}
+
+// A try after running unprotected gives the backup its Timeout: a
+// session lost before its first ack does not give the backup up at once
+// (progress was the last ack, long ago), let alone without asking it.
+func TestPrimaryNewTryAfterUnprotectedHasItsTimeout(t *testing.T) {
+	h := newPH(t, testCfg)
+	h.silence(150 * ms)
+	if h.p.State() != Unprotected {
+		t.Fatal(h.p.State())
+	}
+	rd := h.step(Connected{time.Second, 2, 0, 0})
+	h.taken(time.Second+ms, rd.TakeCheckpoint.Seq)
+	h.step(Output{time.Second + 2*ms})
+	h.step(Heartbeat{time.Second + 5*ms, 2})
+	rd = h.step(Disconnected{time.Second + 10*ms, 2}) // its ack lost
+	if h.p.State() != Connecting || rd.GiveUp || rd.PassThrough {
+		t.Fatalf("lost before its ack: %v %+v", h.p.State(), rd)
+	}
+	for h.p.Now() < time.Second+100*ms && !rd.GiveUp {
+		rd = h.step(Tick{h.p.Wake()})
+	}
+	if !rd.GiveUp || rd.PassThrough || h.p.Now() != time.Second+100*ms {
+		t.Fatalf("a Timeout after the try began: %v at %v %+v", h.p.State(), h.p.Now(), rd)
 	}
 }

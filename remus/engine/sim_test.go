@@ -57,6 +57,10 @@ var simProfiles = []simProfile{
 	{name: "clean", fifo: true},
 	{name: "tcp", fifo: true, drops: 2, primaryCrash: 0.3, backupCrashes: 0.5, partitions: 0.3, commitFails: 0.005},
 	{name: "lossy", loss: 0.03, dup: 0.03, longDelay: 0.05},
+	// A backup that accepts and then drops session after session (most
+	// commits fail, connections reset): the primary must give it up
+	// through it (GiveUp), not by a silence it makes itself.
+	{name: "flapping", fifo: true, drops: 6, commitFails: 0.4},
 	{name: "chaos", loss: 0.05, dup: 0.05, longDelay: 0.1, drops: 3, primaryCrash: 0.4, backupCrashes: 1, partitions: 0.5, commitFails: 0.01},
 }
 
@@ -68,7 +72,7 @@ type simStats struct {
 	unprotected, failoversDead            int
 	failoversAlive, fenced, backupCrashes int
 	primaryCrashes, idleResets            int
-	commitFails                           int
+	commitFails, givenUp                  int
 	released, releasedUnprotected, outs   int
 	maxCleanLatency                       Time
 }
@@ -103,6 +107,7 @@ func (a *simStats) add(b *simStats) {
 	a.primaryCrashes += b.primaryCrashes
 	a.idleResets += b.idleResets
 	a.commitFails += b.commitFails
+	a.givenUp += b.givenUp
 	a.released += b.released
 	a.releasedUnprotected += b.releasedUnprotected
 	a.outs += b.outs
@@ -132,10 +137,12 @@ func (q *simQueue) Pop() any {
 
 type simConn struct {
 	session          uint64
-	pOpen            bool // the primary's end
-	bInc             int  // the backup incarnation it reached (0: none yet)
-	bOpen            bool // the backup's end
-	accepted         bool // the primary stepped Connected
+	upAt             Time   // when the primary stepped Connected
+	said             uint64 // the Released its Hello carried
+	pOpen            bool   // the primary's end
+	bInc             int    // the backup incarnation it reached (0: none yet)
+	bOpen            bool   // the backup's end
+	accepted         bool   // the primary stepped Connected
 	fifoP2B, fifoB2P Time
 }
 
@@ -149,6 +156,11 @@ type p2b struct {
 	kind uint8
 	seq  uint64
 	full bool
+	// A Hello's: Primary.Left and Ready.GiveUp when it was sent.
+	released uint64
+	giveUp   bool
+	dial     uint64
+	sent     Time
 }
 
 type simOutput struct {
@@ -172,6 +184,9 @@ type simPrimary struct {
 	release     uint64
 	floor       uint64 // Release as justified by being unprotected
 	passThrough bool
+	giveUp      bool   // the last Ready's GiveUp
+	dials       uint64 // connections made (Hello.Dial)
+	flaps       int    // sessions in a row that ended within Timeout
 	wakeGen     uint64
 	held        []*simOutput
 	sessGot     map[uint64]bool
@@ -182,15 +197,18 @@ type simPrimary struct {
 }
 
 type simBackup struct {
-	e          *Backup
-	inc        int
-	state      BackupState
-	has        bool   // a committed state
-	seq        uint64 // its checkpoint
-	staged     *Checkpoint
-	sessFull   map[uint64]bool
-	lastAck    map[uint64]uint64
-	heard      Time // last message delivered on the session it follows
+	e        *Backup
+	inc      int
+	state    BackupState
+	has      bool   // a committed state
+	seq      uint64 // its checkpoint
+	staged   *Checkpoint
+	sessFull map[uint64]bool
+	lastAck  map[uint64]uint64
+	heard    Time // last message delivered on the session it follows
+	// heardSent: when the newest message from the primary that this
+	// incarnation handled was sent (any connection, Hellos too).
+	heardSent  Time
 	wakeGen    uint64
 	failedOver bool
 }
@@ -429,7 +447,10 @@ func (s *sim) notify(fn func()) {
 	s.at(t, fn)
 }
 
-func (s *sim) sendP2B(c *simConn, m p2b) { s.transmit(c, true, func() { s.deliverP2B(c, m) }) }
+func (s *sim) sendP2B(c *simConn, m p2b) {
+	m.sent = s.now
+	s.transmit(c, true, func() { s.deliverP2B(c, m) })
+}
 func (s *sim) sendB2P(c *simConn, m Message) {
 	s.transmit(c, false, func() { s.deliverB2P(c, m) })
 }
@@ -500,7 +521,14 @@ func (s *sim) scheduleDial() {
 		return
 	}
 	p.dialing = true
-	s.after(s.dur(ms, 30*ms), func() {
+	// As the driver: a session that ended soon after it came up makes
+	// the next dial wait longer, but never as long as a backup that
+	// holds checkpoints gives its primary (Timeout).
+	wait := s.dur(ms, 30*ms)
+	if p.flaps > 0 {
+		wait = max(wait, min(ms<<min(p.flaps, 10), s.cfg.Timeout/4))
+	}
+	s.after(wait, func() {
 		p.dialing = false
 		if !p.alive || p.fenced || p.conn != nil {
 			return
@@ -511,7 +539,12 @@ func (s *sim) scheduleDial() {
 		s.connList = append(s.connList, c)
 		p.conn = c
 		s.logf("P dials %d", c.session)
-		s.sendP2B(c, p2b{kind: p2bHello})
+		c.said = p.e.Left()
+		p.dials++
+		if p.giveUp {
+			s.pstep(GiveUpSent{s.now})
+		}
+		s.sendP2B(c, p2b{kind: p2bHello, released: c.said, giveUp: p.giveUp, dial: p.dials})
 		s.after(50*ms, func() {
 			if p.alive && p.conn == c && !c.accepted {
 				s.logf("P dial %d times out", c.session)
@@ -529,9 +562,20 @@ func (s *sim) primaryClose(c *simConn) {
 	c.pOpen = false
 	if s.p.conn == c {
 		s.p.conn = nil
+		s.p.countFlap(c, s.now, s.cfg.Timeout)
 		s.scheduleDial()
 	}
 	s.notify(func() { s.backupSeesClose(c) })
+}
+
+func (p *simPrimary) countFlap(c *simConn, now, timeout Time) {
+	switch {
+	case !c.accepted:
+	case now-c.upAt < timeout:
+		p.flaps++
+	default:
+		p.flaps = 0
+	}
 }
 
 func (s *sim) primarySeesClose(c *simConn) {
@@ -544,6 +588,7 @@ func (s *sim) primarySeesClose(c *simConn) {
 		return
 	}
 	p.conn = nil
+	p.countFlap(c, s.now, s.cfg.Timeout)
 	if c.accepted {
 		s.pstep(Disconnected{s.now, c.session})
 	}
@@ -560,8 +605,14 @@ func (s *sim) deliverB2P(c *simConn, m Message) {
 	switch m.Kind {
 	case MsgAccept:
 		if current && !c.accepted {
-			c.accepted = true
-			s.pstep(Connected{s.now, c.session, 0})
+			c.accepted, c.upAt = true, s.now
+			s.pstep(Connected{s.now, c.session, 0, c.said})
+		}
+	case MsgReleased:
+		if current && !c.accepted {
+			s.st.givenUp++
+			s.pstep(Released{s.now, m.Reason})
+			s.primaryClose(c)
 		}
 	case MsgReject:
 		if current {
@@ -689,7 +740,10 @@ func (s *sim) primaryReady() {
 	if rd.Release > p.release {
 		p.releasedAt = s.now
 	}
-	p.release, p.passThrough = rd.Release, rd.PassThrough
+	p.release, p.passThrough, p.giveUp = rd.Release, rd.PassThrough, rd.GiveUp
+	if rd.GiveUp && (p.state != Connecting || p.e.Session() != 0) {
+		s.failf("GiveUp in %v, session %d", p.state, p.e.Session())
+	}
 	kept := p.held[:0]
 	for _, o := range p.held {
 		if rd.PassThrough || o.epoch <= rd.Release {
@@ -784,7 +838,7 @@ func (s *sim) deliverP2B(c *simConn, m p2b) {
 	followed := b.e.Session() == c.session
 	switch m.kind {
 	case p2bHello:
-		s.bstep(Hello{Now: s.now, Session: c.session, VM: s.vm, Term: 1, Run: 1})
+		s.bstep(Hello{Now: s.now, Session: c.session, VM: s.vm, Term: 1, Run: 1, Released: m.released, GiveUp: m.giveUp, Dial: m.dial})
 	case p2bCkpt:
 		ck := Checkpoint{s.now, c.session, m.seq, m.full}
 		b.staged = &ck
@@ -794,6 +848,9 @@ func (s *sim) deliverP2B(c *simConn, m p2b) {
 	}
 	if s.b == b && !b.failedOver && (followed || b.e.Session() == c.session) {
 		b.heard = s.now
+	}
+	if s.b == b {
+		b.heardSent = max(b.heardSent, m.sent)
 	}
 }
 
@@ -821,6 +878,13 @@ func (s *sim) bstep(ev BackupEvent) {
 		return
 	}
 	s.logf("B%d %T%+v: %v committed %d", b.inc, ev, ev, b.e.State(), b.e.Committed())
+	if _, cf := ev.(CommitFailed); !cf && b.has && b.e.Committed() == 0 && b.e.State() != FailedOver {
+		// The slot dropped its copy as not resumable (given up, or
+		// older than output its primary released): it keeps the
+		// bytes, but they are nothing to fail over to now.
+		s.logf("B%d drops its copy of %d", b.inc, b.seq)
+		b.has = false
+	}
 	s.backupReady()
 }
 
@@ -858,11 +922,9 @@ func (s *sim) backupReady() {
 			// this Ready goes out, its connections close.
 			if failed == nil {
 				s.st.commitFails++
-				var held uint64
-				if b.has {
-					held = b.seq
-				}
-				failed = &CommitFailed{Now: s.now, Session: ck.Session, Seq: seq, Committed: held}
+				// The copy's own number, even of a state the slot
+				// dropped (given up, stale): the bytes are still there.
+				failed = &CommitFailed{Now: s.now, Session: ck.Session, Seq: seq, Committed: b.seq}
 				s.logf("B%d cannot apply %d", b.inc, seq)
 			}
 			b.staged = nil
@@ -907,7 +969,7 @@ func (s *sim) backupReady() {
 		}
 		if c := s.conns[m.Session]; c != nil && c.bInc == b.inc && c.bOpen {
 			s.sendB2P(c, m)
-			if m.Kind == MsgReject {
+			if m.Kind == MsgReject || m.Kind == MsgReleased {
 				s.backupClose(c)
 			}
 		}
@@ -931,6 +993,22 @@ func (s *sim) backupReady() {
 			s.failf("output of epoch %d released under protection; failover runs checkpoint %d", s.maxProtRel, b.seq)
 		case s.prof.name == "clean":
 			s.failf("clean: failover")
+		}
+		for _, o := range s.outs {
+			// Released without the backup, before a message the backup
+			// then heard from its primary: the backup was told, and
+			// must not resume a state without it. (Released unheard,
+			// in a partition, is Remus's split brain, left to fencing.)
+			if o.released && !o.protected && o.epoch > b.seq && o.releasedAt < b.heardSent {
+				s.failf("failover to %d, but output of epoch %d left unprotected at %v, before a message of the primary the backup heard (sent %v)",
+					b.seq, o.epoch, o.releasedAt, b.heardSent)
+				break
+			}
+		}
+		if s.p.alive && s.prof.name == "flapping" {
+			// No partition, no crash, no loss: the two always reach
+			// each other, so this is two copies of the VM running.
+			s.failf("flapping: failover to %d while the primary runs", b.seq)
 		}
 		b.failedOver, s.failedOver, s.failoverSeq = true, true, b.seq
 		if s.p.alive {
@@ -1014,8 +1092,8 @@ func TestSimulation(t *testing.T) {
 	}
 	wg.Wait()
 	t.Logf("%d seeds, %d episodes %v, %d steps in %v", total.seeds, total.episodes, total.profiles, total.steps, time.Since(start).Round(time.Millisecond))
-	t.Logf("checkpoints %d (full %d), need-full %d, primary drops %d, unprotected %d, fenced %d",
-		total.checkpoints, total.fulls, total.needFulls, total.drops, total.unprotected, total.fenced)
+	t.Logf("checkpoints %d (full %d), need-full %d, primary drops %d, unprotected %d (backup given up %d), fenced %d",
+		total.checkpoints, total.fulls, total.needFulls, total.drops, total.unprotected, total.givenUp, total.fenced)
 	t.Logf("crashes: primary %d, backup %d; failovers: primary dead %d, alive %d %v; backup idle resets %d; commits that failed %d",
 		total.primaryCrashes, total.backupCrashes, total.failoversDead, total.failoversAlive, total.failoversAliveBy, total.idleResets, total.commitFails)
 	if total.episodes >= 100 && total.commitFails == 0 {

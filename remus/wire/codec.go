@@ -450,7 +450,10 @@ func (m *Hello) appendTo(b []byte) []byte {
 		b = appendString(b, p)
 	}
 	b = binary.AppendUvarint(b, uint64(m.Timeout))
-	return binary.AppendUvarint(b, m.Run)
+	b = binary.AppendUvarint(b, m.Run)
+	b = binary.AppendUvarint(b, m.Released)
+	b = appendBool(b, m.GiveUp)
+	return binary.AppendUvarint(b, m.Dial)
 }
 
 func (m *Hello) decode(d *decoder) {
@@ -495,6 +498,9 @@ func (m *Hello) decode(d *decoder) {
 	}
 	m.Timeout = d.duration("Timeout")
 	m.Run = d.uvarint("Run")
+	m.Released = d.uvarint("Released")
+	m.GiveUp = d.bool("GiveUp")
+	m.Dial = d.uvarint("Dial")
 }
 
 func (m *Hello) check(c *checker) {
@@ -547,10 +553,27 @@ func (m *Welcome) decode(d *decoder) {
 func (m *Welcome) check(c *checker) { c.fail("Timeout", durationProblem(m.Timeout)) }
 func (m *Welcome) sizeHint() int    { return 30 }
 
-func (m *Reject) appendTo(b []byte) []byte { return appendString(b, m.Reason) }
-func (m *Reject) decode(d *decoder)        { m.Reason = d.string("Reason", MaxReason, false) }
-func (m *Reject) check(c *checker)         { c.string("Reason", m.Reason, MaxReason, false) }
-func (m *Reject) sizeHint() int            { return 4 + len(m.Reason) }
+func (m *Reject) appendTo(b []byte) []byte {
+	return append(appendString(b, m.Reason), byte(m.Code))
+}
+
+func (m *Reject) decode(d *decoder) {
+	m.Reason = d.string("Reason", MaxReason, false)
+	m.Code = RejectCode(d.u8("Code"))
+	if d.err == nil && m.Code > RejectReleased {
+		d.off--
+		d.fail("Code", "unknown reject code %d", m.Code)
+	}
+}
+
+func (m *Reject) check(c *checker) {
+	c.string("Reason", m.Reason, MaxReason, false)
+	if m.Code > RejectReleased {
+		c.fail("Code", fmt.Sprintf("unknown reject code %d", m.Code))
+	}
+}
+
+func (m *Reject) sizeHint() int { return 5 + len(m.Reason) }
 
 func (m *CheckpointBegin) appendTo(b []byte) []byte {
 	b = binary.AppendUvarint(b, m.Seq)

@@ -41,7 +41,11 @@ import (
 // timeout, so that each sends heartbeats often enough for the other.
 // Version 7: Hello carries the primary's Run, so that a backup tells a
 // redial of the run whose checkpoints it holds from a new run of the VM.
-const Version = 7
+// Version 8: Hello carries Released, GiveUp and Dial, and Reject a Code, so that
+// a primary gives its backup up through it (RejectReleased) before it
+// releases output the backup does not have, and the backup never resumes
+// a checkpoint older than output its primary released.
+const Version = 8
 
 // Limits on strings, enforced by Validate and Unmarshal.
 const (
@@ -117,6 +121,16 @@ type Hello struct {
 	// Run identifies the primary's process (random, nonzero): its
 	// redials carry the same, a new run of the VM another.
 	Run uint64
+	// Released is the newest epoch some of whose output has left the
+	// primary: a checkpoint of this run older than it is not resumed.
+	Released uint64
+	// GiveUp: the primary gives this backup up and runs unprotected; the
+	// backup drops what it holds of the VM and answers a Reject with
+	// Code RejectReleased instead of a Welcome.
+	GiveUp bool
+	// Dial numbers the run's connections, from 1: a Hello the backup
+	// handles after a later one of its run is refused.
+	Dial uint64
 }
 
 // Listener is a listening socket of the guest: its fd and address.
@@ -136,7 +150,26 @@ type Welcome struct {
 }
 
 // Reject refuses a Hello.
-type Reject struct{ Reason string }
+type Reject struct {
+	Reason string
+	Code   RejectCode
+}
+
+// RejectCode says what a Reject means for the primary.
+type RejectCode uint8
+
+const (
+	// RejectRefused: not now (a duplicate, a full disk, a limit); the
+	// primary dials again.
+	RejectRefused RejectCode = iota
+	// RejectFenced: the backup runs the VM, or holds another run's
+	// checkpoints: the primary is stale, stops its guest and does not
+	// dial again.
+	RejectFenced
+	// RejectReleased answers a Hello with GiveUp: the backup holds
+	// nothing of the VM to resume, so the primary may release output.
+	RejectReleased
+)
 
 // CheckpointBegin opens checkpoint Seq. SnapshotSize 0 means the size is
 // not known yet (the snapshot is streamed while it is encoded); the

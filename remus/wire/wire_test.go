@@ -84,11 +84,14 @@ func (g gen) message(t Type) Message {
 		}
 		m.Timeout = time.Duration(g.r.Int64N(int64(MaxTimeout) + 1))
 		m.Run = g.u64()
+		m.Released = g.u64()
+		m.GiveUp = g.r.IntN(2) == 1
+		m.Dial = g.u64()
 		return m
 	case TypeWelcome:
 		return &Welcome{Session: g.u64(), Committed: g.u64(), Timeout: time.Duration(g.r.Int64N(int64(MaxTimeout) + 1))}
 	case TypeReject:
-		return &Reject{Reason: g.str(300, false)}
+		return &Reject{Reason: g.str(300, false), Code: RejectCode(g.r.IntN(3))}
 	case TypeCheckpointBegin:
 		return &CheckpointBegin{Seq: g.u64(), Full: g.r.IntN(2) == 0, SnapshotSize: g.u64()}
 	case TypeCheckpointData:
@@ -218,7 +221,7 @@ func TestTruncation(t *testing.T) {
 
 func hello() *Hello {
 	return &Hello{Version: Version, VM: "kv", Term: 3, Name: "kv-1", Host: "primary",
-		Listen: []Listener{{Fd: 3, Addr: "0.0.0.0:8080"}}, Preopens: []string{"/data"}, Timeout: 300 * time.Millisecond, Run: 1<<40 + 7}
+		Listen: []Listener{{Fd: 3, Addr: "0.0.0.0:8080"}}, Preopens: []string{"/data"}, Timeout: 300 * time.Millisecond, Run: 1<<40 + 7, Released: 1234, GiveUp: true, Dial: 3}
 }
 
 func TestDecodeErrors(t *testing.T) {
@@ -256,9 +259,11 @@ func TestDecodeErrors(t *testing.T) {
 		{"file kind", TypeDiskFile, cat(v(1), v(0), str("f"), []byte{4}, v(0), v(0), v(0), v(0)), "wire: DiskFile.Kind at byte 4: unknown file kind 4"},
 		{"dir data", TypeDiskFile, cat(v(1), v(0), str("d"), []byte{FileDir}, v(0), v(0), str("x"), v(0)), "wire: DiskFile.Data at byte 7: only a regular file carries data"},
 		{"symlink target", TypeDiskFile, cat(v(1), v(0), str("l"), []byte{FileSymlink}, v(0), v(0), v(0), v(0)), "wire: DiskFile.Target at byte 8: a symlink needs a target"},
-		{"preopen", TypeHello, cat(emptyHello[:len(emptyHello)-3], v(2), str("/a"), str("\xff"), v(0), v(0)), "wire: Hello.Preopens[1] at byte 46: not valid UTF-8"},
-		{"listen addr", TypeHello, cat(emptyHello[:len(emptyHello)-4], v(1), v(3), str("\x80"), v(0), v(0), v(0)), "wire: Hello.Listen[0].Addr at byte 43: not valid UTF-8"},
-		{"hello timeout", TypeHello, cat(emptyHello[:len(emptyHello)-2], v(uint64(MaxTimeout)+1), v(0)), fmt.Sprintf("wire: Hello.Timeout at byte %d: %d ns is above the limit of 24h0m0s", len(emptyHello)-2, uint64(MaxTimeout)+1)},
+		{"preopen", TypeHello, cat(emptyHello[:len(emptyHello)-6], v(2), str("/a"), str("\xff"), v(0), v(0), v(0), []byte{0}, v(0)), "wire: Hello.Preopens[1] at byte 46: not valid UTF-8"},
+		{"listen addr", TypeHello, cat(emptyHello[:len(emptyHello)-7], v(1), v(3), str("\x80"), v(0), v(0), v(0), v(0), []byte{0}, v(0)), "wire: Hello.Listen[0].Addr at byte 43: not valid UTF-8"},
+		{"hello timeout", TypeHello, cat(emptyHello[:len(emptyHello)-5], v(uint64(MaxTimeout)+1), v(0), v(0), []byte{0}, v(0)), fmt.Sprintf("wire: Hello.Timeout at byte %d: %d ns is above the limit of 24h0m0s", len(emptyHello)-5, uint64(MaxTimeout)+1)},
+		{"hello give-up", TypeHello, cat(emptyHello[:len(emptyHello)-2], []byte{2}, v(0)), fmt.Sprintf("wire: Hello.GiveUp at byte %d: bool byte 2, want 0 or 1", len(emptyHello)-2)},
+		{"reject code", TypeReject, cat(str("no"), []byte{3}), "wire: Reject.Code at byte 3: unknown reject code 3"},
 		{"welcome timeout", TypeWelcome, cat(v(1), v(2), v(uint64(MaxTimeout)+1)), fmt.Sprintf("wire: Welcome.Timeout at byte 2: %d ns is above the limit of 24h0m0s", uint64(MaxTimeout)+1)},
 	} {
 		m, err := Unmarshal(tc.typ, tc.b)
