@@ -1814,6 +1814,13 @@ func (s *session) receiver(p *Primary) {
 			p.send(engine.NeedFull{Now: now, Session: s.id, Seq: m.Seq})
 		case *wire.Heartbeat:
 		case *wire.Reject:
+			if m.Code == wire.RejectFenced {
+				// It failed over (it stopped hearing this primary, which
+				// may still hear it): the VM is the backup's now.
+				p.log.Error("the backup failed over and fenced this primary", "reason", m.Reason)
+				p.send(engine.Stale{Now: now, Reason: m.Reason})
+				return
+			}
 			p.log.Error("the backup ended the session", "reason", m.Reason)
 			return
 		default:

@@ -351,6 +351,12 @@ func (b *Backup) expire() {
 		return
 	}
 	if b.session != 0 {
+		// Said on the session, not only to the next Hello: a primary
+		// that still hears this backup (the silence was one way) is
+		// fenced now instead of giving the backup up after its own
+		// Timeout and releasing output beside the failed-over VM.
+		b.send(Message{Kind: MsgReject, Session: b.session, Fenced: true,
+			Reason: fmt.Sprintf("stale primary: not heard for %v, the backup failed over at term %d", b.now-b.lastHeard, b.term)})
 		b.pend.DropSession = append(b.pend.DropSession, Drop{b.session, reason + "; failing over"})
 	}
 	b.clearSession()

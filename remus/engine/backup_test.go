@@ -889,3 +889,22 @@ func TestBackupAnotherRunsCheckpointAndReleasedOutput(t *testing.T) {
 		}
 	}
 }
+
+// A slot that fails over while it follows a session tells that session's
+// primary it is fenced before closing it: the silence may have been one
+// way, and a primary that still hears this backup must not give it up and
+// release output beside the failed-over VM.
+func TestBackupFailoverFencesTheSessionItDrops(t *testing.T) {
+	h := following(t) // session 1, checkpoint 5
+	rd := h.silence(time1h)
+	if !rd.Failover {
+		t.Fatalf("no failover: %+v", rd)
+	}
+	r := msgs(rd, MsgReject)
+	if len(r) != 1 || r[0].Session != 1 || !r[0].Fenced || !strings.HasPrefix(r[0].Reason, "stale primary") {
+		t.Fatalf("the dropped session was not told: %+v", rd.Messages)
+	}
+	if len(rd.DropSession) != 1 || rd.DropSession[0].Session != 1 {
+		t.Fatalf("DropSession %+v", rd.DropSession)
+	}
+}

@@ -70,7 +70,9 @@
 //     arriving after Timeout of silence is too late, on both sides alike.
 //   - After failing over, the backup rejects every Hello: one of a term up
 //     to the failover term is told it is stale (Message.Fenced), the
-//     split-brain guard. A partition that silences both sides for Timeout
+//     split-brain guard. The session it was following when it failed over
+//     is told so too before it is closed: the silence may have been one
+//     way, and a primary that still hears the backup is fenced at once. A partition that silences both sides for Timeout
 //     still makes two primaries, as in Remus; fencing them is the cluster
 //     layer's (leases), the Term is what it has to work with. A primary
 //     told it is stale (Stale) is Fenced: nothing more of it leaves.

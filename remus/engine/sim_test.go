@@ -367,7 +367,7 @@ func (s *sim) check() {
 			s.failf("backup says committed %d, applied %v %d", b.e.Committed(), b.has, b.seq)
 		}
 	}
-	if p := s.p; p.alive && p.state != Unprotected && s.now > p.e.LastHeard()+s.cfg.Timeout {
+	if p := s.p; p.alive && p.state != Unprotected && p.state != Fenced && s.now > p.e.LastHeard()+s.cfg.Timeout {
 		s.failf("primary %v, backup silent since %v", p.state, p.e.LastHeard())
 	}
 }
@@ -619,6 +619,7 @@ func (s *sim) deliverB2P(c *simConn, m Message) {
 			if m.Fenced {
 				p.fenced = true
 				s.st.fenced++
+				s.pstep(Stale{s.now, m.Reason})
 			}
 			s.primaryClose(c)
 		}
