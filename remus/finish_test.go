@@ -160,7 +160,7 @@ func TestFinishReleasesOnlyWhatTheBackupCannotResume(t *testing.T) {
 
 // fakeBackup accepts connections until the test ends, reads each one's
 // Hello and hands it to serve; it returns its address.
-func fakeBackup(t *testing.T, serve func(c *transport.Conn)) string {
+func fakeBackup(t *testing.T, serve func(c *transport.Conn, h *wire.Hello)) string {
 	t.Helper()
 	ln, err := transport.Listen("127.0.0.1:0", nil)
 	if err != nil {
@@ -174,8 +174,10 @@ func fakeBackup(t *testing.T, serve func(c *transport.Conn)) string {
 				return
 			}
 			c := transport.NewConn(nc, transport.Options{})
-			if _, err := wire.Recv(c); err == nil { // the Hello
-				serve(c)
+			if m, err := wire.Recv(c); err == nil {
+				if h, ok := m.(*wire.Hello); ok {
+					serve(c, h)
+				}
 			}
 			c.Close()
 		}
@@ -223,7 +225,7 @@ func startDialer(t *testing.T, addr string, timeout time.Duration) (p *Primary, 
 // (for ever, for a backup or proxy that does).
 func TestStoppedPrimaryEndsItsSession(t *testing.T) {
 	ended := make(chan error, 1)
-	addr := fakeBackup(t, func(c *transport.Conn) {
+	addr := fakeBackup(t, func(c *transport.Conn, _ *wire.Hello) {
 		wire.SendFlush(c, &wire.Welcome{Session: 1, Timeout: time.Minute})
 		for { // then only reads, keeping the connection open
 			if _, err := wire.Recv(c); err != nil {
@@ -266,35 +268,20 @@ func TestStoppedPrimaryEndsItsSession(t *testing.T) {
 // does the dialer wait long (a second, doubling) before trying again.
 func TestFlappingBackupIsRedialedWithinItsGrace(t *testing.T) {
 	const timeout = 400 * time.Millisecond
-	ln, err := transport.Listen("127.0.0.1:0", nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
 	var mu sync.Mutex
 	var welcomed, released []time.Time
-	go func() {
-		for {
-			nc, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			c := transport.NewConn(nc, transport.Options{})
-			if m, err := wire.Recv(c); err == nil {
-				mu.Lock()
-				if m.(*wire.Hello).GiveUp {
-					released = append(released, time.Now())
-					wire.SendFlush(c, &wire.Reject{Reason: "let go", Code: wire.RejectReleased})
-				} else {
-					welcomed = append(welcomed, time.Now())
-					wire.SendFlush(c, &wire.Welcome{Session: 1, Timeout: timeout})
-				}
-				mu.Unlock()
-			}
-			c.Close()
+	addr := fakeBackup(t, func(c *transport.Conn, h *wire.Hello) {
+		mu.Lock()
+		defer mu.Unlock()
+		if h.GiveUp {
+			released = append(released, time.Now())
+			wire.SendFlush(c, &wire.Reject{Reason: "let go", Code: wire.RejectReleased})
+		} else {
+			welcomed = append(welcomed, time.Now())
+			wire.SendFlush(c, &wire.Welcome{Session: 1, Timeout: timeout})
 		}
-	}()
-	p, err := NewPrimary(PrimaryConfig{Backup: ln.Addr().String(), Engine: engine.Config{Timeout: timeout}})
+	})
+	p, err := NewPrimary(PrimaryConfig{Backup: addr, Engine: engine.Config{Timeout: timeout}})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -21,8 +21,8 @@ func TestRemusBackPressure(t *testing.T) {
 		t.Skip("slow")
 	}
 	const limit = 256 << 10
-	var px *freezeProxy
-	r := launchRemus(t, "10s", func(repl string) string { px = newFreezeProxy(t, repl); return px.addr() },
+	var px *faultProxy
+	r := launchRemus(t, "10s", func(repl string) string { px = newFaultProxy(t, repl); return px.addr() },
 		"--hold-limit", "256KiB")
 	t.Cleanup(px.close)
 	waitState(t, r.pSock, "protected", time.Minute)
@@ -82,9 +82,9 @@ func TestRemusDiskJournalBackPressure(t *testing.T) {
 		t.Skip("slow")
 	}
 	const limit = 256 << 10
-	var px *freezeProxy
+	var px *faultProxy
 	r := startRemus(t, remusOpts{
-		protect: func(repl string) string { px = newFreezeProxy(t, repl); return px.addr() },
+		protect: func(repl string) string { px = newFaultProxy(t, repl); return px.addr() },
 		// The primary must not give its frozen backup up.
 		primary: []string{"--hold-limit", "256KiB", "--timeout", "20s"},
 	})

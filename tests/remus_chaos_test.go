@@ -17,7 +17,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
 	"math/rand/v2"
 	"net"
 	"os"
@@ -26,7 +25,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -772,119 +770,6 @@ func TestRemusBackupRestart(t *testing.T) {
 	showLogs(t, map[string]*proc{"primary": r.primary, "backup (restarted)": r.backup})
 }
 
-// freezeProxy forwards TCP connections to a target and can hold back
-// everything flowing from the target to the client (here: the backup's
-// acks and heartbeats to the primary) while the other direction flows.
-type freezeProxy struct {
-	ln     net.Listener
-	target string
-	mu     sync.Mutex
-	frozen chan struct{} // closed when thawed; nil when not frozen
-	conns  []net.Conn
-	passed atomic.Int64 // bytes forwarded target -> client
-}
-
-func newFreezeProxy(t *testing.T, target string) *freezeProxy {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := &freezeProxy{ln: ln, target: target}
-	go p.serve()
-	t.Cleanup(p.close)
-	return p
-}
-
-func (p *freezeProxy) addr() string { return p.ln.Addr().String() }
-
-func (p *freezeProxy) serve() {
-	for {
-		c, err := p.ln.Accept()
-		if err != nil {
-			return
-		}
-		go p.forward(c)
-	}
-}
-
-func (p *freezeProxy) forward(c net.Conn) {
-	b, err := net.DialTimeout("tcp", p.target, time.Second)
-	if err != nil {
-		c.Close()
-		return
-	}
-	p.mu.Lock()
-	p.conns = append(p.conns, c, b)
-	p.mu.Unlock()
-	closeBoth := func() { c.Close(); b.Close() }
-	go func() {
-		defer closeBoth()
-		io.Copy(b, c)
-	}()
-	go func() {
-		defer closeBoth()
-		buf := make([]byte, 32<<10)
-		for {
-			n, err := b.Read(buf)
-			if n > 0 {
-				p.wait()
-				if _, werr := c.Write(buf[:n]); werr != nil {
-					return
-				}
-				p.passed.Add(int64(n))
-			}
-			if err != nil {
-				return
-			}
-		}
-	}()
-}
-
-// wait blocks while the proxy is frozen.
-func (p *freezeProxy) wait() {
-	p.mu.Lock()
-	ch := p.frozen
-	p.mu.Unlock()
-	if ch != nil {
-		<-ch
-	}
-}
-
-// freeze holds back target -> client bytes from now on: a byte read from
-// the target after freeze returns is written to the client only after
-// thaw. It returns the moment the freeze took effect.
-func (p *freezeProxy) freeze() time.Time {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.frozen == nil {
-		p.frozen = make(chan struct{})
-	}
-	return time.Now()
-}
-
-// thaw lets held bytes go; it returns the moment before the first can.
-func (p *freezeProxy) thaw() time.Time {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	at := time.Now()
-	if p.frozen != nil {
-		close(p.frozen)
-		p.frozen = nil
-	}
-	return at
-}
-
-func (p *freezeProxy) close() {
-	p.thaw()
-	p.ln.Close()
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	for _, c := range p.conns {
-		c.Close()
-	}
-}
-
 // timedReply is one request and when its reply arrived.
 type timedReply struct {
 	req, reply string
@@ -971,7 +856,7 @@ type outputCommitRun struct {
 // freezeAcks freezes the proxy for d while clients clients send requests
 // every every (SETs of distinct keys, then a GET), samples the primary's
 // status meanwhile, thaws, and collects the replies.
-func freezeAcks(t *testing.T, r *remusPair, px *freezeProxy, d, every time.Duration, clients int) outputCommitRun {
+func freezeAcks(t *testing.T, r *remusPair, px *faultProxy, d, every time.Duration, clients int) outputCommitRun {
 	t.Helper()
 	pcs := make([]*pipelinedClient, clients)
 	for i := range pcs {
@@ -1041,8 +926,8 @@ func freezeAcks(t *testing.T, r *remusPair, px *freezeProxy, d, every time.Durat
 func TestRemusOutputCommit(t *testing.T) {
 	kvInstrumented(t)
 	t.Run("freeze-within-timeout", func(t *testing.T) {
-		var px *freezeProxy
-		r := launchRemus(t, "2s", func(repl string) string { px = newFreezeProxy(t, repl); return px.addr() })
+		var px *faultProxy
+		r := launchRemus(t, "2s", func(repl string) string { px = newFaultProxy(t, repl); return px.addr() })
 		r.waitState(t, r.pSock, "protected", time.Minute)
 		const freeze = 500 * time.Millisecond
 		run := freezeAcks(t, r, px, freeze, 40*time.Millisecond, 4)
@@ -1081,8 +966,8 @@ func TestRemusOutputCommit(t *testing.T) {
 	})
 	t.Run("freeze-beyond-timeout", func(t *testing.T) {
 		const timeout = time.Second
-		var px *freezeProxy
-		r := launchRemus(t, timeout.String(), func(repl string) string { px = newFreezeProxy(t, repl); return px.addr() })
+		var px *faultProxy
+		r := launchRemus(t, timeout.String(), func(repl string) string { px = newFaultProxy(t, repl); return px.addr() })
 		st0 := r.waitState(t, r.pSock, "protected", time.Minute)
 		// 1.5 x timeout: the primary gives up on its backup after about
 		// timeout; a thaw by 2 x timeout lets its next session's welcome
@@ -1140,8 +1025,8 @@ func TestRemusOutputCommit(t *testing.T) {
 		// a primary waiting for its Welcome sent nothing; it now sends
 		// heartbeats during the handshake.)
 		const timeout = time.Second
-		var px *freezeProxy
-		r := launchRemus(t, timeout.String(), func(repl string) string { px = newFreezeProxy(t, repl); return px.addr() })
+		var px *faultProxy
+		r := launchRemus(t, timeout.String(), func(repl string) string { px = newFaultProxy(t, repl); return px.addr() })
 		waitState(t, r.pSock, "protected", time.Minute)
 		at := px.freeze()
 		for time.Since(at) < 5*timeout/2 {

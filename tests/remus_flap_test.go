@@ -2,138 +2,10 @@ package tests
 
 import (
 	"fmt"
-	"net"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 )
-
-// flapProxy forwards a primary's connections to its backup. Flapping, it
-// cuts each connection soon after it came up, and if swallow is set lets
-// only its first reply through (the backup's Welcome, or its answer to a
-// Hello that gives it up), swallowing every later byte from the backup
-// (acks, heartbeats): a backup that accepts session after session and
-// acknowledges none, as one whose every commit fails would. Without
-// swallow: a path that resets connections.
-type flapProxy struct {
-	ln       net.Listener
-	target   string
-	life     time.Duration // how long a flapping connection lasts
-	swallow  bool
-	flapping atomic.Bool
-	sessions atomic.Int64 // connections accepted while flapping
-	// stalled, if not nil, holds primary-to-backup bytes until closed
-	// (stallToBackup); the other way flows.
-	stalled atomic.Pointer[chan struct{}]
-
-	mu    sync.Mutex
-	conns []net.Conn
-}
-
-func newFlapProxy(t *testing.T, target string, life time.Duration, swallow bool) *flapProxy {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := &flapProxy{ln: ln, target: target, life: life, swallow: swallow}
-	go p.serve()
-	t.Cleanup(func() {
-		ln.Close()
-		p.cutAll()
-	})
-	return p
-}
-
-func (p *flapProxy) addr() string { return p.ln.Addr().String() }
-
-func (p *flapProxy) serve() {
-	for {
-		c, err := p.ln.Accept()
-		if err != nil {
-			return
-		}
-		go p.forward(c)
-	}
-}
-
-func (p *flapProxy) forward(c net.Conn) {
-	b, err := net.DialTimeout("tcp", p.target, time.Second)
-	if err != nil {
-		c.Close()
-		return
-	}
-	p.mu.Lock()
-	p.conns = append(p.conns, c, b)
-	p.mu.Unlock()
-	closeBoth := func() { c.Close(); b.Close() }
-	flapping := p.flapping.Load()
-	if flapping {
-		p.sessions.Add(1)
-		time.AfterFunc(p.life, closeBoth)
-	}
-	go func() {
-		defer closeBoth()
-		buf := make([]byte, 32<<10)
-		for {
-			n, err := c.Read(buf)
-			if n > 0 {
-				if ch := p.stalled.Load(); ch != nil {
-					<-*ch
-				}
-				if _, werr := b.Write(buf[:n]); werr != nil {
-					return
-				}
-			}
-			if err != nil {
-				return
-			}
-		}
-	}()
-	go func() {
-		defer closeBoth()
-		buf := make([]byte, 32<<10)
-		for first := true; ; first = false {
-			n, err := b.Read(buf)
-			if n > 0 && (!flapping || !p.swallow || first) {
-				if _, werr := c.Write(buf[:n]); werr != nil {
-					return
-				}
-			}
-			if err != nil {
-				return
-			}
-		}
-	}()
-}
-
-// stallToBackup holds every byte from the primary to the backup for d,
-// new connections' too, while the backup's bytes reach the primary.
-func (p *flapProxy) stallToBackup(d time.Duration) {
-	ch := make(chan struct{})
-	p.stalled.Store(&ch)
-	time.Sleep(d)
-	p.stalled.Store(nil)
-	close(ch)
-}
-
-// flap starts or stops flapping; either way the connections up now are
-// cut, so that the next ones follow the new mode.
-func (p *flapProxy) flap(on bool) {
-	p.flapping.Store(on)
-	p.cutAll()
-}
-
-func (p *flapProxy) cutAll() {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	for _, c := range p.conns {
-		c.Close()
-	}
-	p.conns = nil
-}
 
 // TestRemusFlappingBackupIsGivenUpThroughItself: a backup that accepts
 // sessions and acknowledges none (here: a proxy swallows its replies and
@@ -149,8 +21,8 @@ func (p *flapProxy) cutAll() {
 // guest serves unprotected meanwhile; when the path heals the primary is
 // protected again, and a kill -9 then loses no acknowledged write.
 func TestRemusFlappingBackupIsGivenUpThroughItself(t *testing.T) {
-	var px *flapProxy
-	r := startRemus(t, remusOpts{protect: func(repl string) string { px = newFlapProxy(t, repl, 150*time.Millisecond, true); return px.addr() }})
+	var px *faultProxy
+	r := startRemus(t, remusOpts{protect: func(repl string) string { px = newFlappingProxy(t, repl, 150*time.Millisecond, true); return px.addr() }})
 	w := &kvWriter{t: t, addr: r.kvAddr}
 	for range 20 {
 		w.set(5 * time.Second)
@@ -203,8 +75,11 @@ func TestRemusFlappingBackupIsGivenUpThroughItself(t *testing.T) {
 // primary over. No failover, no give-up; the guest's writes are
 // acknowledged throughout and survive a kill -9 once the path heals.
 func TestRemusFlappingPathKeepsTheBackupFollowing(t *testing.T) {
-	var px *flapProxy
-	r := startRemus(t, remusOpts{protect: func(repl string) string { px = newFlapProxy(t, repl, 150*time.Millisecond, false); return px.addr() }})
+	var px *faultProxy
+	r := startRemus(t, remusOpts{protect: func(repl string) string {
+		px = newFlappingProxy(t, repl, 150*time.Millisecond, false)
+		return px.addr()
+	}})
 	w := &kvWriter{t: t, addr: r.kvAddr}
 	px.flap(true)
 	for end := time.Now().Add(4 * time.Second); time.Now().Before(end); {
@@ -283,8 +158,8 @@ func (w *kvWriter) checkAfterFailover(r *remusPair) {
 // fences the session it drops: the primary stops at once (exit 69), and
 // every write acknowledged to a client is on the backup.
 func TestRemusOneWaySilenceFencesThePrimary(t *testing.T) {
-	var px *flapProxy
-	r := startRemus(t, remusOpts{protect: func(repl string) string { px = newFlapProxy(t, repl, time.Second, false); return px.addr() }})
+	var px *faultProxy
+	r := startRemus(t, remusOpts{protect: func(repl string) string { px = newFaultProxy(t, repl); return px.addr() }})
 	w := &kvWriter{t: t, addr: r.kvAddr}
 	for range 20 {
 		w.set(5 * time.Second)
