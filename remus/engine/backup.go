@@ -508,10 +508,10 @@ type commit struct{ run, seq uint64 }
 
 // resumable reports whether the last commit may be run at a failover: it
 // exists and is not older than output its primary said it released
-// (Hello.Released) while it ran without this backup.
-// A copy of another run than the one the slot follows now (accepted over
-// it with a higher term) is resumable only while the new run says none of
-// its output left: its numbers say nothing of the copy's.
+// (Hello.Released) while it ran without this backup. A copy of another run
+// than the one the slot follows now (accepted over it with a higher term)
+// is resumable only while the new run says none of its output left: its
+// numbers say nothing of the copy's.
 func (b *Backup) resumable() bool {
 	switch {
 	case b.committed == 0:

@@ -600,7 +600,7 @@ func (p *Primary) setState(to PrimaryState, reason string) {
 		return
 	}
 	if to != Connecting && to != Syncing {
-		p.asked = false // a session a GiveUp Hello raced keeps it
+		p.asked = false // Syncing keeps it: the backup accepted the Hello that gave it up
 	}
 	p.pend.StateChanges = append(p.pend.StateChanges, PrimaryStateChange{p.now, p.state, to, reason})
 	p.state = to
