@@ -1155,9 +1155,7 @@ func (p *Primary) dialer(ctx context.Context, module []byte, name string) {
 			} else {
 				p.log.Debug("backup not reachable", "addr", p.cfg.Backup, "err", err)
 			}
-			select {
-			case <-time.After(backoff):
-			case <-ctx.Done():
+			if !p.pause(ctx, backoff) {
 				return
 			}
 			backoff = min(backoff*2, p.redialMax())

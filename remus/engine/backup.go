@@ -370,7 +370,7 @@ func (b *Backup) expire() {
 // Timeout: expire ended it otherwise).
 func (b *Backup) hello(h Hello) {
 	reject := func(why string) { b.send(Message{Kind: MsgReject, Session: h.Session, Reason: why}) }
-	if !b.live(h.Session) && h.VM == b.vm && h.Run == b.run && h.Term == b.term && b.state != FailedOver && b.state != Exited {
+	if !b.live(h.Session) && h.VM == b.vm && h.Run == b.run && h.Term == b.term && b.state != FailedOver {
 		// Heard even from a Hello refused below: the run's numbers are
 		// the slot's (a run that says nothing of itself, Run 0, is
 		// taken for the same).
@@ -429,14 +429,7 @@ func (b *Backup) hello(h Hello) {
 			why += fmt.Sprintf("; checkpoint %d is no longer resumed", b.committed)
 		}
 		b.dropCopy()
-		if b.sameRun(h) {
-			b.released = max(b.released, h.Released)
-		} else {
-			b.released = h.Released
-		}
-		b.dial = h.Dial
-		b.term = h.Term
-		b.run = h.Run
+		b.adopt(h)
 		b.closed = max(b.closed, h.Session)
 		b.send(Message{Kind: MsgReleased, Session: h.Session, Reason: why})
 		if b.state == Waiting {
@@ -446,13 +439,8 @@ func (b *Backup) hello(h Hello) {
 		b.supersede(h)
 		why := fmt.Sprintf("session %d accepted, term %d", h.Session, h.Term)
 		exited := b.state == Exited
-		if h.Run != b.run || h.Term != b.term {
-			b.released = h.Released // its own numbers (resumable)
-		}
-		b.dial = h.Dial
-		b.term = h.Term
+		b.adopt(h)
 		b.session = h.Session
-		b.run = h.Run
 		switch {
 		case exited:
 			// A new run: the last one ended, and what it committed
@@ -480,6 +468,16 @@ func (b *Backup) hello(h Hello) {
 // has left (a primary has one session at a time).
 func (b *Backup) sameRun(h Hello) bool {
 	return h.Run != 0 && h.Run == b.run && h.Term == b.term && h.VM == b.vm
+}
+
+// adopt makes h's run the one the slot follows: its term, run and Dial,
+// and its Released if it is another run (another term) than the last,
+// whose numbers are its own; the same run's was taken already (hello).
+func (b *Backup) adopt(h Hello) {
+	if h.Run != b.run || h.Term != b.term {
+		b.released = h.Released
+	}
+	b.dial, b.term, b.run = h.Dial, h.Term, h.Run
 }
 
 // supersede ends the session the slot follows, if any, for h's: the same
